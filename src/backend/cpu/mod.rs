@@ -1,0 +1,261 @@
+//! The CPU backend: the readable specification of every op. Dense products go to
+//! OpenBLAS (`sgemm`/`dgemm`), everything else is plain Rust, parallel with rayon where
+//! rows are independent. Buffers are [`CpuBuf`]s, which count their bytes so the library
+//! can report peak memory.
+
+mod dense;
+mod optim;
+mod sparse;
+mod topk;
+
+use crate::backend::{Backend, MemoryStats};
+use crate::error::{check_len, Result};
+use crate::scalar::Elem;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+pub use topk::CpuTopkWorkspace;
+
+#[derive(Default, Debug)]
+struct Counters {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+    allocations: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, bytes: usize) {
+        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+    }
+    fn sub(&self, bytes: usize) {
+        self.current.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A host buffer that reports its size to the backend that made it.
+pub struct CpuBuf<T> {
+    data: Vec<T>,
+    counters: Arc<Counters>,
+}
+
+impl<T> CpuBuf<T> {
+    fn new(data: Vec<T>, counters: &Arc<Counters>) -> Self {
+        counters.add(data.len() * std::mem::size_of::<T>());
+        CpuBuf { data, counters: counters.clone() }
+    }
+}
+
+impl<T> Drop for CpuBuf<T> {
+    fn drop(&mut self) {
+        self.counters.sub(self.data.len() * std::mem::size_of::<T>());
+    }
+}
+
+impl<T> Deref for CpuBuf<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.data
+    }
+}
+
+impl<T> DerefMut for CpuBuf<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for CpuBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.data.iter().take(16)).finish()
+    }
+}
+
+/// The CPU backend. Cheap to clone; clones share memory counters.
+#[derive(Clone, Default, Debug)]
+pub struct Cpu {
+    counters: Arc<Counters>,
+}
+
+impl Cpu {
+    pub fn new() -> Self {
+        Cpu::default()
+    }
+}
+
+impl Backend for Cpu {
+    type Buf<T: Elem> = CpuBuf<T>;
+    type TopkWorkspace = CpuTopkWorkspace;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn len<T: Elem>(&self, buf: &CpuBuf<T>) -> usize {
+        buf.data.len()
+    }
+
+    fn alloc<T: Elem>(&self, len: usize) -> Result<CpuBuf<T>> {
+        Ok(CpuBuf::new(vec![T::default(); len], &self.counters))
+    }
+
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<CpuBuf<T>> {
+        Ok(CpuBuf::new(host.to_vec(), &self.counters))
+    }
+
+    fn upload_into<T: Elem>(&self, host: &[T], dst: &mut CpuBuf<T>) -> Result<()> {
+        check_len("upload_into", "destination", dst.len(), host.len())?;
+        dst[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+
+    fn download<T: Elem>(&self, buf: &CpuBuf<T>, len: usize) -> Result<Vec<T>> {
+        check_len("download", "source", buf.len(), len)?;
+        Ok(buf[..len].to_vec())
+    }
+
+    fn copy<T: Elem>(&self, src: &CpuBuf<T>, dst: &mut CpuBuf<T>, len: usize) -> Result<()> {
+        check_len("copy", "source", src.len(), len)?;
+        check_len("copy", "destination", dst.len(), len)?;
+        dst[..len].copy_from_slice(&src[..len]);
+        Ok(())
+    }
+
+    fn fill<T: Elem>(&self, buf: &mut CpuBuf<T>, len: usize, value: T) -> Result<()> {
+        check_len("fill", "buffer", buf.len(), len)?;
+        buf[..len].fill(value);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn memory_stats(&self) -> MemoryStats {
+        MemoryStats {
+            current_bytes: self.counters.current.load(Ordering::Relaxed),
+            peak_bytes: self.counters.peak.load(Ordering::Relaxed),
+            allocations: self.counters.allocations.load(Ordering::Relaxed),
+        }
+    }
+
+    fn gemm<F: crate::Real>(&self, spec: &crate::Gemm, a: &CpuBuf<F>, b: &CpuBuf<F>, c: &mut CpuBuf<F>) -> Result<()> {
+        dense::gemm(spec, a, b, c)
+    }
+
+    fn gemm_bf16<F: crate::Real>(&self, spec: &crate::Gemm, a: &CpuBuf<half::bf16>, b: &CpuBuf<half::bf16>, c: &mut CpuBuf<F>) -> Result<()> {
+        dense::gemm_bf16(spec, a, b, c)
+    }
+
+    fn cast_to_bf16<F: crate::Real>(&self, src: &CpuBuf<F>, dst: &mut CpuBuf<half::bf16>, len: usize) -> Result<()> {
+        dense::cast_to_bf16(src, dst, len)
+    }
+
+    fn cast_from_bf16<F: crate::Real>(&self, src: &CpuBuf<half::bf16>, dst: &mut CpuBuf<F>, len: usize) -> Result<()> {
+        dense::cast_from_bf16(src, dst, len)
+    }
+
+    fn add_bias<F: crate::Real>(&self, y: &mut CpuBuf<F>, bias: &CpuBuf<F>, rows: usize, cols: usize) -> Result<()> {
+        dense::add_bias(y, bias, rows, cols)
+    }
+
+    fn bias_grad<F: crate::Real>(&self, g: &CpuBuf<F>, rows: usize, cols: usize, db: &mut CpuBuf<F>, beta: F) -> Result<()> {
+        dense::bias_grad(g, rows, cols, db, beta)
+    }
+
+    fn count_nonfinite<F: crate::Real>(&self, x: &CpuBuf<F>, len: usize) -> Result<(usize, usize)> {
+        dense::count_nonfinite(x, len)
+    }
+
+    fn axpy<F: crate::Real>(&self, alpha: F, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize) -> Result<()> {
+        dense::axpy(alpha, x, y, len)
+    }
+
+    fn nonzero_rows_cols<F: crate::Real>(
+        &self,
+        m: &CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        threshold_rel: F,
+        row_idx: &mut CpuBuf<u32>,
+        col_idx: &mut CpuBuf<u32>,
+    ) -> Result<crate::backend::NonzeroBlock<F>> {
+        sparse::nonzero_rows_cols(m, rows, cols, threshold_rel, row_idx, col_idx)
+    }
+
+    fn gather_rows<T: Elem>(&self, src: &CpuBuf<T>, src_rows: usize, cols: usize, row_idx: &CpuBuf<u32>, n_idx: usize, dst: &mut CpuBuf<T>) -> Result<()> {
+        sparse::gather_rows(src, src_rows, cols, row_idx, n_idx, dst)
+    }
+
+    fn gather_block<F: crate::Real>(
+        &self,
+        src: &CpuBuf<F>,
+        src_rows: usize,
+        src_cols: usize,
+        row_idx: &CpuBuf<u32>,
+        n_rows: usize,
+        col_idx: &CpuBuf<u32>,
+        n_cols: usize,
+        abs_threshold: F,
+        dst: &mut CpuBuf<F>,
+    ) -> Result<()> {
+        sparse::gather_block(src, src_rows, src_cols, row_idx, n_rows, col_idx, n_cols, abs_threshold, dst)
+    }
+
+    fn topk_workspace(&self, max_len: usize) -> Result<CpuTopkWorkspace> {
+        Ok(CpuTopkWorkspace::new(max_len))
+    }
+
+    fn topk_coo<F: crate::Real>(
+        &self,
+        m: &CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        maps: &crate::backend::IndexMaps<'_, Self>,
+        ws: &mut CpuTopkWorkspace,
+        out: &mut crate::Coo<Self, F>,
+    ) -> Result<()> {
+        topk::topk_coo(m, rows, cols, k, maps, ws, out)
+    }
+
+    fn coo_scatter_add<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, alpha: F, dense: &mut CpuBuf<F>) -> Result<()> {
+        sparse::coo_scatter_add(coo, alpha, dense)
+    }
+
+    fn coo_compact_rows<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, unique_rows: &mut CpuBuf<u32>, slot: &mut CpuBuf<u32>) -> Result<usize> {
+        sparse::coo_compact_rows(coo, unique_rows, slot)
+    }
+
+    fn coo_dense_t<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, slot: &CpuBuf<u32>, n_slots: usize, b: &CpuBuf<F>, b_rows: usize, out: &mut CpuBuf<F>) -> Result<()> {
+        sparse::coo_dense_t(coo, slot, n_slots, b, b_rows, out)
+    }
+
+    fn sparse_adam<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        exp_avg: &mut CpuBuf<F>,
+        exp_avg_sq: &mut CpuBuf<F>,
+        step: u64,
+        hp: &crate::AdamParams,
+        param: Option<&mut CpuBuf<F>>,
+        delta: Option<&mut CpuBuf<F>>,
+    ) -> Result<()> {
+        optim::sparse_adam(coo, exp_avg, exp_avg_sq, step, hp, param, delta)
+    }
+
+    fn adamw<F: crate::Real>(
+        &self,
+        param: &mut CpuBuf<F>,
+        grad: &CpuBuf<F>,
+        exp_avg: &mut CpuBuf<F>,
+        exp_avg_sq: &mut CpuBuf<F>,
+        len: usize,
+        step: u64,
+        hp: &crate::AdamParams,
+    ) -> Result<()> {
+        optim::adamw(param, grad, exp_avg, exp_avg_sq, len, step, hp)
+    }
+}

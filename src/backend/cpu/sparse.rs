@@ -1,0 +1,171 @@
+//! CPU sparse-by-dense ops: nonzero row/column detection, row and block gathers, and the
+//! COO helpers (scatter-add, row compaction, sparse-times-dense).
+
+use crate::backend::cpu::CpuBuf;
+use crate::backend::{Coo, NonzeroBlock};
+use crate::error::{check_len, Error, Result};
+use crate::scalar::{Elem, Real};
+use rayon::prelude::*;
+
+pub(super) fn nonzero_rows_cols<F: Real>(
+    m: &[F],
+    rows: usize,
+    cols: usize,
+    threshold_rel: F,
+    row_idx: &mut [u32],
+    col_idx: &mut [u32],
+) -> Result<NonzeroBlock<F>> {
+    check_len("nonzero_rows_cols", "m", m.len(), rows * cols)?;
+    check_len("nonzero_rows_cols", "row_idx", row_idx.len(), rows)?;
+    check_len("nonzero_rows_cols", "col_idx", col_idx.len(), cols)?;
+    if !(threshold_rel >= F::ZERO && threshold_rel <= F::ONE) {
+        return Err(Error::invalid("nonzero_rows_cols", format!("threshold {threshold_rel:?} outside [0, 1]")));
+    }
+    let m = &m[..rows * cols];
+    let max_abs = m.par_iter().map(|v| v.abs()).reduce(|| F::ZERO, |a, b| a.max(b));
+    let t = threshold_rel * max_abs;
+    let kept = |v: F| v != F::ZERO && v.abs() >= t;
+    let row_flags: Vec<bool> = if cols == 0 { vec![false; rows] } else { m.par_chunks(cols).map(|r| r.iter().any(|&v| kept(v))).collect() };
+    let col_flags = if cols == 0 {
+        Vec::new()
+    } else {
+        m.par_chunks(cols)
+            .fold(
+                || vec![false; cols],
+                |mut acc, row| {
+                    acc.iter_mut().zip(row).for_each(|(a, &v)| *a |= kept(v));
+                    acc
+                },
+            )
+            .reduce(|| vec![false; cols], |a, b| a.iter().zip(&b).map(|(x, y)| *x | *y).collect())
+    };
+    let n_rows = compact(&row_flags, row_idx);
+    let n_cols = compact(&col_flags, col_idx);
+    Ok(NonzeroBlock { n_rows, n_cols, abs_threshold: t })
+}
+
+fn compact(flags: &[bool], out: &mut [u32]) -> usize {
+    let mut n = 0;
+    for (i, _) in flags.iter().enumerate().filter(|(_, &f)| f) {
+        out[n] = i as u32;
+        n += 1;
+    }
+    n
+}
+
+fn check_indices(op: &'static str, what: &str, idx: &[u32], bound: usize) -> Result<()> {
+    if let Some((i, &v)) = idx.iter().enumerate().find(|(_, &v)| v as usize >= bound) {
+        return Err(Error::invalid(op, format!("{what}[{i}] = {v} out of range 0..{bound}")));
+    }
+    Ok(())
+}
+
+pub(super) fn gather_rows<T: Elem>(src: &[T], src_rows: usize, cols: usize, row_idx: &[u32], n_idx: usize, dst: &mut [T]) -> Result<()> {
+    check_len("gather_rows", "src", src.len(), src_rows * cols)?;
+    check_len("gather_rows", "row_idx", row_idx.len(), n_idx)?;
+    check_len("gather_rows", "dst", dst.len(), n_idx * cols)?;
+    check_indices("gather_rows", "row_idx", &row_idx[..n_idx], src_rows)?;
+    if cols == 0 {
+        return Ok(());
+    }
+    dst[..n_idx * cols].par_chunks_mut(cols).zip(&row_idx[..n_idx]).for_each(|(out, &r)| {
+        out.copy_from_slice(&src[r as usize * cols..(r as usize + 1) * cols]);
+    });
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gather_block<F: Real>(
+    src: &[F],
+    src_rows: usize,
+    src_cols: usize,
+    row_idx: &[u32],
+    n_rows: usize,
+    col_idx: &[u32],
+    n_cols: usize,
+    abs_threshold: F,
+    dst: &mut [F],
+) -> Result<()> {
+    check_len("gather_block", "src", src.len(), src_rows * src_cols)?;
+    check_len("gather_block", "row_idx", row_idx.len(), n_rows)?;
+    check_len("gather_block", "col_idx", col_idx.len(), n_cols)?;
+    check_len("gather_block", "dst", dst.len(), n_rows * n_cols)?;
+    check_indices("gather_block", "row_idx", &row_idx[..n_rows], src_rows)?;
+    check_indices("gather_block", "col_idx", &col_idx[..n_cols], src_cols)?;
+    if n_cols == 0 {
+        return Ok(());
+    }
+    dst[..n_rows * n_cols].par_chunks_mut(n_cols).zip(&row_idx[..n_rows]).for_each(|(out, &r)| {
+        let row = &src[r as usize * src_cols..(r as usize + 1) * src_cols];
+        for (o, &c) in out.iter_mut().zip(&col_idx[..n_cols]) {
+            let v = row[c as usize];
+            *o = if v.abs() >= abs_threshold { v } else { F::ZERO };
+        }
+    });
+    Ok(())
+}
+
+fn check_coo<F: Real>(op: &'static str, coo: &Coo<super::Cpu, F>) -> Result<()> {
+    check_len(op, "coo.rows", coo.rows.len(), coo.len)?;
+    check_len(op, "coo.cols", coo.cols.len(), coo.len)?;
+    check_len(op, "coo.values", coo.values.len(), coo.len)?;
+    check_indices(op, "coo.rows", &coo.rows[..coo.len], coo.shape.0)?;
+    check_indices(op, "coo.cols", &coo.cols[..coo.len], coo.shape.1)
+}
+
+pub(super) fn coo_scatter_add<F: Real>(coo: &Coo<super::Cpu, F>, alpha: F, dense: &mut CpuBuf<F>) -> Result<()> {
+    check_coo("coo_scatter_add", coo)?;
+    let (_, cols) = coo.shape;
+    check_len("coo_scatter_add", "dense", dense.len(), coo.shape.0 * cols)?;
+    for e in 0..coo.len {
+        dense[coo.rows[e] as usize * cols + coo.cols[e] as usize] += alpha * coo.values[e];
+    }
+    Ok(())
+}
+
+pub(super) fn coo_compact_rows<F: Real>(coo: &Coo<super::Cpu, F>, unique_rows: &mut [u32], slot: &mut [u32]) -> Result<usize> {
+    check_coo("coo_compact_rows", coo)?;
+    check_len("coo_compact_rows", "slot", slot.len(), coo.len)?;
+    let mut n = 0usize;
+    for e in 0..coo.len {
+        let r = coo.rows[e];
+        if n == 0 || unique_rows[n - 1] != r {
+            if n > 0 && unique_rows[n - 1] > r {
+                return Err(Error::invalid("coo_compact_rows", "COO rows are not sorted"));
+            }
+            check_len("coo_compact_rows", "unique_rows", unique_rows.len(), n + 1)?;
+            unique_rows[n] = r;
+            n += 1;
+        }
+        slot[e] = (n - 1) as u32;
+    }
+    Ok(n)
+}
+
+pub(super) fn coo_dense_t<F: Real>(
+    coo: &Coo<super::Cpu, F>,
+    slot: &[u32],
+    n_slots: usize,
+    b: &[F],
+    b_rows: usize,
+    out: &mut [F],
+) -> Result<()> {
+    check_coo("coo_dense_t", coo)?;
+    let b_cols = coo.shape.1;
+    check_len("coo_dense_t", "slot", slot.len(), coo.len)?;
+    check_indices("coo_dense_t", "slot", &slot[..coo.len], n_slots)?;
+    check_len("coo_dense_t", "b", b.len(), b_rows * b_cols)?;
+    check_len("coo_dense_t", "out", out.len(), b_rows * n_slots)?;
+    if n_slots == 0 {
+        return Ok(());
+    }
+    let (cols, values) = (&coo.cols[..coo.len], &coo.values[..coo.len]);
+    out[..b_rows * n_slots].par_chunks_mut(n_slots).enumerate().for_each(|(i, out_row)| {
+        out_row.fill(F::ZERO);
+        let b_row = &b[i * b_cols..(i + 1) * b_cols];
+        for e in 0..values.len() {
+            out_row[slot[e] as usize] += values[e] * b_row[cols[e] as usize];
+        }
+    });
+    Ok(())
+}

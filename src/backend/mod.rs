@@ -1,0 +1,430 @@
+//! The op set every backend implements. Layer, block and model math is written once
+//! against [`Backend`]; [`cpu::Cpu`] is the readable specification and
+//! [`cuda::Cuda`] runs the same ops through hand-written kernels and cuBLAS.
+//!
+//! Conventions shared by all ops:
+//! - matrices are row-major and contiguous unless a [`Gemm`] says otherwise;
+//! - every op writes into caller-owned outputs (no allocation inside ops on hot paths);
+//! - buffers may be longer than the logical size an op is given (workspaces sized for
+//!   the largest batch); ops check `len >= needed` and return [`Error::Shape`] otherwise;
+//! - index buffers are `u32`.
+
+pub mod cpu;
+
+
+use crate::error::Result;
+use crate::scalar::{Elem, Real};
+use half::bf16;
+
+/// A row-major GEMM: `C = alpha * op(A) op(B) + beta * C`, `C` `(m, n)`, with
+/// `op(A)` `(m, k)` and `op(B)` `(k, n)`. `A` is stored `(m, k)` when `trans_a` is false and
+/// `(k, m)` when true, likewise `B`. Leading dimensions default to the stored row length;
+/// offsets and batch strides (in elements) describe sub-matrices and strided batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Gemm {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    pub lda: usize,
+    pub ldb: usize,
+    pub ldc: usize,
+    pub offset_a: usize,
+    pub offset_b: usize,
+    pub offset_c: usize,
+    pub batch: usize,
+    pub stride_a: usize,
+    pub stride_b: usize,
+    pub stride_c: usize,
+}
+
+impl Gemm {
+    /// A single contiguous product, `alpha = 1`, `beta = 0`.
+    pub fn new(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize) -> Self {
+        let lda = if trans_a { m } else { k };
+        let ldb = if trans_b { k } else { n };
+        Gemm {
+            trans_a,
+            trans_b,
+            m,
+            n,
+            k,
+            alpha: 1.0,
+            beta: 0.0,
+            lda,
+            ldb,
+            ldc: n,
+            offset_a: 0,
+            offset_b: 0,
+            offset_c: 0,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
+    }
+    /// `C = A B`.
+    pub fn nn(m: usize, n: usize, k: usize) -> Self {
+        Self::new(false, false, m, n, k)
+    }
+    /// `C = A B^T`.
+    pub fn nt(m: usize, n: usize, k: usize) -> Self {
+        Self::new(false, true, m, n, k)
+    }
+    /// `C = A^T B`.
+    pub fn tn(m: usize, n: usize, k: usize) -> Self {
+        Self::new(true, false, m, n, k)
+    }
+    pub fn alpha(mut self, alpha: f32) -> Self {
+        self.alpha = alpha;
+        self
+    }
+    pub fn beta(mut self, beta: f32) -> Self {
+        self.beta = beta;
+        self
+    }
+    /// Rows of the stored A, B and C (for bounds checks).
+    fn stored_rows(&self) -> (usize, usize, usize) {
+        let a = if self.trans_a { self.k } else { self.m };
+        let b = if self.trans_b { self.n } else { self.k };
+        (a, b, self.m)
+    }
+    /// Minimum buffer lengths of A, B and C this product touches.
+    pub fn required_lens(&self) -> (usize, usize, usize) {
+        let (ra, rb, rc) = self.stored_rows();
+        let ca = if self.trans_a { self.m } else { self.k };
+        let cb = if self.trans_b { self.k } else { self.n };
+        let span = |rows: usize, cols: usize, ld: usize, off: usize, stride: usize| {
+            if rows == 0 || cols == 0 || self.batch == 0 {
+                0
+            } else {
+                off + (self.batch - 1) * stride + (rows - 1) * ld + cols
+            }
+        };
+        (
+            span(ra, ca, self.lda, self.offset_a, self.stride_a),
+            span(rb, cb, self.ldb, self.offset_b, self.stride_b),
+            span(rc, self.n, self.ldc, self.offset_c, self.stride_c),
+        )
+    }
+    /// Checks leading dimensions and buffer lengths.
+    pub fn validate(&self, len_a: usize, len_b: usize, len_c: usize) -> Result<()> {
+        use crate::error::Error;
+        let ca = if self.trans_a { self.m } else { self.k };
+        let cb = if self.trans_b { self.k } else { self.n };
+        if self.lda < ca.max(1) || self.ldb < cb.max(1) || self.ldc < self.n.max(1) {
+            return Err(Error::shape(
+                "gemm",
+                "leading dimensions (lda, ldb, ldc)",
+                format!(">= ({ca}, {cb}, {})", self.n),
+                format!("({}, {}, {})", self.lda, self.ldb, self.ldc),
+            ));
+        }
+        let (na, nb, nc) = self.required_lens();
+        crate::error::check_len("gemm", "A", len_a, na)?;
+        crate::error::check_len("gemm", "B", len_b, nb)?;
+        crate::error::check_len("gemm", "C", len_c, nc)?;
+        Ok(())
+    }
+}
+
+/// Adam hyperparameters. `weight_decay` is decoupled (AdamW); SparseAdam ignores it,
+/// as PyTorch's does not have one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamParams {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamParams {
+    fn default() -> Self {
+        AdamParams { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
+    }
+}
+
+impl AdamParams {
+    pub fn validate(&self) -> Result<()> {
+        use crate::error::Error;
+        let ok = self.lr.is_finite()
+            && self.lr >= 0.0
+            && (0.0..1.0).contains(&self.beta1)
+            && (0.0..1.0).contains(&self.beta2)
+            && self.eps.is_finite()
+            && self.eps > 0.0
+            && self.weight_decay.is_finite()
+            && self.weight_decay >= 0.0;
+        if !ok {
+            return Err(Error::invalid("adam", format!("hyperparameters out of range: {self:?}")));
+        }
+        Ok(())
+    }
+    /// Bias-corrected step size `lr * sqrt(1 - b2^t) / (1 - b1^t)` at step `t` (1-based),
+    /// computed in f64 so both backends agree to the last bit.
+    pub fn step_size(&self, step: u64) -> f64 {
+        let t = step.min(i32::MAX as u64) as i32;
+        let bc1 = 1.0 - (self.beta1 as f64).powi(t);
+        let bc2 = 1.0 - (self.beta2 as f64).powi(t);
+        self.lr as f64 * bc2.sqrt() / bc1
+    }
+}
+
+/// A COO list of `len` entries of a `(shape.0, shape.1)` matrix, sorted by linear index.
+/// Buffers hold `capacity` entries; only the first `len` are meaningful.
+pub struct Coo<B: Backend, F: Elem> {
+    pub rows: B::Buf<u32>,
+    pub cols: B::Buf<u32>,
+    pub values: B::Buf<F>,
+    pub len: usize,
+    pub capacity: usize,
+    pub shape: (usize, usize),
+}
+
+impl<B: Backend, F: Real> Coo<B, F> {
+    /// An empty list with room for `capacity` entries of a `shape` matrix.
+    pub fn with_capacity(backend: &B, capacity: usize, shape: (usize, usize)) -> Result<Self> {
+        Ok(Coo {
+            rows: backend.alloc(capacity)?,
+            cols: backend.alloc(capacity)?,
+            values: backend.alloc(capacity)?,
+            len: 0,
+            capacity,
+            shape,
+        })
+    }
+    /// Copies the entries to the host as `(rows, cols, values)`.
+    pub fn to_host(&self, backend: &B) -> Result<HostCoo<F>> {
+        Ok(HostCoo {
+            rows: backend.download(&self.rows, self.len)?,
+            cols: backend.download(&self.cols, self.len)?,
+            values: backend.download(&self.values, self.len)?,
+            shape: self.shape,
+        })
+    }
+    /// Replaces the entries with a host list (must be sorted by linear index).
+    pub fn set_from_host(&mut self, backend: &B, host: &HostCoo<F>) -> Result<()> {
+        host.validate()?;
+        if host.len() > self.capacity {
+            return Err(crate::error::Error::invalid(
+                "coo",
+                format!("{} entries exceed capacity {}", host.len(), self.capacity),
+            ));
+        }
+        backend.upload_into(&host.rows, &mut self.rows)?;
+        backend.upload_into(&host.cols, &mut self.cols)?;
+        backend.upload_into(&host.values, &mut self.values)?;
+        self.len = host.len();
+        self.shape = host.shape;
+        Ok(())
+    }
+}
+
+/// A COO list on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostCoo<F> {
+    pub rows: Vec<u32>,
+    pub cols: Vec<u32>,
+    pub values: Vec<F>,
+    pub shape: (usize, usize),
+}
+
+impl<F: Real> HostCoo<F> {
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+    /// Linear indices `row * cols + col`.
+    pub fn linear_indices(&self) -> Vec<u64> {
+        self.rows.iter().zip(&self.cols).map(|(&r, &c)| r as u64 * self.shape.1 as u64 + c as u64).collect()
+    }
+    /// Checks lengths, bounds and strict ascending linear order.
+    pub fn validate(&self) -> Result<()> {
+        use crate::error::Error;
+        if self.rows.len() != self.values.len() || self.cols.len() != self.values.len() {
+            return Err(Error::shape("coo", "rows/cols/values lengths", self.values.len(), format!("{}/{}", self.rows.len(), self.cols.len())));
+        }
+        let mut prev: Option<u64> = None;
+        for (i, (&r, &c)) in self.rows.iter().zip(&self.cols).enumerate() {
+            if r as usize >= self.shape.0 || c as usize >= self.shape.1 {
+                return Err(Error::invalid("coo", format!("entry {i} at ({r}, {c}) outside {:?}", self.shape)));
+            }
+            let lin = r as u64 * self.shape.1 as u64 + c as u64;
+            if prev.is_some_and(|p| p >= lin) {
+                return Err(Error::invalid("coo", format!("entry {i} at ({r}, {c}) is not in ascending linear order")));
+            }
+            prev = Some(lin);
+        }
+        Ok(())
+    }
+}
+
+/// Result of [`Backend::nonzero_rows_cols`]: counts of the compacted index lists and the
+/// absolute threshold `threshold_rel * max|m|` that was applied.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NonzeroBlock<F> {
+    pub n_rows: usize,
+    pub n_cols: usize,
+    pub abs_threshold: F,
+}
+
+/// Optional maps restoring block indices to full-matrix indices in [`Backend::topk_coo`].
+/// Both maps must be strictly increasing, so block order equals full linear order.
+pub struct IndexMaps<'a, B: Backend> {
+    pub row_map: Option<&'a B::Buf<u32>>,
+    pub col_map: Option<&'a B::Buf<u32>>,
+    /// Shape of the full matrix the restored indices refer to.
+    pub full_shape: (usize, usize),
+}
+
+/// Counters the backend keeps of its own device memory: current and peak bytes, and
+/// the number of allocations (tests use it to show hot paths allocate nothing).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub current_bytes: usize,
+    pub peak_bytes: usize,
+    pub allocations: u64,
+}
+
+/// The op set. Every method has a CPU twin (the specification) and a CUDA launcher with
+/// the same argument names. All `F: Real` ops run in f32 on CUDA (f64 is CPU-only and
+/// returns [`crate::Error::UnsupportedDtype`] there).
+pub trait Backend: Send + Sync + Sized + 'static {
+    /// A device buffer of `T`.
+    type Buf<T: Elem>: Send + Sync + 'static;
+    /// Scratch space for [`Backend::topk_coo`], sized once by [`Backend::topk_workspace`].
+    type TopkWorkspace: Send + Sync + 'static;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------------------
+    fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;
+    /// A zero-filled buffer.
+    fn alloc<T: Elem>(&self, len: usize) -> Result<Self::Buf<T>>;
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<Self::Buf<T>>;
+    /// Copies `host` into the first `host.len()` elements of `dst`.
+    fn upload_into<T: Elem>(&self, host: &[T], dst: &mut Self::Buf<T>) -> Result<()>;
+    /// Copies the first `len` elements to the host.
+    fn download<T: Elem>(&self, buf: &Self::Buf<T>, len: usize) -> Result<Vec<T>>;
+    /// `dst[..len] = src[..len]`.
+    fn copy<T: Elem>(&self, src: &Self::Buf<T>, dst: &mut Self::Buf<T>, len: usize) -> Result<()>;
+    /// `buf[..len] = value`.
+    fn fill<T: Elem>(&self, buf: &mut Self::Buf<T>, len: usize, value: T) -> Result<()>;
+    /// Waits for queued work (a no-op on the CPU).
+    fn synchronize(&self) -> Result<()>;
+    fn memory_stats(&self) -> MemoryStats;
+
+    // ---- dense --------------------------------------------------------------------
+    /// `C = alpha op(A) op(B) + beta C` in `F`.
+    fn gemm<F: Real>(&self, spec: &Gemm, a: &Self::Buf<F>, b: &Self::Buf<F>, c: &mut Self::Buf<F>) -> Result<()>;
+    /// The same with bf16 operands and an `F` output, accumulating in f32 (cuBLAS GemmEx).
+    fn gemm_bf16<F: Real>(&self, spec: &Gemm, a: &Self::Buf<bf16>, b: &Self::Buf<bf16>, c: &mut Self::Buf<F>) -> Result<()>;
+    /// `dst[i] = bf16(src[i])`, round to nearest even.
+    fn cast_to_bf16<F: Real>(&self, src: &Self::Buf<F>, dst: &mut Self::Buf<bf16>, len: usize) -> Result<()>;
+    /// `dst[i] = F(src[i])`.
+    fn cast_from_bf16<F: Real>(&self, src: &Self::Buf<bf16>, dst: &mut Self::Buf<F>, len: usize) -> Result<()>;
+    /// `y[r, c] += bias[c]` for a `(rows, cols)` matrix.
+    fn add_bias<F: Real>(&self, y: &mut Self::Buf<F>, bias: &Self::Buf<F>, rows: usize, cols: usize) -> Result<()>;
+    /// `db[c] = beta * db[c] + sum_r g[r, c]` (column sums of a `(rows, cols)` matrix).
+    fn bias_grad<F: Real>(&self, g: &Self::Buf<F>, rows: usize, cols: usize, db: &mut Self::Buf<F>, beta: F) -> Result<()>;
+    /// Number of NaN/inf entries in `x[..len]` and the index of the first one.
+    fn count_nonfinite<F: Real>(&self, x: &Self::Buf<F>, len: usize) -> Result<(usize, usize)>;
+    /// `y[..len] += alpha * x[..len]`.
+    fn axpy<F: Real>(&self, alpha: F, x: &Self::Buf<F>, y: &mut Self::Buf<F>, len: usize) -> Result<()>;
+
+    // ---- sparse-by-dense ----------------------------------------------------------
+    /// For a `(rows, cols)` matrix `m`, with `t = threshold_rel * max|m|`: writes the
+    /// ascending indices of rows (into `row_idx`) and columns (into `col_idx`) holding an
+    /// entry with `|v| >= t` and `v != 0`. Returns the counts and `t`.
+    fn nonzero_rows_cols<F: Real>(
+        &self,
+        m: &Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        threshold_rel: F,
+        row_idx: &mut Self::Buf<u32>,
+        col_idx: &mut Self::Buf<u32>,
+    ) -> Result<NonzeroBlock<F>>;
+    /// `dst[i, :] = src[row_idx[i], :]` for `i < n_idx`, rows of length `cols`.
+    fn gather_rows<T: Elem>(&self, src: &Self::Buf<T>, src_rows: usize, cols: usize, row_idx: &Self::Buf<u32>, n_idx: usize, dst: &mut Self::Buf<T>) -> Result<()>;
+    /// `dst[i, j] = v` where `v = src[row_idx[i], col_idx[j]]` if `|v| >= abs_threshold`,
+    /// else 0; `dst` is `(n_rows, n_cols)`.
+    #[allow(clippy::too_many_arguments)]
+    fn gather_block<F: Real>(
+        &self,
+        src: &Self::Buf<F>,
+        src_rows: usize,
+        src_cols: usize,
+        row_idx: &Self::Buf<u32>,
+        n_rows: usize,
+        col_idx: &Self::Buf<u32>,
+        n_cols: usize,
+        abs_threshold: F,
+        dst: &mut Self::Buf<F>,
+    ) -> Result<()>;
+
+    // ---- top-k --------------------------------------------------------------------
+    /// Scratch for selecting from matrices of up to `max_len` entries.
+    fn topk_workspace(&self, max_len: usize) -> Result<Self::TopkWorkspace>;
+    /// Keeps the `k` entries of largest magnitude of the full matrix described by `maps`
+    /// (the `(rows, cols)` block `m`, placed through the maps; entries outside the block
+    /// are zero), ties to the lower full linear index, written to `out` sorted by linear
+    /// index. Fails with [`crate::Error::NonFinite`] if `m` holds NaN or infinity.
+    #[allow(clippy::too_many_arguments)]
+    fn topk_coo<F: Real>(
+        &self,
+        m: &Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        maps: &IndexMaps<'_, Self>,
+        ws: &mut Self::TopkWorkspace,
+        out: &mut Coo<Self, F>,
+    ) -> Result<()>;
+
+    // ---- COO ----------------------------------------------------------------------
+    /// `dense[r, c] += alpha * v` for every entry; `dense` has `coo.shape`.
+    fn coo_scatter_add<F: Real>(&self, coo: &Coo<Self, F>, alpha: F, dense: &mut Self::Buf<F>) -> Result<()>;
+    /// Distinct rows of a sorted COO list into `unique_rows` (ascending) and, per entry,
+    /// the position of its row in that list into `slot`. Returns the number of rows.
+    fn coo_compact_rows<F: Real>(&self, coo: &Coo<Self, F>, unique_rows: &mut Self::Buf<u32>, slot: &mut Self::Buf<u32>) -> Result<usize>;
+    /// `out[i, s] = sum over entries e with slot[e] = s of values[e] * b[i, cols[e]]`, i.e.
+    /// `out = B D^T` for the row-compacted sparse `D`. `b` is `(b_rows, coo.shape.1)`, `out` is
+    /// `(b_rows, n_slots)`, overwritten.
+    fn coo_dense_t<F: Real>(&self, coo: &Coo<Self, F>, slot: &Self::Buf<u32>, n_slots: usize, b: &Self::Buf<F>, b_rows: usize, out: &mut Self::Buf<F>) -> Result<()>;
+
+    // ---- optimizers ---------------------------------------------------------------
+    /// PyTorch SparseAdam on the listed entries of a `coo.shape` parameter at step
+    /// `step` (1-based): updates `exp_avg`, `exp_avg_sq` and, if given, `param`; if
+    /// `delta` is given, writes each entry's change of the parameter into it (length
+    /// `coo.len`). Entries not listed are untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_adam<F: Real>(
+        &self,
+        coo: &Coo<Self, F>,
+        exp_avg: &mut Self::Buf<F>,
+        exp_avg_sq: &mut Self::Buf<F>,
+        step: u64,
+        hp: &AdamParams,
+        param: Option<&mut Self::Buf<F>>,
+        delta: Option<&mut Self::Buf<F>>,
+    ) -> Result<()>;
+    /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw<F: Real>(
+        &self,
+        param: &mut Self::Buf<F>,
+        grad: &Self::Buf<F>,
+        exp_avg: &mut Self::Buf<F>,
+        exp_avg_sq: &mut Self::Buf<F>,
+        len: usize,
+        step: u64,
+        hp: &AdamParams,
+    ) -> Result<()>;
+}

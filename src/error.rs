@@ -1,0 +1,97 @@
+//! The one error type of the crate. Library code returns these instead of panicking on
+//! anything a caller (or a file) can get wrong; each variant names what was wrong.
+
+use std::path::PathBuf;
+
+/// Every failure sparsegrad reports.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor or matrix had the wrong shape for the operation.
+    #[error("shape mismatch in {op}: {what}: expected {expected}, got {got}")]
+    Shape { op: &'static str, what: String, expected: String, got: String },
+
+    /// An argument outside its valid range (k = 0, k > entries, negative lr, ...).
+    #[error("invalid argument for {op}: {msg}")]
+    InvalidArgument { op: &'static str, msg: String },
+
+    /// NaN or infinity where only finite numbers make sense (gradients, inputs, weights).
+    #[error("non-finite value in {what} ({count} entries, first at index {first_index})")]
+    NonFinite { what: String, count: usize, first_index: usize },
+
+    /// A tensor that must be present in a file or map is missing.
+    #[error("missing tensor `{name}`{}", context.as_deref().map(|c| format!(" in {c}")).unwrap_or_default())]
+    MissingTensor { name: String, context: Option<String> },
+
+    /// A tensor has the wrong element type.
+    #[error("tensor `{name}` has dtype {got}, expected {expected}")]
+    Dtype { name: String, expected: String, got: String },
+
+    /// An operation is not implemented for a dtype on a backend.
+    #[error("{op} does not support dtype {dtype} on the {backend} backend")]
+    UnsupportedDtype { op: &'static str, dtype: &'static str, backend: &'static str },
+
+    /// A basis that is not orthogonal, or otherwise unusable.
+    #[error("invalid basis `{group}`: {msg}")]
+    InvalidBasis { group: String, msg: String },
+
+    /// A file that could not be parsed: truncated, corrupt, or of the wrong kind.
+    #[error("corrupt or unsupported file {}: {msg}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<memory>".into()))]
+    Format { path: Option<PathBuf>, msg: String },
+
+    /// Metadata missing or unparsable.
+    #[error("metadata `{key}`: {msg}")]
+    Metadata { key: String, msg: String },
+
+    /// An adapter or checkpoint does not fit the model it is loaded into.
+    #[error("incompatible {what}: {msg}")]
+    Incompatible { what: String, msg: String },
+
+    /// LAPACK reported a failure.
+    #[error("LAPACK {routine} failed with info = {info}")]
+    Lapack { routine: &'static str, info: i32 },
+
+    /// No usable CUDA device, driver or library.
+    #[error("CUDA unavailable: {0}")]
+    CudaUnavailable(String),
+
+    /// The crate was built without nvcc, so no kernels are embedded.
+    #[error("built without CUDA kernels (nvcc was not found at build time; set NVCC or CUDA_HOME and rebuild)")]
+    NoKernels,
+
+    /// A CUDA driver, cuBLAS or launch error.
+    #[error("CUDA error in {op}: {msg}")]
+    Cuda { op: &'static str, msg: String },
+
+    /// Operating-system I/O.
+    #[error("I/O error on {}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Crate-wide result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn shape(op: &'static str, what: impl Into<String>, expected: impl ToString, got: impl ToString) -> Self {
+        Error::Shape { op, what: what.into(), expected: expected.to_string(), got: got.to_string() }
+    }
+
+    pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+        Error::InvalidArgument { op, msg: msg.into() }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+
+    pub(crate) fn format(path: Option<&std::path::Path>, msg: impl Into<String>) -> Self {
+        Error::Format { path: path.map(|p| p.to_path_buf()), msg: msg.into() }
+    }
+}
+
+/// Checks that a buffer holds at least `needed` elements.
+pub(crate) fn check_len(op: &'static str, what: &str, len: usize, needed: usize) -> Result<()> {
+    if len < needed {
+        return Err(Error::shape(op, what, format!("at least {needed} elements"), format!("{len}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! # sparsegrad
+//!
+//! SparseGrad fine-tuning of transformer MLP blocks (Chekalina et al., EMNLP 2024):
+//! find once, per layer group, an orthogonal basis `(P, Q)` in which weight gradients are
+//! nearly sparse (HOSVD of gradients from a short preliminary phase, computed by streaming
+//! Gram matrices), train the weights in that basis, keep the top ~1% of gradient entries
+//! each step as COO, and apply them with SparseAdam.
+//!
+//! The math is written once against [`Backend`]; [`Cpu`] is the readable specification.
+//!
+//! ```no_run
+//! use sparsegrad::{Cpu, Backend, GramAccumulator, SparseGradLinear, SparseGradConfig, Keep};
+//! # fn main() -> sparsegrad::Result<()> {
+//! let cpu = Cpu::new();
+//! let (out, inp, t) = (64, 32, 16);
+//! // Preliminary phase: stream dense weight gradients into the group's Gram matrices.
+//! let mut acc = GramAccumulator::new(out, inp);
+//! # let grads: Vec<Vec<f32>> = vec![vec![0.1; out * inp]; 4];
+//! for g in &grads { acc.add(g)?; }
+//! let basis = acc.basis("up_proj")?;
+//! // Train in the basis.
+//! # let weight = vec![0.0f32; out * inp]; let bias = vec![0.0f32; out];
+//! let cfg = SparseGradConfig { keep: Keep::Fraction(0.01), ..Default::default() };
+//! let mut layer = SparseGradLinear::new(&cpu, &weight, Some(&bias), &basis, cfg)?;
+//! # let x = cpu.upload(&vec![0.5f32; t * inp])?; let g = cpu.upload(&vec![0.1f32; t * out])?;
+//! let y = layer.forward(&x, t)?;
+//! let grads = layer.backward(&g, t)?;
+//! layer.step()?;
+//! let merged_weight: Vec<f32> = layer.merged_weight()?;
+//! # Ok(()) }
+//! ```
+
+pub mod backend;
+//pub mod basis;
+pub mod error;
+//pub mod linear;
+pub mod scalar;
+
+pub use backend::cpu::Cpu;
+pub use backend::{AdamParams, Backend, Coo, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
+//pub use basis::{Basis, BasisSet, GramAccumulator, SparsityReport};
+pub use error::{Error, Result};
+//pub use linear::sparsegrad::{Formulation, Keep, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
+pub use scalar::{Elem, Real};

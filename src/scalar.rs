@@ -1,0 +1,150 @@
+//! Element types. `Elem` is anything a backend buffer can hold; `Real` is a master
+//! precision the math runs in: f32 everywhere, f64 on the CPU (finite-difference tests).
+//! bf16 is a storage type for frozen operands only.
+
+use half::bf16;
+use std::fmt::Debug;
+
+/// Element types a backend buffer can hold.
+pub trait Elem:
+    Copy + Default + Debug + PartialEq + Send + Sync + Unpin + 'static + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits
+{
+    /// Name used in error messages and kernel suffixes.
+    const NAME: &'static str;
+}
+
+impl Elem for f32 {
+    const NAME: &'static str = "f32";
+}
+impl Elem for f64 {
+    const NAME: &'static str = "f64";
+}
+impl Elem for bf16 {
+    const NAME: &'static str = "bf16";
+}
+impl Elem for u32 {
+    const NAME: &'static str = "u32";
+}
+impl Elem for i32 {
+    const NAME: &'static str = "i32";
+}
+impl Elem for u8 {
+    const NAME: &'static str = "u8";
+}
+
+/// A slice of a concrete [`Real`] type.
+pub enum RealSlice<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+/// A mutable slice of a concrete [`Real`] type.
+pub enum RealSliceMut<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+}
+
+/// A floating-point precision for trainable parameters, optimizer state and accumulation.
+pub trait Real: Elem + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + std::iter::Sum
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn from_bf16(v: bf16) -> Self;
+    fn to_bf16(self) -> bf16;
+    fn abs(self) -> Self;
+    fn sqrt(self) -> Self;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    fn tanh(self) -> Self;
+    fn erf(self) -> Self;
+    fn powi(self, n: i32) -> Self;
+    fn is_finite(self) -> bool;
+    fn max(self, other: Self) -> Self;
+    /// An integer key, monotone in `|self|`, for selection by magnitude. NaN sorts above
+    /// infinity (it is rejected before selection anyway).
+    fn abs_key(self) -> u64;
+    /// The slice as its concrete type, so CPU code can dispatch to BLAS/LAPACK safely.
+    fn real_slice(s: &[Self]) -> RealSlice<'_>;
+    fn real_slice_mut(s: &mut [Self]) -> RealSliceMut<'_>;
+    fn from_usize(v: usize) -> Self {
+        Self::from_f64(v as f64)
+    }
+}
+
+macro_rules! impl_real {
+    ($t:ty, $bits:ty, $erf:path, $variant:ident) => {
+        impl Real for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            #[inline]
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            #[inline]
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            #[inline]
+            fn from_bf16(v: bf16) -> Self {
+                v.to_f32() as $t
+            }
+            #[inline]
+            fn to_bf16(self) -> bf16 {
+                bf16::from_f32(self as f32)
+            }
+            #[inline]
+            fn abs(self) -> Self {
+                <$t>::abs(self)
+            }
+            #[inline]
+            fn sqrt(self) -> Self {
+                <$t>::sqrt(self)
+            }
+            #[inline]
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            #[inline]
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            #[inline]
+            fn tanh(self) -> Self {
+                <$t>::tanh(self)
+            }
+            #[inline]
+            fn erf(self) -> Self {
+                $erf(self)
+            }
+            #[inline]
+            fn powi(self, n: i32) -> Self {
+                <$t>::powi(self, n)
+            }
+            #[inline]
+            fn is_finite(self) -> bool {
+                <$t>::is_finite(self)
+            }
+            #[inline]
+            fn max(self, other: Self) -> Self {
+                <$t>::max(self, other)
+            }
+            fn real_slice(s: &[Self]) -> RealSlice<'_> {
+                RealSlice::$variant(s)
+            }
+            fn real_slice_mut(s: &mut [Self]) -> RealSliceMut<'_> {
+                RealSliceMut::$variant(s)
+            }
+            #[inline]
+            fn abs_key(self) -> u64 {
+                (<$t>::abs(self).to_bits() as $bits) as u64
+            }
+        }
+    };
+}
+
+impl_real!(f32, u32, libm::erff, F32);
+impl_real!(f64, u64, libm::erf, F64);
