@@ -37,7 +37,7 @@ pub mod error;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;
-pub use backend::{AdamParams, Backend, Coo, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
+pub use backend::{AdamParams, Backend, Coo, Gemm, GeluKind, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
 //pub use basis::{Basis, BasisSet, GramAccumulator, SparsityReport};
 pub use error::{Error, Result};
 //pub use linear::sparsegrad::{Formulation, Keep, Selection, SparseGradConfig, SparseGradLinear, StepGrads};

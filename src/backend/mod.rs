@@ -283,6 +283,14 @@ pub struct IndexMaps<'a, B: Backend> {
     pub full_shape: (usize, usize),
 }
 
+/// Which GELU: the exact erf form (BERT, RoBERTa) or the tanh approximation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GeluKind {
+    #[default]
+    Erf,
+    Tanh,
+}
+
 /// Counters the backend keeps of its own device memory: current and peak bytes, and
 /// the number of allocations (tests use it to show hot paths allocate nothing).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -337,6 +345,25 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn count_nonfinite<F: Real>(&self, x: &Self::Buf<F>, len: usize) -> Result<(usize, usize)>;
     /// `y[..len] += alpha * x[..len]`.
     fn axpy<F: Real>(&self, alpha: F, x: &Self::Buf<F>, y: &mut Self::Buf<F>, len: usize) -> Result<()>;
+
+    // ---- activations (elementwise, `len` entries) ------------------------------------
+    /// `y = gelu(x)` in the erf form (BERT) or the tanh approximation.
+    fn gelu<F: Real>(&self, x: &Self::Buf<F>, y: &mut Self::Buf<F>, len: usize, kind: GeluKind) -> Result<()>;
+    /// `dx = dy * gelu'(x)`.
+    fn gelu_backward<F: Real>(&self, x: &Self::Buf<F>, dy: &Self::Buf<F>, dx: &mut Self::Buf<F>, len: usize, kind: GeluKind) -> Result<()>;
+    /// SwiGLU: `h = silu(gate) * up`, `silu(z) = z / (1 + exp(-z))`.
+    fn swiglu<F: Real>(&self, gate: &Self::Buf<F>, up: &Self::Buf<F>, h: &mut Self::Buf<F>, len: usize) -> Result<()>;
+    /// `d_gate = dh * up * silu'(gate)`, `d_up = dh * silu(gate)`.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_backward<F: Real>(
+        &self,
+        gate: &Self::Buf<F>,
+        up: &Self::Buf<F>,
+        dh: &Self::Buf<F>,
+        d_gate: &mut Self::Buf<F>,
+        d_up: &mut Self::Buf<F>,
+        len: usize,
+    ) -> Result<()>;
 
     // ---- sparse-by-dense ----------------------------------------------------------
     /// For a `(rows, cols)` matrix `m`, with `t = threshold_rel * max|m|`: writes the

@@ -3,6 +3,7 @@
 //! rows are independent. Buffers are [`CpuBuf`]s, which count their bytes so the library
 //! can report peak memory.
 
+mod activation;
 mod dense;
 mod optim;
 mod sparse;
@@ -171,6 +172,30 @@ impl Backend for Cpu {
 
     fn axpy<F: crate::Real>(&self, alpha: F, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize) -> Result<()> {
         dense::axpy(alpha, x, y, len)
+    }
+
+    fn gelu<F: crate::Real>(&self, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize, kind: crate::backend::GeluKind) -> Result<()> {
+        activation::gelu(x, y, len, kind)
+    }
+
+    fn gelu_backward<F: crate::Real>(&self, x: &CpuBuf<F>, dy: &CpuBuf<F>, dx: &mut CpuBuf<F>, len: usize, kind: crate::backend::GeluKind) -> Result<()> {
+        activation::gelu_backward(x, dy, dx, len, kind)
+    }
+
+    fn swiglu<F: crate::Real>(&self, gate: &CpuBuf<F>, up: &CpuBuf<F>, h: &mut CpuBuf<F>, len: usize) -> Result<()> {
+        activation::swiglu(gate, up, h, len)
+    }
+
+    fn swiglu_backward<F: crate::Real>(
+        &self,
+        gate: &CpuBuf<F>,
+        up: &CpuBuf<F>,
+        dh: &CpuBuf<F>,
+        d_gate: &mut CpuBuf<F>,
+        d_up: &mut CpuBuf<F>,
+        len: usize,
+    ) -> Result<()> {
+        activation::swiglu_backward(gate, up, dh, d_gate, d_up, len)
     }
 
     fn nonzero_rows_cols<F: crate::Real>(
