@@ -1,0 +1,107 @@
+// common.cuh: helpers shared by every sparsegrad kernel file.
+//
+// - fixed-width integer names (u32, u64) matching the Rust launchers' argument types
+//   (every pointer is passed as a u64 device address, every count as u64 unless noted);
+// - 64-bit grid-stride loops (sizes beyond 2^31 elements are legal everywhere);
+// - warp and block scans / reductions used by the deterministic compactions;
+// - the device error word: kernels that meet an out-of-range index skip it and set a bit
+//   here; the host reads the word at its next synchronization point and returns an
+//   `Error::InvalidArgument` naming the op (see src/backend/cuda/mod.rs, `ERR_*`).
+//
+// Only device code lives here; nothing in this header launches anything.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+typedef uint32_t u32;
+typedef uint64_t u64;
+typedef uint16_t u16;
+typedef uint8_t u8;
+
+// Bits of the device error word (keep in sync with `ERR_*` in src/backend/cuda/mod.rs).
+#define SG_ERR_GATHER_ROWS 1u
+#define SG_ERR_GATHER_BLOCK 2u
+#define SG_ERR_COO_SCATTER 4u
+#define SG_ERR_COO_DENSE_T 8u
+#define SG_ERR_SPARSE_ADAM 16u
+#define SG_ERR_COO_COMPACT 32u
+
+// Threads per block of the 1-D kernels and of the tile compactions.
+#define SG_THREADS 256
+// Items per thread of a compaction tile: a tile is SG_THREADS * SG_TILE_ITEMS elements.
+#define SG_TILE_ITEMS 16
+#define SG_TILE (SG_THREADS * SG_TILE_ITEMS)
+
+// for (u64 i = global thread index; i < n; i += total threads)
+#define SG_GRID_STRIDE(i, n)                                                         \
+    for (u64 i = (u64)blockIdx.x * (u64)blockDim.x + (u64)threadIdx.x; i < (u64)(n); \
+         i += (u64)gridDim.x * (u64)blockDim.x)
+
+// |v| as its float bits: monotone in |v| for finite values, +inf = 0x7f800000, NaN above.
+// The same key as `Real::abs_key` for f32 on the CPU.
+__device__ __forceinline__ u32 sg_abs_key(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+// True for NaN and +-inf.
+__device__ __forceinline__ bool sg_nonfinite(float v) { return sg_abs_key(v) >= 0x7f800000u; }
+
+template <typename T>
+__device__ __forceinline__ T sg_warp_inclusive_scan(T v) {
+    const u32 lane = threadIdx.x & 31u;
+#pragma unroll
+    for (u32 o = 1; o < 32; o <<= 1) {
+        T n = __shfl_up_sync(0xffffffffu, v, o);
+        if (lane >= o) v += n;
+    }
+    return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T sg_warp_sum(T v) {
+#pragma unroll
+    for (u32 o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Exclusive scan across a 1-D block of THREADS threads (a multiple of 32, at most 1024).
+// `smem` must hold THREADS / 32 + 1 values. Every thread of the block must call it (it
+// contains __syncthreads). Returns this thread's exclusive prefix; `*total` gets the sum.
+// Ends with a barrier, so `smem` may be reused right away.
+template <typename T, int THREADS>
+__device__ __forceinline__ T sg_block_exclusive_scan(T v, T* total, T* smem) {
+    static_assert(THREADS % 32 == 0 && THREADS <= 1024, "block size");
+    constexpr int WARPS = THREADS / 32;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    T inc = sg_warp_inclusive_scan(v);
+    if (lane == 31) smem[warp] = inc;
+    __syncthreads();
+    if (warp == 0) {
+        T w = (lane < WARPS) ? smem[lane] : T(0);
+        T winc = sg_warp_inclusive_scan(w);
+        if (lane < WARPS) smem[lane] = winc - w;
+        if (lane == WARPS - 1) smem[WARPS] = winc;
+    }
+    __syncthreads();
+    T res = smem[warp] + inc - v;
+    *total = smem[WARPS];
+    __syncthreads();
+    return res;
+}
+
+// Sum across a 1-D block of THREADS threads; the result is valid in every thread.
+// `smem` must hold THREADS / 32 values. Contains barriers.
+template <typename T, int THREADS>
+__device__ __forceinline__ T sg_block_sum(T v, T* smem) {
+    constexpr int WARPS = THREADS / 32;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    v = sg_warp_sum(v);
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    T total = T(0);
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) total += smem[w];
+    __syncthreads();
+    return total;
+}

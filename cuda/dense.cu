@@ -1,0 +1,135 @@
+// dense.cu: elementwise and reduction kernels of the dense op family.
+//
+// Computes (CPU twins in src/backend/cpu/dense.rs, launchers in src/backend/cuda/dense.rs):
+//   cast_f32_to_bf16, cast_bf16_to_f32     dst[i] = convert(src[i]) (bf16: round to nearest even)
+//   add_bias_f32                           y[r, c] += bias[c]
+//   bias_grad_partial_f32, bias_grad_final_f32
+//                                          db[c] = beta * db[c] + sum_r g[r, c], deterministic
+//                                          (fixed row chunks, fixed summation order)
+//   count_nonfinite_f32                    number of NaN/inf and the minimum index of one
+//   axpy_f32                               y[i] += alpha * x[i]
+//   scale_rows_f32                         C = beta * C on a strided (batched) matrix; the
+//                                          k = 0 case of gemm (beta = 0 writes exact zeros)
+//   fill_u8 / fill_u16 / fill_u32 / fill_u64
+//                                          buf[i] = value (bit pattern of any element type)
+//
+// Launch shapes: 1-D kernels use SG_THREADS threads and a 64-bit grid-stride loop over
+// the element count, with the grid capped by the launcher (never more than 2^31-1 blocks in
+// x, and y/z never above 65535). add_bias_f32: block 256 along columns, grid.x =
+// ceil(cols / 256), grid.y = row groups (grid-stride over rows). bias_grad_partial_f32:
+// block (32, 8), grid.x = ceil(cols / 32), grid.y = row chunks (<= 1024); with one chunk it
+// writes db directly, otherwise bias_grad_final_f32 (1-D over cols) sums the chunk partials
+// in chunk order.
+//
+// Rounding: products and sums that have a CPU twin use __fmul_rn / __fadd_rn so nvcc does
+// not contract them into FMAs, keeping results bit-identical to the CPU where the CPU does
+// the same operations in the same order (axpy, bias add, beta scaling).
+//
+// Tested by tests/cuda_dense.rs (every kernel against the CPU backend on ragged shapes,
+// outputs poisoned first); benchmarked by benches/cuda_kernels.rs (GB/s vs a device memcpy).
+#include "common.cuh"
+
+extern "C" __global__ void cast_f32_to_bf16(const float* src, __nv_bfloat16* dst, u64 n) {
+    SG_GRID_STRIDE(i, n) { dst[i] = __float2bfloat16_rn(src[i]); }
+}
+
+extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* src, float* dst, u64 n) {
+    SG_GRID_STRIDE(i, n) { dst[i] = __bfloat162float(src[i]); }
+}
+
+// grid.x covers columns (256 per block), grid.y strides over rows.
+extern "C" __global__ void add_bias_f32(float* y, const float* bias, u64 rows, u64 cols) {
+    const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    const float b = bias[c];
+    for (u64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        const u64 i = r * cols + c;
+        y[i] = __fadd_rn(y[i], b);
+    }
+}
+
+// Block (32, 8): threadIdx.x walks columns, threadIdx.y rows. Chunk blockIdx.y covers rows
+// [chunk * rows_per_chunk, min((chunk + 1) * rows_per_chunk, rows)). With gridDim.y == 1 the
+// sum goes straight to db (with beta); otherwise to partial[chunk * cols + c].
+extern "C" __global__ void bias_grad_partial_f32(const float* g, u64 rows, u64 cols, u64 rows_per_chunk,
+                                                 float* partial, float* db, float beta) {
+    __shared__ float acc[8][33];
+    const u64 c = (u64)blockIdx.x * 32 + threadIdx.x;
+    const u64 r0 = (u64)blockIdx.y * rows_per_chunk;
+    u64 r1 = r0 + rows_per_chunk;
+    if (r1 > rows) r1 = rows;
+    float s = 0.0f;
+    if (c < cols) {
+        for (u64 r = r0 + threadIdx.y; r < r1; r += 8) s = __fadd_rn(s, g[r * cols + c]);
+    }
+    acc[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        float t = acc[0][threadIdx.x];
+#pragma unroll
+        for (int k = 1; k < 8; ++k) t = __fadd_rn(t, acc[k][threadIdx.x]);
+        if (gridDim.y == 1) {
+            db[c] = (beta == 0.0f) ? t : __fadd_rn(__fmul_rn(beta, db[c]), t);
+        } else {
+            partial[(u64)blockIdx.y * cols + c] = t;
+        }
+    }
+}
+
+extern "C" __global__ void bias_grad_final_f32(const float* partial, u64 chunks, u64 cols, float* db, float beta) {
+    SG_GRID_STRIDE(c, cols) {
+        float t = 0.0f;
+        for (u64 k = 0; k < chunks; ++k) t = __fadd_rn(t, partial[k * cols + c]);
+        db[c] = (beta == 0.0f) ? t : __fadd_rn(__fmul_rn(beta, db[c]), t);
+    }
+}
+
+// status[0] += number of non-finite entries; status[1] = min(status[1], first index).
+// The launcher sets status = {0, UINT64_MAX} first.
+extern "C" __global__ void count_nonfinite_f32(const float* x, u64 n, u64* status) {
+    __shared__ u64 red[SG_THREADS / 32];
+    u64 count = 0;
+    u64 first = ~0ull;
+    SG_GRID_STRIDE(i, n) {
+        if (sg_nonfinite(x[i])) {
+            ++count;
+            if (i < first) first = i;
+        }
+    }
+    count = sg_block_sum<u64, SG_THREADS>(count, red);
+    // min-reduce `first` in the warp, then one atomic per warp that saw one.
+#pragma unroll
+    for (u32 o = 16; o > 0; o >>= 1) {
+        u64 other = __shfl_xor_sync(0xffffffffu, first, o);
+        if (other < first) first = other;
+    }
+    if ((threadIdx.x & 31) == 0 && first != ~0ull) atomicMin((unsigned long long*)&status[1], (unsigned long long)first);
+    if (threadIdx.x == 0 && count != 0) atomicAdd((unsigned long long*)&status[0], (unsigned long long)count);
+}
+
+extern "C" __global__ void axpy_f32(float alpha, const float* x, float* y, u64 n) {
+    SG_GRID_STRIDE(i, n) { y[i] = __fadd_rn(y[i], __fmul_rn(alpha, x[i])); }
+}
+
+// C[b * stride + r * ld + c] = beta == 0 ? 0 : beta * C[...] for r < rows, c < cols,
+// b < batch. Grid-stride over the batch * rows * cols logical entries.
+extern "C" __global__ void scale_rows_f32(float* c, u64 rows, u64 cols, u64 ld, u64 batch, u64 stride, float beta) {
+    const u64 per = rows * cols;
+    SG_GRID_STRIDE(i, per * batch) {
+        const u64 b = i / per;
+        const u64 rem = i - b * per;
+        const u64 r = rem / cols;
+        const u64 col = rem - r * cols;
+        float* p = c + b * stride + r * ld + col;
+        *p = (beta == 0.0f) ? 0.0f : __fmul_rn(beta, *p);
+    }
+}
+
+#define SG_FILL(name, T)                                                    \
+    extern "C" __global__ void name(T* buf, u64 n, T value) {               \
+        SG_GRID_STRIDE(i, n) { buf[i] = value; }                            \
+    }
+SG_FILL(fill_u8, u8)
+SG_FILL(fill_u16, u16)
+SG_FILL(fill_u32, u32)
+SG_FILL(fill_u64, u64)

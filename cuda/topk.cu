@@ -1,0 +1,244 @@
+// topk.cu: top-k by magnitude of a dense f32 matrix into a sorted COO list, identical to
+// the CPU specification (src/backend/cpu/topk.rs):
+//
+//   1. radix select of the k-th largest key (key = |v| as float bits), three histogram
+//      passes over digits [31:21], [20:10], [9:0] (11, 11, 10 bits; no sort). Each pass
+//      builds a per-block shared-memory histogram of the entries whose key matches the
+//      prefix chosen so far and adds it to global bins with atomics; topk_select (one block)
+//      picks the bin holding the k-th key from the top with a block scan, on the device, so
+//      the passes need no host round trip. Pass 0 also counts nonzero entries, non-finite
+//      entries (keys >= the +inf key: with an 11-bit top digit they are exactly the bins
+//      >= 0x3fc) and the first non-finite index (atomicMin).
+//   2. stable compaction (linear order): every entry with key > thr, then the first
+//      `take_eq` entries with key == thr (ties to the lower index), written with block and
+//      full indices restored through the row/col maps. Per-tile (gt, eq) counts packed into
+//      one u64 (gt << 32 | eq), one exclusive scan (sparse.cu's scan_tiles_u64), then each
+//      tile scatters: position = gt_before + min(eq_before, take_eq).
+//   3. when k exceeds the nonzero count (rare): all nonzeros are kept and the output is
+//      completed with the lowest missing full linear indices as zeros. With S the sorted
+//      kept indices, the j-th missing index is j + #{i : S[i] - i <= j}; if L* is the last
+//      one (j = need - 1, found by binary search in topk_fill_bound), the output is every
+//      index 0..=L* (topk_fill_range writes them as zeros) followed by the kept entries
+//      above L*: a second scatter writes kept entry i (full index L) at L if L <= L*, else
+//      at need + i.
+//
+// Device state (u64 words, see TOPK_* in src/backend/cuda/topk.rs):
+//   [0] non-finite count  [1] first non-finite index  [2] nonzero count
+//   [3] key prefix -> thr [4] key mask                [5] remaining -> take_eq
+//   [6] map error bits    [7] scan total              [8] L* (fill path)
+// followed by 3 x 2048 u32 histogram bins, then one u64 per tile.
+//
+// Launch shapes: topk_init / topk_select / topk_fill_bound one block (1024 / 1024 / 1
+// threads); topk_hist_f32 and topk_check_map 1-D grid-stride with SG_THREADS threads and a
+// capped grid; topk_tile_count_f32 / topk_scatter_f32 one block of SG_THREADS per tile of
+// SG_TILE elements; topk_fill_range 1-D grid-stride.
+//
+// Tested by tests/cuda_topk.rs (exact equality of COO indices and values with the CPU on
+// ragged shapes, ties, k = 1, k = all, k > nonzeros, maps, NaN/inf); benchmarked by
+// benches/cuda_kernels.rs (one 11008 x 4096 matrix and small ones).
+#include "common.cuh"
+
+#define TOPK_BINS 2048
+
+__device__ __forceinline__ u32 topk_shift(u32 pass) { return pass == 0 ? 21u : (pass == 1 ? 10u : 0u); }
+__device__ __forceinline__ u32 topk_digit_mask(u32 pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
+
+extern "C" __global__ void topk_init(u64* state, u32* hist, u64 k) {
+    if (threadIdx.x < 16) state[threadIdx.x] = 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        state[1] = ~0ull;
+        state[5] = k;
+    }
+    for (u32 b = threadIdx.x; b < 3 * TOPK_BINS; b += blockDim.x) hist[b] = 0;
+}
+
+// Sets `bit` in state[6] if the map is not strictly increasing or reaches `full`.
+extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit) {
+    SG_GRID_STRIDE(i, n) {
+        const u32 v = map[i];
+        if ((u64)v >= full || (i > 0 && map[i - 1] >= v)) atomicOr((unsigned long long*)&state[6], (unsigned long long)bit);
+    }
+}
+
+extern "C" __global__ void topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all) {
+    __shared__ u32 bins[TOPK_BINS];
+    __shared__ u64 red[SG_THREADS / 32];
+    for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) bins[b] = 0;
+    __syncthreads();
+    const u32 shift = topk_shift(pass);
+    const u32 dmask = topk_digit_mask(pass);
+    const u32 prefix = (u32)state[3];
+    const u32 mask = (u32)state[4];
+    u64 nnz = 0;
+    u64 bad = 0;
+    u64 first = ~0ull;
+    SG_GRID_STRIDE(i, n) {
+        const u32 key = sg_abs_key(m[i]);
+        if ((key & mask) == prefix) atomicAdd(&bins[(key >> shift) & dmask], 1u);
+        if (pass == 0) {
+            nnz += (key != 0) ? 1 : 0;
+            if (key >= 0x7f800000u) {
+                ++bad;
+                if (i < first) first = i;
+            }
+        }
+    }
+    __syncthreads();
+    u32* hist = hist_all + (u64)pass * TOPK_BINS;
+    for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) {
+        const u32 v = bins[b];
+        if (v != 0) atomicAdd(&hist[b], v);
+    }
+    if (pass == 0) {  // uniform across the block: the barriers below are safe
+        nnz = sg_block_sum<u64, SG_THREADS>(nnz, red);
+        bad = sg_block_sum<u64, SG_THREADS>(bad, red);
+#pragma unroll
+        for (u32 o = 16; o > 0; o >>= 1) {
+            const u64 other = __shfl_xor_sync(0xffffffffu, first, o);
+            if (other < first) first = other;
+        }
+        if ((threadIdx.x & 31) == 0 && first != ~0ull) atomicMin((unsigned long long*)&state[1], (unsigned long long)first);
+        if (threadIdx.x == 0) {
+            if (nnz != 0) atomicAdd((unsigned long long*)&state[2], (unsigned long long)nnz);
+            if (bad != 0) atomicAdd((unsigned long long*)&state[0], (unsigned long long)bad);
+        }
+    }
+}
+
+// One block of 1024 threads; thread t owns bins 2047 - 2t and 2046 - 2t (descending), so an
+// exclusive scan gives the number of matching entries above each bin. Exactly one bin b
+// satisfies above(b) < remaining <= above(b) + hist[b]: it holds the k-th largest key.
+extern "C" __global__ void topk_select(const u32* hist_all, u32 pass, u64* state) {
+    __shared__ u64 smem[1024 / 32 + 1];
+    const u32* hist = hist_all + (u64)pass * TOPK_BINS;
+    const u32 shift = topk_shift(pass);
+    const u32 dmask = topk_digit_mask(pass);
+    const u64 remaining = state[5];
+    const u64 prefix = state[3];
+    const u64 mask = state[4];
+    const u32 b0 = TOPK_BINS - 1 - 2 * threadIdx.x;
+    const u32 b1 = b0 - 1;
+    const u64 h0 = hist[b0];
+    const u64 h1 = hist[b1];
+    u64 total;
+    const u64 above = sg_block_exclusive_scan<u64, 1024>(h0 + h1, &total, smem);  // barriers: all reads done
+    u32 bin = 0;
+    u64 left = 0;
+    bool mine = false;
+    if (above < remaining && above + h0 >= remaining) {
+        bin = b0;
+        left = remaining - above;
+        mine = true;
+    } else if (above + h0 < remaining && above + h0 + h1 >= remaining) {
+        bin = b1;
+        left = remaining - above - h0;
+        mine = true;
+    }
+    if (mine) {
+        state[3] = prefix | ((u64)bin << shift);
+        state[4] = mask | ((u64)dmask << shift);
+        state[5] = left;
+    }
+}
+
+extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, const u64* state, u64* tiles) {
+    __shared__ u64 red[SG_THREADS / 32];
+    const u32 thr = (u32)state[3];
+    const bool eligible = thr > 0;
+    const u64 base = (u64)blockIdx.x * SG_TILE;
+    u64 gt = 0;
+    u64 eq = 0;
+#pragma unroll 4
+    for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+        const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+        if (i < n) {
+            const u32 key = sg_abs_key(m[i]);
+            gt += key > thr ? 1 : 0;
+            eq += (eligible && key == thr) ? 1 : 0;
+        }
+    }
+    gt = sg_block_sum<u64, SG_THREADS>(gt, red);
+    eq = sg_block_sum<u64, SG_THREADS>(eq, red);
+    if (threadIdx.x == 0) tiles[blockIdx.x] = (gt << 32) | eq;
+}
+
+// need == 0: the regular compaction (position = gt_before + min(eq_before, take_eq)).
+// need > 0 (fill path, thr = 0): kept entry i with full index L goes to L if L <= L*
+// (state[8]), else to need + i.
+extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, const u64* state, const u64* tiles,
+                                            const u32* row_map, const u32* col_map, u64 full_cols, u64 need,
+                                            u32* out_rows, u32* out_cols, float* out_values) {
+    __shared__ u32 smem[SG_THREADS / 32 + 1];
+    const u32 thr = (u32)state[3];
+    const bool eligible = thr > 0;
+    const u64 take_eq = state[5];
+    const u64 lstar = state[8];
+    const u64 off = tiles[blockIdx.x];
+    u64 gt_before = off >> 32;
+    u64 eq_before = off & 0xffffffffull;
+    const u64 base = (u64)blockIdx.x * SG_TILE;
+    for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+        const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+        float v = 0.0f;
+        bool gt = false;
+        bool eq = false;
+        if (i < n) {
+            v = m[i];
+            const u32 key = sg_abs_key(v);
+            gt = key > thr;
+            eq = eligible && key == thr;
+        }
+        // At most SG_THREADS of each per round: 16 bits each suffice.
+        const u32 flag = (gt ? 0x10000u : 0u) | (eq ? 1u : 0u);
+        u32 total;
+        const u32 ex = sg_block_exclusive_scan<u32, SG_THREADS>(flag, &total, smem);
+        const u64 my_gt = gt_before + (ex >> 16);
+        const u64 my_eq = eq_before + (ex & 0xffffu);
+        if (gt || (eq && my_eq < take_eq)) {
+            const u64 bi = i / cols;
+            const u64 bj = i - bi * cols;
+            const u32 fr = row_map ? row_map[bi] : (u32)bi;
+            const u32 fc = col_map ? col_map[bj] : (u32)bj;
+            u64 pos = my_gt + (my_eq < take_eq ? my_eq : take_eq);
+            if (need != 0) {
+                const u64 lin = (u64)fr * full_cols + fc;
+                pos = lin <= lstar ? lin : need + my_gt;
+            }
+            out_rows[pos] = fr;
+            out_cols[pos] = fc;
+            out_values[pos] = v;
+        }
+        gt_before += total >> 16;
+        eq_before += total & 0xffffu;
+    }
+}
+
+// One thread. out[0..nnz) holds the kept entries in linear order; g(i) = S[i] - i is
+// non-decreasing, so #{i : g(i) <= need - 1} is a binary search. L* = need - 1 + that count.
+extern "C" __global__ void topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 nnz, u64 full_cols, u64 need,
+                                           u64* state) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    u64 lo = 0;
+    u64 hi = nnz;
+    while (lo < hi) {
+        const u64 mid = lo + (hi - lo) / 2;
+        const u64 s = (u64)out_rows[mid] * full_cols + out_cols[mid];
+        if (s - mid <= need - 1) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    state[8] = need - 1 + lo;
+}
+
+extern "C" __global__ void topk_fill_range(const u64* state, u64 full_cols, u32* out_rows, u32* out_cols,
+                                           float* out_values) {
+    const u64 end = state[8] + 1;
+    SG_GRID_STRIDE(q, end) {
+        out_rows[q] = (u32)(q / full_cols);
+        out_cols[q] = (u32)(q % full_cols);
+        out_values[q] = 0.0f;
+    }
+}
