@@ -31,14 +31,15 @@
 //! ```
 
 pub mod backend;
-//pub mod basis;
+pub mod basis;
 pub mod error;
-//pub mod linear;
+pub mod linear;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;
 pub use backend::{AdamParams, Backend, Coo, Gemm, GeluKind, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
-//pub use basis::{Basis, BasisSet, GramAccumulator, SparsityReport};
+pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport};
 pub use error::{Error, Result};
-//pub use linear::sparsegrad::{Formulation, Keep, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
+pub use linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
+pub use linear::{Keep, Precision};
 pub use scalar::{Elem, Real};

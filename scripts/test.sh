@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up the machine, then run the whole test suite. GPU tests print
+# "skipped: no CUDA device" where there is no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NVCC="$(scripts/setup.sh | tail -n 1)"
+export NVCC
+# The crate must also build where no CUDA compiler exists.
+NVCC=/nonexistent cargo build --quiet --target-dir target/no-nvcc
+cargo build --release --benches --examples
+cargo test --release

@@ -1,0 +1,149 @@
+//! Trainable linear layers `y = x W^T + b` and the pieces they share: how many gradient
+//! entries to keep, operand precision, and GEMMs over operands stored in `F` or bf16.
+
+pub mod sparsegrad;
+
+use crate::backend::{Backend, Gemm};
+use crate::error::{Error, Result};
+use crate::scalar::Real;
+use half::bf16;
+
+/// How many gradient entries a sparse method keeps each step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Keep {
+    /// Exactly this many entries (1 ..= out*in).
+    Count(usize),
+    /// This fraction of all entries, rounded up (0 < f <= 1); 0.01 is the paper's 1%.
+    Fraction(f64),
+}
+
+impl Default for Keep {
+    fn default() -> Self {
+        Keep::Fraction(0.01)
+    }
+}
+
+impl Keep {
+    /// The entry count for a matrix of `total` entries.
+    pub fn resolve(&self, total: usize) -> Result<usize> {
+        let k = match *self {
+            Keep::Count(k) => k,
+            Keep::Fraction(f) => {
+                if !(f > 0.0 && f <= 1.0) {
+                    return Err(Error::invalid("keep", format!("fraction {f} outside (0, 1]")));
+                }
+                ((f * total as f64).ceil() as usize).clamp(1, total.max(1))
+            }
+        };
+        if k == 0 || k > total {
+            return Err(Error::invalid("keep", format!("k = {k} outside 1..={total} (the weight's entry count)")));
+        }
+        Ok(k)
+    }
+}
+
+/// Storage precision of frozen operands (inputs, saved activations, the basis, and the
+/// compute copy of the weight that GEMMs read). Trainable weights, optimizer state and
+/// every accumulation stay in the master precision `F`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    #[default]
+    Full,
+    Bf16,
+}
+
+/// A GEMM operand held either in the master precision or in bf16.
+pub(crate) enum Operand<B: Backend, F: Real> {
+    Full(B::Buf<F>),
+    Half(B::Buf<bf16>),
+}
+
+impl<B: Backend, F: Real> Operand<B, F> {
+    pub(crate) fn alloc(backend: &B, precision: Precision, len: usize) -> Result<Self> {
+        Ok(match precision {
+            Precision::Full => Operand::Full(backend.alloc(len)?),
+            Precision::Bf16 => Operand::Half(backend.alloc(len)?),
+        })
+    }
+
+    pub(crate) fn upload(backend: &B, precision: Precision, host: &[F]) -> Result<Self> {
+        Ok(match precision {
+            Precision::Full => Operand::Full(backend.upload(host)?),
+            Precision::Bf16 => Operand::Half(backend.upload(&host.iter().map(|v| v.to_bf16()).collect::<Vec<_>>())?),
+        })
+    }
+
+    /// Stores `src[..len]` (master precision) into this operand, rounding if bf16.
+    pub(crate) fn store(&mut self, backend: &B, src: &B::Buf<F>, len: usize) -> Result<()> {
+        match self {
+            Operand::Full(dst) => backend.copy(src, dst, len),
+            Operand::Half(dst) => backend.cast_to_bf16(src, dst, len),
+        }
+    }
+
+    /// Reads the first `len` values back to the host in the master precision.
+    pub(crate) fn download(&self, backend: &B, len: usize) -> Result<Vec<F>> {
+        Ok(match self {
+            Operand::Full(b) => backend.download(b, len)?,
+            Operand::Half(b) => backend.download(b, len)?.into_iter().map(F::from_bf16).collect(),
+        })
+    }
+
+    pub(crate) fn as_ref(&self) -> OperandRef<'_, B, F> {
+        match self {
+            Operand::Full(b) => OperandRef::Full(b),
+            Operand::Half(b) => OperandRef::Half(b),
+        }
+    }
+}
+
+/// A borrowed GEMM operand: a buffer in the master precision or in bf16.
+pub(crate) enum OperandRef<'a, B: Backend, F: Real> {
+    Full(&'a B::Buf<F>),
+    Half(&'a B::Buf<bf16>),
+}
+
+impl<B: Backend, F: Real> Clone for OperandRef<'_, B, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend, F: Real> Copy for OperandRef<'_, B, F> {}
+
+impl<'a, B: Backend, F: Real> OperandRef<'a, B, F> {
+    /// Gathers rows `row_idx[..n]` of a `(src_rows, cols)` operand into `dst`.
+    pub(crate) fn gather_rows(self, backend: &B, src_rows: usize, cols: usize, row_idx: &B::Buf<u32>, n: usize, dst: &mut Operand<B, F>) -> Result<()> {
+        match (self, dst) {
+            (OperandRef::Full(s), Operand::Full(d)) => backend.gather_rows(s, src_rows, cols, row_idx, n, d),
+            (OperandRef::Half(s), Operand::Half(d)) => backend.gather_rows(s, src_rows, cols, row_idx, n, d),
+            _ => Err(Error::invalid("gather_rows", "operands of different precision")),
+        }
+    }
+}
+
+/// `C = op(A) op(B)` for two operands of the same precision, output in `F`.
+pub(crate) fn mm<B: Backend, F: Real>(backend: &B, spec: &Gemm, a: OperandRef<'_, B, F>, b: OperandRef<'_, B, F>, c: &mut B::Buf<F>) -> Result<()> {
+    match (a, b) {
+        (OperandRef::Full(a), OperandRef::Full(b)) => backend.gemm(spec, a, b, c),
+        (OperandRef::Half(a), OperandRef::Half(b)) => backend.gemm_bf16(spec, a, b, c),
+        _ => Err(Error::invalid("gemm", "operands of different precision")),
+    }
+}
+
+/// Fails with [`Error::NonFinite`] if `buf[..len]` holds NaN or infinity.
+pub(crate) fn check_finite<B: Backend, F: Real>(backend: &B, buf: &B::Buf<F>, len: usize, what: &str) -> Result<()> {
+    let (count, first_index) = backend.count_nonfinite(buf, len)?;
+    if count > 0 {
+        return Err(Error::NonFinite { what: what.to_string(), count, first_index });
+    }
+    Ok(())
+}
+
+/// Fails unless `buf` holds at least `tokens * width` values.
+pub(crate) fn check_activation<B: Backend, T: crate::Elem>(backend: &B, op: &'static str, what: &str, buf: &B::Buf<T>, tokens: usize, width: usize) -> Result<()> {
+    let need = tokens * width;
+    if backend.len(buf) < need {
+        return Err(Error::shape(op, what, format!("{tokens} x {width} = {need} values"), backend.len(buf)));
+    }
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! `SparseGradLinear`: a linear layer trained in the basis `(P, Q)` of its group.
+//! The trainable object is `Wt = P^T W Q`; each backward pass selects the `k` entries of
+//! `dWt = P^T dW Q` of largest magnitude as COO, and `step` applies them with SparseAdam.
+//!
+//! Two exact formulations (design.md):
+//! - **transformed** keeps `Wt`: forward `((x Q) Wt^T) P^T + b`, `gt = g P`,
+//!   `dx = (gt Wt) Q^T`, `dWt = gt^T xt`. Extra cost over a dense layer: `4 T (out^2 + in^2)`
+//!   flops per step, growing with the token count `T`.
+//! - **merged** keeps the dense `W` only: forward `x W^T + b`, `dx = g W`,
+//!   `dWt = P^T (g^T x) Q`, and after SparseAdam the sparse change `D` of `Wt` is applied as
+//!   `W += P (D Q^T)`: `Q D^T` is sparse-times-dense (k entries) and the product with `P`
+//!   runs only over the columns of `P` (rows of `P^T`) the step touched. Extra cost
+//!   `2 out in (out + in) + 2 k in + 2 out r in` (r touched rows, at most `out`): independent of `T`.
+//!
+//! [`Formulation::choose`] picks the cheaper one from these flop counts for the expected
+//! token count.
+
+mod step;
+mod workspace;
+
+use crate::backend::{AdamParams, Backend, Coo, Gemm, HostCoo};
+use crate::basis::Basis;
+use crate::error::{Error, Result};
+use crate::linear::{check_activation, check_finite, mm, Keep, Operand, OperandRef, Precision};
+use crate::scalar::Real;
+use half::bf16;
+use workspace::{stage, Workspace};
+
+/// How `dWt` is selected.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Selection {
+    /// Compute all of `dWt`, then keep the top k (the official code).
+    Exact,
+    /// Paper section 3.3: zero entries of `gt` below `threshold * max|gt|`, multiply only
+    /// the rows (tokens) and columns (out-dims) still holding a nonzero, select inside that
+    /// block. `threshold = 0` gives exactly the `Exact` result.
+    SparseByDense { threshold: f32 },
+}
+
+/// Which exact formulation a layer uses; see the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Formulation {
+    Transformed,
+    Merged,
+}
+
+impl Formulation {
+    /// Extra flops per step over a dense layer, `(transformed, merged)`; the merged count
+    /// assumes the worst case that every row of `Wt` is touched.
+    pub fn extra_flops(out: usize, inp: usize, tokens: usize, k: usize) -> (f64, f64) {
+        let (o, i, t, k) = (out as f64, inp as f64, tokens as f64, k as f64);
+        let transformed = 4.0 * t * (o * o + i * i);
+        let merged = 2.0 * o * i * (o + i) + 2.0 * k * i + 2.0 * o * o.min(k) * i;
+        (transformed, merged)
+    }
+
+    /// The cheaper formulation for this shape and token count.
+    pub fn choose(out: usize, inp: usize, tokens: usize, k: usize) -> Formulation {
+        let (transformed, merged) = Self::extra_flops(out, inp, tokens, k);
+        if merged < transformed {
+            Formulation::Merged
+        } else {
+            Formulation::Transformed
+        }
+    }
+}
+
+/// Construction options of a [`SparseGradLinear`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseGradConfig {
+    pub keep: Keep,
+    pub selection: Selection,
+    /// `None`: [`Formulation::choose`] for `expected_tokens` (SparseByDense with a threshold
+    /// above 0 always takes the transformed formulation, which it needs).
+    pub formulation: Option<Formulation>,
+    /// Tokens per step the cost model assumes.
+    pub expected_tokens: usize,
+    /// SparseAdam for `Wt` (its `weight_decay` is ignored, as in PyTorch) and AdamW for the bias.
+    pub adam: AdamParams,
+    pub precision: Precision,
+}
+
+impl Default for SparseGradConfig {
+    fn default() -> Self {
+        SparseGradConfig {
+            keep: Keep::default(),
+            selection: Selection::Exact,
+            formulation: None,
+            expected_tokens: 4096,
+            adam: AdamParams::default(),
+            precision: Precision::Full,
+        }
+    }
+}
+
+/// Counts from the last backward pass, for diagnostics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepGrads {
+    /// Token rows that entered the weight-gradient product.
+    pub rows_multiplied: usize,
+    /// Output columns that entered it.
+    pub cols_multiplied: usize,
+    /// Entries kept.
+    pub k: usize,
+}
+
+/// The trained weight in one of the two formulations, with a bf16 compute copy when the
+/// layer runs in bf16.
+enum Weight<B: Backend, F: Real> {
+    Transformed { wt: B::Buf<F>, half: Option<B::Buf<bf16>> },
+    Merged { w: B::Buf<F>, half: Option<B::Buf<bf16>> },
+}
+
+/// A linear layer `y = x W^T + b` trained with SparseGrad. See the module docs.
+pub struct SparseGradLinear<B: Backend, F: Real = f32> {
+    backend: B,
+    out: usize,
+    inp: usize,
+    k: usize,
+    cfg: SparseGradConfig,
+    formulation: Formulation,
+    group: String,
+    /// Transformed: `P` `(out, out)`. Merged: `P^T`, so the step can gather its rows.
+    p: Operand<B, F>,
+    q: Operand<B, F>,
+    weight: Weight<B, F>,
+    bias: Option<B::Buf<F>>,
+    bias_grad: Option<B::Buf<F>>,
+    bias_exp_avg: Option<B::Buf<F>>,
+    bias_exp_avg_sq: Option<B::Buf<F>>,
+    exp_avg: B::Buf<F>,
+    exp_avg_sq: B::Buf<F>,
+    step: u64,
+    grad: Coo<B, F>,
+    grad_ready: bool,
+    /// Tokens of the last forward whose activations are saved.
+    saved_tokens: Option<usize>,
+    stats: StepGrads,
+    ws: Workspace<B, F>,
+}
+
+fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
+    v.iter().map(|&x| F::from_f64(x as f64)).collect()
+}
+
+fn transpose<F: Copy>(m: &[F], rows: usize, cols: usize) -> Vec<F> {
+    let mut t = Vec::with_capacity(m.len());
+    for c in 0..cols {
+        t.extend((0..rows).map(|r| m[r * cols + c]));
+    }
+    t
+}
+
+impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
+    /// Builds the layer from a dense `weight` `(out, in)`, an optional `bias` `(out)` and the
+    /// basis of its group.
+    pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, basis: &Basis, cfg: SparseGradConfig) -> Result<Self> {
+        let (out, inp) = (basis.out, basis.inp);
+        if weight.len() != out * inp {
+            return Err(Error::shape("SparseGradLinear::new", "weight", format!("{out} x {inp} (from basis `{}`)", basis.group), weight.len()));
+        }
+        if let Some(b) = bias {
+            if b.len() != out {
+                return Err(Error::shape("SparseGradLinear::new", "bias", out, b.len()));
+            }
+            if let Some(i) = b.iter().position(|v| !v.is_finite()) {
+                return Err(Error::NonFinite { what: "bias".into(), count: b.iter().filter(|v| !v.is_finite()).count(), first_index: i });
+            }
+        }
+        if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "weight".into(), count: weight.iter().filter(|v| !v.is_finite()).count(), first_index: i });
+        }
+        basis.validate()?;
+        cfg.adam.validate()?;
+        let k = cfg.keep.resolve(out * inp)?;
+        let thresholded = match cfg.selection {
+            Selection::Exact => false,
+            Selection::SparseByDense { threshold } => {
+                if !(0.0..=1.0).contains(&threshold) {
+                    return Err(Error::invalid("SparseGradLinear::new", format!("SparseByDense threshold {threshold} outside [0, 1]")));
+                }
+                threshold > 0.0
+            }
+        };
+        let formulation = match cfg.formulation {
+            Some(Formulation::Merged) if thresholded => {
+                return Err(Error::invalid(
+                    "SparseGradLinear::new",
+                    "SparseByDense with a threshold above 0 thresholds gt = g P, which only the transformed formulation computes",
+                ))
+            }
+            Some(f) => f,
+            None if thresholded => Formulation::Transformed,
+            None => Formulation::choose(out, inp, cfg.expected_tokens, k),
+        };
+        let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(&basis.p), to_f(&basis.q));
+        let wt_host = basis_change(&p_host, &q_host, weight, out, inp, true)?;
+        let half = cfg.precision == Precision::Bf16;
+        let (p, q, weight_state) = match formulation {
+            Formulation::Transformed => {
+                let wt = backend.upload(&wt_host)?;
+                let half = if half { Some(backend.alloc(out * inp)?) } else { None };
+                (
+                    Operand::upload(backend, cfg.precision, &p_host)?,
+                    Operand::upload(backend, cfg.precision, &q_host)?,
+                    Weight::Transformed { wt, half },
+                )
+            }
+            // The basis products of the merged form do not grow with T: keep them in `F`.
+            Formulation::Merged => {
+                let w = backend.upload(weight)?;
+                let half = if half { Some(backend.alloc(out * inp)?) } else { None };
+                (
+                    Operand::upload(backend, Precision::Full, &transpose(&p_host, out, out))?,
+                    Operand::upload(backend, Precision::Full, &q_host)?,
+                    Weight::Merged { w, half },
+                )
+            }
+        };
+        let bias_buf = bias.map(|b| backend.upload(b)).transpose()?;
+        let has_bias = bias.is_some();
+        let alloc_bias = || -> Result<Option<B::Buf<F>>> { if has_bias { Ok(Some(backend.alloc(out)?)) } else { Ok(None) } };
+        let mut layer = SparseGradLinear {
+            backend: backend.clone(),
+            out,
+            inp,
+            k,
+            cfg,
+            formulation,
+            group: basis.group.clone(),
+            p,
+            q,
+            weight: weight_state,
+            bias: bias_buf,
+            bias_grad: alloc_bias()?,
+            bias_exp_avg: alloc_bias()?,
+            bias_exp_avg_sq: alloc_bias()?,
+            exp_avg: backend.alloc(out * inp)?,
+            exp_avg_sq: backend.alloc(out * inp)?,
+            step: 0,
+            grad: Coo::with_capacity(backend, k, (out, inp))?,
+            grad_ready: false,
+            saved_tokens: None,
+            stats: StepGrads::default(),
+            ws: Workspace::new(backend, formulation, cfg.selection, cfg.precision, out, inp, k)?,
+        };
+        layer.refresh_half_weight()?;
+        Ok(layer)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+    /// Entries kept per step.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+    pub fn formulation(&self) -> Formulation {
+        self.formulation
+    }
+    pub fn config(&self) -> &SparseGradConfig {
+        &self.cfg
+    }
+    /// The basis group this layer belongs to.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+    /// Optimizer steps taken.
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+    /// Trainable parameters: the k entries updated per step plus the bias (the paper's count).
+    pub fn trainable_parameters(&self) -> usize {
+        self.k + if self.bias.is_some() { self.out } else { 0 }
+    }
+    /// Counts from the last backward pass.
+    pub fn last_stats(&self) -> StepGrads {
+        self.stats
+    }
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// `y = x W^T + b` for `tokens` rows of `x` `(tokens, in)`, into `y` `(tokens, out)`.
+    /// Saves what backward needs.
+    pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+        let (out, inp) = (self.out, self.inp);
+        check_activation(&self.backend, "SparseGradLinear::forward", "x", x, tokens, inp)?;
+        check_activation(&self.backend, "SparseGradLinear::forward", "y", y, tokens, out)?;
+        check_finite(&self.backend, x, tokens * inp, "layer input x")?;
+        self.saved_tokens = None;
+        self.ws.ensure_tokens(&self.backend, tokens)?;
+        let be = &self.backend;
+        let ws = &mut self.ws;
+        match &self.weight {
+            Weight::Transformed { wt, half } => {
+                // xt = x Q (saved), h = xt Wt^T, y = h P^T
+                let x_op = stage(be, x, ws.in_half.as_mut(), tokens * inp)?;
+                mm(be, &Gemm::nn(tokens, inp, inp), x_op, self.q.as_ref(), &mut ws.tmp_in)?;
+                ws.saved.store(be, &ws.tmp_in, tokens * inp)?;
+                mm(be, &Gemm::nt(tokens, out, inp), ws.saved.as_ref(), weight_ref(wt, half), &mut ws.tmp_out)?;
+                let h_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
+                mm(be, &Gemm::nt(tokens, out, out), h_op, self.p.as_ref(), y)?;
+            }
+            Weight::Merged { w, half } => {
+                ws.saved.store(be, x, tokens * inp)?;
+                mm(be, &Gemm::nt(tokens, out, inp), ws.saved.as_ref(), weight_ref(w, half), y)?;
+            }
+        }
+        if let Some(b) = &self.bias {
+            be.add_bias(y, b, tokens, out)?;
+        }
+        self.saved_tokens = Some(tokens);
+        Ok(())
+    }
+
+    /// Backward from `g = dL/dy` `(tokens, out)`: writes `dx = g W` (exact) into `dx` if
+    /// given, computes the bias gradient and the COO gradient of `Wt` (see [`Self::grad`]).
+    pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        let (out, inp) = (self.out, self.inp);
+        match self.saved_tokens {
+            Some(t) if t == tokens => {}
+            Some(t) => return Err(Error::shape("SparseGradLinear::backward", "tokens (must match the last forward)", t, tokens)),
+            None => return Err(Error::invalid("SparseGradLinear::backward", "no saved activations: call forward first")),
+        }
+        check_activation(&self.backend, "SparseGradLinear::backward", "grad_y", g, tokens, out)?;
+        if let Some(dx) = dx.as_deref() {
+            check_activation(&self.backend, "SparseGradLinear::backward", "dx", dx, tokens, inp)?;
+        }
+        check_finite(&self.backend, g, tokens * out, "output gradient grad_y")?;
+        self.grad_ready = false;
+        match self.formulation {
+            Formulation::Transformed => self.backward_transformed(g, tokens, dx)?,
+            Formulation::Merged => self.backward_merged(g, tokens, dx)?,
+        }
+        if let (Some(db), true) = (self.bias_grad.as_mut(), self.bias.is_some()) {
+            self.backend.bias_grad(g, tokens, out, db, F::ZERO)?;
+        }
+        self.grad_ready = true;
+        Ok(())
+    }
+
+    /// The COO gradient of `Wt` from the last backward (`k` entries, sorted).
+    pub fn grad(&self) -> Result<&Coo<B, F>> {
+        if !self.grad_ready {
+            return Err(Error::invalid("SparseGradLinear::grad", "no gradient: call backward first"));
+        }
+        Ok(&self.grad)
+    }
+
+    /// The gradient on the host.
+    pub fn grad_host(&self) -> Result<HostCoo<F>> {
+        self.grad()?.to_host(&self.backend)
+    }
+
+    /// The bias gradient from the last backward, if the layer has a bias.
+    pub fn bias_grad_host(&self) -> Result<Option<Vec<F>>> {
+        if !self.grad_ready {
+            return Err(Error::invalid("SparseGradLinear::bias_grad_host", "no gradient: call backward first"));
+        }
+        self.bias_grad.as_ref().map(|b| self.backend.download(b, self.out)).transpose()
+    }
+
+    pub fn bias_host(&self) -> Result<Option<Vec<F>>> {
+        self.bias.as_ref().map(|b| self.backend.download(b, self.out)).transpose()
+    }
+
+    /// `Wt = P^T W Q` `(out, in)`.
+    pub fn weight_transformed(&self) -> Result<Vec<F>> {
+        match &self.weight {
+            Weight::Transformed { wt, .. } => self.backend.download(wt, self.out * self.inp),
+            Weight::Merged { w, .. } => {
+                let w = self.backend.download(w, self.out * self.inp)?;
+                let pt = self.p.download(&self.backend, self.out * self.out)?;
+                let q = self.q.download(&self.backend, self.inp * self.inp)?;
+                basis_change(&transpose(&pt, self.out, self.out), &q, &w, self.out, self.inp, true)
+            }
+        }
+    }
+
+    /// The dense weight `W = P Wt Q^T` `(out, in)`: what to load into any framework.
+    pub fn merged_weight(&self) -> Result<Vec<F>> {
+        match &self.weight {
+            Weight::Merged { w, .. } => self.backend.download(w, self.out * self.inp),
+            Weight::Transformed { wt, .. } => {
+                let wt = self.backend.download(wt, self.out * self.inp)?;
+                let p = self.p.download(&self.backend, self.out * self.out)?;
+                let q = self.q.download(&self.backend, self.inp * self.inp)?;
+                basis_change(&p, &q, &wt, self.out, self.inp, false)
+            }
+        }
+    }
+
+    fn refresh_half_weight(&mut self) -> Result<()> {
+        let n = self.out * self.inp;
+        match &mut self.weight {
+            Weight::Transformed { wt: full, half: Some(half) } | Weight::Merged { w: full, half: Some(half) } => {
+                self.backend.cast_to_bf16(full, half, n)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The weight as a GEMM operand: its bf16 compute copy if there is one.
+fn weight_ref<'a, B: Backend, F: Real>(full: &'a B::Buf<F>, half: &'a Option<B::Buf<bf16>>) -> OperandRef<'a, B, F> {
+    half.as_ref().map_or(OperandRef::Full(full), OperandRef::Half)
+}
+
+/// On the host, in `F`: `P^T M Q` (`forward = true`) or `P M Q^T`.
+fn basis_change<F: Real>(p: &[F], q: &[F], m: &[F], out: usize, inp: usize, forward: bool) -> Result<Vec<F>> {
+    use crate::backend::cpu::Cpu;
+    let cpu = Cpu::new();
+    let (pb, qb, mb) = (cpu.upload(p)?, cpu.upload(q)?, cpu.upload(m)?);
+    let mut tmp = cpu.alloc::<F>(out * inp)?;
+    let mut res = cpu.alloc::<F>(out * inp)?;
+    let (sp, sq) = if forward { (Gemm::tn(out, inp, out), Gemm::nn(out, inp, inp)) } else { (Gemm::nn(out, inp, out), Gemm::nt(out, inp, inp)) };
+    cpu.gemm(&sp, &pb, &mb, &mut tmp)?;
+    cpu.gemm(&sq, &tmp, &qb, &mut res)?;
+    Ok(res.to_vec())
+}

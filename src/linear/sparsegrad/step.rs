@@ -1,0 +1,145 @@
+//! Backward passes of both formulations and the optimizer step.
+
+use super::workspace::stage;
+use super::{weight_ref, Formulation, Selection, SparseGradLinear, StepGrads, Weight};
+use crate::backend::{Backend, Gemm, IndexMaps};
+use crate::error::{Error, Result};
+use crate::linear::{mm, OperandRef};
+use crate::scalar::Real;
+
+impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
+    /// `gt = g P`; `dx = (gt Wt) Q^T`; `dWt = gt^T xt` (Exact) or the SparseByDense block.
+    pub(super) fn backward_transformed(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        let (out, inp, k) = (self.out, self.inp, self.k);
+        let be = &self.backend;
+        let ws = &mut self.ws;
+        let Weight::Transformed { wt, half } = &self.weight else {
+            return Err(Error::invalid("backward", "layer is not in the transformed formulation"));
+        };
+        let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
+        mm(be, &Gemm::nn(tokens, out, out), g_op, self.p.as_ref(), &mut ws.tmp_out)?;
+        // From here `tmp_out` holds gt in `F`; `gt_op` is it as a GEMM operand.
+        let gt_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
+        if let Some(dx) = dx {
+            mm(be, &Gemm::nn(tokens, inp, out), gt_op, weight_ref(wt, half), &mut ws.tmp_in)?;
+            let dxt_op = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
+            mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.q.as_ref(), dx)?;
+        }
+        let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
+        match self.cfg.selection {
+            Selection::Exact => {
+                mm(be, &Gemm::tn(out, inp, tokens), gt_op, ws.saved.as_ref(), &mut ws.big_a)?;
+                be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
+                self.stats = StepGrads { rows_multiplied: tokens, cols_multiplied: out, k };
+            }
+            Selection::SparseByDense { threshold } => {
+                let nz = be.nonzero_rows_cols(&ws.tmp_out, tokens, out, F::from_f64(threshold as f64), &mut ws.row_idx, &mut ws.col_idx)?;
+                let (nr, nc) = (nz.n_rows, nz.n_cols);
+                be.gather_block(&ws.tmp_out, tokens, out, &ws.row_idx, nr, &ws.col_idx, nc, nz.abs_threshold, &mut ws.block)?;
+                ws.block_op.store(be, &ws.block, nr * nc)?;
+                ws.saved.as_ref().gather_rows(be, tokens, inp, &ws.row_idx, nr, &mut ws.rows_op)?;
+                // C = gt[rows, cols]^T xt[rows, :]; C(i, l) is entry (cols[i], l) of dWt.
+                mm(be, &Gemm::tn(nc, inp, nr), ws.block_op.as_ref(), ws.rows_op.as_ref(), &mut ws.big_a)?;
+                let maps = IndexMaps { row_map: Some(&ws.col_idx), col_map: None, full_shape: (out, inp) };
+                be.topk_coo(&ws.big_a, nc, inp, k, &maps, &mut ws.topk, &mut self.grad)?;
+                self.stats = StepGrads { rows_multiplied: nr, cols_multiplied: nc, k };
+            }
+        }
+        Ok(())
+    }
+
+    /// `dx = g W`; `dWt = P^T (g^T x) Q`, skipping all-zero token rows under SparseByDense.
+    pub(super) fn backward_merged(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        let (out, inp, k) = (self.out, self.inp, self.k);
+        let be = &self.backend;
+        let ws = &mut self.ws;
+        let Weight::Merged { w, half } = &self.weight else {
+            return Err(Error::invalid("backward", "layer is not in the merged formulation"));
+        };
+        let big_b = ws.big_b.as_mut().ok_or_else(|| Error::invalid("backward", "merged workspace missing"))?;
+        let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
+        if let Some(dx) = dx {
+            mm(be, &Gemm::nn(tokens, inp, out), g_op, weight_ref(w, half), dx)?;
+        }
+        // dW = g^T x, over the token rows of g that hold a nonzero when SparseByDense.
+        let rows = match self.cfg.selection {
+            Selection::Exact => {
+                mm(be, &Gemm::tn(out, inp, tokens), g_op, ws.saved.as_ref(), &mut ws.big_a)?;
+                tokens
+            }
+            Selection::SparseByDense { .. } => {
+                // Construction only allows threshold 0 here: rows of g with a nonzero.
+                let nz = be.nonzero_rows_cols(g, tokens, out, F::ZERO, &mut ws.row_idx, &mut ws.col_idx)?;
+                let nr = nz.n_rows;
+                g_op.gather_rows(be, tokens, out, &ws.row_idx, nr, &mut ws.block_op)?;
+                ws.saved.as_ref().gather_rows(be, tokens, inp, &ws.row_idx, nr, &mut ws.rows_op)?;
+                mm(be, &Gemm::tn(out, inp, nr), ws.block_op.as_ref(), ws.rows_op.as_ref(), &mut ws.big_a)?;
+                nr
+            }
+        };
+        // dWt = (P^T dW) Q; `p` holds P^T in this formulation.
+        mm(be, &Gemm::nn(out, inp, out), self.p.as_ref(), OperandRef::Full(&ws.big_a), big_b)?;
+        mm(be, &Gemm::nn(out, inp, inp), OperandRef::Full(big_b), self.q.as_ref(), &mut ws.big_a)?;
+        let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
+        be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
+        self.stats = StepGrads { rows_multiplied: rows, cols_multiplied: out, k };
+        Ok(())
+    }
+
+    /// One optimizer step on the gradient of the last backward: SparseAdam on `Wt` (in the
+    /// merged form, applied to `W` as `W += P (D Q^T)`), AdamW on the bias.
+    pub fn step(&mut self) -> Result<()> {
+        if !self.grad_ready {
+            return Err(Error::invalid("SparseGradLinear::step", "no gradient: call backward first"));
+        }
+        let hp = self.cfg.adam;
+        let step = self.step + 1;
+        let (out, inp) = (self.out, self.inp);
+        let be = &self.backend;
+        match &mut self.weight {
+            Weight::Transformed { wt, .. } => {
+                be.sparse_adam(&self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, step, &hp, Some(wt), None)?;
+            }
+            Weight::Merged { w, .. } => {
+                let ws = &mut self.ws;
+                let missing = || Error::invalid("step", "merged workspace missing");
+                let change = ws.change.as_mut().ok_or_else(missing)?;
+                let (unique_rows, slot) = (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
+                let (et, pt_rows) = (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
+                let n = self.grad.len;
+                be.sparse_adam(&self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, step, &hp, None, Some(&mut change.values))?;
+                be.copy(&self.grad.rows, &mut change.rows, n)?;
+                be.copy(&self.grad.cols, &mut change.cols, n)?;
+                change.len = n;
+                change.shape = (out, inp);
+                // W += P D Q^T = (P^T[rows, :])^T (Q D^T)^T over the touched rows only.
+                let touched = be.coo_compact_rows(change, unique_rows, slot)?;
+                let q = match self.q.as_ref() {
+                    OperandRef::Full(q) => q,
+                    OperandRef::Half(_) => return Err(Error::invalid("step", "merged basis must be in full precision")),
+                };
+                be.coo_dense_t(change, slot, touched, q, inp, et)?;
+                let pt = match self.p.as_ref() {
+                    OperandRef::Full(p) => p,
+                    OperandRef::Half(_) => return Err(Error::invalid("step", "merged basis must be in full precision")),
+                };
+                be.gather_rows(pt, out, out, unique_rows, touched, pt_rows)?;
+                let mut spec = Gemm::new(true, true, out, inp, touched).beta(1.0);
+                spec.lda = out;
+                spec.ldb = touched.max(1);
+                be.gemm(&spec, pt_rows, et, w)?;
+            }
+        }
+        if let (Some(b), Some(db), Some(m), Some(v)) = (&mut self.bias, &self.bias_grad, &mut self.bias_exp_avg, &mut self.bias_exp_avg_sq) {
+            be.adamw(b, db, m, v, out, step, &hp)?;
+        }
+        self.step = step;
+        self.grad_ready = false;
+        self.refresh_half_weight()
+    }
+
+    /// The formulation this layer runs.
+    pub fn is_merged(&self) -> bool {
+        self.formulation == Formulation::Merged
+    }
+}

@@ -1,0 +1,132 @@
+//! Buffers a `SparseGradLinear` reuses every step. Token-dependent buffers are sized for
+//! the largest token count seen so far and reallocated only when a larger batch arrives;
+//! everything else is allocated once at construction.
+
+use super::{Formulation, Selection};
+use crate::backend::{Backend, Coo};
+use crate::error::Result;
+use crate::linear::{Operand, OperandRef, Precision};
+use crate::scalar::Real;
+use half::bf16;
+
+pub(super) struct Workspace<B: Backend, F: Real> {
+    formulation: Formulation,
+    sparse_by_dense: bool,
+    precision: Precision,
+    out: usize,
+    inp: usize,
+    pub(super) tokens: usize,
+    // ---- token-dependent ----
+    /// Saved for backward: `xt` (transformed) or `x` (merged), in the operand precision.
+    pub(super) saved: Operand<B, F>,
+    /// bf16 copies of an input (x or g) and of a `(tokens, out)` intermediate.
+    pub(super) in_half: Option<B::Buf<bf16>>,
+    pub(super) g_half: Option<B::Buf<bf16>>,
+    pub(super) out_half: Option<B::Buf<bf16>>,
+    /// `(tokens, in)` and `(tokens, out)` scratch in `F`.
+    pub(super) tmp_in: B::Buf<F>,
+    pub(super) tmp_out: B::Buf<F>,
+    /// SparseByDense: nonzero token rows, the gathered `g`/`gt` block and `x`/`xt` rows.
+    pub(super) row_idx: B::Buf<u32>,
+    pub(super) block: B::Buf<F>,
+    pub(super) block_op: Operand<B, F>,
+    pub(super) rows_op: Operand<B, F>,
+    // ---- fixed ----
+    pub(super) col_idx: B::Buf<u32>,
+    /// `(out, in)` products: `dWt` and, in the merged form, `dW` and `P^T dW`.
+    pub(super) big_a: B::Buf<F>,
+    pub(super) big_b: Option<B::Buf<F>>,
+    pub(super) topk: B::TopkWorkspace,
+    /// Merged step: the change of `Wt` as COO, its row compaction, `Q D^T` and gathered `P^T` rows.
+    pub(super) change: Option<Coo<B, F>>,
+    pub(super) unique_rows: Option<B::Buf<u32>>,
+    pub(super) slot: Option<B::Buf<u32>>,
+    pub(super) et: Option<B::Buf<F>>,
+    pub(super) pt_rows: Option<B::Buf<F>>,
+}
+
+fn opt<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    if cond {
+        f().map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+impl<B: Backend, F: Real> Workspace<B, F> {
+    pub(super) fn new(
+        be: &B,
+        formulation: Formulation,
+        selection: Selection,
+        precision: Precision,
+        out: usize,
+        inp: usize,
+        k: usize,
+    ) -> Result<Self> {
+        let merged = formulation == Formulation::Merged;
+        let touched_rows = k.min(out);
+        let half = precision == Precision::Bf16;
+        let sparse_by_dense = matches!(selection, Selection::SparseByDense { .. });
+        Ok(Workspace {
+            formulation,
+            sparse_by_dense,
+            precision,
+            out,
+            inp,
+            tokens: 0,
+            saved: Operand::alloc(be, precision, 0)?,
+            in_half: opt(half, || be.alloc(0))?,
+            g_half: opt(half, || be.alloc(0))?,
+            out_half: opt(half, || be.alloc(0))?,
+            tmp_in: be.alloc(0)?,
+            tmp_out: be.alloc(0)?,
+            row_idx: be.alloc(0)?,
+            block: be.alloc(0)?,
+            block_op: Operand::alloc(be, precision, 0)?,
+            rows_op: Operand::alloc(be, precision, 0)?,
+            col_idx: be.alloc(out)?,
+            big_a: be.alloc(out * inp)?,
+            big_b: opt(merged, || be.alloc(out * inp))?,
+            topk: be.topk_workspace(out * inp)?,
+            change: opt(merged, || Coo::with_capacity(be, k, (out, inp)))?,
+            unique_rows: opt(merged, || be.alloc(touched_rows))?,
+            slot: opt(merged, || be.alloc(k))?,
+            et: opt(merged, || be.alloc(inp * touched_rows))?,
+            pt_rows: opt(merged, || be.alloc(touched_rows * out))?,
+        })
+    }
+
+    /// Grows the token-dependent buffers to hold `tokens` rows.
+    pub(super) fn ensure_tokens(&mut self, be: &B, tokens: usize) -> Result<()> {
+        if tokens <= self.tokens {
+            return Ok(());
+        }
+        let (out, inp, p) = (self.out, self.inp, self.precision);
+        let half = p == Precision::Bf16;
+        let transformed = self.formulation == Formulation::Transformed;
+        self.saved = Operand::alloc(be, p, tokens * inp)?;
+        self.in_half = opt(half && transformed, || be.alloc(tokens * inp))?;
+        self.g_half = opt(half, || be.alloc(tokens * out))?;
+        self.out_half = opt(half && transformed, || be.alloc(tokens * out))?;
+        self.tmp_in = be.alloc(if transformed { tokens * inp } else { 0 })?;
+        self.tmp_out = be.alloc(if transformed { tokens * out } else { 0 })?;
+        let sd = self.sparse_by_dense;
+        self.row_idx = be.alloc(if sd { tokens } else { 0 })?;
+        self.block = be.alloc(if sd && transformed { tokens * out } else { 0 })?;
+        self.block_op = Operand::alloc(be, p, if sd { tokens * out } else { 0 })?;
+        self.rows_op = Operand::alloc(be, p, if sd { tokens * inp } else { 0 })?;
+        self.tokens = tokens;
+        Ok(())
+    }
+}
+
+/// `src` itself in full precision, else its bf16 rounding in `half`.
+pub(super) fn stage<'a, B: Backend, F: Real>(be: &B, src: &'a B::Buf<F>, half: Option<&'a mut B::Buf<bf16>>, len: usize) -> Result<OperandRef<'a, B, F>> {
+    match half {
+        None => Ok(OperandRef::Full(src)),
+        Some(h) => {
+            be.cast_to_bf16(src, h, len)?;
+            Ok(OperandRef::Half(h))
+        }
+    }
+}
