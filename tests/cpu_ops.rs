@@ -1,0 +1,311 @@
+//! The CPU backend's ops against plain reference code: GEMM, top-k selection,
+//! SparseAdam and AdamW (PyTorch formulas computed by hand), nonzero detection, gathers,
+//! COO helpers, activations (finite differences).
+
+mod common;
+
+use common::*;
+use rand::Rng;
+use sparsegrad::{AdamParams, Backend, Coo, Cpu, GeluKind, Gemm, HostCoo, IndexMaps};
+
+/// Reference top-k: sort all entries by (|v| desc, index asc), keep k, sort by index.
+fn reference_topk(m: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..m.len()).collect();
+    idx.sort_by(|&a, &b| m[b].abs().total_cmp(&m[a].abs()).then(a.cmp(&b)));
+    let mut top = idx[..k].to_vec();
+    top.sort();
+    top
+}
+
+fn topk(cpu: &Cpu, m: &[f32], rows: usize, cols: usize, k: usize) -> sparsegrad::Result<HostCoo<f32>> {
+    let buf = cpu.upload(m)?;
+    let mut ws = cpu.topk_workspace(rows * cols)?;
+    let mut out = Coo::with_capacity(cpu, k, (rows, cols))?;
+    let maps = IndexMaps { row_map: None, col_map: None, full_shape: (rows, cols) };
+    cpu.topk_coo(&buf, rows, cols, k, &maps, &mut ws, &mut out)?;
+    out.to_host(cpu)
+}
+
+#[test]
+fn topk_keeps_exactly_k_largest_sorted_with_ties_to_the_lower_index() {
+    let cpu = Cpu::new();
+    let mut r = rng(1);
+    for (rows, cols) in [(1usize, 1usize), (17, 33), (40, 25), (1, 1000), (64, 64)] {
+        let n = rows * cols;
+        // Quantised values make many exact ties (and zeros).
+        let m: Vec<f32> = (0..n).map(|_| (r.random_range(-8i32..=8) as f32) * 0.25).collect();
+        for k in [1, 2, n / 3, n / 2, n.saturating_sub(1), n].into_iter().filter(|&k| k >= 1 && k <= n) {
+            let got = topk(&cpu, &m, rows, cols, k).unwrap();
+            assert_eq!(got.len(), k);
+            got.validate().unwrap();
+            let lin: Vec<usize> = got.linear_indices().into_iter().map(|v| v as usize).collect();
+            assert_eq!(lin, reference_topk(&m, k), "{rows}x{cols} k={k}");
+            for (e, &l) in lin.iter().enumerate() {
+                assert_eq!(got.values[e], m[l]);
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_with_maps_treats_the_outside_as_zeros() {
+    let cpu = Cpu::new();
+    let mut r = rng(2);
+    let (full_r, full_c) = (12usize, 9usize);
+    let row_map: Vec<u32> = vec![1, 4, 5, 10];
+    let col_map: Vec<u32> = vec![0, 2, 3, 8];
+    let mut block: Vec<f32> = rand_vec(&mut r, 16);
+    block[5] = 0.0;
+    let mut dense = vec![0.0f32; full_r * full_c];
+    for i in 0..4 {
+        for j in 0..4 {
+            dense[row_map[i] as usize * full_c + col_map[j] as usize] = block[i * 4 + j];
+        }
+    }
+    let b = cpu.upload(&block).unwrap();
+    let (rm, cm) = (cpu.upload(&row_map).unwrap(), cpu.upload(&col_map).unwrap());
+    let mut ws = cpu.topk_workspace(16).unwrap();
+    for k in [1, 5, 15, 16, 20, 60, full_r * full_c] {
+        let mut out = Coo::with_capacity(&cpu, k, (full_r, full_c)).unwrap();
+        let maps = IndexMaps { row_map: Some(&rm), col_map: Some(&cm), full_shape: (full_r, full_c) };
+        cpu.topk_coo(&b, 4, 4, k, &maps, &mut ws, &mut out).unwrap();
+        let got = out.to_host(&cpu).unwrap();
+        let expect = topk(&cpu, &dense, full_r, full_c, k).unwrap();
+        assert_eq!(got, expect, "k = {k}");
+        assert_eq!(got.linear_indices().into_iter().map(|v| v as usize).collect::<Vec<_>>(), reference_topk(&dense, k));
+    }
+}
+
+#[test]
+fn topk_rejects_nan_and_bad_k() {
+    let cpu = Cpu::new();
+    let mut m = vec![1.0f32; 12];
+    assert!(matches!(topk(&cpu, &m, 3, 4, 13), Err(sparsegrad::Error::InvalidArgument { .. })));
+    m[5] = f32::NAN;
+    assert!(matches!(topk(&cpu, &m, 3, 4, 2), Err(sparsegrad::Error::NonFinite { first_index: 5, .. })));
+    m[5] = f32::NEG_INFINITY;
+    assert!(matches!(topk(&cpu, &m, 3, 4, 2), Err(sparsegrad::Error::NonFinite { .. })));
+}
+
+/// PyTorch's SparseAdam, written out by hand in f64 over several steps.
+#[test]
+fn sparse_adam_matches_the_pytorch_formula_and_touches_only_listed_entries() {
+    let cpu = Cpu::new();
+    let (rows, cols) = (5usize, 7usize);
+    let hp = AdamParams { lr: 0.05, beta1: 0.8, beta2: 0.95, eps: 1e-6, weight_decay: 0.3 };
+    let mut r = rng(3);
+    let p0 = rand_vec(&mut r, rows * cols);
+    let mut p = cpu.upload(&p0).unwrap();
+    let mut m = cpu.alloc::<f32>(rows * cols).unwrap();
+    let mut v = cpu.alloc::<f32>(rows * cols).unwrap();
+    let (mut pr, mut mr, mut vr) = (to64(&p0), vec![0.0f64; rows * cols], vec![0.0f64; rows * cols]);
+    let mut touched = vec![false; rows * cols];
+    for step in 1..=4u64 {
+        // A different sorted entry set each step.
+        let mut lin: Vec<usize> = (0..rows * cols).filter(|_| r.random_bool(0.3)).collect();
+        lin.dedup();
+        let vals = rand_vec(&mut r, lin.len());
+        let host = HostCoo {
+            rows: lin.iter().map(|&l| (l / cols) as u32).collect(),
+            cols: lin.iter().map(|&l| (l % cols) as u32).collect(),
+            values: vals.clone(),
+            shape: (rows, cols),
+        };
+        let mut coo = Coo::with_capacity(&cpu, lin.len().max(1), (rows, cols)).unwrap();
+        coo.set_from_host(&cpu, &host).unwrap();
+        let mut delta = cpu.alloc::<f32>(lin.len().max(1)).unwrap();
+        cpu.sparse_adam(&coo, &mut m, &mut v, step, &hp, Some(&mut p), Some(&mut delta)).unwrap();
+        let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
+        let step_size = hp.lr as f64 * (1.0 - b2.powi(step as i32)).sqrt() / (1.0 - b1.powi(step as i32));
+        for (e, &l) in lin.iter().enumerate() {
+            let g = vals[e] as f64;
+            mr[l] = b1 * mr[l] + (1.0 - b1) * g;
+            vr[l] = b2 * vr[l] + (1.0 - b2) * g * g;
+            let change = -step_size * mr[l] / (vr[l].sqrt() + hp.eps as f64);
+            pr[l] += change;
+            touched[l] = true;
+            assert!((delta[e] as f64 - change).abs() < 1e-6 * (1.0 + change.abs()), "delta at step {step}");
+        }
+        assert_close(&format!("param step {step}"), &p, &pr, 1e-6, 1e-5);
+        assert_close(&format!("exp_avg step {step}"), &m, &mr, 1e-7, 1e-5);
+        assert_close(&format!("exp_avg_sq step {step}"), &v, &vr, 1e-7, 1e-5);
+    }
+    for l in (0..rows * cols).filter(|&l| !touched[l]) {
+        assert_eq!(p[l], p0[l], "untouched param {l} changed");
+        assert_eq!((m[l], v[l]), (0.0, 0.0), "untouched state {l} changed");
+    }
+}
+
+#[test]
+fn adamw_matches_the_pytorch_formula() {
+    let cpu = Cpu::new();
+    let n = 37;
+    let hp = AdamParams { lr: 0.01, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let mut r = rng(4);
+    let p0 = rand_vec(&mut r, n);
+    let mut p = cpu.upload(&p0).unwrap();
+    let (mut m, mut v) = (cpu.alloc::<f32>(n).unwrap(), cpu.alloc::<f32>(n).unwrap());
+    let (mut pr, mut mr, mut vr) = (to64(&p0), vec![0.0; n], vec![0.0; n]);
+    for step in 1..=5 {
+        let g = rand_vec(&mut r, n);
+        cpu.adamw(&mut p, &cpu.upload(&g).unwrap(), &mut m, &mut v, n, step, &hp).unwrap();
+        let (b1, b2, lr) = (hp.beta1 as f64, hp.beta2 as f64, hp.lr as f64);
+        for i in 0..n {
+            pr[i] *= 1.0 - lr * hp.weight_decay as f64;
+            mr[i] = b1 * mr[i] + (1.0 - b1) * g[i] as f64;
+            vr[i] = b2 * vr[i] + (1.0 - b2) * (g[i] as f64).powi(2);
+            let mhat = mr[i] / (1.0 - b1.powi(step as i32));
+            let vhat = vr[i] / (1.0 - b2.powi(step as i32));
+            // PyTorch puts eps after dividing sqrt(v) by sqrt(bias_correction2).
+            pr[i] -= lr * mhat / (vhat.sqrt() + hp.eps as f64);
+        }
+        assert_close(&format!("adamw step {step}"), &p, &pr, 1e-6, 1e-5);
+    }
+}
+
+fn naive_gemm(spec: &Gemm, a: &[f64], b: &[f64], c: &mut [f64]) {
+    for bt in 0..spec.batch {
+        for i in 0..spec.m {
+            for j in 0..spec.n {
+                let mut acc = 0.0;
+                for p in 0..spec.k {
+                    let av = if spec.trans_a { a[spec.offset_a + bt * spec.stride_a + p * spec.lda + i] } else { a[spec.offset_a + bt * spec.stride_a + i * spec.lda + p] };
+                    let bv = if spec.trans_b { b[spec.offset_b + bt * spec.stride_b + j * spec.ldb + p] } else { b[spec.offset_b + bt * spec.stride_b + p * spec.ldb + j] };
+                    acc += av * bv;
+                }
+                let ci = spec.offset_c + bt * spec.stride_c + i * spec.ldc + j;
+                c[ci] = spec.alpha as f64 * acc + if spec.beta == 0.0 { 0.0 } else { spec.beta as f64 * c[ci] };
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_all_transposes_offsets_batches_alpha_beta() {
+    let cpu = Cpu::new();
+    let mut r = rng(5);
+    for (m, n, k) in [(1usize, 1usize, 1usize), (17, 5, 33), (9, 16, 1), (4, 7, 0)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let mut spec = Gemm::new(ta, tb, m, n, k).alpha(0.75).beta(0.5);
+            spec.lda += 2;
+            spec.ldb += 1;
+            spec.ldc += 3;
+            spec.offset_a = 3;
+            spec.offset_b = 1;
+            spec.offset_c = 2;
+            spec.batch = 3;
+            let (ra, ca) = if ta { (k, m) } else { (m, k) };
+            let (rb, cb) = if tb { (n, k) } else { (k, n) };
+            spec.stride_a = ra * spec.lda + 4;
+            spec.stride_b = rb * spec.ldb + 2;
+            spec.stride_c = m * spec.ldc + 1;
+            let _ = (ca, cb);
+            let (la, lb, lc) = spec.required_lens();
+            let (a, b, c0) = (rand_vec(&mut r, la + 5), rand_vec(&mut r, lb + 5), rand_vec(&mut r, lc + 5));
+            let mut c = cpu.upload(&c0).unwrap();
+            cpu.gemm(&spec, &cpu.upload(&a).unwrap(), &cpu.upload(&b).unwrap(), &mut c).unwrap();
+            let mut c_ref = to64(&c0);
+            naive_gemm(&spec, &to64(&a), &to64(&b), &mut c_ref);
+            assert_close(&format!("gemm {m}x{n}x{k} ta={ta} tb={tb}"), &c, &c_ref, 1e-5, 1e-5);
+        }
+    }
+    let spec = Gemm::nn(4, 4, 4);
+    let short = cpu.alloc::<f32>(15).unwrap();
+    let mut c = cpu.alloc::<f32>(16).unwrap();
+    assert!(matches!(cpu.gemm(&spec, &short, &short, &mut c), Err(sparsegrad::Error::Shape { .. })));
+}
+
+#[test]
+fn nonzero_rows_cols_and_gathers() {
+    let cpu = Cpu::new();
+    let (rows, cols) = (6usize, 5usize);
+    let mut m = vec![0.0f32; rows * cols];
+    m[cols + 2] = 0.5;
+    m[3 * cols] = -2.0;
+    m[3 * cols + 4] = 0.1;
+    m[5 * cols + 2] = 1.0;
+    let mb = cpu.upload(&m).unwrap();
+    let (mut ri, mut ci) = (cpu.alloc::<u32>(rows).unwrap(), cpu.alloc::<u32>(cols).unwrap());
+    let nz = cpu.nonzero_rows_cols(&mb, rows, cols, 0.0, &mut ri, &mut ci).unwrap();
+    assert_eq!((nz.n_rows, nz.n_cols, nz.abs_threshold), (3, 3, 0.0));
+    assert_eq!((&ri[..3], &ci[..3]), (&[1, 3, 5][..], &[0, 2, 4][..]));
+    // threshold 0.25 * max|m| = 0.5: the 0.1 entry no longer counts.
+    let nz = cpu.nonzero_rows_cols(&mb, rows, cols, 0.25, &mut ri, &mut ci).unwrap();
+    assert_eq!((nz.n_rows, nz.n_cols, nz.abs_threshold), (3, 2, 0.5));
+    assert_eq!(&ci[..2], &[0, 2]);
+    let mut block = cpu.upload(&vec![f32::NAN; 6]).unwrap();
+    cpu.gather_block(&mb, rows, cols, &ri, 3, &ci, 2, 0.5, &mut block).unwrap();
+    assert_eq!(&block[..], &[0.0, 0.5, -2.0, 0.0, 0.0, 1.0]);
+    let mut g = cpu.upload(&vec![f32::NAN; 3 * cols]).unwrap();
+    cpu.gather_rows(&mb, rows, cols, &ri, 3, &mut g).unwrap();
+    assert_eq!(&g[cols..2 * cols], &m[3 * cols..4 * cols]);
+    let bad = cpu.upload(&[9u32]).unwrap();
+    assert!(cpu.gather_rows(&mb, rows, cols, &bad, 1, &mut g).is_err());
+}
+
+#[test]
+fn coo_scatter_compact_and_sparse_times_dense() {
+    let cpu = Cpu::new();
+    let (rows, cols, b_rows) = (5usize, 4usize, 3usize);
+    let host = HostCoo { rows: vec![0, 0, 2, 4, 4], cols: vec![1, 3, 0, 2, 3], values: vec![1.0f32, -2.0, 0.5, 3.0, 4.0], shape: (rows, cols) };
+    let mut coo = Coo::with_capacity(&cpu, 5, (rows, cols)).unwrap();
+    coo.set_from_host(&cpu, &host).unwrap();
+    let mut dense = cpu.upload(&vec![1.0f32; rows * cols]).unwrap();
+    cpu.coo_scatter_add(&coo, 2.0, &mut dense).unwrap();
+    assert_eq!(dense[1], 3.0);
+    assert_eq!(dense[4 * cols + 3], 9.0);
+    let (mut uniq, mut slot) = (cpu.alloc::<u32>(5).unwrap(), cpu.alloc::<u32>(5).unwrap());
+    let n = cpu.coo_compact_rows(&coo, &mut uniq, &mut slot).unwrap();
+    assert_eq!((n, &uniq[..3], &slot[..]), (3, &[0u32, 2, 4][..], &[0u32, 0, 1, 2, 2][..]));
+    let mut r = rng(6);
+    let b = rand_vec(&mut r, b_rows * cols);
+    let mut out = cpu.upload(&vec![f32::NAN; b_rows * n]).unwrap();
+    cpu.coo_dense_t(&coo, &slot, n, &cpu.upload(&b).unwrap(), b_rows, &mut out).unwrap();
+    // out = B D^T with D the row-compacted (3, cols) matrix.
+    let mut d = vec![0.0f64; n * cols];
+    for e in 0..5 {
+        d[slot[e] as usize * cols + host.cols[e] as usize] = host.values[e] as f64;
+    }
+    let expect = matmul(&to64(&b), &transpose(&d, n, cols), b_rows, cols, n);
+    assert_close("coo_dense_t", &out, &expect, 1e-6, 1e-6);
+    let unsorted = HostCoo { rows: vec![2, 1], cols: vec![0, 0], values: vec![1.0f32, 1.0], shape: (rows, cols) };
+    assert!(coo.set_from_host(&cpu, &unsorted).is_err());
+}
+
+#[test]
+fn activations_match_finite_differences() {
+    let cpu = Cpu::new();
+    let mut r = rng(7);
+    let n = 200;
+    let x: Vec<f64> = (0..n).map(|_| r.random_range(-6.0..6.0)).collect();
+    let up = rand_vec64(&mut r, n);
+    let dy = vec![1.0f64; n];
+    let (xb, upb, dyb) = (cpu.upload(&x).unwrap(), cpu.upload(&up).unwrap(), cpu.upload(&dy).unwrap());
+    let h = 1e-6;
+    let eval = |f: &dyn Fn(&sparsegrad::backend::cpu::CpuBuf<f64>, &mut sparsegrad::backend::cpu::CpuBuf<f64>), xs: &[f64]| {
+        let mut y = cpu.alloc::<f64>(n).unwrap();
+        f(&cpu.upload(xs).unwrap(), &mut y);
+        y.to_vec()
+    };
+    let xp: Vec<f64> = x.iter().map(|v| v + h).collect();
+    let xm: Vec<f64> = x.iter().map(|v| v - h).collect();
+    for kind in [GeluKind::Erf, GeluKind::Tanh] {
+        let f = |xs: &sparsegrad::backend::cpu::CpuBuf<f64>, y: &mut sparsegrad::backend::cpu::CpuBuf<f64>| cpu.gelu(xs, y, n, kind).unwrap();
+        let (yp, ym) = (eval(&f, &xp), eval(&f, &xm));
+        let mut dx = cpu.alloc::<f64>(n).unwrap();
+        cpu.gelu_backward(&xb, &dyb, &mut dx, n, kind).unwrap();
+        let fd: Vec<f64> = yp.iter().zip(&ym).map(|(a, b)| (a - b) / (2.0 * h)).collect();
+        assert_close(&format!("gelu {kind:?}'"), &dx, &fd, 1e-7, 1e-6);
+    }
+    let y0 = eval(&|xs, y| cpu.gelu(xs, y, n, GeluKind::Erf).unwrap(), &x);
+    let expect: Vec<f64> = x.iter().map(|&v| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()))).collect();
+    assert_close("gelu erf", &y0, &expect, 1e-12, 1e-12);
+    let f = |xs: &sparsegrad::backend::cpu::CpuBuf<f64>, y: &mut sparsegrad::backend::cpu::CpuBuf<f64>| cpu.swiglu(xs, &upb, y, n).unwrap();
+    let (yp, ym) = (eval(&f, &xp), eval(&f, &xm));
+    let (mut dg, mut du) = (cpu.alloc::<f64>(n).unwrap(), cpu.alloc::<f64>(n).unwrap());
+    cpu.swiglu_backward(&xb, &upb, &dyb, &mut dg, &mut du, n).unwrap();
+    let fd: Vec<f64> = yp.iter().zip(&ym).map(|(a, b)| (a - b) / (2.0 * h)).collect();
+    assert_close("swiglu d_gate", &dg, &fd, 1e-7, 1e-6);
+    let silu: Vec<f64> = x.iter().map(|&v| v / (1.0 + (-v).exp())).collect();
+    assert_close("swiglu d_up", &du, &silu, 1e-12, 1e-12);
+}
