@@ -1,6 +1,7 @@
 //! Trainable linear layers `y = x W^T + b` and the pieces they share: how many gradient
 //! entries to keep, operand precision, and GEMMs over operands stored in `F` or bf16.
 
+pub mod dense;
 pub mod sparsegrad;
 
 use crate::backend::{Backend, Gemm};
@@ -146,4 +147,15 @@ pub(crate) fn check_activation<B: Backend, T: crate::Elem>(backend: &B, op: &'st
         return Err(Error::shape(op, what, format!("{tokens} x {width} = {need} values"), backend.len(buf)));
     }
     Ok(())
+}
+
+/// `src` itself in full precision, else its bf16 rounding in `half`.
+pub(crate) fn stage<'a, B: Backend, F: Real>(be: &B, src: &'a B::Buf<F>, half: Option<&'a mut B::Buf<bf16>>, len: usize) -> Result<OperandRef<'a, B, F>> {
+    match half {
+        None => Ok(OperandRef::Full(src)),
+        Some(h) => {
+            be.cast_to_bf16(src, h, len)?;
+            Ok(OperandRef::Half(h))
+        }
+    }
 }

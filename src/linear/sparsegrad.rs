@@ -21,10 +21,10 @@ mod workspace;
 use crate::backend::{AdamParams, Backend, Coo, Gemm, HostCoo};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
-use crate::linear::{check_activation, check_finite, mm, Keep, Operand, OperandRef, Precision};
+use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
 use crate::scalar::Real;
 use half::bf16;
-use workspace::{stage, Workspace};
+use workspace::Workspace;
 
 /// How `dWt` is selected.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -1,10 +1,9 @@
 //! Backward passes of both formulations and the optimizer step.
 
-use super::workspace::stage;
 use super::{weight_ref, Formulation, Selection, SparseGradLinear, StepGrads, Weight};
 use crate::backend::{Backend, Gemm, IndexMaps};
 use crate::error::{Error, Result};
-use crate::linear::{mm, OperandRef};
+use crate::linear::{mm, stage, OperandRef};
 use crate::scalar::Real;
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {

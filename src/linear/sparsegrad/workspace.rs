@@ -5,7 +5,7 @@
 use super::{Formulation, Selection};
 use crate::backend::{Backend, Coo};
 use crate::error::Result;
-use crate::linear::{Operand, OperandRef, Precision};
+use crate::linear::{Operand, Precision};
 use crate::scalar::Real;
 use half::bf16;
 
@@ -117,16 +117,5 @@ impl<B: Backend, F: Real> Workspace<B, F> {
         self.rows_op = Operand::alloc(be, p, if sd { tokens * inp } else { 0 })?;
         self.tokens = tokens;
         Ok(())
-    }
-}
-
-/// `src` itself in full precision, else its bf16 rounding in `half`.
-pub(super) fn stage<'a, B: Backend, F: Real>(be: &B, src: &'a B::Buf<F>, half: Option<&'a mut B::Buf<bf16>>, len: usize) -> Result<OperandRef<'a, B, F>> {
-    match half {
-        None => Ok(OperandRef::Full(src)),
-        Some(h) => {
-            be.cast_to_bf16(src, h, len)?;
-            Ok(OperandRef::Half(h))
-        }
     }
 }
