@@ -37,6 +37,7 @@ pub mod linear;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;
+pub use backend::cuda::Cuda;
 pub use backend::{AdamParams, Backend, Coo, Gemm, GeluKind, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
 pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport};
 pub use error::{Error, Result};

@@ -10,6 +10,7 @@
 //! - index buffers are `u32`.
 
 pub mod cpu;
+pub mod cuda;
 
 
 use crate::error::Result;

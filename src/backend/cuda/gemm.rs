@@ -1,0 +1,133 @@
+//! The one row-major GEMM helper over cuBLAS, for f32 and for bf16 operands.
+//!
+//! cuBLAS is column-major. A row-major `(r, c)` matrix with leading dimension `ld`, read
+//! column-major, is its `(c, r)` transpose with the same `ld`. So the row-major product
+//! `C = op(A) op(B)` is computed as the column-major `C^T = op(B)^T op(A)^T`: B goes first,
+//! `m` and `n` swap, each operand keeps its own transpose flag and leading dimension, and
+//! offsets and batch strides are unchanged. Everything accumulates in f32
+//! (`CUBLAS_COMPUTE_32F`, the handle's default math mode: no TF32); bf16 operands use
+//! `cublasGemmEx` / `cublasGemmStridedBatchedEx` with `CUDA_R_16BF` inputs and an f32 `C`.
+//! `k = 0` is handled by a kernel (`C = beta C`, exact zeros when `beta = 0`), as on the CPU.
+
+use super::{cuda_err, dense, require_f32, Cuda, CudaBuf};
+use crate::backend::Gemm;
+use crate::error::{Error, Result};
+use crate::scalar::Real;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use half::bf16;
+use std::ffi::c_void;
+
+pub(super) fn gemm<F: Real>(cuda: &Cuda, spec: &Gemm, a: &CudaBuf<F>, b: &CudaBuf<F>, c: &mut CudaBuf<F>) -> Result<()> {
+    require_f32::<F>("gemm")?;
+    spec.validate(a.len, b.len, c.len)?;
+    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>())
+}
+
+pub(super) fn gemm_bf16<F: Real>(cuda: &Cuda, spec: &Gemm, a: &CudaBuf<bf16>, b: &CudaBuf<bf16>, c: &mut CudaBuf<F>) -> Result<()> {
+    require_f32::<F>("gemm_bf16")?;
+    spec.validate(a.len, b.len, c.len)?;
+    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>())
+}
+
+fn dim(v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid("gemm", format!("dimension {v} exceeds cuBLAS's 32-bit limit")))
+}
+
+fn stride(v: usize) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::invalid("gemm", format!("stride {v} exceeds cuBLAS's 64-bit limit")))
+}
+
+fn op(trans: bool) -> cublasOperation_t {
+    if trans {
+        cublasOperation_t::CUBLAS_OP_T
+    } else {
+        cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
+/// `a`, `b`, `c`: base addresses of buffers that `spec.validate` accepted; `ab_type` and
+/// `ab_size` describe the A/B element type; C is f32.
+fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, ab_type: cudaDataType, ab_size: usize) -> Result<()> {
+    if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
+        return Ok(());
+    }
+    let c = c + (spec.offset_c * std::mem::size_of::<f32>()) as u64;
+    if spec.k == 0 {
+        return dense::scale_rows(cuda, c, spec.m, spec.n, spec.ldc, spec.batch, spec.stride_c, spec.beta);
+    }
+    let a = a + (spec.offset_a * ab_size) as u64;
+    let b = b + (spec.offset_b * ab_size) as u64;
+    let (m, n, k) = (dim(spec.m)?, dim(spec.n)?, dim(spec.k)?);
+    let (lda, ldb, ldc) = (dim(spec.lda)?, dim(spec.ldb)?, dim(spec.ldc)?);
+    let (alpha, beta) = (spec.alpha, spec.beta);
+    let alpha_p = &alpha as *const f32 as *const c_void;
+    let beta_p = &beta as *const f32 as *const c_void;
+    let c_type = cudaDataType::CUDA_R_32F;
+    let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    let algo = cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+    cuda.bind()?;
+    let blas = cuda.blas.lock().unwrap_or_else(|p| p.into_inner());
+    let handle = *blas.handle();
+    let status = if spec.batch == 1 {
+        // SAFETY: column-major C^T (n x m, ldc) = op(B)^T (n x k, ldb) op(A)^T (k x m, lda):
+        // `Gemm::validate` checked the leading dimensions and that every element this product
+        // touches lies inside the three buffers; alpha/beta point to host f32 (pointer mode
+        // host, the default); the handle's stream is the backend's stream.
+        unsafe {
+            cudarc::cublas::sys::cublasGemmEx(
+                handle,
+                op(spec.trans_b),
+                op(spec.trans_a),
+                n,
+                m,
+                k,
+                alpha_p,
+                b as *const c_void,
+                ab_type,
+                ldb,
+                a as *const c_void,
+                ab_type,
+                lda,
+                beta_p,
+                c as *mut c_void,
+                c_type,
+                ldc,
+                compute,
+                algo,
+            )
+        }
+    } else {
+        let batch = dim(spec.batch)?;
+        let (sa, sb, sc) = (stride(spec.stride_a)?, stride(spec.stride_b)?, stride(spec.stride_c)?);
+        // SAFETY: as above, for each of the `batch` products at the given element strides
+        // (all inside the buffers by `Gemm::validate`).
+        unsafe {
+            cudarc::cublas::sys::cublasGemmStridedBatchedEx(
+                handle,
+                op(spec.trans_b),
+                op(spec.trans_a),
+                n,
+                m,
+                k,
+                alpha_p,
+                b as *const c_void,
+                ab_type,
+                ldb,
+                sb,
+                a as *const c_void,
+                ab_type,
+                lda,
+                sa,
+                beta_p,
+                c as *mut c_void,
+                c_type,
+                ldc,
+                sc,
+                batch,
+                compute,
+                algo,
+            )
+        }
+    };
+    status.result().map_err(cuda_err("gemm"))
+}

@@ -1,0 +1,642 @@
+//! The CUDA backend: the same op set as [`crate::Cpu`], run by hand-written kernels
+//! (`cuda/*.cu`, compiled by build.rs into fatbins embedded in the library) and cuBLAS.
+//!
+//! - [`Cuda::new`] never panics: it reports [`Error::NoKernels`] when the crate was built
+//!   without nvcc, [`Error::CudaUnavailable`] when libcuda, a device or cuBLAS is missing,
+//!   and [`Error::Cuda`] when the embedded kernels do not load on the device.
+//! - Buffers are [`CudaBuf`]s (device memory that reports its size, like the CPU's
+//!   `CpuBuf`). All work goes to one stream (the context's default stream), so ops are
+//!   ordered and buffers can be dropped at any time (frees are stream-ordered).
+//! - `F: Real` ops run in f32; f64 returns [`Error::UnsupportedDtype`].
+//! - Hot paths allocate nothing. Scratch space lives in the backend: a small status block
+//!   and the device error word allocated by `new`, plus one arena that grows (to the next
+//!   power of two of the requested size) the first time an op needs more than it holds, and
+//!   is reused afterwards. [`Backend::memory_stats`] counts all of it. cuBLAS keeps its own
+//!   workspace, which is not counted.
+//! - Host round trips happen only where the trait returns host values (counts, thresholds,
+//!   `download`) and where an error must be returned (`topk_coo`'s non-finite check).
+//! - Index checks: ops whose CPU twin rejects an out-of-range index cannot inspect device
+//!   indices without a round trip, so their kernels skip such entries (gathers write 0) and
+//!   set a bit in a device error word; [`Backend::synchronize`], `download` and every op that
+//!   reads back results report it as [`Error::InvalidArgument`] naming the op.
+
+mod dense;
+mod gemm;
+mod optim;
+mod sparse;
+mod topk;
+
+use crate::backend::{Backend, MemoryStats};
+use crate::error::{check_len, Error, Result};
+use crate::scalar::Elem;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub use topk::CudaTopkWorkspace;
+
+mod kernels {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// Whether this build embeds the CUDA kernels (false when nvcc was not found at build time;
+/// [`Cuda::new`] then returns [`Error::NoKernels`]).
+pub fn kernels_available() -> bool {
+    kernels::HAS_KERNELS
+}
+
+/// Threads per block of the 1-D kernels (`SG_THREADS` in cuda/common.cuh).
+const THREADS: u32 = 256;
+/// Elements per compaction tile (`SG_TILE` in cuda/common.cuh).
+const TILE: usize = 256 * 16;
+
+// Bits of the device error word (`SG_ERR_*` in cuda/common.cuh).
+const ERR_BITS: [(u32, &str); 5] = [
+    (1, "gather_rows"),
+    (2, "gather_block"),
+    (4, "coo_scatter_add"),
+    (8, "coo_dense_t"),
+    (16, "sparse_adam"),
+];
+
+/// Words of the persistent status block (`Scratch::status`).
+const STATUS_WORDS: usize = 16;
+
+#[derive(Default, Debug)]
+struct Counters {
+    current: AtomicUsize,
+    peak: AtomicUsize,
+    allocations: AtomicU64,
+}
+
+impl Counters {
+    fn add(&self, bytes: usize) {
+        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+        self.allocations.fetch_add(1, Ordering::Relaxed);
+    }
+    fn sub(&self, bytes: usize) {
+        self.current.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+/// A device buffer of `len` elements that reports its size to the backend that made it.
+/// (A zero-length buffer still holds one element of device memory, so every buffer has a
+/// valid address; it is not counted.)
+pub struct CudaBuf<T> {
+    slice: CudaSlice<T>,
+    len: usize,
+    counters: Arc<Counters>,
+}
+
+impl<T> CudaBuf<T> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The device address (for kernel arguments).
+    fn ptr(&self) -> u64 {
+        let (ptr, _sync) = self.slice.device_ptr(self.slice.stream());
+        ptr
+    }
+    /// The device address, for a kernel that writes the buffer.
+    fn ptr_mut(&mut self) -> u64 {
+        self.ptr()
+    }
+}
+
+impl<T> Drop for CudaBuf<T> {
+    fn drop(&mut self) {
+        self.counters.sub(self.len * std::mem::size_of::<T>());
+    }
+}
+
+impl<T> std::fmt::Debug for CudaBuf<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaBuf<{}>(len = {})", std::any::type_name::<T>(), self.len)
+    }
+}
+
+/// Scratch owned by the backend, used under its mutex by one op at a time (ops on the one
+/// stream are ordered, so an op may reuse what the previous op's kernels still read).
+struct Scratch {
+    /// Small per-op status words (counts, maxima, flags read back by the host).
+    status: CudaBuf<u64>,
+    /// Grow-only arena (flags, tile counts, partial sums).
+    arena: Option<CudaBuf<u64>>,
+}
+
+/// The CUDA backend on one device.
+pub struct Cuda {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: Mutex<CudaBlas>,
+    modules: Vec<(&'static str, Arc<CudaModule>)>,
+    functions: Mutex<HashMap<&'static str, CudaFunction>>,
+    counters: Arc<Counters>,
+    scratch: Mutex<Scratch>,
+    errors: CudaBuf<u32>,
+    sm_count: u32,
+    device_name: String,
+    compute_capability: (i32, i32),
+}
+
+impl std::fmt::Debug for Cuda {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cuda")
+            .field("ordinal", &self.ctx.ordinal())
+            .field("device", &self.device_name)
+            .field("compute_capability", &self.compute_capability)
+            .field("sm_count", &self.sm_count)
+            .finish()
+    }
+}
+
+fn cuda_err<E: std::fmt::Display>(op: &'static str) -> impl FnOnce(E) -> Error {
+    move |e| Error::Cuda { op, msg: e.to_string() }
+}
+
+/// Runs `f`, turning a panic inside cudarc (a missing library symbol, say) into an error.
+fn no_panic<R>(what: &str, f: impl FnOnce() -> R) -> Result<R> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Error::CudaUnavailable(format!("{what}: {msg}"))
+    })
+}
+
+/// Fails with [`Error::UnsupportedDtype`] unless `F` is f32.
+fn require_f32<F: Elem>(op: &'static str) -> Result<()> {
+    if std::any::TypeId::of::<F>() == std::any::TypeId::of::<f32>() {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedDtype { op, dtype: F::NAME, backend: "cuda" })
+    }
+}
+
+/// `a * b`, or an error naming the op when it overflows.
+fn checked_mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| Error::invalid(op, format!("size {a} x {b} overflows")))
+}
+
+/// Kernel parameters: the address of each argument, in order. Every argument must have
+/// exactly the Rust type matching the kernel's parameter (u64 for pointers and 64-bit
+/// counts, u32, f32, ...).
+macro_rules! kargs {
+    ($($a:expr),* $(,)?) => {
+        [$((&$a) as *const _ as *mut ::std::ffi::c_void),*]
+    };
+}
+pub(crate) use kargs;
+
+impl Cuda {
+    /// Opens device `ordinal`, loads the embedded kernels and creates a cuBLAS handle.
+    pub fn new(ordinal: usize) -> Result<Cuda> {
+        if !kernels::HAS_KERNELS {
+            return Err(Error::NoKernels);
+        }
+        // SAFETY: only probes whether the driver library can be opened.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::CudaUnavailable("the CUDA driver library (libcuda) was not found".into()));
+        }
+        let ctx = no_panic("CUDA driver", || CudaContext::new(ordinal))?
+            .map_err(|e| Error::CudaUnavailable(format!("no usable CUDA device {ordinal}: {e}")))?;
+        // SAFETY: only probes whether cuBLAS can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::CudaUnavailable("cuBLAS (libcublas) was not found".into()));
+        }
+        // SAFETY: this backend uses a single stream, so cudarc's cross-stream event tracking
+        // is not needed; buffers made from now on skip it.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let blas = no_panic("cuBLAS", || CudaBlas::new(stream.clone()))?
+            .map_err(|e| Error::CudaUnavailable(format!("cuBLAS initialisation failed: {e}")))?;
+        let attr = |a| ctx.attribute(a).map_err(cuda_err("device attribute"));
+        let sm_count = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+        let compute_capability = (
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown".into());
+        let mut modules = Vec::with_capacity(kernels::MODULES.len());
+        for &(name, image) in kernels::MODULES {
+            let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec())).map_err(|e| Error::Cuda {
+                op: "load kernels",
+                msg: format!(
+                    "module {name}: {e} (device {device_name} has compute capability {}.{}; the kernels were built \
+                     for SPARSEGRAD_CUDA_ARCHS, default sm_80, sm_90 and compute_90)",
+                    compute_capability.0, compute_capability.1
+                ),
+            })?;
+            modules.push((name, module));
+        }
+        let counters = Arc::new(Counters::default());
+        let status = Self::alloc_on(&ctx, &stream, &counters, STATUS_WORDS, true)?;
+        let errors = Self::alloc_on(&ctx, &stream, &counters, 1, true)?;
+        Ok(Cuda {
+            ctx,
+            stream,
+            blas: Mutex::new(blas),
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            counters,
+            scratch: Mutex::new(Scratch { status, arena: None }),
+            errors,
+            sm_count,
+            device_name,
+            compute_capability,
+        })
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+
+    /// Number of streaming multiprocessors.
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    /// Runs `f` (which queues work on this backend) between two CUDA events and returns its
+    /// result with the elapsed device time in milliseconds (waits for the work to finish).
+    pub fn time_ms<R>(&self, f: impl FnOnce() -> Result<R>) -> Result<(R, f32)> {
+        self.bind()?;
+        let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.ctx.new_event(flags).map_err(cuda_err("event"))?;
+        let end = self.ctx.new_event(flags).map_err(cuda_err("event"))?;
+        start.record(&self.stream).map_err(cuda_err("event"))?;
+        let r = f()?;
+        end.record(&self.stream).map_err(cuda_err("event"))?;
+        end.synchronize().map_err(cuda_err("event"))?;
+        let ms = start.elapsed_ms(&end).map_err(cuda_err("event"))?;
+        Ok((r, ms))
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(cuda_err("bind context"))
+    }
+
+    fn alloc_on<T: DeviceRepr>(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        counters: &Arc<Counters>,
+        len: usize,
+        zero: bool,
+    ) -> Result<CudaBuf<T>> {
+        let bytes = checked_mul("alloc", len.max(1), std::mem::size_of::<T>())?;
+        ctx.bind_to_thread().map_err(cuda_err("alloc"))?;
+        // SAFETY: the memory is zeroed below before anyone reads it, or (zero = false) fully
+        // overwritten by the caller (`upload`) before the buffer is handed out.
+        let slice = unsafe { stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| Error::Cuda { op: "alloc", msg: format!("{len} x {}: {e}", std::any::type_name::<T>()) })?;
+        if zero {
+            let (ptr, _sync) = slice.device_ptr(stream);
+            // SAFETY: `ptr` addresses `bytes` bytes just allocated on this stream.
+            unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(cuda_err("alloc"))?;
+        }
+        counters.add(len * std::mem::size_of::<T>());
+        Ok(CudaBuf { slice, len, counters: counters.clone() })
+    }
+
+    fn alloc_buf<T: DeviceRepr>(&self, len: usize, zero: bool) -> Result<CudaBuf<T>> {
+        Self::alloc_on(&self.ctx, &self.stream, &self.counters, len, zero)
+    }
+
+    /// A kernel of the embedded modules, loaded on first use and cached.
+    fn function(&self, module: &'static str, name: &'static str) -> Result<CudaFunction> {
+        let mut cache = self.functions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = cache.get(name) {
+            return Ok(f.clone());
+        }
+        let (_, m) = self
+            .modules
+            .iter()
+            .find(|(n, _)| *n == module)
+            .ok_or_else(|| Error::Cuda { op: name, msg: format!("kernel module {module} is not embedded") })?;
+        let f = m.load_function(name).map_err(|e| Error::Cuda { op: name, msg: format!("{module}.{name}: {e}") })?;
+        cache.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// Launches `module.name` on the backend's stream. Empty grids are skipped.
+    ///
+    /// # Safety
+    /// `params` (see `kargs!`) must match the kernel's parameter list in number, order and
+    /// size, and every device address among them must cover every element the kernel
+    /// touches for the sizes passed and the grid given.
+    unsafe fn launch(&self, module: &'static str, name: &'static str, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<()> {
+        let (gx, gy, gz) = cfg.grid_dim;
+        if gx == 0 || gy == 0 || gz == 0 {
+            return Ok(());
+        }
+        let f = self.function(module, name)?;
+        self.bind()?;
+        // SAFETY: forwarded to the caller (see above).
+        unsafe {
+            drv::launch_kernel(f.cu_function(), cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, self.stream.cu_stream(), params)
+        }
+        .map_err(cuda_err(name))
+    }
+
+    /// A 1-D grid for a grid-stride kernel over `n` items: enough blocks to cover `n`, at
+    /// most `per_sm` resident-ish blocks per multiprocessor.
+    fn grid_1d(&self, n: usize, per_sm: u32) -> LaunchConfig {
+        let blocks = n.div_ceil(THREADS as usize).clamp(1, (self.sm_count * per_sm) as usize) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// A 2-D grid: x covers `cols` in blocks of `block_x` threads (capped at `max_x` blocks;
+    /// the kernels stride over columns), y strides over `rows` (at most 65535).
+    fn grid_2d(&self, rows: usize, cols: usize, block_x: u32, max_x: u32) -> LaunchConfig {
+        let gx = cols.div_ceil(block_x as usize).clamp(1, max_x as usize) as u32;
+        let target = (self.sm_count as usize * 8).div_ceil(gx as usize);
+        let gy = target.clamp(1, rows.clamp(1, 65535)) as u32;
+        LaunchConfig { grid_dim: (gx, gy, 1), block_dim: (block_x, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    /// One block per compaction tile of `n` elements.
+    fn grid_tiles(n: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (n.div_ceil(TILE) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn lock_scratch(&self) -> MutexGuard<'_, Scratch> {
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The arena's address, grown first if it holds fewer than `words` u64s.
+    fn arena(&self, scratch: &mut Scratch, words: usize) -> Result<u64> {
+        let words = words.max(1);
+        if scratch.arena.as_ref().map_or(true, |a| a.len() < words) {
+            // Drop the old arena first (its free is ordered after the kernels using it).
+            scratch.arena = None;
+            scratch.arena = Some(self.alloc_buf::<u64>(words.next_power_of_two(), false)?);
+        }
+        Ok(scratch.arena.as_ref().map_or(0, |a| a.ptr()))
+    }
+
+    /// `bytes` zero bytes at `ptr`.
+    fn memset_zero(&self, ptr: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: callers pass an address inside a live buffer of at least `bytes` bytes.
+        unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }.map_err(cuda_err("memset"))
+    }
+
+    /// Copies `host.len()` elements from device address `src`, then waits for the stream.
+    fn read_device<T: DeviceRepr>(&self, src: u64, host: &mut [T]) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: callers pass an address inside a live buffer of at least host.len() elements.
+        unsafe { drv::memcpy_dtoh_async(host, src, self.stream.cu_stream()) }.map_err(cuda_err("download"))?;
+        self.stream.synchronize().map_err(cuda_err("synchronize"))
+    }
+
+    /// Reads (and clears) the device error word; an error names the op that set it.
+    fn check_device_errors(&self) -> Result<()> {
+        let mut word = [0u32];
+        self.read_device(self.errors.ptr(), &mut word)?;
+        if word[0] == 0 {
+            return Ok(());
+        }
+        self.memset_zero(self.errors.ptr(), 4)?;
+        let op = ERR_BITS.iter().find(|(bit, _)| word[0] & bit != 0).map_or("cuda", |(_, op)| op);
+        Err(Error::invalid(
+            op,
+            "an index was out of range (found on the device; those entries were skipped and the outputs are incomplete)",
+        ))
+    }
+}
+
+impl Backend for Cuda {
+    type Buf<T: Elem> = CudaBuf<T>;
+    type TopkWorkspace = CudaTopkWorkspace;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn len<T: Elem>(&self, buf: &CudaBuf<T>) -> usize {
+        buf.len
+    }
+
+    fn alloc<T: Elem>(&self, len: usize) -> Result<CudaBuf<T>> {
+        self.alloc_buf(len, true)
+    }
+
+    fn upload<T: Elem>(&self, host: &[T]) -> Result<CudaBuf<T>> {
+        let mut buf = self.alloc_buf(host.len(), false)?;
+        self.upload_into(host, &mut buf)?;
+        Ok(buf)
+    }
+
+    fn upload_into<T: Elem>(&self, host: &[T], dst: &mut CudaBuf<T>) -> Result<()> {
+        check_len("upload_into", "destination", dst.len, host.len())?;
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst holds at least host.len() elements; a pageable source is staged by the
+        // driver before the call returns, so `host` may be dropped afterwards.
+        unsafe { drv::memcpy_htod_async(dst.ptr_mut(), host, self.stream.cu_stream()) }.map_err(cuda_err("upload"))
+    }
+
+    fn download<T: Elem>(&self, buf: &CudaBuf<T>, len: usize) -> Result<Vec<T>> {
+        check_len("download", "source", buf.len, len)?;
+        let mut host = vec![T::default(); len];
+        self.read_device(buf.ptr(), &mut host)?;
+        self.check_device_errors()?;
+        Ok(host)
+    }
+
+    fn copy<T: Elem>(&self, src: &CudaBuf<T>, dst: &mut CudaBuf<T>, len: usize) -> Result<()> {
+        check_len("copy", "source", src.len, len)?;
+        check_len("copy", "destination", dst.len, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both buffers hold at least `len` elements and are distinct (&, &mut).
+        unsafe { drv::memcpy_dtod_async(dst.ptr_mut(), src.ptr(), len * std::mem::size_of::<T>(), self.stream.cu_stream()) }
+            .map_err(cuda_err("copy"))
+    }
+
+    fn fill<T: Elem>(&self, buf: &mut CudaBuf<T>, len: usize, value: T) -> Result<()> {
+        dense::fill(self, buf, len, value)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        self.stream.synchronize().map_err(cuda_err("synchronize"))?;
+        self.check_device_errors()
+    }
+
+    fn memory_stats(&self) -> MemoryStats {
+        MemoryStats {
+            current_bytes: self.counters.current.load(Ordering::Relaxed),
+            peak_bytes: self.counters.peak.load(Ordering::Relaxed),
+            allocations: self.counters.allocations.load(Ordering::Relaxed),
+        }
+    }
+
+    fn gemm<F: crate::Real>(&self, spec: &crate::Gemm, a: &CudaBuf<F>, b: &CudaBuf<F>, c: &mut CudaBuf<F>) -> Result<()> {
+        gemm::gemm(self, spec, a, b, c)
+    }
+
+    fn gemm_bf16<F: crate::Real>(&self, spec: &crate::Gemm, a: &CudaBuf<half::bf16>, b: &CudaBuf<half::bf16>, c: &mut CudaBuf<F>) -> Result<()> {
+        gemm::gemm_bf16(self, spec, a, b, c)
+    }
+
+    fn cast_to_bf16<F: crate::Real>(&self, src: &CudaBuf<F>, dst: &mut CudaBuf<half::bf16>, len: usize) -> Result<()> {
+        dense::cast_to_bf16(self, src, dst, len)
+    }
+
+    fn cast_from_bf16<F: crate::Real>(&self, src: &CudaBuf<half::bf16>, dst: &mut CudaBuf<F>, len: usize) -> Result<()> {
+        dense::cast_from_bf16(self, src, dst, len)
+    }
+
+    fn add_bias<F: crate::Real>(&self, y: &mut CudaBuf<F>, bias: &CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {
+        dense::add_bias(self, y, bias, rows, cols)
+    }
+
+    fn bias_grad<F: crate::Real>(&self, g: &CudaBuf<F>, rows: usize, cols: usize, db: &mut CudaBuf<F>, beta: F) -> Result<()> {
+        dense::bias_grad(self, g, rows, cols, db, beta)
+    }
+
+    fn count_nonfinite<F: crate::Real>(&self, x: &CudaBuf<F>, len: usize) -> Result<(usize, usize)> {
+        dense::count_nonfinite(self, x, len)
+    }
+
+    fn axpy<F: crate::Real>(&self, alpha: F, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len: usize) -> Result<()> {
+        dense::axpy(self, alpha, x, y, len)
+    }
+
+    fn gelu<F: crate::Real>(&self, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len: usize, kind: crate::GeluKind) -> Result<()> {
+        dense::gelu(self, x, y, len, kind)
+    }
+
+    fn gelu_backward<F: crate::Real>(&self, x: &CudaBuf<F>, dy: &CudaBuf<F>, dx: &mut CudaBuf<F>, len: usize, kind: crate::GeluKind) -> Result<()> {
+        dense::gelu_backward(self, x, dy, dx, len, kind)
+    }
+
+    fn swiglu<F: crate::Real>(&self, gate: &CudaBuf<F>, up: &CudaBuf<F>, h: &mut CudaBuf<F>, len: usize) -> Result<()> {
+        dense::swiglu(self, gate, up, h, len)
+    }
+
+    fn swiglu_backward<F: crate::Real>(
+        &self,
+        gate: &CudaBuf<F>,
+        up: &CudaBuf<F>,
+        dh: &CudaBuf<F>,
+        d_gate: &mut CudaBuf<F>,
+        d_up: &mut CudaBuf<F>,
+        len: usize,
+    ) -> Result<()> {
+        dense::swiglu_backward(self, gate, up, dh, d_gate, d_up, len)
+    }
+
+    fn nonzero_rows_cols<F: crate::Real>(
+        &self,
+        m: &CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        threshold_rel: F,
+        row_idx: &mut CudaBuf<u32>,
+        col_idx: &mut CudaBuf<u32>,
+    ) -> Result<crate::NonzeroBlock<F>> {
+        sparse::nonzero_rows_cols(self, m, rows, cols, threshold_rel, row_idx, col_idx)
+    }
+
+    fn gather_rows<T: Elem>(&self, src: &CudaBuf<T>, src_rows: usize, cols: usize, row_idx: &CudaBuf<u32>, n_idx: usize, dst: &mut CudaBuf<T>) -> Result<()> {
+        sparse::gather_rows(self, src, src_rows, cols, row_idx, n_idx, dst)
+    }
+
+    fn gather_block<F: crate::Real>(
+        &self,
+        src: &CudaBuf<F>,
+        src_rows: usize,
+        src_cols: usize,
+        row_idx: &CudaBuf<u32>,
+        n_rows: usize,
+        col_idx: &CudaBuf<u32>,
+        n_cols: usize,
+        abs_threshold: F,
+        dst: &mut CudaBuf<F>,
+    ) -> Result<()> {
+        sparse::gather_block(self, src, src_rows, src_cols, row_idx, n_rows, col_idx, n_cols, abs_threshold, dst)
+    }
+
+    fn topk_workspace(&self, max_len: usize) -> Result<CudaTopkWorkspace> {
+        topk::workspace(self, max_len)
+    }
+
+    fn topk_coo<F: crate::Real>(
+        &self,
+        m: &CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        maps: &crate::IndexMaps<'_, Self>,
+        ws: &mut CudaTopkWorkspace,
+        out: &mut crate::Coo<Self, F>,
+    ) -> Result<()> {
+        topk::topk_coo(self, m, rows, cols, k, maps, ws, out)
+    }
+
+    fn coo_scatter_add<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, alpha: F, dense: &mut CudaBuf<F>) -> Result<()> {
+        sparse::coo_scatter_add(self, coo, alpha, dense)
+    }
+
+    fn coo_compact_rows<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, unique_rows: &mut CudaBuf<u32>, slot: &mut CudaBuf<u32>) -> Result<usize> {
+        sparse::coo_compact_rows(self, coo, unique_rows, slot)
+    }
+
+    fn coo_dense_t<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, slot: &CudaBuf<u32>, n_slots: usize, b: &CudaBuf<F>, b_rows: usize, out: &mut CudaBuf<F>) -> Result<()> {
+        sparse::coo_dense_t(self, coo, slot, n_slots, b, b_rows, out)
+    }
+
+    fn sparse_adam<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        exp_avg: &mut CudaBuf<F>,
+        exp_avg_sq: &mut CudaBuf<F>,
+        step: u64,
+        hp: &crate::AdamParams,
+        param: Option<&mut CudaBuf<F>>,
+        delta: Option<&mut CudaBuf<F>>,
+    ) -> Result<()> {
+        optim::sparse_adam(self, coo, exp_avg, exp_avg_sq, step, hp, param, delta)
+    }
+
+    fn adamw<F: crate::Real>(
+        &self,
+        param: &mut CudaBuf<F>,
+        grad: &CudaBuf<F>,
+        exp_avg: &mut CudaBuf<F>,
+        exp_avg_sq: &mut CudaBuf<F>,
+        len: usize,
+        step: u64,
+        hp: &crate::AdamParams,
+    ) -> Result<()> {
+        optim::adamw(self, param, grad, exp_avg, exp_avg_sq, len, step, hp)
+    }
+}

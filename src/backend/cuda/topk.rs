@@ -1,0 +1,229 @@
+//! Launchers of cuda/topk.cu: top-k by magnitude into a sorted COO list, identical to the
+//! CPU specification (src/backend/cpu/topk.rs; the algorithm is described at the top of
+//! cuda/topk.cu).
+//!
+//! One host round trip per call, after the first histogram pass: it brings back the
+//! non-finite count (an error must be returned before anything is written), the nonzero
+//! count (which picks the regular or the zero-fill path) and the map checks. The radix
+//! select itself runs on the device (`topk_select`), so the remaining passes and the
+//! compaction are queued without waiting.
+
+use super::sparse::scan_tiles;
+use super::{checked_mul, kargs, require_f32, Cuda, CudaBuf, TILE};
+use crate::backend::{Coo, IndexMaps};
+use crate::error::{check_len, Error, Result};
+use crate::scalar::Real;
+use cudarc::driver::LaunchConfig;
+
+/// Words of the device state block (see the table in cuda/topk.cu).
+const STATE_WORDS: usize = 16;
+/// Three passes of 2048 u32 bins, as u64 words.
+const HIST_WORDS: usize = 3 * 2048 / 2;
+const S_NONFINITE: usize = 0;
+const S_FIRST: usize = 1;
+const S_NNZ: usize = 2;
+const S_MAP_ERR: usize = 6;
+const S_TOTAL: usize = 7;
+/// Blocks per multiprocessor of the histogram passes (each holds 2048 shared bins).
+const HIST_PER_SM: u32 = 4;
+
+/// Scratch of [`crate::Backend::topk_coo`] on the GPU: the state block, three histograms
+/// and one u64 per tile of 4096 entries, allocated once by `topk_workspace(max_len)`.
+pub struct CudaTopkWorkspace {
+    max_len: usize,
+    buf: CudaBuf<u64>,
+}
+
+impl CudaTopkWorkspace {
+    /// The largest matrix (in entries) this workspace can select from.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+}
+
+impl std::fmt::Debug for CudaTopkWorkspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CudaTopkWorkspace(max_len = {})", self.max_len)
+    }
+}
+
+pub(super) fn workspace(cuda: &Cuda, max_len: usize) -> Result<CudaTopkWorkspace> {
+    if max_len > u32::MAX as usize {
+        return Err(Error::invalid("topk_workspace", format!("max_len = {max_len} exceeds the u32 index range")));
+    }
+    let tiles = max_len.div_ceil(TILE).max(1);
+    let buf = cuda.alloc_buf::<u64>(STATE_WORDS + HIST_WORDS + tiles, true)?;
+    Ok(CudaTopkWorkspace { max_len, buf })
+}
+
+const OP: &str = "topk_coo";
+
+/// Checks a map's length (its order and bounds are checked on the device); returns its
+/// address, or 0 for no map.
+fn map_ptr(what: &str, map: Option<&CudaBuf<u32>>, n: usize, full: usize) -> Result<u64> {
+    let Some(map) = map else {
+        if n != full {
+            return Err(Error::shape(OP, format!("{what} (no map given)"), full, n));
+        }
+        return Ok(0);
+    };
+    check_len(OP, what, map.len, n)?;
+    Ok(map.ptr())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn topk_coo<F: Real>(
+    cuda: &Cuda,
+    m: &CudaBuf<F>,
+    rows: usize,
+    cols: usize,
+    k: usize,
+    maps: &IndexMaps<'_, Cuda>,
+    ws: &mut CudaTopkWorkspace,
+    out: &mut Coo<Cuda, F>,
+) -> Result<()> {
+    require_f32::<F>(OP)?;
+    let n = checked_mul(OP, rows, cols)?;
+    check_len(OP, "m", m.len, n)?;
+    let (full_rows, full_cols) = maps.full_shape;
+    let row_map = map_ptr("row_map", maps.row_map, rows, full_rows)?;
+    let col_map = map_ptr("col_map", maps.col_map, cols, full_cols)?;
+    let full_len = checked_mul(OP, full_rows, full_cols)?;
+    if k > full_len {
+        return Err(Error::invalid(OP, format!("k = {k} exceeds the {full_len} entries of a {full_rows}x{full_cols} matrix")));
+    }
+    if n > ws.max_len {
+        return Err(Error::invalid(OP, format!("{n} entries exceed the workspace size {}", ws.max_len)));
+    }
+    check_len(OP, "out (capacity)", out.capacity.min(out.values.len).min(out.rows.len).min(out.cols.len), k)?;
+    if full_rows > u32::MAX as usize || full_cols > u32::MAX as usize {
+        return Err(Error::invalid(OP, format!("a {full_rows}x{full_cols} matrix exceeds the u32 index range")));
+    }
+
+    let state = ws.buf.ptr();
+    let hist = state + 8 * STATE_WORDS as u64;
+    let tiles = hist + 8 * HIST_WORDS as u64;
+    let one_block = |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let (mp, k64) = (m.ptr(), k as u64);
+
+    // SAFETY: topk_init(u64* state, u32* hist, u64 k): writes the 16 state words and the
+    // 3 x 2048 bins that follow them in the workspace buffer.
+    unsafe { cuda.launch("topk", "topk_init", one_block(1024), &mut kargs![state, hist, k64]) }?;
+    for (map, len, full, bit) in [(row_map, rows, full_rows, 1u64), (col_map, cols, full_cols, 2u64)] {
+        if map != 0 && len > 0 {
+            let (l, f) = (len as u64, full as u64);
+            // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit):
+            // the map holds `len` entries (checked by map_ptr).
+            unsafe { cuda.launch("topk", "topk_check_map", cuda.grid_1d(len, 16), &mut kargs![map, l, f, state, bit]) }?;
+        }
+    }
+    if n > 0 {
+        hist_pass(cuda, mp, n, 0, state, hist)?;
+    }
+    let mut head = [0u64; STATE_WORDS];
+    cuda.read_device(state, &mut head)?;
+    if head[S_MAP_ERR] & 1 != 0 {
+        return Err(Error::invalid(OP, format!("row_map must be strictly increasing and below {full_rows}")));
+    }
+    if head[S_MAP_ERR] & 2 != 0 {
+        return Err(Error::invalid(OP, format!("col_map must be strictly increasing and below {full_cols}")));
+    }
+    if head[S_NONFINITE] > 0 {
+        return Err(Error::NonFinite {
+            what: "matrix passed to top-k selection".into(),
+            count: head[S_NONFINITE] as usize,
+            first_index: head[S_FIRST] as usize,
+        });
+    }
+    out.shape = maps.full_shape;
+    out.len = 0;
+    if k == 0 {
+        return Ok(());
+    }
+    let nnz = head[S_NNZ] as usize;
+    let (o_rows, o_cols, o_vals) = (out.rows.ptr_mut(), out.cols.ptr_mut(), out.values.ptr_mut());
+    let compaction = Compaction { cuda, m: mp, n, cols, state, tiles, row_map, col_map, full_cols, out: (o_rows, o_cols, o_vals) };
+    if k <= nnz {
+        for pass in 0..3u32 {
+            if pass > 0 {
+                hist_pass(cuda, mp, n, pass, state, hist)?;
+            }
+            // SAFETY: topk_select(const u32* hist_all, u32 pass, u64* state): one block of
+            // 1024 threads reads the pass's 2048 bins and updates state[3..6].
+            unsafe { cuda.launch("topk", "topk_select", one_block(1024), &mut kargs![hist, pass, state]) }?;
+        }
+        compaction.count_and_scan()?;
+        compaction.scatter(0)?;
+    } else {
+        // Zero fill: every nonzero is kept (thr stays 0), completed by the lowest missing
+        // full linear indices (see cuda/topk.cu).
+        let need = (k - nnz) as u64;
+        if nnz > 0 {
+            compaction.count_and_scan()?;
+            compaction.scatter(0)?;
+        }
+        let (nnz64, fc) = (nnz as u64, full_cols as u64);
+        // SAFETY: topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 nnz,
+        // u64 full_cols, u64 need, u64* state): binary search over out[..nnz], written above.
+        unsafe { cuda.launch("topk", "topk_fill_bound", one_block(32), &mut kargs![o_rows, o_cols, nnz64, fc, need, state]) }?;
+        // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
+        // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
+        // inside the capacity checked above.
+        unsafe { cuda.launch("topk", "topk_fill_range", cuda.grid_1d(k, 16), &mut kargs![state, fc, o_rows, o_cols, o_vals]) }?;
+        if nnz > 0 {
+            compaction.scatter(need)?;
+        }
+    }
+    out.len = k;
+    Ok(())
+}
+
+fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64) -> Result<()> {
+    let n64 = n as u64;
+    // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all):
+    // reads m[..n], adds into the pass's 2048 bins, pass 0 also into state[0..3].
+    unsafe { cuda.launch("topk", "topk_hist_f32", cuda.grid_1d(n, HIST_PER_SM), &mut kargs![m, n64, pass, state, hist]) }
+}
+
+/// The stable compaction of one call (addresses already checked).
+struct Compaction<'a> {
+    cuda: &'a Cuda,
+    m: u64,
+    n: usize,
+    cols: usize,
+    state: u64,
+    tiles: u64,
+    row_map: u64,
+    col_map: u64,
+    full_cols: usize,
+    out: (u64, u64, u64),
+}
+
+impl Compaction<'_> {
+    fn count_and_scan(&self) -> Result<()> {
+        let (m, n64, state, tiles) = (self.m, self.n as u64, self.state, self.tiles);
+        // SAFETY: topk_tile_count_f32(const float* m, u64 n, const u64* state, u64* tiles):
+        // one block per tile of 4096 entries; the workspace holds ceil(max_len / 4096) >=
+        // ceil(n / 4096) tile words.
+        unsafe { self.cuda.launch("topk", "topk_tile_count_f32", Cuda::grid_tiles(self.n), &mut kargs![m, n64, state, tiles]) }?;
+        scan_tiles(self.cuda, tiles, self.n.div_ceil(TILE), state + 8 * S_TOTAL as u64)
+    }
+
+    fn scatter(&self, need: u64) -> Result<()> {
+        let (m, n64, c, state, tiles) = (self.m, self.n as u64, self.cols as u64, self.state, self.tiles);
+        let (rm, cm, fc) = (self.row_map, self.col_map, self.full_cols as u64);
+        let (o_rows, o_cols, o_vals) = self.out;
+        // SAFETY: topk_scatter_f32(const float* m, u64 n, u64 cols, const u64* state,
+        // const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols, u64 need,
+        // u32* out_rows, u32* out_cols, float* out_values): writes exactly k distinct
+        // positions below k (capacity checked); the maps (or null) hold rows / cols entries.
+        unsafe {
+            self.cuda.launch(
+                "topk",
+                "topk_scatter_f32",
+                Cuda::grid_tiles(self.n),
+                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, need, o_rows, o_cols, o_vals],
+            )
+        }
+    }
+}
