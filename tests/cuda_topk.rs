@@ -1,0 +1,184 @@
+//! Top-k by magnitude into COO on CUDA against the CPU specification: the selected
+//! entries, their order, restored indices and values must be identical (ties to the lower
+//! linear index, zero fill when k exceeds the nonzeros, index maps, NaN/inf rejected with
+//! the same count and first index). Output buffers are poisoned and their tails checked.
+
+mod cuda_common;
+
+use cuda_common::*;
+use rand::rngs::SmallRng;
+use rand::Rng;
+use sparsegrad::{Backend, Coo, Cpu, Error, IndexMaps};
+
+const SHAPES: &[(usize, usize)] = &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];
+
+/// Reads a whole COO buffer set (capacity entries) to the host.
+fn read_all<B: Backend>(b: &B, coo: &Coo<B, f32>) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
+    (down(b, &coo.rows, coo.capacity), down(b, &coo.cols, coo.capacity), down(b, &coo.values, coo.capacity))
+}
+
+fn poisoned_coo<B: Backend>(b: &B, capacity: usize, shape: (usize, usize)) -> Coo<B, f32> {
+    let mut coo = Coo::with_capacity(b, capacity, shape).unwrap();
+    b.fill(&mut coo.rows, capacity, u32::MAX).unwrap();
+    b.fill(&mut coo.cols, capacity, u32::MAX).unwrap();
+    b.fill(&mut coo.values, capacity, f32::NAN).unwrap();
+    coo
+}
+
+struct Case<'a> {
+    m: &'a [f32],
+    rows: usize,
+    cols: usize,
+    k: usize,
+    row_map: Option<&'a [u32]>,
+    col_map: Option<&'a [u32]>,
+    full: (usize, usize),
+}
+
+impl Case<'_> {
+    fn plain(m: &[f32], rows: usize, cols: usize, k: usize) -> Case<'_> {
+        Case { m, rows, cols, k, row_map: None, col_map: None, full: (rows, cols) }
+    }
+
+    /// Runs the case on both backends and compares; returns the CPU's result kind.
+    fn check<B: Backend>(&self, dev: &B, dev_ws: &mut B::TopkWorkspace, cpu: &Cpu, cpu_ws: &mut <Cpu as Backend>::TopkWorkspace) {
+        let what = format!(
+            "topk {}x{} k={} maps=({}, {}) full={:?}",
+            self.rows,
+            self.cols,
+            self.k,
+            self.row_map.is_some(),
+            self.col_map.is_some(),
+            self.full
+        );
+        let cap = self.k + 3;
+        let (want, want_out) = run(cpu, cpu_ws, self, cap);
+        let (got, got_out) = run(dev, dev_ws, self, cap);
+        match (&want, &got) {
+            (Ok(()), Ok(())) => {}
+            (Err(Error::NonFinite { count: wc, first_index: wf, .. }), Err(Error::NonFinite { count: gc, first_index: gf, .. })) => {
+                assert_eq!((gc, gf), (wc, wf), "{what}: NonFinite details");
+                return;
+            }
+            (Err(Error::InvalidArgument { .. }), Err(Error::InvalidArgument { .. })) | (Err(Error::Shape { .. }), Err(Error::Shape { .. })) => return,
+            _ => panic!("{what}: results differ: cpu {want:?}, cuda {got:?}"),
+        }
+        let (w, g) = (want_out.unwrap(), got_out.unwrap());
+        assert_eq!(g.0, w.0, "{what}: len");
+        assert_eq!(g.1, w.1, "{what}: shape");
+        let len = w.0;
+        let ((wr, wc, wv), (gr, gc, gv)) = (w.2, g.2);
+        assert_same(&format!("{what}: rows"), &gr[..len], &wr[..len]);
+        assert_same(&format!("{what}: cols"), &gc[..len], &wc[..len]);
+        assert_bits(&format!("{what}: values"), &gv[..len], &wv[..len]);
+        assert_untouched(&format!("{what}: rows tail"), &gr[len..], u32::MAX);
+        assert_untouched(&format!("{what}: cols tail"), &gc[len..], u32::MAX);
+        assert_untouched_f32(&format!("{what}: values tail"), &gv[len..], f32::NAN);
+    }
+}
+
+type Out = (usize, (usize, usize), (Vec<u32>, Vec<u32>, Vec<f32>));
+
+fn run<B: Backend>(b: &B, ws: &mut B::TopkWorkspace, c: &Case<'_>, cap: usize) -> (sparsegrad::Result<()>, Option<Out>) {
+    let m = up(b, c.m);
+    let rm = c.row_map.map(|v| up(b, v));
+    let cm = c.col_map.map(|v| up(b, v));
+    let maps = IndexMaps { row_map: rm.as_ref(), col_map: cm.as_ref(), full_shape: c.full };
+    let mut out = poisoned_coo(b, cap, (0, 0));
+    let r = b.topk_coo(&m, c.rows, c.cols, c.k, &maps, ws, &mut out);
+    let o = r.is_ok().then(|| (out.len, out.shape, read_all(b, &out)));
+    (r, o)
+}
+
+/// Values of few magnitudes (many ties, both signs) and zeros.
+fn tied(r: &mut SmallRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-4i32..=4) as f32 * 0.25).collect()
+}
+
+/// Values spanning many binades, subnormals included, so every radix digit matters.
+fn wide(r: &mut SmallRng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| match r.random_range(0..10) {
+            0 => 0.0,
+            1 => f32::from_bits(r.random_range(1..0x0080_0000u32)) * if r.random_bool(0.5) { -1.0 } else { 1.0 },
+            _ => r.random_range(-1.0f32..1.0) * 2f32.powi(r.random_range(-60..60)),
+        })
+        .collect()
+}
+
+fn check_topk<B: Backend>(dev: &B, big: bool) {
+    let cpu = Cpu::new();
+    let mut r = rng(41);
+    let max_len = if big { 4100 * 4096 } else { 70000 * 3 };
+    let mut dws = dev.topk_workspace(max_len).unwrap();
+    let mut cws = cpu.topk_workspace(max_len).unwrap();
+    let mut shapes = SHAPES.to_vec();
+    if big {
+        shapes.push((4100, 4096));
+    }
+    for &(rows, cols) in &shapes {
+        let n = rows * cols;
+        let gens: [fn(&mut SmallRng, usize) -> Vec<f32>; 3] = [|r, n| rand_sparse(r, n, 0.3), tied, wide];
+        for (g, gen) in gens.iter().enumerate() {
+            if n > 1_000_000 && g > 0 {
+                continue;
+            }
+            let m = gen(&mut r, n);
+            let nnz = m.iter().filter(|&&v| v != 0.0).count();
+            let mut ks = vec![0, 1, 7.min(n), (n / 100).max(1), nnz, (nnz + 5).min(n), n];
+            ks.dedup();
+            for k in ks {
+                Case::plain(&m, rows, cols, k).check(dev, &mut dws, &cpu, &mut cws);
+            }
+            // Through maps, into a larger full matrix (entries outside the block are zero).
+            if n <= 300_000 {
+                let full = (rows * 2 + 1, cols + 5);
+                let rmap = sorted_subset(&mut r, full.0, rows);
+                let cmap = sorted_subset(&mut r, full.1, cols);
+                for k in [1, nnz.max(1), nnz + 5, full.0 * full.1] {
+                    let c = Case { m: &m, rows, cols, k, row_map: Some(&rmap), col_map: Some(&cmap), full };
+                    c.check(dev, &mut dws, &cpu, &mut cws);
+                }
+                let full_r = (rows + 3, cols);
+                let rmap = sorted_subset(&mut r, full_r.0, rows);
+                let c = Case { m: &m, rows, cols, k: nnz + 2, row_map: Some(&rmap), col_map: None, full: full_r };
+                c.check(dev, &mut dws, &cpu, &mut cws);
+            }
+        }
+    }
+    // Nothing but zeros: the whole selection is zero fill.
+    let z = vec![0.0f32; 60];
+    for k in [1, 13, 60] {
+        Case::plain(&z, 6, 10, k).check(dev, &mut dws, &cpu, &mut cws);
+    }
+    // Non-finite input: same error, same count and first index.
+    let mut m = rand_f32(&mut r, 1000);
+    m[700] = f32::NAN;
+    m[301] = f32::NEG_INFINITY;
+    m[999] = f32::INFINITY;
+    Case::plain(&m, 10, 100, 5).check(dev, &mut dws, &cpu, &mut cws);
+    Case::plain(&m, 10, 100, 0).check(dev, &mut dws, &cpu, &mut cws);
+    // Invalid maps and arguments are rejected by both.
+    let m = rand_f32(&mut r, 12);
+    let bad = [0u32, 2, 2];
+    Case { m: &m, rows: 3, cols: 4, k: 2, row_map: Some(&bad), col_map: None, full: (5, 4) }.check(dev, &mut dws, &cpu, &mut cws);
+    let high = [0u32, 2, 5];
+    Case { m: &m, rows: 3, cols: 4, k: 2, row_map: Some(&high), col_map: None, full: (5, 4) }.check(dev, &mut dws, &cpu, &mut cws);
+    Case::plain(&m, 3, 4, 13).check(dev, &mut dws, &cpu, &mut cws);
+    let mut small = dev.topk_workspace(4).unwrap();
+    let mut out = poisoned_coo(dev, 4, (3, 4));
+    let mb = up(dev, &m);
+    let maps = IndexMaps { row_map: None, col_map: None, full_shape: (3, 4) };
+    assert!(matches!(dev.topk_coo(&mb, 3, 4, 2, &maps, &mut small, &mut out), Err(Error::InvalidArgument { .. })), "workspace too small");
+}
+
+#[test]
+fn topk_matches_cpu_exactly() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check_topk(&cuda, true);
+}
+
+#[test]
+fn harness_on_cpu() {
+    check_topk(&Cpu::new(), false);
+}
