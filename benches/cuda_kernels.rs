@@ -1,0 +1,234 @@
+//! Speed of every CUDA kernel family against what the device can do in the same run.
+//!
+//! Memory-bound kernels report achieved GB/s (bytes each op must read and write at least)
+//! and the ratio to the device's measured copy bandwidth (a device-to-device memcpy of
+//! 1 GiB, read + write counted). GEMMs report TFLOP/s and the ratio to cuBLAS's own
+//! 8192^3 sgemm / bf16 peak measured here. Times are CUDA-event times per call, after
+//! warm-up, averaged over several calls; ops that return host values (counts, top-k's
+//! error check) include their one host round trip.
+//!
+//! Shapes follow LLaMA-2 7B's MLP: out = 11008, in = 4096, T = 2048 tokens, k = 1%.
+//! Run: `cargo bench --bench cuda_kernels` (prints `skipped: no CUDA device` without one).
+
+use half::bf16;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use sparsegrad::backend::cuda::CudaBuf;
+use sparsegrad::{AdamParams, Backend, Coo, Cuda, Gemm, GeluKind, HostCoo, IndexMaps, Result};
+
+const OUT: usize = 11008;
+const IN: usize = 4096;
+const T: usize = 2048;
+
+struct Bench {
+    cuda: Cuda,
+    copy_gbs: f64,
+    sgemm_tflops: f64,
+    bf16_tflops: f64,
+}
+
+/// Mean milliseconds per call of `f`, after `warmup` calls.
+fn time(cuda: &Cuda, warmup: usize, iters: usize, mut f: impl FnMut() -> Result<()>) -> f64 {
+    for _ in 0..warmup {
+        f().expect("warm-up call");
+    }
+    cuda.synchronize().expect("synchronize");
+    let ((), ms) = cuda
+        .time_ms(|| {
+            for _ in 0..iters {
+                f()?;
+            }
+            Ok(())
+        })
+        .expect("timed calls");
+    ms as f64 / iters as f64
+}
+
+impl Bench {
+    fn mem(&self, name: &str, bytes: f64, ms: f64) {
+        let gbs = bytes / (ms * 1e-3) / 1e9;
+        println!("{name:<44} {:>10.1} us {:>9.1} GB/s {:>6.1}% of copy", ms * 1e3, gbs, 100.0 * gbs / self.copy_gbs);
+    }
+    fn flops(&self, name: &str, flops: f64, ms: f64, peak: f64) {
+        let tf = flops / (ms * 1e-3) / 1e12;
+        println!("{name:<44} {:>10.1} us {:>9.2} TFLOP/s {:>5.1}% of peak", ms * 1e3, tf, 100.0 * tf / peak);
+    }
+}
+
+fn rand_vec(r: &mut SmallRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+}
+
+fn buf(cuda: &Cuda, host: &[f32]) -> CudaBuf<f32> {
+    cuda.upload(host).expect("upload")
+}
+
+fn zeros<T: sparsegrad::Elem>(cuda: &Cuda, n: usize) -> CudaBuf<T> {
+    cuda.alloc(n).expect("alloc")
+}
+
+fn gemm_peak(cuda: &Cuda, r: &mut SmallRng) -> (f64, f64) {
+    let n = 8192;
+    let a = buf(cuda, &rand_vec(r, n * n));
+    let b = buf(cuda, &rand_vec(r, n * n));
+    let mut c = zeros::<f32>(cuda, n * n);
+    let spec = Gemm::nn(n, n, n);
+    let flops = 2.0 * (n as f64).powi(3);
+    let ms = time(cuda, 2, 5, || cuda.gemm(&spec, &a, &b, &mut c));
+    let sgemm = flops / (ms * 1e-3) / 1e12;
+    let mut ah = zeros::<bf16>(cuda, n * n);
+    let mut bh = zeros::<bf16>(cuda, n * n);
+    cuda.cast_to_bf16(&a, &mut ah, n * n).unwrap();
+    cuda.cast_to_bf16(&b, &mut bh, n * n).unwrap();
+    let ms = time(cuda, 3, 10, || cuda.gemm_bf16(&spec, &ah, &bh, &mut c));
+    (sgemm, flops / (ms * 1e-3) / 1e12)
+}
+
+fn main() {
+    let cuda = match Cuda::new(0) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("skipped: no CUDA device ({e})");
+            return;
+        }
+    };
+    println!("device: {} ({} SMs, compute capability {:?})", cuda.device_name(), cuda.sm_count(), cuda.compute_capability());
+    let mut r = SmallRng::seed_from_u64(7);
+
+    // Reference points of this run.
+    let copy_len = 256 << 20; // 1 GiB of f32
+    let src = zeros::<f32>(&cuda, copy_len);
+    let mut dst = zeros::<f32>(&cuda, copy_len);
+    let ms = time(&cuda, 2, 10, || cuda.copy(&src, &mut dst, copy_len));
+    let copy_gbs = 2.0 * 4.0 * copy_len as f64 / (ms * 1e-3) / 1e9;
+    drop((src, dst));
+    let (sgemm_tflops, bf16_tflops) = gemm_peak(&cuda, &mut r);
+    println!("device copy: {copy_gbs:.0} GB/s (read + write); cuBLAS 8192^3: sgemm {sgemm_tflops:.1} TFLOP/s, bf16 {bf16_tflops:.1} TFLOP/s");
+    let b = Bench { cuda, copy_gbs, sgemm_tflops, bf16_tflops };
+    let cuda = &b.cuda;
+
+    let big = OUT * IN;
+    let bigf = big as f64;
+    let x = buf(cuda, &rand_vec(&mut r, big));
+    let y0 = rand_vec(&mut r, big);
+    let mut y = buf(cuda, &y0);
+    let mut z = zeros::<f32>(cuda, big);
+    let mut w = zeros::<f32>(cuda, big);
+    let mut h = zeros::<bf16>(cuda, big);
+
+    println!("\n-- dense ({OUT} x {IN} = {big} entries unless noted)");
+    b.mem("cast_to_bf16", 6.0 * bigf, time(cuda, 3, 20, || cuda.cast_to_bf16(&x, &mut h, big)));
+    b.mem("cast_from_bf16", 6.0 * bigf, time(cuda, 3, 20, || cuda.cast_from_bf16(&h, &mut z, big)));
+    b.mem("axpy", 12.0 * bigf, time(cuda, 3, 20, || cuda.axpy(1e-3, &x, &mut y, big)));
+    let bias = buf(cuda, &rand_vec(&mut r, OUT));
+    let gy = T * OUT;
+    b.mem(&format!("add_bias ({T} x {OUT})"), 8.0 * gy as f64, time(cuda, 3, 20, || cuda.add_bias(&mut y, &bias, T, OUT)));
+    let mut db = zeros::<f32>(cuda, OUT);
+    b.mem(&format!("bias_grad ({T} x {OUT})"), 4.0 * gy as f64, time(cuda, 3, 20, || cuda.bias_grad(&x, T, OUT, &mut db, 0.0)));
+    b.mem("count_nonfinite (+ host read)", 4.0 * bigf, time(cuda, 3, 20, || cuda.count_nonfinite(&x, big).map(|_| ())));
+
+    println!("\n-- activations");
+    for kind in [GeluKind::Erf, GeluKind::Tanh] {
+        b.mem(&format!("gelu {kind:?}"), 8.0 * bigf, time(cuda, 3, 20, || cuda.gelu(&x, &mut z, big, kind)));
+        b.mem(&format!("gelu_backward {kind:?}"), 12.0 * bigf, time(cuda, 3, 20, || cuda.gelu_backward(&x, &y, &mut z, big, kind)));
+    }
+    b.mem("swiglu", 12.0 * bigf, time(cuda, 3, 20, || cuda.swiglu(&x, &y, &mut z, big)));
+    b.mem("swiglu_backward", 20.0 * bigf, time(cuda, 3, 20, || cuda.swiglu_backward(&x, &y, &x, &mut z, &mut w, big)));
+
+    println!("\n-- sparse-by-dense (gt: {T} x {OUT}, 30% of rows and columns zero)");
+    let gt_host: Vec<f32> = {
+        let zr: Vec<bool> = (0..T).map(|_| r.random_bool(0.3)).collect();
+        let zc: Vec<bool> = (0..OUT).map(|_| r.random_bool(0.3)).collect();
+        (0..T * OUT).map(|i| if zr[i / OUT] || zc[i % OUT] { 0.0 } else { r.random_range(-1.0f32..1.0) }).collect()
+    };
+    let gt = buf(cuda, &gt_host);
+    let (mut ri, mut ci) = (zeros::<u32>(cuda, T), zeros::<u32>(cuda, OUT));
+    let mut block = cuda.nonzero_rows_cols(&gt, T, OUT, 0.0, &mut ri, &mut ci).unwrap();
+    b.mem("nonzero_rows_cols (2 reads, + host read)", 8.0 * gy as f64, time(cuda, 3, 20, || {
+        block = cuda.nonzero_rows_cols(&gt, T, OUT, 0.0, &mut ri, &mut ci)?;
+        Ok(())
+    }));
+    let (nr, nc) = (block.n_rows, block.n_cols);
+    let mut gblock = zeros::<f32>(cuda, nr * nc);
+    b.mem(&format!("gather_block ({nr} x {nc})"), 8.0 * (nr * nc) as f64, time(cuda, 3, 20, || {
+        cuda.gather_block(&gt, T, OUT, &ri, nr, &ci, nc, 0.0, &mut gblock)
+    }));
+    let xt = buf(cuda, &rand_vec(&mut r, T * IN));
+    let mut xrows = zeros::<f32>(cuda, nr * IN);
+    b.mem(&format!("gather_rows f32 ({nr} of {T} rows x {IN})"), 8.0 * (nr * IN) as f64, time(cuda, 3, 20, || {
+        cuda.gather_rows(&xt, T, IN, &ri, nr, &mut xrows)
+    }));
+    let mut xth = zeros::<bf16>(cuda, T * IN);
+    cuda.cast_to_bf16(&xt, &mut xth, T * IN).unwrap();
+    let mut xrows_h = zeros::<bf16>(cuda, nr * IN);
+    b.mem(&format!("gather_rows bf16 ({nr} of {T} rows x {IN})"), 4.0 * (nr * IN) as f64, time(cuda, 3, 20, || {
+        cuda.gather_rows(&xth, T, IN, &ri, nr, &mut xrows_h)
+    }));
+
+    println!("\n-- top-k (k = 1%)");
+    let mut ws = cuda.topk_workspace(big).unwrap();
+    for &(rows, cols) in &[(OUT, IN), (1024, 1024), (64, 64)] {
+        let n = rows * cols;
+        let m = if n == big { buf(cuda, &y0) } else { buf(cuda, &rand_vec(&mut r, n)) };
+        let k = (n / 100).max(1);
+        let mut out: Coo<Cuda, f32> = Coo::with_capacity(cuda, k, (rows, cols)).unwrap();
+        let maps = IndexMaps { row_map: None, col_map: None, full_shape: (rows, cols) };
+        let ms = time(cuda, 3, 20, || cuda.topk_coo(&m, rows, cols, k, &maps, &mut ws, &mut out));
+        b.mem(&format!("topk_coo {rows} x {cols}, k = {k} (5 reads)"), 5.0 * 4.0 * n as f64, ms);
+    }
+
+    println!("\n-- COO (k = 1% of {OUT} x {IN})");
+    let k = big / 100;
+    let mut lin: Vec<u64> = (0..k).map(|_| r.random_range(0..big as u64)).collect();
+    lin.sort_unstable();
+    lin.dedup();
+    let k = lin.len();
+    let host = HostCoo {
+        rows: lin.iter().map(|&l| (l / IN as u64) as u32).collect(),
+        cols: lin.iter().map(|&l| (l % IN as u64) as u32).collect(),
+        values: rand_vec(&mut r, k),
+        shape: (OUT, IN),
+    };
+    let mut coo: Coo<Cuda, f32> = Coo::with_capacity(cuda, k, (OUT, IN)).unwrap();
+    coo.set_from_host(cuda, &host).unwrap();
+    b.mem("coo_scatter_add", 20.0 * k as f64, time(cuda, 3, 20, || cuda.coo_scatter_add(&coo, 0.5, &mut y)));
+    let (mut ur, mut slot) = (zeros::<u32>(cuda, OUT), zeros::<u32>(cuda, k));
+    let mut n_slots = 0;
+    b.mem("coo_compact_rows (+ host read)", 12.0 * k as f64, time(cuda, 3, 20, || {
+        n_slots = cuda.coo_compact_rows(&coo, &mut ur, &mut slot)?;
+        Ok(())
+    }));
+    let q = buf(cuda, &rand_vec(&mut r, IN * IN));
+    let mut dq = zeros::<f32>(cuda, IN * n_slots);
+    let ms = time(cuda, 2, 5, || cuda.coo_dense_t(&coo, &slot, n_slots, &q, IN, &mut dq));
+    b.flops(&format!("coo_dense_t (Q {IN} x {IN}, {n_slots} slots)"), 2.0 * IN as f64 * k as f64, ms, b.sgemm_tflops);
+
+    println!("\n-- optimizers");
+    let hp = AdamParams::default();
+    let (mut m1, mut v1, mut delta) = (zeros::<f32>(cuda, big), zeros::<f32>(cuda, big), zeros::<f32>(cuda, k));
+    let mut step = 0u64;
+    b.mem(&format!("sparse_adam ({k} entries)"), 40.0 * k as f64, time(cuda, 3, 20, || {
+        step += 1;
+        cuda.sparse_adam(&coo, &mut m1, &mut v1, step, &hp, Some(&mut z), Some(&mut delta))
+    }));
+    let mut step = 0u64;
+    b.mem("adamw", 28.0 * bigf, time(cuda, 3, 20, || {
+        step += 1;
+        cuda.adamw(&mut w, &x, &mut m1, &mut v1, big, step, &hp)
+    }));
+
+    println!("\n-- GEMMs of the layer (T = {T}, out = {OUT}, in = {IN})");
+    let wgt = buf(cuda, &rand_vec(&mut r, OUT * IN));
+    let g = buf(cuda, &rand_vec(&mut r, T * OUT));
+    let mut yo = zeros::<f32>(cuda, T * OUT);
+    let mut dx = zeros::<f32>(cuda, T * IN);
+    let mut dw = zeros::<f32>(cuda, OUT * IN);
+    let f = 2.0 * (T * OUT * IN) as f64;
+    b.flops("sgemm y = x W^T", f, time(cuda, 2, 10, || cuda.gemm(&Gemm::nt(T, OUT, IN), &xt, &wgt, &mut yo)), b.sgemm_tflops);
+    b.flops("sgemm dx = g W", f, time(cuda, 2, 10, || cuda.gemm(&Gemm::nn(T, IN, OUT), &g, &wgt, &mut dx)), b.sgemm_tflops);
+    b.flops("sgemm dW = g^T x", f, time(cuda, 2, 10, || cuda.gemm(&Gemm::tn(OUT, IN, T), &g, &xt, &mut dw)), b.sgemm_tflops);
+    let mut wh = zeros::<bf16>(cuda, OUT * IN);
+    cuda.cast_to_bf16(&wgt, &mut wh, OUT * IN).unwrap();
+    b.flops("bf16 gemm y = x W^T (f32 out)", f, time(cuda, 2, 10, || cuda.gemm_bf16(&Gemm::nt(T, OUT, IN), &xth, &wh, &mut yo)), b.bf16_tflops);
+    cuda.synchronize().expect("final synchronize");
+}
