@@ -33,6 +33,7 @@
 pub mod backend;
 pub mod basis;
 pub mod error;
+pub mod io;
 pub mod linear;
 pub mod scalar;
 

@@ -1,0 +1,140 @@
+//! `sparsegrad basis`: streams every gradient stack `[N, out, in]` of the input files into
+//! its group's Gram accumulator (a group = a tensor name; the same name in several files
+//! accumulates), eigensolves each group and saves the [`BasisSet`].
+
+use crate::args::{self, in_file, CliError, Opt};
+use sparsegrad::io::{Dtype, SafetensorsFile};
+use sparsegrad::{BasisSet, Error, GramAccumulator};
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+const HELP: &str = "\
+sparsegrad basis: compute the SparseGrad basis (P, Q) of each layer group
+
+Usage:
+  sparsegrad basis --grads GRADS.safetensors [--grads MORE.safetensors ...] --output BASIS.safetensors
+
+Every tensor of every --grads file must be F32 of shape [N, out, in]: N gradients of the
+layer group named by the tensor (e.g. `up_proj`). A name that appears in several files
+accumulates (its out and in must agree), so gradients can be collected in pieces.
+Any other tensor is an error, not skipped: a skipped group would surface only later as a
+missing basis.
+
+Output (safetensors, written atomically): per group `{group}.P` [out, out],
+`{group}.Q` [in, in] (orthogonal, columns by descending singular value),
+`{group}.sigma_out` [out], `{group}.sigma_in` [in]; metadata `format` = sparsegrad-basis,
+`version` = 1, `{group}.n_grads` = the number of gradients.
+
+Options:
+  --grads FILE    input gradient stacks (repeatable, at least one)
+  --output FILE   where to write the basis
+  -h, --help      print this help
+";
+
+/// Values converted per chunk: 64 MiB of f32, so memory stays bounded by the Grams plus
+/// this, however large the stacks are.
+const CHUNK_VALUES: usize = 16 << 20;
+
+pub fn run(argv: &[OsString]) -> Result<(), CliError> {
+    let opts = [Opt { name: "grads", repeatable: true }, Opt { name: "output", repeatable: false }];
+    let parsed = args::parse("basis", argv, &opts)?;
+    if parsed.help {
+        crate::print_out(HELP);
+        return Ok(());
+    }
+    let inputs = parsed.all("grads");
+    if inputs.is_empty() {
+        return Err(CliError::usage("missing required option `--grads` (try `sparsegrad basis --help`)"));
+    }
+    let output = parsed.required("basis", "output")?;
+
+    // Group name -> (accumulator, file that fixed its shape).
+    let mut groups: BTreeMap<String, (GramAccumulator, PathBuf)> = BTreeMap::new();
+    for path in &inputs {
+        let file = SafetensorsFile::open(path)?;
+        let names = file.names();
+        if names.is_empty() {
+            return Err(Error::Format { path: Some(path.clone()), msg: "holds no tensors (expected F32 gradient stacks [N, out, in])".into() }.into());
+        }
+        for name in names {
+            accumulate(&file, &name, &mut groups)?;
+        }
+    }
+
+    let mut set = BasisSet::new();
+    let mut summary = String::new();
+    for (group, (acc, _)) in &groups {
+        let basis = acc.basis(group)?;
+        summary.push_str(&format!("{group}: {} gradients of [{}, {}]\n", acc.count(), basis.out, basis.inp));
+        set.insert(basis);
+    }
+    set.save(&output)?;
+    crate::print_out(&format!("{summary}wrote {} group(s) to {}\n", groups.len(), output.display()));
+    Ok(())
+}
+
+/// Checks one tensor and streams its gradients into its group.
+fn accumulate(file: &SafetensorsFile, name: &str, groups: &mut BTreeMap<String, (GramAccumulator, PathBuf)>) -> Result<(), CliError> {
+    let path = file.path();
+    let (Some(dtype), Some(shape)) = (file.dtype(name), file.shape(name)) else {
+        return Err(in_file(path, Error::MissingTensor { name: name.into(), context: None }));
+    };
+    if dtype != Dtype::F32 {
+        let expected = "F32 (a gradient stack [N, out, in])".to_string();
+        return Err(in_file(path, Error::Dtype { name: name.into(), expected, got: format!("{dtype:?}") }));
+    }
+    let &[n, out, inp] = shape else {
+        return Err(in_file(
+            path,
+            Error::Shape {
+                op: "sparsegrad basis",
+                what: format!("gradient stack `{name}`"),
+                expected: "[N, out, in] (rank 3)".into(),
+                got: format!("{shape:?}"),
+            },
+        ));
+    };
+    if out == 0 || inp == 0 {
+        let e = Error::Shape { op: "sparsegrad basis", what: format!("gradient stack `{name}`"), expected: "out >= 1 and in >= 1".into(), got: format!("{shape:?}") };
+        return Err(in_file(path, e));
+    }
+    let (acc, first) = groups.entry(name.to_string()).or_insert_with(|| (GramAccumulator::new(out, inp), path.to_path_buf()));
+    if acc.shape() != (out, inp) {
+        let (o, i) = acc.shape();
+        return Err(in_file(
+            path,
+            Error::Shape {
+                op: "sparsegrad basis",
+                what: format!("gradient stack `{name}` (group shapes must agree across files)"),
+                expected: format!("[N, {o}, {i}] as in {}", first.display()),
+                got: format!("{shape:?}"),
+            },
+        ));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let per = out * inp;
+    let batch = (CHUNK_VALUES / per).max(1);
+    match file.for_each_f32_chunk(name, batch * per, |chunk| acc.add_batch(chunk, chunk.len() / per)) {
+        Ok(()) => Ok(()),
+        // The accumulator saw one chunk; report the whole stack's count and first index.
+        Err(Error::NonFinite { .. }) => {
+            let (mut count, mut first_index, mut seen) = (0usize, usize::MAX, 0usize);
+            file.for_each_f32_chunk(name, batch * per, |chunk| {
+                for (i, v) in chunk.iter().enumerate() {
+                    if !v.is_finite() {
+                        count += 1;
+                        first_index = first_index.min(seen + i);
+                    }
+                }
+                seen += chunk.len();
+                Ok(())
+            })
+            .map_err(|e| in_file(path, e))?;
+            Err(in_file(path, Error::NonFinite { what: format!("gradient stack `{name}`"), count, first_index }))
+        }
+        Err(e) => Err(in_file(path, e)),
+    }
+}
