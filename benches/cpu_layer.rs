@@ -9,9 +9,9 @@
 //!
 //! Inputs: random x, random g with 25% of token rows zero (padding), keep = 1%.
 
-use sparsegrad::linear::dense::DenseLinear;
+use sparsegrad::linear::dense::{DenseLinear, DenseMode};
 use sparsegrad::linear::Precision;
-use sparsegrad::{AdamParams, Backend, Basis, Cpu, Formulation, Gemm, Keep, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{AdamParams, Backend, Basis, Cpu, Formulation, Gemm, Keep, Optimizer, Selection, SparseGradConfig, SparseGradLinear};
 use std::time::Instant;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -92,7 +92,7 @@ fn main() {
         let mut y = cpu.alloc::<f32>(tokens * out).unwrap();
         let mut dx = cpu.alloc::<f32>(tokens * inp).unwrap();
         let dense_flops = 3.0 * 2.0 * tokens as f64 * out as f64 * inp as f64;
-        let mut dense = DenseLinear::new(&cpu, &w, Some(&bias), out, inp, true, adam, Precision::Full).unwrap();
+        let mut dense = DenseLinear::new(&cpu, &w, Some(&bias), out, inp, DenseMode::Full, Optimizer::Adam(adam), Precision::Full).unwrap();
         let dense_s = time_steps(iters, || {
             dense.forward(&x, tokens, &mut y).unwrap();
             dense.backward(&g, tokens, Some(&mut dx)).unwrap();
@@ -107,7 +107,7 @@ fn main() {
         let k = Keep::Fraction(0.01).resolve(out * inp).unwrap();
         for form in [Formulation::Transformed, Formulation::Merged] {
             for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
-                let cfg = SparseGradConfig { keep: Keep::Count(k), selection: sel, formulation: Some(form), expected_tokens: tokens, adam, precision: Precision::Full };
+                let cfg = SparseGradConfig { keep: Keep::Count(k), selection: sel, formulation: Some(form), expected_tokens: tokens, optimizer: Optimizer::Adam(adam), precision: Precision::Full };
                 let mut layer = SparseGradLinear::new(&cpu, &w, Some(&bias), &basis, cfg).unwrap();
                 let secs = time_steps(iters, || {
                     layer.forward(&x, tokens, &mut y).unwrap();

@@ -10,7 +10,7 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::basis::sparsity_report;
-use sparsegrad::{AdamParams, Backend, Cpu, Gemm, GramAccumulator, Keep, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{AdamParams, Optimizer, Backend, Cpu, Gemm, GramAccumulator, Keep, Selection, SparseGradConfig, SparseGradLinear};
 use std::time::Instant;
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
@@ -61,7 +61,7 @@ fn main() -> sparsegrad::Result<()> {
     let cfg = SparseGradConfig {
         keep: Keep::Count(k),
         selection: Selection::Exact,
-        adam: AdamParams { lr: 2e-3, ..Default::default() },
+        optimizer: Optimizer::Adam(AdamParams { lr: 2e-3, ..Default::default() }),
         expected_tokens: tokens,
         ..Default::default()
     };

@@ -35,6 +35,7 @@ pub mod basis;
 pub mod error;
 pub mod io;
 pub mod linear;
+pub mod optim;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;
@@ -44,4 +45,5 @@ pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumula
 pub use error::{Error, Result};
 pub use linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
 pub use linear::{Keep, Precision};
+pub use optim::Optimizer;
 pub use scalar::{Elem, Real};

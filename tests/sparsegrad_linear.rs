@@ -5,7 +5,7 @@ mod common;
 
 use common::*;
 use sparsegrad::linear::Precision;
-use sparsegrad::{AdamParams, Backend, Cpu, Formulation, Keep, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{AdamParams, Optimizer, Backend, Cpu, Formulation, Keep, Selection, SparseGradConfig, SparseGradLinear};
 
 const FORMS: [Formulation; 2] = [Formulation::Transformed, Formulation::Merged];
 
@@ -203,7 +203,7 @@ fn training_merge_round_trip_and_formulations_agree() {
     let adam = AdamParams { lr: 1e-2, ..Default::default() };
     let mut finals = Vec::new();
     for form in FORMS {
-        let c = SparseGradConfig { adam, ..cfg(form, Keep::Fraction(0.1), Selection::Exact) };
+        let c = SparseGradConfig { optimizer: Optimizer::Adam(adam), ..cfg(form, Keep::Fraction(0.1), Selection::Exact) };
         let mut layer = SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, c).unwrap();
         let x = cpu.upload(&pr.x).unwrap();
         let mut y = cpu.alloc(t * out).unwrap();
@@ -223,7 +223,7 @@ fn training_merge_round_trip_and_formulations_agree() {
         // Rebuild from the merged weight: same forward.
         layer.forward(&x, t, &mut y).unwrap();
         let bias = layer.bias_host().unwrap().unwrap();
-        let mut rebuilt = SparseGradLinear::new(&cpu, &merged, Some(&bias), &pr.basis, SparseGradConfig { adam, ..cfg(form, Keep::Fraction(0.1), Selection::Exact) }).unwrap();
+        let mut rebuilt = SparseGradLinear::new(&cpu, &merged, Some(&bias), &pr.basis, SparseGradConfig { optimizer: Optimizer::Adam(adam), ..cfg(form, Keep::Fraction(0.1), Selection::Exact) }).unwrap();
         let mut y2 = cpu.alloc(t * out).unwrap();
         rebuilt.forward(&x, t, &mut y2).unwrap();
         assert_close(&format!("{form:?}: rebuilt forward"), &y2, &y, 1e-5, 1e-4);

@@ -1,17 +1,32 @@
-//! `DenseLinear`: `y = x W^T + b` with the weight either frozen (no weight gradient is
-//! ever computed: the `dW` GEMM is skipped) or fully trained with AdamW.
+//! `DenseLinear`: `y = x W^T + b` in the original space, in one of three modes:
+//! - `Frozen`: no weight gradient is ever computed (the `dW` GEMM is skipped), nothing trains;
+//! - `Collect`: the dense `dW` is computed for SparseGrad's preliminary phase, nothing trains;
+//! - `Full`: full fine-tuning, dense gradient, AdamW (or SGD) on weight and bias;
+//! - `MeProp { keep }`: the paper's MeProp baseline as in the official benchmark code: the
+//!   top-k entries of `dW` by magnitude in the original space, applied with SparseAdam
+//!   (or SGD); the bias trains densely as in SparseGrad.
 
-use crate::backend::{AdamParams, Backend, Gemm};
+use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
 use crate::error::{Error, Result};
-use crate::linear::{check_activation, check_finite, mm, stage, Operand, OperandRef, Precision};
+use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
+use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
 
-/// Optimizer state and gradients of a trained dense weight.
-struct DenseTraining<B: Backend, F: Real> {
-    grad_w: B::Buf<F>,
-    exp_avg: B::Buf<F>,
-    exp_avg_sq: B::Buf<F>,
+/// What a [`DenseLinear`] trains.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum DenseMode {
+    Frozen,
+    Collect,
+    Full,
+    MeProp { keep: Keep },
+}
+
+/// The MeProp selection state.
+struct TopK<B: Backend, F: Real> {
+    k: usize,
+    coo: Coo<B, F>,
+    ws: B::TopkWorkspace,
 }
 
 /// A dense linear layer; see the module docs.
@@ -19,15 +34,18 @@ pub struct DenseLinear<B: Backend, F: Real = f32> {
     backend: B,
     out: usize,
     inp: usize,
-    adam: AdamParams,
+    mode: DenseMode,
+    opt: Optimizer,
     precision: Precision,
     w: B::Buf<F>,
     w_half: Option<B::Buf<bf16>>,
     bias: Option<B::Buf<F>>,
-    /// Trained weight: gradient and AdamW state. `None` when frozen.
-    training: Option<DenseTraining<B, F>>,
-    /// The bias trains (AdamW) whenever the weight does.
-    bias_state: Option<[B::Buf<F>; 3]>,
+    /// Dense `dW` (Full, MeProp), its selection (MeProp) and the weight's moments.
+    grad_w: Option<B::Buf<F>>,
+    topk: Option<TopK<B, F>>,
+    moments: Option<Moments<B, F>>,
+    bias_grad: Option<B::Buf<F>>,
+    bias_moments: Option<Moments<B, F>>,
     saved: Operand<B, F>,
     x_half: Option<B::Buf<bf16>>,
     g_half: Option<B::Buf<bf16>>,
@@ -38,8 +56,8 @@ pub struct DenseLinear<B: Backend, F: Real = f32> {
 }
 
 impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
-    /// `trainable = false` freezes weight and bias.
-    pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, out: usize, inp: usize, trainable: bool, adam: AdamParams, precision: Precision) -> Result<Self> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, out: usize, inp: usize, mode: DenseMode, opt: Optimizer, precision: Precision) -> Result<Self> {
         if weight.len() != out * inp {
             return Err(Error::shape("DenseLinear::new", "weight", format!("{out} x {inp}"), weight.len()));
         }
@@ -48,17 +66,18 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
                 return Err(Error::shape("DenseLinear::new", "bias", out, b.len()));
             }
         }
-        if let Some(i) = weight.iter().chain(bias.unwrap_or(&[])).position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "weight or bias".into(), count: 1, first_index: i });
+        let all = weight.iter().chain(bias.unwrap_or(&[]));
+        if let Some(i) = all.clone().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "weight or bias".into(), count: all.filter(|v| !v.is_finite()).count(), first_index: i });
         }
-        adam.validate()?;
-        let training = if trainable {
-            Some(DenseTraining { grad_w: backend.alloc(out * inp)?, exp_avg: backend.alloc(out * inp)?, exp_avg_sq: backend.alloc(out * inp)? })
-        } else {
-            None
-        };
-        let bias_state = match (trainable, bias.is_some()) {
-            (true, true) => Some([backend.alloc(out)?, backend.alloc(out)?, backend.alloc(out)?]),
+        opt.validate()?;
+        let computes_grad = mode != DenseMode::Frozen;
+        let trains = matches!(mode, DenseMode::Full | DenseMode::MeProp { .. });
+        let topk = match mode {
+            DenseMode::MeProp { keep } => {
+                let k = keep.resolve(out * inp)?;
+                Some(TopK { k, coo: Coo::with_capacity(backend, k, (out, inp))?, ws: backend.topk_workspace(out * inp)? })
+            }
             _ => None,
         };
         let w = backend.upload(weight)?;
@@ -66,17 +85,22 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         if let Some(h) = w_half.as_mut() {
             backend.cast_to_bf16(&w, h, out * inp)?;
         }
+        let has_bias = bias.is_some() && trains;
         Ok(DenseLinear {
             backend: backend.clone(),
             out,
             inp,
-            adam,
+            mode,
+            opt,
             precision,
             w,
             w_half,
             bias: bias.map(|b| backend.upload(b)).transpose()?,
-            training,
-            bias_state,
+            grad_w: if computes_grad { Some(backend.alloc(out * inp)?) } else { None },
+            topk,
+            moments: if trains { Moments::for_optimizer(backend, &opt, out * inp)? } else { None },
+            bias_grad: if has_bias { Some(backend.alloc(out)?) } else { None },
+            bias_moments: if has_bias { Moments::for_optimizer(backend, &opt, out)? } else { None },
             saved: Operand::alloc(backend, precision, 0)?,
             x_half: None,
             g_half: None,
@@ -87,15 +111,27 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         })
     }
 
-    pub fn is_trainable(&self) -> bool {
-        self.training.is_some()
+    pub fn mode(&self) -> DenseMode {
+        self.mode
     }
-    /// Weight plus bias entries when trained, 0 when frozen.
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Entries updated per step: all of W (Full), k (MeProp), none (Frozen); plus the bias.
     pub fn trainable_parameters(&self) -> usize {
-        if self.training.is_some() {
-            self.out * self.inp + if self.bias.is_some() { self.out } else { 0 }
-        } else {
-            0
+        let bias = if self.bias_grad.is_some() { self.out } else { 0 };
+        match (&self.mode, &self.topk) {
+            (DenseMode::Frozen | DenseMode::Collect, _) => 0,
+            (DenseMode::Full, _) => self.out * self.inp + bias,
+            (DenseMode::MeProp { .. }, Some(t)) => t.k + bias,
+            (DenseMode::MeProp { .. }, None) => bias,
         }
     }
 
@@ -103,11 +139,11 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         if tokens <= self.capacity {
             return Ok(());
         }
-        // Only a trained weight needs x for backward (dW = g^T x); dx = g W does not.
-        let keep_x = if self.training.is_some() { tokens * self.inp } else { 0 };
-        self.saved = Operand::alloc(&self.backend, self.precision, keep_x)?;
+        let trains = self.grad_w.is_some();
         let half = self.precision == Precision::Bf16;
-        self.x_half = if half && self.training.is_none() { Some(self.backend.alloc(tokens * self.inp)?) } else { None };
+        // Only a trained weight needs x for backward (dW = g^T x); dx = g W does not.
+        self.saved = Operand::alloc(&self.backend, self.precision, if trains { tokens * self.inp } else { 0 })?;
+        self.x_half = if half && !trains { Some(self.backend.alloc(tokens * self.inp)?) } else { None };
         self.g_half = if half { Some(self.backend.alloc(tokens * self.out)?) } else { None };
         self.capacity = tokens;
         Ok(())
@@ -122,7 +158,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         self.ensure_tokens(tokens)?;
         let be = &self.backend;
         let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
-        let x_op = if self.training.is_some() {
+        let x_op = if self.grad_w.is_some() {
             self.saved.store(be, x, tokens * inp)?;
             self.saved.as_ref()
         } else {
@@ -136,43 +172,55 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         Ok(())
     }
 
-    /// `dx = g W` into `dx` if given; `dW = g^T x` and `db` only when trained.
+    /// `dx = g W` into `dx` if given; `dW = g^T x` (and its top-k under MeProp) and `db`
+    /// only when the layer trains.
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
         if self.saved_tokens != Some(tokens) {
             return Err(Error::invalid("DenseLinear::backward", format!("no forward of {tokens} tokens to go back through")));
         }
         check_activation(&self.backend, "DenseLinear::backward", "grad_y", g, tokens, out)?;
+        if let Some(dx) = dx.as_deref() {
+            check_activation(&self.backend, "DenseLinear::backward", "dx", dx, tokens, inp)?;
+        }
         check_finite(&self.backend, g, tokens * out, "output gradient grad_y")?;
         self.grad_ready = false;
         let be = &self.backend;
         let g_op = stage(be, g, self.g_half.as_mut(), tokens * out)?;
         if let Some(dx) = dx {
-            check_activation(be, "DenseLinear::backward", "dx", dx, tokens, inp)?;
             let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
             mm(be, &Gemm::nn(tokens, inp, out), g_op, w_op, dx)?;
         }
-        if let Some(tr) = self.training.as_mut() {
-            mm(be, &Gemm::tn(out, inp, tokens), g_op, self.saved.as_ref(), &mut tr.grad_w)?;
-            if let Some([db, _, _]) = self.bias_state.as_mut() {
-                be.bias_grad(g, tokens, out, db, F::ZERO)?;
-            }
-            self.grad_ready = true;
+        let Some(grad_w) = self.grad_w.as_mut() else { return Ok(()) };
+        mm(be, &Gemm::tn(out, inp, tokens), g_op, self.saved.as_ref(), grad_w)?;
+        if let Some(t) = self.topk.as_mut() {
+            let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
+            be.topk_coo(grad_w, out, inp, t.k, &full, &mut t.ws, &mut t.coo)?;
         }
+        if let Some(db) = self.bias_grad.as_mut() {
+            be.bias_grad(g, tokens, out, db, F::ZERO)?;
+        }
+        self.grad_ready = true;
         Ok(())
     }
 
-    /// AdamW on weight and bias. A frozen layer has nothing to step and returns Ok.
+    /// One optimizer step. Frozen and collecting layers have nothing to step and return Ok.
     pub fn step(&mut self) -> Result<()> {
-        let Some(tr) = self.training.as_mut() else { return Ok(()) };
+        if matches!(self.mode, DenseMode::Frozen | DenseMode::Collect) {
+            return Ok(());
+        }
         if !self.grad_ready {
             return Err(Error::invalid("DenseLinear::step", "no gradient: call backward first"));
         }
         let be = &self.backend;
         let step = self.step + 1;
-        be.adamw(&mut self.w, &tr.grad_w, &mut tr.exp_avg, &mut tr.exp_avg_sq, self.out * self.inp, step, &self.adam)?;
-        if let (Some(b), Some([db, m, v])) = (self.bias.as_mut(), self.bias_state.as_mut()) {
-            be.adamw(b, db, m, v, self.out, step, &self.adam)?;
+        match (&self.topk, &self.grad_w) {
+            (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut self.w), None, self.moments.as_mut(), step)?,
+            (None, Some(gw)) => dense_step(be, &self.opt, &mut self.w, gw, self.moments.as_mut(), self.out * self.inp, step)?,
+            (None, None) => return Err(Error::invalid("DenseLinear::step", "no weight gradient buffer")),
+        }
+        if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
+            dense_step(be, &self.opt, b, db, self.bias_moments.as_mut(), self.out, step)?;
         }
         if let Some(h) = self.w_half.as_mut() {
             be.cast_to_bf16(&self.w, h, self.out * self.inp)?;
@@ -188,11 +236,25 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     pub fn bias_host(&self) -> Result<Option<Vec<F>>> {
         self.bias.as_ref().map(|b| self.backend.download(b, self.out)).transpose()
     }
-    /// The dense weight gradient of the last backward (trained layers only).
+    /// The dense weight gradient of the last backward (Full and MeProp).
     pub fn grad_host(&self) -> Result<Vec<F>> {
-        match (&self.training, self.grad_ready) {
-            (Some(tr), true) => self.backend.download(&tr.grad_w, self.out * self.inp),
+        match (&self.grad_w, self.grad_ready) {
+            (Some(g), true) => self.backend.download(g, self.out * self.inp),
             _ => Err(Error::invalid("DenseLinear::grad_host", "no weight gradient (frozen layer, or no backward yet)")),
+        }
+    }
+    /// The bias gradient of the last backward.
+    pub fn bias_grad_host(&self) -> Result<Option<Vec<F>>> {
+        if !self.grad_ready {
+            return Err(Error::invalid("DenseLinear::bias_grad_host", "no gradient: call backward first"));
+        }
+        self.bias_grad.as_ref().map(|b| self.backend.download(b, self.out)).transpose()
+    }
+    /// MeProp's selected COO gradient of the last backward.
+    pub fn sparse_grad_host(&self) -> Result<HostCoo<F>> {
+        match (&self.topk, self.grad_ready) {
+            (Some(t), true) => t.coo.to_host(&self.backend),
+            _ => Err(Error::invalid("DenseLinear::sparse_grad_host", "not a MeProp layer, or no backward yet")),
         }
     }
 }

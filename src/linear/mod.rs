@@ -2,7 +2,9 @@
 //! entries to keep, operand precision, and GEMMs over operands stored in `F` or bf16.
 
 pub mod dense;
+pub mod lora;
 pub mod sparsegrad;
+pub mod trainable;
 
 use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};

@@ -18,7 +18,8 @@
 mod step;
 mod workspace;
 
-use crate::backend::{AdamParams, Backend, Coo, Gemm, HostCoo};
+use crate::backend::{Backend, Coo, Gemm, HostCoo};
+use crate::optim::{Moments, Optimizer};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
@@ -75,8 +76,9 @@ pub struct SparseGradConfig {
     pub formulation: Option<Formulation>,
     /// Tokens per step the cost model assumes.
     pub expected_tokens: usize,
-    /// SparseAdam for `Wt` (its `weight_decay` is ignored, as in PyTorch) and AdamW for the bias.
-    pub adam: AdamParams,
+    /// Adam: SparseAdam for `Wt` (its `weight_decay` is ignored, as in PyTorch) and AdamW
+    /// for the bias. SGD: plain steps on both.
+    pub optimizer: Optimizer,
     pub precision: Precision,
 }
 
@@ -87,7 +89,7 @@ impl Default for SparseGradConfig {
             selection: Selection::Exact,
             formulation: None,
             expected_tokens: 4096,
-            adam: AdamParams::default(),
+            optimizer: Optimizer::default(),
             precision: Precision::Full,
         }
     }
@@ -126,10 +128,9 @@ pub struct SparseGradLinear<B: Backend, F: Real = f32> {
     weight: Weight<B, F>,
     bias: Option<B::Buf<F>>,
     bias_grad: Option<B::Buf<F>>,
-    bias_exp_avg: Option<B::Buf<F>>,
-    bias_exp_avg_sq: Option<B::Buf<F>>,
-    exp_avg: B::Buf<F>,
-    exp_avg_sq: B::Buf<F>,
+    bias_moments: Option<Moments<B, F>>,
+    /// SparseAdam state of `Wt`: dense, one entry per weight, as PyTorch keeps it.
+    moments: Option<Moments<B, F>>,
     step: u64,
     grad: Coo<B, F>,
     grad_ready: bool,
@@ -171,7 +172,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             return Err(Error::NonFinite { what: "weight".into(), count: weight.iter().filter(|v| !v.is_finite()).count(), first_index: i });
         }
         basis.validate()?;
-        cfg.adam.validate()?;
+        cfg.optimizer.validate()?;
         let k = cfg.keep.resolve(out * inp)?;
         let thresholded = match cfg.selection {
             Selection::Exact => false,
@@ -218,8 +219,6 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             }
         };
         let bias_buf = bias.map(|b| backend.upload(b)).transpose()?;
-        let has_bias = bias.is_some();
-        let alloc_bias = || -> Result<Option<B::Buf<F>>> { if has_bias { Ok(Some(backend.alloc(out)?)) } else { Ok(None) } };
         let mut layer = SparseGradLinear {
             backend: backend.clone(),
             out,
@@ -232,11 +231,9 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             q,
             weight: weight_state,
             bias: bias_buf,
-            bias_grad: alloc_bias()?,
-            bias_exp_avg: alloc_bias()?,
-            bias_exp_avg_sq: alloc_bias()?,
-            exp_avg: backend.alloc(out * inp)?,
-            exp_avg_sq: backend.alloc(out * inp)?,
+            bias_grad: if bias.is_some() { Some(backend.alloc(out)?) } else { None },
+            bias_moments: if bias.is_some() { Moments::for_optimizer(backend, &cfg.optimizer, out)? } else { None },
+            moments: Moments::for_optimizer(backend, &cfg.optimizer, out * inp)?,
             step: 0,
             grad: Coo::with_capacity(backend, k, (out, inp))?,
             grad_ready: false,

@@ -4,6 +4,7 @@ use super::{weight_ref, Formulation, Selection, SparseGradLinear, StepGrads, Wei
 use crate::backend::{Backend, Gemm, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::{mm, stage, OperandRef};
+use crate::optim::{dense_step, sparse_step};
 use crate::scalar::Real;
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
@@ -91,13 +92,13 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if !self.grad_ready {
             return Err(Error::invalid("SparseGradLinear::step", "no gradient: call backward first"));
         }
-        let hp = self.cfg.adam;
+        let opt = self.cfg.optimizer;
         let step = self.step + 1;
         let (out, inp) = (self.out, self.inp);
         let be = &self.backend;
         match &mut self.weight {
             Weight::Transformed { wt, .. } => {
-                be.sparse_adam(&self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, step, &hp, Some(wt), None)?;
+                sparse_step(be, &opt, &self.grad, Some(wt), None, self.moments.as_mut(), step)?;
             }
             Weight::Merged { w, .. } => {
                 let ws = &mut self.ws;
@@ -106,7 +107,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 let (unique_rows, slot) = (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
                 let (et, pt_rows) = (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
                 let n = self.grad.len;
-                be.sparse_adam(&self.grad, &mut self.exp_avg, &mut self.exp_avg_sq, step, &hp, None, Some(&mut change.values))?;
+                sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
                 be.copy(&self.grad.rows, &mut change.rows, n)?;
                 be.copy(&self.grad.cols, &mut change.cols, n)?;
                 change.len = n;
@@ -129,8 +130,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 be.gemm(&spec, pt_rows, et, w)?;
             }
         }
-        if let (Some(b), Some(db), Some(m), Some(v)) = (&mut self.bias, &self.bias_grad, &mut self.bias_exp_avg, &mut self.bias_exp_avg_sq) {
-            be.adamw(b, db, m, v, out, step, &hp)?;
+        if let (Some(b), Some(db)) = (&mut self.bias, &self.bias_grad) {
+            dense_step(be, &opt, b, db, self.bias_moments.as_mut(), out, step)?;
         }
         self.step = step;
         self.grad_ready = false;

@@ -1,0 +1,298 @@
+//! `LoraLinear`: `y = x W^T + b + s (x A^T) B^T` with `W`, `b` frozen, trainable
+//! `A` `(r, in)` and `B` `(out, r)`, `s = alpha / r` (Hu et al. 2021; PEFT's defaults:
+//! `A` Kaiming-uniform with bound `1/sqrt(in)`, `B = 0`, so training starts at the frozen
+//! model's output exactly). Backward: `v = g B`, `dx = g W + s v A`, `dB = s g^T u`,
+//! `dA = s v^T x` with `u = x A^T` saved from the forward.
+
+use crate::backend::{Backend, Gemm};
+use crate::error::{Error, Result};
+use crate::linear::{check_activation, check_finite, mm, stage, Operand, OperandRef, Precision};
+use crate::optim::{dense_step, Moments, Optimizer};
+use crate::scalar::Real;
+use half::bf16;
+
+/// A trainable LoRA factor with its gradient, moments and bf16 compute copy.
+struct Factor<B: Backend, F: Real> {
+    value: B::Buf<F>,
+    half: Option<B::Buf<bf16>>,
+    grad: B::Buf<F>,
+    moments: Option<Moments<B, F>>,
+    len: usize,
+}
+
+impl<B: Backend, F: Real> Factor<B, F> {
+    fn new(be: &B, host: &[F], opt: &Optimizer, precision: Precision) -> Result<Self> {
+        let value = be.upload(host)?;
+        let mut half = if precision == Precision::Bf16 { Some(be.alloc(host.len())?) } else { None };
+        if let Some(h) = half.as_mut() {
+            be.cast_to_bf16(&value, h, host.len())?;
+        }
+        Ok(Factor { value, half, grad: be.alloc(host.len())?, moments: Moments::for_optimizer(be, opt, host.len())?, len: host.len() })
+    }
+    fn op(&self) -> OperandRef<'_, B, F> {
+        self.half.as_ref().map_or(OperandRef::Full(&self.value), OperandRef::Half)
+    }
+    fn step(&mut self, be: &B, opt: &Optimizer, step: u64) -> Result<()> {
+        dense_step(be, opt, &mut self.value, &self.grad, self.moments.as_mut(), self.len, step)?;
+        if let Some(h) = self.half.as_mut() {
+            be.cast_to_bf16(&self.value, h, self.len)?;
+        }
+        Ok(())
+    }
+}
+
+/// Token-dependent buffers, grown to the largest batch seen.
+struct LoraWorkspace<B: Backend, F: Real> {
+    capacity: usize,
+    saved_x: Operand<B, F>,
+    /// `u = x A^T` (saved) and `v = g B`, in `F`, with operand copies for bf16.
+    u: B::Buf<F>,
+    u_op: Operand<B, F>,
+    v: B::Buf<F>,
+    v_half: Option<B::Buf<bf16>>,
+    g_half: Option<B::Buf<bf16>>,
+}
+
+/// A LoRA-adapted linear layer; see the module docs.
+pub struct LoraLinear<B: Backend, F: Real = f32> {
+    backend: B,
+    out: usize,
+    inp: usize,
+    rank: usize,
+    scaling: f32,
+    opt: Optimizer,
+    precision: Precision,
+    w: B::Buf<F>,
+    w_half: Option<B::Buf<bf16>>,
+    bias: Option<B::Buf<F>>,
+    a: Factor<B, F>,
+    b: Factor<B, F>,
+    ws: LoraWorkspace<B, F>,
+    saved_tokens: Option<usize>,
+    grad_ready: bool,
+    step: u64,
+}
+
+/// PEFT's initialisation of `A`: uniform in `[-1/sqrt(in), 1/sqrt(in))`, from a seeded
+/// splitmix64 stream so runs are reproducible.
+pub fn lora_init_a<F: Real>(rank: usize, inp: usize, seed: u64) -> Vec<F> {
+    let bound = 1.0 / (inp.max(1) as f64).sqrt();
+    let mut state = seed;
+    (0..rank * inp)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+            F::from_f64((2.0 * unit - 1.0) * bound)
+        })
+        .collect()
+}
+
+impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
+    /// A LoRA layer over the frozen `weight` `(out, in)`, with `A` from [`lora_init_a`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, out: usize, inp: usize, rank: usize, alpha: f32, seed: u64, opt: Optimizer, precision: Precision) -> Result<Self> {
+        let a = lora_init_a::<F>(rank, inp, seed);
+        let b = vec![F::ZERO; out * rank];
+        Self::from_factors(backend, weight, bias, out, inp, rank, alpha, &a, &b, opt, precision)
+    }
+
+    /// A LoRA layer with given factors `A` `(r, in)` and `B` `(out, r)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_factors(
+        backend: &B,
+        weight: &[F],
+        bias: Option<&[F]>,
+        out: usize,
+        inp: usize,
+        rank: usize,
+        alpha: f32,
+        a: &[F],
+        b: &[F],
+        opt: Optimizer,
+        precision: Precision,
+    ) -> Result<Self> {
+        if rank == 0 || rank > out.min(inp) {
+            return Err(Error::invalid("LoraLinear::new", format!("rank {rank} outside 1..={}", out.min(inp))));
+        }
+        if !(alpha.is_finite() && alpha > 0.0) {
+            return Err(Error::invalid("LoraLinear::new", format!("alpha {alpha} must be finite and > 0")));
+        }
+        for (what, len, need) in [("weight", weight.len(), out * inp), ("A", a.len(), rank * inp), ("B", b.len(), out * rank)] {
+            if len != need {
+                return Err(Error::shape("LoraLinear::new", what, need, len));
+            }
+        }
+        if let Some(bias) = bias {
+            if bias.len() != out {
+                return Err(Error::shape("LoraLinear::new", "bias", out, bias.len()));
+            }
+        }
+        let all = weight.iter().chain(a).chain(b).chain(bias.unwrap_or(&[]));
+        if let Some(i) = all.clone().position(|v| !v.is_finite()) {
+            return Err(Error::NonFinite { what: "weight, bias or LoRA factors".into(), count: all.filter(|v| !v.is_finite()).count(), first_index: i });
+        }
+        opt.validate()?;
+        let w = backend.upload(weight)?;
+        let mut w_half = if precision == Precision::Bf16 { Some(backend.alloc(out * inp)?) } else { None };
+        if let Some(h) = w_half.as_mut() {
+            backend.cast_to_bf16(&w, h, out * inp)?;
+        }
+        let half = precision == Precision::Bf16;
+        Ok(LoraLinear {
+            backend: backend.clone(),
+            out,
+            inp,
+            rank,
+            scaling: alpha / rank as f32,
+            opt,
+            precision,
+            w,
+            w_half,
+            bias: bias.map(|b| backend.upload(b)).transpose()?,
+            a: Factor::new(backend, a, &opt, precision)?,
+            b: Factor::new(backend, b, &opt, precision)?,
+            ws: LoraWorkspace {
+                capacity: 0,
+                saved_x: Operand::alloc(backend, precision, 0)?,
+                u: backend.alloc(0)?,
+                u_op: Operand::alloc(backend, precision, 0)?,
+                v: backend.alloc(0)?,
+                v_half: if half { Some(backend.alloc(0)?) } else { None },
+                g_half: if half { Some(backend.alloc(0)?) } else { None },
+            },
+            saved_tokens: None,
+            grad_ready: false,
+            step: 0,
+        })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn scaling(&self) -> f32 {
+        self.scaling
+    }
+    pub fn out_features(&self) -> usize {
+        self.out
+    }
+    pub fn in_features(&self) -> usize {
+        self.inp
+    }
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+    /// `r (in + out)`: the factors; `W` and `b` stay frozen.
+    pub fn trainable_parameters(&self) -> usize {
+        self.rank * (self.inp + self.out)
+    }
+
+    fn ensure_tokens(&mut self, tokens: usize) -> Result<()> {
+        if tokens <= self.ws.capacity {
+            return Ok(());
+        }
+        let (be, p, r) = (&self.backend, self.precision, self.rank);
+        let half = p == Precision::Bf16;
+        self.ws.saved_x = Operand::alloc(be, p, tokens * self.inp)?;
+        self.ws.u = be.alloc(tokens * r)?;
+        self.ws.u_op = Operand::alloc(be, p, tokens * r)?;
+        self.ws.v = be.alloc(tokens * r)?;
+        self.ws.v_half = if half { Some(be.alloc(tokens * r)?) } else { None };
+        self.ws.g_half = if half { Some(be.alloc(tokens * self.out)?) } else { None };
+        self.ws.capacity = tokens;
+        Ok(())
+    }
+
+    pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+        let (out, inp, r) = (self.out, self.inp, self.rank);
+        check_activation(&self.backend, "LoraLinear::forward", "x", x, tokens, inp)?;
+        check_activation(&self.backend, "LoraLinear::forward", "y", y, tokens, out)?;
+        check_finite(&self.backend, x, tokens * inp, "layer input x")?;
+        self.saved_tokens = None;
+        self.ensure_tokens(tokens)?;
+        let be = &self.backend;
+        let ws = &mut self.ws;
+        ws.saved_x.store(be, x, tokens * inp)?;
+        let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
+        mm(be, &Gemm::nt(tokens, out, inp), ws.saved_x.as_ref(), w_op, y)?;
+        if let Some(b) = &self.bias {
+            be.add_bias(y, b, tokens, out)?;
+        }
+        mm(be, &Gemm::nt(tokens, r, inp), ws.saved_x.as_ref(), self.a.op(), &mut ws.u)?;
+        ws.u_op.store(be, &ws.u, tokens * r)?;
+        mm(be, &Gemm::nt(tokens, out, r).alpha(self.scaling).beta(1.0), ws.u_op.as_ref(), self.b.op(), y)?;
+        self.saved_tokens = Some(tokens);
+        Ok(())
+    }
+
+    pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        let (out, inp, r, s) = (self.out, self.inp, self.rank, self.scaling);
+        if self.saved_tokens != Some(tokens) {
+            return Err(Error::invalid("LoraLinear::backward", format!("no forward of {tokens} tokens to go back through")));
+        }
+        check_activation(&self.backend, "LoraLinear::backward", "grad_y", g, tokens, out)?;
+        if let Some(dx) = dx.as_deref() {
+            check_activation(&self.backend, "LoraLinear::backward", "dx", dx, tokens, inp)?;
+        }
+        check_finite(&self.backend, g, tokens * out, "output gradient grad_y")?;
+        self.grad_ready = false;
+        let be = &self.backend;
+        let ws = &mut self.ws;
+        let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
+        mm(be, &Gemm::nn(tokens, r, out), g_op, self.b.op(), &mut ws.v)?;
+        let v_op = stage(be, &ws.v, ws.v_half.as_mut(), tokens * r)?;
+        if let Some(dx) = dx {
+            let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
+            mm(be, &Gemm::nn(tokens, inp, out), g_op, w_op, dx)?;
+            mm(be, &Gemm::nn(tokens, inp, r).alpha(s).beta(1.0), v_op, self.a.op(), dx)?;
+        }
+        mm(be, &Gemm::tn(out, r, tokens).alpha(s), g_op, ws.u_op.as_ref(), &mut self.b.grad)?;
+        mm(be, &Gemm::tn(r, inp, tokens).alpha(s), v_op, ws.saved_x.as_ref(), &mut self.a.grad)?;
+        self.grad_ready = true;
+        Ok(())
+    }
+
+    /// AdamW (or SGD) on `A` and `B`.
+    pub fn step(&mut self) -> Result<()> {
+        if !self.grad_ready {
+            return Err(Error::invalid("LoraLinear::step", "no gradient: call backward first"));
+        }
+        let step = self.step + 1;
+        self.a.step(&self.backend, &self.opt, step)?;
+        self.b.step(&self.backend, &self.opt, step)?;
+        self.step = step;
+        self.grad_ready = false;
+        Ok(())
+    }
+
+    /// `(A, B)` on the host.
+    pub fn factors_host(&self) -> Result<(Vec<F>, Vec<F>)> {
+        Ok((self.backend.download(&self.a.value, self.a.len)?, self.backend.download(&self.b.value, self.b.len)?))
+    }
+    /// `(dA, dB)` of the last backward.
+    pub fn grads_host(&self) -> Result<(Vec<F>, Vec<F>)> {
+        if !self.grad_ready {
+            return Err(Error::invalid("LoraLinear::grads_host", "no gradient: call backward first"));
+        }
+        Ok((self.backend.download(&self.a.grad, self.a.len)?, self.backend.download(&self.b.grad, self.b.len)?))
+    }
+    pub fn bias_host(&self) -> Result<Option<Vec<F>>> {
+        self.bias.as_ref().map(|b| self.backend.download(b, self.out)).transpose()
+    }
+    /// The frozen base weight.
+    pub fn base_weight_host(&self) -> Result<Vec<F>> {
+        self.backend.download(&self.w, self.out * self.inp)
+    }
+
+    /// `W + s B A`, computed on the backend in `F`.
+    pub fn merged_weight(&self) -> Result<Vec<F>> {
+        let be = &self.backend;
+        let mut w = be.alloc::<F>(self.out * self.inp)?;
+        be.copy(&self.w, &mut w, self.out * self.inp)?;
+        be.gemm(&Gemm::nn(self.out, self.inp, self.rank).alpha(self.scaling).beta(1.0), &self.b.value, &self.a.value, &mut w)?;
+        be.download(&w, self.out * self.inp)
+    }
+}

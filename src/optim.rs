@@ -1,0 +1,125 @@
+//! Optimizers as the layers use them: Adam (SparseAdam on COO gradients, AdamW on dense
+//! ones, PyTorch semantics; the ops themselves live in the backends) or plain SGD, with
+//! the moment buffers each needs.
+
+use crate::backend::{AdamParams, Backend, Coo};
+use crate::error::{Error, Result};
+use crate::scalar::Real;
+
+/// The update rule of a trainable parameter.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Optimizer {
+    /// SparseAdam for sparse gradients, AdamW for dense ones.
+    Adam(AdamParams),
+    /// `p -= lr * g`: basis-invariant, so SparseGrad at keep = 100% follows full
+    /// fine-tuning exactly (Adam is not: its per-entry scaling depends on the basis).
+    Sgd { lr: f32 },
+}
+
+impl Default for Optimizer {
+    fn default() -> Self {
+        Optimizer::Adam(AdamParams::default())
+    }
+}
+
+impl Optimizer {
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Optimizer::Adam(hp) => hp.validate(),
+            Optimizer::Sgd { lr } if lr.is_finite() && *lr >= 0.0 => Ok(()),
+            Optimizer::Sgd { lr } => Err(Error::invalid("sgd", format!("learning rate {lr} must be finite and >= 0"))),
+        }
+    }
+
+    pub fn lr(&self) -> f32 {
+        match self {
+            Optimizer::Adam(hp) => hp.lr,
+            Optimizer::Sgd { lr } => *lr,
+        }
+    }
+}
+
+/// Adam's first and second moments of one parameter (`None` under SGD).
+pub struct Moments<B: Backend, F: Real> {
+    pub exp_avg: B::Buf<F>,
+    pub exp_avg_sq: B::Buf<F>,
+}
+
+impl<B: Backend, F: Real> Moments<B, F> {
+    /// Zeroed moments for `len` entries when `opt` needs them.
+    pub fn for_optimizer(backend: &B, opt: &Optimizer, len: usize) -> Result<Option<Self>> {
+        match opt {
+            Optimizer::Adam(_) => Ok(Some(Moments { exp_avg: backend.alloc(len)?, exp_avg_sq: backend.alloc(len)? })),
+            Optimizer::Sgd { .. } => Ok(None),
+        }
+    }
+
+    /// Host copies `(exp_avg, exp_avg_sq)` of the first `len` entries.
+    pub fn to_host(&self, backend: &B, len: usize) -> Result<(Vec<F>, Vec<F>)> {
+        Ok((backend.download(&self.exp_avg, len)?, backend.download(&self.exp_avg_sq, len)?))
+    }
+
+    pub fn set_from_host(&mut self, backend: &B, exp_avg: &[F], exp_avg_sq: &[F]) -> Result<()> {
+        backend.upload_into(exp_avg, &mut self.exp_avg)?;
+        backend.upload_into(exp_avg_sq, &mut self.exp_avg_sq)
+    }
+
+    pub fn bytes(&self, backend: &B) -> usize {
+        (backend.len(&self.exp_avg) + backend.len(&self.exp_avg_sq)) * std::mem::size_of::<F>()
+    }
+}
+
+fn missing_moments() -> Error {
+    Error::invalid("optimizer", "Adam needs moment buffers that were not allocated")
+}
+
+/// One dense step of `len` entries at step `step` (1-based).
+#[allow(clippy::too_many_arguments)]
+pub fn dense_step<B: Backend, F: Real>(
+    backend: &B,
+    opt: &Optimizer,
+    param: &mut B::Buf<F>,
+    grad: &B::Buf<F>,
+    moments: Option<&mut Moments<B, F>>,
+    len: usize,
+    step: u64,
+) -> Result<()> {
+    match opt {
+        Optimizer::Adam(hp) => {
+            let m = moments.ok_or_else(missing_moments)?;
+            backend.adamw(param, grad, &mut m.exp_avg, &mut m.exp_avg_sq, len, step, hp)
+        }
+        Optimizer::Sgd { lr } => backend.axpy(F::from_f64(-(*lr as f64)), grad, param, len),
+    }
+}
+
+/// One sparse step on the entries of `coo`: updates `param` in place if given, and writes
+/// each entry's change into `delta` if given.
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_step<B: Backend, F: Real>(
+    backend: &B,
+    opt: &Optimizer,
+    coo: &Coo<B, F>,
+    param: Option<&mut B::Buf<F>>,
+    delta: Option<&mut B::Buf<F>>,
+    moments: Option<&mut Moments<B, F>>,
+    step: u64,
+) -> Result<()> {
+    match opt {
+        Optimizer::Adam(hp) => {
+            let m = moments.ok_or_else(missing_moments)?;
+            backend.sparse_adam(coo, &mut m.exp_avg, &mut m.exp_avg_sq, step, hp, param, delta)
+        }
+        Optimizer::Sgd { lr } => {
+            let neg_lr = F::from_f64(-(*lr as f64));
+            if let Some(d) = delta {
+                backend.fill(d, coo.len, F::ZERO)?;
+                backend.axpy(neg_lr, &coo.values, d, coo.len)?;
+            }
+            if let Some(p) = param {
+                backend.coo_scatter_add(coo, neg_lr, p)?;
+            }
+            Ok(())
+        }
+    }
+}
