@@ -150,7 +150,7 @@ fn read_problem(f: &SafetensorsFile) -> Result<Problem, Error> {
     if steps == 0 {
         return Err(meta_err("steps", "0: at least one step is needed (the outputs come from the first)".into()));
     }
-    let cfg = SparseGradConfig { keep: Keep::Count(k), selection, formulation, expected_tokens: tokens, adam, precision: Precision::Full };
+    let cfg = SparseGradConfig { keep: Keep::Count(k), selection, formulation, expected_tokens: tokens, optimizer: sparsegrad::Optimizer::Adam(adam), precision: Precision::Full };
     Ok(Problem { out, inp, tokens, weight, bias, basis, x, grad_y, cfg, steps })
 }
 
