@@ -7,8 +7,8 @@
 //   swiglu_f32                                  h = silu(gate) * up, silu(z) = z / (1 + exp(-z))
 //   swiglu_backward_f32                         d_gate = dh * up * silu'(gate), d_up = dh * silu(gate)
 //
-// Launch shape: 1-D, SG_THREADS threads, 64-bit grid-stride loop over `n`; the launcher
-// caps the grid (src/backend/cuda/dense.rs, `grid_1d`).
+// Launch shape: 1-D, SG_THREADS threads, 64-bit grid-stride loop over `n` (float4 steps
+// when the buffers are 16-byte aligned, then a scalar tail); the launcher caps the grid (src/backend/cuda/dense.rs, `grid_1d`).
 //
 // erff / tanhf / expf are CUDA's accurate versions (no fast math), which differ from the
 // CPU's libm by a few ulp: tests/cuda_activation.rs compares with a relative tolerance.
@@ -46,33 +46,65 @@ __device__ __forceinline__ float silu_grad(float z) {
     return s * (1.0f + z * (1.0f - s));
 }
 
-extern "C" __global__ void gelu_erf_f32(const float* x, float* y, u64 n) {
-    SG_GRID_STRIDE(i, n) { y[i] = gelu_erf(x[i]); }
-}
+#define SG_F4 reinterpret_cast<const float4*>
+#define SG_F4_MUT reinterpret_cast<float4*>
 
-extern "C" __global__ void gelu_tanh_f32(const float* x, float* y, u64 n) {
-    SG_GRID_STRIDE(i, n) { y[i] = gelu_tanh(x[i]); }
-}
-
-extern "C" __global__ void gelu_erf_backward_f32(const float* x, const float* dy, float* dx, u64 n) {
-    SG_GRID_STRIDE(i, n) { dx[i] = dy[i] * gelu_erf_grad(x[i]); }
-}
-
-extern "C" __global__ void gelu_tanh_backward_f32(const float* x, const float* dy, float* dx, u64 n) {
-    SG_GRID_STRIDE(i, n) { dx[i] = dy[i] * gelu_tanh_grad(x[i]); }
-}
-
-extern "C" __global__ void swiglu_f32(const float* gate, const float* up, float* h, u64 n) {
-    SG_GRID_STRIDE(i, n) { h[i] = silu(gate[i]) * up[i]; }
-}
-
-extern "C" __global__ void swiglu_backward_f32(const float* gate, const float* up, const float* dh, float* d_gate,
-                                               float* d_up, u64 n) {
-    SG_GRID_STRIDE(i, n) {
-        const float g = gate[i];
-        const float u = up[i];
-        const float d = dh[i];
-        d_gate[i] = d * u * silu_grad(g);
-        d_up[i] = d * silu(g);
+// y = f(x)
+#define SG_UNARY(name, f)                                                                                \
+    extern "C" __global__ void name(const float* __restrict__ x, float* __restrict__ y, u64 n) {        \
+        sg_vec4_loop(                                                                                    \
+            n, sg_aligned(x, 16) && sg_aligned(y, 16),                                                   \
+            [&](u64 i) {                                                                                 \
+                const float4 v = SG_F4(x)[i];                                                            \
+                SG_F4_MUT(y)[i] = make_float4(f(v.x), f(v.y), f(v.z), f(v.w));                           \
+            },                                                                                           \
+            [&](u64 i) { y[i] = f(x[i]); });                                                             \
     }
+
+// z = f(a, b)
+#define SG_BINARY(name, f)                                                                                        \
+    extern "C" __global__ void name(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ z, \
+                                    u64 n) {                                                                      \
+        sg_vec4_loop(                                                                                             \
+            n, sg_aligned(a, 16) && sg_aligned(b, 16) && sg_aligned(z, 16),                                       \
+            [&](u64 i) {                                                                                          \
+                const float4 u = SG_F4(a)[i];                                                                     \
+                const float4 v = SG_F4(b)[i];                                                                     \
+                SG_F4_MUT(z)[i] = make_float4(f(u.x, v.x), f(u.y, v.y), f(u.z, v.z), f(u.w, v.w));                \
+            },                                                                                                    \
+            [&](u64 i) { z[i] = f(a[i], b[i]); });                                                                \
+    }
+
+__device__ __forceinline__ float gelu_erf_bwd(float x, float dy) { return dy * gelu_erf_grad(x); }
+__device__ __forceinline__ float gelu_tanh_bwd(float x, float dy) { return dy * gelu_tanh_grad(x); }
+__device__ __forceinline__ float swiglu_fwd(float g, float u) { return silu(g) * u; }
+
+SG_UNARY(gelu_erf_f32, gelu_erf)
+SG_UNARY(gelu_tanh_f32, gelu_tanh)
+SG_BINARY(gelu_erf_backward_f32, gelu_erf_bwd)
+SG_BINARY(gelu_tanh_backward_f32, gelu_tanh_bwd)
+SG_BINARY(swiglu_f32, swiglu_fwd)
+
+extern "C" __global__ void swiglu_backward_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                               const float* __restrict__ dh, float* __restrict__ d_gate,
+                                               float* __restrict__ d_up, u64 n) {
+    const bool vec = sg_aligned(gate, 16) && sg_aligned(up, 16) && sg_aligned(dh, 16) && sg_aligned(d_gate, 16) &&
+                     sg_aligned(d_up, 16);
+    sg_vec4_loop(
+        n, vec,
+        [&](u64 i) {
+            const float4 g = SG_F4(gate)[i];
+            const float4 u = SG_F4(up)[i];
+            const float4 d = SG_F4(dh)[i];
+            SG_F4_MUT(d_gate)[i] = make_float4(d.x * u.x * silu_grad(g.x), d.y * u.y * silu_grad(g.y),
+                                               d.z * u.z * silu_grad(g.z), d.w * u.w * silu_grad(g.w));
+            SG_F4_MUT(d_up)[i] = make_float4(d.x * silu(g.x), d.y * silu(g.y), d.z * silu(g.z), d.w * silu(g.w));
+        },
+        [&](u64 i) {
+            const float g = gate[i];
+            const float u = up[i];
+            const float d = dh[i];
+            d_gate[i] = d * u * silu_grad(g);
+            d_up[i] = d * silu(g);
+        });
 }

@@ -14,7 +14,8 @@
 //                                          buf[i] = value (bit pattern of any element type)
 //
 // Launch shapes: 1-D kernels use SG_THREADS threads and a 64-bit grid-stride loop over
-// the element count, with the grid capped by the launcher (never more than 2^31-1 blocks in
+// the element count (in float4 steps when the buffers are 16-byte aligned, plus a scalar
+// tail), with the grid capped by the launcher (never more than 2^31-1 blocks in
 // x, and y/z never above 65535). add_bias_f32: block 256 along columns, grid.x =
 // ceil(cols / 256), grid.y = row groups (grid-stride over rows). bias_grad_partial_f32:
 // block (32, 8), grid.x = ceil(cols / 32), grid.y = row chunks (<= 1024); with one chunk it
@@ -29,12 +30,28 @@
 // outputs poisoned first); benchmarked by benches/cuda_kernels.rs (GB/s vs a device memcpy).
 #include "common.cuh"
 
-extern "C" __global__ void cast_f32_to_bf16(const float* src, __nv_bfloat16* dst, u64 n) {
-    SG_GRID_STRIDE(i, n) { dst[i] = __float2bfloat16_rn(src[i]); }
+extern "C" __global__ void cast_f32_to_bf16(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst, u64 n) {
+    sg_vec4_loop(
+        n, sg_aligned(src, 16) && sg_aligned(dst, 8),
+        [&](u64 i) {
+            const float4 v = reinterpret_cast<const float4*>(src)[i];
+            __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst) + 2 * i;
+            d[0] = __floats2bfloat162_rn(v.x, v.y);
+            d[1] = __floats2bfloat162_rn(v.z, v.w);
+        },
+        [&](u64 i) { dst[i] = __float2bfloat16_rn(src[i]); });
 }
 
-extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* src, float* dst, u64 n) {
-    SG_GRID_STRIDE(i, n) { dst[i] = __bfloat162float(src[i]); }
+extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* __restrict__ src, float* __restrict__ dst, u64 n) {
+    sg_vec4_loop(
+        n, sg_aligned(src, 8) && sg_aligned(dst, 16),
+        [&](u64 i) {
+            const __nv_bfloat162* s2 = reinterpret_cast<const __nv_bfloat162*>(src) + 2 * i;
+            const float2 a = __bfloat1622float2(s2[0]);
+            const float2 b = __bfloat1622float2(s2[1]);
+            reinterpret_cast<float4*>(dst)[i] = make_float4(a.x, a.y, b.x, b.y);
+        },
+        [&](u64 i) { dst[i] = __bfloat162float(src[i]); });
 }
 
 // grid.x covers columns (256 per block), grid.y strides over rows.
@@ -86,16 +103,26 @@ extern "C" __global__ void bias_grad_final_f32(const float* partial, u64 chunks,
 
 // status[0] += number of non-finite entries; status[1] = min(status[1], first index).
 // The launcher sets status = {0, UINT64_MAX} first.
-extern "C" __global__ void count_nonfinite_f32(const float* x, u64 n, u64* status) {
+extern "C" __global__ void count_nonfinite_f32(const float* __restrict__ x, u64 n, u64* status) {
     __shared__ u64 red[SG_THREADS / 32];
     u64 count = 0;
     u64 first = ~0ull;
-    SG_GRID_STRIDE(i, n) {
-        if (sg_nonfinite(x[i])) {
+    auto see = [&](float v, u64 i) {
+        if (sg_nonfinite(v)) {
             ++count;
             if (i < first) first = i;
         }
-    }
+    };
+    sg_vec4_loop(
+        n, sg_aligned(x, 16),
+        [&](u64 i) {
+            const float4 v = reinterpret_cast<const float4*>(x)[i];
+            see(v.x, 4 * i);
+            see(v.y, 4 * i + 1);
+            see(v.z, 4 * i + 2);
+            see(v.w, 4 * i + 3);
+        },
+        [&](u64 i) { see(x[i], i); });
     count = sg_block_sum<u64, SG_THREADS>(count, red);
     // min-reduce `first` in the warp, then one atomic per warp that saw one.
 #pragma unroll
@@ -107,8 +134,19 @@ extern "C" __global__ void count_nonfinite_f32(const float* x, u64 n, u64* statu
     if (threadIdx.x == 0 && count != 0) atomicAdd((unsigned long long*)&status[0], (unsigned long long)count);
 }
 
-extern "C" __global__ void axpy_f32(float alpha, const float* x, float* y, u64 n) {
-    SG_GRID_STRIDE(i, n) { y[i] = __fadd_rn(y[i], __fmul_rn(alpha, x[i])); }
+extern "C" __global__ void axpy_f32(float alpha, const float* __restrict__ x, float* __restrict__ y, u64 n) {
+    sg_vec4_loop(
+        n, sg_aligned(x, 16) && sg_aligned(y, 16),
+        [&](u64 i) {
+            const float4 a = reinterpret_cast<const float4*>(x)[i];
+            float4 b = reinterpret_cast<float4*>(y)[i];
+            b.x = __fadd_rn(b.x, __fmul_rn(alpha, a.x));
+            b.y = __fadd_rn(b.y, __fmul_rn(alpha, a.y));
+            b.z = __fadd_rn(b.z, __fmul_rn(alpha, a.z));
+            b.w = __fadd_rn(b.w, __fmul_rn(alpha, a.w));
+            reinterpret_cast<float4*>(y)[i] = b;
+        },
+        [&](u64 i) { y[i] = __fadd_rn(y[i], __fmul_rn(alpha, x[i])); });
 }
 
 // C[b * stride + r * ld + c] = beta == 0 ? 0 : beta * C[...] for r < rows, c < cols,

@@ -39,24 +39,36 @@
 // equality); benchmarked by benches/cuda_kernels.rs.
 #include "common.cuh"
 
-extern "C" __global__ void max_abs_f32(const float* m, u64 n, u32* max_bits) {
+extern "C" __global__ void max_abs_f32(const float* __restrict__ m, u64 n, u32* max_bits) {
     u32 best = 0;
-    SG_GRID_STRIDE(i, n) {
-        const u32 key = sg_abs_key(m[i]);
-        // NaN (key above +inf) is ignored, as f32::max ignores it on the CPU.
+    // NaN (key above +inf) is ignored, as f32::max ignores it on the CPU.
+    auto see = [&](float v) {
+        const u32 key = sg_abs_key(v);
         if (key <= 0x7f800000u && key > best) best = key;
-    }
+    };
+    sg_vec4_loop(
+        n, sg_aligned(m, 16),
+        [&](u64 i) {
+            const float4 v = reinterpret_cast<const float4*>(m)[i];
+            see(v.x);
+            see(v.y);
+            see(v.z);
+            see(v.w);
+        },
+        [&](u64 i) { see(m[i]); });
     best = __reduce_max_sync(0xffffffffu, best);
     if ((threadIdx.x & 31) == 0 && best != 0) atomicMax(max_bits, best);
 }
 
-extern "C" __global__ void nonzero_flags_f32(const float* m, u64 rows, u64 cols, const u32* max_bits,
-                                             float threshold_rel, u32* row_flags, u32* col_flags) {
+extern "C" __global__ void nonzero_flags_f32(const float* __restrict__ m, u64 rows, u64 cols, const u32* max_bits,
+                                             float threshold_rel, u32* __restrict__ row_flags,
+                                             u32* __restrict__ col_flags) {
     const u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     const u32 lane = threadIdx.x & 31;
     const float t = __fmul_rn(threshold_rel, __uint_as_float(*max_bits));
     bool col_any = false;
     // Every thread runs the same row iterations (no early exit), so the warp vote is safe.
+#pragma unroll 4
     for (u64 r = blockIdx.y; r < rows; r += gridDim.y) {
         bool kept = false;
         if (c < cols) {

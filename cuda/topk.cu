@@ -4,7 +4,8 @@
 //   1. radix select of the k-th largest key (key = |v| as float bits), three histogram
 //      passes over digits [31:21], [20:10], [9:0] (11, 11, 10 bits; no sort). Each pass
 //      builds a per-block shared-memory histogram of the entries whose key matches the
-//      prefix chosen so far and adds it to global bins with atomics; topk_select (one block)
+//      prefix chosen so far (lanes of a warp with the same bin combined by
+//      __match_any_sync, one shared atomic per group) and adds it to global bins; topk_select (one block)
 //      picks the bin holding the k-th key from the top with a block scan, on the device, so
 //      the passes need no host round trip. Pass 0 also counts nonzero entries, non-finite
 //      entries (keys >= the +inf key: with an 11-bit top digit they are exactly the bins
@@ -29,8 +30,8 @@
 // followed by 3 x 2048 u32 histogram bins, then one u64 per tile.
 //
 // Launch shapes: topk_init / topk_select / topk_fill_bound one block (1024 / 1024 / 1
-// threads); topk_hist_f32 and topk_check_map 1-D grid-stride with SG_THREADS threads and a
-// capped grid; topk_tile_count_f32 / topk_scatter_f32 one block of SG_THREADS per tile of
+// threads); topk_hist_f32 (4 x 256 entries per block iteration) and topk_check_map 1-D
+// grid-stride with SG_THREADS threads and a capped grid; topk_tile_count_f32 / topk_scatter_f32 one block of SG_THREADS per tile of
 // SG_TILE elements; topk_fill_range 1-D grid-stride.
 //
 // Tested by tests/cuda_topk.rs (exact equality of COO indices and values with the CPU on
@@ -61,7 +62,13 @@ extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* 
     }
 }
 
-extern "C" __global__ void topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all) {
+// Each iteration of a block covers TOPK_UNROLL * blockDim.x consecutive entries (loads first,
+// so several are in flight). The loop bounds depend on blockIdx only, so whole warps iterate
+// together: lanes that fall into the same bin are combined with __match_any_sync and one of
+// them adds the count (values of similar magnitude share few top-digit bins).
+#define TOPK_UNROLL 4
+#define TOPK_NO_BIN 0xffffffffu
+extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32 pass, u64* state, u32* hist_all) {
     __shared__ u32 bins[TOPK_BINS];
     __shared__ u64 red[SG_THREADS / 32];
     for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) bins[b] = 0;
@@ -70,25 +77,42 @@ extern "C" __global__ void topk_hist_f32(const float* m, u64 n, u32 pass, u64* s
     const u32 dmask = topk_digit_mask(pass);
     const u32 prefix = (u32)state[3];
     const u32 mask = (u32)state[4];
+    const u32 lane = threadIdx.x & 31;
     u64 nnz = 0;
     u64 bad = 0;
     u64 first = ~0ull;
-    SG_GRID_STRIDE(i, n) {
-        const u32 key = sg_abs_key(m[i]);
-        if ((key & mask) == prefix) atomicAdd(&bins[(key >> shift) & dmask], 1u);
-        if (pass == 0) {
-            nnz += (key != 0) ? 1 : 0;
-            if (key >= 0x7f800000u) {
-                ++bad;
-                if (i < first) first = i;
+    const u64 span = (u64)blockDim.x * TOPK_UNROLL;
+    for (u64 base = (u64)blockIdx.x * span; base < n; base += (u64)gridDim.x * span) {
+        float v[TOPK_UNROLL];
+#pragma unroll
+        for (int r = 0; r < TOPK_UNROLL; ++r) {
+            const u64 i = base + (u64)r * blockDim.x + threadIdx.x;
+            v[r] = i < n ? m[i] : 0.0f;
+        }
+#pragma unroll
+        for (int r = 0; r < TOPK_UNROLL; ++r) {
+            const u64 i = base + (u64)r * blockDim.x + threadIdx.x;
+            u32 bin = TOPK_NO_BIN;
+            if (i < n) {
+                const u32 key = sg_abs_key(v[r]);
+                if ((key & mask) == prefix) bin = (key >> shift) & dmask;
+                if (pass == 0) {
+                    nnz += (key != 0) ? 1 : 0;
+                    if (key >= 0x7f800000u) {
+                        ++bad;
+                        if (i < first) first = i;
+                    }
+                }
             }
+            const u32 peers = __match_any_sync(0xffffffffu, bin);
+            if (bin != TOPK_NO_BIN && lane == (u32)(__ffs(peers) - 1)) atomicAdd(&bins[bin], (u32)__popc(peers));
         }
     }
     __syncthreads();
     u32* hist = hist_all + (u64)pass * TOPK_BINS;
     for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) {
-        const u32 v = bins[b];
-        if (v != 0) atomicAdd(&hist[b], v);
+        const u32 c = bins[b];
+        if (c != 0) atomicAdd(&hist[b], c);
     }
     if (pass == 0) {  // uniform across the block: the barriers below are safe
         nnz = sg_block_sum<u64, SG_THREADS>(nnz, red);
@@ -178,13 +202,19 @@ extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, con
     u64 gt_before = off >> 32;
     u64 eq_before = off & 0xffffffffull;
     const u64 base = (u64)blockIdx.x * SG_TILE;
+    float vals[SG_TILE_ITEMS];  // all loads first, so they are in flight together
+#pragma unroll
     for (int r = 0; r < SG_TILE_ITEMS; ++r) {
         const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
-        float v = 0.0f;
+        vals[r] = i < n ? m[i] : 0.0f;
+    }
+#pragma unroll
+    for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+        const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+        const float v = vals[r];
         bool gt = false;
         bool eq = false;
         if (i < n) {
-            v = m[i];
             const u32 key = sg_abs_key(v);
             gt = key > thr;
             eq = eligible && key == thr;
