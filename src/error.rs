@@ -15,7 +15,7 @@ pub enum Error {
     InvalidArgument { op: &'static str, msg: String },
 
     /// NaN or infinity where only finite numbers make sense (gradients, inputs, weights).
-    #[error("non-finite value in {what} ({count} entries, first at index {first_index})")]
+    #[error("non-finite value in {what} ({count} non-finite, first at index {first_index})")]
     NonFinite { what: String, count: usize, first_index: usize },
 
     /// A tensor that must be present in a file or map is missing.
@@ -71,19 +71,19 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn shape(op: &'static str, what: impl Into<String>, expected: impl ToString, got: impl ToString) -> Self {
+    pub fn shape(op: &'static str, what: impl Into<String>, expected: impl ToString, got: impl ToString) -> Self {
         Error::Shape { op, what: what.into(), expected: expected.to_string(), got: got.to_string() }
     }
 
-    pub(crate) fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
+    pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
         Error::InvalidArgument { op, msg: msg.into() }
     }
 
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }
 
-    pub(crate) fn format(path: Option<&std::path::Path>, msg: impl Into<String>) -> Self {
+    pub fn format(path: Option<&std::path::Path>, msg: impl Into<String>) -> Self {
         Error::Format { path: path.map(|p| p.to_path_buf()), msg: msg.into() }
     }
 }

@@ -35,6 +35,7 @@ pub mod basis;
 pub mod error;
 pub mod io;
 pub mod linear;
+pub mod mlp;
 pub mod optim;
 pub mod scalar;
 

@@ -23,6 +23,7 @@ struct Counters {
     current: AtomicUsize,
     peak: AtomicUsize,
     allocations: AtomicU64,
+    gemm_calls: AtomicU64,
 }
 
 impl Counters {
@@ -84,6 +85,12 @@ impl Cpu {
     pub fn new() -> Self {
         Cpu::default()
     }
+
+    /// GEMMs run so far (bf16 ones included); tests use it to show frozen projections
+    /// skip the weight-gradient product.
+    pub fn gemm_calls(&self) -> u64 {
+        self.counters.gemm_calls.load(Ordering::Relaxed)
+    }
 }
 
 impl Backend for Cpu {
@@ -143,10 +150,12 @@ impl Backend for Cpu {
     }
 
     fn gemm<F: crate::Real>(&self, spec: &crate::Gemm, a: &CpuBuf<F>, b: &CpuBuf<F>, c: &mut CpuBuf<F>) -> Result<()> {
+        self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
         dense::gemm(spec, a, b, c)
     }
 
     fn gemm_bf16<F: crate::Real>(&self, spec: &crate::Gemm, a: &CpuBuf<half::bf16>, b: &CpuBuf<half::bf16>, c: &mut CpuBuf<F>) -> Result<()> {
+        self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
         dense::gemm_bf16(spec, a, b, c)
     }
 

@@ -1,0 +1,269 @@
+//! Transformer MLP blocks with a hand-rolled backward pass, on any backend:
+//! - [`BertMlp`]: `dense_out(gelu(dense_in(x)))` with biases (BERT/RoBERTa 768->3072->768,
+//!   GELU in the erf form BERT uses, tanh form selectable);
+//! - [`LlamaMlp`]: `down(silu(gate(x)) * up(x))`, no biases (LLaMA 4096->11008->4096);
+//!   all three projections can train (the official code leaves `gate` frozen).
+//!
+//! Each projection is a [`Linear`] trained by its own [`Method`]. The block saves only what
+//! its own backward needs (the pre-activations); each projection saves its own input only
+//! if it computes a weight gradient. `dx` is always exact. In the preliminary phase
+//! (projections in [`Method::Collect`]) [`BertMlp::collect`] / [`LlamaMlp::collect`] hand each
+//! step's dense weight gradients to the Gram accumulator of the projection's group.
+
+use crate::backend::{Backend, GeluKind};
+use crate::basis::{Basis, GramAccumulator};
+use crate::error::{Error, Result};
+use crate::linear::trainable::{Linear, Method, TrainOptions};
+use crate::scalar::Real;
+use std::collections::BTreeMap;
+
+/// How to build one projection of a block.
+#[derive(Clone, Copy, Debug)]
+pub struct ProjectionSpec<'a, F> {
+    /// Dense weight `(out, in)`.
+    pub weight: &'a [F],
+    pub bias: Option<&'a [F]>,
+    pub method: Method,
+    /// Basis group this projection belongs to (e.g. `up`, or `layers.3.up` for per-layer bases).
+    pub group: &'a str,
+    /// The group's basis, required by [`Method::SparseGrad`].
+    pub basis: Option<&'a Basis>,
+}
+
+/// A block's projection with its group name.
+pub struct Projection<B: Backend, F: Real> {
+    pub name: &'static str,
+    pub group: String,
+    pub method: Method,
+    pub linear: Linear<B, F>,
+}
+
+impl<B: Backend + Clone, F: Real> Projection<B, F> {
+    fn new(backend: &B, name: &'static str, spec: &ProjectionSpec<'_, F>, out: usize, inp: usize, opts: &TrainOptions) -> Result<Self> {
+        let linear = Linear::new(backend, spec.weight, spec.bias, out, inp, spec.method, spec.basis, opts).map_err(|e| match e {
+            Error::Shape { op, what, expected, got } => Error::Shape { op, what: format!("{name}: {what}"), expected, got },
+            other => other,
+        })?;
+        Ok(Projection { name, group: spec.group.to_string(), method: spec.method, linear })
+    }
+
+    /// Adds this step's dense weight gradient to the accumulator of its group.
+    fn collect(&self, accs: &mut BTreeMap<String, GramAccumulator>) -> Result<()> {
+        if self.method != Method::Collect {
+            return Ok(());
+        }
+        let g: Vec<f32> = self.linear.dense_grad_host()?.into_iter().map(|v| v.to_f64() as f32).collect();
+        let (out, inp) = (self.linear.out_features(), self.linear.in_features());
+        accs.entry(self.group.clone()).or_insert_with(|| GramAccumulator::new(out, inp)).add(&g)
+    }
+}
+
+fn grow<B: Backend, F: Real>(be: &B, buf: &mut B::Buf<F>, len: usize) -> Result<()> {
+    if be.len(buf) < len {
+        *buf = be.alloc(len)?;
+    }
+    Ok(())
+}
+
+/// BERT/RoBERTa MLP: `dense_out(gelu(dense_in(x)))`.
+pub struct BertMlp<B: Backend, F: Real = f32> {
+    backend: B,
+    hidden: usize,
+    ffn: usize,
+    gelu: GeluKind,
+    pub dense_in: Projection<B, F>,
+    pub dense_out: Projection<B, F>,
+    /// `pre = dense_in(x)` (saved), `act = gelu(pre)`, and the backward's `d_act`, `d_pre`.
+    pre: B::Buf<F>,
+    act: B::Buf<F>,
+    d_act: B::Buf<F>,
+    d_pre: B::Buf<F>,
+    saved_tokens: Option<usize>,
+}
+
+impl<B: Backend + Clone, F: Real> BertMlp<B, F> {
+    /// `dense_in` is `(ffn, hidden)`, `dense_out` `(hidden, ffn)`, both with biases.
+    pub fn new(backend: &B, hidden: usize, ffn: usize, dense_in: ProjectionSpec<'_, F>, dense_out: ProjectionSpec<'_, F>, gelu: GeluKind, opts: &TrainOptions) -> Result<Self> {
+        Ok(BertMlp {
+            backend: backend.clone(),
+            hidden,
+            ffn,
+            gelu,
+            dense_in: Projection::new(backend, "dense_in", &dense_in, ffn, hidden, opts)?,
+            dense_out: Projection::new(backend, "dense_out", &dense_out, hidden, ffn, opts)?,
+            pre: backend.alloc(0)?,
+            act: backend.alloc(0)?,
+            d_act: backend.alloc(0)?,
+            d_pre: backend.alloc(0)?,
+            saved_tokens: None,
+        })
+    }
+
+    pub fn projections(&self) -> [&Projection<B, F>; 2] {
+        [&self.dense_in, &self.dense_out]
+    }
+    pub fn projections_mut(&mut self) -> [&mut Projection<B, F>; 2] {
+        [&mut self.dense_in, &mut self.dense_out]
+    }
+
+    pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+        let (be, n) = (&self.backend, tokens * self.ffn);
+        self.saved_tokens = None;
+        for buf in [&mut self.pre, &mut self.act, &mut self.d_act, &mut self.d_pre] {
+            grow(be, buf, n)?;
+        }
+        self.dense_in.linear.forward(x, tokens, &mut self.pre)?;
+        be.gelu(&self.pre, &mut self.act, n, self.gelu)?;
+        self.dense_out.linear.forward(&self.act, tokens, y)?;
+        self.saved_tokens = Some(tokens);
+        Ok(())
+    }
+
+    pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        if self.saved_tokens != Some(tokens) {
+            return Err(Error::invalid("BertMlp::backward", format!("no forward of {tokens} tokens to go back through")));
+        }
+        let n = tokens * self.ffn;
+        self.dense_out.linear.backward(g, tokens, Some(&mut self.d_act))?;
+        self.backend.gelu_backward(&self.pre, &self.d_act, &mut self.d_pre, n, self.gelu)?;
+        self.dense_in.linear.backward(&self.d_pre, tokens, dx)
+    }
+
+    pub fn step(&mut self) -> Result<()> {
+        self.dense_in.linear.step()?;
+        self.dense_out.linear.step()
+    }
+
+    pub fn trainable_parameters(&self) -> usize {
+        self.projections().iter().map(|p| p.linear.trainable_parameters()).sum()
+    }
+
+    /// Preliminary phase: adds the dense weight gradients of `Collect` projections.
+    pub fn collect(&self, accs: &mut BTreeMap<String, GramAccumulator>) -> Result<()> {
+        self.projections().iter().try_for_each(|p| p.collect(accs))
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+    pub fn ffn(&self) -> usize {
+        self.ffn
+    }
+}
+
+/// LLaMA MLP: `down(silu(gate(x)) * up(x))`, no biases.
+pub struct LlamaMlp<B: Backend, F: Real = f32> {
+    backend: B,
+    hidden: usize,
+    ffn: usize,
+    pub gate: Projection<B, F>,
+    pub up: Projection<B, F>,
+    pub down: Projection<B, F>,
+    /// `a = gate(x)`, `b = up(x)` (both saved), `h = silu(a) * b`; backward scratch.
+    a: B::Buf<F>,
+    b: B::Buf<F>,
+    h: B::Buf<F>,
+    dh: B::Buf<F>,
+    da: B::Buf<F>,
+    db: B::Buf<F>,
+    dx_up: B::Buf<F>,
+    saved_tokens: Option<usize>,
+}
+
+impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
+    /// `gate`, `up` are `(ffn, hidden)`, `down` `(hidden, ffn)`; biases must be `None`.
+    pub fn new(
+        backend: &B,
+        hidden: usize,
+        ffn: usize,
+        gate: ProjectionSpec<'_, F>,
+        up: ProjectionSpec<'_, F>,
+        down: ProjectionSpec<'_, F>,
+        opts: &TrainOptions,
+    ) -> Result<Self> {
+        if gate.bias.is_some() || up.bias.is_some() || down.bias.is_some() {
+            return Err(Error::invalid("LlamaMlp::new", "LLaMA MLP projections have no biases"));
+        }
+        Ok(LlamaMlp {
+            backend: backend.clone(),
+            hidden,
+            ffn,
+            gate: Projection::new(backend, "gate", &gate, ffn, hidden, opts)?,
+            up: Projection::new(backend, "up", &up, ffn, hidden, opts)?,
+            down: Projection::new(backend, "down", &down, hidden, ffn, opts)?,
+            a: backend.alloc(0)?,
+            b: backend.alloc(0)?,
+            h: backend.alloc(0)?,
+            dh: backend.alloc(0)?,
+            da: backend.alloc(0)?,
+            db: backend.alloc(0)?,
+            dx_up: backend.alloc(0)?,
+            saved_tokens: None,
+        })
+    }
+
+    pub fn projections(&self) -> [&Projection<B, F>; 3] {
+        [&self.gate, &self.up, &self.down]
+    }
+    pub fn projections_mut(&mut self) -> [&mut Projection<B, F>; 3] {
+        [&mut self.gate, &mut self.up, &mut self.down]
+    }
+
+    pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+        let (be, n) = (&self.backend, tokens * self.ffn);
+        self.saved_tokens = None;
+        for buf in [&mut self.a, &mut self.b, &mut self.h, &mut self.dh, &mut self.da, &mut self.db] {
+            grow(be, buf, n)?;
+        }
+        grow(be, &mut self.dx_up, tokens * self.hidden)?;
+        self.gate.linear.forward(x, tokens, &mut self.a)?;
+        self.up.linear.forward(x, tokens, &mut self.b)?;
+        be.swiglu(&self.a, &self.b, &mut self.h, n)?;
+        self.down.linear.forward(&self.h, tokens, y)?;
+        self.saved_tokens = Some(tokens);
+        Ok(())
+    }
+
+    pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        if self.saved_tokens != Some(tokens) {
+            return Err(Error::invalid("LlamaMlp::backward", format!("no forward of {tokens} tokens to go back through")));
+        }
+        let be = &self.backend;
+        let n = tokens * self.ffn;
+        self.down.linear.backward(g, tokens, Some(&mut self.dh))?;
+        be.swiglu_backward(&self.a, &self.b, &self.dh, &mut self.da, &mut self.db, n)?;
+        match dx {
+            Some(dx) => {
+                self.gate.linear.backward(&self.da, tokens, Some(dx))?;
+                self.up.linear.backward(&self.db, tokens, Some(&mut self.dx_up))?;
+                be.axpy(F::ONE, &self.dx_up, dx, tokens * self.hidden)
+            }
+            None => {
+                self.gate.linear.backward(&self.da, tokens, None)?;
+                self.up.linear.backward(&self.db, tokens, None)
+            }
+        }
+    }
+
+    pub fn step(&mut self) -> Result<()> {
+        self.gate.linear.step()?;
+        self.up.linear.step()?;
+        self.down.linear.step()
+    }
+
+    pub fn trainable_parameters(&self) -> usize {
+        self.projections().iter().map(|p| p.linear.trainable_parameters()).sum()
+    }
+
+    /// Preliminary phase: adds the dense weight gradients of `Collect` projections.
+    pub fn collect(&self, accs: &mut BTreeMap<String, GramAccumulator>) -> Result<()> {
+        self.projections().iter().try_for_each(|p| p.collect(accs))
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+    pub fn ffn(&self) -> usize {
+        self.ffn
+    }
+}
