@@ -17,8 +17,10 @@
 //!   `download`) and where an error must be returned (`topk_coo`'s non-finite check).
 //! - Index checks: ops whose CPU twin rejects an out-of-range index cannot inspect device
 //!   indices without a round trip, so their kernels skip such entries (gathers write 0) and
-//!   set a bit in a device error word; [`Backend::synchronize`], `download` and every op that
-//!   reads back results report it as [`Error::InvalidArgument`] naming the op.
+//!   set a bit in a device error word; the next [`Backend::synchronize`] or `download`
+//!   reports it (once) as [`Error::InvalidArgument`] naming the op. Ops that read results
+//!   back anyway (`nonzero_rows_cols`, `coo_compact_rows`, `topk_coo`) check their own
+//!   inputs on the device and fail right away.
 
 mod dense;
 mod gemm;
