@@ -13,24 +13,29 @@
 //! (upper triangle only, half the flops of a GEMM; SIMD units do twice as many f32 as f64
 //! FMAs) into an f32 scratch that holds at most [`MAX_F32_DEPTH`] products per entry (a few
 //! gradients; `add_batch` turns them into one `ssyrk` for `G^T G`: the stacked
-//! `[G_1; G_2; ...]` is the contiguous batch), then the scratch is added into the f64 sums. Error argument: an
-//! f32 dot product of depth k has error at most `k u |g_i| |g_j|` (u = 2^-24), typically
-//! `sqrt(k) u`, and the inputs themselves carry relative error u, so the product error is
-//! within ~100x of the data's own and does not grow with N: the f64 sum over N chunks adds
-//! only `N 2^-53`. An f32 running sum would instead grow its error with N (and cancel
-//! small updates once the sum is large). The cost of the f64 route is one read-add-write
-//! of the triangles per chunk, a few percent of the `ssyrk` time at 768 x 3072.
+//! `[G_1; G_2; ...]` is the contiguous batch), then the scratch is added into the f64 sums.
+//!
+//! Error argument: an f32 dot product of depth k has error at most `k u |g_i| |g_j|`
+//! (u = 2^-24), typically `sqrt(k) u`, and the inputs themselves carry relative error u, so
+//! the product error is within ~100x of the data's own and does not grow with N: the f64
+//! sum over N chunks adds only `N 2^-53`. An f32 running sum would instead grow its error
+//! with N (and cancel small updates once the sum is large). The cost of the f64 route is
+//! one read-add-write of the triangles per chunk, a few percent of the `ssyrk` time at
+//! 768 x 3072.
 //!
 //! # Eigensolve
 //!
 //! LAPACK `dsyevd` (jobz = 'V') on the f64 Grams; vectors are rounded to f32 afterwards.
 //! f64 because `ssyevd`'s vectors are only guaranteed orthogonal to ~`n 2^-24` (2e-4 at
 //! n = 3072, above [`ORTHO_TOL`]) while rounded f64 vectors deviate by ~`sqrt(n) 2^-24`;
-//! and with OpenBLAS at n = 3072 `ssyevd` measured no faster (4.8 s vs 4.0 s, 2 cores). Columns come out by descending
-//! eigenvalue, singular values are `sqrt(max(eigenvalue, 0))`, and each column is signed
-//! so its largest-magnitude entry (the first on ties) is positive. Like every Gram route,
-//! directions with singular value below ~`1e-3 sigma_max` are determined only to f32 noise
-//! (their eigenvalues sit at the product rounding level); they are still orthonormal.
+//! and with OpenBLAS at n = 3072 `ssyevd` measured no faster (4.8 s vs 4.0 s, 2 cores).
+//! Columns come out by descending eigenvalue, singular values are
+//! `sqrt(max(eigenvalue, 0))`, and each column is signed so its largest-magnitude entry
+//! (the first on ties) is positive.
+//!
+//! Like every Gram route, directions with singular value below ~`1e-3 sigma_max` are
+//! determined only to f32 noise (their eigenvalues sit at the product rounding level); they
+//! are still orthonormal.
 //!
 //! [`direct_svd_basis`] computes the same factors the official way (`sgesdd` of both
 //! unfoldings); tests and the benchmark use it as the reference.
@@ -396,13 +401,6 @@ impl Basis {
 
     /// Checks shapes, finiteness, singular values (non-negative, non-increasing) and
     /// orthogonality of P and Q to [`ORTHO_TOL`]. O(out^3 + in^3).
-    /// Identifies `(P, Q)` bit for bit: adapters record it so they are never applied in
-    /// another basis.
-    pub fn fingerprint(&self) -> u64 {
-        let (p, q) = (crate::linear::state::fingerprint(&self.p), crate::linear::state::fingerprint(&self.q));
-        p ^ q.rotate_left(29) ^ ((self.out as u64) << 32 | self.inp as u64)
-    }
-
     pub fn validate(&self) -> Result<()> {
         self.check_shapes("Basis::validate")?;
         for (name, s) in [("sigma_out", &self.sigma_out), ("sigma_in", &self.sigma_in)] {

@@ -32,10 +32,12 @@
 
 pub mod backend;
 pub mod basis;
+pub mod data;
 pub mod error;
 pub mod io;
 pub mod linear;
 pub mod mlp;
+pub mod model;
 pub mod optim;
 pub mod scalar;
 
