@@ -399,6 +399,13 @@ impl Basis {
         Ok(b)
     }
 
+    /// Identifies `(P, Q)` bit for bit: adapters record it so they are never applied in
+    /// another basis.
+    pub fn fingerprint(&self) -> u64 {
+        let (p, q) = (crate::linear::state::fingerprint(&self.p), crate::linear::state::fingerprint(&self.q));
+        p ^ q.rotate_left(29) ^ ((self.out as u64) << 32 | self.inp as u64)
+    }
+
     /// Checks shapes, finiteness, singular values (non-negative, non-increasing) and
     /// orthogonality of P and Q to [`ORTHO_TOL`]. O(out^3 + in^3).
     pub fn validate(&self) -> Result<()> {

@@ -30,6 +30,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod adapter;
 pub mod backend;
 pub mod basis;
 pub mod data;

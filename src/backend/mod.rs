@@ -45,8 +45,9 @@ pub struct Gemm {
 impl Gemm {
     /// A single contiguous product, `alpha = 1`, `beta = 0`.
     pub fn new(trans_a: bool, trans_b: bool, m: usize, n: usize, k: usize) -> Self {
-        let lda = if trans_a { m } else { k };
-        let ldb = if trans_b { k } else { n };
+        // A zero extent still needs a leading dimension of at least 1 (BLAS rule).
+        let lda = if trans_a { m } else { k }.max(1);
+        let ldb = if trans_b { k } else { n }.max(1);
         Gemm {
             trans_a,
             trans_b,
@@ -57,7 +58,7 @@ impl Gemm {
             beta: 0.0,
             lda,
             ldb,
-            ldc: n,
+            ldc: n.max(1),
             offset_a: 0,
             offset_b: 0,
             offset_c: 0,

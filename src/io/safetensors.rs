@@ -113,6 +113,22 @@ impl SafetensorsFile {
         }
     }
 
+    /// An I64 tensor of exactly shape `expected` (indices, counts).
+    pub fn tensor_i64_shaped(&self, name: &str, expected: &[usize]) -> Result<Vec<i64>> {
+        let info = self
+            .header
+            .info(name)
+            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), context: Some(self.path.display().to_string()) })?;
+        if info.dtype != Dtype::I64 {
+            return Err(Error::Dtype { name: name.to_string(), expected: "I64".into(), got: format!("{:?}", info.dtype) });
+        }
+        if info.shape != expected {
+            return Err(self.shape_error(name, fmt_shape(expected), &info.shape));
+        }
+        let bytes = self.bytes(name, info)?;
+        Ok(bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+    }
+
     /// An F32 tensor of rank `rank`; the rank is checked before anything is copied.
     pub fn tensor_f32_rank(&self, name: &str, rank: usize) -> Result<(Vec<f32>, Vec<usize>)> {
         let info = self.f32_info(name)?;

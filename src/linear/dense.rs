@@ -9,6 +9,7 @@
 use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
+use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
 use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -53,6 +54,8 @@ pub struct DenseLinear<B: Backend, F: Real = f32> {
     saved_tokens: Option<usize>,
     grad_ready: bool,
     step: u64,
+    /// MeProp under SGD: marks the entries that moved (see SparseGradLinear's twin).
+    sgd_mask: Option<(B::Buf<F>, Coo<B, F>)>,
 }
 
 impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
@@ -86,6 +89,14 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             backend.cast_to_bf16(&w, h, out * inp)?;
         }
         let has_bias = bias.is_some() && trains;
+        let sgd_mask = match (&topk, opt) {
+            (Some(t), Optimizer::Sgd { .. }) => {
+                let mut ones = Coo::with_capacity(backend, t.k, (out, inp))?;
+                backend.fill(&mut ones.values, t.k, F::ONE)?;
+                Some((backend.alloc(out * inp)?, ones))
+            }
+            _ => None,
+        };
         Ok(DenseLinear {
             backend: backend.clone(),
             out,
@@ -108,6 +119,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             saved_tokens: None,
             grad_ready: false,
             step: 0,
+            sgd_mask,
         })
     }
 
@@ -222,6 +234,12 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
             dense_step(be, &self.opt, b, db, self.bias_moments.as_mut(), self.out, step)?;
         }
+        if let (Some((mask, ones)), Some(t)) = (self.sgd_mask.as_mut(), &self.topk) {
+            be.copy(&t.coo.rows, &mut ones.rows, t.coo.len)?;
+            be.copy(&t.coo.cols, &mut ones.cols, t.coo.len)?;
+            ones.len = t.coo.len;
+            be.coo_scatter_add(ones, F::ONE, mask)?;
+        }
         if let Some(h) = self.w_half.as_mut() {
             be.cast_to_bf16(&self.w, h, self.out * self.inp)?;
         }
@@ -256,5 +274,114 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             (Some(t), true) => t.coo.to_host(&self.backend),
             _ => Err(Error::invalid("DenseLinear::sparse_grad_host", "not a MeProp layer, or no backward yet")),
         }
+    }
+
+    fn bias_state(&self) -> Result<Option<DenseParam<F>>> {
+        let (be, out) = (&self.backend, self.out);
+        match (&self.bias, &self.bias_grad) {
+            (Some(b), Some(_)) => Ok(Some(DenseParam {
+                values: be.download(b, out)?,
+                exp_avg: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg, out)).transpose()?,
+                exp_avg_sq: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg_sq, out)).transpose()?,
+            })),
+            _ => Ok(None),
+        }
+    }
+
+    /// Full: the whole weight and its moments; MeProp: the changed entries of `W`;
+    /// Frozen and Collect: nothing.
+    pub fn export_state(&self) -> Result<LayerState<F>> {
+        let (be, n) = (&self.backend, self.out * self.inp);
+        let moments = self.moments.as_ref().map(|m| m.to_host(be, n)).transpose()?;
+        match self.mode {
+            DenseMode::Frozen | DenseMode::Collect => Ok(LayerState::Frozen),
+            DenseMode::Full => {
+                let (exp_avg, exp_avg_sq) = moments.map_or((None, None), |(m, v)| (Some(m), Some(v)));
+                Ok(LayerState::Full { weight: DenseParam { values: self.weight_host()?, exp_avg, exp_avg_sq }, bias: self.bias_state()?, step: self.step })
+            }
+            DenseMode::MeProp { .. } => {
+                let mask = self.sgd_mask.as_ref().map(|(m, _)| be.download(m, n)).transpose()?;
+                let indices = touched_indices(moments.as_ref().map(|(_, v)| v.as_slice()), mask.as_deref());
+                let weight = SparseParam::gather((self.out, self.inp), indices, &self.weight_host()?, moments);
+                Ok(LayerState::MeProp { weight, bias: self.bias_state()?, step: self.step })
+            }
+        }
+    }
+
+    /// Checks that `state` fits this layer (method, shape, optimizer, bias).
+    pub fn check_state(&self, state: &LayerState<F>) -> Result<()> {
+        let (out, n) = (self.out, self.out * self.inp);
+        let bias = match (self.mode, state) {
+            (DenseMode::Frozen | DenseMode::Collect, LayerState::Frozen) => return Ok(()),
+            (DenseMode::Full, LayerState::Full { weight, bias, .. }) => {
+                if weight.values.len() != n || self.moments.is_some() != weight.exp_avg.is_some() {
+                    return Err(mismatch("adapter", "full weight shape or optimizer state does not match the layer"));
+                }
+                bias
+            }
+            (DenseMode::MeProp { .. }, LayerState::MeProp { weight, bias, .. }) => {
+                if weight.shape != (self.out, self.inp) || self.moments.is_some() != weight.exp_avg.is_some() {
+                    return Err(mismatch("adapter", "MeProp weight shape or optimizer state does not match the layer"));
+                }
+                weight.validate()?;
+                bias
+            }
+            (mode, other) => return Err(mismatch("adapter", format!("a {} state cannot be loaded into a {mode:?} layer", other.method()))),
+        };
+        match (bias, &self.bias_grad) {
+            (Some(b), Some(_)) if b.values.len() == out && b.exp_avg.is_some() == self.bias_moments.is_some() => {}
+            (None, None) => {}
+            _ => return Err(mismatch("adapter", "bias or its optimizer state does not match the layer")),
+        }
+        Ok(())
+    }
+
+    /// Applies an exported state to a layer freshly built from the same base weight.
+    /// Fails, leaving the layer unchanged, on another method, shape or optimizer.
+    pub fn import_state(&mut self, state: &LayerState<F>) -> Result<()> {
+        self.check_state(state)?;
+        let n = self.out * self.inp;
+        let (bias, step) = match state {
+            LayerState::Frozen => return Ok(()),
+            LayerState::Full { bias, step, .. } | LayerState::MeProp { bias, step, .. } => (bias, *step),
+            _ => return Err(mismatch("adapter", "not a dense state")),
+        };
+        let be = self.backend.clone();
+        match state {
+            LayerState::Full { weight, .. } => {
+                be.upload_into(&weight.values, &mut self.w)?;
+                if let (Some(m), Some(em), Some(ev)) = (self.moments.as_mut(), &weight.exp_avg, &weight.exp_avg_sq) {
+                    m.set_from_host(&be, em, ev)?;
+                }
+            }
+            LayerState::MeProp { weight, .. } => {
+                let mut host = be.download(&self.w, n)?;
+                for (e, &i) in weight.indices.iter().enumerate() {
+                    host[i as usize] = weight.values[e];
+                }
+                be.upload_into(&host, &mut self.w)?;
+                if let (Some(m), Some((dm, dv))) = (self.moments.as_mut(), weight.scatter_moments()) {
+                    m.set_from_host(&be, &dm, &dv)?;
+                }
+                if let Some((mask, _)) = self.sgd_mask.as_mut() {
+                    let mut host = vec![F::ZERO; n];
+                    weight.indices.iter().for_each(|&i| host[i as usize] = F::ONE);
+                    be.upload_into(&host, mask)?;
+                }
+            }
+            _ => {}
+        }
+        if let (Some(b), Some(dst)) = (bias, self.bias.as_mut()) {
+            be.upload_into(&b.values, dst)?;
+            if let (Some(m), Some(em), Some(ev)) = (self.bias_moments.as_mut(), &b.exp_avg, &b.exp_avg_sq) {
+                m.set_from_host(&be, em, ev)?;
+            }
+        }
+        if let Some(h) = self.w_half.as_mut() {
+            be.cast_to_bf16(&self.w, h, n)?;
+        }
+        self.step = step;
+        self.grad_ready = false;
+        Ok(())
     }
 }

@@ -7,6 +7,7 @@
 use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
 use crate::linear::{check_activation, check_finite, mm, stage, Operand, OperandRef, Precision};
+use crate::linear::state::{mismatch, DenseParam, LayerState};
 use crate::optim::{dense_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -294,5 +295,60 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         be.copy(&self.w, &mut w, self.out * self.inp)?;
         be.gemm(&Gemm::nn(self.out, self.inp, self.rank).alpha(self.scaling).beta(1.0), &self.b.value, &self.a.value, &mut w)?;
         be.download(&w, self.out * self.inp)
+    }
+
+    /// The factors with their moments and the step (`W` and `b` stay the base's).
+    pub fn export_state(&self) -> Result<LayerState<F>> {
+        let be = &self.backend;
+        let param = |f: &Factor<B, F>| -> Result<DenseParam<F>> {
+            let (exp_avg, exp_avg_sq) = match &f.moments {
+                Some(m) => {
+                    let (a, b) = m.to_host(be, f.len)?;
+                    (Some(a), Some(b))
+                }
+                None => (None, None),
+            };
+            Ok(DenseParam { values: be.download(&f.value, f.len)?, exp_avg, exp_avg_sq })
+        };
+        Ok(LayerState::Lora { a: param(&self.a)?, b: param(&self.b)?, rank: self.rank, alpha: self.scaling * self.rank as f32, step: self.step })
+    }
+
+    /// Checks that `state` fits this layer (method, rank, alpha, shapes, optimizer).
+    pub fn check_state(&self, state: &LayerState<F>) -> Result<()> {
+        let LayerState::Lora { a, b, rank, alpha, .. } = state else {
+            return Err(mismatch("adapter", format!("a {} state cannot be loaded into a LoRA layer", state.method())));
+        };
+        let scaling = *alpha / *rank as f32;
+        if *rank != self.rank || (scaling - self.scaling).abs() > 1e-6 * self.scaling.abs() {
+            return Err(mismatch("adapter", format!("LoRA rank {rank}, alpha {alpha} does not match the layer's rank {}, alpha {}", self.rank, self.scaling * self.rank as f32)));
+        }
+        for (name, p, f) in [("A", a, &self.a), ("B", b, &self.b)] {
+            if p.values.len() != f.len || p.exp_avg.is_some() != f.moments.is_some() {
+                return Err(mismatch("adapter", format!("LoRA factor {name}: shape or optimizer state does not match the layer")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads factors, moments and step; fails, leaving the layer unchanged, on another
+    /// method, rank, shape or optimizer.
+    pub fn import_state(&mut self, state: &LayerState<F>) -> Result<()> {
+        self.check_state(state)?;
+        let LayerState::Lora { a, b, step, .. } = state else {
+            return Err(mismatch("adapter", "not a LoRA state"));
+        };
+        let be = self.backend.clone();
+        for (p, f) in [(a, &mut self.a), (b, &mut self.b)] {
+            be.upload_into(&p.values, &mut f.value)?;
+            if let (Some(m), Some(em), Some(ev)) = (f.moments.as_mut(), &p.exp_avg, &p.exp_avg_sq) {
+                m.set_from_host(&be, em, ev)?;
+            }
+            if let Some(h) = f.half.as_mut() {
+                be.cast_to_bf16(&f.value, h, f.len)?;
+            }
+        }
+        self.step = *step;
+        self.grad_ready = false;
+        Ok(())
     }
 }

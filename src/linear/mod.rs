@@ -3,6 +3,7 @@
 
 pub mod dense;
 pub mod lora;
+pub mod state;
 pub mod sparsegrad;
 pub mod trainable;
 

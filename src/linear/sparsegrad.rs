@@ -15,6 +15,7 @@
 //! [`Formulation::choose`] picks the cheaper one from these flop counts for the expected
 //! token count.
 
+mod state;
 mod step;
 mod workspace;
 
@@ -138,6 +139,11 @@ pub struct SparseGradLinear<B: Backend, F: Real = f32> {
     saved_tokens: Option<usize>,
     stats: StepGrads,
     ws: Workspace<B, F>,
+    /// Identifies `(P, Q)` in adapters.
+    basis_fingerprint: u64,
+    /// Under SGD, nothing records which entries moved; this marks them (a COO of ones
+    /// scattered after each step) so adapters know what to save.
+    sgd_mask: Option<(B::Buf<F>, Coo<B, F>)>,
 }
 
 fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
@@ -240,6 +246,15 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             saved_tokens: None,
             stats: StepGrads::default(),
             ws: Workspace::new(backend, formulation, cfg.selection, cfg.precision, out, inp, k)?,
+            basis_fingerprint: basis.fingerprint(),
+            sgd_mask: match cfg.optimizer {
+                Optimizer::Sgd { .. } => {
+                    let mut ones = Coo::with_capacity(backend, k, (out, inp))?;
+                    backend.fill(&mut ones.values, k, F::ONE)?;
+                    Some((backend.alloc(out * inp)?, ones))
+                }
+                Optimizer::Adam(_) => None,
+            },
         };
         layer.refresh_half_weight()?;
         Ok(layer)

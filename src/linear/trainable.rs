@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::linear::dense::{DenseLinear, DenseMode};
 use crate::linear::lora::LoraLinear;
 use crate::linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear};
+use crate::linear::state::LayerState;
 use crate::linear::{Keep, Precision};
 use crate::optim::Optimizer;
 use crate::scalar::Real;
@@ -153,6 +154,33 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
         match self {
             Linear::Dense(l) => l.grad_host(),
             _ => Err(Error::invalid("Linear::dense_grad_host", "only dense projections compute the dense weight gradient")),
+        }
+    }
+
+    /// What training changed, with the optimizer state (see [`LayerState`]).
+    pub fn export_state(&self) -> Result<LayerState<F>> {
+        match self {
+            Linear::Dense(l) => l.export_state(),
+            Linear::SparseGrad(l) => l.export_state(),
+            Linear::Lora(l) => l.export_state(),
+        }
+    }
+
+    /// Checks that an exported state fits this layer without changing anything.
+    pub fn check_state(&self, state: &LayerState<F>) -> Result<()> {
+        match self {
+            Linear::Dense(l) => l.check_state(state),
+            Linear::SparseGrad(l) => l.check_state(state),
+            Linear::Lora(l) => l.check_state(state),
+        }
+    }
+
+    /// Restores an exported state into a layer freshly built from the same base weight.
+    pub fn import_state(&mut self, state: &LayerState<F>) -> Result<()> {
+        match self {
+            Linear::Dense(l) => l.import_state(state),
+            Linear::SparseGrad(l) => l.import_state(state),
+            Linear::Lora(l) => l.import_state(state),
         }
     }
 

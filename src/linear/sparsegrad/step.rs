@@ -133,6 +133,12 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if let (Some(b), Some(db)) = (&mut self.bias, &self.bias_grad) {
             dense_step(be, &opt, b, db, self.bias_moments.as_mut(), out, step)?;
         }
+        if let Some((mask, ones)) = self.sgd_mask.as_mut() {
+            be.copy(&self.grad.rows, &mut ones.rows, self.grad.len)?;
+            be.copy(&self.grad.cols, &mut ones.cols, self.grad.len)?;
+            ones.len = self.grad.len;
+            be.coo_scatter_add(ones, F::ONE, mask)?;
+        }
         self.step = step;
         self.grad_ready = false;
         self.refresh_half_weight()

@@ -1,0 +1,111 @@
+//! Export and import of a SparseGradLinear's trained state (adapters, resume).
+
+use super::{basis_change, transpose, SparseGradLinear, Weight};
+use crate::backend::Backend;
+use crate::error::Result;
+use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
+use crate::scalar::Real;
+
+impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
+    /// The changed entries of `Wt` (current values), their moments, the bias and the step.
+    pub fn export_state(&self) -> Result<LayerState<F>> {
+        let (be, n) = (&self.backend, self.out * self.inp);
+        let moments = self.moments.as_ref().map(|m| m.to_host(be, n)).transpose()?;
+        let mask = self.sgd_mask.as_ref().map(|(m, _)| be.download(m, n)).transpose()?;
+        let indices = touched_indices(moments.as_ref().map(|(_, v)| v.as_slice()), mask.as_deref());
+        let wt = self.weight_transformed()?;
+        let bias = match &self.bias {
+            Some(b) => Some(DenseParam {
+                values: be.download(b, self.out)?,
+                exp_avg: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg, self.out)).transpose()?,
+                exp_avg_sq: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg_sq, self.out)).transpose()?,
+            }),
+            None => None,
+        };
+        Ok(LayerState::SparseGrad {
+            weight_transformed: SparseParam::gather((self.out, self.inp), indices, &wt, moments),
+            bias,
+            step: self.step,
+            basis_group: self.group.clone(),
+            basis_fingerprint: self.basis_fingerprint,
+        })
+    }
+
+    /// Checks that `state` fits this layer (method, shape, basis, optimizer, bias).
+    pub fn check_state(&self, state: &LayerState<F>) -> Result<()> {
+        let LayerState::SparseGrad { weight_transformed: st, bias, basis_group, basis_fingerprint, .. } = state else {
+            return Err(mismatch("adapter", format!("a {} state cannot be loaded into a SparseGrad layer", state.method())));
+        };
+        let (out, inp) = (self.out, self.inp);
+        if st.shape != (out, inp) {
+            return Err(mismatch("adapter", format!("weight shape {:?} does not match the layer's {out}x{inp}", st.shape)));
+        }
+        if *basis_fingerprint != self.basis_fingerprint {
+            return Err(mismatch("adapter", format!("trained in basis `{basis_group}` with another (P, Q) than this layer's `{}`", self.group)));
+        }
+        st.validate()?;
+        if self.moments.is_some() != st.exp_avg.is_some() {
+            return Err(mismatch("adapter", "optimizer state does not match the layer's optimizer (Adam vs SGD)"));
+        }
+        if let Some(b) = bias {
+            if self.bias.is_none() || b.values.len() != out || self.bias_moments.is_some() != b.exp_avg.is_some() {
+                return Err(mismatch("adapter", "bias or its optimizer state does not match the layer"));
+            }
+        } else if self.bias.is_some() {
+            return Err(mismatch("adapter", "the layer has a bias the adapter lacks"));
+        }
+        Ok(())
+    }
+
+    /// Applies an exported state to a layer freshly built from the same base weight and
+    /// basis. Fails, leaving the layer unchanged, on another shape, basis or method.
+    pub fn import_state(&mut self, state: &LayerState<F>) -> Result<()> {
+        self.check_state(state)?;
+        let LayerState::SparseGrad { weight_transformed: st, bias, step, .. } = state else {
+            return Err(mismatch("adapter", "not a SparseGrad state"));
+        };
+        let (out, inp) = (self.out, self.inp);
+        let be = self.backend.clone();
+        let n = out * inp;
+        match &mut self.weight {
+            Weight::Transformed { wt, .. } => {
+                let mut host = be.download(wt, n)?;
+                for (e, &i) in st.indices.iter().enumerate() {
+                    host[i as usize] = st.values[e];
+                }
+                be.upload_into(&host, wt)?;
+            }
+            Weight::Merged { w, .. } => {
+                // W += P (Wt_new - Wt_base)|entries Q^T, on the host once.
+                let w_host = be.download(w, n)?;
+                let p = transpose(&self.p.download(&be, out * out)?, out, out);
+                let q = self.q.download(&be, inp * inp)?;
+                let wt_base = basis_change(&p, &q, &w_host, out, inp, true)?;
+                let mut d = vec![F::ZERO; n];
+                for (e, &i) in st.indices.iter().enumerate() {
+                    d[i as usize] = st.values[e] - wt_base[i as usize];
+                }
+                let change = basis_change(&p, &q, &d, out, inp, false)?;
+                let updated: Vec<F> = w_host.iter().zip(&change).map(|(&a, &b)| a + b).collect();
+                be.upload_into(&updated, w)?;
+            }
+        }
+        if let (Some(m), Some((dm, dv))) = (self.moments.as_mut(), st.scatter_moments()) {
+            m.set_from_host(&be, &dm, &dv)?;
+        }
+        if let Some((mask, _)) = self.sgd_mask.as_mut() {
+            let mut host = vec![F::ZERO; n];
+            st.indices.iter().for_each(|&i| host[i as usize] = F::ONE);
+            be.upload_into(&host, mask)?;
+        }
+        if let (Some(b), Some(dst)) = (bias, self.bias.as_mut()) {
+            be.upload_into(&b.values, dst)?;
+            if let (Some(m), Some(em), Some(ev)) = (self.bias_moments.as_mut(), &b.exp_avg, &b.exp_avg_sq) {
+                m.set_from_host(&be, em, ev)?;
+            }
+        }
+        self.step = *step;
+        self.grad_ready = false;
+        self.refresh_half_weight()
+    }
+}
