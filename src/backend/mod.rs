@@ -367,6 +367,54 @@ pub trait Backend: Send + Sync + Sized + 'static {
         len: usize,
     ) -> Result<()>;
 
+    // ---- transformer ops (the frozen rest of a model that gradients flow through) ---------
+    /// RMSNorm over the rows of `x` `(rows, cols)`: `inv_rms[r] = 1 / sqrt(mean(x[r, :]^2) + eps)`
+    /// (written, for the backward), `y[r, c] = x[r, c] * inv_rms[r] * w[c]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm<F: Real>(&self, x: &Self::Buf<F>, w: &Self::Buf<F>, y: &mut Self::Buf<F>, inv_rms: &mut Self::Buf<F>, rows: usize, cols: usize, eps: f32) -> Result<()>;
+    /// Input gradient of [`Backend::rmsnorm`] (`w` is frozen: no weight gradient):
+    /// `dx[r, c] = inv_rms[r] * (w[c] dy[r, c] - x[r, c] inv_rms[r]^2 mean_c'(w dy x)[r])`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward<F: Real>(&self, x: &Self::Buf<F>, w: &Self::Buf<F>, inv_rms: &Self::Buf<F>, dy: &Self::Buf<F>, dx: &mut Self::Buf<F>, rows: usize, cols: usize) -> Result<()>;
+    /// Rotary position embedding in the rotate-half layout, in place on `x`
+    /// `(tokens, heads * head_dim)`. Token `t` sits at position `p = t % seq_len`; for
+    /// `i < head_dim / 2`, with `c = cos[p, i]`, `s = sin[p, i]` (tables `(seq_len, head_dim/2)`):
+    /// `(x_i, x_{i+h}) <- (x_i c - x_{i+h} s, x_i s + x_{i+h} c)`, `h = head_dim / 2`.
+    /// `inverse` rotates by the opposite angle: the backward of the forward rotation.
+    #[allow(clippy::too_many_arguments)]
+    fn rope<F: Real>(
+        &self,
+        x: &mut Self::Buf<F>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &Self::Buf<F>,
+        sin: &Self::Buf<F>,
+        inverse: bool,
+    ) -> Result<()>;
+    /// Causal softmax in place over `mats` row-major `(t, t)` matrices: in row `i`,
+    /// `p_j = exp(scale s_ij - max) / sum` over `j <= i`, and `p_j = 0` for `j > i`.
+    fn softmax_causal<F: Real>(&self, s: &mut Self::Buf<F>, mats: usize, t: usize, scale: f32) -> Result<()>;
+    /// Backward of [`Backend::softmax_causal`] with respect to the unscaled scores:
+    /// `ds_ij = scale * p_ij (dp_ij - sum_j' p_ij' dp_ij')` (0 above the diagonal).
+    fn softmax_causal_backward<F: Real>(&self, p: &Self::Buf<F>, dp: &Self::Buf<F>, ds: &mut Self::Buf<F>, mats: usize, t: usize, scale: f32) -> Result<()>;
+    /// Masked cross-entropy of `logits` `(rows, vocab)`:
+    /// `losses[r] = mask[r] (logsumexp(logits[r]) - logits[r, targets[r]])`, and `logits` is
+    /// replaced by its gradient `grad_scale mask[r] (softmax(logits[r]) - onehot(targets[r]))`.
+    /// Rows with `mask[r] = 0` get zero loss and gradient whatever their target.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy<F: Real>(
+        &self,
+        logits: &mut Self::Buf<F>,
+        targets: &Self::Buf<u32>,
+        mask: &Self::Buf<F>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: F,
+        losses: &mut Self::Buf<F>,
+    ) -> Result<()>;
+
     // ---- sparse-by-dense ----------------------------------------------------------
     /// For a `(rows, cols)` matrix `m`, with `t = threshold_rel * max|m|`: writes the
     /// ascending indices of rows (into `row_idx`) and columns (into `col_idx`) holding an

@@ -8,6 +8,7 @@ mod dense;
 mod optim;
 mod sparse;
 mod topk;
+mod transformer;
 
 use crate::backend::{Backend, MemoryStats};
 use crate::error::{check_len, Result};
@@ -205,6 +206,49 @@ impl Backend for Cpu {
         len: usize,
     ) -> Result<()> {
         activation::swiglu_backward(gate, up, dh, d_gate, d_up, len)
+    }
+
+    fn rmsnorm<F: crate::Real>(&self, x: &CpuBuf<F>, w: &CpuBuf<F>, y: &mut CpuBuf<F>, inv_rms: &mut CpuBuf<F>, rows: usize, cols: usize, eps: f32) -> Result<()> {
+        transformer::rmsnorm(x, w, y, inv_rms, rows, cols, eps)
+    }
+
+    fn rmsnorm_backward<F: crate::Real>(&self, x: &CpuBuf<F>, w: &CpuBuf<F>, inv_rms: &CpuBuf<F>, dy: &CpuBuf<F>, dx: &mut CpuBuf<F>, rows: usize, cols: usize) -> Result<()> {
+        transformer::rmsnorm_backward(x, w, inv_rms, dy, dx, rows, cols)
+    }
+
+    fn rope<F: crate::Real>(
+        &self,
+        x: &mut CpuBuf<F>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &CpuBuf<F>,
+        sin: &CpuBuf<F>,
+        inverse: bool,
+    ) -> Result<()> {
+        transformer::rope(x, tokens, heads, head_dim, seq_len, cos, sin, inverse)
+    }
+
+    fn softmax_causal<F: crate::Real>(&self, s: &mut CpuBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+        transformer::softmax_causal(s, mats, t, scale)
+    }
+
+    fn softmax_causal_backward<F: crate::Real>(&self, p: &CpuBuf<F>, dp: &CpuBuf<F>, ds: &mut CpuBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+        transformer::softmax_causal_backward(p, dp, ds, mats, t, scale)
+    }
+
+    fn cross_entropy<F: crate::Real>(
+        &self,
+        logits: &mut CpuBuf<F>,
+        targets: &CpuBuf<u32>,
+        mask: &CpuBuf<F>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: F,
+        losses: &mut CpuBuf<F>,
+    ) -> Result<()> {
+        transformer::cross_entropy(logits, targets, mask, rows, vocab, grad_scale, losses)
     }
 
     fn nonzero_rows_cols<F: crate::Real>(

@@ -556,6 +556,31 @@ impl Backend for Cuda {
         dense::swiglu_backward(self, gate, up, dh, d_gate, d_up, len)
     }
 
+    // PENDING-KERNELS: transformer ops, replaced by cuda/transformer.cu launchers.
+    fn rmsnorm<F: crate::Real>(&self, _x: &CudaBuf<F>, _w: &CudaBuf<F>, _y: &mut CudaBuf<F>, _inv_rms: &mut CudaBuf<F>, _rows: usize, _cols: usize, _eps: f32) -> Result<()> {
+        Err(crate::Error::Cuda { op: "rmsnorm", msg: "kernel not yet written".into() })
+    }
+
+    fn rmsnorm_backward<F: crate::Real>(&self, _x: &CudaBuf<F>, _w: &CudaBuf<F>, _inv_rms: &CudaBuf<F>, _dy: &CudaBuf<F>, _dx: &mut CudaBuf<F>, _rows: usize, _cols: usize) -> Result<()> {
+        Err(crate::Error::Cuda { op: "rmsnorm_backward", msg: "kernel not yet written".into() })
+    }
+
+    fn rope<F: crate::Real>(&self, _x: &mut CudaBuf<F>, _tokens: usize, _heads: usize, _head_dim: usize, _seq_len: usize, _cos: &CudaBuf<F>, _sin: &CudaBuf<F>, _inverse: bool) -> Result<()> {
+        Err(crate::Error::Cuda { op: "rope", msg: "kernel not yet written".into() })
+    }
+
+    fn softmax_causal<F: crate::Real>(&self, _s: &mut CudaBuf<F>, _mats: usize, _t: usize, _scale: f32) -> Result<()> {
+        Err(crate::Error::Cuda { op: "softmax_causal", msg: "kernel not yet written".into() })
+    }
+
+    fn softmax_causal_backward<F: crate::Real>(&self, _p: &CudaBuf<F>, _dp: &CudaBuf<F>, _ds: &mut CudaBuf<F>, _mats: usize, _t: usize, _scale: f32) -> Result<()> {
+        Err(crate::Error::Cuda { op: "softmax_causal_backward", msg: "kernel not yet written".into() })
+    }
+
+    fn cross_entropy<F: crate::Real>(&self, _logits: &mut CudaBuf<F>, _targets: &CudaBuf<u32>, _mask: &CudaBuf<F>, _rows: usize, _vocab: usize, _grad_scale: F, _losses: &mut CudaBuf<F>) -> Result<()> {
+        Err(crate::Error::Cuda { op: "cross_entropy", msg: "kernel not yet written".into() })
+    }
+
     fn nonzero_rows_cols<F: crate::Real>(
         &self,
         m: &CudaBuf<F>,
