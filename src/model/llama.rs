@@ -1,0 +1,456 @@
+//! A LLaMA-architecture decoder on any backend, forward and hand-rolled backward:
+//! embedding, per layer `x + attn(rmsnorm(x))` then `x + mlp(rmsnorm(x))` (causal GQA
+//! attention with RoPE, SwiGLU MLP), final RMSNorm, tied or separate LM head, masked
+//! cross-entropy. Everything but the chosen MLP projections is frozen; gradients still
+//! flow through all of it down to the lowest layer that trains (nothing below needs them).
+
+use super::attention::{self, AttentionGrads, AttentionShape};
+use super::config::LlamaConfig;
+use super::weights::LlamaWeights;
+use crate::backend::{Backend, Gemm};
+use crate::basis::BasisSet;
+use crate::error::{Error, Result};
+use crate::linear::trainable::{Method, TrainOptions};
+use crate::linear::{mm, stage, Operand, Precision};
+use crate::mlp::{LlamaMlp, ProjectionSpec};
+use crate::scalar::Real;
+use half::bf16;
+
+/// Which MLP projections train, and how.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MlpPlan {
+    /// Layers whose MLP trains (others are frozen).
+    pub layers: Vec<usize>,
+    /// Method of `gate`, `up` and `down` in those layers.
+    pub methods: [Method; 3],
+}
+
+impl MlpPlan {
+    /// Nothing trains: evaluation only.
+    pub fn frozen() -> Self {
+        MlpPlan { layers: Vec::new(), methods: [Method::Frozen; 3] }
+    }
+    /// Every `stride`-th layer starting at `stride - 1` (the paper trains every third
+    /// block), all three projections with `method`.
+    pub fn every(config: &LlamaConfig, stride: usize, method: Method) -> Self {
+        let stride = stride.max(1);
+        MlpPlan { layers: (stride - 1..config.layers).step_by(stride).collect(), methods: [method; 3] }
+    }
+}
+
+/// Basis group of each MLP projection kind: one basis per kind, shared by all layers.
+pub const GROUPS: [&str; 3] = ["gate", "up", "down"];
+
+/// Frozen weights and saved activations of one decoder layer.
+struct Layer<B: Backend, F: Real> {
+    attn_norm: B::Buf<F>,
+    ffn_norm: B::Buf<F>,
+    q: Operand<B, F>,
+    k: Operand<B, F>,
+    v: Operand<B, F>,
+    o: Operand<B, F>,
+    mlp: LlamaMlp<B, F>,
+    // Saved by the forward for the backward.
+    x_in: B::Buf<F>,
+    inv_rms_attn: B::Buf<F>,
+    q_act: B::Buf<F>,
+    k_act: B::Buf<F>,
+    v_act: B::Buf<F>,
+    probs: B::Buf<F>,
+    x_mid: B::Buf<F>,
+    inv_rms_ffn: B::Buf<F>,
+}
+
+/// Buffers shared by all layers, sized for the largest batch seen.
+struct Scratch<B: Backend, F: Real> {
+    tokens: usize,
+    ids: B::Buf<u32>,
+    targets: B::Buf<u32>,
+    mask: B::Buf<F>,
+    x: B::Buf<F>,
+    normed: B::Buf<F>,
+    normed_half: Option<B::Buf<bf16>>,
+    attn: B::Buf<F>,
+    attn_half: Option<B::Buf<bf16>>,
+    branch: B::Buf<F>,
+    logits: B::Buf<F>,
+    losses: B::Buf<F>,
+    inv_rms_final: B::Buf<F>,
+    // Backward.
+    dx: B::Buf<F>,
+    dnormed: B::Buf<F>,
+    dq: B::Buf<F>,
+    dk: B::Buf<F>,
+    dv: B::Buf<F>,
+    dprobs: B::Buf<F>,
+    dscores: B::Buf<F>,
+    dattn: B::Buf<F>,
+    grad_half: Option<B::Buf<bf16>>,
+}
+
+/// Masked cross-entropy summed over a batch, and the number of tokens it covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSum {
+    pub sum: f64,
+    pub tokens: usize,
+}
+
+impl LossSum {
+    pub fn mean(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.sum / self.tokens as f64
+        }
+    }
+}
+
+/// A LLaMA model on backend `B`; see the module docs.
+pub struct LlamaModel<B: Backend, F: Real = f32> {
+    backend: B,
+    config: LlamaConfig,
+    precision: Precision,
+    embed: B::Buf<F>,
+    /// The output projection as a GEMM operand: the embedding again when tied.
+    head: Operand<B, F>,
+    final_norm: B::Buf<F>,
+    layers: Vec<Layer<B, F>>,
+    rope_cos: B::Buf<F>,
+    rope_sin: B::Buf<F>,
+    rope_positions: usize,
+    plan: MlpPlan,
+    s: Scratch<B, F>,
+    /// Shape of the last forward, whose activations are saved.
+    last: Option<(usize, usize)>,
+}
+
+fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
+    v.iter().map(|&x| F::from_f64(x as f64)).collect()
+}
+
+fn grow<B: Backend, T: crate::Elem>(be: &B, buf: &mut B::Buf<T>, len: usize) -> Result<()> {
+    if be.len(buf) < len {
+        *buf = be.alloc(len)?;
+    }
+    Ok(())
+}
+
+impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
+    /// Uploads `weights` and builds every layer's MLP by `plan`; SparseGrad projections
+    /// take their basis from `bases` (groups `gate`, `up`, `down`). `max_positions` sizes
+    /// the RoPE tables (sequences may not be longer).
+    pub fn new(backend: &B, weights: &LlamaWeights, plan: &MlpPlan, bases: Option<&BasisSet>, opts: &TrainOptions, max_positions: usize) -> Result<Self> {
+        weights.validate()?;
+        let c = weights.config.clone();
+        if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
+            return Err(Error::invalid("LlamaModel::new", format!("layer {l} does not exist (the model has {})", c.layers)));
+        }
+        let p = opts.precision;
+        let up = |v: &[f32]| backend.upload(&to_f::<F>(v));
+        let op = |v: &[f32]| Operand::upload(backend, p, &to_f::<F>(v));
+        let mut layers = Vec::with_capacity(c.layers);
+        for (i, lw) in weights.layers.iter().enumerate() {
+            let trains = plan.layers.contains(&i);
+            let (gate, upw, down) = (to_f::<F>(&lw.gate), to_f::<F>(&lw.up), to_f::<F>(&lw.down));
+            let mut specs = Vec::with_capacity(3);
+            for (j, w) in [&gate, &upw, &down].into_iter().enumerate() {
+                let method = if trains { plan.methods[j] } else { Method::Frozen };
+                let basis = match (method, bases) {
+                    (Method::SparseGrad { .. }, Some(b)) => Some(b.get(GROUPS[j])?),
+                    (Method::SparseGrad { .. }, None) => return Err(Error::invalid("LlamaModel::new", "SparseGrad needs bases for gate, up and down")),
+                    _ => None,
+                };
+                specs.push(ProjectionSpec { weight: w.as_slice(), bias: None, method, group: GROUPS[j], basis });
+            }
+            let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
+            let mlp = LlamaMlp::new(backend, c.hidden, c.ffn, specs[0], specs[1], specs[2], &layer_opts)
+                .map_err(|e| Error::invalid("LlamaModel::new", format!("layer {i} MLP: {e}")))?;
+            layers.push(Layer {
+                attn_norm: up(&lw.attn_norm)?,
+                ffn_norm: up(&lw.ffn_norm)?,
+                q: op(&lw.q)?,
+                k: op(&lw.k)?,
+                v: op(&lw.v)?,
+                o: op(&lw.o)?,
+                mlp,
+                x_in: backend.alloc(0)?,
+                inv_rms_attn: backend.alloc(0)?,
+                q_act: backend.alloc(0)?,
+                k_act: backend.alloc(0)?,
+                v_act: backend.alloc(0)?,
+                probs: backend.alloc(0)?,
+                x_mid: backend.alloc(0)?,
+                inv_rms_ffn: backend.alloc(0)?,
+            });
+        }
+        let (cos, sin) = attention::rope_tables::<F>(max_positions.max(1), c.head_dim, c.rope_theta);
+        let half = p == Precision::Bf16;
+        let opt_half = |len: usize| -> Result<Option<B::Buf<bf16>>> { if half { Ok(Some(backend.alloc(len)?)) } else { Ok(None) } };
+        Ok(LlamaModel {
+            backend: backend.clone(),
+            precision: p,
+            embed: up(&weights.embed)?,
+            head: op(weights.output_weight())?,
+            final_norm: up(&weights.final_norm)?,
+            layers,
+            rope_cos: backend.upload(&cos)?,
+            rope_sin: backend.upload(&sin)?,
+            rope_positions: max_positions.max(1),
+            plan: plan.clone(),
+            s: Scratch {
+                tokens: 0,
+                ids: backend.alloc(0)?,
+                targets: backend.alloc(0)?,
+                mask: backend.alloc(0)?,
+                x: backend.alloc(0)?,
+                normed: backend.alloc(0)?,
+                normed_half: opt_half(0)?,
+                attn: backend.alloc(0)?,
+                attn_half: opt_half(0)?,
+                branch: backend.alloc(0)?,
+                logits: backend.alloc(0)?,
+                losses: backend.alloc(0)?,
+                inv_rms_final: backend.alloc(0)?,
+                dx: backend.alloc(0)?,
+                dnormed: backend.alloc(0)?,
+                dq: backend.alloc(0)?,
+                dk: backend.alloc(0)?,
+                dv: backend.alloc(0)?,
+                dprobs: backend.alloc(0)?,
+                dscores: backend.alloc(0)?,
+                dattn: backend.alloc(0)?,
+                grad_half: opt_half(0)?,
+            },
+            config: c,
+            last: None,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+    pub fn plan(&self) -> &MlpPlan {
+        &self.plan
+    }
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+    /// The MLP of layer `i`.
+    pub fn mlp(&self, i: usize) -> Option<&LlamaMlp<B, F>> {
+        self.layers.get(i).map(|l| &l.mlp)
+    }
+    pub fn mlp_mut(&mut self, i: usize) -> Option<&mut LlamaMlp<B, F>> {
+        self.layers.get_mut(i).map(|l| &mut l.mlp)
+    }
+    /// Parameters that train (the MLP projections of the planned layers).
+    pub fn trainable_parameters(&self) -> usize {
+        self.layers.iter().map(|l| l.mlp.trainable_parameters()).sum()
+    }
+
+    fn ensure(&mut self, batch: usize, seq: usize) -> Result<()> {
+        if seq > self.rope_positions {
+            return Err(Error::invalid("LlamaModel", format!("sequence length {seq} exceeds the {} positions the model was built for", self.rope_positions)));
+        }
+        let c = &self.config;
+        let (t, be) = (batch * seq, &self.backend);
+        let probs = batch * c.heads * seq * seq;
+        for l in &mut self.layers {
+            grow(be, &mut l.x_in, t * c.hidden)?;
+            grow(be, &mut l.inv_rms_attn, t)?;
+            grow(be, &mut l.q_act, t * c.q_dim())?;
+            grow(be, &mut l.k_act, t * c.kv_dim())?;
+            grow(be, &mut l.v_act, t * c.kv_dim())?;
+            grow(be, &mut l.probs, probs)?;
+            grow(be, &mut l.x_mid, t * c.hidden)?;
+            grow(be, &mut l.inv_rms_ffn, t)?;
+        }
+        let s = &mut self.s;
+        if t <= s.tokens && be.len(&s.dprobs) >= probs {
+            return Ok(());
+        }
+        let width = c.hidden.max(c.q_dim());
+        grow(be, &mut s.ids, t)?;
+        grow(be, &mut s.targets, t)?;
+        grow(be, &mut s.mask, t)?;
+        for buf in [&mut s.x, &mut s.normed, &mut s.branch, &mut s.dx, &mut s.dnormed] {
+            grow(be, buf, t * c.hidden)?;
+        }
+        for buf in [&mut s.attn, &mut s.dq, &mut s.dattn] {
+            grow(be, buf, t * c.q_dim())?;
+        }
+        for buf in [&mut s.dk, &mut s.dv] {
+            grow(be, buf, t * c.kv_dim())?;
+        }
+        grow(be, &mut s.dprobs, probs)?;
+        grow(be, &mut s.dscores, probs)?;
+        grow(be, &mut s.logits, t * c.vocab)?;
+        grow(be, &mut s.losses, t)?;
+        grow(be, &mut s.inv_rms_final, t)?;
+        for h in [&mut s.normed_half, &mut s.attn_half].into_iter().flatten() {
+            grow(be, h, t * width)?;
+        }
+        if let Some(h) = s.grad_half.as_mut() {
+            grow(be, h, t * c.vocab.max(c.q_dim()).max(c.kv_dim()).max(c.hidden))?;
+        }
+        s.tokens = t;
+        Ok(())
+    }
+
+    /// Runs the decoder on `batch` rows of `seq` token ids up to the final norm, whose
+    /// output is left in the scratch `normed`.
+    fn forward_hidden(&mut self, ids: &[u32], batch: usize, seq: usize) -> Result<()> {
+        let t = batch * seq;
+        if ids.len() != t {
+            return Err(Error::shape("LlamaModel::forward", "ids", format!("{batch} x {seq} = {t}"), ids.len()));
+        }
+        let vocab = self.config.vocab;
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(Error::invalid("LlamaModel::forward", format!("token id {bad} is outside the vocabulary of {vocab}")));
+        }
+        self.last = None;
+        self.ensure(batch, seq)?;
+        let be = self.backend.clone();
+        let c = self.config.clone();
+        let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let s = &mut self.s;
+        be.upload_into(ids, &mut s.ids)?;
+        be.gather_rows(&self.embed, vocab, c.hidden, &s.ids, t, &mut s.x)?;
+        for l in &mut self.layers {
+            be.copy(&s.x, &mut l.x_in, t * c.hidden)?;
+            be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, &mut l.inv_rms_attn, t, c.hidden, c.rms_eps)?;
+            let a = stage(&be, &s.normed, s.normed_half.as_mut(), t * c.hidden)?;
+            mm(&be, &Gemm::nt(t, c.q_dim(), c.hidden), a, l.q.as_ref(), &mut l.q_act)?;
+            mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.k.as_ref(), &mut l.k_act)?;
+            mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut l.v_act)?;
+            be.rope(&mut l.q_act, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
+            be.rope(&mut l.k_act, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
+            attention::forward(&be, &shape, &l.q_act, &l.k_act, &l.v_act, &mut l.probs, &mut s.attn)?;
+            let o_in = stage(&be, &s.attn, s.attn_half.as_mut(), t * c.q_dim())?;
+            mm(&be, &Gemm::nt(t, c.hidden, c.q_dim()), o_in, l.o.as_ref(), &mut s.branch)?;
+            be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
+            be.copy(&s.x, &mut l.x_mid, t * c.hidden)?;
+            be.rmsnorm(&s.x, &l.ffn_norm, &mut s.normed, &mut l.inv_rms_ffn, t, c.hidden, c.rms_eps)?;
+            l.mlp.forward(&s.normed, t, &mut s.branch)?;
+            be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
+        }
+        // The final norm's input stays in `x` for the backward.
+        be.rmsnorm(&s.x, &self.final_norm, &mut s.normed, &mut s.inv_rms_final, t, c.hidden, c.rms_eps)
+    }
+
+    /// `logits = normed head^T` for `t` tokens.
+    fn head_logits(&mut self, t: usize) -> Result<()> {
+        let (be, c, s) = (&self.backend, &self.config, &mut self.s);
+        let h = stage(be, &s.normed, s.normed_half.as_mut(), t * c.hidden)?;
+        mm(be, &Gemm::nt(t, c.vocab, c.hidden), h, self.head.as_ref(), &mut s.logits)
+    }
+
+    /// Forward of `batch` rows of `seq` token ids to the masked cross-entropy; leaves the
+    /// loss gradient of the logits (scaled by `grad_scale`) ready for [`Self::backward`].
+    pub fn forward(&mut self, ids: &[u32], targets: &[u32], mask: &[f32], batch: usize, seq: usize, grad_scale: f64) -> Result<LossSum> {
+        let t = batch * seq;
+        for (what, len) in [("targets", targets.len()), ("mask", mask.len())] {
+            if len != t {
+                return Err(Error::shape("LlamaModel::forward", what, format!("{batch} x {seq} = {t}"), len));
+            }
+        }
+        self.forward_hidden(ids, batch, seq)?;
+        self.head_logits(t)?;
+        let (be, vocab, s) = (&self.backend, self.config.vocab, &mut self.s);
+        be.upload_into(targets, &mut s.targets)?;
+        be.upload_into(&mask.iter().map(|&m| F::from_f64(m as f64)).collect::<Vec<F>>(), &mut s.mask)?;
+        be.cross_entropy(&mut s.logits, &s.targets, &s.mask, t, vocab, F::from_f64(grad_scale), &mut s.losses)?;
+        let losses = be.download(&s.losses, t)?;
+        self.last = Some((batch, seq));
+        Ok(LossSum { sum: losses.iter().map(|v| v.to_f64()).sum(), tokens: mask.iter().filter(|&&m| m != 0.0).count() })
+    }
+
+    /// Backward of the last forward down to the lowest training layer; trained
+    /// projections hold their gradients afterwards (call [`Self::step`]).
+    pub fn backward(&mut self) -> Result<()> {
+        let (batch, seq) = self.last.ok_or_else(|| Error::invalid("LlamaModel::backward", "no forward to go back through"))?;
+        let Some(&lowest) = self.plan.layers.iter().min() else { return Ok(()) };
+        let (be, c) = (self.backend.clone(), self.config.clone());
+        let t = batch * seq;
+        let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let s = &mut self.s;
+        // Through the LM head and the final norm: dx = rmsnorm'(x_L) (dlogits E).
+        let dlogits = stage(&be, &s.logits, s.grad_half.as_mut(), t * c.vocab)?;
+        mm(&be, &Gemm::nn(t, c.hidden, c.vocab), dlogits, self.head.as_ref(), &mut s.dnormed)?;
+        be.rmsnorm_backward(&s.x, &self.final_norm, &s.inv_rms_final, &s.dnormed, &mut s.dx, t, c.hidden)?;
+        for (i, l) in self.layers.iter_mut().enumerate().rev() {
+            if i < lowest {
+                break;
+            }
+            // MLP branch: x_out = x_mid + mlp(rmsnorm(x_mid)).
+            if i == lowest {
+                // Nothing below trains: the input gradient is not needed.
+                l.mlp.backward(&s.dx, t, None)?;
+                break;
+            }
+            l.mlp.backward(&s.dx, t, Some(&mut s.dnormed))?;
+            be.rmsnorm_backward(&l.x_mid, &l.ffn_norm, &l.inv_rms_ffn, &s.dnormed, &mut s.branch, t, c.hidden)?;
+            be.axpy(F::ONE, &s.branch, &mut s.dx, t * c.hidden)?;
+            // Attention branch: x_mid = x_in + o(attn(rmsnorm(x_in))).
+            let dx_op = stage(&be, &s.dx, s.grad_half.as_mut(), t * c.hidden)?;
+            mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
+            let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv, dprobs: &mut s.dprobs, dscores: &mut s.dscores };
+            attention::backward(&be, &shape, &l.q_act, &l.k_act, &l.v_act, &l.probs, &s.dattn, grads)?;
+            be.rope(&mut s.dq, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
+            be.rope(&mut s.dk, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
+            let dq = stage(&be, &s.dq, s.grad_half.as_mut(), t * c.q_dim())?;
+            mm(&be, &Gemm::nn(t, c.hidden, c.q_dim()), dq, l.q.as_ref(), &mut s.dnormed)?;
+            let dk = stage(&be, &s.dk, s.grad_half.as_mut(), t * c.kv_dim())?;
+            mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dk, l.k.as_ref(), &mut s.dnormed)?;
+            let dv = stage(&be, &s.dv, s.grad_half.as_mut(), t * c.kv_dim())?;
+            mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dv, l.v.as_ref(), &mut s.dnormed)?;
+            be.rmsnorm_backward(&l.x_in, &l.attn_norm, &l.inv_rms_attn, &s.dnormed, &mut s.branch, t, c.hidden)?;
+            be.axpy(F::ONE, &s.branch, &mut s.dx, t * c.hidden)?;
+        }
+        Ok(())
+    }
+
+    /// One optimizer step of every training projection.
+    pub fn step(&mut self) -> Result<()> {
+        for &i in &self.plan.layers {
+            self.layers[i].mlp.step()?;
+        }
+        Ok(())
+    }
+
+    /// Forward, backward and step on one batch; returns its loss (mean over its tokens).
+    pub fn train_step(&mut self, ids: &[u32], targets: &[u32], mask: &[f32], batch: usize, seq: usize) -> Result<LossSum> {
+        let n = mask.iter().filter(|&&m| m != 0.0).count().max(1);
+        let loss = self.forward(ids, targets, mask, batch, seq, 1.0 / n as f64)?;
+        self.backward()?;
+        self.step()?;
+        Ok(loss)
+    }
+
+    /// Logits `(seq, vocab)` of one sequence (no loss): for generation and checks.
+    pub fn logits(&mut self, ids: &[u32]) -> Result<Vec<F>> {
+        let n = ids.len();
+        self.forward_hidden(ids, 1, n)?;
+        self.head_logits(n)?;
+        self.backend.download(&self.s.logits, n * self.config.vocab)
+    }
+
+    /// The weights with every MLP projection replaced by its merged (trained) weight.
+    pub fn merged_weights(&self, base: &LlamaWeights) -> Result<LlamaWeights> {
+        let mut out = base.clone();
+        for (i, l) in self.layers.iter().enumerate() {
+            if !self.plan.layers.contains(&i) {
+                continue;
+            }
+            let [g, u, d] = l.mlp.projections();
+            let cast = |v: Vec<F>| v.into_iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
+            out.layers[i].gate = cast(g.linear.merged_weight()?);
+            out.layers[i].up = cast(u.linear.merged_weight()?);
+            out.layers[i].down = cast(d.linear.merged_weight()?);
+        }
+        Ok(out)
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+}
