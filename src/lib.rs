@@ -35,6 +35,7 @@ pub mod backend;
 pub mod basis;
 pub mod data;
 pub mod error;
+pub mod finetune;
 pub mod io;
 pub mod linear;
 pub mod mlp;

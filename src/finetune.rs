@@ -1,0 +1,260 @@
+//! The fine-tuning flow of the paper's LLaMA recipe, scaled: validation loss before;
+//! for SparseGrad a preliminary phase that streams the selected blocks' MLP gradients into
+//! one Gram accumulator per projection type and computes the bases; training of the
+//! selected blocks' MLPs; validation loss after. Any method, any backend.
+
+use crate::backend::Backend;
+use crate::basis::{BasisSet, GramAccumulator};
+use crate::data::{epoch, make_batch, Batch, BatchSpec};
+use crate::error::{Error, Result};
+use crate::linear::sparsegrad::Selection;
+use crate::linear::trainable::{Method, TrainOptions};
+use crate::linear::{Keep, Precision};
+use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
+use crate::model::weights::LlamaWeights;
+use crate::optim::Optimizer;
+use crate::backend::AdamParams;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+/// The methods the paper compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MethodKind {
+    SparseGrad,
+    Lora,
+    MeProp,
+    Full,
+}
+
+impl MethodKind {
+    pub const ALL: [MethodKind; 4] = [MethodKind::SparseGrad, MethodKind::Lora, MethodKind::MeProp, MethodKind::Full];
+    pub fn name(&self) -> &'static str {
+        match self {
+            MethodKind::SparseGrad => "sparsegrad",
+            MethodKind::Lora => "lora",
+            MethodKind::MeProp => "meprop",
+            MethodKind::Full => "full",
+        }
+    }
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| Error::invalid("method", format!("`{s}` is not one of sparsegrad, lora, meprop, full")))
+    }
+}
+
+/// Everything a run needs besides the model and the data.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinetuneConfig {
+    pub method: MethodKind,
+    /// Layers whose MLP trains.
+    pub blocks: Vec<usize>,
+    pub steps: usize,
+    pub batch: usize,
+    pub seq_len: usize,
+    /// Fraction of each projection's entries SparseGrad and MeProp keep per step.
+    pub keep: f64,
+    pub selection: Selection,
+    pub lora_rank: usize,
+    pub lora_alpha: f32,
+    pub lr: f32,
+    pub seed: u64,
+    pub precision: Precision,
+    /// Batches of the preliminary phase (SparseGrad only).
+    pub prelim_steps: usize,
+    /// Validation batches evaluated before, during and after training.
+    pub eval_batches: usize,
+    /// Evaluate every this many steps (0: only before and after).
+    pub eval_every: usize,
+}
+
+/// A LoRA rank whose trainable parameters `r (in + out)` come closest to `keep` of an
+/// `(out, in)` projection's entries (at least 1): equal budgets for the comparison.
+pub fn lora_rank_for_budget(keep: f64, out: usize, inp: usize) -> usize {
+    ((keep * (out * inp) as f64 / (out + inp) as f64).round() as usize).max(1)
+}
+
+/// Where the run is, for progress reporting.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Progress {
+    Preliminary { step: usize, of: usize },
+    Basis,
+    Eval { step: usize, loss: f64 },
+    Train { step: usize, of: usize, loss: f64, tokens_per_s: f64 },
+}
+
+/// What a run measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinetuneReport {
+    pub method: MethodKind,
+    pub trainable_parameters: usize,
+    pub val_loss_before: f64,
+    pub val_loss_after: f64,
+    /// `(step, loss)` of every training step.
+    pub train_curve: Vec<(usize, f64)>,
+    /// `(step, validation loss)`, including step 0 and the last step.
+    pub val_curve: Vec<(usize, f64)>,
+    /// Loss-bearing tokens per second of the training loop.
+    pub tokens_per_s: f64,
+    /// Peak bytes the backend held during the run (weights, optimizer state, activations, workspaces).
+    pub peak_memory_bytes: usize,
+    pub preliminary_seconds: f64,
+    pub train_seconds: f64,
+}
+
+/// Tokenised train and validation sentences.
+pub struct Dataset {
+    pub train: Vec<Vec<u32>>,
+    pub validation: Vec<Vec<u32>>,
+    pub spec_bos: u32,
+    pub spec_eos: Option<u32>,
+}
+
+impl FinetuneConfig {
+    fn batch_spec(&self, data: &Dataset) -> BatchSpec {
+        BatchSpec { batch: self.batch, seq_len: self.seq_len, bos: data.spec_bos, eos: data.spec_eos, pad: data.spec_bos }
+    }
+
+    fn method(&self, weights: &LlamaWeights) -> Method {
+        let keep = Keep::Fraction(self.keep);
+        match self.method {
+            MethodKind::SparseGrad => Method::SparseGrad { keep, selection: self.selection, formulation: None },
+            MethodKind::MeProp => Method::MeProp { keep },
+            MethodKind::Full => Method::Full,
+            MethodKind::Lora => {
+                let rank = if self.lora_rank == 0 { lora_rank_for_budget(self.keep, weights.config.ffn, weights.config.hidden) } else { self.lora_rank };
+                Method::Lora { rank, alpha: if self.lora_alpha > 0.0 { self.lora_alpha } else { 2.0 * rank as f32 } }
+            }
+        }
+    }
+
+    fn validate(&self, weights: &LlamaWeights) -> Result<()> {
+        if self.batch == 0 || self.seq_len == 0 {
+            return Err(Error::invalid("finetune", "batch and seq_len must be positive"));
+        }
+        if self.blocks.is_empty() {
+            return Err(Error::invalid("finetune", "no blocks selected to train"));
+        }
+        if let Some(&b) = self.blocks.iter().find(|&&b| b >= weights.config.layers) {
+            return Err(Error::invalid("finetune", format!("block {b} does not exist (the model has {} layers)", weights.config.layers)));
+        }
+        if !(self.keep > 0.0 && self.keep <= 1.0) {
+            return Err(Error::invalid("finetune", format!("keep {} outside (0, 1]", self.keep)));
+        }
+        Ok(())
+    }
+}
+
+fn eval<B: Backend + Clone>(model: &mut LlamaModel<B>, batches: &[Batch]) -> Result<f64> {
+    let mut total = LossSum::default();
+    for b in batches {
+        let l = model.forward(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len, 0.0)?;
+        total.sum += l.sum;
+        total.tokens += l.tokens;
+    }
+    Ok(total.mean())
+}
+
+/// Batches of the training set forever, reshuffled each epoch.
+fn train_batches<'a>(data: &'a Dataset, spec: BatchSpec, seed: u64) -> impl Iterator<Item = Result<Batch>> + 'a {
+    (0u64..).flat_map(move |e| match epoch(&data.train, &spec, seed.wrapping_add(e)) {
+        Ok(it) => Box::new(it.map(Ok)) as Box<dyn Iterator<Item = Result<Batch>>>,
+        Err(err) => Box::new(std::iter::once(Err(err))),
+    })
+}
+
+/// Runs the preliminary phase: dense MLP gradients of the selected blocks, streamed into
+/// one Gram accumulator per projection type, then one basis per type.
+fn preliminary<B: Backend + Clone>(backend: &B, weights: &LlamaWeights, cfg: &FinetuneConfig, data: &Dataset, progress: &mut dyn FnMut(Progress)) -> Result<BasisSet> {
+    let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [Method::Collect; 3] };
+    let opts = TrainOptions { precision: cfg.precision, seed: cfg.seed, ..Default::default() };
+    let mut model = LlamaModel::<B, f32>::new(backend, weights, &plan, None, &opts, cfg.seq_len)?;
+    let mut accs: BTreeMap<String, GramAccumulator> = BTreeMap::new();
+    let spec = cfg.batch_spec(data);
+    for (i, batch) in train_batches(data, spec, cfg.seed ^ 0x5eed).take(cfg.prelim_steps).enumerate() {
+        let b = batch?;
+        let n = b.n_targets().max(1);
+        model.forward(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len, 1.0 / n as f64)?;
+        model.backward()?;
+        for &l in &cfg.blocks {
+            model.mlp(l).ok_or_else(|| Error::invalid("finetune", format!("no layer {l}")))?.collect(&mut accs)?;
+        }
+        progress(Progress::Preliminary { step: i + 1, of: cfg.prelim_steps });
+    }
+    progress(Progress::Basis);
+    let mut set = BasisSet::new();
+    for g in GROUPS {
+        let acc = accs.get(g).ok_or_else(|| Error::invalid("finetune", format!("the preliminary phase collected no `{g}` gradients")))?;
+        set.insert(acc.basis(g)?);
+    }
+    Ok(set)
+}
+
+/// Runs the whole flow on `backend` and returns the report and the trained model.
+/// `bases` skips the preliminary phase when given (SparseGrad).
+pub fn run<B: Backend + Clone>(
+    backend: &B,
+    weights: &LlamaWeights,
+    data: &Dataset,
+    cfg: &FinetuneConfig,
+    bases: Option<BasisSet>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(FinetuneReport, LlamaModel<B>, Option<BasisSet>)> {
+    cfg.validate(weights)?;
+    let spec = cfg.batch_spec(data);
+    let val_rows: Vec<&[u32]> = data.validation.iter().take(cfg.eval_batches * cfg.batch).map(Vec::as_slice).collect();
+    if val_rows.is_empty() {
+        return Err(Error::invalid("finetune", "no validation sentences"));
+    }
+    let val_batches = val_rows.chunks(cfg.batch).map(|rows| make_batch(rows, &spec)).collect::<Result<Vec<_>>>()?;
+    let started = Instant::now();
+    let bases = match (cfg.method, bases) {
+        (MethodKind::SparseGrad, Some(b)) => Some(b),
+        (MethodKind::SparseGrad, None) => Some(preliminary(backend, weights, cfg, data, progress)?),
+        _ => None,
+    };
+    let preliminary_seconds = started.elapsed().as_secs_f64();
+    let method = cfg.method(weights);
+    let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [method; 3] };
+    let opts = TrainOptions {
+        optimizer: Optimizer::Adam(AdamParams { lr: cfg.lr, ..Default::default() }),
+        precision: cfg.precision,
+        expected_tokens: cfg.batch * cfg.seq_len,
+        seed: cfg.seed,
+    };
+    let mut model = LlamaModel::new(backend, weights, &plan, bases.as_ref(), &opts, cfg.seq_len)?;
+    let before = eval(&mut model, &val_batches)?;
+    progress(Progress::Eval { step: 0, loss: before });
+    let mut val_curve = vec![(0, before)];
+    let mut train_curve = Vec::with_capacity(cfg.steps);
+    let (mut tokens, mut train_seconds) = (0usize, 0.0f64);
+    for (i, batch) in train_batches(data, spec, cfg.seed).take(cfg.steps).enumerate() {
+        let b = batch?;
+        let t0 = Instant::now();
+        let loss = model.train_step(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len)?;
+        backend.synchronize()?;
+        train_seconds += t0.elapsed().as_secs_f64();
+        tokens += loss.tokens;
+        train_curve.push((i + 1, loss.mean()));
+        progress(Progress::Train { step: i + 1, of: cfg.steps, loss: loss.mean(), tokens_per_s: tokens as f64 / train_seconds.max(1e-9) });
+        if cfg.eval_every > 0 && (i + 1) % cfg.eval_every == 0 && i + 1 < cfg.steps {
+            let v = eval(&mut model, &val_batches)?;
+            val_curve.push((i + 1, v));
+            progress(Progress::Eval { step: i + 1, loss: v });
+        }
+    }
+    let after = eval(&mut model, &val_batches)?;
+    val_curve.push((cfg.steps, after));
+    progress(Progress::Eval { step: cfg.steps, loss: after });
+    let report = FinetuneReport {
+        method: cfg.method,
+        trainable_parameters: model.trainable_parameters(),
+        val_loss_before: before,
+        val_loss_after: after,
+        train_curve,
+        val_curve,
+        tokens_per_s: tokens as f64 / train_seconds.max(1e-9),
+        peak_memory_bytes: backend.memory_stats().peak_bytes,
+        preliminary_seconds,
+        train_seconds,
+    };
+    Ok((report, model, bases))
+}
