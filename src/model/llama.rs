@@ -145,6 +145,10 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
             return Err(Error::invalid("LlamaModel::new", format!("layer {l} does not exist (the model has {})", c.layers)));
         }
+        // Sorted and unique: each planned layer steps once, in a fixed order.
+        let mut sorted_layers = plan.layers.clone();
+        sorted_layers.sort_unstable();
+        sorted_layers.dedup();
         let p = opts.precision;
         let up = |v: &[f32]| backend.upload(&to_f::<F>(v));
         let op = |v: &[f32]| Operand::upload(backend, p, &to_f::<F>(v));
@@ -196,7 +200,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             rope_cos: backend.upload(&cos)?,
             rope_sin: backend.upload(&sin)?,
             rope_positions: max_positions.max(1),
-            plan: plan.clone(),
+            plan: MlpPlan { layers: sorted_layers, methods: plan.methods },
             s: Scratch {
                 tokens: 0,
                 ids: backend.alloc(0)?,
@@ -452,5 +456,57 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Name of an MLP projection in adapters and HF checkpoints.
+    pub fn projection_name(layer: usize, j: usize) -> String {
+        format!("model.layers.{layer}.mlp.{}_proj", GROUPS[j])
+    }
+
+    fn base_mlp_weights(base: &LlamaWeights, layer: usize) -> Result<[Vec<F>; 3]> {
+        let lw = base.layers.get(layer).ok_or_else(|| Error::invalid("adapter", format!("the base model has no layer {layer}")))?;
+        Ok([to_f(&lw.gate), to_f(&lw.up), to_f(&lw.down)])
+    }
+
+    /// Saves what training changed in the planned layers' MLPs (see [`crate::adapter`]),
+    /// relative to `base`, the weights the model was built from.
+    pub fn save_adapter(&self, path: &std::path::Path, base: &LlamaWeights, bases: Option<&BasisSet>) -> Result<()> {
+        let mut names = Vec::new();
+        let mut weights = Vec::new();
+        for &l in &self.plan.layers {
+            weights.push(Self::base_mlp_weights(base, l)?);
+            names.push((0..3).map(|j| Self::projection_name(l, j)).collect::<Vec<_>>());
+        }
+        let mut entries = Vec::new();
+        for (k, &l) in self.plan.layers.iter().enumerate() {
+            for (j, p) in self.layers[l].mlp.projections().into_iter().enumerate() {
+                let basis = match (&p.method, bases) {
+                    (Method::SparseGrad { .. }, Some(b)) => Some(b.get(GROUPS[j])?),
+                    _ => None,
+                };
+                entries.push(crate::adapter::AdapterEntry { name: &names[k][j], linear: &p.linear, base_weight: &weights[k][j], basis });
+            }
+        }
+        crate::adapter::save_adapter(path, &entries)
+    }
+
+    /// Loads an adapter saved by [`Self::save_adapter`] into this model, freshly built
+    /// from the same `base` with the same plan; every projection is checked first.
+    pub fn load_adapter(&mut self, path: &std::path::Path, base: &LlamaWeights) -> Result<()> {
+        let layers = self.plan.layers.clone();
+        let mut names = Vec::new();
+        let mut weights = Vec::new();
+        for &l in &layers {
+            weights.push(Self::base_mlp_weights(base, l)?);
+            names.push((0..3).map(|j| Self::projection_name(l, j)).collect::<Vec<_>>());
+        }
+        let mut targets = Vec::new();
+        for (k, (i, layer)) in self.layers.iter_mut().enumerate().filter(|(i, _)| layers.contains(i)).enumerate() {
+            let _ = i;
+            for (j, p) in layer.mlp.projections_mut().into_iter().enumerate() {
+                targets.push(crate::adapter::AdapterTarget { name: &names[k][j], linear: &mut p.linear, base_weight: &weights[k][j] });
+            }
+        }
+        crate::adapter::load_adapter(path, &mut targets)
     }
 }
