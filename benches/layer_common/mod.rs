@@ -1,0 +1,133 @@
+//! The layer-step benchmark shared by the CPU and CUDA benches: a dense linear step
+//! (forward, backward, AdamW) against SparseGradLinear in both formulations, Exact and
+//! SparseByDense, with a flop model at a measured GEMM rate.
+#![allow(dead_code)]
+
+use sparsegrad::linear::dense::{DenseLinear, DenseMode};
+use sparsegrad::{AdamParams, Backend, Basis, Formulation, Gemm, Keep, Optimizer, Precision, Selection, SparseGradConfig, SparseGradLinear};
+use std::time::Instant;
+
+pub fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// Deterministic pseudo-random values in [-1, 1) (no RNG dependency in benches).
+pub fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// An orthogonal basis cheap to build at any size: a Householder reflection
+/// `I - 2 v v^T / |v|^2`, dense and orthogonal up to rounding.
+pub fn householder(n: usize, seed: u64) -> Vec<f32> {
+    let v: Vec<f64> = values(n, seed).into_iter().map(|x| x as f64).collect();
+    let norm2: f64 = v.iter().map(|x| x * x).sum();
+    let mut m = vec![0.0f32; n * n];
+    for i in 0..n {
+        for j in 0..n {
+            m[i * n + j] = ((if i == j { 1.0 } else { 0.0 }) - 2.0 * v[i] * v[j] / norm2) as f32;
+        }
+    }
+    m
+}
+
+/// FLOP/s of an `n^3` GEMM on `be` (bf16 operands when `bf16`).
+pub fn gemm_rate<B: Backend>(be: &B, n: usize, bf16: bool) -> f64 {
+    let spec = Gemm::nn(n, n, n);
+    let mut c = be.alloc::<f32>(n * n).unwrap();
+    let reps = 3;
+    let secs = if bf16 {
+        let a = be.upload(&values(n * n, 1).into_iter().map(half::bf16::from_f32).collect::<Vec<_>>()).unwrap();
+        be.gemm_bf16(&spec, &a, &a, &mut c).unwrap();
+        be.synchronize().unwrap();
+        let t = Instant::now();
+        for _ in 0..reps {
+            be.gemm_bf16(&spec, &a, &a, &mut c).unwrap();
+        }
+        be.synchronize().unwrap();
+        t.elapsed().as_secs_f64()
+    } else {
+        let a = be.upload(&values(n * n, 1)).unwrap();
+        be.gemm(&spec, &a, &a, &mut c).unwrap();
+        be.synchronize().unwrap();
+        let t = Instant::now();
+        for _ in 0..reps {
+            be.gemm(&spec, &a, &a, &mut c).unwrap();
+        }
+        be.synchronize().unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    2.0 * (n as f64).powi(3) * reps as f64 / secs
+}
+
+fn time_steps<B: Backend>(be: &B, iters: usize, mut step: impl FnMut()) -> f64 {
+    step(); // warm-up: workspaces are allocated on the first step
+    be.synchronize().unwrap();
+    let t = Instant::now();
+    for _ in 0..iters {
+        step();
+    }
+    be.synchronize().unwrap();
+    t.elapsed().as_secs_f64() / iters as f64
+}
+
+/// One shape: dense + AdamW, then every SparseGrad variant; prints a table row each.
+#[allow(clippy::too_many_arguments)]
+pub fn bench_shape<B: Backend + Clone>(be: &B, name: &str, out: usize, inp: usize, tokens: usize, iters: usize, precision: Precision, rate: f64) {
+    let adam = AdamParams { lr: 1e-4, ..Default::default() };
+    let w = values(out * inp, 3);
+    let bias = values(out, 4);
+    let x = be.upload(&values(tokens * inp, 5)).unwrap();
+    let mut g_host = values(tokens * out, 6);
+    for r in (0..tokens).filter(|r| r % 4 == 3) {
+        g_host[r * out..(r + 1) * out].fill(0.0);
+    }
+    let g = be.upload(&g_host).unwrap();
+    let mut y = be.alloc::<f32>(tokens * out).unwrap();
+    let mut dx = be.alloc::<f32>(tokens * inp).unwrap();
+    let dense_flops = 3.0 * 2.0 * tokens as f64 * out as f64 * inp as f64;
+    let dense_s = {
+        let mut dense = DenseLinear::new(be, &w, Some(&bias), out, inp, DenseMode::Full, Optimizer::Adam(adam), precision).unwrap();
+        time_steps(be, iters, || {
+            dense.forward(&x, tokens, &mut y).unwrap();
+            dense.backward(&g, tokens, Some(&mut dx)).unwrap();
+            dense.step().unwrap();
+        })
+    };
+    let report = |variant: &str, secs: f64, flops: f64| {
+        let model = flops / rate;
+        println!("{name:<22} {:<5} {variant:<38} {:>10.2} {:>8.2}x {:>13.2} {:>8.2}x", format!("{precision:?}"), secs * 1e3, secs / dense_s, model * 1e3, secs / model);
+    };
+    report("dense + AdamW", dense_s, dense_flops);
+    let basis = Basis::from_parts("bench", out, inp, householder(out, 7), householder(inp, 8), vec![1.0; out], vec![1.0; inp], 1).unwrap();
+    let k = Keep::Fraction(0.01).resolve(out * inp).unwrap();
+    for form in [Formulation::Transformed, Formulation::Merged] {
+        for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
+            let cfg = SparseGradConfig { keep: Keep::Count(k), selection: sel, formulation: Some(form), expected_tokens: tokens, optimizer: Optimizer::Adam(adam), precision };
+            let mut layer = SparseGradLinear::new(be, &w, Some(&bias), &basis, cfg).unwrap();
+            let secs = time_steps(be, iters, || {
+                layer.forward(&x, tokens, &mut y).unwrap();
+                layer.backward(&g, tokens, Some(&mut dx)).unwrap();
+                layer.step().unwrap();
+            });
+            let (transformed_extra, merged_extra) = Formulation::extra_flops(out, inp, tokens, k);
+            let rows = layer.last_stats().rows_multiplied as f64;
+            // The weight-gradient GEMM shrinks with the rows SparseByDense keeps.
+            let dw_flops = 2.0 * rows * out as f64 * inp as f64;
+            let flops = 2.0 * 2.0 * tokens as f64 * out as f64 * inp as f64 + dw_flops + if form == Formulation::Merged { merged_extra } else { transformed_extra };
+            let chosen = if Formulation::choose(out, inp, tokens, k) == form { " (default)" } else { "" };
+            report(&format!("SparseGrad {form:?} {}{chosen}", if sel == Selection::Exact { "Exact" } else { "SD(0)" }), secs, flops);
+        }
+    }
+}
+
+pub fn header() {
+    println!("{:<22} {:<5} {:<38} {:>10} {:>9} {:>13} {:>9}", "shape", "prec", "variant", "ms/step", "vs dense", "flop-model ms", "vs model");
+}

@@ -1,0 +1,113 @@
+//! The whole SparseGradLinear step (forward, backward, selection, SparseAdam, merge) on
+//! CUDA against the CPU: both formulations, Exact and SparseByDense, f32 and bf16, ragged
+//! shapes, several steps. In f32 the COO indices must equal the CPU's exactly; in bf16
+//! (same bf16-rounded operands on both sides) an index may differ only where the two
+//! magnitudes tie within the documented tolerance. Skips without a GPU; the same checks
+//! run CPU-vs-CPU to keep the harness honest.
+
+mod common;
+mod cuda_common;
+
+use common::*;
+use cuda_common::cuda_or_skip;
+use sparsegrad::{AdamParams, Backend, Cpu, Formulation, HostCoo, Keep, Optimizer, Precision, Selection, SparseGradConfig, SparseGradLinear};
+
+struct Run {
+    y: Vec<f32>,
+    dx: Vec<f32>,
+    grads: Vec<HostCoo<f32>>,
+    merged: Vec<f32>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<B: Backend + Clone>(be: &B, out: usize, inp: usize, tokens: usize, cfg: SparseGradConfig, seed: u64, steps: usize, padding: bool) -> Run {
+    let mut r = rng(seed);
+    let w = rand_vec(&mut r, out * inp);
+    let b = rand_vec(&mut r, out);
+    let basis = random_basis(&mut r, "g", out, inp);
+    let mut layer = SparseGradLinear::new(be, &w, Some(&b), &basis, cfg).unwrap();
+    let (mut y, mut dx) = (be.alloc::<f32>(tokens * out).unwrap(), be.alloc::<f32>(tokens * inp).unwrap());
+    let mut grads = Vec::new();
+    let mut first = None;
+    for step in 0..steps {
+        let x = be.upload(&rand_vec(&mut r, tokens * inp)).unwrap();
+        let mut g = rand_vec(&mut r, tokens * out);
+        if padding {
+            for t in (0..tokens).filter(|t| t % 3 == 1) {
+                g[t * out..(t + 1) * out].fill(0.0);
+            }
+        }
+        let g = be.upload(&g).unwrap();
+        layer.forward(&x, tokens, &mut y).unwrap();
+        layer.backward(&g, tokens, Some(&mut dx)).unwrap();
+        grads.push(layer.grad_host().unwrap());
+        if step == 0 {
+            first = Some((be.download(&y, tokens * out).unwrap(), be.download(&dx, tokens * inp).unwrap()));
+        }
+        layer.step().unwrap();
+    }
+    let (y, dx) = first.unwrap();
+    Run { y, dx, grads, merged: layer.merged_weight().unwrap() }
+}
+
+fn check<B: Backend + Clone>(be: &B, shapes: &[(usize, usize, usize)]) {
+    let adam = Optimizer::Adam(AdamParams { lr: 1e-2, ..Default::default() });
+    for &(out, inp, tokens) in shapes {
+        for precision in [Precision::Full, Precision::Bf16] {
+            for formulation in [Formulation::Transformed, Formulation::Merged] {
+                for selection in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }, Selection::SparseByDense { threshold: 0.3 }] {
+                    if formulation == Formulation::Merged && selection == (Selection::SparseByDense { threshold: 0.3 }) {
+                        continue;
+                    }
+                    for keep in [Keep::Count(1), Keep::Fraction(0.05), Keep::Fraction(1.0)] {
+                        let cfg = SparseGradConfig { keep, selection, formulation: Some(formulation), expected_tokens: tokens, optimizer: adam, precision };
+                        let what = format!("{} {out}x{inp} T={tokens} {precision:?} {formulation:?} {selection:?} {keep:?}", be.name());
+                        let got = run(be, out, inp, tokens, cfg, 5, 3, true);
+                        let expect = run(&Cpu::new(), out, inp, tokens, cfg, 5, 3, true);
+                        let (atol, rtol) = if precision == Precision::Full { (1e-5, 1e-4) } else { (2e-2, 2e-2) };
+                        assert_close(&format!("{what}: y"), &got.y, &expect.y, atol, rtol);
+                        assert_close(&format!("{what}: dx"), &got.dx, &expect.dx, atol, rtol);
+                        for (s, (g, e)) in got.grads.iter().zip(&expect.grads).enumerate() {
+                            assert_eq!(g.len(), e.len(), "{what}: step {s} k");
+                            if precision == Precision::Full {
+                                assert_eq!((&g.rows, &g.cols), (&e.rows, &e.cols), "{what}: step {s} indices");
+                                assert_close(&format!("{what}: step {s} values"), &g.values, &e.values, 1e-5, 1e-5);
+                            } else {
+                                bf16_indices_agree(&what, s, g, e);
+                            }
+                        }
+                        let tol = if precision == Precision::Full { 1e-4 } else { 5e-2 };
+                        assert_close(&format!("{what}: merged weight"), &got.merged, &expect.merged, tol, tol);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// In bf16 the selections may differ only at the boundary: every index one side keeps and
+/// the other does not must have a magnitude within 1e-2 (relative) of the k-th largest.
+fn bf16_indices_agree(what: &str, step: usize, g: &HostCoo<f32>, e: &HostCoo<f32>) {
+    let kth = |c: &HostCoo<f32>| c.values.iter().map(|v| v.abs()).fold(f32::INFINITY, f32::min);
+    let boundary = kth(e).max(kth(g));
+    let (gl, el) = (g.linear_indices(), e.linear_indices());
+    for (c, other, name) in [(g, &el, "gpu"), (e, &gl, "cpu")] {
+        for (i, l) in c.linear_indices().iter().enumerate() {
+            if other.binary_search(l).is_err() {
+                let v = c.values[i].abs();
+                assert!(v <= boundary * 1.01 + 1e-6, "{what}: step {step}: {name} keeps {l} (|v| = {v}) far above the boundary {boundary}");
+            }
+        }
+    }
+}
+
+#[test]
+fn cuda_sparsegrad_step_matches_the_cpu() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check(&cuda, &[(17, 33, 29), (1, 5, 1), (64, 40, 100), (160, 100, 257)]);
+}
+
+#[test]
+fn harness_self_check_on_the_cpu() {
+    check(&Cpu::new(), &[(17, 33, 29), (1, 5, 1)]);
+}
