@@ -3,7 +3,7 @@
 # run them on a GPU machine that has no Rust toolchain.
 #
 #   scripts/gpu-check.sh build   (here; no GPU needed)
-#       Builds tests/cuda_*.rs and benches/cuda_kernels.rs in release with the kernels
+#       Builds tests/cuda_*.rs and benches/cuda_{kernels,layer}.rs in release with the kernels
 #       (nvcc from $NVCC, default /opt/cuda13/nvidia/cu13/bin/nvcc) and OpenBLAS linked
 #       statically (SPARSEGRAD_OPENBLAS_STATIC=1; needs libgfortran.a: installs
 #       libgfortran-12-dev with apt-get when `gcc -print-file-name=libgfortran.a` finds none),
@@ -46,7 +46,7 @@ build() {
     local list="$GPU_DIR/executables.txt"
     {
         cargo test --release --no-run --message-format=json --test 'cuda_*'
-        cargo bench --no-run --message-format=json --bench cuda_kernels
+        cargo bench --no-run --message-format=json --bench cuda_kernels --bench cuda_layer
     } | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -136,11 +136,16 @@ run() {
     skips=$(grep -c '^skipped: no CUDA device' "$tests_log" || true)
     echo "tests skipped for want of a device: $skips" >>"$summary"
     [ "$skips" -eq 0 ] || status=1
-    if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ] && [ -x "$work/bin/cuda_kernels" ]; then
-        local rc=0
-        timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" "$work/bin/cuda_kernels" --bench >"$bench_log" 2>&1 || rc=$?
-        echo "cuda_kernels bench: rc=$rc ($(wc -l <"$bench_log") lines in bench.log)" >>"$summary"
-        [ "$rc" -eq 0 ] || status=1
+    if [ "${GPU_CHECK_SKIP_BENCH:-0}" != 1 ]; then
+        : >"$bench_log"
+        for bench in cuda_kernels cuda_layer; do
+            [ -x "$work/bin/$bench" ] || continue
+            local rc=0
+            echo "===== $bench" >>"$bench_log"
+            timeout "${GPU_CHECK_BENCH_TIMEOUT:-240}" "$work/bin/$bench" --bench >>"$bench_log" 2>&1 || rc=$?
+            echo "$bench bench: rc=$rc" >>"$summary"
+            [ "$rc" -eq 0 ] || status=1
+        done
     fi
     if [ "$status" -eq 0 ]; then echo "PASS" >>"$summary"; else echo "FAIL" >>"$summary"; fi
     rm -rf "$work"
