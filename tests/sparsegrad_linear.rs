@@ -306,6 +306,19 @@ fn bad_inputs_give_clear_errors_and_leave_the_layer_unchanged() {
 }
 
 #[test]
+fn a_non_orthogonal_basis_is_refused_at_construction() {
+    let pr = problem(17, 12, 9, 4);
+    let cpu = Cpu::new();
+    let mut bad = pr.basis.clone();
+    bad.q[3 * 9 + 4] += 0.05; // fields are public: bypasses Basis::from_parts' full check
+    let err = SparseGradLinear::new(&cpu, &pr.w, None, &bad, SparseGradConfig::default()).err().expect("refused");
+    assert!(matches!(&err, sparsegrad::Error::InvalidBasis { msg, .. } if msg.contains("Q")), "{err}");
+    let mut nan = pr.basis.clone();
+    nan.p[0] = f32::NAN;
+    assert!(matches!(SparseGradLinear::new(&cpu, &pr.w, None, &nan, SparseGradConfig::default()), Err(sparsegrad::Error::NonFinite { .. })));
+}
+
+#[test]
 fn cost_model_picks_merged_for_large_token_counts() {
     // BERT-base up-projection, T = 4096: the transformed form pays 4T(out^2 + in^2).
     assert_eq!(Formulation::choose(3072, 768, 4096, 23_593), Formulation::Merged);

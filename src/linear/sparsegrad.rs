@@ -177,7 +177,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
             return Err(Error::NonFinite { what: "weight".into(), count: weight.iter().filter(|v| !v.is_finite()).count(), first_index: i });
         }
-        basis.validate()?;
+        basis.check_quick()?;
         cfg.optimizer.validate()?;
         let k = cfg.keep.resolve(out * inp)?;
         let thresholded = match cfg.selection {
