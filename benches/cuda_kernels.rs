@@ -7,7 +7,9 @@
 //! warm-up, averaged over several calls; ops that return host values (counts, top-k's
 //! error check) include their one host round trip.
 //!
-//! Shapes follow LLaMA-2 7B's MLP: out = 11008, in = 4096, T = 2048 tokens, k = 1%.
+//! Shapes follow LLaMA-2 7B's MLP: out = 11008, in = 4096, T = 2048 tokens, k = 1%; the
+//! transformer ops use its 32 heads of 128 and a 49152-token vocabulary (SmolLM2's), plus a
+//! 576-wide RMSNorm (SmolLM2-135M's hidden size: the warp-per-row kernels).
 //! Run: `cargo bench --bench cuda_kernels` (prints `skipped: no CUDA device` without one).
 
 use half::bf16;
@@ -19,6 +21,9 @@ use sparsegrad::{AdamParams, Backend, Coo, Cuda, Gemm, GeluKind, HostCoo, IndexM
 const OUT: usize = 11008;
 const IN: usize = 4096;
 const T: usize = 2048;
+const HEADS: usize = 32;
+const HEAD_DIM: usize = 128;
+const VOCAB: usize = 49152;
 
 struct Bench {
     cuda: Cuda,
@@ -134,6 +139,50 @@ fn main() {
     }
     b.mem("swiglu", 12.0 * bigf, time(cuda, 3, 20, || cuda.swiglu(&x, &y, &mut z, big)));
     b.mem("swiglu_backward", 20.0 * bigf, time(cuda, 3, 20, || cuda.swiglu_backward(&x, &y, &x, &mut z, &mut w, big)));
+
+    println!("\n-- transformer ops (T = {T}, hidden {IN} = {HEADS} heads x {HEAD_DIM}, vocab {VOCAB})");
+    let hid = T * IN;
+    let xs = buf(cuda, &rand_vec(&mut r, hid));
+    let wn = buf(cuda, &rand_vec(&mut r, IN));
+    let (mut yn, mut dxn, mut inv) = (zeros::<f32>(cuda, hid), zeros::<f32>(cuda, hid), zeros::<f32>(cuda, T.max(hid / 576)));
+    b.mem(&format!("rmsnorm ({T} x {IN}, 2 reads)"), 8.0 * hid as f64, time(cuda, 3, 20, || cuda.rmsnorm(&xs, &wn, &mut yn, &mut inv, T, IN, 1e-5)));
+    b.mem("rmsnorm_backward (2 reads)", 12.0 * hid as f64, time(cuda, 3, 20, || cuda.rmsnorm_backward(&xs, &wn, &inv, &yn, &mut dxn, T, IN)));
+    let narrow = hid / 576;
+    b.mem(&format!("rmsnorm ({narrow} x 576, 2 reads)"), 8.0 * (narrow * 576) as f64, time(cuda, 3, 20, || {
+        cuda.rmsnorm(&xs, &wn, &mut yn, &mut inv, narrow, 576, 1e-5)
+    }));
+    b.mem("rmsnorm_backward (576 wide)", 12.0 * (narrow * 576) as f64, time(cuda, 3, 20, || {
+        cuda.rmsnorm_backward(&xs, &wn, &inv, &yn, &mut dxn, narrow, 576)
+    }));
+    let half = HEAD_DIM / 2;
+    let angles: Vec<f32> = (0..T * half).map(|k| (k / half) as f32 * 10000f32.powf(-2.0 * (k % half) as f32 / HEAD_DIM as f32)).collect();
+    let cos = buf(cuda, &angles.iter().map(|a| a.cos()).collect::<Vec<_>>());
+    let sin = buf(cuda, &angles.iter().map(|a| a.sin()).collect::<Vec<_>>());
+    b.mem("rope (in place)", 8.0 * hid as f64, time(cuda, 3, 20, || cuda.rope(&mut yn, T, HEADS, HEAD_DIM, T, &cos, &sin, false)));
+    // One sequence of T tokens: HEADS causal (T, T) score matrices. The op must read the lower
+    // triangle and write the whole matrix.
+    let n_att = HEADS * T * T;
+    let tri = (HEADS * T * (T + 1) / 2) as f64;
+    let mut sc = buf(cuda, &rand_vec(&mut r, n_att));
+    b.mem(&format!("softmax_causal ({HEADS} x {T} x {T}, 3 reads)"), 4.0 * (tri + n_att as f64), time(cuda, 3, 20, || {
+        cuda.softmax_causal(&mut sc, HEADS, T, 0.088)
+    }));
+    let dp = buf(cuda, &rand_vec(&mut r, n_att));
+    let mut ds = zeros::<f32>(cuda, n_att);
+    b.mem("softmax_causal_backward (2 reads)", 4.0 * (2.0 * tri + n_att as f64), time(cuda, 3, 20, || {
+        cuda.softmax_causal_backward(&sc, &dp, &mut ds, HEADS, T, 0.088)
+    }));
+    drop((sc, dp, ds));
+    let n_ce = T * VOCAB;
+    let mut logits = buf(cuda, &rand_vec(&mut r, n_ce).iter().map(|v| 8.0 * v).collect::<Vec<_>>());
+    let targets = cuda.upload(&(0..T).map(|_| r.random_range(0..VOCAB as u32)).collect::<Vec<_>>()).unwrap();
+    let mask = buf(cuda, &vec![1.0; T]);
+    let mut losses = zeros::<f32>(cuda, T);
+    // In place: after the first call the logits are gradients, which costs the same.
+    b.mem(&format!("cross_entropy ({T} x {VOCAB}, 3 reads)"), 8.0 * n_ce as f64, time(cuda, 3, 20, || {
+        cuda.cross_entropy(&mut logits, &targets, &mask, T, VOCAB, 1.0 / T as f32, &mut losses)
+    }));
+    drop((logits, xs, yn, dxn));
 
     println!("\n-- sparse-by-dense (gt: {T} x {OUT}, 30% of rows and columns zero)");
     let gt_host: Vec<f32> = {

@@ -27,6 +27,7 @@ mod gemm;
 mod optim;
 mod sparse;
 mod topk;
+mod transformer;
 
 use crate::backend::{Backend, MemoryStats};
 use crate::error::{check_len, Error, Result};
@@ -556,29 +557,28 @@ impl Backend for Cuda {
         dense::swiglu_backward(self, gate, up, dh, d_gate, d_up, len)
     }
 
-    // PENDING-KERNELS: transformer ops, replaced by cuda/transformer.cu launchers.
-    fn rmsnorm<F: crate::Real>(&self, _x: &CudaBuf<F>, _w: &CudaBuf<F>, _y: &mut CudaBuf<F>, _inv_rms: &mut CudaBuf<F>, _rows: usize, _cols: usize, _eps: f32) -> Result<()> {
-        Err(crate::Error::Cuda { op: "rmsnorm", msg: "kernel not yet written".into() })
+    fn rmsnorm<F: crate::Real>(&self, x: &CudaBuf<F>, w: &CudaBuf<F>, y: &mut CudaBuf<F>, inv_rms: &mut CudaBuf<F>, rows: usize, cols: usize, eps: f32) -> Result<()> {
+        transformer::rmsnorm(self, x, w, y, inv_rms, rows, cols, eps)
     }
 
-    fn rmsnorm_backward<F: crate::Real>(&self, _x: &CudaBuf<F>, _w: &CudaBuf<F>, _inv_rms: &CudaBuf<F>, _dy: &CudaBuf<F>, _dx: &mut CudaBuf<F>, _rows: usize, _cols: usize) -> Result<()> {
-        Err(crate::Error::Cuda { op: "rmsnorm_backward", msg: "kernel not yet written".into() })
+    fn rmsnorm_backward<F: crate::Real>(&self, x: &CudaBuf<F>, w: &CudaBuf<F>, inv_rms: &CudaBuf<F>, dy: &CudaBuf<F>, dx: &mut CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {
+        transformer::rmsnorm_backward(self, x, w, inv_rms, dy, dx, rows, cols)
     }
 
-    fn rope<F: crate::Real>(&self, _x: &mut CudaBuf<F>, _tokens: usize, _heads: usize, _head_dim: usize, _seq_len: usize, _cos: &CudaBuf<F>, _sin: &CudaBuf<F>, _inverse: bool) -> Result<()> {
-        Err(crate::Error::Cuda { op: "rope", msg: "kernel not yet written".into() })
+    fn rope<F: crate::Real>(&self, x: &mut CudaBuf<F>, tokens: usize, heads: usize, head_dim: usize, seq_len: usize, cos: &CudaBuf<F>, sin: &CudaBuf<F>, inverse: bool) -> Result<()> {
+        transformer::rope(self, x, tokens, heads, head_dim, seq_len, cos, sin, inverse)
     }
 
-    fn softmax_causal<F: crate::Real>(&self, _s: &mut CudaBuf<F>, _mats: usize, _t: usize, _scale: f32) -> Result<()> {
-        Err(crate::Error::Cuda { op: "softmax_causal", msg: "kernel not yet written".into() })
+    fn softmax_causal<F: crate::Real>(&self, s: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+        transformer::softmax_causal(self, s, mats, t, scale)
     }
 
-    fn softmax_causal_backward<F: crate::Real>(&self, _p: &CudaBuf<F>, _dp: &CudaBuf<F>, _ds: &mut CudaBuf<F>, _mats: usize, _t: usize, _scale: f32) -> Result<()> {
-        Err(crate::Error::Cuda { op: "softmax_causal_backward", msg: "kernel not yet written".into() })
+    fn softmax_causal_backward<F: crate::Real>(&self, p: &CudaBuf<F>, dp: &CudaBuf<F>, ds: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+        transformer::softmax_causal_backward(self, p, dp, ds, mats, t, scale)
     }
 
-    fn cross_entropy<F: crate::Real>(&self, _logits: &mut CudaBuf<F>, _targets: &CudaBuf<u32>, _mask: &CudaBuf<F>, _rows: usize, _vocab: usize, _grad_scale: F, _losses: &mut CudaBuf<F>) -> Result<()> {
-        Err(crate::Error::Cuda { op: "cross_entropy", msg: "kernel not yet written".into() })
+    fn cross_entropy<F: crate::Real>(&self, logits: &mut CudaBuf<F>, targets: &CudaBuf<u32>, mask: &CudaBuf<F>, rows: usize, vocab: usize, grad_scale: F, losses: &mut CudaBuf<F>) -> Result<()> {
+        transformer::cross_entropy(self, logits, targets, mask, rows, vocab, grad_scale, losses)
     }
 
     fn nonzero_rows_cols<F: crate::Real>(

@@ -1,0 +1,291 @@
+//! Launchers of cuda/transformer.cu: RMSNorm, rotary embedding, causal softmax and masked
+//! cross-entropy, forward and backward. The same checks, in the same order, as the CPU twins
+//! in src/backend/cpu/transformer.rs, except cross_entropy's target check, which runs on the
+//! device: a masked-in row whose target is outside the vocabulary is skipped (zero loss and
+//! gradient) and reported at the next synchronization point (see the module docs of `cuda`).
+
+use super::{checked_mul, kargs, require_f32, Cuda, CudaBuf};
+use crate::error::{check_len, Error, Result};
+use crate::scalar::Real;
+use cudarc::driver::LaunchConfig;
+
+/// Grid waves of the row kernels: blocks beyond the resident ones, so short and long rows
+/// (causal softmax) even out; the kernels stride over the remaining rows.
+const WAVES: usize = 4;
+/// Blocks of the rope kernel along the rotation pairs of a token (the kernel strides).
+const ROPE_MAX_X: u32 = 1024;
+
+/// How many threads share a row (`GROUP` in cuda/transformer.cu, the `_gG_` in kernel names).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Group {
+    /// One warp per row, 8 rows per block of 256 threads.
+    Warp,
+    /// One block of 256 threads per row.
+    Block256,
+    /// One block of 1024 threads per row.
+    Block1024,
+}
+
+impl Group {
+    /// The group for rows of `width` elements (live entries per row for softmax).
+    fn for_width(width: usize) -> Group {
+        if width <= 1024 {
+            Group::Warp
+        } else if width <= 16384 {
+            Group::Block256
+        } else {
+            Group::Block1024
+        }
+    }
+
+    /// Threads per block (`SG_ROW_BLOCK(G)`, the kernels' `__launch_bounds__`).
+    fn threads(self) -> u32 {
+        match self {
+            Group::Warp | Group::Block256 => 256,
+            Group::Block1024 => 1024,
+        }
+    }
+
+    fn rows_per_block(self) -> usize {
+        match self {
+            Group::Warp => 8,
+            Group::Block256 | Group::Block1024 => 1,
+        }
+    }
+
+    /// The kernel of this group among the `_g32_`, `_g256_` and `_g1024_` variants.
+    fn kernel(self, g32: &'static str, g256: &'static str, g1024: &'static str) -> &'static str {
+        match self {
+            Group::Warp => g32,
+            Group::Block256 => g256,
+            Group::Block1024 => g1024,
+        }
+    }
+
+    /// One group per row, `WAVES` times the blocks the device holds at once, at most one
+    /// block per `rows_per_block` rows (grid.x <= sm_count * 32 is far below 2^31).
+    fn config(self, cuda: &Cuda, rows: usize) -> LaunchConfig {
+        let resident = (2048 / self.threads()) as usize;
+        let max_blocks = cuda.sm_count as usize * resident * WAVES;
+        let blocks = rows.div_ceil(self.rows_per_block()).clamp(1, max_blocks) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (self.threads(), 1, 1), shared_mem_bytes: 0 }
+    }
+}
+
+/// `cols` as the CPU twin converts it (`F::from_usize`: usize -> f64 -> f32).
+fn cols_f32(cols: usize) -> f32 {
+    cols as f64 as f32
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rmsnorm<F: Real>(
+    cuda: &Cuda,
+    x: &CudaBuf<F>,
+    w: &CudaBuf<F>,
+    y: &mut CudaBuf<F>,
+    inv_rms: &mut CudaBuf<F>,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
+    const OP: &str = "rmsnorm";
+    require_f32::<F>(OP)?;
+    let n = checked_mul(OP, rows, cols)?;
+    for (what, len, need) in [("x", x.len, n), ("w", w.len, cols), ("y", y.len, n), ("inv_rms", inv_rms.len, rows)] {
+        check_len(OP, what, len, need)?;
+    }
+    if cols == 0 {
+        return Err(Error::invalid(OP, "rows of width 0"));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let g = Group::for_width(cols);
+    let name = g.kernel("rmsnorm_g32_f32", "rmsnorm_g256_f32", "rmsnorm_g1024_f32");
+    let (xp, wp, yp, ip) = (x.ptr(), w.ptr(), y.ptr_mut(), inv_rms.ptr_mut());
+    let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
+    // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, float* inv_rms,
+    // u64 rows, u64 cols, float n_cols, float eps): x and y hold rows * cols, w cols and
+    // inv_rms rows elements (checked above); block and group sizes come from `g`, as the
+    // kernel expects.
+    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![xp, wp, yp, ip, r, c, nc, eps]) }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rmsnorm_backward<F: Real>(
+    cuda: &Cuda,
+    x: &CudaBuf<F>,
+    w: &CudaBuf<F>,
+    inv_rms: &CudaBuf<F>,
+    dy: &CudaBuf<F>,
+    dx: &mut CudaBuf<F>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    const OP: &str = "rmsnorm_backward";
+    require_f32::<F>(OP)?;
+    let n = checked_mul(OP, rows, cols)?;
+    for (what, len, need) in [("x", x.len, n), ("w", w.len, cols), ("inv_rms", inv_rms.len, rows), ("dy", dy.len, n), ("dx", dx.len, n)] {
+        check_len(OP, what, len, need)?;
+    }
+    if cols == 0 {
+        return Err(Error::invalid(OP, "rows of width 0"));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let g = Group::for_width(cols);
+    let name = g.kernel("rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32");
+    let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
+    let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
+    // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
+    // const float* dy, float* dx, u64 rows, u64 cols, float n_cols): x, dy and dx hold
+    // rows * cols, w cols and inv_rms rows elements (checked above); dx is distinct from the
+    // inputs (&mut); block and group sizes come from `g`.
+    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc]) }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rope<F: Real>(
+    cuda: &Cuda,
+    x: &mut CudaBuf<F>,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    seq_len: usize,
+    cos: &CudaBuf<F>,
+    sin: &CudaBuf<F>,
+    inverse: bool,
+) -> Result<()> {
+    const OP: &str = "rope";
+    require_f32::<F>(OP)?;
+    if head_dim % 2 != 0 || seq_len == 0 {
+        return Err(Error::invalid(OP, format!("head_dim {head_dim} must be even and seq_len {seq_len} positive")));
+    }
+    let half = head_dim / 2;
+    let width = checked_mul(OP, heads, head_dim)?;
+    check_len(OP, "x", x.len, checked_mul(OP, tokens, width)?)?;
+    let table = checked_mul(OP, seq_len, half)?;
+    check_len(OP, "cos", cos.len, table)?;
+    check_len(OP, "sin", sin.len, table)?;
+    if width == 0 || tokens == 0 {
+        return Ok(());
+    }
+    // The kernel indexes pairs of a token with u32 (and heads * head_dim fits u32 with it).
+    let pairs = heads * half;
+    if pairs > i32::MAX as usize {
+        return Err(Error::invalid(OP, format!("heads * head_dim / 2 = {pairs} exceeds 2^31 - 1")));
+    }
+    let cfg = cuda.grid_2d(tokens, pairs, 256, ROPE_MAX_X);
+    let (xp, cp, sp) = (x.ptr_mut(), cos.ptr(), sin.ptr());
+    let (t, h, d, s, inv) = (tokens as u64, heads as u32, head_dim as u32, seq_len as u64, u32::from(inverse));
+    // SAFETY: rope_f32(float* x, u64 tokens, u32 heads, u32 head_dim, u64 seq_len,
+    // const float* cos, const float* sin, u32 inverse): x holds tokens * heads * head_dim,
+    // cos and sin seq_len * head_dim / 2 elements (checked above); heads * head_dim / 2 <
+    // 2^31 and head_dim <= 2 * that, so the u32 arguments are exact; grid.y <= 65535.
+    unsafe { cuda.launch("transformer", "rope_f32", cfg, &mut kargs![xp, t, h, d, s, cp, sp, inv]) }
+}
+
+pub(super) fn softmax_causal<F: Real>(cuda: &Cuda, s: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+    const OP: &str = "softmax_causal";
+    require_f32::<F>(OP)?;
+    let rows = checked_mul(OP, mats, t)?;
+    check_len(OP, "s", s.len, checked_mul(OP, rows, t)?)?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let g = Group::for_width(t);
+    let name = g.kernel("softmax_causal_g32_f32", "softmax_causal_g256_f32", "softmax_causal_g1024_f32");
+    let (sp, r, tt) = (s.ptr_mut(), rows as u64, t as u64);
+    // SAFETY: softmax_causal_gG_f32(float* s, u64 rows, u64 t, float scale): s holds
+    // rows * t = mats * t * t elements (checked above); block and group sizes from `g`.
+    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![sp, r, tt, scale]) }
+}
+
+pub(super) fn softmax_causal_backward<F: Real>(
+    cuda: &Cuda,
+    p: &CudaBuf<F>,
+    dp: &CudaBuf<F>,
+    ds: &mut CudaBuf<F>,
+    mats: usize,
+    t: usize,
+    scale: f32,
+) -> Result<()> {
+    const OP: &str = "softmax_causal_backward";
+    require_f32::<F>(OP)?;
+    let rows = checked_mul(OP, mats, t)?;
+    let n = checked_mul(OP, rows, t)?;
+    for (what, len) in [("p", p.len), ("dp", dp.len), ("ds", ds.len)] {
+        check_len(OP, what, len, n)?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let g = Group::for_width(t);
+    let name = g.kernel("softmax_causal_backward_g32_f32", "softmax_causal_backward_g256_f32", "softmax_causal_backward_g1024_f32");
+    let (pp, dpp, dsp, r, tt) = (p.ptr(), dp.ptr(), ds.ptr_mut(), rows as u64, t as u64);
+    // SAFETY: softmax_causal_backward_gG_f32(const float* p, const float* dp, float* ds,
+    // u64 rows, u64 t, float scale): all three hold rows * t elements (checked above); ds is
+    // distinct from the inputs (&mut); block and group sizes from `g`.
+    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![pp, dpp, dsp, r, tt, scale]) }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn cross_entropy<F: Real>(
+    cuda: &Cuda,
+    logits: &mut CudaBuf<F>,
+    targets: &CudaBuf<u32>,
+    mask: &CudaBuf<F>,
+    rows: usize,
+    vocab: usize,
+    grad_scale: F,
+    losses: &mut CudaBuf<F>,
+) -> Result<()> {
+    const OP: &str = "cross_entropy";
+    require_f32::<F>(OP)?;
+    let n = checked_mul(OP, rows, vocab)?;
+    for (what, len, need) in [("logits", logits.len, n), ("targets", targets.len, rows), ("mask", mask.len, rows), ("losses", losses.len, rows)] {
+        check_len(OP, what, len, need)?;
+    }
+    if vocab == 0 {
+        return Err(Error::invalid(OP, "vocabulary of size 0"));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let g = Group::for_width(vocab);
+    let name = g.kernel("cross_entropy_g32_f32", "cross_entropy_g256_f32", "cross_entropy_g1024_f32");
+    let (lp, tp, mp, op, err) = (logits.ptr_mut(), targets.ptr(), mask.ptr(), losses.ptr_mut(), cuda.errors.ptr());
+    let (r, v, gs) = (rows as u64, vocab as u64, grad_scale.to_f64() as f32);
+    // SAFETY: cross_entropy_gG_f32(float* logits, const u32* targets, const float* mask,
+    // u64 rows, u64 vocab, float grad_scale, float* losses, u32* err): logits holds
+    // rows * vocab, targets, mask and losses rows elements (checked above); targets >= vocab
+    // are never dereferenced (the row is skipped and sets a bit of the one-word error
+    // buffer); block and group sizes from `g`.
+    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![lp, tp, mp, r, v, gs, op, err]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Group;
+
+    #[test]
+    fn groups_cover_every_width_and_match_the_kernels_block_sizes() {
+        assert_eq!(Group::for_width(1), Group::Warp);
+        assert_eq!(Group::for_width(1024), Group::Warp);
+        assert_eq!(Group::for_width(1025), Group::Block256);
+        assert_eq!(Group::for_width(16384), Group::Block256);
+        assert_eq!(Group::for_width(16385), Group::Block1024);
+        assert_eq!(Group::for_width(49152), Group::Block1024);
+        for g in [Group::Warp, Group::Block256, Group::Block1024] {
+            let group = match g {
+                Group::Warp => 32,
+                Group::Block256 => 256,
+                Group::Block1024 => 1024,
+            };
+            // SG_ROW_BLOCK(G) = max(G, 256) threads, rows_per_block = threads / G.
+            assert_eq!(g.threads(), (group as u32).max(256));
+            assert_eq!(g.rows_per_block(), g.threads() as usize / group);
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The transformer ops (RMSNorm and its backward, RoPE both ways, causal softmax and its
+//! backward, masked cross-entropy) on CUDA against the CPU, on seeded random ragged shapes
+//! covering every row-group size of cuda/transformer.cu (a warp per row up to 1024 columns,
+//! a 256-thread block up to 16384, a 1024-thread block beyond). Outputs are poisoned (NaN)
+//! and longer than needed; the tails must stay untouched.
+//!
+//! Each result is compared twice, elementwise `|a - b| <= atol + rtol |b|` with the worst
+//! index reported:
+//! - with the f32 CPU twin (the specification as it runs). RoPE is compared bit for bit
+//!   (both sides round every product and sum the same way). Ops with row sums differ by
+//!   the summation order (a tree here, sequential on the CPU) and by expf/logf vs libm
+//!   (<= 2 ulp); the f32 CPU's own error grows with the row length: measured against f64 on
+//!   these input ranges, its cross-entropy gradient is off by up to 5.5e-5 relative at a
+//!   49152 vocabulary (the lse of a sequential f32 sum of 49152 terms), its softmax by
+//!   3e-6 at t = 1500 and its RMSNorm by 2e-6 at 20000 columns, hence the row-length terms;
+//! - with the CPU twin run in f64 on the same (f32) inputs, i.e. the exact answer, which
+//!   the device must hit to ~1e-5 relative whatever the row length (tree sums: error
+//!   ~log2(n) ulp; arguments of exp rounded to f32: up to 1e-6 relative for |arg| <= 24).
+
+mod cuda_common;
+
+use cuda_common::*;
+use rand::Rng;
+use sparsegrad::{Backend, Cpu, Error, Real};
+
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    atol: f32,
+    rtol: f32,
+}
+
+const fn tol(atol: f32, rtol: f32) -> Tol {
+    Tol { atol, rtol }
+}
+
+/// `got` against the f32 CPU result and (if given) the f64 one.
+fn compare(what: &str, got: &[f32], want32: &[f32], want64: Option<&[f64]>, t32: Tol, t64: Tol) {
+    assert_close(&format!("{what} (vs CPU f32)"), got, want32, t32.atol, t32.rtol);
+    if let Some(w) = want64 {
+        let w: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+        assert_close(&format!("{what} (vs CPU f64)"), got, &w, t64.atol, t64.rtol);
+    }
+}
+
+fn to64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Downloads `len` elements and splits them into the output and the tail past it.
+fn down_split<B: Backend>(dev: &B, buf: &B::Buf<f32>, n: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+    let mut v = down(dev, buf, len);
+    let tail = v.split_off(n);
+    (v, tail)
+}
+
+/// Length of the poisoned tail after every output.
+const TAIL: usize = 3;
+
+// ---- the CPU twin, generic over the precision ------------------------------------------------
+
+fn cpu_rmsnorm<F: Real>(cpu: &Cpu, x: &[F], w: &[F], rows: usize, cols: usize, eps: f32) -> (Vec<F>, Vec<F>) {
+    let (mut y, mut inv) = (cpu.alloc(rows * cols).unwrap(), cpu.alloc(rows).unwrap());
+    cpu.rmsnorm(&cpu.upload(x).unwrap(), &cpu.upload(w).unwrap(), &mut y, &mut inv, rows, cols, eps).unwrap();
+    (cpu.download(&y, rows * cols).unwrap(), cpu.download(&inv, rows).unwrap())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_rmsnorm_backward<F: Real>(cpu: &Cpu, x: &[F], w: &[F], inv: &[F], dy: &[F], rows: usize, cols: usize) -> Vec<F> {
+    let mut dx = cpu.alloc(rows * cols).unwrap();
+    let (x, w, inv, dy) = (cpu.upload(x).unwrap(), cpu.upload(w).unwrap(), cpu.upload(inv).unwrap(), cpu.upload(dy).unwrap());
+    cpu.rmsnorm_backward(&x, &w, &inv, &dy, &mut dx, rows, cols).unwrap();
+    cpu.download(&dx, rows * cols).unwrap()
+}
+
+fn cpu_softmax<F: Real>(cpu: &Cpu, s: &[F], mats: usize, t: usize, scale: f32) -> Vec<F> {
+    let mut b = cpu.upload(s).unwrap();
+    cpu.softmax_causal(&mut b, mats, t, scale).unwrap();
+    cpu.download(&b, s.len()).unwrap()
+}
+
+fn cpu_softmax_backward<F: Real>(cpu: &Cpu, p: &[F], dp: &[F], mats: usize, t: usize, scale: f32) -> Vec<F> {
+    let mut ds = cpu.alloc(p.len()).unwrap();
+    cpu.softmax_causal_backward(&cpu.upload(p).unwrap(), &cpu.upload(dp).unwrap(), &mut ds, mats, t, scale).unwrap();
+    cpu.download(&ds, p.len()).unwrap()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cpu_cross_entropy<F: Real>(cpu: &Cpu, logits: &[F], targets: &[u32], mask: &[F], rows: usize, vocab: usize, grad_scale: F) -> (Vec<F>, Vec<F>) {
+    let (mut l, mut losses) = (cpu.upload(logits).unwrap(), cpu.alloc(rows).unwrap());
+    cpu.cross_entropy(&mut l, &cpu.upload(targets).unwrap(), &cpu.upload(mask).unwrap(), rows, vocab, grad_scale, &mut losses).unwrap();
+    (cpu.download(&losses, rows).unwrap(), cpu.download(&l, rows * vocab).unwrap())
+}
+
+/// Shapes `(rows, cols)` of the row ops; `big` adds the wide ones (256- and 1024-thread
+/// groups) and the 1000-row cases of wide rows.
+fn row_shapes(widths: &[usize], big: bool) -> Vec<(usize, usize)> {
+    let mut shapes = Vec::new();
+    for &cols in widths {
+        for rows in [1, 17, 1000] {
+            if rows * cols <= if big { 50_000_000 } else { 600_000 } {
+                shapes.push((rows, cols));
+            }
+        }
+    }
+    shapes
+}
+
+// ---- RMSNorm ----------------------------------------------------------------------------------
+
+const RMS_Y: (Tol, Tol) = (tol(1e-6, 1e-5), tol(1e-6, 5e-6));
+const RMS_INV: (Tol, Tol) = (tol(0.0, 1e-5), tol(0.0, 5e-6));
+const RMS_DX: (Tol, Tol) = (tol(2e-6, 1e-5), tol(2e-6, 5e-6));
+
+fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
+    let cpu = Cpu::new();
+    let mut r = rng(100);
+    let widths: &[usize] = if big { &[1, 33, 576, 1024, 1025, 4096, 20000] } else { &[1, 33, 576, 1025] };
+    for (rows, cols) in row_shapes(widths, big) {
+        let n = rows * cols;
+        let mut x = rand_range(&mut r, n, -2.0, 2.0);
+        // A row of large values and a row of zeros (inv_rms = 1 / sqrt(eps)).
+        if rows > 2 {
+            x[cols..2 * cols].iter_mut().for_each(|v| *v *= 1000.0);
+            x[2 * cols..3 * cols].fill(0.0);
+        }
+        let w = rand_range(&mut r, cols, -1.5, 1.5);
+        let dy = rand_range(&mut r, n, -1.0, 1.0);
+        let eps = if cols % 2 == 0 { 1e-5 } else { 1e-6 };
+        let what = format!("rmsnorm {rows}x{cols}");
+
+        let (y32, inv32) = cpu_rmsnorm(&cpu, &x, &w, rows, cols, eps);
+        let (y64, inv64) = cpu_rmsnorm(&cpu, &to64(&x), &to64(&w), rows, cols, eps);
+        let (xd, wd) = (up(dev, &x), up(dev, &w));
+        let (mut yd, mut invd) = (poisoned(dev, n + TAIL, f32::NAN), poisoned(dev, rows + TAIL, f32::NAN));
+        dev.rmsnorm(&xd, &wd, &mut yd, &mut invd, rows, cols, eps).unwrap();
+        let (y, y_tail) = down_split(dev, &yd, n, n + TAIL);
+        let (inv, inv_tail) = down_split(dev, &invd, rows, rows + TAIL);
+        compare(&format!("{what}: y"), &y, &y32, Some(&y64), RMS_Y.0, RMS_Y.1);
+        compare(&format!("{what}: inv_rms"), &inv, &inv32, Some(&inv64), RMS_INV.0, RMS_INV.1);
+        assert_untouched_f32(&format!("{what}: y tail"), &y_tail, f32::NAN);
+        assert_untouched_f32(&format!("{what}: inv_rms tail"), &inv_tail, f32::NAN);
+
+        // The backward takes the f32 CPU's inv_rms on every side, so the inputs are identical.
+        let what = format!("rmsnorm_backward {rows}x{cols}");
+        let dx32 = cpu_rmsnorm_backward(&cpu, &x, &w, &inv32, &dy, rows, cols);
+        let dx64 = cpu_rmsnorm_backward(&cpu, &to64(&x), &to64(&w), &to64(&inv32), &to64(&dy), rows, cols);
+        let mut dxd = poisoned(dev, n + TAIL, f32::NAN);
+        dev.rmsnorm_backward(&xd, &wd, &up(dev, &inv32), &up(dev, &dy), &mut dxd, rows, cols).unwrap();
+        let (dx, dx_tail) = down_split(dev, &dxd, n, n + TAIL);
+        compare(&what, &dx, &dx32, Some(&dx64), RMS_DX.0, RMS_DX.1);
+        assert_untouched_f32(&format!("{what}: tail"), &dx_tail, f32::NAN);
+    }
+}
+
+// ---- RoPE -------------------------------------------------------------------------------------
+
+fn rope_tables(seq_len: usize, head_dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let angle = |p: usize, i: usize| p as f64 * 10000f64.powf(-2.0 * i as f64 / head_dim as f64);
+    let cos = (0..seq_len * half).map(|k| angle(k / half, k % half).cos() as f32).collect();
+    let sin = (0..seq_len * half).map(|k| angle(k / half, k % half).sin() as f32).collect();
+    (cos, sin)
+}
+
+fn check_rope<B: Backend>(dev: &B, big: bool) {
+    let cpu = Cpu::new();
+    let mut r = rng(200);
+    let mut shapes: Vec<(usize, usize, usize)> = Vec::new();
+    for tokens in [1, 17, 1000] {
+        for (heads, head_dim) in [(9, 64), (3, 64), (2, 8), (1, 2)] {
+            shapes.push((tokens, heads, head_dim));
+        }
+    }
+    if big {
+        shapes.push((4096, 32, 128));
+    }
+    for (tokens, heads, head_dim) in shapes {
+        let n = tokens * heads * head_dim;
+        for seq_len in [tokens, 7, 128] {
+            let (cos, sin) = rope_tables(seq_len, head_dim);
+            let (cc, sc, cd, sd) = (up(&cpu, &cos), up(&cpu, &sin), up(dev, &cos), up(dev, &sin));
+            let mut x = rand_f32(&mut r, n);
+            x.extend([f32::NAN; TAIL]);
+            for inverse in [false, true] {
+                let what = format!("rope {tokens}x{heads}x{head_dim} seq_len {seq_len} inverse {inverse}");
+                let mut want = up(&cpu, &x);
+                cpu.rope(&mut want, tokens, heads, head_dim, seq_len, &cc, &sc, inverse).unwrap();
+                let mut got = up(dev, &x);
+                dev.rope(&mut got, tokens, heads, head_dim, seq_len, &cd, &sd, inverse).unwrap();
+                let (got, tail) = down_split(dev, &got, n, n + TAIL);
+                assert_bits(&what, &got, &down(&cpu, &want, n));
+                assert_untouched_f32(&format!("{what}: tail"), &tail, f32::NAN);
+            }
+        }
+    }
+}
+
+// ---- causal softmax ---------------------------------------------------------------------------
+
+const SOFTMAX_P: (Tol, Tol) = (tol(1e-10, 2e-5), tol(1e-10, 1e-5));
+
+/// `ds` is `scale p (dp - dot)`: its absolute error is up to `|scale| |error of dot|` (p ~ 1),
+/// and dot (|dp| <= 1, sum of p = 1) carries the error of its sum: measured for the
+/// sequential f32 CPU, about 5e-8 sqrt(t) (3e-6 at t = 4000); a tree sum does better.
+fn softmax_ds_tol(scale: f32, t: usize) -> (Tol, Tol) {
+    let sqrt_t = (t as f32).sqrt();
+    (tol(scale.abs() * (2e-7 + 1e-7 * sqrt_t), 1e-5), tol(scale.abs() * (3e-7 + 5e-8 * sqrt_t), 1e-5))
+}
+
+fn check_softmax<B: Backend>(dev: &B, big: bool) {
+    let cpu = Cpu::new();
+    let mut r = rng(300);
+    let mut shapes = vec![(1, 1), (3, 1), (1, 17), (9, 17), (1, 128), (3, 128), (2, 300)];
+    if big {
+        // 256-thread rows, and (t > 16384) 1024-thread rows: 268M entries, f32 reference only.
+        shapes.extend([(2, 1500), (1, 16385)]);
+    }
+    for (mats, t) in shapes {
+        let n = mats * t * t;
+        let with_f64 = n <= 10_000_000;
+        let scales: &[f32] = if t > 16384 { &[0.125] } else { &[0.125, 1.0, -0.7] };
+        for &scale in scales {
+            let what = format!("softmax_causal {mats}x{t}x{t} scale {scale}");
+            let mut s = rand_range(&mut r, n, -4.0, 4.0);
+            for row in 0..mats * t {
+                let i = row % t;
+                let k = r.random_range(0..=i);
+                // An outlier (exp(100) overflows f32: only the max subtraction copes) and NaN
+                // above the diagonal (never read: every output there must be exactly 0).
+                s[row * t + k] += 100.0;
+                s[row * t + i + 1..(row + 1) * t].fill(f32::NAN);
+            }
+            let p32 = cpu_softmax(&cpu, &s, mats, t, scale);
+            let p64 = with_f64.then(|| cpu_softmax(&cpu, &to64(&s), mats, t, scale));
+            s.extend([f32::NAN; TAIL]);
+            let mut sd = up(dev, &s);
+            dev.softmax_causal(&mut sd, mats, t, scale).unwrap();
+            let (p, tail) = down_split(dev, &sd, n, n + TAIL);
+            compare(&what, &p, &p32, p64.as_deref(), SOFTMAX_P.0, SOFTMAX_P.1);
+            assert_untouched_f32(&format!("{what}: tail"), &tail, f32::NAN);
+            for row in 0..mats * t {
+                let i = row % t;
+                if let Some(j) = p[row * t + i + 1..(row + 1) * t].iter().position(|&v| v.to_bits() != 0) {
+                    panic!("{what}: row {row} entry {} above the diagonal is {:e}, not +0", i + 1 + j, p[row * t + i + 1 + j]);
+                }
+            }
+
+            // Backward at the CPU's p (identical inputs on every side).
+            let what = format!("softmax_causal_backward {mats}x{t}x{t} scale {scale}");
+            let dp = rand_f32(&mut r, n);
+            let ds32 = cpu_softmax_backward(&cpu, &p32, &dp, mats, t, scale);
+            let ds64 = with_f64.then(|| cpu_softmax_backward(&cpu, &to64(&p32), &to64(&dp), mats, t, scale));
+            let mut dsd = poisoned(dev, n + TAIL, f32::NAN);
+            dev.softmax_causal_backward(&up(dev, &p32), &up(dev, &dp), &mut dsd, mats, t, scale).unwrap();
+            let (ds, tail) = down_split(dev, &dsd, n, n + TAIL);
+            let (t32, t64) = softmax_ds_tol(scale, t);
+            compare(&what, &ds, &ds32, ds64.as_deref(), t32, t64);
+            assert_untouched_f32(&format!("{what}: tail"), &tail, f32::NAN);
+        }
+    }
+}
+
+// ---- cross-entropy -----------------------------------------------------------------------------
+
+/// Loss tolerances: the f32 CPU's lse carries the error of a sequential sum of `vocab` terms.
+fn ce_loss_tol(vocab: usize) -> (Tol, Tol) {
+    (tol(1e-5, 1e-6 + 2e-10 * vocab as f32), tol(5e-6, 1e-6))
+}
+
+/// Gradient tolerances: relative to the entries, plus an absolute floor of 2e-6 |g| for the
+/// target entry `g (p - 1)` when p is close to 1 (and for entries that underflow).
+fn ce_grad_tol(vocab: usize, g_max: f32) -> (Tol, Tol) {
+    (tol(2e-6 * g_max, 6e-6 + 4e-9 * vocab as f32), tol(2e-6 * g_max, 1e-5))
+}
+
+fn check_cross_entropy<B: Backend>(dev: &B, big: bool) {
+    let cpu = Cpu::new();
+    let mut r = rng(400);
+    let widths: &[usize] = if big { &[1, 33, 576, 5000, 49152] } else { &[1, 33, 576, 5000] };
+    for (rows, vocab) in row_shapes(widths, big) {
+        let n = rows * vocab;
+        let what = format!("cross_entropy {rows}x{vocab}");
+        let mut logits = rand_range(&mut r, n, -8.0, 8.0);
+        let mut targets: Vec<u32> = (0..rows).map(|_| r.random_range(0..vocab as u32)).collect();
+        // About 20% of the rows masked out (some with a target outside the vocabulary, which
+        // is then ignored), some weighted; one row with a dominant logit (p ~ 1 at the target).
+        let mask: Vec<f32> = (0..rows).map(|i| if i > 0 && r.random_bool(0.2) { 0.0 } else if i % 5 == 3 { 0.5 } else { 1.0 }).collect();
+        for i in 0..rows {
+            if mask[i] == 0.0 && r.random_bool(0.5) {
+                targets[i] = if r.random_bool(0.5) { u32::MAX } else { vocab as u32 };
+            }
+        }
+        if rows > 1 {
+            logits[vocab + targets[1] as usize % vocab] += 100.0;
+        }
+        let kept = mask.iter().filter(|&&m| m != 0.0).count().max(1);
+        let grad_scale = 1.0 / kept as f32;
+
+        let (loss32, grad32) = cpu_cross_entropy(&cpu, &logits, &targets, &mask, rows, vocab, grad_scale);
+        let (loss64, grad64) = cpu_cross_entropy(&cpu, &to64(&logits), &targets, &to64(&mask), rows, vocab, grad_scale as f64);
+        logits.extend([f32::NAN; TAIL]);
+        let mut ld = up(dev, &logits);
+        let mut lossd = poisoned(dev, rows + TAIL, f32::NAN);
+        dev.cross_entropy(&mut ld, &up(dev, &targets), &up(dev, &mask), rows, vocab, grad_scale, &mut lossd).unwrap();
+        let (grad, grad_tail) = down_split(dev, &ld, n, n + TAIL);
+        let (loss, loss_tail) = down_split(dev, &lossd, rows, rows + TAIL);
+        let (l32, l64) = ce_loss_tol(vocab);
+        compare(&format!("{what}: losses"), &loss, &loss32, Some(&loss64), l32, l64);
+        let (g32, g64) = ce_grad_tol(vocab, grad_scale);
+        compare(&format!("{what}: gradient"), &grad, &grad32, Some(&grad64), g32, g64);
+        assert_untouched_f32(&format!("{what}: logits tail"), &grad_tail, f32::NAN);
+        assert_untouched_f32(&format!("{what}: losses tail"), &loss_tail, f32::NAN);
+        for i in (0..rows).filter(|&i| mask[i] == 0.0) {
+            assert_eq!(loss[i].to_bits(), 0, "{what}: masked row {i} has loss {}", loss[i]);
+            assert!(grad[i * vocab..(i + 1) * vocab].iter().all(|g| g.to_bits() == 0), "{what}: masked row {i} has a gradient");
+        }
+    }
+}
+
+/// A masked-in row whose target is outside the vocabulary is an error: at once on the CPU,
+/// at the next synchronization on CUDA (reported once); masked out, it is ignored.
+fn check_cross_entropy_errors<B: Backend>(dev: &B) {
+    let logits = [0.1f32, 0.2, 0.3, 0.4, 0.5, 0.6];
+    let mut l = up(dev, &logits);
+    let mut losses = poisoned(dev, 2, f32::NAN);
+    let targets = up(dev, &[0u32, 3]);
+    let r = dev.cross_entropy(&mut l, &targets, &up(dev, &[1.0f32, 0.5]), 2, 3, 1.0, &mut losses).and_then(|()| dev.synchronize());
+    assert!(matches!(r, Err(Error::InvalidArgument { .. })), "target 3 of a 3-token vocabulary: {r:?}");
+    dev.synchronize().expect("the error is reported once");
+    let mut l = up(dev, &logits);
+    dev.cross_entropy(&mut l, &targets, &up(dev, &[1.0f32, 0.0]), 2, 3, 1.0, &mut losses).unwrap();
+    dev.synchronize().expect("a masked-out row's target is not checked");
+    assert_eq!(down(dev, &losses, 2)[1].to_bits(), 0);
+    assert_bits("masked row gradient", &down(dev, &l, 6)[3..], &[0.0; 3]);
+    let mut l = up(dev, &logits);
+    let r = dev.cross_entropy(&mut l, &up(dev, &[u32::MAX, 0]), &up(dev, &[-1.0f32, 0.0]), 2, 3, 1.0, &mut losses).and_then(|()| dev.synchronize());
+    assert!(matches!(r, Err(Error::InvalidArgument { .. })), "target u32::MAX with a negative weight: {r:?}");
+    dev.synchronize().unwrap();
+}
+
+/// Bad shapes and arguments fail the same way on every backend, before anything runs.
+fn check_shape_errors<B: Backend>(dev: &B) {
+    let b = |n: usize| poisoned(dev, n, 1.0f32);
+    let (mut y, mut inv) = (b(12), b(3));
+    assert!(matches!(dev.rmsnorm(&b(11), &b(4), &mut y, &mut inv, 3, 4, 1e-5), Err(Error::Shape { .. })));
+    assert!(matches!(dev.rmsnorm(&b(12), &b(4), &mut y, &mut b(2), 3, 4, 1e-5), Err(Error::Shape { .. })));
+    assert!(matches!(dev.rmsnorm(&b(12), &b(4), &mut y, &mut inv, 3, 0, 1e-5), Err(Error::InvalidArgument { .. })));
+    let mut dx = b(12);
+    assert!(matches!(dev.rmsnorm_backward(&b(12), &b(3), &b(3), &b(12), &mut dx, 3, 4), Err(Error::Shape { .. })));
+    assert!(matches!(dev.rmsnorm_backward(&b(12), &b(4), &b(3), &b(12), &mut dx, 3, 0), Err(Error::InvalidArgument { .. })));
+    let (c, s) = (b(16), b(16));
+    let mut x = b(64);
+    assert!(matches!(dev.rope(&mut x, 4, 2, 7, 4, &c, &s, false), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(dev.rope(&mut x, 4, 2, 8, 0, &c, &s, false), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(dev.rope(&mut x, 5, 2, 8, 4, &c, &s, false), Err(Error::Shape { .. })));
+    assert!(matches!(dev.rope(&mut x, 4, 2, 8, 5, &c, &s, true), Err(Error::Shape { .. })));
+    let mut sm = b(17);
+    assert!(matches!(dev.softmax_causal(&mut sm, 2, 3, 1.0), Err(Error::Shape { .. })));
+    let mut ds = b(18);
+    assert!(matches!(dev.softmax_causal_backward(&b(18), &b(17), &mut ds, 2, 3, 1.0), Err(Error::Shape { .. })));
+    let (mut l, mut losses) = (b(6), b(2));
+    let t = up(dev, &[0u32, 0]);
+    assert!(matches!(dev.cross_entropy(&mut l, &t, &b(1), 2, 3, 1.0, &mut losses), Err(Error::Shape { .. })));
+    assert!(matches!(dev.cross_entropy(&mut l, &t, &b(2), 2, 4, 1.0, &mut losses), Err(Error::Shape { .. })));
+    assert!(matches!(dev.cross_entropy(&mut l, &t, &b(2), 2, 0, 1.0, &mut losses), Err(Error::InvalidArgument { .. })));
+    // Nothing to do is fine.
+    dev.rmsnorm(&b(0), &b(4), &mut y, &mut inv, 0, 4, 1e-5).unwrap();
+    dev.rope(&mut x, 0, 2, 8, 4, &c, &s, false).unwrap();
+    dev.softmax_causal(&mut sm, 0, 3, 1.0).unwrap();
+    dev.softmax_causal(&mut sm, 3, 0, 1.0).unwrap();
+    dev.cross_entropy(&mut l, &t, &b(2), 0, 3, 1.0, &mut losses).unwrap();
+    assert_bits("untouched by rejected calls", &down(dev, &x, 64), &[1.0; 64]);
+    dev.synchronize().unwrap();
+}
+
+fn check_all<B: Backend>(dev: &B, big: bool) {
+    check_rmsnorm(dev, big);
+    check_rope(dev, big);
+    check_softmax(dev, big);
+    check_cross_entropy(dev, big);
+    check_cross_entropy_errors(dev);
+    check_shape_errors(dev);
+}
+
+#[test]
+fn rmsnorm_matches_cpu() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check_rmsnorm(&cuda, true);
+}
+
+#[test]
+fn rope_matches_cpu_bit_for_bit() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check_rope(&cuda, true);
+}
+
+#[test]
+fn softmax_causal_matches_cpu() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check_softmax(&cuda, true);
+}
+
+#[test]
+fn cross_entropy_matches_cpu() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check_cross_entropy(&cuda, true);
+    check_cross_entropy_errors(&cuda);
+}
+
+#[test]
+fn transformer_ops_reject_bad_arguments_like_the_cpu() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check_shape_errors(&cuda);
+    // f64 is CPU-only.
+    let b = |n: usize| cuda.upload(&vec![1.0f64; n]).unwrap();
+    let (mut y, mut inv) = (b(4), b(2));
+    assert!(matches!(cuda.rmsnorm(&b(4), &b(2), &mut y, &mut inv, 2, 2, 1e-5), Err(Error::UnsupportedDtype { .. })));
+    assert!(matches!(cuda.softmax_causal(&mut y, 1, 2, 1.0), Err(Error::UnsupportedDtype { .. })));
+    let mut losses = b(2);
+    let t = cuda.upload(&[0u32, 1]).unwrap();
+    assert!(matches!(cuda.cross_entropy(&mut y, &t, &b(2), 2, 2, 1.0, &mut losses), Err(Error::UnsupportedDtype { .. })));
+}
+
+#[test]
+fn harness_on_cpu() {
+    check_all(&Cpu::new(), false);
+}
