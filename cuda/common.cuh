@@ -26,6 +26,7 @@ typedef uint8_t u8;
 #define SG_ERR_COO_DENSE_T 8u
 #define SG_ERR_SPARSE_ADAM 16u
 #define SG_ERR_COO_COMPACT 32u
+#define SG_ERR_CROSS_ENTROPY 64u
 
 // Threads per block of the 1-D kernels and of the tile compactions.
 #define SG_THREADS 256

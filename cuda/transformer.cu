@@ -55,11 +55,8 @@
 // (GB/s vs a device memcpy) by benches/cuda_kernels.rs.
 #include "common.cuh"
 
-// Device error bit of cross_entropy (a masked-in row whose target is outside the
-// vocabulary). Keep in sync with common.cuh and `ERR_BITS` in src/backend/cuda/mod.rs.
-#ifndef SG_ERR_CROSS_ENTROPY
-#define SG_ERR_CROSS_ENTROPY 64u
-#endif
+// SG_ERR_CROSS_ENTROPY (common.cuh) flags a masked-in row whose target is outside the
+// vocabulary; `ERR_BITS` in src/backend/cuda/mod.rs names it on the host.
 static_assert(SG_ERR_CROSS_ENTROPY == 64u, "SG_ERR_CROSS_ENTROPY must stay 64 (see the launcher)");
 
 // Threads per block of a row kernel with groups of G threads.

@@ -58,12 +58,14 @@ const THREADS: u32 = 256;
 const TILE: usize = 256 * 16;
 
 // Bits of the device error word (`SG_ERR_*` in cuda/common.cuh).
-const ERR_BITS: [(u32, &str); 5] = [
+const ERR_BITS: [(u32, &str); 7] = [
     (1, "gather_rows"),
     (2, "gather_block"),
     (4, "coo_scatter_add"),
     (8, "coo_dense_t"),
     (16, "sparse_adam"),
+    (32, "coo_compact_rows"),
+    (64, "cross_entropy"),
 ];
 
 /// Words of the persistent status block (`Scratch::status`).
@@ -136,8 +138,20 @@ struct Scratch {
     arena: Option<CudaBuf<u64>>,
 }
 
-/// The CUDA backend on one device.
-pub struct Cuda {
+/// The CUDA backend on one device. Cheap to clone (layers keep a handle): clones share
+/// the context, stream, cuBLAS handle, kernels, scratch and memory counters.
+#[derive(Clone)]
+pub struct Cuda(Arc<CudaShared>);
+
+impl std::ops::Deref for Cuda {
+    type Target = CudaShared;
+    fn deref(&self) -> &CudaShared {
+        &self.0
+    }
+}
+
+/// What the clones of a [`Cuda`] share.
+pub struct CudaShared {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Mutex<CudaBlas>,
@@ -246,7 +260,7 @@ impl Cuda {
         let counters = Arc::new(Counters::default());
         let status = Self::alloc_on(&ctx, &stream, &counters, STATUS_WORDS, true)?;
         let errors = Self::alloc_on(&ctx, &stream, &counters, 1, true)?;
-        Ok(Cuda {
+        Ok(Cuda(Arc::new(CudaShared {
             ctx,
             stream,
             blas: Mutex::new(blas),
@@ -258,7 +272,7 @@ impl Cuda {
             sm_count,
             device_name,
             compute_capability,
-        })
+        })))
     }
 
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
