@@ -16,7 +16,8 @@ pub(super) fn rmsnorm<F: Real>(x: &[F], w: &[F], y: &mut [F], inv_rms: &mut [F],
     let eps = F::from_f64(eps as f64);
     y[..rows * cols].par_chunks_mut(cols).zip(inv_rms[..rows].par_iter_mut()).enumerate().for_each(|(r, (y, ir))| {
         let xr = &x[r * cols..(r + 1) * cols];
-        let ms = xr.iter().map(|&v| v * v).sum::<F>() / F::from_usize(cols);
+        // Sums in f64: the specification should not carry f32 summation error.
+        let ms = F::from_f64(xr.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>() / cols as f64);
         let inv = F::ONE / (ms + eps).sqrt();
         *ir = inv;
         y.iter_mut().zip(xr).zip(&w[..cols]).for_each(|((y, &x), &w)| *y = x * inv * w);
@@ -34,7 +35,7 @@ pub(super) fn rmsnorm_backward<F: Real>(x: &[F], w: &[F], inv_rms: &[F], dy: &[F
     }
     dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
         let (xr, dyr, inv) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], inv_rms[r]);
-        let dot = xr.iter().zip(dyr).zip(&w[..cols]).map(|((&x, &dy), &w)| w * dy * x).sum::<F>() / F::from_usize(cols);
+        let dot = F::from_f64(xr.iter().zip(dyr).zip(&w[..cols]).map(|((&x, &dy), &w)| (w * dy * x).to_f64()).sum::<f64>() / cols as f64);
         let k = inv * inv * dot;
         dx.iter_mut().zip(xr).zip(dyr).zip(&w[..cols]).for_each(|(((dx, &x), &dy), &w)| *dx = inv * (w * dy - x * k));
     });
@@ -78,11 +79,12 @@ pub(super) fn softmax_causal<F: Real>(s: &mut [F], mats: usize, t: usize, scale:
     s[..mats * t * t].par_chunks_mut(t).enumerate().for_each(|(row, p)| {
         let i = row % t;
         let max = p[..=i].iter().fold(F::from_f64(f64::NEG_INFINITY), |m, &v| m.max(scale * v));
-        let mut sum = F::ZERO;
+        let mut sum = 0.0f64;
         for v in &mut p[..=i] {
             *v = (scale * *v - max).exp();
-            sum += *v;
+            sum += v.to_f64();
         }
+        let sum = F::from_f64(sum);
         p[..=i].iter_mut().for_each(|v| *v = *v / sum);
         p[i + 1..].fill(F::ZERO);
     });
@@ -100,7 +102,7 @@ pub(super) fn softmax_causal_backward<F: Real>(p: &[F], dp: &[F], ds: &mut [F], 
     ds[..mats * t * t].par_chunks_mut(t).enumerate().for_each(|(row, ds)| {
         let i = row % t;
         let (p, dp) = (&p[row * t..row * t + t], &dp[row * t..row * t + t]);
-        let dot = p[..=i].iter().zip(&dp[..=i]).map(|(&a, &b)| a * b).sum::<F>();
+        let dot = F::from_f64(p[..=i].iter().zip(&dp[..=i]).map(|(&a, &b)| (a * b).to_f64()).sum::<f64>());
         for j in 0..=i {
             ds[j] = scale * p[j] * (dp[j] - dot);
         }
@@ -128,7 +130,7 @@ pub(super) fn cross_entropy<F: Real>(logits: &mut [F], targets: &[u32], mask: &[
             return;
         }
         let max = l.iter().fold(F::from_f64(f64::NEG_INFINITY), |a, &b| a.max(b));
-        let sum = l.iter().map(|&v| (v - max).exp()).sum::<F>();
+        let sum = F::from_f64(l.iter().map(|&v| (v - max).exp().to_f64()).sum::<f64>());
         let lse = max + sum.ln();
         let target = targets[r] as usize;
         *loss = m * (lse - l[target]);
