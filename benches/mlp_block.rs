@@ -270,30 +270,6 @@ fn bench_shape<B: Backend + Clone + Fresh>(s: &Shape, tokens: usize, iters: usiz
     }
 }
 
-// Every layer and block needs `B: Backend + Clone`. Autoref specialisation: where the
-// backend is `Clone` the CUDA section runs; where it is not, it says so.
-struct Dev<T>(std::marker::PhantomData<T>);
-#[allow(dead_code)] // one of the pair is unused, depending on the backend
-trait ViaClone {
-    fn run(&self, shapes: &[Shape], tokens: usize, iters: usize);
-}
-impl<T: Backend + Clone + Fresh> ViaClone for Dev<T> {
-    fn run(&self, shapes: &[Shape], tokens: usize, iters: usize) {
-        for s in shapes {
-            bench_shape::<T>(s, tokens, iters);
-        }
-    }
-}
-#[allow(dead_code)] // one of the pair is unused, depending on the backend
-trait NotClone {
-    fn run(&self, shapes: &[Shape], tokens: usize, iters: usize);
-}
-impl<T> NotClone for &Dev<T> {
-    fn run(&self, _: &[Shape], _: usize, _: usize) {
-        println!("CUDA: no block can be built: {} does not implement Clone (layers need `B: Backend + Clone`)", std::any::type_name::<T>());
-    }
-}
-
 /// OpenBLAS picks its kernels when the library loads: set the core type and re-execute.
 fn ensure_coretype() {
     if std::env::var_os("OPENBLAS_CORETYPE").is_some() {
@@ -310,8 +286,6 @@ fn ensure_coretype() {
     }
 }
 
-// The `&` before `Dev` selects the specialisation; clippy does not see that.
-#[allow(clippy::needless_borrow)]
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -348,7 +322,9 @@ fn main() {
             println!("CUDA {cuda:?} ({} timed steps, after one untimed step):\n", env_usize("SPARSEGRAD_BENCH_ITERS", 10));
             drop(cuda);
             header();
-            (&Dev::<Cuda>(std::marker::PhantomData)).run(&shapes, cuda_tokens, env_usize("SPARSEGRAD_BENCH_ITERS", 10));
+            for s in &shapes {
+                bench_shape::<Cuda>(s, cuda_tokens, env_usize("SPARSEGRAD_BENCH_ITERS", 10));
+            }
         }
     }
 }

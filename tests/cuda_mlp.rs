@@ -281,39 +281,13 @@ fn check_blocks<B: Backend + Clone>(dev: &B, kind: Kind, (hidden, ffn, t): (usiz
     }
 }
 
-// `Cuda` must be `Clone` for layers to be built on it (every layer and block takes
-// `B: Backend + Clone`). Autoref specialisation: where `Cuda: Clone`, `run` resolves to
-// `ViaClone` and the comparison runs; where it is not, to `NotClone`, which fails on a
-// machine with a device (the blocks cannot run there) and is never reached without one.
-struct Dev<'a, T>(&'a T);
-#[allow(dead_code)] // one of the pair is unused, depending on the backend
-trait ViaClone {
-    fn run(&self, kind: Kind, shape: (usize, usize, usize), precision: Precision, steps: usize, noise: f32);
-}
-impl<T: Backend + Clone> ViaClone for Dev<'_, T> {
-    fn run(&self, kind: Kind, shape: (usize, usize, usize), precision: Precision, steps: usize, noise: f32) {
-        check_blocks(self.0, kind, shape, precision, steps, noise)
-    }
-}
-#[allow(dead_code)] // one of the pair is unused, depending on the backend
-trait NotClone {
-    fn run(&self, kind: Kind, shape: (usize, usize, usize), precision: Precision, steps: usize, noise: f32);
-}
-impl<T> NotClone for &Dev<'_, T> {
-    fn run(&self, _: Kind, _: (usize, usize, usize), _: Precision, _: usize, _: f32) {
-        panic!("{} does not implement Clone: BertMlp/LlamaMlp (and every Linear) need `B: Backend + Clone`, so no block can be built on it", std::any::type_name::<T>());
-    }
-}
-
 const SMALL: (usize, usize, usize) = (17, 33, 29);
 const LARGE: (usize, usize, usize) = (160, 600, 301);
 
-// The `&` selects the specialisation (see `Dev`); clippy does not see that.
-#[allow(clippy::needless_borrow)]
 fn on_cuda(kind: Kind, precision: Precision) {
     let Some(cuda) = cuda_common::cuda_or_skip() else { return };
     for shape in [SMALL, LARGE] {
-        (&Dev(&cuda)).run(kind, shape, precision, 3, 0.0);
+        check_blocks(&cuda, kind, shape, precision, 3, 0.0);
     }
 }
 
@@ -343,13 +317,12 @@ fn llama_on_cuda_matches_cpu_bf16() {
 /// differences of another device, so the tolerances and the boundary handling of top-k
 /// selections are exercised too (at bf16, such perturbations flip some bf16 roundings).
 #[test]
-#[allow(clippy::needless_borrow)]
 fn harness_self_check_on_cpu() {
     let other = Cpu::new();
     for kind in [Kind::Bert, Kind::Llama] {
         for precision in [Precision::Full, Precision::Bf16] {
-            (&Dev(&other)).run(kind, (7, 13, 11), precision, 2, 0.0);
-            (&Dev(&other)).run(kind, SMALL, precision, 3, 1e-6);
+            check_blocks(&other, kind, (7, 13, 11), precision, 2, 0.0);
+            check_blocks(&other, kind, SMALL, precision, 3, 1e-6);
         }
     }
 }
@@ -358,11 +331,10 @@ fn harness_self_check_on_cpu() {
 /// a few seconds on the CPU: the merged formulation at keep = 100% multiplies its sparse
 /// change scalar by scalar, `2 k in` flops with k = out in).
 #[test]
-#[allow(clippy::needless_borrow)]
 fn harness_self_check_on_cpu_large() {
     let other = Cpu::new();
     for kind in [Kind::Bert, Kind::Llama] {
-        (&Dev(&other)).run(kind, LARGE, Precision::Bf16, 2, 1e-6);
+        check_blocks(&other, kind, LARGE, Precision::Bf16, 2, 1e-6);
     }
 }
 

