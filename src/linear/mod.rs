@@ -36,7 +36,11 @@ impl Keep {
                 if !(f > 0.0 && f <= 1.0) {
                     return Err(Error::invalid("keep", format!("fraction {f} outside (0, 1]")));
                 }
-                ((f * total as f64).ceil() as usize).clamp(1, total.max(1))
+                // Round up, but not past float noise: 0.07 * 100 is 7.000000000000001 in f64.
+                let x = f * total as f64;
+                let nearest = x.round();
+                let k = if (x - nearest).abs() <= 1e-9 * x.max(1.0) { nearest } else { x.ceil() };
+                (k as usize).clamp(1, total.max(1))
             }
         };
         if k == 0 || k > total {

@@ -201,11 +201,15 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             None => Formulation::choose(out, inp, cfg.expected_tokens, k),
         };
         let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(&basis.p), to_f(&basis.q));
-        let wt_host = basis_change(&p_host, &q_host, weight, out, inp, true)?;
         let half = cfg.precision == Precision::Bf16;
         let (p, q, weight_state) = match formulation {
             Formulation::Transformed => {
-                let wt = backend.upload(&wt_host)?;
+                // Wt = (P^T W) Q on the backend, in `F` whatever the operand precision.
+                let (pf, qf, w) = (backend.upload(&p_host)?, backend.upload(&q_host)?, backend.upload(weight)?);
+                let mut tmp = backend.alloc::<F>(out * inp)?;
+                let mut wt = backend.alloc::<F>(out * inp)?;
+                backend.gemm(&Gemm::tn(out, inp, out), &pf, &w, &mut tmp)?;
+                backend.gemm(&Gemm::nn(out, inp, inp), &tmp, &qf, &mut wt)?;
                 let half = if half { Some(backend.alloc(out * inp)?) } else { None };
                 (
                     Operand::upload(backend, cfg.precision, &p_host)?,
