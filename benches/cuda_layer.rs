@@ -1,6 +1,6 @@
 //! CUDA layer step (forward + backward + optimizer), f32 and bf16: SparseGradLinear in
 //! both formulations, Exact and SparseByDense, against a dense linear step (cuBLAS GEMMs
-//! + AdamW) on BERT-base and LLaMA-2-7B MLP shapes at T = 4096, with a flop model at the
+//! and AdamW) on BERT-base and LLaMA-2-7B MLP shapes at T = 4096, with a flop model at the
 //! cuBLAS rate measured in the same run.
 //!
 //! Run on a GPU machine: `cargo bench --bench cuda_layer` (or through

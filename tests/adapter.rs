@@ -37,7 +37,7 @@ fn fixture() -> Fixture {
     }
 }
 
-fn block<'a>(cpu: &Cpu, fx: &'a Fixture, method: Method, opts: &TrainOptions) -> BertMlp<Cpu> {
+fn block(cpu: &Cpu, fx: &Fixture, method: Method, opts: &TrainOptions) -> BertMlp<Cpu> {
     let spec_in = ProjectionSpec { weight: &fx.w_in, bias: Some(&fx.b_in), method, group: "dense_in", basis: Some(&fx.basis_in) };
     let spec_out = ProjectionSpec { weight: &fx.w_out, bias: Some(&fx.b_out), method, group: "dense_out", basis: Some(&fx.basis_out) };
     BertMlp::new(cpu, HIDDEN, FFN, spec_in, spec_out, GeluKind::Erf, opts).unwrap()

@@ -233,7 +233,7 @@ fn nonzero_rows_cols_and_gathers() {
     let nz = cpu.nonzero_rows_cols(&mb, rows, cols, 0.25, &mut ri, &mut ci).unwrap();
     assert_eq!((nz.n_rows, nz.n_cols, nz.abs_threshold), (3, 2, 0.5));
     assert_eq!(&ci[..2], &[0, 2]);
-    let mut block = cpu.upload(&vec![f32::NAN; 6]).unwrap();
+    let mut block = cpu.upload(&[f32::NAN; 6]).unwrap();
     cpu.gather_block(&mb, rows, cols, &ri, 3, &ci, 2, 0.5, &mut block).unwrap();
     assert_eq!(&block[..], &[0.0, 0.5, -2.0, 0.0, 0.0, 1.0]);
     let mut g = cpu.upload(&vec![f32::NAN; 3 * cols]).unwrap();

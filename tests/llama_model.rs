@@ -200,9 +200,9 @@ fn finite_differences_of_the_loss_for_every_method() {
             .map(|(l, j)| (l, j, model.mlp(l).unwrap().projections()[j].linear.export_state().unwrap()))
             .collect();
         for layer in plan_layers.clone() {
-            for j in 0..3 {
+            for (j, group) in GROUPS.iter().enumerate() {
                 let proj = &model.mlp(layer).unwrap().projections()[j].linear;
-                let (analytic, dirs) = gradient_and_directions(proj, &bases, GROUPS[j]);
+                let (analytic, dirs) = gradient_and_directions(proj, &bases, group);
                 for (e, (g, dir)) in analytic.iter().zip(dirs).enumerate().step_by(7) {
                     let loss_at = |eps: f64| -> f64 {
                         let mut m = LlamaModel::<Cpu, f64>::new(&cpu, &w, &plan, Some(&bases), &opts, 16).unwrap();

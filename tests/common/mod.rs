@@ -54,14 +54,14 @@ pub fn random_orthogonal(rng: &mut SmallRng, n: usize) -> Vec<f64> {
     let mut cols: Vec<Vec<f64>> = (0..n).map(|_| rand_vec64(rng, n)).collect();
     for _pass in 0..2 {
         for j in 0..n {
-            for i in 0..j {
-                let d: f64 = (0..n).map(|r| cols[j][r] * cols[i][r]).sum();
-                for r in 0..n {
-                    cols[j][r] -= d * cols[i][r];
-                }
+            let (done, rest) = cols.split_at_mut(j);
+            let cj = &mut rest[0];
+            for ci in done.iter() {
+                let d: f64 = cj.iter().zip(ci).map(|(a, b)| a * b).sum();
+                cj.iter_mut().zip(ci).for_each(|(a, b)| *a -= d * b);
             }
-            let norm = cols[j].iter().map(|v| v * v).sum::<f64>().sqrt();
-            cols[j].iter_mut().for_each(|v| *v /= norm);
+            let norm = cj.iter().map(|v| v * v).sum::<f64>().sqrt();
+            cj.iter_mut().for_each(|v| *v /= norm);
         }
     }
     let mut m = vec![0.0; n * n];
@@ -89,7 +89,8 @@ pub fn assert_close<A: Into<f64> + Copy, B: Into<f64> + Copy>(what: &str, a: &[A
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
         let (x, y) = (x.into(), y.into());
         let excess = (x - y).abs() - (atol + rtol * y.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
+        let fails = excess.is_nan() || excess > 0.0;
+        if fails && worst.is_none_or(|(_, w)| excess > w || excess.is_nan()) {
             worst = Some((i, excess));
         }
     }

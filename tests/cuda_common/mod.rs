@@ -112,7 +112,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         };
         if excess > 0.0 {
             failures += 1;
-            if worst.map_or(true, |(_, e)| excess > e) {
+            if worst.is_none_or(|(_, e)| excess > e) {
                 worst = Some((i, excess));
             }
         }

@@ -127,8 +127,7 @@ pub(super) fn coo_compact_rows<F: Real>(coo: &Coo<super::Cpu, F>, unique_rows: &
     check_coo("coo_compact_rows", coo)?;
     check_len("coo_compact_rows", "slot", slot.len(), coo.len)?;
     let mut n = 0usize;
-    for e in 0..coo.len {
-        let r = coo.rows[e];
+    for (e, &r) in coo.rows[..coo.len].iter().enumerate() {
         if n == 0 || unique_rows[n - 1] != r {
             if n > 0 && unique_rows[n - 1] > r {
                 return Err(Error::invalid("coo_compact_rows", "COO rows are not sorted"));

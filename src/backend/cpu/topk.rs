@@ -202,8 +202,7 @@ fn compact<F: Real>(
         let start = (c * chunk_len).min(n);
         let end = ((c + 1) * chunk_len).min(n);
         let (mut w, mut eq_taken) = (0usize, 0usize);
-        for i in start..end {
-            let v = m[i];
+        for (i, &v) in m.iter().enumerate().take(end).skip(start) {
             let key = v.abs_key();
             let take = key > thr || (eligible_eq && key == thr && eq_taken < quota);
             if !take {

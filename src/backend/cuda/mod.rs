@@ -399,7 +399,7 @@ impl Cuda {
     /// The arena's address, grown first if it holds fewer than `words` u64s.
     fn arena(&self, scratch: &mut Scratch, words: usize) -> Result<u64> {
         let words = words.max(1);
-        if scratch.arena.as_ref().map_or(true, |a| a.len() < words) {
+        if scratch.arena.as_ref().is_none_or(|a| a.len() < words) {
             // Drop the old arena first (its free is ordered after the kernels using it).
             scratch.arena = None;
             scratch.arena = Some(self.alloc_buf::<u64>(words.next_power_of_two(), false)?);

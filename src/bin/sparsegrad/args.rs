@@ -39,7 +39,7 @@ pub fn in_file(path: &Path, e: Error) -> CliError {
     let msg = e.to_string();
     let p = path.display().to_string();
     let named = msg.match_indices(&p).any(|(i, _)| {
-        msg[..i].ends_with(' ') && msg[i + p.len()..].chars().next().map_or(true, |c| matches!(c, ':' | ' ' | ','))
+        msg[..i].ends_with(' ') && msg[i + p.len()..].chars().next().is_none_or(|c| matches!(c, ':' | ' ' | ','))
     });
     let msg = if named { msg } else { format!("{p}: {msg}") };
     CliError { msg, code: EXIT_FAILURE }

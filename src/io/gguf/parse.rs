@@ -434,7 +434,7 @@ pub(crate) fn parse_header(buf: &[u8], path: Option<&Path>) -> Result<Header> {
         if off % alignment != 0 {
             return Err(bad(format!("data offset {off} is not a multiple of the alignment {alignment}")));
         }
-        if !off.checked_add(n_bytes).is_some_and(|end| end <= data_len) {
+        if off.checked_add(n_bytes).is_none_or(|end| end > data_len) {
             return Err(bad(format!(
                 "{n_bytes} bytes at data offset {off} run past the end of the {data_len}-byte data section (truncated file or corrupt offset)"
             )));
