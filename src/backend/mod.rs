@@ -293,6 +293,31 @@ pub enum GeluKind {
     Tanh,
 }
 
+/// The byte counters behind [`MemoryStats`], shared by a backend and its buffers (each
+/// buffer adds its size when made and subtracts it when dropped).
+#[derive(Default, Debug)]
+pub(crate) struct MemoryCounters {
+    current: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    allocations: std::sync::atomic::AtomicU64,
+}
+
+impl MemoryCounters {
+    pub(crate) fn add(&self, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.current.fetch_add(bytes, Relaxed) + bytes;
+        self.peak.fetch_max(now, Relaxed);
+        self.allocations.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn sub(&self, bytes: usize) {
+        self.current.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub(crate) fn stats(&self) -> MemoryStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        MemoryStats { current_bytes: self.current.load(Relaxed), peak_bytes: self.peak.load(Relaxed), allocations: self.allocations.load(Relaxed) }
+    }
+}
+
 /// Counters the backend keeps of its own device memory: current and peak bytes, and
 /// the number of allocations (tests use it to show hot paths allocate nothing).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -10,32 +10,21 @@ mod sparse;
 mod topk;
 mod transformer;
 
-use crate::backend::{Backend, MemoryStats};
+use crate::backend::{Backend, MemoryCounters, MemoryStats};
 use crate::error::{check_len, Result};
 use crate::scalar::Elem;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use topk::CpuTopkWorkspace;
 
+/// The backend's memory counters plus a GEMM call count (tests show frozen projections
+/// skip the weight-gradient GEMM with it).
 #[derive(Default, Debug)]
 struct Counters {
-    current: AtomicUsize,
-    peak: AtomicUsize,
-    allocations: AtomicU64,
+    memory: MemoryCounters,
     gemm_calls: AtomicU64,
-}
-
-impl Counters {
-    fn add(&self, bytes: usize) {
-        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(now, Ordering::Relaxed);
-        self.allocations.fetch_add(1, Ordering::Relaxed);
-    }
-    fn sub(&self, bytes: usize) {
-        self.current.fetch_sub(bytes, Ordering::Relaxed);
-    }
 }
 
 /// A host buffer that reports its size to the backend that made it.
@@ -46,14 +35,14 @@ pub struct CpuBuf<T> {
 
 impl<T> CpuBuf<T> {
     fn new(data: Vec<T>, counters: &Arc<Counters>) -> Self {
-        counters.add(data.len() * std::mem::size_of::<T>());
+        counters.memory.add(data.len() * std::mem::size_of::<T>());
         CpuBuf { data, counters: counters.clone() }
     }
 }
 
 impl<T> Drop for CpuBuf<T> {
     fn drop(&mut self) {
-        self.counters.sub(self.data.len() * std::mem::size_of::<T>());
+        self.counters.memory.sub(self.data.len() * std::mem::size_of::<T>());
     }
 }
 
@@ -143,11 +132,7 @@ impl Backend for Cpu {
     }
 
     fn memory_stats(&self) -> MemoryStats {
-        MemoryStats {
-            current_bytes: self.counters.current.load(Ordering::Relaxed),
-            peak_bytes: self.counters.peak.load(Ordering::Relaxed),
-            allocations: self.counters.allocations.load(Ordering::Relaxed),
-        }
+        self.counters.memory.stats()
     }
 
     fn gemm<F: crate::Real>(&self, spec: &crate::Gemm, a: &CpuBuf<F>, b: &CpuBuf<F>, c: &mut CpuBuf<F>) -> Result<()> {

@@ -37,7 +37,6 @@ use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub use topk::CudaTopkWorkspace;
@@ -71,23 +70,7 @@ const ERR_BITS: [(u32, &str); 7] = [
 /// Words of the persistent status block (`Scratch::status`).
 const STATUS_WORDS: usize = 16;
 
-#[derive(Default, Debug)]
-struct Counters {
-    current: AtomicUsize,
-    peak: AtomicUsize,
-    allocations: AtomicU64,
-}
-
-impl Counters {
-    fn add(&self, bytes: usize) {
-        let now = self.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        self.peak.fetch_max(now, Ordering::Relaxed);
-        self.allocations.fetch_add(1, Ordering::Relaxed);
-    }
-    fn sub(&self, bytes: usize) {
-        self.current.fetch_sub(bytes, Ordering::Relaxed);
-    }
-}
+use crate::backend::MemoryCounters as Counters;
 
 /// A device buffer of `len` elements that reports its size to the backend that made it.
 /// (A zero-length buffer still holds one element of device memory, so every buffer has a
@@ -508,11 +491,7 @@ impl Backend for Cuda {
     }
 
     fn memory_stats(&self) -> MemoryStats {
-        MemoryStats {
-            current_bytes: self.counters.current.load(Ordering::Relaxed),
-            peak_bytes: self.counters.peak.load(Ordering::Relaxed),
-            allocations: self.counters.allocations.load(Ordering::Relaxed),
-        }
+        self.counters.stats()
     }
 
     fn gemm<F: crate::Real>(&self, spec: &crate::Gemm, a: &CudaBuf<F>, b: &CudaBuf<F>, c: &mut CudaBuf<F>) -> Result<()> {
