@@ -75,7 +75,8 @@ pub fn lora_rank_for_budget(keep: f64, out: usize, inp: usize) -> usize {
 /// Where the run is, for progress reporting.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Progress {
-    Preliminary { step: usize, of: usize },
+    /// A batch of the preliminary phase: its loss and the loss tokens/s of the phase so far.
+    Preliminary { step: usize, of: usize, loss: f64, tokens_per_s: f64 },
     Basis,
     Eval { step: usize, loss: f64 },
     Train { step: usize, of: usize, loss: f64, tokens_per_s: f64 },
@@ -169,15 +170,18 @@ fn preliminary<B: Backend + Clone>(backend: &B, weights: &LlamaWeights, cfg: &Fi
     let mut model = LlamaModel::<B, f32>::new(backend, weights, &plan, None, &opts, cfg.seq_len)?;
     let mut accs: BTreeMap<String, GramAccumulator> = BTreeMap::new();
     let spec = cfg.batch_spec(data);
+    let (started, mut tokens) = (Instant::now(), 0usize);
     for (i, batch) in train_batches(data, spec, cfg.seed ^ 0x5eed).take(cfg.prelim_steps).enumerate() {
         let b = batch?;
         let n = b.n_targets().max(1);
-        model.forward(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len, 1.0 / n as f64)?;
+        let loss = model.forward(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len, 1.0 / n as f64)?;
         model.backward()?;
         for &l in &cfg.blocks {
             model.mlp(l).ok_or_else(|| Error::invalid("finetune", format!("no layer {l}")))?.collect(&mut accs)?;
         }
-        progress(Progress::Preliminary { step: i + 1, of: cfg.prelim_steps });
+        tokens += loss.tokens;
+        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+        progress(Progress::Preliminary { step: i + 1, of: cfg.prelim_steps, loss: loss.mean(), tokens_per_s });
     }
     progress(Progress::Basis);
     let mut set = BasisSet::new();

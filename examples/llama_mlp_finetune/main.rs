@@ -202,12 +202,11 @@ fn progress_ui(method: MethodKind, cfg: &FinetuneConfig) -> (ProgressBar, impl F
     let bar = pb.clone();
     let phase_start = std::cell::Cell::new(Instant::now());
     let callback = move |p: Progress| match p {
-        Progress::Preliminary { step, of } => {
+        Progress::Preliminary { step, of, loss, tokens_per_s } => {
             bar.set_position(step as u64);
-            let per_step = phase_start.get().elapsed().as_secs_f64() / step as f64;
-            bar.set_message(format!("{per_step:.1} s/batch, dense gradients for the bases"));
+            bar.set_message(format!("loss {loss:.3} | {tokens_per_s:.0} tok/s | dense gradients for the bases"));
             if hidden {
-                line(format!("{name}: preliminary batch {step}/{of} ({per_step:.1} s/batch)"));
+                line(format!("{name}: preliminary batch {step}/{of}  loss {loss:.4}  {tokens_per_s:.0} tok/s"));
             }
         }
         Progress::Basis => {
