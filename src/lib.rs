@@ -9,24 +9,29 @@
 //! The math is written once against [`Backend`]; [`Cpu`] is the readable specification.
 //!
 //! ```no_run
-//! use sparsegrad::{Cpu, Backend, GramAccumulator, SparseGradLinear, SparseGradConfig, Keep};
+//! use sparsegrad::{Backend, Cpu, GramAccumulator, Keep, SparseGradConfig, SparseGradLinear};
 //! # fn main() -> sparsegrad::Result<()> {
 //! let cpu = Cpu::new();
 //! let (out, inp, t) = (64, 32, 16);
 //! // Preliminary phase: stream dense weight gradients into the group's Gram matrices.
 //! let mut acc = GramAccumulator::new(out, inp);
 //! # let grads: Vec<Vec<f32>> = vec![vec![0.1; out * inp]; 4];
-//! for g in &grads { acc.add(g)?; }
+//! for g in &grads {
+//!     acc.add(g)?;
+//! }
 //! let basis = acc.basis("up_proj")?;
-//! // Train in the basis.
+//! // Train in the basis, keeping 1% of the gradient entries each step.
 //! # let weight = vec![0.0f32; out * inp]; let bias = vec![0.0f32; out];
 //! let cfg = SparseGradConfig { keep: Keep::Fraction(0.01), ..Default::default() };
 //! let mut layer = SparseGradLinear::new(&cpu, &weight, Some(&bias), &basis, cfg)?;
-//! # let x = cpu.upload(&vec![0.5f32; t * inp])?; let g = cpu.upload(&vec![0.1f32; t * out])?;
-//! let y = layer.forward(&x, t)?;
-//! let grads = layer.backward(&g, t)?;
-//! layer.step()?;
-//! let merged_weight: Vec<f32> = layer.merged_weight()?;
+//! # let x_host = vec![0.5f32; t * inp]; let g_host = vec![0.1f32; t * out];
+//! let (x, g) = (cpu.upload(&x_host)?, cpu.upload(&g_host)?);
+//! let mut y = cpu.alloc::<f32>(t * out)?;
+//! let mut dx = cpu.alloc::<f32>(t * inp)?;
+//! layer.forward(&x, t, &mut y)?;
+//! layer.backward(&g, t, Some(&mut dx))?; // dx exact; the COO gradient of Wt stays inside
+//! layer.step()?; // SparseAdam on Wt, AdamW on the bias
+//! let merged_weight: Vec<f32> = layer.merged_weight()?; // W = P Wt Q^T
 //! # Ok(()) }
 //! ```
 
