@@ -48,7 +48,9 @@ pub use linalg::{gesdd_workspace, syevd_workspace};
 use crate::error::{Error, Result};
 use cblas::{Layout, Part, Transpose};
 use linalg::{blas_dim, try_vec};
+use std::any::{Any, TypeId};
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::fmt;
 
 /// Largest `max |P^T P - I|` (and the same for Q) a basis may have. Why 1e-4: bases are
@@ -216,7 +218,7 @@ impl GramAccumulator {
         let (q, sigma_in) = linalg::sym_eig_desc(self.upper_sum(Side::In)?, self.inp)?;
         // Not re-validated: dsyevd's vectors are orthogonal to ~n 2^-53 and the rounding to
         // f32 stays far inside ORTHO_TOL (tests check it); the O(n^3) check is left to load.
-        Ok(Basis { group: group.to_string(), out: self.out, inp: self.inp, p, q, sigma_out, sigma_in, n_grads: self.count })
+        Ok(Basis { group: group.to_string(), out: self.out, inp: self.inp, p, q, sigma_out, sigma_in, n_grads: self.count, device: DeviceCache::default() })
     }
 
     /// Entries per gradient, after checking the shape is usable with 32-bit BLAS.
@@ -346,6 +348,9 @@ pub struct Basis {
     pub sigma_in: Vec<f32>,
     /// Gradients the basis was computed from (0 for an identity basis).
     pub n_grads: u64,
+    /// Device copies of `P` and `Q` the layers made, shared by every layer built from this
+    /// basis (or a clone) on the same backend.
+    pub(crate) device: DeviceCache,
 }
 
 impl fmt::Debug for Basis {
@@ -379,6 +384,7 @@ impl Basis {
             sigma_out: vec![0.0; out],
             sigma_in: vec![0.0; inp],
             n_grads: 0,
+            device: DeviceCache::default(),
         }
     }
 
@@ -394,7 +400,7 @@ impl Basis {
         sigma_in: Vec<f32>,
         n_grads: u64,
     ) -> Result<Basis> {
-        let b = Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads };
+        let b = Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads, device: DeviceCache::default() };
         b.validate()?;
         Ok(b)
     }
@@ -451,6 +457,25 @@ impl Basis {
             });
         }
         Ok(())
+    }
+
+    /// Assembles a basis checked by [`check_quick`](Self::check_quick) only: for bases
+    /// orthogonal by construction (Householder reflections, say) at sizes where
+    /// [`from_parts`](Self::from_parts)' O(n^3) validation takes minutes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts_quick(
+        group: &str,
+        out: usize,
+        inp: usize,
+        p: Vec<f32>,
+        q: Vec<f32>,
+        sigma_out: Vec<f32>,
+        sigma_in: Vec<f32>,
+        n_grads: u64,
+    ) -> Result<Basis> {
+        let b = Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads, device: DeviceCache::default() };
+        b.check_quick()?;
+        Ok(b)
     }
 
     /// What building a layer from this basis checks, in O(out^2 + in^2) rather than
@@ -660,5 +685,54 @@ pub fn direct_svd_basis(grads: &[f32], n: usize, out: usize, inp: usize, group: 
     m2.try_reserve_exact(len).map_err(|_| Error::invalid(op, "cannot allocate the mode-2 unfolding"))?;
     m2.extend_from_slice(grads);
     let (q, sigma_in) = linalg::svd_left(m2, inp, out * n)?;
-    Ok(Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads: n as u64 })
+    Ok(Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads: n as u64, device: DeviceCache::default() })
+}
+
+/// Which device copy of a basis: the backend instance, the element type, the layout a
+/// layer wants, and the basis content (a basis whose public fields were edited gets new
+/// copies).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct DeviceKey {
+    pub backend: usize,
+    pub elem: TypeId,
+    pub layout: u8,
+    pub fingerprint: u64,
+}
+
+/// Device copies of a basis, held weakly: made by the first layer that needs one, shared by
+/// the later ones, freed with the last layer using it. Equality ignores it.
+#[derive(Clone, Default)]
+pub(crate) struct DeviceCache(Arc<Mutex<Vec<DeviceEntry>>>);
+
+type DeviceEntry = (DeviceKey, Weak<dyn Any + Send + Sync>);
+
+impl DeviceCache {
+    /// The live copy under `key`, or a new one from `make`.
+    pub(crate) fn get_or_make<T: Any + Send + Sync>(&self, key: DeviceKey, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+        // A poisoned lock only means another thread panicked mid-insert; the list is still valid.
+        let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(found) = entries.iter().filter(|(k, _)| *k == key).find_map(|(_, w)| w.upgrade()) {
+            if let Ok(t) = found.downcast::<T>() {
+                return Ok(t);
+            }
+        }
+        let made = Arc::new(make()?);
+        let erased: Arc<dyn Any + Send + Sync> = made.clone();
+        entries.push((key, Arc::downgrade(&erased)));
+        Ok(made)
+    }
+}
+
+impl PartialEq for DeviceCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl fmt::Debug for DeviceCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let live = self.0.lock().map(|e| e.iter().filter(|(_, w)| w.strong_count() > 0).count()).unwrap_or(0);
+        write!(f, "DeviceCache({live} live)")
+    }
 }

@@ -319,6 +319,35 @@ fn a_non_orthogonal_basis_is_refused_at_construction() {
 }
 
 #[test]
+fn layers_of_a_group_share_one_device_copy_of_the_basis() {
+    let (out, inp) = (48usize, 40usize);
+    let pr = problem(18, out, inp, 3);
+    for form in FORMS {
+        let cpu = Cpu::new();
+        let c = cfg(form, Keep::Count(5), Selection::Exact);
+        let basis_bytes = (out * out + inp * inp) * 4;
+        let before = cpu.memory_stats().current_bytes;
+        let first = SparseGradLinear::new(&cpu, &pr.w, None, &pr.basis, c).unwrap();
+        let one = cpu.memory_stats().current_bytes - before;
+        let second = SparseGradLinear::new(&cpu, &pr.w, None, &pr.basis.clone(), c).unwrap();
+        let two = cpu.memory_stats().current_bytes - before;
+        assert_eq!(two - one, one - basis_bytes, "{form:?}: the second layer holds no copy of P and Q");
+        // An edited basis (two columns of P swapped: still orthogonal) gets its own copy.
+        let mut edited = pr.basis.clone();
+        (0..out).for_each(|r| edited.p.swap(r * out, r * out + 1));
+        let third = SparseGradLinear::new(&cpu, &pr.w, None, &edited, c).unwrap();
+        let three = cpu.memory_stats().current_bytes - before;
+        assert_eq!(three - two, one, "{form:?}: an edited basis is not served a stale copy");
+        drop((first, second, third));
+        assert_eq!(cpu.memory_stats().current_bytes, before, "{form:?}: the shared copies are freed with the last layer");
+        // Another backend instance never shares.
+        let other = Cpu::new();
+        let _fourth = SparseGradLinear::new(&other, &pr.w, None, &pr.basis, c).unwrap();
+        assert_eq!(other.memory_stats().current_bytes, one, "{form:?}");
+    }
+}
+
+#[test]
 fn cost_model_picks_merged_for_large_token_counts() {
     // BERT-base up-projection, T = 4096: the transformed form pays 4T(out^2 + in^2).
     assert_eq!(Formulation::choose(3072, 768, 4096, 23_593), Formulation::Merged);

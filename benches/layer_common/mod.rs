@@ -106,7 +106,7 @@ pub fn bench_shape<B: Backend + Clone>(be: &B, name: &str, out: usize, inp: usiz
         println!("{name:<22} {:<5} {variant:<38} {:>10.2} {:>8.2}x {:>13.2} {:>8.2}x", format!("{precision:?}"), secs * 1e3, secs / dense_s, model * 1e3, secs / model);
     };
     report("dense + AdamW", dense_s, dense_flops);
-    let basis = Basis::from_parts("bench", out, inp, householder(out, 7), householder(inp, 8), vec![1.0; out], vec![1.0; inp], 1).unwrap();
+    let basis = Basis::from_parts_quick("bench", out, inp, householder(out, 7), householder(inp, 8), vec![1.0; out], vec![1.0; inp], 1).unwrap();
     let k = Keep::Fraction(0.01).resolve(out * inp).unwrap();
     for form in [Formulation::Transformed, Formulation::Merged] {
         for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {

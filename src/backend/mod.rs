@@ -337,6 +337,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type TopkWorkspace: Send + Sync + 'static;
 
     fn name(&self) -> &'static str;
+    /// Identifies the backend instance (clones share it): buffers of backends with the
+    /// same id are interchangeable, so layers may share them (see [`crate::Basis`]).
+    fn instance_id(&self) -> usize;
 
     // ---- memory -------------------------------------------------------------------
     fn len<T: Elem>(&self, buf: &Self::Buf<T>) -> usize;

@@ -21,7 +21,9 @@ mod workspace;
 
 use crate::backend::{Backend, Coo, Gemm, HostCoo};
 use crate::optim::{Moments, Optimizer};
-use crate::basis::Basis;
+use crate::basis::{Basis, DeviceKey};
+use std::any::TypeId;
+use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
 use crate::scalar::Real;
@@ -107,6 +109,13 @@ pub struct StepGrads {
     pub k: usize,
 }
 
+/// A basis on the device. Transformed layers: `P` `(out, out)` and `Q`; merged layers:
+/// `P^T`, so the step can gather its rows, and `Q`.
+pub(crate) struct DeviceBasis<B: Backend, F: Real> {
+    p: Operand<B, F>,
+    q: Operand<B, F>,
+}
+
 /// The trained weight in one of the two formulations, with a bf16 compute copy when the
 /// layer runs in bf16.
 enum Weight<B: Backend, F: Real> {
@@ -123,9 +132,8 @@ pub struct SparseGradLinear<B: Backend, F: Real = f32> {
     cfg: SparseGradConfig,
     formulation: Formulation,
     group: String,
-    /// Transformed: `P` `(out, out)`. Merged: `P^T`, so the step can gather its rows.
-    p: Operand<B, F>,
-    q: Operand<B, F>,
+    /// The basis on the device, shared with the other layers of the group.
+    basis_dev: Arc<DeviceBasis<B, F>>,
     weight: Weight<B, F>,
     bias: Option<B::Buf<F>>,
     bias_grad: Option<B::Buf<F>>,
@@ -200,32 +208,51 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             None if thresholded => Formulation::Transformed,
             None => Formulation::choose(out, inp, cfg.expected_tokens, k),
         };
-        let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(&basis.p), to_f(&basis.q));
         let half = cfg.precision == Precision::Bf16;
-        let (p, q, weight_state) = match formulation {
+        // One device copy of the basis per backend, element type and layout, shared by every
+        // layer built from this `Basis`: transformed layers read `P` and `Q` in the operand
+        // precision; merged ones `P^T` and `Q` in `F` (their basis products do not grow with T).
+        let fingerprint = basis.fingerprint();
+        let layout = match (formulation, cfg.precision) {
+            (Formulation::Transformed, Precision::Full) => 0,
+            (Formulation::Transformed, Precision::Bf16) => 1,
+            (Formulation::Merged, _) => 2,
+        };
+        let key = DeviceKey { backend: backend.instance_id(), elem: TypeId::of::<F>(), layout, fingerprint };
+        let device = basis.device.get_or_make(key, || -> Result<DeviceBasis<B, F>> {
+            let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(&basis.p), to_f(&basis.q));
+            Ok(match formulation {
+                Formulation::Transformed => DeviceBasis {
+                    p: Operand::upload(backend, cfg.precision, &p_host)?,
+                    q: Operand::upload(backend, cfg.precision, &q_host)?,
+                },
+                Formulation::Merged => DeviceBasis {
+                    p: Operand::upload(backend, Precision::Full, &transpose(&p_host, out, out))?,
+                    q: Operand::upload(backend, Precision::Full, &q_host)?,
+                },
+            })
+        })?;
+        let weight_state = match formulation {
             Formulation::Transformed => {
                 // Wt = (P^T W) Q on the backend, in `F` whatever the operand precision.
-                let (pf, qf, w) = (backend.upload(&p_host)?, backend.upload(&q_host)?, backend.upload(weight)?);
+                let w = backend.upload(weight)?;
                 let mut tmp = backend.alloc::<F>(out * inp)?;
                 let mut wt = backend.alloc::<F>(out * inp)?;
-                backend.gemm(&Gemm::tn(out, inp, out), &pf, &w, &mut tmp)?;
-                backend.gemm(&Gemm::nn(out, inp, inp), &tmp, &qf, &mut wt)?;
+                let mut product = |p: &B::Buf<F>, q: &B::Buf<F>| -> Result<()> {
+                    backend.gemm(&Gemm::tn(out, inp, out), p, &w, &mut tmp)?;
+                    backend.gemm(&Gemm::nn(out, inp, inp), &tmp, q, &mut wt)
+                };
+                match (device.p.as_ref(), device.q.as_ref()) {
+                    (OperandRef::Full(p), OperandRef::Full(q)) => product(p, q)?,
+                    _ => product(&backend.upload(&to_f::<F>(&basis.p))?, &backend.upload(&to_f::<F>(&basis.q))?)?,
+                }
                 let half = if half { Some(backend.alloc(out * inp)?) } else { None };
-                (
-                    Operand::upload(backend, cfg.precision, &p_host)?,
-                    Operand::upload(backend, cfg.precision, &q_host)?,
-                    Weight::Transformed { wt, half },
-                )
+                Weight::Transformed { wt, half }
             }
-            // The basis products of the merged form do not grow with T: keep them in `F`.
             Formulation::Merged => {
                 let w = backend.upload(weight)?;
                 let half = if half { Some(backend.alloc(out * inp)?) } else { None };
-                (
-                    Operand::upload(backend, Precision::Full, &transpose(&p_host, out, out))?,
-                    Operand::upload(backend, Precision::Full, &q_host)?,
-                    Weight::Merged { w, half },
-                )
+                Weight::Merged { w, half }
             }
         };
         let bias_buf = bias.map(|b| backend.upload(b)).transpose()?;
@@ -237,8 +264,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             cfg,
             formulation,
             group: basis.group.clone(),
-            p,
-            q,
+            basis_dev: device,
             weight: weight_state,
             bias: bias_buf,
             bias_grad: if bias.is_some() { Some(backend.alloc(out)?) } else { None },
@@ -250,7 +276,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             saved_tokens: None,
             stats: StepGrads::default(),
             ws: Workspace::new(backend, formulation, cfg.selection, cfg.precision, out, inp, k)?,
-            basis_fingerprint: basis.fingerprint(),
+            basis_fingerprint: fingerprint,
             sgd_mask: match cfg.optimizer {
                 Optimizer::Sgd { .. } => {
                     let mut ones = Coo::with_capacity(backend, k, (out, inp))?;
@@ -315,11 +341,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Weight::Transformed { wt, half } => {
                 // xt = x Q (saved), h = xt Wt^T, y = h P^T
                 let x_op = stage(be, x, ws.in_half.as_mut(), tokens * inp)?;
-                mm(be, &Gemm::nn(tokens, inp, inp), x_op, self.q.as_ref(), &mut ws.tmp_in)?;
+                mm(be, &Gemm::nn(tokens, inp, inp), x_op, self.basis_dev.q.as_ref(), &mut ws.tmp_in)?;
                 ws.saved.store(be, &ws.tmp_in, tokens * inp)?;
                 mm(be, &Gemm::nt(tokens, out, inp), ws.saved.as_ref(), weight_ref(wt, half), &mut ws.tmp_out)?;
                 let h_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
-                mm(be, &Gemm::nt(tokens, out, out), h_op, self.p.as_ref(), y)?;
+                mm(be, &Gemm::nt(tokens, out, out), h_op, self.basis_dev.p.as_ref(), y)?;
             }
             Weight::Merged { w, half } => {
                 ws.saved.store(be, x, tokens * inp)?;
@@ -390,8 +416,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Weight::Transformed { wt, .. } => self.backend.download(wt, self.out * self.inp),
             Weight::Merged { w, .. } => {
                 let w = self.backend.download(w, self.out * self.inp)?;
-                let pt = self.p.download(&self.backend, self.out * self.out)?;
-                let q = self.q.download(&self.backend, self.inp * self.inp)?;
+                let pt = self.basis_dev.p.download(&self.backend, self.out * self.out)?;
+                let q = self.basis_dev.q.download(&self.backend, self.inp * self.inp)?;
                 basis_change(&transpose(&pt, self.out, self.out), &q, &w, self.out, self.inp, true)
             }
         }
@@ -403,8 +429,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Weight::Merged { w, .. } => self.backend.download(w, self.out * self.inp),
             Weight::Transformed { wt, .. } => {
                 let wt = self.backend.download(wt, self.out * self.inp)?;
-                let p = self.p.download(&self.backend, self.out * self.out)?;
-                let q = self.q.download(&self.backend, self.inp * self.inp)?;
+                let p = self.basis_dev.p.download(&self.backend, self.out * self.out)?;
+                let q = self.basis_dev.q.download(&self.backend, self.inp * self.inp)?;
                 basis_change(&p, &q, &wt, self.out, self.inp, false)
             }
         }

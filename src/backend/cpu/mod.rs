@@ -91,6 +91,10 @@ impl Backend for Cpu {
         "cpu"
     }
 
+    fn instance_id(&self) -> usize {
+        Arc::as_ptr(&self.counters) as usize
+    }
+
     fn len<T: Elem>(&self, buf: &CpuBuf<T>) -> usize {
         buf.data.len()
     }

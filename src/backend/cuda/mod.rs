@@ -435,6 +435,10 @@ impl Backend for Cuda {
         "cuda"
     }
 
+    fn instance_id(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
+
     fn len<T: Elem>(&self, buf: &CudaBuf<T>) -> usize {
         buf.len
     }

@@ -78,8 +78,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Weight::Merged { w, .. } => {
                 // W += P (Wt_new - Wt_base)|entries Q^T, on the host once.
                 let w_host = be.download(w, n)?;
-                let p = transpose(&self.p.download(&be, out * out)?, out, out);
-                let q = self.q.download(&be, inp * inp)?;
+                let p = transpose(&self.basis_dev.p.download(&be, out * out)?, out, out);
+                let q = self.basis_dev.q.download(&be, inp * inp)?;
                 let wt_base = basis_change(&p, &q, &w_host, out, inp, true)?;
                 let mut d = vec![F::ZERO; n];
                 for (e, &i) in st.indices.iter().enumerate() {

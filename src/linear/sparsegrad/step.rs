@@ -17,13 +17,13 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             return Err(Error::invalid("backward", "layer is not in the transformed formulation"));
         };
         let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
-        mm(be, &Gemm::nn(tokens, out, out), g_op, self.p.as_ref(), &mut ws.tmp_out)?;
+        mm(be, &Gemm::nn(tokens, out, out), g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
         // From here `tmp_out` holds gt in `F`; `gt_op` is it as a GEMM operand.
         let gt_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
         if let Some(dx) = dx {
             mm(be, &Gemm::nn(tokens, inp, out), gt_op, weight_ref(wt, half), &mut ws.tmp_in)?;
             let dxt_op = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
-            mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.q.as_ref(), dx)?;
+            mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.basis_dev.q.as_ref(), dx)?;
         }
         let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
         match self.cfg.selection {
@@ -78,8 +78,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             }
         };
         // dWt = (P^T dW) Q; `p` holds P^T in this formulation.
-        mm(be, &Gemm::nn(out, inp, out), self.p.as_ref(), OperandRef::Full(&ws.big_a), big_b)?;
-        mm(be, &Gemm::nn(out, inp, inp), OperandRef::Full(big_b), self.q.as_ref(), &mut ws.big_a)?;
+        mm(be, &Gemm::nn(out, inp, out), self.basis_dev.p.as_ref(), OperandRef::Full(&ws.big_a), big_b)?;
+        mm(be, &Gemm::nn(out, inp, inp), OperandRef::Full(big_b), self.basis_dev.q.as_ref(), &mut ws.big_a)?;
         let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
         be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
         self.stats = StepGrads { rows_multiplied: rows, cols_multiplied: out, k };
@@ -114,12 +114,12 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 change.shape = (out, inp);
                 // W += P D Q^T = (P^T[rows, :])^T (Q D^T)^T over the touched rows only.
                 let touched = be.coo_compact_rows(change, unique_rows, slot)?;
-                let q = match self.q.as_ref() {
+                let q = match self.basis_dev.q.as_ref() {
                     OperandRef::Full(q) => q,
                     OperandRef::Half(_) => return Err(Error::invalid("step", "merged basis must be in full precision")),
                 };
                 be.coo_dense_t(change, slot, touched, q, inp, et)?;
-                let pt = match self.p.as_ref() {
+                let pt = match self.basis_dev.p.as_ref() {
                     OperandRef::Full(p) => p,
                     OperandRef::Half(_) => return Err(Error::invalid("step", "merged basis must be in full precision")),
                 };
