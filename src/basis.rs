@@ -405,6 +405,25 @@ impl Basis {
         Ok(b)
     }
 
+    /// [`from_parts`](Self::from_parts) checked by [`check_quick`](Self::check_quick) only:
+    /// for bases orthogonal by construction (Householder reflections, say) at sizes where
+    /// the O(n^3) validation takes minutes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts_quick(
+        group: &str,
+        out: usize,
+        inp: usize,
+        p: Vec<f32>,
+        q: Vec<f32>,
+        sigma_out: Vec<f32>,
+        sigma_in: Vec<f32>,
+        n_grads: u64,
+    ) -> Result<Basis> {
+        let b = Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads, device: DeviceCache::default() };
+        b.check_quick()?;
+        Ok(b)
+    }
+
     /// Identifies `(P, Q)` bit for bit: adapters record it so they are never applied in
     /// another basis.
     pub fn fingerprint(&self) -> u64 {
@@ -457,25 +476,6 @@ impl Basis {
             });
         }
         Ok(())
-    }
-
-    /// Assembles a basis checked by [`check_quick`](Self::check_quick) only: for bases
-    /// orthogonal by construction (Householder reflections, say) at sizes where
-    /// [`from_parts`](Self::from_parts)' O(n^3) validation takes minutes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_parts_quick(
-        group: &str,
-        out: usize,
-        inp: usize,
-        p: Vec<f32>,
-        q: Vec<f32>,
-        sigma_out: Vec<f32>,
-        sigma_in: Vec<f32>,
-        n_grads: u64,
-    ) -> Result<Basis> {
-        let b = Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads, device: DeviceCache::default() };
-        b.check_quick()?;
-        Ok(b)
     }
 
     /// What building a layer from this basis checks, in O(out^2 + in^2) rather than
