@@ -13,6 +13,7 @@
 use crate::backend::{Backend, GeluKind};
 use crate::basis::{Basis, GramAccumulator};
 use crate::error::{Error, Result};
+use crate::linear::grow;
 use crate::linear::trainable::{Linear, Method, TrainOptions};
 use crate::scalar::Real;
 use std::collections::BTreeMap;
@@ -56,13 +57,6 @@ impl<B: Backend + Clone, F: Real> Projection<B, F> {
         let (out, inp) = (self.linear.out_features(), self.linear.in_features());
         accs.entry(self.group.clone()).or_insert_with(|| GramAccumulator::new(out, inp)).add(&g)
     }
-}
-
-fn grow<B: Backend, F: Real>(be: &B, buf: &mut B::Buf<F>, len: usize) -> Result<()> {
-    if be.len(buf) < len {
-        *buf = be.alloc(len)?;
-    }
-    Ok(())
 }
 
 /// BERT/RoBERTa MLP: `dense_out(gelu(dense_in(x)))`.

@@ -277,13 +277,8 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     }
 
     fn bias_state(&self) -> Result<Option<DenseParam<F>>> {
-        let (be, out) = (&self.backend, self.out);
         match (&self.bias, &self.bias_grad) {
-            (Some(b), Some(_)) => Ok(Some(DenseParam {
-                values: be.download(b, out)?,
-                exp_avg: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg, out)).transpose()?,
-                exp_avg_sq: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg_sq, out)).transpose()?,
-            })),
+            (Some(b), Some(_)) => DenseParam::download(&self.backend, b, self.bias_moments.as_ref(), self.out).map(Some),
             _ => Ok(None),
         }
     }
@@ -292,14 +287,14 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     /// Frozen and Collect: nothing.
     pub fn export_state(&self) -> Result<LayerState<F>> {
         let (be, n) = (&self.backend, self.out * self.inp);
-        let moments = self.moments.as_ref().map(|m| m.to_host(be, n)).transpose()?;
         match self.mode {
             DenseMode::Frozen | DenseMode::Collect => Ok(LayerState::Frozen),
             DenseMode::Full => {
-                let (exp_avg, exp_avg_sq) = moments.map_or((None, None), |(m, v)| (Some(m), Some(v)));
-                Ok(LayerState::Full { weight: DenseParam { values: self.weight_host()?, exp_avg, exp_avg_sq }, bias: self.bias_state()?, step: self.step })
+                let weight = DenseParam::download(be, &self.w, self.moments.as_ref(), n)?;
+                Ok(LayerState::Full { weight, bias: self.bias_state()?, step: self.step })
             }
             DenseMode::MeProp { .. } => {
+                let moments = self.moments.as_ref().map(|m| m.to_host(be, n)).transpose()?;
                 let mask = self.sgd_mask.as_ref().map(|(m, _)| be.download(m, n)).transpose()?;
                 let indices = touched_indices(moments.as_ref().map(|(_, v)| v.as_slice()), mask.as_deref());
                 let weight = SparseParam::gather((self.out, self.inp), indices, &self.weight_host()?, moments);
@@ -348,12 +343,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         };
         let be = self.backend.clone();
         match state {
-            LayerState::Full { weight, .. } => {
-                be.upload_into(&weight.values, &mut self.w)?;
-                if let (Some(m), Some(em), Some(ev)) = (self.moments.as_mut(), &weight.exp_avg, &weight.exp_avg_sq) {
-                    m.set_from_host(&be, em, ev)?;
-                }
-            }
+            LayerState::Full { weight, .. } => weight.upload(&be, &mut self.w, self.moments.as_mut())?,
             LayerState::MeProp { weight, .. } => {
                 let mut host = be.download(&self.w, n)?;
                 for (e, &i) in weight.indices.iter().enumerate() {
@@ -372,10 +362,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             _ => {}
         }
         if let (Some(b), Some(dst)) = (bias, self.bias.as_mut()) {
-            be.upload_into(&b.values, dst)?;
-            if let (Some(m), Some(em), Some(ev)) = (self.bias_moments.as_mut(), &b.exp_avg, &b.exp_avg_sq) {
-                m.set_from_host(&be, em, ev)?;
-            }
+            b.upload(&be, dst, self.bias_moments.as_mut())?;
         }
         if let Some(h) = self.w_half.as_mut() {
             be.cast_to_bf16(&self.w, h, n)?;

@@ -300,16 +300,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
     /// The factors with their moments and the step (`W` and `b` stay the base's).
     pub fn export_state(&self) -> Result<LayerState<F>> {
         let be = &self.backend;
-        let param = |f: &Factor<B, F>| -> Result<DenseParam<F>> {
-            let (exp_avg, exp_avg_sq) = match &f.moments {
-                Some(m) => {
-                    let (a, b) = m.to_host(be, f.len)?;
-                    (Some(a), Some(b))
-                }
-                None => (None, None),
-            };
-            Ok(DenseParam { values: be.download(&f.value, f.len)?, exp_avg, exp_avg_sq })
-        };
+        let param = |f: &Factor<B, F>| DenseParam::download(be, &f.value, f.moments.as_ref(), f.len);
         Ok(LayerState::Lora { a: param(&self.a)?, b: param(&self.b)?, rank: self.rank, alpha: self.scaling * self.rank as f32, step: self.step })
     }
 
@@ -339,10 +330,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         };
         let be = self.backend.clone();
         for (p, f) in [(a, &mut self.a), (b, &mut self.b)] {
-            be.upload_into(&p.values, &mut f.value)?;
-            if let (Some(m), Some(em), Some(ev)) = (f.moments.as_mut(), &p.exp_avg, &p.exp_avg_sq) {
-                m.set_from_host(&be, em, ev)?;
-            }
+            p.upload(&be, &mut f.value, f.moments.as_mut())?;
             if let Some(h) = f.half.as_mut() {
                 be.cast_to_bf16(&f.value, h, f.len)?;
             }

@@ -138,6 +138,20 @@ pub(crate) fn mm<B: Backend, F: Real>(backend: &B, spec: &Gemm, a: OperandRef<'_
     }
 }
 
+/// Reallocates `buf` (zeroed) when it holds fewer than `len` elements: token-dependent
+/// buffers grow to the largest batch seen and are reused after that.
+pub(crate) fn grow<B: Backend, T: crate::Elem>(be: &B, buf: &mut B::Buf<T>, len: usize) -> Result<()> {
+    if be.len(buf) < len {
+        *buf = be.alloc(len)?;
+    }
+    Ok(())
+}
+
+/// f32 host values (weights, bases) in the master precision `F`.
+pub(crate) fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
+    v.iter().map(|&x| F::from_f64(x as f64)).collect()
+}
+
 /// Fails with [`Error::NonFinite`] if `buf[..len]` holds NaN or infinity.
 pub(crate) fn check_finite<B: Backend, F: Real>(backend: &B, buf: &B::Buf<F>, len: usize, what: &str) -> Result<()> {
     let (count, first_index) = backend.count_nonfinite(buf, len)?;

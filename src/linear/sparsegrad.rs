@@ -25,7 +25,7 @@ use crate::basis::{Basis, DeviceKey};
 use std::any::TypeId;
 use std::sync::Arc;
 use crate::error::{Error, Result};
-use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
+use crate::linear::{check_activation, check_finite, mm, stage, to_f, Keep, Operand, OperandRef, Precision};
 use crate::scalar::Real;
 use half::bf16;
 use workspace::Workspace;
@@ -152,10 +152,6 @@ pub struct SparseGradLinear<B: Backend, F: Real = f32> {
     /// Under SGD, nothing records which entries moved; this marks them (a COO of ones
     /// scattered after each step) so adapters know what to save.
     sgd_mask: Option<(B::Buf<F>, Coo<B, F>)>,
-}
-
-fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
-    v.iter().map(|&x| F::from_f64(x as f64)).collect()
 }
 
 fn transpose<F: Copy>(m: &[F], rows: usize, cols: usize) -> Vec<F> {

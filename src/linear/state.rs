@@ -1,7 +1,9 @@
 //! What a trained layer adds to its base weight, plus the optimizer state needed to
 //! resume training exactly: the in-memory form of an adapter (see [`crate::adapter`]).
 
+use crate::backend::Backend;
 use crate::error::{Error, Result};
+use crate::optim::Moments;
 use crate::scalar::Real;
 
 /// A dense trained tensor with its Adam moments (absent under SGD).
@@ -105,6 +107,23 @@ pub fn fingerprint<F: Real>(data: &[F]) -> u64 {
         }
     }
     h
+}
+
+impl<F: Real> DenseParam<F> {
+    /// The first `len` values of `values` and of the moments, if the parameter has them.
+    pub(crate) fn download<B: Backend>(be: &B, values: &B::Buf<F>, moments: Option<&Moments<B, F>>, len: usize) -> Result<Self> {
+        let (exp_avg, exp_avg_sq) = moments.map(|m| m.to_host(be, len)).transpose()?.unzip();
+        Ok(DenseParam { values: be.download(values, len)?, exp_avg, exp_avg_sq })
+    }
+
+    /// Writes the values and, where both sides have them, the moments back.
+    pub(crate) fn upload<B: Backend>(&self, be: &B, values: &mut B::Buf<F>, moments: Option<&mut Moments<B, F>>) -> Result<()> {
+        be.upload_into(&self.values, values)?;
+        if let (Some(m), Some(em), Some(ev)) = (moments, &self.exp_avg, &self.exp_avg_sq) {
+            m.set_from_host(be, em, ev)?;
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn mismatch(what: &str, msg: impl Into<String>) -> Error {

@@ -11,7 +11,7 @@ use crate::backend::{Backend, Gemm};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Method, TrainOptions};
-use crate::linear::{mm, stage, Operand, Precision};
+use crate::linear::{grow, mm, stage, to_f, Operand, Precision};
 use crate::mlp::{LlamaMlp, ProjectionSpec};
 use crate::scalar::Real;
 use half::bf16;
@@ -122,17 +122,6 @@ pub struct LlamaModel<B: Backend, F: Real = f32> {
     s: Scratch<B, F>,
     /// Shape of the last forward, whose activations are saved.
     last: Option<(usize, usize)>,
-}
-
-fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
-    v.iter().map(|&x| F::from_f64(x as f64)).collect()
-}
-
-fn grow<B: Backend, T: crate::Elem>(be: &B, buf: &mut B::Buf<T>, len: usize) -> Result<()> {
-    if be.len(buf) < len {
-        *buf = be.alloc(len)?;
-    }
-    Ok(())
 }
 
 impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {

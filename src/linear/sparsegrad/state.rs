@@ -14,14 +14,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let mask = self.sgd_mask.as_ref().map(|(m, _)| be.download(m, n)).transpose()?;
         let indices = touched_indices(moments.as_ref().map(|(_, v)| v.as_slice()), mask.as_deref());
         let wt = self.weight_transformed()?;
-        let bias = match &self.bias {
-            Some(b) => Some(DenseParam {
-                values: be.download(b, self.out)?,
-                exp_avg: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg, self.out)).transpose()?,
-                exp_avg_sq: self.bias_moments.as_ref().map(|m| be.download(&m.exp_avg_sq, self.out)).transpose()?,
-            }),
-            None => None,
-        };
+        let bias = self.bias.as_ref().map(|b| DenseParam::download(be, b, self.bias_moments.as_ref(), self.out)).transpose()?;
         Ok(LayerState::SparseGrad {
             weight_transformed: SparseParam::gather((self.out, self.inp), indices, &wt, moments),
             bias,
@@ -99,10 +92,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             be.upload_into(&host, mask)?;
         }
         if let (Some(b), Some(dst)) = (bias, self.bias.as_mut()) {
-            be.upload_into(&b.values, dst)?;
-            if let (Some(m), Some(em), Some(ev)) = (self.bias_moments.as_mut(), &b.exp_avg, &b.exp_avg_sq) {
-                m.set_from_host(&be, em, ev)?;
-            }
+            b.upload(&be, dst, self.bias_moments.as_mut())?;
         }
         self.step = *step;
         self.grad_ready = false;
