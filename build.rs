@@ -122,9 +122,8 @@ fn gencode_flags() -> Vec<String> {
 
 fn compile_kernels() {
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
-    let mut sources: Vec<PathBuf> = fs::read_dir("cuda")
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
+    let mut sources: Vec<PathBuf> =
+        fs::read_dir("cuda").map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
     sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
     sources.sort();
     let generated = out_dir.join("kernels.rs");

@@ -104,7 +104,9 @@ fn peak_rss() -> String {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM")).map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
+            s.lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
         })
         .unwrap_or_else(|| "n/a".into())
 }
@@ -137,7 +139,12 @@ fn main() {
     println!("OPENBLAS_CORETYPE = {}", std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| "(unset)".into()));
     let t = Instant::now();
     let grads = gradients(n);
-    println!("generated {} of gradients in {:.1} s (peak RSS {})", mb(grads.len() * 4), t.elapsed().as_secs_f64(), peak_rss());
+    println!(
+        "generated {} of gradients in {:.1} s (peak RSS {})",
+        mb(grads.len() * 4),
+        t.elapsed().as_secs_f64(),
+        peak_rss()
+    );
 
     // Streaming: one gradient at a time, as in training.
     let (t, c0) = (Instant::now(), cpu_seconds());
@@ -165,7 +172,10 @@ fn main() {
         mb(basis_bytes(&gram)),
         mb(per * 4)
     );
-    println!("process peak RSS so far: {} (includes the stacked tensor the bench keeps for the direct side)", peak_rss());
+    println!(
+        "process peak RSS so far: {} (includes the stacked tensor the bench keeps for the direct side)",
+        peak_rss()
+    );
     drop(acc);
 
     if skip_svd {

@@ -25,7 +25,11 @@ fn main() {
     println!("OPENBLAS_CORETYPE={}", std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| "(unset)".into()));
     println!("measured sgemm rate (2048^3): {:.1} GFLOP/s; T = {tokens}, {iters} timed steps per case", rate / 1e9);
     header();
-    for (name, out, inp) in [("BERT up 768->3072", 3072usize, 768usize), ("BERT down 3072->768", 768, 3072), ("SmolLM2 up 576->1536", 1536, 576)] {
+    for (name, out, inp) in [
+        ("BERT up 768->3072", 3072usize, 768usize),
+        ("BERT down 3072->768", 768, 3072),
+        ("SmolLM2 up 576->1536", 1536, 576),
+    ] {
         bench_shape(&cpu, name, out, inp, tokens, iters, Precision::Full, rate);
     }
 }

@@ -16,7 +16,7 @@ use half::bf16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::backend::cuda::CudaBuf;
-use sparsegrad::{AdamParams, Backend, Coo, Cuda, Gemm, GeluKind, HostCoo, IndexMaps, Result};
+use sparsegrad::{AdamParams, Backend, Coo, Cuda, GeluKind, Gemm, HostCoo, IndexMaps, Result};
 
 const OUT: usize = 11008;
 const IN: usize = 4096;
@@ -97,7 +97,12 @@ fn main() {
             return;
         }
     };
-    println!("device: {} ({} SMs, compute capability {:?})", cuda.device_name(), cuda.sm_count(), cuda.compute_capability());
+    println!(
+        "device: {} ({} SMs, compute capability {:?})",
+        cuda.device_name(),
+        cuda.sm_count(),
+        cuda.compute_capability()
+    );
     let mut r = SmallRng::seed_from_u64(7);
 
     // Reference points of this run.
@@ -127,15 +132,27 @@ fn main() {
     b.mem("axpy", 12.0 * bigf, time(cuda, 3, 20, || cuda.axpy(1e-3, &x, &mut y, big)));
     let bias = buf(cuda, &rand_vec(&mut r, OUT));
     let gy = T * OUT;
-    b.mem(&format!("add_bias ({T} x {OUT})"), 8.0 * gy as f64, time(cuda, 3, 20, || cuda.add_bias(&mut y, &bias, T, OUT)));
+    b.mem(
+        &format!("add_bias ({T} x {OUT})"),
+        8.0 * gy as f64,
+        time(cuda, 3, 20, || cuda.add_bias(&mut y, &bias, T, OUT)),
+    );
     let mut db = zeros::<f32>(cuda, OUT);
-    b.mem(&format!("bias_grad ({T} x {OUT})"), 4.0 * gy as f64, time(cuda, 3, 20, || cuda.bias_grad(&x, T, OUT, &mut db, 0.0)));
+    b.mem(
+        &format!("bias_grad ({T} x {OUT})"),
+        4.0 * gy as f64,
+        time(cuda, 3, 20, || cuda.bias_grad(&x, T, OUT, &mut db, 0.0)),
+    );
     b.mem("count_nonfinite (+ host read)", 4.0 * bigf, time(cuda, 3, 20, || cuda.count_nonfinite(&x, big).map(|_| ())));
 
     println!("\n-- activations");
     for kind in [GeluKind::Erf, GeluKind::Tanh] {
         b.mem(&format!("gelu {kind:?}"), 8.0 * bigf, time(cuda, 3, 20, || cuda.gelu(&x, &mut z, big, kind)));
-        b.mem(&format!("gelu_backward {kind:?}"), 12.0 * bigf, time(cuda, 3, 20, || cuda.gelu_backward(&x, &y, &mut z, big, kind)));
+        b.mem(
+            &format!("gelu_backward {kind:?}"),
+            12.0 * bigf,
+            time(cuda, 3, 20, || cuda.gelu_backward(&x, &y, &mut z, big, kind)),
+        );
     }
     b.mem("swiglu", 12.0 * bigf, time(cuda, 3, 20, || cuda.swiglu(&x, &y, &mut z, big)));
     b.mem("swiglu_backward", 20.0 * bigf, time(cuda, 3, 20, || cuda.swiglu_backward(&x, &y, &x, &mut z, &mut w, big)));
@@ -144,34 +161,56 @@ fn main() {
     let hid = T * IN;
     let xs = buf(cuda, &rand_vec(&mut r, hid));
     let wn = buf(cuda, &rand_vec(&mut r, IN));
-    let (mut yn, mut dxn, mut inv) = (zeros::<f32>(cuda, hid), zeros::<f32>(cuda, hid), zeros::<f32>(cuda, T.max(hid / 576)));
-    b.mem(&format!("rmsnorm ({T} x {IN}, 2 reads)"), 8.0 * hid as f64, time(cuda, 3, 20, || cuda.rmsnorm(&xs, &wn, &mut yn, &mut inv, T, IN, 1e-5)));
-    b.mem("rmsnorm_backward (2 reads)", 12.0 * hid as f64, time(cuda, 3, 20, || cuda.rmsnorm_backward(&xs, &wn, &inv, &yn, &mut dxn, T, IN)));
+    let (mut yn, mut dxn, mut inv) =
+        (zeros::<f32>(cuda, hid), zeros::<f32>(cuda, hid), zeros::<f32>(cuda, T.max(hid / 576)));
+    b.mem(
+        &format!("rmsnorm ({T} x {IN}, 2 reads)"),
+        8.0 * hid as f64,
+        time(cuda, 3, 20, || cuda.rmsnorm(&xs, &wn, &mut yn, &mut inv, T, IN, 1e-5)),
+    );
+    b.mem(
+        "rmsnorm_backward (2 reads)",
+        12.0 * hid as f64,
+        time(cuda, 3, 20, || cuda.rmsnorm_backward(&xs, &wn, &inv, &yn, &mut dxn, T, IN)),
+    );
     let narrow = hid / 576;
-    b.mem(&format!("rmsnorm ({narrow} x 576, 2 reads)"), 8.0 * (narrow * 576) as f64, time(cuda, 3, 20, || {
-        cuda.rmsnorm(&xs, &wn, &mut yn, &mut inv, narrow, 576, 1e-5)
-    }));
-    b.mem("rmsnorm_backward (576 wide)", 12.0 * (narrow * 576) as f64, time(cuda, 3, 20, || {
-        cuda.rmsnorm_backward(&xs, &wn, &inv, &yn, &mut dxn, narrow, 576)
-    }));
+    b.mem(
+        &format!("rmsnorm ({narrow} x 576, 2 reads)"),
+        8.0 * (narrow * 576) as f64,
+        time(cuda, 3, 20, || cuda.rmsnorm(&xs, &wn, &mut yn, &mut inv, narrow, 576, 1e-5)),
+    );
+    b.mem(
+        "rmsnorm_backward (576 wide)",
+        12.0 * (narrow * 576) as f64,
+        time(cuda, 3, 20, || cuda.rmsnorm_backward(&xs, &wn, &inv, &yn, &mut dxn, narrow, 576)),
+    );
     let half = HEAD_DIM / 2;
-    let angles: Vec<f32> = (0..T * half).map(|k| (k / half) as f32 * 10000f32.powf(-2.0 * (k % half) as f32 / HEAD_DIM as f32)).collect();
+    let angles: Vec<f32> =
+        (0..T * half).map(|k| (k / half) as f32 * 10000f32.powf(-2.0 * (k % half) as f32 / HEAD_DIM as f32)).collect();
     let cos = buf(cuda, &angles.iter().map(|a| a.cos()).collect::<Vec<_>>());
     let sin = buf(cuda, &angles.iter().map(|a| a.sin()).collect::<Vec<_>>());
-    b.mem("rope (in place)", 8.0 * hid as f64, time(cuda, 3, 20, || cuda.rope(&mut yn, T, HEADS, HEAD_DIM, T, &cos, &sin, false)));
+    b.mem(
+        "rope (in place)",
+        8.0 * hid as f64,
+        time(cuda, 3, 20, || cuda.rope(&mut yn, T, HEADS, HEAD_DIM, T, &cos, &sin, false)),
+    );
     // One sequence of T tokens: HEADS causal (T, T) score matrices. The op must read the lower
     // triangle and write the whole matrix.
     let n_att = HEADS * T * T;
     let tri = (HEADS * T * (T + 1) / 2) as f64;
     let mut sc = buf(cuda, &rand_vec(&mut r, n_att));
-    b.mem(&format!("softmax_causal ({HEADS} x {T} x {T}, 3 reads)"), 4.0 * (tri + n_att as f64), time(cuda, 3, 20, || {
-        cuda.softmax_causal(&mut sc, HEADS, T, 0.088)
-    }));
+    b.mem(
+        &format!("softmax_causal ({HEADS} x {T} x {T}, 3 reads)"),
+        4.0 * (tri + n_att as f64),
+        time(cuda, 3, 20, || cuda.softmax_causal(&mut sc, HEADS, T, 0.088)),
+    );
     let dp = buf(cuda, &rand_vec(&mut r, n_att));
     let mut ds = zeros::<f32>(cuda, n_att);
-    b.mem("softmax_causal_backward (2 reads)", 4.0 * (2.0 * tri + n_att as f64), time(cuda, 3, 20, || {
-        cuda.softmax_causal_backward(&sc, &dp, &mut ds, HEADS, T, 0.088)
-    }));
+    b.mem(
+        "softmax_causal_backward (2 reads)",
+        4.0 * (2.0 * tri + n_att as f64),
+        time(cuda, 3, 20, || cuda.softmax_causal_backward(&sc, &dp, &mut ds, HEADS, T, 0.088)),
+    );
     drop((sc, dp, ds));
     let n_ce = T * VOCAB;
     let mut logits = buf(cuda, &rand_vec(&mut r, n_ce).iter().map(|v| 8.0 * v).collect::<Vec<_>>());
@@ -179,9 +218,11 @@ fn main() {
     let mask = buf(cuda, &vec![1.0; T]);
     let mut losses = zeros::<f32>(cuda, T);
     // In place: after the first call the logits are gradients, which costs the same.
-    b.mem(&format!("cross_entropy ({T} x {VOCAB}, 3 reads)"), 8.0 * n_ce as f64, time(cuda, 3, 20, || {
-        cuda.cross_entropy(&mut logits, &targets, &mask, T, VOCAB, 1.0 / T as f32, &mut losses)
-    }));
+    b.mem(
+        &format!("cross_entropy ({T} x {VOCAB}, 3 reads)"),
+        8.0 * n_ce as f64,
+        time(cuda, 3, 20, || cuda.cross_entropy(&mut logits, &targets, &mask, T, VOCAB, 1.0 / T as f32, &mut losses)),
+    );
     drop((logits, xs, yn, dxn));
 
     println!("\n-- sparse-by-dense (gt: {T} x {OUT}, 30% of rows and columns zero)");
@@ -193,26 +234,36 @@ fn main() {
     let gt = buf(cuda, &gt_host);
     let (mut ri, mut ci) = (zeros::<u32>(cuda, T), zeros::<u32>(cuda, OUT));
     let mut block = cuda.nonzero_rows_cols(&gt, T, OUT, 0.0, &mut ri, &mut ci).unwrap();
-    b.mem("nonzero_rows_cols (2 reads, + host read)", 8.0 * gy as f64, time(cuda, 3, 20, || {
-        block = cuda.nonzero_rows_cols(&gt, T, OUT, 0.0, &mut ri, &mut ci)?;
-        Ok(())
-    }));
+    b.mem(
+        "nonzero_rows_cols (2 reads, + host read)",
+        8.0 * gy as f64,
+        time(cuda, 3, 20, || {
+            block = cuda.nonzero_rows_cols(&gt, T, OUT, 0.0, &mut ri, &mut ci)?;
+            Ok(())
+        }),
+    );
     let (nr, nc) = (block.n_rows, block.n_cols);
     let mut gblock = zeros::<f32>(cuda, nr * nc);
-    b.mem(&format!("gather_block ({nr} x {nc})"), 8.0 * (nr * nc) as f64, time(cuda, 3, 20, || {
-        cuda.gather_block(&gt, T, OUT, &ri, nr, &ci, nc, 0.0, &mut gblock)
-    }));
+    b.mem(
+        &format!("gather_block ({nr} x {nc})"),
+        8.0 * (nr * nc) as f64,
+        time(cuda, 3, 20, || cuda.gather_block(&gt, T, OUT, &ri, nr, &ci, nc, 0.0, &mut gblock)),
+    );
     let xt = buf(cuda, &rand_vec(&mut r, T * IN));
     let mut xrows = zeros::<f32>(cuda, nr * IN);
-    b.mem(&format!("gather_rows f32 ({nr} of {T} rows x {IN})"), 8.0 * (nr * IN) as f64, time(cuda, 3, 20, || {
-        cuda.gather_rows(&xt, T, IN, &ri, nr, &mut xrows)
-    }));
+    b.mem(
+        &format!("gather_rows f32 ({nr} of {T} rows x {IN})"),
+        8.0 * (nr * IN) as f64,
+        time(cuda, 3, 20, || cuda.gather_rows(&xt, T, IN, &ri, nr, &mut xrows)),
+    );
     let mut xth = zeros::<bf16>(cuda, T * IN);
     cuda.cast_to_bf16(&xt, &mut xth, T * IN).unwrap();
     let mut xrows_h = zeros::<bf16>(cuda, nr * IN);
-    b.mem(&format!("gather_rows bf16 ({nr} of {T} rows x {IN})"), 4.0 * (nr * IN) as f64, time(cuda, 3, 20, || {
-        cuda.gather_rows(&xth, T, IN, &ri, nr, &mut xrows_h)
-    }));
+    b.mem(
+        &format!("gather_rows bf16 ({nr} of {T} rows x {IN})"),
+        4.0 * (nr * IN) as f64,
+        time(cuda, 3, 20, || cuda.gather_rows(&xth, T, IN, &ri, nr, &mut xrows_h)),
+    );
 
     println!("\n-- top-k (k = 1%)");
     let mut ws = cuda.topk_workspace(big).unwrap();
@@ -243,10 +294,14 @@ fn main() {
     b.mem("coo_scatter_add", 20.0 * k as f64, time(cuda, 3, 20, || cuda.coo_scatter_add(&coo, 0.5, &mut y)));
     let (mut ur, mut slot) = (zeros::<u32>(cuda, OUT), zeros::<u32>(cuda, k));
     let mut n_slots = 0;
-    b.mem("coo_compact_rows (+ host read)", 12.0 * k as f64, time(cuda, 3, 20, || {
-        n_slots = cuda.coo_compact_rows(&coo, &mut ur, &mut slot)?;
-        Ok(())
-    }));
+    b.mem(
+        "coo_compact_rows (+ host read)",
+        12.0 * k as f64,
+        time(cuda, 3, 20, || {
+            n_slots = cuda.coo_compact_rows(&coo, &mut ur, &mut slot)?;
+            Ok(())
+        }),
+    );
     let q = buf(cuda, &rand_vec(&mut r, IN * IN));
     let mut dq = zeros::<f32>(cuda, IN * n_slots);
     let ms = time(cuda, 2, 5, || cuda.coo_dense_t(&coo, &slot, n_slots, &q, IN, &mut dq));
@@ -256,15 +311,23 @@ fn main() {
     let hp = AdamParams::default();
     let (mut m1, mut v1, mut delta) = (zeros::<f32>(cuda, big), zeros::<f32>(cuda, big), zeros::<f32>(cuda, k));
     let mut step = 0u64;
-    b.mem(&format!("sparse_adam ({k} entries)"), 40.0 * k as f64, time(cuda, 3, 20, || {
-        step += 1;
-        cuda.sparse_adam(&coo, &mut m1, &mut v1, step, &hp, Some(&mut z), Some(&mut delta))
-    }));
+    b.mem(
+        &format!("sparse_adam ({k} entries)"),
+        40.0 * k as f64,
+        time(cuda, 3, 20, || {
+            step += 1;
+            cuda.sparse_adam(&coo, &mut m1, &mut v1, step, &hp, Some(&mut z), Some(&mut delta))
+        }),
+    );
     let mut step = 0u64;
-    b.mem("adamw", 28.0 * bigf, time(cuda, 3, 20, || {
-        step += 1;
-        cuda.adamw(&mut w, &x, &mut m1, &mut v1, big, step, &hp)
-    }));
+    b.mem(
+        "adamw",
+        28.0 * bigf,
+        time(cuda, 3, 20, || {
+            step += 1;
+            cuda.adamw(&mut w, &x, &mut m1, &mut v1, big, step, &hp)
+        }),
+    );
 
     println!("\n-- GEMMs of the layer (T = {T}, out = {OUT}, in = {IN})");
     let wgt = buf(cuda, &rand_vec(&mut r, OUT * IN));
@@ -273,11 +336,31 @@ fn main() {
     let mut dx = zeros::<f32>(cuda, T * IN);
     let mut dw = zeros::<f32>(cuda, OUT * IN);
     let f = 2.0 * (T * OUT * IN) as f64;
-    b.flops("sgemm y = x W^T", f, time(cuda, 2, 10, || cuda.gemm(&Gemm::nt(T, OUT, IN), &xt, &wgt, &mut yo)), b.sgemm_tflops);
-    b.flops("sgemm dx = g W", f, time(cuda, 2, 10, || cuda.gemm(&Gemm::nn(T, IN, OUT), &g, &wgt, &mut dx)), b.sgemm_tflops);
-    b.flops("sgemm dW = g^T x", f, time(cuda, 2, 10, || cuda.gemm(&Gemm::tn(OUT, IN, T), &g, &xt, &mut dw)), b.sgemm_tflops);
+    b.flops(
+        "sgemm y = x W^T",
+        f,
+        time(cuda, 2, 10, || cuda.gemm(&Gemm::nt(T, OUT, IN), &xt, &wgt, &mut yo)),
+        b.sgemm_tflops,
+    );
+    b.flops(
+        "sgemm dx = g W",
+        f,
+        time(cuda, 2, 10, || cuda.gemm(&Gemm::nn(T, IN, OUT), &g, &wgt, &mut dx)),
+        b.sgemm_tflops,
+    );
+    b.flops(
+        "sgemm dW = g^T x",
+        f,
+        time(cuda, 2, 10, || cuda.gemm(&Gemm::tn(OUT, IN, T), &g, &xt, &mut dw)),
+        b.sgemm_tflops,
+    );
     let mut wh = zeros::<bf16>(cuda, OUT * IN);
     cuda.cast_to_bf16(&wgt, &mut wh, OUT * IN).unwrap();
-    b.flops("bf16 gemm y = x W^T (f32 out)", f, time(cuda, 2, 10, || cuda.gemm_bf16(&Gemm::nt(T, OUT, IN), &xth, &wh, &mut yo)), b.bf16_tflops);
+    b.flops(
+        "bf16 gemm y = x W^T (f32 out)",
+        f,
+        time(cuda, 2, 10, || cuda.gemm_bf16(&Gemm::nt(T, OUT, IN), &xth, &wh, &mut yo)),
+        b.bf16_tflops,
+    );
     cuda.synchronize().expect("final synchronize");
 }

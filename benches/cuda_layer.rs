@@ -29,8 +29,17 @@ fn main() {
     header();
     for precision in [Precision::Full, Precision::Bf16] {
         let rate = gemm_rate(&cuda, 8192, precision == Precision::Bf16);
-        println!("cuBLAS {} rate (8192^3): {:.1} TFLOP/s; T = {tokens}, {iters} timed steps per case", if precision == Precision::Bf16 { "bf16" } else { "f32" }, rate / 1e12);
-        for (name, out, inp) in [("BERT up 768->3072", 3072usize, 768usize), ("BERT down 3072->768", 768, 3072), ("LLaMA up 4096->11008", 11008, 4096), ("LLaMA down 11008->4096", 4096, 11008)] {
+        println!(
+            "cuBLAS {} rate (8192^3): {:.1} TFLOP/s; T = {tokens}, {iters} timed steps per case",
+            if precision == Precision::Bf16 { "bf16" } else { "f32" },
+            rate / 1e12
+        );
+        for (name, out, inp) in [
+            ("BERT up 768->3072", 3072usize, 768usize),
+            ("BERT down 3072->768", 768, 3072),
+            ("LLaMA up 4096->11008", 11008, 4096),
+            ("LLaMA down 11008->4096", 4096, 11008),
+        ] {
             bench_shape(&cuda, name, out, inp, tokens, iters, precision, rate);
         }
     }

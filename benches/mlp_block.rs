@@ -68,8 +68,17 @@ fn householder(n: usize, seed: u64) -> Vec<f32> {
 
 /// A basis checked in O(n^2) (`Basis::from_parts_quick`), not `from_parts`' O(n^3).
 fn basis(group: &str, out: usize, inp: usize, seed: u64) -> Basis {
-    Basis::from_parts_quick(group, out, inp, householder(out, seed), householder(inp, seed + 1), vec![1.0; out], vec![1.0; inp], 1)
-        .expect("a Householder reflection is orthogonal")
+    Basis::from_parts_quick(
+        group,
+        out,
+        inp,
+        householder(out, seed),
+        householder(inp, seed + 1),
+        vec![1.0; out],
+        vec![1.0; inp],
+        1,
+    )
+    .expect("a Householder reflection is orthogonal")
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -94,7 +103,12 @@ struct Shape {
 impl Shape {
     fn new(kind: Kind) -> Shape {
         let (name, hidden, ffn, layout) = match kind {
-            Kind::Bert => ("BERT-base 768->3072->768", 768, 3072, vec![("dense_in", 3072, 768, true), ("dense_out", 768, 3072, true)]),
+            Kind::Bert => (
+                "BERT-base 768->3072->768",
+                768,
+                3072,
+                vec![("dense_in", 3072, 768, true), ("dense_out", 768, 3072, true)],
+            ),
             Kind::Llama => (
                 "LLaMA-7B 4096->11008->4096",
                 4096,
@@ -102,13 +116,23 @@ impl Shape {
                 vec![("gate", 11008, 4096, false), ("up", 11008, 4096, false), ("down", 4096, 11008, false)],
             ),
         };
-        let weights = layout.iter().enumerate().map(|(i, &(_, o, n, _))| values(o * n, 10 + i as u64).iter().map(|v| v / (n as f32).sqrt()).collect()).collect();
-        let biases = layout.iter().enumerate().map(|(i, &(_, o, _, b))| b.then(|| values(o, 20 + i as u64).iter().map(|v| 0.1 * v).collect())).collect();
+        let weights = layout
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, o, n, _))| values(o * n, 10 + i as u64).iter().map(|v| v / (n as f32).sqrt()).collect())
+            .collect();
+        let biases = layout
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, o, _, b))| b.then(|| values(o, 20 + i as u64).iter().map(|v| 0.1 * v).collect()))
+            .collect();
         Shape { kind, name, hidden, ffn, layout, weights, biases, bases: std::sync::OnceLock::new() }
     }
 
     fn bases(&self) -> &[Basis] {
-        self.bases.get_or_init(|| self.layout.iter().enumerate().map(|(i, &(g, o, n, _))| basis(g, o, n, 30 + 2 * i as u64)).collect())
+        self.bases.get_or_init(|| {
+            self.layout.iter().enumerate().map(|(i, &(g, o, n, _))| basis(g, o, n, 30 + 2 * i as u64)).collect()
+        })
     }
 
     fn parameters(&self) -> usize {
@@ -117,7 +141,10 @@ impl Shape {
 
     /// SparseGrad's trainable parameters at keep 1% (kept entries + biases).
     fn sparsegrad_parameters(&self) -> usize {
-        self.layout.iter().map(|&(_, o, n, b)| Keep::Fraction(0.01).resolve(o * n).unwrap() + if b { o } else { 0 }).sum()
+        self.layout
+            .iter()
+            .map(|&(_, o, n, b)| Keep::Fraction(0.01).resolve(o * n).unwrap() + if b { o } else { 0 })
+            .sum()
     }
 
     /// The LoRA rank that trains about as many parameters as SparseGrad at 1%.
@@ -148,10 +175,20 @@ enum Block<B: Backend + Clone> {
 impl<B: Backend + Clone> Block<B> {
     fn build(be: &B, s: &Shape, method: Method, opts: &TrainOptions) -> Self {
         let bases = matches!(method, Method::SparseGrad { .. }).then(|| s.bases());
-        let spec = |i: usize| ProjectionSpec { weight: &s.weights[i], bias: s.biases[i].as_deref(), method, group: s.layout[i].0, basis: bases.map(|b| &b[i]) };
+        let spec = |i: usize| ProjectionSpec {
+            weight: &s.weights[i],
+            bias: s.biases[i].as_deref(),
+            method,
+            group: s.layout[i].0,
+            basis: bases.map(|b| &b[i]),
+        };
         match s.kind {
-            Kind::Bert => Block::Bert(BertMlp::new(be, s.hidden, s.ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new")),
-            Kind::Llama => Block::Llama(LlamaMlp::new(be, s.hidden, s.ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new")),
+            Kind::Bert => Block::Bert(
+                BertMlp::new(be, s.hidden, s.ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"),
+            ),
+            Kind::Llama => Block::Llama(
+                LlamaMlp::new(be, s.hidden, s.ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"),
+            ),
         }
     }
     fn step(&mut self, x: &B::Buf<f32>, g: &B::Buf<f32>, t: usize, y: &mut B::Buf<f32>, dx: &mut B::Buf<f32>) {
@@ -251,7 +288,10 @@ fn cpu_seconds() -> Option<f64> {
 
 /// The 1-minute load average after the case (other processes share the cores), or `-`.
 fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg").ok().and_then(|l| l.split_whitespace().next().map(str::to_string)).unwrap_or_else(|| "-".into())
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn bench_shape<B: Backend + Clone + Fresh>(s: &Shape, tokens: usize, iters: usize) {
@@ -272,7 +312,8 @@ fn ensure_coretype() {
     #[cfg(not(target_arch = "x86_64"))]
     let coretype = "ARMV8";
     let exe = std::env::current_exe().expect("current executable");
-    match std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("OPENBLAS_CORETYPE", coretype).status() {
+    match std::process::Command::new(exe).args(std::env::args_os().skip(1)).env("OPENBLAS_CORETYPE", coretype).status()
+    {
         Ok(status) => std::process::exit(status.code().unwrap_or(1)),
         Err(e) => eprintln!("could not re-execute with OPENBLAS_CORETYPE={coretype} ({e}); continuing without it"),
     }
@@ -284,7 +325,11 @@ fn main() {
     }
     ensure_coretype();
     let wanted = std::env::var("SPARSEGRAD_BENCH_SHAPES").unwrap_or_else(|_| "bert,llama".into()).to_lowercase();
-    let kinds: Vec<Kind> = [("bert", Kind::Bert), ("llama", Kind::Llama)].into_iter().filter(|(n, _)| wanted.split(',').any(|w| w.trim() == *n)).map(|(_, k)| k).collect();
+    let kinds: Vec<Kind> = [("bert", Kind::Bert), ("llama", Kind::Llama)]
+        .into_iter()
+        .filter(|(n, _)| wanted.split(',').any(|w| w.trim() == *n))
+        .map(|(_, k)| k)
+        .collect();
     let tokens = env_usize("SPARSEGRAD_BENCH_TOKENS", 512);
     let cuda_tokens = env_usize("SPARSEGRAD_BENCH_CUDA_TOKENS", 4096);
     let iters = env_usize("SPARSEGRAD_BENCH_ITERS", 3);
@@ -311,7 +356,10 @@ fn main() {
     match Cuda::new(0) {
         Err(e) => println!("CUDA: skipped: no CUDA device ({e})"),
         Ok(cuda) => {
-            println!("CUDA {cuda:?} ({} timed steps, after one untimed step):\n", env_usize("SPARSEGRAD_BENCH_ITERS", 10));
+            println!(
+                "CUDA {cuda:?} ({} timed steps, after one untimed step):\n",
+                env_usize("SPARSEGRAD_BENCH_ITERS", 10)
+            );
             drop(cuda);
             header();
             for s in &shapes {

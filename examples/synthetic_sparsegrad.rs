@@ -10,7 +10,9 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::basis::sparsity_report;
-use sparsegrad::{AdamParams, Optimizer, Backend, Cpu, Gemm, GramAccumulator, Keep, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{
+    AdamParams, Backend, Cpu, Gemm, GramAccumulator, Keep, Optimizer, Selection, SparseGradConfig, SparseGradLinear,
+};
 use std::time::Instant;
 
 fn arg(args: &[String], name: &str, default: usize) -> usize {
@@ -20,7 +22,8 @@ fn arg(args: &[String], name: &str, default: usize) -> usize {
 fn main() -> sparsegrad::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (out, inp) = (arg(&args, "--out", 3072), arg(&args, "--in", 768));
-    let (tokens, steps, prelim, rank) = (arg(&args, "--tokens", 512), arg(&args, "--steps", 30), arg(&args, "--prelim", 8), 8);
+    let (tokens, steps, prelim, rank) =
+        (arg(&args, "--tokens", 512), arg(&args, "--steps", 30), arg(&args, "--prelim", 8), 8);
     let mut rng = SmallRng::seed_from_u64(0);
     let mut randn = |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-scale..scale)).collect() };
     let w0 = randn(out * inp, 0.02);
@@ -66,7 +69,11 @@ fn main() -> sparsegrad::Result<()> {
         ..Default::default()
     };
     let mut layer = SparseGradLinear::new(&cpu, &w0, None, &basis, cfg)?;
-    println!("SparseGradLinear {out}x{inp}: {:?} formulation, k = {k} ({} trainable entries)", layer.formulation(), layer.trainable_parameters());
+    println!(
+        "SparseGradLinear {out}x{inp}: {:?} formulation, k = {k} ({} trainable entries)",
+        layer.formulation(),
+        layer.trainable_parameters()
+    );
     let mut g = cpu.alloc::<f32>(tokens * out)?;
     let t1 = Instant::now();
     for (step, x) in batches.iter().skip(1).take(steps).enumerate() {
@@ -84,7 +91,11 @@ fn main() -> sparsegrad::Result<()> {
             println!("step {step:3}  loss {loss:.5}");
         }
     }
-    println!("{steps} steps in {:.2} s ({:.1} ms/step)", t1.elapsed().as_secs_f64(), 1e3 * t1.elapsed().as_secs_f64() / steps.max(1) as f64);
+    println!(
+        "{steps} steps in {:.2} s ({:.1} ms/step)",
+        t1.elapsed().as_secs_f64(),
+        1e3 * t1.elapsed().as_secs_f64() / steps.max(1) as f64
+    );
     let merged = layer.merged_weight()?;
     println!("merged weight: {} values, ready to load into any framework", merged.len());
     Ok(())

@@ -83,10 +83,18 @@ pub fn save_adapter<B: Backend + Clone, F: Real>(path: &Path, entries: &[Adapter
     for e in entries {
         let (name, out, inp) = (e.name, e.linear.out_features(), e.linear.in_features());
         if name.is_empty() || name.contains(',') {
-            return Err(Error::invalid("save_adapter", format!("projection name `{name}` must be non-empty and without commas")));
+            return Err(Error::invalid(
+                "save_adapter",
+                format!("projection name `{name}` must be non-empty and without commas"),
+            ));
         }
         if e.base_weight.len() != out * inp {
-            return Err(Error::shape("save_adapter", format!("base weight of `{name}`"), out * inp, e.base_weight.len()));
+            return Err(Error::shape(
+                "save_adapter",
+                format!("base weight of `{name}`"),
+                out * inp,
+                e.base_weight.len(),
+            ));
         }
         let state = e.linear.export_state()?;
         w.set_metadata(&format!("{name}.method"), state.method());
@@ -106,9 +114,14 @@ pub fn save_adapter<B: Backend + Clone, F: Real>(path: &Path, entries: &[Adapter
                 add_sparse(&mut w, name, weight_transformed)?;
                 w.set_metadata(&format!("{name}.basis_group"), basis_group.clone());
                 w.set_metadata(&format!("{name}.basis_fingerprint"), format!("{basis_fingerprint:016x}"));
-                let basis = e.basis.ok_or_else(|| Error::invalid("save_adapter", format!("`{name}` is SparseGrad: its basis must be given")))?;
+                let basis = e.basis.ok_or_else(|| {
+                    Error::invalid("save_adapter", format!("`{name}` is SparseGrad: its basis must be given"))
+                })?;
                 if basis.fingerprint() != *basis_fingerprint {
-                    return Err(Error::invalid("save_adapter", format!("the basis given for `{name}` is not the one it trains in")));
+                    return Err(Error::invalid(
+                        "save_adapter",
+                        format!("the basis given for `{name}` is not the one it trains in"),
+                    ));
                 }
                 if groups_written.insert(basis_group.clone()) {
                     w.add_f32(&format!("basis.{basis_group}.P"), &[out, out], basis.p.clone())?;
@@ -147,13 +160,19 @@ fn read_dense<F: Real>(f: &SafetensorsFile, key: &str, shape: &[usize]) -> Resul
 
 fn read_sparse<F: Real>(f: &SafetensorsFile, name: &str, shape: (usize, usize)) -> Result<SparseParam<F>> {
     let key = format!("{name}.indices");
-    let n = f.shape(&key).and_then(|s| s.first().copied()).ok_or_else(|| Error::MissingTensor { name: key.clone(), context: Some(f.path().display().to_string()) })?;
+    let n = f
+        .shape(&key)
+        .and_then(|s| s.first().copied())
+        .ok_or_else(|| Error::MissingTensor { name: key.clone(), context: Some(f.path().display().to_string()) })?;
     let idx = f.tensor_i64_shaped(&key, &[n, 2])?;
     let mut indices = Vec::with_capacity(n);
     for pair in idx.chunks_exact(2) {
         let (r, c) = (pair[0], pair[1]);
         if r < 0 || c < 0 || r as usize >= shape.0 || c as usize >= shape.1 {
-            return Err(Error::invalid("load_adapter", format!("`{key}` holds ({r}, {c}) outside {}x{}", shape.0, shape.1)));
+            return Err(Error::invalid(
+                "load_adapter",
+                format!("`{key}` holds ({r}, {c}) outside {}x{}", shape.0, shape.1),
+            ));
         }
         indices.push(r as u64 * shape.1 as u64 + c as u64);
     }
@@ -166,14 +185,21 @@ fn read_sparse<F: Real>(f: &SafetensorsFile, name: &str, shape: (usize, usize)) 
             Ok(None)
         }
     };
-    let p = SparseParam { shape, indices, values: dense.values, exp_avg: moments("exp_avg")?, exp_avg_sq: moments("exp_avg_sq")? };
+    let p = SparseParam {
+        shape,
+        indices,
+        values: dense.values,
+        exp_avg: moments("exp_avg")?,
+        exp_avg_sq: moments("exp_avg_sq")?,
+    };
     p.validate()?;
     Ok(p)
 }
 
 fn parse_hex(f: &SafetensorsFile, key: &str) -> Result<u64> {
     let v = f.meta_str(key)?;
-    u64::from_str_radix(v, 16).map_err(|e| Error::Metadata { key: key.to_string(), msg: format!("`{v}` is not a hex fingerprint: {e}") })
+    u64::from_str_radix(v, 16)
+        .map_err(|e| Error::Metadata { key: key.to_string(), msg: format!("`{v}` is not a hex fingerprint: {e}") })
 }
 
 /// Loads an adapter into `targets` (layers freshly built from their base weights with
@@ -182,7 +208,10 @@ fn parse_hex(f: &SafetensorsFile, key: &str) -> Result<u64> {
 pub fn load_adapter<B: Backend + Clone, F: Real>(path: &Path, targets: &mut [AdapterTarget<'_, B, F>]) -> Result<()> {
     let f = SafetensorsFile::open(path)?;
     if f.optional_meta_str("format") != Some(FORMAT) {
-        return Err(Error::format(Some(path), format!("not a {FORMAT} file (metadata `format` is {:?})", f.optional_meta_str("format"))));
+        return Err(Error::format(
+            Some(path),
+            format!("not a {FORMAT} file (metadata `format` is {:?})", f.optional_meta_str("format")),
+        ));
     }
     if f.meta_str("version")? != VERSION {
         return Err(Error::format(Some(path), format!("unsupported adapter version {}", f.meta_str("version")?)));
@@ -210,12 +239,22 @@ pub fn load_adapter<B: Backend + Clone, F: Real>(path: &Path, targets: &mut [Ada
         };
         let state = match method {
             "frozen" => LayerState::Frozen,
-            "full" => LayerState::Full { weight: read_dense(&f, &format!("{name}.weight"), &[out, inp])?, bias: bias(&f)?, step },
+            "full" => LayerState::Full {
+                weight: read_dense(&f, &format!("{name}.weight"), &[out, inp])?,
+                bias: bias(&f)?,
+                step,
+            },
             "meprop" => LayerState::MeProp { weight: read_sparse(&f, name, (out, inp))?, bias: bias(&f)?, step },
             "sparsegrad" => {
                 let group = f.meta_str(&format!("{name}.basis_group"))?.to_string();
                 let basis_fingerprint = parse_hex(&f, &format!("{name}.basis_fingerprint"))?;
-                LayerState::SparseGrad { weight_transformed: read_sparse(&f, name, (out, inp))?, bias: bias(&f)?, step, basis_group: group, basis_fingerprint }
+                LayerState::SparseGrad {
+                    weight_transformed: read_sparse(&f, name, (out, inp))?,
+                    bias: bias(&f)?,
+                    step,
+                    basis_group: group,
+                    basis_fingerprint,
+                }
             }
             "lora" => {
                 let rank: usize = f.meta_parse(&format!("{name}.lora_rank"))?;
@@ -224,7 +263,9 @@ pub fn load_adapter<B: Backend + Clone, F: Real>(path: &Path, targets: &mut [Ada
                 let b = read_dense(&f, &format!("{name}.lora_B"), &[out, rank])?;
                 LayerState::Lora { a, b, rank, alpha, step }
             }
-            other => return Err(Error::Metadata { key: format!("{name}.method"), msg: format!("unknown method `{other}`") }),
+            other => {
+                return Err(Error::Metadata { key: format!("{name}.method"), msg: format!("unknown method `{other}`") })
+            }
         };
         states.push(state);
     }

@@ -50,8 +50,8 @@ use cblas::{Layout, Part, Transpose};
 use linalg::{blas_dim, try_vec};
 use std::any::{Any, TypeId};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Weak};
 use std::fmt;
+use std::sync::{Arc, Mutex, Weak};
 
 /// Largest `max |P^T P - I|` (and the same for Q) a basis may have. Why 1e-4: bases are
 /// stored in f32, and rounding an exactly orthogonal matrix's entries to f32 leaves
@@ -131,7 +131,8 @@ impl GramAccumulator {
 
     /// Bytes of the buffers held (f64 sums and f32 scratch), for memory accounting.
     pub fn memory_bytes(&self) -> usize {
-        (self.gram_out.capacity() + self.gram_in.capacity()) * 8 + (self.part_out.capacity() + self.part_in.capacity()) * 4
+        (self.gram_out.capacity() + self.gram_in.capacity()) * 8
+            + (self.part_out.capacity() + self.part_in.capacity()) * 4
     }
 
     /// Adds one row-major `(out, in)` gradient. Wrong length gives [`Error::Shape`],
@@ -218,7 +219,17 @@ impl GramAccumulator {
         let (q, sigma_in) = linalg::sym_eig_desc(self.upper_sum(Side::In)?, self.inp)?;
         // Not re-validated: dsyevd's vectors are orthogonal to ~n 2^-53 and the rounding to
         // f32 stays far inside ORTHO_TOL (tests check it); the O(n^3) check is left to load.
-        Ok(Basis { group: group.to_string(), out: self.out, inp: self.inp, p, q, sigma_out, sigma_in, n_grads: self.count, device: DeviceCache::default() })
+        Ok(Basis {
+            group: group.to_string(),
+            out: self.out,
+            inp: self.inp,
+            p,
+            q,
+            sigma_out,
+            sigma_in,
+            n_grads: self.count,
+            device: DeviceCache::default(),
+        })
     }
 
     /// Entries per gradient, after checking the shape is usable with 32-bit BLAS.
@@ -262,7 +273,19 @@ impl GramAccumulator {
             // SAFETY: gj is (out, in) row-major with lda = in; part_out is out*out with
             // ldc = out (allocated by ensure_alloc); dims fit i32 (check_dims).
             unsafe {
-                cblas::ssyrk(Layout::RowMajor, Part::Upper, Transpose::None, o, i, 1.0, gj, i, beta, &mut self.part_out, o)
+                cblas::ssyrk(
+                    Layout::RowMajor,
+                    Part::Upper,
+                    Transpose::None,
+                    o,
+                    i,
+                    1.0,
+                    gj,
+                    i,
+                    beta,
+                    &mut self.part_out,
+                    o,
+                )
             };
         }
         // The batch [G_1; ...; G_b] is one (b*out, in) matrix: sum G^T G = A^T A.
@@ -270,7 +293,19 @@ impl GramAccumulator {
         // SAFETY: g is (b*out, in) row-major with lda = in; part_in is in*in with ldc = in;
         // b*out <= chunk*out fits i32 (check_dims).
         unsafe {
-            cblas::ssyrk(Layout::RowMajor, Part::Upper, Transpose::Ordinary, i, depth, 1.0, g, i, beta0, &mut self.part_in, i)
+            cblas::ssyrk(
+                Layout::RowMajor,
+                Part::Upper,
+                Transpose::Ordinary,
+                i,
+                depth,
+                1.0,
+                g,
+                i,
+                beta0,
+                &mut self.part_in,
+                i,
+            )
         };
         self.pending += b;
         self.count = self.count.saturating_add(b as u64);
@@ -325,7 +360,10 @@ fn scan_gradients(op: &'static str, g: &[f32]) -> Result<()> {
         return Err(Error::NonFinite { what: "gradient".into(), count, first_index });
     }
     if let Some(i) = g.iter().position(|v| v.abs() > MAX_GRAD_ABS) {
-        return Err(Error::invalid(op, format!("gradient entry {i} = {:e} exceeds {MAX_GRAD_ABS:e} in magnitude", g[i])));
+        return Err(Error::invalid(
+            op,
+            format!("gradient entry {i} = {:e} exceeds {MAX_GRAD_ABS:e} in magnitude", g[i]),
+        ));
     }
     Ok(())
 }
@@ -400,7 +438,17 @@ impl Basis {
         sigma_in: Vec<f32>,
         n_grads: u64,
     ) -> Result<Basis> {
-        let b = Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads, device: DeviceCache::default() };
+        let b = Basis {
+            group: group.to_string(),
+            out,
+            inp,
+            p,
+            q,
+            sigma_out,
+            sigma_in,
+            n_grads,
+            device: DeviceCache::default(),
+        };
         b.validate()?;
         Ok(b)
     }
@@ -419,7 +467,17 @@ impl Basis {
         sigma_in: Vec<f32>,
         n_grads: u64,
     ) -> Result<Basis> {
-        let b = Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads, device: DeviceCache::default() };
+        let b = Basis {
+            group: group.to_string(),
+            out,
+            inp,
+            p,
+            q,
+            sigma_out,
+            sigma_in,
+            n_grads,
+            device: DeviceCache::default(),
+        };
         b.check_quick()?;
         Ok(b)
     }
@@ -444,7 +502,12 @@ impl Basis {
                 return Err(self.invalid(format!("{name}[{i}] = {} is negative", s[i])));
             }
             if let Some(i) = s.windows(2).position(|w| w[1] > w[0]) {
-                return Err(self.invalid(format!("{name} is not descending: [{i}] = {} < [{}] = {}", s[i], i + 1, s[i + 1])));
+                return Err(self.invalid(format!(
+                    "{name} is not descending: [{i}] = {} < [{}] = {}",
+                    s[i],
+                    i + 1,
+                    s[i + 1]
+                )));
             }
         }
         Basis::check_orthogonal(&self.group, "P", &self.p, self.out, ORTHO_TOL)?;
@@ -472,7 +535,9 @@ impl Basis {
         if dev > tol as f64 {
             return Err(Error::InvalidBasis {
                 group: group.to_string(),
-                msg: format!("{name} is not orthogonal: max |{name}^T {name} - I| = {dev:.3e} at ({i}, {j}) exceeds {tol:.1e}"),
+                msg: format!(
+                    "{name} is not orthogonal: max |{name}^T {name} - I| = {dev:.3e} at ({i}, {j}) exceeds {tol:.1e}"
+                ),
             });
         }
         Ok(())
@@ -509,7 +574,9 @@ impl Basis {
                 let worst = back.iter().zip(&v).fold(0.0f64, |a, (b, x)| a.max((b - x).abs()));
                 let scale = v.iter().fold(0.0f64, |a, x| a.max(x.abs()));
                 if worst > (ORTHO_TOL as f64) * scale.max(1e-30) * (n as f64).sqrt() {
-                    return Err(self.invalid(format!("{name} is not orthogonal: a probe vector comes back off by {worst:.3e}")));
+                    return Err(
+                        self.invalid(format!("{name} is not orthogonal: a probe vector comes back off by {worst:.3e}"))
+                    );
                 }
             }
         }
@@ -527,7 +594,12 @@ impl Basis {
         ];
         for (name, got, want) in checks {
             if got != want {
-                return Err(Error::shape(op, format!("basis `{}` {name} ({}, {})", self.group, self.out, self.inp), want, got));
+                return Err(Error::shape(
+                    op,
+                    format!("basis `{}` {name} ({}, {})", self.group, self.out, self.inp),
+                    want,
+                    got,
+                ));
             }
         }
         Ok(())
@@ -625,7 +697,22 @@ pub fn sparsity_report(grads: &[f32], n: usize, basis: &Basis, k: usize) -> Resu
                 &mut tmp,
                 i,
             );
-            cblas::sgemm(Layout::RowMajor, Transpose::None, Transpose::None, o, i, i, 1.0, &tmp, i, &basis.q, i, 0.0, &mut gt, i);
+            cblas::sgemm(
+                Layout::RowMajor,
+                Transpose::None,
+                Transpose::None,
+                o,
+                i,
+                i,
+                1.0,
+                &tmp,
+                i,
+                &basis.q,
+                i,
+                0.0,
+                &mut gt,
+                i,
+            );
         }
         let Some(f_orig) = topk_energy(g, k, &mut scratch) else { continue };
         // An orthogonal transform keeps the norm, so a nonzero G has a nonzero P^T G Q.
@@ -637,7 +724,12 @@ pub fn sparsity_report(grads: &[f32], n: usize, basis: &Basis, k: usize) -> Resu
     if used == 0 {
         return Err(Error::invalid(op, "every gradient is all zeros: no energy to measure"));
     }
-    Ok(SparsityReport { k, total, original_fraction: sum_orig / used as f64, transformed_fraction: sum_tr / used as f64 })
+    Ok(SparsityReport {
+        k,
+        total,
+        original_fraction: sum_orig / used as f64,
+        transformed_fraction: sum_tr / used as f64,
+    })
 }
 
 /// Fraction of `sum v^2` in the k largest `v^2`; `None` when the sum is zero.
@@ -661,7 +753,10 @@ fn topk_energy(v: &[f32], k: usize, scratch: &mut Vec<f64>) -> Option<f64> {
 pub fn direct_svd_basis(grads: &[f32], n: usize, out: usize, inp: usize, group: &str) -> Result<Basis> {
     let op = "direct_svd_basis";
     if n == 0 || out == 0 || inp == 0 {
-        return Err(Error::invalid(op, format!("need n >= 1 gradients of a non-empty shape, got n = {n}, ({out}, {inp})")));
+        return Err(Error::invalid(
+            op,
+            format!("need n >= 1 gradients of a non-empty shape, got n = {n}, ({out}, {inp})"),
+        ));
     }
     let per = out.checked_mul(inp).ok_or_else(|| Error::invalid(op, "out * in overflows"))?;
     let len = per.checked_mul(n).ok_or_else(|| Error::invalid(op, "n * out * in overflows"))?;
@@ -685,7 +780,17 @@ pub fn direct_svd_basis(grads: &[f32], n: usize, out: usize, inp: usize, group: 
     m2.try_reserve_exact(len).map_err(|_| Error::invalid(op, "cannot allocate the mode-2 unfolding"))?;
     m2.extend_from_slice(grads);
     let (q, sigma_in) = linalg::svd_left(m2, inp, out * n)?;
-    Ok(Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads: n as u64, device: DeviceCache::default() })
+    Ok(Basis {
+        group: group.to_string(),
+        out,
+        inp,
+        p,
+        q,
+        sigma_out,
+        sigma_in,
+        n_grads: n as u64,
+        device: DeviceCache::default(),
+    })
 }
 
 /// Which device copy of a basis: the backend instance, the element type, the layout a
@@ -708,7 +813,11 @@ type DeviceEntry = (DeviceKey, Weak<dyn Any + Send + Sync>);
 
 impl DeviceCache {
     /// The live copy under `key`, or a new one from `make`.
-    pub(crate) fn get_or_make<T: Any + Send + Sync>(&self, key: DeviceKey, make: impl FnOnce() -> Result<T>) -> Result<Arc<T>> {
+    pub(crate) fn get_or_make<T: Any + Send + Sync>(
+        &self,
+        key: DeviceKey,
+        make: impl FnOnce() -> Result<T>,
+    ) -> Result<Arc<T>> {
         // A poisoned lock only means another thread panicked mid-insert; the list is still valid.
         let mut entries = self.0.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|(_, w)| w.strong_count() > 0);

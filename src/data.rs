@@ -43,7 +43,9 @@ pub fn parse_corpus(bytes: &[u8], path: Option<&Path>) -> Result<Vec<Sentence>> 
         if line.trim().is_empty() {
             continue;
         }
-        let bad = |msg: &str| Error::format(path, format!("line {}: {msg}: `{}`", i + 1, line.chars().take(80).collect::<String>()));
+        let bad = |msg: &str| {
+            Error::format(path, format!("line {}: {msg}: `{}`", i + 1, line.chars().take(80).collect::<String>()))
+        };
         let mut cols = line.splitn(3, '\t');
         let (Some(id), Some(score), Some(text)) = (cols.next(), cols.next(), cols.next()) else {
             return Err(bad("expected id<TAB>score<TAB>text"));
@@ -69,7 +71,12 @@ fn unescape_html(s: &str) -> String {
         if !s.contains('&') {
             break;
         }
-        let next = s.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&#39;", "'").replace("&amp;", "&");
+        let next = s
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&amp;", "&");
         if next == s {
             break;
         }
@@ -94,7 +101,10 @@ pub fn corpus_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if files.is_empty() {
-        return Err(Error::format(Some(dir), format!("no *{CORPUS_FILE_SUFFIX} corpus files here (run scripts/fetch-assets.sh)")));
+        return Err(Error::format(
+            Some(dir),
+            format!("no *{CORPUS_FILE_SUFFIX} corpus files here (run scripts/fetch-assets.sh)"),
+        ));
     }
     files.sort();
     Ok(files)
@@ -170,7 +180,10 @@ pub struct BatchSpec {
 impl BatchSpec {
     fn validate(&self) -> Result<()> {
         if self.batch == 0 || self.seq_len == 0 {
-            return Err(Error::invalid("BatchSpec", format!("batch ({}) and seq_len ({}) must be positive", self.batch, self.seq_len)));
+            return Err(Error::invalid(
+                "BatchSpec",
+                format!("batch ({}) and seq_len ({}) must be positive", self.batch, self.seq_len),
+            ));
         }
         Ok(())
     }
@@ -207,7 +220,13 @@ pub fn make_batch(seqs: &[&[u32]], spec: &BatchSpec) -> Result<Batch> {
 /// [`make_batch`] once the arguments are known to be valid.
 fn fill_batch(seqs: &[&[u32]], spec: &BatchSpec) -> Batch {
     let (b, l) = (spec.batch, spec.seq_len);
-    let mut batch = Batch { batch: b, seq_len: l, inputs: vec![spec.pad; b * l], targets: vec![spec.pad; b * l], mask: vec![0.0; b * l] };
+    let mut batch = Batch {
+        batch: b,
+        seq_len: l,
+        inputs: vec![spec.pad; b * l],
+        targets: vec![spec.pad; b * l],
+        mask: vec![0.0; b * l],
+    };
     let mut row = Vec::with_capacity(l + 1);
     for (r, seq) in seqs.iter().enumerate().take(b) {
         row.clear();

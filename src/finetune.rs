@@ -3,6 +3,7 @@
 //! one Gram accumulator per projection type and computes the bases; training of the
 //! selected blocks' MLPs; validation loss after. Any method, any backend.
 
+use crate::backend::AdamParams;
 use crate::backend::Backend;
 use crate::basis::{BasisSet, GramAccumulator};
 use crate::data::{epoch, make_batch, Batch, BatchSpec};
@@ -13,7 +14,6 @@ use crate::linear::{Keep, Precision};
 use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
 use crate::model::weights::LlamaWeights;
 use crate::optim::Optimizer;
-use crate::backend::AdamParams;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -37,7 +37,10 @@ impl MethodKind {
         }
     }
     pub fn parse(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| Error::invalid("method", format!("`{s}` is not one of sparsegrad, lora, meprop, full")))
+        Self::ALL
+            .into_iter()
+            .find(|m| m.name() == s)
+            .ok_or_else(|| Error::invalid("method", format!("`{s}` is not one of sparsegrad, lora, meprop, full")))
     }
 }
 
@@ -76,10 +79,23 @@ pub fn lora_rank_for_budget(keep: f64, out: usize, inp: usize) -> usize {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Progress {
     /// A batch of the preliminary phase: its loss and the loss tokens/s of the phase so far.
-    Preliminary { step: usize, of: usize, loss: f64, tokens_per_s: f64 },
+    Preliminary {
+        step: usize,
+        of: usize,
+        loss: f64,
+        tokens_per_s: f64,
+    },
     Basis,
-    Eval { step: usize, loss: f64 },
-    Train { step: usize, of: usize, loss: f64, tokens_per_s: f64 },
+    Eval {
+        step: usize,
+        loss: f64,
+    },
+    Train {
+        step: usize,
+        of: usize,
+        loss: f64,
+        tokens_per_s: f64,
+    },
 }
 
 /// What a run measured.
@@ -111,7 +127,13 @@ pub struct Dataset {
 
 impl FinetuneConfig {
     fn batch_spec(&self, data: &Dataset) -> BatchSpec {
-        BatchSpec { batch: self.batch, seq_len: self.seq_len, bos: data.spec_bos, eos: data.spec_eos, pad: data.spec_bos }
+        BatchSpec {
+            batch: self.batch,
+            seq_len: self.seq_len,
+            bos: data.spec_bos,
+            eos: data.spec_eos,
+            pad: data.spec_bos,
+        }
     }
 
     fn method(&self, weights: &LlamaWeights) -> Method {
@@ -121,7 +143,11 @@ impl FinetuneConfig {
             MethodKind::MeProp => Method::MeProp { keep },
             MethodKind::Full => Method::Full,
             MethodKind::Lora => {
-                let rank = if self.lora_rank == 0 { lora_rank_for_budget(self.keep, weights.config.ffn, weights.config.hidden) } else { self.lora_rank };
+                let rank = if self.lora_rank == 0 {
+                    lora_rank_for_budget(self.keep, weights.config.ffn, weights.config.hidden)
+                } else {
+                    self.lora_rank
+                };
                 Method::Lora { rank, alpha: if self.lora_alpha > 0.0 { self.lora_alpha } else { 2.0 * rank as f32 } }
             }
         }
@@ -135,7 +161,10 @@ impl FinetuneConfig {
             return Err(Error::invalid("finetune", "no blocks selected to train"));
         }
         if let Some(&b) = self.blocks.iter().find(|&&b| b >= weights.config.layers) {
-            return Err(Error::invalid("finetune", format!("block {b} does not exist (the model has {} layers)", weights.config.layers)));
+            return Err(Error::invalid(
+                "finetune",
+                format!("block {b} does not exist (the model has {} layers)", weights.config.layers),
+            ));
         }
         if !(self.keep > 0.0 && self.keep <= 1.0) {
             return Err(Error::invalid("finetune", format!("keep {} outside (0, 1]", self.keep)));
@@ -164,7 +193,13 @@ fn train_batches<'a>(data: &'a Dataset, spec: BatchSpec, seed: u64) -> impl Iter
 
 /// Runs the preliminary phase: dense MLP gradients of the selected blocks, streamed into
 /// one Gram accumulator per projection type, then one basis per type.
-fn preliminary<B: Backend + Clone>(backend: &B, weights: &LlamaWeights, cfg: &FinetuneConfig, data: &Dataset, progress: &mut dyn FnMut(Progress)) -> Result<BasisSet> {
+fn preliminary<B: Backend + Clone>(
+    backend: &B,
+    weights: &LlamaWeights,
+    cfg: &FinetuneConfig,
+    data: &Dataset,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<BasisSet> {
     let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [Method::Collect; 3] };
     let opts = TrainOptions { precision: cfg.precision, seed: cfg.seed, ..Default::default() };
     let mut model = LlamaModel::<B, f32>::new(backend, weights, &plan, None, &opts, cfg.seq_len)?;
@@ -186,7 +221,9 @@ fn preliminary<B: Backend + Clone>(backend: &B, weights: &LlamaWeights, cfg: &Fi
     progress(Progress::Basis);
     let mut set = BasisSet::new();
     for g in GROUPS {
-        let acc = accs.get(g).ok_or_else(|| Error::invalid("finetune", format!("the preliminary phase collected no `{g}` gradients")))?;
+        let acc = accs
+            .get(g)
+            .ok_or_else(|| Error::invalid("finetune", format!("the preliminary phase collected no `{g}` gradients")))?;
         set.insert(acc.basis(g)?);
     }
     Ok(set)
@@ -238,7 +275,12 @@ pub fn run<B: Backend + Clone>(
         train_seconds += t0.elapsed().as_secs_f64();
         tokens += loss.tokens;
         train_curve.push((i + 1, loss.mean()));
-        progress(Progress::Train { step: i + 1, of: cfg.steps, loss: loss.mean(), tokens_per_s: tokens as f64 / train_seconds.max(1e-9) });
+        progress(Progress::Train {
+            step: i + 1,
+            of: cfg.steps,
+            loss: loss.mean(),
+            tokens_per_s: tokens as f64 / train_seconds.max(1e-9),
+        });
         if cfg.eval_every > 0 && (i + 1) % cfg.eval_every == 0 && i + 1 < cfg.steps {
             let v = eval(&mut model, &val_batches)?;
             val_curve.push((i + 1, v));

@@ -40,11 +40,22 @@ pub struct Projection<B: Backend, F: Real> {
 }
 
 impl<B: Backend + Clone, F: Real> Projection<B, F> {
-    fn new(backend: &B, name: &'static str, spec: &ProjectionSpec<'_, F>, out: usize, inp: usize, opts: &TrainOptions) -> Result<Self> {
-        let linear = Linear::new(backend, spec.weight, spec.bias, out, inp, spec.method, spec.basis, opts).map_err(|e| match e {
-            Error::Shape { op, what, expected, got } => Error::Shape { op, what: format!("{name}: {what}"), expected, got },
-            other => other,
-        })?;
+    fn new(
+        backend: &B,
+        name: &'static str,
+        spec: &ProjectionSpec<'_, F>,
+        out: usize,
+        inp: usize,
+        opts: &TrainOptions,
+    ) -> Result<Self> {
+        let linear = Linear::new(backend, spec.weight, spec.bias, out, inp, spec.method, spec.basis, opts).map_err(
+            |e| match e {
+                Error::Shape { op, what, expected, got } => {
+                    Error::Shape { op, what: format!("{name}: {what}"), expected, got }
+                }
+                other => other,
+            },
+        )?;
         Ok(Projection { name, group: spec.group.to_string(), method: spec.method, linear })
     }
 
@@ -77,7 +88,15 @@ pub struct BertMlp<B: Backend, F: Real = f32> {
 
 impl<B: Backend + Clone, F: Real> BertMlp<B, F> {
     /// `dense_in` is `(ffn, hidden)`, `dense_out` `(hidden, ffn)`, both with biases.
-    pub fn new(backend: &B, hidden: usize, ffn: usize, dense_in: ProjectionSpec<'_, F>, dense_out: ProjectionSpec<'_, F>, gelu: GeluKind, opts: &TrainOptions) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        hidden: usize,
+        ffn: usize,
+        dense_in: ProjectionSpec<'_, F>,
+        dense_out: ProjectionSpec<'_, F>,
+        gelu: GeluKind,
+        opts: &TrainOptions,
+    ) -> Result<Self> {
         Ok(BertMlp {
             backend: backend.clone(),
             hidden,
@@ -115,7 +134,10 @@ impl<B: Backend + Clone, F: Real> BertMlp<B, F> {
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         if self.saved_tokens != Some(tokens) {
-            return Err(Error::invalid("BertMlp::backward", format!("no forward of {tokens} tokens to go back through")));
+            return Err(Error::invalid(
+                "BertMlp::backward",
+                format!("no forward of {tokens} tokens to go back through"),
+            ));
         }
         let n = tokens * self.ffn;
         self.dense_out.linear.backward(g, tokens, Some(&mut self.d_act))?;
@@ -220,7 +242,10 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         if self.saved_tokens != Some(tokens) {
-            return Err(Error::invalid("LlamaMlp::backward", format!("no forward of {tokens} tokens to go back through")));
+            return Err(Error::invalid(
+                "LlamaMlp::backward",
+                format!("no forward of {tokens} tokens to go back through"),
+            ));
         }
         let be = &self.backend;
         let n = tokens * self.ffn;

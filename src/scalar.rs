@@ -7,7 +7,16 @@ use std::fmt::Debug;
 
 /// Element types a backend buffer can hold.
 pub trait Elem:
-    Copy + Default + Debug + PartialEq + Send + Sync + Unpin + 'static + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits
+    Copy
+    + Default
+    + Debug
+    + PartialEq
+    + Send
+    + Sync
+    + Unpin
+    + 'static
+    + cudarc::driver::DeviceRepr
+    + cudarc::driver::ValidAsZeroBits
 {
     /// Name used in error messages and kernel suffixes.
     const NAME: &'static str;
@@ -45,9 +54,18 @@ pub enum RealSliceMut<'a> {
 }
 
 /// A floating-point precision for trainable parameters, optimizer state and accumulation.
-pub trait Real: Elem + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self>
-    + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> + std::ops::Neg<Output = Self>
-    + std::ops::AddAssign + std::ops::SubAssign + std::ops::MulAssign + std::iter::Sum
+pub trait Real:
+    Elem
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + std::iter::Sum
 {
     const ZERO: Self;
     const ONE: Self;

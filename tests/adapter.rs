@@ -38,8 +38,15 @@ fn fixture() -> Fixture {
 }
 
 fn block(cpu: &Cpu, fx: &Fixture, method: Method, opts: &TrainOptions) -> BertMlp<Cpu> {
-    let spec_in = ProjectionSpec { weight: &fx.w_in, bias: Some(&fx.b_in), method, group: "dense_in", basis: Some(&fx.basis_in) };
-    let spec_out = ProjectionSpec { weight: &fx.w_out, bias: Some(&fx.b_out), method, group: "dense_out", basis: Some(&fx.basis_out) };
+    let spec_in =
+        ProjectionSpec { weight: &fx.w_in, bias: Some(&fx.b_in), method, group: "dense_in", basis: Some(&fx.basis_in) };
+    let spec_out = ProjectionSpec {
+        weight: &fx.w_out,
+        bias: Some(&fx.b_out),
+        method,
+        group: "dense_out",
+        basis: Some(&fx.basis_out),
+    };
     BertMlp::new(cpu, HIDDEN, FFN, spec_in, spec_out, GeluKind::Erf, opts).unwrap()
 }
 
@@ -59,7 +66,12 @@ fn train_step(cpu: &Cpu, b: &mut BertMlp<Cpu>, x: &[f32], target: &[f32]) -> f64
 fn save(path: &std::path::Path, b: &BertMlp<Cpu>, fx: &Fixture) -> sparsegrad::Result<()> {
     let entries = [
         AdapterEntry { name: "dense_in", linear: &b.dense_in.linear, base_weight: &fx.w_in, basis: Some(&fx.basis_in) },
-        AdapterEntry { name: "dense_out", linear: &b.dense_out.linear, base_weight: &fx.w_out, basis: Some(&fx.basis_out) },
+        AdapterEntry {
+            name: "dense_out",
+            linear: &b.dense_out.linear,
+            base_weight: &fx.w_out,
+            basis: Some(&fx.basis_out),
+        },
     ];
     save_adapter(path, &entries)
 }
@@ -101,7 +113,8 @@ fn save_load_continue_equals_uninterrupted_training() {
         let losses: Vec<f64> = fx.batches.iter().map(|(x, t)| train_step(&cpu, &mut straight, x, t)).collect();
 
         let mut first = block(&cpu, &fx, method, &opts);
-        let mut resumed_losses: Vec<f64> = fx.batches[..3].iter().map(|(x, t)| train_step(&cpu, &mut first, x, t)).collect();
+        let mut resumed_losses: Vec<f64> =
+            fx.batches[..3].iter().map(|(x, t)| train_step(&cpu, &mut first, x, t)).collect();
         let path = dir.path().join(format!("{}.safetensors", name.replace(' ', "_")));
         save(&path, &first, &fx).unwrap();
         let mut second = block(&cpu, &fx, method, &opts);
@@ -115,7 +128,11 @@ fn save_load_continue_equals_uninterrupted_training() {
             let (wa, wb) = (a.linear.merged_weight().unwrap(), b.linear.merged_weight().unwrap());
             assert_close(&format!("{name}: {} merged weight after resume", a.name), &wb, &wa, 1e-6, 1e-5);
         }
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+            .collect();
         assert!(leftovers.is_empty(), "temp files left behind");
     }
 }
@@ -124,8 +141,15 @@ fn save_load_continue_equals_uninterrupted_training() {
 fn sparse_adapters_are_small() {
     let fx = fixture();
     let cpu = Cpu::new();
-    let opts = TrainOptions { optimizer: Optimizer::Adam(AdamParams { lr: 1e-2, ..Default::default() }), ..Default::default() };
-    let method = Method::SparseGrad { keep: Keep::Count(3), selection: Selection::Exact, formulation: Some(Formulation::Transformed) };
+    let opts = TrainOptions {
+        optimizer: Optimizer::Adam(AdamParams { lr: 1e-2, ..Default::default() }),
+        ..Default::default()
+    };
+    let method = Method::SparseGrad {
+        keep: Keep::Count(3),
+        selection: Selection::Exact,
+        formulation: Some(Formulation::Transformed),
+    };
     let mut b = block(&cpu, &fx, method, &opts);
     train_step(&cpu, &mut b, &fx.batches[0].0, &fx.batches[0].1);
     let dir = tempfile::tempdir().unwrap();
@@ -173,8 +197,15 @@ fn loading_into_another_shape_basis_base_or_method_fails_cleanly() {
     let wide_in = rand_vec(&mut r, (FFN + 1) * HIDDEN);
     let wide_b = rand_vec(&mut r, FFN + 1);
     let wide_out = rand_vec(&mut r, HIDDEN * (FFN + 1));
-    let spec_in = ProjectionSpec { weight: &wide_in, bias: Some(&wide_b), method: Method::Full, group: "dense_in", basis: None };
-    let spec_out = ProjectionSpec { weight: &wide_out, bias: Some(&fx.b_out), method: Method::Full, group: "dense_out", basis: None };
+    let spec_in =
+        ProjectionSpec { weight: &wide_in, bias: Some(&wide_b), method: Method::Full, group: "dense_in", basis: None };
+    let spec_out = ProjectionSpec {
+        weight: &wide_out,
+        bias: Some(&fx.b_out),
+        method: Method::Full,
+        group: "dense_out",
+        basis: None,
+    };
     let mut wide = BertMlp::new(&cpu, HIDDEN, FFN + 1, spec_in, spec_out, GeluKind::Erf, &opts).unwrap();
     let [p_in, p_out] = wide.projections_mut();
     let mut targets = [

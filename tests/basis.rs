@@ -228,11 +228,19 @@ fn agrees_with_direct_svd_of_the_unfoldings() {
         let lr = low_rank(seed, n, out, inp, &scales, 1e-2);
         let gram = accumulate(&lr.grads, n, out, inp).basis("g").unwrap();
         let svd = direct_svd_basis(&lr.grads, n, out, inp, "g").unwrap();
-        for (name, got, want) in [("sigma_out", &gram.sigma_out, &svd.sigma_out), ("sigma_in", &gram.sigma_in, &svd.sigma_in)] {
+        for (name, got, want) in
+            [("sigma_out", &gram.sigma_out, &svd.sigma_out), ("sigma_in", &gram.sigma_in, &svd.sigma_in)]
+        {
             // Measured: leading values agree to ~2e-7 sigma_1, all to ~7e-6 sigma_1 (the
             // Gram route's f32-product error ~1e-6 sigma_1^2 weighs most on small values).
             let s1 = want[0] as f64;
-            assert_close(&format!("{out}x{inp} leading {name}"), &got[..scales.len()], &want[..scales.len()], 2e-6 * s1, 0.0);
+            assert_close(
+                &format!("{out}x{inp} leading {name}"),
+                &got[..scales.len()],
+                &want[..scales.len()],
+                2e-6 * s1,
+                0.0,
+            );
             assert_close(&format!("{out}x{inp} {name}"), got, want, 5e-5 * s1, 0.0);
         }
         for (name, got, want, dim) in [("P", &gram.p, &svd.p, out), ("Q", &gram.q, &svd.q, inp)] {
@@ -441,8 +449,13 @@ fn save_load_round_trip_is_bitwise_and_atomic() {
     for (g, want) in &set.bases {
         let got = back.get(g).unwrap();
         assert_eq!((got.out, got.inp, got.n_grads, &got.group), (want.out, want.inp, want.n_grads, &want.group));
-        for (a, b) in [(&got.p, &want.p), (&got.q, &want.q), (&got.sigma_out, &want.sigma_out), (&got.sigma_in, &want.sigma_in)] {
-            assert!(a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()), "group {g} differs");
+        for (a, b) in
+            [(&got.p, &want.p), (&got.q, &want.q), (&got.sigma_out, &want.sigma_out), (&got.sigma_in, &want.sigma_in)]
+        {
+            assert!(
+                a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "group {g} differs"
+            );
         }
     }
     // A failed save (missing directory) reports I/O and leaves nothing behind.

@@ -41,7 +41,8 @@ impl StFile {
     fn read(path: &Path) -> StFile {
         let bytes = fs::read(path).expect("read output");
         let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
-        let tensors = st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
+        let tensors =
+            st.tensors().into_iter().map(|(n, v)| (n, (v.dtype(), v.shape().to_vec(), v.data().to_vec()))).collect();
         let (_, header) = SafeTensors::read_metadata(&bytes).expect("header");
         StFile { tensors, meta: header.metadata().clone().unwrap_or_default() }
     }
@@ -143,7 +144,15 @@ impl StepInputs {
         let x = rand_vec(&mut r, t * inp);
         let g = rand_vec(&mut r, t * out);
         let mut me = StepInputs { out, inp, t, w, b, p, q, x, g, meta: Vec::new() };
-        for (k, v) in [("keep", "3"), ("selection", "exact"), ("lr", "0.05"), ("beta1", "0.9"), ("beta2", "0.999"), ("eps", "1e-8"), ("steps", "1")] {
+        for (k, v) in [
+            ("keep", "3"),
+            ("selection", "exact"),
+            ("lr", "0.05"),
+            ("beta1", "0.9"),
+            ("beta2", "0.999"),
+            ("eps", "1e-8"),
+            ("steps", "1"),
+        ] {
             me.set(k, v);
         }
         me
@@ -266,7 +275,11 @@ fn adam_ref(p0: f64, g: f64, steps: u64, hp: Hp, sparse: bool) -> f64 {
         m = b1 * m + (1.0 - b1) * g;
         v = b2 * v + (1.0 - b2) * g * g;
         let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
-        p -= if sparse { lr * bc2.sqrt() / bc1 * m / (v.sqrt() + eps) } else { lr / bc1 * m / (v.sqrt() / bc2.sqrt() + eps) };
+        p -= if sparse {
+            lr * bc2.sqrt() / bc1 * m / (v.sqrt() + eps)
+        } else {
+            lr / bc1 * m / (v.sqrt() / bc2.sqrt() + eps)
+        };
     }
     p
 }
@@ -297,7 +310,10 @@ fn check_step(dir: &Path, inp: &StepInputs, tag: &str) {
     let (shape, idx) = res.i64("grad_indices");
     assert_eq!(shape, [k, 2], "{tag}: grad_indices shape");
     let got_idx: Vec<usize> = idx.chunks_exact(2).map(|rc| rc[0] as usize * i + rc[1] as usize).collect();
-    assert!(idx.chunks_exact(2).all(|rc| (0..o as i64).contains(&rc[0]) && (0..i as i64).contains(&rc[1])), "{tag}: index range");
+    assert!(
+        idx.chunks_exact(2).all(|rc| (0..o as i64).contains(&rc[0]) && (0..i as i64).contains(&rc[1])),
+        "{tag}: index range"
+    );
     assert_eq!(got_idx, want_idx, "{tag}: selected entries (linear indices, sorted)");
     let (shape, vals) = res.f32("grad_values");
     assert_eq!(shape, [k], "{tag}: grad_values shape");
@@ -327,7 +343,10 @@ fn check_step(dir: &Path, inp: &StepInputs, tag: &str) {
             let want: Vec<f64> = b0.iter().zip(&r.db).map(|(&b, &g)| adam_ref(b as f64, g, steps, hp, false)).collect();
             close(&format!("{tag}: bias"), &res.f32("bias").1, &want, 1e-5, 1e-5);
         }
-        None => assert!(!res.tensors.contains_key("bias") && !res.tensors.contains_key("grad_bias"), "{tag}: bias outputs without a bias"),
+        None => assert!(
+            !res.tensors.contains_key("bias") && !res.tensors.contains_key("grad_bias"),
+            "{tag}: bias outputs without a bias"
+        ),
     }
     let want_form = match inp.get("formulation") {
         Some(f) => f.to_string(),
@@ -368,7 +387,11 @@ fn step_matches_reference_across_options() {
                             }
                             inp
                         });
-                        check_step(dir.path(), &inp, &format!("case{n}-{selection}-{th:?}-{form:?}-s{steps}-k{keep}-b{bias}"));
+                        check_step(
+                            dir.path(),
+                            &inp,
+                            &format!("case{n}-{selection}-{th:?}-{form:?}-s{steps}-k{keep}-b{bias}"),
+                        );
                         n += 1;
                     }
                 }
@@ -403,7 +426,10 @@ fn step_output_metadata_and_extra_input_keys() {
     assert!(o.stderr.is_empty(), "no stderr on success: {}", String::from_utf8_lossy(&o.stderr));
     let res = StFile::read(&out_path);
     let names: Vec<&str> = res.tensors.keys().map(String::as_str).collect();
-    assert_eq!(names, ["bias", "grad_bias", "grad_indices", "grad_values", "grad_x", "weight", "weight_transformed", "y"]);
+    assert_eq!(
+        names,
+        ["bias", "grad_bias", "grad_indices", "grad_values", "grad_x", "weight", "weight_transformed", "y"]
+    );
     assert_eq!(res.meta.get("format").map(String::as_str), Some("sparsegrad-step"));
     assert_eq!(res.meta.get("selection").map(String::as_str), Some("exact"));
     // No temp file left beside the output.
@@ -433,7 +459,8 @@ fn check_factor(what: &str, m: &[f32], sigma: &[f32], gram: &[f64], n: usize) {
     close(&format!("{what}: M^T M"), &to32(&matmul(&mt, &m, n, n, n)), &eye, 1e-5, 0.0);
     let d = matmul(&matmul(&mt, gram, n, n, n), &m, n, n, n);
     let scale = d[0].abs();
-    let diag: Vec<f64> = (0..n * n).map(|e| if e / n == e % n { sigma[e / n] as f64 * sigma[e / n] as f64 } else { 0.0 }).collect();
+    let diag: Vec<f64> =
+        (0..n * n).map(|e| if e / n == e % n { sigma[e / n] as f64 * sigma[e / n] as f64 } else { 0.0 }).collect();
     close(&format!("{what}: M^T S M = diag(sigma^2)"), &to32(&d), &diag, 1e-5 * scale, 1e-4);
     assert!(sigma.windows(2).all(|w| w[0] >= w[1]), "{what}: sigma descending");
 }
@@ -459,14 +486,25 @@ fn basis_accumulates_across_files() {
     let names: Vec<&str> = fs_.tensors.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["down.P", "down.Q", "down.sigma_in", "down.sigma_out", "layers.up_proj.P", "layers.up_proj.Q", "layers.up_proj.sigma_in", "layers.up_proj.sigma_out"]
+        [
+            "down.P",
+            "down.Q",
+            "down.sigma_in",
+            "down.sigma_out",
+            "layers.up_proj.P",
+            "layers.up_proj.Q",
+            "layers.up_proj.sigma_in",
+            "layers.up_proj.sigma_out"
+        ]
     );
     assert_eq!(fs_.meta.get("format").map(String::as_str), Some("sparsegrad-basis"));
     assert_eq!(fs_.meta.get("layers.up_proj.n_grads").map(String::as_str), Some("7"));
     assert_eq!(fs_.meta.get("down.n_grads").map(String::as_str), Some("2"));
 
     for (group, out, inp, g) in [("layers.up_proj", 6, 5, &up_all), ("down", 5, 6, &down)] {
-        for (suffix, shape) in [("P", vec![out, out]), ("Q", vec![inp, inp]), ("sigma_out", vec![out]), ("sigma_in", vec![inp])] {
+        for (suffix, shape) in
+            [("P", vec![out, out]), ("Q", vec![inp, inp]), ("sigma_out", vec![out]), ("sigma_in", vec![inp])]
+        {
             assert_eq!(fs_.f32(&format!("{group}.{suffix}")).0, shape, "{group}.{suffix} shape");
         }
         // Split input = one file with all the gradients.
@@ -507,11 +545,19 @@ fn basis_rejects_bad_input() {
     let f64t = bad("f64.st", vec![("up".into(), Dtype::F64, vec![2, 4, 3], f64_bytes)]);
     expect_failure(d, &["basis", "--grads", s(&f64t), "--output", o], &["`up`", "F64", "f64.st"]);
     let other = bad("other.st", vec![f32_entry("up", &[1, 3, 4], &rand_vec(&mut r, 3 * 4))]);
-    expect_failure(d, &["basis", "--grads", s(&good), "--grads", s(&other), "--output", o], &["`up`", "[N, 4, 3]", "other.st"]);
+    expect_failure(
+        d,
+        &["basis", "--grads", s(&good), "--grads", s(&other), "--output", o],
+        &["`up`", "[N, 4, 3]", "other.st"],
+    );
     let mut nan = rand_vec(&mut r, 3 * 4 * 3);
     nan[20] = f32::NAN;
     let nan_f = bad("nan.st", vec![f32_entry("up", &[3, 4, 3], &nan)]);
-    expect_failure(d, &["basis", "--grads", s(&good), "--grads", s(&nan_f), "--output", o], &["non-finite", "`up`", "index 20", "nan.st"]);
+    expect_failure(
+        d,
+        &["basis", "--grads", s(&good), "--grads", s(&nan_f), "--output", o],
+        &["non-finite", "`up`", "index 20", "nan.st"],
+    );
     let zero_n = bad("zero_n.st", vec![f32_entry("up", &[0, 4, 3], &[])]);
     expect_failure(d, &["basis", "--grads", s(&zero_n), "--output", o], &["no gradients", "`up`"]);
     let empty = bad("empty.st", vec![]);
@@ -597,11 +643,23 @@ fn step_rejects_bad_input() {
     tensor_case(&replace("x", ("x".into(), Dtype::F64, vec![5, 3], x64)), &["`x`", "F64", "expected F32"]);
     let mut scaled = base.p.clone();
     scaled.iter_mut().for_each(|v| *v *= 1.01);
-    tensor_case(&replace("P", f32_entry("P", &[4, 4], &scaled)), &["in.safetensors: invalid basis", "P is not orthogonal"]);
+    tensor_case(
+        &replace("P", f32_entry("P", &[4, 4], &scaled)),
+        &["in.safetensors: invalid basis", "P is not orthogonal"],
+    );
     let mut q_bad = base.q.clone();
     q_bad[4] += 0.01;
-    tensor_case(&replace("Q", f32_entry("Q", &[3, 3], &q_bad)), &["in.safetensors: invalid basis", "Q is not orthogonal"]);
-    for (name, shape, data) in [("weight", vec![4, 3], &base.w), ("x", vec![5, 3], &base.x), ("grad_y", vec![5, 4], &base.g), ("bias", vec![4], base.b.as_ref().unwrap()), ("P", vec![4, 4], &base.p)] {
+    tensor_case(
+        &replace("Q", f32_entry("Q", &[3, 3], &q_bad)),
+        &["in.safetensors: invalid basis", "Q is not orthogonal"],
+    );
+    for (name, shape, data) in [
+        ("weight", vec![4, 3], &base.w),
+        ("x", vec![5, 3], &base.x),
+        ("grad_y", vec![5, 4], &base.g),
+        ("bias", vec![4], base.b.as_ref().unwrap()),
+        ("P", vec![4, 4], &base.p),
+    ] {
         let mut v = data.clone();
         v[2] = if name == "x" { f32::INFINITY } else { f32::NAN };
         tensor_case(&replace(name, f32_entry(name, &shape, &v)), &["non-finite", &format!("`{name}`"), "index 2"]);
@@ -613,70 +671,131 @@ fn step_rejects_bad_input() {
         inp.write(&input);
         expect_failure(d, &args, needles);
     };
-    meta_case(&|i| {
-        i.set("keep", "0");
-    }, &["`keep`", "1..=12"]);
-    meta_case(&|i| {
-        i.set("keep", "13");
-    }, &["`keep`", "13"]);
-    meta_case(&|i| {
-        i.set("keep", "-1");
-    }, &["`keep`", "-1"]);
-    meta_case(&|i| {
-        i.set("keep", "2.5");
-    }, &["`keep`"]);
+    meta_case(
+        &|i| {
+            i.set("keep", "0");
+        },
+        &["`keep`", "1..=12"],
+    );
+    meta_case(
+        &|i| {
+            i.set("keep", "13");
+        },
+        &["`keep`", "13"],
+    );
+    meta_case(
+        &|i| {
+            i.set("keep", "-1");
+        },
+        &["`keep`", "-1"],
+    );
+    meta_case(
+        &|i| {
+            i.set("keep", "2.5");
+        },
+        &["`keep`"],
+    );
     for key in ["keep", "selection", "lr", "beta1", "beta2", "eps", "steps"] {
-        meta_case(&|i| {
-        i.unset(key);
-    }, &[&format!("`{key}`"), "missing"]);
+        meta_case(
+            &|i| {
+                i.unset(key);
+            },
+            &[&format!("`{key}`"), "missing"],
+        );
     }
-    meta_case(&|i| {
-        i.set("lr", "fast");
-    }, &["`lr`", "fast"]);
-    meta_case(&|i| {
-        i.set("lr", "nan");
-    }, &["`lr`", "finite"]);
-    meta_case(&|i| {
-        i.set("lr", "-0.1");
-    }, &["`lr`"]);
-    meta_case(&|i| {
-        i.set("beta1", "1");
-    }, &["`beta1`"]);
-    meta_case(&|i| {
-        i.set("beta2", "inf");
-    }, &["`beta2`"]);
-    meta_case(&|i| {
-        i.set("eps", "0");
-    }, &["`eps`"]);
-    meta_case(&|i| {
-        i.set("steps", "0");
-    }, &["`steps`"]);
-    meta_case(&|i| {
-        i.set("steps", "three");
-    }, &["`steps`", "three"]);
-    meta_case(&|i| {
-        i.set("selection", "topk");
-    }, &["`selection`", "topk"]);
-    meta_case(&|i| {
-        i.set("selection", "sd");
-    }, &["`sd_threshold`", "missing"]);
-    meta_case(&|i| {
-        i.set("selection", "sd").set("sd_threshold", "1.5");
-    }, &["`sd_threshold`"]);
-    meta_case(&|i| {
-        i.set("selection", "sd").set("sd_threshold", "x");
-    }, &["`sd_threshold`"]);
-    meta_case(&|i| {
-        i.set("formulation", "dense");
-    }, &["`formulation`", "dense"]);
-    meta_case(&|i| {
-        i.set("selection", "sd").set("sd_threshold", "0.3").set("formulation", "merged");
-    }, &["`formulation`", "merged"]);
+    meta_case(
+        &|i| {
+            i.set("lr", "fast");
+        },
+        &["`lr`", "fast"],
+    );
+    meta_case(
+        &|i| {
+            i.set("lr", "nan");
+        },
+        &["`lr`", "finite"],
+    );
+    meta_case(
+        &|i| {
+            i.set("lr", "-0.1");
+        },
+        &["`lr`"],
+    );
+    meta_case(
+        &|i| {
+            i.set("beta1", "1");
+        },
+        &["`beta1`"],
+    );
+    meta_case(
+        &|i| {
+            i.set("beta2", "inf");
+        },
+        &["`beta2`"],
+    );
+    meta_case(
+        &|i| {
+            i.set("eps", "0");
+        },
+        &["`eps`"],
+    );
+    meta_case(
+        &|i| {
+            i.set("steps", "0");
+        },
+        &["`steps`"],
+    );
+    meta_case(
+        &|i| {
+            i.set("steps", "three");
+        },
+        &["`steps`", "three"],
+    );
+    meta_case(
+        &|i| {
+            i.set("selection", "topk");
+        },
+        &["`selection`", "topk"],
+    );
+    meta_case(
+        &|i| {
+            i.set("selection", "sd");
+        },
+        &["`sd_threshold`", "missing"],
+    );
+    meta_case(
+        &|i| {
+            i.set("selection", "sd").set("sd_threshold", "1.5");
+        },
+        &["`sd_threshold`"],
+    );
+    meta_case(
+        &|i| {
+            i.set("selection", "sd").set("sd_threshold", "x");
+        },
+        &["`sd_threshold`"],
+    );
+    meta_case(
+        &|i| {
+            i.set("formulation", "dense");
+        },
+        &["`formulation`", "dense"],
+    );
+    meta_case(
+        &|i| {
+            i.set("selection", "sd").set("sd_threshold", "0.3").set("formulation", "merged");
+        },
+        &["`formulation`", "merged"],
+    );
 
     base.write(&input);
     expect_failure(d, &["step", "--input", s(&input)], &["--output"]);
     expect_failure(d, &["step", "--output", s(&out)], &["--input"]);
-    expect_failure(d, &["step", "--input", s(&input), "--output", s(&out), "--steps", "2"], &["unknown option `--steps`"]);
+    expect_failure(
+        d,
+        &["step", "--input", s(&input), "--output", s(&out), "--steps", "2"],
+        &["unknown option `--steps`"],
+    );
     expect_failure(d, &["step", "--input", "--output", s(&out)], &["`--input` needs a value"]);
     expect_failure(d, &["step", "--input=", "--output", s(&out)], &["empty value"]);
     expect_failure(d, &["step", "extra", "--input", s(&input), "--output", s(&out)], &["unexpected argument `extra`"]);
@@ -701,7 +820,8 @@ fn step_rejects_overflowing_outputs() {
 
 #[test]
 fn help_and_version() {
-    for args in [&["--help"][..], &["help"], &["basis", "--help"], &["step", "-h"], &["step", "--input", "x", "--help"]] {
+    for args in [&["--help"][..], &["help"], &["basis", "--help"], &["step", "-h"], &["step", "--input", "x", "--help"]]
+    {
         let o = run_ok(args);
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(out.contains("Usage:"), "{args:?}: {out}");

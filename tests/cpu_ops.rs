@@ -169,8 +169,16 @@ fn naive_gemm(spec: &Gemm, a: &[f64], b: &[f64], c: &mut [f64]) {
             for j in 0..spec.n {
                 let mut acc = 0.0;
                 for p in 0..spec.k {
-                    let av = if spec.trans_a { a[spec.offset_a + bt * spec.stride_a + p * spec.lda + i] } else { a[spec.offset_a + bt * spec.stride_a + i * spec.lda + p] };
-                    let bv = if spec.trans_b { b[spec.offset_b + bt * spec.stride_b + j * spec.ldb + p] } else { b[spec.offset_b + bt * spec.stride_b + p * spec.ldb + j] };
+                    let av = if spec.trans_a {
+                        a[spec.offset_a + bt * spec.stride_a + p * spec.lda + i]
+                    } else {
+                        a[spec.offset_a + bt * spec.stride_a + i * spec.lda + p]
+                    };
+                    let bv = if spec.trans_b {
+                        b[spec.offset_b + bt * spec.stride_b + j * spec.ldb + p]
+                    } else {
+                        b[spec.offset_b + bt * spec.stride_b + p * spec.ldb + j]
+                    };
                     acc += av * bv;
                 }
                 let ci = spec.offset_c + bt * spec.stride_c + i * spec.ldc + j;
@@ -247,7 +255,12 @@ fn nonzero_rows_cols_and_gathers() {
 fn coo_scatter_compact_and_sparse_times_dense() {
     let cpu = Cpu::new();
     let (rows, cols, b_rows) = (5usize, 4usize, 3usize);
-    let host = HostCoo { rows: vec![0, 0, 2, 4, 4], cols: vec![1, 3, 0, 2, 3], values: vec![1.0f32, -2.0, 0.5, 3.0, 4.0], shape: (rows, cols) };
+    let host = HostCoo {
+        rows: vec![0, 0, 2, 4, 4],
+        cols: vec![1, 3, 0, 2, 3],
+        values: vec![1.0f32, -2.0, 0.5, 3.0, 4.0],
+        shape: (rows, cols),
+    };
     let mut coo = Coo::with_capacity(&cpu, 5, (rows, cols)).unwrap();
     coo.set_from_host(&cpu, &host).unwrap();
     let mut dense = cpu.upload(&vec![1.0f32; rows * cols]).unwrap();
@@ -282,7 +295,8 @@ fn activations_match_finite_differences() {
     let dy = vec![1.0f64; n];
     let (xb, upb, dyb) = (cpu.upload(&x).unwrap(), cpu.upload(&up).unwrap(), cpu.upload(&dy).unwrap());
     let h = 1e-6;
-    let eval = |f: &dyn Fn(&sparsegrad::backend::cpu::CpuBuf<f64>, &mut sparsegrad::backend::cpu::CpuBuf<f64>), xs: &[f64]| {
+    let eval = |f: &dyn Fn(&sparsegrad::backend::cpu::CpuBuf<f64>, &mut sparsegrad::backend::cpu::CpuBuf<f64>),
+                xs: &[f64]| {
         let mut y = cpu.alloc::<f64>(n).unwrap();
         f(&cpu.upload(xs).unwrap(), &mut y);
         y.to_vec()
@@ -290,7 +304,9 @@ fn activations_match_finite_differences() {
     let xp: Vec<f64> = x.iter().map(|v| v + h).collect();
     let xm: Vec<f64> = x.iter().map(|v| v - h).collect();
     for kind in [GeluKind::Erf, GeluKind::Tanh] {
-        let f = |xs: &sparsegrad::backend::cpu::CpuBuf<f64>, y: &mut sparsegrad::backend::cpu::CpuBuf<f64>| cpu.gelu(xs, y, n, kind).unwrap();
+        let f = |xs: &sparsegrad::backend::cpu::CpuBuf<f64>, y: &mut sparsegrad::backend::cpu::CpuBuf<f64>| {
+            cpu.gelu(xs, y, n, kind).unwrap()
+        };
         let (yp, ym) = (eval(&f, &xp), eval(&f, &xm));
         let mut dx = cpu.alloc::<f64>(n).unwrap();
         cpu.gelu_backward(&xb, &dyb, &mut dx, n, kind).unwrap();
@@ -300,7 +316,9 @@ fn activations_match_finite_differences() {
     let y0 = eval(&|xs, y| cpu.gelu(xs, y, n, GeluKind::Erf).unwrap(), &x);
     let expect: Vec<f64> = x.iter().map(|&v| 0.5 * v * (1.0 + libm::erf(v / 2f64.sqrt()))).collect();
     assert_close("gelu erf", &y0, &expect, 1e-12, 1e-12);
-    let f = |xs: &sparsegrad::backend::cpu::CpuBuf<f64>, y: &mut sparsegrad::backend::cpu::CpuBuf<f64>| cpu.swiglu(xs, &upb, y, n).unwrap();
+    let f = |xs: &sparsegrad::backend::cpu::CpuBuf<f64>, y: &mut sparsegrad::backend::cpu::CpuBuf<f64>| {
+        cpu.swiglu(xs, &upb, y, n).unwrap()
+    };
     let (yp, ym) = (eval(&f, &xp), eval(&f, &xm));
     let (mut dg, mut du) = (cpu.alloc::<f64>(n).unwrap(), cpu.alloc::<f64>(n).unwrap());
     cpu.swiglu_backward(&xb, &upb, &dyb, &mut dg, &mut du, n).unwrap();

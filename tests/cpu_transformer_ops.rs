@@ -102,9 +102,16 @@ fn rmsnorm_backward_matches_finite_differences() {
         let eps = 1e-5;
         let (_, inv) = rmsnorm(&cpu, &x, &w, rows, cols, eps);
         let mut dx = up(&cpu, &vec![f64::NAN; rows * cols]);
-        cpu.rmsnorm_backward(&up(&cpu, &x), &up(&cpu, &w), &up(&cpu, &inv), &up(&cpu, &dy), &mut dx, rows, cols).unwrap();
+        cpu.rmsnorm_backward(&up(&cpu, &x), &up(&cpu, &w), &up(&cpu, &inv), &up(&cpu, &dy), &mut dx, rows, cols)
+            .unwrap();
         let fd = finite_diff(&x, FD_H, |xp| dot(&dy, &rmsnorm(&cpu, xp, &w, rows, cols, eps).0));
-        assert_close64(&format!("rmsnorm_backward {rows}x{cols}"), &down(&cpu, &dx, rows * cols), &fd, FD_ATOL, FD_RTOL);
+        assert_close64(
+            &format!("rmsnorm_backward {rows}x{cols}"),
+            &down(&cpu, &dx, rows * cols),
+            &fd,
+            FD_ATOL,
+            FD_RTOL,
+        );
     }
 }
 
@@ -119,7 +126,10 @@ fn rmsnorm_rejects_bad_shapes() {
     assert!(matches!(cpu.rmsnorm(&b(12), &b(4), &mut y, &mut inv, 3, 0, 1e-5), Err(Error::InvalidArgument { .. })));
     let mut dx = b(12);
     assert!(matches!(cpu.rmsnorm_backward(&b(12), &b(4), &b(3), &b(11), &mut dx, 3, 4), Err(Error::Shape { .. })));
-    assert!(matches!(cpu.rmsnorm_backward(&b(12), &b(4), &b(3), &b(12), &mut dx, 3, 0), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        cpu.rmsnorm_backward(&b(12), &b(4), &b(3), &b(12), &mut dx, 3, 0),
+        Err(Error::InvalidArgument { .. })
+    ));
     // No rows: nothing to do.
     cpu.rmsnorm(&b(0), &b(4), &mut y, &mut inv, 0, 4, 1e-5).unwrap();
 }
@@ -164,7 +174,17 @@ fn rope_hf(x: &[f64], tokens: usize, heads: usize, head_dim: usize, seq_len: usi
 }
 
 #[allow(clippy::too_many_arguments)]
-fn rope(cpu: &Cpu, x: &[f64], tokens: usize, heads: usize, head_dim: usize, seq_len: usize, cos: &[f64], sin: &[f64], inverse: bool) -> Vec<f64> {
+fn rope(
+    cpu: &Cpu,
+    x: &[f64],
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    seq_len: usize,
+    cos: &[f64],
+    sin: &[f64],
+    inverse: bool,
+) -> Vec<f64> {
     let mut b = up(cpu, x);
     cpu.rope(&mut b, tokens, heads, head_dim, seq_len, &up(cpu, cos), &up(cpu, sin), inverse).unwrap();
     down(cpu, &b, x.len())
@@ -188,7 +208,13 @@ fn rope_matches_the_hf_rotate_half_definition() {
             let (cos, sin) = rope_tables(seq_len, head_dim, base);
             let got = rope(&cpu, &x, tokens, heads, head_dim, seq_len, &cos, &sin, false);
             let want = rope_hf(&x, tokens, heads, head_dim, seq_len, base);
-            assert_close64(&format!("rope {tokens}x{heads}x{head_dim} seq {seq_len} base {base}"), &got, &want, 1e-14, 1e-14);
+            assert_close64(
+                &format!("rope {tokens}x{heads}x{head_dim} seq {seq_len} base {base}"),
+                &got,
+                &want,
+                1e-14,
+                1e-14,
+            );
         }
     }
 }
@@ -207,7 +233,17 @@ fn rope_inverse_undoes_rope_and_is_its_transpose() {
         // A rotation and its inverse: exact up to rounding (cos^2 + sin^2 = 1 to 1 ulp).
         let back = rope(&cpu, &rx, tokens, heads, head_dim, seq_len, &cos, &sin, true);
         assert_close64(&format!("rope inverse after rope {what}"), &back, &x, 1e-15, 1e-14);
-        let fwd_of_inv = rope(&cpu, &rope(&cpu, &x, tokens, heads, head_dim, seq_len, &cos, &sin, true), tokens, heads, head_dim, seq_len, &cos, &sin, false);
+        let fwd_of_inv = rope(
+            &cpu,
+            &rope(&cpu, &x, tokens, heads, head_dim, seq_len, &cos, &sin, true),
+            tokens,
+            heads,
+            head_dim,
+            seq_len,
+            &cos,
+            &sin,
+            false,
+        );
         assert_close64(&format!("rope after rope inverse {what}"), &fwd_of_inv, &x, 1e-15, 1e-14);
         // The backward is the transpose: <R x, y> = <x, R^T y> with R^T = the inverse.
         let riy = rope(&cpu, &y, tokens, heads, head_dim, seq_len, &cos, &sin, true);
@@ -215,7 +251,13 @@ fn rope_inverse_undoes_rope_and_is_its_transpose() {
         assert!((lhs - rhs).abs() <= 1e-12 * (1.0 + lhs.abs()), "rope transpose {what}: {lhs} vs {rhs}");
         // Position 0 is the identity; tokens that share a position rotate alike.
         let half = head_dim / 2;
-        assert_close64(&format!("rope at position 0 {what}"), &rx[..heads * head_dim], &x[..heads * head_dim], 0.0, 0.0);
+        assert_close64(
+            &format!("rope at position 0 {what}"),
+            &rx[..heads * head_dim],
+            &x[..heads * head_dim],
+            0.0,
+            0.0,
+        );
         assert!(cos[..half].iter().all(|&c| c == 1.0));
     }
 }
@@ -309,7 +351,10 @@ fn softmax_causal_rejects_short_buffers() {
     let mut s = up(&cpu, &[1.0; 17]);
     assert!(matches!(cpu.softmax_causal(&mut s, 2, 3, 1.0), Err(Error::Shape { .. })));
     let mut ds = up(&cpu, &[1.0; 18]);
-    assert!(matches!(cpu.softmax_causal_backward(&s, &up(&cpu, &[1.0; 18]), &mut ds, 2, 3, 1.0), Err(Error::Shape { .. })));
+    assert!(matches!(
+        cpu.softmax_causal_backward(&s, &up(&cpu, &[1.0; 18]), &mut ds, 2, 3, 1.0),
+        Err(Error::Shape { .. })
+    ));
     cpu.softmax_causal(&mut s, 0, 3, 1.0).unwrap();
     cpu.softmax_causal(&mut s, 3, 0, 1.0).unwrap();
 }
@@ -318,7 +363,15 @@ fn softmax_causal_rejects_short_buffers() {
 
 /// `(losses, gradient)` of [`Backend::cross_entropy`].
 #[allow(clippy::too_many_arguments)]
-fn cross_entropy(cpu: &Cpu, logits: &[f64], targets: &[u32], mask: &[f64], rows: usize, vocab: usize, grad_scale: f64) -> sparsegrad::Result<(Vec<f64>, Vec<f64>)> {
+fn cross_entropy(
+    cpu: &Cpu,
+    logits: &[f64],
+    targets: &[u32],
+    mask: &[f64],
+    rows: usize,
+    vocab: usize,
+    grad_scale: f64,
+) -> sparsegrad::Result<(Vec<f64>, Vec<f64>)> {
     let mut l = up(cpu, logits);
     let mut losses = up(cpu, &vec![f64::NAN; rows]);
     cpu.cross_entropy(&mut l, &cpu.upload(targets)?, &up(cpu, mask), rows, vocab, grad_scale, &mut losses)?;
@@ -331,7 +384,8 @@ fn cross_entropy_losses_and_gradient() {
     let mut r = rng(7);
     for (rows, vocab) in [(1, 1), (4, 6), (6, 33)] {
         let logits = rand_range64(&mut r, rows * vocab, -3.0, 3.0);
-        let targets: Vec<u32> = (0..rows).map(|i| if i == 1 { u32::MAX } else { r.random_range(0..vocab as u32) }).collect();
+        let targets: Vec<u32> =
+            (0..rows).map(|i| if i == 1 { u32::MAX } else { r.random_range(0..vocab as u32) }).collect();
         // Row 1 is masked out (with a bad target, which is then ignored); weights != 1.
         let mask: Vec<f64> = (0..rows).map(|i| [1.0, 0.0, 0.5, 2.0][i % 4]).collect();
         let grad_scale = 0.3;
@@ -346,14 +400,22 @@ fn cross_entropy_losses_and_gradient() {
                 let lse = mx + row.iter().map(|v| (v - mx).exp()).sum::<f64>().ln();
                 mask[i] * (lse - row[targets[i] as usize])
             };
-            assert!((losses[i] - want).abs() <= 1e-13 * (1.0 + want.abs()), "{what} row {i}: loss {} vs {want}", losses[i]);
+            assert!(
+                (losses[i] - want).abs() <= 1e-13 * (1.0 + want.abs()),
+                "{what} row {i}: loss {} vs {want}",
+                losses[i]
+            );
             if mask[i] == 0.0 {
-                assert!(grad[i * vocab..(i + 1) * vocab].iter().all(|&g| g == 0.0), "{what}: masked row {i} has a gradient");
+                assert!(
+                    grad[i * vocab..(i + 1) * vocab].iter().all(|&g| g == 0.0),
+                    "{what}: masked row {i} has a gradient"
+                );
             }
         }
         // The gradient is that of grad_scale * sum(losses), masked rows included (zero).
         let fd = finite_diff(&logits, FD_H, |lp| {
-            grad_scale * cross_entropy(&cpu, lp, &targets, &mask, rows, vocab, grad_scale).unwrap().0.iter().sum::<f64>()
+            grad_scale
+                * cross_entropy(&cpu, lp, &targets, &mask, rows, vocab, grad_scale).unwrap().0.iter().sum::<f64>()
         });
         assert_close64(&format!("{what} gradient"), &grad, &fd, FD_ATOL, FD_RTOL);
         // Each masked-in row's gradient sums to 0 (softmax minus one-hot).
@@ -375,7 +437,10 @@ fn cross_entropy_is_stable_for_huge_logits() {
     let lse1 = 1e4 + (1.0 + (-1.0f64).exp()).ln();
     assert!((losses[1] - (lse1 - 1e4)).abs() <= 1e-12, "{losses:?}");
     assert!(grad.iter().all(|g| g.is_finite()), "{grad:?}");
-    assert!((grad[0] - (1000.0 - lse0).exp()).abs() <= 1e-15 && (grad[1] - ((999.0 - lse0).exp() - 1.0)).abs() <= 1e-15, "{grad:?}");
+    assert!(
+        (grad[0] - (1000.0 - lse0).exp()).abs() <= 1e-15 && (grad[1] - ((999.0 - lse0).exp() - 1.0)).abs() <= 1e-15,
+        "{grad:?}"
+    );
     assert_eq!(grad[2], 0.0, "exp(-2000) underflows to 0");
 }
 
@@ -395,7 +460,16 @@ fn cross_entropy_rejects_a_target_outside_the_vocabulary_before_writing() {
     assert_eq!(down(&cpu, &losses, 2)[1], 0.0);
     assert_eq!(&down(&cpu, &l, 6)[3..], &[0.0; 3]);
     // Shapes and the empty vocabulary.
-    assert!(matches!(cpu.cross_entropy(&mut l, &targets, &up(&cpu, &[1.0]), 2, 3, 1.0, &mut losses), Err(Error::Shape { .. })));
-    assert!(matches!(cpu.cross_entropy(&mut l, &targets, &up(&cpu, &[1.0, 1.0]), 2, 4, 1.0, &mut losses), Err(Error::Shape { .. })));
-    assert!(matches!(cpu.cross_entropy(&mut l, &targets, &up(&cpu, &[1.0, 1.0]), 2, 0, 1.0, &mut losses), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        cpu.cross_entropy(&mut l, &targets, &up(&cpu, &[1.0]), 2, 3, 1.0, &mut losses),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        cpu.cross_entropy(&mut l, &targets, &up(&cpu, &[1.0, 1.0]), 2, 4, 1.0, &mut losses),
+        Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        cpu.cross_entropy(&mut l, &targets, &up(&cpu, &[1.0, 1.0]), 2, 0, 1.0, &mut losses),
+        Err(Error::InvalidArgument { .. })
+    ));
 }

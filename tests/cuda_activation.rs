@@ -34,13 +34,25 @@ fn check_activations<B: Backend>(dev: &B, big: bool) {
             cpu.gelu(&xc, &mut want, n, kind).unwrap();
             let mut got = poisoned(dev, n + 1, f32::NAN);
             dev.gelu(&xd, &mut got, n, kind).unwrap();
-            assert_close(&format!("gelu {kind:?} n={n}"), &down(dev, &got, n + 1), &down(&cpu, &want, n + 1), ATOL, RTOL);
+            assert_close(
+                &format!("gelu {kind:?} n={n}"),
+                &down(dev, &got, n + 1),
+                &down(&cpu, &want, n + 1),
+                ATOL,
+                RTOL,
+            );
 
             let mut want = poisoned(&cpu, n + 1, f32::NAN);
             cpu.gelu_backward(&xc, &dyc, &mut want, n, kind).unwrap();
             let mut got = poisoned(dev, n + 1, f32::NAN);
             dev.gelu_backward(&xd, &dyd, &mut got, n, kind).unwrap();
-            assert_close(&format!("gelu_backward {kind:?} n={n}"), &down(dev, &got, n + 1), &down(&cpu, &want, n + 1), ATOL, RTOL);
+            assert_close(
+                &format!("gelu_backward {kind:?} n={n}"),
+                &down(dev, &got, n + 1),
+                &down(&cpu, &want, n + 1),
+                ATOL,
+                RTOL,
+            );
         }
         let mut want = poisoned(&cpu, n + 1, f32::NAN);
         cpu.swiglu(&xc, &dyc, &mut want, n).unwrap();
@@ -56,8 +68,20 @@ fn check_activations<B: Backend>(dev: &B, big: bool) {
         let (mut gg, mut gu) = (poisoned(dev, n + 1, f32::NAN), poisoned(dev, n + 1, f32::NAN));
         dev.swiglu_backward(&xd, &dyd, &dhd, &mut gg, &mut gu, n).unwrap();
         // Products of three inputs up to 1e4: scale the absolute tolerance.
-        assert_close(&format!("swiglu_backward d_gate n={n}"), &down(dev, &gg, n + 1), &down(&cpu, &wg, n + 1), 5.0 * ATOL, 4.0 * RTOL);
-        assert_close(&format!("swiglu_backward d_up n={n}"), &down(dev, &gu, n + 1), &down(&cpu, &wu, n + 1), 5.0 * ATOL, 4.0 * RTOL);
+        assert_close(
+            &format!("swiglu_backward d_gate n={n}"),
+            &down(dev, &gg, n + 1),
+            &down(&cpu, &wg, n + 1),
+            5.0 * ATOL,
+            4.0 * RTOL,
+        );
+        assert_close(
+            &format!("swiglu_backward d_up n={n}"),
+            &down(dev, &gu, n + 1),
+            &down(&cpu, &wu, n + 1),
+            5.0 * ATOL,
+            4.0 * RTOL,
+        );
     }
 }
 

@@ -127,7 +127,8 @@ fn f64_is_cpu_only() {
     let Some(cuda) = cuda_or_skip() else { return };
     let x = up(&cuda, &[1.0f64; 4]);
     let mut y = up(&cuda, &[1.0f64; 4]);
-    let unsupported = |r: sparsegrad::Result<()>| matches!(r, Err(Error::UnsupportedDtype { dtype: "f64", backend: "cuda", .. }));
+    let unsupported =
+        |r: sparsegrad::Result<()>| matches!(r, Err(Error::UnsupportedDtype { dtype: "f64", backend: "cuda", .. }));
     assert!(unsupported(cuda.axpy(2.0f64, &x, &mut y, 4)));
     let (a, b) = (up(&cuda, &[1.0f64; 4]), up(&cuda, &[1.0f64; 4]));
     let mut c = up(&cuda, &[0.0f64; 4]);
@@ -156,7 +157,11 @@ fn out_of_range_indices_are_reported_at_the_next_sync() {
         other => panic!("expected a deferred gather_rows error, got {other:?}"),
     }
     cuda.synchronize().expect("the error word is cleared once reported");
-    assert_bits("valid rows still gathered, the bad one zeroed", &down(&cuda, &dst, 6), &[5.0, 6.0, 0.0, 0.0, 1.0, 2.0]);
+    assert_bits(
+        "valid rows still gathered, the bad one zeroed",
+        &down(&cuda, &dst, 6),
+        &[5.0, 6.0, 0.0, 0.0, 1.0, 2.0],
+    );
 
     // SparseAdam with an entry outside the matrix: skipped, reported at the download.
     let mut coo: Coo<Cuda, f32> = Coo::with_capacity(&cuda, 2, (2, 2)).unwrap();

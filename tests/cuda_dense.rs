@@ -10,7 +10,8 @@ use rand::rngs::SmallRng;
 use rand::Rng;
 use sparsegrad::{Backend, Cpu, Gemm};
 
-const SHAPES: &[(usize, usize)] = &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];
+const SHAPES: &[(usize, usize)] =
+    &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];
 
 /// A value that must survive untouched (finite, so no BLAS propagates it by accident).
 const SENTINEL: f32 = 1e30;
@@ -130,7 +131,9 @@ fn check_casts<B: Backend>(dev: &B, big: bool) {
         let bits = |v: &[bf16]| v.iter().map(|h| h.to_bits()).collect::<Vec<u16>>();
         assert_same(&format!("cast_to_bf16 n={n}"), &bits(&g), &bits(&w));
 
-        let h: Vec<bf16> = (0..n).map(|_| bf16::from_bits(r.random_range(0..0x7f80u16) | if r.random_bool(0.5) { 0x8000 } else { 0 })).collect();
+        let h: Vec<bf16> = (0..n)
+            .map(|_| bf16::from_bits(r.random_range(0..0x7f80u16) | if r.random_bool(0.5) { 0x8000 } else { 0 }))
+            .collect();
         let mut want = poisoned(&cpu, n + 3, f32::NAN);
         cpu.cast_from_bf16(&up(&cpu, &h), &mut want, n).unwrap();
         let mut got = poisoned(dev, n + 3, f32::NAN);
@@ -159,13 +162,25 @@ fn check_bias<B: Backend>(dev: &B) {
         cpu.bias_grad(&g, rows, cols, &mut want, 0.0).unwrap();
         let mut got = poisoned(dev, cols + 1, f32::NAN);
         dev.bias_grad(&gd, rows, cols, &mut got, 0.0).unwrap();
-        assert_close(&format!("bias_grad beta=0 {rows}x{cols}"), &down(dev, &got, cols + 1), &down(&cpu, &want, cols + 1), atol, 1e-5);
+        assert_close(
+            &format!("bias_grad beta=0 {rows}x{cols}"),
+            &down(dev, &got, cols + 1),
+            &down(&cpu, &want, cols + 1),
+            atol,
+            1e-5,
+        );
         let db = rand_f32(&mut r, cols + 1);
         let mut want = up(&cpu, &db);
         cpu.bias_grad(&g, rows, cols, &mut want, 0.5).unwrap();
         let mut got = up(dev, &db);
         dev.bias_grad(&gd, rows, cols, &mut got, 0.5).unwrap();
-        assert_close(&format!("bias_grad beta=0.5 {rows}x{cols}"), &down(dev, &got, cols + 1), &down(&cpu, &want, cols + 1), atol, 1e-5);
+        assert_close(
+            &format!("bias_grad beta=0.5 {rows}x{cols}"),
+            &down(dev, &got, cols + 1),
+            &down(&cpu, &want, cols + 1),
+            atol,
+            1e-5,
+        );
     }
 }
 

@@ -10,7 +10,10 @@ mod cuda_common;
 
 use common::*;
 use cuda_common::cuda_or_skip;
-use sparsegrad::{AdamParams, Backend, Cpu, Formulation, HostCoo, Keep, Optimizer, Precision, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{
+    AdamParams, Backend, Cpu, Formulation, HostCoo, Keep, Optimizer, Precision, Selection, SparseGradConfig,
+    SparseGradLinear,
+};
 
 struct Run {
     y: Vec<f32>,
@@ -20,7 +23,16 @@ struct Run {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run<B: Backend + Clone>(be: &B, out: usize, inp: usize, tokens: usize, cfg: SparseGradConfig, seed: u64, steps: usize, padding: bool) -> Run {
+fn run<B: Backend + Clone>(
+    be: &B,
+    out: usize,
+    inp: usize,
+    tokens: usize,
+    cfg: SparseGradConfig,
+    seed: u64,
+    steps: usize,
+    padding: bool,
+) -> Run {
     let mut r = rng(seed);
     let w = rand_vec(&mut r, out * inp);
     let b = rand_vec(&mut r, out);
@@ -55,13 +67,28 @@ fn check<B: Backend + Clone>(be: &B, shapes: &[(usize, usize, usize)]) {
     for &(out, inp, tokens) in shapes {
         for precision in [Precision::Full, Precision::Bf16] {
             for formulation in [Formulation::Transformed, Formulation::Merged] {
-                for selection in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }, Selection::SparseByDense { threshold: 0.3 }] {
-                    if formulation == Formulation::Merged && selection == (Selection::SparseByDense { threshold: 0.3 }) {
+                for selection in [
+                    Selection::Exact,
+                    Selection::SparseByDense { threshold: 0.0 },
+                    Selection::SparseByDense { threshold: 0.3 },
+                ] {
+                    if formulation == Formulation::Merged && selection == (Selection::SparseByDense { threshold: 0.3 })
+                    {
                         continue;
                     }
                     for keep in [Keep::Count(1), Keep::Fraction(0.05), Keep::Fraction(1.0)] {
-                        let cfg = SparseGradConfig { keep, selection, formulation: Some(formulation), expected_tokens: tokens, optimizer: adam, precision };
-                        let what = format!("{} {out}x{inp} T={tokens} {precision:?} {formulation:?} {selection:?} {keep:?}", be.name());
+                        let cfg = SparseGradConfig {
+                            keep,
+                            selection,
+                            formulation: Some(formulation),
+                            expected_tokens: tokens,
+                            optimizer: adam,
+                            precision,
+                        };
+                        let what = format!(
+                            "{} {out}x{inp} T={tokens} {precision:?} {formulation:?} {selection:?} {keep:?}",
+                            be.name()
+                        );
                         let got = run(be, out, inp, tokens, cfg, 5, 3, true);
                         let expect = run(&Cpu::new(), out, inp, tokens, cfg, 5, 3, true);
                         let (atol, rtol) = if precision == Precision::Full { (1e-5, 1e-4) } else { (2e-2, 2e-2) };
@@ -95,7 +122,10 @@ fn bf16_indices_agree(what: &str, step: usize, g: &HostCoo<f32>, e: &HostCoo<f32
         for (i, l) in c.linear_indices().iter().enumerate() {
             if other.binary_search(l).is_err() {
                 let v = c.values[i].abs();
-                assert!(v <= boundary * 1.01 + 1e-6, "{what}: step {step}: {name} keeps {l} (|v| = {v}) far above the boundary {boundary}");
+                assert!(
+                    v <= boundary * 1.01 + 1e-6,
+                    "{what}: step {step}: {name} keeps {l} (|v| = {v}) far above the boundary {boundary}"
+                );
             }
         }
     }

@@ -25,7 +25,9 @@ mod cuda_common;
 use common::{rand_vec, rng};
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
 use sparsegrad::mlp::{BertMlp, LlamaMlp, Projection, ProjectionSpec};
-use sparsegrad::{AdamParams, Backend, Basis, Cpu, Formulation, GeluKind, HostCoo, Keep, Optimizer, Precision, Selection};
+use sparsegrad::{
+    AdamParams, Backend, Basis, Cpu, Formulation, GeluKind, HostCoo, Keep, Optimizer, Precision, Selection,
+};
 use std::collections::HashMap;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,11 +68,31 @@ enum Block<B: Backend + Clone> {
 
 impl<B: Backend + Clone> Block<B> {
     #[allow(clippy::too_many_arguments)]
-    fn build(be: &B, kind: Kind, hidden: usize, ffn: usize, w: &[Vec<f32>], b: &[Option<Vec<f32>>], method: Method, bases: &[Basis], opts: &TrainOptions) -> Self {
-        let spec = |i: usize| ProjectionSpec { weight: &w[i], bias: b[i].as_deref(), method, group: &bases[i].group, basis: Some(&bases[i]) };
+    fn build(
+        be: &B,
+        kind: Kind,
+        hidden: usize,
+        ffn: usize,
+        w: &[Vec<f32>],
+        b: &[Option<Vec<f32>>],
+        method: Method,
+        bases: &[Basis],
+        opts: &TrainOptions,
+    ) -> Self {
+        let spec = |i: usize| ProjectionSpec {
+            weight: &w[i],
+            bias: b[i].as_deref(),
+            method,
+            group: &bases[i].group,
+            basis: Some(&bases[i]),
+        };
         match kind {
-            Kind::Bert => Block::Bert(BertMlp::new(be, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new")),
-            Kind::Llama => Block::Llama(LlamaMlp::new(be, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new")),
+            Kind::Bert => {
+                Block::Bert(BertMlp::new(be, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"))
+            }
+            Kind::Llama => {
+                Block::Llama(LlamaMlp::new(be, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"))
+            }
         }
     }
     fn forward(&mut self, x: &B::Buf<f32>, t: usize, y: &mut B::Buf<f32>) {
@@ -150,13 +172,19 @@ fn close_coo(what: &str, got: &HostCoo<f32>, want: &HostCoo<f32>, tol: f32) -> b
             Some(&w) => assert!((g - w).abs() <= tol * (scale + w.abs()), "{what}: entry {k:?}: got {g:e}, want {w:e}"),
             None => {
                 same = false;
-                assert!((g.abs() - kth).abs() <= 2.0 * tol * scale, "{what}: {k:?} = {g:e} selected only on the device, far from the boundary {kth:e}");
+                assert!(
+                    (g.abs() - kth).abs() <= 2.0 * tol * scale,
+                    "{what}: {k:?} = {g:e} selected only on the device, far from the boundary {kth:e}"
+                );
             }
         }
     }
     for (k, &w) in &want_map {
         if !got_map.contains_key(k) {
-            assert!((w.abs() - kth).abs() <= 2.0 * tol * scale, "{what}: {k:?} = {w:e} selected only on the CPU, far from the boundary {kth:e}");
+            assert!(
+                (w.abs() - kth).abs() <= 2.0 * tol * scale,
+                "{what}: {k:?} = {w:e} selected only on the CPU, far from the boundary {kth:e}"
+            );
         }
     }
     // Sorted by linear index on both.
@@ -168,7 +196,12 @@ fn close_coo(what: &str, got: &HostCoo<f32>, want: &HostCoo<f32>, tol: f32) -> b
 }
 
 /// Compares one projection's gradients; returns whether its selections (if any) agree.
-fn compare_grads<B: Backend + Clone>(what: &str, dev: &Projection<B, f32>, cpu: &Projection<Cpu, f32>, tol: f32) -> bool {
+fn compare_grads<B: Backend + Clone>(
+    what: &str,
+    dev: &Projection<B, f32>,
+    cpu: &Projection<Cpu, f32>,
+    tol: f32,
+) -> bool {
     match (&dev.linear, &cpu.linear) {
         (Linear::Dense(d), Linear::Dense(c)) => {
             if cpu.method == Method::Frozen {
@@ -182,7 +215,12 @@ fn compare_grads<B: Backend + Clone>(what: &str, dev: &Projection<B, f32>, cpu: 
                 _ => panic!("{what}: bias gradient on one side only"),
             }
             match cpu.method {
-                Method::MeProp { .. } => close_coo(&format!("{what}: MeProp COO"), &d.sparse_grad_host().unwrap(), &c.sparse_grad_host().unwrap(), tol),
+                Method::MeProp { .. } => close_coo(
+                    &format!("{what}: MeProp COO"),
+                    &d.sparse_grad_host().unwrap(),
+                    &c.sparse_grad_host().unwrap(),
+                    tol,
+                ),
                 _ => true,
             }
         }
@@ -209,7 +247,14 @@ fn compare_grads<B: Backend + Clone>(what: &str, dev: &Projection<B, f32>, cpu: 
 /// Runs every variant of a `kind` block on `dev` and on the CPU for `steps` steps.
 /// `noise`: relative perturbation of the device's inputs (the harness self-check uses it to
 /// stand in for rounding differences between devices; 0 on a real device).
-fn check_blocks<B: Backend + Clone>(dev: &B, kind: Kind, (hidden, ffn, t): (usize, usize, usize), precision: Precision, steps: usize, noise: f32) {
+fn check_blocks<B: Backend + Clone>(
+    dev: &B,
+    kind: Kind,
+    (hidden, ffn, t): (usize, usize, usize),
+    precision: Precision,
+    steps: usize,
+    noise: f32,
+) {
     let tol = if precision == Precision::Full { 1e-4 } else { 2e-2 };
     let optimizer = match precision {
         // eps well above the devices' gradient differences (~1e-6) and well below typical
@@ -223,8 +268,14 @@ fn check_blocks<B: Backend + Clone>(dev: &B, kind: Kind, (hidden, ffn, t): (usiz
     for (vname, method) in variants() {
         let case = format!("{kind:?} {hidden}->{ffn}->{hidden} T={t} {precision:?} {vname}");
         let mut r = rng(1234);
-        let w: Vec<Vec<f32>> = lay.iter().map(|&(_, o, i, _)| rand_vec(&mut r, o * i).iter().map(|v| v * 1.5 / (i as f32).sqrt()).collect()).collect();
-        let b: Vec<Option<Vec<f32>>> = lay.iter().map(|&(_, o, _, bias)| bias.then(|| rand_vec(&mut r, o).iter().map(|v| 0.5 * v).collect())).collect();
+        let w: Vec<Vec<f32>> = lay
+            .iter()
+            .map(|&(_, o, i, _)| rand_vec(&mut r, o * i).iter().map(|v| v * 1.5 / (i as f32).sqrt()).collect())
+            .collect();
+        let b: Vec<Option<Vec<f32>>> = lay
+            .iter()
+            .map(|&(_, o, _, bias)| bias.then(|| rand_vec(&mut r, o).iter().map(|v| 0.5 * v).collect()))
+            .collect();
         let bases: Vec<Basis> = lay.iter().map(|&(name, o, i, _)| basis(&mut r, name, o, i)).collect();
         let cpu = Cpu::new();
         let mut want = Block::build(&cpu, kind, hidden, ffn, &w, &b, method, &bases, &opts);
@@ -237,8 +288,11 @@ fn check_blocks<B: Backend + Clone>(dev: &B, kind: Kind, (hidden, ffn, t): (usiz
             let x = rand_vec(&mut r, t * hidden);
             let g = rand_vec(&mut r, t * hidden);
             let (xc, gc) = (cpu.upload(&x).unwrap(), cpu.upload(&g).unwrap());
-            let jitter = |v: &[f32], r: &mut rand::rngs::SmallRng| -> Vec<f32> { v.iter().zip(rand_vec(r, v.len())).map(|(a, e)| a * (1.0 + noise * e)).collect() };
-            let (xd, gd) = (dev.upload(&jitter(&x, &mut noise_rng)).unwrap(), dev.upload(&jitter(&g, &mut noise_rng)).unwrap());
+            let jitter = |v: &[f32], r: &mut rand::rngs::SmallRng| -> Vec<f32> {
+                v.iter().zip(rand_vec(r, v.len())).map(|(a, e)| a * (1.0 + noise * e)).collect()
+            };
+            let (xd, gd) =
+                (dev.upload(&jitter(&x, &mut noise_rng)).unwrap(), dev.upload(&jitter(&g, &mut noise_rng)).unwrap());
             want.forward(&xc, t, &mut yc);
             got.forward(&xd, t, &mut yd);
             close(&format!("{case} step {s}: y"), &dev.download(&yd, t * hidden).unwrap(), &yc, tol);
@@ -250,7 +304,9 @@ fn check_blocks<B: Backend + Clone>(dev: &B, kind: Kind, (hidden, ffn, t): (usiz
                 same &= compare_grads(&format!("{case} step {s} {}", pc.name), pd, pc, tol);
             }
             if !same {
-                println!("{case}: step {s}: the top-k selections differ at the boundary; trajectory comparison stops here");
+                println!(
+                    "{case}: step {s}: the top-k selections differ at the boundary; trajectory comparison stops here"
+                );
                 diverged = true;
                 break;
             }

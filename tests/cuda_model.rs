@@ -32,8 +32,14 @@ fn config() -> LlamaConfig {
 }
 
 fn dataset() -> Dataset {
-    let sentence = |i: usize| -> Vec<u32> { (0..4 + i % 9).map(|j| 3 + ((i * 11 + j * (2 + i % 5)) % 90) as u32).collect() };
-    Dataset { train: (0..120).map(sentence).collect(), validation: (120..150).map(sentence).collect(), spec_bos: 1, spec_eos: Some(2) }
+    let sentence =
+        |i: usize| -> Vec<u32> { (0..4 + i % 9).map(|j| 3 + ((i * 11 + j * (2 + i % 5)) % 90) as u32).collect() };
+    Dataset {
+        train: (0..120).map(sentence).collect(),
+        validation: (120..150).map(sentence).collect(),
+        spec_bos: 1,
+        spec_eos: Some(2),
+    }
 }
 
 fn flow_cfg(method: MethodKind, precision: Precision) -> FinetuneConfig {
@@ -84,7 +90,11 @@ fn compare_flow<B: Backend + Clone>(be: &B) {
             let (expect, _, _) = run(&Cpu::new(), &w, &data, &cfg, None, &mut |_| {}).unwrap();
             let tol = if precision == Precision::Full { 1e-3 } else { 3e-2 };
             for ((s, a), (_, b)) in got.train_curve.iter().zip(&expect.train_curve) {
-                assert!((a - b).abs() <= tol * b.abs().max(1.0), "{} {method:?} {precision:?} step {s}: loss {a} vs CPU {b}", be.name());
+                assert!(
+                    (a - b).abs() <= tol * b.abs().max(1.0),
+                    "{} {method:?} {precision:?} step {s}: loss {a} vs CPU {b}",
+                    be.name()
+                );
             }
             assert!((got.val_loss_after - expect.val_loss_after).abs() <= tol * expect.val_loss_after.abs().max(1.0));
             assert_eq!(got.trainable_parameters, expect.trainable_parameters);

@@ -36,8 +36,26 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
                 let mut dc = Coo::with_capacity(dev, k, (rows, cols)).unwrap();
                 dc.set_from_host(dev, &host).unwrap();
                 let (mut cd, mut dd) = (poisoned(&cpu, k + 2, f32::NAN), poisoned(dev, k + 2, f32::NAN));
-                cpu.sparse_adam(&cc, &mut cm, &mut cv, step, &hp, with_param.then_some(&mut cp), with_delta.then_some(&mut cd)).unwrap();
-                dev.sparse_adam(&dc, &mut dm, &mut dv, step, &hp, with_param.then_some(&mut dp), with_delta.then_some(&mut dd)).unwrap();
+                cpu.sparse_adam(
+                    &cc,
+                    &mut cm,
+                    &mut cv,
+                    step,
+                    &hp,
+                    with_param.then_some(&mut cp),
+                    with_delta.then_some(&mut cd),
+                )
+                .unwrap();
+                dev.sparse_adam(
+                    &dc,
+                    &mut dm,
+                    &mut dv,
+                    step,
+                    &hp,
+                    with_param.then_some(&mut dp),
+                    with_delta.then_some(&mut dd),
+                )
+                .unwrap();
                 let what = format!("sparse_adam {rows}x{cols} step {step} param={with_param} delta={with_delta}");
                 assert_bits(&format!("{what}: exp_avg"), &down(dev, &dm, n), &down(&cpu, &cm, n));
                 assert_bits(&format!("{what}: exp_avg_sq"), &down(dev, &dv, n), &down(&cpu, &cv, n));

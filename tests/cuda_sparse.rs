@@ -11,7 +11,8 @@ use rand::rngs::SmallRng;
 use rand::Rng;
 use sparsegrad::{Backend, Coo, Cpu, Error, HostCoo};
 
-const SHAPES: &[(usize, usize)] = &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];
+const SHAPES: &[(usize, usize)] =
+    &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];
 
 /// Random values, about a third of the rows and of the columns entirely zero, the rest
 /// half zero; a few tiny values so relative thresholds have something to cut.
@@ -37,7 +38,13 @@ fn nonzero_case<B: Backend>(dev: &B, cpu: &Cpu, m: &[f32], rows: usize, cols: us
     let (mut gr, mut gc) = (poisoned(dev, rows + 2, u32::MAX), poisoned(dev, cols + 2, u32::MAX));
     let got = dev.nonzero_rows_cols(&up(dev, m), rows, cols, rel, &mut gr, &mut gc).unwrap();
     assert_eq!((got.n_rows, got.n_cols), (want.n_rows, want.n_cols), "{what}: counts");
-    assert_eq!(got.abs_threshold.to_bits(), want.abs_threshold.to_bits(), "{what}: threshold {} vs {}", got.abs_threshold, want.abs_threshold);
+    assert_eq!(
+        got.abs_threshold.to_bits(),
+        want.abs_threshold.to_bits(),
+        "{what}: threshold {} vs {}",
+        got.abs_threshold,
+        want.abs_threshold
+    );
     let (gr, gc) = (down(dev, &gr, rows + 2), down(dev, &gc, cols + 2));
     let (wr, wc) = (down(cpu, &wr, rows + 2), down(cpu, &wc, cols + 2));
     assert_same(&format!("{what}: rows"), &gr[..want.n_rows], &wr[..want.n_rows]);
@@ -71,16 +78,31 @@ fn check_nonzero<B: Backend>(dev: &B, big: bool) {
     for rel in [0.0, 0.5] {
         nonzero_case(dev, &cpu, &m, 40, 30, rel);
     }
-    assert!(matches!(dev.nonzero_rows_cols(&up(dev, &[1.0f32]), 1, 1, 1.5, &mut poisoned(dev, 1, 0u32), &mut poisoned(dev, 1, 0u32)), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        dev.nonzero_rows_cols(&up(dev, &[1.0f32]), 1, 1, 1.5, &mut poisoned(dev, 1, 0u32), &mut poisoned(dev, 1, 0u32)),
+        Err(Error::InvalidArgument { .. })
+    ));
 }
 
-fn gather_case<B: Backend, T: sparsegrad::Elem>(dev: &B, cpu: &Cpu, src: &[T], src_rows: usize, cols: usize, idx: &[u32], poison: T) {
+fn gather_case<B: Backend, T: sparsegrad::Elem>(
+    dev: &B,
+    cpu: &Cpu,
+    src: &[T],
+    src_rows: usize,
+    cols: usize,
+    idx: &[u32],
+    poison: T,
+) {
     let n = idx.len();
     let mut want = poisoned(cpu, n * cols + 3, poison);
     cpu.gather_rows(&up(cpu, src), src_rows, cols, &up(cpu, idx), n, &mut want).unwrap();
     let mut got = poisoned(dev, n * cols + 3, poison);
     dev.gather_rows(&up(dev, src), src_rows, cols, &up(dev, idx), n, &mut got).unwrap();
-    assert_same(&format!("gather_rows<{}> {src_rows}x{cols} n={n}", T::NAME), &down(dev, &got, n * cols + 3), &down(cpu, &want, n * cols + 3));
+    assert_same(
+        &format!("gather_rows<{}> {src_rows}x{cols} n={n}", T::NAME),
+        &down(dev, &got, n * cols + 3),
+        &down(cpu, &want, n * cols + 3),
+    );
 }
 
 fn check_gathers<B: Backend>(dev: &B) {
@@ -106,10 +128,16 @@ fn check_gathers<B: Backend>(dev: &B) {
         for t in [0.0f32, 0.5, 2.0] {
             let len = n_rows * n_cols + 3;
             let mut want = poisoned(&cpu, len, f32::NAN);
-            cpu.gather_block(&up(&cpu, &f), rows, cols, &up(&cpu, &ri), n_rows, &up(&cpu, &ci), n_cols, t, &mut want).unwrap();
+            cpu.gather_block(&up(&cpu, &f), rows, cols, &up(&cpu, &ri), n_rows, &up(&cpu, &ci), n_cols, t, &mut want)
+                .unwrap();
             let mut got = poisoned(dev, len, f32::NAN);
-            dev.gather_block(&up(dev, &f), rows, cols, &up(dev, &ri), n_rows, &up(dev, &ci), n_cols, t, &mut got).unwrap();
-            assert_bits(&format!("gather_block {rows}x{cols} -> {n_rows}x{n_cols} t={t}"), &down(dev, &got, len), &down(&cpu, &want, len));
+            dev.gather_block(&up(dev, &f), rows, cols, &up(dev, &ri), n_rows, &up(dev, &ci), n_cols, t, &mut got)
+                .unwrap();
+            assert_bits(
+                &format!("gather_block {rows}x{cols} -> {n_rows}x{n_cols} t={t}"),
+                &down(dev, &got, len),
+                &down(&cpu, &want, len),
+            );
         }
     }
 }
@@ -148,7 +176,11 @@ fn check_coo<B: Backend>(dev: &B) {
             cpu.coo_scatter_add(&cc, 0.7, &mut want).unwrap();
             let mut got = up(dev, &dense);
             dev.coo_scatter_add(&dc, 0.7, &mut got).unwrap();
-            assert_bits(&format!("coo_scatter_add {what}"), &down(dev, &got, dense.len()), &down(&cpu, &want, dense.len()));
+            assert_bits(
+                &format!("coo_scatter_add {what}"),
+                &down(dev, &got, dense.len()),
+                &down(&cpu, &want, dense.len()),
+            );
 
             let (mut wu, mut ws) = (poisoned(&cpu, rows + 3, u32::MAX), poisoned(&cpu, k + 2, u32::MAX));
             let wn = cpu.coo_compact_rows(&cc, &mut wu, &mut ws).unwrap();
@@ -173,7 +205,13 @@ fn check_coo<B: Backend>(dev: &B) {
             dev.coo_dense_t(&dc, &slot_d, wn, &up(dev, &bm), b_rows, &mut got).unwrap();
             let per_slot = k as f32 / wn as f32;
             let (got, want) = (down(dev, &got, len), down(&cpu, &want, len));
-            assert_close(&format!("coo_dense_t {what} b_rows={b_rows}"), &got[..len - 3], &want[..len - 3], 1e-6 * (per_slot + 1.0), 1e-5);
+            assert_close(
+                &format!("coo_dense_t {what} b_rows={b_rows}"),
+                &got[..len - 3],
+                &want[..len - 3],
+                1e-6 * (per_slot + 1.0),
+                1e-5,
+            );
             assert_untouched_f32(&format!("coo_dense_t {what}: tail"), &got[len - 3..], f32::NAN);
         }
     }

@@ -10,7 +10,8 @@ use rand::rngs::SmallRng;
 use rand::Rng;
 use sparsegrad::{Backend, Coo, Cpu, Error, IndexMaps};
 
-const SHAPES: &[(usize, usize)] = &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];
+const SHAPES: &[(usize, usize)] =
+    &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];
 
 /// Reads a whole COO buffer set (capacity entries) to the host.
 fn read_all<B: Backend>(b: &B, coo: &Coo<B, f32>) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
@@ -41,7 +42,13 @@ impl Case<'_> {
     }
 
     /// Runs the case on both backends and compares; returns the CPU's result kind.
-    fn check<B: Backend>(&self, dev: &B, dev_ws: &mut B::TopkWorkspace, cpu: &Cpu, cpu_ws: &mut <Cpu as Backend>::TopkWorkspace) {
+    fn check<B: Backend>(
+        &self,
+        dev: &B,
+        dev_ws: &mut B::TopkWorkspace,
+        cpu: &Cpu,
+        cpu_ws: &mut <Cpu as Backend>::TopkWorkspace,
+    ) {
         let what = format!(
             "topk {}x{} k={} maps=({}, {}) full={:?}",
             self.rows,
@@ -56,11 +63,15 @@ impl Case<'_> {
         let (got, got_out) = run(dev, dev_ws, self, cap);
         match (&want, &got) {
             (Ok(()), Ok(())) => {}
-            (Err(Error::NonFinite { count: wc, first_index: wf, .. }), Err(Error::NonFinite { count: gc, first_index: gf, .. })) => {
+            (
+                Err(Error::NonFinite { count: wc, first_index: wf, .. }),
+                Err(Error::NonFinite { count: gc, first_index: gf, .. }),
+            ) => {
                 assert_eq!((gc, gf), (wc, wf), "{what}: NonFinite details");
                 return;
             }
-            (Err(Error::InvalidArgument { .. }), Err(Error::InvalidArgument { .. })) | (Err(Error::Shape { .. }), Err(Error::Shape { .. })) => return,
+            (Err(Error::InvalidArgument { .. }), Err(Error::InvalidArgument { .. }))
+            | (Err(Error::Shape { .. }), Err(Error::Shape { .. })) => return,
             _ => panic!("{what}: results differ: cpu {want:?}, cuda {got:?}"),
         }
         let (w, g) = (want_out.unwrap(), got_out.unwrap());
@@ -79,7 +90,12 @@ impl Case<'_> {
 
 type Out = (usize, (usize, usize), (Vec<u32>, Vec<u32>, Vec<f32>));
 
-fn run<B: Backend>(b: &B, ws: &mut B::TopkWorkspace, c: &Case<'_>, cap: usize) -> (sparsegrad::Result<()>, Option<Out>) {
+fn run<B: Backend>(
+    b: &B,
+    ws: &mut B::TopkWorkspace,
+    c: &Case<'_>,
+    cap: usize,
+) -> (sparsegrad::Result<()>, Option<Out>) {
     let m = up(b, c.m);
     let rm = c.row_map.map(|v| up(b, v));
     let cm = c.col_map.map(|v| up(b, v));
@@ -161,15 +177,20 @@ fn check_topk<B: Backend>(dev: &B, big: bool) {
     // Invalid maps and arguments are rejected by both.
     let m = rand_f32(&mut r, 12);
     let bad = [0u32, 2, 2];
-    Case { m: &m, rows: 3, cols: 4, k: 2, row_map: Some(&bad), col_map: None, full: (5, 4) }.check(dev, &mut dws, &cpu, &mut cws);
+    Case { m: &m, rows: 3, cols: 4, k: 2, row_map: Some(&bad), col_map: None, full: (5, 4) }
+        .check(dev, &mut dws, &cpu, &mut cws);
     let high = [0u32, 2, 5];
-    Case { m: &m, rows: 3, cols: 4, k: 2, row_map: Some(&high), col_map: None, full: (5, 4) }.check(dev, &mut dws, &cpu, &mut cws);
+    Case { m: &m, rows: 3, cols: 4, k: 2, row_map: Some(&high), col_map: None, full: (5, 4) }
+        .check(dev, &mut dws, &cpu, &mut cws);
     Case::plain(&m, 3, 4, 13).check(dev, &mut dws, &cpu, &mut cws);
     let mut small = dev.topk_workspace(4).unwrap();
     let mut out = poisoned_coo(dev, 4, (3, 4));
     let mb = up(dev, &m);
     let maps = IndexMaps { row_map: None, col_map: None, full_shape: (3, 4) };
-    assert!(matches!(dev.topk_coo(&mb, 3, 4, 2, &maps, &mut small, &mut out), Err(Error::InvalidArgument { .. })), "workspace too small");
+    assert!(
+        matches!(dev.topk_coo(&mb, 3, 4, 2, &maps, &mut small, &mut out), Err(Error::InvalidArgument { .. })),
+        "workspace too small"
+    );
 }
 
 #[test]

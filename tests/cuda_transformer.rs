@@ -67,7 +67,8 @@ fn cpu_rmsnorm<F: Real>(cpu: &Cpu, x: &[F], w: &[F], rows: usize, cols: usize, e
 #[allow(clippy::too_many_arguments)]
 fn cpu_rmsnorm_backward<F: Real>(cpu: &Cpu, x: &[F], w: &[F], inv: &[F], dy: &[F], rows: usize, cols: usize) -> Vec<F> {
     let mut dx = cpu.alloc(rows * cols).unwrap();
-    let (x, w, inv, dy) = (cpu.upload(x).unwrap(), cpu.upload(w).unwrap(), cpu.upload(inv).unwrap(), cpu.upload(dy).unwrap());
+    let (x, w, inv, dy) =
+        (cpu.upload(x).unwrap(), cpu.upload(w).unwrap(), cpu.upload(inv).unwrap(), cpu.upload(dy).unwrap());
     cpu.rmsnorm_backward(&x, &w, &inv, &dy, &mut dx, rows, cols).unwrap();
     cpu.download(&dx, rows * cols).unwrap()
 }
@@ -85,9 +86,26 @@ fn cpu_softmax_backward<F: Real>(cpu: &Cpu, p: &[F], dp: &[F], mats: usize, t: u
 }
 
 #[allow(clippy::too_many_arguments)]
-fn cpu_cross_entropy<F: Real>(cpu: &Cpu, logits: &[F], targets: &[u32], mask: &[F], rows: usize, vocab: usize, grad_scale: F) -> (Vec<F>, Vec<F>) {
+fn cpu_cross_entropy<F: Real>(
+    cpu: &Cpu,
+    logits: &[F],
+    targets: &[u32],
+    mask: &[F],
+    rows: usize,
+    vocab: usize,
+    grad_scale: F,
+) -> (Vec<F>, Vec<F>) {
     let (mut l, mut losses) = (cpu.upload(logits).unwrap(), cpu.alloc(rows).unwrap());
-    cpu.cross_entropy(&mut l, &cpu.upload(targets).unwrap(), &cpu.upload(mask).unwrap(), rows, vocab, grad_scale, &mut losses).unwrap();
+    cpu.cross_entropy(
+        &mut l,
+        &cpu.upload(targets).unwrap(),
+        &cpu.upload(mask).unwrap(),
+        rows,
+        vocab,
+        grad_scale,
+        &mut losses,
+    )
+    .unwrap();
     (cpu.download(&losses, rows).unwrap(), cpu.download(&l, rows * vocab).unwrap())
 }
 
@@ -241,7 +259,11 @@ fn check_softmax<B: Backend>(dev: &B, big: bool) {
             for row in 0..mats * t {
                 let i = row % t;
                 if let Some(j) = p[row * t + i + 1..(row + 1) * t].iter().position(|&v| v.to_bits() != 0) {
-                    panic!("{what}: row {row} entry {} above the diagonal is {:e}, not +0", i + 1 + j, p[row * t + i + 1 + j]);
+                    panic!(
+                        "{what}: row {row} entry {} above the diagonal is {:e}, not +0",
+                        i + 1 + j,
+                        p[row * t + i + 1 + j]
+                    );
                 }
             }
 
@@ -284,7 +306,17 @@ fn check_cross_entropy<B: Backend>(dev: &B, big: bool) {
         let mut targets: Vec<u32> = (0..rows).map(|_| r.random_range(0..vocab as u32)).collect();
         // About 20% of the rows masked out (some with a target outside the vocabulary, which
         // is then ignored), some weighted; one row with a dominant logit (p ~ 1 at the target).
-        let mask: Vec<f32> = (0..rows).map(|i| if i > 0 && r.random_bool(0.2) { 0.0 } else if i % 5 == 3 { 0.5 } else { 1.0 }).collect();
+        let mask: Vec<f32> = (0..rows)
+            .map(|i| {
+                if i > 0 && r.random_bool(0.2) {
+                    0.0
+                } else if i % 5 == 3 {
+                    0.5
+                } else {
+                    1.0
+                }
+            })
+            .collect();
         for i in 0..rows {
             if mask[i] == 0.0 && r.random_bool(0.5) {
                 targets[i] = if r.random_bool(0.5) { u32::MAX } else { vocab as u32 };
@@ -297,7 +329,8 @@ fn check_cross_entropy<B: Backend>(dev: &B, big: bool) {
         let grad_scale = 1.0 / kept as f32;
 
         let (loss32, grad32) = cpu_cross_entropy(&cpu, &logits, &targets, &mask, rows, vocab, grad_scale);
-        let (loss64, grad64) = cpu_cross_entropy(&cpu, &to64(&logits), &targets, &to64(&mask), rows, vocab, grad_scale as f64);
+        let (loss64, grad64) =
+            cpu_cross_entropy(&cpu, &to64(&logits), &targets, &to64(&mask), rows, vocab, grad_scale as f64);
         logits.extend([f32::NAN; TAIL]);
         let mut ld = up(dev, &logits);
         let mut lossd = poisoned(dev, rows + TAIL, f32::NAN);
@@ -312,7 +345,10 @@ fn check_cross_entropy<B: Backend>(dev: &B, big: bool) {
         assert_untouched_f32(&format!("{what}: losses tail"), &loss_tail, f32::NAN);
         for i in (0..rows).filter(|&i| mask[i] == 0.0) {
             assert_eq!(loss[i].to_bits(), 0, "{what}: masked row {i} has loss {}", loss[i]);
-            assert!(grad[i * vocab..(i + 1) * vocab].iter().all(|g| g.to_bits() == 0), "{what}: masked row {i} has a gradient");
+            assert!(
+                grad[i * vocab..(i + 1) * vocab].iter().all(|g| g.to_bits() == 0),
+                "{what}: masked row {i} has a gradient"
+            );
         }
     }
 }
@@ -324,7 +360,9 @@ fn check_cross_entropy_errors<B: Backend>(dev: &B) {
     let mut l = up(dev, &logits);
     let mut losses = poisoned(dev, 2, f32::NAN);
     let targets = up(dev, &[0u32, 3]);
-    let r = dev.cross_entropy(&mut l, &targets, &up(dev, &[1.0f32, 0.5]), 2, 3, 1.0, &mut losses).and_then(|()| dev.synchronize());
+    let r = dev
+        .cross_entropy(&mut l, &targets, &up(dev, &[1.0f32, 0.5]), 2, 3, 1.0, &mut losses)
+        .and_then(|()| dev.synchronize());
     assert!(matches!(r, Err(Error::InvalidArgument { .. })), "target 3 of a 3-token vocabulary: {r:?}");
     dev.synchronize().expect("the error is reported once");
     let mut l = up(dev, &logits);
@@ -333,7 +371,9 @@ fn check_cross_entropy_errors<B: Backend>(dev: &B) {
     assert_eq!(down(dev, &losses, 2)[1].to_bits(), 0);
     assert_bits("masked row gradient", &down(dev, &l, 6)[3..], &[0.0; 3]);
     let mut l = up(dev, &logits);
-    let r = dev.cross_entropy(&mut l, &up(dev, &[u32::MAX, 0]), &up(dev, &[-1.0f32, 0.0]), 2, 3, 1.0, &mut losses).and_then(|()| dev.synchronize());
+    let r = dev
+        .cross_entropy(&mut l, &up(dev, &[u32::MAX, 0]), &up(dev, &[-1.0f32, 0.0]), 2, 3, 1.0, &mut losses)
+        .and_then(|()| dev.synchronize());
     assert!(matches!(r, Err(Error::InvalidArgument { .. })), "target u32::MAX with a negative weight: {r:?}");
     dev.synchronize().unwrap();
 }
@@ -347,7 +387,10 @@ fn check_shape_errors<B: Backend>(dev: &B) {
     assert!(matches!(dev.rmsnorm(&b(12), &b(4), &mut y, &mut inv, 3, 0, 1e-5), Err(Error::InvalidArgument { .. })));
     let mut dx = b(12);
     assert!(matches!(dev.rmsnorm_backward(&b(12), &b(3), &b(3), &b(12), &mut dx, 3, 4), Err(Error::Shape { .. })));
-    assert!(matches!(dev.rmsnorm_backward(&b(12), &b(4), &b(3), &b(12), &mut dx, 3, 0), Err(Error::InvalidArgument { .. })));
+    assert!(matches!(
+        dev.rmsnorm_backward(&b(12), &b(4), &b(3), &b(12), &mut dx, 3, 0),
+        Err(Error::InvalidArgument { .. })
+    ));
     let (c, s) = (b(16), b(16));
     let mut x = b(64);
     assert!(matches!(dev.rope(&mut x, 4, 2, 7, 4, &c, &s, false), Err(Error::InvalidArgument { .. })));
@@ -418,7 +461,10 @@ fn transformer_ops_reject_bad_arguments_like_the_cpu() {
     assert!(matches!(cuda.softmax_causal(&mut y, 1, 2, 1.0), Err(Error::UnsupportedDtype { .. })));
     let mut losses = b(2);
     let t = cuda.upload(&[0u32, 1]).unwrap();
-    assert!(matches!(cuda.cross_entropy(&mut y, &t, &b(2), 2, 2, 1.0, &mut losses), Err(Error::UnsupportedDtype { .. })));
+    assert!(matches!(
+        cuda.cross_entropy(&mut y, &t, &b(2), 2, 2, 1.0, &mut losses),
+        Err(Error::UnsupportedDtype { .. })
+    ));
 }
 
 #[test]

@@ -41,7 +41,12 @@ fn example() -> &'static Path {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(example()).args(args).current_dir(root()).env("OPENBLAS_CORETYPE", coretype()).output().expect("cannot run the example")
+    Command::new(example())
+        .args(args)
+        .current_dir(root())
+        .env("OPENBLAS_CORETYPE", coretype())
+        .output()
+        .expect("cannot run the example")
 }
 
 /// Debian's OpenBLAS misdetects some CPUs; name the core type as scripts/run-example.sh does.
@@ -115,7 +120,20 @@ fn tiny_run_writes_every_output_and_the_merged_model_loads() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let out_s = out.to_str().unwrap();
-    let tiny = ["--steps", "2", "--batch", "2", "--seq-len", "8", "--blocks", "29", "--prelim-steps", "1", "--eval-batches", "1"];
+    let tiny = [
+        "--steps",
+        "2",
+        "--batch",
+        "2",
+        "--seq-len",
+        "8",
+        "--blocks",
+        "29",
+        "--prelim-steps",
+        "1",
+        "--eval-batches",
+        "1",
+    ];
     let res = run(&[&tiny[..], &["--out", out_s]].concat());
     let stdout = String::from_utf8_lossy(&res.stdout);
     assert!(res.status.success(), "run failed:\n{stdout}\n{}", String::from_utf8_lossy(&res.stderr));
@@ -141,7 +159,14 @@ fn tiny_run_writes_every_output_and_the_merged_model_loads() {
     assert_eq!(merged.config, base.config);
     assert!(merged.embed == base.embed && merged.final_norm == base.final_norm && merged.lm_head == base.lm_head);
     for (i, (m, b)) in merged.layers.iter().zip(&base.layers).enumerate() {
-        let frozen = [(&m.attn_norm, &b.attn_norm), (&m.q, &b.q), (&m.k, &b.k), (&m.v, &b.v), (&m.o, &b.o), (&m.ffn_norm, &b.ffn_norm)];
+        let frozen = [
+            (&m.attn_norm, &b.attn_norm),
+            (&m.q, &b.q),
+            (&m.k, &b.k),
+            (&m.v, &b.v),
+            (&m.o, &b.o),
+            (&m.ffn_norm, &b.ffn_norm),
+        ];
         assert!(frozen.iter().all(|(x, y)| x == y), "layer {i}: a frozen tensor changed");
         for (name, x, y) in [("gate", &m.gate, &b.gate), ("up", &m.up, &b.up), ("down", &m.down, &b.down)] {
             assert_eq!(x != y, i == 29, "layer {i} {name}: changed exactly when trained");
@@ -150,7 +175,24 @@ fn tiny_run_writes_every_output_and_the_merged_model_loads() {
 
     // The merged directory is a model the example takes again (tokenizer.json inside).
     let again = dir.path().join("again");
-    let res = run(&["--model", out.join("merged").to_str().unwrap(), "--method", "lora", "--steps", "1", "--batch", "1", "--seq-len", "4", "--blocks", "29", "--eval-batches", "1", "--out", again.to_str().unwrap()]);
+    let res = run(&[
+        "--model",
+        out.join("merged").to_str().unwrap(),
+        "--method",
+        "lora",
+        "--steps",
+        "1",
+        "--batch",
+        "1",
+        "--seq-len",
+        "4",
+        "--blocks",
+        "29",
+        "--eval-batches",
+        "1",
+        "--out",
+        again.to_str().unwrap(),
+    ]);
     assert!(res.status.success(), "rerun on merged/ failed:\n{}", String::from_utf8_lossy(&res.stderr));
     assert!(again.join("merged").join("model.safetensors").is_file());
 }

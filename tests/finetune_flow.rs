@@ -28,8 +28,14 @@ fn config() -> LlamaConfig {
 
 /// Sentences from a tiny "language": counting patterns the model can learn fast.
 fn dataset() -> Dataset {
-    let sentence = |i: usize| -> Vec<u32> { (0..3 + i % 5).map(|j| 3 + ((i * 7 + j * (1 + i % 3)) % 40) as u32).collect() };
-    Dataset { train: (0..200).map(sentence).collect(), validation: (200..232).map(sentence).collect(), spec_bos: 1, spec_eos: Some(2) }
+    let sentence =
+        |i: usize| -> Vec<u32> { (0..3 + i % 5).map(|j| 3 + ((i * 7 + j * (1 + i % 3)) % 40) as u32).collect() };
+    Dataset {
+        train: (0..200).map(sentence).collect(),
+        validation: (200..232).map(sentence).collect(),
+        spec_bos: 1,
+        spec_eos: Some(2),
+    }
 }
 
 fn cfg(method: MethodKind) -> FinetuneConfig {
@@ -62,7 +68,12 @@ fn every_method_runs_the_flow_and_lowers_the_validation_loss() {
         let cpu = Cpu::new();
         let mut events = Vec::new();
         let (report, model, bases) = run(&cpu, &weights, &data, &cfg(method), None, &mut |p| events.push(p)).unwrap();
-        assert!(report.val_loss_after < report.val_loss_before, "{method:?}: {} -> {}", report.val_loss_before, report.val_loss_after);
+        assert!(
+            report.val_loss_after < report.val_loss_before,
+            "{method:?}: {} -> {}",
+            report.val_loss_before,
+            report.val_loss_after
+        );
         assert_eq!(report.train_curve.len(), 12);
         assert_eq!(report.val_curve.iter().map(|v| v.0).collect::<Vec<_>>(), vec![0, 4, 8, 12]);
         assert!(report.peak_memory_bytes > 0 && report.tokens_per_s > 0.0);
@@ -90,7 +101,12 @@ fn every_method_runs_the_flow_and_lowers_the_validation_loss() {
             MethodKind::Lora => Method::Lora { rank: budget, alpha: 2.0 * budget as f32 },
         };
         let plan = MlpPlan { layers: vec![1, 3], methods: [rebuilt_method; 3] };
-        let opts = TrainOptions { optimizer: sparsegrad::Optimizer::Adam(sparsegrad::AdamParams { lr: 1e-2, ..Default::default() }), expected_tokens: 40, seed: 7, ..Default::default() };
+        let opts = TrainOptions {
+            optimizer: sparsegrad::Optimizer::Adam(sparsegrad::AdamParams { lr: 1e-2, ..Default::default() }),
+            expected_tokens: 40,
+            seed: 7,
+            ..Default::default()
+        };
         let mut fresh = LlamaModel::<Cpu, f32>::new(&cpu, &weights, &plan, bases.as_ref(), &opts, 10).unwrap();
         fresh.load_adapter(&path, &weights).unwrap();
         let got = fresh.logits(&probe).unwrap();
@@ -98,7 +114,8 @@ fn every_method_runs_the_flow_and_lowers_the_validation_loss() {
         let worst = got.iter().zip(&expect).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst <= 1e-4 * max.max(1.0), "{method:?}: adapter reload differs by {worst}");
         let merged = trained.merged_weights(&weights).unwrap();
-        let mut frozen = LlamaModel::<Cpu, f32>::new(&cpu, &merged, &MlpPlan::frozen(), None, &TrainOptions::default(), 10).unwrap();
+        let mut frozen =
+            LlamaModel::<Cpu, f32>::new(&cpu, &merged, &MlpPlan::frozen(), None, &TrainOptions::default(), 10).unwrap();
         let got = frozen.logits(&probe).unwrap();
         let worst = got.iter().zip(&expect).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst <= 1e-4 * max.max(1.0), "{method:?}: merged model differs by {worst}");
@@ -120,7 +137,8 @@ fn bad_configurations_are_clear_errors() {
         assert!(matches!(err, sparsegrad::Error::InvalidArgument { .. }), "{err}");
     }
     // Sequences longer than the model was built for are refused, not truncated silently.
-    let mut model = LlamaModel::<Cpu, f32>::new(&cpu, &weights, &MlpPlan::frozen(), None, &TrainOptions::default(), 4).unwrap();
+    let mut model =
+        LlamaModel::<Cpu, f32>::new(&cpu, &weights, &MlpPlan::frozen(), None, &TrainOptions::default(), 4).unwrap();
     assert!(model.logits(&[1, 2, 3, 4, 5]).is_err());
     assert!(model.logits(&[1, 2, 99]).is_err(), "token outside the vocabulary");
 }

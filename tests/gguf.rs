@@ -429,7 +429,15 @@ fn corrupt_header_fields() {
         GgufFile::parse(&b.build().0)
     };
     assert_format_err(dup, "appears twice");
-    let bad_utf8 = GgufFile::parse(&Builder::new().kv("\u{7f}", T_U8, vec![1]).build().0.iter().map(|&c| if c == 0x7f { 0xff } else { c }).collect::<Vec<_>>());
+    let bad_utf8 = GgufFile::parse(
+        &Builder::new()
+            .kv("\u{7f}", T_U8, vec![1])
+            .build()
+            .0
+            .iter()
+            .map(|&c| if c == 0x7f { 0xff } else { c })
+            .collect::<Vec<_>>(),
+    );
     assert_format_err(bad_utf8, "not valid UTF-8");
 }
 
@@ -467,7 +475,10 @@ fn corrupt_tensor_fields() {
 fn bad_alignment_is_a_metadata_error() {
     for v in [0u32, 3, 48] {
         let b = Builder::new().kv("general.alignment", T_U32, v.to_le_bytes().to_vec());
-        assert!(matches!(GgufFile::parse(&b.build().0), Err(Error::Metadata { key, .. }) if key == "general.alignment"), "alignment {v}");
+        assert!(
+            matches!(GgufFile::parse(&b.build().0), Err(Error::Metadata { key, .. }) if key == "general.alignment"),
+            "alignment {v}"
+        );
     }
     let b = Builder::new().kv("general.alignment", T_U64, 32u64.to_le_bytes().to_vec());
     assert!(matches!(GgufFile::parse(&b.build().0), Err(Error::Metadata { .. })));
@@ -578,7 +589,8 @@ fn real_smollm2_config_and_tensors() {
         let info = f.tensor_info(&norm).unwrap();
         assert_eq!((info.ggml_type, info.shape()), (GgmlType::F32, vec![576]));
         // F32 tensors come back exactly as stored.
-        let raw: Vec<f32> = f.tensor_bytes(&norm).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        let raw: Vec<f32> =
+            f.tensor_bytes(&norm).unwrap().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
         assert_eq!(f.tensor_f32(&norm).unwrap().0, raw);
         for (name, shape) in [
             ("attn_q", [576, 576]),

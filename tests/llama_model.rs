@@ -74,7 +74,10 @@ fn reference_logits(w: &LlamaWeights, ids: &[u32]) -> Vec<f64> {
             let g = hh / (c.heads / c.kv_heads);
             for i in 0..n {
                 let scores: Vec<f64> = (0..=i)
-                    .map(|j| (0..hd).map(|d| q[i * c.q_dim() + hh * hd + d] * k[j * c.kv_dim() + g * hd + d]).sum::<f64>() / (hd as f64).sqrt())
+                    .map(|j| {
+                        (0..hd).map(|d| q[i * c.q_dim() + hh * hd + d] * k[j * c.kv_dim() + g * hd + d]).sum::<f64>()
+                            / (hd as f64).sqrt()
+                    })
                     .collect();
                 let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
@@ -104,7 +107,8 @@ fn forward_matches_a_naive_reference_on_a_tiny_random_model() {
     for tied in [true, false] {
         let w = LlamaWeights::random(&tiny_config(tied), 3).unwrap();
         let cpu = Cpu::new();
-        let mut model = LlamaModel::<Cpu, f64>::new(&cpu, &w, &MlpPlan::frozen(), None, &TrainOptions::default(), 64).unwrap();
+        let mut model =
+            LlamaModel::<Cpu, f64>::new(&cpu, &w, &MlpPlan::frozen(), None, &TrainOptions::default(), 64).unwrap();
         let ids = [1u32, 5, 9, 36, 0, 12, 7];
         let got = model.logits(&ids).unwrap();
         let expect = reference_logits(&w, &ids);
@@ -124,11 +128,15 @@ fn real_model() -> Option<LlamaWeights> {
 #[test]
 fn real_model_matches_the_reference_and_completes_paris() {
     let Some(w) = real_model() else { return };
-    let gguf = sparsegrad::io::gguf::GgufFile::open(Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let gguf = sparsegrad::io::gguf::GgufFile::open(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
     let tok = sparsegrad::model::tokenizer::Tokenizer::from_gguf(&gguf).unwrap();
     let ids = tok.encode("The capital of France is").unwrap();
     let cpu = Cpu::new();
-    let mut model = LlamaModel::<Cpu, f32>::new(&cpu, &w, &MlpPlan::frozen(), None, &TrainOptions::default(), 64).unwrap();
+    let mut model =
+        LlamaModel::<Cpu, f32>::new(&cpu, &w, &MlpPlan::frozen(), None, &TrainOptions::default(), 64).unwrap();
     let logits = model.logits(&ids).unwrap();
     let expect = reference_logits(&w, &ids);
     // f32 through 30 layers against f64: compare with a tolerance scaled to the logits.
@@ -174,7 +182,11 @@ fn finite_differences_of_the_loss_for_every_method() {
     let methods = [
         Method::Full,
         Method::SparseGrad { keep: all, selection: Selection::Exact, formulation: Some(Formulation::Transformed) },
-        Method::SparseGrad { keep: all, selection: Selection::SparseByDense { threshold: 0.0 }, formulation: Some(Formulation::Merged) },
+        Method::SparseGrad {
+            keep: all,
+            selection: Selection::SparseByDense { threshold: 0.0 },
+            formulation: Some(Formulation::Merged),
+        },
         Method::MeProp { keep: all },
         Method::Lora { rank: 2, alpha: 4.0 },
     ];
@@ -213,7 +225,12 @@ fn finite_differences_of_the_loss_for_every_method() {
                         m.forward(&ids, &targets, &mask, b, s, 0.0).unwrap().sum / n
                     };
                     let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h);
-                    assert!((fd - g).abs() < 2e-6 * (1.0 + fd.abs()), "{} layer {layer} {} entry {e}: analytic {g} vs fd {fd}", method.name(), GROUPS[j]);
+                    assert!(
+                        (fd - g).abs() < 2e-6 * (1.0 + fd.abs()),
+                        "{} layer {layer} {} entry {e}: analytic {g} vs fd {fd}",
+                        method.name(),
+                        GROUPS[j]
+                    );
                 }
             }
         }
@@ -238,7 +255,9 @@ fn gradient_and_directions(p: &Linear<Cpu, f64>, bases: &BasisSet, group: &str) 
                 }
                 Err(_) => d.grad_host().unwrap(),
             };
-            let dirs = (0..g.len()).map(|i| Box::new(move |l: &mut Linear<Cpu, f64>, eps: f64| nudge_dense(l, i, eps)) as Direction).collect();
+            let dirs = (0..g.len())
+                .map(|i| Box::new(move |l: &mut Linear<Cpu, f64>, eps: f64| nudge_dense(l, i, eps)) as Direction)
+                .collect();
             (g, dirs)
         }
         Linear::SparseGrad(sg) => {
@@ -256,7 +275,9 @@ fn gradient_and_directions(p: &Linear<Cpu, f64>, bases: &BasisSet, group: &str) 
             let (ga, gb) = lo.grads_host().unwrap();
             let na = ga.len();
             let g: Vec<f64> = ga.into_iter().chain(gb).collect();
-            let dirs = (0..g.len()).map(|i| Box::new(move |l: &mut Linear<Cpu, f64>, eps: f64| nudge_lora(l, i, na, eps)) as Direction).collect();
+            let dirs = (0..g.len())
+                .map(|i| Box::new(move |l: &mut Linear<Cpu, f64>, eps: f64| nudge_lora(l, i, na, eps)) as Direction)
+                .collect();
             (g, dirs)
         }
     }

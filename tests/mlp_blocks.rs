@@ -18,7 +18,10 @@ use sparsegrad::backend::cpu::CpuBuf;
 use sparsegrad::linear::lora::LoraLinear;
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
 use sparsegrad::mlp::{BertMlp, LlamaMlp, Projection, ProjectionSpec};
-use sparsegrad::{AdamParams, Backend, Basis, Cpu, Formulation, GeluKind, GramAccumulator, Keep, Optimizer, Precision, Real, Selection};
+use sparsegrad::{
+    AdamParams, Backend, Basis, Cpu, Formulation, GeluKind, GramAccumulator, Keep, Optimizer, Precision, Real,
+    Selection,
+};
 use std::collections::BTreeMap;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,8 +50,15 @@ enum Variant {
     Lora,
     MeProp,
 }
-const VARIANTS: [Variant; 7] =
-    [Variant::Frozen, Variant::Collect, Variant::Full, Variant::SgTransformed, Variant::SgMerged, Variant::Lora, Variant::MeProp];
+const VARIANTS: [Variant; 7] = [
+    Variant::Frozen,
+    Variant::Collect,
+    Variant::Full,
+    Variant::SgTransformed,
+    Variant::SgMerged,
+    Variant::Lora,
+    Variant::MeProp,
+];
 
 const RANK: usize = 2;
 /// `s = alpha / r = 2`, so the LoRA scaling is exercised.
@@ -158,11 +168,30 @@ impl<F: Real> Block<F> {
 
 /// Builds a block of `kind`; projection `i` trains by `methods[i]` in group `bases[i].group`.
 #[allow(clippy::too_many_arguments)]
-fn build<F: Real>(cpu: &Cpu, kind: Kind, hidden: usize, ffn: usize, p: &Params<F>, methods: &[Method], bases: &[Basis], opts: &TrainOptions) -> Block<F> {
-    let spec = |i: usize| ProjectionSpec { weight: &p.w[i], bias: p.b[i].as_deref(), method: methods[i], group: &bases[i].group, basis: Some(&bases[i]) };
+fn build<F: Real>(
+    cpu: &Cpu,
+    kind: Kind,
+    hidden: usize,
+    ffn: usize,
+    p: &Params<F>,
+    methods: &[Method],
+    bases: &[Basis],
+    opts: &TrainOptions,
+) -> Block<F> {
+    let spec = |i: usize| ProjectionSpec {
+        weight: &p.w[i],
+        bias: p.b[i].as_deref(),
+        method: methods[i],
+        group: &bases[i].group,
+        basis: Some(&bases[i]),
+    };
     match kind {
-        Kind::Bert => Block::Bert(BertMlp::new(cpu, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new")),
-        Kind::Llama => Block::Llama(LlamaMlp::new(cpu, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new")),
+        Kind::Bert => {
+            Block::Bert(BertMlp::new(cpu, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"))
+        }
+        Kind::Llama => {
+            Block::Llama(LlamaMlp::new(cpu, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"))
+        }
     }
 }
 
@@ -171,16 +200,40 @@ fn sgd(lr: f32, t: usize) -> TrainOptions {
 }
 
 fn adam(lr: f32, t: usize) -> TrainOptions {
-    TrainOptions { optimizer: Optimizer::Adam(AdamParams { lr, ..Default::default() }), precision: Precision::Full, expected_tokens: t, seed: 3 }
+    TrainOptions {
+        optimizer: Optimizer::Adam(AdamParams { lr, ..Default::default() }),
+        precision: Precision::Full,
+        expected_tokens: t,
+        seed: 3,
+    }
 }
 
 /// Replaces the projections of `block` marked in `mask` by LoRA layers with the given
 /// factors `(A, B)`.
-fn install_lora<F: Real>(cpu: &Cpu, block: &mut Block<F>, p: &Params<F>, factors: &[(Vec<F>, Vec<F>)], mask: &[bool], opts: &TrainOptions) {
+fn install_lora<F: Real>(
+    cpu: &Cpu,
+    block: &mut Block<F>,
+    p: &Params<F>,
+    factors: &[(Vec<F>, Vec<F>)],
+    mask: &[bool],
+    opts: &TrainOptions,
+) {
     for (i, proj) in block.projections_mut().into_iter().enumerate().filter(|(i, _)| mask[*i]) {
         let (out, inp) = (proj.linear.out_features(), proj.linear.in_features());
         let (a, b) = &factors[i];
-        let lora = LoraLinear::from_factors(cpu, &p.w[i], p.b[i].as_deref(), out, inp, RANK, ALPHA, a, b, opts.optimizer, opts.precision);
+        let lora = LoraLinear::from_factors(
+            cpu,
+            &p.w[i],
+            p.b[i].as_deref(),
+            out,
+            inp,
+            RANK,
+            ALPHA,
+            a,
+            b,
+            opts.optimizer,
+            opts.precision,
+        );
         proj.linear = Linear::Lora(lora.expect("LoraLinear::from_factors"));
     }
 }
@@ -272,7 +325,13 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
             if let Some((a0, db)) = before {
                 let (a, b) = lora_of(p).factors_host().unwrap();
                 assert_eq!(a, a0, "{label} {}: A moved although dA = 0", p.name);
-                assert_close(&format!("{label} {}: B after one SGD step", p.name), &b, &db.iter().map(|v| -0.5 * v).collect::<Vec<_>>(), 1e-15, 1e-12);
+                assert_close(
+                    &format!("{label} {}: B after one SGD step", p.name),
+                    &b,
+                    &db.iter().map(|v| -0.5 * v).collect::<Vec<_>>(),
+                    1e-15,
+                    1e-12,
+                );
                 lora.push((a, b));
             } else {
                 lora.push((Vec::new(), Vec::new()));
@@ -298,10 +357,14 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
     let mut y = cpu.alloc(t * hidden).unwrap();
     let mut dx = cpu.alloc(t * hidden).unwrap();
     block.forward(&xb, t, &mut y);
-    assert!((y.iter().zip(&probe).map(|(a, b)| a * b).sum::<f64>() - loss(&params, &lora, &x)).abs() < 1e-12, "{label}: loss not reproducible");
+    assert!(
+        (y.iter().zip(&probe).map(|(a, b)| a * b).sum::<f64>() - loss(&params, &lora, &x)).abs() < 1e-12,
+        "{label}: loss not reproducible"
+    );
     block.backward(&gb, t, Some(&mut dx));
 
-    let fd_x: Vec<f64> = (0..t * hidden).map(|i| central(|h| loss(&params, &lora, &axpy(&x, h, &unit(t * hidden, i))))).collect();
+    let fd_x: Vec<f64> =
+        (0..t * hidden).map(|i| central(|h| loss(&params, &lora, &axpy(&x, h, &unit(t * hidden, i))))).collect();
     assert_fd(&format!("{label}: dx"), &dx, &fd_x);
 
     for (i, (proj, &(name, out, inp, has_bias))) in block.projections().into_iter().zip(&lay).enumerate() {
@@ -326,7 +389,8 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
                     let Linear::Dense(l) = &proj.linear else { panic!("{what}: MeProp is a dense layer") };
                     let coo = l.sparse_grad_host().unwrap();
                     assert_eq!(coo.len(), out * inp, "{what}: keep = 100% selects every entry");
-                    let sel: Vec<f64> = (0..coo.len()).map(|e| dw[coo.rows[e] as usize * inp + coo.cols[e] as usize]).collect();
+                    let sel: Vec<f64> =
+                        (0..coo.len()).map(|e| dw[coo.rows[e] as usize * inp + coo.cols[e] as usize]).collect();
                     assert_eq!(coo.values, sel, "{what}: MeProp's COO values are dW's entries");
                 }
             }
@@ -339,7 +403,8 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
                 let fd: Vec<f64> = (0..coo.len())
                     .map(|e| {
                         let (a, b) = (coo.rows[e] as usize, coo.cols[e] as usize);
-                        let dir: Vec<f64> = (0..out * inp).map(|l| p[(l / inp) * out + a] * q[(l % inp) * inp + b]).collect();
+                        let dir: Vec<f64> =
+                            (0..out * inp).map(|l| p[(l / inp) * out + a] * q[(l % inp) * inp + b]).collect();
                         central(|h| moved_w(&dir, h))
                     })
                     .collect();
@@ -364,7 +429,8 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
             }
         }
         // Biases train with Full, SparseGrad and MeProp; Collect, Frozen and LoRA keep them.
-        let trains_bias = has_bias && matches!(variants[i], Variant::Full | Variant::SgTransformed | Variant::SgMerged | Variant::MeProp);
+        let trains_bias = has_bias
+            && matches!(variants[i], Variant::Full | Variant::SgTransformed | Variant::SgMerged | Variant::MeProp);
         match bias_grad(proj) {
             Some(db) => {
                 assert!(trains_bias, "{what}: unexpected bias gradient");
@@ -427,7 +493,9 @@ fn sparsegrad_at_full_keep_follows_full_finetuning_under_sgd() {
         let opts = sgd(0.05, t);
         let mut blocks: Vec<(Variant, Block<f64>)> = [Variant::Full, Variant::SgTransformed, Variant::SgMerged]
             .into_iter()
-            .map(|v| (v, build(&cpu, kind, hidden, ffn, &params, &vec![method(v, Keep::Fraction(1.0)); n], &bases, &opts)))
+            .map(|v| {
+                (v, build(&cpu, kind, hidden, ffn, &params, &vec![method(v, Keep::Fraction(1.0)); n], &bases, &opts))
+            })
             .collect();
         let mut y = cpu.alloc(t * hidden).unwrap();
         let mut dx = cpu.alloc(t * hidden).unwrap();
@@ -558,7 +626,12 @@ fn merged_weights_reproduce_the_trained_block() {
                 block.step();
             }
             let merged = block.merged();
-            let moved = merged.w.iter().zip(&params.w).map(|(a, b)| a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max)).fold(0.0, f32::max);
+            let moved = merged
+                .w
+                .iter()
+                .zip(&params.w)
+                .map(|(a, b)| a.iter().zip(b).map(|(p, q)| (p - q).abs()).fold(0.0f32, f32::max))
+                .fold(0.0, f32::max);
             let trains = !matches!(v, Variant::Frozen | Variant::Collect);
             let what = format!("{kind:?} {v:?}");
             if trains {
@@ -611,7 +684,10 @@ fn collect_feeds_the_gram_accumulators_and_trains_nothing() {
         // no step: the full block stays at the same weights
         for p in full.projections() {
             let grad = p.linear.dense_grad_host().unwrap();
-            want.entry(p.group.clone()).or_insert_with(|| GramAccumulator::new(p.linear.out_features(), p.linear.in_features())).add(&grad).unwrap();
+            want.entry(p.group.clone())
+                .or_insert_with(|| GramAccumulator::new(p.linear.out_features(), p.linear.in_features()))
+                .add(&grad)
+                .unwrap();
         }
         assert_eq!(y.to_vec(), y_full.to_vec(), "step {s}: collecting block's output");
         first_y.get_or_insert_with(|| y.to_vec());
@@ -648,7 +724,8 @@ fn trainable_parameter_counts() {
         let bases = random_bases(&mut r, kind, hidden, ffn);
         let lay = layout(kind, hidden, ffn);
         for v in VARIANTS {
-            let block = build(&cpu, kind, hidden, ffn, &params, &vec![method(v, keep); lay.len()], &bases, &adam(1e-3, 8));
+            let block =
+                build(&cpu, kind, hidden, ffn, &params, &vec![method(v, keep); lay.len()], &bases, &adam(1e-3, 8));
             let want: usize = lay
                 .iter()
                 .map(|&(_, out, inp, bias)| {
@@ -689,7 +766,16 @@ fn keep_fraction_is_not_inflated_by_float_rounding() {
     let params: Params<f32> = random_params(&mut r, Kind::Bert, hidden, ffn);
     let bases = random_bases(&mut r, Kind::Bert, hidden, ffn);
     let cpu = Cpu::new();
-    let block = build(&cpu, Kind::Bert, hidden, ffn, &params, &[Method::MeProp { keep: Keep::Fraction(0.07) }; 2], &bases, &adam(1e-3, 4));
+    let block = build(
+        &cpu,
+        Kind::Bert,
+        hidden,
+        ffn,
+        &params,
+        &[Method::MeProp { keep: Keep::Fraction(0.07) }; 2],
+        &bases,
+        &adam(1e-3, 4),
+    );
     assert_eq!(block.trainable_parameters(), 2 * (7 + 10), "MeProp at 7% of two 10 x 10 projections (+ biases)");
 }
 
@@ -705,7 +791,8 @@ fn steps_allocate_nothing_after_the_first() {
                 let params: Params<f32> = random_params(&mut r, kind, hidden, ffn);
                 let bases = random_bases(&mut r, kind, hidden, ffn);
                 let cpu = Cpu::new();
-                let mut block = build(&cpu, kind, hidden, ffn, &params, &vec![method(v, Keep::Fraction(0.2)); n], &bases, &opts);
+                let mut block =
+                    build(&cpu, kind, hidden, ffn, &params, &vec![method(v, Keep::Fraction(0.2)); n], &bases, &opts);
                 let x = cpu.upload(&rand_vec(&mut r, t * hidden)).unwrap();
                 let g = cpu.upload(&rand_vec(&mut r, t * hidden)).unwrap();
                 let mut y = cpu.alloc(t * hidden).unwrap();
@@ -720,8 +807,15 @@ fn steps_allocate_nothing_after_the_first() {
                 for s in 2..=4 {
                     run(&mut block);
                     let now = cpu.memory_stats();
-                    assert_eq!(now.allocations, after_first.allocations, "{kind:?} {v:?} {:?}: step {s} allocated", opts.optimizer);
-                    assert_eq!(now.current_bytes, after_first.current_bytes, "{kind:?} {v:?}: step {s} changed held memory");
+                    assert_eq!(
+                        now.allocations, after_first.allocations,
+                        "{kind:?} {v:?} {:?}: step {s} allocated",
+                        opts.optimizer
+                    );
+                    assert_eq!(
+                        now.current_bytes, after_first.current_bytes,
+                        "{kind:?} {v:?}: step {s} changed held memory"
+                    );
                 }
             }
         }

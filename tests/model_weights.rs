@@ -128,7 +128,8 @@ fn write_st(path: &Path, tensors: &[StTensor]) {
 fn read_st(path: &Path) -> Vec<StTensor> {
     let bytes = std::fs::read(path).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut v: Vec<_> = st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    let mut v: Vec<_> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -175,21 +176,36 @@ fn loads_f16_and_bf16_checkpoints() {
     ] {
         let back = |b: &[u8]| -> f32 {
             let bits = u16::from_le_bytes([b[0], b[1]]);
-            if dtype == Dtype::F16 { half::f16::from_bits(bits).to_f32() } else { half::bf16::from_bits(bits).to_f32() }
+            if dtype == Dtype::F16 {
+                half::f16::from_bits(bits).to_f32()
+            } else {
+                half::bf16::from_bits(bits).to_f32()
+            }
         };
         let mut expect = w.clone();
         let round = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = back(&conv(*x)));
         round(&mut expect.embed);
         round(&mut expect.final_norm);
         for l in &mut expect.layers {
-            for v in [&mut l.attn_norm, &mut l.q, &mut l.k, &mut l.v, &mut l.o, &mut l.ffn_norm, &mut l.gate, &mut l.up, &mut l.down] {
+            for v in [
+                &mut l.attn_norm,
+                &mut l.q,
+                &mut l.k,
+                &mut l.v,
+                &mut l.o,
+                &mut l.ffn_norm,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
                 round(v);
             }
         }
         let half_tensors: Vec<_> = tensors
             .iter()
             .map(|(n, _, s, b)| {
-                let data: Vec<u8> = b.chunks_exact(4).flat_map(|c| conv(f32::from_le_bytes(c.try_into().unwrap()))).collect();
+                let data: Vec<u8> =
+                    b.chunks_exact(4).flat_map(|c| conv(f32::from_le_bytes(c.try_into().unwrap()))).collect();
                 (n.clone(), dtype, s.clone(), data)
             })
             .collect();
@@ -211,13 +227,18 @@ fn missing_tensor_wrong_shape_and_dtype_errors_name_the_tensor() {
     let err = LlamaWeights::from_hf_dir(dir.path()).unwrap_err();
     assert!(matches!(&err, Error::MissingTensor { name, .. } if name == victim), "{err:?}");
 
-    let reshaped: Vec<_> =
-        tensors.iter().map(|t| if t.0 == victim { (t.0.clone(), t.1, vec![48, 40], t.3.clone()) } else { t.clone() }).collect();
+    let reshaped: Vec<_> = tensors
+        .iter()
+        .map(|t| if t.0 == victim { (t.0.clone(), t.1, vec![48, 40], t.3.clone()) } else { t.clone() })
+        .collect();
     write_st(&path, &reshaped);
     let err = LlamaWeights::from_hf_dir(dir.path()).unwrap_err();
     assert!(matches!(err, Error::Shape { .. }) && err.to_string().contains(victim), "{err}");
 
-    let retyped: Vec<_> = tensors.iter().map(|t| if t.0 == victim { (t.0.clone(), Dtype::I32, t.2.clone(), t.3.clone()) } else { t.clone() }).collect();
+    let retyped: Vec<_> = tensors
+        .iter()
+        .map(|t| if t.0 == victim { (t.0.clone(), Dtype::I32, t.2.clone(), t.3.clone()) } else { t.clone() })
+        .collect();
     write_st(&path, &retyped);
     let err = LlamaWeights::from_hf_dir(dir.path()).unwrap_err();
     assert!(matches!(&err, Error::Dtype { name, .. } if name == victim), "{err:?}");
@@ -225,7 +246,9 @@ fn missing_tensor_wrong_shape_and_dtype_errors_name_the_tensor() {
     // Untied config without lm_head.
     let no_head: Vec<_> = tensors.iter().filter(|t| t.0 != "lm_head.weight").cloned().collect();
     write_st(&path, &no_head);
-    assert!(matches!(LlamaWeights::from_hf_dir(dir.path()), Err(Error::MissingTensor { name, .. }) if name == "lm_head.weight"));
+    assert!(
+        matches!(LlamaWeights::from_hf_dir(dir.path()), Err(Error::MissingTensor { name, .. }) if name == "lm_head.weight")
+    );
 
     // A truncated safetensors file.
     std::fs::write(&path, &std::fs::read(dir.path().join("config.json")).unwrap()[..10]).unwrap();
@@ -273,7 +296,9 @@ fn hf_config_json_defaults_and_errors() {
     write(serde_json::json!({ "hidden_size": "64" }));
     assert!(matches!(LlamaConfig::from_hf_config_json(&p), Err(Error::Metadata { key, .. }) if key == "hidden_size"));
     write(serde_json::json!({ "hidden_size": 64 }));
-    assert!(matches!(LlamaConfig::from_hf_config_json(&p), Err(Error::Metadata { key, .. }) if key == "num_attention_heads"));
+    assert!(
+        matches!(LlamaConfig::from_hf_config_json(&p), Err(Error::Metadata { key, .. }) if key == "num_attention_heads")
+    );
     std::fs::write(&p, "{ not json").unwrap();
     assert!(matches!(LlamaConfig::from_hf_config_json(&p), Err(Error::Format { .. })));
 }

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use sparsegrad::linear::Precision;
-use sparsegrad::{AdamParams, Optimizer, Backend, Cpu, Formulation, Keep, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{
+    AdamParams, Backend, Cpu, Formulation, Keep, Optimizer, Selection, SparseGradConfig, SparseGradLinear,
+};
 
 const FORMS: [Formulation; 2] = [Formulation::Transformed, Formulation::Merged];
 
@@ -136,7 +138,11 @@ fn finite_differences_in_f64_match_the_whole_layer() {
             let wm: Vec<f64> = w.iter().zip(&dir).map(|(a, d)| a - h * d).collect();
             let fd = (loss(&wp, &b, &x) - loss(&wm, &b, &x)) / (2.0 * h);
             // P and Q are orthogonal only to f32 precision, hence the 1e-6.
-            assert!((fd - coo.values[e]).abs() < 1e-6 * (1.0 + fd.abs()), "{form:?} dWt({i},{j}): fd {fd} vs {}", coo.values[e]);
+            assert!(
+                (fd - coo.values[e]).abs() < 1e-6 * (1.0 + fd.abs()),
+                "{form:?} dWt({i},{j}): fd {fd} vs {}",
+                coo.values[e]
+            );
         }
     }
 }
@@ -154,7 +160,8 @@ fn sparse_by_dense_at_threshold_zero_equals_exact_and_skips_padding_rows() {
         for keep in [Keep::Count(1), Keep::Count(7), Keep::Fraction(0.05), Keep::Fraction(1.0)] {
             let mut results = Vec::new();
             for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
-                let mut layer = SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, cfg(form, keep, sel)).unwrap();
+                let mut layer =
+                    SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, cfg(form, keep, sel)).unwrap();
                 let x = cpu.upload(&pr.x).unwrap();
                 let g = cpu.upload(&pr.g).unwrap();
                 let mut y = cpu.alloc(t * out).unwrap();
@@ -176,7 +183,11 @@ fn sparse_by_dense_at_threshold_zero_equals_exact_and_skips_padding_rows() {
 fn sparse_by_dense_with_a_threshold_multiplies_a_smaller_block() {
     let pr = problem(12, 32, 16, 48);
     let cpu = Cpu::new();
-    let c = SparseGradConfig { keep: Keep::Count(20), selection: Selection::SparseByDense { threshold: 0.5 }, ..Default::default() };
+    let c = SparseGradConfig {
+        keep: Keep::Count(20),
+        selection: Selection::SparseByDense { threshold: 0.5 },
+        ..Default::default()
+    };
     let mut layer = SparseGradLinear::new(&cpu, &pr.w, None, &pr.basis, c).unwrap();
     assert_eq!(layer.formulation(), Formulation::Transformed, "a positive threshold needs the transformed form");
     let x = cpu.upload(&pr.x).unwrap();
@@ -190,7 +201,10 @@ fn sparse_by_dense_with_a_threshold_multiplies_a_smaller_block() {
     assert_eq!(coo.len(), 20);
     coo.validate().unwrap();
     let bad = SparseGradConfig { formulation: Some(Formulation::Merged), ..c };
-    assert!(matches!(SparseGradLinear::new(&cpu, &pr.w, None, &pr.basis, bad), Err(sparsegrad::Error::InvalidArgument { .. })));
+    assert!(matches!(
+        SparseGradLinear::new(&cpu, &pr.w, None, &pr.basis, bad),
+        Err(sparsegrad::Error::InvalidArgument { .. })
+    ));
 }
 
 /// Several training steps: both formulations follow the same trajectory, and merge()
@@ -203,7 +217,8 @@ fn training_merge_round_trip_and_formulations_agree() {
     let adam = AdamParams { lr: 1e-2, ..Default::default() };
     let mut finals = Vec::new();
     for form in FORMS {
-        let c = SparseGradConfig { optimizer: Optimizer::Adam(adam), ..cfg(form, Keep::Fraction(0.1), Selection::Exact) };
+        let c =
+            SparseGradConfig { optimizer: Optimizer::Adam(adam), ..cfg(form, Keep::Fraction(0.1), Selection::Exact) };
         let mut layer = SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, c).unwrap();
         let x = cpu.upload(&pr.x).unwrap();
         let mut y = cpu.alloc(t * out).unwrap();
@@ -223,7 +238,14 @@ fn training_merge_round_trip_and_formulations_agree() {
         // Rebuild from the merged weight: same forward.
         layer.forward(&x, t, &mut y).unwrap();
         let bias = layer.bias_host().unwrap().unwrap();
-        let mut rebuilt = SparseGradLinear::new(&cpu, &merged, Some(&bias), &pr.basis, SparseGradConfig { optimizer: Optimizer::Adam(adam), ..cfg(form, Keep::Fraction(0.1), Selection::Exact) }).unwrap();
+        let mut rebuilt = SparseGradLinear::new(
+            &cpu,
+            &merged,
+            Some(&bias),
+            &pr.basis,
+            SparseGradConfig { optimizer: Optimizer::Adam(adam), ..cfg(form, Keep::Fraction(0.1), Selection::Exact) },
+        )
+        .unwrap();
         let mut y2 = cpu.alloc(t * out).unwrap();
         rebuilt.forward(&x, t, &mut y2).unwrap();
         assert_close(&format!("{form:?}: rebuilt forward"), &y2, &y, 1e-5, 1e-4);
@@ -240,7 +262,10 @@ fn bf16_precision_tracks_f32() {
     let pr = problem(14, out, inp, t);
     for form in FORMS {
         let full = run_once(&pr, cfg(form, Keep::Fraction(1.0), Selection::Exact));
-        let half = run_once(&pr, SparseGradConfig { precision: Precision::Bf16, ..cfg(form, Keep::Fraction(1.0), Selection::Exact) });
+        let half = run_once(
+            &pr,
+            SparseGradConfig { precision: Precision::Bf16, ..cfg(form, Keep::Fraction(1.0), Selection::Exact) },
+        );
         for (name, a, b) in [("y", &half.0, &full.0), ("dx", &half.1, &full.1), ("dWt", &half.3, &full.3)] {
             let err = rel_err(&to64(a), &to64(b));
             assert!(err < 3e-2, "{form:?} bf16 {name}: rel err {err}");
@@ -254,7 +279,8 @@ fn steps_allocate_nothing_after_the_first() {
     let cpu = Cpu::new();
     for form in FORMS {
         for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
-            let mut layer = SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, cfg(form, Keep::Count(9), sel)).unwrap();
+            let mut layer =
+                SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, cfg(form, Keep::Count(9), sel)).unwrap();
             let x = cpu.upload(&pr.x).unwrap();
             let g = cpu.upload(&pr.g).unwrap();
             let mut y = cpu.alloc(10 * 16).unwrap();
@@ -278,8 +304,14 @@ fn bad_inputs_give_clear_errors_and_leave_the_layer_unchanged() {
     let pr = problem(16, 8, 6, 5);
     let cpu = Cpu::new();
     let c = cfg(Formulation::Transformed, Keep::Count(4), Selection::Exact);
-    assert!(matches!(SparseGradLinear::new(&cpu, &pr.w[1..], None, &pr.basis, c), Err(sparsegrad::Error::Shape { .. })));
-    assert!(matches!(SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b[1..]), &pr.basis, c), Err(sparsegrad::Error::Shape { .. })));
+    assert!(matches!(
+        SparseGradLinear::new(&cpu, &pr.w[1..], None, &pr.basis, c),
+        Err(sparsegrad::Error::Shape { .. })
+    ));
+    assert!(matches!(
+        SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b[1..]), &pr.basis, c),
+        Err(sparsegrad::Error::Shape { .. })
+    ));
     for keep in [Keep::Count(0), Keep::Count(49), Keep::Fraction(0.0), Keep::Fraction(1.5)] {
         let r = SparseGradLinear::new(&cpu, &pr.w, None, &pr.basis, SparseGradConfig { keep, ..c });
         assert!(matches!(r, Err(sparsegrad::Error::InvalidArgument { .. })), "{keep:?}");
@@ -315,7 +347,10 @@ fn a_non_orthogonal_basis_is_refused_at_construction() {
     assert!(matches!(&err, sparsegrad::Error::InvalidBasis { msg, .. } if msg.contains("Q")), "{err}");
     let mut nan = pr.basis.clone();
     nan.p[0] = f32::NAN;
-    assert!(matches!(SparseGradLinear::new(&cpu, &pr.w, None, &nan, SparseGradConfig::default()), Err(sparsegrad::Error::NonFinite { .. })));
+    assert!(matches!(
+        SparseGradLinear::new(&cpu, &pr.w, None, &nan, SparseGradConfig::default()),
+        Err(sparsegrad::Error::NonFinite { .. })
+    ));
 }
 
 #[test]
@@ -339,7 +374,11 @@ fn layers_of_a_group_share_one_device_copy_of_the_basis() {
         let three = cpu.memory_stats().current_bytes - before;
         assert_eq!(three - two, one, "{form:?}: an edited basis is not served a stale copy");
         drop((first, second, third));
-        assert_eq!(cpu.memory_stats().current_bytes, before, "{form:?}: the shared copies are freed with the last layer");
+        assert_eq!(
+            cpu.memory_stats().current_bytes,
+            before,
+            "{form:?}: the shared copies are freed with the last layer"
+        );
         // Another backend instance never shares.
         let other = Cpu::new();
         let _fourth = SparseGradLinear::new(&other, &pr.w, None, &pr.basis, c).unwrap();

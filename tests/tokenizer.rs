@@ -18,13 +18,17 @@ fn str_kv(k: &str, v: &str) -> Vec<u8> {
 }
 
 fn str_arr_kv(k: &str, v: &[&str]) -> Vec<u8> {
-    let mut b = [gstr(k), 9u32.to_le_bytes().to_vec(), 8u32.to_le_bytes().to_vec(), (v.len() as u64).to_le_bytes().to_vec()].concat();
+    let mut b =
+        [gstr(k), 9u32.to_le_bytes().to_vec(), 8u32.to_le_bytes().to_vec(), (v.len() as u64).to_le_bytes().to_vec()]
+            .concat();
     v.iter().for_each(|s| b.extend(gstr(s)));
     b
 }
 
 fn i32_arr_kv(k: &str, v: &[i32]) -> Vec<u8> {
-    let mut b = [gstr(k), 9u32.to_le_bytes().to_vec(), 5u32.to_le_bytes().to_vec(), (v.len() as u64).to_le_bytes().to_vec()].concat();
+    let mut b =
+        [gstr(k), 9u32.to_le_bytes().to_vec(), 5u32.to_le_bytes().to_vec(), (v.len() as u64).to_le_bytes().to_vec()]
+            .concat();
     v.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
     b
 }

@@ -4,7 +4,10 @@
 #![allow(dead_code)]
 
 use sparsegrad::linear::dense::{DenseLinear, DenseMode};
-use sparsegrad::{AdamParams, Backend, Basis, Formulation, Gemm, Keep, Optimizer, Precision, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{
+    AdamParams, Backend, Basis, Formulation, Gemm, Keep, Optimizer, Precision, Selection, SparseGradConfig,
+    SparseGradLinear,
+};
 use std::time::Instant;
 
 pub fn env_usize(name: &str, default: usize) -> usize {
@@ -80,7 +83,16 @@ fn time_steps<B: Backend>(be: &B, iters: usize, mut step: impl FnMut()) -> f64 {
 
 /// One shape: dense + AdamW, then every SparseGrad variant; prints a table row each.
 #[allow(clippy::too_many_arguments)]
-pub fn bench_shape<B: Backend + Clone>(be: &B, name: &str, out: usize, inp: usize, tokens: usize, iters: usize, precision: Precision, rate: f64) {
+pub fn bench_shape<B: Backend + Clone>(
+    be: &B,
+    name: &str,
+    out: usize,
+    inp: usize,
+    tokens: usize,
+    iters: usize,
+    precision: Precision,
+    rate: f64,
+) {
     let adam = AdamParams { lr: 1e-4, ..Default::default() };
     let w = values(out * inp, 3);
     let bias = values(out, 4);
@@ -94,7 +106,8 @@ pub fn bench_shape<B: Backend + Clone>(be: &B, name: &str, out: usize, inp: usiz
     let mut dx = be.alloc::<f32>(tokens * inp).unwrap();
     let dense_flops = 3.0 * 2.0 * tokens as f64 * out as f64 * inp as f64;
     let dense_s = {
-        let mut dense = DenseLinear::new(be, &w, Some(&bias), out, inp, DenseMode::Full, Optimizer::Adam(adam), precision).unwrap();
+        let mut dense =
+            DenseLinear::new(be, &w, Some(&bias), out, inp, DenseMode::Full, Optimizer::Adam(adam), precision).unwrap();
         time_steps(be, iters, || {
             dense.forward(&x, tokens, &mut y).unwrap();
             dense.backward(&g, tokens, Some(&mut dx)).unwrap();
@@ -103,14 +116,38 @@ pub fn bench_shape<B: Backend + Clone>(be: &B, name: &str, out: usize, inp: usiz
     };
     let report = |variant: &str, secs: f64, flops: f64| {
         let model = flops / rate;
-        println!("{name:<22} {:<5} {variant:<38} {:>10.2} {:>8.2}x {:>13.2} {:>8.2}x", format!("{precision:?}"), secs * 1e3, secs / dense_s, model * 1e3, secs / model);
+        println!(
+            "{name:<22} {:<5} {variant:<38} {:>10.2} {:>8.2}x {:>13.2} {:>8.2}x",
+            format!("{precision:?}"),
+            secs * 1e3,
+            secs / dense_s,
+            model * 1e3,
+            secs / model
+        );
     };
     report("dense + AdamW", dense_s, dense_flops);
-    let basis = Basis::from_parts_quick("bench", out, inp, householder(out, 7), householder(inp, 8), vec![1.0; out], vec![1.0; inp], 1).unwrap();
+    let basis = Basis::from_parts_quick(
+        "bench",
+        out,
+        inp,
+        householder(out, 7),
+        householder(inp, 8),
+        vec![1.0; out],
+        vec![1.0; inp],
+        1,
+    )
+    .unwrap();
     let k = Keep::Fraction(0.01).resolve(out * inp).unwrap();
     for form in [Formulation::Transformed, Formulation::Merged] {
         for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
-            let cfg = SparseGradConfig { keep: Keep::Count(k), selection: sel, formulation: Some(form), expected_tokens: tokens, optimizer: Optimizer::Adam(adam), precision };
+            let cfg = SparseGradConfig {
+                keep: Keep::Count(k),
+                selection: sel,
+                formulation: Some(form),
+                expected_tokens: tokens,
+                optimizer: Optimizer::Adam(adam),
+                precision,
+            };
             let mut layer = SparseGradLinear::new(be, &w, Some(&bias), &basis, cfg).unwrap();
             let secs = time_steps(be, iters, || {
                 layer.forward(&x, tokens, &mut y).unwrap();
@@ -121,13 +158,22 @@ pub fn bench_shape<B: Backend + Clone>(be: &B, name: &str, out: usize, inp: usiz
             let rows = layer.last_stats().rows_multiplied as f64;
             // The weight-gradient GEMM shrinks with the rows SparseByDense keeps.
             let dw_flops = 2.0 * rows * out as f64 * inp as f64;
-            let flops = 2.0 * 2.0 * tokens as f64 * out as f64 * inp as f64 + dw_flops + if form == Formulation::Merged { merged_extra } else { transformed_extra };
+            let flops = 2.0 * 2.0 * tokens as f64 * out as f64 * inp as f64
+                + dw_flops
+                + if form == Formulation::Merged { merged_extra } else { transformed_extra };
             let chosen = if Formulation::choose(out, inp, tokens, k) == form { " (default)" } else { "" };
-            report(&format!("SparseGrad {form:?} {}{chosen}", if sel == Selection::Exact { "Exact" } else { "SD(0)" }), secs, flops);
+            report(
+                &format!("SparseGrad {form:?} {}{chosen}", if sel == Selection::Exact { "Exact" } else { "SD(0)" }),
+                secs,
+                flops,
+            );
         }
     }
 }
 
 pub fn header() {
-    println!("{:<22} {:<5} {:<38} {:>10} {:>9} {:>13} {:>9}", "shape", "prec", "variant", "ms/step", "vs dense", "flop-model ms", "vs model");
+    println!(
+        "{:<22} {:<5} {:<38} {:>10} {:>9} {:>13} {:>9}",
+        "shape", "prec", "variant", "ms/step", "vs dense", "flop-model ms", "vs model"
+    );
 }

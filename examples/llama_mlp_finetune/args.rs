@@ -36,7 +36,10 @@ impl Blocks {
             Blocks::All => (0..layers).collect(),
         };
         if let Some(b) = v.iter().find(|&&b| b >= layers) {
-            return Err(Error::invalid("--blocks", format!("block {b} does not exist: the model has {layers} blocks (0..={})", layers.saturating_sub(1))));
+            return Err(Error::invalid(
+                "--blocks",
+                format!("block {b} does not exist: the model has {layers} blocks (0..={})", layers.saturating_sub(1)),
+            ));
         }
         if v.is_empty() {
             return Err(Error::invalid("--blocks", format!("selects no block of the model's {layers}")));
@@ -126,8 +129,26 @@ struct Defaults {
 
 fn defaults(device: Device) -> Defaults {
     match device {
-        Device::Cpu => Defaults { blocks: Blocks::List(vec![23, 26, 29]), steps: 100, batch: 8, seq_len: 32, lr: 3e-3, prelim_steps: 4, eval_batches: 4, eval_every: 20 },
-        Device::Cuda => Defaults { blocks: Blocks::Every(3), steps: 300, batch: 32, seq_len: 128, lr: 1e-3, prelim_steps: 30, eval_batches: 16, eval_every: 50 },
+        Device::Cpu => Defaults {
+            blocks: Blocks::List(vec![23, 26, 29]),
+            steps: 100,
+            batch: 8,
+            seq_len: 32,
+            lr: 3e-3,
+            prelim_steps: 4,
+            eval_batches: 4,
+            eval_every: 20,
+        },
+        Device::Cuda => Defaults {
+            blocks: Blocks::Every(3),
+            steps: 300,
+            batch: 32,
+            seq_len: 128,
+            lr: 1e-3,
+            prelim_steps: 30,
+            eval_batches: 16,
+            eval_every: 50,
+        },
     }
 }
 
@@ -148,7 +169,10 @@ fn parse_blocks(v: &str) -> Result<Blocks> {
         return Ok(Blocks::All);
     }
     if let Some(n) = v.strip_prefix("every") {
-        return Ok(Blocks::Every(positive(FLAG, n).map_err(|_| Error::invalid(FLAG, format!("`{v}`: expected everyN with N >= 1, e.g. every3")))?));
+        return Ok(Blocks::Every(
+            positive(FLAG, n)
+                .map_err(|_| Error::invalid(FLAG, format!("`{v}`: expected everyN with N >= 1, e.g. every3")))?,
+        ));
     }
     let mut list = Vec::new();
     for part in v.split(',') {
@@ -172,8 +196,26 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     let mut compare = false;
     let mut it = argv.iter();
     const FLAGS: [&str; 20] = [
-        "--method", "--device", "--dtype", "--blocks", "--steps", "--batch", "--seq-len", "--keep", "--lora-rank", "--lr", "--seed", "--model",
-        "--tokenizer", "--data", "--out", "--prelim-steps", "--eval-batches", "--eval-every", "--validation-fraction", "--compare",
+        "--method",
+        "--device",
+        "--dtype",
+        "--blocks",
+        "--steps",
+        "--batch",
+        "--seq-len",
+        "--keep",
+        "--lora-rank",
+        "--lr",
+        "--seed",
+        "--model",
+        "--tokenizer",
+        "--data",
+        "--out",
+        "--prelim-steps",
+        "--eval-batches",
+        "--eval-every",
+        "--validation-fraction",
+        "--compare",
     ];
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -218,7 +260,9 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     let precision = match get("--dtype") {
         None | Some("f32") => Precision::Full,
         Some("bf16") if device == Device::Cuda => Precision::Bf16,
-        Some("bf16") => return Err(Error::invalid("--dtype", "bf16 needs --device cuda (the CPU backend computes in f32)")),
+        Some("bf16") => {
+            return Err(Error::invalid("--dtype", "bf16 needs --device cuda (the CPU backend computes in f32)"))
+        }
         Some(v) => return Err(Error::invalid("--dtype", format!("`{v}` is not one of f32, bf16"))),
     };
     if compare && get("--method").is_some() {
@@ -226,7 +270,8 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     }
     let method = match get("--method") {
         None => MethodKind::SparseGrad,
-        Some(v) => MethodKind::parse(v).map_err(|_| Error::invalid("--method", format!("`{v}` is not one of sparsegrad, lora, meprop, full")))?,
+        Some(v) => MethodKind::parse(v)
+            .map_err(|_| Error::invalid("--method", format!("`{v}` is not one of sparsegrad, lora, meprop, full")))?,
     };
     let keep = match get("--keep") {
         None => 0.01,
@@ -250,7 +295,8 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         },
     };
     let pos = |flag: &'static str, default: usize| get(flag).map_or(Ok(default), |v| positive(flag, v));
-    let whole = |flag: &'static str, default: usize| get(flag).map_or(Ok(default), |v| number(flag, v, "a whole number"));
+    let whole =
+        |flag: &'static str, default: usize| get(flag).map_or(Ok(default), |v| number(flag, v, "a whole number"));
     let seq_len = pos("--seq-len", d.seq_len)?;
     if seq_len < 2 {
         return Err(Error::invalid("--seq-len", "must be at least 2 (one input and one next-token target beside BOS)"));

@@ -74,7 +74,8 @@ fn not_found(path: &Path, hint: &str) -> Error {
 /// A tokenizer from a GGUF file or a tokenizer.json, with its BOS/EOS ids if it knows them.
 fn load_tokenizer(path: &Path) -> Result<(tokenizers::Tokenizer, Option<u32>, Option<u32>)> {
     if path.extension().is_some_and(|e| e == "json") {
-        let t = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::format(Some(path), format!("not a tokenizer.json: {e}")))?;
+        let t = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::format(Some(path), format!("not a tokenizer.json: {e}")))?;
         return Ok((t, None, None));
     }
     let t = GgufTokenizer::from_gguf(&GgufFile::open(path)?)?;
@@ -97,10 +98,21 @@ fn hf_dir_tokenizer(dir: &Path) -> Result<PathBuf> {
         match ggufs.as_slice() {
             [one] => return Ok(one.clone()),
             [] => {}
-            _ => return Err(Error::invalid("--model", format!("{} holds several .gguf files; choose the tokenizer with --tokenizer", place.display()))),
+            _ => {
+                return Err(Error::invalid(
+                    "--model",
+                    format!("{} holds several .gguf files; choose the tokenizer with --tokenizer", place.display()),
+                ))
+            }
         }
     }
-    Err(Error::invalid("--model", format!("{} has no tokenizer.json and no .gguf beside it; pass --tokenizer FILE.gguf|tokenizer.json", dir.display())))
+    Err(Error::invalid(
+        "--model",
+        format!(
+            "{} has no tokenizer.json and no .gguf beside it; pass --tokenizer FILE.gguf|tokenizer.json",
+            dir.display()
+        ),
+    ))
 }
 
 fn load_model(args: &Args) -> Result<Loaded> {
@@ -122,9 +134,14 @@ fn load_model(args: &Args) -> Result<Loaded> {
     };
     let vocab = tokenizer.get_vocab_size(true);
     if vocab > weights.config.vocab {
-        return Err(Error::Incompatible { what: "tokenizer".into(), msg: format!("{vocab} tokens, but the model embeds only {}", weights.config.vocab) });
+        return Err(Error::Incompatible {
+            what: "tokenizer".into(),
+            msg: format!("{vocab} tokens, but the model embeds only {}", weights.config.vocab),
+        });
     }
-    let bos = bos.or(weights.config.bos).ok_or_else(|| Error::invalid("tokenizer", "neither the tokenizer nor the model config names a BOS token"))?;
+    let bos = bos
+        .or(weights.config.bos)
+        .ok_or_else(|| Error::invalid("tokenizer", "neither the tokenizer nor the model config names a BOS token"))?;
     let eos = eos.or(weights.config.eos);
     Ok(Loaded { weights, tokenizer, bos, eos })
 }
@@ -138,10 +155,20 @@ fn load_data(args: &Args, m: &Loaded) -> Result<Dataset> {
     let encode = |texts: &[String]| -> Result<Vec<Vec<u32>>> {
         texts
             .par_iter()
-            .map(|s| m.tokenizer.encode(s.as_str(), false).map(|e| e.get_ids().to_vec()).map_err(|e| Error::invalid("tokenizer", format!("cannot encode `{s}`: {e}"))))
+            .map(|s| {
+                m.tokenizer
+                    .encode(s.as_str(), false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| Error::invalid("tokenizer", format!("cannot encode `{s}`: {e}")))
+            })
             .collect()
     };
-    Ok(Dataset { train: encode(&split.train)?, validation: encode(&split.validation)?, spec_bos: m.bos, spec_eos: m.eos })
+    Ok(Dataset {
+        train: encode(&split.train)?,
+        validation: encode(&split.validation)?,
+        spec_bos: m.bos,
+        spec_eos: m.eos,
+    })
 }
 
 fn config(args: &Args, method: MethodKind, blocks: &[usize]) -> FinetuneConfig {
@@ -190,7 +217,11 @@ fn progress_ui(method: MethodKind, cfg: &FinetuneConfig) -> (ProgressBar, impl F
     };
     pb.set_prefix(format!("{}: {first}", method.name()));
     pb.set_length(len as u64);
-    pb.set_message(if method == MethodKind::SparseGrad { "dense gradients for the bases" } else { "validation loss before training" });
+    pb.set_message(if method == MethodKind::SparseGrad {
+        "dense gradients for the bases"
+    } else {
+        "validation loss before training"
+    });
     pb.enable_steady_tick(Duration::from_millis(250));
     let hidden = pb.is_hidden();
     let line = {
@@ -212,7 +243,10 @@ fn progress_ui(method: MethodKind, cfg: &FinetuneConfig) -> (ProgressBar, impl F
         Progress::Basis => {
             bar.set_prefix(format!("{name}: bases"));
             bar.set_message("eigensolves, validation loss before");
-            line(format!("{name}: preliminary phase done in {:.1} s; computing the bases", phase_start.get().elapsed().as_secs_f64()));
+            line(format!(
+                "{name}: preliminary phase done in {:.1} s; computing the bases",
+                phase_start.get().elapsed().as_secs_f64()
+            ));
         }
         Progress::Eval { step, loss } => {
             line(format!("{name}: step {step:>4}  validation loss {loss:.4}"));
@@ -240,7 +274,15 @@ fn progress_ui(method: MethodKind, cfg: &FinetuneConfig) -> (ProgressBar, impl F
 }
 
 /// One method on a fresh backend, its outputs written into `out`.
-fn run_method<B: Backend + Clone>(backend: &B, args: &Args, m: &Loaded, data: &Dataset, blocks: &[usize], method: MethodKind, out: &Path) -> Result<FinetuneReport> {
+fn run_method<B: Backend + Clone>(
+    backend: &B,
+    args: &Args,
+    m: &Loaded,
+    data: &Dataset,
+    blocks: &[usize],
+    method: MethodKind,
+    out: &Path,
+) -> Result<FinetuneReport> {
     let cfg = config(args, method, blocks);
     let (pb, mut callback) = progress_ui(method, &cfg);
     let result = run(backend, &m.weights, data, &cfg, None, &mut callback);
@@ -251,9 +293,27 @@ fn run_method<B: Backend + Clone>(backend: &B, args: &Args, m: &Loaded, data: &D
     let val_label = format!("validation ({} sentences)", cfg.eval_batches * cfg.batch);
     let smooth = plot::running_mean(&report.train_curve, 5);
     let curves = [
-        plot::Curve { label: "train (per batch)", color: plot::PALETTE[0], points: &report.train_curve, markers: false, faint: true },
-        plot::Curve { label: "train (mean of last 5)", color: plot::PALETTE[0], points: &smooth, markers: false, faint: false },
-        plot::Curve { label: &val_label, color: plot::PALETTE[1], points: &report.val_curve, markers: true, faint: false },
+        plot::Curve {
+            label: "train (per batch)",
+            color: plot::PALETTE[0],
+            points: &report.train_curve,
+            markers: false,
+            faint: true,
+        },
+        plot::Curve {
+            label: "train (mean of last 5)",
+            color: plot::PALETTE[0],
+            points: &smooth,
+            markers: false,
+            faint: false,
+        },
+        plot::Curve {
+            label: &val_label,
+            color: plot::PALETTE[1],
+            points: &report.val_curve,
+            markers: true,
+            faint: false,
+        },
     ];
     let title = format!("{} on blocks {:?}: loss", method.name(), blocks);
     plot::plot(&out.join("loss_curve.png"), &title, &curves)?;
@@ -285,7 +345,11 @@ fn main_with(args: &Args, started: Instant) -> Result<()> {
         "device {:?}, {}; blocks {blocks:?}; {} steps of batch {} x seq {}; lr {}; seed {}",
         args.device,
         if args.precision == Precision::Bf16 { "bf16 frozen operands" } else { "f32" },
-        args.steps, args.batch, args.seq_len, args.lr, args.seed
+        args.steps,
+        args.batch,
+        args.seq_len,
+        args.lr,
+        args.seed
     );
     match args.device {
         Device::Cpu => drive(|| Ok(Cpu::new()), args, &m, &data, &blocks, started),
@@ -294,7 +358,14 @@ fn main_with(args: &Args, started: Instant) -> Result<()> {
 }
 
 /// Runs one method, or all four with `--compare`, each on a backend from `make`.
-fn drive<B: Backend + Clone>(make: impl Fn() -> Result<B>, args: &Args, m: &Loaded, data: &Dataset, blocks: &[usize], started: Instant) -> Result<()> {
+fn drive<B: Backend + Clone>(
+    make: impl Fn() -> Result<B>,
+    args: &Args,
+    m: &Loaded,
+    data: &Dataset,
+    blocks: &[usize],
+    started: Instant,
+) -> Result<()> {
     let total = output::total_parameters(&m.weights);
     if !args.compare {
         let backend = make()?;
@@ -319,7 +390,13 @@ fn drive<B: Backend + Clone>(make: impl Fn() -> Result<B>, args: &Args, m: &Load
     let curves: Vec<plot::Curve> = rows
         .iter()
         .zip(plot::PALETTE)
-        .map(|((r, _), color)| plot::Curve { label: r.method.name(), color, points: &r.val_curve, markers: true, faint: false })
+        .map(|((r, _), color)| plot::Curve {
+            label: r.method.name(),
+            color,
+            points: &r.val_curve,
+            markers: true,
+            faint: false,
+        })
         .collect();
     plot::plot(&args.out.join("compare_val_loss.png"), "validation loss by method", &curves)?;
     let setup = format!(
@@ -328,6 +405,10 @@ fn drive<B: Backend + Clone>(make: impl Fn() -> Result<B>, args: &Args, m: &Load
     );
     output::write_text(&args.out.join("compare.md"), &format!("{setup}\n\n{table}"))?;
     println!("\n{setup}\n\n{table}");
-    println!("total {:.1} s; per-method outputs in {}/<method>/, table in compare.md", started.elapsed().as_secs_f64(), args.out.display());
+    println!(
+        "total {:.1} s; per-method outputs in {}/<method>/, table in compare.md",
+        started.elapsed().as_secs_f64(),
+        args.out.display()
+    );
     Ok(())
 }

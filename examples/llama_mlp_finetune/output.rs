@@ -31,7 +31,13 @@ pub fn write_csv(path: &Path, report: &FinetuneReport) -> Result<()> {
 
 /// The trained state of every trained projection, named as in Hugging Face
 /// (`model.layers.{i}.mlp.{gate,up,down}_proj`), with SparseGrad's bases.
-pub fn write_adapter<B: Backend + Clone>(path: &Path, model: &LlamaModel<B>, weights: &LlamaWeights, blocks: &[usize], bases: Option<&BasisSet>) -> Result<()> {
+pub fn write_adapter<B: Backend + Clone>(
+    path: &Path,
+    model: &LlamaModel<B>,
+    weights: &LlamaWeights,
+    blocks: &[usize],
+    bases: Option<&BasisSet>,
+) -> Result<()> {
     let mut names = Vec::new();
     for &i in blocks {
         for g in GROUPS {
@@ -41,7 +47,8 @@ pub fn write_adapter<B: Backend + Clone>(path: &Path, model: &LlamaModel<B>, wei
     let mut entries = Vec::with_capacity(names.len());
     for (n, &i) in blocks.iter().enumerate() {
         let mlp = model.mlp(i).ok_or_else(|| Error::invalid("adapter", format!("the model has no block {i}")))?;
-        let base = weights.layers.get(i).ok_or_else(|| Error::invalid("adapter", format!("the weights have no block {i}")))?;
+        let base =
+            weights.layers.get(i).ok_or_else(|| Error::invalid("adapter", format!("the weights have no block {i}")))?;
         let base_weights: [&[f32]; 3] = [&base.gate, &base.up, &base.down];
         for (j, p) in mlp.projections().into_iter().enumerate() {
             entries.push(AdapterEntry {
@@ -57,7 +64,12 @@ pub fn write_adapter<B: Backend + Clone>(path: &Path, model: &LlamaModel<B>, wei
 
 /// The merged model in `dir` (config.json + model.safetensors, f32) and the tokenizer
 /// beside it, so `transformers` and `LlamaWeights::from_hf_dir` can load it as is.
-pub fn write_merged<B: Backend + Clone>(dir: &Path, model: &LlamaModel<B>, weights: &LlamaWeights, tokenizer: &tokenizers::Tokenizer) -> Result<()> {
+pub fn write_merged<B: Backend + Clone>(
+    dir: &Path,
+    model: &LlamaModel<B>,
+    weights: &LlamaWeights,
+    tokenizer: &tokenizers::Tokenizer,
+) -> Result<()> {
     model.merged_weights(weights)?.save_hf_safetensors(dir)?;
     let path = dir.join("tokenizer.json");
     tokenizer.save(&path, false).map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))
@@ -88,9 +100,15 @@ pub fn grouped(n: usize) -> String {
 /// Every parameter of the model (embedding, layers, norms, head).
 pub fn total_parameters(w: &LlamaWeights) -> usize {
     let layer = |l: &sparsegrad::model::weights::LayerWeights| {
-        [&l.attn_norm, &l.q, &l.k, &l.v, &l.o, &l.ffn_norm, &l.gate, &l.up, &l.down].iter().map(|v| v.len()).sum::<usize>()
+        [&l.attn_norm, &l.q, &l.k, &l.v, &l.o, &l.ffn_norm, &l.gate, &l.up, &l.down]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
     };
-    w.embed.len() + w.layers.iter().map(layer).sum::<usize>() + w.final_norm.len() + w.lm_head.as_ref().map_or(0, Vec::len)
+    w.embed.len()
+        + w.layers.iter().map(layer).sum::<usize>()
+        + w.final_norm.len()
+        + w.lm_head.as_ref().map_or(0, Vec::len)
 }
 
 /// The end-of-run summary of one method.
@@ -98,7 +116,11 @@ pub fn summary(r: &FinetuneReport, total_params: usize, detail: &str, seconds: f
     let pct = 100.0 * r.trainable_parameters as f64 / total_params.max(1) as f64;
     let mut s = String::new();
     s.push_str(&format!("  method            {} ({detail})\n", r.method.name()));
-    s.push_str(&format!("  trainable params  {} ({pct:.3}% of {})\n", grouped(r.trainable_parameters), grouped(total_params)));
+    s.push_str(&format!(
+        "  trainable params  {} ({pct:.3}% of {})\n",
+        grouped(r.trainable_parameters),
+        grouped(total_params)
+    ));
     s.push_str(&format!(
         "  val loss          {:.4} -> {:.4} ({:+.4})\n",
         r.val_loss_before,
@@ -107,13 +129,17 @@ pub fn summary(r: &FinetuneReport, total_params: usize, detail: &str, seconds: f
     ));
     s.push_str(&format!("  tokens/s          {:.1} (loss tokens per second of training steps)\n", r.tokens_per_s));
     s.push_str(&format!("  peak memory       {} (held by the backend)\n", human_bytes(r.peak_memory_bytes)));
-    s.push_str(&format!("  time              {seconds:.1} s (preliminary {:.1} s, training steps {:.1} s)\n", r.preliminary_seconds, r.train_seconds));
+    s.push_str(&format!(
+        "  time              {seconds:.1} s (preliminary {:.1} s, training steps {:.1} s)\n",
+        r.preliminary_seconds, r.train_seconds
+    ));
     s
 }
 
 /// The `--compare` table as Markdown (also readable as plain text).
 pub fn compare_table(rows: &[(FinetuneReport, String)]) -> String {
-    let mut s = String::from("| method | trainable params | val loss before | val loss after | tokens/s | peak memory |\n");
+    let mut s =
+        String::from("| method | trainable params | val loss before | val loss after | tokens/s | peak memory |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|\n");
     for (r, detail) in rows {
         s.push_str(&format!(

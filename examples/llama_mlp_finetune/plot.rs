@@ -35,7 +35,8 @@ pub fn running_mean(points: &[(usize, f64)], window: usize) -> Vec<(usize, f64)>
         .collect()
 }
 
-pub const PALETTE: [RGBColor; 4] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+pub const PALETTE: [RGBColor; 4] =
+    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
 
 /// Registers the font once per process; false (after one warning) when it is missing.
 fn have_font() -> bool {
@@ -48,7 +49,9 @@ fn have_font() -> bool {
             register_font(FAMILY, FontStyle::Normal, bytes).is_ok()
         });
         if !registered {
-            eprintln!("warning: no usable font at {FONT_PATH} (install fonts-dejavu-core); plots are drawn without text");
+            eprintln!(
+                "warning: no usable font at {FONT_PATH} (install fonts-dejavu-core); plots are drawn without text"
+            );
         }
         registered
     })
@@ -85,9 +88,13 @@ pub fn plot(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<()> {
     for c in curves {
         let pts: Vec<(i64, f64)> = c.points.iter().filter(|p| p.1.is_finite()).map(|&(s, l)| (s as i64, l)).collect();
         let color = if c.faint { c.color.mix(0.35) } else { c.color.to_rgba() };
-        let series = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(|e| draw_err(path, e))?;
+        let series = chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| draw_err(path, e))?;
         if text {
-            series.label(c.label).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            series
+                .label(c.label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
         if c.markers {
             chart.draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled()))).map_err(|e| draw_err(path, e))?;

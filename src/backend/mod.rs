@@ -12,7 +12,6 @@
 pub mod cpu;
 pub mod cuda;
 
-
 use crate::error::Result;
 use crate::scalar::{Elem, Real};
 use half::bf16;
@@ -250,7 +249,12 @@ impl<F: Real> HostCoo<F> {
     pub fn validate(&self) -> Result<()> {
         use crate::error::Error;
         if self.rows.len() != self.values.len() || self.cols.len() != self.values.len() {
-            return Err(Error::shape("coo", "rows/cols/values lengths", self.values.len(), format!("{}/{}", self.rows.len(), self.cols.len())));
+            return Err(Error::shape(
+                "coo",
+                "rows/cols/values lengths",
+                self.values.len(),
+                format!("{}/{}", self.rows.len(), self.cols.len()),
+            ));
         }
         let mut prev: Option<u64> = None;
         for (i, (&r, &c)) in self.rows.iter().zip(&self.cols).enumerate() {
@@ -314,7 +318,11 @@ impl MemoryCounters {
     }
     pub(crate) fn stats(&self) -> MemoryStats {
         use std::sync::atomic::Ordering::Relaxed;
-        MemoryStats { current_bytes: self.current.load(Relaxed), peak_bytes: self.peak.load(Relaxed), allocations: self.allocations.load(Relaxed) }
+        MemoryStats {
+            current_bytes: self.current.load(Relaxed),
+            peak_bytes: self.peak.load(Relaxed),
+            allocations: self.allocations.load(Relaxed),
+        }
     }
 }
 
@@ -362,7 +370,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `C = alpha op(A) op(B) + beta C` in `F`.
     fn gemm<F: Real>(&self, spec: &Gemm, a: &Self::Buf<F>, b: &Self::Buf<F>, c: &mut Self::Buf<F>) -> Result<()>;
     /// The same with bf16 operands and an `F` output, accumulating in f32 (cuBLAS GemmEx).
-    fn gemm_bf16<F: Real>(&self, spec: &Gemm, a: &Self::Buf<bf16>, b: &Self::Buf<bf16>, c: &mut Self::Buf<F>) -> Result<()>;
+    fn gemm_bf16<F: Real>(
+        &self,
+        spec: &Gemm,
+        a: &Self::Buf<bf16>,
+        b: &Self::Buf<bf16>,
+        c: &mut Self::Buf<F>,
+    ) -> Result<()>;
     /// `dst[i] = bf16(src[i])`, round to nearest even.
     fn cast_to_bf16<F: Real>(&self, src: &Self::Buf<F>, dst: &mut Self::Buf<bf16>, len: usize) -> Result<()>;
     /// `dst[i] = F(src[i])`.
@@ -370,7 +384,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `y[r, c] += bias[c]` for a `(rows, cols)` matrix.
     fn add_bias<F: Real>(&self, y: &mut Self::Buf<F>, bias: &Self::Buf<F>, rows: usize, cols: usize) -> Result<()>;
     /// `db[c] = beta * db[c] + sum_r g[r, c]` (column sums of a `(rows, cols)` matrix).
-    fn bias_grad<F: Real>(&self, g: &Self::Buf<F>, rows: usize, cols: usize, db: &mut Self::Buf<F>, beta: F) -> Result<()>;
+    fn bias_grad<F: Real>(
+        &self,
+        g: &Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        db: &mut Self::Buf<F>,
+        beta: F,
+    ) -> Result<()>;
     /// Number of NaN/inf entries in `x[..len]` and the index of the first one.
     fn count_nonfinite<F: Real>(&self, x: &Self::Buf<F>, len: usize) -> Result<(usize, usize)>;
     /// `y[..len] += alpha * x[..len]`.
@@ -380,7 +401,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// `y = gelu(x)` in the erf form (BERT) or the tanh approximation.
     fn gelu<F: Real>(&self, x: &Self::Buf<F>, y: &mut Self::Buf<F>, len: usize, kind: GeluKind) -> Result<()>;
     /// `dx = dy * gelu'(x)`.
-    fn gelu_backward<F: Real>(&self, x: &Self::Buf<F>, dy: &Self::Buf<F>, dx: &mut Self::Buf<F>, len: usize, kind: GeluKind) -> Result<()>;
+    fn gelu_backward<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        dy: &Self::Buf<F>,
+        dx: &mut Self::Buf<F>,
+        len: usize,
+        kind: GeluKind,
+    ) -> Result<()>;
     /// SwiGLU: `h = silu(gate) * up`, `silu(z) = z / (1 + exp(-z))`.
     fn swiglu<F: Real>(&self, gate: &Self::Buf<F>, up: &Self::Buf<F>, h: &mut Self::Buf<F>, len: usize) -> Result<()>;
     /// `d_gate = dh * up * silu'(gate)`, `d_up = dh * silu(gate)`.
@@ -399,11 +427,29 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// RMSNorm over the rows of `x` `(rows, cols)`: `inv_rms[r] = 1 / sqrt(mean(x[r, :]^2) + eps)`
     /// (written, for the backward), `y[r, c] = x[r, c] * inv_rms[r] * w[c]`.
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm<F: Real>(&self, x: &Self::Buf<F>, w: &Self::Buf<F>, y: &mut Self::Buf<F>, inv_rms: &mut Self::Buf<F>, rows: usize, cols: usize, eps: f32) -> Result<()>;
+    fn rmsnorm<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        y: &mut Self::Buf<F>,
+        inv_rms: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
     /// Input gradient of [`Backend::rmsnorm`] (`w` is frozen: no weight gradient):
     /// `dx[r, c] = inv_rms[r] * (w[c] dy[r, c] - x[r, c] inv_rms[r]^2 mean_c'(w dy x)[r])`.
     #[allow(clippy::too_many_arguments)]
-    fn rmsnorm_backward<F: Real>(&self, x: &Self::Buf<F>, w: &Self::Buf<F>, inv_rms: &Self::Buf<F>, dy: &Self::Buf<F>, dx: &mut Self::Buf<F>, rows: usize, cols: usize) -> Result<()>;
+    fn rmsnorm_backward<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        inv_rms: &Self::Buf<F>,
+        dy: &Self::Buf<F>,
+        dx: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
     /// Rotary position embedding in the rotate-half layout, in place on `x`
     /// `(tokens, heads * head_dim)`. Token `t` sits at position `p = t % seq_len`; for
     /// `i < head_dim / 2`, with `c = cos[p, i]`, `s = sin[p, i]` (tables `(seq_len, head_dim/2)`):
@@ -426,7 +472,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn softmax_causal<F: Real>(&self, s: &mut Self::Buf<F>, mats: usize, t: usize, scale: f32) -> Result<()>;
     /// Backward of [`Backend::softmax_causal`] with respect to the unscaled scores:
     /// `ds_ij = scale * p_ij (dp_ij - sum_j' p_ij' dp_ij')` (0 above the diagonal).
-    fn softmax_causal_backward<F: Real>(&self, p: &Self::Buf<F>, dp: &Self::Buf<F>, ds: &mut Self::Buf<F>, mats: usize, t: usize, scale: f32) -> Result<()>;
+    fn softmax_causal_backward<F: Real>(
+        &self,
+        p: &Self::Buf<F>,
+        dp: &Self::Buf<F>,
+        ds: &mut Self::Buf<F>,
+        mats: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()>;
     /// Masked cross-entropy of `logits` `(rows, vocab)`:
     /// `losses[r] = mask[r] (logsumexp(logits[r]) - logits[r, targets[r]])`, and `logits` is
     /// replaced by its gradient `grad_scale mask[r] (softmax(logits[r]) - onehot(targets[r]))`.
@@ -457,7 +511,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
         col_idx: &mut Self::Buf<u32>,
     ) -> Result<NonzeroBlock<F>>;
     /// `dst[i, :] = src[row_idx[i], :]` for `i < n_idx`, rows of length `cols`.
-    fn gather_rows<T: Elem>(&self, src: &Self::Buf<T>, src_rows: usize, cols: usize, row_idx: &Self::Buf<u32>, n_idx: usize, dst: &mut Self::Buf<T>) -> Result<()>;
+    fn gather_rows<T: Elem>(
+        &self,
+        src: &Self::Buf<T>,
+        src_rows: usize,
+        cols: usize,
+        row_idx: &Self::Buf<u32>,
+        n_idx: usize,
+        dst: &mut Self::Buf<T>,
+    ) -> Result<()>;
     /// `dst[i, j] = v` where `v = src[row_idx[i], col_idx[j]]` if `|v| >= abs_threshold`,
     /// else 0; `dst` is `(n_rows, n_cols)`.
     #[allow(clippy::too_many_arguments)]
@@ -498,11 +560,24 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn coo_scatter_add<F: Real>(&self, coo: &Coo<Self, F>, alpha: F, dense: &mut Self::Buf<F>) -> Result<()>;
     /// Distinct rows of a sorted COO list into `unique_rows` (ascending) and, per entry,
     /// the position of its row in that list into `slot`. Returns the number of rows.
-    fn coo_compact_rows<F: Real>(&self, coo: &Coo<Self, F>, unique_rows: &mut Self::Buf<u32>, slot: &mut Self::Buf<u32>) -> Result<usize>;
+    fn coo_compact_rows<F: Real>(
+        &self,
+        coo: &Coo<Self, F>,
+        unique_rows: &mut Self::Buf<u32>,
+        slot: &mut Self::Buf<u32>,
+    ) -> Result<usize>;
     /// `out[i, s] = sum over entries e with slot[e] = s of values[e] * b[i, cols[e]]`, i.e.
     /// `out = B D^T` for the row-compacted sparse `D`. `b` is `(b_rows, coo.shape.1)`, `out` is
     /// `(b_rows, n_slots)`, overwritten.
-    fn coo_dense_t<F: Real>(&self, coo: &Coo<Self, F>, slot: &Self::Buf<u32>, n_slots: usize, b: &Self::Buf<F>, b_rows: usize, out: &mut Self::Buf<F>) -> Result<()>;
+    fn coo_dense_t<F: Real>(
+        &self,
+        coo: &Coo<Self, F>,
+        slot: &Self::Buf<u32>,
+        n_slots: usize,
+        b: &Self::Buf<F>,
+        b_rows: usize,
+        out: &mut Self::Buf<F>,
+    ) -> Result<()>;
 
     // ---- optimizers ---------------------------------------------------------------
     /// PyTorch SparseAdam on the listed entries of a `coo.shape` parameter at step

@@ -82,7 +82,12 @@ impl BasisSet {
             let (out, inp) = (p_shape[0], q_shape[0]);
             for (name, shape, n, m) in [("sigma_out", so_shape, out, "P"), ("sigma_in", si_shape, inp, "Q")] {
                 if shape[0] != n {
-                    return Err(Error::shape("BasisSet::load", format!("{g}.{name}"), format!("[{n}] ({m} is [{n}, {n}])"), format!("{shape:?}")));
+                    return Err(Error::shape(
+                        "BasisSet::load",
+                        format!("{g}.{name}"),
+                        format!("[{n}] ({m} is [{n}, {n}])"),
+                        format!("{shape:?}"),
+                    ));
                 }
             }
             let key = format!("{g}.n_grads");
@@ -100,11 +105,13 @@ impl BasisSet {
 fn check_meta(meta: &HashMap<String, String>, key: &str, want: &str) -> Result<()> {
     match meta.get(key) {
         Some(v) if v == want => Ok(()),
-        Some(v) => {
-            Err(Error::Metadata { key: key.into(), msg: format!("`{v}`, expected `{want}` (not a basis file of this version)") })
-        }
-        None => {
-            Err(Error::Metadata { key: key.into(), msg: format!("missing (expected `{want}`: not a sparsegrad basis file)") })
-        }
+        Some(v) => Err(Error::Metadata {
+            key: key.into(),
+            msg: format!("`{v}`, expected `{want}` (not a basis file of this version)"),
+        }),
+        None => Err(Error::Metadata {
+            key: key.into(),
+            msg: format!("missing (expected `{want}`: not a sparsegrad basis file)"),
+        }),
     }
 }

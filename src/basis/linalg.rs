@@ -116,7 +116,19 @@ pub(super) fn sym_eig_desc(mut upper: Vec<f64>, n: usize) -> Result<(Vec<f32>, V
     // SAFETY: `upper` holds n*n entries with lda = n, `w` n entries, and the workspaces
     // are at least the documented minimum for order n (checked to fit i32 above).
     unsafe {
-        lapack::dsyevd(b'V', b'L', ni, &mut upper, ni, &mut w, &mut work, lwork as i32, &mut iwork, liwork as i32, &mut info)
+        lapack::dsyevd(
+            b'V',
+            b'L',
+            ni,
+            &mut upper,
+            ni,
+            &mut w,
+            &mut work,
+            lwork as i32,
+            &mut iwork,
+            liwork as i32,
+            &mut info,
+        )
     };
     drop(work);
     drop(iwork);
@@ -154,12 +166,28 @@ pub fn gesdd_workspace(m: usize, n: usize, jobz: u8) -> Result<(usize, usize)> {
     let (mut iwork, mut info) = ([0i32; 1], 0i32);
     // SAFETY: lwork = -1 is a workspace query: only work[0] is written, no array is read.
     unsafe {
-        lapack::sgesdd(jobz, mi, ni, &mut a, mi.max(1), &mut s, &mut u, ldu, &mut vt, ldvt, &mut work, -1, &mut iwork, &mut info)
+        lapack::sgesdd(
+            jobz,
+            mi,
+            ni,
+            &mut a,
+            mi.max(1),
+            &mut s,
+            &mut u,
+            ldu,
+            &mut vt,
+            ldvt,
+            &mut work,
+            -1,
+            &mut iwork,
+            &mut info,
+        )
     };
     if info != 0 {
         return Err(Error::Lapack { routine: "sgesdd (workspace query)", info });
     }
-    let queried = if work[0].is_finite() && work[0] > 0.0 { (work[0] as f64 * (1.0 + 1e-6)).ceil() as usize } else { 0 };
+    let queried =
+        if work[0].is_finite() && work[0] > 0.0 { (work[0] as f64 * (1.0 + 1e-6)).ceil() as usize } else { 0 };
     let lwork = min_work.max(queried);
     blas_dim(op, "workspace", lwork)?;
     Ok((lwork, 8 * mn))

@@ -140,7 +140,10 @@ impl GgufFile {
     }
 
     fn wrong(&self, key: &str, expected: &str, v: &GgufValue) -> Error {
-        Error::Metadata { key: key.to_string(), msg: format!("expected {expected}, found {}{}", v.type_name(), self.where_()) }
+        Error::Metadata {
+            key: key.to_string(),
+            msg: format!("expected {expected}, found {}{}", v.type_name(), self.where_()),
+        }
     }
 
     fn require(&self, key: &str) -> Result<&GgufValue> {
@@ -152,8 +155,10 @@ impl GgufFile {
     fn int<T: TryFrom<i128>>(&self, key: &str, expected: &str) -> Result<T> {
         let v = self.require(key)?;
         let i = v.as_i128().ok_or_else(|| self.wrong(key, expected, v))?;
-        T::try_from(i)
-            .map_err(|_| Error::Metadata { key: key.to_string(), msg: format!("value {i} does not fit in {expected}{}", self.where_()) })
+        T::try_from(i).map_err(|_| Error::Metadata {
+            key: key.to_string(),
+            msg: format!("value {i} does not fit in {expected}{}", self.where_()),
+        })
     }
 
     /// An integer metadata value as u32 (any integer type whose value fits).
@@ -302,7 +307,12 @@ impl GgufFile {
         let info = self.require_tensor(name)?;
         let shape = info.shape();
         if shape != expected {
-            return Err(Error::shape("gguf", format!("tensor `{name}`{}", self.where_()), format!("{expected:?}"), format!("{shape:?}")));
+            return Err(Error::shape(
+                "gguf",
+                format!("tensor `{name}`{}", self.where_()),
+                format!("{expected:?}"),
+                format!("{shape:?}"),
+            ));
         }
         self.dequantize(info)
     }
@@ -314,8 +324,9 @@ impl GgufFile {
         }
         let bytes = self.info_bytes(info)?;
         let mut out = Vec::new();
-        out.try_reserve_exact(info.n_elements)
-            .map_err(|_| Error::invalid("gguf", format!("cannot allocate {} f32 values for tensor `{}`", info.n_elements, info.name)))?;
+        out.try_reserve_exact(info.n_elements).map_err(|_| {
+            Error::invalid("gguf", format!("cannot allocate {} f32 values for tensor `{}`", info.n_elements, info.name))
+        })?;
         out.resize(info.n_elements, 0.0);
         types::dequantize(info.ggml_type, &info.name, bytes, &mut out)?;
         Ok(out)

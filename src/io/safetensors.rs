@@ -11,8 +11,8 @@
 //! never half of one, and a failed write leaves nothing behind.
 
 use crate::error::{Error, Result};
-pub use ::safetensors::Dtype;
 use ::safetensors::tensor::{Metadata, TensorInfo};
+pub use ::safetensors::Dtype;
 use ::safetensors::SafeTensors;
 use memmap2::Mmap;
 use std::collections::{HashMap, HashSet};
@@ -37,7 +37,10 @@ pub struct SafetensorsFile {
 
 impl std::fmt::Debug for SafetensorsFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SafetensorsFile").field("path", &self.path).field("tensors", &self.names()).finish_non_exhaustive()
+        f.debug_struct("SafetensorsFile")
+            .field("path", &self.path)
+            .field("tensors", &self.names())
+            .finish_non_exhaustive()
     }
 }
 
@@ -57,14 +60,18 @@ impl SafetensorsFile {
             return Err(Error::format(Some(path), "not a regular file"));
         }
         if info.len() < 8 {
-            return Err(Error::format(Some(path), format!("{} bytes is too short for a safetensors file (truncated?)", info.len())));
+            return Err(Error::format(
+                Some(path),
+                format!("{} bytes is too short for a safetensors file (truncated?)", info.len()),
+            ));
         }
         // SAFETY: the map is only read, and tensors are copied out before use. As with any
         // mmap, another process truncating the file meanwhile could fault; files written by
         // `write_atomic` are replaced by rename, never truncated in place.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (n, header) = SafeTensors::read_metadata(&mmap)
-            .map_err(|e| Error::format(Some(path), format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+        let (n, header) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            Error::format(Some(path), format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+        })?;
         let meta = header.metadata().clone().unwrap_or_default();
         Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + n, header, meta })
     }
@@ -115,18 +122,25 @@ impl SafetensorsFile {
 
     /// An I64 tensor of exactly shape `expected` (indices, counts).
     pub fn tensor_i64_shaped(&self, name: &str, expected: &[usize]) -> Result<Vec<i64>> {
-        let info = self
-            .header
-            .info(name)
-            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), context: Some(self.path.display().to_string()) })?;
+        let info = self.header.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            context: Some(self.path.display().to_string()),
+        })?;
         if info.dtype != Dtype::I64 {
-            return Err(Error::Dtype { name: name.to_string(), expected: "I64".into(), got: format!("{:?}", info.dtype) });
+            return Err(Error::Dtype {
+                name: name.to_string(),
+                expected: "I64".into(),
+                got: format!("{:?}", info.dtype),
+            });
         }
         if info.shape != expected {
             return Err(self.shape_error(name, fmt_shape(expected), &info.shape));
         }
         let bytes = self.bytes(name, info)?;
-        Ok(bytes.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
     }
 
     /// An F32 tensor of rank `rank`; the rank is checked before anything is copied.
@@ -149,7 +163,12 @@ impl SafetensorsFile {
 
     /// Streams an F32 tensor through `f` in pieces of `chunk_len` values (the last may be
     /// shorter), so a large tensor never needs a full copy in memory.
-    pub fn for_each_f32_chunk(&self, name: &str, chunk_len: usize, mut f: impl FnMut(&[f32]) -> Result<()>) -> Result<()> {
+    pub fn for_each_f32_chunk(
+        &self,
+        name: &str,
+        chunk_len: usize,
+        mut f: impl FnMut(&[f32]) -> Result<()>,
+    ) -> Result<()> {
         if chunk_len == 0 {
             return Err(Error::invalid(OP, "chunk length must be at least 1"));
         }
@@ -173,8 +192,10 @@ impl SafetensorsFile {
 
     /// A metadata value; missing gives [`Error::Metadata`] naming the key and the file.
     pub fn meta_str(&self, key: &str) -> Result<&str> {
-        self.optional_meta_str(key)
-            .ok_or_else(|| Error::Metadata { key: key.to_string(), msg: format!("missing from {}", self.path.display()) })
+        self.optional_meta_str(key).ok_or_else(|| Error::Metadata {
+            key: key.to_string(),
+            msg: format!("missing from {}", self.path.display()),
+        })
     }
 
     /// A metadata value parsed as `T` (surrounding whitespace ignored); missing or
@@ -206,12 +227,16 @@ impl SafetensorsFile {
     }
 
     fn f32_info(&self, name: &str) -> Result<&TensorInfo> {
-        let info = self
-            .header
-            .info(name)
-            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), context: Some(self.path.display().to_string()) })?;
+        let info = self.header.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            context: Some(self.path.display().to_string()),
+        })?;
         if info.dtype != Dtype::F32 {
-            return Err(Error::Dtype { name: name.to_string(), expected: "F32".into(), got: format!("{:?}", info.dtype) });
+            return Err(Error::Dtype {
+                name: name.to_string(),
+                expected: "F32".into(),
+                got: format!("{:?}", info.dtype),
+            });
         }
         Ok(info)
     }
@@ -233,7 +258,8 @@ impl SafetensorsFile {
     fn decode_f32(&self, name: &str, info: &TensorInfo) -> Result<Vec<f32>> {
         let bytes = self.bytes(name, info)?;
         let mut v = Vec::new();
-        v.try_reserve_exact(bytes.len() / 4).map_err(|_| Error::invalid(OP, format!("cannot allocate {} bytes for `{name}`", bytes.len())))?;
+        v.try_reserve_exact(bytes.len() / 4)
+            .map_err(|_| Error::invalid(OP, format!("cannot allocate {} bytes for `{name}`", bytes.len())))?;
         v.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         Ok(v)
     }
@@ -243,9 +269,11 @@ impl SafetensorsFile {
 pub fn check_finite(what: &str, data: &[f32]) -> Result<()> {
     match data.iter().position(|v| !v.is_finite()) {
         None => Ok(()),
-        Some(first_index) => {
-            Err(Error::NonFinite { what: what.to_string(), count: data.iter().filter(|v| !v.is_finite()).count(), first_index })
-        }
+        Some(first_index) => Err(Error::NonFinite {
+            what: what.to_string(),
+            count: data.iter().filter(|v| !v.is_finite()).count(),
+            first_index,
+        }),
     }
 }
 
@@ -326,7 +354,12 @@ impl SafetensorsWriter {
         }
         let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
         if want != Some(len) {
-            return Err(Error::shape("SafetensorsWriter::add", format!("tensor `{name}` of shape {}", fmt_shape(shape)), "as many values as the shape holds", len));
+            return Err(Error::shape(
+                "SafetensorsWriter::add",
+                format!("tensor `{name}` of shape {}", fmt_shape(shape)),
+                "as many values as the shape holds",
+                len,
+            ));
         }
         self.names.insert(name.to_string());
         self.tensors.push((name.to_string(), shape.to_vec(), data));
@@ -343,13 +376,18 @@ impl SafetensorsWriter {
         let mut offset = 0usize;
         for (name, shape, data) in &order {
             let end = offset + data.byte_len();
-            infos.push((name.clone(), TensorInfo { dtype: data.dtype(), shape: shape.clone(), data_offsets: (offset, end) }));
+            infos.push((
+                name.clone(),
+                TensorInfo { dtype: data.dtype(), shape: shape.clone(), data_offsets: (offset, end) },
+            ));
             offset = end;
         }
         let meta = if self.meta.is_empty() { None } else { Some(self.meta.clone()) };
-        let header = Metadata::new(meta, infos).map_err(|e| Error::format(Some(path), format!("cannot build the header: {e}")))?;
-        let mut header =
-            serde_json::to_string(&header).map_err(|e| Error::format(Some(path), format!("cannot encode the header: {e}")))?.into_bytes();
+        let header = Metadata::new(meta, infos)
+            .map_err(|e| Error::format(Some(path), format!("cannot build the header: {e}")))?;
+        let mut header = serde_json::to_string(&header)
+            .map_err(|e| Error::format(Some(path), format!("cannot encode the header: {e}")))?
+            .into_bytes();
         header.resize(header.len().next_multiple_of(8), b' ');
         write_atomic(path, |w| {
             w.write_all(&(header.len() as u64).to_le_bytes())?;
@@ -376,12 +414,19 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// then renamed over `path`. On any error the temp file is removed and `path` is left as
 /// it was; I/O errors name `path` (the temp name would only confuse).
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
-    let file_name = path.file_name().ok_or_else(|| Error::invalid("write_atomic", format!("{} has no file name", path.display())))?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid("write_atomic", format!("{} has no file name", path.display())))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let tmp = dir.join(format!(".{}.tmp-{}-{}", file_name.to_string_lossy(), std::process::id(), TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}-{}",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
     let io = |e| Error::io(path, e);
     // create_new: never clobber (or later delete) a file this call did not create.
     let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io)?;

@@ -8,8 +8,8 @@
 
 use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
 use crate::error::{Error, Result};
-use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
+use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
 use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -60,7 +60,16 @@ pub struct DenseLinear<B: Backend, F: Real = f32> {
 
 impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     #[allow(clippy::too_many_arguments)]
-    pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, out: usize, inp: usize, mode: DenseMode, opt: Optimizer, precision: Precision) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        weight: &[F],
+        bias: Option<&[F]>,
+        out: usize,
+        inp: usize,
+        mode: DenseMode,
+        opt: Optimizer,
+        precision: Precision,
+    ) -> Result<Self> {
         if weight.len() != out * inp {
             return Err(Error::shape("DenseLinear::new", "weight", format!("{out} x {inp}"), weight.len()));
         }
@@ -71,7 +80,11 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         }
         let all = weight.iter().chain(bias.unwrap_or(&[]));
         if let Some(i) = all.clone().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "weight or bias".into(), count: all.filter(|v| !v.is_finite()).count(), first_index: i });
+            return Err(Error::NonFinite {
+                what: "weight or bias".into(),
+                count: all.filter(|v| !v.is_finite()).count(),
+                first_index: i,
+            });
         }
         opt.validate()?;
         let computes_grad = mode != DenseMode::Frozen;
@@ -79,7 +92,11 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         let topk = match mode {
             DenseMode::MeProp { keep } => {
                 let k = keep.resolve(out * inp)?;
-                Some(TopK { k, coo: Coo::with_capacity(backend, k, (out, inp))?, ws: backend.topk_workspace(out * inp)? })
+                Some(TopK {
+                    k,
+                    coo: Coo::with_capacity(backend, k, (out, inp))?,
+                    ws: backend.topk_workspace(out * inp)?,
+                })
             }
             _ => None,
         };
@@ -189,7 +206,10 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
         if self.saved_tokens != Some(tokens) {
-            return Err(Error::invalid("DenseLinear::backward", format!("no forward of {tokens} tokens to go back through")));
+            return Err(Error::invalid(
+                "DenseLinear::backward",
+                format!("no forward of {tokens} tokens to go back through"),
+            ));
         }
         check_activation(&self.backend, "DenseLinear::backward", "grad_y", g, tokens, out)?;
         if let Some(dx) = dx.as_deref() {
@@ -228,7 +248,9 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         let step = self.step + 1;
         match (&self.topk, &self.grad_w) {
             (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut self.w), None, self.moments.as_mut(), step)?,
-            (None, Some(gw)) => dense_step(be, &self.opt, &mut self.w, gw, self.moments.as_mut(), self.out * self.inp, step)?,
+            (None, Some(gw)) => {
+                dense_step(be, &self.opt, &mut self.w, gw, self.moments.as_mut(), self.out * self.inp, step)?
+            }
             (None, None) => return Err(Error::invalid("DenseLinear::step", "no weight gradient buffer")),
         }
         if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
@@ -278,7 +300,9 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
 
     fn bias_state(&self) -> Result<Option<DenseParam<F>>> {
         match (&self.bias, &self.bias_grad) {
-            (Some(b), Some(_)) => DenseParam::download(&self.backend, b, self.bias_moments.as_ref(), self.out).map(Some),
+            (Some(b), Some(_)) => {
+                DenseParam::download(&self.backend, b, self.bias_moments.as_ref(), self.out).map(Some)
+            }
             _ => Ok(None),
         }
     }
@@ -321,7 +345,12 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
                 weight.validate()?;
                 bias
             }
-            (mode, other) => return Err(mismatch("adapter", format!("a {} state cannot be loaded into a {mode:?} layer", other.method()))),
+            (mode, other) => {
+                return Err(mismatch(
+                    "adapter",
+                    format!("a {} state cannot be loaded into a {mode:?} layer", other.method()),
+                ))
+            }
         };
         match (bias, &self.bias_grad) {
             (Some(b), Some(_)) if b.values.len() == out && b.exp_avg.is_some() == self.bias_moments.is_some() => {}

@@ -6,8 +6,8 @@
 
 use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
-use crate::linear::{check_activation, check_finite, mm, stage, Operand, OperandRef, Precision};
 use crate::linear::state::{mismatch, DenseParam, LayerState};
+use crate::linear::{check_activation, check_finite, mm, stage, Operand, OperandRef, Precision};
 use crate::optim::{dense_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -28,7 +28,13 @@ impl<B: Backend, F: Real> Factor<B, F> {
         if let Some(h) = half.as_mut() {
             be.cast_to_bf16(&value, h, host.len())?;
         }
-        Ok(Factor { value, half, grad: be.alloc(host.len())?, moments: Moments::for_optimizer(be, opt, host.len())?, len: host.len() })
+        Ok(Factor {
+            value,
+            half,
+            grad: be.alloc(host.len())?,
+            moments: Moments::for_optimizer(be, opt, host.len())?,
+            len: host.len(),
+        })
     }
     fn op(&self) -> OperandRef<'_, B, F> {
         self.half.as_ref().map_or(OperandRef::Full(&self.value), OperandRef::Half)
@@ -95,7 +101,18 @@ pub fn lora_init_a<F: Real>(rank: usize, inp: usize, seed: u64) -> Vec<F> {
 impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
     /// A LoRA layer over the frozen `weight` `(out, in)`, with `A` from [`lora_init_a`].
     #[allow(clippy::too_many_arguments)]
-    pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, out: usize, inp: usize, rank: usize, alpha: f32, seed: u64, opt: Optimizer, precision: Precision) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        weight: &[F],
+        bias: Option<&[F]>,
+        out: usize,
+        inp: usize,
+        rank: usize,
+        alpha: f32,
+        seed: u64,
+        opt: Optimizer,
+        precision: Precision,
+    ) -> Result<Self> {
         let a = lora_init_a::<F>(rank, inp, seed);
         let b = vec![F::ZERO; out * rank];
         Self::from_factors(backend, weight, bias, out, inp, rank, alpha, &a, &b, opt, precision)
@@ -122,7 +139,9 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         if !(alpha.is_finite() && alpha > 0.0) {
             return Err(Error::invalid("LoraLinear::new", format!("alpha {alpha} must be finite and > 0")));
         }
-        for (what, len, need) in [("weight", weight.len(), out * inp), ("A", a.len(), rank * inp), ("B", b.len(), out * rank)] {
+        for (what, len, need) in
+            [("weight", weight.len(), out * inp), ("A", a.len(), rank * inp), ("B", b.len(), out * rank)]
+        {
             if len != need {
                 return Err(Error::shape("LoraLinear::new", what, need, len));
             }
@@ -134,7 +153,11 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         }
         let all = weight.iter().chain(a).chain(b).chain(bias.unwrap_or(&[]));
         if let Some(i) = all.clone().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "weight, bias or LoRA factors".into(), count: all.filter(|v| !v.is_finite()).count(), first_index: i });
+            return Err(Error::NonFinite {
+                what: "weight, bias or LoRA factors".into(),
+                count: all.filter(|v| !v.is_finite()).count(),
+                first_index: i,
+            });
         }
         opt.validate()?;
         let w = backend.upload(weight)?;
@@ -232,7 +255,10 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp, r, s) = (self.out, self.inp, self.rank, self.scaling);
         if self.saved_tokens != Some(tokens) {
-            return Err(Error::invalid("LoraLinear::backward", format!("no forward of {tokens} tokens to go back through")));
+            return Err(Error::invalid(
+                "LoraLinear::backward",
+                format!("no forward of {tokens} tokens to go back through"),
+            ));
         }
         check_activation(&self.backend, "LoraLinear::backward", "grad_y", g, tokens, out)?;
         if let Some(dx) = dx.as_deref() {
@@ -293,7 +319,12 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         let be = &self.backend;
         let mut w = be.alloc::<F>(self.out * self.inp)?;
         be.copy(&self.w, &mut w, self.out * self.inp)?;
-        be.gemm(&Gemm::nn(self.out, self.inp, self.rank).alpha(self.scaling).beta(1.0), &self.b.value, &self.a.value, &mut w)?;
+        be.gemm(
+            &Gemm::nn(self.out, self.inp, self.rank).alpha(self.scaling).beta(1.0),
+            &self.b.value,
+            &self.a.value,
+            &mut w,
+        )?;
         be.download(&w, self.out * self.inp)
     }
 
@@ -301,7 +332,13 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
     pub fn export_state(&self) -> Result<LayerState<F>> {
         let be = &self.backend;
         let param = |f: &Factor<B, F>| DenseParam::download(be, &f.value, f.moments.as_ref(), f.len);
-        Ok(LayerState::Lora { a: param(&self.a)?, b: param(&self.b)?, rank: self.rank, alpha: self.scaling * self.rank as f32, step: self.step })
+        Ok(LayerState::Lora {
+            a: param(&self.a)?,
+            b: param(&self.b)?,
+            rank: self.rank,
+            alpha: self.scaling * self.rank as f32,
+            step: self.step,
+        })
     }
 
     /// Checks that `state` fits this layer (method, rank, alpha, shapes, optimizer).
@@ -311,11 +348,21 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         };
         let scaling = *alpha / *rank as f32;
         if *rank != self.rank || (scaling - self.scaling).abs() > 1e-6 * self.scaling.abs() {
-            return Err(mismatch("adapter", format!("LoRA rank {rank}, alpha {alpha} does not match the layer's rank {}, alpha {}", self.rank, self.scaling * self.rank as f32)));
+            return Err(mismatch(
+                "adapter",
+                format!(
+                    "LoRA rank {rank}, alpha {alpha} does not match the layer's rank {}, alpha {}",
+                    self.rank,
+                    self.scaling * self.rank as f32
+                ),
+            ));
         }
         for (name, p, f) in [("A", a, &self.a), ("B", b, &self.b)] {
             if p.values.len() != f.len || p.exp_avg.is_some() != f.moments.is_some() {
-                return Err(mismatch("adapter", format!("LoRA factor {name}: shape or optimizer state does not match the layer")));
+                return Err(mismatch(
+                    "adapter",
+                    format!("LoRA factor {name}: shape or optimizer state does not match the layer"),
+                ));
             }
         }
         Ok(())

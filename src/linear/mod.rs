@@ -3,8 +3,8 @@
 
 pub mod dense;
 pub mod lora;
-pub mod state;
 pub mod sparsegrad;
+pub mod state;
 pub mod trainable;
 
 use crate::backend::{Backend, Gemm};
@@ -120,7 +120,15 @@ impl<B: Backend, F: Real> Copy for OperandRef<'_, B, F> {}
 
 impl<'a, B: Backend, F: Real> OperandRef<'a, B, F> {
     /// Gathers rows `row_idx[..n]` of a `(src_rows, cols)` operand into `dst`.
-    pub(crate) fn gather_rows(self, backend: &B, src_rows: usize, cols: usize, row_idx: &B::Buf<u32>, n: usize, dst: &mut Operand<B, F>) -> Result<()> {
+    pub(crate) fn gather_rows(
+        self,
+        backend: &B,
+        src_rows: usize,
+        cols: usize,
+        row_idx: &B::Buf<u32>,
+        n: usize,
+        dst: &mut Operand<B, F>,
+    ) -> Result<()> {
         match (self, dst) {
             (OperandRef::Full(s), Operand::Full(d)) => backend.gather_rows(s, src_rows, cols, row_idx, n, d),
             (OperandRef::Half(s), Operand::Half(d)) => backend.gather_rows(s, src_rows, cols, row_idx, n, d),
@@ -130,7 +138,13 @@ impl<'a, B: Backend, F: Real> OperandRef<'a, B, F> {
 }
 
 /// `C = op(A) op(B)` for two operands of the same precision, output in `F`.
-pub(crate) fn mm<B: Backend, F: Real>(backend: &B, spec: &Gemm, a: OperandRef<'_, B, F>, b: OperandRef<'_, B, F>, c: &mut B::Buf<F>) -> Result<()> {
+pub(crate) fn mm<B: Backend, F: Real>(
+    backend: &B,
+    spec: &Gemm,
+    a: OperandRef<'_, B, F>,
+    b: OperandRef<'_, B, F>,
+    c: &mut B::Buf<F>,
+) -> Result<()> {
     match (a, b) {
         (OperandRef::Full(a), OperandRef::Full(b)) => backend.gemm(spec, a, b, c),
         (OperandRef::Half(a), OperandRef::Half(b)) => backend.gemm_bf16(spec, a, b, c),
@@ -162,7 +176,14 @@ pub(crate) fn check_finite<B: Backend, F: Real>(backend: &B, buf: &B::Buf<F>, le
 }
 
 /// Fails unless `buf` holds at least `tokens * width` values.
-pub(crate) fn check_activation<B: Backend, T: crate::Elem>(backend: &B, op: &'static str, what: &str, buf: &B::Buf<T>, tokens: usize, width: usize) -> Result<()> {
+pub(crate) fn check_activation<B: Backend, T: crate::Elem>(
+    backend: &B,
+    op: &'static str,
+    what: &str,
+    buf: &B::Buf<T>,
+    tokens: usize,
+    width: usize,
+) -> Result<()> {
     let need = tokens * width;
     if backend.len(buf) < need {
         return Err(Error::shape(op, what, format!("{tokens} x {width} = {need} values"), backend.len(buf)));
@@ -171,7 +192,12 @@ pub(crate) fn check_activation<B: Backend, T: crate::Elem>(backend: &B, op: &'st
 }
 
 /// `src` itself in full precision, else its bf16 rounding in `half`.
-pub(crate) fn stage<'a, B: Backend, F: Real>(be: &B, src: &'a B::Buf<F>, half: Option<&'a mut B::Buf<bf16>>, len: usize) -> Result<OperandRef<'a, B, F>> {
+pub(crate) fn stage<'a, B: Backend, F: Real>(
+    be: &B,
+    src: &'a B::Buf<F>,
+    half: Option<&'a mut B::Buf<bf16>>,
+    len: usize,
+) -> Result<OperandRef<'a, B, F>> {
     match half {
         None => Ok(OperandRef::Full(src)),
         Some(h) => {

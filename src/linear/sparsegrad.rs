@@ -20,14 +20,14 @@ mod step;
 mod workspace;
 
 use crate::backend::{Backend, Coo, Gemm, HostCoo};
-use crate::optim::{Moments, Optimizer};
 use crate::basis::{Basis, DeviceKey};
-use std::any::TypeId;
-use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::linear::{check_activation, check_finite, mm, stage, to_f, Keep, Operand, OperandRef, Precision};
+use crate::optim::{Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
+use std::any::TypeId;
+use std::sync::Arc;
 use workspace::Workspace;
 
 /// How `dWt` is selected.
@@ -168,18 +168,31 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, basis: &Basis, cfg: SparseGradConfig) -> Result<Self> {
         let (out, inp) = (basis.out, basis.inp);
         if weight.len() != out * inp {
-            return Err(Error::shape("SparseGradLinear::new", "weight", format!("{out} x {inp} (from basis `{}`)", basis.group), weight.len()));
+            return Err(Error::shape(
+                "SparseGradLinear::new",
+                "weight",
+                format!("{out} x {inp} (from basis `{}`)", basis.group),
+                weight.len(),
+            ));
         }
         if let Some(b) = bias {
             if b.len() != out {
                 return Err(Error::shape("SparseGradLinear::new", "bias", out, b.len()));
             }
             if let Some(i) = b.iter().position(|v| !v.is_finite()) {
-                return Err(Error::NonFinite { what: "bias".into(), count: b.iter().filter(|v| !v.is_finite()).count(), first_index: i });
+                return Err(Error::NonFinite {
+                    what: "bias".into(),
+                    count: b.iter().filter(|v| !v.is_finite()).count(),
+                    first_index: i,
+                });
             }
         }
         if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite { what: "weight".into(), count: weight.iter().filter(|v| !v.is_finite()).count(), first_index: i });
+            return Err(Error::NonFinite {
+                what: "weight".into(),
+                count: weight.iter().filter(|v| !v.is_finite()).count(),
+                first_index: i,
+            });
         }
         basis.check_quick()?;
         cfg.optimizer.validate()?;
@@ -188,7 +201,10 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Selection::Exact => false,
             Selection::SparseByDense { threshold } => {
                 if !(0.0..=1.0).contains(&threshold) {
-                    return Err(Error::invalid("SparseGradLinear::new", format!("SparseByDense threshold {threshold} outside [0, 1]")));
+                    return Err(Error::invalid(
+                        "SparseGradLinear::new",
+                        format!("SparseByDense threshold {threshold} outside [0, 1]"),
+                    ));
                 }
                 threshold > 0.0
             }
@@ -361,8 +377,17 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let (out, inp) = (self.out, self.inp);
         match self.saved_tokens {
             Some(t) if t == tokens => {}
-            Some(t) => return Err(Error::shape("SparseGradLinear::backward", "tokens (must match the last forward)", t, tokens)),
-            None => return Err(Error::invalid("SparseGradLinear::backward", "no saved activations: call forward first")),
+            Some(t) => {
+                return Err(Error::shape(
+                    "SparseGradLinear::backward",
+                    "tokens (must match the last forward)",
+                    t,
+                    tokens,
+                ))
+            }
+            None => {
+                return Err(Error::invalid("SparseGradLinear::backward", "no saved activations: call forward first"))
+            }
         }
         check_activation(&self.backend, "SparseGradLinear::backward", "grad_y", g, tokens, out)?;
         if let Some(dx) = dx.as_deref() {
@@ -455,7 +480,11 @@ fn basis_change<F: Real>(p: &[F], q: &[F], m: &[F], out: usize, inp: usize, forw
     let (pb, qb, mb) = (cpu.upload(p)?, cpu.upload(q)?, cpu.upload(m)?);
     let mut tmp = cpu.alloc::<F>(out * inp)?;
     let mut res = cpu.alloc::<F>(out * inp)?;
-    let (sp, sq) = if forward { (Gemm::tn(out, inp, out), Gemm::nn(out, inp, inp)) } else { (Gemm::nn(out, inp, out), Gemm::nt(out, inp, inp)) };
+    let (sp, sq) = if forward {
+        (Gemm::tn(out, inp, out), Gemm::nn(out, inp, inp))
+    } else {
+        (Gemm::nn(out, inp, out), Gemm::nt(out, inp, inp))
+    };
     cpu.gemm(&sp, &pb, &mb, &mut tmp)?;
     cpu.gemm(&sq, &tmp, &qb, &mut res)?;
     Ok(res.to_vec())

@@ -43,7 +43,12 @@ impl<F: Real> SparseParam<F> {
     }
 
     /// Picks the entries `indices` of dense `(values, exp_avg, exp_avg_sq)`.
-    pub(crate) fn gather(shape: (usize, usize), indices: Vec<u64>, values: &[F], moments: Option<(Vec<F>, Vec<F>)>) -> Self {
+    pub(crate) fn gather(
+        shape: (usize, usize),
+        indices: Vec<u64>,
+        values: &[F],
+        moments: Option<(Vec<F>, Vec<F>)>,
+    ) -> Self {
         let pick = |v: &[F]| indices.iter().map(|&i| v[i as usize]).collect::<Vec<F>>();
         let (exp_avg, exp_avg_sq) = match moments {
             Some((m, v)) => (Some(pick(&m)), Some(pick(&v))),
@@ -70,11 +75,31 @@ impl<F: Real> SparseParam<F> {
 pub enum LayerState<F> {
     /// Nothing trains (also the preliminary phase's collecting layers).
     Frozen,
-    Full { weight: DenseParam<F>, bias: Option<DenseParam<F>>, step: u64 },
-    MeProp { weight: SparseParam<F>, bias: Option<DenseParam<F>>, step: u64 },
+    Full {
+        weight: DenseParam<F>,
+        bias: Option<DenseParam<F>>,
+        step: u64,
+    },
+    MeProp {
+        weight: SparseParam<F>,
+        bias: Option<DenseParam<F>>,
+        step: u64,
+    },
     /// Entries of `Wt = P^T W Q`; `basis_fingerprint` identifies `(P, Q)`.
-    SparseGrad { weight_transformed: SparseParam<F>, bias: Option<DenseParam<F>>, step: u64, basis_group: String, basis_fingerprint: u64 },
-    Lora { a: DenseParam<F>, b: DenseParam<F>, rank: usize, alpha: f32, step: u64 },
+    SparseGrad {
+        weight_transformed: SparseParam<F>,
+        bias: Option<DenseParam<F>>,
+        step: u64,
+        basis_group: String,
+        basis_fingerprint: u64,
+    },
+    Lora {
+        a: DenseParam<F>,
+        b: DenseParam<F>,
+        rank: usize,
+        alpha: f32,
+        step: u64,
+    },
 }
 
 impl<F> LayerState<F> {
@@ -111,13 +136,23 @@ pub fn fingerprint<F: Real>(data: &[F]) -> u64 {
 
 impl<F: Real> DenseParam<F> {
     /// The first `len` values of `values` and of the moments, if the parameter has them.
-    pub(crate) fn download<B: Backend>(be: &B, values: &B::Buf<F>, moments: Option<&Moments<B, F>>, len: usize) -> Result<Self> {
+    pub(crate) fn download<B: Backend>(
+        be: &B,
+        values: &B::Buf<F>,
+        moments: Option<&Moments<B, F>>,
+        len: usize,
+    ) -> Result<Self> {
         let (exp_avg, exp_avg_sq) = moments.map(|m| m.to_host(be, len)).transpose()?.unzip();
         Ok(DenseParam { values: be.download(values, len)?, exp_avg, exp_avg_sq })
     }
 
     /// Writes the values and, where both sides have them, the moments back.
-    pub(crate) fn upload<B: Backend>(&self, be: &B, values: &mut B::Buf<F>, moments: Option<&mut Moments<B, F>>) -> Result<()> {
+    pub(crate) fn upload<B: Backend>(
+        &self,
+        be: &B,
+        values: &mut B::Buf<F>,
+        moments: Option<&mut Moments<B, F>>,
+    ) -> Result<()> {
         be.upload_into(&self.values, values)?;
         if let (Some(m), Some(em), Some(ev)) = (moments, &self.exp_avg, &self.exp_avg_sq) {
             m.set_from_host(be, em, ev)?;

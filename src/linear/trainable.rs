@@ -71,20 +71,39 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
     /// Builds a projection `(out, in)` from its dense weight. SparseGrad needs the basis of
     /// its group; the other methods ignore `basis`.
     #[allow(clippy::too_many_arguments)]
-    pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, out: usize, inp: usize, method: Method, basis: Option<&Basis>, opts: &TrainOptions) -> Result<Self> {
-        let dense = |mode| DenseLinear::new(backend, weight, bias, out, inp, mode, opts.optimizer, opts.precision).map(Linear::Dense);
+    pub fn new(
+        backend: &B,
+        weight: &[F],
+        bias: Option<&[F]>,
+        out: usize,
+        inp: usize,
+        method: Method,
+        basis: Option<&Basis>,
+        opts: &TrainOptions,
+    ) -> Result<Self> {
+        let dense = |mode| {
+            DenseLinear::new(backend, weight, bias, out, inp, mode, opts.optimizer, opts.precision).map(Linear::Dense)
+        };
         match method {
             Method::Frozen => dense(DenseMode::Frozen),
             Method::Collect => dense(DenseMode::Collect),
             Method::Full => dense(DenseMode::Full),
             Method::MeProp { keep } => dense(DenseMode::MeProp { keep }),
             Method::Lora { rank, alpha } => {
-                LoraLinear::new(backend, weight, bias, out, inp, rank, alpha, opts.seed, opts.optimizer, opts.precision).map(Linear::Lora)
+                LoraLinear::new(backend, weight, bias, out, inp, rank, alpha, opts.seed, opts.optimizer, opts.precision)
+                    .map(Linear::Lora)
             }
             Method::SparseGrad { keep, selection, formulation } => {
-                let basis = basis.ok_or_else(|| Error::invalid("Linear::new", "SparseGrad needs the basis of the projection's group"))?;
+                let basis = basis.ok_or_else(|| {
+                    Error::invalid("Linear::new", "SparseGrad needs the basis of the projection's group")
+                })?;
                 if (basis.out, basis.inp) != (out, inp) {
-                    return Err(Error::shape("Linear::new", format!("basis `{}`", basis.group), format!("{out} x {inp}"), format!("{} x {}", basis.out, basis.inp)));
+                    return Err(Error::shape(
+                        "Linear::new",
+                        format!("basis `{}`", basis.group),
+                        format!("{out} x {inp}"),
+                        format!("{} x {}", basis.out, basis.inp),
+                    ));
                 }
                 let cfg = SparseGradConfig {
                     keep,
@@ -153,7 +172,10 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
     pub fn dense_grad_host(&self) -> Result<Vec<F>> {
         match self {
             Linear::Dense(l) => l.grad_host(),
-            _ => Err(Error::invalid("Linear::dense_grad_host", "only dense projections compute the dense weight gradient")),
+            _ => Err(Error::invalid(
+                "Linear::dense_grad_host",
+                "only dense projections compute the dense weight gradient",
+            )),
         }
     }
 

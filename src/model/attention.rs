@@ -24,7 +24,13 @@ pub struct AttentionShape {
 impl AttentionShape {
     pub fn validate(&self) -> Result<()> {
         if self.kv_heads == 0 || self.heads % self.kv_heads != 0 || self.head_dim == 0 {
-            return Err(Error::invalid("attention", format!("{} heads do not split into {} KV groups of head_dim {}", self.heads, self.kv_heads, self.head_dim)));
+            return Err(Error::invalid(
+                "attention",
+                format!(
+                    "{} heads do not split into {} KV groups of head_dim {}",
+                    self.heads, self.kv_heads, self.head_dim
+                ),
+            ));
         }
         Ok(())
     }
@@ -48,12 +54,24 @@ impl AttentionShape {
     /// `k`/`v`, and in `probs`.
     fn offsets(&self, b: usize, g: usize) -> (usize, usize, usize) {
         let h0 = g * self.group();
-        (b * self.seq * self.q_dim() + h0 * self.head_dim, b * self.seq * self.kv_dim() + g * self.head_dim, (b * self.heads + h0) * self.seq * self.seq)
+        (
+            b * self.seq * self.q_dim() + h0 * self.head_dim,
+            b * self.seq * self.kv_dim() + g * self.head_dim,
+            (b * self.heads + h0) * self.seq * self.seq,
+        )
     }
 }
 
 /// `probs = softmax_causal(scale Q K^T)`, `out = probs V`.
-pub fn forward<B: Backend, F: Real>(be: &B, s: &AttentionShape, q: &B::Buf<F>, k: &B::Buf<F>, v: &B::Buf<F>, probs: &mut B::Buf<F>, out: &mut B::Buf<F>) -> Result<()> {
+pub fn forward<B: Backend, F: Real>(
+    be: &B,
+    s: &AttentionShape,
+    q: &B::Buf<F>,
+    k: &B::Buf<F>,
+    v: &B::Buf<F>,
+    probs: &mut B::Buf<F>,
+    out: &mut B::Buf<F>,
+) -> Result<()> {
     s.validate()?;
     let (t, d, group) = (s.seq, s.head_dim, s.group());
     for b in 0..s.batch {

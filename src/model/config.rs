@@ -66,16 +66,19 @@ impl LlamaConfig {
                 None => hidden.checked_div(heads).unwrap_or(0),
             },
         };
-        let vocab = match opt("vocab_size")? {
-            Some(v) => v,
-            None => match f.get("tokenizer.ggml.tokens") {
-                Some(_) => f.get_str_array("tokenizer.ggml.tokens")?.len(),
-                None => f.tensor_info("token_embd.weight").and_then(|t| t.shape().first().copied()).ok_or_else(|| Error::Metadata {
-                    key: format!("{arch}.vocab_size"),
-                    msg: "missing, and neither tokenizer.ggml.tokens nor token_embd.weight gives it".into(),
-                })?,
-            },
-        };
+        let vocab =
+            match opt("vocab_size")? {
+                Some(v) => v,
+                None => match f.get("tokenizer.ggml.tokens") {
+                    Some(_) => f.get_str_array("tokenizer.ggml.tokens")?.len(),
+                    None => f.tensor_info("token_embd.weight").and_then(|t| t.shape().first().copied()).ok_or_else(
+                        || Error::Metadata {
+                            key: format!("{arch}.vocab_size"),
+                            msg: "missing, and neither tokenizer.ggml.tokens nor token_embd.weight gives it".into(),
+                        },
+                    )?,
+                },
+            };
         let id = |k: &str| f.optional_u32(k);
         let cfg = LlamaConfig {
             hidden,
@@ -104,25 +107,37 @@ impl LlamaConfig {
     /// of eos ids gives its first).
     pub fn from_hf_config_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| Error::format(Some(path), format!("not valid JSON: {e}")))?;
-        let meta = |key: &str, msg: String| Error::Metadata { key: key.into(), msg: format!("{msg} in {}", path.display()) };
+        let json: Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(Some(path), format!("not valid JSON: {e}")))?;
+        let meta =
+            |key: &str, msg: String| Error::Metadata { key: key.into(), msg: format!("{msg} in {}", path.display()) };
         let get = |key: &str| json.get(key).filter(|v| !v.is_null());
         let uint = |key: &str| -> Result<Option<usize>> {
             get(key)
-                .map(|v| v.as_u64().and_then(|u| usize::try_from(u).ok()).ok_or_else(|| meta(key, format!("expected an unsigned integer, found {v}"))))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|u| usize::try_from(u).ok())
+                        .ok_or_else(|| meta(key, format!("expected an unsigned integer, found {v}")))
+                })
                 .transpose()
         };
         let req = |key: &str| -> Result<usize> { uint(key)?.ok_or_else(|| meta(key, "missing".into())) };
         let float = |key: &str| -> Result<Option<f32>> {
-            get(key).map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| meta(key, format!("expected a number, found {v}")))).transpose()
+            get(key)
+                .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| meta(key, format!("expected a number, found {v}"))))
+                .transpose()
         };
         let token = |key: &str| -> Result<Option<u32>> {
             let v = match get(key) {
                 Some(Value::Array(a)) => a.first(),
                 other => other,
             };
-            v.map(|v| v.as_u64().and_then(|u| u32::try_from(u).ok()).ok_or_else(|| meta(key, format!("expected a token id, found {v}"))))
-                .transpose()
+            v.map(|v| {
+                v.as_u64()
+                    .and_then(|u| u32::try_from(u).ok())
+                    .ok_or_else(|| meta(key, format!("expected a token id, found {v}")))
+            })
+            .transpose()
         };
         let hidden = req("hidden_size")?;
         let heads = req("num_attention_heads")?;
@@ -138,7 +153,9 @@ impl LlamaConfig {
             vocab: req("vocab_size")?,
             tied_embeddings: match get("tie_word_embeddings") {
                 None => false,
-                Some(v) => v.as_bool().ok_or_else(|| meta("tie_word_embeddings", format!("expected a bool, found {v}")))?,
+                Some(v) => {
+                    v.as_bool().ok_or_else(|| meta("tie_word_embeddings", format!("expected a bool, found {v}")))?
+                }
             },
             max_seq: uint("max_position_embeddings")?.unwrap_or(2048),
             bos: token("bos_token_id")?,
@@ -200,7 +217,8 @@ impl LlamaConfig {
         // Every weight's element count must be representable (and so allocatable in principle).
         let q = self.heads.checked_mul(self.head_dim);
         let kv = self.kv_heads.checked_mul(self.head_dim);
-        let products = [q, kv, Some(self.ffn), Some(self.vocab)].map(|rows| rows.and_then(|r| r.checked_mul(self.hidden)));
+        let products =
+            [q, kv, Some(self.ffn), Some(self.vocab)].map(|rows| rows.and_then(|r| r.checked_mul(self.hidden)));
         if products.iter().any(Option::is_none) {
             return bad("weight sizes overflow".into());
         }

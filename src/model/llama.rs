@@ -128,11 +128,21 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     /// Uploads `weights` and builds every layer's MLP by `plan`; SparseGrad projections
     /// take their basis from `bases` (groups `gate`, `up`, `down`). `max_positions` sizes
     /// the RoPE tables (sequences may not be longer).
-    pub fn new(backend: &B, weights: &LlamaWeights, plan: &MlpPlan, bases: Option<&BasisSet>, opts: &TrainOptions, max_positions: usize) -> Result<Self> {
+    pub fn new(
+        backend: &B,
+        weights: &LlamaWeights,
+        plan: &MlpPlan,
+        bases: Option<&BasisSet>,
+        opts: &TrainOptions,
+        max_positions: usize,
+    ) -> Result<Self> {
         weights.validate()?;
         let c = weights.config.clone();
         if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
-            return Err(Error::invalid("LlamaModel::new", format!("layer {l} does not exist (the model has {})", c.layers)));
+            return Err(Error::invalid(
+                "LlamaModel::new",
+                format!("layer {l} does not exist (the model has {})", c.layers),
+            ));
         }
         // Sorted and unique: each planned layer steps once, in a fixed order.
         let mut sorted_layers = plan.layers.clone();
@@ -150,7 +160,9 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 let method = if trains { plan.methods[j] } else { Method::Frozen };
                 let basis = match (method, bases) {
                     (Method::SparseGrad { .. }, Some(b)) => Some(b.get(GROUPS[j])?),
-                    (Method::SparseGrad { .. }, None) => return Err(Error::invalid("LlamaModel::new", "SparseGrad needs bases for gate, up and down")),
+                    (Method::SparseGrad { .. }, None) => {
+                        return Err(Error::invalid("LlamaModel::new", "SparseGrad needs bases for gate, up and down"))
+                    }
                     _ => None,
                 };
                 specs.push(ProjectionSpec { weight: w.as_slice(), bias: None, method, group: GROUPS[j], basis });
@@ -178,7 +190,13 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         }
         let (cos, sin) = attention::rope_tables::<F>(max_positions.max(1), c.head_dim, c.rope_theta);
         let half = p == Precision::Bf16;
-        let opt_half = |len: usize| -> Result<Option<B::Buf<bf16>>> { if half { Ok(Some(backend.alloc(len)?)) } else { Ok(None) } };
+        let opt_half = |len: usize| -> Result<Option<B::Buf<bf16>>> {
+            if half {
+                Ok(Some(backend.alloc(len)?))
+            } else {
+                Ok(None)
+            }
+        };
         Ok(LlamaModel {
             backend: backend.clone(),
             precision: p,
@@ -242,7 +260,10 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
 
     fn ensure(&mut self, batch: usize, seq: usize) -> Result<()> {
         if seq > self.rope_positions {
-            return Err(Error::invalid("LlamaModel", format!("sequence length {seq} exceeds the {} positions the model was built for", self.rope_positions)));
+            return Err(Error::invalid(
+                "LlamaModel",
+                format!("sequence length {seq} exceeds the {} positions the model was built for", self.rope_positions),
+            ));
         }
         let c = &self.config;
         let (t, be) = (batch * seq, &self.backend);
@@ -298,7 +319,10 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         }
         let vocab = self.config.vocab;
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(Error::invalid("LlamaModel::forward", format!("token id {bad} is outside the vocabulary of {vocab}")));
+            return Err(Error::invalid(
+                "LlamaModel::forward",
+                format!("token id {bad} is outside the vocabulary of {vocab}"),
+            ));
         }
         self.last = None;
         self.ensure(batch, seq)?;
@@ -339,7 +363,15 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
 
     /// Forward of `batch` rows of `seq` token ids to the masked cross-entropy; leaves the
     /// loss gradient of the logits (scaled by `grad_scale`) ready for [`Self::backward`].
-    pub fn forward(&mut self, ids: &[u32], targets: &[u32], mask: &[f32], batch: usize, seq: usize, grad_scale: f64) -> Result<LossSum> {
+    pub fn forward(
+        &mut self,
+        ids: &[u32],
+        targets: &[u32],
+        mask: &[f32],
+        batch: usize,
+        seq: usize,
+        grad_scale: f64,
+    ) -> Result<LossSum> {
         let t = batch * seq;
         for (what, len) in [("targets", targets.len()), ("mask", mask.len())] {
             if len != t {
@@ -360,7 +392,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     /// Backward of the last forward down to the lowest training layer; trained
     /// projections hold their gradients afterwards (call [`Self::step`]).
     pub fn backward(&mut self) -> Result<()> {
-        let (batch, seq) = self.last.ok_or_else(|| Error::invalid("LlamaModel::backward", "no forward to go back through"))?;
+        let (batch, seq) =
+            self.last.ok_or_else(|| Error::invalid("LlamaModel::backward", "no forward to go back through"))?;
         let Some(&lowest) = self.plan.layers.iter().min() else { return Ok(()) };
         let (be, c) = (self.backend.clone(), self.config.clone());
         let t = batch * seq;
@@ -386,7 +419,13 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             // Attention branch: x_mid = x_in + o(attn(rmsnorm(x_in))).
             let dx_op = stage(&be, &s.dx, s.grad_half.as_mut(), t * c.hidden)?;
             mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
-            let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv, dprobs: &mut s.dprobs, dscores: &mut s.dscores };
+            let grads = AttentionGrads {
+                dq: &mut s.dq,
+                dk: &mut s.dk,
+                dv: &mut s.dv,
+                dprobs: &mut s.dprobs,
+                dscores: &mut s.dscores,
+            };
             attention::backward(&be, &shape, &l.q_act, &l.k_act, &l.v_act, &l.probs, &s.dattn, grads)?;
             be.rope(&mut s.dq, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
             be.rope(&mut s.dk, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
@@ -411,7 +450,14 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     }
 
     /// Forward, backward and step on one batch; returns its loss (mean over its tokens).
-    pub fn train_step(&mut self, ids: &[u32], targets: &[u32], mask: &[f32], batch: usize, seq: usize) -> Result<LossSum> {
+    pub fn train_step(
+        &mut self,
+        ids: &[u32],
+        targets: &[u32],
+        mask: &[f32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<LossSum> {
         let n = mask.iter().filter(|&&m| m != 0.0).count().max(1);
         let loss = self.forward(ids, targets, mask, batch, seq, 1.0 / n as f64)?;
         self.backward()?;
@@ -453,7 +499,10 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     }
 
     fn base_mlp_weights(base: &LlamaWeights, layer: usize) -> Result<[Vec<F>; 3]> {
-        let lw = base.layers.get(layer).ok_or_else(|| Error::invalid("adapter", format!("the base model has no layer {layer}")))?;
+        let lw = base
+            .layers
+            .get(layer)
+            .ok_or_else(|| Error::invalid("adapter", format!("the base model has no layer {layer}")))?;
         Ok([to_f(&lw.gate), to_f(&lw.up), to_f(&lw.down)])
     }
 
@@ -473,7 +522,12 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                     (Method::SparseGrad { .. }, Some(b)) => Some(b.get(GROUPS[j])?),
                     _ => None,
                 };
-                entries.push(crate::adapter::AdapterEntry { name: &names[k][j], linear: &p.linear, base_weight: &weights[k][j], basis });
+                entries.push(crate::adapter::AdapterEntry {
+                    name: &names[k][j],
+                    linear: &p.linear,
+                    base_weight: &weights[k][j],
+                    basis,
+                });
             }
         }
         crate::adapter::save_adapter(path, &entries)
@@ -493,7 +547,11 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         for (k, (i, layer)) in self.layers.iter_mut().enumerate().filter(|(i, _)| layers.contains(i)).enumerate() {
             let _ = i;
             for (j, p) in layer.mlp.projections_mut().into_iter().enumerate() {
-                targets.push(crate::adapter::AdapterTarget { name: &names[k][j], linear: &mut p.linear, base_weight: &weights[k][j] });
+                targets.push(crate::adapter::AdapterTarget {
+                    name: &names[k][j],
+                    linear: &mut p.linear,
+                    base_weight: &weights[k][j],
+                });
             }
         }
         crate::adapter::load_adapter(path, &mut targets)

@@ -36,7 +36,11 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("vocab", &self.vocab_size()).field("bos", &self.bos).field("eos", &self.eos).finish()
+        f.debug_struct("Tokenizer")
+            .field("vocab", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .finish()
     }
 }
 
@@ -51,14 +55,22 @@ impl Tokenizer {
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let model = f.get_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
-            return Err(meta("tokenizer.ggml.model", format!("`{model}` is not supported (only byte-level BPE, `gpt2`)")));
+            return Err(meta(
+                "tokenizer.ggml.model",
+                format!("`{model}` is not supported (only byte-level BPE, `gpt2`)"),
+            ));
         }
         let pre = f.optional_str("tokenizer.ggml.pre")?.unwrap_or("default");
         let byte_level = PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true));
         let pre_tokenizer = match pre {
             "smollm" => Sequence::new(vec![PreTokenizerWrapper::Digits(Digits::new(true)), byte_level]),
             "gpt-2" | "default" => Sequence::new(vec![byte_level]),
-            other => return Err(meta("tokenizer.ggml.pre", format!("pre-tokenizer `{other}` is not supported (smollm, gpt-2, default)"))),
+            other => {
+                return Err(meta(
+                    "tokenizer.ggml.pre",
+                    format!("pre-tokenizer `{other}` is not supported (smollm, gpt-2, default)"),
+                ))
+            }
         };
 
         let tokens = f.get_str_array("tokenizer.ggml.tokens")?;
@@ -75,8 +87,12 @@ impl Tokenizer {
             .get_str_array("tokenizer.ggml.merges")?
             .iter()
             .map(|m| match m.split_once(' ') {
-                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => Ok((a.to_string(), b.to_string())),
-                _ => Err(meta("tokenizer.ggml.merges", format!("merge `{m}` is not two tokens separated by one space"))),
+                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                    Ok((a.to_string(), b.to_string()))
+                }
+                _ => {
+                    Err(meta("tokenizer.ggml.merges", format!("merge `{m}` is not two tokens separated by one space")))
+                }
             })
             .collect::<Result<Vec<_>>>()?;
         let bpe = BPE::builder()
@@ -90,7 +106,10 @@ impl Tokenizer {
         if f.contains_key("tokenizer.ggml.token_type") {
             let types = f.get_i32_array("tokenizer.ggml.token_type")?;
             if types.len() != tokens.len() {
-                return Err(meta("tokenizer.ggml.token_type", format!("{} entries for {} tokens", types.len(), tokens.len())));
+                return Err(meta(
+                    "tokenizer.ggml.token_type",
+                    format!("{} entries for {} tokens", types.len(), tokens.len()),
+                ));
             }
             let special: Vec<AddedToken> = tokens
                 .iter()
@@ -102,7 +121,9 @@ impl Tokenizer {
         }
         let id = |key: &str| -> Result<Option<u32>> {
             match f.optional_u32(key)? {
-                Some(id) if id as usize >= tokens.len() => Err(meta(key, format!("id {id} is outside the vocabulary of {}", tokens.len()))),
+                Some(id) if id as usize >= tokens.len() => {
+                    Err(meta(key, format!("id {id} is outside the vocabulary of {}", tokens.len())))
+                }
                 other => Ok(other),
             }
         };

@@ -158,7 +158,12 @@ pub fn unpermute_rope_rows(w: &[f32], n_head: usize, cols: usize) -> Result<Vec<
     let rows = w.len() / cols;
     let pair_rows = n_head.checked_mul(2).ok_or_else(|| Error::invalid(OP, format!("n_head {n_head} overflows")))?;
     if rows * cols != w.len() || rows % pair_rows != 0 {
-        return Err(Error::shape(OP, "weight", format!("(n_head*head_dim, {cols}) with n_head = {n_head} and even head_dim"), format!("{} values", w.len())));
+        return Err(Error::shape(
+            OP,
+            "weight",
+            format!("(n_head*head_dim, {cols}) with n_head = {n_head} and even head_dim"),
+            format!("{} values", w.len()),
+        ));
     }
     let half = rows / n_head / 2;
     let mut out = vec![0.0f32; w.len()];
@@ -198,7 +203,8 @@ impl LlamaWeights {
             })?);
         }
         let final_norm = f.tensor_f32_shaped("output_norm.weight", &[c.hidden])?;
-        let lm_head = if c.tied_embeddings { None } else { Some(f.tensor_f32_shaped("output.weight", &[c.vocab, c.hidden])?) };
+        let lm_head =
+            if c.tied_embeddings { None } else { Some(f.tensor_f32_shaped("output.weight", &[c.vocab, c.hidden])?) };
         let w = LlamaWeights { config, embed, layers, final_norm, lm_head };
         w.validate()?;
         Ok(w)
@@ -236,7 +242,12 @@ impl LlamaWeights {
         c.validate()?;
         let check = |name: &str, data: &[f32], shape: &[usize]| -> Result<()> {
             if data.len() != numel(shape) {
-                return Err(Error::shape("LlamaWeights", format!("tensor `{name}` of shape {shape:?}"), numel(shape), data.len()));
+                return Err(Error::shape(
+                    "LlamaWeights",
+                    format!("tensor `{name}` of shape {shape:?}"),
+                    numel(shape),
+                    data.len(),
+                ));
             }
             Ok(())
         };
@@ -254,7 +265,9 @@ impl LlamaWeights {
             (Some(w), false) => check("lm_head", w, &[c.vocab, c.hidden]),
             (None, true) => Ok(()),
             (Some(_), true) => Err(Error::invalid("LlamaWeights", "lm_head is set but the config ties the embeddings")),
-            (None, false) => Err(Error::MissingTensor { name: "lm_head".into(), context: Some("untied LlamaWeights".into()) }),
+            (None, false) => {
+                Err(Error::MissingTensor { name: "lm_head".into(), context: Some("untied LlamaWeights".into()) })
+            }
         }
     }
 

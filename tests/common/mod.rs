@@ -95,7 +95,11 @@ pub fn assert_close<A: Into<f64> + Copy, B: Into<f64> + Copy>(what: &str, a: &[A
         }
     }
     if let Some((i, _)) = worst {
-        panic!("{what}: mismatch at index {i}: got {}, expected {} (atol {atol}, rtol {rtol})", a[i].into(), b[i].into());
+        panic!(
+            "{what}: mismatch at index {i}: got {}, expected {} (atol {atol}, rtol {rtol})",
+            a[i].into(),
+            b[i].into()
+        );
     }
 }
 

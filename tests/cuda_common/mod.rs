@@ -134,7 +134,12 @@ pub fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     if let Some(i) = got.iter().zip(want).position(|(g, w)| g.to_bits() != w.to_bits()) {
         let count = got.iter().zip(want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
-        panic!("{what}: {count} of {} entries differ; first at index {i}: got {:e}, want {:e}", got.len(), got[i], want[i]);
+        panic!(
+            "{what}: {count} of {} entries differ; first at index {i}: got {:e}, want {:e}",
+            got.len(),
+            got[i],
+            want[i]
+        );
     }
 }
 
@@ -143,7 +148,12 @@ pub fn assert_same<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: 
     assert_eq!(got.len(), want.len(), "{what}: lengths differ");
     if let Some(i) = got.iter().zip(want).position(|(g, w)| g != w) {
         let count = got.iter().zip(want).filter(|(g, w)| g != w).count();
-        panic!("{what}: {count} of {} entries differ; first at index {i}: got {:?}, want {:?}", got.len(), got[i], want[i]);
+        panic!(
+            "{what}: {count} of {} entries differ; first at index {i}: got {:?}, want {:?}",
+            got.len(),
+            got[i],
+            want[i]
+        );
     }
 }
 

@@ -63,7 +63,10 @@ pub(super) fn gelu_backward<F: Real>(x: &[F], dy: &[F], dx: &mut [F], len: usize
     check_len("gelu_backward", "x", x.len(), len)?;
     check_len("gelu_backward", "dy", dy.len(), len)?;
     check_len("gelu_backward", "dx", dx.len(), len)?;
-    dx[..len].par_iter_mut().zip(x[..len].par_iter().zip(&dy[..len])).for_each(|(dx, (&x, &dy))| *dx = dy * gelu_grad_scalar(x, kind));
+    dx[..len]
+        .par_iter_mut()
+        .zip(x[..len].par_iter().zip(&dy[..len]))
+        .for_each(|(dx, (&x, &dy))| *dx = dy * gelu_grad_scalar(x, kind));
     Ok(())
 }
 
@@ -71,22 +74,30 @@ pub(super) fn swiglu<F: Real>(gate: &[F], up: &[F], h: &mut [F], len: usize) -> 
     check_len("swiglu", "gate", gate.len(), len)?;
     check_len("swiglu", "up", up.len(), len)?;
     check_len("swiglu", "h", h.len(), len)?;
-    h[..len].par_iter_mut().zip(gate[..len].par_iter().zip(&up[..len])).for_each(|(h, (&g, &u))| *h = silu_scalar(g) * u);
+    h[..len]
+        .par_iter_mut()
+        .zip(gate[..len].par_iter().zip(&up[..len]))
+        .for_each(|(h, (&g, &u))| *h = silu_scalar(g) * u);
     Ok(())
 }
 
-pub(super) fn swiglu_backward<F: Real>(gate: &[F], up: &[F], dh: &[F], d_gate: &mut [F], d_up: &mut [F], len: usize) -> Result<()> {
-    for (what, l) in [("gate", gate.len()), ("up", up.len()), ("dh", dh.len()), ("d_gate", d_gate.len()), ("d_up", d_up.len())] {
+pub(super) fn swiglu_backward<F: Real>(
+    gate: &[F],
+    up: &[F],
+    dh: &[F],
+    d_gate: &mut [F],
+    d_up: &mut [F],
+    len: usize,
+) -> Result<()> {
+    for (what, l) in
+        [("gate", gate.len()), ("up", up.len()), ("dh", dh.len()), ("d_gate", d_gate.len()), ("d_up", d_up.len())]
+    {
         check_len("swiglu_backward", what, l, len)?;
     }
-    d_gate[..len]
-        .par_iter_mut()
-        .zip(d_up[..len].par_iter_mut())
-        .enumerate()
-        .for_each(|(i, (dg, du))| {
-            let (g, u, d) = (gate[i], up[i], dh[i]);
-            *dg = d * u * silu_grad_scalar(g);
-            *du = d * silu_scalar(g);
-        });
+    d_gate[..len].par_iter_mut().zip(d_up[..len].par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
+        let (g, u, d) = (gate[i], up[i], dh[i]);
+        *dg = d * u * silu_grad_scalar(g);
+        *du = d * silu_scalar(g);
+    });
     Ok(())
 }

@@ -18,7 +18,8 @@ pub(super) fn gemm<F: Real>(spec: &Gemm, a: &[F], b: &[F], c: &mut [F]) -> Resul
         return Ok(());
     }
     let (m, n, k) = (to_blas_dim("gemm", spec.m)?, to_blas_dim("gemm", spec.n)?, to_blas_dim("gemm", spec.k)?);
-    let (lda, ldb, ldc) = (to_blas_dim("gemm", spec.lda)?, to_blas_dim("gemm", spec.ldb)?, to_blas_dim("gemm", spec.ldc)?);
+    let (lda, ldb, ldc) =
+        (to_blas_dim("gemm", spec.lda)?, to_blas_dim("gemm", spec.ldb)?, to_blas_dim("gemm", spec.ldc)?);
     let ta = if spec.trans_a { Transpose::Ordinary } else { Transpose::None };
     let tb = if spec.trans_b { Transpose::Ordinary } else { Transpose::None };
     for batch in 0..spec.batch {
@@ -41,7 +42,22 @@ pub(super) fn gemm<F: Real>(spec: &Gemm, a: &[F], b: &[F], c: &mut [F]) -> Resul
             },
             // SAFETY: as above.
             (RealSlice::F64(a), RealSlice::F64(b), RealSliceMut::F64(c)) => unsafe {
-                cblas::dgemm(Layout::RowMajor, ta, tb, m, n, k, spec.alpha as f64, a, lda, b, ldb, spec.beta as f64, c, ldc)
+                cblas::dgemm(
+                    Layout::RowMajor,
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    spec.alpha as f64,
+                    a,
+                    lda,
+                    b,
+                    ldb,
+                    spec.beta as f64,
+                    c,
+                    ldc,
+                )
             },
             _ => return Err(Error::UnsupportedDtype { op: "gemm", dtype: F::NAME, backend: "cpu" }),
         }

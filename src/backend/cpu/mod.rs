@@ -144,7 +144,13 @@ impl Backend for Cpu {
         dense::gemm(spec, a, b, c)
     }
 
-    fn gemm_bf16<F: crate::Real>(&self, spec: &crate::Gemm, a: &CpuBuf<half::bf16>, b: &CpuBuf<half::bf16>, c: &mut CpuBuf<F>) -> Result<()> {
+    fn gemm_bf16<F: crate::Real>(
+        &self,
+        spec: &crate::Gemm,
+        a: &CpuBuf<half::bf16>,
+        b: &CpuBuf<half::bf16>,
+        c: &mut CpuBuf<F>,
+    ) -> Result<()> {
         self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
         dense::gemm_bf16(spec, a, b, c)
     }
@@ -161,7 +167,14 @@ impl Backend for Cpu {
         dense::add_bias(y, bias, rows, cols)
     }
 
-    fn bias_grad<F: crate::Real>(&self, g: &CpuBuf<F>, rows: usize, cols: usize, db: &mut CpuBuf<F>, beta: F) -> Result<()> {
+    fn bias_grad<F: crate::Real>(
+        &self,
+        g: &CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        db: &mut CpuBuf<F>,
+        beta: F,
+    ) -> Result<()> {
         dense::bias_grad(g, rows, cols, db, beta)
     }
 
@@ -173,11 +186,24 @@ impl Backend for Cpu {
         dense::axpy(alpha, x, y, len)
     }
 
-    fn gelu<F: crate::Real>(&self, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize, kind: crate::backend::GeluKind) -> Result<()> {
+    fn gelu<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        y: &mut CpuBuf<F>,
+        len: usize,
+        kind: crate::backend::GeluKind,
+    ) -> Result<()> {
         activation::gelu(x, y, len, kind)
     }
 
-    fn gelu_backward<F: crate::Real>(&self, x: &CpuBuf<F>, dy: &CpuBuf<F>, dx: &mut CpuBuf<F>, len: usize, kind: crate::backend::GeluKind) -> Result<()> {
+    fn gelu_backward<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        dy: &CpuBuf<F>,
+        dx: &mut CpuBuf<F>,
+        len: usize,
+        kind: crate::backend::GeluKind,
+    ) -> Result<()> {
         activation::gelu_backward(x, dy, dx, len, kind)
     }
 
@@ -197,11 +223,29 @@ impl Backend for Cpu {
         activation::swiglu_backward(gate, up, dh, d_gate, d_up, len)
     }
 
-    fn rmsnorm<F: crate::Real>(&self, x: &CpuBuf<F>, w: &CpuBuf<F>, y: &mut CpuBuf<F>, inv_rms: &mut CpuBuf<F>, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    fn rmsnorm<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        w: &CpuBuf<F>,
+        y: &mut CpuBuf<F>,
+        inv_rms: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
         transformer::rmsnorm(x, w, y, inv_rms, rows, cols, eps)
     }
 
-    fn rmsnorm_backward<F: crate::Real>(&self, x: &CpuBuf<F>, w: &CpuBuf<F>, inv_rms: &CpuBuf<F>, dy: &CpuBuf<F>, dx: &mut CpuBuf<F>, rows: usize, cols: usize) -> Result<()> {
+    fn rmsnorm_backward<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        w: &CpuBuf<F>,
+        inv_rms: &CpuBuf<F>,
+        dy: &CpuBuf<F>,
+        dx: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         transformer::rmsnorm_backward(x, w, inv_rms, dy, dx, rows, cols)
     }
 
@@ -223,7 +267,15 @@ impl Backend for Cpu {
         transformer::softmax_causal(s, mats, t, scale)
     }
 
-    fn softmax_causal_backward<F: crate::Real>(&self, p: &CpuBuf<F>, dp: &CpuBuf<F>, ds: &mut CpuBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+    fn softmax_causal_backward<F: crate::Real>(
+        &self,
+        p: &CpuBuf<F>,
+        dp: &CpuBuf<F>,
+        ds: &mut CpuBuf<F>,
+        mats: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
         transformer::softmax_causal_backward(p, dp, ds, mats, t, scale)
     }
 
@@ -252,7 +304,15 @@ impl Backend for Cpu {
         sparse::nonzero_rows_cols(m, rows, cols, threshold_rel, row_idx, col_idx)
     }
 
-    fn gather_rows<T: Elem>(&self, src: &CpuBuf<T>, src_rows: usize, cols: usize, row_idx: &CpuBuf<u32>, n_idx: usize, dst: &mut CpuBuf<T>) -> Result<()> {
+    fn gather_rows<T: Elem>(
+        &self,
+        src: &CpuBuf<T>,
+        src_rows: usize,
+        cols: usize,
+        row_idx: &CpuBuf<u32>,
+        n_idx: usize,
+        dst: &mut CpuBuf<T>,
+    ) -> Result<()> {
         sparse::gather_rows(src, src_rows, cols, row_idx, n_idx, dst)
     }
 
@@ -288,15 +348,33 @@ impl Backend for Cpu {
         topk::topk_coo(m, rows, cols, k, maps, ws, out)
     }
 
-    fn coo_scatter_add<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, alpha: F, dense: &mut CpuBuf<F>) -> Result<()> {
+    fn coo_scatter_add<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        alpha: F,
+        dense: &mut CpuBuf<F>,
+    ) -> Result<()> {
         sparse::coo_scatter_add(coo, alpha, dense)
     }
 
-    fn coo_compact_rows<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, unique_rows: &mut CpuBuf<u32>, slot: &mut CpuBuf<u32>) -> Result<usize> {
+    fn coo_compact_rows<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        unique_rows: &mut CpuBuf<u32>,
+        slot: &mut CpuBuf<u32>,
+    ) -> Result<usize> {
         sparse::coo_compact_rows(coo, unique_rows, slot)
     }
 
-    fn coo_dense_t<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, slot: &CpuBuf<u32>, n_slots: usize, b: &CpuBuf<F>, b_rows: usize, out: &mut CpuBuf<F>) -> Result<()> {
+    fn coo_dense_t<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        slot: &CpuBuf<u32>,
+        n_slots: usize,
+        b: &CpuBuf<F>,
+        b_rows: usize,
+        out: &mut CpuBuf<F>,
+    ) -> Result<()> {
         sparse::coo_dense_t(coo, slot, n_slots, b, b_rows, out)
     }
 

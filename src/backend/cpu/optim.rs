@@ -70,7 +70,9 @@ pub(super) fn adamw<F: Real>(
     if step == 0 {
         return Err(Error::invalid("adamw", "step counts from 1"));
     }
-    for (what, l) in [("param", param.len()), ("grad", grad.len()), ("exp_avg", exp_avg.len()), ("exp_avg_sq", exp_avg_sq.len())] {
+    for (what, l) in
+        [("param", param.len()), ("grad", grad.len()), ("exp_avg", exp_avg.len()), ("exp_avg_sq", exp_avg_sq.len())]
+    {
         check_len("adamw", what, l, len)?;
     }
     let t = step.min(i32::MAX as u64) as i32;

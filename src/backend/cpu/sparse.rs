@@ -25,7 +25,8 @@ pub(super) fn nonzero_rows_cols<F: Real>(
     let max_abs = m.par_iter().map(|v| v.abs()).reduce(|| F::ZERO, |a, b| a.max(b));
     let t = threshold_rel * max_abs;
     let kept = |v: F| v != F::ZERO && v.abs() >= t;
-    let row_flags: Vec<bool> = if cols == 0 { vec![false; rows] } else { m.par_chunks(cols).map(|r| r.iter().any(|&v| kept(v))).collect() };
+    let row_flags: Vec<bool> =
+        if cols == 0 { vec![false; rows] } else { m.par_chunks(cols).map(|r| r.iter().any(|&v| kept(v))).collect() };
     let col_flags = if cols == 0 {
         Vec::new()
     } else {
@@ -60,7 +61,14 @@ fn check_indices(op: &'static str, what: &str, idx: &[u32], bound: usize) -> Res
     Ok(())
 }
 
-pub(super) fn gather_rows<T: Elem>(src: &[T], src_rows: usize, cols: usize, row_idx: &[u32], n_idx: usize, dst: &mut [T]) -> Result<()> {
+pub(super) fn gather_rows<T: Elem>(
+    src: &[T],
+    src_rows: usize,
+    cols: usize,
+    row_idx: &[u32],
+    n_idx: usize,
+    dst: &mut [T],
+) -> Result<()> {
     check_len("gather_rows", "src", src.len(), src_rows * cols)?;
     check_len("gather_rows", "row_idx", row_idx.len(), n_idx)?;
     check_len("gather_rows", "dst", dst.len(), n_idx * cols)?;
@@ -123,7 +131,11 @@ pub(super) fn coo_scatter_add<F: Real>(coo: &Coo<super::Cpu, F>, alpha: F, dense
     Ok(())
 }
 
-pub(super) fn coo_compact_rows<F: Real>(coo: &Coo<super::Cpu, F>, unique_rows: &mut [u32], slot: &mut [u32]) -> Result<usize> {
+pub(super) fn coo_compact_rows<F: Real>(
+    coo: &Coo<super::Cpu, F>,
+    unique_rows: &mut [u32],
+    slot: &mut [u32],
+) -> Result<usize> {
     check_coo("coo_compact_rows", coo)?;
     check_len("coo_compact_rows", "slot", slot.len(), coo.len)?;
     let mut n = 0usize;

@@ -77,10 +77,13 @@ fn radix_select<F: Real>(m: &[F], k: usize) -> u64 {
                     h
                 },
             )
-            .reduce(|| [0usize; BINS], |mut a, b| {
-                a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                a
-            });
+            .reduce(
+                || [0usize; BINS],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
         let mut above = 0usize;
         for bin in (0..BINS).rev() {
             if above + hist[bin] >= remaining {
@@ -112,17 +115,29 @@ pub(super) fn topk_coo<F: Real>(
     let col_map = check_map("col_map", maps.col_map, cols, full_cols)?;
     let full_len = full_rows * full_cols;
     if k > full_len {
-        return Err(Error::invalid("topk_coo", format!("k = {k} exceeds the {full_len} entries of a {full_rows}x{full_cols} matrix")));
+        return Err(Error::invalid(
+            "topk_coo",
+            format!("k = {k} exceeds the {full_len} entries of a {full_rows}x{full_cols} matrix"),
+        ));
     }
     if n > ws.max_len {
         return Err(Error::invalid("topk_coo", format!("{n} entries exceed the workspace size {}", ws.max_len)));
     }
-    check_len("topk_coo", "out (capacity)", out.capacity.min(out.values.len()).min(out.rows.len()).min(out.cols.len()), k)?;
+    check_len(
+        "topk_coo",
+        "out (capacity)",
+        out.capacity.min(out.values.len()).min(out.rows.len()).min(out.cols.len()),
+        k,
+    )?;
     let m = &m[..n];
     let nonfinite = m.par_iter().filter(|v| !v.is_finite()).count();
     if nonfinite > 0 {
         let first = m.iter().position(|v| !v.is_finite()).unwrap_or(0);
-        return Err(Error::NonFinite { what: "matrix passed to top-k selection".into(), count: nonfinite, first_index: first });
+        return Err(Error::NonFinite {
+            what: "matrix passed to top-k selection".into(),
+            count: nonfinite,
+            first_index: first,
+        });
     }
     out.shape = maps.full_shape;
     out.len = 0;

@@ -6,8 +6,21 @@ use crate::scalar::Real;
 use rayon::prelude::*;
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm<F: Real>(x: &[F], w: &[F], y: &mut [F], inv_rms: &mut [F], rows: usize, cols: usize, eps: f32) -> Result<()> {
-    for (what, len, need) in [("x", x.len(), rows * cols), ("w", w.len(), cols), ("y", y.len(), rows * cols), ("inv_rms", inv_rms.len(), rows)] {
+pub(super) fn rmsnorm<F: Real>(
+    x: &[F],
+    w: &[F],
+    y: &mut [F],
+    inv_rms: &mut [F],
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
+    for (what, len, need) in [
+        ("x", x.len(), rows * cols),
+        ("w", w.len(), cols),
+        ("y", y.len(), rows * cols),
+        ("inv_rms", inv_rms.len(), rows),
+    ] {
         check_len("rmsnorm", what, len, need)?;
     }
     if cols == 0 {
@@ -26,8 +39,22 @@ pub(super) fn rmsnorm<F: Real>(x: &[F], w: &[F], y: &mut [F], inv_rms: &mut [F],
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm_backward<F: Real>(x: &[F], w: &[F], inv_rms: &[F], dy: &[F], dx: &mut [F], rows: usize, cols: usize) -> Result<()> {
-    for (what, len, need) in [("x", x.len(), rows * cols), ("w", w.len(), cols), ("inv_rms", inv_rms.len(), rows), ("dy", dy.len(), rows * cols), ("dx", dx.len(), rows * cols)] {
+pub(super) fn rmsnorm_backward<F: Real>(
+    x: &[F],
+    w: &[F],
+    inv_rms: &[F],
+    dy: &[F],
+    dx: &mut [F],
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    for (what, len, need) in [
+        ("x", x.len(), rows * cols),
+        ("w", w.len(), cols),
+        ("inv_rms", inv_rms.len(), rows),
+        ("dy", dy.len(), rows * cols),
+        ("dx", dx.len(), rows * cols),
+    ] {
         check_len("rmsnorm_backward", what, len, need)?;
     }
     if cols == 0 {
@@ -35,7 +62,9 @@ pub(super) fn rmsnorm_backward<F: Real>(x: &[F], w: &[F], inv_rms: &[F], dy: &[F
     }
     dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
         let (xr, dyr, inv) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], inv_rms[r]);
-        let dot = F::from_f64(xr.iter().zip(dyr).zip(&w[..cols]).map(|((&x, &dy), &w)| (w * dy * x).to_f64()).sum::<f64>() / cols as f64);
+        let dot = F::from_f64(
+            xr.iter().zip(dyr).zip(&w[..cols]).map(|((&x, &dy), &w)| (w * dy * x).to_f64()).sum::<f64>() / cols as f64,
+        );
         let k = inv * inv * dot;
         dx.iter_mut().zip(xr).zip(dyr).zip(&w[..cols]).for_each(|(((dx, &x), &dy), &w)| *dx = inv * (w * dy - x * k));
     });
@@ -43,7 +72,16 @@ pub(super) fn rmsnorm_backward<F: Real>(x: &[F], w: &[F], inv_rms: &[F], dy: &[F
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rope<F: Real>(x: &mut [F], tokens: usize, heads: usize, head_dim: usize, seq_len: usize, cos: &[F], sin: &[F], inverse: bool) -> Result<()> {
+pub(super) fn rope<F: Real>(
+    x: &mut [F],
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    seq_len: usize,
+    cos: &[F],
+    sin: &[F],
+    inverse: bool,
+) -> Result<()> {
     if head_dim % 2 != 0 || seq_len == 0 {
         return Err(Error::invalid("rope", format!("head_dim {head_dim} must be even and seq_len {seq_len} positive")));
     }
@@ -91,7 +129,14 @@ pub(super) fn softmax_causal<F: Real>(s: &mut [F], mats: usize, t: usize, scale:
     Ok(())
 }
 
-pub(super) fn softmax_causal_backward<F: Real>(p: &[F], dp: &[F], ds: &mut [F], mats: usize, t: usize, scale: f32) -> Result<()> {
+pub(super) fn softmax_causal_backward<F: Real>(
+    p: &[F],
+    dp: &[F],
+    ds: &mut [F],
+    mats: usize,
+    t: usize,
+    scale: f32,
+) -> Result<()> {
     for (what, len) in [("p", p.len()), ("dp", dp.len()), ("ds", ds.len())] {
         check_len("softmax_causal_backward", what, len, mats * t * t)?;
     }
@@ -112,31 +157,49 @@ pub(super) fn softmax_causal_backward<F: Real>(p: &[F], dp: &[F], ds: &mut [F], 
 }
 
 #[allow(clippy::too_many_arguments)]
-pub(super) fn cross_entropy<F: Real>(logits: &mut [F], targets: &[u32], mask: &[F], rows: usize, vocab: usize, grad_scale: F, losses: &mut [F]) -> Result<()> {
-    for (what, len, need) in [("logits", logits.len(), rows * vocab), ("targets", targets.len(), rows), ("mask", mask.len(), rows), ("losses", losses.len(), rows)] {
+pub(super) fn cross_entropy<F: Real>(
+    logits: &mut [F],
+    targets: &[u32],
+    mask: &[F],
+    rows: usize,
+    vocab: usize,
+    grad_scale: F,
+    losses: &mut [F],
+) -> Result<()> {
+    for (what, len, need) in [
+        ("logits", logits.len(), rows * vocab),
+        ("targets", targets.len(), rows),
+        ("mask", mask.len(), rows),
+        ("losses", losses.len(), rows),
+    ] {
         check_len("cross_entropy", what, len, need)?;
     }
     if vocab == 0 {
         return Err(Error::invalid("cross_entropy", "vocabulary of size 0"));
     }
     if let Some(r) = (0..rows).find(|&r| mask[r] != F::ZERO && targets[r] as usize >= vocab) {
-        return Err(Error::invalid("cross_entropy", format!("target {} of row {r} is outside the vocabulary of {vocab}", targets[r])));
+        return Err(Error::invalid(
+            "cross_entropy",
+            format!("target {} of row {r} is outside the vocabulary of {vocab}", targets[r]),
+        ));
     }
-    logits[..rows * vocab].par_chunks_mut(vocab).zip(losses[..rows].par_iter_mut()).enumerate().for_each(|(r, (l, loss))| {
-        let m = mask[r];
-        if m == F::ZERO {
-            l.fill(F::ZERO);
-            *loss = F::ZERO;
-            return;
-        }
-        let max = l.iter().fold(F::from_f64(f64::NEG_INFINITY), |a, &b| a.max(b));
-        let sum = F::from_f64(l.iter().map(|&v| (v - max).exp().to_f64()).sum::<f64>());
-        let lse = max + sum.ln();
-        let target = targets[r] as usize;
-        *loss = m * (lse - l[target]);
-        let g = grad_scale * m;
-        l.iter_mut().for_each(|v| *v = g * (*v - lse).exp());
-        l[target] -= g;
-    });
+    logits[..rows * vocab].par_chunks_mut(vocab).zip(losses[..rows].par_iter_mut()).enumerate().for_each(
+        |(r, (l, loss))| {
+            let m = mask[r];
+            if m == F::ZERO {
+                l.fill(F::ZERO);
+                *loss = F::ZERO;
+                return;
+            }
+            let max = l.iter().fold(F::from_f64(f64::NEG_INFINITY), |a, &b| a.max(b));
+            let sum = F::from_f64(l.iter().map(|&v| (v - max).exp().to_f64()).sum::<f64>());
+            let lse = max + sum.ln();
+            let target = targets[r] as usize;
+            *loss = m * (lse - l[target]);
+            let g = grad_scale * m;
+            l.iter_mut().for_each(|v| *v = g * (*v - lse).exp());
+            l[target] -= g;
+        },
+    );
     Ok(())
 }

@@ -55,7 +55,12 @@ pub(super) fn cast_to_bf16<F: Real>(cuda: &Cuda, src: &CudaBuf<F>, dst: &mut Cud
     unsafe { cuda.launch("dense", "cast_f32_to_bf16", cuda.grid_1d(len, PER_SM), &mut kargs![s, d, n]) }
 }
 
-pub(super) fn cast_from_bf16<F: Real>(cuda: &Cuda, src: &CudaBuf<bf16>, dst: &mut CudaBuf<F>, len: usize) -> Result<()> {
+pub(super) fn cast_from_bf16<F: Real>(
+    cuda: &Cuda,
+    src: &CudaBuf<bf16>,
+    dst: &mut CudaBuf<F>,
+    len: usize,
+) -> Result<()> {
     require_f32::<F>("cast_from_bf16")?;
     check_len("cast_from_bf16", "source", src.len, len)?;
     check_len("cast_from_bf16", "destination", dst.len, len)?;
@@ -67,7 +72,13 @@ pub(super) fn cast_from_bf16<F: Real>(cuda: &Cuda, src: &CudaBuf<bf16>, dst: &mu
     unsafe { cuda.launch("dense", "cast_bf16_to_f32", cuda.grid_1d(len, PER_SM), &mut kargs![s, d, n]) }
 }
 
-pub(super) fn add_bias<F: Real>(cuda: &Cuda, y: &mut CudaBuf<F>, bias: &CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {
+pub(super) fn add_bias<F: Real>(
+    cuda: &Cuda,
+    y: &mut CudaBuf<F>,
+    bias: &CudaBuf<F>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     require_f32::<F>("add_bias")?;
     check_len("add_bias", "y", y.len, checked_mul("add_bias", rows, cols)?)?;
     check_len("add_bias", "bias", bias.len, cols)?;
@@ -82,7 +93,14 @@ pub(super) fn add_bias<F: Real>(cuda: &Cuda, y: &mut CudaBuf<F>, bias: &CudaBuf<
     unsafe { cuda.launch("dense", "add_bias_f32", cfg, &mut kargs![yp, bp, r, c]) }
 }
 
-pub(super) fn bias_grad<F: Real>(cuda: &Cuda, g: &CudaBuf<F>, rows: usize, cols: usize, db: &mut CudaBuf<F>, beta: F) -> Result<()> {
+pub(super) fn bias_grad<F: Real>(
+    cuda: &Cuda,
+    g: &CudaBuf<F>,
+    rows: usize,
+    cols: usize,
+    db: &mut CudaBuf<F>,
+    beta: F,
+) -> Result<()> {
     require_f32::<F>("bias_grad")?;
     check_len("bias_grad", "g", g.len, checked_mul("bias_grad", rows, cols)?)?;
     check_len("bias_grad", "db", db.len, cols)?;
@@ -109,7 +127,14 @@ pub(super) fn bias_grad<F: Real>(cuda: &Cuda, g: &CudaBuf<F>, rows: usize, cols:
         let k = chunks as u64;
         // SAFETY: bias_grad_final_f32(const float* partial, u64 chunks, u64 cols, float* db,
         // float beta): partial holds chunks * cols floats, db cols.
-        unsafe { cuda.launch("dense", "bias_grad_final_f32", cuda.grid_1d(cols, PER_SM), &mut kargs![partial, k, c, dbp, beta]) }?;
+        unsafe {
+            cuda.launch(
+                "dense",
+                "bias_grad_final_f32",
+                cuda.grid_1d(cols, PER_SM),
+                &mut kargs![partial, k, c, dbp, beta],
+            )
+        }?;
     }
     Ok(())
 }
@@ -151,7 +176,16 @@ pub(super) fn axpy<F: Real>(cuda: &Cuda, alpha: F, x: &CudaBuf<F>, y: &mut CudaB
 
 /// `C = beta C` on the (batched, strided) `rows x cols` matrix at `c` (the k = 0 product).
 #[allow(clippy::too_many_arguments)]
-pub(super) fn scale_rows(cuda: &Cuda, c: u64, rows: usize, cols: usize, ld: usize, batch: usize, stride: usize, beta: f32) -> Result<()> {
+pub(super) fn scale_rows(
+    cuda: &Cuda,
+    c: u64,
+    rows: usize,
+    cols: usize,
+    ld: usize,
+    batch: usize,
+    stride: usize,
+    beta: f32,
+) -> Result<()> {
     let total = checked_mul("gemm", checked_mul("gemm", rows, cols)?, batch)?;
     if total == 0 {
         return Ok(());
@@ -179,7 +213,14 @@ pub(super) fn gelu<F: Real>(cuda: &Cuda, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len
     unsafe { cuda.launch("activation", name, cuda.grid_1d(len, PER_SM), &mut kargs![xp, yp, n]) }
 }
 
-pub(super) fn gelu_backward<F: Real>(cuda: &Cuda, x: &CudaBuf<F>, dy: &CudaBuf<F>, dx: &mut CudaBuf<F>, len: usize, kind: GeluKind) -> Result<()> {
+pub(super) fn gelu_backward<F: Real>(
+    cuda: &Cuda,
+    x: &CudaBuf<F>,
+    dy: &CudaBuf<F>,
+    dx: &mut CudaBuf<F>,
+    len: usize,
+    kind: GeluKind,
+) -> Result<()> {
     require_f32::<F>("gelu_backward")?;
     check_len("gelu_backward", "x", x.len, len)?;
     check_len("gelu_backward", "dy", dy.len, len)?;
@@ -197,7 +238,13 @@ pub(super) fn gelu_backward<F: Real>(cuda: &Cuda, x: &CudaBuf<F>, dy: &CudaBuf<F
     unsafe { cuda.launch("activation", name, cuda.grid_1d(len, PER_SM), &mut kargs![xp, dyp, dxp, n]) }
 }
 
-pub(super) fn swiglu<F: Real>(cuda: &Cuda, gate: &CudaBuf<F>, up: &CudaBuf<F>, h: &mut CudaBuf<F>, len: usize) -> Result<()> {
+pub(super) fn swiglu<F: Real>(
+    cuda: &Cuda,
+    gate: &CudaBuf<F>,
+    up: &CudaBuf<F>,
+    h: &mut CudaBuf<F>,
+    len: usize,
+) -> Result<()> {
     require_f32::<F>("swiglu")?;
     check_len("swiglu", "gate", gate.len, len)?;
     check_len("swiglu", "up", up.len, len)?;
@@ -229,5 +276,12 @@ pub(super) fn swiglu_backward<F: Real>(
     let (gp, upp, dhp, dgp, dup, n) = (gate.ptr(), up.ptr(), dh.ptr(), d_gate.ptr_mut(), d_up.ptr_mut(), len as u64);
     // SAFETY: swiglu_backward_f32(const float* gate, const float* up, const float* dh,
     // float* d_gate, float* d_up, u64 n); all five hold >= n elements.
-    unsafe { cuda.launch("activation", "swiglu_backward_f32", cuda.grid_1d(len, PER_SM), &mut kargs![gp, upp, dhp, dgp, dup, n]) }
+    unsafe {
+        cuda.launch(
+            "activation",
+            "swiglu_backward_f32",
+            cuda.grid_1d(len, PER_SM),
+            &mut kargs![gp, upp, dhp, dgp, dup, n],
+        )
+    }
 }

@@ -17,13 +17,25 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use half::bf16;
 use std::ffi::c_void;
 
-pub(super) fn gemm<F: Real>(cuda: &Cuda, spec: &Gemm, a: &CudaBuf<F>, b: &CudaBuf<F>, c: &mut CudaBuf<F>) -> Result<()> {
+pub(super) fn gemm<F: Real>(
+    cuda: &Cuda,
+    spec: &Gemm,
+    a: &CudaBuf<F>,
+    b: &CudaBuf<F>,
+    c: &mut CudaBuf<F>,
+) -> Result<()> {
     require_f32::<F>("gemm")?;
     spec.validate(a.len, b.len, c.len)?;
     run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>())
 }
 
-pub(super) fn gemm_bf16<F: Real>(cuda: &Cuda, spec: &Gemm, a: &CudaBuf<bf16>, b: &CudaBuf<bf16>, c: &mut CudaBuf<F>) -> Result<()> {
+pub(super) fn gemm_bf16<F: Real>(
+    cuda: &Cuda,
+    spec: &Gemm,
+    a: &CudaBuf<bf16>,
+    b: &CudaBuf<bf16>,
+    c: &mut CudaBuf<F>,
+) -> Result<()> {
     require_f32::<F>("gemm_bf16")?;
     spec.validate(a.len, b.len, c.len)?;
     run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>())

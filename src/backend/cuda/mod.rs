@@ -34,7 +34,9 @@ use crate::error::{check_len, Error, Result};
 use crate::scalar::Elem;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig};
+use cudarc::driver::{
+    result as drv, CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchConfig,
+};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -340,7 +342,13 @@ impl Cuda {
     /// `params` (see `kargs!`) must match the kernel's parameter list in number, order and
     /// size, and every device address among them must cover every element the kernel
     /// touches for the sizes passed and the grid given.
-    unsafe fn launch(&self, module: &'static str, name: &'static str, cfg: LaunchConfig, params: &mut [*mut c_void]) -> Result<()> {
+    unsafe fn launch(
+        &self,
+        module: &'static str,
+        name: &'static str,
+        cfg: LaunchConfig,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
         let (gx, gy, gz) = cfg.grid_dim;
         if gx == 0 || gy == 0 || gz == 0 {
             return Ok(());
@@ -349,7 +357,14 @@ impl Cuda {
         self.bind()?;
         // SAFETY: forwarded to the caller (see above).
         unsafe {
-            drv::launch_kernel(f.cu_function(), cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes, self.stream.cu_stream(), params)
+            drv::launch_kernel(
+                f.cu_function(),
+                cfg.grid_dim,
+                cfg.block_dim,
+                cfg.shared_mem_bytes,
+                self.stream.cu_stream(),
+                params,
+            )
         }
         .map_err(cuda_err(name))
     }
@@ -480,8 +495,10 @@ impl Backend for Cuda {
         }
         self.bind()?;
         // SAFETY: both buffers hold at least `len` elements and are distinct (&, &mut).
-        unsafe { drv::memcpy_dtod_async(dst.ptr_mut(), src.ptr(), len * std::mem::size_of::<T>(), self.stream.cu_stream()) }
-            .map_err(cuda_err("copy"))
+        unsafe {
+            drv::memcpy_dtod_async(dst.ptr_mut(), src.ptr(), len * std::mem::size_of::<T>(), self.stream.cu_stream())
+        }
+        .map_err(cuda_err("copy"))
     }
 
     fn fill<T: Elem>(&self, buf: &mut CudaBuf<T>, len: usize, value: T) -> Result<()> {
@@ -498,11 +515,23 @@ impl Backend for Cuda {
         self.counters.stats()
     }
 
-    fn gemm<F: crate::Real>(&self, spec: &crate::Gemm, a: &CudaBuf<F>, b: &CudaBuf<F>, c: &mut CudaBuf<F>) -> Result<()> {
+    fn gemm<F: crate::Real>(
+        &self,
+        spec: &crate::Gemm,
+        a: &CudaBuf<F>,
+        b: &CudaBuf<F>,
+        c: &mut CudaBuf<F>,
+    ) -> Result<()> {
         gemm::gemm(self, spec, a, b, c)
     }
 
-    fn gemm_bf16<F: crate::Real>(&self, spec: &crate::Gemm, a: &CudaBuf<half::bf16>, b: &CudaBuf<half::bf16>, c: &mut CudaBuf<F>) -> Result<()> {
+    fn gemm_bf16<F: crate::Real>(
+        &self,
+        spec: &crate::Gemm,
+        a: &CudaBuf<half::bf16>,
+        b: &CudaBuf<half::bf16>,
+        c: &mut CudaBuf<F>,
+    ) -> Result<()> {
         gemm::gemm_bf16(self, spec, a, b, c)
     }
 
@@ -510,7 +539,12 @@ impl Backend for Cuda {
         dense::cast_to_bf16(self, src, dst, len)
     }
 
-    fn cast_from_bf16<F: crate::Real>(&self, src: &CudaBuf<half::bf16>, dst: &mut CudaBuf<F>, len: usize) -> Result<()> {
+    fn cast_from_bf16<F: crate::Real>(
+        &self,
+        src: &CudaBuf<half::bf16>,
+        dst: &mut CudaBuf<F>,
+        len: usize,
+    ) -> Result<()> {
         dense::cast_from_bf16(self, src, dst, len)
     }
 
@@ -518,7 +552,14 @@ impl Backend for Cuda {
         dense::add_bias(self, y, bias, rows, cols)
     }
 
-    fn bias_grad<F: crate::Real>(&self, g: &CudaBuf<F>, rows: usize, cols: usize, db: &mut CudaBuf<F>, beta: F) -> Result<()> {
+    fn bias_grad<F: crate::Real>(
+        &self,
+        g: &CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        db: &mut CudaBuf<F>,
+        beta: F,
+    ) -> Result<()> {
         dense::bias_grad(self, g, rows, cols, db, beta)
     }
 
@@ -530,11 +571,24 @@ impl Backend for Cuda {
         dense::axpy(self, alpha, x, y, len)
     }
 
-    fn gelu<F: crate::Real>(&self, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len: usize, kind: crate::GeluKind) -> Result<()> {
+    fn gelu<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        y: &mut CudaBuf<F>,
+        len: usize,
+        kind: crate::GeluKind,
+    ) -> Result<()> {
         dense::gelu(self, x, y, len, kind)
     }
 
-    fn gelu_backward<F: crate::Real>(&self, x: &CudaBuf<F>, dy: &CudaBuf<F>, dx: &mut CudaBuf<F>, len: usize, kind: crate::GeluKind) -> Result<()> {
+    fn gelu_backward<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dx: &mut CudaBuf<F>,
+        len: usize,
+        kind: crate::GeluKind,
+    ) -> Result<()> {
         dense::gelu_backward(self, x, dy, dx, len, kind)
     }
 
@@ -554,15 +608,43 @@ impl Backend for Cuda {
         dense::swiglu_backward(self, gate, up, dh, d_gate, d_up, len)
     }
 
-    fn rmsnorm<F: crate::Real>(&self, x: &CudaBuf<F>, w: &CudaBuf<F>, y: &mut CudaBuf<F>, inv_rms: &mut CudaBuf<F>, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    fn rmsnorm<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        y: &mut CudaBuf<F>,
+        inv_rms: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
         transformer::rmsnorm(self, x, w, y, inv_rms, rows, cols, eps)
     }
 
-    fn rmsnorm_backward<F: crate::Real>(&self, x: &CudaBuf<F>, w: &CudaBuf<F>, inv_rms: &CudaBuf<F>, dy: &CudaBuf<F>, dx: &mut CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {
+    fn rmsnorm_backward<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        inv_rms: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dx: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
         transformer::rmsnorm_backward(self, x, w, inv_rms, dy, dx, rows, cols)
     }
 
-    fn rope<F: crate::Real>(&self, x: &mut CudaBuf<F>, tokens: usize, heads: usize, head_dim: usize, seq_len: usize, cos: &CudaBuf<F>, sin: &CudaBuf<F>, inverse: bool) -> Result<()> {
+    fn rope<F: crate::Real>(
+        &self,
+        x: &mut CudaBuf<F>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &CudaBuf<F>,
+        sin: &CudaBuf<F>,
+        inverse: bool,
+    ) -> Result<()> {
         transformer::rope(self, x, tokens, heads, head_dim, seq_len, cos, sin, inverse)
     }
 
@@ -570,11 +652,28 @@ impl Backend for Cuda {
         transformer::softmax_causal(self, s, mats, t, scale)
     }
 
-    fn softmax_causal_backward<F: crate::Real>(&self, p: &CudaBuf<F>, dp: &CudaBuf<F>, ds: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+    fn softmax_causal_backward<F: crate::Real>(
+        &self,
+        p: &CudaBuf<F>,
+        dp: &CudaBuf<F>,
+        ds: &mut CudaBuf<F>,
+        mats: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
         transformer::softmax_causal_backward(self, p, dp, ds, mats, t, scale)
     }
 
-    fn cross_entropy<F: crate::Real>(&self, logits: &mut CudaBuf<F>, targets: &CudaBuf<u32>, mask: &CudaBuf<F>, rows: usize, vocab: usize, grad_scale: F, losses: &mut CudaBuf<F>) -> Result<()> {
+    fn cross_entropy<F: crate::Real>(
+        &self,
+        logits: &mut CudaBuf<F>,
+        targets: &CudaBuf<u32>,
+        mask: &CudaBuf<F>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: F,
+        losses: &mut CudaBuf<F>,
+    ) -> Result<()> {
         transformer::cross_entropy(self, logits, targets, mask, rows, vocab, grad_scale, losses)
     }
 
@@ -590,7 +689,15 @@ impl Backend for Cuda {
         sparse::nonzero_rows_cols(self, m, rows, cols, threshold_rel, row_idx, col_idx)
     }
 
-    fn gather_rows<T: Elem>(&self, src: &CudaBuf<T>, src_rows: usize, cols: usize, row_idx: &CudaBuf<u32>, n_idx: usize, dst: &mut CudaBuf<T>) -> Result<()> {
+    fn gather_rows<T: Elem>(
+        &self,
+        src: &CudaBuf<T>,
+        src_rows: usize,
+        cols: usize,
+        row_idx: &CudaBuf<u32>,
+        n_idx: usize,
+        dst: &mut CudaBuf<T>,
+    ) -> Result<()> {
         sparse::gather_rows(self, src, src_rows, cols, row_idx, n_idx, dst)
     }
 
@@ -626,15 +733,33 @@ impl Backend for Cuda {
         topk::topk_coo(self, m, rows, cols, k, maps, ws, out)
     }
 
-    fn coo_scatter_add<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, alpha: F, dense: &mut CudaBuf<F>) -> Result<()> {
+    fn coo_scatter_add<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        alpha: F,
+        dense: &mut CudaBuf<F>,
+    ) -> Result<()> {
         sparse::coo_scatter_add(self, coo, alpha, dense)
     }
 
-    fn coo_compact_rows<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, unique_rows: &mut CudaBuf<u32>, slot: &mut CudaBuf<u32>) -> Result<usize> {
+    fn coo_compact_rows<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        unique_rows: &mut CudaBuf<u32>,
+        slot: &mut CudaBuf<u32>,
+    ) -> Result<usize> {
         sparse::coo_compact_rows(self, coo, unique_rows, slot)
     }
 
-    fn coo_dense_t<F: crate::Real>(&self, coo: &crate::Coo<Self, F>, slot: &CudaBuf<u32>, n_slots: usize, b: &CudaBuf<F>, b_rows: usize, out: &mut CudaBuf<F>) -> Result<()> {
+    fn coo_dense_t<F: crate::Real>(
+        &self,
+        coo: &crate::Coo<Self, F>,
+        slot: &CudaBuf<u32>,
+        n_slots: usize,
+        b: &CudaBuf<F>,
+        b_rows: usize,
+        out: &mut CudaBuf<F>,
+    ) -> Result<()> {
         sparse::coo_dense_t(self, coo, slot, n_slots, b, b_rows, out)
     }
 

@@ -40,7 +40,8 @@ pub(super) fn sparse_adam<F: Real>(
         return Ok(());
     }
     let step_size = hp.step_size(step) as f32;
-    let (rp, cp, vp, len, r, c) = (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64, rows as u64, cols as u64);
+    let (rp, cp, vp, len, r, c) =
+        (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64, rows as u64, cols as u64);
     let (m, v) = (exp_avg.ptr_mut(), exp_avg_sq.ptr_mut());
     let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
     let p = param.map_or(0u64, |p| p.ptr_mut());
@@ -78,7 +79,9 @@ pub(super) fn adamw<F: Real>(
     if step == 0 {
         return Err(Error::invalid(OP, "step counts from 1"));
     }
-    for (what, l) in [("param", param.len), ("grad", grad.len), ("exp_avg", exp_avg.len), ("exp_avg_sq", exp_avg_sq.len)] {
+    for (what, l) in
+        [("param", param.len), ("grad", grad.len), ("exp_avg", exp_avg.len), ("exp_avg_sq", exp_avg_sq.len)]
+    {
         check_len(OP, what, l, len)?;
     }
     if len == 0 {

@@ -87,7 +87,9 @@ pub(super) fn nonzero_rows_cols<F: Real>(
         // SAFETY: nonzero_flags_f32(const float* m, u64 rows, u64 cols, const u32* max_bits,
         // float threshold_rel, u32* row_flags, u32* col_flags): grid.x * 256 >= cols (the
         // kernel does not stride columns); flags hold rows and cols words.
-        unsafe { cuda.launch("sparse", "nonzero_flags_f32", cfg, &mut kargs![mp, r, c, max_bits, rel, row_flags, col_flags]) }?;
+        unsafe {
+            cuda.launch("sparse", "nonzero_flags_f32", cfg, &mut kargs![mp, r, c, max_bits, rel, row_flags, col_flags])
+        }?;
     }
     compact_flags(cuda, row_flags, rows, row_tiles, n_rows_p, row_idx.ptr_mut())?;
     compact_flags(cuda, col_flags, cols, col_tiles, n_cols_p, col_idx.ptr_mut())?;
@@ -122,7 +124,8 @@ pub(super) fn gather_rows<T: Elem>(
         return Ok(());
     }
     let cfg = cuda.grid_2d(n_idx, cols, THREADS, 1024);
-    let (s, sr, c, ri, ni, d, err) = (src.ptr(), src_rows as u64, cols as u64, row_idx.ptr(), n_idx as u64, dst.ptr_mut(), cuda.errors.ptr());
+    let (s, sr, c, ri, ni, d, err) =
+        (src.ptr(), src_rows as u64, cols as u64, row_idx.ptr(), n_idx as u64, dst.ptr_mut(), cuda.errors.ptr());
     // SAFETY: gather_rows_*(const T* src, u64 src_rows, u64 cols, const u32* row_idx,
     // u64 n_idx, T* dst, u32* err) with T of size_of::<T>() bytes: src holds src_rows * cols,
     // dst n_idx * cols, row_idx n_idx elements; rows >= src_rows are not read (err bit set).
@@ -153,7 +156,8 @@ pub(super) fn gather_block<F: Real>(
     }
     let cfg = cuda.grid_2d(n_rows, n_cols, THREADS, 1024);
     let (s, sr, sc, ri, nr) = (src.ptr(), src_rows as u64, src_cols as u64, row_idx.ptr(), n_rows as u64);
-    let (ci, nc, t, d, err) = (col_idx.ptr(), n_cols as u64, abs_threshold.to_f64() as f32, dst.ptr_mut(), cuda.errors.ptr());
+    let (ci, nc, t, d, err) =
+        (col_idx.ptr(), n_cols as u64, abs_threshold.to_f64() as f32, dst.ptr_mut(), cuda.errors.ptr());
     // SAFETY: gather_block_f32(const float* src, u64 src_rows, u64 src_cols, const u32*
     // row_idx, u64 n_rows, const u32* col_idx, u64 n_cols, float abs_threshold, float* dst,
     // u32* err): buffers checked above; out-of-range indices are not read (err bit set).
@@ -167,7 +171,12 @@ pub(super) fn check_coo_lens<F: Real>(op: &'static str, coo: &Coo<Cuda, F>) -> R
     check_len(op, "coo.values", coo.values.len, coo.len)
 }
 
-pub(super) fn coo_scatter_add<F: Real>(cuda: &Cuda, coo: &Coo<Cuda, F>, alpha: F, dense: &mut CudaBuf<F>) -> Result<()> {
+pub(super) fn coo_scatter_add<F: Real>(
+    cuda: &Cuda,
+    coo: &Coo<Cuda, F>,
+    alpha: F,
+    dense: &mut CudaBuf<F>,
+) -> Result<()> {
     const OP: &str = "coo_scatter_add";
     require_f32::<F>(OP)?;
     check_coo_lens(OP, coo)?;
@@ -181,10 +190,22 @@ pub(super) fn coo_scatter_add<F: Real>(cuda: &Cuda, coo: &Coo<Cuda, F>, alpha: F
     // SAFETY: coo_scatter_add_f32(const u32* rows, const u32* cols, const float* values,
     // u64 len, u64 n_rows, u64 n_cols, float alpha, float* dense, u32* err): the COO buffers
     // hold len entries, dense rows * cols; entries outside the matrix are skipped.
-    unsafe { cuda.launch("sparse", "coo_scatter_add_f32", cuda.grid_1d(coo.len, PER_SM), &mut kargs![rp, cp, vp, len, r, c, a, d, err]) }
+    unsafe {
+        cuda.launch(
+            "sparse",
+            "coo_scatter_add_f32",
+            cuda.grid_1d(coo.len, PER_SM),
+            &mut kargs![rp, cp, vp, len, r, c, a, d, err],
+        )
+    }
 }
 
-pub(super) fn coo_compact_rows<F: Real>(cuda: &Cuda, coo: &Coo<Cuda, F>, unique_rows: &mut CudaBuf<u32>, slot: &mut CudaBuf<u32>) -> Result<usize> {
+pub(super) fn coo_compact_rows<F: Real>(
+    cuda: &Cuda,
+    coo: &Coo<Cuda, F>,
+    unique_rows: &mut CudaBuf<u32>,
+    slot: &mut CudaBuf<u32>,
+) -> Result<usize> {
     const OP: &str = "coo_compact_rows";
     require_f32::<F>(OP)?;
     check_coo_lens(OP, coo)?;
@@ -199,7 +220,8 @@ pub(super) fn coo_compact_rows<F: Real>(cuda: &Cuda, coo: &Coo<Cuda, F>, unique_
     let tiles = cuda.arena(&mut scratch, n_tiles)?;
     cuda.memset_zero(status, 2 * 8)?;
     let cfg = Cuda::grid_tiles(coo.len);
-    let (rp, cp, len, nr, nc) = (coo.rows.ptr(), coo.cols.ptr(), coo.len as u64, coo.shape.0 as u64, coo.shape.1 as u64);
+    let (rp, cp, len, nr, nc) =
+        (coo.rows.ptr(), coo.cols.ptr(), coo.len as u64, coo.shape.0 as u64, coo.shape.1 as u64);
     // SAFETY: coo_rows_tile_count(const u32* rows, const u32* cols, u64 len, u64 n_rows,
     // u64 n_cols, u64* tiles, u64* status): reads len entries, writes n_tiles words and
     // status[1].
@@ -258,5 +280,7 @@ pub(super) fn coo_dense_t<F: Real>(
     // slot, u64 len, u64 n_rows, u64 b_cols, u64 n_slots, const float* b, u64 b_rows, float*
     // out, u32* err): COO and slot hold len entries, b b_rows * b_cols, out b_rows * n_slots;
     // entries with cols >= b_cols or slot >= n_slots are skipped. gx = ceil(len / 2048) blocks.
-    unsafe { cuda.launch("sparse", "coo_dense_t_f32", cfg, &mut kargs![rp, cp, vp, sp, len, nr, bc, ns, bp, br, op, err]) }
+    unsafe {
+        cuda.launch("sparse", "coo_dense_t_f32", cfg, &mut kargs![rp, cp, vp, sp, len, nr, bc, ns, bp, br, op, err])
+    }
 }

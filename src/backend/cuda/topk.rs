@@ -90,7 +90,10 @@ pub(super) fn topk_coo<F: Real>(
     let col_map = map_ptr("col_map", maps.col_map, cols, full_cols)?;
     let full_len = checked_mul(OP, full_rows, full_cols)?;
     if k > full_len {
-        return Err(Error::invalid(OP, format!("k = {k} exceeds the {full_len} entries of a {full_rows}x{full_cols} matrix")));
+        return Err(Error::invalid(
+            OP,
+            format!("k = {k} exceeds the {full_len} entries of a {full_rows}x{full_cols} matrix"),
+        ));
     }
     if n > ws.max_len {
         return Err(Error::invalid(OP, format!("{n} entries exceed the workspace size {}", ws.max_len)));
@@ -103,7 +106,8 @@ pub(super) fn topk_coo<F: Real>(
     let state = ws.buf.ptr();
     let hist = state + 8 * STATE_WORDS as u64;
     let tiles = hist + 8 * HIST_WORDS as u64;
-    let one_block = |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+    let one_block =
+        |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
     let (mp, k64) = (m.ptr(), k as u64);
 
     // SAFETY: topk_init(u64* state, u32* hist, u64 k): writes the 16 state words and the
@@ -114,7 +118,9 @@ pub(super) fn topk_coo<F: Real>(
             let (l, f) = (len as u64, full as u64);
             // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit):
             // the map holds `len` entries (checked by map_ptr).
-            unsafe { cuda.launch("topk", "topk_check_map", cuda.grid_1d(len, 16), &mut kargs![map, l, f, state, bit]) }?;
+            unsafe {
+                cuda.launch("topk", "topk_check_map", cuda.grid_1d(len, 16), &mut kargs![map, l, f, state, bit])
+            }?;
         }
     }
     if n > 0 {
@@ -142,7 +148,8 @@ pub(super) fn topk_coo<F: Real>(
     }
     let nnz = head[S_NNZ] as usize;
     let (o_rows, o_cols, o_vals) = (out.rows.ptr_mut(), out.cols.ptr_mut(), out.values.ptr_mut());
-    let compaction = Compaction { cuda, m: mp, n, cols, state, tiles, row_map, col_map, full_cols, out: (o_rows, o_cols, o_vals) };
+    let compaction =
+        Compaction { cuda, m: mp, n, cols, state, tiles, row_map, col_map, full_cols, out: (o_rows, o_cols, o_vals) };
     if k <= nnz {
         for pass in 0..3u32 {
             if pass > 0 {
@@ -165,11 +172,15 @@ pub(super) fn topk_coo<F: Real>(
         let (nnz64, fc) = (nnz as u64, full_cols as u64);
         // SAFETY: topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 nnz,
         // u64 full_cols, u64 need, u64* state): binary search over out[..nnz], written above.
-        unsafe { cuda.launch("topk", "topk_fill_bound", one_block(32), &mut kargs![o_rows, o_cols, nnz64, fc, need, state]) }?;
+        unsafe {
+            cuda.launch("topk", "topk_fill_bound", one_block(32), &mut kargs![o_rows, o_cols, nnz64, fc, need, state])
+        }?;
         // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
         // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
         // inside the capacity checked above.
-        unsafe { cuda.launch("topk", "topk_fill_range", cuda.grid_1d(k, 16), &mut kargs![state, fc, o_rows, o_cols, o_vals]) }?;
+        unsafe {
+            cuda.launch("topk", "topk_fill_range", cuda.grid_1d(k, 16), &mut kargs![state, fc, o_rows, o_cols, o_vals])
+        }?;
         if nnz > 0 {
             compaction.scatter(need)?;
         }
@@ -182,7 +193,9 @@ fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64) ->
     let n64 = n as u64;
     // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all):
     // reads m[..n], adds into the pass's 2048 bins, pass 0 also into state[0..3].
-    unsafe { cuda.launch("topk", "topk_hist_f32", cuda.grid_1d(n, HIST_PER_SM), &mut kargs![m, n64, pass, state, hist]) }
+    unsafe {
+        cuda.launch("topk", "topk_hist_f32", cuda.grid_1d(n, HIST_PER_SM), &mut kargs![m, n64, pass, state, hist])
+    }
 }
 
 /// The stable compaction of one call (addresses already checked).
@@ -205,7 +218,9 @@ impl Compaction<'_> {
         // SAFETY: topk_tile_count_f32(const float* m, u64 n, const u64* state, u64* tiles):
         // one block per tile of 4096 entries; the workspace holds ceil(max_len / 4096) >=
         // ceil(n / 4096) tile words.
-        unsafe { self.cuda.launch("topk", "topk_tile_count_f32", Cuda::grid_tiles(self.n), &mut kargs![m, n64, state, tiles]) }?;
+        unsafe {
+            self.cuda.launch("topk", "topk_tile_count_f32", Cuda::grid_tiles(self.n), &mut kargs![m, n64, state, tiles])
+        }?;
         scan_tiles(self.cuda, tiles, self.n.div_ceil(TILE), state + 8 * S_TOTAL as u64)
     }
 

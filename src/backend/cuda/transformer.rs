@@ -125,7 +125,9 @@ pub(super) fn rmsnorm_backward<F: Real>(
     const OP: &str = "rmsnorm_backward";
     require_f32::<F>(OP)?;
     let n = checked_mul(OP, rows, cols)?;
-    for (what, len, need) in [("x", x.len, n), ("w", w.len, cols), ("inv_rms", inv_rms.len, rows), ("dy", dy.len, n), ("dx", dx.len, n)] {
+    for (what, len, need) in
+        [("x", x.len, n), ("w", w.len, cols), ("inv_rms", inv_rms.len, rows), ("dy", dy.len, n), ("dx", dx.len, n)]
+    {
         check_len(OP, what, len, need)?;
     }
     if cols == 0 {
@@ -186,7 +188,13 @@ pub(super) fn rope<F: Real>(
     unsafe { cuda.launch("transformer", "rope_f32", cfg, &mut kargs![xp, t, h, d, s, cp, sp, inv]) }
 }
 
-pub(super) fn softmax_causal<F: Real>(cuda: &Cuda, s: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+pub(super) fn softmax_causal<F: Real>(
+    cuda: &Cuda,
+    s: &mut CudaBuf<F>,
+    mats: usize,
+    t: usize,
+    scale: f32,
+) -> Result<()> {
     const OP: &str = "softmax_causal";
     require_f32::<F>(OP)?;
     let rows = checked_mul(OP, mats, t)?;
@@ -222,7 +230,11 @@ pub(super) fn softmax_causal_backward<F: Real>(
         return Ok(());
     }
     let g = Group::for_width(t);
-    let name = g.kernel("softmax_causal_backward_g32_f32", "softmax_causal_backward_g256_f32", "softmax_causal_backward_g1024_f32");
+    let name = g.kernel(
+        "softmax_causal_backward_g32_f32",
+        "softmax_causal_backward_g256_f32",
+        "softmax_causal_backward_g1024_f32",
+    );
     let (pp, dpp, dsp, r, tt) = (p.ptr(), dp.ptr(), ds.ptr_mut(), rows as u64, t as u64);
     // SAFETY: softmax_causal_backward_gG_f32(const float* p, const float* dp, float* ds,
     // u64 rows, u64 t, float scale): all three hold rows * t elements (checked above); ds is
@@ -244,7 +256,12 @@ pub(super) fn cross_entropy<F: Real>(
     const OP: &str = "cross_entropy";
     require_f32::<F>(OP)?;
     let n = checked_mul(OP, rows, vocab)?;
-    for (what, len, need) in [("logits", logits.len, n), ("targets", targets.len, rows), ("mask", mask.len, rows), ("losses", losses.len, rows)] {
+    for (what, len, need) in [
+        ("logits", logits.len, n),
+        ("targets", targets.len, rows),
+        ("mask", mask.len, rows),
+        ("losses", losses.len, rows),
+    ] {
         check_len(OP, what, len, need)?;
     }
     if vocab == 0 {

@@ -65,10 +65,9 @@ impl Parsed {
 
     /// The value of a required option.
     pub fn required(&self, cmd: &str, name: &str) -> Result<PathBuf, CliError> {
-        self.all(name)
-            .into_iter()
-            .next()
-            .ok_or_else(|| CliError::usage(format!("missing required option `--{name}` (try `sparsegrad {cmd} --help`)")))
+        self.all(name).into_iter().next().ok_or_else(|| {
+            CliError::usage(format!("missing required option `--{name}` (try `sparsegrad {cmd} --help`)"))
+        })
     }
 }
 
@@ -86,7 +85,9 @@ pub fn parse(cmd: &str, argv: &[OsString], opts: &[Opt]) -> Result<Parsed, CliEr
             return Err(CliError::usage(format!("unexpected argument {arg:?} ({hint})")));
         };
         let Some(body) = text.strip_prefix("--") else {
-            return Err(CliError::usage(format!("unexpected argument `{text}`: `sparsegrad {cmd}` takes only options ({hint})")));
+            return Err(CliError::usage(format!(
+                "unexpected argument `{text}`: `sparsegrad {cmd}` takes only options ({hint})"
+            )));
         };
         let (name, inline) = match body.split_once('=') {
             Some((n, v)) => (n, Some(OsString::from(v))),

@@ -55,7 +55,11 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
         let file = SafetensorsFile::open(path)?;
         let names = file.names();
         if names.is_empty() {
-            return Err(Error::Format { path: Some(path.clone()), msg: "holds no tensors (expected F32 gradient stacks [N, out, in])".into() }.into());
+            return Err(Error::Format {
+                path: Some(path.clone()),
+                msg: "holds no tensors (expected F32 gradient stacks [N, out, in])".into(),
+            }
+            .into());
         }
         for name in names {
             accumulate(&file, &name, &mut groups)?;
@@ -75,7 +79,11 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
 }
 
 /// Checks one tensor and streams its gradients into its group.
-fn accumulate(file: &SafetensorsFile, name: &str, groups: &mut BTreeMap<String, (GramAccumulator, PathBuf)>) -> Result<(), CliError> {
+fn accumulate(
+    file: &SafetensorsFile,
+    name: &str,
+    groups: &mut BTreeMap<String, (GramAccumulator, PathBuf)>,
+) -> Result<(), CliError> {
     let path = file.path();
     let (Some(dtype), Some(shape)) = (file.dtype(name), file.shape(name)) else {
         return Err(in_file(path, Error::MissingTensor { name: name.into(), context: None }));
@@ -96,10 +104,16 @@ fn accumulate(file: &SafetensorsFile, name: &str, groups: &mut BTreeMap<String, 
         ));
     };
     if out == 0 || inp == 0 {
-        let e = Error::Shape { op: "sparsegrad basis", what: format!("gradient stack `{name}`"), expected: "out >= 1 and in >= 1".into(), got: format!("{shape:?}") };
+        let e = Error::Shape {
+            op: "sparsegrad basis",
+            what: format!("gradient stack `{name}`"),
+            expected: "out >= 1 and in >= 1".into(),
+            got: format!("{shape:?}"),
+        };
         return Err(in_file(path, e));
     }
-    let (acc, first) = groups.entry(name.to_string()).or_insert_with(|| (GramAccumulator::new(out, inp), path.to_path_buf()));
+    let (acc, first) =
+        groups.entry(name.to_string()).or_insert_with(|| (GramAccumulator::new(out, inp), path.to_path_buf()));
     if acc.shape() != (out, inp) {
         let (o, i) = acc.shape();
         return Err(in_file(

@@ -62,7 +62,9 @@ fn run(argv: &[OsString]) -> Result<(), CliError> {
             print_out(&format!("sparsegrad {}\n", env!("CARGO_PKG_VERSION")));
             Ok(())
         }
-        _ => Err(CliError::usage(format!("unknown command {cmd:?}: expected `basis` or `step` (try `sparsegrad --help`)"))),
+        _ => Err(CliError::usage(format!(
+            "unknown command {cmd:?}: expected `basis` or `step` (try `sparsegrad --help`)"
+        ))),
     }
 }
 

@@ -5,7 +5,9 @@
 
 use crate::args::{self, in_file, CliError, Opt};
 use sparsegrad::io::{check_finite, SafetensorsFile, SafetensorsWriter};
-use sparsegrad::{AdamParams, Backend, Basis, Cpu, Error, Formulation, Keep, Precision, Selection, SparseGradConfig, SparseGradLinear};
+use sparsegrad::{
+    AdamParams, Backend, Basis, Cpu, Error, Formulation, Keep, Precision, Selection, SparseGradConfig, SparseGradLinear,
+};
 use std::ffi::OsString;
 
 const HELP: &str = "\
@@ -150,12 +152,24 @@ fn read_problem(f: &SafetensorsFile) -> Result<Problem, Error> {
     if steps == 0 {
         return Err(meta_err("steps", "0: at least one step is needed (the outputs come from the first)".into()));
     }
-    let cfg = SparseGradConfig { keep: Keep::Count(k), selection, formulation, expected_tokens: tokens, optimizer: sparsegrad::Optimizer::Adam(adam), precision: Precision::Full };
+    let cfg = SparseGradConfig {
+        keep: Keep::Count(k),
+        selection,
+        formulation,
+        expected_tokens: tokens,
+        optimizer: sparsegrad::Optimizer::Adam(adam),
+        precision: Precision::Full,
+    };
     Ok(Problem { out, inp, tokens, weight, bias, basis, x, grad_y, cfg, steps })
 }
 
 fn shape_err(name: &str, expected: &str, got: &[usize]) -> Error {
-    Error::Shape { op: "sparsegrad step", what: format!("tensor `{name}`"), expected: expected.into(), got: format!("{got:?}") }
+    Error::Shape {
+        op: "sparsegrad step",
+        what: format!("tensor `{name}`"),
+        expected: expected.into(),
+        got: format!("{got:?}"),
+    }
 }
 
 fn meta_err(key: &str, msg: String) -> Error {
@@ -196,7 +210,14 @@ fn execute(p: &Problem) -> Result<SafetensorsWriter, Error> {
             layer.backward(&g, t, Some(&mut dx))?;
             let grad = layer.grad_host()?;
             let grad_bias = layer.bias_grad_host()?;
-            first = Some(FirstStep { y: y.to_vec(), grad_x: dx.to_vec(), grad_bias, rows: grad.rows, cols: grad.cols, values: grad.values });
+            first = Some(FirstStep {
+                y: y.to_vec(),
+                grad_x: dx.to_vec(),
+                grad_bias,
+                rows: grad.rows,
+                cols: grad.cols,
+                values: grad.values,
+            });
         } else {
             layer.backward(&g, t, None)?;
         }
@@ -208,8 +229,11 @@ fn execute(p: &Problem) -> Result<SafetensorsWriter, Error> {
     let bias = layer.bias_host()?;
 
     // Overflow (e.g. huge inputs) must not reach the file as inf/NaN.
-    let mut outputs: Vec<(&str, Vec<usize>, Vec<f32>)> =
-        vec![("y", vec![t, out], first.y), ("grad_x", vec![t, inp], first.grad_x), ("grad_values", vec![first.values.len()], first.values)];
+    let mut outputs: Vec<(&str, Vec<usize>, Vec<f32>)> = vec![
+        ("y", vec![t, out], first.y),
+        ("grad_x", vec![t, inp], first.grad_x),
+        ("grad_values", vec![first.values.len()], first.values),
+    ];
     if let Some(db) = first.grad_bias {
         outputs.push(("grad_bias", vec![out], db));
     }

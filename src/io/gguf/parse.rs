@@ -56,7 +56,8 @@ pub enum GgufArray {
 }
 
 /// GGUF value type names, indexed by the type id of the file format.
-const TYPE_NAMES: [&str; 13] = ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"];
+const TYPE_NAMES: [&str; 13] =
+    ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"];
 const TYPE_STRING: u32 = 8;
 const TYPE_ARRAY: u32 = 9;
 
@@ -136,7 +137,9 @@ impl GgufArray {
     /// `"array of <element type>"`.
     pub fn type_name(&self) -> String {
         let elem = match self {
-            GgufArray::Array(v) => return format!("array of {}", v.first().map(|a| a.type_name()).unwrap_or_else(|| "array".into())),
+            GgufArray::Array(v) => {
+                return format!("array of {}", v.first().map(|a| a.type_name()).unwrap_or_else(|| "array".into()))
+            }
             GgufArray::U8(_) => 0,
             GgufArray::I8(_) => 1,
             GgufArray::U16(_) => 2,
@@ -211,7 +214,9 @@ impl<'a> Cursor<'a> {
                 self.pos += n;
                 Ok(s)
             }
-            None => Err(self.err(format!("{what} needs {n} bytes but only {} remain (truncated file?)", self.remaining()))),
+            None => {
+                Err(self.err(format!("{what} needs {n} bytes but only {} remain (truncated file?)", self.remaining())))
+            }
         }
     }
 
@@ -248,7 +253,8 @@ impl<'a> Cursor<'a> {
         let n = self.u64(what)?;
         match usize::try_from(n) {
             Ok(n) if n <= self.remaining() => self.take(n, what),
-            _ => Err(self.err(format!("{what} claims {n} bytes but only {} remain (truncated or corrupt)", self.remaining()))),
+            _ => Err(self
+                .err(format!("{what} claims {n} bytes but only {} remain (truncated or corrupt)", self.remaining()))),
         }
     }
 
@@ -256,7 +262,8 @@ impl<'a> Cursor<'a> {
     fn name(&mut self, what: &str) -> Result<String> {
         let at = self.pos;
         let b = self.bytes_str(what)?;
-        String::from_utf8(b.to_vec()).map_err(|_| Error::format(self.path, format!("GGUF: {what} at byte {at} is not valid UTF-8")))
+        String::from_utf8(b.to_vec())
+            .map_err(|_| Error::format(self.path, format!("GGUF: {what} at byte {at} is not valid UTF-8")))
     }
 
     /// `n` fixed-size elements decoded by `f`; `n` was already checked by [`count`].
@@ -326,7 +333,9 @@ impl<'a> Cursor<'a> {
             6 => GgufArray::F32(self.vec(n, what, f32::from_le_bytes)?),
             7 => GgufArray::Bool((0..n).map(|_| self.bool(what)).collect::<Result<_>>()?),
             TYPE_STRING => GgufArray::String(
-                (0..n).map(|_| self.bytes_str(what).map(|b| String::from_utf8_lossy(b).into_owned())).collect::<Result<_>>()?,
+                (0..n)
+                    .map(|_| self.bytes_str(what).map(|b| String::from_utf8_lossy(b).into_owned()))
+                    .collect::<Result<_>>()?,
             ),
             TYPE_ARRAY => GgufArray::Array((0..n).map(|_| self.array_value(key, depth + 1)).collect::<Result<_>>()?),
             10 => GgufArray::U64(self.vec(n, what, u64::from_le_bytes)?),
@@ -353,7 +362,8 @@ impl<'a> Cursor<'a> {
             ne.push(v);
         }
         let id = self.u32(&format!("ggml type of tensor `{name}`"))?;
-        let ty = GgmlType::from_id(id).ok_or_else(|| self.err(format!("tensor `{name}` has unknown ggml type id {id}")))?;
+        let ty =
+            GgmlType::from_id(id).ok_or_else(|| self.err(format!("tensor `{name}` has unknown ggml type id {id}")))?;
         let offset = self.u64(&format!("data offset of tensor `{name}`"))?;
         Ok((name, ne, ty, offset))
     }
@@ -370,8 +380,14 @@ pub(crate) fn parse_header(buf: &[u8], path: Option<&Path>) -> Result<Header> {
     let version = c.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => return Err(c.err("version 1 (32-bit counts) is not supported; reconvert the model with a current llama.cpp")),
-        v if v.swap_bytes() <= 3 => return Err(c.err(format!("big-endian GGUF (version {}) is not supported", v.swap_bytes()))),
+        1 => {
+            return Err(
+                c.err("version 1 (32-bit counts) is not supported; reconvert the model with a current llama.cpp")
+            )
+        }
+        v if v.swap_bytes() <= 3 => {
+            return Err(c.err(format!("big-endian GGUF (version {}) is not supported", v.swap_bytes())))
+        }
         v => return Err(c.err(format!("unsupported version {v} (expected 2 or 3)"))),
     }
     // Smallest tensor-table entry: name length, n_dims, one dimension, type, offset.
@@ -391,13 +407,20 @@ pub(crate) fn parse_header(buf: &[u8], path: Option<&Path>) -> Result<Header> {
         metadata.push((key, value));
     }
 
-    let alignment = match meta_index.get("general.alignment").and_then(|&i| metadata.get(i)).map(|kv: &(String, GgufValue)| &kv.1) {
+    let alignment = match meta_index
+        .get("general.alignment")
+        .and_then(|&i| metadata.get(i))
+        .map(|kv: &(String, GgufValue)| &kv.1)
+    {
         None => DEFAULT_ALIGNMENT,
         Some(GgufValue::U32(a)) if *a != 0 && a.is_power_of_two() => *a as usize,
         Some(v) => {
             return Err(Error::Metadata {
                 key: "general.alignment".into(),
-                msg: format!("must be a u32 power of two, got {v:?}{}", path.map(|p| format!(" in {}", p.display())).unwrap_or_default()),
+                msg: format!(
+                    "must be a u32 power of two, got {v:?}{}",
+                    path.map(|p| format!(" in {}", p.display())).unwrap_or_default()
+                ),
             })
         }
     };
@@ -416,20 +439,28 @@ pub(crate) fn parse_header(buf: &[u8], path: Option<&Path>) -> Result<Header> {
     let data_start = c.pos.checked_next_multiple_of(alignment).ok_or_else(|| c.err("data section offset overflows"))?;
     let data_len = buf.len().saturating_sub(data_start);
     if n_tensors > 0 && data_start > buf.len() {
-        return Err(c.err(format!("data section would start at byte {data_start}, past the end of the {}-byte file (truncated?)", buf.len())));
+        return Err(c.err(format!(
+            "data section would start at byte {data_start}, past the end of the {}-byte file (truncated?)",
+            buf.len()
+        )));
     }
 
     let mut tensors = Vec::with_capacity(raw.len());
     for (name, ne, ty, offset) in raw {
         let bad = |msg: String| Error::format(path, format!("GGUF: tensor `{name}`: {msg}"));
-        let n_elements = ne.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| bad(format!("dimensions {ne:?} overflow")))?;
+        let n_elements = ne
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| bad(format!("dimensions {ne:?} overflow")))?;
         let bs = ty.block_size();
         // A tensor without dimensions is a scalar: one element.
         let ne0 = ne.first().copied().unwrap_or(1);
         if ne0 % bs != 0 {
             return Err(bad(format!("first dimension {ne0} is not a multiple of the {ty} block size {bs}")));
         }
-        let n_bytes = (n_elements / bs).checked_mul(ty.type_size()).ok_or_else(|| bad(format!("byte size of {ne:?} {ty} overflows")))?;
+        let n_bytes = (n_elements / bs)
+            .checked_mul(ty.type_size())
+            .ok_or_else(|| bad(format!("byte size of {ne:?} {ty} overflows")))?;
         let off = usize::try_from(offset).map_err(|_| bad(format!("data offset {offset} overflows")))?;
         if off % alignment != 0 {
             return Err(bad(format!("data offset {off} is not a multiple of the alignment {alignment}")));

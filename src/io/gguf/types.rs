@@ -119,7 +119,10 @@ impl GgmlType {
 
     /// Whether `GgufFile::tensor_f32` supports this type.
     pub fn can_dequantize(self) -> bool {
-        matches!(self, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1)
+        matches!(
+            self,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q4_0 | GgmlType::Q4_1
+        )
     }
 }
 
@@ -162,11 +165,14 @@ pub(crate) fn dequantize(ty: GgmlType, name: &str, bytes: &[u8], out: &mut [f32]
     let elems_per_task = bs * BLOCKS_PER_TASK;
     let bytes_per_task = ts * BLOCKS_PER_TASK;
     out.par_chunks_mut(elems_per_task).zip(bytes.par_chunks(bytes_per_task)).for_each(|(y, x)| match ty {
-        GgmlType::F32 => y.iter_mut().zip(x.chunks_exact(4)).for_each(|(y, b)| *y = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        GgmlType::F16 => y.iter_mut().zip(x.chunks_exact(2)).for_each(|(y, b)| *y = f16_at(b, 0)),
-        GgmlType::BF16 => {
-            y.iter_mut().zip(x.chunks_exact(2)).for_each(|(y, b)| *y = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+        GgmlType::F32 => {
+            y.iter_mut().zip(x.chunks_exact(4)).for_each(|(y, b)| *y = f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         }
+        GgmlType::F16 => y.iter_mut().zip(x.chunks_exact(2)).for_each(|(y, b)| *y = f16_at(b, 0)),
+        GgmlType::BF16 => y
+            .iter_mut()
+            .zip(x.chunks_exact(2))
+            .for_each(|(y, b)| *y = bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()),
         // block_q8_0 { ggml_half d; int8_t qs[32]; }: y = d * q.
         GgmlType::Q8_0 => y.chunks_exact_mut(32).zip(x.chunks_exact(34)).for_each(|(y, b)| {
             let d = f16_at(b, 0);

@@ -14,7 +14,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let mask = self.sgd_mask.as_ref().map(|(m, _)| be.download(m, n)).transpose()?;
         let indices = touched_indices(moments.as_ref().map(|(_, v)| v.as_slice()), mask.as_deref());
         let wt = self.weight_transformed()?;
-        let bias = self.bias.as_ref().map(|b| DenseParam::download(be, b, self.bias_moments.as_ref(), self.out)).transpose()?;
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| DenseParam::download(be, b, self.bias_moments.as_ref(), self.out))
+            .transpose()?;
         Ok(LayerState::SparseGrad {
             weight_transformed: SparseParam::gather((self.out, self.inp), indices, &wt, moments),
             bias,
@@ -27,14 +31,23 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// Checks that `state` fits this layer (method, shape, basis, optimizer, bias).
     pub fn check_state(&self, state: &LayerState<F>) -> Result<()> {
         let LayerState::SparseGrad { weight_transformed: st, bias, basis_group, basis_fingerprint, .. } = state else {
-            return Err(mismatch("adapter", format!("a {} state cannot be loaded into a SparseGrad layer", state.method())));
+            return Err(mismatch(
+                "adapter",
+                format!("a {} state cannot be loaded into a SparseGrad layer", state.method()),
+            ));
         };
         let (out, inp) = (self.out, self.inp);
         if st.shape != (out, inp) {
-            return Err(mismatch("adapter", format!("weight shape {:?} does not match the layer's {out}x{inp}", st.shape)));
+            return Err(mismatch(
+                "adapter",
+                format!("weight shape {:?} does not match the layer's {out}x{inp}", st.shape),
+            ));
         }
         if *basis_fingerprint != self.basis_fingerprint {
-            return Err(mismatch("adapter", format!("trained in basis `{basis_group}` with another (P, Q) than this layer's `{}`", self.group)));
+            return Err(mismatch(
+                "adapter",
+                format!("trained in basis `{basis_group}` with another (P, Q) than this layer's `{}`", self.group),
+            ));
         }
         st.validate()?;
         if self.moments.is_some() != st.exp_avg.is_some() {

@@ -9,7 +9,12 @@ use crate::scalar::Real;
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// `gt = g P`; `dx = (gt Wt) Q^T`; `dWt = gt^T xt` (Exact) or the SparseByDense block.
-    pub(super) fn backward_transformed(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+    pub(super) fn backward_transformed(
+        &mut self,
+        g: &B::Buf<F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+    ) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
         let be = &self.backend;
         let ws = &mut self.ws;
@@ -33,9 +38,26 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 self.stats = StepGrads { rows_multiplied: tokens, cols_multiplied: out, k };
             }
             Selection::SparseByDense { threshold } => {
-                let nz = be.nonzero_rows_cols(&ws.tmp_out, tokens, out, F::from_f64(threshold as f64), &mut ws.row_idx, &mut ws.col_idx)?;
+                let nz = be.nonzero_rows_cols(
+                    &ws.tmp_out,
+                    tokens,
+                    out,
+                    F::from_f64(threshold as f64),
+                    &mut ws.row_idx,
+                    &mut ws.col_idx,
+                )?;
                 let (nr, nc) = (nz.n_rows, nz.n_cols);
-                be.gather_block(&ws.tmp_out, tokens, out, &ws.row_idx, nr, &ws.col_idx, nc, nz.abs_threshold, &mut ws.block)?;
+                be.gather_block(
+                    &ws.tmp_out,
+                    tokens,
+                    out,
+                    &ws.row_idx,
+                    nr,
+                    &ws.col_idx,
+                    nc,
+                    nz.abs_threshold,
+                    &mut ws.block,
+                )?;
                 ws.block_op.store(be, &ws.block, nr * nc)?;
                 ws.saved.as_ref().gather_rows(be, tokens, inp, &ws.row_idx, nr, &mut ws.rows_op)?;
                 // C = gt[rows, cols]^T xt[rows, :]; C(i, l) is entry (cols[i], l) of dWt.
@@ -104,7 +126,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 let ws = &mut self.ws;
                 let missing = || Error::invalid("step", "merged workspace missing");
                 let change = ws.change.as_mut().ok_or_else(missing)?;
-                let (unique_rows, slot) = (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
+                let (unique_rows, slot) =
+                    (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
                 let (et, pt_rows) = (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
                 let n = self.grad.len;
                 sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
@@ -116,12 +139,16 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 let touched = be.coo_compact_rows(change, unique_rows, slot)?;
                 let q = match self.basis_dev.q.as_ref() {
                     OperandRef::Full(q) => q,
-                    OperandRef::Half(_) => return Err(Error::invalid("step", "merged basis must be in full precision")),
+                    OperandRef::Half(_) => {
+                        return Err(Error::invalid("step", "merged basis must be in full precision"))
+                    }
                 };
                 be.coo_dense_t(change, slot, touched, q, inp, et)?;
                 let pt = match self.basis_dev.p.as_ref() {
                     OperandRef::Full(p) => p,
-                    OperandRef::Half(_) => return Err(Error::invalid("step", "merged basis must be in full precision")),
+                    OperandRef::Half(_) => {
+                        return Err(Error::invalid("step", "merged basis must be in full precision"))
+                    }
                 };
                 be.gather_rows(pt, out, out, unique_rows, touched, pt_rows)?;
                 let mut spec = Gemm::new(true, true, out, inp, touched).beta(1.0);

@@ -36,7 +36,8 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX);
     if index.is_file() {
         let text = fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::format(Some(&index), format!("not valid JSON: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::format(Some(&index), format!("not valid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -45,7 +46,9 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         for (tensor, file) in map {
             // Only plain file names beside the index: never follow a path out of `dir`.
             let name = file.as_str().filter(|f| !f.is_empty() && Path::new(f).file_name() == Some(f.as_ref()));
-            let name = name.ok_or_else(|| Error::format(Some(&index), format!("tensor `{tensor}` maps to {file}, not a file name")))?;
+            let name = name.ok_or_else(|| {
+                Error::format(Some(&index), format!("tensor `{tensor}` maps to {file}, not a file name"))
+            })?;
             files.insert(dir.join(name));
         }
         return Ok(files.into_iter().collect());
@@ -59,7 +62,10 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     if shards.is_empty() {
-        return Err(Error::format(Some(dir), format!("no {SINGLE}, {INDEX} or model-0000x-of-0000y.safetensors in this directory")));
+        return Err(Error::format(
+            Some(dir),
+            format!("no {SINGLE}, {INDEX} or model-0000x-of-0000y.safetensors in this directory"),
+        ));
     }
     shards.sort();
     Ok(shards)
@@ -79,7 +85,13 @@ fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
         Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::F16 => two(|b| half::f16::from_bits(b).to_f32()),
         Dtype::BF16 => two(|b| half::bf16::from_bits(b).to_f32()),
-        other => return Err(Error::Dtype { name: name.to_string(), expected: "F32, F16 or BF16".into(), got: format!("{other:?}") }),
+        other => {
+            return Err(Error::Dtype {
+                name: name.to_string(),
+                expected: "F32, F16 or BF16".into(),
+                got: format!("{other:?}"),
+            })
+        }
     })
 }
 
@@ -91,9 +103,9 @@ pub(super) fn load(dir: &Path) -> Result<LlamaWeights> {
         .iter()
         .zip(&maps)
         .map(|(p, m)| {
-            SafeTensors::deserialize(m)
-                .map(|st| (p, st))
-                .map_err(|e| Error::format(Some(p), format!("not a valid safetensors file (truncated or corrupt?): {e}")))
+            SafeTensors::deserialize(m).map(|st| (p, st)).map_err(|e| {
+                Error::format(Some(p), format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
@@ -102,7 +114,12 @@ pub(super) fn load(dir: &Path) -> Result<LlamaWeights> {
             .find_map(|(p, st)| st.tensor(name).ok().map(|v| (p, v)))
             .ok_or_else(|| Error::MissingTensor { name: name.to_string(), context: Some(dir.display().to_string()) })?;
         if view.shape() != shape {
-            return Err(Error::shape(OP, format!("tensor `{name}` in {}", path.display()), format!("{shape:?}"), format!("{:?}", view.shape())));
+            return Err(Error::shape(
+                OP,
+                format!("tensor `{name}` in {}", path.display()),
+                format!("{shape:?}"),
+                format!("{:?}", view.shape()),
+            ));
         }
         to_f32(name, view.dtype(), view.data())
     };
@@ -142,8 +159,11 @@ pub(super) fn save(w: &LlamaWeights, dir: &Path) -> Result<()> {
     }
     // transformers refuses safetensors checkpoints without a `format` entry.
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let header = Metadata::new(Some(meta), infos).map_err(|e| Error::format(Some(&path), format!("cannot build the header: {e}")))?;
-    let mut header = serde_json::to_string(&header).map_err(|e| Error::format(Some(&path), format!("cannot encode the header: {e}")))?.into_bytes();
+    let header = Metadata::new(Some(meta), infos)
+        .map_err(|e| Error::format(Some(&path), format!("cannot build the header: {e}")))?;
+    let mut header = serde_json::to_string(&header)
+        .map_err(|e| Error::format(Some(&path), format!("cannot encode the header: {e}")))?
+        .into_bytes();
     // Padding the header to 8 bytes keeps every f32 tensor aligned for readers that map it.
     header.resize(header.len().next_multiple_of(8), b' ');
     write_atomic(&path, |out| {
