@@ -38,14 +38,13 @@
 pub mod adapter;
 pub mod backend;
 pub mod basis;
-pub mod data;
 pub mod error;
-pub mod finetune;
 pub mod io;
 pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod optim;
+pub mod recipes;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;

@@ -6,11 +6,11 @@
 mod cuda_common;
 
 use cuda_common::cuda_or_skip;
-use sparsegrad::finetune::{run, Dataset, FinetuneConfig, MethodKind};
 use sparsegrad::linear::trainable::TrainOptions;
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::llama::{LlamaModel, MlpPlan};
 use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::recipes::finetune::{run, Dataset, FinetuneConfig, MethodKind};
 use sparsegrad::{Backend, Cpu, Precision, Selection};
 
 fn config() -> LlamaConfig {

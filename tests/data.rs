@@ -2,9 +2,9 @@
 //! directory loading, the seeded disjoint split, and batching with a padding mask; plus
 //! the real VADER corpus and tokenizer when scripts/fetch-assets.sh has fetched them.
 
-use sparsegrad::data::{self, Batch, BatchSpec};
 use sparsegrad::io::gguf::GgufFile;
 use sparsegrad::model::tokenizer::Tokenizer;
+use sparsegrad::recipes::vader::{self as data, Batch, BatchSpec};
 use sparsegrad::Error;
 use std::collections::HashSet;
 use std::path::PathBuf;

@@ -1,11 +1,11 @@
 //! The whole fine-tuning flow on a tiny random LLaMA in seconds: preliminary phase,
 //! bases, training, evaluation, adapter and merged weights, for every method.
 
-use sparsegrad::finetune::{lora_rank_for_budget, run, Dataset, FinetuneConfig, MethodKind, Progress};
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::llama::{LlamaModel, MlpPlan};
 use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::recipes::finetune::{lora_rank_for_budget, run, Dataset, FinetuneConfig, MethodKind, Progress};
 use sparsegrad::{Cpu, Keep, Precision, Selection};
 
 fn config() -> LlamaConfig {

@@ -5,7 +5,7 @@
 //! Hand-rolled rather than clap, like the `sparsegrad` binary: a flat list of flags and a
 //! one-line error for each mistake, which clap's multi-line usage errors are not.
 
-use sparsegrad::finetune::MethodKind;
+use sparsegrad::recipes::finetune::MethodKind;
 use sparsegrad::{Error, Precision, Result};
 use std::path::PathBuf;
 

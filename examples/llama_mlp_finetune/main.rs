@@ -3,7 +3,7 @@
 //! with SparseGrad, LoRA, MeProp or full fine-tuning, on the CPU or a CUDA GPU.
 //!
 //! Loads the model (GGUF, or a Hugging Face directory) and its tokenizer, splits and
-//! tokenises the corpus, runs `sparsegrad::finetune::run` with a progress bar, and writes
+//! tokenises the corpus, runs `sparsegrad::recipes::finetune::run` with a progress bar, and writes
 //! the loss curves (CSV and PNG), the adapter and the merged model into `--out`. With
 //! `--compare` it runs all four methods at equal trainable parameters, each on a fresh
 //! backend, and prints one table. `--help` lists the flags; see also README.md.
@@ -18,11 +18,13 @@ mod plot;
 use args::{Args, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use sparsegrad::data::{load_corpus, train_validation_split};
-use sparsegrad::finetune::{lora_rank_for_budget, run, Dataset, FinetuneConfig, FinetuneReport, MethodKind, Progress};
 use sparsegrad::io::gguf::GgufFile;
 use sparsegrad::model::tokenizer::Tokenizer as GgufTokenizer;
 use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::recipes::finetune::{
+    lora_rank_for_budget, run, Dataset, FinetuneConfig, FinetuneReport, MethodKind, Progress,
+};
+use sparsegrad::recipes::vader::{load_corpus, train_validation_split};
 use sparsegrad::{Backend, Cpu, Cuda, Error, Precision, Result, Selection};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -3,10 +3,10 @@
 //! end-of-run summary, and the `--compare` table (printed and as `compare.md`).
 
 use sparsegrad::adapter::{save_adapter, AdapterEntry};
-use sparsegrad::finetune::FinetuneReport;
 use sparsegrad::io::write_atomic;
 use sparsegrad::model::llama::{LlamaModel, GROUPS};
 use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::recipes::finetune::FinetuneReport;
 use sparsegrad::{Backend, BasisSet, Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -6,7 +6,6 @@
 use crate::backend::AdamParams;
 use crate::backend::Backend;
 use crate::basis::{BasisSet, GramAccumulator};
-use crate::data::{epoch, make_batch, Batch, BatchSpec};
 use crate::error::{Error, Result};
 use crate::linear::sparsegrad::Selection;
 use crate::linear::trainable::{Method, TrainOptions};
@@ -14,6 +13,7 @@ use crate::linear::{Keep, Precision};
 use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
 use crate::model::weights::LlamaWeights;
 use crate::optim::Optimizer;
+use crate::recipes::vader::{epoch, make_batch, Batch, BatchSpec};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
