@@ -86,6 +86,25 @@ impl Error {
     pub fn format(path: Option<&std::path::Path>, msg: impl Into<String>) -> Self {
         Error::Format { path: path.map(|p| p.to_path_buf()), msg: msg.into() }
     }
+
+    /// The same error, with `context` (where it happened, e.g. "layer 3 MLP up") put in front
+    /// of its description. The variant, and with it the kind a caller matches on, and any
+    /// source stay as they were; variants without a description are returned unchanged.
+    pub fn context(self, context: &str) -> Self {
+        let at = |s: String| format!("{context}: {s}");
+        match self {
+            Error::Shape { op, what, expected, got } => Error::Shape { op, what: at(what), expected, got },
+            Error::InvalidArgument { op, msg } => Error::InvalidArgument { op, msg: at(msg) },
+            Error::NonFinite { what, count, first_index } => Error::NonFinite { what: at(what), count, first_index },
+            Error::MissingTensor { name, context: c } => {
+                Error::MissingTensor { name, context: Some(c.map_or_else(|| context.to_string(), at)) }
+            }
+            Error::InvalidBasis { group, msg } => Error::InvalidBasis { group, msg: at(msg) },
+            Error::Incompatible { what, msg } => Error::Incompatible { what: at(what), msg },
+            Error::Cuda { op, msg } => Error::Cuda { op, msg: at(msg) },
+            other => other,
+        }
+    }
 }
 
 /// Checks that a buffer holds at least `needed` elements.

@@ -48,14 +48,8 @@ impl<B: Backend + Clone, F: Real> Projection<B, F> {
         inp: usize,
         opts: &TrainOptions,
     ) -> Result<Self> {
-        let linear = Linear::new(backend, spec.weight, spec.bias, out, inp, spec.method, spec.basis, opts).map_err(
-            |e| match e {
-                Error::Shape { op, what, expected, got } => {
-                    Error::Shape { op, what: format!("{name}: {what}"), expected, got }
-                }
-                other => other,
-            },
-        )?;
+        let linear = Linear::new(backend, spec.weight, spec.bias, out, inp, spec.method, spec.basis, opts)
+            .map_err(|e| e.context(name))?;
         Ok(Projection { name, group: spec.group.to_string(), method: spec.method, linear })
     }
 

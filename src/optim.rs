@@ -23,6 +23,16 @@ impl Default for Optimizer {
 }
 
 impl Optimizer {
+    /// Adam (SparseAdam for sparse gradients) at learning rate `lr`, PyTorch's other defaults.
+    pub fn adam(lr: f32) -> Self {
+        Optimizer::Adam(AdamParams { lr, ..AdamParams::default() })
+    }
+
+    /// Plain SGD at learning rate `lr`.
+    pub fn sgd(lr: f32) -> Self {
+        Optimizer::Sgd { lr }
+    }
+
     pub fn validate(&self) -> Result<()> {
         match self {
             Optimizer::Adam(hp) => hp.validate(),
@@ -30,24 +40,17 @@ impl Optimizer {
             Optimizer::Sgd { lr } => Err(Error::invalid("sgd", format!("learning rate {lr} must be finite and >= 0"))),
         }
     }
-
-    pub fn lr(&self) -> f32 {
-        match self {
-            Optimizer::Adam(hp) => hp.lr,
-            Optimizer::Sgd { lr } => *lr,
-        }
-    }
 }
 
 /// Adam's first and second moments of one parameter (`None` under SGD).
-pub struct Moments<B: Backend, F: Real> {
+pub(crate) struct Moments<B: Backend, F: Real> {
     pub exp_avg: B::Buf<F>,
     pub exp_avg_sq: B::Buf<F>,
 }
 
 impl<B: Backend, F: Real> Moments<B, F> {
     /// Zeroed moments for `len` entries when `opt` needs them.
-    pub fn for_optimizer(backend: &B, opt: &Optimizer, len: usize) -> Result<Option<Self>> {
+    pub(crate) fn for_optimizer(backend: &B, opt: &Optimizer, len: usize) -> Result<Option<Self>> {
         match opt {
             Optimizer::Adam(_) => Ok(Some(Moments { exp_avg: backend.alloc(len)?, exp_avg_sq: backend.alloc(len)? })),
             Optimizer::Sgd { .. } => Ok(None),
@@ -55,17 +58,13 @@ impl<B: Backend, F: Real> Moments<B, F> {
     }
 
     /// Host copies `(exp_avg, exp_avg_sq)` of the first `len` entries.
-    pub fn to_host(&self, backend: &B, len: usize) -> Result<(Vec<F>, Vec<F>)> {
+    pub(crate) fn to_host(&self, backend: &B, len: usize) -> Result<(Vec<F>, Vec<F>)> {
         Ok((backend.download(&self.exp_avg, len)?, backend.download(&self.exp_avg_sq, len)?))
     }
 
-    pub fn set_from_host(&mut self, backend: &B, exp_avg: &[F], exp_avg_sq: &[F]) -> Result<()> {
+    pub(crate) fn set_from_host(&mut self, backend: &B, exp_avg: &[F], exp_avg_sq: &[F]) -> Result<()> {
         backend.upload_into(exp_avg, &mut self.exp_avg)?;
         backend.upload_into(exp_avg_sq, &mut self.exp_avg_sq)
-    }
-
-    pub fn bytes(&self, backend: &B) -> usize {
-        (backend.len(&self.exp_avg) + backend.len(&self.exp_avg_sq)) * std::mem::size_of::<F>()
     }
 }
 
@@ -75,7 +74,7 @@ fn missing_moments() -> Error {
 
 /// One dense step of `len` entries at step `step` (1-based).
 #[allow(clippy::too_many_arguments)]
-pub fn dense_step<B: Backend, F: Real>(
+pub(crate) fn dense_step<B: Backend, F: Real>(
     backend: &B,
     opt: &Optimizer,
     param: &mut B::Buf<F>,
@@ -96,7 +95,7 @@ pub fn dense_step<B: Backend, F: Real>(
 /// One sparse step on the entries of `coo`: updates `param` in place if given, and writes
 /// each entry's change into `delta` if given.
 #[allow(clippy::too_many_arguments)]
-pub fn sparse_step<B: Backend, F: Real>(
+pub(crate) fn sparse_step<B: Backend, F: Real>(
     backend: &B,
     opt: &Optimizer,
     coo: &Coo<B, F>,

@@ -141,3 +141,9 @@ fn cuda_sparsegrad_step_matches_the_cpu() {
 fn harness_self_check_on_the_cpu() {
     check(&Cpu::new(), &[(17, 33, 29), (1, 5, 1)]);
 }
+
+#[test]
+fn cuda_bf16_merged_weight_uses_the_f32_basis() {
+    let Some(cuda) = cuda_or_skip() else { return };
+    check_bf16_merged_weight(&cuda);
+}

@@ -330,3 +330,30 @@ fn nudge_lora(l: &mut Linear<Cpu, f64>, i: usize, na: usize, eps: f64) {
     }
     l.import_state(&st).unwrap();
 }
+
+/// A layer's error inside the model keeps its kind (here a basis of the wrong shape: a
+/// `Shape` error) and says which layer and projection it came from.
+#[test]
+fn layer_errors_keep_their_kind_inside_the_model() {
+    let w = LlamaWeights::random(&tiny_config(true), 5).unwrap();
+    let c = &w.config;
+    let mut r = rng(6);
+    let mut bases = BasisSet::new();
+    for (g, (o, i)) in GROUPS.iter().zip([(c.ffn, c.hidden), (c.hidden, c.hidden), (c.hidden, c.ffn)]) {
+        bases.insert(random_basis(&mut r, g, o, i)); // `up` is (hidden, hidden): wrong
+    }
+    let plan = MlpPlan {
+        layers: vec![1],
+        methods: [Method::SparseGrad { keep: Keep::Fraction(0.1), selection: Selection::Exact, formulation: None }; 3],
+    };
+    let cpu = Cpu::new();
+    let Err(err) = LlamaModel::<Cpu, f32>::new(&cpu, &w, &plan, Some(&bases), &TrainOptions::default(), 16) else {
+        panic!("a wrong-shaped basis was accepted")
+    };
+    match &err {
+        sparsegrad::Error::Shape { what, .. } => {
+            assert!(what.contains("layer 1 MLP") && what.contains("up"), "context lost: {err}")
+        }
+        other => panic!("expected a Shape error, got {other:?}"),
+    }
+}

@@ -394,3 +394,8 @@ fn cost_model_picks_merged_for_large_token_counts() {
     // A handful of tokens: the transformed form is cheaper.
     assert_eq!(Formulation::choose(3072, 768, 16, 23_593), Formulation::Transformed);
 }
+
+#[test]
+fn bf16_merged_weight_uses_the_f32_basis() {
+    check_bf16_merged_weight(&Cpu::new());
+}

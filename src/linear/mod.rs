@@ -89,14 +89,6 @@ impl<B: Backend, F: Real> Operand<B, F> {
         }
     }
 
-    /// Reads the first `len` values back to the host in the master precision.
-    pub(crate) fn download(&self, backend: &B, len: usize) -> Result<Vec<F>> {
-        Ok(match self {
-            Operand::Full(b) => backend.download(b, len)?,
-            Operand::Half(b) => backend.download(b, len)?.into_iter().map(F::from_bf16).collect(),
-        })
-    }
-
     pub(crate) fn as_ref(&self) -> OperandRef<'_, B, F> {
         match self {
             Operand::Full(b) => OperandRef::Full(b),

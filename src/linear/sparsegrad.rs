@@ -114,6 +114,9 @@ pub struct StepGrads {
 pub(crate) struct DeviceBasis<B: Backend, F: Real> {
     p: Operand<B, F>,
     q: Operand<B, F>,
+    /// The f32 `P` and `Q` when the device copies are rounded to bf16: merging back into a
+    /// dense weight uses the basis `Wt` was built from, not its rounding.
+    exact: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// The trained weight in one of the two formulations, with a bf16 compute copy when the
@@ -237,10 +240,12 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 Formulation::Transformed => DeviceBasis {
                     p: Operand::upload(backend, cfg.precision, &p_host)?,
                     q: Operand::upload(backend, cfg.precision, &q_host)?,
+                    exact: half.then(|| (basis.p.clone(), basis.q.clone())),
                 },
                 Formulation::Merged => DeviceBasis {
                     p: Operand::upload(backend, Precision::Full, &transpose(&p_host, out, out))?,
                     q: Operand::upload(backend, Precision::Full, &q_host)?,
+                    exact: None,
                 },
             })
         })?;
@@ -436,10 +441,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         match &self.weight {
             Weight::Transformed { wt, .. } => self.backend.download(wt, self.out * self.inp),
             Weight::Merged { w, .. } => {
-                let w = self.backend.download(w, self.out * self.inp)?;
-                let pt = self.basis_dev.p.download(&self.backend, self.out * self.out)?;
-                let q = self.basis_dev.q.download(&self.backend, self.inp * self.inp)?;
-                basis_change(&transpose(&pt, self.out, self.out), &q, &w, self.out, self.inp, true)
+                let wt = self.basis_change(w, true)?;
+                self.backend.download(&wt, self.out * self.inp)
             }
         }
     }
@@ -449,12 +452,37 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         match &self.weight {
             Weight::Merged { w, .. } => self.backend.download(w, self.out * self.inp),
             Weight::Transformed { wt, .. } => {
-                let wt = self.backend.download(wt, self.out * self.inp)?;
-                let p = self.basis_dev.p.download(&self.backend, self.out * self.out)?;
-                let q = self.basis_dev.q.download(&self.backend, self.inp * self.inp)?;
-                basis_change(&p, &q, &wt, self.out, self.inp, false)
+                let w = self.basis_change(wt, false)?;
+                self.backend.download(&w, self.out * self.inp)
             }
         }
+    }
+
+    /// `P^T M Q` (`into_basis`) or `P M Q^T` for an `(out, in)` matrix `m`, on the layer's
+    /// backend in `F`, with the basis in `F` (the f32 one when the layer holds it in bf16).
+    /// Not on the training path: it allocates its result and scratch.
+    pub(crate) fn basis_change(&self, m: &B::Buf<F>, into_basis: bool) -> Result<B::Buf<F>> {
+        let (be, out, inp) = (&self.backend, self.out, self.inp);
+        let mut tmp = be.alloc::<F>(out * inp)?;
+        let mut res = be.alloc::<F>(out * inp)?;
+        // Merged layers hold `P^T`; transformed ones `P`.
+        let p_transposed = self.formulation == Formulation::Merged;
+        let (sp, sq) = match (into_basis, p_transposed) {
+            (true, false) => (Gemm::tn(out, inp, out), Gemm::nn(out, inp, inp)),
+            (true, true) => (Gemm::nn(out, inp, out), Gemm::nn(out, inp, inp)),
+            (false, false) => (Gemm::nn(out, inp, out), Gemm::nt(out, inp, inp)),
+            (false, true) => (Gemm::tn(out, inp, out), Gemm::nt(out, inp, inp)),
+        };
+        let mut product = |p: &B::Buf<F>, q: &B::Buf<F>| -> Result<()> {
+            be.gemm(&sp, p, m, &mut tmp)?;
+            be.gemm(&sq, &tmp, q, &mut res)
+        };
+        match (self.basis_dev.p.as_ref(), self.basis_dev.q.as_ref(), &self.basis_dev.exact) {
+            (OperandRef::Full(p), OperandRef::Full(q), _) => product(p, q)?,
+            (_, _, Some((p, q))) => product(&be.upload(&to_f::<F>(p))?, &be.upload(&to_f::<F>(q))?)?,
+            _ => return Err(Error::invalid("SparseGradLinear::basis_change", "the layer holds no basis in F")),
+        }
+        Ok(res)
     }
 
     fn refresh_half_weight(&mut self) -> Result<()> {
@@ -471,21 +499,4 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
 /// The weight as a GEMM operand: its bf16 compute copy if there is one.
 fn weight_ref<'a, B: Backend, F: Real>(full: &'a B::Buf<F>, half: &'a Option<B::Buf<bf16>>) -> OperandRef<'a, B, F> {
     half.as_ref().map_or(OperandRef::Full(full), OperandRef::Half)
-}
-
-/// On the host, in `F`: `P^T M Q` (`forward = true`) or `P M Q^T`.
-fn basis_change<F: Real>(p: &[F], q: &[F], m: &[F], out: usize, inp: usize, forward: bool) -> Result<Vec<F>> {
-    use crate::backend::cpu::Cpu;
-    let cpu = Cpu::new();
-    let (pb, qb, mb) = (cpu.upload(p)?, cpu.upload(q)?, cpu.upload(m)?);
-    let mut tmp = cpu.alloc::<F>(out * inp)?;
-    let mut res = cpu.alloc::<F>(out * inp)?;
-    let (sp, sq) = if forward {
-        (Gemm::tn(out, inp, out), Gemm::nn(out, inp, inp))
-    } else {
-        (Gemm::nn(out, inp, out), Gemm::nt(out, inp, inp))
-    };
-    cpu.gemm(&sp, &pb, &mb, &mut tmp)?;
-    cpu.gemm(&sq, &tmp, &qb, &mut res)?;
-    Ok(res.to_vec())
 }

@@ -169,7 +169,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             }
             let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
             let mlp = LlamaMlp::new(backend, c.hidden, c.ffn, specs[0], specs[1], specs[2], &layer_opts)
-                .map_err(|e| Error::invalid("LlamaModel::new", format!("layer {i} MLP: {e}")))?;
+                .map_err(|e| e.context(&format!("layer {i} MLP")))?;
             layers.push(Layer {
                 attn_norm: up(&lw.attn_norm)?,
                 ffn_norm: up(&lw.ffn_norm)?,

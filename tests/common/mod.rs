@@ -108,3 +108,50 @@ pub fn rel_err(a: &[f64], b: &[f64]) -> f64 {
     let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
     a.iter().zip(b).fold(0.0f64, |m, (x, y)| m.max((x - y).abs())) / scale
 }
+
+/// `merged_weight` of a bf16 SparseGrad layer on `be`, both formulations: before training it
+/// gives back the weight the layer was built from, and after a few Adam steps it is
+/// `P Wt Q^T` with the f32 basis (not its bf16 rounding), both to f32 precision.
+pub fn check_bf16_merged_weight<B: sparsegrad::Backend + Clone>(be: &B) {
+    use sparsegrad::{Formulation, Keep, Optimizer, Precision, SparseGradConfig, SparseGradLinear};
+    let (out, inp, tokens) = (17usize, 33usize, 29usize);
+    let mut r = rng(21);
+    let w = rand_vec(&mut r, out * inp);
+    let basis = random_basis(&mut r, "g", out, inp);
+    let x = be.upload(&rand_vec(&mut r, tokens * inp)).unwrap();
+    let g = be.upload(&rand_vec(&mut r, tokens * out)).unwrap();
+    for formulation in [Formulation::Transformed, Formulation::Merged] {
+        let what = format!("{} bf16 {formulation:?}", be.name());
+        let cfg = SparseGradConfig {
+            keep: Keep::Fraction(0.1),
+            formulation: Some(formulation),
+            optimizer: Optimizer::adam(1e-2),
+            precision: Precision::Bf16,
+            ..Default::default()
+        };
+        let mut layer = SparseGradLinear::new(be, &w, None, &basis, cfg).unwrap();
+        assert_close(
+            &format!("{what}: merged weight before training"),
+            &layer.merged_weight().unwrap(),
+            &w,
+            1e-5,
+            1e-5,
+        );
+        let mut y = be.alloc::<f32>(tokens * out).unwrap();
+        for _ in 0..3 {
+            layer.forward(&x, tokens, &mut y).unwrap();
+            layer.backward(&g, tokens, None).unwrap();
+            layer.step().unwrap();
+        }
+        let (p, q) = (to64(&basis.p), to64(&basis.q));
+        let wt = to64(&layer.weight_transformed().unwrap());
+        let expect = matmul(&matmul(&p, &wt, out, out, inp), &transpose(&q, inp, inp), out, inp, inp);
+        assert_close(
+            &format!("{what}: merged weight = P Wt Q^T"),
+            &layer.merged_weight().unwrap(),
+            &expect,
+            1e-5,
+            1e-5,
+        );
+    }
+}

@@ -1,6 +1,6 @@
 //! Export and import of a SparseGradLinear's trained state (adapters, resume).
 
-use super::{basis_change, transpose, SparseGradLinear, Weight};
+use super::{SparseGradLinear, Weight};
 use crate::backend::Backend;
 use crate::error::Result;
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
@@ -70,9 +70,22 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let LayerState::SparseGrad { weight_transformed: st, bias, step, .. } = state else {
             return Err(mismatch("adapter", "not a SparseGrad state"));
         };
-        let (out, inp) = (self.out, self.inp);
         let be = self.backend.clone();
-        let n = out * inp;
+        let n = self.out * self.inp;
+        // Merged: W += P (Wt_new - Wt_base)|entries Q^T, once.
+        let merged = match &self.weight {
+            Weight::Merged { w, .. } => {
+                let w_host = be.download(w, n)?;
+                let wt_base = be.download(&self.basis_change(w, true)?, n)?;
+                let mut d = vec![F::ZERO; n];
+                for (e, &i) in st.indices.iter().enumerate() {
+                    d[i as usize] = st.values[e] - wt_base[i as usize];
+                }
+                let change = be.download(&self.basis_change(&be.upload(&d)?, false)?, n)?;
+                Some(w_host.iter().zip(&change).map(|(&a, &b)| a + b).collect::<Vec<F>>())
+            }
+            Weight::Transformed { .. } => None,
+        };
         match &mut self.weight {
             Weight::Transformed { wt, .. } => {
                 let mut host = be.download(wt, n)?;
@@ -81,20 +94,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 }
                 be.upload_into(&host, wt)?;
             }
-            Weight::Merged { w, .. } => {
-                // W += P (Wt_new - Wt_base)|entries Q^T, on the host once.
-                let w_host = be.download(w, n)?;
-                let p = transpose(&self.basis_dev.p.download(&be, out * out)?, out, out);
-                let q = self.basis_dev.q.download(&be, inp * inp)?;
-                let wt_base = basis_change(&p, &q, &w_host, out, inp, true)?;
-                let mut d = vec![F::ZERO; n];
-                for (e, &i) in st.indices.iter().enumerate() {
-                    d[i as usize] = st.values[e] - wt_base[i as usize];
-                }
-                let change = basis_change(&p, &q, &d, out, inp, false)?;
-                let updated: Vec<F> = w_host.iter().zip(&change).map(|(&a, &b)| a + b).collect();
-                be.upload_into(&updated, w)?;
-            }
+            Weight::Merged { w, .. } => be.upload_into(merged.as_deref().unwrap_or_default(), w)?,
         }
         if let (Some(m), Some((dm, dv))) = (self.moments.as_mut(), st.scatter_moments()) {
             m.set_from_host(&be, &dm, &dv)?;
