@@ -17,7 +17,7 @@
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use rayon::prelude::*;
-use sparsegrad::basis::{direct_svd_basis, gesdd_workspace, syevd_workspace, Basis, GramAccumulator};
+use sparsegrad::basis::{direct_svd_basis, direct_svd_bytes, eigensolve_bytes, Basis, GramAccumulator};
 use std::time::Instant;
 
 const OUT: usize = 768;
@@ -111,19 +111,12 @@ fn peak_rss() -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
-/// Bytes `dsyevd` holds for order n: the f64 matrix, w, work, iwork.
 fn syevd_bytes(n: usize) -> usize {
-    let (lwork, liwork) = syevd_workspace(n).expect("workspace query");
-    n * n * 8 + n * 8 + lwork * 8 + liwork * 4
+    eigensolve_bytes(n).expect("workspace query")
 }
 
-/// Bytes `sgesdd` holds for an (m, cols) unfolding besides the unfolding itself: U, s,
-/// V^T (only for the tall 'A' case), work, iwork.
 fn gesdd_bytes(m: usize, cols: usize) -> usize {
-    let jobz = if m < cols { b'O' } else { b'A' };
-    let (lwork, liwork) = gesdd_workspace(m, cols, jobz).expect("workspace query");
-    let vt = if jobz == b'O' { 0 } else { cols * cols * 4 };
-    m * m * 4 + m.min(cols) * 4 + vt + lwork * 4 + liwork * 4
+    direct_svd_bytes(m, cols).expect("workspace query")
 }
 
 fn basis_bytes(b: &Basis) -> usize {

@@ -114,3 +114,21 @@ pub(crate) fn check_len(op: &'static str, what: &str, len: usize, needed: usize)
     }
     Ok(())
 }
+
+/// Fails with [`Error::NonFinite`] naming `what` (count and first index) if `values` holds
+/// NaN or infinity: the one host-side scan every constructor and loader uses.
+pub(crate) fn ensure_finite<T: crate::scalar::Real>(what: &str, values: impl IntoIterator<Item = T>) -> Result<()> {
+    let (mut count, mut first_index) = (0usize, 0usize);
+    for (i, v) in values.into_iter().enumerate() {
+        if !v.is_finite() {
+            if count == 0 {
+                first_index = i;
+            }
+            count += 1;
+        }
+    }
+    if count > 0 {
+        return Err(Error::NonFinite { what: what.to_string(), count, first_index });
+    }
+    Ok(())
+}

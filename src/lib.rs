@@ -49,10 +49,11 @@ pub mod scalar;
 
 pub use backend::cpu::Cpu;
 pub use backend::cuda::Cuda;
+pub use backend::Precision;
 pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
 pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport};
 pub use error::{Error, Result};
 pub use linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
-pub use linear::{Keep, Precision};
+pub use linear::Keep;
 pub use optim::Optimizer;
 pub use scalar::{Elem, Real};

@@ -10,10 +10,10 @@
 //! (projections in [`Method::Collect`]) [`BertMlp::collect`] / [`LlamaMlp::collect`] hand each
 //! step's dense weight gradients to the Gram accumulator of the projection's group.
 
+use crate::backend::operand::grow;
 use crate::backend::{Backend, GeluKind};
 use crate::basis::{Basis, GramAccumulator};
 use crate::error::{Error, Result};
-use crate::linear::grow;
 use crate::linear::trainable::{Linear, Method, TrainOptions};
 use crate::scalar::Real;
 use std::collections::BTreeMap;

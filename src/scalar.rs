@@ -166,3 +166,15 @@ macro_rules! impl_real {
 
 impl_real!(f32, u32, libm::erff, F32);
 impl_real!(f64, u64, libm::erf, F64);
+
+/// 64-bit FNV-1a of the values' bits: identifies a basis or a base weight in an adapter.
+pub(crate) fn fingerprint<F: Real>(data: &[F]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in data {
+        for b in v.to_f64().to_bits().to_le_bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use sparsegrad::linear::Precision;
+use sparsegrad::Precision;
 use sparsegrad::{
     AdamParams, Backend, Cpu, Formulation, Keep, Optimizer, Selection, SparseGradConfig, SparseGradLinear,
 };

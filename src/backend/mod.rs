@@ -11,6 +11,9 @@
 
 pub mod cpu;
 pub mod cuda;
+pub(crate) mod operand;
+
+pub use operand::Precision;
 
 use crate::error::Result;
 use crate::scalar::{Elem, Real};

@@ -3,7 +3,7 @@
 //! measure `max |M^T M - I|`, and the layout helpers that turn LAPACK's column-major
 //! output into our row-major matrices with descending columns and the sign convention.
 
-use crate::error::{Error, Result};
+use crate::error::{ensure_finite, Error, Result};
 use cblas::{Layout, Transpose};
 
 /// Converts a dimension to LAPACK/BLAS's 32-bit integer, or says which limit it broke.
@@ -62,7 +62,7 @@ pub(super) fn apply_sign_convention(p: &mut [f32], n: usize) {
 /// Workspace sizes `dsyevd` is given for order `n` (f64 words, i32 words): the larger of
 /// its own query and the documented minimum `1 + 6n + 2n^2` / `3 + 5n`, because
 /// OpenBLAS's query has been seen to under-report.
-pub fn syevd_workspace(n: usize) -> Result<(usize, usize)> {
+pub(super) fn syevd_workspace(n: usize) -> Result<(usize, usize)> {
     let op = "dsyevd";
     let ni = blas_dim(op, "matrix order", n)?;
     let min_work = n
@@ -135,10 +135,7 @@ pub(super) fn sym_eig_desc(mut upper: Vec<f64>, n: usize) -> Result<(Vec<f32>, V
     if info != 0 {
         return Err(Error::Lapack { routine: "dsyevd", info });
     }
-    if let Some(first_index) = w.iter().position(|v| !v.is_finite()) {
-        let count = w.iter().filter(|v| !v.is_finite()).count();
-        return Err(Error::NonFinite { what: "Gram eigenvalues".into(), count, first_index });
-    }
+    ensure_finite("Gram eigenvalues", w.iter().copied())?;
     // `upper` now holds eigenvectors as columns of a column-major matrix, ascending:
     // memory row c is eigenvector c. Row-major P with eigenvector j in column j is its
     // transpose; descending order reverses the columns.
@@ -156,7 +153,7 @@ pub(super) fn sym_eig_desc(mut upper: Vec<f64>, n: usize) -> Result<(Vec<f32>, V
 /// Workspace (f32 words) and integer workspace `sgesdd` is given for an `(m, n)` matrix
 /// and `jobz`: the larger of its own query (rounded up, as an f32 may round it down) and
 /// the documented minimum.
-pub fn gesdd_workspace(m: usize, n: usize, jobz: u8) -> Result<(usize, usize)> {
+pub(super) fn gesdd_workspace(m: usize, n: usize, jobz: u8) -> Result<(usize, usize)> {
     let op = "sgesdd";
     let (mi, ni) = (blas_dim(op, "rows", m)?, blas_dim(op, "columns", n)?);
     let (mn, mx) = (m.min(n), m.max(n));

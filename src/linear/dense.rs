@@ -6,10 +6,12 @@
 //!   top-k entries of `dW` by magnitude in the original space, applied with SparseAdam
 //!   (or SGD); the bias trains densely as in SparseGrad.
 
+use crate::backend::operand::{mm, stage, Operand, OperandRef};
+use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
-use crate::linear::{check_activation, check_finite, mm, stage, Keep, Operand, OperandRef, Precision};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep};
 use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -70,22 +72,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         opt: Optimizer,
         precision: Precision,
     ) -> Result<Self> {
-        if weight.len() != out * inp {
-            return Err(Error::shape("DenseLinear::new", "weight", format!("{out} x {inp}"), weight.len()));
-        }
-        if let Some(b) = bias {
-            if b.len() != out {
-                return Err(Error::shape("DenseLinear::new", "bias", out, b.len()));
-            }
-        }
-        let all = weight.iter().chain(bias.unwrap_or(&[]));
-        if let Some(i) = all.clone().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "weight or bias".into(),
-                count: all.filter(|v| !v.is_finite()).count(),
-                first_index: i,
-            });
-        }
+        check_weight_and_bias("DenseLinear::new", weight, bias, out, inp)?;
         opt.validate()?;
         let computes_grad = mode != DenseMode::Frozen;
         let trains = matches!(mode, DenseMode::Full | DenseMode::MeProp { .. });
@@ -180,9 +167,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
 
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
-        check_activation(&self.backend, "DenseLinear::forward", "x", x, tokens, inp)?;
-        check_activation(&self.backend, "DenseLinear::forward", "y", y, tokens, out)?;
-        check_finite(&self.backend, x, tokens * inp, "layer input x")?;
+        check_forward(&self.backend, "DenseLinear::forward", x, y, tokens, (out, inp))?;
         self.saved_tokens = None;
         self.ensure_tokens(tokens)?;
         let be = &self.backend;
@@ -205,17 +190,15 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     /// only when the layer trains.
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
-        if self.saved_tokens != Some(tokens) {
-            return Err(Error::invalid(
-                "DenseLinear::backward",
-                format!("no forward of {tokens} tokens to go back through"),
-            ));
-        }
-        check_activation(&self.backend, "DenseLinear::backward", "grad_y", g, tokens, out)?;
-        if let Some(dx) = dx.as_deref() {
-            check_activation(&self.backend, "DenseLinear::backward", "dx", dx, tokens, inp)?;
-        }
-        check_finite(&self.backend, g, tokens * out, "output gradient grad_y")?;
+        check_backward(
+            &self.backend,
+            "DenseLinear::backward",
+            self.saved_tokens,
+            g,
+            dx.as_deref(),
+            tokens,
+            (out, inp),
+        )?;
         self.grad_ready = false;
         let be = &self.backend;
         let g_op = stage(be, g, self.g_half.as_mut(), tokens * out)?;

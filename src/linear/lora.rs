@@ -4,10 +4,12 @@
 //! model's output exactly). Backward: `v = g B`, `dx = g W + s v A`, `dB = s g^T u`,
 //! `dA = s v^T x` with `u = x A^T` saved from the forward.
 
+use crate::backend::operand::{mm, stage, Operand, OperandRef};
+use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
-use crate::error::{Error, Result};
+use crate::error::{ensure_finite, Error, Result};
 use crate::linear::state::{mismatch, DenseParam, LayerState};
-use crate::linear::{check_activation, check_finite, mm, stage, Operand, OperandRef, Precision};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias};
 use crate::optim::{dense_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -139,25 +141,12 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         if !(alpha.is_finite() && alpha > 0.0) {
             return Err(Error::invalid("LoraLinear::new", format!("alpha {alpha} must be finite and > 0")));
         }
-        for (what, len, need) in
-            [("weight", weight.len(), out * inp), ("A", a.len(), rank * inp), ("B", b.len(), out * rank)]
-        {
-            if len != need {
-                return Err(Error::shape("LoraLinear::new", what, need, len));
+        check_weight_and_bias("LoraLinear::new", weight, bias, out, inp)?;
+        for (what, m, need) in [("A", a, rank * inp), ("B", b, out * rank)] {
+            if m.len() != need {
+                return Err(Error::shape("LoraLinear::new", what, need, m.len()));
             }
-        }
-        if let Some(bias) = bias {
-            if bias.len() != out {
-                return Err(Error::shape("LoraLinear::new", "bias", out, bias.len()));
-            }
-        }
-        let all = weight.iter().chain(a).chain(b).chain(bias.unwrap_or(&[]));
-        if let Some(i) = all.clone().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "weight, bias or LoRA factors".into(),
-                count: all.filter(|v| !v.is_finite()).count(),
-                first_index: i,
-            });
+            ensure_finite(&format!("LoRA factor {what}"), m.iter().copied())?;
         }
         opt.validate()?;
         let w = backend.upload(weight)?;
@@ -232,9 +221,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
 
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
         let (out, inp, r) = (self.out, self.inp, self.rank);
-        check_activation(&self.backend, "LoraLinear::forward", "x", x, tokens, inp)?;
-        check_activation(&self.backend, "LoraLinear::forward", "y", y, tokens, out)?;
-        check_finite(&self.backend, x, tokens * inp, "layer input x")?;
+        check_forward(&self.backend, "LoraLinear::forward", x, y, tokens, (out, inp))?;
         self.saved_tokens = None;
         self.ensure_tokens(tokens)?;
         let be = &self.backend;
@@ -254,17 +241,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp, r, s) = (self.out, self.inp, self.rank, self.scaling);
-        if self.saved_tokens != Some(tokens) {
-            return Err(Error::invalid(
-                "LoraLinear::backward",
-                format!("no forward of {tokens} tokens to go back through"),
-            ));
-        }
-        check_activation(&self.backend, "LoraLinear::backward", "grad_y", g, tokens, out)?;
-        if let Some(dx) = dx.as_deref() {
-            check_activation(&self.backend, "LoraLinear::backward", "dx", dx, tokens, inp)?;
-        }
-        check_finite(&self.backend, g, tokens * out, "output gradient grad_y")?;
+        check_backward(&self.backend, "LoraLinear::backward", self.saved_tokens, g, dx.as_deref(), tokens, (out, inp))?;
         self.grad_ready = false;
         let be = &self.backend;
         let ws = &mut self.ws;

@@ -1,5 +1,5 @@
-//! Trainable linear layers `y = x W^T + b` and the pieces they share: how many gradient
-//! entries to keep, operand precision, and GEMMs over operands stored in `F` or bf16.
+//! Trainable linear layers `y = x W^T + b` and what they share: how many gradient entries
+//! to keep and the checks every layer makes before building, a forward and a backward.
 
 pub mod dense;
 pub mod lora;
@@ -7,10 +7,10 @@ pub mod sparsegrad;
 pub mod state;
 pub mod trainable;
 
-use crate::backend::{Backend, Gemm};
-use crate::error::{Error, Result};
+use crate::backend::operand::check_finite;
+use crate::backend::Backend;
+use crate::error::{ensure_finite, Error, Result};
 use crate::scalar::Real;
-use half::bf16;
 
 /// How many gradient entries a sparse method keeps each step.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -50,123 +50,6 @@ impl Keep {
     }
 }
 
-/// Storage precision of frozen operands (inputs, saved activations, the basis, and the
-/// compute copy of the weight that GEMMs read). Trainable weights, optimizer state and
-/// every accumulation stay in the master precision `F`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Precision {
-    #[default]
-    Full,
-    Bf16,
-}
-
-/// A GEMM operand held either in the master precision or in bf16.
-pub(crate) enum Operand<B: Backend, F: Real> {
-    Full(B::Buf<F>),
-    Half(B::Buf<bf16>),
-}
-
-impl<B: Backend, F: Real> Operand<B, F> {
-    pub(crate) fn alloc(backend: &B, precision: Precision, len: usize) -> Result<Self> {
-        Ok(match precision {
-            Precision::Full => Operand::Full(backend.alloc(len)?),
-            Precision::Bf16 => Operand::Half(backend.alloc(len)?),
-        })
-    }
-
-    pub(crate) fn upload(backend: &B, precision: Precision, host: &[F]) -> Result<Self> {
-        Ok(match precision {
-            Precision::Full => Operand::Full(backend.upload(host)?),
-            Precision::Bf16 => Operand::Half(backend.upload(&host.iter().map(|v| v.to_bf16()).collect::<Vec<_>>())?),
-        })
-    }
-
-    /// Stores `src[..len]` (master precision) into this operand, rounding if bf16.
-    pub(crate) fn store(&mut self, backend: &B, src: &B::Buf<F>, len: usize) -> Result<()> {
-        match self {
-            Operand::Full(dst) => backend.copy(src, dst, len),
-            Operand::Half(dst) => backend.cast_to_bf16(src, dst, len),
-        }
-    }
-
-    pub(crate) fn as_ref(&self) -> OperandRef<'_, B, F> {
-        match self {
-            Operand::Full(b) => OperandRef::Full(b),
-            Operand::Half(b) => OperandRef::Half(b),
-        }
-    }
-}
-
-/// A borrowed GEMM operand: a buffer in the master precision or in bf16.
-pub(crate) enum OperandRef<'a, B: Backend, F: Real> {
-    Full(&'a B::Buf<F>),
-    Half(&'a B::Buf<bf16>),
-}
-
-impl<B: Backend, F: Real> Clone for OperandRef<'_, B, F> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<B: Backend, F: Real> Copy for OperandRef<'_, B, F> {}
-
-impl<'a, B: Backend, F: Real> OperandRef<'a, B, F> {
-    /// Gathers rows `row_idx[..n]` of a `(src_rows, cols)` operand into `dst`.
-    pub(crate) fn gather_rows(
-        self,
-        backend: &B,
-        src_rows: usize,
-        cols: usize,
-        row_idx: &B::Buf<u32>,
-        n: usize,
-        dst: &mut Operand<B, F>,
-    ) -> Result<()> {
-        match (self, dst) {
-            (OperandRef::Full(s), Operand::Full(d)) => backend.gather_rows(s, src_rows, cols, row_idx, n, d),
-            (OperandRef::Half(s), Operand::Half(d)) => backend.gather_rows(s, src_rows, cols, row_idx, n, d),
-            _ => Err(Error::invalid("gather_rows", "operands of different precision")),
-        }
-    }
-}
-
-/// `C = op(A) op(B)` for two operands of the same precision, output in `F`.
-pub(crate) fn mm<B: Backend, F: Real>(
-    backend: &B,
-    spec: &Gemm,
-    a: OperandRef<'_, B, F>,
-    b: OperandRef<'_, B, F>,
-    c: &mut B::Buf<F>,
-) -> Result<()> {
-    match (a, b) {
-        (OperandRef::Full(a), OperandRef::Full(b)) => backend.gemm(spec, a, b, c),
-        (OperandRef::Half(a), OperandRef::Half(b)) => backend.gemm_bf16(spec, a, b, c),
-        _ => Err(Error::invalid("gemm", "operands of different precision")),
-    }
-}
-
-/// Reallocates `buf` (zeroed) when it holds fewer than `len` elements: token-dependent
-/// buffers grow to the largest batch seen and are reused after that.
-pub(crate) fn grow<B: Backend, T: crate::Elem>(be: &B, buf: &mut B::Buf<T>, len: usize) -> Result<()> {
-    if be.len(buf) < len {
-        *buf = be.alloc(len)?;
-    }
-    Ok(())
-}
-
-/// f32 host values (weights, bases) in the master precision `F`.
-pub(crate) fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
-    v.iter().map(|&x| F::from_f64(x as f64)).collect()
-}
-
-/// Fails with [`Error::NonFinite`] if `buf[..len]` holds NaN or infinity.
-pub(crate) fn check_finite<B: Backend, F: Real>(backend: &B, buf: &B::Buf<F>, len: usize, what: &str) -> Result<()> {
-    let (count, first_index) = backend.count_nonfinite(buf, len)?;
-    if count > 0 {
-        return Err(Error::NonFinite { what: what.to_string(), count, first_index });
-    }
-    Ok(())
-}
-
 /// Fails unless `buf` holds at least `tokens * width` values.
 pub(crate) fn check_activation<B: Backend, T: crate::Elem>(
     backend: &B,
@@ -183,18 +66,62 @@ pub(crate) fn check_activation<B: Backend, T: crate::Elem>(
     Ok(())
 }
 
-/// `src` itself in full precision, else its bf16 rounding in `half`.
-pub(crate) fn stage<'a, B: Backend, F: Real>(
-    be: &B,
-    src: &'a B::Buf<F>,
-    half: Option<&'a mut B::Buf<bf16>>,
-    len: usize,
-) -> Result<OperandRef<'a, B, F>> {
-    match half {
-        None => Ok(OperandRef::Full(src)),
-        Some(h) => {
-            be.cast_to_bf16(src, h, len)?;
-            Ok(OperandRef::Half(h))
-        }
+/// A layer's constructor checks: `weight` is `(out, in)`, `bias` (if any) `(out)`, both finite.
+pub(crate) fn check_weight_and_bias<F: Real>(
+    op: &'static str,
+    weight: &[F],
+    bias: Option<&[F]>,
+    out: usize,
+    inp: usize,
+) -> Result<()> {
+    let need = out.checked_mul(inp).ok_or_else(|| Error::invalid(op, format!("{out} x {inp} overflows")))?;
+    if weight.len() != need {
+        return Err(Error::shape(op, "weight", format!("{out} x {inp}"), weight.len()));
     }
+    if let Some(b) = bias {
+        if b.len() != out {
+            return Err(Error::shape(op, "bias", out, b.len()));
+        }
+        ensure_finite("bias", b.iter().copied())?;
+    }
+    ensure_finite("weight", weight.iter().copied())
+}
+
+/// What every layer checks before a forward: `x` holds `(tokens, in)` finite values and `y`
+/// room for `(tokens, out)`.
+pub(crate) fn check_forward<B: Backend, F: Real>(
+    be: &B,
+    op: &'static str,
+    x: &B::Buf<F>,
+    y: &B::Buf<F>,
+    tokens: usize,
+    (out, inp): (usize, usize),
+) -> Result<()> {
+    check_activation(be, op, "x", x, tokens, inp)?;
+    check_activation(be, op, "y", y, tokens, out)?;
+    check_finite(be, x, tokens * inp, "layer input x")
+}
+
+/// What every layer checks before a backward: the last forward saved `tokens` tokens,
+/// `g` holds `(tokens, out)` finite values and `dx` (if given) room for `(tokens, in)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_backward<B: Backend, F: Real>(
+    be: &B,
+    op: &'static str,
+    saved_tokens: Option<usize>,
+    g: &B::Buf<F>,
+    dx: Option<&B::Buf<F>>,
+    tokens: usize,
+    (out, inp): (usize, usize),
+) -> Result<()> {
+    match saved_tokens {
+        Some(t) if t == tokens => {}
+        Some(t) => return Err(Error::shape(op, "tokens (must match the last forward)", t, tokens)),
+        None => return Err(Error::invalid(op, "no saved activations: call forward first")),
+    }
+    check_activation(be, op, "grad_y", g, tokens, out)?;
+    if let Some(dx) = dx {
+        check_activation(be, op, "dx", dx, tokens, inp)?;
+    }
+    check_finite(be, g, tokens * out, "output gradient grad_y")
 }

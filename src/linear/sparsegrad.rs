@@ -15,18 +15,21 @@
 //! [`Formulation::choose`] picks the cheaper one from these flop counts for the expected
 //! token count.
 
+mod device_basis;
 mod state;
 mod step;
 mod workspace;
 
+use crate::backend::operand::{mm, stage, to_f, OperandRef};
+use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo};
-use crate::basis::{Basis, DeviceKey};
+use crate::basis::Basis;
 use crate::error::{Error, Result};
-use crate::linear::{check_activation, check_finite, mm, stage, to_f, Keep, Operand, OperandRef, Precision};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep};
 use crate::optim::{Moments, Optimizer};
 use crate::scalar::Real;
+use device_basis::{BasisLayout, DeviceBasis};
 use half::bf16;
-use std::any::TypeId;
 use std::sync::Arc;
 use workspace::Workspace;
 
@@ -109,16 +112,6 @@ pub struct StepGrads {
     pub k: usize,
 }
 
-/// A basis on the device. Transformed layers: `P` `(out, out)` and `Q`; merged layers:
-/// `P^T`, so the step can gather its rows, and `Q`.
-pub(crate) struct DeviceBasis<B: Backend, F: Real> {
-    p: Operand<B, F>,
-    q: Operand<B, F>,
-    /// The f32 `P` and `Q` when the device copies are rounded to bf16: merging back into a
-    /// dense weight uses the basis `Wt` was built from, not its rounding.
-    exact: Option<(Vec<f32>, Vec<f32>)>,
-}
-
 /// The trained weight in one of the two formulations, with a bf16 compute copy when the
 /// layer runs in bf16.
 enum Weight<B: Backend, F: Real> {
@@ -170,33 +163,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// basis of its group.
     pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, basis: &Basis, cfg: SparseGradConfig) -> Result<Self> {
         let (out, inp) = (basis.out, basis.inp);
-        if weight.len() != out * inp {
-            return Err(Error::shape(
-                "SparseGradLinear::new",
-                "weight",
-                format!("{out} x {inp} (from basis `{}`)", basis.group),
-                weight.len(),
-            ));
-        }
-        if let Some(b) = bias {
-            if b.len() != out {
-                return Err(Error::shape("SparseGradLinear::new", "bias", out, b.len()));
-            }
-            if let Some(i) = b.iter().position(|v| !v.is_finite()) {
-                return Err(Error::NonFinite {
-                    what: "bias".into(),
-                    count: b.iter().filter(|v| !v.is_finite()).count(),
-                    first_index: i,
-                });
-            }
-        }
-        if let Some(i) = weight.iter().position(|v| !v.is_finite()) {
-            return Err(Error::NonFinite {
-                what: "weight".into(),
-                count: weight.iter().filter(|v| !v.is_finite()).count(),
-                first_index: i,
-            });
-        }
+        check_weight_and_bias("SparseGradLinear::new", weight, bias, out, inp)
+            .map_err(|e| e.context(&format!("layer of basis `{}`", basis.group)))?;
         basis.check_quick()?;
         cfg.optimizer.validate()?;
         let k = cfg.keep.resolve(out * inp)?;
@@ -224,31 +192,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             None => Formulation::choose(out, inp, cfg.expected_tokens, k),
         };
         let half = cfg.precision == Precision::Bf16;
-        // One device copy of the basis per backend, element type and layout, shared by every
-        // layer built from this `Basis`: transformed layers read `P` and `Q` in the operand
-        // precision; merged ones `P^T` and `Q` in `F` (their basis products do not grow with T).
         let fingerprint = basis.fingerprint();
-        let layout = match (formulation, cfg.precision) {
-            (Formulation::Transformed, Precision::Full) => 0,
-            (Formulation::Transformed, Precision::Bf16) => 1,
-            (Formulation::Merged, _) => 2,
-        };
-        let key = DeviceKey { backend: backend.instance_id(), elem: TypeId::of::<F>(), layout, fingerprint };
-        let device = basis.device.get_or_make(key, || -> Result<DeviceBasis<B, F>> {
-            let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(&basis.p), to_f(&basis.q));
-            Ok(match formulation {
-                Formulation::Transformed => DeviceBasis {
-                    p: Operand::upload(backend, cfg.precision, &p_host)?,
-                    q: Operand::upload(backend, cfg.precision, &q_host)?,
-                    exact: half.then(|| (basis.p.clone(), basis.q.clone())),
-                },
-                Formulation::Merged => DeviceBasis {
-                    p: Operand::upload(backend, Precision::Full, &transpose(&p_host, out, out))?,
-                    q: Operand::upload(backend, Precision::Full, &q_host)?,
-                    exact: None,
-                },
-            })
-        })?;
+        let device = DeviceBasis::shared(backend, basis, BasisLayout::of(formulation, cfg.precision))?;
         let weight_state = match formulation {
             Formulation::Transformed => {
                 // Wt = (P^T W) Q on the backend, in `F` whatever the operand precision.
@@ -347,9 +292,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// Saves what backward needs.
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
-        check_activation(&self.backend, "SparseGradLinear::forward", "x", x, tokens, inp)?;
-        check_activation(&self.backend, "SparseGradLinear::forward", "y", y, tokens, out)?;
-        check_finite(&self.backend, x, tokens * inp, "layer input x")?;
+        check_forward(&self.backend, "SparseGradLinear::forward", x, y, tokens, (out, inp))?;
         self.saved_tokens = None;
         self.ws.ensure_tokens(&self.backend, tokens)?;
         let be = &self.backend;
@@ -380,25 +323,15 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// given, computes the bias gradient and the COO gradient of `Wt` (see [`Self::grad`]).
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
-        match self.saved_tokens {
-            Some(t) if t == tokens => {}
-            Some(t) => {
-                return Err(Error::shape(
-                    "SparseGradLinear::backward",
-                    "tokens (must match the last forward)",
-                    t,
-                    tokens,
-                ))
-            }
-            None => {
-                return Err(Error::invalid("SparseGradLinear::backward", "no saved activations: call forward first"))
-            }
-        }
-        check_activation(&self.backend, "SparseGradLinear::backward", "grad_y", g, tokens, out)?;
-        if let Some(dx) = dx.as_deref() {
-            check_activation(&self.backend, "SparseGradLinear::backward", "dx", dx, tokens, inp)?;
-        }
-        check_finite(&self.backend, g, tokens * out, "output gradient grad_y")?;
+        check_backward(
+            &self.backend,
+            "SparseGradLinear::backward",
+            self.saved_tokens,
+            g,
+            dx.as_deref(),
+            tokens,
+            (out, inp),
+        )?;
         self.grad_ready = false;
         match self.formulation {
             Formulation::Transformed => self.backward_transformed(g, tokens, dx)?,

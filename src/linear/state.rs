@@ -122,18 +122,6 @@ pub(crate) fn touched_indices<F: Real>(exp_avg_sq: Option<&[F]>, sgd_mask: Optio
     mask.iter().enumerate().filter(|(_, &v)| v != F::ZERO).map(|(i, _)| i as u64).collect()
 }
 
-/// 64-bit FNV-1a of the values' bits: identifies a basis or a base weight in an adapter.
-pub fn fingerprint<F: Real>(data: &[F]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in data {
-        for b in v.to_f64().to_bits().to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
 impl<F: Real> DenseParam<F> {
     /// The first `len` values of `values` and of the moments, if the parameter has them.
     pub(crate) fn download<B: Backend>(

@@ -3,13 +3,14 @@
 //! of the preliminary phase (dense gradients for the Gram accumulators, nothing trains).
 
 use crate::backend::Backend;
+use crate::backend::Precision;
 use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::dense::{DenseLinear, DenseMode};
 use crate::linear::lora::LoraLinear;
 use crate::linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear};
 use crate::linear::state::LayerState;
-use crate::linear::{Keep, Precision};
+use crate::linear::Keep;
 use crate::optim::Optimizer;
 use crate::scalar::Real;
 

@@ -7,11 +7,12 @@
 use super::attention::{self, AttentionGrads, AttentionShape};
 use super::config::LlamaConfig;
 use super::weights::LlamaWeights;
+use crate::backend::operand::{grow, mm, stage, to_f, Operand};
+use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Method, TrainOptions};
-use crate::linear::{grow, mm, stage, to_f, Operand, Precision};
 use crate::mlp::{LlamaMlp, ProjectionSpec};
 use crate::scalar::Real;
 use half::bf16;

@@ -5,11 +5,12 @@
 
 use crate::backend::AdamParams;
 use crate::backend::Backend;
+use crate::backend::Precision;
 use crate::basis::{BasisSet, GramAccumulator};
 use crate::error::{Error, Result};
 use crate::linear::sparsegrad::Selection;
 use crate::linear::trainable::{Method, TrainOptions};
-use crate::linear::{Keep, Precision};
+use crate::linear::Keep;
 use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
 use crate::model::weights::LlamaWeights;
 use crate::optim::Optimizer;

@@ -1,9 +1,9 @@
 //! Backward passes of both formulations and the optimizer step.
 
 use super::{weight_ref, Formulation, Selection, SparseGradLinear, StepGrads, Weight};
+use crate::backend::operand::{mm, stage, OperandRef};
 use crate::backend::{Backend, Gemm, IndexMaps};
 use crate::error::{Error, Result};
-use crate::linear::{mm, stage, OperandRef};
 use crate::optim::{dense_step, sparse_step};
 use crate::scalar::Real;
 

@@ -3,9 +3,10 @@
 //! everything else is allocated once at construction.
 
 use super::{Formulation, Selection};
+use crate::backend::operand::Operand;
+use crate::backend::Precision;
 use crate::backend::{Backend, Coo};
 use crate::error::Result;
-use crate::linear::{Operand, Precision};
 use crate::scalar::Real;
 use half::bf16;
 
