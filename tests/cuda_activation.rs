@@ -1,5 +1,6 @@
 //! GELU (erf and tanh forms) and SwiGLU, forward and backward, on CUDA against the CPU.
 //! CUDA's erff/tanhf/expf differ from libm's by a few ulp, hence the tolerances.
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

@@ -1,5 +1,6 @@
 //! The CUDA backend itself: construction errors, memory ops, memory accounting, dtype
 //! errors, deferred index errors and allocation-free hot paths.
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

@@ -1,6 +1,7 @@
 //! Dense ops on CUDA against the CPU backend: GEMM (f32 and bf16 operands; all transpose
 //! combinations, offsets, leading dimensions, batches, alpha/beta, k = 0), casts, bias add
 //! and gradient, the non-finite count and axpy. Outputs are poisoned before each op.
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

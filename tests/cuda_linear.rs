@@ -4,6 +4,7 @@
 //! (same bf16-rounded operands on both sides) an index may differ only where the two
 //! magnitudes tie within the documented tolerance. Skips without a GPU; the same checks
 //! run CPU-vs-CPU to keep the harness honest.
+#![cfg(feature = "cuda")]
 
 mod common;
 mod cuda_common;

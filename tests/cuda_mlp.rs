@@ -18,6 +18,7 @@
 //! `lr g / (|g| + eps)`, about `lr sign(g)` at the default eps, which rounding differences
 //! between devices flip for near-zero gradients; a larger eps (f32) or an update linear in
 //! the gradient (bf16, whose differences are larger) keeps the trajectories comparable.
+#![cfg(feature = "cuda")]
 
 mod common;
 mod cuda_common;

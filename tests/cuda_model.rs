@@ -2,6 +2,7 @@
 //! a few training steps for every method, f32 and bf16. Skips with
 //! `skipped: no CUDA device` where there is no GPU; the same checks run CPU-vs-CPU here
 //! to keep the harness honest.
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

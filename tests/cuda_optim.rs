@@ -1,6 +1,7 @@
 //! SparseAdam on COO entries and dense AdamW on CUDA against the CPU, over several steps.
 //! Both kernels use explicitly rounded f32 operations in the CPU's order, so the states and
 //! parameters must agree bit for bit.
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

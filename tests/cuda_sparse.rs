@@ -2,6 +2,7 @@
 //! indices and the exact threshold), row gathers for every element width, block gathers,
 //! COO scatter-add, row compaction and sparse-times-dense. Outputs are poisoned first and
 //! the parts an op must not write are checked to be untouched.
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

@@ -2,6 +2,7 @@
 //! entries, their order, restored indices and values must be identical (ties to the lower
 //! linear index, zero fill when k exceeds the nonzeros, index maps, NaN/inf rejected with
 //! the same count and first index). Output buffers are poisoned and their tails checked.
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

@@ -16,6 +16,7 @@
 //! - with the CPU twin run in f64 on the same (f32) inputs, i.e. the exact answer, which
 //!   the device must hit to ~1e-5 relative whatever the row length (tree sums: error
 //!   ~log2(n) ulp; arguments of exp rounded to f32: up to 1e-6 relative for |arg| <= 24).
+#![cfg(feature = "cuda")]
 
 mod cuda_common;
 

@@ -93,6 +93,7 @@ fn bad_flags_give_one_error_line() {
     assert_one_error(&["--steps", "2", "--steps", "3"], 2, "more than once");
     assert_one_error(&["--compare", "--method", "lora"], 2, "--compare");
     assert_one_error(&["--model", "/nonexistent/model.gguf"], 1, "fetch-assets");
+    #[cfg(feature = "cuda")]
     if sparsegrad::Cuda::new(0).is_err() {
         assert_one_error(&["--device", "cuda"], 1, "");
     }

@@ -25,7 +25,7 @@ use sparsegrad::recipes::finetune::{
     lora_rank_for_budget, run, Dataset, FinetuneConfig, FinetuneReport, MethodKind, Progress,
 };
 use sparsegrad::recipes::vader::{load_corpus, train_validation_split};
-use sparsegrad::{Backend, Cpu, Cuda, Error, Precision, Result, Selection};
+use sparsegrad::{Backend, Cpu, Error, Precision, Result, Selection};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -327,7 +327,7 @@ fn run_method<B: Backend + Clone>(
 fn main_with(args: &Args, started: Instant) -> Result<()> {
     if args.device == Device::Cuda {
         // Fail before the model loads: a machine without a GPU should hear so at once.
-        Cuda::new(0)?;
+        cuda()?;
     }
     let m = load_model(args)?;
     let blocks = args.blocks.resolve(m.weights.config.layers)?;
@@ -355,8 +355,18 @@ fn main_with(args: &Args, started: Instant) -> Result<()> {
     );
     match args.device {
         Device::Cpu => drive(|| Ok(Cpu::new()), args, &m, &data, &blocks, started),
-        Device::Cuda => drive(|| Cuda::new(0), args, &m, &data, &blocks, started),
+        Device::Cuda => drive(cuda, args, &m, &data, &blocks, started),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda() -> Result<sparsegrad::Cuda> {
+    sparsegrad::Cuda::new(0)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda() -> Result<Cpu> {
+    Err(Error::CudaUnavailable("this build has no CUDA backend (the `cuda` feature is off)".into()))
 }
 
 /// Runs one method, or all four with `--compare`, each on a backend from `make`.

@@ -10,6 +10,7 @@
 //! - index buffers are `u32`.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub(crate) mod operand;
 
