@@ -18,7 +18,7 @@ use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::io::{SafetensorsFile, SafetensorsWriter};
 use crate::linear::state::{DenseParam, LayerState, SparseParam};
-use crate::linear::trainable::Linear;
+use crate::linear::trainable::TrainableLinear;
 use crate::scalar::fingerprint;
 use crate::scalar::Real;
 use std::collections::BTreeSet;
@@ -27,11 +27,14 @@ use std::path::Path;
 const FORMAT: &str = "sparsegrad-adapter";
 const VERSION: &str = "1";
 
-/// One projection to save: its name in the file, the layer, and the base weight it was
-/// built from (fingerprinted so loading checks it is the same).
+/// One projection to save: its name in the file, the layer (a [`Linear`] or any of the
+/// layer types), and the base weight it was built from (fingerprinted so loading checks it
+/// is the same).
+///
+/// [`Linear`]: crate::linear::trainable::Linear
 pub struct AdapterEntry<'a, B: Backend, F: Real> {
     pub name: &'a str,
-    pub linear: &'a Linear<B, F>,
+    pub linear: &'a dyn TrainableLinear<B, F>,
     pub base_weight: &'a [F],
     /// The basis of a SparseGrad projection, stored once per group.
     pub basis: Option<&'a Basis>,
@@ -40,7 +43,7 @@ pub struct AdapterEntry<'a, B: Backend, F: Real> {
 /// One projection to load into: a layer freshly built from `base_weight`.
 pub struct AdapterTarget<'a, B: Backend, F: Real> {
     pub name: &'a str,
-    pub linear: &'a mut Linear<B, F>,
+    pub linear: &'a mut dyn TrainableLinear<B, F>,
     pub base_weight: &'a [F],
 }
 

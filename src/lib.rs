@@ -35,6 +35,11 @@
 //! # Ok(()) }
 //! ```
 
+// The README's library example is compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub mod adapter;
 pub mod backend;
 pub mod basis;
@@ -55,6 +60,25 @@ pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, 
 pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport};
 pub use error::{Error, Result};
 pub use linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
+pub use linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
 pub use linear::Keep;
 pub use optim::Optimizer;
 pub use scalar::{Elem, Real};
+
+/// What a user of a layer, a block or a model needs: `use sparsegrad::prelude::*;`.
+pub mod prelude {
+    pub use crate::adapter::{load_adapter, save_adapter, AdapterEntry, AdapterTarget};
+    pub use crate::backend::{AdamParams, Backend, GeluKind, Precision};
+    pub use crate::basis::{Basis, BasisSet, GramAccumulator};
+    pub use crate::error::{Error, Result};
+    pub use crate::linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear};
+    pub use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
+    pub use crate::linear::Keep;
+    pub use crate::mlp::{BertMlp, LlamaMlp, ProjectionSpec};
+    pub use crate::model::llama::{LlamaModel, MlpPlan, TokenBatch};
+    pub use crate::model::weights::LlamaWeights;
+    pub use crate::optim::Optimizer;
+    pub use crate::Cpu;
+    #[cfg(feature = "cuda")]
+    pub use crate::Cuda;
+}

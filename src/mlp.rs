@@ -14,7 +14,7 @@ use crate::backend::operand::grow;
 use crate::backend::{Backend, GeluKind};
 use crate::basis::{Basis, GramAccumulator};
 use crate::error::{Error, Result};
-use crate::linear::trainable::{Linear, Method, TrainOptions};
+use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
 use crate::scalar::Real;
 use std::collections::BTreeMap;
 
@@ -48,8 +48,14 @@ impl<B: Backend + Clone, F: Real> Projection<B, F> {
         inp: usize,
         opts: &TrainOptions,
     ) -> Result<Self> {
-        let linear = Linear::new(backend, spec.weight, spec.bias, out, inp, spec.method, spec.basis, opts)
-            .map_err(|e| e.context(name))?;
+        let mut builder = LinearBuilder::new(spec.weight, out, inp).method(spec.method).options(*opts);
+        if let Some(b) = spec.bias {
+            builder = builder.bias(b);
+        }
+        if let Some(b) = spec.basis {
+            builder = builder.basis(b);
+        }
+        let linear = builder.build(backend).map_err(|e| e.context(name))?;
         Ok(Projection { name, group: spec.group.to_string(), method: spec.method, linear })
     }
 

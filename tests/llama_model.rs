@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
 use sparsegrad::model::config::LlamaConfig;
-use sparsegrad::model::llama::{LlamaModel, MlpPlan, GROUPS};
+use sparsegrad::model::llama::{LlamaModel, MlpPlan, TokenBatch, GROUPS};
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::{BasisSet, Cpu, Formulation, Keep, Optimizer, Selection};
 use std::path::Path;
@@ -174,7 +174,8 @@ fn bases_for(w: &LlamaWeights, seed: u64) -> BasisSet {
 fn finite_differences_of_the_loss_for_every_method() {
     let w = LlamaWeights::random(&tiny_config(true), 11).unwrap();
     let bases = bases_for(&w, 12);
-    let (ids, targets, mask, b, s) = batch();
+    let (ids, targets, mask, batch, seq) = batch();
+    let tokens = TokenBatch { ids: &ids, targets: &targets, mask: &mask, batch, seq };
     let n = mask.iter().filter(|&&m| m != 0.0).count() as f64;
     let cpu = Cpu::new();
     let opts = TrainOptions { optimizer: Optimizer::Sgd { lr: 0.0 }, ..Default::default() };
@@ -198,9 +199,9 @@ fn finite_differences_of_the_loss_for_every_method() {
         if let Method::Lora { .. } = method {
             let lora_opts = TrainOptions { optimizer: Optimizer::Sgd { lr: 0.5 }, ..opts };
             model = LlamaModel::new(&cpu, &w, &plan, Some(&bases), &lora_opts, 16).unwrap();
-            model.train_step(&ids, &targets, &mask, b, s).unwrap();
+            model.train_step(&tokens).unwrap();
         }
-        model.forward(&ids, &targets, &mask, b, s, 1.0 / n).unwrap();
+        model.forward(&tokens, 1.0 / n).unwrap();
         model.backward().unwrap();
         let h = 1e-6;
         // Perturbing a parameter through the layers' own states keeps the test independent of
@@ -222,7 +223,7 @@ fn finite_differences_of_the_loss_for_every_method() {
                             m.mlp_mut(*l).unwrap().projections_mut()[*jj].linear.import_state(st).unwrap();
                         }
                         dir(&mut m.mlp_mut(layer).unwrap().projections_mut()[j].linear, eps);
-                        m.forward(&ids, &targets, &mask, b, s, 0.0).unwrap().sum / n
+                        m.forward(&tokens, 0.0).unwrap().sum / n
                     };
                     let fd = (loss_at(h) - loss_at(-h)) / (2.0 * h);
                     assert!(
@@ -313,7 +314,7 @@ fn nudge_dense(l: &mut Linear<Cpu, f64>, i: usize, eps: f64) {
 fn current_entry(l: &Linear<Cpu, f64>, i: usize) -> f64 {
     match l {
         Linear::SparseGrad(sg) => sg.weight_transformed().unwrap()[i],
-        Linear::Dense(d) => d.weight_host().unwrap()[i],
+        Linear::Dense(d) => d.merged_weight().unwrap()[i],
         Linear::Lora(_) => unreachable!(),
     }
 }

@@ -253,7 +253,8 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         Ok(())
     }
 
-    pub fn weight_host(&self) -> Result<Vec<F>> {
+    /// The dense weight `W` (`(out, in)`): what a framework loads.
+    pub fn merged_weight(&self) -> Result<Vec<F>> {
         self.backend.download(&self.w, self.out * self.inp)
     }
     pub fn bias_host(&self) -> Result<Option<Vec<F>>> {
@@ -304,7 +305,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
                 let moments = self.moments.as_ref().map(|m| m.to_host(be, n)).transpose()?;
                 let mask = self.sgd_mask.as_ref().map(|(m, _)| be.download(m, n)).transpose()?;
                 let indices = touched_indices(moments.as_ref().map(|(_, v)| v.as_slice()), mask.as_deref());
-                let weight = SparseParam::gather((self.out, self.inp), indices, &self.weight_host()?, moments);
+                let weight = SparseParam::gather((self.out, self.inp), indices, &self.merged_weight()?, moments);
                 Ok(LayerState::MeProp { weight, bias: self.bias_state()?, step: self.step })
             }
         }

@@ -32,6 +32,12 @@ pub enum Method {
 }
 
 impl Method {
+    /// SparseGrad keeping `keep` entries per step, exact selection, the formulation chosen
+    /// by [`Formulation::choose`] for [`TrainOptions::expected_tokens`].
+    pub fn sparsegrad(keep: Keep) -> Self {
+        Method::SparseGrad { keep, selection: Selection::Exact, formulation: None }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Method::Frozen => "frozen",
@@ -49,7 +55,12 @@ impl Method {
 pub struct TrainOptions {
     pub optimizer: Optimizer,
     pub precision: Precision,
-    /// Tokens per step SparseGrad's cost model assumes.
+    /// Tokens per step SparseGrad's cost model assumes when a SparseGrad method leaves its
+    /// formulation to the layer (`formulation: None`): [`Formulation::choose`] takes the
+    /// merged formulation when its extra flops (independent of the token count) are below
+    /// the transformed one's `4 T (out^2 + in^2)`. Both are exact, so this decides speed and
+    /// memory, never results; set `formulation` to decide yourself, and read the choice back
+    /// with [`Linear::formulation`]. Default 4096.
     pub expected_tokens: usize,
     /// Seeds LoRA's `A`.
     pub seed: u64,
@@ -61,6 +72,54 @@ impl Default for TrainOptions {
     }
 }
 
+/// What every trainable linear layer offers, whatever its method: run it, step it, read
+/// back the dense weight, and move its trained state in and out (adapters take any
+/// `&dyn TrainableLinear`). [`Linear`] and the three layer types implement it.
+pub trait TrainableLinear<B: Backend, F: Real> {
+    fn out_features(&self) -> usize;
+    fn in_features(&self) -> usize;
+    /// `y = x W^T + b` for `tokens` rows; saves what backward needs.
+    fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()>;
+    /// From `g = dL/dy`: `dx` (exact) if asked for, and the method's weight gradient.
+    fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()>;
+    /// One optimizer step with the last backward's gradient.
+    fn step(&mut self) -> Result<()>;
+    fn trainable_parameters(&self) -> usize;
+    /// The dense weight `(out, in)` a framework would load: `W`, `P Wt Q^T` or `W + s B A`.
+    fn merged_weight(&self) -> Result<Vec<F>>;
+    fn bias_host(&self) -> Result<Option<Vec<F>>>;
+    /// What training changed, with the optimizer state (see [`LayerState`]).
+    fn export_state(&self) -> Result<LayerState<F>>;
+    /// Checks that an exported state fits this layer without changing anything.
+    fn check_state(&self, state: &LayerState<F>) -> Result<()>;
+    /// Restores an exported state into a layer freshly built from the same base weight.
+    fn import_state(&mut self, state: &LayerState<F>) -> Result<()>;
+}
+
+/// Implements [`TrainableLinear`] by the type's own inherent methods of the same names.
+macro_rules! trainable_by_inherent_methods {
+    ($($layer:ident),*) => {$(
+        impl<B: Backend + Clone, F: Real> TrainableLinear<B, F> for $layer<B, F> {
+            fn out_features(&self) -> usize { $layer::out_features(self) }
+            fn in_features(&self) -> usize { $layer::in_features(self) }
+            fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+                $layer::forward(self, x, tokens, y)
+            }
+            fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+                $layer::backward(self, g, tokens, dx)
+            }
+            fn step(&mut self) -> Result<()> { $layer::step(self) }
+            fn trainable_parameters(&self) -> usize { $layer::trainable_parameters(self) }
+            fn merged_weight(&self) -> Result<Vec<F>> { $layer::merged_weight(self) }
+            fn bias_host(&self) -> Result<Option<Vec<F>>> { $layer::bias_host(self) }
+            fn export_state(&self) -> Result<LayerState<F>> { $layer::export_state(self) }
+            fn check_state(&self, state: &LayerState<F>) -> Result<()> { $layer::check_state(self, state) }
+            fn import_state(&mut self, state: &LayerState<F>) -> Result<()> { $layer::import_state(self, state) }
+        }
+    )*};
+}
+trainable_by_inherent_methods!(DenseLinear, SparseGradLinear, LoraLinear, Linear);
+
 /// A linear layer trained by one of the [`Method`]s.
 pub enum Linear<B: Backend, F: Real = f32> {
     Dense(DenseLinear<B, F>),
@@ -68,20 +127,76 @@ pub enum Linear<B: Backend, F: Real = f32> {
     Lora(LoraLinear<B, F>),
 }
 
+/// `$body` with `$l` bound to the layer inside `$linear`, whichever variant it is.
+macro_rules! each {
+    ($linear:expr, $l:ident => $body:expr) => {
+        match $linear {
+            Linear::Dense($l) => $body,
+            Linear::SparseGrad($l) => $body,
+            Linear::Lora($l) => $body,
+        }
+    };
+}
+
+/// How to build a [`Linear`]: its weight and shape, then the optional parts.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearBuilder<'a, F> {
+    weight: &'a [F],
+    out: usize,
+    inp: usize,
+    bias: Option<&'a [F]>,
+    method: Method,
+    basis: Option<&'a Basis>,
+    options: TrainOptions,
+}
+
+impl<'a, F: Real> LinearBuilder<'a, F> {
+    /// Starts building a projection `(out, in)` from its dense `weight`:
+    /// `LinearBuilder::new(&w, out, inp).method(Method::Full).build(&cpu)?`.
+    pub fn new(weight: &'a [F], out: usize, inp: usize) -> Self {
+        LinearBuilder {
+            weight,
+            out,
+            inp,
+            bias: None,
+            method: Method::Frozen,
+            basis: None,
+            options: TrainOptions::default(),
+        }
+    }
+
+    pub fn bias(mut self, bias: &'a [F]) -> Self {
+        self.bias = Some(bias);
+        self
+    }
+    /// How the layer trains (default [`Method::Frozen`]).
+    pub fn method(mut self, method: Method) -> Self {
+        self.method = method;
+        self
+    }
+    /// The basis of the layer's group, which [`Method::SparseGrad`] needs.
+    pub fn basis(mut self, basis: &'a Basis) -> Self {
+        self.basis = Some(basis);
+        self
+    }
+    /// Optimizer, precision, SparseGrad's expected token count, LoRA's seed.
+    pub fn options(mut self, options: TrainOptions) -> Self {
+        self.options = options;
+        self
+    }
+    pub fn optimizer(mut self, optimizer: Optimizer) -> Self {
+        self.options.optimizer = optimizer;
+        self
+    }
+    /// Builds the layer on `backend`.
+    pub fn build<B: Backend + Clone>(&self, backend: &B) -> Result<Linear<B, F>> {
+        Linear::build(backend, self)
+    }
+}
+
 impl<B: Backend + Clone, F: Real> Linear<B, F> {
-    /// Builds a projection `(out, in)` from its dense weight. SparseGrad needs the basis of
-    /// its group; the other methods ignore `basis`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        backend: &B,
-        weight: &[F],
-        bias: Option<&[F]>,
-        out: usize,
-        inp: usize,
-        method: Method,
-        basis: Option<&Basis>,
-        opts: &TrainOptions,
-    ) -> Result<Self> {
+    fn build(backend: &B, spec: &LinearBuilder<'_, F>) -> Result<Self> {
+        let LinearBuilder { weight, out, inp, bias, method, basis, options: opts } = *spec;
         let dense = |mode| {
             DenseLinear::new(backend, weight, bias, out, inp, mode, opts.optimizer, opts.precision).map(Linear::Dense)
         };
@@ -120,56 +235,32 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
     }
 
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
-        match self {
-            Linear::Dense(l) => l.forward(x, tokens, y),
-            Linear::SparseGrad(l) => l.forward(x, tokens, y),
-            Linear::Lora(l) => l.forward(x, tokens, y),
-        }
+        each!(self, l => l.forward(x, tokens, y))
     }
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
-        match self {
-            Linear::Dense(l) => l.backward(g, tokens, dx),
-            Linear::SparseGrad(l) => l.backward(g, tokens, dx),
-            Linear::Lora(l) => l.backward(g, tokens, dx),
-        }
+        each!(self, l => l.backward(g, tokens, dx))
     }
 
     pub fn step(&mut self) -> Result<()> {
-        match self {
-            Linear::Dense(l) => l.step(),
-            Linear::SparseGrad(l) => l.step(),
-            Linear::Lora(l) => l.step(),
-        }
+        each!(self, l => l.step())
     }
 
     pub fn trainable_parameters(&self) -> usize {
-        match self {
-            Linear::Dense(l) => l.trainable_parameters(),
-            Linear::SparseGrad(l) => l.trainable_parameters(),
-            Linear::Lora(l) => l.trainable_parameters(),
-        }
+        each!(self, l => l.trainable_parameters())
     }
 
     /// The dense weight `(out, in)` a framework would load: `W`, `P Wt Q^T` or `W + s B A`.
     pub fn merged_weight(&self) -> Result<Vec<F>> {
-        match self {
-            Linear::Dense(l) => l.weight_host(),
-            Linear::SparseGrad(l) => l.merged_weight(),
-            Linear::Lora(l) => l.merged_weight(),
-        }
+        each!(self, l => l.merged_weight())
     }
 
     pub fn bias_host(&self) -> Result<Option<Vec<F>>> {
-        match self {
-            Linear::Dense(l) => l.bias_host(),
-            Linear::SparseGrad(l) => l.bias_host(),
-            Linear::Lora(l) => l.bias_host(),
-        }
+        each!(self, l => l.bias_host())
     }
 
-    /// The dense weight gradient of the last backward, for the Gram accumulators
-    /// (`Collect` and `Full` projections).
+    /// The dense weight gradient of the last backward, for the Gram accumulators of the
+    /// preliminary phase ([`Method::Collect`]; also `Full` and `MeProp` projections).
     pub fn dense_grad_host(&self) -> Result<Vec<F>> {
         match self {
             Linear::Dense(l) => l.grad_host(),
@@ -180,46 +271,34 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
         }
     }
 
+    /// The formulation of a SparseGrad layer (see [`TrainOptions::expected_tokens`]).
+    pub fn formulation(&self) -> Option<Formulation> {
+        match self {
+            Linear::SparseGrad(l) => Some(l.formulation()),
+            _ => None,
+        }
+    }
+
     /// What training changed, with the optimizer state (see [`LayerState`]).
     pub fn export_state(&self) -> Result<LayerState<F>> {
-        match self {
-            Linear::Dense(l) => l.export_state(),
-            Linear::SparseGrad(l) => l.export_state(),
-            Linear::Lora(l) => l.export_state(),
-        }
+        each!(self, l => l.export_state())
     }
 
     /// Checks that an exported state fits this layer without changing anything.
     pub fn check_state(&self, state: &LayerState<F>) -> Result<()> {
-        match self {
-            Linear::Dense(l) => l.check_state(state),
-            Linear::SparseGrad(l) => l.check_state(state),
-            Linear::Lora(l) => l.check_state(state),
-        }
+        each!(self, l => l.check_state(state))
     }
 
     /// Restores an exported state into a layer freshly built from the same base weight.
     pub fn import_state(&mut self, state: &LayerState<F>) -> Result<()> {
-        match self {
-            Linear::Dense(l) => l.import_state(state),
-            Linear::SparseGrad(l) => l.import_state(state),
-            Linear::Lora(l) => l.import_state(state),
-        }
+        each!(self, l => l.import_state(state))
     }
 
     pub fn out_features(&self) -> usize {
-        match self {
-            Linear::Dense(l) => l.out_features(),
-            Linear::SparseGrad(l) => l.out_features(),
-            Linear::Lora(l) => l.out_features(),
-        }
+        each!(self, l => l.out_features())
     }
 
     pub fn in_features(&self) -> usize {
-        match self {
-            Linear::Dense(l) => l.in_features(),
-            Linear::SparseGrad(l) => l.in_features(),
-            Linear::Lora(l) => l.in_features(),
-        }
+        each!(self, l => l.in_features())
     }
 }

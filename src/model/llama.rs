@@ -106,6 +106,18 @@ impl LossSum {
     }
 }
 
+/// One batch of next-token prediction: `batch` rows of `seq` token ids, row-major, the
+/// target id of every position, and a mask (1 where the target counts in the loss, 0 on
+/// padding).
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBatch<'a> {
+    pub ids: &'a [u32],
+    pub targets: &'a [u32],
+    pub mask: &'a [f32],
+    pub batch: usize,
+    pub seq: usize,
+}
+
 /// A LLaMA model on backend `B`; see the module docs.
 pub struct LlamaModel<B: Backend, F: Real = f32> {
     backend: B,
@@ -362,17 +374,10 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         mm(be, &Gemm::nt(t, c.vocab, c.hidden), h, self.head.as_ref(), &mut s.logits)
     }
 
-    /// Forward of `batch` rows of `seq` token ids to the masked cross-entropy; leaves the
-    /// loss gradient of the logits (scaled by `grad_scale`) ready for [`Self::backward`].
-    pub fn forward(
-        &mut self,
-        ids: &[u32],
-        targets: &[u32],
-        mask: &[f32],
-        batch: usize,
-        seq: usize,
-        grad_scale: f64,
-    ) -> Result<LossSum> {
+    /// Forward of a batch to the masked cross-entropy; leaves the loss gradient of the
+    /// logits (scaled by `grad_scale`) ready for [`Self::backward`].
+    pub fn forward(&mut self, tokens: &TokenBatch<'_>, grad_scale: f64) -> Result<LossSum> {
+        let TokenBatch { ids, targets, mask, batch, seq } = *tokens;
         let t = batch * seq;
         for (what, len) in [("targets", targets.len()), ("mask", mask.len())] {
             if len != t {
@@ -451,16 +456,9 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     }
 
     /// Forward, backward and step on one batch; returns its loss (mean over its tokens).
-    pub fn train_step(
-        &mut self,
-        ids: &[u32],
-        targets: &[u32],
-        mask: &[f32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<LossSum> {
-        let n = mask.iter().filter(|&&m| m != 0.0).count().max(1);
-        let loss = self.forward(ids, targets, mask, batch, seq, 1.0 / n as f64)?;
+    pub fn train_step(&mut self, tokens: &TokenBatch<'_>) -> Result<LossSum> {
+        let n = tokens.mask.iter().filter(|&&m| m != 0.0).count().max(1);
+        let loss = self.forward(tokens, 1.0 / n as f64)?;
         self.backward()?;
         self.step()?;
         Ok(loss)

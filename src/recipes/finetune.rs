@@ -45,7 +45,9 @@ impl MethodKind {
     }
 }
 
-/// Everything a run needs besides the model and the data.
+/// Everything a run needs besides the model and the data. `Default` is the LLaMA example's
+/// CPU setting except `blocks`, which depends on the model and must be set:
+/// `FinetuneConfig { blocks: vec![23, 26, 29], ..Default::default() }`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FinetuneConfig {
     pub method: MethodKind,
@@ -57,7 +59,9 @@ pub struct FinetuneConfig {
     /// Fraction of each projection's entries SparseGrad and MeProp keep per step.
     pub keep: f64,
     pub selection: Selection,
+    /// LoRA rank; 0: the rank with as many trainable parameters as `keep`.
     pub lora_rank: usize,
+    /// LoRA alpha; 0: twice the rank.
     pub lora_alpha: f32,
     pub lr: f32,
     pub seed: u64,
@@ -68,6 +72,28 @@ pub struct FinetuneConfig {
     pub eval_batches: usize,
     /// Evaluate every this many steps (0: only before and after).
     pub eval_every: usize,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            method: MethodKind::SparseGrad,
+            blocks: Vec::new(),
+            steps: 100,
+            batch: 8,
+            seq_len: 32,
+            keep: 0.01,
+            selection: Selection::Exact,
+            lora_rank: 0,
+            lora_alpha: 0.0,
+            lr: 3e-3,
+            seed: 0,
+            precision: Precision::Full,
+            prelim_steps: 4,
+            eval_batches: 4,
+            eval_every: 20,
+        }
+    }
 }
 
 /// A LoRA rank whose trainable parameters `r (in + out)` come closest to `keep` of an
@@ -177,7 +203,7 @@ impl FinetuneConfig {
 fn eval<B: Backend + Clone>(model: &mut LlamaModel<B>, batches: &[Batch]) -> Result<f64> {
     let mut total = LossSum::default();
     for b in batches {
-        let l = model.forward(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len, 0.0)?;
+        let l = model.forward(&b.tokens(), 0.0)?;
         total.sum += l.sum;
         total.tokens += l.tokens;
     }
@@ -210,7 +236,7 @@ fn preliminary<B: Backend + Clone>(
     for (i, batch) in train_batches(data, spec, cfg.seed ^ 0x5eed).take(cfg.prelim_steps).enumerate() {
         let b = batch?;
         let n = b.n_targets().max(1);
-        let loss = model.forward(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len, 1.0 / n as f64)?;
+        let loss = model.forward(&b.tokens(), 1.0 / n as f64)?;
         model.backward()?;
         for &l in &cfg.blocks {
             model.mlp(l).ok_or_else(|| Error::invalid("finetune", format!("no layer {l}")))?.collect(&mut accs)?;
@@ -271,7 +297,7 @@ pub fn run<B: Backend + Clone>(
     for (i, batch) in train_batches(data, spec, cfg.seed).take(cfg.steps).enumerate() {
         let b = batch?;
         let t0 = Instant::now();
-        let loss = model.train_step(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len)?;
+        let loss = model.train_step(&b.tokens())?;
         backend.synchronize()?;
         train_seconds += t0.elapsed().as_secs_f64();
         tokens += loss.tokens;

@@ -14,6 +14,7 @@
 //! real positions never attend to the pad positions after them.
 
 use crate::error::{Error, Result};
+use crate::model::llama::TokenBatch;
 use crate::model::tokenizer::Tokenizer;
 use crate::model::weights::SplitMix64;
 use rayon::prelude::*;
@@ -201,6 +202,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The batch as the model reads it.
+    pub fn tokens(&self) -> TokenBatch<'_> {
+        TokenBatch { ids: &self.inputs, targets: &self.targets, mask: &self.mask, batch: self.batch, seq: self.seq_len }
+    }
+
     /// Number of positions that count in the loss.
     pub fn n_targets(&self) -> usize {
         self.mask.iter().filter(|&&m| m != 0.0).count()
