@@ -2,7 +2,7 @@
 //! The trainable object is `Wt = P^T W Q`; each backward pass selects the `k` entries of
 //! `dWt = P^T dW Q` of largest magnitude as COO, and `step` applies them with SparseAdam.
 //!
-//! Two exact formulations (design.md):
+//! Two exact formulations, equal up to rounding (both compute the same `y`, `dx` and `dWt`):
 //! - **transformed** keeps `Wt`: forward `((x Q) Wt^T) P^T + b`, `gt = g P`,
 //!   `dx = (gt Wt) Q^T`, `dWt = gt^T xt`. Extra cost over a dense layer: `4 T (out^2 + in^2)`
 //!   flops per step, growing with the token count `T`.

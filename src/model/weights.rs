@@ -1,5 +1,5 @@
 //! The weights of a LLaMA-architecture model as plain row-major f32 buffers, in
-//! Hugging Face's layout: every linear weight is `W (out, in)` (design.md), and the query
+//! Hugging Face's layout: every linear weight is `W (out, in)` (`y = x W^T`), and the query
 //! and key projections use HF's "rotate-half" RoPE row order.
 //!
 //! Sources: a GGUF file (dequantised; Q and K rows un-permuted from llama.cpp's

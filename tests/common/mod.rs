@@ -2,6 +2,8 @@
 //! and an elementwise comparison that reports the worst index.
 #![allow(dead_code)]
 
+pub mod blocks;
+
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::Basis;
@@ -154,4 +156,9 @@ pub fn check_bf16_merged_weight<B: sparsegrad::Backend + Clone>(be: &B) {
             1e-5,
         );
     }
+}
+
+/// Largest magnitude in `v` (0 for an empty slice).
+pub fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
 }
