@@ -120,7 +120,7 @@ fn gesdd_bytes(m: usize, cols: usize) -> usize {
 }
 
 fn basis_bytes(b: &Basis) -> usize {
-    (b.p.len() + b.q.len() + b.sigma_out.len() + b.sigma_in.len()) * 4
+    (b.p().len() + b.q().len() + b.sigma_out().len() + b.sigma_in().len()) * 4
 }
 
 fn main() {
@@ -204,13 +204,13 @@ fn main() {
         println!("\n## agreement");
         println!(
             "max |sigma_gram - sigma_svd| / sigma_1: out {:.2e}, in {:.2e}",
-            rel(&gram.sigma_out, &svd.sigma_out),
-            rel(&gram.sigma_in, &svd.sigma_in)
+            rel(gram.sigma_out(), svd.sigma_out()),
+            rel(gram.sigma_in(), svd.sigma_in())
         );
         println!(
             "max |column difference| over the leading {RANK} columns: P {:.2e}, Q {:.2e}",
-            col_diff(&gram.p, &svd.p, OUT, RANK),
-            col_diff(&gram.q, &svd.q, INP, RANK)
+            col_diff(gram.p(), svd.p(), OUT, RANK),
+            col_diff(gram.q(), svd.q(), INP, RANK)
         );
     }
     println!(

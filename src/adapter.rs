@@ -128,8 +128,8 @@ pub fn save_adapter<B: Backend + Clone, F: Real>(path: &Path, entries: &[Adapter
                     ));
                 }
                 if groups_written.insert(basis_group.clone()) {
-                    w.add_f32(&format!("basis.{basis_group}.P"), &[out, out], basis.p.clone())?;
-                    w.add_f32(&format!("basis.{basis_group}.Q"), &[inp, inp], basis.q.clone())?;
+                    w.add_f32(&format!("basis.{basis_group}.P"), &[out, out], basis.p().to_vec())?;
+                    w.add_f32(&format!("basis.{basis_group}.Q"), &[inp, inp], basis.q().to_vec())?;
                 }
                 (bias.as_ref(), *step)
             }

@@ -187,12 +187,12 @@ fn leading_columns_span_the_shared_subspace() {
     let lr = low_rank(3, n, out, inp, &scales, 1e-3);
     let b = accumulate(&lr.grads, n, out, inp).basis("up_proj").unwrap();
     let r = scales.len();
-    let (gp, gq) = (projector_gap(&b.p, out, &lr.u, r), projector_gap(&b.q, inp, &lr.v, r));
+    let (gp, gq) = (projector_gap(b.p(), out, &lr.u, r), projector_gap(b.q(), inp, &lr.v, r));
     assert!(gp < 1e-3, "leading {r} columns of P miss span(U): projector gap {gp:e}");
     assert!(gq < 1e-3, "leading {r} columns of Q miss span(V): projector gap {gq:e}");
     // Past the rank only noise is left.
-    assert!(b.sigma_out[r] < 0.01 * b.sigma_out[r - 1], "sigma_out = {:?}", &b.sigma_out[..r + 1]);
-    assert!(b.sigma_in[r] < 0.01 * b.sigma_in[r - 1], "sigma_in = {:?}", &b.sigma_in[..r + 1]);
+    assert!(b.sigma_out()[r] < 0.01 * b.sigma_out()[r - 1], "sigma_out = {:?}", &b.sigma_out()[..r + 1]);
+    assert!(b.sigma_in()[r] < 0.01 * b.sigma_in()[r - 1], "sigma_in = {:?}", &b.sigma_in()[..r + 1]);
 }
 
 #[test]
@@ -200,11 +200,11 @@ fn bases_are_orthogonal_and_validate() {
     for (seed, out, inp, n) in [(4u64, 40, 70, 9), (5, 17, 33, 5), (6, 17, 33, 1)] {
         let g = dense(seed, n, out, inp);
         let b = accumulate(&g, n, out, inp).basis("g").unwrap();
-        let (dp, dq) = (orth_dev(&b.p, out), orth_dev(&b.q, inp));
+        let (dp, dq) = (orth_dev(b.p(), out), orth_dev(b.q(), inp));
         assert!(dp <= 1e-5, "{out}x{inp}: max |P^T P - I| = {dp:e}");
         assert!(dq <= 1e-5, "{out}x{inp}: max |Q^T Q - I| = {dq:e}");
         b.validate().unwrap();
-        assert_eq!((b.out, b.inp, b.n_grads), (out, inp, n as u64));
+        assert_eq!((b.shape(), b.n_grads()), ((out, inp), n as u64));
     }
 }
 
@@ -229,7 +229,7 @@ fn agrees_with_direct_svd_of_the_unfoldings() {
         let gram = accumulate(&lr.grads, n, out, inp).basis("g").unwrap();
         let svd = direct_svd_basis(&lr.grads, n, out, inp, "g").unwrap();
         for (name, got, want) in
-            [("sigma_out", &gram.sigma_out, &svd.sigma_out), ("sigma_in", &gram.sigma_in, &svd.sigma_in)]
+            [("sigma_out", gram.sigma_out(), svd.sigma_out()), ("sigma_in", gram.sigma_in(), svd.sigma_in())]
         {
             // Measured: leading values agree to ~2e-7 sigma_1, all to ~7e-6 sigma_1 (the
             // Gram route's f32-product error ~1e-6 sigma_1^2 weighs most on small values).
@@ -243,12 +243,12 @@ fn agrees_with_direct_svd_of_the_unfoldings() {
             );
             assert_close(&format!("{out}x{inp} {name}"), got, want, 5e-5 * s1, 0.0);
         }
-        for (name, got, want, dim) in [("P", &gram.p, &svd.p, out), ("Q", &gram.q, &svd.q, inp)] {
+        for (name, got, want, dim) in [("P", gram.p(), svd.p(), out), ("Q", gram.q(), svd.q(), inp)] {
             assert_sign_convention(&format!("gram {name}"), got, dim);
             assert_sign_convention(&format!("svd {name}"), want, dim);
             // The leading columns have well-separated singular values: with the sign
             // convention both routes give the same vectors, not just the same lines.
-            let sig = if name == "P" { &svd.sigma_out } else { &svd.sigma_in };
+            let sig = if name == "P" { svd.sigma_out() } else { svd.sigma_in() };
             for j in 0..scales.len() {
                 let gap = ((sig[j].powi(2) - sig[j + 1].powi(2)) as f64).min(if j > 0 {
                     (sig[j - 1].powi(2) - sig[j].powi(2)) as f64
@@ -274,14 +274,14 @@ fn rank_deficient_unfolding_matches_direct_svd() {
     let gram = accumulate(&lr.grads, n, out, inp).basis("g").unwrap();
     let svd = direct_svd_basis(&lr.grads, n, out, inp, "g").unwrap();
     for b in [&gram, &svd] {
-        assert!(orth_dev(&b.q, inp) <= 1e-5 && orth_dev(&b.p, out) <= 1e-5);
-        assert_sign_convention("Q", &b.q, inp);
+        assert!(orth_dev(b.q(), inp) <= 1e-5 && orth_dev(b.p(), out) <= 1e-5);
+        assert_sign_convention("Q", b.q(), inp);
     }
-    let s1 = svd.sigma_in[0] as f64;
-    assert_close("sigma_in (rank 17)", &gram.sigma_in[..out], &svd.sigma_in[..out], 5e-5 * s1, 0.0);
-    assert!(svd.sigma_in[out..].iter().all(|&v| v == 0.0), "gesdd tail is padded with zeros");
+    let s1 = svd.sigma_in()[0] as f64;
+    assert_close("sigma_in (rank 17)", &gram.sigma_in()[..out], &svd.sigma_in()[..out], 5e-5 * s1, 0.0);
+    assert!(svd.sigma_in()[out..].iter().all(|&v| v == 0.0), "gesdd tail is padded with zeros");
     // sqrt of rounding-level eigenvalues: ~sqrt(1e-7) sigma_1 at most.
-    assert_close("sigma_in null space", &gram.sigma_in[out..], &svd.sigma_in[out..], 2e-3 * s1, 0.0);
+    assert_close("sigma_in null space", &gram.sigma_in()[out..], &svd.sigma_in()[out..], 2e-3 * s1, 0.0);
     // The null space itself: both complete an orthonormal basis of the same complement.
     // Its error is ~(Gram rounding, 1e-6 sigma_1^2) / sigma_17^2: noise 0.1 keeps sigma_17
     // well clear (measured 1e-5); at noise 0.01 the squared gap shrinks 100x and the
@@ -295,7 +295,7 @@ fn rank_deficient_unfolding_matches_direct_svd() {
         }
         pr
     };
-    assert_close("null-space projector", &proj(&gram.q), &proj(&svd.q), 1e-4, 0.0);
+    assert_close("null-space projector", &proj(gram.q()), &proj(svd.q()), 1e-4, 0.0);
 }
 
 #[test]
@@ -327,12 +327,18 @@ fn streaming_and_merge_equal_one_accumulator() {
         assert_close(&format!("{what} G G^T"), &go, &wo, 1e-6 * max_abs(&wo), 1e-6);
         assert_close(&format!("{what} G^T G"), &gi, &wi, 1e-6 * max_abs(&wi), 1e-6);
         let b = acc.basis("g").unwrap();
-        assert_close(&format!("{what} sigma_out"), &b.sigma_out, &bw.sigma_out, 1e-5 * bw.sigma_out[0] as f64, 1e-4);
-        assert_close(&format!("{what} sigma_in"), &b.sigma_in, &bw.sigma_in, 1e-5 * bw.sigma_in[0] as f64, 1e-4);
+        assert_close(
+            &format!("{what} sigma_out"),
+            b.sigma_out(),
+            bw.sigma_out(),
+            1e-5 * bw.sigma_out()[0] as f64,
+            1e-4,
+        );
+        assert_close(&format!("{what} sigma_in"), b.sigma_in(), bw.sigma_in(), 1e-5 * bw.sigma_in()[0] as f64, 1e-4);
         assert_close(
             &format!("{what} P leading columns"),
-            &b.p.chunks(out).flat_map(|r| r[..2].to_vec()).collect::<Vec<_>>(),
-            &bw.p.chunks(out).flat_map(|r| r[..2].to_vec()).collect::<Vec<_>>(),
+            &b.p().chunks(out).flat_map(|r| r[..2].to_vec()).collect::<Vec<_>>(),
+            &bw.p().chunks(out).flat_map(|r| r[..2].to_vec()).collect::<Vec<_>>(),
             1e-5,
             0.0,
         );
@@ -387,14 +393,15 @@ fn degenerate_inputs_give_errors() {
     let b = Basis::identity("g", 3, 4);
     b.validate().unwrap();
     assert!(matches!(Basis::check_orthogonal("g", "P", &[1.0; 8], 3, ORTHO_TOL).unwrap_err(), Error::Shape { .. }));
-    let mut p = b.p.clone();
+    let mut p = b.p().to_vec();
     p[1] = f32::NAN;
     assert!(matches!(Basis::check_orthogonal("g", "P", &p, 3, ORTHO_TOL).unwrap_err(), Error::NonFinite { .. }));
-    let mut p = b.p.clone();
+    let mut p = b.p().to_vec();
     p[0] = 1.001; // deviation 2e-3
-    let err = Basis::from_parts("g", 3, 4, p, b.q.clone(), vec![0.0; 3], vec![0.0; 4], 0).unwrap_err();
+    let err = Basis::from_parts("g", 3, 4, p, b.q().to_vec(), vec![0.0; 3], vec![0.0; 4], 0).unwrap_err();
     assert!(matches!(&err, Error::InvalidBasis { group, msg } if group == "g" && msg.contains("P")), "{err}");
-    let err = Basis::from_parts("g", 3, 4, b.p.clone(), b.q.clone(), vec![1.0, 2.0, 0.0], vec![0.0; 4], 0).unwrap_err();
+    let err =
+        Basis::from_parts("g", 3, 4, b.p().to_vec(), b.q().to_vec(), vec![1.0, 2.0, 0.0], vec![0.0; 4], 0).unwrap_err();
     assert!(matches!(err, Error::InvalidBasis { .. }), "ascending sigma accepted: {err}");
     let set = BasisSet::new();
     assert!(matches!(set.get("up_proj").unwrap_err(), Error::MissingTensor { name, .. } if name == "up_proj"));
@@ -448,10 +455,13 @@ fn save_load_round_trip_is_bitwise_and_atomic() {
     assert_eq!(back.bases.keys().collect::<Vec<_>>(), set.bases.keys().collect::<Vec<_>>());
     for (g, want) in &set.bases {
         let got = back.get(g).unwrap();
-        assert_eq!((got.out, got.inp, got.n_grads, &got.group), (want.out, want.inp, want.n_grads, &want.group));
-        for (a, b) in
-            [(&got.p, &want.p), (&got.q, &want.q), (&got.sigma_out, &want.sigma_out), (&got.sigma_in, &want.sigma_in)]
-        {
+        assert_eq!((got.shape(), got.n_grads(), got.group()), (want.shape(), want.n_grads(), want.group()));
+        for (a, b) in [
+            (got.p(), want.p()),
+            (got.q(), want.q()),
+            (got.sigma_out(), want.sigma_out()),
+            (got.sigma_in(), want.sigma_in()),
+        ] {
             assert!(
                 a.len() == b.len() && a.iter().zip(b.iter()).all(|(x, y)| x.to_bits() == y.to_bits()),
                 "group {g} differs"
@@ -498,16 +508,16 @@ fn load_rejects_bad_files_with_the_right_error() {
     let full = |p: Vec<f32>, p_shape: Vec<usize>, f64_p: bool| {
         vec![
             ("g.P", p_shape, p, f64_p),
-            ("g.Q", vec![4, 4], eye.q.clone(), false),
+            ("g.Q", vec![4, 4], eye.q().to_vec(), false),
             ("g.sigma_out", vec![3], vec![0.0; 3], false),
             ("g.sigma_in", vec![4], vec![0.0; 4], false),
         ]
     };
     // Sanity: the well-formed file loads.
-    write_raw(&path, &full(eye.p.clone(), vec![3, 3], false), &meta);
-    assert_eq!(BasisSet::load(&path).unwrap().get("g").unwrap().n_grads, 7);
+    write_raw(&path, &full(eye.p().to_vec(), vec![3, 3], false), &meta);
+    assert_eq!(BasisSet::load(&path).unwrap().get("g").unwrap().n_grads(), 7);
 
-    let mut missing = full(eye.p.clone(), vec![3, 3], false);
+    let mut missing = full(eye.p().to_vec(), vec![3, 3], false);
     missing.remove(1);
     write_raw(&path, &missing, &meta);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::MissingTensor { name, .. } if name == "g.Q"));
@@ -515,32 +525,36 @@ fn load_rejects_bad_files_with_the_right_error() {
     write_raw(&path, &full(vec![0.5; 12], vec![3, 4], false), &meta);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::Shape { .. }));
 
-    let mut short_sigma = full(eye.p.clone(), vec![3, 3], false);
+    let mut short_sigma = full(eye.p().to_vec(), vec![3, 3], false);
     short_sigma[2] = ("g.sigma_out", vec![2], vec![0.0; 2], false);
     write_raw(&path, &short_sigma, &meta);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::Shape { .. }));
 
-    write_raw(&path, &full(eye.p.clone(), vec![3, 3], true), &meta);
+    write_raw(&path, &full(eye.p().to_vec(), vec![3, 3], true), &meta);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::Dtype { name, .. } if name == "g.P"));
 
-    let mut skewed = eye.p.clone();
+    let mut skewed = eye.p().to_vec();
     skewed[1] = 0.3;
     write_raw(&path, &full(skewed, vec![3, 3], false), &meta);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::InvalidBasis { group, .. } if group == "g"));
 
-    write_raw(&path, &full(eye.p.clone(), vec![3, 3], false), &meta[..2]);
+    write_raw(&path, &full(eye.p().to_vec(), vec![3, 3], false), &meta[..2]);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::Metadata { key, .. } if key == "g.n_grads"));
-    write_raw(&path, &full(eye.p.clone(), vec![3, 3], false), &meta[1..]);
+    write_raw(&path, &full(eye.p().to_vec(), vec![3, 3], false), &meta[1..]);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::Metadata { key, .. } if key == "format"));
 
-    let mut extra = full(eye.p.clone(), vec![3, 3], false);
+    let mut extra = full(eye.p().to_vec(), vec![3, 3], false);
     extra.push(("g.R", vec![1], vec![1.0], false));
     write_raw(&path, &extra, &meta);
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::Format { .. }));
 
     // A basis that is saved fine but is not orthogonal is caught on load.
     let mut bad = sample_set();
-    bad.bases.get_mut("down_proj").unwrap().p.iter_mut().for_each(|v| *v *= 1.01);
+    let good = bad.get("down_proj").unwrap().clone();
+    let (o, i) = good.shape();
+    let scaled = good.p().iter().map(|v| v * 1.01).collect();
+    let (q, so, si) = (good.q().to_vec(), good.sigma_out().to_vec(), good.sigma_in().to_vec());
+    bad.insert(Basis::from_parts_unchecked("down_proj", o, i, scaled, q, so, si, good.n_grads()));
     bad.save(&path).unwrap();
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::InvalidBasis { group, .. } if group == "down_proj"));
 

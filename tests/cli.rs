@@ -521,7 +521,7 @@ fn basis_accumulates_across_files() {
     // The library reads what the command line wrote.
     let set = sparsegrad::BasisSet::load(&split).expect("BasisSet::load");
     assert_eq!(set.bases.len(), 2);
-    assert_eq!(set.get("layers.up_proj").unwrap().n_grads, 7);
+    assert_eq!(set.get("layers.up_proj").unwrap().n_grads(), 7);
 }
 
 #[test]

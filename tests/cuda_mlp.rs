@@ -84,7 +84,7 @@ impl<B: Backend + Clone> Block<B> {
             weight: &w[i],
             bias: b[i].as_deref(),
             method,
-            group: &bases[i].group,
+            group: bases[i].group(),
             basis: Some(&bases[i]),
         };
         match kind {

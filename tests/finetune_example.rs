@@ -151,7 +151,7 @@ fn tiny_run_writes_every_output_and_the_merged_model_loads() {
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "loss_curve.png is not a PNG");
 
     let bases = adapter_bases(&out.join("adapter.safetensors")).unwrap();
-    let mut groups: Vec<&str> = bases.iter().map(|b| b.group.as_str()).collect();
+    let mut groups: Vec<&str> = bases.iter().map(|b| b.group()).collect();
     groups.sort_unstable();
     assert_eq!(groups, ["down", "gate", "up"]);
 

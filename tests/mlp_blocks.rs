@@ -138,7 +138,7 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
                 let Linear::SparseGrad(l) = &proj.linear else { panic!("{what}: not a SparseGrad layer") };
                 let coo = l.grad_host().unwrap();
                 assert_eq!(coo.len(), out * inp, "{what}: keep = 100% selects every entry");
-                let (p, q) = (to64(&bases[i].p), to64(&bases[i].q));
+                let (p, q) = (to64(bases[i].p()), to64(bases[i].q()));
                 // Moving Wt(a, b) by h moves W by h P[:, a] Q[:, b]^T.
                 let fd: Vec<f64> = (0..coo.len())
                     .map(|e| {
@@ -400,8 +400,9 @@ fn collect_feeds_the_gram_accumulators_and_trains_nothing() {
     let params: Params<f32> = random_params(&mut r, kind, hidden, ffn);
     // gate and up share one group (the same shape), down has its own.
     let mut bases = random_bases(&mut r, kind, hidden, ffn);
-    bases[0].group = "gate_up".into();
-    bases[1].group = "gate_up".into();
+    for b in &mut bases[..2] {
+        *b = b.clone().with_group("gate_up");
+    }
     let cpu = Cpu::new();
     let opts = adam(1e-2, t);
     let mut collecting = build(&cpu, kind, hidden, ffn, &params, &[Method::Collect; 3], &bases, &opts);

@@ -31,24 +31,25 @@ use std::fmt;
 /// non-orthogonal matrix (a scaled, perturbed or transposed-wrong one) lands far above it.
 pub const ORTHO_TOL: f32 = 1e-4;
 
-/// The basis of one layer group. `p` is `(out, out)` and `q` `(in, in)`, row-major,
+/// The basis of one layer group: `P` `(out, out)` and `Q` `(in, in)`, row-major,
 /// orthogonal, column j the j-th singular direction of the mode-1 / mode-2 unfolding
-/// (descending singular value, largest-magnitude entry positive).
+/// (descending singular value, largest-magnitude entry positive). Every constructor checks
+/// it, so the fields are read through accessors only.
 #[derive(Clone, PartialEq)]
 pub struct Basis {
-    pub group: String,
-    pub out: usize,
-    pub inp: usize,
+    group: String,
+    out: usize,
+    inp: usize,
     /// `(out, out)` row-major; columns = eigenvectors of `sum G G^T`, descending.
-    pub p: Vec<f32>,
+    p: Vec<f32>,
     /// `(in, in)` row-major; columns = eigenvectors of `sum G^T G`, descending.
-    pub q: Vec<f32>,
+    q: Vec<f32>,
     /// Singular values of the mode-1 unfolding `(out, in N)`, descending.
-    pub sigma_out: Vec<f32>,
+    sigma_out: Vec<f32>,
     /// Singular values of the mode-2 unfolding `(in, out N)`, descending.
-    pub sigma_in: Vec<f32>,
+    sigma_in: Vec<f32>,
     /// Gradients the basis was computed from (0 for an identity basis).
-    pub n_grads: u64,
+    n_grads: u64,
 }
 
 impl fmt::Debug for Basis {
@@ -66,6 +67,57 @@ impl fmt::Debug for Basis {
 }
 
 impl Basis {
+    /// The layer group the basis belongs to.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+    /// The same basis under another group name.
+    pub fn with_group(mut self, group: &str) -> Basis {
+        self.group = group.to_string();
+        self
+    }
+    /// `(out, in)` of the weights it transforms.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.out, self.inp)
+    }
+    /// `P` `(out, out)` row-major.
+    pub fn p(&self) -> &[f32] {
+        &self.p
+    }
+    /// `Q` `(in, in)` row-major.
+    pub fn q(&self) -> &[f32] {
+        &self.q
+    }
+    /// Singular values of the mode-1 unfolding `(out, in N)`, descending.
+    pub fn sigma_out(&self) -> &[f32] {
+        &self.sigma_out
+    }
+    /// Singular values of the mode-2 unfolding `(in, out N)`, descending.
+    pub fn sigma_in(&self) -> &[f32] {
+        &self.sigma_in
+    }
+    /// Gradients the basis was computed from (0 for an identity basis).
+    pub fn n_grads(&self) -> u64 {
+        self.n_grads
+    }
+
+    /// Assembles a basis from its parts WITHOUT any check: for tests that must hand a
+    /// corrupt basis to the code that defends against one. Use [`Basis::from_parts`].
+    #[doc(hidden)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_parts_unchecked(
+        group: &str,
+        out: usize,
+        inp: usize,
+        p: Vec<f32>,
+        q: Vec<f32>,
+        sigma_out: Vec<f32>,
+        sigma_in: Vec<f32>,
+        n_grads: u64,
+    ) -> Basis {
+        Basis { group: group.to_string(), out, inp, p, q, sigma_out, sigma_in, n_grads }
+    }
+
     /// `P = I`, `Q = I`, zero singular values: what "no basis" means.
     pub fn identity(group: &str, out: usize, inp: usize) -> Basis {
         let eye = |n: usize| {

@@ -162,9 +162,9 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// Builds the layer from a dense `weight` `(out, in)`, an optional `bias` `(out)` and the
     /// basis of its group.
     pub fn new(backend: &B, weight: &[F], bias: Option<&[F]>, basis: &Basis, cfg: SparseGradConfig) -> Result<Self> {
-        let (out, inp) = (basis.out, basis.inp);
+        let (out, inp) = basis.shape();
         check_weight_and_bias("SparseGradLinear::new", weight, bias, out, inp)
-            .map_err(|e| e.context(&format!("layer of basis `{}`", basis.group)))?;
+            .map_err(|e| e.context(&format!("layer of basis `{}`", basis.group())))?;
         basis.check_quick()?;
         cfg.optimizer.validate()?;
         let k = cfg.keep.resolve(out * inp)?;
@@ -206,7 +206,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 };
                 match (device.p.as_ref(), device.q.as_ref()) {
                     (OperandRef::Full(p), OperandRef::Full(q)) => product(p, q)?,
-                    _ => product(&backend.upload(&to_f::<F>(&basis.p))?, &backend.upload(&to_f::<F>(&basis.q))?)?,
+                    _ => product(&backend.upload(&to_f::<F>(basis.p()))?, &backend.upload(&to_f::<F>(basis.q()))?)?,
                 }
                 let half = if half { Some(backend.alloc(out * inp)?) } else { None };
                 Weight::Transformed { wt, half }
@@ -225,7 +225,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             k,
             cfg,
             formulation,
-            group: basis.group.clone(),
+            group: basis.group().to_string(),
             basis_dev: device,
             weight: weight_state,
             bias: bias_buf,

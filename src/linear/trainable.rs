@@ -213,12 +213,13 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
                 let basis = basis.ok_or_else(|| {
                     Error::invalid("Linear::new", "SparseGrad needs the basis of the projection's group")
                 })?;
-                if (basis.out, basis.inp) != (out, inp) {
+                if basis.shape() != (out, inp) {
+                    let (bo, bi) = basis.shape();
                     return Err(Error::shape(
                         "Linear::new",
-                        format!("basis `{}`", basis.group),
+                        format!("basis `{}`", basis.group()),
                         format!("{out} x {inp}"),
-                        format!("{} x {}", basis.out, basis.inp),
+                        format!("{bo} x {bi}"),
                     ));
                 }
                 let cfg = SparseGradConfig {

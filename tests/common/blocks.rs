@@ -169,7 +169,7 @@ pub fn build<F: Real>(
         weight: &p.w[i],
         bias: p.b[i].as_deref(),
         method: methods[i],
-        group: &bases[i].group,
+        group: bases[i].group(),
         basis: Some(&bases[i]),
     };
     match kind {

@@ -145,7 +145,7 @@ pub fn check_bf16_merged_weight<B: sparsegrad::Backend + Clone>(be: &B) {
             layer.backward(&g, tokens, None).unwrap();
             layer.step().unwrap();
         }
-        let (p, q) = (to64(&basis.p), to64(&basis.q));
+        let (p, q) = (to64(basis.p()), to64(basis.q()));
         let wt = to64(&layer.weight_transformed().unwrap());
         let expect = matmul(&matmul(&p, &wt, out, out, inp), &transpose(&q, inp, inp), out, inp, inp);
         assert_close(
@@ -161,4 +161,14 @@ pub fn check_bf16_merged_weight<B: sparsegrad::Backend + Clone>(be: &B) {
 /// Largest magnitude in `v` (0 for an empty slice).
 pub fn max_abs(v: &[f64]) -> f64 {
     v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
+}
+
+/// `b` with `P` and `Q` changed by `edit`, and no check at all: for the tests of the code
+/// that must refuse (or must not reuse) such a basis.
+pub fn edited_basis(b: &Basis, edit: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>)) -> Basis {
+    let (mut p, mut q) = (b.p().to_vec(), b.q().to_vec());
+    edit(&mut p, &mut q);
+    let (out, inp) = b.shape();
+    let (so, si) = (b.sigma_out().to_vec(), b.sigma_in().to_vec());
+    Basis::from_parts_unchecked(b.group(), out, inp, p, q, so, si, b.n_grads())
 }

@@ -70,7 +70,12 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
     let mut summary = String::new();
     for (group, (acc, _)) in &groups {
         let basis = acc.basis(group)?;
-        summary.push_str(&format!("{group}: {} gradients of [{}, {}]\n", acc.count(), basis.out, basis.inp));
+        summary.push_str(&format!(
+            "{group}: {} gradients of [{}, {}]\n",
+            acc.count(),
+            basis.shape().0,
+            basis.shape().1
+        ));
         set.insert(basis);
     }
     set.save(&output)?;

@@ -80,15 +80,15 @@ impl<B: Backend, F: Real> DeviceBasis<B, F> {
     }
 
     fn upload(backend: &B, basis: &Basis, layout: BasisLayout) -> Result<Self> {
-        let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(&basis.p), to_f(&basis.q));
+        let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(basis.p()), to_f(basis.q()));
         Ok(match layout {
             BasisLayout::Transformed(precision) => DeviceBasis {
                 p: Operand::upload(backend, precision, &p_host)?,
                 q: Operand::upload(backend, precision, &q_host)?,
-                exact: (precision == Precision::Bf16).then(|| (basis.p.clone(), basis.q.clone())),
+                exact: (precision == Precision::Bf16).then(|| (basis.p().to_vec(), basis.q().to_vec())),
             },
             BasisLayout::Merged => DeviceBasis {
-                p: Operand::upload(backend, Precision::Full, &transpose(&p_host, basis.out, basis.out))?,
+                p: Operand::upload(backend, Precision::Full, &transpose(&p_host, basis.shape().0, basis.shape().0))?,
                 q: Operand::upload(backend, Precision::Full, &q_host)?,
                 exact: None,
             },
