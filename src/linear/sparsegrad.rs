@@ -78,9 +78,12 @@ pub struct SparseGradConfig {
     pub keep: Keep,
     pub selection: Selection,
     /// `None`: [`Formulation::choose`] for `expected_tokens` (SparseByDense with a threshold
-    /// above 0 always takes the transformed formulation, which it needs).
+    /// above 0 always takes the transformed formulation, which it needs). Both formulations
+    /// give the same results; they differ in flops and memory. [`SparseGradLinear::formulation`]
+    /// says which one the layer took.
     pub formulation: Option<Formulation>,
-    /// Tokens per step the cost model assumes.
+    /// Tokens per step the cost model assumes when `formulation` is `None` (default 4096):
+    /// set it to the real batch size in tokens, or set `formulation`.
     pub expected_tokens: usize,
     /// Adam: SparseAdam for `Wt` (its `weight_decay` is ignored, as in PyTorch) and AdamW
     /// for the bias. SGD: plain steps on both.
