@@ -211,12 +211,12 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
             }
             Method::SparseGrad { keep, selection, formulation } => {
                 let basis = basis.ok_or_else(|| {
-                    Error::invalid("Linear::new", "SparseGrad needs the basis of the projection's group")
+                    Error::invalid("LinearBuilder::build", "SparseGrad needs the basis of the projection's group")
                 })?;
                 if basis.shape() != (out, inp) {
                     let (bo, bi) = basis.shape();
                     return Err(Error::shape(
-                        "Linear::new",
+                        "LinearBuilder::build",
                         format!("basis `{}`", basis.group()),
                         format!("{out} x {inp}"),
                         format!("{bo} x {bi}"),
