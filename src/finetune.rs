@@ -198,6 +198,17 @@ impl FinetuneConfig {
     }
 }
 
+/// NaN or infinity met after `step` training steps is divergence, said in those words.
+fn diverged_at(step: usize) -> impl Fn(Error) -> Error {
+    move |e| match e {
+        Error::NonFinite { .. } if step > 0 => Error::Diverged {
+            step,
+            detail: "the weights or gradients became NaN or infinite (try a smaller learning rate)".into(),
+        },
+        e => e,
+    }
+}
+
 fn eval<B: Backend + Clone>(model: &mut LlamaModel<B>, batches: &[Batch]) -> Result<f64> {
     let mut total = LossSum::default();
     for b in batches {
@@ -300,13 +311,7 @@ pub fn run<B: Backend + Clone>(
     for (i, batch) in train_batches(data, spec, cfg.seed).take(cfg.steps).enumerate() {
         let b = batch?;
         let t0 = Instant::now();
-        let loss = model.train_step(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len).map_err(|e| match e {
-            Error::NonFinite { .. } => Error::Diverged {
-                step: i + 1,
-                detail: "the gradients became NaN or infinite (try a smaller learning rate)".into(),
-            },
-            e => e,
-        })?;
+        let loss = model.train_step(&b.inputs, &b.targets, &b.mask, b.batch, b.seq_len).map_err(diverged_at(i + 1))?;
         if !loss.mean().is_finite() {
             return Err(Error::Diverged {
                 step: i + 1,
@@ -324,12 +329,19 @@ pub fn run<B: Backend + Clone>(
             tokens_per_s: tokens as f64 / train_seconds.max(1e-9),
         });
         if cfg.eval_every > 0 && (i + 1) % cfg.eval_every == 0 && i + 1 < cfg.steps {
-            let v = eval(&mut model, &val_batches)?;
+            let v = eval(&mut model, &val_batches).map_err(diverged_at(i + 1))?;
             val_curve.push((i + 1, v));
             progress(Progress::Eval { step: i + 1, loss: v });
         }
     }
-    let after = eval(&mut model, &val_batches)?;
+    let after = eval(&mut model, &val_batches).map_err(diverged_at(cfg.steps))?;
+    if !after.is_finite() {
+        return Err(diverged_at(cfg.steps)(Error::NonFinite {
+            what: "validation loss".into(),
+            count: 1,
+            first_index: 0,
+        }));
+    }
     val_curve.push((cfg.steps, after));
     progress(Progress::Eval { step: cfg.steps, loss: after });
     let report = FinetuneReport {

@@ -158,7 +158,10 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::
         Ok(m) if m.is_file() => Some(m.permissions()),
         Ok(m) => {
             let k = kind(&m.file_type());
-            return Err(Error::format(Some(path), format!("refusing to replace {k}: only a regular file is overwritten")));
+            return Err(Error::format(
+                Some(path),
+                format!("refusing to replace {k}: only a regular file is overwritten"),
+            ));
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(Error::io(path, e)),

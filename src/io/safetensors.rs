@@ -10,6 +10,7 @@
 //! synced, then renamed over the target, so a reader sees the old file or the new one,
 //! never half of one, and a failed write leaves nothing behind.
 
+use super::fs::{escape, write_atomic};
 use crate::error::{Error, Result};
 use ::safetensors::tensor::{Metadata, TensorInfo};
 pub use ::safetensors::Dtype;
@@ -17,7 +18,6 @@ use ::safetensors::SafeTensors;
 use memmap2::Mmap;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
-use super::fs::{escape, write_atomic};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -461,11 +461,11 @@ pub(crate) fn read_header(buf: &[u8], path: Option<&Path>) -> Result<(usize, Met
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| bad(format!("{} bytes is too short for a safetensors file (truncated?)", buf.len())))?;
     let n = u64::from_le_bytes(len_bytes);
-    let n = usize::try_from(n)
-        .ok()
-        .filter(|&n| n <= MAX_HEADER_BYTES && n <= buf.len() - 8)
-        .ok_or_else(|| bad(format!("header length {n} is past the end of the {}-byte file (truncated or not safetensors?)", buf.len())))?;
-    let text = std::str::from_utf8(&buf[8..8 + n]).map_err(|_| bad("header is not UTF-8 (not a safetensors file?)".into()))?;
+    let n = usize::try_from(n).ok().filter(|&n| n <= MAX_HEADER_BYTES && n <= buf.len() - 8).ok_or_else(|| {
+        bad(format!("header length {n} is past the end of the {}-byte file (truncated or not safetensors?)", buf.len()))
+    })?;
+    let text =
+        std::str::from_utf8(&buf[8..8 + n]).map_err(|_| bad("header is not UTF-8 (not a safetensors file?)".into()))?;
     let json = super::json::parse_unique_text(text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_len = buf.len() - 8 - n;

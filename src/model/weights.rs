@@ -216,10 +216,9 @@ impl LlamaWeights {
             wanted.push(("output.weight".into(), vec![c.vocab, c.hidden]));
         }
         for (name, shape) in &wanted {
-            let info = f.tensor_info(name).ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                context: Some(where_.clone()),
-            })?;
+            let info = f
+                .tensor_info(name)
+                .ok_or_else(|| Error::MissingTensor { name: name.clone(), context: Some(where_.clone()) })?;
             if info.shape() != *shape {
                 return Err(Error::shape(
                     "gguf",

@@ -8,8 +8,8 @@
 use super::{Field, LayerWeights, LlamaWeights};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
-use crate::model::config::LlamaConfig;
 use crate::io::SafetensorsFile;
+use crate::model::config::LlamaConfig;
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use std::collections::{BTreeSet, HashMap};
@@ -83,11 +83,7 @@ pub(super) fn load(dir: &Path) -> Result<LlamaWeights> {
             if let Some(j) = owner.insert(name.clone(), i) {
                 return Err(Error::format(
                     Some(dir),
-                    format!(
-                        "tensor `{name}` appears in both {} and {}",
-                        files[j].path().display(),
-                        f.path().display()
-                    ),
+                    format!("tensor `{name}` appears in both {} and {}", files[j].path().display(), f.path().display()),
                 ));
             }
         }
