@@ -156,8 +156,16 @@ fn load_model(args: &Args) -> Result<Loaded> {
         (LlamaWeights::from_hf_dir(path)?, None)
     } else {
         let f = GgufFile::open(path)?;
-        let t = GgufTokenizer::from_gguf(&f)?;
-        (LlamaWeights::from_gguf(&f)?, Some((t.inner().clone(), t.bos(), t.eos())))
+        // The weights first: a corrupt model is the error worth reporting, and the
+        // file's tokenizer is only built when no --tokenizer replaces it.
+        let weights = LlamaWeights::from_gguf(&f)?;
+        let t = if args.tokenizer.is_none() {
+            let t = GgufTokenizer::from_gguf(&f)?;
+            Some((t.inner().clone(), t.bos(), t.eos()))
+        } else {
+            None
+        };
+        (weights, t)
     };
     let (tokenizer, bos, eos) = match (&args.tokenizer, from_model) {
         (Some(t), _) => load_tokenizer(t)?,
