@@ -192,7 +192,7 @@ pub fn value(r: &mut Rng, normal: &[&str]) -> String {
             let mut s = r.pick(normal).to_string().into_bytes();
             if !s.is_empty() {
                 let i = r.below(s.len());
-                s[i] = *r.pick(&[b'0', b'9', b'-', b'.', b'e', b'x']);
+                s[i] = *r.pick(b"09-.ex");
             }
             String::from_utf8_lossy(&s).into_owned()
         }
