@@ -220,3 +220,29 @@ fn basis_memory_is_bounded_before_allocation_and_names_group_and_file() {
     one_error_line(&o, &["`up`", "no gradients"]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("GramAccumulator"));
 }
+
+#[test]
+fn a_writer_killed_mid_write_leaves_a_temp_file_the_next_run_removes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.safetensors");
+    StepInputs::new(5, 40, 30, 5, true).write(&input);
+    let out = d.join("out.safetensors");
+    // `ulimit -f 1`: the write past 1 KiB raises SIGXFSZ and kills the process.
+    let cmd = format!(
+        "ulimit -f 1; exec '{}' step --input '{}' --output '{}'",
+        env!("CARGO_BIN_EXE_sparsegrad"),
+        s(&input),
+        s(&out)
+    );
+    let st = Command::new("sh").args(["-c", &cmd]).status().unwrap();
+    assert!(!st.success(), "the size limit should have killed the writer");
+    let temps = || {
+        fs::read_dir(d).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".tmp-")).count()
+    };
+    assert_eq!(temps(), 1, "the killed writer leaves its temp file");
+    assert!(!out.exists(), "nothing but the temp file was written");
+    run_ok(&["step", "--input", s(&input), "--output", s(&out)]);
+    assert_eq!(temps(), 0, "the next run removes the dead writer's temp file");
+    assert!(out.is_file());
+}
