@@ -316,3 +316,21 @@ fn tokenizer_data_and_divergence_messages() {
     let o = run(&quick(&out, &["--eval-batches", "4611686018427387904", "--validation-fraction", "0.0005"]));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn outputs_never_replace_special_files() {
+    if !assets() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let precious = dir.path().join("precious");
+    std::fs::write(&precious, b"keep").unwrap();
+    // plotters wrote the PNG in place, through the link.
+    std::os::unix::fs::symlink(&precious, out.join("loss_curve.png")).unwrap();
+    let none = dir.path().join("none");
+    fails(&quick(&out, &[]), &["refusing to replace", "symbolic link", "loss_curve.png"], &none);
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep");
+    assert!(std::fs::symlink_metadata(out.join("loss_curve.png")).unwrap().file_type().is_symlink());
+}

@@ -72,7 +72,9 @@ pub fn write_merged<B: Backend + Clone>(
 ) -> Result<()> {
     model.merged_weights(weights)?.save_hf_safetensors(dir)?;
     let path = dir.join("tokenizer.json");
-    tokenizer.save(&path, false).map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))
+    // Through write_atomic like every output (never replacing a special file).
+    let json = tokenizer.to_string(false).map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+    write_atomic(&path, |w| w.write_all(json.as_bytes()))
 }
 
 pub fn human_bytes(b: usize) -> String {
