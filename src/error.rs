@@ -65,6 +65,30 @@ pub enum Error {
     /// Operating-system I/O.
     #[error("I/O error on {}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
+
+    /// An allocation the machine (or the device) could not satisfy.
+    #[error("out of memory: cannot allocate {} for {what}", human_bytes(*bytes))]
+    OutOfMemory { what: String, bytes: u128 },
+
+    /// Training produced NaN or infinity.
+    #[error("training diverged at step {step}: {detail}")]
+    Diverged { step: usize, detail: String },
+}
+
+/// `1.5 GB`-style sizes for messages (decimal units, as `ls -h --si` and disk vendors use).
+pub fn human_bytes(b: u128) -> String {
+    let units = ["bytes", "kB", "MB", "GB", "TB", "PB", "EB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1000.0 && u + 1 < units.len() {
+        v /= 1000.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} bytes")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
 }
 
 /// Crate-wide result.
@@ -83,8 +107,10 @@ impl Error {
         Error::Io { path: path.into(), source }
     }
 
+    /// A corrupt-file error; control characters in `msg` (names read from the file) are
+    /// escaped, so a message stays one printable line.
     pub fn format(path: Option<&std::path::Path>, msg: impl Into<String>) -> Self {
-        Error::Format { path: path.map(|p| p.to_path_buf()), msg: msg.into() }
+        Error::Format { path: path.map(|p| p.to_path_buf()), msg: crate::io::fs::escape(&msg.into(), 2000) }
     }
 
     /// The same error, with `context` (where it happened, e.g. "layer 3 MLP up") put in front

@@ -89,9 +89,10 @@ flags (defaults: CPU / with --device cuda):
   --dtype T          f32 | bf16 (bf16: frozen operands in bf16, cuda only)  [f32]
   --blocks B         trained blocks: `23,26,29`, `every3` (every third block, the
                      paper's choice; any everyN), or `all`    [23,26,29 / every3]
-  --steps N          training steps                                     [100 / 300]
-  --batch N          sentences per batch                                [8 / 32]
-  --seq-len N        tokens per sentence (longer ones are cut)          [32 / 128]
+  --steps N          training steps (at most 10000000)                  [100 / 300]
+  --batch N          sentences per batch (at most the training sentences)  [8 / 32]
+  --seq-len N        tokens per sentence (longer ones are cut; at most the
+                     model's context length)                            [32 / 128]
   --keep F           fraction of each projection's entries SparseGrad and MeProp
                      update per step                                    [0.01]
   --lora-rank R      LoRA rank [the rank with the same trainable parameters as --keep]
@@ -153,7 +154,27 @@ fn defaults(device: Device) -> Defaults {
 }
 
 fn number<T: std::str::FromStr>(flag: &'static str, v: &str, what: &str) -> Result<T> {
-    v.trim().parse().map_err(|_| Error::invalid(flag, format!("`{v}` is not {what}")))
+    v.trim().parse().map_err(|_| Error::invalid(flag, format!("`{}` is not {what}", sparsegrad::io::escape(v, 100))))
+}
+
+/// ` (inf in f32)`-style note when the value parsed differs from the text written.
+fn as_f32(text: &str, v: f32) -> String {
+    if text.trim() == v.to_string() {
+        String::new()
+    } else {
+        format!(" ({v} in f32)")
+    }
+}
+
+/// Most training steps a run may ask for; beyond it the run would not end in a lifetime
+/// on any machine, and the loss history alone would grow past memory.
+pub const MAX_STEPS: usize = 10_000_000;
+
+fn at_most(flag: &'static str, v: usize, max: usize) -> Result<usize> {
+    if v > max {
+        return Err(Error::invalid(flag, format!("{v} is more than the {max} a run may ask for")));
+    }
+    Ok(v)
 }
 
 fn positive(flag: &'static str, v: &str) -> Result<usize> {
@@ -277,21 +298,21 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         None => 0.01,
         Some(v) => match number::<f64>("--keep", v, "a number")? {
             k if k > 0.0 && k <= 1.0 => k,
-            k => return Err(Error::invalid("--keep", format!("{k} is outside (0, 1]"))),
+            _ => return Err(Error::invalid("--keep", format!("`{v}` is outside (0, 1]"))),
         },
     };
     let lr = match get("--lr") {
         None => d.lr,
         Some(v) => match number::<f32>("--lr", v, "a number")? {
             lr if lr.is_finite() && lr > 0.0 => lr,
-            lr => return Err(Error::invalid("--lr", format!("{lr} must be positive and finite"))),
+            lr => return Err(Error::invalid("--lr", format!("`{v}`{} must be positive and finite", as_f32(v, lr)))),
         },
     };
     let validation_fraction = match get("--validation-fraction") {
         None => 0.1,
         Some(v) => match number::<f64>("--validation-fraction", v, "a number")? {
             f if f > 0.0 && f < 1.0 => f,
-            f => return Err(Error::invalid("--validation-fraction", format!("{f} is outside (0, 1)"))),
+            _ => return Err(Error::invalid("--validation-fraction", format!("`{v}` is outside (0, 1)"))),
         },
     };
     let pos = |flag: &'static str, default: usize| get(flag).map_or(Ok(default), |v| positive(flag, v));
@@ -307,7 +328,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         device,
         precision,
         blocks: get("--blocks").map_or(Ok(d.blocks), parse_blocks)?,
-        steps: pos("--steps", d.steps)?,
+        steps: at_most("--steps", pos("--steps", d.steps)?, MAX_STEPS)?,
         batch: pos("--batch", d.batch)?,
         seq_len,
         keep,
@@ -318,7 +339,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         tokenizer: get("--tokenizer").map(PathBuf::from),
         data: get("--data").map_or_else(|| asset(DEFAULT_DATA), PathBuf::from),
         out: PathBuf::from(get("--out").unwrap_or("out")),
-        prelim_steps: pos("--prelim-steps", d.prelim_steps)?,
+        prelim_steps: at_most("--prelim-steps", pos("--prelim-steps", d.prelim_steps)?, MAX_STEPS)?,
         eval_batches: pos("--eval-batches", d.eval_batches)?,
         eval_every: whole("--eval-every", d.eval_every)?,
         validation_fraction,

@@ -19,6 +19,7 @@ use args::{Args, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 use sparsegrad::io::gguf::GgufFile;
+use sparsegrad::io::{escape, fs as sgfs};
 use sparsegrad::model::tokenizer::Tokenizer as GgufTokenizer;
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::recipes::finetune::{
@@ -47,14 +48,27 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", escape(&e.to_string(), 4000));
             return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    // Checked and created before the model loads, so a bad --out fails in a second, not
+    // after the whole run; removed again (if still empty) when the run fails.
+    let created = match output::prepare_out_dir(&args.out) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}", escape(&e.to_string(), 4000));
+            return ExitCode::FAILURE;
         }
     };
     match main_with(&args, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            if created {
+                let _ = std::fs::remove_dir(&args.out);
+            }
+            // Text from files and flags is escaped: one printable line, whatever it held.
+            eprintln!("error: {}", escape(&e.to_string(), 4000));
             ExitCode::FAILURE
         }
     }
@@ -74,14 +88,29 @@ fn not_found(path: &Path, hint: &str) -> Error {
 }
 
 /// A tokenizer from a GGUF file or a tokenizer.json, with its BOS/EOS ids if it knows them.
+/// The kind is told by the content (GGUF magic, else JSON), so a misnamed file still gets
+/// the message that fits it.
 fn load_tokenizer(path: &Path) -> Result<(tokenizers::Tokenizer, Option<u32>, Option<u32>)> {
-    if path.extension().is_some_and(|e| e == "json") {
-        let t = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::format(Some(path), format!("not a tokenizer.json: {e}")))?;
-        return Ok((t, None, None));
+    let what = |msg: &str| Error::invalid("--tokenizer", format!("{}: {msg}", path.display()));
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(what("not found")),
+        Ok(m) if m.is_dir() => return Err(what("is a directory; expected a .gguf file or a tokenizer.json")),
+        _ => {}
     }
-    let t = GgufTokenizer::from_gguf(&GgufFile::open(path)?)?;
-    Ok((t.inner().clone(), t.bos(), t.eos()))
+    let mut magic = [0u8; 4];
+    let n = std::io::Read::read(&mut sgfs::open_regular(path)?, &mut magic).map_err(|e| Error::io(path, e))?;
+    if n == 4 && &magic == b"GGUF" {
+        let t = GgufTokenizer::from_gguf(&GgufFile::open(path)?)?;
+        return Ok((t.inner().clone(), t.bos(), t.eos()));
+    }
+    let text = sgfs::read_text(path, sgfs::MAX_TEXT_FILE_BYTES)
+        .map_err(|_| what("neither a GGUF file nor a tokenizer.json"))?;
+    if !text.trim_start().starts_with('{') {
+        return Err(what("neither a GGUF file nor a tokenizer.json"));
+    }
+    let t = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text)
+        .map_err(|e| what(&format!("not a valid tokenizer.json: {}", escape(&e.to_string(), 300))))?;
+    Ok((t, None, None))
 }
 
 /// The tokenizer of a Hugging Face directory: its tokenizer.json (what this example
@@ -90,6 +119,9 @@ fn hf_dir_tokenizer(dir: &Path) -> Result<PathBuf> {
     let json = dir.join("tokenizer.json");
     if json.is_file() {
         return Ok(json);
+    }
+    if json.exists() {
+        return Err(Error::format(Some(&json), "not a regular file (expected the model's tokenizer.json)"));
     }
     for place in [Some(dir), dir.parent()].into_iter().flatten() {
         let ggufs: Vec<PathBuf> = std::fs::read_dir(place)
@@ -126,14 +158,23 @@ fn load_model(args: &Args) -> Result<Loaded> {
         (LlamaWeights::from_hf_dir(path)?, None)
     } else {
         let f = GgufFile::open(path)?;
-        let t = GgufTokenizer::from_gguf(&f)?;
-        (LlamaWeights::from_gguf(&f)?, Some((t.inner().clone(), t.bos(), t.eos())))
+        // The weights first: a corrupt model is the error worth reporting, and the
+        // file's tokenizer is only built when no --tokenizer replaces it.
+        let weights = LlamaWeights::from_gguf(&f)?;
+        let t = if args.tokenizer.is_none() {
+            let t = GgufTokenizer::from_gguf(&f)?;
+            Some((t.inner().clone(), t.bos(), t.eos()))
+        } else {
+            None
+        };
+        (weights, t)
     };
     let (tokenizer, bos, eos) = match (&args.tokenizer, from_model) {
         (Some(t), _) => load_tokenizer(t)?,
         (None, Some(t)) => t,
         (None, None) => load_tokenizer(&hf_dir_tokenizer(path)?)?,
     };
+    check_against_model(args, &weights)?;
     let vocab = tokenizer.get_vocab_size(true);
     if vocab > weights.config.vocab {
         return Err(Error::Incompatible {
@@ -148,9 +189,44 @@ fn load_model(args: &Args) -> Result<Loaded> {
     Ok(Loaded { weights, tokenizer, bos, eos })
 }
 
+/// The flags bounded by the model, checked before anything is allocated for training.
+fn check_against_model(args: &Args, w: &LlamaWeights) -> Result<()> {
+    let c = &w.config;
+    if args.seq_len > c.max_seq {
+        return Err(Error::invalid(
+            "--seq-len",
+            format!("{} exceeds the model's context length of {} tokens", args.seq_len, c.max_seq),
+        ));
+    }
+    let max_rank = c.hidden.min(c.ffn);
+    if args.lora_rank > max_rank {
+        return Err(Error::invalid(
+            "--lora-rank",
+            format!(
+                "{} exceeds {max_rank}, the smaller side of the model's {} x {} MLP projections",
+                args.lora_rank, c.ffn, c.hidden
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The flags bounded by the corpus.
+fn check_against_data(args: &Args, data: &Dataset) -> Result<()> {
+    if args.batch > data.train.len() {
+        return Err(Error::invalid(
+            "--batch",
+            format!("{} is more than the {} training sentences", args.batch, data.train.len()),
+        ));
+    }
+    Ok(())
+}
+
 fn load_data(args: &Args, m: &Loaded) -> Result<Dataset> {
-    if !args.data.is_dir() {
-        return Err(not_found(&args.data, "run scripts/fetch-assets.sh, or pass --data"));
+    match std::fs::metadata(&args.data) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => return Err(Error::invalid("--data", format!("{} is not a directory", args.data.display()))),
+        Err(_) => return Err(not_found(&args.data, "run scripts/fetch-assets.sh, or pass --data")),
     }
     let sentences = load_corpus(&args.data)?;
     let split = train_validation_split(&sentences, args.validation_fraction, args.seed)?;
@@ -290,7 +366,7 @@ fn run_method<B: Backend + Clone>(
     let result = run(backend, &m.weights, data, &cfg, None, &mut callback);
     pb.finish_and_clear();
     let (report, model, bases) = result?;
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    output::prepare_out_dir(out)?;
     output::write_csv(&out.join("loss_curve.csv"), &report)?;
     let val_label = format!("validation ({} sentences)", cfg.eval_batches * cfg.batch);
     let smooth = plot::running_mean(&report.train_curve, 5);
@@ -332,6 +408,7 @@ fn main_with(args: &Args, started: Instant) -> Result<()> {
     let m = load_model(args)?;
     let blocks = args.blocks.resolve(m.weights.config.layers)?;
     let data = load_data(args, &m)?;
+    check_against_data(args, &data)?;
     let c = &m.weights.config;
     eprintln!(
         "model {} ({} blocks, hidden {}, ffn {}); {} train / {} validation sentences; loaded in {:.1} s",

@@ -72,7 +72,9 @@ pub fn write_merged<B: Backend + Clone>(
 ) -> Result<()> {
     model.merged_weights(weights)?.save_hf_safetensors(dir)?;
     let path = dir.join("tokenizer.json");
-    tokenizer.save(&path, false).map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))
+    // Through write_atomic like every output (never replacing a special file).
+    let json = tokenizer.to_string(false).map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
+    write_atomic(&path, |w| w.write_all(json.as_bytes()))
 }
 
 pub fn human_bytes(b: usize) -> String {
@@ -157,4 +159,32 @@ pub fn compare_table(rows: &[(FinetuneReport, String)]) -> String {
 
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
     write_atomic(path, |w| w.write_all(text.as_bytes()))
+}
+
+/// Makes sure `dir` is a directory this process can write into, creating it if needed;
+/// `Ok(true)` when it was created here. An existing file, a path under `/proc` or an
+/// unwritable directory fails now, with the flag named, not after the run.
+pub fn prepare_out_dir(dir: &Path) -> Result<bool> {
+    let flag = |msg: String| Error::invalid("--out", format!("{}: {msg}", dir.display()));
+    let created = match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => false,
+        Ok(_) => return Err(flag("exists and is not a directory".into())),
+        Err(_) => {
+            std::fs::create_dir_all(dir).map_err(|e| flag(format!("cannot create the directory: {e}")))?;
+            true
+        }
+    };
+    let probe = dir.join(format!(".sparsegrad-write-test-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(created)
+        }
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_dir(dir);
+            }
+            Err(flag(format!("cannot write into the directory: {e}")))
+        }
+    }
 }

@@ -61,8 +61,19 @@ fn draw_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::io(path, std::io::Error::other(format!("cannot draw the plot: {e}")))
 }
 
-/// Draws `curves` (x: step, y: loss) into a PNG at `path`.
+/// Draws `curves` (x: step, y: loss) into a PNG at `path`, written like every other
+/// output through `write_atomic` (plotters would write the path in place, replacing a
+/// FIFO or a symlink): drawn into a temp file of our own beside it, then copied over.
 pub fn plot(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<()> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-plot-{}.png", std::process::id()));
+    let drawn = draw(&tmp, title, curves).and_then(|()| std::fs::read(&tmp).map_err(|e| Error::io(path, e)));
+    let _ = std::fs::remove_file(&tmp);
+    let bytes = drawn?;
+    sparsegrad::io::write_atomic(path, |w| w.write_all(&bytes))
+}
+
+fn draw(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<()> {
     let finite = || curves.iter().flat_map(|c| c.points.iter()).filter(|p| p.1.is_finite());
     let x_max = finite().map(|p| p.0).max().unwrap_or(1).max(1) as i64;
     let (lo, hi) = finite().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), p| (lo.min(p.1), hi.max(p.1)));

@@ -27,7 +27,6 @@ pub use types::{GgmlType, DEQUANTIZABLE};
 use crate::error::{Error, Result};
 use memmap2::Mmap;
 use parse::Header;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 enum Storage {
@@ -66,11 +65,7 @@ impl GgufFile {
     /// Memory-maps and parses the file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let info = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !info.is_file() {
-            return Err(Error::format(Some(path), "not a regular file"));
-        }
+        let file = crate::io::fs::open_regular(path)?;
         // SAFETY: the map is only read, and every read is bounds-checked against its
         // length. As with any mmap, another process truncating the file meanwhile could
         // fault; model files are not rewritten in place.

@@ -10,6 +10,7 @@
 //! synced, then renamed over the target, so a reader sees the old file or the new one,
 //! never half of one, and a failed write leaves nothing behind.
 
+use super::fs::{escape, write_atomic};
 use crate::error::{Error, Result};
 use ::safetensors::tensor::{Metadata, TensorInfo};
 pub use ::safetensors::Dtype;
@@ -17,11 +18,9 @@ use ::safetensors::SafeTensors;
 use memmap2::Mmap;
 use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 const OP: &str = "safetensors";
 
@@ -54,11 +53,8 @@ impl SafetensorsFile {
     /// header whose tensors exactly cover the rest of the file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = super::fs::open_regular(path)?;
         let info = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !info.is_file() {
-            return Err(Error::format(Some(path), "not a regular file"));
-        }
         if info.len() < 8 {
             return Err(Error::format(
                 Some(path),
@@ -69,11 +65,56 @@ impl SafetensorsFile {
         // mmap, another process truncating the file meanwhile could fault; files written by
         // `write_atomic` are replaced by rename, never truncated in place.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let (n, header) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            Error::format(Some(path), format!("not a valid safetensors file (truncated or corrupt?): {e}"))
-        })?;
+        let (n, header) = read_header(&mmap, Some(path))?;
         let meta = header.metadata().clone().unwrap_or_default();
         Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + n, header, meta })
+    }
+
+    /// Every tensor name with its dtype, shape and raw little-endian bytes.
+    pub fn raw_tensors(&self) -> Vec<(String, Dtype, Vec<usize>, &[u8])> {
+        let mut out = Vec::new();
+        for name in self.names() {
+            if let Some(info) = self.header.info(&name) {
+                if let Ok(b) = self.bytes(&name, info) {
+                    out.push((name, info.dtype, info.shape.clone(), b));
+                }
+            }
+        }
+        out
+    }
+
+    /// Tensor `name` of exactly shape `expected`, stored as F32, F16 or BF16, as f32.
+    pub fn tensor_float_shaped(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let info = self.header.info(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            context: Some(self.path.display().to_string()),
+        })?;
+        if info.shape != expected {
+            return Err(self.shape_error(name, fmt_shape(expected), &info.shape));
+        }
+        let bytes = self.bytes(name, info)?;
+        let mut v = Vec::new();
+        let n = info.shape.iter().product::<usize>();
+        v.try_reserve_exact(n).map_err(|_| Error::OutOfMemory {
+            what: format!("tensor `{name}` of {}", self.path.display()),
+            bytes: (n as u128) * 4,
+        })?;
+        let two = |f: fn(u16) -> f32, v: &mut Vec<f32>| {
+            v.extend(bytes.chunks_exact(2).map(|b| f(u16::from_le_bytes([b[0], b[1]]))))
+        };
+        match info.dtype {
+            Dtype::F32 => v.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+            Dtype::F16 => two(|b| half::f16::from_bits(b).to_f32(), &mut v),
+            Dtype::BF16 => two(|b| half::bf16::from_bits(b).to_f32(), &mut v),
+            other => {
+                return Err(Error::Dtype {
+                    name: name.to_string(),
+                    expected: "F32, F16 or BF16".into(),
+                    got: format!("{other:?}"),
+                })
+            }
+        }
+        Ok(v)
     }
 
     pub fn path(&self) -> &Path {
@@ -259,7 +300,7 @@ impl SafetensorsFile {
         let bytes = self.bytes(name, info)?;
         let mut v = Vec::new();
         v.try_reserve_exact(bytes.len() / 4)
-            .map_err(|_| Error::invalid(OP, format!("cannot allocate {} bytes for `{name}`", bytes.len())))?;
+            .map_err(|_| Error::OutOfMemory { what: format!("tensor `{name}`"), bytes: bytes.len() as u128 })?;
         v.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])));
         Ok(v)
     }
@@ -407,40 +448,73 @@ fn elem_size(d: &Data) -> usize {
     }
 }
 
-/// Distinguishes temp files of concurrent writes from one process.
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Most bytes a safetensors header may hold (the format's own limit is 100 MB).
+const MAX_HEADER_BYTES: usize = 100 << 20;
 
-/// Writes a file through `write` atomically: into a new temp file beside `path`, synced,
-/// then renamed over `path`. On any error the temp file is removed and `path` is left as
-/// it was; I/O errors name `path` (the temp name would only confuse).
-pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid("write_atomic", format!("{} has no file name", path.display())))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}-{}",
-        file_name.to_string_lossy(),
-        std::process::id(),
-        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let io = |e| Error::io(path, e);
-    // create_new: never clobber (or later delete) a file this call did not create.
-    let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(io)?;
-    let result = (|| {
-        let mut w = BufWriter::with_capacity(1 << 20, file);
-        write(&mut w).map_err(io)?;
-        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        fs::rename(&tmp, path).map_err(io)
-    })();
-    if result.is_err() {
-        // Best effort: the original error is the one worth reporting.
-        let _ = fs::remove_file(&tmp);
+/// Parses and validates the header of the safetensors bytes `buf`: no key twice (tensor
+/// or metadata), every tensor's byte range matching its dtype and shape, the ranges
+/// tiling the data section exactly. Errors name the file and the tensor at fault.
+pub(crate) fn read_header(buf: &[u8], path: Option<&Path>) -> Result<(usize, Metadata)> {
+    let bad = |msg: String| Error::format(path, msg);
+    let len_bytes: [u8; 8] = buf
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| bad(format!("{} bytes is too short for a safetensors file (truncated?)", buf.len())))?;
+    let n = u64::from_le_bytes(len_bytes);
+    let n = usize::try_from(n).ok().filter(|&n| n <= MAX_HEADER_BYTES && n <= buf.len() - 8).ok_or_else(|| {
+        bad(format!("header length {n} is past the end of the {}-byte file (truncated or not safetensors?)", buf.len()))
+    })?;
+    let text =
+        std::str::from_utf8(&buf[8..8 + n]).map_err(|_| bad("header is not UTF-8 (not a safetensors file?)".into()))?;
+    let json = super::json::parse_unique_text(text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
+    let data_len = buf.len() - 8 - n;
+    let mut ranges: Vec<(usize, usize, String)> = Vec::new();
+    for (name, v) in obj {
+        if name == "__metadata__" {
+            let ok = v.as_object().is_some_and(|m| m.values().all(|x| x.is_string()));
+            if !ok {
+                return Err(bad("`__metadata__` must map names to strings".into()));
+            }
+            continue;
+        }
+        let tname = escape(name, 200);
+        let info: TensorInfo = serde_json::from_value(v.clone())
+            .map_err(|e| bad(format!("tensor `{tname}`: invalid entry (dtype, shape, data_offsets): {e}")))?;
+        let (s, e) = info.data_offsets;
+        let numel = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let bits = numel.and_then(|n| n.checked_mul(info.dtype.bitsize()));
+        let want = bits.filter(|b| b % 8 == 0).map(|b| b / 8);
+        match want {
+            Some(w) if e >= s && e - s == w => {}
+            _ => {
+                return Err(bad(format!(
+                    "tensor `{tname}`: dtype {:?} and shape {:?} do not match data_offsets [{s}, {e}]",
+                    info.dtype, info.shape
+                )))
+            }
+        }
+        if e > data_len {
+            return Err(bad(format!(
+                "tensor `{tname}`: data_offsets [{s}, {e}] run past the {data_len}-byte data section (truncated?)"
+            )));
+        }
+        ranges.push((s, e, tname));
     }
-    result
+    ranges.sort();
+    let mut at = 0usize;
+    for (s, e, name) in &ranges {
+        if *s != at {
+            let what = if *s < at { "overlaps the tensor before it" } else { "leaves a gap before it" };
+            return Err(bad(format!("tensor `{name}`: data_offsets [{s}, {e}] {what}")));
+        }
+        at = *e;
+    }
+    if at != data_len {
+        return Err(bad(format!("the tensors cover {at} bytes of the {data_len}-byte data section")));
+    }
+    // The checks above are stricter than the crate's; its parse gives the typed header.
+    let (n2, header) = SafeTensors::read_metadata(buf)
+        .map_err(|e| bad(format!("not a valid safetensors file (truncated or corrupt?): {e}")))?;
+    Ok((n2, header))
 }

@@ -106,9 +106,7 @@ impl LlamaConfig {
     /// `max_position_embeddings` 2048; `bos_token_id`/`eos_token_id` optional (a list
     /// of eos ids gives its first).
     pub fn from_hf_config_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(Some(path), format!("not valid JSON: {e}")))?;
+        let json: Value = crate::io::json::read_unique(path)?;
         let meta =
             |key: &str, msg: String| Error::Metadata { key: key.into(), msg: format!("{msg} in {}", path.display()) };
         let get = |key: &str| json.get(key).filter(|v| !v.is_null());

@@ -279,8 +279,17 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             ));
         }
         let c = &self.config;
-        let (t, be) = (batch * seq, &self.backend);
-        let probs = batch * c.heads * seq * seq;
+        // Every buffer size below is a product of these; checked once so none wraps.
+        let widest = c.vocab.max(c.hidden).max(c.q_dim()).max(c.ffn);
+        let sizes = batch.checked_mul(seq).and_then(|t| Some((t, t.checked_mul(widest)?)));
+        let probs = batch.checked_mul(c.heads).and_then(|v| v.checked_mul(seq)?.checked_mul(seq));
+        let (Some((t, _)), Some(probs)) = (sizes, probs) else {
+            return Err(Error::invalid(
+                "LlamaModel",
+                format!("batch {batch} x sequence length {seq} overflows the activation sizes"),
+            ));
+        };
+        let be = &self.backend;
         for l in &mut self.layers {
             grow(be, &mut l.x_in, t * c.hidden)?;
             grow(be, &mut l.inv_rms_attn, t)?;

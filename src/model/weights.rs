@@ -179,6 +179,12 @@ pub fn unpermute_rope_rows(w: &[f32], n_head: usize, cols: usize) -> Result<Vec<
     Ok(out)
 }
 
+/// [`Error::NonFinite`] naming the weight tensor and its file when `w` holds NaN or inf:
+/// found at load, such a weight would otherwise surface as a NaN gradient mid-training.
+pub(crate) fn check_weight_finite(name: &str, file: &str, w: &[f32]) -> Result<()> {
+    crate::io::check_finite(&format!("model weight `{name}` in {file}"), w)
+}
+
 fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
@@ -189,12 +195,50 @@ impl LlamaWeights {
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let config = LlamaConfig::from_gguf(f)?;
         let c = &config;
-        let embed = f.tensor_f32_shaped("token_embd.weight", &[c.vocab, c.hidden])?;
-        let mut layers = Vec::with_capacity(c.layers);
+        let where_ = f.path().map(|p| p.display().to_string()).unwrap_or_else(|| "GGUF data".into());
+        // Every tensor is looked up and shape-checked before anything is allocated, so a
+        // config asking for more than the file holds (block_count 0xffffffff) fails here.
+        let mut wanted = vec![("token_embd.weight".to_string(), vec![c.vocab, c.hidden])];
+        for i in 0..c.layers {
+            for field in Field::ALL {
+                let name = format!("blk.{i}.{}.weight", field.gguf());
+                if !f.contains_tensor(&name) {
+                    return Err(Error::MissingTensor {
+                        name,
+                        context: Some(format!("{where_} (llama.block_count says {} blocks)", c.layers)),
+                    });
+                }
+                wanted.push((name, field.shape(c)));
+            }
+        }
+        wanted.push(("output_norm.weight".into(), vec![c.hidden]));
+        if !c.tied_embeddings {
+            wanted.push(("output.weight".into(), vec![c.vocab, c.hidden]));
+        }
+        for (name, shape) in &wanted {
+            let info = f
+                .tensor_info(name)
+                .ok_or_else(|| Error::MissingTensor { name: name.clone(), context: Some(where_.clone()) })?;
+            if info.shape() != *shape {
+                return Err(Error::shape(
+                    "gguf",
+                    format!("tensor `{name}` in {where_}"),
+                    format!("{shape:?}"),
+                    format!("{:?}", info.shape()),
+                ));
+            }
+        }
+        let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let w = f.tensor_f32_shaped(name, shape)?;
+            check_weight_finite(name, &where_, &w)?;
+            Ok(w)
+        };
+        let embed = load("token_embd.weight", &[c.vocab, c.hidden])?;
+        let mut layers = Vec::new();
         for i in 0..c.layers {
             layers.push(LayerWeights::build(|field| {
                 let name = format!("blk.{i}.{}.weight", field.gguf());
-                let w = f.tensor_f32_shaped(&name, &field.shape(c))?;
+                let w = load(&name, &field.shape(c))?;
                 match field {
                     Field::Q => unpermute_rope_rows(&w, c.heads, c.hidden),
                     Field::K => unpermute_rope_rows(&w, c.kv_heads, c.hidden),
@@ -202,9 +246,8 @@ impl LlamaWeights {
                 }
             })?);
         }
-        let final_norm = f.tensor_f32_shaped("output_norm.weight", &[c.hidden])?;
-        let lm_head =
-            if c.tied_embeddings { None } else { Some(f.tensor_f32_shaped("output.weight", &[c.vocab, c.hidden])?) };
+        let final_norm = load("output_norm.weight", &[c.hidden])?;
+        let lm_head = if c.tied_embeddings { None } else { Some(load("output.weight", &[c.vocab, c.hidden])?) };
         let w = LlamaWeights { config, embed, layers, final_norm, lm_head };
         w.validate()?;
         Ok(w)

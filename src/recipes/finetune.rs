@@ -196,7 +196,43 @@ impl FinetuneConfig {
         if !(self.keep > 0.0 && self.keep <= 1.0) {
             return Err(Error::invalid("finetune", format!("keep {} outside (0, 1]", self.keep)));
         }
+        // Sizes bounded by what the model allows, before anything is allocated.
+        let c = &weights.config;
+        if self.seq_len > c.max_seq {
+            return Err(Error::invalid(
+                "finetune",
+                format!("seq_len {} exceeds the model's context length of {} tokens", self.seq_len, c.max_seq),
+            ));
+        }
+        let tokens = self.batch.checked_mul(self.seq_len);
+        if tokens.and_then(|t| t.checked_mul(c.vocab.max(c.ffn))).is_none_or(|n| n > isize::MAX as usize / 8) {
+            return Err(Error::invalid(
+                "finetune",
+                format!("batch {} x seq_len {} tokens is too many to hold the activations", self.batch, self.seq_len),
+            ));
+        }
+        let max_rank = c.ffn.min(c.hidden);
+        if self.method == MethodKind::Lora && self.lora_rank > max_rank {
+            return Err(Error::invalid(
+                "finetune",
+                format!(
+                    "LoRA rank {} exceeds {max_rank}, the smaller side of the {} x {} MLP projections",
+                    self.lora_rank, c.ffn, c.hidden
+                ),
+            ));
+        }
         Ok(())
+    }
+}
+
+/// NaN or infinity met after `step` training steps is divergence, said in those words.
+fn diverged_at(step: usize) -> impl Fn(Error) -> Error {
+    move |e| match e {
+        Error::NonFinite { .. } if step > 0 => Error::Diverged {
+            step,
+            detail: "the weights or gradients became NaN or infinite (try a smaller learning rate)".into(),
+        },
+        e => e,
     }
 }
 
@@ -267,8 +303,12 @@ pub fn run<B: Backend + Clone>(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(FinetuneReport, LlamaModel<B>, Option<BasisSet>)> {
     cfg.validate(weights)?;
+    if data.train.is_empty() {
+        return Err(Error::invalid("finetune", "no training sentences"));
+    }
     let spec = cfg.batch_spec(data);
-    let val_rows: Vec<&[u32]> = data.validation.iter().take(cfg.eval_batches * cfg.batch).map(Vec::as_slice).collect();
+    let val_rows: Vec<&[u32]> =
+        data.validation.iter().take(cfg.eval_batches.saturating_mul(cfg.batch)).map(Vec::as_slice).collect();
     if val_rows.is_empty() {
         return Err(Error::invalid("finetune", "no validation sentences"));
     }
@@ -292,12 +332,19 @@ pub fn run<B: Backend + Clone>(
     let before = eval(&mut model, &val_batches)?;
     progress(Progress::Eval { step: 0, loss: before });
     let mut val_curve = vec![(0, before)];
-    let mut train_curve = Vec::with_capacity(cfg.steps);
+    // Grown as steps run: `steps` comes from the user and may be far beyond any real run.
+    let mut train_curve = Vec::with_capacity(cfg.steps.min(1 << 16));
     let (mut tokens, mut train_seconds) = (0usize, 0.0f64);
     for (i, batch) in train_batches(data, spec, cfg.seed).take(cfg.steps).enumerate() {
         let b = batch?;
         let t0 = Instant::now();
-        let loss = model.train_step(&b.tokens())?;
+        let loss = model.train_step(&b.tokens()).map_err(diverged_at(i + 1))?;
+        if !loss.mean().is_finite() {
+            return Err(Error::Diverged {
+                step: i + 1,
+                detail: format!("the training loss is {} (try a smaller learning rate)", loss.mean()),
+            });
+        }
         backend.synchronize()?;
         train_seconds += t0.elapsed().as_secs_f64();
         tokens += loss.tokens;
@@ -309,12 +356,19 @@ pub fn run<B: Backend + Clone>(
             tokens_per_s: tokens as f64 / train_seconds.max(1e-9),
         });
         if cfg.eval_every > 0 && (i + 1) % cfg.eval_every == 0 && i + 1 < cfg.steps {
-            let v = eval(&mut model, &val_batches)?;
+            let v = eval(&mut model, &val_batches).map_err(diverged_at(i + 1))?;
             val_curve.push((i + 1, v));
             progress(Progress::Eval { step: i + 1, loss: v });
         }
     }
-    let after = eval(&mut model, &val_batches)?;
+    let after = eval(&mut model, &val_batches).map_err(diverged_at(cfg.steps))?;
+    if !after.is_finite() {
+        return Err(diverged_at(cfg.steps)(Error::NonFinite {
+            what: "validation loss".into(),
+            count: 1,
+            first_index: 0,
+        }));
+    }
     val_curve.push((cfg.steps, after));
     progress(Progress::Eval { step: cfg.steps, loss: after });
     let report = FinetuneReport {

@@ -186,6 +186,13 @@ impl BatchSpec {
                 format!("batch ({}) and seq_len ({}) must be positive", self.batch, self.seq_len),
             ));
         }
+        // fill_batch allocates batch * seq_len ids three times over.
+        if self.batch.checked_mul(self.seq_len).is_none_or(|n| n > isize::MAX as usize / 8) {
+            return Err(Error::invalid(
+                "BatchSpec",
+                format!("batch ({}) x seq_len ({}) is too large", self.batch, self.seq_len),
+            ));
+        }
         Ok(())
     }
 }

@@ -11,7 +11,7 @@ mod topk;
 mod transformer;
 
 use crate::backend::{Backend, MemoryCounters, MemoryStats};
-use crate::error::{check_len, Result};
+use crate::error::{check_len, Error, Result};
 use crate::scalar::Elem;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +65,17 @@ impl<T: std::fmt::Debug> std::fmt::Debug for CpuBuf<T> {
     }
 }
 
+/// An empty Vec with room for `len` elements, or [`Error::OutOfMemory`] naming the
+/// buffer and its bytes where `vec![..; len]` would abort the process.
+fn try_host_vec<T>(len: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| Error::OutOfMemory {
+        what: format!("a cpu backend buffer of {len} x {}", std::any::type_name::<T>()),
+        bytes: len as u128 * std::mem::size_of::<T>() as u128,
+    })?;
+    Ok(v)
+}
+
 /// The CPU backend. Cheap to clone; clones share memory counters.
 #[derive(Clone, Default, Debug)]
 pub struct Cpu {
@@ -100,11 +111,15 @@ impl Backend for Cpu {
     }
 
     fn alloc<T: Elem>(&self, len: usize) -> Result<CpuBuf<T>> {
-        Ok(CpuBuf::new(vec![T::default(); len], &self.counters))
+        let mut data = try_host_vec::<T>(len)?;
+        data.resize(len, T::default());
+        Ok(CpuBuf::new(data, &self.counters))
     }
 
     fn upload<T: Elem>(&self, host: &[T]) -> Result<CpuBuf<T>> {
-        Ok(CpuBuf::new(host.to_vec(), &self.counters))
+        let mut data = try_host_vec::<T>(host.len())?;
+        data.extend_from_slice(host);
+        Ok(CpuBuf::new(data, &self.counters))
     }
 
     fn upload_into<T: Elem>(&self, host: &[T], dst: &mut CpuBuf<T>) -> Result<()> {

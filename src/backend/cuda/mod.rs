@@ -305,8 +305,14 @@ impl Cuda {
         ctx.bind_to_thread().map_err(cuda_err("alloc"))?;
         // SAFETY: the memory is zeroed below before anyone reads it, or (zero = false) fully
         // overwritten by the caller (`upload`) before the buffer is handed out.
-        let slice = unsafe { stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| Error::Cuda { op: "alloc", msg: format!("{len} x {}: {e}", std::any::type_name::<T>()) })?;
+        let slice = unsafe { stream.alloc::<T>(len.max(1)) }.map_err(|e| {
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                let what = format!("a cuda backend buffer of {len} x {}", std::any::type_name::<T>());
+                Error::OutOfMemory { what, bytes: bytes as u128 }
+            } else {
+                Error::Cuda { op: "alloc", msg: format!("{len} x {}: {e}", std::any::type_name::<T>()) }
+            }
+        })?;
         if zero {
             let (ptr, _sync) = slice.device_ptr(stream);
             // SAFETY: `ptr` addresses `bytes` bytes just allocated on this stream.

@@ -26,18 +26,67 @@ Output (safetensors, written atomically): per group `{group}.P` [out, out],
 `{group}.sigma_out` [out], `{group}.sigma_in` [in]; metadata `format` = sparsegrad-basis,
 `version` = 1, `{group}.n_grads` = the number of gradients.
 
+Memory: the Grams of every group are held together, 12 (out^2 + in^2) bytes per group,
+plus about 28 n^2 bytes for the eigensolve of the larger side n; a run that would need
+more than --max-memory is refused before anything is allocated.
+
 Options:
   --grads FILE    input gradient stacks (repeatable, at least one)
   --output FILE   where to write the basis
+  --max-memory GIB  refuse runs needing more (default 8)
   -h, --help      print this help
 ";
+
+/// Default of `--max-memory`, in GiB.
+const DEFAULT_MAX_MEMORY_GIB: f64 = 8.0;
+
+/// The memory the groups will need, checked before any Gram is allocated: per group two
+/// f64 Grams and their f32 scratch, `12 (out^2 + in^2)` bytes, all held together; plus,
+/// one group at a time, the eigensolve of the larger side `n`: a copy of its Gram, the
+/// `dsyevd` workspace (`1 + 6n + 2n^2` f64) and the f32 result, about `28 n^2` bytes.
+struct MemoryBudget {
+    limit_bytes: f64,
+    grams: f64,
+    eig_peak: f64,
+}
+
+impl MemoryBudget {
+    fn admit(&mut self, group: &str, path: &std::path::Path, out: usize, inp: usize) -> Result<(), CliError> {
+        let (o, i) = (out as f64, inp as f64);
+        let grams = self.grams + 12.0 * (o * o + i * i);
+        let n = o.max(i);
+        let eig = self.eig_peak.max(28.0 * n * n + 8.0 * (6.0 * n + 1.0));
+        if grams + eig > self.limit_bytes {
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            return Err(in_file(
+                path,
+                Error::invalid(
+                    "sparsegrad basis",
+                    format!(
+                        "group `{}` of [{out}, {inp}] gradients needs its {out} x {out} and {inp} x {inp} Gram matrices; with the groups before it the basis computation would need about {:.1} GiB, over the --max-memory limit of {:.1} GiB (raise it if the machine has the memory)",
+                        sparsegrad::io::escape(group, 200),
+                        gib(grams + eig),
+                        gib(self.limit_bytes)
+                    ),
+                ),
+            ));
+        }
+        self.grams = grams;
+        self.eig_peak = eig;
+        Ok(())
+    }
+}
 
 /// Values converted per chunk: 64 MiB of f32, so memory stays bounded by the Grams plus
 /// this, however large the stacks are.
 const CHUNK_VALUES: usize = 16 << 20;
 
 pub fn run(argv: &[OsString]) -> Result<(), CliError> {
-    let opts = [Opt { name: "grads", repeatable: true }, Opt { name: "output", repeatable: false }];
+    let opts = [
+        Opt { name: "grads", repeatable: true },
+        Opt { name: "output", repeatable: false },
+        Opt { name: "max-memory", repeatable: false },
+    ];
     let parsed = args::parse("basis", argv, &opts)?;
     if parsed.help {
         crate::print_out(HELP);
@@ -48,6 +97,22 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
         return Err(CliError::usage("missing required option `--grads` (try `sparsegrad basis --help`)"));
     }
     let output = parsed.required("basis", "output")?;
+    let limit = match parsed.all("max-memory").first() {
+        None => DEFAULT_MAX_MEMORY_GIB,
+        Some(v) => {
+            let text = v.to_string_lossy();
+            match text.trim().parse::<f64>() {
+                Ok(g) if g.is_finite() && g > 0.0 => g,
+                _ => {
+                    return Err(CliError::usage(format!(
+                        "option `--max-memory`: `{}` is not a positive number of GiB",
+                        sparsegrad::io::escape(&text, 100)
+                    )))
+                }
+            }
+        }
+    };
+    let mut budget = MemoryBudget { limit_bytes: limit * (1u64 << 30) as f64, grams: 0.0, eig_peak: 0.0 };
 
     // Group name -> (accumulator, file that fixed its shape).
     let mut groups: BTreeMap<String, (GramAccumulator, PathBuf)> = BTreeMap::new();
@@ -62,14 +127,23 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
             .into());
         }
         for name in names {
-            accumulate(&file, &name, &mut groups)?;
+            accumulate(&file, &name, &mut groups, &mut budget)?;
         }
     }
 
     let mut set = BasisSet::new();
     let mut summary = String::new();
     for (group, (acc, _)) in &groups {
-        let basis = acc.basis(group)?;
+        if acc.count() == 0 {
+            return Err(CliError::from(Error::invalid(
+                "sparsegrad basis",
+                format!("group `{group}`: no gradients (every stack of it has N = 0)"),
+            )));
+        }
+        let basis = acc.basis(group).map_err(|e| {
+            let file = groups.get(group).map(|g| g.1.display().to_string()).unwrap_or_default();
+            CliError::from(Error::InvalidBasis { group: group.clone(), msg: format!("(from {file}): {e}") })
+        })?;
         summary.push_str(&format!(
             "{group}: {} gradients of [{}, {}]\n",
             acc.count(),
@@ -88,6 +162,7 @@ fn accumulate(
     file: &SafetensorsFile,
     name: &str,
     groups: &mut BTreeMap<String, (GramAccumulator, PathBuf)>,
+    budget: &mut MemoryBudget,
 ) -> Result<(), CliError> {
     let path = file.path();
     let (Some(dtype), Some(shape)) = (file.dtype(name), file.shape(name)) else {
@@ -116,6 +191,9 @@ fn accumulate(
             got: format!("{shape:?}"),
         };
         return Err(in_file(path, e));
+    }
+    if !groups.contains_key(name) {
+        budget.admit(name, path, out, inp)?;
     }
     let (acc, first) =
         groups.entry(name.to_string()).or_insert_with(|| (GramAccumulator::new(out, inp), path.to_path_buf()));

@@ -25,7 +25,8 @@ Input metadata (strings):
   sd_threshold  for `sd`: relative threshold in [0, 1] (0 gives the exact result)
   lr, beta1, beta2, eps   Adam hyperparameters (SparseAdam on Wt, Adam on the bias,
                 no weight decay)
-  steps         number of forward/backward/optimizer steps (>= 1)
+  steps         number of forward/backward/optimizer steps (1 ..= 1000000; runs
+                longer than 5 s print progress on stderr)
   formulation   optional: `transformed` or `merged` (default: the cheaper for T tokens;
                 `sd` with a threshold above 0 needs `transformed`)
 Other tensors and metadata keys are ignored.
@@ -42,6 +43,12 @@ Options:
   --output FILE   where to write the results
   -h, --help      print this help
 ";
+
+/// Most steps an input file may ask for: the outputs a check needs come from the first
+/// step and the last, and a million steps of even a tiny layer take about a minute.
+pub const MAX_STEPS: u64 = 1_000_000;
+/// Seconds between progress lines on stderr once a run is that long.
+const PROGRESS_EVERY_S: u64 = 5;
 
 /// Everything read from the input file, checked.
 struct Problem {
@@ -88,6 +95,16 @@ fn read_problem(f: &SafetensorsFile) -> Result<Problem, Error> {
     let (out, inp) = (wshape[0], wshape[1]);
     if out == 0 || inp == 0 {
         return Err(shape_err("weight", "[out, in] with out, in >= 1", &wshape));
+    }
+    // A weight given as [in, out] would otherwise be reported on P, which is correct.
+    if let (Some(&[po, po2]), Some(&[qi, qi2])) = (f.shape("P"), f.shape("Q")) {
+        if po == po2 && qi == qi2 && po != qi && (out, inp) == (qi, po) {
+            return Err(shape_err(
+                "weight",
+                &format!("[{po}, {qi}] ([out, in]: out = {po} from P [{po}, {po}], in = {qi} from Q [{qi}, {qi}]; given transposed?)"),
+                &wshape,
+            ));
+        }
     }
     let p = f.tensor_f32_shaped("P", &[out, out])?;
     let q = f.tensor_f32_shaped("Q", &[inp, inp])?;
@@ -152,6 +169,9 @@ fn read_problem(f: &SafetensorsFile) -> Result<Problem, Error> {
     if steps == 0 {
         return Err(meta_err("steps", "0: at least one step is needed (the outputs come from the first)".into()));
     }
+    if steps > MAX_STEPS {
+        return Err(meta_err("steps", format!("{steps} is more than the {MAX_STEPS} this command runs")));
+    }
     let cfg = SparseGradConfig {
         keep: Keep::Count(k),
         selection,
@@ -184,13 +204,16 @@ fn check_threshold(t: f32) -> Result<(), Error> {
     }
 }
 
-/// A finite f32 hyperparameter satisfying `ok`.
+/// A finite f32 hyperparameter satisfying `ok`. Errors show the text the file holds: a
+/// value such as `1e-50` rounds to 0 in f32, and "0 must be > 0" would confuse.
 fn hyper(f: &SafetensorsFile, key: &str, ok: impl Fn(f32) -> bool, range: &str) -> Result<f32, Error> {
     let v: f32 = f.meta_parse(key)?;
     if v.is_finite() && ok(v) {
         Ok(v)
     } else {
-        Err(meta_err(key, format!("{v} must be finite and {range}")))
+        let text = sparsegrad::io::escape(f.meta_str(key)?.trim(), 100);
+        let as_f32 = if text == v.to_string() { String::new() } else { format!(" ({v} in f32)") };
+        Err(meta_err(key, format!("`{text}`{as_f32} must be finite and {range}")))
     }
 }
 
@@ -204,7 +227,14 @@ fn execute(p: &Problem) -> Result<SafetensorsWriter, Error> {
     let mut y = cpu.alloc::<f32>(t * out)?;
     let mut dx = cpu.alloc::<f32>(t * inp)?;
     let mut first = None;
+    let started = std::time::Instant::now();
+    let mut last_report = started;
     for s in 0..p.steps {
+        // Long runs say where they are (stderr, so the output protocol is untouched).
+        if last_report.elapsed().as_secs() >= PROGRESS_EVERY_S {
+            last_report = std::time::Instant::now();
+            eprintln!("step {s}/{} ({:.0} s)", p.steps, started.elapsed().as_secs_f64());
+        }
         layer.forward(&x, t, &mut y)?;
         if s == 0 {
             layer.backward(&g, t, Some(&mut dx))?;

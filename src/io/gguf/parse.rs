@@ -472,5 +472,25 @@ pub(crate) fn parse_header(buf: &[u8], path: Option<&Path>) -> Result<Header> {
         }
         tensors.push(TensorInfo { name, ne, ggml_type: ty, offset: off, n_elements, n_bytes });
     }
+    // Two tensors sharing bytes would silently alias each other's weights.
+    let mut placed: Vec<&TensorInfo> = tensors.iter().filter(|t| t.n_bytes > 0).collect();
+    placed.sort_by_key(|t| t.offset);
+    for pair in placed.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if b.offset < a.offset + a.n_bytes {
+            return Err(Error::format(
+                path,
+                format!(
+                    "GGUF: tensor `{}` (bytes {}..{} of the data section) overlaps tensor `{}` (bytes {}..{})",
+                    b.name,
+                    b.offset,
+                    b.offset + b.n_bytes,
+                    a.name,
+                    a.offset,
+                    a.offset + a.n_bytes
+                ),
+            ));
+        }
+    }
     Ok(Header { version, metadata, meta_index, tensors, tensor_index, alignment, data_start, data_len })
 }

@@ -8,12 +8,12 @@
 use super::{Field, LayerWeights, LlamaWeights};
 use crate::error::{Error, Result};
 use crate::io::write_atomic;
+use crate::io::SafetensorsFile;
 use crate::model::config::LlamaConfig;
-use memmap2::Mmap;
 use safetensors::tensor::{Metadata, TensorInfo};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use std::collections::{BTreeSet, HashMap};
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 
 const OP: &str = "hf safetensors";
@@ -35,9 +35,7 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let index = dir.join(INDEX);
     if index.is_file() {
-        let text = fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(Some(&index), format!("not valid JSON: {e}")))?;
+        let json = crate::io::json::read_unique(&index)?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -71,59 +69,67 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards)
 }
 
-fn map(path: &Path) -> Result<Mmap> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: read-only map; safetensors validates the header and every tensor's byte
-    // range against the map's length before handing out slices.
-    unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))
-}
-
-/// Little-endian f32, f16 or bf16 bytes to f32.
-fn to_f32(name: &str, dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    let two = |f: fn(u16) -> f32| bytes.chunks_exact(2).map(|b| f(u16::from_le_bytes([b[0], b[1]]))).collect();
-    Ok(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => two(|b| half::f16::from_bits(b).to_f32()),
-        Dtype::BF16 => two(|b| half::bf16::from_bits(b).to_f32()),
-        other => {
-            return Err(Error::Dtype {
-                name: name.to_string(),
-                expected: "F32, F16 or BF16".into(),
-                got: format!("{other:?}"),
-            })
-        }
-    })
-}
-
 pub(super) fn load(dir: &Path) -> Result<LlamaWeights> {
+    let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+    if !meta.is_dir() {
+        return Err(Error::format(Some(dir), "not a directory (expected a Hugging Face model directory)"));
+    }
     let config = LlamaConfig::from_hf_config_json(&dir.join("config.json"))?;
-    let paths = shard_files(dir)?;
-    let maps = paths.iter().map(|p| map(p)).collect::<Result<Vec<_>>>()?;
-    let files = paths
-        .iter()
-        .zip(&maps)
-        .map(|(p, m)| {
-            SafeTensors::deserialize(m).map(|st| (p, st)).map_err(|e| {
-                Error::format(Some(p), format!("not a valid safetensors file (truncated or corrupt?): {e}"))
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let (path, view) = files
-            .iter()
-            .find_map(|(p, st)| st.tensor(name).ok().map(|v| (p, v)))
-            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), context: Some(dir.display().to_string()) })?;
-        if view.shape() != shape {
+    let files = shard_files(dir)?.iter().map(SafetensorsFile::open).collect::<Result<Vec<_>>>()?;
+    // Which shard holds each tensor; one tensor in two shards is ambiguous, not "first wins".
+    let mut owner: HashMap<String, usize> = HashMap::new();
+    for (i, f) in files.iter().enumerate() {
+        for name in f.names() {
+            if let Some(j) = owner.insert(name.clone(), i) {
+                return Err(Error::format(
+                    Some(dir),
+                    format!("tensor `{name}` appears in both {} and {}", files[j].path().display(), f.path().display()),
+                ));
+            }
+        }
+    }
+    let c = &config;
+    let mut wanted = vec![(EMBED.to_string(), vec![c.vocab, c.hidden])];
+    for i in 0..c.layers {
+        for f in Field::ALL {
+            let name = layer_name(i, f);
+            // Checked here, before any allocation: num_hidden_layers may ask for far more.
+            if !owner.contains_key(&name) {
+                return Err(Error::MissingTensor {
+                    name,
+                    context: Some(format!("{} (config.json says {} layers)", dir.display(), c.layers)),
+                });
+            }
+            wanted.push((name, f.shape(c)));
+        }
+    }
+    wanted.push((NORM.into(), vec![c.hidden]));
+    if !c.tied_embeddings {
+        wanted.push((LM_HEAD.into(), vec![c.vocab, c.hidden]));
+    }
+    for (name, shape) in &wanted {
+        let f = owner
+            .get(name)
+            .map(|&i| &files[i])
+            .ok_or_else(|| Error::MissingTensor { name: name.clone(), context: Some(dir.display().to_string()) })?;
+        if f.shape(name) != Some(&shape[..]) {
             return Err(Error::shape(
                 OP,
-                format!("tensor `{name}` in {}", path.display()),
+                format!("tensor `{name}` in {}", f.path().display()),
                 format!("{shape:?}"),
-                format!("{:?}", view.shape()),
+                format!("{:?}", f.shape(name).unwrap_or(&[])),
             ));
         }
-        to_f32(name, view.dtype(), view.data())
+    }
+    let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        let f = owner
+            .get(name)
+            .map(|&i| &files[i])
+            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), context: Some(dir.display().to_string()) })?;
+        let w = f.tensor_float_shaped(name, shape)?;
+        super::check_weight_finite(name, &f.path().display().to_string(), &w)?;
+        Ok(w)
     };
-    let c = &config;
     let embed = load(EMBED, &[c.vocab, c.hidden])?;
     let layers = (0..c.layers)
         .map(|i| LayerWeights::build(|f| load(&layer_name(i, f), &f.shape(c))))
