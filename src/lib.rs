@@ -50,7 +50,7 @@ pub mod scalar;
 
 pub use backend::cpu::Cpu;
 pub use backend::cuda::Cuda;
-pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
+pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock, PoolKind};
 pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport};
 pub use error::{Error, Result};
 pub use linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
