@@ -46,6 +46,7 @@ pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod optim;
+pub mod recipes;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;
