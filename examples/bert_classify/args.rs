@@ -60,6 +60,7 @@ pub struct Args {
     pub margin: f32,
     pub seed: u64,
     pub study: bool,
+    pub premise: bool,
     pub study_seeds: usize,
 }
 
@@ -95,6 +96,8 @@ usage: bert_classify [flags]
   --margin F           VADER: drop |rating| < F (default 0.5)
   --seed N             split, batches and initialisation (default 0)
   --study              methods x keep 0.5%/1%/2% x seeds; writes study.md and study.png
+  --premise            measure the method's premise only: the top-1% share of the MLP
+                       gradients' energy, original vs basis (per type, per layer)
   --study-seeds N      seeds of the study (default 3)
   --help";
 
@@ -131,6 +134,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         margin: 0.5,
         seed: 0,
         study: false,
+        premise: false,
         study_seeds: 3,
     };
     let mut selection_sd = false;
@@ -193,6 +197,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
             "--margin" => a.margin = num(f, value(f, &mut it)?)?,
             "--seed" => a.seed = num(f, value(f, &mut it)?)?,
             "--study" => a.study = true,
+            "--premise" => a.premise = true,
             "--study-seeds" => a.study_seeds = num(f, value(f, &mut it)?)?,
             other => return Err(Error::invalid("command line", format!("unknown flag `{other}` (see --help)"))),
         }

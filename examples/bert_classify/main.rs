@@ -9,6 +9,7 @@
 
 mod args;
 mod plot;
+mod premise;
 mod train;
 
 use args::{Args, Device, MethodKind};
@@ -93,6 +94,18 @@ fn main_with(args: &Args) -> Result<()> {
     }
     let p = prepare(args)?;
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    if args.premise {
+        let premise = match args.device {
+            Device::Cpu => premise::measure(&Cpu::new(), &p, args)?,
+            Device::Cuda => premise::measure(&Cuda::new(0)?, &p, args)?,
+        };
+        let md = premise.markdown();
+        let path = args.out.join("premise.md");
+        std::fs::write(&path, &md).map_err(|e| Error::io(&path, e))?;
+        print!("{md}");
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
     if args.study {
         return study(args, &p);
     }
@@ -241,6 +254,17 @@ fn study(args: &Args, p: &Prepared) -> Result<()> {
         }
         lines.push((method, pts));
     }
+    let premise = match args.device {
+        Device::Cpu => premise::measure(&Cpu::new(), p, args)?,
+        Device::Cuda => premise::measure(&Cuda::new(0)?, p, args)?,
+    };
+    let _ = write!(
+        md,
+        "\nThe premise (top-1% of entries by magnitude, share of a step's squared gradient norm; {} batches \
+         for the bases, 4 held out):\n\n{}",
+        args.prelim_steps,
+        premise.markdown()
+    );
     let path = args.out.join("study.md");
     std::fs::write(&path, &md).map_err(|e| Error::io(&path, e))?;
     let series: Vec<plot::Series> = lines
