@@ -352,6 +352,20 @@ fn weights_round_trip_through_hf_safetensors_and_loaders_name_what_is_wrong() {
     let dir = tempdir("roundtrip");
     w.save_hf_safetensors(&dir).unwrap();
     assert_eq!(BertWeights::from_hf_dir(&dir).unwrap(), w);
+    // A task checkpoint's names (`bert.` prefix, plus a pooler and a classifier) load too.
+    let file = sparsegrad::io::safetensors::SafetensorsFile::open(dir.join("model.safetensors")).unwrap();
+    let mut prefixed = sparsegrad::io::safetensors::SafetensorsWriter::new();
+    for name in file.names() {
+        let (data, shape) = file.tensor_f32(&name).unwrap();
+        prefixed.add_f32(&format!("bert.{name}"), &shape, data).unwrap();
+    }
+    prefixed.add_f32("bert.pooler.dense.bias", &[8], vec![0.5; 8]).unwrap();
+    prefixed.add_f32("classifier.weight", &[2, 8], vec![0.5; 16]).unwrap();
+    let task_dir = tempdir("prefixed");
+    prefixed.write(&task_dir.join("model.safetensors")).unwrap();
+    std::fs::copy(dir.join("config.json"), task_dir.join("config.json")).unwrap();
+    assert_eq!(BertWeights::from_hf_dir(&task_dir).unwrap(), w);
+    std::fs::remove_dir_all(&task_dir).ok();
     // A config that does not match the tensors: the first mismatched tensor is named.
     let mut cfg2 = cfg.clone();
     cfg2.ffn = 13;
