@@ -119,3 +119,26 @@ fn a_short_sparsegrad_run_beats_the_untrained_head_and_writes_everything() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_tiny_study_writes_its_table_plot_and_premise() {
+    let Some(model) = minilm() else { return };
+    let dir = tmp("study");
+    let out_dir = dir.join("out");
+    #[rustfmt::skip]
+    let out = run(&[
+        "--model", model.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), "--study", "--study-seeds", "1",
+        "--steps", "1", "--batch", "4", "--max-len", "16", "--prelim-steps", "1", "--eval-limit", "8",
+        "--test-limit", "16", "--layers", "5",
+    ]);
+    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let md = std::fs::read_to_string(out_dir.join("study.md")).unwrap();
+    // 3 budgets for each of sparsegrad, lora, meprop, one row for full; the premise table.
+    for m in ["sparsegrad", "lora", "meprop"] {
+        assert_eq!(md.lines().filter(|l| l.starts_with(&format!("| {m} |"))).count(), 3, "{md}");
+    }
+    assert_eq!(md.lines().filter(|l| l.starts_with("| full | all |")).count(), 1, "{md}");
+    assert!(md.contains("| intermediate |") && md.contains("| output |"), "{md}");
+    assert!(out_dir.join("study.png").metadata().is_ok_and(|m| m.len() > 0));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -12,6 +12,7 @@ use sparsegrad::model::bert::{BertModel, BertPlan, BertWeights, HeadConfig};
 use sparsegrad::recipes::classify::accuracy_macro_f1;
 use sparsegrad::{AdamParams, Backend, BasisSet, Keep, Optimizer, Result, Selection};
 use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
 use std::time::Instant;
 
 /// A split tokenized once: ids per sentence and labels.
@@ -234,10 +235,16 @@ pub fn run<B: Backend + Clone>(
             (loss_sum, loss_n) = (0.0, 0);
             let (acc, f1) = evaluate(&mut model, &p.validation, args.eval_limit, p.pad_id, args.batch)?;
             r.val_curve.push((step, acc, f1));
-            pb.println(format!(
+            let line = format!(
                 "step {step}: train loss {:.4}, validation accuracy {acc:.3}, macro-F1 {f1:.3}",
                 r.loss_curve.last().map_or(0.0, |x| x.1)
-            ));
+            );
+            // Without a terminal the bar is hidden (and so are its lines): plain lines for logs.
+            match (quiet, std::io::stderr().is_terminal()) {
+                (true, _) => {}
+                (false, true) => pb.println(line),
+                (false, false) => eprintln!("{line}"),
+            }
         }
     }
     let train_s = started.elapsed().as_secs_f64();
