@@ -6,7 +6,6 @@
 use plotters::prelude::*;
 use plotters::style::register_font;
 use sparsegrad::{Error, Result};
-use std::io::Write;
 use std::path::Path;
 use std::sync::OnceLock;
 
