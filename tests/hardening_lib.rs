@@ -32,7 +32,7 @@ fn cpu_allocation_failure_is_an_error_naming_the_buffer_and_bytes() {
 fn json_with_a_repeated_key_is_refused_at_any_depth() {
     assert!(parse_unique(r#"{"a": 1, "b": {"c": [1, {"d": 2}]}}"#, None).is_ok());
     for bad in [r#"{"a": 1, "a": 2}"#, r#"{"w": {"x": "f1", "x": "f2"}}"#, r#"[{"k": 1, "k": 1}]"#] {
-        let e = parse_unique(bad, None).err().expect("duplicate refused").to_string();
+        let e = parse_unique(bad, None).expect_err("duplicate refused").to_string();
         assert!(e.contains("appears twice"), "{e}");
     }
 }
@@ -44,7 +44,7 @@ fn writer_refuses_special_targets_and_escape_keeps_one_line() {
     std::fs::write(&target, b"keep").unwrap();
     let link = dir.path().join("link");
     std::os::unix::fs::symlink(&target, &link).unwrap();
-    let e = write_atomic(&link, |w| w.write_all(b"new")).err().expect("refused").to_string();
+    let e = write_atomic(&link, |w| w.write_all(b"new")).expect_err("refused").to_string();
     assert!(e.contains("symbolic link"), "{e}");
     assert_eq!(std::fs::read(&target).unwrap(), b"keep");
     assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());

@@ -33,7 +33,7 @@ fn kind(ft: &fs::FileType) -> &'static str {
     {
         use std::os::unix::fs::FileTypeExt;
         if ft.is_fifo() {
-            return "a FIFO (named pipe)";
+            return "a FIFO";
         }
         if ft.is_char_device() || ft.is_block_device() {
             return "a device";

@@ -466,7 +466,7 @@ pub(crate) fn read_header(buf: &[u8], path: Option<&Path>) -> Result<(usize, Met
     })?;
     let text =
         std::str::from_utf8(&buf[8..8 + n]).map_err(|_| bad("header is not UTF-8 (not a safetensors file?)".into()))?;
-    let json = super::json::parse_unique_text(text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    let json = super::json::parse_unique_text(text).map_err(|e| bad(format!("invalid header: {e}")))?;
     let obj = json.as_object().ok_or_else(|| bad("header is not a JSON object".into()))?;
     let data_len = buf.len() - 8 - n;
     let mut ranges: Vec<(usize, usize, String)> = Vec::new();
