@@ -85,11 +85,9 @@ fn check_activations<B: Backend>(dev: &B, big: bool) {
     }
 }
 
-#[test]
-fn activations_match_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn activations_match_cpu(cuda) {
     check_activations(&cuda, true);
-}
+});
 
 #[test]
 fn harness_on_cpu() {

@@ -9,7 +9,7 @@ mod common;
 mod cuda_common;
 
 use common::*;
-use cuda_common::cuda_or_skip;
+use cuda_common::cuda_test;
 use sparsegrad::{
     AdamParams, Backend, Cpu, Formulation, HostCoo, Keep, Optimizer, Precision, Selection, SparseGradConfig,
     SparseGradLinear,
@@ -131,11 +131,9 @@ fn bf16_indices_agree(what: &str, step: usize, g: &HostCoo<f32>, e: &HostCoo<f32
     }
 }
 
-#[test]
-fn cuda_sparsegrad_step_matches_the_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn cuda_sparsegrad_step_matches_the_cpu(cuda) {
     check(&cuda, &[(17, 33, 29), (1, 5, 1), (64, 40, 100), (160, 100, 257)]);
-}
+});
 
 #[test]
 fn harness_self_check_on_the_cpu() {

@@ -193,11 +193,9 @@ fn check_topk<B: Backend>(dev: &B, big: bool) {
     );
 }
 
-#[test]
-fn topk_matches_cpu_exactly() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn topk_matches_cpu_exactly(cuda) {
     check_topk(&cuda, true);
-}
+});
 
 #[test]
 fn harness_on_cpu() {

@@ -425,34 +425,24 @@ fn check_all<B: Backend>(dev: &B, big: bool) {
     check_shape_errors(dev);
 }
 
-#[test]
-fn rmsnorm_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn rmsnorm_matches_cpu(cuda) {
     check_rmsnorm(&cuda, true);
-}
+});
 
-#[test]
-fn rope_matches_cpu_bit_for_bit() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn rope_matches_cpu_bit_for_bit(cuda) {
     check_rope(&cuda, true);
-}
+});
 
-#[test]
-fn softmax_causal_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn softmax_causal_matches_cpu(cuda) {
     check_softmax(&cuda, true);
-}
+});
 
-#[test]
-fn cross_entropy_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn cross_entropy_matches_cpu(cuda) {
     check_cross_entropy(&cuda, true);
     check_cross_entropy_errors(&cuda);
-}
+});
 
-#[test]
-fn transformer_ops_reject_bad_arguments_like_the_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn transformer_ops_reject_bad_arguments_like_the_cpu(cuda) {
     check_shape_errors(&cuda);
     // f64 is CPU-only.
     let b = |n: usize| cuda.upload(&vec![1.0f64; n]).unwrap();
@@ -465,7 +455,7 @@ fn transformer_ops_reject_bad_arguments_like_the_cpu() {
         cuda.cross_entropy(&mut y, &t, &b(2), 2, 2, 1.0, &mut losses),
         Err(Error::UnsupportedDtype { .. })
     ));
-}
+});
 
 #[test]
 fn harness_on_cpu() {

@@ -125,11 +125,18 @@ def build_kernel_file(cu, mode, out):
     obj = os.path.join(out, "obj", stem + "_kernels.o")
     run(["g++", "-c", "-fvisibility=hidden", "-include", os.path.join(EMU, "sg_emu.h")] + flags(mode)
         + ["-o", obj, wrapper])
-    # Kernel-local statics = the __shared__ arrays (kernels have no other statics).
+    # Kernel-local statics = the __shared__ arrays (kernels have no other statics); only
+    # writable ones (a library's static const tables live in .rodata).
+    sections = {}
+    for line in run(["objdump", "-t", obj]).splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[-1].startswith("_ZZ"):
+            sections[parts[-1]] = [p for p in parts if p.startswith(".")][0] if any(p.startswith(".") for p in parts) else ""
     syms = []
     for line in run(["nm", "-S", "--defined-only", obj]).splitlines():
         parts = line.split()
-        if len(parts) == 4 and parts[3].startswith("_ZZ") and parts[2] in "bBdDuV":
+        if len(parts) == 4 and parts[3].startswith("_ZZ") and parts[2] in "bBdDuV" and \
+                sections.get(parts[3], "").startswith((".bss", ".data")):
             syms.append((parts[3], int(parts[1], 16), parts[2]))
     local = [s for s, _, t in syms if t in "bd"]
     if local:
@@ -194,11 +201,9 @@ def main():
     run(["g++", "-shared", "-o", os.path.join(out, "libcublas.so"), "-Wl,-soname,libcublas.so",
          exports("libcublas", ["cublas*"])] + san
         + [o("cublas.cpp"), o("stubs_cublas.cpp"), "-L" + out, "-lcuda", "-lopenblas"])
-    tests = sorted(glob.glob(os.path.join(EMU, "tests", "*.cpp")))
-    if tests:
-        run(["g++", "-fvisibility=hidden", "-include", os.path.join(EMU, "sg_emu.h")] + flags(mode)
-            + ["-o", os.path.join(out, "selftest")] + tests
-            + ["-L" + out, "-lcuda", "-Wl,-rpath," + out])
+    # The self-test's kernels go through the same registry generation (for their shared arrays).
+    test_objs, _, _ = build_kernel_file(os.path.join(EMU, "tests", "selftest.cpp"), mode, out)
+    run(["g++"] + san + ["-o", os.path.join(out, "selftest")] + test_objs + [o("runtime.cpp"), "-lpthread"])
     print("%s: %d kernels from %d files, %d shared arrays -> %s" % (mode, len(names), len(sources), total_shared, out))
 
 
