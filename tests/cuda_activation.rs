@@ -86,7 +86,7 @@ fn check_activations<B: Backend>(dev: &B, big: bool) {
 }
 
 cuda_test!(fn activations_match_cpu(cuda) {
-    check_activations(&cuda, true);
+    check_activations(&cuda, big_shapes());
 });
 
 #[test]

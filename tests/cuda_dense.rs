@@ -223,7 +223,7 @@ cuda_test!(fn gemm_bf16_matches_cpu_on_the_same_rounded_inputs(cuda) {
 });
 
 cuda_test!(fn casts_match_cpu_bit_for_bit(cuda) {
-    check_casts(&cuda, true);
+    check_casts(&cuda, big_shapes());
 });
 
 cuda_test!(fn bias_add_and_gradient_match_cpu(cuda) {
@@ -231,7 +231,7 @@ cuda_test!(fn bias_add_and_gradient_match_cpu(cuda) {
 });
 
 cuda_test!(fn nonfinite_count_and_axpy_match_cpu(cuda) {
-    check_nonfinite_and_axpy(&cuda, true);
+    check_nonfinite_and_axpy(&cuda, big_shapes());
 });
 
 #[test]

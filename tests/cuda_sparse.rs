@@ -243,7 +243,7 @@ fn check_coo_errors<B: Backend>(dev: &B) {
 }
 
 cuda_test!(fn nonzero_rows_cols_match_cpu_exactly(cuda) {
-    check_nonzero(&cuda, true);
+    check_nonzero(&cuda, big_shapes());
 });
 
 cuda_test!(fn gathers_match_cpu_exactly(cuda) {

@@ -194,7 +194,7 @@ fn check_topk<B: Backend>(dev: &B, big: bool) {
 }
 
 cuda_test!(fn topk_matches_cpu_exactly(cuda) {
-    check_topk(&cuda, true);
+    check_topk(&cuda, big_shapes());
 });
 
 #[test]

@@ -426,19 +426,19 @@ fn check_all<B: Backend>(dev: &B, big: bool) {
 }
 
 cuda_test!(fn rmsnorm_matches_cpu(cuda) {
-    check_rmsnorm(&cuda, true);
+    check_rmsnorm(&cuda, big_shapes());
 });
 
 cuda_test!(fn rope_matches_cpu_bit_for_bit(cuda) {
-    check_rope(&cuda, true);
+    check_rope(&cuda, big_shapes());
 });
 
 cuda_test!(fn softmax_causal_matches_cpu(cuda) {
-    check_softmax(&cuda, true);
+    check_softmax(&cuda, big_shapes());
 });
 
 cuda_test!(fn cross_entropy_matches_cpu(cuda) {
-    check_cross_entropy(&cuda, true);
+    check_cross_entropy(&cuda, big_shapes());
     check_cross_entropy_errors(&cuda);
 });
 

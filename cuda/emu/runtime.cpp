@@ -26,7 +26,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -272,14 +271,27 @@ bool resolve_warp(size_t first, size_t lanes) {
             for (size_t i = 0; i < 32; ++i) l[i].result = any;
             break;
         }
-        case MATCH_ANY:
+        case MATCH_ANY: {
+            // Lanes grouped by value: O(32 x distinct values), usually a handful.
+            uint64_t values[32];
+            uint32_t masks[32];
+            size_t groups = 0;
             for (size_t i = 0; i < 32; ++i) {
-                uint32_t m = 0;
-                for (size_t j = 0; j < 32; ++j)
-                    if (l[j].value == l[i].value) m |= 1u << j;
-                l[i].result = m;
+                size_t g = 0;
+                while (g < groups && values[g] != l[i].value) ++g;
+                if (g == groups) {
+                    values[groups] = l[i].value;
+                    masks[groups++] = 0;
+                }
+                masks[g] |= 1u << i;
+            }
+            for (size_t i = 0; i < 32; ++i) {
+                size_t g = 0;
+                while (values[g] != l[i].value) ++g;
+                l[i].result = masks[g];
             }
             break;
+        }
         case REDUCE_MAX: {
             uint64_t mx = 0;
             for (size_t i = 0; i < 32; ++i) mx = std::max(mx, l[i].value & 0xffffffffu);
@@ -297,12 +309,27 @@ void poison_shared() {
     for (const SharedArray& s : shared_arrays()) memset(s.addr, 0xff, s.bytes);
 }
 
-std::string run_block(size_t threads, std::mt19937_64* rng, std::vector<size_t>& order) {
+// splitmix64: the per-round shuffles need speed, not quality.
+struct FastRng {
+    uint64_t state;
+    uint64_t next() {
+        uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+    }
+};
+
+void shuffle(std::vector<size_t>& order, FastRng& rng) {
+    for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);
+}
+
+std::string run_block(size_t threads, FastRng* rng, std::vector<size_t>& order) {
     for (size_t i = 0; i < threads; ++i) start_fiber(g.fibers[i], i);
     poison_shared();
     bool exited_any = false;
     for (;;) {
-        if (rng) std::shuffle(order.begin(), order.end(), *rng);
+        if (rng) shuffle(order, *rng);
         for (size_t i : order) {
             Fiber& f = g.fibers[i];
             if (f.state != READY) continue;
@@ -428,13 +455,13 @@ std::string launch(const KernelInfo& k, dim3 grid, dim3 block, void** args) {
         return s ? strtoull(s, nullptr, 10) : 1ull;
     }();
     static uint64_t launches = 0;
-    std::mt19937_64 rng(seed * 0x9e3779b97f4a7c15ull + launches++);
+    FastRng rng{seed * 0x9e3779b97f4a7c15ull + launches++};
     std::vector<size_t> order(threads);
     for (size_t i = 0; i < threads; ++i) order[i] = i;
     const uint64_t blocks = (uint64_t)grid.x * grid.y * grid.z;
     // Shuffled block order: a random rotation and direction keeps it O(1) per block.
-    const uint64_t start = seed ? rng() % blocks : 0;
-    const bool backwards = seed ? (rng() & 1) : false;
+    const uint64_t start = seed ? rng.next() % blocks : 0;
+    const bool backwards = seed ? (rng.next() & 1) : false;
     for (uint64_t n = 0; n < blocks; ++n) {
         const uint64_t b = backwards ? (start + blocks - n) % blocks : (start + n) % blocks;
         blockIdx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / ((uint64_t)grid.x * grid.y))};

@@ -40,6 +40,13 @@ macro_rules! cuda_test {
 }
 pub(crate) use cuda_test;
 
+/// Whether the CUDA tests add their big shapes (more than one full grid, 1024-thread row
+/// groups, a 16M-entry top-k): yes unless `SPARSEGRAD_CUDA_TEST_BIG=0` (the size knob that
+/// keeps the AddressSanitizer run of the emulator short; the ragged small shapes always run).
+pub fn big_shapes() -> bool {
+    std::env::var("SPARSEGRAD_CUDA_TEST_BIG").map_or(true, |v| v != "0")
+}
+
 /// The backend for a [`cuda_test!`], or `None` after logging the skip (panics instead when
 /// [`REQUIRE_ENV`] is set).
 pub fn cuda_for_test(binary: &str, test: &str) -> Option<Cuda> {
