@@ -7,8 +7,8 @@
 //   - a shuffle by half the warp (the other lanes exit; or a partial mask),
 //   - lanes of one warp at different intrinsics,
 //   - a block larger than __launch_bounds__,
-//   - an out-of-bounds global write (AddressSanitizer build only: a child process must die
-//     with a heap-buffer-overflow report naming the kernel).
+//   - an out-of-bounds global write and a shared-memory overrun (AddressSanitizer build
+//     only: a child process must die with an ASan report naming the kernel).
 // Exits non-zero if any check fails.
 #include <stdio.h>
 #include <stdlib.h>
@@ -210,6 +210,15 @@ extern "C" __global__ void broken_oob_write(float* out, unsigned long long n) {
     if (i <= n) out[i] = 1.0f;  // should be i < n
 }
 
+// Thread t writes s[t + 1]: the last thread one past the end of the shared array.
+extern "C" __global__ void broken_shared_overrun(float* out) {
+    __shared__ float s[64];
+    float* p = s;  // through a pointer, as the kernels' helpers take their shared memory
+    p[threadIdx.x + 1] = 1.0f;
+    __syncthreads();
+    out[threadIdx.x] = s[threadIdx.x];
+}
+
 static bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
 
 static void expect_error(const std::string& err, const char* kernel, const char* what, const char* label) {
@@ -218,19 +227,21 @@ static void expect_error(const std::string& err, const char* kernel, const char*
     if (!err.empty()) printf("  caught %s: %s\n", label, err.c_str());
 }
 
-static int oob_child() {
+static int oob_child(const char* which) {
     const unsigned long long n = 1000;
     float* out = static_cast<float*>(malloc(n * sizeof(float)));
     void* a0 = &out;
     void* a1 = (void*)&n;
-    std::string err = LAUNCH(broken_oob_write, (dim3{4, 1, 1}), (dim3{256, 1, 1}), a0, a1);
+    std::string err = strcmp(which, "global") == 0
+                          ? LAUNCH(broken_oob_write, (dim3{4, 1, 1}), (dim3{256, 1, 1}), a0, a1)
+                          : LAUNCH(broken_shared_overrun, (dim3{1, 1, 1}), (dim3{64, 1, 1}), a0);
     free(out);
-    printf("oob child finished without a report: %s\n", err.c_str());
+    printf("child finished without a report: %s\n", err.c_str());
     return 0;
 }
 
 int main(int argc, char** argv) {
-    if (argc > 1 && strcmp(argv[1], "--oob-child") == 0) return oob_child();
+    if (argc > 2 && strcmp(argv[1], "--oob-child") == 0) return oob_child(argv[2]);
 
     {  // shuffles
         std::vector<float> fx(6 * 64), fu(5 * 64);
@@ -393,21 +404,30 @@ int main(int argc, char** argv) {
     expect_error(LAUNCH_BOUNDED(k_barrier, 128, (dim3{1, 1, 1}), (dim3{256, 1, 1}), &p0), "k_barrier",
                  "__launch_bounds__", "block above __launch_bounds__");
 #if defined(__SANITIZE_ADDRESS__)
-    {
-        std::string cmd = std::string(argv[0]) + " --oob-child 2>&1";
+    for (const char* which : {"global", "shared"}) {
+        const bool global = strcmp(which, "global") == 0;
+        const char* report = global ? "heap-buffer-overflow" : "global-buffer-overflow";
+        const char* kernel = global ? "broken_oob_write" : "broken_shared_overrun";
+        std::string cmd = "UBSAN_OPTIONS=print_stacktrace=1 " + std::string(argv[0]) + " --oob-child " + which + " 2>&1";
         FILE* p = popen(cmd.c_str(), "r");
         std::string text;
         char buf[4096];
         size_t got;
         while (p && (got = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, got);
         const int status = p ? pclose(p) : -1;
-        check(status != 0 && contains(text, "heap-buffer-overflow") && contains(text, "broken_oob_write"),
-              "out-of-bounds global write: the child must die with an ASan report naming the kernel");
-        printf("  caught out-of-bounds global write: %s\n",
-               contains(text, "heap-buffer-overflow") ? "ASan heap-buffer-overflow in broken_oob_write" : "NOT caught");
+        // UBSan's bounds / object-size checks may see the shared overrun before ASan does:
+        // then the report names the source line (selftest.cpp:NNN) instead of the kernel.
+        const bool caught = contains(text, report) ? contains(text, kernel)
+                                                   : !global && contains(text, "runtime error") &&
+                                                         contains(text, "selftest.cpp:");
+        check(status != 0 && caught,
+              std::string("out-of-bounds ") + which + " write: the child must die with an ASan " + report +
+                  " report naming " + kernel);
+        printf("  caught out-of-bounds %s write: %s\n", which,
+               caught ? text.substr(0, text.find('\n')).c_str() : "NOT caught");
     }
 #else
-    printf("  out-of-bounds global write: checked by the AddressSanitizer build (scripts/test-cuda-emu.sh asan)\n");
+    printf("  out-of-bounds global and shared writes: checked by the AddressSanitizer build (scripts/test-cuda-emu.sh asan)\n");
 #endif
     printf("emulator self-test: %d checks, %d failed\n", checks, failures);
     return failures ? 1 : 0;
