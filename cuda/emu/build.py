@@ -3,6 +3,9 @@
 
 usage: cuda/emu/build.py plain|asan OUT_DIR
 
+SG_EMU_KERNEL_DIR (default: cuda/) is where the .cu files come from: pointing it at a copy
+with one kernel changed checks that the CUDA tests notice (cuda/emu/mutants.sh).
+
 1. Each cuda/*.cu is preprocessed with the emulator header (keeping `__global__` and
    `__launch_bounds__` as tokens) and every `extern "C" __global__ void NAME(` is found: the
    kernel registry is generated from the sources, never listed by hand. For each file a
@@ -40,7 +43,7 @@ def run(cmd, **kw):
 def flags(mode):
     f = ["-std=c++17", "-O2", "-g", "-fPIC", "-fno-strict-aliasing", "-ffp-contract=off", "-fno-fast-math",
          "-Wall", "-Wno-unknown-pragmas", "-I" + EMU, "-I" + os.path.join(EMU, "include"),
-         "-I" + os.path.join(ROOT, "cuda"), "-I" + BLAS_INC]
+         "-I" + os.path.abspath(os.environ.get("SG_EMU_KERNEL_DIR", os.path.join(ROOT, "cuda"))), "-I" + BLAS_INC]
     if mode == "asan":
         f += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-O1"]
     return f
@@ -164,7 +167,8 @@ def main():
     assert mode in ("plain", "asan")
     for d in ("gen", "obj"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
-    sources = sorted(glob.glob(os.path.join(ROOT, "cuda", "*.cu")))
+    kernel_dir = os.path.abspath(os.environ.get("SG_EMU_KERNEL_DIR", os.path.join(ROOT, "cuda")))
+    sources = sorted(glob.glob(os.path.join(kernel_dir, "*.cu")))
     write_stubs(os.path.join(out, "gen", "stubs_driver.cpp"), cudarc_symbols("cu", "driver"), "driver")
     write_stubs(os.path.join(out, "gen", "stubs_cublas.cpp"), cudarc_symbols("cublas", "cublas"), "cublas")
     jobs = int(os.environ.get("SG_EMU_JOBS", "2"))

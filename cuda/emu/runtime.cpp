@@ -25,7 +25,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
 #include <string>
 #include <vector>
 
@@ -139,10 +138,11 @@ std::string where(const Fiber& f) {
     return buf;
 }
 
+// "__shfl_xor_sync at topk.cu:123": the intrinsic (or barrier) a fiber waits at.
 std::string site(const Fiber& f) {
     const char* base = strrchr(f.file, '/');
-    return std::string(op_name(f.op) == std::string("?") ? "__syncthreads" : op_name(f.op)) + " at " +
-           (base ? base + 1 : f.file) + ":" + std::to_string(f.line);
+    return std::string(f.op == 0 ? "__syncthreads" : op_name(f.op)) + " at " + (base ? base + 1 : f.file) + ":" +
+           std::to_string(f.line);
 }
 
 void ensure_stacks(size_t n) {
