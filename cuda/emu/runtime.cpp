@@ -324,6 +324,30 @@ void shuffle(std::vector<size_t>& order, FastRng& rng) {
     for (size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.next() % i]);
 }
 
+// SG_EMU_EAGER_WARPS=1: a warp whose lanes all reached their intrinsic is resolved at once
+// and run on, ahead of the warps not yet resumed this round, as far as it gets (again and
+// again). That exposes a write after a warp intrinsic racing with another warp's read of
+// the same shared memory before that warp's intrinsic (a missing __syncthreads), which
+// the default round-by-round schedule hides.
+bool eager_warps() {
+    static const bool on = [] {
+        const char* s = getenv("SG_EMU_EAGER_WARPS");
+        return s && strcmp(s, "0") != 0;
+    }();
+    return on;
+}
+
+void run_warp_ahead(size_t first, size_t threads) {
+    const size_t lanes = std::min<size_t>(32, threads - first);
+    while (resolve_warp(first, lanes)) {
+        for (size_t j = first; j < first + lanes; ++j) {
+            if (g.fibers[j].state != READY) continue;
+            resume(g.fibers[j], j);
+            if (!g.error.empty()) return;
+        }
+    }
+}
+
 std::string run_block(size_t threads, FastRng* rng, std::vector<size_t>& order) {
     for (size_t i = 0; i < threads; ++i) start_fiber(g.fibers[i], i);
     poison_shared();
@@ -336,6 +360,8 @@ std::string run_block(size_t threads, FastRng* rng, std::vector<size_t>& order) 
             resume(f, i);
             if (!g.error.empty()) return g.error;
             if (f.state == DONE) exited_any = true;
+            if (eager_warps() && f.state == AT_WARP_OP) run_warp_ahead(i & ~(size_t)31, threads);
+            if (!g.error.empty()) return g.error;
         }
         // Every fiber is blocked or done: resolve what can be resolved.
         bool progress = false;
