@@ -14,14 +14,16 @@
 #
 # Environment: NVCC (build.rs must embed the kernels; default: scripts/setup.sh's path),
 # SG_EMU_SEED (fiber/block schedule, default 1 plain / 2 asan), SPARSEGRAD_CUDA_TEST_BIG
-# (the CUDA tests' size knob: 1 adds the big shapes, the default of plain; asan defaults to 0).
+# (the CUDA tests' size knob: 1 adds the big shapes, the default of plain; asan defaults to 0),
+# SG_EMU_EAGER_WARPS (run a warp on as soon as its intrinsic resolves: default 0 plain, 1
+# asan, so the two modes run different schedules).
 # This is an emulation: nothing it prints is a GPU result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-plain}"
 case "$mode" in
-    plain) out=target/cuda-emu; seed_default=1; big_default=1 ;;
-    asan) out=target/cuda-emu-asan; seed_default=2; big_default=0 ;;
+    plain) out=target/cuda-emu; seed_default=1; big_default=1; eager_default=0 ;;
+    asan) out=target/cuda-emu-asan; seed_default=2; big_default=0; eager_default=1 ;;
     *) echo "usage: $0 [plain|asan]" >&2; exit 2 ;;
 esac
 if [ -z "${NVCC:-}" ]; then
@@ -33,7 +35,7 @@ export NVCC
 python3 cuda/emu/build.py "$mode" "$out"
 out="$PWD/$out"
 
-run_env=(env "SG_EMU_SEED=${SG_EMU_SEED:-$seed_default}" "SPARSEGRAD_CUDA_TEST_BIG=${SPARSEGRAD_CUDA_TEST_BIG:-$big_default}")
+run_env=(env "SG_EMU_SEED=${SG_EMU_SEED:-$seed_default}" "SG_EMU_EAGER_WARPS=${SG_EMU_EAGER_WARPS:-$eager_default}" "SPARSEGRAD_CUDA_TEST_BIG=${SPARSEGRAD_CUDA_TEST_BIG:-$big_default}")
 if [ "$mode" = asan ]; then
     run_env+=("LD_PRELOAD=$(g++ -print-file-name=libasan.so)"
         "ASAN_OPTIONS=detect_leaks=0:abort_on_error=0:halt_on_error=1:allocator_may_return_null=1"

@@ -45,7 +45,7 @@ open(path, "w").write(text.replace(old, new, 1))
 PY
     SG_EMU_KERNEL_DIR="$work/cuda" python3 cuda/emu/build.py plain "$work/emu" >/dev/null
     label="$file: ${from//\\n/ } -> ${to//\\n/ }"
-    if LD_LIBRARY_PATH="$work/emu" SPARSEGRAD_REQUIRE_CUDA=1 SPARSEGRAD_CUDA_TEST_BIG=0 "${exe[$test]}" -q >"$work/out.txt" 2>&1; then
+    if SG_EMU_EAGER_WARPS=1 LD_LIBRARY_PATH="$work/emu" SPARSEGRAD_REQUIRE_CUDA=1 SPARSEGRAD_CUDA_TEST_BIG=0 "${exe[$test]}" -q >"$work/out.txt" 2>&1; then
         echo "SURVIVED  $label ($test passed)"
         survived=1
     else
