@@ -6,7 +6,7 @@
 // - warp and block scans / reductions used by the deterministic compactions;
 // - the device error word: kernels that meet an out-of-range index skip it and set a bit
 //   here; the host reads the word at its next synchronization point and returns an
-//   `Error::InvalidArgument` naming the op (see src/backend/cuda/mod.rs, `ERR_*`).
+//   `Error::InvalidArgument` naming the op (src/backend/cuda/consts.rs, `ERR_BITS`).
 //
 // Only device code lives here; nothing in this header launches anything.
 #pragma once
@@ -19,7 +19,8 @@ typedef uint64_t u64;
 typedef uint16_t u16;
 typedef uint8_t u8;
 
-// Bits of the device error word (keep in sync with `ERR_*` in src/backend/cuda/mod.rs).
+// Bits of the device error word. The Rust launchers read these #defines (and SG_THREADS,
+// SG_TILE_ITEMS) from this file at compile time (src/backend/cuda/consts.rs): one source.
 #define SG_ERR_GATHER_ROWS 1u
 #define SG_ERR_GATHER_BLOCK 2u
 #define SG_ERR_COO_SCATTER 4u

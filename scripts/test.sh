@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up the machine, then run the whole test suite. GPU tests print
-# "skipped: no CUDA device" where there is no GPU.
+# "skipped: no CUDA device" where there is no GPU; then every CUDA test runs again on the
+# CPU emulation of the CUDA device (scripts/test-cuda-emu.sh), plain and under ASan + UBSan.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC="$(scripts/setup.sh | tail -n 1)"
@@ -17,3 +18,5 @@ cargo test --release
 # Every loader and command-line input under the fuzzer, a few seconds each (long runs:
 # benches/RESULTS.md). A panic, abort, hang or over-allocation fails the script.
 OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}" target/release/examples/fuzz --target all --seconds 8
+scripts/test-cuda-emu.sh plain
+scripts/test-cuda-emu.sh asan

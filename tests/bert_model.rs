@@ -7,36 +7,13 @@
 mod common;
 
 use common::assert_close;
+use common::bert::{batch_data, collect_bases, head, tiny};
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
-use sparsegrad::model::bert::{BertConfig, BertModel, BertPlan, BertWeights, HeadConfig};
+use sparsegrad::model::bert::{BertModel, BertPlan, BertWeights, HeadConfig};
 use sparsegrad::optim::Optimizer;
-use sparsegrad::{AdamParams, BasisSet, Cpu, Error, GeluKind, Keep, PoolKind, Selection};
-use std::collections::BTreeMap;
+use sparsegrad::{AdamParams, Cpu, Error, Keep, PoolKind, Selection};
 use std::path::{Path, PathBuf};
-
-fn tiny() -> BertConfig {
-    BertConfig {
-        vocab: 23,
-        hidden: 8,
-        layers: 2,
-        heads: 2,
-        ffn: 12,
-        max_positions: 9,
-        type_vocab: 2,
-        ln_eps: 1e-5,
-        gelu: GeluKind::Erf,
-    }
-}
-
-fn head(pooling: PoolKind) -> HeadConfig {
-    HeadConfig {
-        classes: 3,
-        pooling,
-        optimizer: Optimizer::Adam(AdamParams { lr: 1e-2, ..Default::default() }),
-        seed: 7,
-    }
-}
 
 // ---- the naive reference ------------------------------------------------------------------------
 
@@ -159,12 +136,6 @@ impl Reference<'_> {
     }
 }
 
-fn batch_data() -> (Vec<u32>, Vec<u32>, Vec<u32>, usize, usize) {
-    let (batch, seq) = (3, 5);
-    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 7 + 3) % 23) as u32).collect();
-    (ids, vec![5, 2, 4], vec![0, 2, 1], batch, seq)
-}
-
 #[test]
 fn backward_matches_finite_differences_of_a_naive_reference() {
     let cfg = tiny();
@@ -275,38 +246,6 @@ fn every_method_lowers_the_training_loss() {
         let changed = merged.layers[1].inter != w.layers[1].inter;
         assert_eq!(changed, method != Method::Frozen, "{}: merged weights", method.name());
     }
-}
-
-/// The preliminary phase: dense MLP gradients of a few steps, one basis per projection
-/// type (or per layer).
-#[allow(clippy::too_many_arguments)]
-fn collect_bases(
-    w: &BertWeights,
-    ids: &[u32],
-    lengths: &[u32],
-    labels: &[u32],
-    batch: usize,
-    seq: usize,
-    per_layer: bool,
-) -> BasisSet {
-    let cpu = Cpu::new();
-    let plan = BertPlan { per_layer_basis: per_layer, ..BertPlan::all(&w.config, Method::Collect) };
-    let mut m =
-        BertModel::<Cpu, f32>::new(&cpu, w, &plan, None, &TrainOptions::default(), &head(PoolKind::Mean)).unwrap();
-    let mut accs = BTreeMap::new();
-    for _ in 0..4 {
-        m.train_step(ids, lengths, labels, batch, seq).unwrap();
-        for l in 0..w.config.layers {
-            m.mlp(l).unwrap().collect(&mut accs).unwrap();
-        }
-    }
-    let mut set = BasisSet::new();
-    for (group, acc) in &accs {
-        set.insert(acc.basis(group).unwrap());
-    }
-    let want = if per_layer { 2 * w.config.layers } else { 2 };
-    assert_eq!(accs.len(), want, "groups {:?}", accs.keys().collect::<Vec<_>>());
-    set
 }
 
 #[test]
@@ -443,61 +382,4 @@ fn minilm_matches_the_reference_embeddings() {
     let single = tok.batch(&texts[..1], 128).unwrap();
     let alone = m.embed(&single.ids, &single.lengths, 1, single.seq).unwrap();
     assert_close("unpadded vs padded", &alone, &pooled[..384], 1e-5, 1e-4);
-}
-
-/// The model on CUDA against the CPU: loss and pooled vectors of a padded batch, and the
-/// trained MLP weights after a few steps of each method (skipped without a device).
-#[cfg(feature = "cuda")]
-#[test]
-fn cuda_model_matches_cpu() {
-    let cuda = match sparsegrad::Cuda::new(0) {
-        Ok(c) => c,
-        Err(e) => {
-            println!("skipped: no CUDA device ({e})");
-            return;
-        }
-    };
-    let cfg = BertConfig { hidden: 32, heads: 4, ffn: 48, layers: 2, ..tiny() };
-    let w = BertWeights::random(&cfg, 21).unwrap();
-    let (ids, lengths, labels, batch, seq) = batch_data();
-    let bases = collect_bases(&w, &ids, &lengths, &labels, batch, seq, false);
-    let opts = TrainOptions {
-        optimizer: Optimizer::Adam(AdamParams { lr: 1e-3, ..Default::default() }),
-        ..Default::default()
-    };
-    let keep = Keep::Fraction(0.1);
-    for method in [
-        Method::Full,
-        Method::Lora { rank: 2, alpha: 4.0 },
-        Method::MeProp { keep },
-        Method::SparseGrad { keep, selection: Selection::SparseByDense { threshold: 0.0 }, formulation: None },
-    ] {
-        for pooling in [PoolKind::Mean, PoolKind::Cls] {
-            let plan = BertPlan::all(&cfg, method);
-            let cpu = Cpu::new();
-            let mut a = BertModel::<Cpu, f32>::new(&cpu, &w, &plan, Some(&bases), &opts, &head(pooling)).unwrap();
-            let mut b =
-                BertModel::<sparsegrad::Cuda, f32>::new(&cuda, &w, &plan, Some(&bases), &opts, &head(pooling)).unwrap();
-            let what = format!("{} {pooling:?}", method.name());
-            let pa = a.embed(&ids, &lengths, batch, seq).unwrap();
-            let pb = b.embed(&ids, &lengths, batch, seq).unwrap();
-            assert_close(&format!("{what}: pooled"), &pb, &pa, 1e-5, 1e-4);
-            for step in 0..3 {
-                let la = a.train_step(&ids, &lengths, &labels, batch, seq).unwrap().mean();
-                let lb = b.train_step(&ids, &lengths, &labels, batch, seq).unwrap().mean();
-                assert!((la - lb).abs() <= 1e-4 * la.abs().max(1.0), "{what}: step {step} loss {lb} vs CPU {la}");
-            }
-            let (ma, mb) = (a.merged_weights(&w).unwrap(), b.merged_weights(&w).unwrap());
-            for l in 0..cfg.layers {
-                assert_close(
-                    &format!("{what}: layer {l} intermediate"),
-                    &mb.layers[l].inter,
-                    &ma.layers[l].inter,
-                    1e-5,
-                    1e-3,
-                );
-                assert_close(&format!("{what}: layer {l} output"), &mb.layers[l].out, &ma.layers[l].out, 1e-5, 1e-3);
-            }
-        }
-    }
 }

@@ -86,11 +86,9 @@ fn check_activations<B: Backend>(dev: &B, big: bool) {
     }
 }
 
-#[test]
-fn activations_match_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_activations(&cuda, true);
-}
+cuda_test!(fn activations_match_cpu(cuda) {
+    check_activations(&cuda, big_shapes());
+});
 
 #[test]
 fn harness_on_cpu() {

@@ -34,15 +34,10 @@ fn a_build_without_nvcc_reports_no_kernels() {
     assert!(matches!(Cuda::new(7), Err(Error::NoKernels)));
 }
 
-#[test]
-fn a_missing_device_ordinal_is_an_error() {
-    if !kernels() || !device_present() {
-        println!("skipped: no CUDA device");
-        return;
-    }
+cuda_test!(fn a_missing_device_ordinal_is_an_error(_cuda) {
     let r = Cuda::new(4096);
     assert!(matches!(r, Err(Error::CudaUnavailable(_))), "{r:?}");
-}
+});
 
 fn check_memory<B: Backend>(dev: &B) {
     let mut r = rng(1);
@@ -108,13 +103,11 @@ fn check_memory_stats<B: Backend>(dev: &B) {
     assert_eq!(dev.memory_stats().current_bytes, before.current_bytes);
 }
 
-#[test]
-fn memory_ops_cuda() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn memory_ops_cuda(cuda) {
     check_memory(&cuda);
     check_memory_stats(&cuda);
     assert_eq!(cuda.name(), "cuda");
-}
+});
 
 #[test]
 fn memory_ops_harness_on_cpu() {
@@ -123,9 +116,7 @@ fn memory_ops_harness_on_cpu() {
     check_memory_stats(&cpu);
 }
 
-#[test]
-fn f64_is_cpu_only() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn f64_is_cpu_only(cuda) {
     let x = up(&cuda, &[1.0f64; 4]);
     let mut y = up(&cuda, &[1.0f64; 4]);
     let unsupported =
@@ -143,11 +134,9 @@ fn f64_is_cpu_only() {
     let mut out: Coo<Cuda, f64> = Coo::with_capacity(&cuda, 4, (2, 2)).unwrap();
     let maps = IndexMaps { row_map: None, col_map: None, full_shape: (2, 2) };
     assert!(unsupported(cuda.topk_coo(&x, 2, 2, 1, &maps, &mut ws, &mut out)));
-}
+});
 
-#[test]
-fn out_of_range_indices_are_reported_at_the_next_sync() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn out_of_range_indices_are_reported_at_the_next_sync(cuda) {
     cuda.synchronize().unwrap();
     let src = up(&cuda, &[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]);
     let idx = up(&cuda, &[2u32, 9, 0]);
@@ -175,11 +164,9 @@ fn out_of_range_indices_are_reported_at_the_next_sync() {
     assert!(matches!(cuda.download(&m, 4), Err(Error::InvalidArgument { op: "sparse_adam", .. })));
     let got = down(&cuda, &m, 4);
     assert!(got[1] != 0.0 && got[0] == 0.0 && got[2] == 0.0 && got[3] == 0.0, "{got:?}");
-}
+});
 
-#[test]
-fn hot_paths_allocate_nothing_after_warm_up() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn hot_paths_allocate_nothing_after_warm_up(cuda) {
     let mut r = rng(5);
     let (rows, cols) = (777, 1234);
     let m = up(&cuda, &rand_sparse(&mut r, rows * cols, 0.5));
@@ -208,4 +195,4 @@ fn hot_paths_allocate_nothing_after_warm_up() {
     let after = cuda.memory_stats();
     assert_eq!(after.allocations, warm.allocations, "ops allocated after warm-up");
     assert_eq!(after.current_bytes, warm.current_bytes);
-}
+});

@@ -215,35 +215,25 @@ fn check_nonfinite_and_axpy<B: Backend>(dev: &B, big: bool) {
     }
 }
 
-#[test]
-fn gemm_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn gemm_matches_cpu(cuda) {
     check_gemm(&cuda);
-}
+});
 
-#[test]
-fn gemm_bf16_matches_cpu_on_the_same_rounded_inputs() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn gemm_bf16_matches_cpu_on_the_same_rounded_inputs(cuda) {
     check_gemm_bf16(&cuda);
-}
+});
 
-#[test]
-fn casts_match_cpu_bit_for_bit() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_casts(&cuda, true);
-}
+cuda_test!(fn casts_match_cpu_bit_for_bit(cuda) {
+    check_casts(&cuda, big_shapes());
+});
 
-#[test]
-fn bias_add_and_gradient_match_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn bias_add_and_gradient_match_cpu(cuda) {
     check_bias(&cuda);
-}
+});
 
-#[test]
-fn nonfinite_count_and_axpy_match_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_nonfinite_and_axpy(&cuda, true);
-}
+cuda_test!(fn nonfinite_count_and_axpy_match_cpu(cuda) {
+    check_nonfinite_and_axpy(&cuda, big_shapes());
+});
 
 #[test]
 fn harness_on_cpu() {

@@ -468,27 +468,19 @@ fn check_all<B: Backend>(dev: &B, big: bool) {
     check_shape_errors(dev);
 }
 
-#[test]
-fn layernorm_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_layernorm(&cuda, true);
-}
+cuda_test!(fn layernorm_matches_cpu(cuda) {
+    check_layernorm(&cuda, big_shapes());
+});
 
-#[test]
-fn softmax_masked_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_softmax(&cuda, true);
-}
+cuda_test!(fn softmax_masked_matches_cpu(cuda) {
+    check_softmax(&cuda, big_shapes());
+});
 
-#[test]
-fn pooling_matches_cpu_bit_for_bit() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_pool(&cuda, true);
-}
+cuda_test!(fn pooling_matches_cpu_bit_for_bit(cuda) {
+    check_pool(&cuda, big_shapes());
+});
 
-#[test]
-fn encoder_ops_reject_bad_arguments_like_the_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn encoder_ops_reject_bad_arguments_like_the_cpu(cuda) {
     check_shape_errors(&cuda);
     // f64 is CPU-only.
     let b = |n: usize| cuda.upload(&vec![1.0f64; n]).unwrap();
@@ -500,7 +492,7 @@ fn encoder_ops_reject_bad_arguments_like_the_cpu() {
     let l = cuda.upload(&[1u32]).unwrap();
     assert!(matches!(cuda.softmax_masked(&mut y, &l, 1, 1, 2, 1.0), Err(Error::UnsupportedDtype { .. })));
     assert!(matches!(cuda.pool_rows(&b(2), &l, &mut m, 1, 1, 2, PoolKind::Mean), Err(Error::UnsupportedDtype { .. })));
-}
+});
 
 #[test]
 fn harness_on_cpu() {

@@ -10,7 +10,7 @@ mod common;
 mod cuda_common;
 
 use common::*;
-use cuda_common::cuda_or_skip;
+use cuda_common::cuda_test;
 use sparsegrad::{
     AdamParams, Backend, Cpu, Formulation, HostCoo, Keep, Optimizer, Precision, Selection, SparseGradConfig,
     SparseGradLinear,
@@ -132,19 +132,15 @@ fn bf16_indices_agree(what: &str, step: usize, g: &HostCoo<f32>, e: &HostCoo<f32
     }
 }
 
-#[test]
-fn cuda_sparsegrad_step_matches_the_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn cuda_sparsegrad_step_matches_the_cpu(cuda) {
     check(&cuda, &[(17, 33, 29), (1, 5, 1), (64, 40, 100), (160, 100, 257)]);
-}
+});
 
 #[test]
 fn harness_self_check_on_the_cpu() {
     check(&Cpu::new(), &[(17, 33, 29), (1, 5, 1)]);
 }
 
-#[test]
-fn cuda_bf16_merged_weight_uses_the_f32_basis() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn cuda_bf16_merged_weight_uses_the_f32_basis(cuda) {
     check_bf16_merged_weight(&cuda);
-}
+});

@@ -23,11 +23,13 @@
 mod common;
 mod cuda_common;
 
+use cuda_common::cuda_test;
+
 use common::{rand_vec, rng};
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
 use sparsegrad::mlp::{BertMlp, LlamaMlp, Projection, ProjectionSpec};
 use sparsegrad::{
-    AdamParams, Backend, Basis, Cpu, Formulation, GeluKind, HostCoo, Keep, Optimizer, Precision, Selection,
+    AdamParams, Backend, Basis, Cpu, Cuda, Formulation, GeluKind, HostCoo, Keep, Optimizer, Precision, Selection,
 };
 use std::collections::HashMap;
 
@@ -341,32 +343,27 @@ fn check_blocks<B: Backend + Clone>(
 const SMALL: (usize, usize, usize) = (17, 33, 29);
 const LARGE: (usize, usize, usize) = (160, 600, 301);
 
-fn on_cuda(kind: Kind, precision: Precision) {
-    let Some(cuda) = cuda_common::cuda_or_skip() else { return };
+fn on_cuda(cuda: &Cuda, kind: Kind, precision: Precision) {
     for shape in [SMALL, LARGE] {
-        check_blocks(&cuda, kind, shape, precision, 3, 0.0);
+        check_blocks(cuda, kind, shape, precision, 3, 0.0);
     }
 }
 
-#[test]
-fn bert_on_cuda_matches_cpu_f32() {
-    on_cuda(Kind::Bert, Precision::Full);
-}
+cuda_test!(fn bert_on_cuda_matches_cpu_f32(cuda) {
+    on_cuda(&cuda, Kind::Bert, Precision::Full);
+});
 
-#[test]
-fn bert_on_cuda_matches_cpu_bf16() {
-    on_cuda(Kind::Bert, Precision::Bf16);
-}
+cuda_test!(fn bert_on_cuda_matches_cpu_bf16(cuda) {
+    on_cuda(&cuda, Kind::Bert, Precision::Bf16);
+});
 
-#[test]
-fn llama_on_cuda_matches_cpu_f32() {
-    on_cuda(Kind::Llama, Precision::Full);
-}
+cuda_test!(fn llama_on_cuda_matches_cpu_f32(cuda) {
+    on_cuda(&cuda, Kind::Llama, Precision::Full);
+});
 
-#[test]
-fn llama_on_cuda_matches_cpu_bf16() {
-    on_cuda(Kind::Llama, Precision::Bf16);
-}
+cuda_test!(fn llama_on_cuda_matches_cpu_bf16(cuda) {
+    on_cuda(&cuda, Kind::Llama, Precision::Bf16);
+});
 
 /// The same check with a second CPU backend as the "device": validates the harness (every
 /// variant builds, steps and compares) on machines without a GPU. Bit-identical first; then

@@ -6,7 +6,7 @@
 
 mod cuda_common;
 
-use cuda_common::cuda_or_skip;
+use cuda_common::cuda_test;
 use sparsegrad::linear::trainable::TrainOptions;
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::llama::{LlamaModel, MlpPlan};
@@ -103,17 +103,13 @@ fn compare_flow<B: Backend + Clone>(be: &B) {
     }
 }
 
-#[test]
-fn cuda_model_logits_match_the_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn cuda_model_logits_match_the_cpu(cuda) {
     compare_logits(&cuda);
-}
+});
 
-#[test]
-fn cuda_training_flow_matches_the_cpu_for_every_method() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn cuda_training_flow_matches_the_cpu_for_every_method(cuda) {
     compare_flow(&cuda);
-}
+});
 
 #[test]
 fn harness_self_check_on_the_cpu() {

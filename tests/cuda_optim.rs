@@ -91,17 +91,13 @@ fn check_adamw<B: Backend>(dev: &B, big: bool) {
     }
 }
 
-#[test]
-fn sparse_adam_matches_cpu_bit_for_bit() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn sparse_adam_matches_cpu_bit_for_bit(cuda) {
     check_sparse_adam(&cuda);
-}
+});
 
-#[test]
-fn adamw_matches_cpu_bit_for_bit() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_adamw(&cuda, true);
-}
+cuda_test!(fn adamw_matches_cpu_bit_for_bit(cuda) {
+    check_adamw(&cuda, big_shapes());
+});
 
 #[test]
 fn harness_on_cpu() {

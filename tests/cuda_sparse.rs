@@ -243,24 +243,18 @@ fn check_coo_errors<B: Backend>(dev: &B) {
     dev.synchronize().unwrap();
 }
 
-#[test]
-fn nonzero_rows_cols_match_cpu_exactly() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_nonzero(&cuda, true);
-}
+cuda_test!(fn nonzero_rows_cols_match_cpu_exactly(cuda) {
+    check_nonzero(&cuda, big_shapes());
+});
 
-#[test]
-fn gathers_match_cpu_exactly() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn gathers_match_cpu_exactly(cuda) {
     check_gathers(&cuda);
-}
+});
 
-#[test]
-fn coo_ops_match_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn coo_ops_match_cpu(cuda) {
     check_coo(&cuda);
     check_coo_errors(&cuda);
-}
+});
 
 #[test]
 fn harness_on_cpu() {

@@ -194,11 +194,9 @@ fn check_topk<B: Backend>(dev: &B, big: bool) {
     );
 }
 
-#[test]
-fn topk_matches_cpu_exactly() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_topk(&cuda, true);
-}
+cuda_test!(fn topk_matches_cpu_exactly(cuda) {
+    check_topk(&cuda, big_shapes());
+});
 
 #[test]
 fn harness_on_cpu() {

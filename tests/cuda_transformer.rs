@@ -426,34 +426,24 @@ fn check_all<B: Backend>(dev: &B, big: bool) {
     check_shape_errors(dev);
 }
 
-#[test]
-fn rmsnorm_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_rmsnorm(&cuda, true);
-}
+cuda_test!(fn rmsnorm_matches_cpu(cuda) {
+    check_rmsnorm(&cuda, big_shapes());
+});
 
-#[test]
-fn rope_matches_cpu_bit_for_bit() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_rope(&cuda, true);
-}
+cuda_test!(fn rope_matches_cpu_bit_for_bit(cuda) {
+    check_rope(&cuda, big_shapes());
+});
 
-#[test]
-fn softmax_causal_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_softmax(&cuda, true);
-}
+cuda_test!(fn softmax_causal_matches_cpu(cuda) {
+    check_softmax(&cuda, big_shapes());
+});
 
-#[test]
-fn cross_entropy_matches_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
-    check_cross_entropy(&cuda, true);
+cuda_test!(fn cross_entropy_matches_cpu(cuda) {
+    check_cross_entropy(&cuda, big_shapes());
     check_cross_entropy_errors(&cuda);
-}
+});
 
-#[test]
-fn transformer_ops_reject_bad_arguments_like_the_cpu() {
-    let Some(cuda) = cuda_or_skip() else { return };
+cuda_test!(fn transformer_ops_reject_bad_arguments_like_the_cpu(cuda) {
     check_shape_errors(&cuda);
     // f64 is CPU-only.
     let b = |n: usize| cuda.upload(&vec![1.0f64; n]).unwrap();
@@ -466,7 +456,7 @@ fn transformer_ops_reject_bad_arguments_like_the_cpu() {
         cuda.cross_entropy(&mut y, &t, &b(2), 2, 2, 1.0, &mut losses),
         Err(Error::UnsupportedDtype { .. })
     ));
-}
+});
 
 #[test]
 fn harness_on_cpu() {

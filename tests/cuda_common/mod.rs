@@ -12,14 +12,68 @@ use rand::{Rng, SeedableRng};
 use sparsegrad::backend::cuda::kernels_available;
 use sparsegrad::{Backend, Cuda, Elem};
 
-/// The CUDA backend on device 0, or `None` after printing why the test is skipped.
-pub fn cuda_or_skip() -> Option<Cuda> {
+/// Set (to anything) to make a CUDA test that finds no device fail instead of skipping:
+/// scripts/test-cuda-emu.sh sets it, so an emulator that did not load is an error.
+pub const REQUIRE_ENV: &str = "SPARSEGRAD_REQUIRE_CUDA";
+/// When set, every CUDA test appends `<test binary> <test> executed|skipped <device>` to
+/// this file (scripts/test-cuda-emu.sh counts the lines per binary).
+pub const LOG_ENV: &str = "SPARSEGRAD_CUDA_TEST_LOG";
+
+/// `cuda_test!(fn name(cuda) { ... })`: a `#[test]` whose body runs with `cuda`, the CUDA
+/// backend on device 0. Without a device it prints `skipped: no CUDA device (why)` and
+/// returns, or fails when `SPARSEGRAD_REQUIRE_CUDA` is set; either way the outcome is logged
+/// (see [`LOG_ENV`]) and printed with the device name, so an emulated run is never mistaken
+/// for a GPU run.
+macro_rules! cuda_test {
+    ($(#[$meta:meta])* fn $name:ident($cuda:ident) $body:block) => {
+        $(#[$meta])*
+        #[test]
+        fn $name() {
+            let Some($cuda) = crate::cuda_common::cuda_for_test(env!("CARGO_CRATE_NAME"), stringify!($name)) else {
+                return;
+            };
+            let device = $cuda.device_name().to_string();
+            $body
+            crate::cuda_common::record(env!("CARGO_CRATE_NAME"), stringify!($name), "executed", &device);
+        }
+    };
+}
+pub(crate) use cuda_test;
+
+/// Whether the CUDA tests add their big shapes (more than one full grid, 1024-thread row
+/// groups, a 16M-entry top-k): yes unless `SPARSEGRAD_CUDA_TEST_BIG=0` (the size knob that
+/// keeps the AddressSanitizer run of the emulator short; the ragged small shapes always run).
+pub fn big_shapes() -> bool {
+    std::env::var("SPARSEGRAD_CUDA_TEST_BIG").map_or(true, |v| v != "0")
+}
+
+/// The backend for a [`cuda_test!`], or `None` after logging the skip (panics instead when
+/// [`REQUIRE_ENV`] is set).
+pub fn cuda_for_test(binary: &str, test: &str) -> Option<Cuda> {
     match Cuda::new(0) {
         Ok(cuda) => Some(cuda),
         Err(e) => {
-            println!("skipped: no CUDA device ({e})");
+            if std::env::var_os(REQUIRE_ENV).is_some() {
+                panic!("{test}: {REQUIRE_ENV} is set but there is no usable CUDA device: {e}");
+            }
+            record(binary, test, "skipped", &format!("no CUDA device ({e})"));
             None
         }
+    }
+}
+
+/// Prints (and, with [`LOG_ENV`], appends to the log) the outcome of one CUDA test.
+pub fn record(binary: &str, test: &str, outcome: &str, device: &str) {
+    if outcome == "skipped" {
+        println!("skipped: {device}");
+    } else {
+        println!("{test}: {outcome} on {device}");
+    }
+    if let Some(path) = std::env::var_os(LOG_ENV) {
+        use std::io::Write;
+        let line = format!("{binary} {test} {outcome} {device}\n");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+        file.and_then(|mut f| f.write_all(line.as_bytes())).expect("append to the CUDA test log");
     }
 }
 

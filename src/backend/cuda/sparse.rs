@@ -269,7 +269,7 @@ pub(super) fn coo_dense_t<F: Real>(
     if coo.len == 0 || b_rows == 0 {
         return Ok(());
     }
-    const CHUNK: usize = 2048; // SG_CDT_CHUNK
+    const CHUNK: usize = super::consts::CDT_CHUNK;
     let gx = coo.len.div_ceil(CHUNK);
     let gy = (cuda.sm_count as usize * 8).div_ceil(gx).clamp(1, b_rows.min(65535));
     let cfg = LaunchConfig { grid_dim: (gx as u32, gy as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };

@@ -17,8 +17,8 @@ use cudarc::driver::LaunchConfig;
 
 /// Words of the device state block (see the table in cuda/topk.cu).
 const STATE_WORDS: usize = 16;
-/// Three passes of 2048 u32 bins, as u64 words.
-const HIST_WORDS: usize = 3 * 2048 / 2;
+/// Three passes of TOPK_BINS u32 bins, as u64 words.
+const HIST_WORDS: usize = 3 * super::consts::TOPK_BINS / 2;
 const S_NONFINITE: usize = 0;
 const S_FIRST: usize = 1;
 const S_NNZ: usize = 2;

@@ -1,0 +1,160 @@
+// cublas.cpp: a libcublas.so for the emulator: handle create/destroy/stream, and the GEMMs
+// sparsegrad calls (cublasGemmEx, cublasGemmStridedBatchedEx with f32 or bf16 A/B, f32 C
+// and CUBLAS_COMPUTE_32F; cublasSgemm_v2 and cublasSgemmStridedBatched), column-major
+// like cuBLAS, computed by OpenBLAS's cblas_sgemm (bf16 operands widened to f32 exactly
+// first). Arguments are validated as cuBLAS does (CUBLAS_STATUS_INVALID_VALUE), and every
+// element an operand may touch must lie inside one live device allocation (checked through
+// libcuda.so's sgemu_check_range), so a launcher's wrong leading dimension or offset fails
+// here instead of reading the neighbouring buffer. Any other cublas* entry point cudarc
+// knows is a generated stub (stubs_cublas.cpp) that prints its name and fails.
+#include <cblas.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <string>
+#include <vector>
+
+#define SG_EXPORT extern "C" __attribute__((visibility("default")))
+
+extern "C" int sgemu_check_range(const char* op, unsigned long long p, size_t bytes);
+extern "C" void sgemu_lock();
+extern "C" void sgemu_unlock();
+
+namespace {
+enum : int { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15 };
+enum : int { R_32F = 0, R_16BF = 14 };
+enum : int { COMPUTE_32F = 68 };
+
+struct Handle {
+    void* stream = nullptr;
+};
+
+int fail(int status, const std::string& msg) {
+    fprintf(stderr, "sparsegrad CUDA emulator (cuBLAS): %s\n", msg.c_str());
+    return status;
+}
+
+size_t elem_size(int type) { return type == R_32F ? 4 : 2; }
+
+// Bytes spanned by a column-major rows x cols operand with leading dimension ld.
+size_t span(int rows, int cols, int ld, size_t elem) {
+    if (rows == 0 || cols == 0) return 0;
+    return ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * elem;
+}
+
+// An f32 copy of a column-major rows x cols operand (ld kept) of type `type`.
+const float* as_f32(const void* p, int type, int rows, int cols, int ld, std::vector<float>& tmp) {
+    if (type == R_32F) return static_cast<const float*>(p);
+    const size_t n = span(rows, cols, ld, 1);
+    tmp.resize(n);
+    const uint16_t* h = static_cast<const uint16_t*>(p);
+    for (int c = 0; c < cols; ++c) {
+        for (int r = 0; r < rows; ++r) {
+            const size_t i = (size_t)c * ld + r;
+            const uint32_t bits = (uint32_t)h[i] << 16;
+            memcpy(&tmp[i], &bits, 4);
+        }
+    }
+    return tmp.data();
+}
+
+int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, const void* alpha, const void* a,
+         int a_type, int lda, long long sa, const void* b, int b_type, int ldb, long long sb, const void* beta, void* c,
+         int c_type, int ldc, long long sc, int batch, int compute) {
+    if (!handle) return fail(NOT_INITIALIZED, std::string(op) + ": null handle");
+    if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1))
+        return fail(NOT_SUPPORTED, std::string(op) + ": only CUBLAS_OP_N / CUBLAS_OP_T are emulated");
+    if (a_type != b_type || (a_type != R_32F && a_type != R_16BF) || c_type != R_32F || compute != COMPUTE_32F)
+        return fail(NOT_SUPPORTED, std::string(op) + ": only f32 or bf16 A/B with f32 C and CUBLAS_COMPUTE_32F are emulated");
+    const int a_rows = ta ? k : m, a_cols = ta ? m : k;
+    const int b_rows = tb ? n : k, b_cols = tb ? k : n;
+    if (m < 0 || n < 0 || k < 0 || batch < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
+        ldc < (m > 1 ? m : 1)) {
+        char buf[200];
+        snprintf(buf, sizeof buf, "%s: invalid value m=%d n=%d k=%d lda=%d ldb=%d ldc=%d batch=%d", op, m, n, k, lda,
+                 ldb, ldc, batch);
+        return fail(INVALID_VALUE, buf);
+    }
+    if (m == 0 || n == 0 || batch == 0) return OK;
+    const size_t es = elem_size(a_type);
+    const float al = *static_cast<const float*>(alpha);
+    const float be = *static_cast<const float*>(beta);
+    sgemu_lock();
+    int status = OK;
+    std::vector<float> ta_tmp, tb_tmp;
+    for (int i = 0; i < batch && status == OK; ++i) {
+        const char* ai = static_cast<const char*>(a) + (ptrdiff_t)(sa * i) * (ptrdiff_t)es;
+        const char* bi = static_cast<const char*>(b) + (ptrdiff_t)(sb * i) * (ptrdiff_t)es;
+        float* ci = static_cast<float*>(c) + (ptrdiff_t)(sc * i);
+        if ((k > 0 && (sgemu_check_range(op, (uintptr_t)ai, span(a_rows, a_cols, lda, es)) ||
+                       sgemu_check_range(op, (uintptr_t)bi, span(b_rows, b_cols, ldb, es)))) ||
+            sgemu_check_range(op, (uintptr_t)ci, span(m, n, ldc, 4))) {
+            status = fail(INVALID_VALUE, std::string(op) + ": an operand of batch entry " + std::to_string(i) +
+                                             " reaches outside its device allocation");
+            break;
+        }
+        const float* af = as_f32(ai, a_type, a_rows, a_cols, lda, ta_tmp);
+        const float* bf = as_f32(bi, b_type, b_rows, b_cols, ldb, tb_tmp);
+        if (k == 0) {  // C = beta C (cuBLAS does not read C when beta == 0)
+            for (int col = 0; col < n; ++col)
+                for (int r = 0; r < m; ++r) {
+                    float& x = ci[(size_t)col * ldc + r];
+                    x = be == 0.0f ? 0.0f : be * x;
+                }
+            continue;
+        }
+        if (be == 0.0f) {  // cuBLAS never reads C with beta == 0: NaN/inf in C must not leak
+            for (int col = 0; col < n; ++col) memset(ci + (size_t)col * ldc, 0, (size_t)m * 4);
+        }
+        cblas_sgemm(CblasColMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, al, af, lda,
+                    bf, ldb, be, ci, ldc);
+    }
+    sgemu_unlock();
+    return status;
+}
+}  // namespace
+
+SG_EXPORT int cublasCreate_v2(void** handle) {
+    if (!handle) return INVALID_VALUE;
+    *handle = new Handle;
+    return OK;
+}
+SG_EXPORT int cublasDestroy_v2(void* handle) {
+    if (!handle) return NOT_INITIALIZED;
+    delete static_cast<Handle*>(handle);
+    return OK;
+}
+SG_EXPORT int cublasSetStream_v2(void* handle, void* stream) {
+    if (!handle) return NOT_INITIALIZED;
+    static_cast<Handle*>(handle)->stream = stream;
+    return OK;
+}
+SG_EXPORT int cublasGetStream_v2(void* handle, void** stream) {
+    if (!handle) return NOT_INITIALIZED;
+    *stream = static_cast<Handle*>(handle)->stream;
+    return OK;
+}
+SG_EXPORT int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,
+                           int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct, int ldc,
+                           int compute, int /*algo*/) {
+    return gemm("cublasGemmEx", h, ta, tb, m, n, k, alpha, a, at, lda, 0, b, bt, ldb, 0, beta, c, ct, ldc, 0, 1, compute);
+}
+SG_EXPORT int cublasGemmStridedBatchedEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha,
+                                         const void* a, int at, int lda, long long sa, const void* b, int bt, int ldb,
+                                         long long sb, const void* beta, void* c, int ct, int ldc, long long sc,
+                                         int batch, int compute, int /*algo*/) {
+    return gemm("cublasGemmStridedBatchedEx", h, ta, tb, m, n, k, alpha, a, at, lda, sa, b, bt, ldb, sb, beta, c, ct,
+                ldc, sc, batch, compute);
+}
+SG_EXPORT int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha, const float* a, int lda,
+                             const float* b, int ldb, const float* beta, float* c, int ldc) {
+    return gemm("cublasSgemm", h, ta, tb, m, n, k, alpha, a, R_32F, lda, 0, b, R_32F, ldb, 0, beta, c, R_32F, ldc, 0, 1,
+                COMPUTE_32F);
+}
+SG_EXPORT int cublasSgemmStridedBatched(void* h, int ta, int tb, int m, int n, int k, const float* alpha,
+                                        const float* a, int lda, long long sa, const float* b, int ldb, long long sb,
+                                        const float* beta, float* c, int ldc, long long sc, int batch) {
+    return gemm("cublasSgemmStridedBatched", h, ta, tb, m, n, k, alpha, a, R_32F, lda, sa, b, R_32F, ldb, sb, beta, c,
+                R_32F, ldc, sc, batch, COMPUTE_32F);
+}
