@@ -7,8 +7,8 @@
 # usage: benches/peers/run.sh [layer|basis|finetune|all]...   (default: all)
 # env:   PEER_THREADS (2), PEER_ROUNDS (2: peer/ours pairs per layer job),
 #        PEER_STEPS (6: timed fine-tuning steps per side), PEER_MODEL (the GGUF in assets/),
-#        OPENBLAS_CORETYPE (Haswell unless set: Debian's OpenBLAS misdetects CPUs without
-#        avx512f; use SkylakeX where the CPU has it)
+#        OPENBLAS_CORETYPE (unless set: SkylakeX where the CPU has avx512f, else Haswell, as
+#        scripts/run-example.sh picks; Debian's OpenBLAS misdetects these CPUs otherwise)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -20,7 +20,8 @@ if [ ! -f "$VENV/.installed" ] || ! cmp -s "$REQ" "$VENV/.installed"; then
     cp "$REQ" "$VENV/.installed"
 fi
 PY="$VENV/bin/python"
-export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-Haswell}
+if grep -q avx512f /proc/cpuinfo 2>/dev/null; then coretype=SkylakeX; else coretype=Haswell; fi
+export OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-$coretype}
 export OMP_NUM_THREADS=${PEER_THREADS:-2} OPENBLAS_NUM_THREADS=${PEER_THREADS:-2}
 export RAYON_NUM_THREADS=${PEER_THREADS:-2}
 THREADS=${PEER_THREADS:-2}

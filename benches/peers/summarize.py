@@ -17,7 +17,7 @@ def main(path):
             sgemm.append(("torch", float(m.group(1))))
         if m := re.match(r"measured sgemm rate \(2048\^3\): ([\d.]+) GFLOP/s", ln):
             sgemm.append(("ours (OpenBLAS)", float(m.group(1))))
-        if m := re.match(r"PEER layer .*?: (dense|official).*?: ([\d.]+) ms/step", ln):
+        if m := re.match(r"PEER layer \S+ T=\d+ (dense|official).*?: ([\d.]+) ms/step", ln):
             peer_layer.append((m.group(1), float(m.group(2))))
         if ln.startswith("BERT up 768->3072") and len(ln) > 78:
             variant, ms = ln[29:67].strip(), float(ln[67:78])
