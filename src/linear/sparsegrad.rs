@@ -94,8 +94,8 @@ impl Formulation {
     pub fn measure<B: Backend>(backend: &B, out: usize, inp: usize, tokens: usize, k: usize) -> Result<Formulation> {
         use std::collections::HashMap;
         use std::sync::{Mutex, OnceLock};
-        static CACHE: OnceLock<Mutex<HashMap<(&'static str, usize, usize, usize, usize), Formulation>>> =
-            OnceLock::new();
+        type Key = (&'static str, usize, usize, usize, usize);
+        static CACHE: OnceLock<Mutex<HashMap<Key, Formulation>>> = OnceLock::new();
         let key = (backend.name(), out, inp, tokens, k);
         let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
         if let Some(&f) = cache.lock().map_err(|_| Error::invalid("Formulation::measure", "cache poisoned"))?.get(&key)
