@@ -5,7 +5,9 @@
 //! Run: `OPENBLAS_CORETYPE=Haswell cargo bench --bench cpu_layer` (SkylakeX where the CPU
 //! has avx512f: Debian's OpenBLAS does not detect this CPU and falls back to generic
 //! kernels otherwise). `SPARSEGRAD_BENCH_TOKENS` overrides T (default 4096),
-//! `SPARSEGRAD_BENCH_ITERS` the timed steps per case (default 3).
+//! `SPARSEGRAD_BENCH_ITERS` the timed steps per case (default 3), `SPARSEGRAD_BENCH_SHAPES`
+//! a comma-separated subset of the shape names' first words joined by '-' (`bert-up`,
+//! `bert-down`, `smollm2-up`; default all), as the peer harness uses.
 //!
 //! Inputs: random x, random g with 25% of token rows zero (padding), keep = 1%.
 
@@ -24,12 +26,17 @@ fn main() {
     let rate = gemm_rate(&cpu, 2048, false);
     println!("OPENBLAS_CORETYPE={}", std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| "(unset)".into()));
     println!("measured sgemm rate (2048^3): {:.1} GFLOP/s; T = {tokens}, {iters} timed steps per case", rate / 1e9);
+    let only = std::env::var("SPARSEGRAD_BENCH_SHAPES").ok();
     header();
     for (name, out, inp) in [
         ("BERT up 768->3072", 3072usize, 768usize),
         ("BERT down 3072->768", 768, 3072),
         ("SmolLM2 up 576->1536", 1536, 576),
     ] {
+        let key: String = name.split(' ').take(2).collect::<Vec<_>>().join("-").to_lowercase();
+        if only.as_deref().is_some_and(|o| !o.split(',').any(|k| k.trim() == key)) {
+            continue;
+        }
         bench_shape(&cpu, name, out, inp, tokens, iters, Precision::Full, rate);
     }
 }

@@ -397,3 +397,51 @@ fn cost_model_picks_merged_for_large_token_counts() {
 fn bf16_merged_weight_uses_the_f32_basis() {
     check_bf16_merged_weight(&Cpu::new());
 }
+
+#[test]
+fn merged_token_order_matches_the_f64_reference_and_the_transformed_form() {
+    // T (out^2 + in^2) < out in (out + in): the merged backward forms dWt as (g P)^T (x Q).
+    let (out, inp, t) = (40usize, 24usize, 8usize);
+    assert!(Formulation::merged_token_order(out, inp, t));
+    assert!(!Formulation::merged_token_order(out, inp, 64));
+    let pr = problem(21, out, inp, t);
+    let dw = matmul(&transpose(&to64(&pr.g), t, out), &to64(&pr.x), out, t, inp);
+    let (p, q) = (to64(&pr.basis.p()), to64(&pr.basis.q()));
+    let dwt_ref = matmul(&matmul(&transpose(&p, out, out), &dw, out, out, inp), &q, out, inp, inp);
+    let (_, dx_m, _, dwt_m) = run_once(&pr, cfg(Formulation::Merged, Keep::Fraction(1.0), Selection::Exact));
+    let (_, dx_t, _, dwt_t) = run_once(&pr, cfg(Formulation::Transformed, Keep::Fraction(1.0), Selection::Exact));
+    assert!(rel_err(&to64(&dwt_m), &dwt_ref) < 1e-5, "merged dWt rel err {}", rel_err(&to64(&dwt_m), &dwt_ref));
+    assert_close("merged vs transformed dWt", &dwt_m, &dwt_t, 1e-5, 1e-4);
+    assert_close("merged vs transformed dx", &dx_m, &dx_t, 1e-5, 1e-4);
+    // Training with keep 10%: both formulations reach the same weight.
+    let cpu = Cpu::new();
+    let adam = AdamParams { lr: 1e-2, ..Default::default() };
+    let mut finals = Vec::new();
+    for form in FORMS {
+        let c =
+            SparseGradConfig { optimizer: Optimizer::Adam(adam), ..cfg(form, Keep::Fraction(0.1), Selection::Exact) };
+        let mut layer = SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, c).unwrap();
+        let x = cpu.upload(&pr.x).unwrap();
+        let mut y = cpu.alloc(t * out).unwrap();
+        for _ in 0..4 {
+            layer.forward(&x, t, &mut y).unwrap();
+            let g: Vec<f32> = y.iter().map(|v| v / t as f32).collect();
+            layer.backward(&cpu.upload(&g).unwrap(), t, None).unwrap();
+            layer.step().unwrap();
+        }
+        finals.push(layer.merged_weight().unwrap());
+    }
+    assert_close("W transformed vs merged (token order)", &finals[1], &finals[0], 1e-5, 1e-4);
+}
+
+#[test]
+fn measured_formulation_agrees_with_the_cost_model_where_it_is_lopsided() {
+    let cpu = Cpu::new();
+    // One token: the transformed form's extra work is a few hundred flops against the
+    // merged form's out^2 in update; at 20000 tokens the transformed form pays 4T(out^2 + in^2).
+    assert_eq!(Formulation::measure(&cpu, 256, 128, 1, 2000).unwrap(), Formulation::Transformed);
+    assert_eq!(Formulation::measure(&cpu, 256, 128, 20000, 16).unwrap(), Formulation::Merged);
+    // Remembered: a second call returns the same answer.
+    assert_eq!(Formulation::measure(&cpu, 256, 128, 1, 2000).unwrap(), Formulation::Transformed);
+    assert!(Formulation::measure(&cpu, 0, 128, 1, 1).is_err());
+}

@@ -9,11 +9,17 @@
 //! - **merged** keeps the dense `W` only: forward `x W^T + b`, `dx = g W`,
 //!   `dWt = P^T (g^T x) Q`, and after SparseAdam the sparse change `D` of `Wt` is applied as
 //!   `W += P (D Q^T)`: `Q D^T` is sparse-times-dense (k entries) and the product with `P`
-//!   runs only over the columns of `P` (rows of `P^T`) the step touched. Extra cost
-//!   `2 out in (out + in) + 2 k in + 2 out r in` (r touched rows, at most `out`): independent of `T`.
+//!   runs only over the columns of `P` (rows of `P^T`) the step touched. `P^T (g^T x) Q` has
+//!   two association orders: `(P^T (g^T x)) Q`, `2 out in (out + in)` flops beyond `g^T x`
+//!   whatever `T`, or `(g P)^T (x Q)`, `2 T (out^2 + in^2)`; Exact selection takes the cheaper
+//!   ([`Formulation::merged_token_order`]), SparseByDense the first (it multiplies only the
+//!   nonzero token rows of `g`). Extra cost `min(2 out in (out + in), 2 T (out^2 + in^2)) +
+//!   2 k in + 2 out r in` (r touched rows, at most `out`).
 //!
 //! [`Formulation::choose`] picks the cheaper one from these flop counts for the expected
-//! token count.
+//! token count; [`Formulation::measure`] times the extra GEMMs of both on the backend once
+//! per shape instead (a one-time calibration), for machines where GEMM rates differ
+//! enough between the shapes involved to change the answer.
 
 mod device_basis;
 mod state;
@@ -52,13 +58,23 @@ pub enum Formulation {
 }
 
 impl Formulation {
-    /// Extra flops per step over a dense layer, `(transformed, merged)`; the merged count
-    /// assumes the worst case that every row of `Wt` is touched.
+    /// Extra flops per step over a dense layer, `(transformed, merged)`, for Exact selection;
+    /// the merged count takes the cheaper association order of `P^T (g^T x) Q` and assumes
+    /// the worst case that every row of `Wt` is touched.
     pub fn extra_flops(out: usize, inp: usize, tokens: usize, k: usize) -> (f64, f64) {
         let (o, i, t, k) = (out as f64, inp as f64, tokens as f64, k as f64);
         let transformed = 4.0 * t * (o * o + i * i);
-        let merged = 2.0 * o * i * (o + i) + 2.0 * k * i + 2.0 * o * o.min(k) * i;
+        let rotate = (2.0 * o * i * (o + i)).min(2.0 * t * (o * o + i * i));
+        let merged = rotate + 2.0 * k * i + 2.0 * o * o.min(k) * i;
         (transformed, merged)
+    }
+
+    /// Whether the merged backward (Exact selection) forms `dWt` as `(g P)^T (x Q)`, which
+    /// costs `2 T (out^2 + in^2)` flops beyond the `T out in` product, rather than as
+    /// `P^T (g^T x) Q`, which costs `2 out in (out + in)`: the first is cheaper at small `T`.
+    pub fn merged_token_order(out: usize, inp: usize, tokens: usize) -> bool {
+        let (o, i, t) = (out as f64, inp as f64, tokens as f64);
+        t * (o * o + i * i) < o * i * (o + i)
     }
 
     /// The cheaper formulation for this shape and token count.
@@ -69,6 +85,74 @@ impl Formulation {
         } else {
             Formulation::Transformed
         }
+    }
+
+    /// Like [`Formulation::choose`], but from the time the extra GEMMs of each formulation
+    /// take on `backend` at this shape (random operands, one warm-up, best of two), so the
+    /// machine's actual rate for each GEMM shape decides. The answer is remembered per
+    /// (backend kind, shape, tokens, k) for the life of the process: calibration runs once.
+    pub fn measure<B: Backend>(backend: &B, out: usize, inp: usize, tokens: usize, k: usize) -> Result<Formulation> {
+        use std::collections::HashMap;
+        use std::sync::{Mutex, OnceLock};
+        type Key = (&'static str, usize, usize, usize, usize);
+        static CACHE: OnceLock<Mutex<HashMap<Key, Formulation>>> = OnceLock::new();
+        let key = (backend.name(), out, inp, tokens, k);
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(&f) = cache.lock().map_err(|_| Error::invalid("Formulation::measure", "cache poisoned"))?.get(&key)
+        {
+            return Ok(f);
+        }
+        if out == 0 || inp == 0 || tokens == 0 || k == 0 {
+            return Err(Error::invalid("Formulation::measure", "out, in, tokens and k must be positive"));
+        }
+        let rows = k.min(out);
+        let big = out.max(inp);
+        let len = |a: usize, b: usize| {
+            a.checked_mul(b).ok_or_else(|| Error::invalid("Formulation::measure", "shape overflows"))
+        };
+        let scratch = |n: usize| -> Result<B::Buf<f32>> {
+            let host: Vec<f32> = (0..n).map(|j| ((j * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+            backend.upload(&host)
+        };
+        let (tok_big, sq, oi) = (len(tokens, big)?, len(big, big)?, len(out, inp)?);
+        let (a, bsq, mut c1, mut c2) = (scratch(tok_big)?, scratch(sq)?, scratch(tok_big.max(oi))?, scratch(oi)?);
+        let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+            f()?;
+            backend.synchronize()?;
+            let mut best = f64::INFINITY;
+            for _ in 0..2 {
+                let t = std::time::Instant::now();
+                f()?;
+                backend.synchronize()?;
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        // Transformed: x Q and (.) Q^T, g P and (.) P^T: two (T, in, in) and two (T, out, out).
+        let transformed = time(&mut || {
+            for _ in 0..2 {
+                backend.gemm(&Gemm::nn(tokens, inp, inp), &a, &bsq, &mut c1)?;
+                backend.gemm(&Gemm::nn(tokens, out, out), &a, &bsq, &mut c1)?;
+            }
+            Ok(())
+        })?;
+        // Merged: the cheaper order of P^T (g^T x) Q, then W += P (D Q^T) over `rows` rows.
+        let token_order = Self::merged_token_order(out, inp, tokens);
+        let merged = time(&mut || {
+            if token_order {
+                backend.gemm(&Gemm::nn(tokens, inp, inp), &a, &bsq, &mut c1)?;
+                backend.gemm(&Gemm::nn(tokens, out, out), &a, &bsq, &mut c1)?;
+            } else {
+                backend.gemm(&Gemm::nn(out, inp, out), &bsq, &c2, &mut c1)?;
+                backend.gemm(&Gemm::nn(out, inp, inp), &c1, &bsq, &mut c2)?;
+            }
+            let mut update = Gemm::nn(out, inp, rows).beta(1.0);
+            update.lda = rows;
+            backend.gemm(&update, &bsq, &c1, &mut c2)
+        })?;
+        let f = if merged < transformed { Formulation::Merged } else { Formulation::Transformed };
+        cache.lock().map_err(|_| Error::invalid("Formulation::measure", "cache poisoned"))?.insert(key, f);
+        Ok(f)
     }
 }
 

@@ -1,8 +1,8 @@
 //! Backward passes of both formulations and the optimizer step.
 
 use super::{weight_ref, Formulation, Selection, SparseGradLinear, StepGrads, Weight};
-use crate::backend::operand::{mm, stage, OperandRef};
-use crate::backend::{Backend, Gemm, IndexMaps};
+use crate::backend::operand::{grow, mm, stage, OperandRef};
+use crate::backend::{Backend, Gemm, IndexMaps, Precision};
 use crate::error::{Error, Result};
 use crate::optim::{dense_step, sparse_step};
 use crate::scalar::Real;
@@ -70,7 +70,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         Ok(())
     }
 
-    /// `dx = g W`; `dWt = P^T (g^T x) Q`, skipping all-zero token rows under SparseByDense.
+    /// `dx = g W`; `dWt = P^T (g^T x) Q` in the cheaper association order (Exact), skipping
+    /// all-zero token rows under SparseByDense.
     pub(super) fn backward_merged(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
         let be = &self.backend;
@@ -78,11 +79,28 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let Weight::Merged { w, half } = &self.weight else {
             return Err(Error::invalid("backward", "layer is not in the merged formulation"));
         };
-        let big_b = ws.big_b.as_mut().ok_or_else(|| Error::invalid("backward", "merged workspace missing"))?;
         let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
         if let Some(dx) = dx {
             mm(be, &Gemm::nn(tokens, inp, out), g_op, weight_ref(w, half), dx)?;
         }
+        let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
+        let token_order = self.cfg.selection == Selection::Exact
+            && self.cfg.precision == Precision::Full
+            && Formulation::merged_token_order(out, inp, tokens);
+        if token_order {
+            // dWt = (g P)^T (x Q): cheaper than P^T (g^T x) Q at this token count. `p` holds
+            // P^T in this formulation, so g P = g (P^T)^T.
+            grow(be, &mut ws.tmp_out, tokens * out)?;
+            grow(be, &mut ws.tmp_in, tokens * inp)?;
+            mm(be, &Gemm::nt(tokens, out, out), g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
+            mm(be, &Gemm::nn(tokens, inp, inp), ws.saved.as_ref(), self.basis_dev.q.as_ref(), &mut ws.tmp_in)?;
+            let (gt, xt) = (OperandRef::Full(&ws.tmp_out), OperandRef::Full(&ws.tmp_in));
+            mm(be, &Gemm::tn(out, inp, tokens), gt, xt, &mut ws.big_a)?;
+            be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
+            self.stats = StepGrads { rows_multiplied: tokens, cols_multiplied: out, k };
+            return Ok(());
+        }
+        let big_b = ws.big_b.as_mut().ok_or_else(|| Error::invalid("backward", "merged workspace missing"))?;
         // dW = g^T x, over the token rows of g that hold a nonzero when SparseByDense.
         let rows = match self.cfg.selection {
             Selection::Exact => {
@@ -102,7 +120,6 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         // dWt = (P^T dW) Q; `p` holds P^T in this formulation.
         mm(be, &Gemm::nn(out, inp, out), self.basis_dev.p.as_ref(), OperandRef::Full(&ws.big_a), big_b)?;
         mm(be, &Gemm::nn(out, inp, inp), OperandRef::Full(big_b), self.basis_dev.q.as_ref(), &mut ws.big_a)?;
-        let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
         be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
         self.stats = StepGrads { rows_multiplied: rows, cols_multiplied: out, k };
         Ok(())
