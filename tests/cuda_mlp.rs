@@ -220,8 +220,8 @@ fn compare_grads<B: Backend + Clone>(
             match cpu.method {
                 Method::MeProp { .. } => close_coo(
                     &format!("{what}: MeProp COO"),
-                    &d.sparse_grad_host().unwrap(),
-                    &c.sparse_grad_host().unwrap(),
+                    &d.coo_grad_host().unwrap(),
+                    &c.coo_grad_host().unwrap(),
                     tol,
                 ),
                 _ => true,
@@ -237,7 +237,7 @@ fn compare_grads<B: Backend + Clone>(
             close_coo(&format!("{what}: dWt COO"), &d.grad_host().unwrap(), &c.grad_host().unwrap(), tol)
         }
         (Linear::Lora(d), Linear::Lora(c)) => {
-            let ((da, db), (ca, cb)) = (d.grads_host().unwrap(), c.grads_host().unwrap());
+            let ((da, db), (ca, cb)) = (d.grad_host().unwrap(), c.grad_host().unwrap());
             close(&format!("{what}: dA"), &da, &ca, tol);
             // dB = s g^T (x A^T): nonzero from the first step.
             close(&format!("{what}: dB"), &db, &cb, tol);

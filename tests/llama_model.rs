@@ -246,7 +246,7 @@ fn gradient_and_directions(p: &Linear<Cpu, f64>, bases: &BasisSet, group: &str) 
     let _ = bases.get(group);
     match p {
         Linear::Dense(d) => {
-            let g = match d.sparse_grad_host() {
+            let g = match d.coo_grad_host() {
                 Ok(coo) => {
                     let mut dense = vec![0.0; coo.shape.0 * coo.shape.1];
                     for e in 0..coo.len() {
@@ -273,7 +273,7 @@ fn gradient_and_directions(p: &Linear<Cpu, f64>, bases: &BasisSet, group: &str) 
             (coo.values.clone(), dirs)
         }
         Linear::Lora(lo) => {
-            let (ga, gb) = lo.grads_host().unwrap();
+            let (ga, gb) = lo.grad_host().unwrap();
             let na = ga.len();
             let g: Vec<f64> = ga.into_iter().chain(gb).collect();
             let dirs = (0..g.len())
