@@ -27,7 +27,7 @@ use cuda_common::cuda_test;
 
 use common::{rand_vec, rng};
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
-use sparsegrad::mlp::{BertMlp, LlamaMlp, Projection, ProjectionSpec};
+use sparsegrad::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, Projection, ProjectionSpec};
 use sparsegrad::{
     AdamParams, Backend, Basis, Cpu, Cuda, Formulation, GeluKind, HostCoo, Keep, Optimizer, Precision, Selection,
 };
@@ -90,12 +90,18 @@ impl<B: Backend + Clone> Block<B> {
             basis: Some(&bases[i]),
         };
         match kind {
-            Kind::Bert => {
-                Block::Bert(BertMlp::new(be, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"))
-            }
-            Kind::Llama => {
-                Block::Llama(LlamaMlp::new(be, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"))
-            }
+            Kind::Bert => Block::Bert(
+                BertMlp::new(
+                    be,
+                    MlpShape { hidden, ffn },
+                    [spec(0), spec(1)],
+                    BertMlpConfig { gelu: GeluKind::Erf, options: *opts },
+                )
+                .expect("BertMlp::new"),
+            ),
+            Kind::Llama => Block::Llama(
+                LlamaMlp::new(be, MlpShape { hidden, ffn }, [spec(0), spec(1), spec(2)], opts).expect("LlamaMlp::new"),
+            ),
         }
     }
     fn forward(&mut self, x: &B::Buf<f32>, t: usize, y: &mut B::Buf<f32>) {

@@ -16,8 +16,8 @@ mod common;
 use common::blocks::*;
 use common::*;
 use sparsegrad::linear::lora::{LoraConfig, LoraLinear};
-use sparsegrad::linear::LayerWeights;
 use sparsegrad::linear::trainable::{Linear, Method};
+use sparsegrad::linear::LayerWeights;
 use sparsegrad::{Backend, Cpu, GramAccumulator, Keep, Optimizer, Precision};
 use std::collections::BTreeMap;
 
@@ -487,7 +487,8 @@ fn trainable_parameter_counts() {
     // as SparseGrad keeps at 1%.
     let (out, inp) = (3072usize, 768usize);
     let w = vec![0.01f32; out * inp];
-    let config = LoraConfig { rank: 7, alpha: 16.0, seed: 0, optimizer: Optimizer::default(), precision: Precision::Full };
+    let config =
+        LoraConfig { rank: 7, alpha: 16.0, seed: 0, optimizer: Optimizer::default(), precision: Precision::Full };
     let lora = LoraLinear::new(&cpu, LayerWeights::new(&w, out, inp), config).unwrap();
     let frac = lora.trainable_parameters() as f64 / (out * inp) as f64;
     assert_eq!(lora.trainable_parameters(), 7 * (768 + 3072));

@@ -18,7 +18,7 @@ use crate::backend::{Backend, Gemm, PoolKind};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
-use crate::mlp::{BertMlp, ProjectionSpec};
+use crate::mlp::{BertMlp, BertMlpConfig, MlpShape, ProjectionSpec};
 use crate::model::weights::SplitMix64;
 use crate::optim::Optimizer;
 use crate::scalar::Real;
@@ -212,8 +212,13 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
                 specs.push(ProjectionSpec { weight: w, bias: Some(b), method, group: &groups[j], basis });
             }
             let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
-            let mlp = BertMlp::new(backend, c.hidden, c.ffn, specs[0], specs[1], c.gelu, &layer_opts)
-                .map_err(|e| Error::invalid("BertModel::new", format!("layer {i} MLP: {e}")))?;
+            let mlp = BertMlp::new(
+                backend,
+                MlpShape { hidden: c.hidden, ffn: c.ffn },
+                [specs[0], specs[1]],
+                BertMlpConfig { gelu: c.gelu, options: layer_opts },
+            )
+            .map_err(|e| Error::invalid("BertModel::new", format!("layer {i} MLP: {e}")))?;
             layers.push(Layer {
                 q: up(&lw.q)?,
                 q_bias: up(&lw.q_bias)?,

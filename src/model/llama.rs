@@ -13,7 +13,7 @@ use crate::backend::{Backend, Gemm};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Method, TrainOptions};
-use crate::mlp::{LlamaMlp, ProjectionSpec};
+use crate::mlp::{LlamaMlp, MlpShape, ProjectionSpec};
 use crate::scalar::Real;
 use half::bf16;
 
@@ -181,8 +181,13 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 specs.push(ProjectionSpec { weight: w.as_slice(), bias: None, method, group: GROUPS[j], basis });
             }
             let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
-            let mlp = LlamaMlp::new(backend, c.hidden, c.ffn, specs[0], specs[1], specs[2], &layer_opts)
-                .map_err(|e| e.context(&format!("layer {i} MLP")))?;
+            let mlp = LlamaMlp::new(
+                backend,
+                MlpShape { hidden: c.hidden, ffn: c.ffn },
+                [specs[0], specs[1], specs[2]],
+                &layer_opts,
+            )
+            .map_err(|e| e.context(&format!("layer {i} MLP")))?;
             layers.push(Layer {
                 attn_norm: up(&lw.attn_norm)?,
                 ffn_norm: up(&lw.ffn_norm)?,

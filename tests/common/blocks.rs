@@ -4,9 +4,9 @@
 use super::*;
 use sparsegrad::backend::cpu::CpuBuf;
 use sparsegrad::linear::lora::{LoraConfig, LoraLinear};
-use sparsegrad::linear::LayerWeights;
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
-use sparsegrad::mlp::{BertMlp, LlamaMlp, Projection, ProjectionSpec};
+use sparsegrad::linear::LayerWeights;
+use sparsegrad::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, Projection, ProjectionSpec};
 use sparsegrad::{
     AdamParams, Basis, Cpu, Formulation, GeluKind, GramAccumulator, Keep, Optimizer, Precision, Real, Selection,
 };
@@ -174,12 +174,18 @@ pub fn build<F: Real>(
         basis: Some(&bases[i]),
     };
     match kind {
-        Kind::Bert => {
-            Block::Bert(BertMlp::new(cpu, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"))
-        }
-        Kind::Llama => {
-            Block::Llama(LlamaMlp::new(cpu, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"))
-        }
+        Kind::Bert => Block::Bert(
+            BertMlp::new(
+                cpu,
+                MlpShape { hidden, ffn },
+                [spec(0), spec(1)],
+                BertMlpConfig { gelu: GeluKind::Erf, options: *opts },
+            )
+            .expect("BertMlp::new"),
+        ),
+        Kind::Llama => Block::Llama(
+            LlamaMlp::new(cpu, MlpShape { hidden, ffn }, [spec(0), spec(1), spec(2)], opts).expect("LlamaMlp::new"),
+        ),
     }
 }
 
