@@ -77,6 +77,7 @@ pub mod prelude {
     pub use crate::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, ProjectionSpec};
     pub use crate::model::llama::{LlamaModel, MlpPlan, TokenBatch};
     pub use crate::model::weights::LlamaWeights;
+    pub use crate::model::TrainingSetup;
     pub use crate::optim::Optimizer;
     pub use crate::Cpu;
     #[cfg(feature = "cuda")]

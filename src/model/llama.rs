@@ -7,6 +7,7 @@
 use super::attention::{self, AttentionGrads, AttentionShape};
 use super::config::LlamaConfig;
 use super::weights::LlamaWeights;
+use super::TrainingSetup;
 use crate::backend::operand::{grow, mm, stage, to_f, Operand};
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
@@ -24,6 +25,13 @@ pub struct MlpPlan {
     pub layers: Vec<usize>,
     /// Method of `gate`, `up` and `down` in those layers.
     pub methods: [Method; 3],
+}
+
+/// Nothing trains ([`MlpPlan::frozen`]).
+impl Default for MlpPlan {
+    fn default() -> Self {
+        MlpPlan::frozen()
+    }
 }
 
 impl MlpPlan {
@@ -138,17 +146,16 @@ pub struct LlamaModel<B: Backend, F: Real = f32> {
 }
 
 impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
-    /// Uploads `weights` and builds every layer's MLP by `plan`; SparseGrad projections
-    /// take their basis from `bases` (groups `gate`, `up`, `down`). `max_positions` sizes
-    /// the RoPE tables (sequences may not be longer).
+    /// Uploads `weights` and builds every layer's MLP by `setup.plan`; SparseGrad
+    /// projections take their basis from `setup.bases` (groups `gate`, `up`, `down`).
+    /// `max_positions` sizes the RoPE tables (sequences may not be longer).
     pub fn new(
         backend: &B,
         weights: &LlamaWeights,
-        plan: &MlpPlan,
-        bases: Option<&BasisSet>,
-        opts: &TrainOptions,
+        setup: &TrainingSetup<'_, MlpPlan>,
         max_positions: usize,
     ) -> Result<Self> {
+        let (plan, bases, opts) = (&setup.plan, setup.bases, &setup.options);
         weights.validate()?;
         let c = weights.config.clone();
         if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
