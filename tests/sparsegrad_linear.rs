@@ -406,7 +406,7 @@ fn merged_token_order_matches_the_f64_reference_and_the_transformed_form() {
     assert!(!Formulation::merged_token_order(out, inp, 64));
     let pr = problem(21, out, inp, t);
     let dw = matmul(&transpose(&to64(&pr.g), t, out), &to64(&pr.x), out, t, inp);
-    let (p, q) = (to64(&pr.basis.p()), to64(&pr.basis.q()));
+    let (p, q) = (to64(pr.basis.p()), to64(pr.basis.q()));
     let dwt_ref = matmul(&matmul(&transpose(&p, out, out), &dw, out, out, inp), &q, out, inp, inp);
     let (_, dx_m, _, dwt_m) = run_once(&pr, cfg(Formulation::Merged, Keep::Fraction(1.0), Selection::Exact));
     let (_, dx_t, _, dwt_t) = run_once(&pr, cfg(Formulation::Transformed, Keep::Fraction(1.0), Selection::Exact));
