@@ -31,7 +31,7 @@
 //! the 1-minute load average after the case.
 
 use sparsegrad::linear::trainable::{Method, TrainOptions};
-use sparsegrad::mlp::{BertMlp, LlamaMlp, ProjectionSpec};
+use sparsegrad::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, ProjectionSpec};
 #[cfg(feature = "cuda")]
 use sparsegrad::Cuda;
 use sparsegrad::{AdamParams, Backend, Basis, Cpu, GeluKind, Keep, Optimizer, Precision, Selection};
@@ -186,10 +186,17 @@ impl<B: Backend + Clone> Block<B> {
         };
         match s.kind {
             Kind::Bert => Block::Bert(
-                BertMlp::new(be, s.hidden, s.ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"),
+                BertMlp::new(
+                    be,
+                    MlpShape { hidden: s.hidden, ffn: s.ffn },
+                    [spec(0), spec(1)],
+                    BertMlpConfig { gelu: GeluKind::Erf, options: *opts },
+                )
+                .expect("BertMlp::new"),
             ),
             Kind::Llama => Block::Llama(
-                LlamaMlp::new(be, s.hidden, s.ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"),
+                LlamaMlp::new(be, MlpShape { hidden: s.hidden, ffn: s.ffn }, [spec(0), spec(1), spec(2)], opts)
+                    .expect("LlamaMlp::new"),
             ),
         }
     }

@@ -74,9 +74,10 @@ pub mod prelude {
     pub use crate::linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear};
     pub use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
     pub use crate::linear::Keep;
-    pub use crate::mlp::{BertMlp, LlamaMlp, ProjectionSpec};
+    pub use crate::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, ProjectionSpec};
     pub use crate::model::llama::{LlamaModel, MlpPlan, TokenBatch};
     pub use crate::model::weights::LlamaWeights;
+    pub use crate::model::TrainingSetup;
     pub use crate::optim::Optimizer;
     pub use crate::Cpu;
     #[cfg(feature = "cuda")]

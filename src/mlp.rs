@@ -31,6 +31,22 @@ pub struct ProjectionSpec<'a, F> {
     pub basis: Option<&'a Basis>,
 }
 
+/// An MLP block's widths: the model's `hidden` size and the inner `ffn` size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MlpShape {
+    pub hidden: usize,
+    pub ffn: usize,
+}
+
+/// Construction options of a [`BertMlp`] besides its shape and projections (default: exact
+/// erf GELU, default [`TrainOptions`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BertMlpConfig {
+    pub gelu: GeluKind,
+    /// How every trainable projection of the block trains.
+    pub options: TrainOptions,
+}
+
 /// A block's projection with its group name.
 pub struct Projection<B: Backend, F: Real> {
     pub name: &'static str,
@@ -90,13 +106,13 @@ impl<B: Backend + Clone, F: Real> BertMlp<B, F> {
     /// `dense_in` is `(ffn, hidden)`, `dense_out` `(hidden, ffn)`, both with biases.
     pub fn new(
         backend: &B,
-        hidden: usize,
-        ffn: usize,
-        dense_in: ProjectionSpec<'_, F>,
-        dense_out: ProjectionSpec<'_, F>,
-        gelu: GeluKind,
-        opts: &TrainOptions,
+        shape: MlpShape,
+        [dense_in, dense_out]: [ProjectionSpec<'_, F>; 2],
+        config: BertMlpConfig,
     ) -> Result<Self> {
+        let MlpShape { hidden, ffn } = shape;
+        let BertMlpConfig { gelu, options } = config;
+        let opts = &options;
         Ok(BertMlp {
             backend: backend.clone(),
             hidden,
@@ -190,13 +206,11 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
     /// `gate`, `up` are `(ffn, hidden)`, `down` `(hidden, ffn)`; biases must be `None`.
     pub fn new(
         backend: &B,
-        hidden: usize,
-        ffn: usize,
-        gate: ProjectionSpec<'_, F>,
-        up: ProjectionSpec<'_, F>,
-        down: ProjectionSpec<'_, F>,
+        shape: MlpShape,
+        [gate, up, down]: [ProjectionSpec<'_, F>; 3],
         opts: &TrainOptions,
     ) -> Result<Self> {
+        let MlpShape { hidden, ffn } = shape;
         if gate.bias.is_some() || up.bias.is_some() || down.bias.is_some() {
             return Err(Error::invalid("LlamaMlp::new", "LLaMA MLP projections have no biases"));
         }

@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use sparsegrad::adapter::{load_adapter, save_adapter, AdapterEntry, AdapterTarget};
 use sparsegrad::linear::trainable::{Method, TrainOptions};
-use sparsegrad::mlp::{BertMlp, ProjectionSpec};
+use sparsegrad::mlp::{BertMlp, BertMlpConfig, MlpShape, ProjectionSpec};
 use sparsegrad::{AdamParams, Backend, Basis, Cpu, Error, Formulation, GeluKind, Keep, Optimizer, Selection};
 
 const HIDDEN: usize = 12;
@@ -47,7 +47,13 @@ fn block(cpu: &Cpu, fx: &Fixture, method: Method, opts: &TrainOptions) -> BertMl
         group: "dense_out",
         basis: Some(&fx.basis_out),
     };
-    BertMlp::new(cpu, HIDDEN, FFN, spec_in, spec_out, GeluKind::Erf, opts).unwrap()
+    BertMlp::new(
+        cpu,
+        MlpShape { hidden: HIDDEN, ffn: FFN },
+        [spec_in, spec_out],
+        BertMlpConfig { gelu: GeluKind::Erf, options: *opts },
+    )
+    .unwrap()
 }
 
 /// One step of L = 0.5 |y - target|^2 / T; returns the loss before the step.
@@ -206,7 +212,13 @@ fn loading_into_another_shape_basis_base_or_method_fails_cleanly() {
         group: "dense_out",
         basis: None,
     };
-    let mut wide = BertMlp::new(&cpu, HIDDEN, FFN + 1, spec_in, spec_out, GeluKind::Erf, &opts).unwrap();
+    let mut wide = BertMlp::new(
+        &cpu,
+        MlpShape { hidden: HIDDEN, ffn: FFN + 1 },
+        [spec_in, spec_out],
+        BertMlpConfig { gelu: GeluKind::Erf, options: opts },
+    )
+    .unwrap();
     let [p_in, p_out] = wide.projections_mut();
     let mut targets = [
         AdapterTarget { name: "dense_in", linear: &mut p_in.linear, base_weight: &wide_in },

@@ -11,6 +11,7 @@ use common::bert::{batch_data, collect_bases, head, tiny};
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertPlan, BertWeights, HeadConfig};
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::optim::Optimizer;
 use sparsegrad::{AdamParams, Cpu, Error, Keep, PoolKind, Selection};
 use std::path::{Path, PathBuf};
@@ -144,8 +145,13 @@ fn backward_matches_finite_differences_of_a_naive_reference() {
     for pooling in [PoolKind::Mean, PoolKind::Cls] {
         let cpu = Cpu::new();
         let plan = BertPlan::all(&cfg, Method::Collect);
-        let mut model =
-            BertModel::<Cpu, f64>::new(&cpu, &w, &plan, None, &TrainOptions::default(), &head(pooling)).unwrap();
+        let mut model = BertModel::<Cpu, f64>::new(
+            &cpu,
+            &w,
+            &TrainingSetup { plan: plan.clone(), bases: None, options: TrainOptions::default() },
+            &head(pooling),
+        )
+        .unwrap();
         let loss = model.forward(&ids, &lengths, &labels, batch, seq, 1.0).unwrap();
         model.backward().unwrap();
         let head_w = model.head().merged_weight().unwrap();
@@ -229,8 +235,13 @@ fn every_method_lowers_the_training_loss() {
     for method in methods {
         let cpu = Cpu::new();
         let plan = BertPlan::all(&cfg, method);
-        let mut model =
-            BertModel::<Cpu, f32>::new(&cpu, &w, &plan, Some(&bases), &opts, &head(PoolKind::Mean)).unwrap();
+        let mut model = BertModel::<Cpu, f32>::new(
+            &cpu,
+            &w,
+            &TrainingSetup { plan: plan.clone(), bases: Some(&bases), options: opts },
+            &head(PoolKind::Mean),
+        )
+        .unwrap();
         let first = model.train_step(&ids, &lengths, &labels, batch, seq).unwrap().mean();
         let mut last = first;
         for _ in 0..30 {
@@ -262,8 +273,13 @@ fn bad_batches_and_plans_are_clear_errors() {
     let w = BertWeights::random(&cfg, 1).unwrap();
     let cpu = Cpu::new();
     let plan = BertPlan::all(&cfg, Method::Full);
-    let mut m =
-        BertModel::<Cpu, f32>::new(&cpu, &w, &plan, None, &TrainOptions::default(), &head(PoolKind::Mean)).unwrap();
+    let mut m = BertModel::<Cpu, f32>::new(
+        &cpu,
+        &w,
+        &TrainingSetup { plan: plan.clone(), bases: None, options: TrainOptions::default() },
+        &head(PoolKind::Mean),
+    )
+    .unwrap();
     let ids = vec![1u32; 6];
     assert!(matches!(m.forward(&ids, &[3, 0], &[0, 1], 2, 3, 1.0), Err(Error::InvalidArgument { .. })));
     assert!(matches!(m.forward(&ids, &[3, 4], &[0, 1], 2, 3, 1.0), Err(Error::InvalidArgument { .. })));
@@ -273,14 +289,24 @@ fn bad_batches_and_plans_are_clear_errors() {
     assert!(matches!(m.forward(&[1; 20], &[10, 10], &[0, 1], 2, 10, 1.0), Err(Error::InvalidArgument { .. })));
     assert!(matches!(m.backward(), Err(Error::InvalidArgument { .. })));
     let bad_plan = BertPlan { layers: vec![2], ..plan.clone() };
-    assert!(
-        BertModel::<Cpu, f32>::new(&cpu, &w, &bad_plan, None, &TrainOptions::default(), &head(PoolKind::Mean)).is_err()
-    );
+    assert!(BertModel::<Cpu, f32>::new(
+        &cpu,
+        &w,
+        &TrainingSetup { plan: bad_plan.clone(), bases: None, options: TrainOptions::default() },
+        &head(PoolKind::Mean)
+    )
+    .is_err());
     let sg = BertPlan::all(
         &cfg,
         Method::SparseGrad { keep: Keep::Fraction(0.1), selection: Selection::Exact, formulation: None },
     );
-    let e = BertModel::<Cpu, f32>::new(&cpu, &w, &sg, None, &TrainOptions::default(), &head(PoolKind::Mean)).err();
+    let e = BertModel::<Cpu, f32>::new(
+        &cpu,
+        &w,
+        &TrainingSetup { plan: sg.clone(), bases: None, options: TrainOptions::default() },
+        &head(PoolKind::Mean),
+    )
+    .err();
     assert!(e.is_some_and(|e| e.to_string().contains("bases")));
 }
 
@@ -369,8 +395,7 @@ fn minilm_matches_the_reference_embeddings() {
     let batch = tok.batch(&texts, 128).unwrap();
     let cpu = Cpu::new();
     let head = HeadConfig { classes: 2, pooling: PoolKind::Mean, optimizer: Optimizer::default(), seed: 0 };
-    let mut m =
-        BertModel::<Cpu, f32>::new(&cpu, &w, &BertPlan::frozen(), None, &TrainOptions::default(), &head).unwrap();
+    let mut m = BertModel::<Cpu, f32>::new(&cpu, &w, &TrainingSetup::default(), &head).unwrap();
     let pooled = m.embed(&batch.ids, &batch.lengths, batch.batch, batch.seq).unwrap();
     for (b, (text, _, want)) in cases.iter().enumerate() {
         let v = &pooled[b * 384..(b + 1) * 384];

@@ -11,6 +11,7 @@ use common::bert::{batch_data, collect_bases, head, tiny};
 use cuda_common::cuda_test;
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::bert::{BertConfig, BertModel, BertPlan, BertWeights};
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::optim::Optimizer;
 use sparsegrad::{AdamParams, Cpu, Keep, PoolKind, Selection};
 
@@ -33,9 +34,9 @@ cuda_test!(fn cuda_model_matches_cpu(cuda) {
         for pooling in [PoolKind::Mean, PoolKind::Cls] {
             let plan = BertPlan::all(&cfg, method);
             let cpu = Cpu::new();
-            let mut a = BertModel::<Cpu, f32>::new(&cpu, &w, &plan, Some(&bases), &opts, &head(pooling)).unwrap();
+            let mut a = BertModel::<Cpu, f32>::new(&cpu, &w, &TrainingSetup { plan: plan.clone(), bases: Some(&bases), options: opts }, &head(pooling)).unwrap();
             let mut b =
-                BertModel::<sparsegrad::Cuda, f32>::new(&cuda, &w, &plan, Some(&bases), &opts, &head(pooling)).unwrap();
+                BertModel::<sparsegrad::Cuda, f32>::new(&cuda, &w, &TrainingSetup { plan: plan.clone(), bases: Some(&bases), options: opts }, &head(pooling)).unwrap();
             let what = format!("{} {pooling:?}", method.name());
             let pa = a.embed(&ids, &lengths, batch, seq).unwrap();
             let pb = b.embed(&ids, &lengths, batch, seq).unwrap();

@@ -27,7 +27,7 @@ use cuda_common::cuda_test;
 
 use common::{rand_vec, rng};
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
-use sparsegrad::mlp::{BertMlp, LlamaMlp, Projection, ProjectionSpec};
+use sparsegrad::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, Projection, ProjectionSpec};
 use sparsegrad::{
     AdamParams, Backend, Basis, Cpu, Cuda, Formulation, GeluKind, HostCoo, Keep, Optimizer, Precision, Selection,
 };
@@ -90,12 +90,18 @@ impl<B: Backend + Clone> Block<B> {
             basis: Some(&bases[i]),
         };
         match kind {
-            Kind::Bert => {
-                Block::Bert(BertMlp::new(be, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"))
-            }
-            Kind::Llama => {
-                Block::Llama(LlamaMlp::new(be, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"))
-            }
+            Kind::Bert => Block::Bert(
+                BertMlp::new(
+                    be,
+                    MlpShape { hidden, ffn },
+                    [spec(0), spec(1)],
+                    BertMlpConfig { gelu: GeluKind::Erf, options: *opts },
+                )
+                .expect("BertMlp::new"),
+            ),
+            Kind::Llama => Block::Llama(
+                LlamaMlp::new(be, MlpShape { hidden, ffn }, [spec(0), spec(1), spec(2)], opts).expect("LlamaMlp::new"),
+            ),
         }
     }
     fn forward(&mut self, x: &B::Buf<f32>, t: usize, y: &mut B::Buf<f32>) {
@@ -220,8 +226,8 @@ fn compare_grads<B: Backend + Clone>(
             match cpu.method {
                 Method::MeProp { .. } => close_coo(
                     &format!("{what}: MeProp COO"),
-                    &d.sparse_grad_host().unwrap(),
-                    &c.sparse_grad_host().unwrap(),
+                    &d.coo_grad_host().unwrap(),
+                    &c.coo_grad_host().unwrap(),
                     tol,
                 ),
                 _ => true,
@@ -237,7 +243,7 @@ fn compare_grads<B: Backend + Clone>(
             close_coo(&format!("{what}: dWt COO"), &d.grad_host().unwrap(), &c.grad_host().unwrap(), tol)
         }
         (Linear::Lora(d), Linear::Lora(c)) => {
-            let ((da, db), (ca, cb)) = (d.grads_host().unwrap(), c.grads_host().unwrap());
+            let ((da, db), (ca, cb)) = (d.grad_host().unwrap(), c.grad_host().unwrap());
             close(&format!("{what}: dA"), &da, &ca, tol);
             // dB = s g^T (x A^T): nonzero from the first step.
             close(&format!("{what}: dB"), &db, &cb, tol);

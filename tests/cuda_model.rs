@@ -11,6 +11,7 @@ use sparsegrad::linear::trainable::TrainOptions;
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::llama::{LlamaModel, MlpPlan};
 use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::recipes::finetune::{run, Dataset, FinetuneConfig, MethodKind};
 use sparsegrad::{Backend, Cpu, Precision, Selection};
 
@@ -65,7 +66,9 @@ fn flow_cfg(method: MethodKind, precision: Precision) -> FinetuneConfig {
 
 fn logits_on<B: Backend + Clone>(be: &B, w: &LlamaWeights, precision: Precision) -> Vec<f32> {
     let opts = TrainOptions { precision, ..Default::default() };
-    let mut m = LlamaModel::<B, f32>::new(be, w, &MlpPlan::frozen(), None, &opts, 32).unwrap();
+    let mut m =
+        LlamaModel::<B, f32>::new(be, w, &TrainingSetup { plan: MlpPlan::frozen(), bases: None, options: opts }, 32)
+            .unwrap();
     m.logits(&[1, 7, 19, 33, 50, 96, 2, 4, 8, 16, 32, 64, 3]).unwrap()
 }
 

@@ -5,6 +5,7 @@ use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::llama::{LlamaModel, MlpPlan};
 use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::recipes::finetune::{lora_rank_for_budget, run, Dataset, FinetuneConfig, MethodKind, Progress};
 use sparsegrad::{Cpu, Keep, Precision, Selection};
 
@@ -107,15 +108,20 @@ fn every_method_runs_the_flow_and_lowers_the_validation_loss() {
             seed: 7,
             ..Default::default()
         };
-        let mut fresh = LlamaModel::<Cpu, f32>::new(&cpu, &weights, &plan, bases.as_ref(), &opts, 10).unwrap();
+        let mut fresh = LlamaModel::<Cpu, f32>::new(
+            &cpu,
+            &weights,
+            &TrainingSetup { plan: plan.clone(), bases: bases.as_ref(), options: opts },
+            10,
+        )
+        .unwrap();
         fresh.load_adapter(&path, &weights).unwrap();
         let got = fresh.logits(&probe).unwrap();
         let max = expect.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let worst = got.iter().zip(&expect).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst <= 1e-4 * max.max(1.0), "{method:?}: adapter reload differs by {worst}");
         let merged = trained.merged_weights(&weights).unwrap();
-        let mut frozen =
-            LlamaModel::<Cpu, f32>::new(&cpu, &merged, &MlpPlan::frozen(), None, &TrainOptions::default(), 10).unwrap();
+        let mut frozen = LlamaModel::<Cpu, f32>::new(&cpu, &merged, &TrainingSetup::default(), 10).unwrap();
         let got = frozen.logits(&probe).unwrap();
         let worst = got.iter().zip(&expect).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(worst <= 1e-4 * max.max(1.0), "{method:?}: merged model differs by {worst}");
@@ -137,8 +143,7 @@ fn bad_configurations_are_clear_errors() {
         assert!(matches!(err, sparsegrad::Error::InvalidArgument { .. }), "{err}");
     }
     // Sequences longer than the model was built for are refused, not truncated silently.
-    let mut model =
-        LlamaModel::<Cpu, f32>::new(&cpu, &weights, &MlpPlan::frozen(), None, &TrainOptions::default(), 4).unwrap();
+    let mut model = LlamaModel::<Cpu, f32>::new(&cpu, &weights, &TrainingSetup::default(), 4).unwrap();
     assert!(model.logits(&[1, 2, 3, 4, 5]).is_err());
     assert!(model.logits(&[1, 2, 99]).is_err(), "token outside the vocabulary");
 }

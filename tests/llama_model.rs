@@ -9,6 +9,7 @@ use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::llama::{LlamaModel, MlpPlan, TokenBatch, GROUPS};
 use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::{BasisSet, Cpu, Formulation, Keep, Optimizer, Selection};
 use std::path::Path;
 
@@ -107,8 +108,7 @@ fn forward_matches_a_naive_reference_on_a_tiny_random_model() {
     for tied in [true, false] {
         let w = LlamaWeights::random(&tiny_config(tied), 3).unwrap();
         let cpu = Cpu::new();
-        let mut model =
-            LlamaModel::<Cpu, f64>::new(&cpu, &w, &MlpPlan::frozen(), None, &TrainOptions::default(), 64).unwrap();
+        let mut model = LlamaModel::<Cpu, f64>::new(&cpu, &w, &TrainingSetup::default(), 64).unwrap();
         let ids = [1u32, 5, 9, 36, 0, 12, 7];
         let got = model.logits(&ids).unwrap();
         let expect = reference_logits(&w, &ids);
@@ -135,8 +135,7 @@ fn real_model_matches_the_reference_and_completes_paris() {
     let tok = sparsegrad::model::tokenizer::Tokenizer::from_gguf(&gguf).unwrap();
     let ids = tok.encode("The capital of France is").unwrap();
     let cpu = Cpu::new();
-    let mut model =
-        LlamaModel::<Cpu, f32>::new(&cpu, &w, &MlpPlan::frozen(), None, &TrainOptions::default(), 64).unwrap();
+    let mut model = LlamaModel::<Cpu, f32>::new(&cpu, &w, &TrainingSetup::default(), 64).unwrap();
     let logits = model.logits(&ids).unwrap();
     let expect = reference_logits(&w, &ids);
     // f32 through 30 layers against f64: compare with a tolerance scaled to the logits.
@@ -194,11 +193,23 @@ fn finite_differences_of_the_loss_for_every_method() {
     let plan_layers = vec![0usize, 1];
     for method in methods {
         let plan = MlpPlan { layers: plan_layers.clone(), methods: [method; 3] };
-        let mut model = LlamaModel::<Cpu, f64>::new(&cpu, &w, &plan, Some(&bases), &opts, 16).unwrap();
+        let mut model = LlamaModel::<Cpu, f64>::new(
+            &cpu,
+            &w,
+            &TrainingSetup { plan: plan.clone(), bases: Some(&bases), options: opts },
+            16,
+        )
+        .unwrap();
         // LoRA starts at B = 0, where dA vanishes: take one SGD step with lr > 0 first.
         if let Method::Lora { .. } = method {
             let lora_opts = TrainOptions { optimizer: Optimizer::Sgd { lr: 0.5 }, ..opts };
-            model = LlamaModel::new(&cpu, &w, &plan, Some(&bases), &lora_opts, 16).unwrap();
+            model = LlamaModel::new(
+                &cpu,
+                &w,
+                &TrainingSetup { plan: plan.clone(), bases: Some(&bases), options: lora_opts },
+                16,
+            )
+            .unwrap();
             model.train_step(&tokens).unwrap();
         }
         model.forward(&tokens, 1.0 / n).unwrap();
@@ -218,7 +229,13 @@ fn finite_differences_of_the_loss_for_every_method() {
                 let (analytic, dirs) = gradient_and_directions(proj, &bases, group);
                 for (e, (g, dir)) in analytic.iter().zip(dirs).enumerate().step_by(7) {
                     let loss_at = |eps: f64| -> f64 {
-                        let mut m = LlamaModel::<Cpu, f64>::new(&cpu, &w, &plan, Some(&bases), &opts, 16).unwrap();
+                        let mut m = LlamaModel::<Cpu, f64>::new(
+                            &cpu,
+                            &w,
+                            &TrainingSetup { plan: plan.clone(), bases: Some(&bases), options: opts },
+                            16,
+                        )
+                        .unwrap();
                         for (l, jj, st) in &states {
                             m.mlp_mut(*l).unwrap().projections_mut()[*jj].linear.import_state(st).unwrap();
                         }
@@ -246,7 +263,7 @@ fn gradient_and_directions(p: &Linear<Cpu, f64>, bases: &BasisSet, group: &str) 
     let _ = bases.get(group);
     match p {
         Linear::Dense(d) => {
-            let g = match d.sparse_grad_host() {
+            let g = match d.coo_grad_host() {
                 Ok(coo) => {
                     let mut dense = vec![0.0; coo.shape.0 * coo.shape.1];
                     for e in 0..coo.len() {
@@ -273,7 +290,7 @@ fn gradient_and_directions(p: &Linear<Cpu, f64>, bases: &BasisSet, group: &str) 
             (coo.values.clone(), dirs)
         }
         Linear::Lora(lo) => {
-            let (ga, gb) = lo.grads_host().unwrap();
+            let (ga, gb) = lo.grad_host().unwrap();
             let na = ga.len();
             let g: Vec<f64> = ga.into_iter().chain(gb).collect();
             let dirs = (0..g.len())
@@ -348,7 +365,12 @@ fn layer_errors_keep_their_kind_inside_the_model() {
         methods: [Method::SparseGrad { keep: Keep::Fraction(0.1), selection: Selection::Exact, formulation: None }; 3],
     };
     let cpu = Cpu::new();
-    let Err(err) = LlamaModel::<Cpu, f32>::new(&cpu, &w, &plan, Some(&bases), &TrainOptions::default(), 16) else {
+    let Err(err) = LlamaModel::<Cpu, f32>::new(
+        &cpu,
+        &w,
+        &TrainingSetup { plan: plan.clone(), bases: Some(&bases), options: TrainOptions::default() },
+        16,
+    ) else {
         panic!("a wrong-shaped basis was accepted")
     };
     match &err {

@@ -15,8 +15,9 @@ mod common;
 
 use common::blocks::*;
 use common::*;
-use sparsegrad::linear::lora::LoraLinear;
+use sparsegrad::linear::lora::{LoraConfig, LoraLinear};
 use sparsegrad::linear::trainable::{Linear, Method};
+use sparsegrad::linear::LayerWeights;
 use sparsegrad::{Backend, Cpu, GramAccumulator, Keep, Optimizer, Precision};
 use std::collections::BTreeMap;
 
@@ -51,7 +52,7 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
             .map(|p| match &p.linear {
                 Linear::Lora(l) => {
                     let (a, b) = l.factors_host().unwrap();
-                    let (da, db) = l.grads_host().unwrap();
+                    let (da, db) = l.grad_host().unwrap();
                     assert!(b.iter().all(|&v| v == 0.0), "{label} {}: LoRA must start with B = 0", p.name);
                     assert!(da.iter().all(|&v| v == 0.0), "{label} {}: dA = s (g B)^T x must be 0 while B = 0", p.name);
                     assert!(db.iter().any(|&v| v != 0.0), "{label} {}: dB must not vanish", p.name);
@@ -127,7 +128,7 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
                 assert_fd(&format!("{what}: dW"), &dw, &fd);
                 if variants[i] == Variant::MeProp {
                     let Linear::Dense(l) = &proj.linear else { panic!("{what}: MeProp is a dense layer") };
-                    let coo = l.sparse_grad_host().unwrap();
+                    let coo = l.coo_grad_host().unwrap();
                     assert_eq!(coo.len(), out * inp, "{what}: keep = 100% selects every entry");
                     let sel: Vec<f64> =
                         (0..coo.len()).map(|e| dw[coo.rows[e] as usize * inp + coo.cols[e] as usize]).collect();
@@ -151,7 +152,7 @@ fn fd_check(kind: Kind, methods_of: impl Fn(usize) -> Variant, label: &str) {
                 assert_fd(&format!("{what}: dWt (COO)"), &coo.values, &fd);
             }
             Variant::Lora => {
-                let (da, db) = lora_of(proj).grads_host().unwrap();
+                let (da, db) = lora_of(proj).grad_host().unwrap();
                 let (a, b) = &lora[i];
                 let moved = |which: usize, e: usize, h: f64| {
                     let mut f = lora.clone();
@@ -486,7 +487,9 @@ fn trainable_parameter_counts() {
     // as SparseGrad keeps at 1%.
     let (out, inp) = (3072usize, 768usize);
     let w = vec![0.01f32; out * inp];
-    let lora = LoraLinear::new(&cpu, &w, None, out, inp, 7, 16.0, 0, Optimizer::default(), Precision::Full).unwrap();
+    let config =
+        LoraConfig { rank: 7, alpha: 16.0, seed: 0, optimizer: Optimizer::default(), precision: Precision::Full };
+    let lora = LoraLinear::new(&cpu, LayerWeights::new(&w, out, inp), config).unwrap();
     let frac = lora.trainable_parameters() as f64 / (out * inp) as f64;
     assert_eq!(lora.trainable_parameters(), 7 * (768 + 3072));
     assert!((0.0095..0.0125).contains(&frac), "LoRA rank 7 trains {:.3}% of the layer", 100.0 * frac);

@@ -3,7 +3,8 @@
 //! SparseByDense, with a flop model at a measured GEMM rate.
 #![allow(dead_code)]
 
-use sparsegrad::linear::dense::{DenseLinear, DenseMode};
+use sparsegrad::linear::dense::{DenseConfig, DenseLinear, DenseMode};
+use sparsegrad::linear::LayerWeights;
 use sparsegrad::{
     AdamParams, Backend, Basis, Formulation, Gemm, Keep, Optimizer, Precision, Selection, SparseGradConfig,
     SparseGradLinear,
@@ -106,8 +107,9 @@ pub fn bench_shape<B: Backend + Clone>(
     let mut dx = be.alloc::<f32>(tokens * inp).unwrap();
     let dense_flops = 3.0 * 2.0 * tokens as f64 * out as f64 * inp as f64;
     let dense_s = {
-        let mut dense =
-            DenseLinear::new(be, &w, Some(&bias), out, inp, DenseMode::Full, Optimizer::Adam(adam), precision).unwrap();
+        let config = DenseConfig { mode: DenseMode::Full, optimizer: Optimizer::Adam(adam), precision };
+        let weights = LayerWeights::new(&w, out, inp).with_bias(Some(&bias));
+        let mut dense = DenseLinear::new(be, weights, config).unwrap();
         time_steps(be, iters, || {
             dense.forward(&x, tokens, &mut y).unwrap();
             dense.backward(&g, tokens, Some(&mut dx)).unwrap();

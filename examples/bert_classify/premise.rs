@@ -13,6 +13,7 @@ use rand::SeedableRng;
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertPlan, HeadConfig, GROUPS};
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::{sparsity_report, Backend, GramAccumulator, Optimizer, Result};
 use std::fmt::Write as _;
 
@@ -42,7 +43,12 @@ pub fn measure<B: Backend + Clone>(backend: &B, p: &Prepared, args: &Args) -> Re
     let plan = BertPlan { layers: (0..c.layers).collect(), methods: [Method::Collect; 2], per_layer_basis: false };
     let head =
         HeadConfig { classes: p.classes, pooling: args.pooling, optimizer: Optimizer::default(), seed: args.seed };
-    let mut model = BertModel::<B, f32>::new(backend, &p.weights, &plan, None, &TrainOptions::default(), &head)?;
+    let mut model = BertModel::<B, f32>::new(
+        backend,
+        &p.weights,
+        &TrainingSetup { plan: plan.clone(), bases: None, options: TrainOptions::default() },
+        &head,
+    )?;
     let mut rng = SmallRng::seed_from_u64(args.seed ^ 0x9E37);
     let mut order: Vec<usize> = (0..p.train.ids.len()).collect();
     order.shuffle(&mut rng);

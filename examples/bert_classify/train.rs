@@ -9,6 +9,7 @@ use rand::SeedableRng;
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertPlan, BertWeights, HeadConfig};
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::recipes::classify::accuracy_macro_f1;
 use sparsegrad::{AdamParams, Backend, BasisSet, Keep, Optimizer, Result, Selection};
 use std::collections::BTreeMap;
@@ -125,7 +126,12 @@ fn preliminary<B: Backend + Clone>(
     head: &HeadConfig,
 ) -> Result<BasisSet> {
     let collect = BertPlan { methods: [Method::Collect; 2], ..plan.clone() };
-    let mut model = BertModel::<B, f32>::new(backend, &p.weights, &collect, None, &TrainOptions::default(), head)?;
+    let mut model = BertModel::<B, f32>::new(
+        backend,
+        &p.weights,
+        &TrainingSetup { plan: collect.clone(), bases: None, options: TrainOptions::default() },
+        head,
+    )?;
     let mut rng = SmallRng::seed_from_u64(args.seed ^ 0x5EED);
     let mut order: Vec<usize> = (0..p.train.ids.len()).collect();
     order.shuffle(&mut rng);
@@ -182,7 +188,12 @@ pub fn run<B: Backend + Clone>(
         seed: args.seed,
         ..Default::default()
     };
-    let mut model = BertModel::<B, f32>::new(backend, &p.weights, &plan, bases.as_ref(), &opts, &head)?;
+    let mut model = BertModel::<B, f32>::new(
+        backend,
+        &p.weights,
+        &TrainingSetup { plan: plan.clone(), bases: bases.as_ref(), options: opts },
+        &head,
+    )?;
     let mut r = RunResult {
         mlp_trainable: model.mlp_trainable_parameters(),
         head_trainable: model.head().trainable_parameters(),

@@ -7,7 +7,7 @@ use crate::mutate::Rng;
 use sparsegrad::adapter::{save_adapter, AdapterEntry};
 use sparsegrad::io::SafetensorsWriter;
 use sparsegrad::linear::trainable::{Method, TrainOptions};
-use sparsegrad::mlp::{BertMlp, ProjectionSpec};
+use sparsegrad::mlp::{BertMlp, BertMlpConfig, MlpShape, ProjectionSpec};
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::{Backend, Basis, BasisSet, Cpu, GeluKind, GramAccumulator, Keep, Selection};
@@ -235,7 +235,13 @@ pub fn block(cpu: &Cpu, fx: &AdapterFixture, method: Method) -> BertMlp<Cpu> {
         group: "dense_out",
         basis: Some(&fx.basis_out),
     };
-    BertMlp::new(cpu, HIDDEN, FFN, spec_in, spec_out, GeluKind::Erf, &TrainOptions::default()).unwrap()
+    BertMlp::new(
+        cpu,
+        MlpShape { hidden: HIDDEN, ffn: FFN },
+        [spec_in, spec_out],
+        BertMlpConfig { gelu: GeluKind::Erf, options: TrainOptions::default() },
+    )
+    .unwrap()
 }
 
 /// One adapter per method, each after two training steps.

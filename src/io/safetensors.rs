@@ -11,7 +11,7 @@
 //! never half of one, and a failed write leaves nothing behind.
 
 use super::fs::{escape, write_atomic};
-use crate::error::{Error, Result};
+use crate::error::{ensure_finite, Error, Result};
 use ::safetensors::tensor::{Metadata, TensorInfo};
 pub use ::safetensors::Dtype;
 use ::safetensors::SafeTensors;
@@ -308,14 +308,7 @@ impl SafetensorsFile {
 
 /// [`Error::NonFinite`] naming `what` if `data` holds NaN or infinity.
 pub fn check_finite(what: &str, data: &[f32]) -> Result<()> {
-    match data.iter().position(|v| !v.is_finite()) {
-        None => Ok(()),
-        Some(first_index) => Err(Error::NonFinite {
-            what: what.to_string(),
-            count: data.iter().filter(|v| !v.is_finite()).count(),
-            first_index,
-        }),
-    }
+    ensure_finite(what, data.iter().copied())
 }
 
 enum Data {

@@ -11,7 +11,7 @@ use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep, LayerWeights};
 use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -23,6 +23,20 @@ pub enum DenseMode {
     Collect,
     Full,
     MeProp { keep: Keep },
+}
+
+/// Construction options of a [`DenseLinear`] (default: frozen, AdamW defaults, f32).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DenseConfig {
+    pub mode: DenseMode,
+    pub optimizer: Optimizer,
+    pub precision: Precision,
+}
+
+impl Default for DenseConfig {
+    fn default() -> Self {
+        DenseConfig { mode: DenseMode::Frozen, optimizer: Optimizer::default(), precision: Precision::Full }
+    }
 }
 
 /// The MeProp selection state.
@@ -61,17 +75,9 @@ pub struct DenseLinear<B: Backend, F: Real = f32> {
 }
 
 impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        backend: &B,
-        weight: &[F],
-        bias: Option<&[F]>,
-        out: usize,
-        inp: usize,
-        mode: DenseMode,
-        opt: Optimizer,
-        precision: Precision,
-    ) -> Result<Self> {
+    pub fn new(backend: &B, weights: LayerWeights<'_, F>, config: DenseConfig) -> Result<Self> {
+        let LayerWeights { weight, bias, out, inp } = weights;
+        let DenseConfig { mode, optimizer: opt, precision } = config;
         check_weight_and_bias("DenseLinear::new", weight, bias, out, inp)?;
         opt.validate()?;
         let computes_grad = mode != DenseMode::Frozen;
@@ -275,10 +281,10 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         self.bias_grad.as_ref().map(|b| self.backend.download(b, self.out)).transpose()
     }
     /// MeProp's selected COO gradient of the last backward.
-    pub fn sparse_grad_host(&self) -> Result<HostCoo<F>> {
+    pub fn coo_grad_host(&self) -> Result<HostCoo<F>> {
         match (&self.topk, self.grad_ready) {
             (Some(t), true) => t.coo.to_host(&self.backend),
-            _ => Err(Error::invalid("DenseLinear::sparse_grad_host", "not a MeProp layer, or no backward yet")),
+            _ => Err(Error::invalid("DenseLinear::coo_grad_host", "not a MeProp layer, or no backward yet")),
         }
     }
 

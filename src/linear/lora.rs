@@ -9,7 +9,7 @@ use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::error::{ensure_finite, Error, Result};
 use crate::linear::state::{mismatch, DenseParam, LayerState};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, LayerWeights};
 use crate::optim::{dense_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -62,6 +62,26 @@ struct LoraWorkspace<B: Backend, F: Real> {
     g_half: Option<B::Buf<bf16>>,
 }
 
+/// Construction options of a [`LoraLinear`] (default: rank 8, alpha 16, seed 0, AdamW
+/// defaults, f32).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// The rank `r` of `B A` (1 ..= min(out, in)).
+    pub rank: usize,
+    /// The update is scaled by `alpha / r`, as in PEFT.
+    pub alpha: f32,
+    /// Seeds [`lora_init_a`] in [`LoraLinear::new`].
+    pub seed: u64,
+    pub optimizer: Optimizer,
+    pub precision: Precision,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig { rank: 8, alpha: 16.0, seed: 0, optimizer: Optimizer::default(), precision: Precision::Full }
+    }
+}
+
 /// A LoRA-adapted linear layer; see the module docs.
 pub struct LoraLinear<B: Backend, F: Real = f32> {
     backend: B,
@@ -101,40 +121,24 @@ pub fn lora_init_a<F: Real>(rank: usize, inp: usize, seed: u64) -> Vec<F> {
 }
 
 impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
-    /// A LoRA layer over the frozen `weight` `(out, in)`, with `A` from [`lora_init_a`].
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        backend: &B,
-        weight: &[F],
-        bias: Option<&[F]>,
-        out: usize,
-        inp: usize,
-        rank: usize,
-        alpha: f32,
-        seed: u64,
-        opt: Optimizer,
-        precision: Precision,
-    ) -> Result<Self> {
-        let a = lora_init_a::<F>(rank, inp, seed);
-        let b = vec![F::ZERO; out * rank];
-        Self::from_factors(backend, weight, bias, out, inp, rank, alpha, &a, &b, opt, precision)
+    /// A LoRA layer over the frozen `weights`, with `A` from [`lora_init_a`] (seeded by
+    /// `config.seed`) and `B = 0`.
+    pub fn new(backend: &B, weights: LayerWeights<'_, F>, config: LoraConfig) -> Result<Self> {
+        let a = lora_init_a::<F>(config.rank, weights.inp, config.seed);
+        let b = vec![F::ZERO; weights.out * config.rank];
+        Self::from_factors(backend, weights, (&a, &b), config)
     }
 
-    /// A LoRA layer with given factors `A` `(r, in)` and `B` `(out, r)`.
-    #[allow(clippy::too_many_arguments)]
+    /// A LoRA layer with given factors `(A, B)`: `A` `(r, in)` and `B` `(out, r)`
+    /// (`config.seed` is unused).
     pub fn from_factors(
         backend: &B,
-        weight: &[F],
-        bias: Option<&[F]>,
-        out: usize,
-        inp: usize,
-        rank: usize,
-        alpha: f32,
-        a: &[F],
-        b: &[F],
-        opt: Optimizer,
-        precision: Precision,
+        weights: LayerWeights<'_, F>,
+        (a, b): (&[F], &[F]),
+        config: LoraConfig,
     ) -> Result<Self> {
+        let LayerWeights { weight, bias, out, inp } = weights;
+        let LoraConfig { rank, alpha, seed: _, optimizer: opt, precision } = config;
         if rank == 0 || rank > out.min(inp) {
             return Err(Error::invalid("LoraLinear::new", format!("rank {rank} outside 1..={}", out.min(inp))));
         }
@@ -277,9 +281,9 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         Ok((self.backend.download(&self.a.value, self.a.len)?, self.backend.download(&self.b.value, self.b.len)?))
     }
     /// `(dA, dB)` of the last backward.
-    pub fn grads_host(&self) -> Result<(Vec<F>, Vec<F>)> {
+    pub fn grad_host(&self) -> Result<(Vec<F>, Vec<F>)> {
         if !self.grad_ready {
-            return Err(Error::invalid("LoraLinear::grads_host", "no gradient: call backward first"));
+            return Err(Error::invalid("LoraLinear::grad_host", "no gradient: call backward first"));
         }
         Ok((self.backend.download(&self.a.grad, self.a.len)?, self.backend.download(&self.b.grad, self.b.len)?))
     }

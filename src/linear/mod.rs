@@ -1,5 +1,15 @@
 //! Trainable linear layers `y = x W^T + b` and what they share: how many gradient entries
 //! to keep and the checks every layer makes before building, a forward and a backward.
+//!
+//! Host copies of gradients follow one naming scheme. Every layer's `grad_host()` returns
+//! the weight gradient of the last backward in that layer's natural form:
+//! [`dense::DenseLinear::grad_host`] the dense `dW` `(out, in)`,
+//! [`sparsegrad::SparseGradLinear::grad_host`] the COO of `dWt` in the basis,
+//! [`lora::LoraLinear::grad_host`] the factor gradients `(dA, dB)`. Where a type holds more
+//! than one form, a prefix names the form: [`dense::DenseLinear::coo_grad_host`] is MeProp's
+//! selected COO gradient, and [`trainable::Linear::dense_grad_host`] is the dense gradient of
+//! whichever variant has one (the preliminary phase's input to the Gram accumulators).
+//! `bias_grad_host()` is the bias gradient on every layer.
 
 pub mod dense;
 pub mod lora;
@@ -11,6 +21,28 @@ use crate::backend::operand::check_finite;
 use crate::backend::Backend;
 use crate::error::{ensure_finite, Error, Result};
 use crate::scalar::Real;
+
+/// A layer's starting point: the dense `weight` `(out, in)` and, if the layer has one, its
+/// `bias` `(out)`; what [`dense::DenseLinear`] and [`lora::LoraLinear`] are built from.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerWeights<'a, F> {
+    pub weight: &'a [F],
+    pub bias: Option<&'a [F]>,
+    pub out: usize,
+    pub inp: usize,
+}
+
+impl<'a, F> LayerWeights<'a, F> {
+    /// `weight` `(out, in)` without a bias.
+    pub fn new(weight: &'a [F], out: usize, inp: usize) -> Self {
+        LayerWeights { weight, bias: None, out, inp }
+    }
+    /// The same weight with `bias` (`None` keeps the layer bias-free).
+    pub fn with_bias(mut self, bias: Option<&'a [F]>) -> Self {
+        self.bias = bias;
+        self
+    }
+}
 
 /// How many gradient entries a sparse method keeps each step.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -6,11 +6,11 @@ use crate::backend::Backend;
 use crate::backend::Precision;
 use crate::basis::Basis;
 use crate::error::{Error, Result};
-use crate::linear::dense::{DenseLinear, DenseMode};
-use crate::linear::lora::LoraLinear;
+use crate::linear::dense::{DenseConfig, DenseLinear, DenseMode};
+use crate::linear::lora::{LoraConfig, LoraLinear};
 use crate::linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear};
 use crate::linear::state::LayerState;
-use crate::linear::Keep;
+use crate::linear::{Keep, LayerWeights};
 use crate::optim::Optimizer;
 use crate::scalar::Real;
 
@@ -197,8 +197,10 @@ impl<'a, F: Real> LinearBuilder<'a, F> {
 impl<B: Backend + Clone, F: Real> Linear<B, F> {
     fn build(backend: &B, spec: &LinearBuilder<'_, F>) -> Result<Self> {
         let LinearBuilder { weight, out, inp, bias, method, basis, options: opts } = *spec;
+        let weights = LayerWeights { weight, bias, out, inp };
         let dense = |mode| {
-            DenseLinear::new(backend, weight, bias, out, inp, mode, opts.optimizer, opts.precision).map(Linear::Dense)
+            let config = DenseConfig { mode, optimizer: opts.optimizer, precision: opts.precision };
+            DenseLinear::new(backend, weights, config).map(Linear::Dense)
         };
         match method {
             Method::Frozen => dense(DenseMode::Frozen),
@@ -206,8 +208,9 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
             Method::Full => dense(DenseMode::Full),
             Method::MeProp { keep } => dense(DenseMode::MeProp { keep }),
             Method::Lora { rank, alpha } => {
-                LoraLinear::new(backend, weight, bias, out, inp, rank, alpha, opts.seed, opts.optimizer, opts.precision)
-                    .map(Linear::Lora)
+                let config =
+                    LoraConfig { rank, alpha, seed: opts.seed, optimizer: opts.optimizer, precision: opts.precision };
+                LoraLinear::new(backend, weights, config).map(Linear::Lora)
             }
             Method::SparseGrad { keep, selection, formulation } => {
                 let basis = basis.ok_or_else(|| {

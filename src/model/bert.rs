@@ -12,13 +12,14 @@ pub mod tokenizer;
 pub mod weights;
 
 use super::attention::{self, AttentionGrads, AttentionShape, Mask};
+use super::TrainingSetup;
 use crate::backend::operand::{grow, to_f};
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm, PoolKind};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
-use crate::mlp::{BertMlp, ProjectionSpec};
+use crate::mlp::{BertMlp, BertMlpConfig, MlpShape, ProjectionSpec};
 use crate::model::weights::SplitMix64;
 use crate::optim::Optimizer;
 use crate::scalar::Real;
@@ -37,6 +38,13 @@ pub struct BertPlan {
     /// One basis per layer and projection (`layer.{i}.intermediate`) instead of one per
     /// projection type shared by all layers (the paper's choice).
     pub per_layer_basis: bool,
+}
+
+/// Nothing trains ([`BertPlan::frozen`]).
+impl Default for BertPlan {
+    fn default() -> Self {
+        BertPlan::frozen()
+    }
 }
 
 impl BertPlan {
@@ -164,16 +172,15 @@ pub struct BertModel<B: Backend, F: Real = f32> {
 }
 
 impl<B: Backend + Clone, F: Real> BertModel<B, F> {
-    /// Uploads `weights`, builds every layer's MLP by `plan` (SparseGrad projections take
-    /// their basis from `bases`, groups as [`BertPlan::group`]) and a fresh head.
+    /// Uploads `weights`, builds every layer's MLP by `setup.plan` (SparseGrad projections
+    /// take their basis from `setup.bases`, groups as [`BertPlan::group`]) and a fresh head.
     pub fn new(
         backend: &B,
         weights: &BertWeights,
-        plan: &BertPlan,
-        bases: Option<&BasisSet>,
-        opts: &TrainOptions,
+        setup: &TrainingSetup<'_, BertPlan>,
         head: &HeadConfig,
     ) -> Result<Self> {
+        let (plan, bases, opts) = (&setup.plan, setup.bases, &setup.options);
         weights.validate()?;
         let c = weights.config.clone();
         if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
@@ -212,8 +219,13 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
                 specs.push(ProjectionSpec { weight: w, bias: Some(b), method, group: &groups[j], basis });
             }
             let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
-            let mlp = BertMlp::new(backend, c.hidden, c.ffn, specs[0], specs[1], c.gelu, &layer_opts)
-                .map_err(|e| Error::invalid("BertModel::new", format!("layer {i} MLP: {e}")))?;
+            let mlp = BertMlp::new(
+                backend,
+                MlpShape { hidden: c.hidden, ffn: c.ffn },
+                [specs[0], specs[1]],
+                BertMlpConfig { gelu: c.gelu, options: layer_opts },
+            )
+            .map_err(|e| Error::invalid("BertModel::new", format!("layer {i} MLP: {e}")))?;
             layers.push(Layer {
                 q: up(&lw.q)?,
                 q_bias: up(&lw.q_bias)?,

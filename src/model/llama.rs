@@ -7,13 +7,14 @@
 use super::attention::{self, AttentionGrads, AttentionShape};
 use super::config::LlamaConfig;
 use super::weights::LlamaWeights;
+use super::TrainingSetup;
 use crate::backend::operand::{grow, mm, stage, to_f, Operand};
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Method, TrainOptions};
-use crate::mlp::{LlamaMlp, ProjectionSpec};
+use crate::mlp::{LlamaMlp, MlpShape, ProjectionSpec};
 use crate::scalar::Real;
 use half::bf16;
 
@@ -24,6 +25,13 @@ pub struct MlpPlan {
     pub layers: Vec<usize>,
     /// Method of `gate`, `up` and `down` in those layers.
     pub methods: [Method; 3],
+}
+
+/// Nothing trains ([`MlpPlan::frozen`]).
+impl Default for MlpPlan {
+    fn default() -> Self {
+        MlpPlan::frozen()
+    }
 }
 
 impl MlpPlan {
@@ -138,17 +146,16 @@ pub struct LlamaModel<B: Backend, F: Real = f32> {
 }
 
 impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
-    /// Uploads `weights` and builds every layer's MLP by `plan`; SparseGrad projections
-    /// take their basis from `bases` (groups `gate`, `up`, `down`). `max_positions` sizes
-    /// the RoPE tables (sequences may not be longer).
+    /// Uploads `weights` and builds every layer's MLP by `setup.plan`; SparseGrad
+    /// projections take their basis from `setup.bases` (groups `gate`, `up`, `down`).
+    /// `max_positions` sizes the RoPE tables (sequences may not be longer).
     pub fn new(
         backend: &B,
         weights: &LlamaWeights,
-        plan: &MlpPlan,
-        bases: Option<&BasisSet>,
-        opts: &TrainOptions,
+        setup: &TrainingSetup<'_, MlpPlan>,
         max_positions: usize,
     ) -> Result<Self> {
+        let (plan, bases, opts) = (&setup.plan, setup.bases, &setup.options);
         weights.validate()?;
         let c = weights.config.clone();
         if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
@@ -181,8 +188,13 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 specs.push(ProjectionSpec { weight: w.as_slice(), bias: None, method, group: GROUPS[j], basis });
             }
             let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
-            let mlp = LlamaMlp::new(backend, c.hidden, c.ffn, specs[0], specs[1], specs[2], &layer_opts)
-                .map_err(|e| e.context(&format!("layer {i} MLP")))?;
+            let mlp = LlamaMlp::new(
+                backend,
+                MlpShape { hidden: c.hidden, ffn: c.ffn },
+                [specs[0], specs[1], specs[2]],
+                &layer_opts,
+            )
+            .map_err(|e| e.context(&format!("layer {i} MLP")))?;
             layers.push(Layer {
                 attn_norm: up(&lw.attn_norm)?,
                 ffn_norm: up(&lw.ffn_norm)?,

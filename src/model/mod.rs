@@ -5,6 +5,20 @@
 //! ([`attention`]).
 
 pub mod attention;
+
+use crate::basis::BasisSet;
+use crate::linear::trainable::TrainOptions;
+
+/// How a model's MLPs train: which layers and projections (`plan`, a [`llama::MlpPlan`] or a
+/// [`bert::BertPlan`]), the bases SparseGrad projections take their basis from, and the
+/// options every trainable projection shares. The default trains nothing.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainingSetup<'a, P> {
+    pub plan: P,
+    pub bases: Option<&'a BasisSet>,
+    pub options: TrainOptions,
+}
+
 pub mod bert;
 pub mod config;
 pub mod llama;

@@ -13,6 +13,7 @@ use crate::linear::trainable::{Method, TrainOptions};
 use crate::linear::Keep;
 use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
 use crate::model::weights::LlamaWeights;
+use crate::model::TrainingSetup;
 use crate::optim::Optimizer;
 use crate::recipes::vader::{epoch, make_batch, Batch, BatchSpec};
 use std::collections::BTreeMap;
@@ -265,7 +266,12 @@ fn preliminary<B: Backend + Clone>(
 ) -> Result<BasisSet> {
     let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [Method::Collect; 3] };
     let opts = TrainOptions { precision: cfg.precision, seed: cfg.seed, ..Default::default() };
-    let mut model = LlamaModel::<B, f32>::new(backend, weights, &plan, None, &opts, cfg.seq_len)?;
+    let mut model = LlamaModel::<B, f32>::new(
+        backend,
+        weights,
+        &TrainingSetup { plan: plan.clone(), bases: None, options: opts },
+        cfg.seq_len,
+    )?;
     let mut accs: BTreeMap<String, GramAccumulator> = BTreeMap::new();
     let spec = cfg.batch_spec(data);
     let (started, mut tokens) = (Instant::now(), 0usize);
@@ -328,7 +334,12 @@ pub fn run<B: Backend + Clone>(
         expected_tokens: cfg.batch * cfg.seq_len,
         seed: cfg.seed,
     };
-    let mut model = LlamaModel::new(backend, weights, &plan, bases.as_ref(), &opts, cfg.seq_len)?;
+    let mut model = LlamaModel::new(
+        backend,
+        weights,
+        &TrainingSetup { plan: plan.clone(), bases: bases.as_ref(), options: opts },
+        cfg.seq_len,
+    )?;
     let before = eval(&mut model, &val_batches)?;
     progress(Progress::Eval { step: 0, loss: before });
     let mut val_curve = vec![(0, before)];

@@ -3,6 +3,7 @@
 
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::bert::{BertConfig, BertModel, BertPlan, BertWeights, HeadConfig};
+use sparsegrad::model::TrainingSetup;
 use sparsegrad::optim::Optimizer;
 use sparsegrad::{AdamParams, BasisSet, Cpu, GeluKind, PoolKind};
 use std::collections::BTreeMap;
@@ -51,8 +52,13 @@ pub fn collect_bases(
 ) -> BasisSet {
     let cpu = Cpu::new();
     let plan = BertPlan { per_layer_basis: per_layer, ..BertPlan::all(&w.config, Method::Collect) };
-    let mut m =
-        BertModel::<Cpu, f32>::new(&cpu, w, &plan, None, &TrainOptions::default(), &head(PoolKind::Mean)).unwrap();
+    let mut m = BertModel::<Cpu, f32>::new(
+        &cpu,
+        w,
+        &TrainingSetup { plan: plan.clone(), bases: None, options: TrainOptions::default() },
+        &head(PoolKind::Mean),
+    )
+    .unwrap();
     let mut accs = BTreeMap::new();
     for _ in 0..4 {
         m.train_step(ids, lengths, labels, batch, seq).unwrap();

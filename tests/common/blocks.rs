@@ -3,9 +3,10 @@
 
 use super::*;
 use sparsegrad::backend::cpu::CpuBuf;
-use sparsegrad::linear::lora::LoraLinear;
+use sparsegrad::linear::lora::{LoraConfig, LoraLinear};
 use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
-use sparsegrad::mlp::{BertMlp, LlamaMlp, Projection, ProjectionSpec};
+use sparsegrad::linear::LayerWeights;
+use sparsegrad::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, Projection, ProjectionSpec};
 use sparsegrad::{
     AdamParams, Basis, Cpu, Formulation, GeluKind, GramAccumulator, Keep, Optimizer, Precision, Real, Selection,
 };
@@ -173,12 +174,18 @@ pub fn build<F: Real>(
         basis: Some(&bases[i]),
     };
     match kind {
-        Kind::Bert => {
-            Block::Bert(BertMlp::new(cpu, hidden, ffn, spec(0), spec(1), GeluKind::Erf, opts).expect("BertMlp::new"))
-        }
-        Kind::Llama => {
-            Block::Llama(LlamaMlp::new(cpu, hidden, ffn, spec(0), spec(1), spec(2), opts).expect("LlamaMlp::new"))
-        }
+        Kind::Bert => Block::Bert(
+            BertMlp::new(
+                cpu,
+                MlpShape { hidden, ffn },
+                [spec(0), spec(1)],
+                BertMlpConfig { gelu: GeluKind::Erf, options: *opts },
+            )
+            .expect("BertMlp::new"),
+        ),
+        Kind::Llama => Block::Llama(
+            LlamaMlp::new(cpu, MlpShape { hidden, ffn }, [spec(0), spec(1), spec(2)], opts).expect("LlamaMlp::new"),
+        ),
     }
 }
 
@@ -208,19 +215,10 @@ pub fn install_lora<F: Real>(
     for (i, proj) in block.projections_mut().into_iter().enumerate().filter(|(i, _)| mask[*i]) {
         let (out, inp) = (proj.linear.out_features(), proj.linear.in_features());
         let (a, b) = &factors[i];
-        let lora = LoraLinear::from_factors(
-            cpu,
-            &p.w[i],
-            p.b[i].as_deref(),
-            out,
-            inp,
-            RANK,
-            ALPHA,
-            a,
-            b,
-            opts.optimizer,
-            opts.precision,
-        );
+        let weights = LayerWeights::new(&p.w[i], out, inp).with_bias(p.b[i].as_deref());
+        let config =
+            LoraConfig { rank: RANK, alpha: ALPHA, optimizer: opts.optimizer, precision: opts.precision, seed: 0 };
+        let lora = LoraLinear::from_factors(cpu, weights, (a, b), config);
         proj.linear = Linear::Lora(lora.expect("LoraLinear::from_factors"));
     }
 }
