@@ -274,9 +274,10 @@ fn check_layernorm<B: Backend>(dev: &B, big: bool) {
         let (y, yt) = down_split(dev, &yd, n);
         let (m, mt) = down_split(dev, &md, rows);
         let (rs, rt) = down_split(dev, &rd, rows);
-        // Against f64, the offset row's x - mean carries the f32 rounding of x and mean
-        // (ulp(30) = 2e-6, times rstd |w| <= 1.5): a looser absolute term there.
-        compare(&format!("{what}: y"), &y, &y32, None, 2e-6, 1e-5);
+        // The offset row's x - mean carries the f32 rounding of x and of the mean, and the
+        // device sums the mean in another order than the CPU twin (a warp tree): an error of
+        // about ulp(30) = 2e-6 times rstd |w| <= 1.5 against the f32 twin as against f64.
+        // (The emulator measured 4.2e-6 at 17x384; 2e-6 was too tight.)
         compare(&format!("{what}: y"), &y, &y32, Some(&y64), 1e-5, 1e-5);
         compare(&format!("{what}: mean"), &m, &m32, Some(&m64), 1e-6, 1e-5);
         // rstd of a constant row is 1 / sqrt(eps): relative comparison only.
