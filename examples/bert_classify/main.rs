@@ -13,7 +13,6 @@ mod premise;
 mod train;
 
 use args::{Args, Device, MethodKind};
-use sparsegrad::io::safetensors::SafetensorsWriter;
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertWeights};
 use sparsegrad::recipes::classify::{load_task, stratified_split, Example};
@@ -125,13 +124,7 @@ fn save_model<B: Backend + Clone>(
     bases: Option<&BasisSet>,
 ) -> Result<()> {
     m.save_adapter(&args.out.join("adapter.safetensors"), &p.weights, bases)?;
-    let head = m.head();
-    let mut w = SafetensorsWriter::new();
-    let hidden = p.weights.config.hidden;
-    w.add_f32("classifier.weight", &[p.classes, hidden], head.merged_weight()?)?;
-    w.add_f32("classifier.bias", &[p.classes], head.bias_host()?.unwrap_or_else(|| vec![0.0; p.classes]))?;
-    w.set_metadata("pooling", format!("{:?}", m.head_config().pooling).to_lowercase());
-    w.write(&args.out.join("head.safetensors"))?;
+    m.save_head(&args.out.join("head.safetensors"))?;
     let merged_dir = args.out.join("merged");
     m.merged_weights(&p.weights)?.save_hf_safetensors(&merged_dir)?;
     std::fs::copy(args.model.join("tokenizer.json"), merged_dir.join("tokenizer.json"))

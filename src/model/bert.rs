@@ -8,6 +8,7 @@
 //! the MLP blocks, and the head densely with AdamW, for every method); gradients flow
 //! through attention and the LayerNorms down to the lowest layer that trains.
 
+mod adapter;
 pub mod tokenizer;
 pub mod weights;
 
@@ -16,7 +17,6 @@ use super::TrainingSetup;
 use crate::backend::operand::{grow, to_f};
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm, PoolKind};
-use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
 use crate::mlp::{BertMlp, BertMlpConfig, MlpShape, ProjectionSpec};
@@ -595,66 +595,5 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         self.backward()?;
         self.step()?;
         Ok(loss)
-    }
-
-    /// The weights with every planned MLP projection replaced by its merged (trained)
-    /// weight and bias.
-    pub fn merged_weights(&self, base: &BertWeights) -> Result<BertWeights> {
-        let mut out = base.clone();
-        let cast = |v: Vec<F>| v.into_iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
-        for &i in &self.plan.layers {
-            let [pin, pout] = self.layers[i].mlp.projections();
-            let lw = &mut out.layers[i];
-            lw.inter = cast(pin.linear.merged_weight()?);
-            lw.out = cast(pout.linear.merged_weight()?);
-            if let Some(b) = pin.linear.bias_host()? {
-                lw.inter_bias = cast(b);
-            }
-            if let Some(b) = pout.linear.bias_host()? {
-                lw.out_bias = cast(b);
-            }
-        }
-        Ok(out)
-    }
-
-    /// HF name of MLP projection `j` (0 = intermediate, 1 = output) of `layer`.
-    pub fn projection_name(layer: usize, j: usize) -> String {
-        format!("encoder.layer.{layer}.{}.dense", GROUPS[j])
-    }
-
-    fn base_mlp_weights(base: &BertWeights, layer: usize) -> Result<[Vec<F>; 2]> {
-        let lw = base
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::invalid("adapter", format!("the base model has no layer {layer}")))?;
-        Ok([to_f(&lw.inter), to_f(&lw.out)])
-    }
-
-    /// Saves what training changed in the planned layers' MLPs (see [`crate::adapter`]),
-    /// relative to `base`, the weights the model was built from. The head is not part of
-    /// an adapter (see [`Self::head`] to save it).
-    pub fn save_adapter(&self, path: &std::path::Path, base: &BertWeights, bases: Option<&BasisSet>) -> Result<()> {
-        let mut names = Vec::new();
-        let mut weights = Vec::new();
-        for &l in &self.plan.layers {
-            weights.push(Self::base_mlp_weights(base, l)?);
-            names.push((0..2).map(|j| Self::projection_name(l, j)).collect::<Vec<_>>());
-        }
-        let mut entries = Vec::new();
-        for (k, &l) in self.plan.layers.iter().enumerate() {
-            for (j, p) in self.layers[l].mlp.projections().into_iter().enumerate() {
-                let basis = match (&p.method, bases) {
-                    (Method::SparseGrad { .. }, Some(b)) => Some(b.get(&self.plan.group(l, j))?),
-                    _ => None,
-                };
-                entries.push(crate::adapter::AdapterEntry {
-                    name: &names[k][j],
-                    linear: &p.linear,
-                    base_weight: &weights[k][j],
-                    basis,
-                });
-            }
-        }
-        crate::adapter::save_adapter(path, &entries)
     }
 }
