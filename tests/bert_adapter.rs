@@ -24,13 +24,8 @@ fn build(w: &BertWeights, method: Method, bases: &BasisSet, head_cfg: &HeadConfi
         ..Default::default()
     };
     let plan = BertPlan { layers: vec![1], ..BertPlan::all(&w.config, method) };
-    BertModel::<Cpu, f32>::new(
-        &Cpu::new(),
-        w,
-        &TrainingSetup { plan, bases: Some(bases), options: opts },
-        head_cfg,
-    )
-    .unwrap()
+    BertModel::<Cpu, f32>::new(&Cpu::new(), w, &TrainingSetup { plan, bases: Some(bases), options: opts }, head_cfg)
+        .unwrap()
 }
 
 #[test]

@@ -81,6 +81,23 @@ fn every_method_runs_the_flow_and_lowers_the_validation_loss() {
         let prelim = events.iter().filter(|e| matches!(e, Progress::Preliminary { .. })).count();
         assert_eq!(prelim, if method == MethodKind::SparseGrad { 3 } else { 0 });
         assert_eq!(bases.is_some(), method == MethodKind::SparseGrad);
+        // The premise: measured once, after the bases, for every projection type. The top
+        // 1% of any matrix holds at least 1% of its squared norm, and at most all of it.
+        let premise: Vec<_> =
+            events.iter().filter_map(|e| if let Progress::Premise(p) = e { Some(p) } else { None }).collect();
+        if method == MethodKind::SparseGrad {
+            assert_eq!(premise, vec![&report.premise]);
+            assert_eq!(report.premise.iter().map(|p| p.group).collect::<Vec<_>>(), vec!["gate", "up", "down"]);
+            for p in &report.premise {
+                assert!((0.01..=1.0 + 1e-9).contains(&p.original), "{p:?}");
+                assert!((0.01..=1.0 + 1e-9).contains(&p.basis), "{p:?}");
+            }
+            let basis_at = events.iter().position(|e| matches!(e, Progress::Basis)).unwrap();
+            let premise_at = events.iter().position(|e| matches!(e, Progress::Premise(_))).unwrap();
+            assert!(basis_at < premise_at && premise_at < events.len() - 1);
+        } else {
+            assert!(premise.is_empty() && report.premise.is_empty());
+        }
         let per_block = match method {
             MethodKind::Full => 3 * 40 * 24,
             MethodKind::Lora => 3 * budget * (40 + 24),

@@ -326,6 +326,7 @@ fn progress_ui(method: MethodKind, cfg: &FinetuneConfig) -> (ProgressBar, impl F
                 phase_start.get().elapsed().as_secs_f64()
             ));
         }
+        Progress::Premise(shares) => line(format!("{name}: premise: {}", output::premise_line(&shares))),
         Progress::Eval { step, loss } => {
             line(format!("{name}: step {step:>4}  validation loss {loss:.4}"));
             if step == 0 {

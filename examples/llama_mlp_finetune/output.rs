@@ -6,7 +6,7 @@ use sparsegrad::adapter::{save_adapter, AdapterEntry};
 use sparsegrad::io::write_atomic;
 use sparsegrad::model::llama::{LlamaModel, GROUPS};
 use sparsegrad::model::weights::LlamaWeights;
-use sparsegrad::recipes::finetune::FinetuneReport;
+use sparsegrad::recipes::finetune::{FinetuneReport, PremiseShare, PREMISE_BATCHES};
 use sparsegrad::{Backend, BasisSet, Error, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -135,7 +135,21 @@ pub fn summary(r: &FinetuneReport, total_params: usize, detail: &str, seconds: f
         "  time              {seconds:.1} s (preliminary {:.1} s, training steps {:.1} s)\n",
         r.preliminary_seconds, r.train_seconds
     ));
+    if !r.premise.is_empty() {
+        s.push_str(&format!("  premise           {}\n", premise_line(&r.premise)));
+    }
     s
+}
+
+/// The top-1% shares of the preliminary phase's held-out gradients, original -> basis.
+pub fn premise_line(premise: &[PremiseShare]) -> String {
+    let parts: Vec<String> =
+        premise.iter().map(|p| format!("{} {:.3} -> {:.3}", p.group, p.original, p.basis)).collect();
+    format!(
+        "top-1% share of squared gradient norm, original -> basis ({} held-out batches): {}",
+        PREMISE_BATCHES,
+        parts.join(", ")
+    )
 }
 
 /// The `--compare` table as Markdown (also readable as plain text).

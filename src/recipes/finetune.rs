@@ -6,7 +6,7 @@
 use crate::backend::AdamParams;
 use crate::backend::Backend;
 use crate::backend::Precision;
-use crate::basis::{BasisSet, GramAccumulator};
+use crate::basis::{sparsity_report, BasisSet, GramAccumulator};
 use crate::error::{Error, Result};
 use crate::linear::sparsegrad::Selection;
 use crate::linear::trainable::{Method, TrainOptions};
@@ -114,6 +114,8 @@ pub enum Progress {
         tokens_per_s: f64,
     },
     Basis,
+    /// The method's premise, measured after the bases (see [`PremiseShare`]).
+    Premise(Vec<PremiseShare>),
     Eval {
         step: usize,
         loss: f64,
@@ -143,6 +145,22 @@ pub struct FinetuneReport {
     pub peak_memory_bytes: usize,
     pub preliminary_seconds: f64,
     pub train_seconds: f64,
+    /// SparseGrad with a preliminary phase: the premise per projection type.
+    pub premise: Vec<PremiseShare>,
+}
+
+/// Batches after the preliminary phase whose dense gradients measure the premise; they
+/// do not enter the bases.
+pub const PREMISE_BATCHES: usize = 2;
+
+/// The method's premise for one projection type: the share of a step's squared gradient
+/// norm held by its top 1% entries (by magnitude) in the original space and in the
+/// type's basis, averaged over the trained blocks and [`PREMISE_BATCHES`] held-out batches.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PremiseShare {
+    pub group: &'static str,
+    pub original: f64,
+    pub basis: f64,
 }
 
 /// Tokenised train and validation sentences.
@@ -263,7 +281,7 @@ fn preliminary<B: Backend + Clone>(
     cfg: &FinetuneConfig,
     data: &Dataset,
     progress: &mut dyn FnMut(Progress),
-) -> Result<BasisSet> {
+) -> Result<(BasisSet, Vec<PremiseShare>)> {
     let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [Method::Collect; 3] };
     let opts = TrainOptions { precision: cfg.precision, seed: cfg.seed, ..Default::default() };
     let mut model = LlamaModel::<B, f32>::new(
@@ -275,17 +293,29 @@ fn preliminary<B: Backend + Clone>(
     let mut accs: BTreeMap<String, GramAccumulator> = BTreeMap::new();
     let spec = cfg.batch_spec(data);
     let (started, mut tokens) = (Instant::now(), 0usize);
-    for (i, batch) in train_batches(data, spec, cfg.seed ^ 0x5eed).take(cfg.prelim_steps).enumerate() {
+    // held[j][k]: the held-out gradients of projection j of the k-th trained block, concatenated.
+    let mut held: Vec<Vec<Vec<f32>>> = (0..3).map(|_| vec![Vec::new(); cfg.blocks.len()]).collect();
+    let batches = train_batches(data, spec, cfg.seed ^ 0x5eed).take(cfg.prelim_steps + PREMISE_BATCHES);
+    for (i, batch) in batches.enumerate() {
         let b = batch?;
         let n = b.n_targets().max(1);
         let loss = model.forward(&b.tokens(), 1.0 / n as f64)?;
         model.backward()?;
-        for &l in &cfg.blocks {
-            model.mlp(l).ok_or_else(|| Error::invalid("finetune", format!("no layer {l}")))?.collect(&mut accs)?;
+        for (k, &l) in cfg.blocks.iter().enumerate() {
+            let mlp = model.mlp(l).ok_or_else(|| Error::invalid("finetune", format!("no layer {l}")))?;
+            if i < cfg.prelim_steps {
+                mlp.collect(&mut accs)?;
+            } else {
+                for (j, proj) in mlp.projections().into_iter().enumerate() {
+                    held[j][k].extend_from_slice(&proj.linear.dense_grad_host()?);
+                }
+            }
         }
-        tokens += loss.tokens;
-        let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        progress(Progress::Preliminary { step: i + 1, of: cfg.prelim_steps, loss: loss.mean(), tokens_per_s });
+        if i < cfg.prelim_steps {
+            tokens += loss.tokens;
+            let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+            progress(Progress::Preliminary { step: i + 1, of: cfg.prelim_steps, loss: loss.mean(), tokens_per_s });
+        }
     }
     progress(Progress::Basis);
     let mut set = BasisSet::new();
@@ -295,7 +325,28 @@ fn preliminary<B: Backend + Clone>(
             .ok_or_else(|| Error::invalid("finetune", format!("the preliminary phase collected no `{g}` gradients")))?;
         set.insert(acc.basis(g)?);
     }
-    Ok(set)
+    let mut premise = Vec::with_capacity(3);
+    for (j, g) in GROUPS.into_iter().enumerate() {
+        let basis = set.get(g)?;
+        let (out, inp) = basis.shape();
+        let k = (out * inp).div_ceil(100);
+        let (mut original, mut in_basis, mut used) = (0.0, 0.0, 0usize);
+        for grads in &held[j] {
+            let n = grads.len() / (out * inp);
+            if n == 0 {
+                continue;
+            }
+            let r = sparsity_report(grads, n, basis, k)?;
+            original += r.original_fraction;
+            in_basis += r.transformed_fraction;
+            used += 1;
+        }
+        if used > 0 {
+            premise.push(PremiseShare { group: g, original: original / used as f64, basis: in_basis / used as f64 });
+        }
+    }
+    progress(Progress::Premise(premise.clone()));
+    Ok((set, premise))
 }
 
 /// Runs the whole flow on `backend` and returns the report and the trained model.
@@ -320,10 +371,13 @@ pub fn run<B: Backend + Clone>(
     }
     let val_batches = val_rows.chunks(cfg.batch).map(|rows| make_batch(rows, &spec)).collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
-    let bases = match (cfg.method, bases) {
-        (MethodKind::SparseGrad, Some(b)) => Some(b),
-        (MethodKind::SparseGrad, None) => Some(preliminary(backend, weights, cfg, data, progress)?),
-        _ => None,
+    let (bases, premise) = match (cfg.method, bases) {
+        (MethodKind::SparseGrad, Some(b)) => (Some(b), Vec::new()),
+        (MethodKind::SparseGrad, None) => {
+            let (b, premise) = preliminary(backend, weights, cfg, data, progress)?;
+            (Some(b), premise)
+        }
+        _ => (None, Vec::new()),
     };
     let preliminary_seconds = started.elapsed().as_secs_f64();
     let method = cfg.method(weights);
@@ -393,6 +447,7 @@ pub fn run<B: Backend + Clone>(
         peak_memory_bytes: backend.memory_stats().peak_bytes,
         preliminary_seconds,
         train_seconds,
+        premise,
     };
     Ok((report, model, bases))
 }
