@@ -7,7 +7,9 @@
 //! kernels otherwise). `SPARSEGRAD_BENCH_TOKENS` overrides T (default 4096),
 //! `SPARSEGRAD_BENCH_ITERS` the timed steps per case (default 3), `SPARSEGRAD_BENCH_SHAPES`
 //! a comma-separated subset of the shape names' first words joined by '-' (`bert-up`,
-//! `bert-down`, `smollm2-up`; default all), as the peer harness uses.
+//! `bert-down`, `smollm2-up`, `llama-7b`; default all but `llama-7b`), as the peer harness
+//! uses. `llama-7b` (the LLaMA-7B up-projection 4096->11008) is opt-in: at T = 4096 one
+//! of its steps is 1-3 TFLOP, minutes per case on a small CPU.
 //!
 //! Inputs: random x, random g with 25% of token rows zero (padding), keep = 1%.
 
@@ -28,13 +30,17 @@ fn main() {
     println!("measured sgemm rate (2048^3): {:.1} GFLOP/s; T = {tokens}, {iters} timed steps per case", rate / 1e9);
     let only = std::env::var("SPARSEGRAD_BENCH_SHAPES").ok();
     header();
-    for (name, out, inp) in [
-        ("BERT up 768->3072", 3072usize, 768usize),
-        ("BERT down 3072->768", 768, 3072),
-        ("SmolLM2 up 576->1536", 1536, 576),
+    for (key, name, out, inp) in [
+        ("bert-up", "BERT up 768->3072", 3072usize, 768usize),
+        ("bert-down", "BERT down 3072->768", 768, 3072),
+        ("smollm2-up", "SmolLM2 up 576->1536", 1536, 576),
+        ("llama-7b", "LLaMA-7B up 4096->11008", 11008, 4096),
     ] {
-        let key: String = name.split(' ').take(2).collect::<Vec<_>>().join("-").to_lowercase();
-        if only.as_deref().is_some_and(|o| !o.split(',').any(|k| k.trim() == key)) {
+        let picked = match only.as_deref() {
+            Some(o) => o.split(',').any(|k| k.trim() == key),
+            None => key != "llama-7b",
+        };
+        if !picked {
             continue;
         }
         bench_shape(&cpu, name, out, inp, tokens, iters, Precision::Full, rate);

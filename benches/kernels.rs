@@ -328,6 +328,21 @@ fn run_suite<B: Timed>(c: &mut Criterion, be: &B, label: &'static str, s: &Shape
     suite.bench(&mut g, "sgemm y = x W^T", Work::Flops(f), || be.gemm(&Gemm::nt(t, out, inp), &xt, &w, &mut y));
     suite.bench(&mut g, "sgemm dx = g W", Work::Flops(f), || be.gemm(&Gemm::nn(t, inp, out), &gy, &w, &mut dx));
     suite.bench(&mut g, "sgemm dW = g^T x", Work::Flops(f), || be.gemm(&Gemm::tn(out, inp, t), &gy, &xt, &mut dw));
+    // Would one GEMM for a SwiGLU block's gate and up projections (stacked weights) beat
+    // two? SmolLM2-135M's shapes at the example's 8 x 32 tokens; the same flops either way.
+    let (st, sh, sf) = (256usize, 576usize, 1536usize);
+    let sx = up(&rand_vec(&mut r, st * sh));
+    let (wg, wu, wgu) =
+        (up(&rand_vec(&mut r, sf * sh)), up(&rand_vec(&mut r, sf * sh)), up(&rand_vec(&mut r, 2 * sf * sh)));
+    let (mut yg, mut yu, mut ygu) = (zeros(st * sf), zeros(st * sf), zeros(2 * st * sf));
+    let f2 = 2.0 * 2.0 * (st * sf * sh) as f64;
+    suite.bench(&mut g, "sgemm gate, up as two GEMMs (256x576 -> 2 x 1536)", Work::Flops(f2), || {
+        be.gemm(&Gemm::nt(st, sf, sh), &sx, &wg, &mut yg)?;
+        be.gemm(&Gemm::nt(st, sf, sh), &sx, &wu, &mut yu)
+    });
+    suite.bench(&mut g, "sgemm gate+up as one GEMM (256x576 -> 3072)", Work::Flops(f2), || {
+        be.gemm(&Gemm::nt(st, 2 * sf, sh), &sx, &wgu, &mut ygu)
+    });
     g.finish();
 }
 
