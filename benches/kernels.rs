@@ -97,7 +97,10 @@ impl<B: Timed> Suite<'_, B> {
                 d
             })
         });
-        let per_call = total.get().as_secs_f64() / calls.get().max(1) as f64;
+        if calls.get() == 0 {
+            return; // filtered out on the command line: nothing was timed
+        }
+        let per_call = total.get().as_secs_f64() / calls.get() as f64;
         match work {
             Work::Bytes(b) => {
                 let rate = b / per_call;

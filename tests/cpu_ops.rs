@@ -286,6 +286,52 @@ fn coo_scatter_compact_and_sparse_times_dense() {
 }
 
 #[test]
+fn coo_dense_t_on_ragged_random_shapes() {
+    // Row counts on both sides of the CPU op's 16-row blocks, slots with several entries.
+    let cpu = Cpu::new();
+    let mut r = rng(17);
+    for (rows, cols, b_rows, k) in
+        [(7usize, 5usize, 1usize, 9usize), (40, 33, 16, 120), (90, 61, 37, 700), (3, 70, 53, 2)]
+    {
+        let mut picked: Vec<usize> =
+            (0..rows * cols).filter(|_| r.random_bool(k as f64 / (rows * cols) as f64)).collect();
+        picked.truncate(k.max(1));
+        if picked.is_empty() {
+            picked.push(0);
+        }
+        let host = HostCoo {
+            rows: picked.iter().map(|&p| (p / cols) as u32).collect(),
+            cols: picked.iter().map(|&p| (p % cols) as u32).collect(),
+            values: picked.iter().map(|_| r.random_range(-1.0f32..1.0)).collect(),
+            shape: (rows, cols),
+        };
+        let len = host.values.len();
+        let mut coo = Coo::with_capacity(&cpu, len, (rows, cols)).unwrap();
+        coo.set_from_host(&cpu, &host).unwrap();
+        let (mut uniq, mut slot) = (cpu.alloc::<u32>(len).unwrap(), cpu.alloc::<u32>(len).unwrap());
+        let n = cpu.coo_compact_rows(&coo, &mut uniq, &mut slot).unwrap();
+        let b = rand_vec(&mut r, b_rows * cols);
+        let mut out = cpu.upload(&vec![f32::NAN; b_rows * n + 3]).unwrap();
+        cpu.coo_dense_t(&coo, &slot, n, &cpu.upload(&b).unwrap(), b_rows, &mut out).unwrap();
+        let mut d = vec![0.0f64; n * cols];
+        for e in 0..len {
+            d[slot[e] as usize * cols + host.cols[e] as usize] = host.values[e] as f64;
+        }
+        let expect = matmul(&to64(&b), &transpose(&d, n, cols), b_rows, cols, n);
+        assert_close(&format!("coo_dense_t {rows}x{cols} b_rows {b_rows}"), &out[..b_rows * n], &expect, 1e-5, 1e-5);
+        assert!(out[b_rows * n..].iter().all(|v| v.is_nan()), "coo_dense_t wrote past its output");
+        // In list order from zero, per output element: the plain row loop's sums, exactly.
+        for i in 0..b_rows {
+            let mut row = vec![0.0f32; n];
+            for e in 0..len {
+                row[slot[e] as usize] += host.values[e] * b[i * cols + host.cols[e] as usize];
+            }
+            assert_eq!(&out[i * n..(i + 1) * n], &row[..], "row {i}");
+        }
+    }
+}
+
+#[test]
 fn activations_match_finite_differences() {
     let cpu = Cpu::new();
     let mut r = rng(7);

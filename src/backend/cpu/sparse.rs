@@ -170,13 +170,27 @@ pub(super) fn coo_dense_t<F: Real>(
     if n_slots == 0 {
         return Ok(());
     }
-    let (cols, values) = (&coo.cols[..coo.len], &coo.values[..coo.len]);
-    out[..b_rows * n_slots].par_chunks_mut(n_slots).enumerate().for_each(|(i, out_row)| {
-        out_row.fill(F::ZERO);
-        let b_row = &b[i * b_cols..(i + 1) * b_cols];
-        for e in 0..values.len() {
-            out_row[slot[e] as usize] += values[e] * b_row[cols[e] as usize];
+    let (cols, values, slot) = (&coo.cols[..coo.len], &coo.values[..coo.len], &slot[..coo.len]);
+    // A row at a time, consecutive entries of one slot add into the same output element:
+    // each add waits for the previous store (about 10 cycles an entry). A block of rows
+    // gives each entry COO_DENSE_T_ROWS independent adds instead. Every output element
+    // still sums its entries in list order from zero, so the result is the same as the
+    // row-at-a-time loop's, bit for bit.
+    let block = COO_DENSE_T_ROWS * n_slots;
+    out[..b_rows * n_slots].par_chunks_mut(block).enumerate().for_each(|(blk, out_blk)| {
+        out_blk.fill(F::ZERO);
+        let rows = out_blk.len() / n_slots;
+        let b_blk = &b[blk * COO_DENSE_T_ROWS * b_cols..][..rows * b_cols];
+        for ((&s, &c), &v) in slot.iter().zip(cols).zip(values) {
+            let (s, c) = (s as usize, c as usize);
+            for j in 0..rows {
+                out_blk[j * n_slots + s] += v * b_blk[j * b_cols + c];
+            }
         }
     });
     Ok(())
 }
+
+/// Rows of `b` per task of [`coo_dense_t`]: enough independent adds per entry to hide the
+/// add latency, few enough that the block of `out` stays in L2 (16 x 3072 slots = 192 KiB).
+const COO_DENSE_T_ROWS: usize = 16;
