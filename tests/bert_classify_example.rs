@@ -133,11 +133,13 @@ fn a_tiny_study_writes_its_table_plot_and_premise() {
     ]);
     assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
     let md = std::fs::read_to_string(out_dir.join("study.md")).unwrap();
-    // 3 budgets for each of sparsegrad, lora, meprop, one row for full; the premise table.
+    // 3 budgets for each of sparsegrad, lora, meprop, one row for full and one for the
+    // head-only baseline; the premise table.
     for m in ["sparsegrad", "lora", "meprop"] {
         assert_eq!(md.lines().filter(|l| l.starts_with(&format!("| {m} |"))).count(), 3, "{md}");
     }
     assert_eq!(md.lines().filter(|l| l.starts_with("| full | all |")).count(), 1, "{md}");
+    assert_eq!(md.lines().filter(|l| l.starts_with("| head | none | 0 |")).count(), 1, "{md}");
     assert!(md.contains("| intermediate |") && md.contains("| output |"), "{md}");
     assert!(out_dir.join("study.png").metadata().is_ok_and(|m| m.len() > 0));
     std::fs::remove_dir_all(&dir).ok();

@@ -328,6 +328,18 @@ fn coo_dense_t_on_ragged_random_shapes() {
             }
             assert_eq!(&out[i * n..(i + 1) * n], &row[..], "row {i}");
         }
+        // Slots in any order (here reversed, so not ascending): the same sums, permuted.
+        let mut rev = cpu.alloc::<u32>(len).unwrap();
+        for e in 0..len {
+            rev[e] = (n - 1) as u32 - slot[e];
+        }
+        let mut out_rev = cpu.upload(&vec![f32::NAN; b_rows * n]).unwrap();
+        cpu.coo_dense_t(&coo, &rev, n, &cpu.upload(&b).unwrap(), b_rows, &mut out_rev).unwrap();
+        for i in 0..b_rows {
+            for s in 0..n {
+                assert_eq!(out_rev[i * n + (n - 1 - s)], out[i * n + s], "reversed slots, row {i} slot {s}");
+            }
+        }
     }
 }
 

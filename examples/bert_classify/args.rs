@@ -19,6 +19,8 @@ pub enum MethodKind {
     Lora,
     MeProp,
     Full,
+    /// The baseline: every MLP frozen, only the head trains.
+    Head,
 }
 
 impl MethodKind {
@@ -28,9 +30,11 @@ impl MethodKind {
             MethodKind::Lora => "lora",
             MethodKind::MeProp => "meprop",
             MethodKind::Full => "full",
+            MethodKind::Head => "head",
         }
     }
-    pub const ALL: [MethodKind; 4] = [MethodKind::SparseGrad, MethodKind::Lora, MethodKind::MeProp, MethodKind::Full];
+    pub const ALL: [MethodKind; 5] =
+        [MethodKind::SparseGrad, MethodKind::Lora, MethodKind::MeProp, MethodKind::Full, MethodKind::Head];
 }
 
 /// The parsed command line, defaults filled in.
@@ -75,7 +79,8 @@ usage: bert_classify [flags]
                        label<TAB>text TSV (default the movie review snippets)
   --out DIR            results: metrics.csv, curves.png, adapter, merged model
                        (default target/bert_classify)
-  --method M           sparsegrad | lora | meprop | full (default sparsegrad)
+  --method M           sparsegrad | lora | meprop | full | head (head: MLPs frozen, the
+                       baseline; default sparsegrad)
   --keep F             fraction of each MLP weight's entries trained per step
                        (default 0.01); LoRA takes the rank with as many parameters
   --selection S        exact | sd (sparse-by-dense, paper section 3.3; default exact)
@@ -150,7 +155,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
             "--method" => {
                 let v = value(f, &mut it)?;
                 a.method = MethodKind::ALL.into_iter().find(|m| m.name() == v).ok_or_else(|| {
-                    Error::invalid("command line", format!("--method: `{v}` (sparsegrad, lora, meprop, full)"))
+                    Error::invalid("command line", format!("--method: `{v}` (sparsegrad, lora, meprop, full, head)"))
                 })?;
             }
             "--keep" => a.keep = num(f, value(f, &mut it)?)?,

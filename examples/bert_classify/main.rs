@@ -220,7 +220,7 @@ fn study(args: &Args, p: &Prepared) -> Result<()> {
     let mut lines: Vec<(MethodKind, Vec<Point>)> = Vec::new();
     for method in MethodKind::ALL {
         let mut pts = Vec::new();
-        let keeps: &[f64] = if method == MethodKind::Full { &[1.0] } else { &budgets };
+        let keeps: &[f64] = if matches!(method, MethodKind::Full | MethodKind::Head) { &[1.0] } else { &budgets };
         for &keep in keeps {
             let mut results = Vec::new();
             for seed in 0..args.study_seeds as u64 {
@@ -241,11 +241,18 @@ fn study(args: &Args, p: &Prepared) -> Result<()> {
                 md,
                 "| {} | {} | {params} | {acc:.4} ± {acc_sd:.4} | {f1:.4} ± {f1_sd:.4} | {sps:.2} | {peak:.0} |",
                 method.name(),
-                if method == MethodKind::Full { "all".to_string() } else { format!("{}%", keep * 100.0) }
+                match method {
+                    MethodKind::Full => "all".to_string(),
+                    MethodKind::Head => "none".to_string(),
+                    _ => format!("{}%", keep * 100.0),
+                }
             );
             pts.push((params as f64, acc, acc_sd));
         }
-        lines.push((method, pts));
+        // No MLP parameters: no place on a log axis (its accuracy is in the table).
+        if method != MethodKind::Head {
+            lines.push((method, pts));
+        }
     }
     let premise = match args.device {
         Device::Cpu => premise::measure(&Cpu::new(), p, args)?,

@@ -58,6 +58,7 @@ pub fn lora_rank(keep: f64, out: usize, inp: usize) -> usize {
 fn method_of(args: &Args, keep: f64, out: usize, inp: usize) -> Method {
     match args.method {
         MethodKind::Full => Method::Full,
+        MethodKind::Head => Method::Frozen,
         MethodKind::MeProp => Method::MeProp { keep: Keep::Fraction(keep) },
         MethodKind::Lora => {
             let rank = lora_rank(keep, out, inp);
