@@ -14,11 +14,12 @@
 //! another model by mistake.
 
 use crate::backend::Backend;
-use crate::basis::Basis;
+use crate::basis::{Basis, BasisSet};
 use crate::error::{Error, Result};
 use crate::io::{SafetensorsFile, SafetensorsWriter};
 use crate::linear::state::{DenseParam, LayerState, SparseParam};
-use crate::linear::trainable::TrainableLinear;
+use crate::linear::trainable::{Method, TrainableLinear};
+use crate::mlp::Projection;
 use crate::scalar::fingerprint;
 use crate::scalar::Real;
 use std::collections::BTreeSet;
@@ -285,6 +286,40 @@ pub fn load_adapter<B: Backend + Clone, F: Real>(path: &Path, targets: &mut [Ada
         t.linear.import_state(state).map_err(|e| name_it(t.name, e))?;
     }
     Ok(())
+}
+
+/// A model's planned MLP projection for its adapter: the name in the file, the projection
+/// and the base weight it was built from. Both models' `save_adapter` / `load_adapter`
+/// list theirs and hand them here.
+pub(crate) type Planned<P, F> = (String, P, Vec<F>);
+
+/// Saves `planned` projections; a SparseGrad projection's basis is its group's in `bases`.
+pub(crate) fn save_projections<B: Backend + Clone, F: Real>(
+    path: &Path,
+    planned: &[Planned<&Projection<B, F>, F>],
+    bases: Option<&BasisSet>,
+) -> Result<()> {
+    let mut entries = Vec::with_capacity(planned.len());
+    for (name, p, base_weight) in planned {
+        let basis = match (&p.method, bases) {
+            (Method::SparseGrad { .. }, Some(b)) => Some(b.get(&p.group)?),
+            _ => None,
+        };
+        entries.push(AdapterEntry { name, linear: &p.linear, base_weight, basis });
+    }
+    save_adapter(path, &entries)
+}
+
+/// Loads into `planned` projections (see [`load_adapter`]: all checked before any changes).
+pub(crate) fn load_projections<B: Backend + Clone, F: Real>(
+    path: &Path,
+    mut planned: Vec<Planned<&mut Projection<B, F>, F>>,
+) -> Result<()> {
+    let mut targets: Vec<AdapterTarget<'_, B, F>> = planned
+        .iter_mut()
+        .map(|(name, p, base_weight)| AdapterTarget { name, linear: &mut p.linear, base_weight })
+        .collect();
+    load_adapter(path, &mut targets)
 }
 
 /// The bases stored in an adapter, by group.

@@ -57,9 +57,13 @@ pub use backend::cpu::Cpu;
 pub use backend::cuda::Cuda;
 pub use backend::Precision;
 pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock, PoolKind};
-pub use basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport};
+pub use basis::{
+    direct_svd_basis, mean_sparsity_report, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport,
+};
 pub use error::{Error, Result};
-pub use linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear, StepGrads};
+pub use linear::sparsegrad::{
+    Formulation, FormulationChoice, Selection, SparseGradConfig, SparseGradLinear, StepGrads,
+};
 pub use linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
 pub use linear::Keep;
 pub use optim::Optimizer;
@@ -71,7 +75,9 @@ pub mod prelude {
     pub use crate::backend::{AdamParams, Backend, GeluKind, Precision};
     pub use crate::basis::{Basis, BasisSet, GramAccumulator};
     pub use crate::error::{Error, Result};
-    pub use crate::linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear};
+    pub use crate::linear::sparsegrad::{
+        Formulation, FormulationChoice, Selection, SparseGradConfig, SparseGradLinear,
+    };
     pub use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
     pub use crate::linear::Keep;
     pub use crate::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, ProjectionSpec};

@@ -5,7 +5,9 @@
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sparsegrad::basis::{direct_svd_basis, sparsity_report, Basis, BasisSet, GramAccumulator, ORTHO_TOL};
+use sparsegrad::basis::{
+    direct_svd_basis, mean_sparsity_report, sparsity_report, Basis, BasisSet, GramAccumulator, ORTHO_TOL,
+};
 use sparsegrad::Error;
 use std::collections::HashMap;
 use std::path::Path;
@@ -426,6 +428,27 @@ fn sparsity_report_shows_concentration_in_the_basis() {
     assert!(sparsity_report(&lr.grads, n, &b, out * inp + 1).is_err());
     assert!(matches!(sparsity_report(&lr.grads[1..], n, &b, k).unwrap_err(), Error::Shape { .. }));
     assert!(matches!(sparsity_report(&vec![0.0; out * inp], 1, &b, k).unwrap_err(), Error::InvalidArgument { .. }));
+}
+
+#[test]
+fn mean_sparsity_report_weighs_each_set_equally_in_its_own_basis() {
+    let (out, inp) = (40, 70);
+    let a = low_rank(11, 16, out, inp, &[3.0, 2.0, 1.0], 1e-2);
+    let b = low_rank(12, 4, out, inp, &[1.0, 1.0, 1.0, 1.0, 1.0], 1e-1);
+    let (ba, bb) =
+        (accumulate(&a.grads, 16, out, inp).basis("a").unwrap(), accumulate(&b.grads, 4, out, inp).basis("b").unwrap());
+    let k = out * inp / 100;
+    let ra = sparsity_report(&a.grads, 16, &ba, k).unwrap();
+    let rb = sparsity_report(&b.grads, 4, &bb, k).unwrap();
+    let empty: &[f32] = &[];
+    let mean =
+        mean_sparsity_report([(a.grads.as_slice(), &ba), (empty, &ba), (b.grads.as_slice(), &bb)], k).unwrap().unwrap();
+    assert_eq!((mean.k, mean.total), (k, out * inp));
+    assert!((mean.original_fraction - (ra.original_fraction + rb.original_fraction) / 2.0).abs() < 1e-12);
+    assert!((mean.transformed_fraction - (ra.transformed_fraction + rb.transformed_fraction) / 2.0).abs() < 1e-12);
+    assert_eq!(mean_sparsity_report([(empty, &ba)], k).unwrap(), None);
+    // A set that is not whole gradients is an error, not a silent skip.
+    assert!(matches!(mean_sparsity_report([(&a.grads[..10], &ba)], k).unwrap_err(), Error::Shape { .. }));
 }
 
 fn sample_set() -> BasisSet {

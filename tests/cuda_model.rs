@@ -13,6 +13,7 @@ use sparsegrad::model::llama::{LlamaModel, MlpPlan};
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::model::TrainingSetup;
 use sparsegrad::recipes::finetune::{run, Dataset, FinetuneConfig, MethodKind};
+use sparsegrad::FormulationChoice;
 use sparsegrad::{Backend, Cpu, Precision, Selection};
 
 fn config() -> LlamaConfig {
@@ -53,6 +54,7 @@ fn flow_cfg(method: MethodKind, precision: Precision) -> FinetuneConfig {
         seq_len: 17,
         keep: 0.02,
         selection: Selection::Exact,
+        formulation: FormulationChoice::FlopModel,
         lora_rank: 0,
         lora_alpha: 0.0,
         lr: 5e-3,

@@ -89,6 +89,7 @@ fn bad_flags_give_one_error_line() {
     assert_one_error(&["--lr", "nan"], 2, "--lr");
     assert_one_error(&["--dtype", "bf16"], 2, "--dtype");
     assert_one_error(&["--device", "tpu"], 2, "--device");
+    assert_one_error(&["--formulation", "fastest"], 2, "--formulation");
     assert_one_error(&["--seq-len"], 2, "needs a value");
     assert_one_error(&["--steps", "2", "--steps", "3"], 2, "more than once");
     assert_one_error(&["--compare", "--method", "lora"], 2, "--compare");
@@ -100,7 +101,7 @@ fn bad_flags_give_one_error_line() {
     let help = run(&["--help"]);
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--method", "--device", "--dtype", "--blocks", "--compare", "--out", "--lora-rank"] {
+    for flag in ["--method", "--device", "--dtype", "--blocks", "--compare", "--out", "--lora-rank", "--formulation"] {
         assert!(text.contains(flag), "--help does not mention {flag}");
     }
 }

@@ -7,6 +7,7 @@ use sparsegrad::model::llama::{LlamaModel, MlpPlan};
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::model::TrainingSetup;
 use sparsegrad::recipes::finetune::{lora_rank_for_budget, run, Dataset, FinetuneConfig, MethodKind, Progress};
+use sparsegrad::FormulationChoice;
 use sparsegrad::{Cpu, Keep, Precision, Selection};
 
 fn config() -> LlamaConfig {
@@ -48,6 +49,7 @@ fn cfg(method: MethodKind) -> FinetuneConfig {
         seq_len: 10,
         keep: 0.05,
         selection: Selection::Exact,
+        formulation: FormulationChoice::FlopModel,
         lora_rank: 0,
         lora_alpha: 0.0,
         lr: 1e-2,
@@ -163,4 +165,37 @@ fn bad_configurations_are_clear_errors() {
     let mut model = LlamaModel::<Cpu, f32>::new(&cpu, &weights, &TrainingSetup::default(), 4).unwrap();
     assert!(model.logits(&[1, 2, 3, 4, 5]).is_err());
     assert!(model.logits(&[1, 2, 99]).is_err(), "token outside the vocabulary");
+}
+
+#[test]
+fn the_formulation_setting_reaches_every_layer_and_never_changes_results() {
+    use sparsegrad::Formulation;
+    let weights = LlamaWeights::random(&config(), 5).unwrap();
+    let data = dataset();
+    let cpu = Cpu::new();
+    let short = |formulation| FinetuneConfig { steps: 3, eval_every: 0, formulation, ..cfg(MethodKind::SparseGrad) };
+    let (_, _, bases) = run(&cpu, &weights, &data, &short(FormulationChoice::FlopModel), None, &mut |_| {}).unwrap();
+    let mut losses = Vec::new();
+    for choice in [
+        FormulationChoice::Fixed(Formulation::Merged),
+        FormulationChoice::Fixed(Formulation::Transformed),
+        FormulationChoice::Measure,
+    ] {
+        let (report, model, _) = run(&cpu, &weights, &data, &short(choice), bases.clone(), &mut |_| {}).unwrap();
+        for l in [1, 3] {
+            for proj in model.mlp(l).unwrap().projections() {
+                let got = proj.linear.formulation().expect("a SparseGrad layer");
+                if let FormulationChoice::Fixed(f) = choice {
+                    assert_eq!(got, f, "block {l}");
+                }
+            }
+        }
+        losses.push(report.val_loss_after);
+    }
+    // Both formulations are exact: the same training up to rounding.
+    for l in &losses[1..] {
+        assert!((l - losses[0]).abs() <= 1e-4 * losses[0].abs(), "{losses:?}");
+    }
+    assert!(FormulationChoice::parse("fastest").unwrap_err().to_string().contains("flops, measure, merged"));
+    assert_eq!(FormulationChoice::parse("measure").unwrap(), FormulationChoice::Measure);
 }

@@ -7,6 +7,7 @@ use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::recipes::finetune::{run, Dataset, FinetuneConfig, MethodKind};
 use sparsegrad::recipes::vader::{make_batch, BatchSpec};
+use sparsegrad::FormulationChoice;
 use sparsegrad::{Backend, Cpu, Error, Precision, Selection};
 
 #[test]
@@ -85,6 +86,7 @@ fn cfg() -> FinetuneConfig {
         seq_len: 8,
         keep: 0.1,
         selection: Selection::Exact,
+        formulation: FormulationChoice::FlopModel,
         lora_rank: 0,
         lora_alpha: 0.0,
         lr: 1e-3,

@@ -437,11 +437,16 @@ fn merged_token_order_matches_the_f64_reference_and_the_transformed_form() {
 #[test]
 fn measured_formulation_agrees_with_the_cost_model_where_it_is_lopsided() {
     let cpu = Cpu::new();
-    // One token: the transformed form's extra work is a few hundred flops against the
-    // merged form's out^2 in update; at 20000 tokens the transformed form pays 4T(out^2 + in^2).
-    assert_eq!(Formulation::measure(&cpu, 256, 128, 1, 2000).unwrap(), Formulation::Transformed);
-    assert_eq!(Formulation::measure(&cpu, 256, 128, 20000, 16).unwrap(), Formulation::Merged);
+    // Whole steps are timed. One token: the transformed form's extra work is a few
+    // megaflops against the merged update's 2 out^2 in = 134 MFLOP; at 20000 tokens the
+    // transformed form pays 4T(out^2 + in^2) = 26 GFLOP more than merged.
+    assert_eq!(Formulation::measure(&cpu, 512, 256, 1, 8000).unwrap(), Formulation::Transformed);
+    assert_eq!(Formulation::measure(&cpu, 512, 256, 20000, 16).unwrap(), Formulation::Merged);
     // Remembered: a second call returns the same answer.
-    assert_eq!(Formulation::measure(&cpu, 256, 128, 1, 2000).unwrap(), Formulation::Transformed);
+    assert_eq!(Formulation::measure(&cpu, 512, 256, 1, 8000).unwrap(), Formulation::Transformed);
     assert!(Formulation::measure(&cpu, 0, 128, 1, 1).is_err());
+    let e = Formulation::measure(&cpu, 4, 3, 2, 13).unwrap_err().to_string();
+    assert!(e.contains("k = 13") && e.contains("12 entries"), "{e}");
+    let e = Formulation::measure(&cpu, usize::MAX / 2, 3, 2, 1).unwrap_err().to_string();
+    assert!(e.contains("overflows"), "{e}");
 }

@@ -14,7 +14,7 @@ use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertPlan, HeadConfig, GROUPS};
 use sparsegrad::model::TrainingSetup;
-use sparsegrad::{sparsity_report, Backend, GramAccumulator, Optimizer, Result};
+use sparsegrad::{mean_sparsity_report, Backend, Error, GramAccumulator, Optimizer, Result};
 use std::fmt::Write as _;
 
 /// Batches whose gradients are measured (not used for the bases).
@@ -82,17 +82,15 @@ pub fn measure<B: Backend + Clone>(backend: &B, p: &Prepared, args: &Args) -> Re
     for j in 0..2 {
         let k = (shapes[j].0 * shapes[j].1).div_ceil(100);
         let type_basis = per_type[j].basis(GROUPS[j])?;
-        let (mut o, mut t, mut pl) = (0.0, 0.0, 0.0);
-        for l in 0..c.layers {
-            let a = sparsity_report(&held[l][j], HELD_OUT, &type_basis, k)?;
-            let layer_basis = per_layer[l][j].basis(&format!("layer.{l}.{}", GROUPS[j]))?;
-            let b = sparsity_report(&held[l][j], HELD_OUT, &layer_basis, k)?;
-            o += a.original_fraction;
-            t += a.transformed_fraction;
-            pl += b.transformed_fraction;
-        }
-        let n = c.layers as f64;
-        rows.push((GROUPS[j], o / n, t / n, pl / n));
+        let layer_bases = (0..c.layers)
+            .map(|l| per_layer[l][j].basis(&format!("layer.{l}.{}", GROUPS[j])))
+            .collect::<Result<Vec<_>>>()?;
+        let none = || Error::invalid("premise", "no held-out gradients");
+        let typed = mean_sparsity_report(held.iter().map(|h| (h[j].as_slice(), &type_basis)), k)?.ok_or_else(none)?;
+        let layered = mean_sparsity_report(held.iter().zip(&layer_bases).map(|(h, b)| (h[j].as_slice(), b)), k)?
+            .ok_or_else(none)?;
+        let (o, t, pl) = (typed.original_fraction, typed.transformed_fraction, layered.transformed_fraction);
+        rows.push((GROUPS[j], o, t, pl));
     }
     Ok(Premise { rows })
 }

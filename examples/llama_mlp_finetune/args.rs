@@ -6,7 +6,7 @@
 //! one-line error for each mistake, which clap's multi-line usage errors are not.
 
 use sparsegrad::recipes::finetune::MethodKind;
-use sparsegrad::{Error, Precision, Result};
+use sparsegrad::{Error, FormulationChoice, Precision, Result};
 use std::path::PathBuf;
 
 /// Where the model and corpus are when `scripts/fetch-assets.sh` put them there.
@@ -60,6 +60,7 @@ pub struct Args {
     pub batch: usize,
     pub seq_len: usize,
     pub keep: f64,
+    pub formulation: FormulationChoice,
     /// 0: the rank whose parameter count matches `keep` (`lora_rank_for_budget`).
     pub lora_rank: usize,
     pub lr: f32,
@@ -95,6 +96,9 @@ flags (defaults: CPU / with --device cuda):
                      model's context length)                            [32 / 128]
   --keep F           fraction of each projection's entries SparseGrad and MeProp
                      update per step                                    [0.01]
+  --formulation F    SparseGrad's formulation per projection: flops (the flop
+                     count picks), measure (time a step of both once per shape),
+                     merged, transformed                                [flops]
   --lora-rank R      LoRA rank [the rank with the same trainable parameters as --keep]
   --lr F             learning rate (Adam/SparseAdam)                    [3e-3 / 1e-3]
   --seed N           data order, split and initialisation               [0]
@@ -216,7 +220,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     let mut given: Vec<(&'static str, String)> = Vec::new();
     let mut compare = false;
     let mut it = argv.iter();
-    const FLAGS: [&str; 20] = [
+    const FLAGS: [&str; 21] = [
         "--method",
         "--device",
         "--dtype",
@@ -225,6 +229,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         "--batch",
         "--seq-len",
         "--keep",
+        "--formulation",
         "--lora-rank",
         "--lr",
         "--seed",
@@ -332,6 +337,14 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         batch: pos("--batch", d.batch)?,
         seq_len,
         keep,
+        formulation: get("--formulation").map_or(Ok(FormulationChoice::FlopModel), |v| {
+            FormulationChoice::parse(v).map_err(|_| {
+                Error::invalid(
+                    "--formulation",
+                    format!("`{}` is not one of flops, measure, merged, transformed", sparsegrad::io::escape(v, 100)),
+                )
+            })
+        })?,
         lora_rank: get("--lora-rank").map_or(Ok(0), |v| positive("--lora-rank", v))?,
         lr,
         seed: get("--seed").map_or(Ok(0), |v| number("--seed", v, "a whole number"))?,

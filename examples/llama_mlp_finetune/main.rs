@@ -258,6 +258,7 @@ fn config(args: &Args, method: MethodKind, blocks: &[usize]) -> FinetuneConfig {
         seq_len: args.seq_len,
         keep: args.keep,
         selection: Selection::Exact,
+        formulation: args.formulation,
         lora_rank: args.lora_rank,
         lora_alpha: 0.0,
         lr: args.lr,

@@ -17,7 +17,7 @@ mod linalg;
 pub mod report;
 
 pub use accumulate::{eigensolve_bytes, GramAccumulator, MAX_F32_DEPTH, MAX_GRAD_ABS};
-pub use report::{direct_svd_basis, direct_svd_bytes, sparsity_report, SparsityReport};
+pub use report::{direct_svd_basis, direct_svd_bytes, mean_sparsity_report, sparsity_report, SparsityReport};
 
 use crate::error::{ensure_finite, Error, Result};
 use crate::scalar::fingerprint;

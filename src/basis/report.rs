@@ -102,6 +102,34 @@ pub fn sparsity_report(grads: &[f32], n: usize, basis: &Basis, k: usize) -> Resu
     })
 }
 
+/// [`sparsity_report`] of several gradient sets, each in its own basis (the layers of a
+/// model, say: each `grads` holds whole `(out, in)` gradients of one layer, concatenated),
+/// averaged with equal weight per set; empty sets are skipped. `None` when every set is
+/// empty. The premise the recipes and examples print.
+pub fn mean_sparsity_report<'a>(
+    sets: impl IntoIterator<Item = (&'a [f32], &'a Basis)>,
+    k: usize,
+) -> Result<Option<SparsityReport>> {
+    let (mut orig, mut tr, mut used, mut last) = (0.0f64, 0.0f64, 0usize, None);
+    for (grads, basis) in sets {
+        let total = basis.out.checked_mul(basis.inp).filter(|&t| t > 0);
+        let n = total.map_or(0, |t| grads.len() / t);
+        if grads.is_empty() {
+            continue;
+        }
+        let r = sparsity_report(grads, n, basis, k)?;
+        orig += r.original_fraction;
+        tr += r.transformed_fraction;
+        used += 1;
+        last = Some(r);
+    }
+    Ok(last.map(|r| SparsityReport {
+        original_fraction: orig / used as f64,
+        transformed_fraction: tr / used as f64,
+        ..r
+    }))
+}
+
 /// Fraction of `sum v^2` in the k largest `v^2`; `None` when the sum is zero.
 fn topk_energy(v: &[f32], k: usize, scratch: &mut Vec<f64>) -> Option<f64> {
     scratch.clear();

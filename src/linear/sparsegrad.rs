@@ -17,10 +17,11 @@
 //!   2 k in + 2 out r in` (r touched rows, at most `out`).
 //!
 //! [`Formulation::choose`] picks the cheaper one from these flop counts for the expected
-//! token count; [`Formulation::measure`] times the extra GEMMs of both on the backend once
-//! per shape instead (a one-time calibration), for machines where GEMM rates differ
-//! enough between the shapes involved to change the answer.
+//! token count; [`Formulation::measure`] times whole layer steps of both on the backend once
+//! per shape instead (a one-time calibration), for when GEMM efficiency per shape, the top-k
+//! and the merged update's gathers change the answer the flop count gives.
 
+mod calibrate;
 mod device_basis;
 mod state;
 mod step;
@@ -86,73 +87,53 @@ impl Formulation {
             Formulation::Transformed
         }
     }
+}
 
-    /// Like [`Formulation::choose`], but from the time the extra GEMMs of each formulation
-    /// take on `backend` at this shape (random operands, one warm-up, best of two), so the
-    /// machine's actual rate for each GEMM shape decides. The answer is remembered per
-    /// (backend kind, shape, tokens, k) for the life of the process: calibration runs once.
-    pub fn measure<B: Backend>(backend: &B, out: usize, inp: usize, tokens: usize, k: usize) -> Result<Formulation> {
-        use std::collections::HashMap;
-        use std::sync::{Mutex, OnceLock};
-        type Key = (&'static str, usize, usize, usize, usize);
-        static CACHE: OnceLock<Mutex<HashMap<Key, Formulation>>> = OnceLock::new();
-        let key = (backend.name(), out, inp, tokens, k);
-        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-        if let Some(&f) = cache.lock().map_err(|_| Error::invalid("Formulation::measure", "cache poisoned"))?.get(&key)
-        {
-            return Ok(f);
+/// How the SparseGrad layers of a model pick their formulation, for recipes and examples
+/// that build many layers from one setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FormulationChoice {
+    /// [`Formulation::choose`]: the flop count for the expected token count.
+    #[default]
+    FlopModel,
+    /// [`Formulation::measure`]: time whole steps of both once per shape on the backend.
+    Measure,
+    /// This one for every layer.
+    Fixed(Formulation),
+}
+
+impl FormulationChoice {
+    /// `flops`, `measure`, `merged` or `transformed`.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "flops" => FormulationChoice::FlopModel,
+            "measure" => FormulationChoice::Measure,
+            "merged" => FormulationChoice::Fixed(Formulation::Merged),
+            "transformed" => FormulationChoice::Fixed(Formulation::Transformed),
+            _ => {
+                return Err(Error::invalid(
+                    "formulation",
+                    format!("`{s}` is not one of flops, measure, merged, transformed"),
+                ))
+            }
+        })
+    }
+
+    /// What to put in [`SparseGradConfig::formulation`] for an `(out, in)` layer keeping
+    /// `k` entries at `tokens` tokens per step: `None` leaves it to the flop model.
+    pub fn resolve<B: Backend + Clone>(
+        &self,
+        backend: &B,
+        out: usize,
+        inp: usize,
+        tokens: usize,
+        k: usize,
+    ) -> Result<Option<Formulation>> {
+        match *self {
+            FormulationChoice::FlopModel => Ok(None),
+            FormulationChoice::Measure => Formulation::measure(backend, out, inp, tokens, k).map(Some),
+            FormulationChoice::Fixed(f) => Ok(Some(f)),
         }
-        if out == 0 || inp == 0 || tokens == 0 || k == 0 {
-            return Err(Error::invalid("Formulation::measure", "out, in, tokens and k must be positive"));
-        }
-        let rows = k.min(out);
-        let big = out.max(inp);
-        let len = |a: usize, b: usize| {
-            a.checked_mul(b).ok_or_else(|| Error::invalid("Formulation::measure", "shape overflows"))
-        };
-        let scratch = |n: usize| -> Result<B::Buf<f32>> {
-            let host: Vec<f32> = (0..n).map(|j| ((j * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
-            backend.upload(&host)
-        };
-        let (tok_big, sq, oi) = (len(tokens, big)?, len(big, big)?, len(out, inp)?);
-        let (a, bsq, mut c1, mut c2) = (scratch(tok_big)?, scratch(sq)?, scratch(tok_big.max(oi))?, scratch(oi)?);
-        let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
-            f()?;
-            backend.synchronize()?;
-            let mut best = f64::INFINITY;
-            for _ in 0..2 {
-                let t = std::time::Instant::now();
-                f()?;
-                backend.synchronize()?;
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            Ok(best)
-        };
-        // Transformed: x Q and (.) Q^T, g P and (.) P^T: two (T, in, in) and two (T, out, out).
-        let transformed = time(&mut || {
-            for _ in 0..2 {
-                backend.gemm(&Gemm::nn(tokens, inp, inp), &a, &bsq, &mut c1)?;
-                backend.gemm(&Gemm::nn(tokens, out, out), &a, &bsq, &mut c1)?;
-            }
-            Ok(())
-        })?;
-        // Merged: the cheaper order of P^T (g^T x) Q, then W += P (D Q^T) over `rows` rows.
-        let token_order = Self::merged_token_order(out, inp, tokens);
-        let merged = time(&mut || {
-            if token_order {
-                backend.gemm(&Gemm::nn(tokens, inp, inp), &a, &bsq, &mut c1)?;
-                backend.gemm(&Gemm::nn(tokens, out, out), &a, &bsq, &mut c1)?;
-            } else {
-                backend.gemm(&Gemm::nn(out, inp, out), &bsq, &c2, &mut c1)?;
-                backend.gemm(&Gemm::nn(out, inp, inp), &c1, &bsq, &mut c2)?;
-            }
-            let mut update = Gemm::nn(out, inp, rows).beta(1.0);
-            update.lda = rows;
-            backend.gemm(&update, &bsq, &c1, &mut c2)
-        })?;
-        let f = if merged < transformed { Formulation::Merged } else { Formulation::Transformed };
-        cache.lock().map_err(|_| Error::invalid("Formulation::measure", "cache poisoned"))?.insert(key, f);
-        Ok(f)
     }
 }
 

@@ -529,51 +529,27 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     /// Saves what training changed in the planned layers' MLPs (see [`crate::adapter`]),
     /// relative to `base`, the weights the model was built from.
     pub fn save_adapter(&self, path: &std::path::Path, base: &LlamaWeights, bases: Option<&BasisSet>) -> Result<()> {
-        let mut names = Vec::new();
-        let mut weights = Vec::new();
+        let mut planned = Vec::with_capacity(3 * self.plan.layers.len());
         for &l in &self.plan.layers {
-            weights.push(Self::base_mlp_weights(base, l)?);
-            names.push((0..3).map(|j| Self::projection_name(l, j)).collect::<Vec<_>>());
-        }
-        let mut entries = Vec::new();
-        for (k, &l) in self.plan.layers.iter().enumerate() {
-            for (j, p) in self.layers[l].mlp.projections().into_iter().enumerate() {
-                let basis = match (&p.method, bases) {
-                    (Method::SparseGrad { .. }, Some(b)) => Some(b.get(GROUPS[j])?),
-                    _ => None,
-                };
-                entries.push(crate::adapter::AdapterEntry {
-                    name: &names[k][j],
-                    linear: &p.linear,
-                    base_weight: &weights[k][j],
-                    basis,
-                });
+            let weights = Self::base_mlp_weights(base, l)?;
+            for (j, (p, w)) in self.layers[l].mlp.projections().into_iter().zip(weights).enumerate() {
+                planned.push((Self::projection_name(l, j), p, w));
             }
         }
-        crate::adapter::save_adapter(path, &entries)
+        crate::adapter::save_projections(path, &planned, bases)
     }
 
     /// Loads an adapter saved by [`Self::save_adapter`] into this model, freshly built
     /// from the same `base` with the same plan; every projection is checked first.
     pub fn load_adapter(&mut self, path: &std::path::Path, base: &LlamaWeights) -> Result<()> {
-        let layers = self.plan.layers.clone();
-        let mut names = Vec::new();
-        let mut weights = Vec::new();
-        for &l in &layers {
-            weights.push(Self::base_mlp_weights(base, l)?);
-            names.push((0..3).map(|j| Self::projection_name(l, j)).collect::<Vec<_>>());
-        }
-        let mut targets = Vec::new();
-        for (k, (i, layer)) in self.layers.iter_mut().enumerate().filter(|(i, _)| layers.contains(i)).enumerate() {
-            let _ = i;
-            for (j, p) in layer.mlp.projections_mut().into_iter().enumerate() {
-                targets.push(crate::adapter::AdapterTarget {
-                    name: &names[k][j],
-                    linear: &mut p.linear,
-                    base_weight: &weights[k][j],
-                });
+        let planned_layers = &self.plan.layers;
+        let mut planned = Vec::with_capacity(3 * planned_layers.len());
+        for (l, layer) in self.layers.iter_mut().enumerate().filter(|(l, _)| planned_layers.contains(l)) {
+            let weights = Self::base_mlp_weights(base, l)?;
+            for (j, (p, w)) in layer.mlp.projections_mut().into_iter().zip(weights).enumerate() {
+                planned.push((Self::projection_name(l, j), p, w));
             }
         }
-        crate::adapter::load_adapter(path, &mut targets)
+        crate::adapter::load_projections(path, planned)
     }
 }

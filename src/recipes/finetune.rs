@@ -6,9 +6,9 @@
 use crate::backend::AdamParams;
 use crate::backend::Backend;
 use crate::backend::Precision;
-use crate::basis::{sparsity_report, BasisSet, GramAccumulator};
+use crate::basis::{mean_sparsity_report, BasisSet, GramAccumulator};
 use crate::error::{Error, Result};
-use crate::linear::sparsegrad::Selection;
+use crate::linear::sparsegrad::{FormulationChoice, Selection};
 use crate::linear::trainable::{Method, TrainOptions};
 use crate::linear::Keep;
 use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
@@ -60,6 +60,10 @@ pub struct FinetuneConfig {
     /// Fraction of each projection's entries SparseGrad and MeProp keep per step.
     pub keep: f64,
     pub selection: Selection,
+    /// How SparseGrad's layers pick their formulation (per projection type, for
+    /// `batch * seq_len` tokens). SparseByDense with a threshold above 0 always runs the
+    /// transformed formulation, whatever this says.
+    pub formulation: FormulationChoice,
     /// LoRA rank; 0: the rank with as many trainable parameters as `keep`.
     pub lora_rank: usize,
     /// LoRA alpha; 0: twice the rank.
@@ -85,6 +89,7 @@ impl Default for FinetuneConfig {
             seq_len: 32,
             keep: 0.01,
             selection: Selection::Exact,
+            formulation: FormulationChoice::FlopModel,
             lora_rank: 0,
             lora_alpha: 0.0,
             lr: 3e-3,
@@ -182,21 +187,36 @@ impl FinetuneConfig {
         }
     }
 
-    fn method(&self, weights: &LlamaWeights) -> Method {
+    /// The method of each projection type, in [`GROUPS`] order.
+    fn methods<B: Backend + Clone>(&self, backend: &B, weights: &LlamaWeights) -> Result<[Method; 3]> {
         let keep = Keep::Fraction(self.keep);
-        match self.method {
-            MethodKind::SparseGrad => Method::SparseGrad { keep, selection: self.selection, formulation: None },
+        let c = &weights.config;
+        let one = match self.method {
+            MethodKind::SparseGrad => {
+                let thresholded = matches!(self.selection, Selection::SparseByDense { threshold } if threshold > 0.0);
+                let mut methods = [Method::Frozen; 3];
+                // gate and up are (ffn, hidden); down is (hidden, ffn).
+                for (m, (out, inp)) in methods.iter_mut().zip([(c.ffn, c.hidden), (c.ffn, c.hidden), (c.hidden, c.ffn)])
+                {
+                    let formulation = if thresholded {
+                        None
+                    } else {
+                        let tokens = self.batch * self.seq_len;
+                        self.formulation.resolve(backend, out, inp, tokens, keep.resolve(out * inp)?)?
+                    };
+                    *m = Method::SparseGrad { keep, selection: self.selection, formulation };
+                }
+                return Ok(methods);
+            }
             MethodKind::MeProp => Method::MeProp { keep },
             MethodKind::Full => Method::Full,
             MethodKind::Lora => {
-                let rank = if self.lora_rank == 0 {
-                    lora_rank_for_budget(self.keep, weights.config.ffn, weights.config.hidden)
-                } else {
-                    self.lora_rank
-                };
+                let rank =
+                    if self.lora_rank == 0 { lora_rank_for_budget(self.keep, c.ffn, c.hidden) } else { self.lora_rank };
                 Method::Lora { rank, alpha: if self.lora_alpha > 0.0 { self.lora_alpha } else { 2.0 * rank as f32 } }
             }
-        }
+        };
+        Ok([one; 3])
     }
 
     fn validate(&self, weights: &LlamaWeights) -> Result<()> {
@@ -330,19 +350,8 @@ fn preliminary<B: Backend + Clone>(
         let basis = set.get(g)?;
         let (out, inp) = basis.shape();
         let k = (out * inp).div_ceil(100);
-        let (mut original, mut in_basis, mut used) = (0.0, 0.0, 0usize);
-        for grads in &held[j] {
-            let n = grads.len() / (out * inp);
-            if n == 0 {
-                continue;
-            }
-            let r = sparsity_report(grads, n, basis, k)?;
-            original += r.original_fraction;
-            in_basis += r.transformed_fraction;
-            used += 1;
-        }
-        if used > 0 {
-            premise.push(PremiseShare { group: g, original: original / used as f64, basis: in_basis / used as f64 });
+        if let Some(r) = mean_sparsity_report(held[j].iter().map(|g| (g.as_slice(), basis)), k)? {
+            premise.push(PremiseShare { group: g, original: r.original_fraction, basis: r.transformed_fraction });
         }
     }
     progress(Progress::Premise(premise.clone()));
@@ -380,8 +389,7 @@ pub fn run<B: Backend + Clone>(
         _ => (None, Vec::new()),
     };
     let preliminary_seconds = started.elapsed().as_secs_f64();
-    let method = cfg.method(weights);
-    let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [method; 3] };
+    let plan = MlpPlan { layers: cfg.blocks.clone(), methods: cfg.methods(backend, weights)? };
     let opts = TrainOptions {
         optimizer: Optimizer::Adam(AdamParams { lr: cfg.lr, ..Default::default() }),
         precision: cfg.precision,

@@ -56,59 +56,33 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         Ok([to_f(&lw.inter), to_f(&lw.out)])
     }
 
-    /// The planned layers' base weights and projection names, in plan order.
-    #[allow(clippy::type_complexity)]
-    fn planned_base(&self, base: &BertWeights) -> Result<(Vec<[Vec<F>; 2]>, Vec<[String; 2]>)> {
-        let mut weights = Vec::with_capacity(self.plan.layers.len());
-        let mut names = Vec::with_capacity(self.plan.layers.len());
-        for &l in &self.plan.layers {
-            weights.push(Self::base_mlp_weights(base, l)?);
-            names.push([Self::projection_name(l, 0), Self::projection_name(l, 1)]);
-        }
-        Ok((weights, names))
-    }
-
     /// Saves what training changed in the planned layers' MLPs (see [`crate::adapter`]),
     /// relative to `base`, the weights the model was built from. The head is not part of
     /// an adapter (see [`Self::save_head`]).
     pub fn save_adapter(&self, path: &Path, base: &BertWeights, bases: Option<&BasisSet>) -> Result<()> {
-        let (weights, names) = self.planned_base(base)?;
-        let mut entries = Vec::new();
-        for (k, &l) in self.plan.layers.iter().enumerate() {
-            for (j, p) in self.layers[l].mlp.projections().into_iter().enumerate() {
-                let basis = match (&p.method, bases) {
-                    (Method::SparseGrad { .. }, Some(b)) => Some(b.get(&self.plan.group(l, j))?),
-                    _ => None,
-                };
-                entries.push(crate::adapter::AdapterEntry {
-                    name: &names[k][j],
-                    linear: &p.linear,
-                    base_weight: &weights[k][j],
-                    basis,
-                });
+        let mut planned = Vec::with_capacity(2 * self.plan.layers.len());
+        for &l in &self.plan.layers {
+            let weights = Self::base_mlp_weights(base, l)?;
+            for (j, (p, w)) in self.layers[l].mlp.projections().into_iter().zip(weights).enumerate() {
+                planned.push((Self::projection_name(l, j), p, w));
             }
         }
-        crate::adapter::save_adapter(path, &entries)
+        crate::adapter::save_projections(path, &planned, bases)
     }
 
     /// Loads an adapter saved by [`Self::save_adapter`] into this model, freshly built
     /// from the same `base` with the same plan; every projection is checked (method,
     /// shape, base weight, basis) before any layer changes.
     pub fn load_adapter(&mut self, path: &Path, base: &BertWeights) -> Result<()> {
-        let (weights, names) = self.planned_base(base)?;
-        let planned = self.plan.layers.clone();
-        let mut targets = Vec::new();
-        for (l, layer) in self.layers.iter_mut().enumerate() {
-            let Some(k) = planned.iter().position(|&p| p == l) else { continue };
-            for (j, p) in layer.mlp.projections_mut().into_iter().enumerate() {
-                targets.push(crate::adapter::AdapterTarget {
-                    name: &names[k][j],
-                    linear: &mut p.linear,
-                    base_weight: &weights[k][j],
-                });
+        let planned_layers = &self.plan.layers;
+        let mut planned = Vec::with_capacity(2 * planned_layers.len());
+        for (l, layer) in self.layers.iter_mut().enumerate().filter(|(l, _)| planned_layers.contains(l)) {
+            let weights = Self::base_mlp_weights(base, l)?;
+            for (j, (p, w)) in layer.mlp.projections_mut().into_iter().zip(weights).enumerate() {
+                planned.push((Self::projection_name(l, j), p, w));
             }
         }
-        crate::adapter::load_adapter(path, &mut targets)
+        crate::adapter::load_projections(path, planned)
     }
 
     /// Writes the classification head (`classifier.weight` `(classes, hidden)`,
