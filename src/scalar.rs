@@ -91,6 +91,11 @@ pub trait Real:
     fn from_usize(v: usize) -> Self {
         Self::from_f64(v as f64)
     }
+    /// Runs `f` on this thread's reusable scratch of `n` values (contents unspecified),
+    /// grown when too small and kept for the next call: per-thread workspaces for CPU
+    /// kernels without an allocation per call. A nested call on the same thread gets a
+    /// fresh buffer.
+    fn with_thread_scratch<R>(n: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
 }
 
 macro_rules! impl_real {
@@ -159,6 +164,20 @@ macro_rules! impl_real {
             #[inline]
             fn abs_key(self) -> u64 {
                 (<$t>::abs(self).to_bits() as $bits) as u64
+            }
+            fn with_thread_scratch<R>(n: usize, f: impl FnOnce(&mut [Self]) -> R) -> R {
+                thread_local! {
+                    static SCRATCH: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
+                }
+                SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut buf) => {
+                        if buf.len() < n {
+                            buf.resize(n, 0.0);
+                        }
+                        f(&mut buf[..n])
+                    }
+                    Err(_) => f(&mut vec![0.0; n]),
+                })
             }
         }
     };

@@ -1,6 +1,8 @@
 //! The layer-step benchmark shared by the CPU and CUDA benches: a dense linear step
 //! (forward, backward, AdamW) against SparseGradLinear in both formulations, Exact and
-//! SparseByDense, with a flop model at a measured GEMM rate.
+//! SparseByDense, with a flop model at a measured GEMM rate. `SPARSEGRAD_BENCH_VARIANTS`
+//! (a comma list of `transformed-exact`, `transformed-sd`, `merged-exact`, `merged-sd`;
+//! default all) picks the SparseGrad rows; the dense row, their yardstick, always runs.
 #![allow(dead_code)]
 
 use sparsegrad::linear::dense::{DenseConfig, DenseLinear, DenseMode};
@@ -82,6 +84,68 @@ fn time_steps<B: Backend>(be: &B, iters: usize, mut step: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() / iters as f64
 }
 
+/// Seconds of one f32 GEMM `spec` alone on `be` (best of 3 after a warm-up), cached per
+/// spec: the GEMM-time model sums these over a step's GEMMs.
+fn gemm_seconds<B: Backend>(be: &B, spec: &Gemm, cache: &mut Vec<(Gemm, f64)>) -> f64 {
+    if let Some(&(_, s)) = cache.iter().find(|(g, _)| g == spec) {
+        return s;
+    }
+    let a = be.upload(&values(spec.m * spec.k, 11)).unwrap();
+    let b = be.upload(&values(spec.k * spec.n, 12)).unwrap();
+    let mut c = be.upload(&values(spec.m * spec.n, 13)).unwrap();
+    be.gemm(spec, &a, &b, &mut c).unwrap();
+    be.synchronize().unwrap();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t = Instant::now();
+        be.gemm(spec, &a, &b, &mut c).unwrap();
+        be.synchronize().unwrap();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    cache.push((*spec, best));
+    best
+}
+
+/// The GEMMs of one layer step, as the layer runs them: `None` for dense, else the
+/// formulation with the token rows and output columns the weight-gradient product used.
+fn step_gemms(
+    out: usize,
+    inp: usize,
+    tokens: usize,
+    k: usize,
+    sparse: Option<(Formulation, usize, usize)>,
+) -> Vec<Gemm> {
+    let (t, o, i) = (tokens, out, inp);
+    let Some((form, rows, cols)) = sparse else {
+        return vec![Gemm::nt(t, o, i), Gemm::nn(t, i, o), Gemm::tn(o, i, t)];
+    };
+    let update = Gemm::new(true, true, o, i, o.min(k)).beta(1.0);
+    match form {
+        Formulation::Transformed => vec![
+            Gemm::nn(t, i, i),
+            Gemm::nt(t, o, i),
+            Gemm::nt(t, o, o),
+            Gemm::nn(t, o, o),
+            Gemm::nn(t, i, o),
+            Gemm::nt(t, i, i),
+            Gemm::tn(cols, i, rows),
+        ],
+        Formulation::Merged if rows == t && Formulation::merged_token_order(o, i, t) => {
+            vec![Gemm::nt(t, o, i), Gemm::nn(t, i, o), Gemm::nt(t, o, o), Gemm::nn(t, i, i), Gemm::tn(o, i, t), update]
+        }
+        Formulation::Merged => {
+            vec![
+                Gemm::nt(t, o, i),
+                Gemm::nn(t, i, o),
+                Gemm::tn(o, i, rows),
+                Gemm::nn(o, i, o),
+                Gemm::nn(o, i, i),
+                update,
+            ]
+        }
+    }
+}
+
 /// One shape: dense + AdamW, then every SparseGrad variant; prints a table row each.
 #[allow(clippy::too_many_arguments)]
 pub fn bench_shape<B: Backend + Clone>(
@@ -116,10 +180,17 @@ pub fn bench_shape<B: Backend + Clone>(
             dense.step().unwrap();
         })
     };
-    let report = |variant: &str, secs: f64, flops: f64| {
+    let mut cache = Vec::new();
+    // The GEMM-time model: f32 only (the bf16 steps mix operand precisions per GEMM).
+    let mut gemm_model = |gemms: Vec<Gemm>| -> Option<f64> {
+        (precision == Precision::Full).then(|| gemms.iter().map(|g| gemm_seconds(be, g, &mut cache)).sum())
+    };
+    let report = |variant: &str, secs: f64, flops: f64, gemms: Option<f64>| {
         let model = flops / rate;
+        let gemm_cols = gemms
+            .map_or_else(|| format!("{:>10} {:>9}", "-", "-"), |g| format!("{:>10.2} {:>8.2}x", g * 1e3, secs / g));
         println!(
-            "{name:<22} {:<5} {variant:<38} {:>10.2} {:>8.2}x {:>13.2} {:>8.2}x",
+            "{name:<22} {:<5} {variant:<38} {:>10.2} {:>8.2}x {:>13.2} {:>8.2}x {gemm_cols}",
             format!("{precision:?}"),
             secs * 1e3,
             secs / dense_s,
@@ -127,7 +198,7 @@ pub fn bench_shape<B: Backend + Clone>(
             secs / model
         );
     };
-    report("dense + AdamW", dense_s, dense_flops);
+    report("dense + AdamW", dense_s, dense_flops, gemm_model(step_gemms(out, inp, tokens, 0, None)));
     let basis = Basis::from_parts_quick(
         "bench",
         out,
@@ -140,8 +211,17 @@ pub fn bench_shape<B: Backend + Clone>(
     )
     .unwrap();
     let k = Keep::Fraction(0.01).resolve(out * inp).unwrap();
+    let wanted = std::env::var("SPARSEGRAD_BENCH_VARIANTS").ok();
     for form in [Formulation::Transformed, Formulation::Merged] {
         for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
+            let key = format!(
+                "{}-{}",
+                if form == Formulation::Merged { "merged" } else { "transformed" },
+                if sel == Selection::Exact { "exact" } else { "sd" }
+            );
+            if wanted.as_deref().is_some_and(|w| !w.split(',').any(|v| v.trim() == key)) {
+                continue;
+            }
             let cfg = SparseGradConfig {
                 keep: Keep::Count(k),
                 selection: sel,
@@ -164,10 +244,14 @@ pub fn bench_shape<B: Backend + Clone>(
                 + dw_flops
                 + if form == Formulation::Merged { merged_extra } else { transformed_extra };
             let chosen = if Formulation::choose(out, inp, tokens, k) == form { " (default)" } else { "" };
+            let stats = layer.last_stats();
+            let gemms =
+                gemm_model(step_gemms(out, inp, tokens, k, Some((form, stats.rows_multiplied, stats.cols_multiplied))));
             report(
                 &format!("SparseGrad {form:?} {}{chosen}", if sel == Selection::Exact { "Exact" } else { "SD(0)" }),
                 secs,
                 flops,
+                gemms,
             );
         }
     }
@@ -175,7 +259,10 @@ pub fn bench_shape<B: Backend + Clone>(
 
 pub fn header() {
     println!(
-        "{:<22} {:<5} {:<38} {:>10} {:>9} {:>13} {:>9}",
-        "shape", "prec", "variant", "ms/step", "vs dense", "flop-model ms", "vs model"
+        "{:<22} {:<5} {:<38} {:>10} {:>9} {:>13} {:>9} {:>10} {:>9}",
+        "shape", "prec", "variant", "ms/step", "vs dense", "flop-model ms", "vs model", "GEMMs ms", "vs GEMMs"
+    );
+    println!(
+        "(flop model: the step's flops at the 2048^3 sgemm rate; GEMMs: the sum of the step's own GEMMs, each timed alone)"
     );
 }

@@ -5,7 +5,8 @@
 # pinned versions in requirements.txt) on first use.
 #
 # usage: benches/peers/run.sh [layer|basis|finetune|all]...   (default: all)
-# env:   PEER_THREADS (2), PEER_ROUNDS (2: peer/ours pairs per layer job),
+# env:   PEER_THREADS (2), PEER_ROUNDS (2: peer/ours pairs per layer shape),
+#        PEER_LAYER_SHAPES (bert-up,bert-down; also smollm2-up, llama-7b: cpu_layer's names),
 #        PEER_STEPS (6: timed fine-tuning steps per side), PEER_MODEL (the GGUF in assets/),
 #        OPENBLAS_CORETYPE (unless set: SkylakeX where the CPU has avx512f, else Haswell, as
 #        scripts/run-example.sh picks; Debian's OpenBLAS misdetects these CPUs otherwise)
@@ -47,11 +48,24 @@ cargo bench --quiet --no-run --bench cpu_layer 2>/dev/null
 for job in "${JOBS[@]}"; do
     case $job in
     layer)
-        for r in $(seq "$ROUNDS"); do
-            say "== layer round $r: peer (load $(loadavg))"
-            (cd benches/peers && run "$PY" layer.py --threads "$THREADS")
-            say "== layer round $r: ours (load $(loadavg))"
-            SPARSEGRAD_BENCH_SHAPES=bert-up SPARSEGRAD_BENCH_ITERS=3 run cargo bench --quiet --bench cpu_layer
+        # Shapes as cpu_layer names them; llama-7b (4096 -> 11008) is minutes per side.
+        IFS=, read -r -a shapes <<<"${PEER_LAYER_SHAPES:-bert-up,bert-down}"
+        for shape in "${shapes[@]}"; do
+            case $shape in
+            bert-up) dims=(--out 3072 --inp 768) ;;
+            bert-down) dims=(--out 768 --inp 3072) ;;
+            smollm2-up) dims=(--out 1536 --inp 576) ;;
+            llama-7b) dims=(--out 11008 --inp 4096) ;;
+            *) echo "unknown layer shape $shape (bert-up, bert-down, smollm2-up, llama-7b)" >&2; exit 2 ;;
+            esac
+            iters=3
+            [ "$shape" = llama-7b ] && iters=1
+            for r in $(seq "$ROUNDS"); do
+                say "== layer $shape round $r: peer (load $(loadavg))"
+                (cd benches/peers && run "$PY" layer.py "${dims[@]}" --iters "$iters" --threads "$THREADS")
+                say "== layer $shape round $r: ours (load $(loadavg))"
+                SPARSEGRAD_BENCH_SHAPES=$shape SPARSEGRAD_BENCH_ITERS=$iters run cargo bench --quiet --bench cpu_layer
+            done
         done
         ;;
     basis)

@@ -4,6 +4,11 @@ import re
 import sys
 
 
+# A cpu_layer table row: shape name (ending in `in->out`), precision, variant, ms/step,
+# x dense, flop-model ms, x model.
+OURS_LAYER = re.compile(r"^.*?(\d+->\d+)\s+(?:Full|Bf16)\s+(.+?)\s{2,}([\d.]+)\s+[\d.]+x\s+[\d.]+\s+([\d.]+)x\s*$")
+
+
 def main(path):
     lines = open(path).read().splitlines()
     out = []
@@ -17,11 +22,10 @@ def main(path):
             sgemm.append(("torch", float(m.group(1))))
         if m := re.match(r"measured sgemm rate \(2048\^3\): ([\d.]+) GFLOP/s", ln):
             sgemm.append(("ours (OpenBLAS)", float(m.group(1))))
-        if m := re.match(r"PEER layer \S+ T=\d+ (dense|official).*?: ([\d.]+) ms/step", ln):
-            peer_layer.append((m.group(1), float(m.group(2))))
-        if ln.startswith("BERT up 768->3072") and len(ln) > 78:
-            variant, ms = ln[29:67].strip(), float(ln[67:78])
-            ours_layer.append((variant, ms))
+        if m := re.match(r"PEER layer (\d+->\d+) T=(\d+) (dense|official).*?: ([\d.]+) ms/step", ln):
+            peer_layer.append((m.group(1), m.group(2), m.group(3), float(m.group(4))))
+        if m := OURS_LAYER.match(ln):
+            ours_layer.append((m.group(1), m.group(2), float(m.group(3)), float(m.group(4))))
         if m := re.match(r"PEER basis .*? ([\d.]+) s, peak RSS ([\d.]+) GB", ln):
             basis_peer = (float(m.group(1)), float(m.group(2)))
         if m := re.match(r"OURS basis: ([\d.]+) s wall, .*peak RSS (\d+) KB", ln):
@@ -35,18 +39,22 @@ def main(path):
             pending_ft = None
     for who, r in sgemm:
         out.append(f"sgemm 2048^3 {who}: {r:.1f} GFLOP/s")
-    pd = [ms for k, ms in peer_layer if k == "dense"]
-    po = [ms for k, ms in peer_layer if k == "official"]
-    od = [ms for v, ms in ours_layer if v.startswith("dense")]
-    om = [ms for v, ms in ours_layer if v.startswith("SparseGrad Merged Exact")]
-    ot = [ms for v, ms in ours_layer if v.startswith("SparseGrad Transformed Exact")]
-    for i in range(min(len(pd), len(od))):
-        out.append(f"layer 768->3072 T=4096 round {i + 1}: dense peer {pd[i]:.0f} ms, ours {od[i]:.0f} ms "
-                   f"(peer/ours {pd[i] / od[i]:.2f}x)")
-    for i in range(min(len(po), len(om))):
-        out.append(f"layer 768->3072 T=4096 round {i + 1}: official SparseGrad {po[i]:.0f} ms, ours merged "
-                   f"{om[i]:.0f} ms (peer/ours {po[i] / om[i]:.2f}x), ours transformed "
-                   f"{ot[i] if i < len(ot) else float('nan'):.0f} ms")
+    # Pair the i-th peer figure of a shape with the i-th of ours (one per round).
+    for shape in dict.fromkeys(sh for sh, _, _, _ in peer_layer):
+        tokens = next(t for sh, t, _, _ in peer_layer if sh == shape)
+        pd = [ms for sh, _, k, ms in peer_layer if sh == shape and k == "dense"]
+        po = [ms for sh, _, k, ms in peer_layer if sh == shape and k == "official"]
+        ours = [(v, ms, vs) for sh, v, ms, vs in ours_layer if sh == shape]
+        od = [ms for v, ms, _ in ours if v.startswith("dense")]
+        om = [(ms, vs) for v, ms, vs in ours if v.startswith("SparseGrad Merged Exact")]
+        ot = [ms for v, ms, _ in ours if v.startswith("SparseGrad Transformed Exact")]
+        for i in range(min(len(pd), len(od))):
+            out.append(f"layer {shape} T={tokens} round {i + 1}: dense peer {pd[i]:.0f} ms, ours {od[i]:.0f} ms "
+                       f"(peer/ours {pd[i] / od[i]:.2f}x)")
+        for i in range(min(len(po), len(om))):
+            out.append(f"layer {shape} T={tokens} round {i + 1}: official SparseGrad {po[i]:.0f} ms, ours merged "
+                       f"{om[i][0]:.0f} ms (peer/ours {po[i] / om[i][0]:.2f}x; {om[i][1]:.2f}x its flop model), "
+                       f"ours transformed {ot[i] if i < len(ot) else float('nan'):.0f} ms")
     if basis_peer and basis_ours:
         out.append(f"basis N=30 3072x768: peer {basis_peer[0]:.1f} s {basis_peer[1]:.2f} GB, ours "
                    f"{basis_ours[0]:.1f} s {basis_ours[1]:.2f} GB (peer/ours {basis_peer[0] / basis_ours[0]:.1f}x)")

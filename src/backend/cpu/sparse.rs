@@ -197,7 +197,10 @@ pub(super) fn coo_dense_t<F: Real>(
 
 /// One full block of [`coo_dense_t`] for slots in ascending order (what
 /// `coo_compact_rows` gives): each slot's entries are one run, summed in registers for
-/// all the block's rows at once and stored once.
+/// all the block's rows at once and stored once. The block's rows of `b` are first copied
+/// column-major into this thread's scratch, so an entry reads its `R` values as one
+/// contiguous vector rather than `R` loads a row apart (a 3072-wide `Q` made those
+/// gathers most of the merged step's non-GEMM time).
 fn coo_dense_t_block<F: Real>(
     slot: &[u32],
     cols: &[u32],
@@ -208,23 +211,29 @@ fn coo_dense_t_block<F: Real>(
     n_slots: usize,
 ) {
     const R: usize = COO_DENSE_T_ROWS;
-    let b_rows: [&[F]; R] = std::array::from_fn(|j| &b_blk[j * b_cols..(j + 1) * b_cols]);
-    out_blk.fill(F::ZERO);
-    let mut e = 0;
-    while e < slot.len() {
-        let s = slot[e];
-        let mut acc = [F::ZERO; R];
-        while e < slot.len() && slot[e] == s {
-            let (c, v) = (cols[e] as usize, values[e]);
-            for j in 0..R {
-                acc[j] += v * b_rows[j][c];
+    F::with_thread_scratch(R * b_cols, |tile| {
+        for (j, row) in b_blk.chunks_exact(b_cols).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                tile[c * R + j] = v;
             }
-            e += 1;
         }
-        for (j, a) in acc.into_iter().enumerate() {
-            out_blk[j * n_slots + s as usize] = a;
+        out_blk.fill(F::ZERO);
+        let mut e = 0;
+        while e < slot.len() {
+            let s = slot[e];
+            let mut acc = [F::ZERO; R];
+            while e < slot.len() && slot[e] == s {
+                let (c, v) = (cols[e] as usize, values[e]);
+                for (a, &q) in acc.iter_mut().zip(&tile[c * R..(c + 1) * R]) {
+                    *a += v * q;
+                }
+                e += 1;
+            }
+            for (j, a) in acc.into_iter().enumerate() {
+                out_blk[j * n_slots + s as usize] = a;
+            }
         }
-    }
+    })
 }
 
 /// Rows of `b` per task of [`coo_dense_t`]: enough independent sums per entry to hide the
