@@ -48,6 +48,28 @@ fn topk_keeps_exactly_k_largest_sorted_with_ties_to_the_lower_index() {
 }
 
 #[test]
+fn topk_on_large_matrices_with_ties_across_chunks() {
+    // Large enough that every one of the CPU op's 64 chunks holds many entries and the
+    // threshold's histogram bin holds candidates from several chunks.
+    let cpu = Cpu::new();
+    let mut r = rng(21);
+    let (rows, cols) = (300usize, 701usize);
+    let n = rows * cols;
+    let smooth: Vec<f32> = (0..n).map(|_| r.random_range(-1.0f32..1.0) * r.random_range(0.0f32..1.0)).collect();
+    // Five magnitudes only: the k-th largest is tied with thousands of entries.
+    let tied: Vec<f32> = (0..n).map(|_| [0.0f32, 0.5, -0.5, 1.0, 2.0, -3.0][r.random_range(0..6usize)]).collect();
+    for (name, m) in [("smooth", &smooth), ("tied", &tied)] {
+        for k in [1, n / 100, n / 10, n / 3, n - 5] {
+            let got = topk(&cpu, m, rows, cols, k).unwrap();
+            got.validate().unwrap();
+            let lin: Vec<usize> = got.linear_indices().into_iter().map(|v| v as usize).collect();
+            assert_eq!(lin, reference_topk(m, k), "{name} k={k}");
+            assert!(lin.iter().zip(&got.values).all(|(&l, &v)| v == m[l]), "{name} k={k}: values");
+        }
+    }
+}
+
+#[test]
 fn topk_with_maps_treats_the_outside_as_zeros() {
     let cpu = Cpu::new();
     let mut r = rng(2);
@@ -339,6 +361,19 @@ fn coo_dense_t_on_ragged_random_shapes() {
             for s in 0..n {
                 assert_eq!(out_rev[i * n + (n - 1 - s)], out[i * n + s], "reversed slots, row {i} slot {s}");
             }
+        }
+        // Interleaved slots (each entry's column, as the merged update by columns passes
+        // them): the row loop's sums in list order, exactly.
+        let mut by_col = cpu.upload(&vec![f32::NAN; b_rows * cols]).unwrap();
+        let col_slots = cpu.upload(&host.cols).unwrap();
+        cpu.coo_dense_t(&coo, &col_slots, cols, &cpu.upload(&b).unwrap(), b_rows, &mut by_col).unwrap();
+        for i in 0..b_rows {
+            let mut row = vec![0.0f32; cols];
+            for e in 0..len {
+                let c = host.cols[e] as usize;
+                row[c] += host.values[e] * b[i * cols + c];
+            }
+            assert_eq!(&by_col[i * cols..(i + 1) * cols], &row[..], "column slots, row {i}");
         }
     }
 }

@@ -211,7 +211,16 @@ fn sparse_by_dense_with_a_threshold_multiplies_a_smaller_block() {
 /// equals P Wt Q^T; a layer rebuilt from the merged weight gives the same forward.
 #[test]
 fn training_merge_round_trip_and_formulations_agree() {
-    let (out, inp, t) = (20usize, 12usize, 30usize);
+    // 20 x 12: the merged step updates W by columns, (P D) Q^T; 12 x 20: by touched rows.
+    for (out, inp) in [(20usize, 12usize), (12, 20)] {
+        let k = Keep::Fraction(0.1).resolve(out * inp).unwrap();
+        assert_eq!(Formulation::merged_update_by_columns(out, inp, k), out > inp);
+        training_round_trip(out, inp);
+    }
+}
+
+fn training_round_trip(out: usize, inp: usize) {
+    let t = 30usize;
     let pr = problem(13, out, inp, t);
     let cpu = Cpu::new();
     let adam = AdamParams { lr: 1e-2, ..Default::default() };
@@ -277,10 +286,11 @@ fn bf16_precision_tracks_f32() {
 fn steps_allocate_nothing_after_the_first() {
     let pr = problem(15, 16, 12, 10);
     let cpu = Cpu::new();
-    for form in FORMS {
+    // k = 9: the merged step updates by rows; k = 40: by columns.
+    for (form, k) in FORMS.into_iter().flat_map(|f| [(f, 9), (f, 40)]) {
         for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
             let mut layer =
-                SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, cfg(form, Keep::Count(9), sel)).unwrap();
+                SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, cfg(form, Keep::Count(k), sel)).unwrap();
             let x = cpu.upload(&pr.x).unwrap();
             let g = cpu.upload(&pr.g).unwrap();
             let mut y = cpu.alloc(10 * 16).unwrap();
@@ -294,7 +304,7 @@ fn steps_allocate_nothing_after_the_first() {
             let before = cpu.memory_stats().allocations;
             run(&mut layer);
             run(&mut layer);
-            assert_eq!(cpu.memory_stats().allocations, before, "{form:?} {sel:?}: a step allocated");
+            assert_eq!(cpu.memory_stats().allocations, before, "{form:?} {sel:?} k={k}: a step allocated");
         }
     }
 }
@@ -391,6 +401,12 @@ fn cost_model_picks_merged_for_large_token_counts() {
     assert_eq!(Formulation::choose(768, 3072, 4096, 23_593), Formulation::Merged);
     // A handful of tokens: the transformed form is cheaper.
     assert_eq!(Formulation::choose(3072, 768, 16, 23_593), Formulation::Transformed);
+    // The merged update: (P D) Q^T over the 768 columns for the up-projection (2 out in^2
+    // = 3.6 GFLOP), P[:, rows] (D Q^T) over the 768 rows for the down-projection.
+    assert!(Formulation::merged_update_by_columns(3072, 768, 23_593));
+    assert!(!Formulation::merged_update_by_columns(768, 3072, 23_593));
+    // Few entries touch few rows: by rows again.
+    assert!(!Formulation::merged_update_by_columns(3072, 768, 300));
 }
 
 #[test]

@@ -119,7 +119,11 @@ fn step_gemms(
     let Some((form, rows, cols)) = sparse else {
         return vec![Gemm::nt(t, o, i), Gemm::nn(t, i, o), Gemm::tn(o, i, t)];
     };
-    let update = Gemm::new(true, true, o, i, o.min(k)).beta(1.0);
+    let update = if Formulation::merged_update_by_columns(o, i, k) {
+        Gemm::nt(o, i, i).beta(1.0)
+    } else {
+        Gemm::new(true, true, o, i, o.min(k)).beta(1.0)
+    };
     match form {
         Formulation::Transformed => vec![
             Gemm::nn(t, i, i),

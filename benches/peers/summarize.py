@@ -5,8 +5,11 @@ import sys
 
 
 # A cpu_layer table row: shape name (ending in `in->out`), precision, variant, ms/step,
-# x dense, flop-model ms, x model.
-OURS_LAYER = re.compile(r"^.*?(\d+->\d+)\s+(?:Full|Bf16)\s+(.+?)\s{2,}([\d.]+)\s+[\d.]+x\s+[\d.]+\s+([\d.]+)x\s*$")
+# x dense, flop-model ms, x model, and (f32) the GEMM-time model's ms and ratio.
+OURS_LAYER = re.compile(
+    r"^.*?(\d+->\d+)\s+(?:Full|Bf16)\s+(.+?)\s{2,}([\d.]+)\s+[\d.]+x\s+[\d.]+\s+([\d.]+)x"
+    r"(?:\s+(?:[\d.]+|-)\s+(?:[\d.]+x|-))?\s*$"
+)
 
 
 def main(path):

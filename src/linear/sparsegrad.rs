@@ -7,14 +7,16 @@
 //!   `dx = (gt Wt) Q^T`, `dWt = gt^T xt`. Extra cost over a dense layer: `4 T (out^2 + in^2)`
 //!   flops per step, growing with the token count `T`.
 //! - **merged** keeps the dense `W` only: forward `x W^T + b`, `dx = g W`,
-//!   `dWt = P^T (g^T x) Q`, and after SparseAdam the sparse change `D` of `Wt` is applied as
-//!   `W += P (D Q^T)`: `Q D^T` is sparse-times-dense (k entries) and the product with `P`
-//!   runs only over the columns of `P` (rows of `P^T`) the step touched. `P^T (g^T x) Q` has
-//!   two association orders: `(P^T (g^T x)) Q`, `2 out in (out + in)` flops beyond `g^T x`
-//!   whatever `T`, or `(g P)^T (x Q)`, `2 T (out^2 + in^2)`; Exact selection takes the cheaper
-//!   ([`Formulation::merged_token_order`]), SparseByDense the first (it multiplies only the
-//!   nonzero token rows of `g`). Extra cost `min(2 out in (out + in), 2 T (out^2 + in^2)) +
-//!   2 k in + 2 out r in` (r touched rows, at most `out`).
+//!   `dWt = P^T (g^T x) Q`, and after SparseAdam the sparse change `D` of `Wt` is applied to
+//!   `W` in one of two orders ([`Formulation::merged_update_by_columns`]): `W += P (D Q^T)`,
+//!   where `D Q^T` is sparse-times-dense (`2 k in` flops) and the product with `P` runs only
+//!   over the `r` rows of `D` the step touched (`2 out r in`), or `W += (P D) Q^T`
+//!   (`2 k out + 2 out in^2`), cheaper when `in` is below the touched rows (up-projections).
+//!   `P^T (g^T x) Q` has two association orders: `(P^T (g^T x)) Q`, `2 out in (out + in)`
+//!   flops beyond `g^T x` whatever `T`, or `(g P)^T (x Q)`, `2 T (out^2 + in^2)`; Exact
+//!   selection takes the cheaper ([`Formulation::merged_token_order`]), SparseByDense the
+//!   first (it multiplies only the nonzero token rows of `g`). Extra cost
+//!   `min(2 out in (out + in), 2 T (out^2 + in^2)) + min(2 k in + 2 out r in, 2 k out + 2 out in^2)`.
 //!
 //! [`Formulation::choose`] picks the cheaper one from these flop counts for the expected
 //! token count; [`Formulation::measure`] times whole layer steps of both on the backend once
@@ -60,14 +62,31 @@ pub enum Formulation {
 
 impl Formulation {
     /// Extra flops per step over a dense layer, `(transformed, merged)`, for Exact selection;
-    /// the merged count takes the cheaper association order of `P^T (g^T x) Q` and assumes
-    /// the worst case that every row of `Wt` is touched.
+    /// the merged count takes the cheaper association orders of `P^T (g^T x) Q` and of the
+    /// update, and assumes the worst case that every row of `Wt` is touched.
     pub fn extra_flops(out: usize, inp: usize, tokens: usize, k: usize) -> (f64, f64) {
         let (o, i, t, k) = (out as f64, inp as f64, tokens as f64, k as f64);
         let transformed = 4.0 * t * (o * o + i * i);
         let rotate = (2.0 * o * i * (o + i)).min(2.0 * t * (o * o + i * i));
-        let merged = rotate + 2.0 * k * i + 2.0 * o * o.min(k) * i;
+        let (by_rows, by_columns) = Self::merged_update_flops(out, inp, k as usize);
+        let merged = rotate + by_rows.min(by_columns);
         (transformed, merged)
+    }
+
+    /// Flops of the merged update `(W += P (D Q^T) over the touched rows, W += (P D) Q^T)`,
+    /// with every row of `Wt` touched that `k` allows.
+    fn merged_update_flops(out: usize, inp: usize, k: usize) -> (f64, f64) {
+        let (o, i, k) = (out as f64, inp as f64, k as f64);
+        (2.0 * k * i + 2.0 * o * o.min(k) * i, 2.0 * k * o + 2.0 * o * i * i)
+    }
+
+    /// Whether a merged layer applies its sparse step as `W += (P D) Q^T` (over all `in`
+    /// columns) rather than `W += P[:, rows] (D Q^T)[rows, :]` (over the touched rows): the
+    /// first when `in` is below the rows a step can touch, as in up-projections. Fixed per
+    /// layer at construction (each order keeps `P` in its own layout).
+    pub fn merged_update_by_columns(out: usize, inp: usize, k: usize) -> bool {
+        let (rows, cols) = Self::merged_update_flops(out, inp, k);
+        cols < rows
     }
 
     /// Whether the merged backward (Exact selection) forms `dWt` as `(g P)^T (x Q)`, which
@@ -195,6 +214,8 @@ pub struct SparseGradLinear<B: Backend, F: Real = f32> {
     k: usize,
     cfg: SparseGradConfig,
     formulation: Formulation,
+    /// Merged layers: the step is applied as `W += (P D) Q^T` (see [`Formulation::merged_update_by_columns`]).
+    update_by_columns: bool,
     group: String,
     /// The basis on the device, shared with the other layers of the group.
     basis_dev: Arc<DeviceBasis<B, F>>,
@@ -261,7 +282,10 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         };
         let half = cfg.precision == Precision::Bf16;
         let fingerprint = basis.fingerprint();
-        let device = DeviceBasis::shared(backend, basis, BasisLayout::of(formulation, cfg.precision))?;
+        let update_by_columns =
+            formulation == Formulation::Merged && Formulation::merged_update_by_columns(out, inp, k);
+        let layout = BasisLayout::of(formulation, cfg.precision, update_by_columns);
+        let device = DeviceBasis::shared(backend, basis, layout)?;
         let weight_state = match formulation {
             Formulation::Transformed => {
                 // Wt = (P^T W) Q on the backend, in `F` whatever the operand precision.
@@ -293,6 +317,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             k,
             cfg,
             formulation,
+            update_by_columns,
             group: basis.group().to_string(),
             basis_dev: device,
             weight: weight_state,
@@ -305,7 +330,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             grad_ready: false,
             saved_tokens: None,
             stats: StepGrads::default(),
-            ws: Workspace::new(backend, formulation, cfg.selection, cfg.precision, out, inp, k)?,
+            ws: Workspace::new(backend, formulation, update_by_columns, cfg.selection, cfg.precision, out, inp, k)?,
             basis_fingerprint: fingerprint,
             sgd_mask: match cfg.optimizer {
                 Optimizer::Sgd { .. } => {
@@ -466,8 +491,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let (be, out, inp) = (&self.backend, self.out, self.inp);
         let mut tmp = be.alloc::<F>(out * inp)?;
         let mut res = be.alloc::<F>(out * inp)?;
-        // Merged layers hold `P^T`; transformed ones `P`.
-        let p_transposed = self.formulation == Formulation::Merged;
+        // Merged layers that update by rows hold `P^T`; the others `P`.
+        let p_transposed = self.p_transposed();
         let (sp, sq) = match (into_basis, p_transposed) {
             (true, false) => (Gemm::tn(out, inp, out), Gemm::nn(out, inp, inp)),
             (true, true) => (Gemm::nn(out, inp, out), Gemm::nn(out, inp, inp)),
@@ -484,6 +509,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             _ => return Err(Error::invalid("SparseGradLinear::basis_change", "the layer holds no basis in F")),
         }
         Ok(res)
+    }
+
+    /// Whether the device basis holds `P^T` rather than `P`.
+    fn p_transposed(&self) -> bool {
+        self.formulation == Formulation::Merged && !self.update_by_columns
     }
 
     fn refresh_half_weight(&mut self) -> Result<()> {

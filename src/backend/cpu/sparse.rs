@@ -180,8 +180,12 @@ pub(super) fn coo_dense_t<F: Real>(
     out[..b_rows * n_slots].par_chunks_mut(block).enumerate().for_each(|(blk, out_blk)| {
         let rows = out_blk.len() / n_slots;
         let b_blk = &b[blk * COO_DENSE_T_ROWS * b_cols..][..rows * b_cols];
-        if slot_sorted && rows == COO_DENSE_T_ROWS {
-            coo_dense_t_block(slot, cols, values, b_blk, b_cols, out_blk, n_slots);
+        if rows == COO_DENSE_T_ROWS {
+            if slot_sorted {
+                coo_dense_t_block(slot, cols, values, b_blk, b_cols, out_blk, n_slots);
+            } else {
+                coo_dense_t_block_any(slot, cols, values, b_blk, b_cols, out_blk, n_slots);
+            }
             return;
         }
         out_blk.fill(F::ZERO);
@@ -231,6 +235,42 @@ fn coo_dense_t_block<F: Real>(
             }
             for (j, a) in acc.into_iter().enumerate() {
                 out_blk[j * n_slots + s as usize] = a;
+            }
+        }
+    })
+}
+
+/// One full block of [`coo_dense_t`] for slots in any order (the merged update by columns
+/// passes `D^T`, whose slots are the columns of `D`): the block's rows of `b` and its
+/// output are both held column-major in this thread's scratch, so every entry is one
+/// contiguous `R`-vector multiply-add, summed in list order from zero as the row loop does.
+fn coo_dense_t_block_any<F: Real>(
+    slot: &[u32],
+    cols: &[u32],
+    values: &[F],
+    b_blk: &[F],
+    b_cols: usize,
+    out_blk: &mut [F],
+    n_slots: usize,
+) {
+    const R: usize = COO_DENSE_T_ROWS;
+    F::with_thread_scratch(R * (b_cols + n_slots), |scratch| {
+        let (tile, acc) = scratch.split_at_mut(R * b_cols);
+        for (j, row) in b_blk.chunks_exact(b_cols).enumerate() {
+            for (c, &v) in row.iter().enumerate() {
+                tile[c * R + j] = v;
+            }
+        }
+        acc.fill(F::ZERO);
+        for ((&s, &c), &v) in slot.iter().zip(cols).zip(values) {
+            let (s, c) = (s as usize, c as usize);
+            for (a, &q) in acc[s * R..(s + 1) * R].iter_mut().zip(&tile[c * R..(c + 1) * R]) {
+                *a += v * q;
+            }
+        }
+        for (j, out_row) in out_blk.chunks_exact_mut(n_slots).enumerate() {
+            for (s, o) in out_row.iter_mut().enumerate() {
+                *o = acc[s * R + j];
             }
         }
     })

@@ -1,7 +1,11 @@
 //! CPU top-k by magnitude into COO: the specification the CUDA kernels reproduce.
 //!
-//! 1. Radix select on `abs_key` (the magnitude's float bits, monotone in |v|), 8 bits per
-//!    pass from the top: the threshold key `thr` is the k-th largest key.
+//! 1. Radix select on `abs_key` (the magnitude's float bits, monotone in |v|): the
+//!    threshold key `thr` is the k-th largest key. One pass over the matrix histograms the
+//!    top 12 bits per chunk (and counts non-finite and nonzero entries), a second copies
+//!    the keys of the one bin holding the k-th largest, and the rest of the select runs
+//!    on those candidates only; the per-chunk histograms and candidates then give each
+//!    chunk's output offset without another pass.
 //! 2. Stable compaction in linear order: every entry with key > thr, then the first
 //!    `k - count(key > thr)` entries with key == thr (ties go to the lower index).
 //! 3. When k exceeds the number of nonzero entries, the selection includes zeros: all
@@ -17,10 +21,18 @@ use crate::error::{check_len, Error, Result};
 use crate::scalar::Real;
 use rayon::prelude::*;
 
-/// Scratch reused across calls.
+/// Scratch reused across calls; the candidate buffers grow to the largest threshold bin
+/// seen and are kept.
 pub struct CpuTopkWorkspace {
     max_len: usize,
+    /// `CHUNKS` histograms of the top `TOP_BITS` key bits, one per chunk of the matrix.
+    hist: Vec<u32>,
     chunks: Vec<ChunkCounts>,
+    /// Keys of the threshold bin, chunk after chunk (`cand_start[c]..cand_start[c + 1]`).
+    cand: Vec<u64>,
+    cand_start: Vec<usize>,
+    /// A copy of `cand` the select reorders.
+    select: Vec<u64>,
     fill: Vec<u64>,
 }
 
@@ -28,15 +40,25 @@ pub struct CpuTopkWorkspace {
 struct ChunkCounts {
     gt: usize,
     eq: usize,
+    nonfinite: usize,
+    nonzero: usize,
 }
 
 const CHUNKS: usize = 64;
-const DIGIT_BITS: u32 = 8;
-const BINS: usize = 1 << DIGIT_BITS;
+const TOP_BITS: u32 = 12;
+const BINS: usize = 1 << TOP_BITS;
 
 impl CpuTopkWorkspace {
     pub(super) fn new(max_len: usize) -> Self {
-        CpuTopkWorkspace { max_len, chunks: vec![ChunkCounts::default(); CHUNKS], fill: Vec::new() }
+        CpuTopkWorkspace {
+            max_len,
+            hist: vec![0; CHUNKS * BINS],
+            chunks: vec![ChunkCounts::default(); CHUNKS],
+            cand: Vec::new(),
+            cand_start: vec![0; CHUNKS + 1],
+            select: Vec::new(),
+            fill: Vec::new(),
+        }
     }
 }
 
@@ -56,46 +78,79 @@ fn check_map<'a>(what: &str, map: Option<&'a CpuBuf<u32>>, n: usize, full: usize
     Ok(Some(map))
 }
 
-/// The k-th largest key (k >= 1, k <= n) by radix select.
-fn radix_select<F: Real>(m: &[F], k: usize) -> u64 {
-    let key_bits = (std::mem::size_of::<F>() * 8) as u32;
-    let (mut prefix, mut mask, mut remaining) = (0u64, 0u64, k);
-    let mut shift = key_bits;
-    while shift > 0 {
-        shift -= DIGIT_BITS;
-        let hist = m
-            .par_chunks(1 << 16)
-            .fold(
-                || [0usize; BINS],
-                |mut h, chunk| {
-                    for &v in chunk {
-                        let key = v.abs_key();
-                        if key & mask == prefix {
-                            h[((key >> shift) & (BINS as u64 - 1)) as usize] += 1;
-                        }
-                    }
-                    h
-                },
-            )
-            .reduce(
-                || [0usize; BINS],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
-                    a
-                },
-            );
-        let mut above = 0usize;
-        for bin in (0..BINS).rev() {
-            if above + hist[bin] >= remaining {
-                remaining -= above;
-                prefix |= (bin as u64) << shift;
-                mask |= (BINS as u64 - 1) << shift;
-                break;
-            }
-            above += hist[bin];
+fn key_shift<F: Real>() -> u32 {
+    (std::mem::size_of::<F>() * 8) as u32 - TOP_BITS
+}
+
+/// Pass 1: per chunk, the histogram of the top key bits and the non-finite and nonzero counts.
+fn histogram<F: Real>(m: &[F], chunk_len: usize, ws: &mut CpuTopkWorkspace) {
+    let shift = key_shift::<F>();
+    ws.hist.par_chunks_mut(BINS).zip(ws.chunks.par_iter_mut()).enumerate().for_each(|(c, (hist, counts))| {
+        hist.fill(0);
+        let range = (c * chunk_len).min(m.len())..((c + 1) * chunk_len).min(m.len());
+        let (mut nonfinite, mut nonzero) = (0, 0);
+        for &v in &m[range] {
+            nonfinite += usize::from(!v.is_finite());
+            nonzero += usize::from(v != F::ZERO);
+            hist[(v.abs_key() >> shift) as usize & (BINS - 1)] += 1;
         }
+        *counts = ChunkCounts { gt: 0, eq: 0, nonfinite, nonzero };
+    });
+}
+
+/// The k-th largest key (1 <= k <= n) from the histograms and a pass over the matrix that
+/// copies the keys of the threshold bin; fills each chunk's `gt` and `eq` counts against it.
+fn select_threshold<F: Real>(m: &[F], chunk_len: usize, k: usize, ws: &mut CpuTopkWorkspace) -> u64 {
+    let shift = key_shift::<F>();
+    let (mut above, mut bin) = (0usize, 0usize);
+    for b in (0..BINS).rev() {
+        let count: usize = (0..CHUNKS).map(|c| ws.hist[c * BINS + b] as usize).sum();
+        if above + count >= k {
+            bin = b;
+            break;
+        }
+        above += count;
     }
-    prefix
+    // Candidate offsets per chunk, then every chunk copies its keys of `bin` in parallel.
+    ws.cand_start[0] = 0;
+    for c in 0..CHUNKS {
+        ws.cand_start[c + 1] = ws.cand_start[c] + ws.hist[c * BINS + bin] as usize;
+    }
+    let total = ws.cand_start[CHUNKS];
+    if ws.cand.len() < total {
+        ws.cand.resize(total, 0);
+        ws.select.resize(total, 0);
+    }
+    let mut parts = Vec::with_capacity(CHUNKS);
+    let mut rest: &mut [u64] = &mut ws.cand[..total];
+    for c in 0..CHUNKS {
+        let (part, tail) = rest.split_at_mut(ws.cand_start[c + 1] - ws.cand_start[c]);
+        parts.push((c, part));
+        rest = tail;
+    }
+    parts.into_par_iter().for_each(|(c, part)| {
+        let range = (c * chunk_len).min(m.len())..((c + 1) * chunk_len).min(m.len());
+        let mut w = 0;
+        for &v in &m[range] {
+            let key = v.abs_key();
+            if (key >> shift) as usize & (BINS - 1) == bin {
+                part[w] = key;
+                w += 1;
+            }
+        }
+    });
+    // The (k - above)-th largest candidate is the threshold.
+    let select = &mut ws.select[..total];
+    select.copy_from_slice(&ws.cand[..total]);
+    let rank = k - above - 1;
+    let (_, &mut thr, _) = select.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+    for c in 0..CHUNKS {
+        let higher: usize = ws.hist[c * BINS + bin + 1..(c + 1) * BINS].iter().map(|&h| h as usize).sum();
+        let keys = &ws.cand[ws.cand_start[c]..ws.cand_start[c + 1]];
+        ws.chunks[c].gt = higher + keys.iter().filter(|&&key| key > thr).count();
+        ws.chunks[c].eq = keys.iter().filter(|&&key| key == thr).count();
+    }
+    thr
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -130,7 +185,9 @@ pub(super) fn topk_coo<F: Real>(
         k,
     )?;
     let m = &m[..n];
-    let nonfinite = m.par_iter().filter(|v| !v.is_finite()).count();
+    let chunk_len = n.div_ceil(CHUNKS).max(1);
+    histogram(m, chunk_len, ws);
+    let nonfinite: usize = ws.chunks.iter().map(|c| c.nonfinite).sum();
     if nonfinite > 0 {
         let first = m.iter().position(|v| !v.is_finite()).unwrap_or(0);
         return Err(Error::NonFinite {
@@ -144,15 +201,19 @@ pub(super) fn topk_coo<F: Real>(
     if k == 0 {
         return Ok(());
     }
-    let nnz = m.par_iter().filter(|&&v| v != F::ZERO).count();
+    let nnz: usize = ws.chunks.iter().map(|c| c.nonzero).sum();
     let (thr, take_eq) = if k <= nnz {
-        let thr = radix_select(m, k);
-        let n_gt = m.par_iter().filter(|v| v.abs_key() > thr).count();
+        let thr = select_threshold(m, chunk_len, k, ws);
+        let n_gt: usize = ws.chunks.iter().map(|c| c.gt).sum();
         (thr, k - n_gt)
     } else {
+        // Every nonzero entry is kept (key > 0), no tie at the threshold.
+        for counts in ws.chunks.iter_mut() {
+            (counts.gt, counts.eq) = (counts.nonzero, 0);
+        }
         (0, 0)
     };
-    let n_kept = compact(m, cols, thr, take_eq, row_map, col_map, ws, out);
+    let n_kept = compact(m, cols, chunk_len, thr, take_eq, row_map, col_map, ws, out);
     if n_kept < k {
         fill_zeros(k, n_kept, full_cols, ws, out);
     }
@@ -161,11 +222,13 @@ pub(super) fn topk_coo<F: Real>(
 }
 
 /// Writes entries with key > thr and the first `take_eq` with key == thr (key > 0 always),
-/// in linear order, restored to full indices. Returns how many were written.
+/// in linear order, restored to full indices, from the per-chunk counts in `ws.chunks`.
+/// Returns how many were written.
 #[allow(clippy::too_many_arguments)]
 fn compact<F: Real>(
     m: &[F],
     cols: usize,
+    chunk_len: usize,
     thr: u64,
     take_eq: usize,
     row_map: Option<&[u32]>,
@@ -174,21 +237,7 @@ fn compact<F: Real>(
     out: &mut Coo<Cpu, F>,
 ) -> usize {
     let n = m.len();
-    let chunk_len = n.div_ceil(CHUNKS).max(1);
     let eligible_eq = thr > 0;
-    ws.chunks.par_iter_mut().enumerate().for_each(|(c, counts)| {
-        let range = (c * chunk_len).min(n)..((c + 1) * chunk_len).min(n);
-        let (mut gt, mut eq) = (0, 0);
-        for &v in &m[range] {
-            let key = v.abs_key();
-            if key > thr {
-                gt += 1;
-            } else if eligible_eq && key == thr {
-                eq += 1;
-            }
-        }
-        *counts = ChunkCounts { gt, eq };
-    });
     // Output offset and tie quota per chunk, in chunk order: lower indices first.
     let mut starts = [(0usize, 0usize); CHUNKS];
     let (mut written, mut eq_left) = (0usize, take_eq);

@@ -17,15 +17,20 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 pub(crate) enum BasisLayout {
     /// Transformed layers: `P` and `Q` in the operand precision.
     Transformed(Precision),
-    /// Merged layers: `P^T` (so a step can gather its rows) and `Q`, always in `F`: their
-    /// basis products do not grow with the token count.
+    /// Merged layers that apply a step as `W += P[:, rows] (D Q^T)[rows, :]`: `P^T` (so a
+    /// step can gather its rows) and `Q`, always in `F`: their basis products do not grow
+    /// with the token count.
     Merged,
+    /// Merged layers that apply it as `W += (P D) Q^T` ([`Formulation::merged_update_by_columns`]):
+    /// `P` and `Q`, in `F`.
+    MergedColumns,
 }
 
 impl BasisLayout {
-    pub(crate) fn of(formulation: Formulation, precision: Precision) -> Self {
+    pub(crate) fn of(formulation: Formulation, precision: Precision, by_columns: bool) -> Self {
         match formulation {
             Formulation::Transformed => BasisLayout::Transformed(precision),
+            Formulation::Merged if by_columns => BasisLayout::MergedColumns,
             Formulation::Merged => BasisLayout::Merged,
         }
     }
@@ -89,6 +94,11 @@ impl<B: Backend, F: Real> DeviceBasis<B, F> {
             },
             BasisLayout::Merged => DeviceBasis {
                 p: Operand::upload(backend, Precision::Full, &transpose(&p_host, basis.shape().0, basis.shape().0))?,
+                q: Operand::upload(backend, Precision::Full, &q_host)?,
+                exact: None,
+            },
+            BasisLayout::MergedColumns => DeviceBasis {
+                p: Operand::upload(backend, Precision::Full, &p_host)?,
                 q: Operand::upload(backend, Precision::Full, &q_host)?,
                 exact: None,
             },

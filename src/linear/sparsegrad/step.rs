@@ -74,6 +74,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// all-zero token rows under SparseByDense.
     pub(super) fn backward_merged(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
+        let p_transposed = self.p_transposed();
         let be = &self.backend;
         let ws = &mut self.ws;
         let Weight::Merged { w, half } = &self.weight else {
@@ -89,10 +90,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             && Formulation::merged_token_order(out, inp, tokens);
         if token_order {
             // dWt = (g P)^T (x Q): cheaper than P^T (g^T x) Q at this token count. `p` holds
-            // P^T in this formulation, so g P = g (P^T)^T.
+            // P^T when the step updates by rows, so then g P = g (P^T)^T.
             grow(be, &mut ws.tmp_out, tokens * out)?;
             grow(be, &mut ws.tmp_in, tokens * inp)?;
-            mm(be, &Gemm::nt(tokens, out, out), g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
+            let gp = if p_transposed { Gemm::nt(tokens, out, out) } else { Gemm::nn(tokens, out, out) };
+            mm(be, &gp, g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
             mm(be, &Gemm::nn(tokens, inp, inp), ws.saved.as_ref(), self.basis_dev.q.as_ref(), &mut ws.tmp_in)?;
             let (gt, xt) = (OperandRef::Full(&ws.tmp_out), OperandRef::Full(&ws.tmp_in));
             mm(be, &Gemm::tn(out, inp, tokens), gt, xt, &mut ws.big_a)?;
@@ -117,8 +119,9 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 nr
             }
         };
-        // dWt = (P^T dW) Q; `p` holds P^T in this formulation.
-        mm(be, &Gemm::nn(out, inp, out), self.basis_dev.p.as_ref(), OperandRef::Full(&ws.big_a), big_b)?;
+        // dWt = (P^T dW) Q; `p` holds P^T when the step updates by rows.
+        let ptdw = if p_transposed { Gemm::nn(out, inp, out) } else { Gemm::tn(out, inp, out) };
+        mm(be, &ptdw, self.basis_dev.p.as_ref(), OperandRef::Full(&ws.big_a), big_b)?;
         mm(be, &Gemm::nn(out, inp, inp), OperandRef::Full(big_b), self.basis_dev.q.as_ref(), &mut ws.big_a)?;
         be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
         self.stats = StepGrads { rows_multiplied: rows, cols_multiplied: out, k };
@@ -142,36 +145,38 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Weight::Merged { w, .. } => {
                 let ws = &mut self.ws;
                 let missing = || Error::invalid("step", "merged workspace missing");
-                let change = ws.change.as_mut().ok_or_else(missing)?;
-                let (unique_rows, slot) =
-                    (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
-                let (et, pt_rows) = (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
+                let (p, q) = (full(self.basis_dev.p.as_ref())?, full(self.basis_dev.q.as_ref())?);
                 let n = self.grad.len;
-                sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
-                be.copy(&self.grad.rows, &mut change.rows, n)?;
-                be.copy(&self.grad.cols, &mut change.cols, n)?;
-                change.len = n;
-                change.shape = (out, inp);
-                // W += P D Q^T = (P^T[rows, :])^T (Q D^T)^T over the touched rows only.
-                let touched = be.coo_compact_rows(change, unique_rows, slot)?;
-                let q = match self.basis_dev.q.as_ref() {
-                    OperandRef::Full(q) => q,
-                    OperandRef::Half(_) => {
-                        return Err(Error::invalid("step", "merged basis must be in full precision"))
-                    }
-                };
-                be.coo_dense_t(change, slot, touched, q, inp, et)?;
-                let pt = match self.basis_dev.p.as_ref() {
-                    OperandRef::Full(p) => p,
-                    OperandRef::Half(_) => {
-                        return Err(Error::invalid("step", "merged basis must be in full precision"))
-                    }
-                };
-                be.gather_rows(pt, out, out, unique_rows, touched, pt_rows)?;
-                let mut spec = Gemm::new(true, true, out, inp, touched).beta(1.0);
-                spec.lda = out;
-                spec.ldb = touched.max(1);
-                be.gemm(&spec, pt_rows, et, w)?;
+                if let Some(change_t) = ws.change_t.as_mut() {
+                    // W += (P D) Q^T: D^T as COO (rows = columns of D), so `coo_dense_t`
+                    // against P gives (P D)[:, c] in column c of `pd` for every c.
+                    sparse_step(be, &opt, &self.grad, None, Some(&mut change_t.values), self.moments.as_mut(), step)?;
+                    be.copy(&self.grad.cols, &mut change_t.rows, n)?;
+                    be.copy(&self.grad.rows, &mut change_t.cols, n)?;
+                    change_t.len = n;
+                    change_t.shape = (inp, out);
+                    let pd = ws.big_b.as_mut().ok_or_else(missing)?;
+                    be.coo_dense_t(change_t, &self.grad.cols, inp, p, out, pd)?;
+                    be.gemm(&Gemm::nt(out, inp, inp).beta(1.0), pd, q, w)?;
+                } else {
+                    let change = ws.change.as_mut().ok_or_else(missing)?;
+                    sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
+                    let (unique_rows, slot) =
+                        (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
+                    let (et, pt_rows) = (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
+                    be.copy(&self.grad.rows, &mut change.rows, n)?;
+                    be.copy(&self.grad.cols, &mut change.cols, n)?;
+                    change.len = n;
+                    change.shape = (out, inp);
+                    // W += P D Q^T = (P^T[rows, :])^T (Q D^T)^T over the touched rows only.
+                    let touched = be.coo_compact_rows(change, unique_rows, slot)?;
+                    be.coo_dense_t(change, slot, touched, q, inp, et)?;
+                    be.gather_rows(p, out, out, unique_rows, touched, pt_rows)?;
+                    let mut spec = Gemm::new(true, true, out, inp, touched).beta(1.0);
+                    spec.lda = out;
+                    spec.ldb = touched.max(1);
+                    be.gemm(&spec, pt_rows, et, w)?;
+                }
             }
         }
         if let (Some(b), Some(db)) = (&mut self.bias, &self.bias_grad) {
@@ -191,5 +196,13 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// The formulation this layer runs.
     pub fn is_merged(&self) -> bool {
         self.formulation == Formulation::Merged
+    }
+}
+
+/// The merged basis as a plain buffer: its update products need `F`.
+fn full<'a, B: Backend, F: Real>(op: OperandRef<'a, B, F>) -> Result<&'a B::Buf<F>> {
+    match op {
+        OperandRef::Full(m) => Ok(m),
+        OperandRef::Half(_) => Err(Error::invalid("step", "merged basis must be in full precision")),
     }
 }

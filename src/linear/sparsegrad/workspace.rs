@@ -34,12 +34,15 @@ pub(super) struct Workspace<B: Backend, F: Real> {
     pub(super) rows_op: Operand<B, F>,
     // ---- fixed ----
     pub(super) col_idx: B::Buf<u32>,
-    /// `(out, in)` products: `dWt` and, in the merged form, `dW` and `P^T dW`.
+    /// `(out, in)` products: `dWt` and, in the merged form, `dW` and `P^T dW` (and, when
+    /// the step updates by columns, `P D` there: backward is done with it by then).
     pub(super) big_a: B::Buf<F>,
     pub(super) big_b: Option<B::Buf<F>>,
     pub(super) topk: B::TopkWorkspace,
-    /// Merged step: the change of `Wt` as COO, its row compaction, `Q D^T` and gathered `P^T` rows.
+    /// Merged step by rows: the change `D` of `Wt` as COO, its row compaction, `Q D^T` and
+    /// the gathered `P^T` rows; by columns: `D^T` as COO, `(in, out)`.
     pub(super) change: Option<Coo<B, F>>,
+    pub(super) change_t: Option<Coo<B, F>>,
     pub(super) unique_rows: Option<B::Buf<u32>>,
     pub(super) slot: Option<B::Buf<u32>>,
     pub(super) et: Option<B::Buf<F>>,
@@ -55,9 +58,11 @@ fn opt<T>(cond: bool, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
 }
 
 impl<B: Backend, F: Real> Workspace<B, F> {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         be: &B,
         formulation: Formulation,
+        update_by_columns: bool,
         selection: Selection,
         precision: Precision,
         out: usize,
@@ -65,6 +70,8 @@ impl<B: Backend, F: Real> Workspace<B, F> {
         k: usize,
     ) -> Result<Self> {
         let merged = formulation == Formulation::Merged;
+        let by_rows = merged && !update_by_columns;
+        let by_columns = merged && update_by_columns;
         let touched_rows = k.min(out);
         let half = precision == Precision::Bf16;
         let sparse_by_dense = matches!(selection, Selection::SparseByDense { .. });
@@ -89,11 +96,12 @@ impl<B: Backend, F: Real> Workspace<B, F> {
             big_a: be.alloc(out * inp)?,
             big_b: opt(merged, || be.alloc(out * inp))?,
             topk: be.topk_workspace(out * inp)?,
-            change: opt(merged, || Coo::with_capacity(be, k, (out, inp)))?,
-            unique_rows: opt(merged, || be.alloc(touched_rows))?,
-            slot: opt(merged, || be.alloc(k))?,
-            et: opt(merged, || be.alloc(inp * touched_rows))?,
-            pt_rows: opt(merged, || be.alloc(touched_rows * out))?,
+            change: opt(by_rows, || Coo::with_capacity(be, k, (out, inp)))?,
+            change_t: opt(by_columns, || Coo::with_capacity(be, k, (inp, out)))?,
+            unique_rows: opt(by_rows, || be.alloc(touched_rows))?,
+            slot: opt(by_rows, || be.alloc(k))?,
+            et: opt(by_rows, || be.alloc(inp * touched_rows))?,
+            pt_rows: opt(by_rows, || be.alloc(touched_rows * out))?,
         })
     }
 
