@@ -3,6 +3,8 @@
 //! SparseByDense, with a flop model at a measured GEMM rate. `SPARSEGRAD_BENCH_VARIANTS`
 //! (a comma list of `transformed-exact`, `transformed-sd`, `merged-exact`, `merged-sd`;
 //! default all) picks the SparseGrad rows; the dense row, their yardstick, always runs.
+//! After each f32 shape, `Formulation::measure`'s pick is printed beside the flop model's
+//! (`SPARSEGRAD_BENCH_MEASURE=0` skips that calibration).
 #![allow(dead_code)]
 
 use sparsegrad::linear::dense::{DenseConfig, DenseLinear, DenseMode};
@@ -258,6 +260,15 @@ pub fn bench_shape<B: Backend + Clone>(
                 gemms,
             );
         }
+    }
+    if precision == Precision::Full && std::env::var("SPARSEGRAD_BENCH_MEASURE").as_deref() != Ok("0") {
+        let t = Instant::now();
+        let measured = Formulation::measure(be, out, inp, tokens, k).unwrap();
+        println!(
+            "{name:<22} Formulation::measure picks {measured:?} ({:.1} s of calibration); the flop model picks {:?}",
+            t.elapsed().as_secs_f64(),
+            Formulation::choose(out, inp, tokens, k)
+        );
     }
 }
 
