@@ -86,7 +86,7 @@ for job in "${JOBS[@]}"; do
             [ "$m" = lora ] && extra=(--lora-rank 4)
             target/release/examples/llama_mlp_finetune --model "$MODEL" --method "$m" --blocks 23,26,29 \
                 --batch 8 --seq-len 32 --keep 0.01 --steps $((STEPS + 1)) --eval-batches 1 --eval-every 0 \
-                --prelim-steps 4 --out "$WORK/ft-$m" "${extra[@]}" 2>&1 | grep -E "tokens/s|time  " | tee -a "$LOG"
+                --prelim-steps 4 --out "$WORK/ft-$m" "${extra[@]}" 2>&1 | grep -E "tokens/s|time  |step time" | tee -a "$LOG"
             say "OURS finetune $m: $((STEPS + 1)) steps of 8 x 32 (load $(loadavg))"
         done
         ;;

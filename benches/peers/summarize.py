@@ -19,7 +19,7 @@ def main(path):
     peer_ft, ours_ft = {}, {}
     basis_peer = basis_ours = None
     sgemm = []
-    pending_ft = None
+    pending_ft = pending_step = None
     for ln in lines:
         if m := re.match(r"PEER sgemm ([\d.]+) GFLOP/s", ln):
             sgemm.append(("torch", float(m.group(1))))
@@ -37,9 +37,13 @@ def main(path):
             peer_ft.setdefault(m.group(1), []).append(float(m.group(2)))
         if m := re.search(r"training steps ([\d.]+) s", ln):
             pending_ft = float(m.group(1))
+        if m := re.search(r"step time\s+([\d.]+) ms", ln):
+            pending_step = float(m.group(1))
         if (m := re.match(r"OURS finetune (\w+): (\d+) steps", ln)) and pending_ft is not None:
-            ours_ft.setdefault(m.group(1), []).append(pending_ft / int(m.group(2)) * 1e3)
-            pending_ft = None
+            # Like the peer's: the median step after the first; older logs: the mean of all.
+            ms = pending_step if pending_step is not None else pending_ft / int(m.group(2)) * 1e3
+            ours_ft.setdefault(m.group(1), []).append(ms)
+            pending_ft = pending_step = None
     for who, r in sgemm:
         out.append(f"sgemm 2048^3 {who}: {r:.1f} GFLOP/s")
     # Pair the i-th peer figure of a shape with the i-th of ours (one per round).

@@ -135,6 +135,9 @@ pub fn summary(r: &FinetuneReport, total_params: usize, detail: &str, seconds: f
         "  time              {seconds:.1} s (preliminary {:.1} s, training steps {:.1} s)\n",
         r.preliminary_seconds, r.train_seconds
     ));
+    if let Some(step) = r.steady_step_seconds {
+        s.push_str(&format!("  step time         {:.1} ms (median training step after the first)\n", step * 1e3));
+    }
     if !r.premise.is_empty() {
         s.push_str(&format!("  premise           {}\n", premise_line(&r.premise)));
     }

@@ -150,6 +150,9 @@ pub struct FinetuneReport {
     pub peak_memory_bytes: usize,
     pub preliminary_seconds: f64,
     pub train_seconds: f64,
+    /// Median seconds of one training step after the first (which grows the workspaces);
+    /// `None` with fewer than 2 steps.
+    pub steady_step_seconds: Option<f64>,
     /// SparseGrad with a preliminary phase: the premise per projection type.
     pub premise: Vec<PremiseShare>,
 }
@@ -408,6 +411,7 @@ pub fn run<B: Backend + Clone>(
     // Grown as steps run: `steps` comes from the user and may be far beyond any real run.
     let mut train_curve = Vec::with_capacity(cfg.steps.min(1 << 16));
     let (mut tokens, mut train_seconds) = (0usize, 0.0f64);
+    let mut step_seconds = Vec::with_capacity(cfg.steps.min(1 << 16));
     for (i, batch) in train_batches(data, spec, cfg.seed).take(cfg.steps).enumerate() {
         let b = batch?;
         let t0 = Instant::now();
@@ -419,7 +423,11 @@ pub fn run<B: Backend + Clone>(
             });
         }
         backend.synchronize()?;
-        train_seconds += t0.elapsed().as_secs_f64();
+        let secs = t0.elapsed().as_secs_f64();
+        train_seconds += secs;
+        if i > 0 && step_seconds.len() < step_seconds.capacity() {
+            step_seconds.push(secs);
+        }
         tokens += loss.tokens;
         train_curve.push((i + 1, loss.mean()));
         progress(Progress::Train {
@@ -455,7 +463,16 @@ pub fn run<B: Backend + Clone>(
         peak_memory_bytes: backend.memory_stats().peak_bytes,
         preliminary_seconds,
         train_seconds,
+        steady_step_seconds: median(&mut step_seconds),
         premise,
     };
     Ok((report, model, bases))
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 })
 }
