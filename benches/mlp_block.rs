@@ -54,33 +54,9 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// `I - 2 v v^T / |v|^2`: dense and orthogonal up to rounding.
-fn householder(n: usize, seed: u64) -> Vec<f32> {
-    let v: Vec<f64> = values(n, seed).into_iter().map(|x| x as f64).collect();
-    let norm2: f64 = v.iter().map(|x| x * x).sum();
-    let mut m = vec![0.0f32; n * n];
-    for (i, row) in m.chunks_exact_mut(n).enumerate() {
-        let s = 2.0 * v[i] / norm2;
-        for (j, e) in row.iter_mut().enumerate() {
-            *e = ((if i == j { 1.0 } else { 0.0 }) - s * v[j]) as f32;
-        }
-    }
-    m
-}
-
-/// A basis checked in O(n^2) (`Basis::from_parts_quick`), not `from_parts`' O(n^3).
+/// A basis checked in O(n^2): Householder reflections (`Basis::reflection`).
 fn basis(group: &str, out: usize, inp: usize, seed: u64) -> Basis {
-    Basis::from_parts_quick(
-        group,
-        out,
-        inp,
-        householder(out, seed),
-        householder(inp, seed + 1),
-        vec![1.0; out],
-        vec![1.0; inp],
-        1,
-    )
-    .expect("a Householder reflection is orthogonal")
+    Basis::reflection(group, out, inp, seed).expect("a Householder reflection is orthogonal")
 }
 
 #[derive(Clone, Copy, PartialEq)]

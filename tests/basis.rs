@@ -600,3 +600,14 @@ fn load_rejects_bad_files_with_the_right_error() {
     std::fs::write(&path, &fake).unwrap();
     assert!(matches!(BasisSet::load(&path).unwrap_err(), Error::Format { .. }));
 }
+
+#[test]
+fn reflection_bases_are_orthogonal_and_oversized_ones_are_errors() {
+    let b = Basis::reflection("r", 37, 12, 5).unwrap();
+    assert_eq!(b.shape(), (37, 12));
+    // The full O(n^3) check, not only the quick one the constructor runs.
+    Basis::from_parts("r", 37, 12, b.p().to_vec(), b.q().to_vec(), vec![1.0; 37], vec![1.0; 12], 1).unwrap();
+    assert_ne!(Basis::reflection("r", 37, 12, 6).unwrap().fingerprint(), b.fingerprint());
+    let e = Basis::reflection("r", usize::MAX / 2, 3, 1).unwrap_err().to_string();
+    assert!(e.contains("overflows"), "{e}");
+}

@@ -32,20 +32,6 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// An orthogonal basis cheap to build at any size: a Householder reflection
-/// `I - 2 v v^T / |v|^2`, dense and orthogonal up to rounding.
-pub fn householder(n: usize, seed: u64) -> Vec<f32> {
-    let v: Vec<f64> = values(n, seed).into_iter().map(|x| x as f64).collect();
-    let norm2: f64 = v.iter().map(|x| x * x).sum();
-    let mut m = vec![0.0f32; n * n];
-    for i in 0..n {
-        for j in 0..n {
-            m[i * n + j] = ((if i == j { 1.0 } else { 0.0 }) - 2.0 * v[i] * v[j] / norm2) as f32;
-        }
-    }
-    m
-}
-
 /// FLOP/s of an `n^3` GEMM on `be` (bf16 operands when `bf16`): the best of 5 timed
 /// calls after 2 warm-ups, the rate this machine reaches. (A mean of 3 calls right after
 /// start-up ranged from 246 to 429 GFLOP/s between runs on one 2-core host.)
@@ -206,17 +192,7 @@ pub fn bench_shape<B: Backend + Clone>(
         );
     };
     report("dense + AdamW", dense_s, dense_flops, gemm_model(step_gemms(out, inp, tokens, 0, None)));
-    let basis = Basis::from_parts_quick(
-        "bench",
-        out,
-        inp,
-        householder(out, 7),
-        householder(inp, 8),
-        vec![1.0; out],
-        vec![1.0; inp],
-        1,
-    )
-    .unwrap();
+    let basis = Basis::reflection("bench", out, inp, 7).unwrap();
     let k = Keep::Fraction(0.01).resolve(out * inp).unwrap();
     let wanted = std::env::var("SPARSEGRAD_BENCH_VARIANTS").ok();
     for form in [Formulation::Transformed, Formulation::Merged] {

@@ -173,6 +173,19 @@ impl Basis {
         Ok(b)
     }
 
+    /// A dense orthogonal basis built in O(out^2 + in^2): `P` and `Q` are Householder
+    /// reflections `I - 2 v v^T / |v|^2` of seeded vectors, unit singular values. For
+    /// timing (GEMM speed does not depend on the values) and calibration, not training.
+    pub fn reflection(group: &str, out: usize, inp: usize, seed: u64) -> Result<Basis> {
+        let op = "Basis::reflection";
+        let square = |n: usize| {
+            n.checked_mul(n)
+                .ok_or_else(|| Error::invalid(op, format!("a {n} x {n} factor overflows the address space")))
+        };
+        let (p, q) = (reflection(out, square(out)?, seed), reflection(inp, square(inp)?, seed.wrapping_add(1)));
+        Self::from_parts_quick(group, out, inp, p, q, vec![1.0; out], vec![1.0; inp], 1)
+    }
+
     /// Identifies `(P, Q)` bit for bit: adapters record it so they are never applied in
     /// another basis.
     pub fn fingerprint(&self) -> u64 {
@@ -315,4 +328,27 @@ impl BasisSet {
             context: Some(format!("basis set (groups: {})", self.bases.keys().cloned().collect::<Vec<_>>().join(", "))),
         })
     }
+}
+
+/// `I - 2 v v^T / |v|^2` `(n, n)` (`len = n * n`) for a seeded `v` with entries in
+/// [-0.5, 0.5).
+fn reflection(n: usize, len: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let v: Vec<f64> = (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f64 / (1u64 << 24) as f64 - 0.5
+        })
+        .collect();
+    let norm2 = v.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
+    let mut m = vec![0.0f32; len];
+    for (i, row) in m.chunks_exact_mut(n.max(1)).enumerate() {
+        let s = 2.0 * v[i] / norm2;
+        for (j, e) in row.iter_mut().enumerate() {
+            *e = (if i == j { 1.0 } else { 0.0 } - s * v[j]) as f32;
+        }
+    }
+    m
 }

@@ -216,11 +216,7 @@ fn coo_dense_t_block<F: Real>(
 ) {
     const R: usize = COO_DENSE_T_ROWS;
     F::with_thread_scratch(R * b_cols, |tile| {
-        for (j, row) in b_blk.chunks_exact(b_cols).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                tile[c * R + j] = v;
-            }
-        }
+        transpose_rows(b_blk, b_cols, tile);
         out_blk.fill(F::ZERO);
         let mut e = 0;
         while e < slot.len() {
@@ -256,11 +252,7 @@ fn coo_dense_t_block_any<F: Real>(
     const R: usize = COO_DENSE_T_ROWS;
     F::with_thread_scratch(R * (b_cols + n_slots), |scratch| {
         let (tile, acc) = scratch.split_at_mut(R * b_cols);
-        for (j, row) in b_blk.chunks_exact(b_cols).enumerate() {
-            for (c, &v) in row.iter().enumerate() {
-                tile[c * R + j] = v;
-            }
-        }
+        transpose_rows(b_blk, b_cols, tile);
         acc.fill(F::ZERO);
         for ((&s, &c), &v) in slot.iter().zip(cols).zip(values) {
             let (s, c) = (s as usize, c as usize);
@@ -274,6 +266,17 @@ fn coo_dense_t_block_any<F: Real>(
             }
         }
     })
+}
+
+/// A block's `R` rows of `b` (`R x b_cols`), column-major into `tile`: column `c` becomes
+/// the contiguous `tile[c * R..(c + 1) * R]`.
+fn transpose_rows<F: Real>(b_blk: &[F], b_cols: usize, tile: &mut [F]) {
+    const R: usize = COO_DENSE_T_ROWS;
+    for (j, row) in b_blk.chunks_exact(b_cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            tile[c * R + j] = v;
+        }
+    }
 }
 
 /// Rows of `b` per task of [`coo_dense_t`]: enough independent sums per entry to hide the

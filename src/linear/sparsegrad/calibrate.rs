@@ -36,20 +36,6 @@ fn pseudo(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// `I - 2 v v^T / |v|^2`: a dense orthogonal matrix in O(n^2), which is all a timing needs.
-fn reflection(n: usize, seed: u64) -> Vec<f32> {
-    let v: Vec<f64> = pseudo(n, seed).into_iter().map(f64::from).collect();
-    let norm2: f64 = v.iter().map(|x| x * x).sum::<f64>().max(f64::MIN_POSITIVE);
-    let mut m = vec![0.0f32; n * n];
-    for (i, row) in m.chunks_exact_mut(n).enumerate() {
-        let s = 2.0 * v[i] / norm2;
-        for (j, e) in row.iter_mut().enumerate() {
-            *e = (if i == j { 1.0 } else { 0.0 } - s * v[j]) as f32;
-        }
-    }
-    m
-}
-
 impl Formulation {
     /// Like [`Formulation::choose`], but from the measured time of whole layer steps of each
     /// formulation on `backend` (Exact selection, f32, SparseAdam, one warm-up step, best of
@@ -86,18 +72,7 @@ impl Formulation {
             ));
         }
         let (x_len, g_len) = (len(tokens, inp)?, len(tokens, out)?);
-        len(out, out)?;
-        len(inp, inp)?;
-        let basis = Basis::from_parts_quick(
-            "formulation-calibration",
-            out,
-            inp,
-            reflection(out, 1),
-            reflection(inp, 2),
-            vec![1.0; out],
-            vec![1.0; inp],
-            1,
-        )?;
+        let basis = Basis::reflection("formulation-calibration", out, inp, 1)?;
         let w: Vec<f32> = pseudo(entries, 3).into_iter().map(|v| v * 0.05).collect();
         let x = backend.upload(&pseudo(x_len, 4))?;
         let g = backend.upload(&pseudo(g_len, 5))?;
