@@ -49,12 +49,13 @@ pub mod linear;
 pub mod mlp;
 pub mod model;
 pub mod optim;
+pub mod perf;
 pub mod recipes;
 pub mod scalar;
 
 pub use backend::cpu::Cpu;
 #[cfg(feature = "cuda")]
-pub use backend::cuda::Cuda;
+pub use backend::cuda::{Cuda, ProfileOptions};
 pub use backend::Precision;
 pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock, PoolKind};
 pub use basis::{

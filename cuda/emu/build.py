@@ -16,7 +16,7 @@ with one kernel changed checks that the CUDA tests notice (cuda/emu/mutants.sh).
    runtime can poison them before every block.
 3. Stubs for every other driver / cuBLAS entry point cudarc can load are generated from
    cudarc's sources (weak symbols: the implemented ones override them).
-4. libcuda.so = runtime + fake driver + kernels; libcublas.so = fake cuBLAS (OpenBLAS);
+4. libcuda.so = runtime + fake driver (with its counters and graphs) + kernels; libcublas.so = fake cuBLAS (OpenBLAS);
    selftest = the emulator's own tests (cuda/emu/tests) against libcuda.so.
 """
 import concurrent.futures
@@ -121,8 +121,8 @@ def build_kernel_file(cu, mode, out):
         f.write('#include "%s"\n#include "runtime.h"\nnamespace {\n' % cu)
         f.write("const sg_emu::KernelInfo kernels[] = {\n")
         for name, bounds in kernels:
-            f.write('    {"%s", "%s", SG_EMU_THUNK(%s), %s},\n' % (name, stem, name,
-                                                              "(unsigned)(%s)" % bounds if bounds else "0"))
+            f.write('    {"%s", "%s", SG_EMU_THUNK(%s), %s, SG_EMU_PARAM_SIZES(%s), SG_EMU_PARAM_COUNT(%s)},\n'
+                    % (name, stem, name, "(unsigned)(%s)" % bounds if bounds else "0", name, name))
         f.write("};\nstruct Registrar {\n    Registrar() { sg_emu::register_kernels(kernels, %d); }\n} registrar;\n}\n"
                 % len(kernels))
     obj = os.path.join(out, "obj", stem + "_kernels.o")
@@ -177,7 +177,7 @@ def main():
         futs = [ex.submit(build_kernel_file, cu, mode, out) for cu in sources]
         rt = {src: ex.submit(run, ["g++", "-c", "-fvisibility=hidden"] + flags(mode)
                              + ["-o", os.path.join(out, "obj", os.path.basename(src) + ".o"), src])
-              for src in [os.path.join(EMU, "runtime.cpp"), os.path.join(EMU, "driver.cpp"),
+              for src in [os.path.join(EMU, "runtime.cpp"), os.path.join(EMU, "driver.cpp"), os.path.join(EMU, "profile.cpp"), os.path.join(EMU, "graph.cpp"),
                           os.path.join(out, "gen", "stubs_driver.cpp"), os.path.join(EMU, "cublas.cpp"),
                           os.path.join(out, "gen", "stubs_cublas.cpp")]}
         for f in futs:
@@ -199,7 +199,7 @@ def main():
         return "-Wl,--version-script=" + path
     run(["g++", "-shared", "-o", os.path.join(out, "libcuda.so"), "-Wl,-soname,libcuda.so.1",
          exports("libcuda", ["cu*", "sgemu_*"])] + san
-        + [o("runtime.cpp"), o("driver.cpp"), o("stubs_driver.cpp")] + objs + ["-lm", "-lpthread"])
+        + [o("runtime.cpp"), o("driver.cpp"), o("profile.cpp"), o("graph.cpp"), o("stubs_driver.cpp")] + objs + ["-lm", "-lpthread"])
     os.symlink("libcuda.so", os.path.join(out, "libcuda.so.1")) if not os.path.exists(
         os.path.join(out, "libcuda.so.1")) else None
     run(["g++", "-shared", "-o", os.path.join(out, "libcublas.so"), "-Wl,-soname,libcublas.so",

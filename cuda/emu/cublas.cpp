@@ -6,10 +6,19 @@
 // element an operand may touch must lie inside one live device allocation (checked through
 // libcuda.so's sgemu_check_range), so a launcher's wrong leading dimension or offset fails
 // here instead of reading the neighbouring buffer. Any other cublas* entry point cudarc
-// knows is a generated stub (stubs_cublas.cpp) that prints its name and fails.
+// knows is a generated stub (stubs_cublas.cpp) that prints its name and fails. Every GEMM
+// that passes validation is counted by the emulated device's profiler (profile.h), with the
+// handle's math mode (cublasSetMathMode).
+//
+// SG_EMU_GEMM_ARITHMETIC=0 skips the products (for shape runs of large models, e.g. the
+// `gpu_shape` example at LLaMA-7B dimensions): every call is still validated, range-checked
+// and counted, and C receives a deterministic pattern of small finite values (so the kernels
+// after it run on plausible data) instead of the product. Results are then meaningless;
+// counts, sizes and types are not. Never set for correctness tests.
 #include <cblas.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <string>
@@ -20,6 +29,11 @@
 extern "C" int sgemu_check_range(const char* op, unsigned long long p, size_t bytes);
 extern "C" void sgemu_lock();
 extern "C" void sgemu_unlock();
+extern "C" void sgemu_profile_blas(const char* routine, int m, int n, int k, int batch, int a_type, int b_type,
+                                   int c_type, int compute, int math);
+extern "C" void sgemu_profile_captured(int on);
+extern "C" int sgemu_stream_capturing(void* stream);
+extern "C" int sgemu_capture_host_node(void* stream, int (*fn)(void*), void* data, void (*destroy)(void*));
 
 namespace {
 enum : int { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15 };
@@ -28,6 +42,7 @@ enum : int { COMPUTE_32F = 68 };
 
 struct Handle {
     void* stream = nullptr;
+    int math = 0;  // cublasMath_t, CUBLAS_DEFAULT_MATH
 };
 
 int fail(int status, const std::string& msg) {
@@ -36,6 +51,32 @@ int fail(int status, const std::string& msg) {
 }
 
 size_t elem_size(int type) { return type == R_32F ? 4 : 2; }
+
+bool arithmetic() {
+    static const bool on = [] {
+        const char* v = getenv("SG_EMU_GEMM_ARITHMETIC");
+        return !(v && strcmp(v, "0") == 0);
+    }();
+    return on;
+}
+
+// The stand-in for a product when arithmetic is off: small finite values in [-1/16, 1/16),
+// a hash of the element index and a per-call counter, added when beta != 0.
+void pattern(float* c, int m, int n, int ldc, float beta) {
+    static uint64_t call = 0;
+    ++call;
+    for (int col = 0; col < n; ++col) {
+        float* cc = c + (size_t)col * ldc;
+        for (int r = 0; r < m; ++r) {
+            uint64_t h = ((uint64_t)col * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)r + call * 0xBF58476D1CE4E5B9ull);
+            h ^= h >> 31;
+            h *= 0x94D049BB133111EBull;
+            h ^= h >> 29;
+            const float v = ((float)(h & 0xffff) / 65536.0f - 0.5f) * 0.125f;
+            cc[r] = beta == 0.0f ? v : beta * cc[r] + v;
+        }
+    }
+}
 
 // Bytes spanned by a column-major rows x cols operand with leading dimension ld.
 size_t span(int rows, int cols, int ld, size_t elem) {
@@ -59,16 +100,81 @@ const float* as_f32(const void* p, int type, int rows, int cols, int ld, std::ve
     return tmp.data();
 }
 
+// One cuBLAS call's arguments, validated; copied into a graph node when captured.
+struct GemmCall {
+    const char* op;
+    int ta, tb, m, n, k;
+    float alpha, beta;
+    const void* a;
+    int a_type, lda;
+    long long sa;
+    const void* b;
+    int b_type, ldb;
+    long long sb;
+    void* c;
+    int ldc;
+    long long sc;
+    int batch;
+};
+
+// Runs a validated call: every operand range-checked against the live allocations, then the
+// products (or the stand-in pattern when arithmetic is off).
+int compute(const GemmCall& g) {
+    if (g.m == 0 || g.n == 0 || g.batch == 0) return OK;
+    const int a_rows = g.ta ? g.k : g.m, a_cols = g.ta ? g.m : g.k;
+    const int b_rows = g.tb ? g.n : g.k, b_cols = g.tb ? g.k : g.n;
+    const size_t es = elem_size(g.a_type);
+    sgemu_lock();
+    int status = OK;
+    std::vector<float> ta_tmp, tb_tmp;
+    for (int i = 0; i < g.batch && status == OK; ++i) {
+        const char* ai = static_cast<const char*>(g.a) + (ptrdiff_t)(g.sa * i) * (ptrdiff_t)es;
+        const char* bi = static_cast<const char*>(g.b) + (ptrdiff_t)(g.sb * i) * (ptrdiff_t)es;
+        float* ci = static_cast<float*>(g.c) + (ptrdiff_t)(g.sc * i);
+        if ((g.k > 0 && (sgemu_check_range(g.op, (uintptr_t)ai, span(a_rows, a_cols, g.lda, es)) ||
+                         sgemu_check_range(g.op, (uintptr_t)bi, span(b_rows, b_cols, g.ldb, es)))) ||
+            sgemu_check_range(g.op, (uintptr_t)ci, span(g.m, g.n, g.ldc, 4))) {
+            status = fail(INVALID_VALUE, std::string(g.op) + ": an operand of batch entry " + std::to_string(i) +
+                                             " reaches outside its device allocation");
+            break;
+        }
+        if (g.k == 0) {  // C = beta C (cuBLAS does not read C when beta == 0)
+            for (int col = 0; col < g.n; ++col)
+                for (int r = 0; r < g.m; ++r) {
+                    float& x = ci[(size_t)col * g.ldc + r];
+                    x = g.beta == 0.0f ? 0.0f : g.beta * x;
+                }
+            continue;
+        }
+        if (!arithmetic()) {
+            pattern(ci, g.m, g.n, g.ldc, g.beta);
+            continue;
+        }
+        const float* af = as_f32(ai, g.a_type, a_rows, a_cols, g.lda, ta_tmp);
+        const float* bf = as_f32(bi, g.b_type, b_rows, b_cols, g.ldb, tb_tmp);
+        if (g.beta == 0.0f) {  // cuBLAS never reads C with beta == 0: NaN/inf in C must not leak
+            for (int col = 0; col < g.n; ++col) memset(ci + (size_t)col * g.ldc, 0, (size_t)g.m * 4);
+        }
+        cblas_sgemm(CblasColMajor, g.ta ? CblasTrans : CblasNoTrans, g.tb ? CblasTrans : CblasNoTrans, g.m, g.n, g.k,
+                    g.alpha, af, g.lda, bf, g.ldb, g.beta, ci, g.ldc);
+    }
+    sgemu_unlock();
+    return status;
+}
+
+int replay(void* call) { return compute(*static_cast<GemmCall*>(call)); }
+void destroy(void* call) { delete static_cast<GemmCall*>(call); }
+
 int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, const void* alpha, const void* a,
          int a_type, int lda, long long sa, const void* b, int b_type, int ldb, long long sb, const void* beta, void* c,
-         int c_type, int ldc, long long sc, int batch, int compute) {
+         int c_type, int ldc, long long sc, int batch, int compute_type) {
     if (!handle) return fail(NOT_INITIALIZED, std::string(op) + ": null handle");
     if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1))
         return fail(NOT_SUPPORTED, std::string(op) + ": only CUBLAS_OP_N / CUBLAS_OP_T are emulated");
-    if (a_type != b_type || (a_type != R_32F && a_type != R_16BF) || c_type != R_32F || compute != COMPUTE_32F)
+    if (a_type != b_type || (a_type != R_32F && a_type != R_16BF) || c_type != R_32F || compute_type != COMPUTE_32F)
         return fail(NOT_SUPPORTED, std::string(op) + ": only f32 or bf16 A/B with f32 C and CUBLAS_COMPUTE_32F are emulated");
-    const int a_rows = ta ? k : m, a_cols = ta ? m : k;
-    const int b_rows = tb ? n : k, b_cols = tb ? k : n;
+    const int a_rows = ta ? k : m;
+    const int b_rows = tb ? n : k;
     if (m < 0 || n < 0 || k < 0 || batch < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
         ldc < (m > 1 ? m : 1)) {
         char buf[200];
@@ -76,42 +182,19 @@ int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, cons
                  ldb, ldc, batch);
         return fail(INVALID_VALUE, buf);
     }
-    if (m == 0 || n == 0 || batch == 0) return OK;
-    const size_t es = elem_size(a_type);
-    const float al = *static_cast<const float*>(alpha);
-    const float be = *static_cast<const float*>(beta);
-    sgemu_lock();
-    int status = OK;
-    std::vector<float> ta_tmp, tb_tmp;
-    for (int i = 0; i < batch && status == OK; ++i) {
-        const char* ai = static_cast<const char*>(a) + (ptrdiff_t)(sa * i) * (ptrdiff_t)es;
-        const char* bi = static_cast<const char*>(b) + (ptrdiff_t)(sb * i) * (ptrdiff_t)es;
-        float* ci = static_cast<float*>(c) + (ptrdiff_t)(sc * i);
-        if ((k > 0 && (sgemu_check_range(op, (uintptr_t)ai, span(a_rows, a_cols, lda, es)) ||
-                       sgemu_check_range(op, (uintptr_t)bi, span(b_rows, b_cols, ldb, es)))) ||
-            sgemu_check_range(op, (uintptr_t)ci, span(m, n, ldc, 4))) {
-            status = fail(INVALID_VALUE, std::string(op) + ": an operand of batch entry " + std::to_string(i) +
-                                             " reaches outside its device allocation");
-            break;
-        }
-        const float* af = as_f32(ai, a_type, a_rows, a_cols, lda, ta_tmp);
-        const float* bf = as_f32(bi, b_type, b_rows, b_cols, ldb, tb_tmp);
-        if (k == 0) {  // C = beta C (cuBLAS does not read C when beta == 0)
-            for (int col = 0; col < n; ++col)
-                for (int r = 0; r < m; ++r) {
-                    float& x = ci[(size_t)col * ldc + r];
-                    x = be == 0.0f ? 0.0f : be * x;
-                }
-            continue;
-        }
-        if (be == 0.0f) {  // cuBLAS never reads C with beta == 0: NaN/inf in C must not leak
-            for (int col = 0; col < n; ++col) memset(ci + (size_t)col * ldc, 0, (size_t)m * 4);
-        }
-        cblas_sgemm(CblasColMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, al, af, lda,
-                    bf, ldb, be, ci, ldc);
+    Handle* h = static_cast<Handle*>(handle);
+    const GemmCall call{op, ta, tb, m, n, k, *static_cast<const float*>(alpha), *static_cast<const float*>(beta),
+                        a, a_type, lda, sa, b, b_type, ldb, sb, c, ldc, sc, batch};
+    if (sgemu_stream_capturing(h->stream)) {
+        // Captured: counted as such, run by the graph launch (alpha and beta copied now, as
+        // cuBLAS reads host scalars when the call is made).
+        sgemu_profile_captured(1);
+        sgemu_profile_blas(op, m, n, k, batch, a_type, b_type, c_type, compute_type, h->math);
+        sgemu_profile_captured(0);
+        return sgemu_capture_host_node(h->stream, replay, new GemmCall(call), destroy) == 0 ? OK : EXECUTION_FAILED;
     }
-    sgemu_unlock();
-    return status;
+    sgemu_profile_blas(op, m, n, k, batch, a_type, b_type, c_type, compute_type, h->math);
+    return compute(call);
 }
 }  // namespace
 
@@ -133,6 +216,18 @@ SG_EXPORT int cublasSetStream_v2(void* handle, void* stream) {
 SG_EXPORT int cublasGetStream_v2(void* handle, void** stream) {
     if (!handle) return NOT_INITIALIZED;
     *stream = static_cast<Handle*>(handle)->stream;
+    return OK;
+}
+SG_EXPORT int cublasSetMathMode(void* handle, int mode) {
+    if (!handle) return NOT_INITIALIZED;
+    const int base = mode & ~16;  // CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION may be or-ed in
+    if (base < 0 || base > 3) return fail(INVALID_VALUE, "cublasSetMathMode: mode " + std::to_string(mode));
+    static_cast<Handle*>(handle)->math = mode;
+    return OK;
+}
+SG_EXPORT int cublasGetMathMode(void* handle, int* mode) {
+    if (!handle || !mode) return handle ? INVALID_VALUE : NOT_INITIALIZED;
+    *mode = static_cast<Handle*>(handle)->math;
     return OK;
 }
 SG_EXPORT int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* a, int at,

@@ -7,7 +7,9 @@
 // memory (posix_memalign, 256-byte aligned like cudaMalloc), so AddressSanitizer sees an
 // access one past the end of any buffer; copies and memsets are checked against the live
 // allocations. Everything is synchronous: a stream or event is only a handle, a launch runs
-// to completion inside cuLaunchKernel, under one process-wide lock. cuModuleLoadData accepts
+// to completion inside cuLaunchKernel, under one process-wide lock, unless the stream is
+// being captured (graph.cpp: the launch becomes a graph node). The emulated device's
+// counters (profile.cpp) see every entry point below. cuModuleLoadData accepts
 // the embedded fatbin and resolves kernels by name in the registry of every `extern "C"
 // __global__` of cuda/*.cu that appears in that image.
 #include <stdint.h>
@@ -21,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include "graph.h"
+#include "profile.h"
 #include "runtime.h"
 #include "sg_emu.h"
 
@@ -63,6 +67,20 @@ std::map<uintptr_t, size_t>& allocations() {
     static std::map<uintptr_t, size_t> a;
     return a;
 }
+// Page-locked host allocations (cuMemAllocHost / cuMemHostAlloc): a device-to-host copy
+// into one does not block the host on a GPU, one into pageable memory does.
+std::map<uintptr_t, size_t>& pinned() {
+    static std::map<uintptr_t, size_t> a;
+    return a;
+}
+bool is_pinned(const void* h, size_t bytes) {
+    auto& a = pinned();
+    auto it = a.upper_bound((uintptr_t)h);
+    if (it == a.begin()) return false;
+    --it;
+    const uintptr_t p = (uintptr_t)h;
+    return p >= it->first && p - it->first <= it->second && bytes <= it->second - (p - it->first);
+}
 std::string& last_error() {
     static std::string e;
     return e;
@@ -103,16 +121,19 @@ CUresult check_range(const char* op, CUdeviceptr p, size_t bytes) {
 
 CUresult alloc(CUdeviceptr* out, size_t bytes) {
     if (!out) return CUDA_ERROR_INVALID_VALUE;
+    if (sg_graph::any_capture()) return sg_graph::refuse("a device allocation");
     if (bytes == 0) return report(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc of 0 bytes");
     void* p = nullptr;
     if (posix_memalign(&p, 256, bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
     std::lock_guard<std::recursive_mutex> g(lock());
     allocations()[(uintptr_t)p] = bytes;
+    sgemu_profile_alloc(bytes);
     *out = (CUdeviceptr)(uintptr_t)p;
     return CUDA_SUCCESS;
 }
 
 CUresult release(CUdeviceptr p) {
+    if (sg_graph::any_capture()) return sg_graph::refuse("a device free");
     std::lock_guard<std::recursive_mutex> g(lock());
     auto it = allocations().find((uintptr_t)p);
     if (it == allocations().end()) {
@@ -120,6 +141,7 @@ CUresult release(CUdeviceptr p) {
         snprintf(buf, sizeof buf, "cuMemFree of 0x%llx, which is not a live allocation", p);
         return report(CUDA_ERROR_INVALID_VALUE, buf);
     }
+    sgemu_profile_free(it->second);
     allocations().erase(it);
     free((void*)(uintptr_t)p);
     return CUDA_SUCCESS;
@@ -234,7 +256,12 @@ SG_EXPORT CUresult cuCtxSetCurrent(void* ctx) {
     t_current = ctx;
     return CUDA_SUCCESS;
 }
-SG_EXPORT CUresult cuCtxSynchronize() { return t_current ? CUDA_SUCCESS : report(CUDA_ERROR_INVALID_VALUE, "cuCtxSynchronize without a current context"); }
+SG_EXPORT CUresult cuCtxSynchronize() {
+    if (!t_current) return report(CUDA_ERROR_INVALID_VALUE, "cuCtxSynchronize without a current context");
+    if (sg_graph::any_capture()) return sg_graph::refuse("cuCtxSynchronize");
+    sgemu_profile_sync(SG_SYNC_CONTEXT);
+    return CUDA_SUCCESS;
+}
 
 SG_EXPORT CUresult cuStreamCreate(void** s, unsigned) {
     *s = new char;
@@ -244,7 +271,11 @@ SG_EXPORT CUresult cuStreamDestroy_v2(void* s) {
     delete static_cast<char*>(s);
     return CUDA_SUCCESS;
 }
-SG_EXPORT CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+SG_EXPORT CUresult cuStreamSynchronize(void*) {
+    if (sg_graph::any_capture()) return sg_graph::refuse("cuStreamSynchronize");
+    sgemu_profile_sync(SG_SYNC_STREAM);
+    return CUDA_SUCCESS;
+}
 SG_EXPORT CUresult cuStreamWaitEvent(void*, void*, unsigned) { return CUDA_SUCCESS; }
 
 SG_EXPORT CUresult cuEventCreate(void** e, unsigned) {
@@ -261,7 +292,11 @@ SG_EXPORT CUresult cuEventRecord(void* e, void*) {
     ev->recorded = true;
     return CUDA_SUCCESS;
 }
-SG_EXPORT CUresult cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+SG_EXPORT CUresult cuEventSynchronize(void*) {
+    if (sg_graph::any_capture()) return sg_graph::refuse("cuEventSynchronize");
+    sgemu_profile_sync(SG_SYNC_EVENT);
+    return CUDA_SUCCESS;
+}
 SG_EXPORT CUresult cuEventQuery(void*) { return CUDA_SUCCESS; }
 // Host wall time between the records: NOT device time (there is no device).
 SG_EXPORT CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) {
@@ -278,25 +313,107 @@ SG_EXPORT CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return
 SG_EXPORT CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 SG_EXPORT CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
 
-SG_EXPORT CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+namespace {
+CUresult memset_d8(CUdeviceptr p, unsigned char v, size_t n) {
     std::lock_guard<std::recursive_mutex> g(lock());
     if (CUresult r = check_range("cuMemsetD8", p, n)) return r;
+    sgemu_profile_memset(n);
     memset((void*)(uintptr_t)p, v, n);
     return CUDA_SUCCESS;
 }
-SG_EXPORT CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(p, v, n); }
+// A call that is not stream-ordered (no stream argument) cannot be captured.
+CUresult refuse_unordered(const char* what) {
+    return sg_graph::any_capture() ? sg_graph::refuse(what) : CUDA_SUCCESS;
+}
+// An asynchronous copy on `stream`: recorded into its capture (page-locked host memory
+// only, as on a GPU), else run now.
+CUresult copy_async(void* stream, int dir, void* dst, const void* src, size_t n, const char* op) {
+    if (sg_graph::capturing(stream)) {
+        const void* host = dir == SG_COPY_HTOD ? src : dst;
+        bool pinned_host;
+        {
+            std::lock_guard<std::recursive_mutex> g(lock());
+            pinned_host = dir == SG_COPY_DTOD || is_pinned(host, n);
+        }
+        if (!pinned_host) return sg_graph::refuse("a copy between the device and pageable host memory");
+        return sg_graph::record_copy(stream, dir, dst, src, n);
+    }
+    bool blocking = false;
+    if (dir == SG_COPY_DTOH) {
+        std::lock_guard<std::recursive_mutex> g(lock());
+        blocking = !is_pinned(dst, n);
+    }
+    sgemu_profile_copy(dir, n, blocking ? 1 : 0);
+    return copy(op, dst, src, n, dir != SG_COPY_DTOH, dir != SG_COPY_HTOD);
+}
+}  // namespace
+
+SG_EXPORT CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    if (CUresult r = refuse_unordered("cuMemsetD8")) return r;
+    return memset_d8(p, v, n);
+}
+SG_EXPORT CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void* stream) {
+    if (sg_graph::capturing(stream)) {
+        if (CUresult r = check_range("cuMemsetD8Async", p, n)) return r;
+        return sg_graph::record_memset(stream, (uintptr_t)p, v, n);
+    }
+    return memset_d8(p, v, n);
+}
+// Synchronous copies block the host; so does an asynchronous device-to-host copy into
+// pageable memory (the driver stages it). Host-to-device copies from pageable memory are
+// staged and return early: not counted as blocking.
 SG_EXPORT CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) {
+    if (CUresult r = refuse_unordered("cuMemcpyHtoD")) return r;
+    sgemu_profile_copy(SG_COPY_HTOD, n, 1);
     return copy("cuMemcpyHtoD", (void*)(uintptr_t)d, h, n, true, false);
 }
-SG_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) { return cuMemcpyHtoD_v2(d, h, n); }
+SG_EXPORT CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void* stream) {
+    return copy_async(stream, SG_COPY_HTOD, (void*)(uintptr_t)d, h, n, "cuMemcpyHtoDAsync");
+}
 SG_EXPORT CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
+    if (CUresult r = refuse_unordered("cuMemcpyDtoH")) return r;
+    sgemu_profile_copy(SG_COPY_DTOH, n, 1);
     return copy("cuMemcpyDtoH", h, (const void*)(uintptr_t)d, n, false, true);
 }
-SG_EXPORT CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) { return cuMemcpyDtoH_v2(h, d, n); }
+SG_EXPORT CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void* stream) {
+    return copy_async(stream, SG_COPY_DTOH, h, (const void*)(uintptr_t)d, n, "cuMemcpyDtoHAsync");
+}
 SG_EXPORT CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) {
+    if (CUresult r = refuse_unordered("cuMemcpyDtoD")) return r;
+    sgemu_profile_copy(SG_COPY_DTOD, n, 1);
     return copy("cuMemcpyDtoD", (void*)(uintptr_t)d, (const void*)(uintptr_t)s, n, true, true);
 }
-SG_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
+SG_EXPORT CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void* stream) {
+    return copy_async(stream, SG_COPY_DTOD, (void*)(uintptr_t)d, (const void*)(uintptr_t)s, n, "cuMemcpyDtoDAsync");
+}
+// Page-locked host memory: ordinary host memory here, remembered so copies into it count
+// as non-blocking and can be captured.
+SG_EXPORT CUresult cuMemAllocHost_v2(void** p, size_t bytes) {
+    if (CUresult r = refuse_unordered("cuMemAllocHost")) return r;
+    if (!p || bytes == 0) return CUDA_ERROR_INVALID_VALUE;
+    void* m = nullptr;
+    if (posix_memalign(&m, 4096, bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::lock_guard<std::recursive_mutex> g(lock());
+    pinned()[(uintptr_t)m] = bytes;
+    *p = m;
+    return CUDA_SUCCESS;
+}
+SG_EXPORT CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) { return cuMemAllocHost_v2(p, bytes); }
+SG_EXPORT CUresult cuMemFreeHost(void* p) {
+    std::lock_guard<std::recursive_mutex> g(lock());
+    auto it = pinned().find((uintptr_t)p);
+    if (it == pinned().end()) return report(CUDA_ERROR_INVALID_VALUE, "cuMemFreeHost of memory cuMemAllocHost did not return");
+    pinned().erase(it);
+    free(p);
+    return CUDA_SUCCESS;
+}
+// The counting window (profile.h); on a GPU the same calls bound nsys's capture range.
+SG_EXPORT CUresult cuProfilerStart() {
+    return sgemu_profile_start() == 0 ? CUDA_SUCCESS : report(CUDA_ERROR_INVALID_VALUE, "cuProfilerStart inside a window");
+}
+SG_EXPORT CUresult cuProfilerStop() {
+    return sgemu_profile_stop() == 0 ? CUDA_SUCCESS : report(CUDA_ERROR_INVALID_VALUE, "cuProfilerStop outside a window");
+}
 
 // A fatbin starts with the magic 0xBA55ED50; the module holds every registered kernel whose
 // name appears NUL-terminated in the image (fatbins built by build.rs are uncompressed).
@@ -345,12 +462,15 @@ SG_EXPORT CUresult cuModuleGetFunction(void** f, void* module, const char* name)
     return report(CUDA_ERROR_NOT_FOUND, std::string("cuModuleGetFunction: no kernel ") + name + " in this module");
 }
 SG_EXPORT CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                                  unsigned bz, unsigned shared_bytes, void*, void** params, void** extra) {
+                                  unsigned bz, unsigned shared_bytes, void* stream, void** params, void** extra) {
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     const auto* k = static_cast<const sg_emu::KernelInfo*>(f);
     if (extra) return report(CUDA_ERROR_NOT_SUPPORTED, std::string(k->name) + ": cuLaunchKernel `extra` is not emulated");
     if (shared_bytes) return report(CUDA_ERROR_NOT_SUPPORTED, std::string(k->name) + ": dynamic shared memory is not emulated");
+    if (sg_graph::capturing(stream))
+        return sg_graph::record_kernel(stream, k, dim3{gx, gy, gz}, dim3{bx, by, bz}, shared_bytes, params);
     std::lock_guard<std::recursive_mutex> g(lock());
+    sgemu_profile_launch(k->name, gx, gy, gz, bx, by, bz, shared_bytes);
     std::string err = sg_emu::launch(*k, dim3{gx, gy, gz}, dim3{bx, by, bz}, params);
     if (!err.empty()) return report(CUDA_ERROR_LAUNCH_FAILED, err);
     return CUDA_SUCCESS;

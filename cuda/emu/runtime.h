@@ -19,6 +19,8 @@ struct KernelInfo {
     const char* source;       // the .cu file it comes from ("dense", ...)
     Thunk thunk;              // unpacks cuLaunchKernel's void** with the kernel's signature
     unsigned max_threads;     // __launch_bounds__, 0 when none
+    const size_t* param_sizes;  // sizeof each parameter, in order (a graph copies the values)
+    unsigned n_params;
 };
 
 struct SharedArray {
@@ -54,8 +56,19 @@ template <typename... A>
 constexpr ThunkOf<A...> thunk_of(void (*)(A...)) {
     return {};
 }
+template <typename... A>
+struct ParamSizesOf {
+    static constexpr size_t sizes[sizeof...(A) + 1] = {sizeof(A)..., 0};
+    static constexpr unsigned count = sizeof...(A);
+};
+template <typename... A>
+constexpr ParamSizesOf<A...> param_sizes_of(void (*)(A...)) {
+    return {};
+}
 
 }  // namespace sg_emu
 
 // A registry entry for kernel `fn` (used by the generated files).
 #define SG_EMU_THUNK(fn) (&decltype(::sg_emu::thunk_of(&fn))::template run<&fn>)
+#define SG_EMU_PARAM_SIZES(fn) (decltype(::sg_emu::param_sizes_of(&fn))::sizes)
+#define SG_EMU_PARAM_COUNT(fn) (decltype(::sg_emu::param_sizes_of(&fn))::count)

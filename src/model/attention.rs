@@ -124,6 +124,7 @@ pub fn forward_masked<B: Backend, F: Real>(
     out: &mut B::Buf<F>,
 ) -> Result<()> {
     s.validate()?;
+    let _attention = crate::perf::scope::attention();
     let (t, d, group) = (s.seq, s.head_dim, s.group());
     for b in 0..s.batch {
         for g in 0..s.kv_heads {
@@ -189,6 +190,7 @@ pub fn backward_masked<B: Backend, F: Real>(
     grads: AttentionGrads<'_, B, F>,
 ) -> Result<()> {
     s.validate()?;
+    let _attention = crate::perf::scope::attention();
     let (t, d, group) = (s.seq, s.head_dim, s.group());
     let AttentionGrads { dq, dk, dv, dprobs, dscores } = grads;
     for b in 0..s.batch {

@@ -466,7 +466,8 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
             c.ln_eps,
         )?;
         let mask = Mask::Padding(&s.lengths);
-        for l in &mut self.layers {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let _layer = crate::perf::scope::layer(i);
             for (w, b, out) in
                 [(&l.q, &l.q_bias, &mut l.q_act), (&l.k, &l.k_bias, &mut l.k_act), (&l.v, &l.v_bias, &mut l.v_act)]
             {
@@ -520,6 +521,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         if let Some(&bad) = labels.iter().find(|&&l| l as usize >= k) {
             return Err(Error::invalid("BertModel::forward", format!("label {bad} outside the {k} classes")));
         }
+        let _phase = crate::perf::scope::phase(crate::perf::Phase::Forward);
         self.forward_pooled(ids, None, lengths, batch, seq)?;
         let (be, s) = (&self.backend, &mut self.s);
         self.head.forward(&s.pooled, batch, &mut s.logits)?;
@@ -536,6 +538,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
     pub fn backward(&mut self) -> Result<()> {
         let (batch, seq) =
             self.last.ok_or_else(|| Error::invalid("BertModel::backward", "no forward to go back through"))?;
+        let _phase = crate::perf::scope::phase(crate::perf::Phase::Backward);
         let (be, c) = (self.backend.clone(), self.config.clone());
         let (t, h) = (batch * seq, c.hidden);
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.heads, head_dim: c.head_dim() };
@@ -547,6 +550,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         be.pool_rows_backward(&s.dpooled, &s.lengths, &mut s.dx, batch, seq, h, self.head_cfg.pooling)?;
         let mask = Mask::Padding(&s.lengths);
         for (i, l) in self.layers.iter_mut().enumerate().rev() {
+            let _layer = crate::perf::scope::layer(i);
             // x' = LN2(m + mlp(m)): dtmp = d(m + mlp(m)).
             be.layernorm_backward(&l.ln2_in, &l.ln2_w, &l.ln2_mean, &l.ln2_rstd, &s.dx, &mut s.dtmp, t, h)?;
             if i == lowest {
@@ -575,8 +579,10 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
 
     /// One optimizer step of the head and every training projection.
     pub fn step(&mut self) -> Result<()> {
+        let _phase = crate::perf::scope::phase(crate::perf::Phase::Optimizer);
         self.head.step()?;
         for &i in &self.plan.layers {
+            let _layer = crate::perf::scope::layer(i);
             self.layers[i].mlp.step()?;
         }
         Ok(())

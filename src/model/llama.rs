@@ -15,6 +15,7 @@ use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Method, TrainOptions};
 use crate::mlp::{LlamaMlp, MlpShape, ProjectionSpec};
+use crate::perf::{scope, Phase};
 use crate::scalar::Real;
 use half::bf16;
 
@@ -366,7 +367,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let s = &mut self.s;
         be.upload_into(ids, &mut s.ids)?;
         be.gather_rows(&self.embed, vocab, c.hidden, &s.ids, t, &mut s.x)?;
-        for l in &mut self.layers {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let _layer = scope::layer(i);
             be.copy(&s.x, &mut l.x_in, t * c.hidden)?;
             be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, &mut l.inv_rms_attn, t, c.hidden, c.rms_eps)?;
             let a = stage(&be, &s.normed, s.normed_half.as_mut(), t * c.hidden)?;
@@ -405,6 +407,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 return Err(Error::shape("LlamaModel::forward", what, format!("{batch} x {seq} = {t}"), len));
             }
         }
+        let _phase = scope::phase(Phase::Forward);
         self.forward_hidden(ids, batch, seq)?;
         self.head_logits(t)?;
         let (be, vocab, s) = (&self.backend, self.config.vocab, &mut self.s);
@@ -422,6 +425,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let (batch, seq) =
             self.last.ok_or_else(|| Error::invalid("LlamaModel::backward", "no forward to go back through"))?;
         let Some(&lowest) = self.plan.layers.iter().min() else { return Ok(()) };
+        let _phase = scope::phase(Phase::Backward);
         let (be, c) = (self.backend.clone(), self.config.clone());
         let t = batch * seq;
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
@@ -434,6 +438,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             if i < lowest {
                 break;
             }
+            let _layer = scope::layer(i);
             // MLP branch: x_out = x_mid + mlp(rmsnorm(x_mid)).
             if i == lowest {
                 // Nothing below trains: the input gradient is not needed.
@@ -470,7 +475,9 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
 
     /// One optimizer step of every training projection.
     pub fn step(&mut self) -> Result<()> {
+        let _phase = scope::phase(Phase::Optimizer);
         for &i in &self.plan.layers {
+            let _layer = scope::layer(i);
             self.layers[i].mlp.step()?;
         }
         Ok(())

@@ -12,6 +12,7 @@
 use super::{cuda_err, dense, require_f32, Cuda, CudaBuf};
 use crate::backend::Gemm;
 use crate::error::{Error, Result};
+use crate::perf::{ElemType, EventKind, GemmCompute};
 use crate::scalar::Real;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use half::bf16;
@@ -26,7 +27,7 @@ pub(super) fn gemm<F: Real>(
 ) -> Result<()> {
     require_f32::<F>("gemm")?;
     spec.validate(a.len, b.len, c.len)?;
-    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>())
+    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::F32)
 }
 
 pub(super) fn gemm_bf16<F: Real>(
@@ -38,7 +39,7 @@ pub(super) fn gemm_bf16<F: Real>(
 ) -> Result<()> {
     require_f32::<F>("gemm_bf16")?;
     spec.validate(a.len, b.len, c.len)?;
-    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>())
+    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::Bf16)
 }
 
 fn dim(v: usize) -> Result<i32> {
@@ -57,9 +58,13 @@ fn op(trans: bool) -> cublasOperation_t {
     }
 }
 
-/// `a`, `b`, `c`: base addresses of buffers that `spec.validate` accepted; `ab_type` and
-/// `ab_size` describe the A/B element type; C is f32.
-fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, ab_type: cudaDataType, ab_size: usize) -> Result<()> {
+/// `a`, `b`, `c`: base addresses of buffers that `spec.validate` accepted; `operands` is the
+/// A/B element type; C is f32.
+fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> Result<()> {
+    let (ab_type, ab_size) = match operands {
+        ElemType::F32 => (cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>()),
+        ElemType::Bf16 => (cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>()),
+    };
     if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
         return Ok(());
     }
@@ -80,6 +85,18 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, ab_type: cudaDataType, 
     cuda.bind()?;
     let blas = cuda.blas.lock().unwrap_or_else(|p| p.into_inner());
     let handle = *blas.handle();
+    // The ledger records the call as cuBLAS receives it (column-major: m and n swapped).
+    let event = EventKind::Gemm {
+        m: spec.n as u64,
+        n: spec.m as u64,
+        k: spec.k as u64,
+        batch: spec.batch as u64,
+        operands,
+        output: ElemType::F32,
+        compute: GemmCompute::F32,
+        accumulate: spec.beta != 0.0,
+    };
+    let timer = cuda.profiler.start_timer(&cuda.ctx, &cuda.stream)?;
     let status = if spec.batch == 1 {
         // SAFETY: column-major C^T (n x m, ldc) = op(B)^T (n x k, ldb) op(A)^T (k x m, lda):
         // `Gemm::validate` checked the leading dimensions and that every element this product
@@ -141,5 +158,6 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, ab_type: cudaDataType, 
             )
         }
     };
-    status.result().map_err(cuda_err("gemm"))
+    status.result().map_err(cuda_err("gemm"))?;
+    cuda.profiler.record_launch(event, timer, &cuda.stream)
 }

@@ -28,6 +28,7 @@ mod encoder;
 mod gemm;
 mod ops;
 mod optim;
+mod profile;
 mod sparse;
 mod topk;
 mod transformer;
@@ -43,6 +44,7 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use profile::ProfileOptions;
 pub use topk::CudaTopkWorkspace;
 
 mod kernels {
@@ -61,6 +63,8 @@ use consts::{ERR_BITS, THREADS, TILE};
 const STATUS_WORDS: usize = 16;
 
 use crate::backend::MemoryCounters as Counters;
+use crate::perf::{CopyDir, EventKind};
+use profile::Profiler;
 
 /// A device buffer of `len` elements that reports its size to the backend that made it.
 /// (A zero-length buffer still holds one element of device memory, so every buffer has a
@@ -69,6 +73,7 @@ pub struct CudaBuf<T> {
     slice: CudaSlice<T>,
     len: usize,
     counters: Arc<Counters>,
+    profiler: Arc<Profiler>,
 }
 
 impl<T> CudaBuf<T> {
@@ -93,6 +98,8 @@ impl<T> CudaBuf<T> {
 impl<T> Drop for CudaBuf<T> {
     fn drop(&mut self) {
         self.counters.sub(self.len * std::mem::size_of::<T>());
+        // The device allocation holds at least one element (see `Cuda::alloc_on`).
+        self.profiler.record(EventKind::Free { bytes: (self.len.max(1) * std::mem::size_of::<T>()) as u64 });
     }
 }
 
@@ -131,6 +138,7 @@ pub struct CudaShared {
     modules: Vec<(&'static str, Arc<CudaModule>)>,
     functions: Mutex<HashMap<&'static str, CudaFunction>>,
     counters: Arc<Counters>,
+    profiler: Arc<Profiler>,
     scratch: Mutex<Scratch>,
     errors: CudaBuf<u32>,
     sm_count: u32,
@@ -231,8 +239,9 @@ impl Cuda {
             modules.push((name, module));
         }
         let counters = Arc::new(Counters::default());
-        let status = Self::alloc_on(&ctx, &stream, &counters, STATUS_WORDS, true)?;
-        let errors = Self::alloc_on(&ctx, &stream, &counters, 1, true)?;
+        let profiler = Arc::new(Profiler::default());
+        let status = Self::alloc_on(&ctx, &stream, &counters, &profiler, STATUS_WORDS, true)?;
+        let errors = Self::alloc_on(&ctx, &stream, &counters, &profiler, 1, true)?;
         Ok(Cuda(Arc::new(CudaShared {
             ctx,
             stream,
@@ -240,6 +249,7 @@ impl Cuda {
             modules,
             functions: Mutex::new(HashMap::new()),
             counters,
+            profiler,
             scratch: Mutex::new(Scratch { status, arena: None }),
             errors,
             sm_count,
@@ -274,6 +284,7 @@ impl Cuda {
         let r = f()?;
         end.record(&self.stream).map_err(cuda_err("event"))?;
         end.synchronize().map_err(cuda_err("event"))?;
+        self.profiler.record(EventKind::Sync);
         let ms = start.elapsed_ms(&end).map_err(cuda_err("event"))?;
         Ok((r, ms))
     }
@@ -286,6 +297,7 @@ impl Cuda {
         ctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         counters: &Arc<Counters>,
+        profiler: &Arc<Profiler>,
         len: usize,
         zero: bool,
     ) -> Result<CudaBuf<T>> {
@@ -301,17 +313,19 @@ impl Cuda {
                 Error::Cuda { op: "alloc", msg: format!("{len} x {}: {e}", std::any::type_name::<T>()) }
             }
         })?;
+        profiler.record(EventKind::Alloc { bytes: bytes as u64 });
         if zero {
+            profiler.record(EventKind::Memset { bytes: bytes as u64 });
             let (ptr, _sync) = slice.device_ptr(stream);
             // SAFETY: `ptr` addresses `bytes` bytes just allocated on this stream.
             unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(cuda_err("alloc"))?;
         }
         counters.add(len * std::mem::size_of::<T>());
-        Ok(CudaBuf { slice, len, counters: counters.clone() })
+        Ok(CudaBuf { slice, len, counters: counters.clone(), profiler: profiler.clone() })
     }
 
     fn alloc_buf<T: DeviceRepr>(&self, len: usize, zero: bool) -> Result<CudaBuf<T>> {
-        Self::alloc_on(&self.ctx, &self.stream, &self.counters, len, zero)
+        Self::alloc_on(&self.ctx, &self.stream, &self.counters, &self.profiler, len, zero)
     }
 
     /// A kernel of the embedded modules, loaded on first use and cached.
@@ -405,6 +419,7 @@ impl Cuda {
             return Ok(());
         }
         self.bind()?;
+        self.profiler.record(EventKind::Memset { bytes: bytes as u64 });
         // SAFETY: callers pass an address inside a live buffer of at least `bytes` bytes.
         unsafe { drv::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }.map_err(cuda_err("memset"))
     }
@@ -415,8 +430,13 @@ impl Cuda {
             return Ok(());
         }
         self.bind()?;
+        // Into pageable memory, so the copy itself blocks the host; the stream sync after it
+        // is the ledger's second host wait, as the driver sees it.
+        let bytes = std::mem::size_of_val(host) as u64;
+        self.profiler.record(EventKind::Copy { dir: CopyDir::DeviceToHost, bytes, blocking: true });
         // SAFETY: callers pass an address inside a live buffer of at least host.len() elements.
         unsafe { drv::memcpy_dtoh_async(host, src, self.stream.cu_stream()) }.map_err(cuda_err("download"))?;
+        self.profiler.record(EventKind::Sync);
         self.stream.synchronize().map_err(cuda_err("synchronize"))
     }
 

@@ -40,6 +40,8 @@ impl Backend for Cuda {
             return Ok(());
         }
         self.bind()?;
+        let bytes = std::mem::size_of_val(host) as u64;
+        self.profiler.record(crate::perf::EventKind::Copy { dir: crate::perf::CopyDir::HostToDevice, bytes, blocking: false });
         // SAFETY: dst holds at least host.len() elements; a pageable source is staged by the
         // driver before the call returns, so `host` may be dropped afterwards.
         unsafe { drv::memcpy_htod_async(dst.ptr_mut(), host, self.stream.cu_stream()) }.map_err(cuda_err("upload"))
@@ -60,6 +62,8 @@ impl Backend for Cuda {
             return Ok(());
         }
         self.bind()?;
+        let bytes = (len * std::mem::size_of::<T>()) as u64;
+        self.profiler.record(crate::perf::EventKind::Copy { dir: crate::perf::CopyDir::DeviceToDevice, bytes, blocking: false });
         // SAFETY: both buffers hold at least `len` elements and are distinct (&, &mut).
         unsafe {
             drv::memcpy_dtod_async(dst.ptr_mut(), src.ptr(), len * std::mem::size_of::<T>(), self.stream.cu_stream())
@@ -73,6 +77,7 @@ impl Backend for Cuda {
 
     fn synchronize(&self) -> Result<()> {
         self.bind()?;
+        self.profiler.record(crate::perf::EventKind::Sync);
         self.stream.synchronize().map_err(cuda_err("synchronize"))?;
         self.check_device_errors()
     }

@@ -1,0 +1,105 @@
+//! The `gpu_shape` example at a tiny configuration, for every method and dtype: it runs,
+//! its ledger agrees event by event with the emulated device's independent count (the
+//! example fails otherwise when `SG_EMU_PROFILE` is set), and the step holds the invariants
+//! the CUDA path keeps today: no device allocation after the first step, the same device
+//! calls in every measured step and at every sequence length (else the example fails), and
+//! a prediction that is at least its floor.
+
+mod cuda_common;
+
+use cuda_common::cuda_test;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Builds the example (same profile as the tests) and returns its binary.
+fn example() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--example", "gpu_shape", "--message-format=json-render-diagnostics"])
+            .current_dir(root())
+            .output()
+            .expect("cannot run cargo");
+        assert!(out.status.success(), "cargo build failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "gpu_shape")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo reported no executable for the example")
+    })
+}
+
+/// Runs the example with `args` (and the emulator's own count when emulated); returns its
+/// JSON and stdout.
+fn run(emulated: bool, args: &[&str]) -> (Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("shape.json");
+    let mut cmd = Command::new(example());
+    cmd.args(args).arg("--json").arg(&json);
+    if emulated {
+        cmd.env("SG_EMU_PROFILE", dir.path().join("emu.jsonl"));
+    }
+    let out = cmd.output().expect("run gpu_shape");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "gpu_shape {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap(), stdout)
+}
+
+cuda_test!(
+    fn the_step_shape_of_every_method_and_dtype(cuda) {
+        let emulated = cuda.is_emulated();
+        for method in ["sparsegrad", "lora", "meprop", "full"] {
+            for dtype in ["f32", "bf16"] {
+                let args = ["--dims", "tiny", "--method", method, "--dtype", dtype, "--blocks", "0,2", "--batch", "3"];
+                let (j, stdout) = run(emulated, &[&args[..], &["--seq", "16", "--steps", "3"]].concat());
+                let what = format!("{method} {dtype}");
+                if emulated {
+                    assert!(j["emulator_check"]["events"].as_u64().unwrap() > 0, "{what}: no emulator check");
+                    assert!(stdout.contains("emulator check: the emulated driver and cuBLAS counted the same"));
+                }
+                let run = &j["run"]["counts"];
+                assert_eq!(run["allocations"], 0.0, "{what}: a device allocation after the first step");
+                assert!(run["kernel_launches"].as_f64().unwrap() > 0.0, "{what}");
+                let gemms: f64 = ["gemm_bf16", "gemm_tf32", "gemm_fp32"].iter().map(|k| run[k].as_f64().unwrap()).sum();
+                assert!(gemms > 0.0, "{what}: no cuBLAS call counted");
+                if dtype == "bf16" {
+                    assert!(run["gemm_bf16"].as_f64().unwrap() > 0.0, "{what}: bf16 frozen operands, no bf16 GEMM");
+                }
+                // The tiny slice is run whole (blocks 0 and 2 of 4 layers cover every kind):
+                // the 4-layer target differs only by its longer sequence.
+                assert_eq!(j["run"]["layers"], 3, "{what}");
+                for p in j["predicted"].as_array().unwrap() {
+                    let (total, floor) = (p["total_s"].as_f64().unwrap(), p["floor_s"].as_f64().unwrap());
+                    assert!(floor > 0.0 && total >= floor, "{what}: predicted {total} s below its floor {floor} s");
+                }
+                for line in ["predicted time per step", "total / floor (predicted)", "target (scaled)"] {
+                    assert!(stdout.contains(line), "{what}: no `{line}` in\n{stdout}");
+                }
+            }
+        }
+    }
+);
+
+cuda_test!(
+    fn bad_flags_are_one_error_line(cuda) {
+        let _ = cuda;
+        let out = Command::new(example()).args(["--dims", "gpt-9"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("error:") && err.contains("gpt-9"), "{err}");
+        let out = Command::new(example()).args(["--steps", "1"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--steps"));
+    }
+);
