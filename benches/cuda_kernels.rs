@@ -16,6 +16,7 @@ use half::bf16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::backend::cuda::CudaBuf;
+use sparsegrad::backend::{DenseOps, OptimOps, SparseOps, TopkOps, TransformerOps};
 use sparsegrad::{AdamParams, Backend, Coo, Cuda, GeluKind, Gemm, HostCoo, IndexMaps, Result};
 
 const OUT: usize = 11008;

@@ -9,6 +9,7 @@
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use sparsegrad::backend::DenseOps;
 use sparsegrad::basis::sparsity_report;
 use sparsegrad::{
     AdamParams, Backend, Cpu, Gemm, GramAccumulator, Keep, Optimizer, Selection, SparseGradConfig, SparseGradLinear,

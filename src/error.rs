@@ -141,6 +141,11 @@ pub(crate) fn check_len(op: &'static str, what: &str, len: usize, needed: usize)
     Ok(())
 }
 
+/// `a * b`, or an error naming the op when the size overflows.
+pub(crate) fn checked_mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
+    a.checked_mul(b).ok_or_else(|| Error::invalid(op, format!("size {a} x {b} overflows")))
+}
+
 /// Fails with [`Error::NonFinite`] naming `what` (count and first index) if `values` holds
 /// NaN or infinity: the one host-side scan every constructor and loader uses.
 pub(crate) fn ensure_finite<T: crate::scalar::Real>(what: &str, values: impl IntoIterator<Item = T>) -> Result<()> {

@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use rand::Rng;
+use sparsegrad::backend::{DenseOps, OptimOps, SparseOps, TopkOps};
 use sparsegrad::{AdamParams, Backend, Coo, Cpu, GeluKind, Gemm, HostCoo, IndexMaps};
 
 /// Reference top-k: sort all entries by (|v| desc, index asc), keep k, sort by index.

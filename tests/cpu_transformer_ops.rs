@@ -9,13 +9,14 @@ mod common;
 use common::*;
 use rand::rngs::SmallRng;
 use rand::Rng;
+use sparsegrad::backend::{Buffers, TransformerOps};
 use sparsegrad::{Backend, Cpu, Error};
 
-fn up(cpu: &Cpu, v: &[f64]) -> <Cpu as Backend>::Buf<f64> {
+fn up(cpu: &Cpu, v: &[f64]) -> <Cpu as Buffers>::Buf<f64> {
     cpu.upload(v).unwrap()
 }
 
-fn down(cpu: &Cpu, b: &<Cpu as Backend>::Buf<f64>, n: usize) -> Vec<f64> {
+fn down(cpu: &Cpu, b: &<Cpu as Buffers>::Buf<f64>, n: usize) -> Vec<f64> {
     cpu.download(b, n).unwrap()
 }
 
@@ -361,7 +362,7 @@ fn softmax_causal_rejects_short_buffers() {
 
 // ---- cross-entropy -----------------------------------------------------------------------------
 
-/// `(losses, gradient)` of [`Backend::cross_entropy`].
+/// `(losses, gradient)` of [`TransformerOps::cross_entropy`].
 #[allow(clippy::too_many_arguments)]
 fn cross_entropy(
     cpu: &Cpu,

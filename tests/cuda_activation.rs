@@ -5,6 +5,7 @@
 mod cuda_common;
 
 use cuda_common::*;
+use sparsegrad::backend::DenseOps;
 use sparsegrad::{Backend, Cpu, GeluKind};
 
 const ATOL: f32 = 2e-6;

@@ -6,6 +6,7 @@ mod cuda_common;
 
 use cuda_common::*;
 use half::bf16;
+use sparsegrad::backend::{DenseOps, OptimOps, SparseOps, TopkOps};
 use sparsegrad::{Backend, Coo, Cpu, Cuda, Error, Gemm, IndexMaps};
 
 #[test]

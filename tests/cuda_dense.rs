@@ -9,6 +9,7 @@ use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
 use rand::Rng;
+use sparsegrad::backend::DenseOps;
 use sparsegrad::{Backend, Cpu, Gemm};
 
 const SHAPES: &[(usize, usize)] =

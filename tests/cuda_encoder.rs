@@ -15,6 +15,7 @@ mod cuda_common;
 
 use cuda_common::*;
 use rand::Rng;
+use sparsegrad::backend::EncoderOps;
 use sparsegrad::{Backend, Cpu, Error, PoolKind, Real};
 
 const TAIL: usize = 3;

@@ -7,6 +7,7 @@ mod cuda_common;
 
 use cuda_common::*;
 use rand::rngs::SmallRng;
+use sparsegrad::backend::OptimOps;
 use sparsegrad::{AdamParams, Backend, Coo, Cpu, HostCoo};
 
 fn random_coo(r: &mut SmallRng, rows: usize, cols: usize, k: usize) -> HostCoo<f32> {

@@ -10,6 +10,7 @@ use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
 use rand::Rng;
+use sparsegrad::backend::SparseOps;
 use sparsegrad::{Backend, Coo, Cpu, Error, HostCoo};
 
 const SHAPES: &[(usize, usize)] =

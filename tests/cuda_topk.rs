@@ -9,6 +9,7 @@ mod cuda_common;
 use cuda_common::*;
 use rand::rngs::SmallRng;
 use rand::Rng;
+use sparsegrad::backend::TopkOps;
 use sparsegrad::{Backend, Coo, Cpu, Error, IndexMaps};
 
 const SHAPES: &[(usize, usize)] =
@@ -48,7 +49,7 @@ impl Case<'_> {
         dev: &B,
         dev_ws: &mut B::TopkWorkspace,
         cpu: &Cpu,
-        cpu_ws: &mut <Cpu as Backend>::TopkWorkspace,
+        cpu_ws: &mut <Cpu as TopkOps>::TopkWorkspace,
     ) {
         let what = format!(
             "topk {}x{} k={} maps=({}, {}) full={:?}",

@@ -22,6 +22,7 @@ mod cuda_common;
 
 use cuda_common::*;
 use rand::Rng;
+use sparsegrad::backend::TransformerOps;
 use sparsegrad::{Backend, Cpu, Error, Real};
 
 #[derive(Clone, Copy, Debug)]

@@ -1,9 +1,8 @@
-//! CPU activations: GELU (erf and tanh forms) and SwiGLU, forward and backward.
+//! The scalar math of the CPU activations: GELU (erf and tanh forms) and SiLU with their
+//! derivatives, applied elementwise by the activation ops in dense.rs.
 
 use crate::backend::GeluKind;
-use crate::error::{check_len, Result};
 use crate::scalar::Real;
-use rayon::prelude::*;
 
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_TANH_C: f64 = 0.044_715;
@@ -50,54 +49,4 @@ pub fn silu_scalar<F: Real>(z: F) -> F {
 pub fn silu_grad_scalar<F: Real>(z: F) -> F {
     let s = F::ONE / (F::ONE + (-z).exp());
     s * (F::ONE + z * (F::ONE - s))
-}
-
-pub(super) fn gelu<F: Real>(x: &[F], y: &mut [F], len: usize, kind: GeluKind) -> Result<()> {
-    check_len("gelu", "x", x.len(), len)?;
-    check_len("gelu", "y", y.len(), len)?;
-    y[..len].par_iter_mut().zip(&x[..len]).for_each(|(y, &x)| *y = gelu_scalar(x, kind));
-    Ok(())
-}
-
-pub(super) fn gelu_backward<F: Real>(x: &[F], dy: &[F], dx: &mut [F], len: usize, kind: GeluKind) -> Result<()> {
-    check_len("gelu_backward", "x", x.len(), len)?;
-    check_len("gelu_backward", "dy", dy.len(), len)?;
-    check_len("gelu_backward", "dx", dx.len(), len)?;
-    dx[..len]
-        .par_iter_mut()
-        .zip(x[..len].par_iter().zip(&dy[..len]))
-        .for_each(|(dx, (&x, &dy))| *dx = dy * gelu_grad_scalar(x, kind));
-    Ok(())
-}
-
-pub(super) fn swiglu<F: Real>(gate: &[F], up: &[F], h: &mut [F], len: usize) -> Result<()> {
-    check_len("swiglu", "gate", gate.len(), len)?;
-    check_len("swiglu", "up", up.len(), len)?;
-    check_len("swiglu", "h", h.len(), len)?;
-    h[..len]
-        .par_iter_mut()
-        .zip(gate[..len].par_iter().zip(&up[..len]))
-        .for_each(|(h, (&g, &u))| *h = silu_scalar(g) * u);
-    Ok(())
-}
-
-pub(super) fn swiglu_backward<F: Real>(
-    gate: &[F],
-    up: &[F],
-    dh: &[F],
-    d_gate: &mut [F],
-    d_up: &mut [F],
-    len: usize,
-) -> Result<()> {
-    for (what, l) in
-        [("gate", gate.len()), ("up", up.len()), ("dh", dh.len()), ("d_gate", d_gate.len()), ("d_up", d_up.len())]
-    {
-        check_len("swiglu_backward", what, l, len)?;
-    }
-    d_gate[..len].par_iter_mut().zip(d_up[..len].par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
-        let (g, u, d) = (gate[i], up[i], dh[i]);
-        *dg = d * u * silu_grad_scalar(g);
-        *du = d * silu_scalar(g);
-    });
-    Ok(())
 }

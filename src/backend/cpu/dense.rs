@@ -1,19 +1,23 @@
 //! CPU dense ops: GEMM through OpenBLAS, casts, bias add and bias gradient, finiteness
-//! check, axpy.
+//! check, axpy, and the activations (GELU, SwiGLU; their scalar math is in activation.rs).
 
-use crate::backend::Gemm;
-use crate::error::{check_len, Error, Result};
+use super::activation::{gelu_grad_scalar, gelu_scalar, silu_grad_scalar, silu_scalar};
+use super::{Cpu, CpuBuf};
+use crate::backend::ops::dense::*;
+use crate::backend::{GeluKind, Gemm};
+use crate::error::{Error, Result};
 use crate::scalar::{Real, RealSlice, RealSliceMut};
 use cblas::{Layout, Transpose};
 use half::bf16;
 use rayon::prelude::*;
+use std::sync::atomic::Ordering;
 
 fn to_blas_dim(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(op, format!("dimension {v} exceeds the BLAS 32-bit limit")))
 }
 
-pub(super) fn gemm<F: Real>(spec: &Gemm, a: &[F], b: &[F], c: &mut [F]) -> Result<()> {
-    spec.validate(a.len(), b.len(), c.len())?;
+/// The BLAS product of a validated `spec` (see [`check_gemm`]).
+fn blas_gemm<F: Real>(spec: &Gemm, a: &[F], b: &[F], c: &mut [F]) -> Result<()> {
     if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
         return Ok(());
     }
@@ -65,70 +69,123 @@ pub(super) fn gemm<F: Real>(spec: &Gemm, a: &[F], b: &[F], c: &mut [F]) -> Resul
     Ok(())
 }
 
-/// The CPU twin of cuBLAS's bf16 GemmEx: widen the operands to `F`, then an `F` GEMM.
-/// Allocates the widened copies: the CPU backend is a reference here, not a fast path.
-pub(super) fn gemm_bf16<F: Real>(spec: &Gemm, a: &[bf16], b: &[bf16], c: &mut [F]) -> Result<()> {
-    spec.validate(a.len(), b.len(), c.len())?;
-    let (na, nb, _) = spec.required_lens();
-    let wa: Vec<F> = a[..na].iter().map(|&v| F::from_bf16(v)).collect();
-    let wb: Vec<F> = b[..nb].iter().map(|&v| F::from_bf16(v)).collect();
-    gemm(spec, &wa, &wb, c)
-}
-
-pub(super) fn cast_to_bf16<F: Real>(src: &[F], dst: &mut [bf16], len: usize) -> Result<()> {
-    check_len("cast_to_bf16", "source", src.len(), len)?;
-    check_len("cast_to_bf16", "destination", dst.len(), len)?;
-    dst[..len].par_iter_mut().zip(&src[..len]).for_each(|(d, &s)| *d = s.to_bf16());
-    Ok(())
-}
-
-pub(super) fn cast_from_bf16<F: Real>(src: &[bf16], dst: &mut [F], len: usize) -> Result<()> {
-    check_len("cast_from_bf16", "source", src.len(), len)?;
-    check_len("cast_from_bf16", "destination", dst.len(), len)?;
-    dst[..len].par_iter_mut().zip(&src[..len]).for_each(|(d, &s)| *d = F::from_bf16(s));
-    Ok(())
-}
-
-pub(super) fn add_bias<F: Real>(y: &mut [F], bias: &[F], rows: usize, cols: usize) -> Result<()> {
-    check_len("add_bias", "y", y.len(), rows * cols)?;
-    check_len("add_bias", "bias", bias.len(), cols)?;
-    if cols == 0 {
-        return Ok(());
+impl DenseOps for Cpu {
+    fn gemm<F: Real>(&self, spec: &Gemm, a: &CpuBuf<F>, b: &CpuBuf<F>, c: &mut CpuBuf<F>) -> Result<()> {
+        self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
+        check_gemm(self, spec, a, b, c)?;
+        blas_gemm(spec, a, b, c)
     }
-    y[..rows * cols].par_chunks_mut(cols).for_each(|row| {
-        row.iter_mut().zip(&bias[..cols]).for_each(|(v, &b)| *v += b);
-    });
-    Ok(())
-}
 
-/// Column sums, each column summed over rows in order (the GPU sums in a different
-/// order; tests compare with a tolerance).
-pub(super) fn bias_grad<F: Real>(g: &[F], rows: usize, cols: usize, db: &mut [F], beta: F) -> Result<()> {
-    check_len("bias_grad", "g", g.len(), rows * cols)?;
-    check_len("bias_grad", "db", db.len(), cols)?;
-    const CHUNK: usize = 64;
-    db[..cols].par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, out)| {
-        let c0 = chunk * CHUNK;
-        let mut acc = vec![F::ZERO; out.len()];
-        for r in 0..rows {
-            let row = &g[r * cols + c0..r * cols + c0 + out.len()];
-            acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+    /// The CPU twin of cuBLAS's bf16 GemmEx: widen the operands to `F`, then an `F` GEMM.
+    /// Allocates the widened copies: the CPU backend is a reference here, not a fast path.
+    fn gemm_bf16<F: Real>(&self, spec: &Gemm, a: &CpuBuf<bf16>, b: &CpuBuf<bf16>, c: &mut CpuBuf<F>) -> Result<()> {
+        self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
+        check_gemm(self, spec, a, b, c)?;
+        let (na, nb, _) = spec.required_lens();
+        let wa: Vec<F> = a[..na].iter().map(|&v| F::from_bf16(v)).collect();
+        let wb: Vec<F> = b[..nb].iter().map(|&v| F::from_bf16(v)).collect();
+        blas_gemm(spec, &wa, &wb, c)
+    }
+
+    fn cast_to_bf16<F: Real>(&self, src: &CpuBuf<F>, dst: &mut CpuBuf<bf16>, len: usize) -> Result<()> {
+        check_cast(self, "cast_to_bf16", src, dst, len)?;
+        dst[..len].par_iter_mut().zip(&src[..len]).for_each(|(d, &s)| *d = s.to_bf16());
+        Ok(())
+    }
+
+    fn cast_from_bf16<F: Real>(&self, src: &CpuBuf<bf16>, dst: &mut CpuBuf<F>, len: usize) -> Result<()> {
+        check_cast(self, "cast_from_bf16", src, dst, len)?;
+        dst[..len].par_iter_mut().zip(&src[..len]).for_each(|(d, &s)| *d = F::from_bf16(s));
+        Ok(())
+    }
+
+    fn add_bias<F: Real>(&self, y: &mut CpuBuf<F>, bias: &CpuBuf<F>, rows: usize, cols: usize) -> Result<()> {
+        check_add_bias(self, y, bias, rows, cols)?;
+        if cols == 0 {
+            return Ok(());
         }
-        out.iter_mut().zip(acc).for_each(|(o, a)| *o = if beta == F::ZERO { a } else { beta * *o + a });
-    });
-    Ok(())
-}
+        y[..rows * cols].par_chunks_mut(cols).for_each(|row| {
+            row.iter_mut().zip(&bias[..cols]).for_each(|(v, &b)| *v += b);
+        });
+        Ok(())
+    }
 
-pub(super) fn count_nonfinite<F: Real>(x: &[F], len: usize) -> Result<(usize, usize)> {
-    check_len("count_nonfinite", "x", x.len(), len)?;
-    let count = x[..len].par_iter().filter(|v| !v.is_finite()).count();
-    let first = if count == 0 { 0 } else { x[..len].iter().position(|v| !v.is_finite()).unwrap_or(0) };
-    Ok((count, first))
-}
+    /// Column sums, each column summed over rows in order (the GPU sums in a different
+    /// order; tests compare with a tolerance).
+    fn bias_grad<F: Real>(&self, g: &CpuBuf<F>, rows: usize, cols: usize, db: &mut CpuBuf<F>, beta: F) -> Result<()> {
+        check_bias_grad(self, g, rows, cols, db)?;
+        const CHUNK: usize = 64;
+        db[..cols].par_chunks_mut(CHUNK).enumerate().for_each(|(chunk, out)| {
+            let c0 = chunk * CHUNK;
+            let mut acc = vec![F::ZERO; out.len()];
+            for r in 0..rows {
+                let row = &g[r * cols + c0..r * cols + c0 + out.len()];
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+            }
+            out.iter_mut().zip(acc).for_each(|(o, a)| *o = if beta == F::ZERO { a } else { beta * *o + a });
+        });
+        Ok(())
+    }
 
-pub(super) fn axpy<F: Real>(alpha: F, x: &[F], y: &mut [F], len: usize) -> Result<()> {
-    check_len("axpy", "x", x.len(), len)?;
-    check_len("axpy", "y", y.len(), len)?;
-    y[..len].par_iter_mut().zip(&x[..len]).for_each(|(y, &x)| *y += alpha * x);
-    Ok(())
+    fn count_nonfinite<F: Real>(&self, x: &CpuBuf<F>, len: usize) -> Result<(usize, usize)> {
+        check_count_nonfinite(self, x, len)?;
+        let count = x[..len].par_iter().filter(|v| !v.is_finite()).count();
+        let first = if count == 0 { 0 } else { x[..len].iter().position(|v| !v.is_finite()).unwrap_or(0) };
+        Ok((count, first))
+    }
+
+    fn axpy<F: Real>(&self, alpha: F, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize) -> Result<()> {
+        check_axpy(self, x, y, len)?;
+        y[..len].par_iter_mut().zip(&x[..len]).for_each(|(y, &x)| *y += alpha * x);
+        Ok(())
+    }
+
+    fn gelu<F: Real>(&self, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize, kind: GeluKind) -> Result<()> {
+        check_gelu(self, x, y, len)?;
+        y[..len].par_iter_mut().zip(&x[..len]).for_each(|(y, &x)| *y = gelu_scalar(x, kind));
+        Ok(())
+    }
+
+    fn gelu_backward<F: Real>(
+        &self,
+        x: &CpuBuf<F>,
+        dy: &CpuBuf<F>,
+        dx: &mut CpuBuf<F>,
+        len: usize,
+        kind: GeluKind,
+    ) -> Result<()> {
+        check_gelu_backward(self, x, dy, dx, len)?;
+        dx[..len]
+            .par_iter_mut()
+            .zip(x[..len].par_iter().zip(&dy[..len]))
+            .for_each(|(dx, (&x, &dy))| *dx = dy * gelu_grad_scalar(x, kind));
+        Ok(())
+    }
+
+    fn swiglu<F: Real>(&self, gate: &CpuBuf<F>, up: &CpuBuf<F>, h: &mut CpuBuf<F>, len: usize) -> Result<()> {
+        check_swiglu(self, gate, up, h, len)?;
+        h[..len]
+            .par_iter_mut()
+            .zip(gate[..len].par_iter().zip(&up[..len]))
+            .for_each(|(h, (&g, &u))| *h = silu_scalar(g) * u);
+        Ok(())
+    }
+
+    fn swiglu_backward<F: Real>(
+        &self,
+        gate: &CpuBuf<F>,
+        up: &CpuBuf<F>,
+        dh: &CpuBuf<F>,
+        d_gate: &mut CpuBuf<F>,
+        d_up: &mut CpuBuf<F>,
+        len: usize,
+    ) -> Result<()> {
+        check_swiglu_backward(self, gate, up, dh, d_gate, d_up, len)?;
+        d_gate[..len].par_iter_mut().zip(d_up[..len].par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
+            let (g, u, d) = (gate[i], up[i], dh[i]);
+            *dg = d * u * silu_grad_scalar(g);
+            *du = d * silu_scalar(g);
+        });
+        Ok(())
+    }
 }

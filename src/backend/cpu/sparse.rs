@@ -1,48 +1,176 @@
 //! CPU sparse-by-dense ops: nonzero row/column detection, row and block gathers, and the
 //! COO helpers (scatter-add, row compaction, sparse-times-dense).
 
-use crate::backend::cpu::CpuBuf;
+use super::{Cpu, CpuBuf};
+use crate::backend::ops::sparse::*;
 use crate::backend::{Coo, NonzeroBlock};
 use crate::error::{check_len, Error, Result};
 use crate::scalar::{Elem, Real};
 use rayon::prelude::*;
 
-pub(super) fn nonzero_rows_cols<F: Real>(
-    m: &[F],
-    rows: usize,
-    cols: usize,
-    threshold_rel: F,
-    row_idx: &mut [u32],
-    col_idx: &mut [u32],
-) -> Result<NonzeroBlock<F>> {
-    check_len("nonzero_rows_cols", "m", m.len(), rows * cols)?;
-    check_len("nonzero_rows_cols", "row_idx", row_idx.len(), rows)?;
-    check_len("nonzero_rows_cols", "col_idx", col_idx.len(), cols)?;
-    if !(threshold_rel >= F::ZERO && threshold_rel <= F::ONE) {
-        return Err(Error::invalid("nonzero_rows_cols", format!("threshold {threshold_rel:?} outside [0, 1]")));
+impl SparseOps for Cpu {
+    fn nonzero_rows_cols<F: Real>(
+        &self,
+        m: &CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        threshold_rel: F,
+        row_idx: &mut CpuBuf<u32>,
+        col_idx: &mut CpuBuf<u32>,
+    ) -> Result<NonzeroBlock<F>> {
+        let n = check_nonzero_rows_cols(self, m, rows, cols, threshold_rel, row_idx, col_idx)?;
+        let m = &m[..n];
+        let max_abs = m.par_iter().map(|v| v.abs()).reduce(|| F::ZERO, |a, b| a.max(b));
+        let t = threshold_rel * max_abs;
+        let kept = |v: F| v != F::ZERO && v.abs() >= t;
+        let row_flags: Vec<bool> = if cols == 0 {
+            vec![false; rows]
+        } else {
+            m.par_chunks(cols).map(|r| r.iter().any(|&v| kept(v))).collect()
+        };
+        let col_flags = if cols == 0 {
+            Vec::new()
+        } else {
+            m.par_chunks(cols)
+                .fold(
+                    || vec![false; cols],
+                    |mut acc, row| {
+                        acc.iter_mut().zip(row).for_each(|(a, &v)| *a |= kept(v));
+                        acc
+                    },
+                )
+                .reduce(|| vec![false; cols], |a, b| a.iter().zip(&b).map(|(x, y)| *x | *y).collect())
+        };
+        let n_rows = compact(&row_flags, row_idx);
+        let n_cols = compact(&col_flags, col_idx);
+        Ok(NonzeroBlock { n_rows, n_cols, abs_threshold: t })
     }
-    let m = &m[..rows * cols];
-    let max_abs = m.par_iter().map(|v| v.abs()).reduce(|| F::ZERO, |a, b| a.max(b));
-    let t = threshold_rel * max_abs;
-    let kept = |v: F| v != F::ZERO && v.abs() >= t;
-    let row_flags: Vec<bool> =
-        if cols == 0 { vec![false; rows] } else { m.par_chunks(cols).map(|r| r.iter().any(|&v| kept(v))).collect() };
-    let col_flags = if cols == 0 {
-        Vec::new()
-    } else {
-        m.par_chunks(cols)
-            .fold(
-                || vec![false; cols],
-                |mut acc, row| {
-                    acc.iter_mut().zip(row).for_each(|(a, &v)| *a |= kept(v));
-                    acc
-                },
-            )
-            .reduce(|| vec![false; cols], |a, b| a.iter().zip(&b).map(|(x, y)| *x | *y).collect())
-    };
-    let n_rows = compact(&row_flags, row_idx);
-    let n_cols = compact(&col_flags, col_idx);
-    Ok(NonzeroBlock { n_rows, n_cols, abs_threshold: t })
+
+    fn gather_rows<T: Elem>(
+        &self,
+        src: &CpuBuf<T>,
+        src_rows: usize,
+        cols: usize,
+        row_idx: &CpuBuf<u32>,
+        n_idx: usize,
+        dst: &mut CpuBuf<T>,
+    ) -> Result<()> {
+        check_gather_rows(self, src, src_rows, cols, row_idx, n_idx, dst)?;
+        check_indices("gather_rows", "row_idx", &row_idx[..n_idx], src_rows)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        dst[..n_idx * cols].par_chunks_mut(cols).zip(&row_idx[..n_idx]).for_each(|(out, &r)| {
+            out.copy_from_slice(&src[r as usize * cols..(r as usize + 1) * cols]);
+        });
+        Ok(())
+    }
+
+    fn gather_block<F: Real>(
+        &self,
+        src: &CpuBuf<F>,
+        src_rows: usize,
+        src_cols: usize,
+        row_idx: &CpuBuf<u32>,
+        n_rows: usize,
+        col_idx: &CpuBuf<u32>,
+        n_cols: usize,
+        abs_threshold: F,
+        dst: &mut CpuBuf<F>,
+    ) -> Result<()> {
+        check_gather_block(self, src, src_rows, src_cols, row_idx, n_rows, col_idx, n_cols, dst)?;
+        check_indices("gather_block", "row_idx", &row_idx[..n_rows], src_rows)?;
+        check_indices("gather_block", "col_idx", &col_idx[..n_cols], src_cols)?;
+        if n_cols == 0 {
+            return Ok(());
+        }
+        dst[..n_rows * n_cols].par_chunks_mut(n_cols).zip(&row_idx[..n_rows]).for_each(|(out, &r)| {
+            let row = &src[r as usize * src_cols..(r as usize + 1) * src_cols];
+            for (o, &c) in out.iter_mut().zip(&col_idx[..n_cols]) {
+                let v = row[c as usize];
+                *o = if v.abs() >= abs_threshold { v } else { F::ZERO };
+            }
+        });
+        Ok(())
+    }
+
+    fn coo_scatter_add<F: Real>(&self, coo: &Coo<Cpu, F>, alpha: F, dense: &mut CpuBuf<F>) -> Result<()> {
+        check_coo_scatter_add(self, coo, dense)?;
+        check_coo_indices("coo_scatter_add", coo)?;
+        let (_, cols) = coo.shape;
+        for e in 0..coo.len {
+            dense[coo.rows[e] as usize * cols + coo.cols[e] as usize] += alpha * coo.values[e];
+        }
+        Ok(())
+    }
+
+    fn coo_compact_rows<F: Real>(
+        &self,
+        coo: &Coo<Cpu, F>,
+        unique_rows: &mut CpuBuf<u32>,
+        slot: &mut CpuBuf<u32>,
+    ) -> Result<usize> {
+        check_coo_compact_rows(self, coo, slot)?;
+        check_coo_indices("coo_compact_rows", coo)?;
+        let mut n = 0usize;
+        for (e, &r) in coo.rows[..coo.len].iter().enumerate() {
+            if n == 0 || unique_rows[n - 1] != r {
+                if n > 0 && unique_rows[n - 1] > r {
+                    return Err(Error::invalid("coo_compact_rows", "COO rows are not sorted"));
+                }
+                check_len("coo_compact_rows", "unique_rows", unique_rows.len(), n + 1)?;
+                unique_rows[n] = r;
+                n += 1;
+            }
+            slot[e] = (n - 1) as u32;
+        }
+        Ok(n)
+    }
+
+    fn coo_dense_t<F: Real>(
+        &self,
+        coo: &Coo<Cpu, F>,
+        slot: &CpuBuf<u32>,
+        n_slots: usize,
+        b: &CpuBuf<F>,
+        b_rows: usize,
+        out: &mut CpuBuf<F>,
+    ) -> Result<()> {
+        check_coo_dense_t(self, coo, slot, n_slots, b, b_rows, out)?;
+        check_coo_indices("coo_dense_t", coo)?;
+        check_indices("coo_dense_t", "slot", &slot[..coo.len], n_slots)?;
+        let b_cols = coo.shape.1;
+        if n_slots == 0 {
+            return Ok(());
+        }
+        let (cols, values, slot) = (&coo.cols[..coo.len], &coo.values[..coo.len], &slot[..coo.len]);
+        // Each task takes COO_DENSE_T_ROWS rows of `b`: every entry then feeds that many
+        // independent sums (one row at a time, consecutive entries of a slot would each wait
+        // for the previous add). Every output element sums its entries in list order from
+        // zero, as the row-at-a-time loop does, so the result is the same bit for bit.
+        let block = COO_DENSE_T_ROWS * n_slots;
+        let slot_sorted = slot.windows(2).all(|w| w[0] <= w[1]);
+        out[..b_rows * n_slots].par_chunks_mut(block).enumerate().for_each(|(blk, out_blk)| {
+            let rows = out_blk.len() / n_slots;
+            let b_blk = &b[blk * COO_DENSE_T_ROWS * b_cols..][..rows * b_cols];
+            if rows == COO_DENSE_T_ROWS {
+                if slot_sorted {
+                    coo_dense_t_block(slot, cols, values, b_blk, b_cols, out_blk, n_slots);
+                } else {
+                    coo_dense_t_block_any(slot, cols, values, b_blk, b_cols, out_blk, n_slots);
+                }
+                return;
+            }
+            out_blk.fill(F::ZERO);
+            for ((&s, &c), &v) in slot.iter().zip(cols).zip(values) {
+                let (s, c) = (s as usize, c as usize);
+                for j in 0..rows {
+                    out_blk[j * n_slots + s] += v * b_blk[j * b_cols + c];
+                }
+            }
+        });
+        Ok(())
+    }
 }
 
 fn compact(flags: &[bool], out: &mut [u32]) -> usize {
@@ -61,145 +189,13 @@ fn check_indices(op: &'static str, what: &str, idx: &[u32], bound: usize) -> Res
     Ok(())
 }
 
-pub(super) fn gather_rows<T: Elem>(
-    src: &[T],
-    src_rows: usize,
-    cols: usize,
-    row_idx: &[u32],
-    n_idx: usize,
-    dst: &mut [T],
-) -> Result<()> {
-    check_len("gather_rows", "src", src.len(), src_rows * cols)?;
-    check_len("gather_rows", "row_idx", row_idx.len(), n_idx)?;
-    check_len("gather_rows", "dst", dst.len(), n_idx * cols)?;
-    check_indices("gather_rows", "row_idx", &row_idx[..n_idx], src_rows)?;
-    if cols == 0 {
-        return Ok(());
-    }
-    dst[..n_idx * cols].par_chunks_mut(cols).zip(&row_idx[..n_idx]).for_each(|(out, &r)| {
-        out.copy_from_slice(&src[r as usize * cols..(r as usize + 1) * cols]);
-    });
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gather_block<F: Real>(
-    src: &[F],
-    src_rows: usize,
-    src_cols: usize,
-    row_idx: &[u32],
-    n_rows: usize,
-    col_idx: &[u32],
-    n_cols: usize,
-    abs_threshold: F,
-    dst: &mut [F],
-) -> Result<()> {
-    check_len("gather_block", "src", src.len(), src_rows * src_cols)?;
-    check_len("gather_block", "row_idx", row_idx.len(), n_rows)?;
-    check_len("gather_block", "col_idx", col_idx.len(), n_cols)?;
-    check_len("gather_block", "dst", dst.len(), n_rows * n_cols)?;
-    check_indices("gather_block", "row_idx", &row_idx[..n_rows], src_rows)?;
-    check_indices("gather_block", "col_idx", &col_idx[..n_cols], src_cols)?;
-    if n_cols == 0 {
-        return Ok(());
-    }
-    dst[..n_rows * n_cols].par_chunks_mut(n_cols).zip(&row_idx[..n_rows]).for_each(|(out, &r)| {
-        let row = &src[r as usize * src_cols..(r as usize + 1) * src_cols];
-        for (o, &c) in out.iter_mut().zip(&col_idx[..n_cols]) {
-            let v = row[c as usize];
-            *o = if v.abs() >= abs_threshold { v } else { F::ZERO };
-        }
-    });
-    Ok(())
-}
-
-fn check_coo<F: Real>(op: &'static str, coo: &Coo<super::Cpu, F>) -> Result<()> {
-    check_len(op, "coo.rows", coo.rows.len(), coo.len)?;
-    check_len(op, "coo.cols", coo.cols.len(), coo.len)?;
-    check_len(op, "coo.values", coo.values.len(), coo.len)?;
+/// The entries of a COO list lie inside its matrix (the host reads them).
+fn check_coo_indices<F: Real>(op: &'static str, coo: &Coo<Cpu, F>) -> Result<()> {
     check_indices(op, "coo.rows", &coo.rows[..coo.len], coo.shape.0)?;
     check_indices(op, "coo.cols", &coo.cols[..coo.len], coo.shape.1)
 }
 
-pub(super) fn coo_scatter_add<F: Real>(coo: &Coo<super::Cpu, F>, alpha: F, dense: &mut CpuBuf<F>) -> Result<()> {
-    check_coo("coo_scatter_add", coo)?;
-    let (_, cols) = coo.shape;
-    check_len("coo_scatter_add", "dense", dense.len(), coo.shape.0 * cols)?;
-    for e in 0..coo.len {
-        dense[coo.rows[e] as usize * cols + coo.cols[e] as usize] += alpha * coo.values[e];
-    }
-    Ok(())
-}
-
-pub(super) fn coo_compact_rows<F: Real>(
-    coo: &Coo<super::Cpu, F>,
-    unique_rows: &mut [u32],
-    slot: &mut [u32],
-) -> Result<usize> {
-    check_coo("coo_compact_rows", coo)?;
-    check_len("coo_compact_rows", "slot", slot.len(), coo.len)?;
-    let mut n = 0usize;
-    for (e, &r) in coo.rows[..coo.len].iter().enumerate() {
-        if n == 0 || unique_rows[n - 1] != r {
-            if n > 0 && unique_rows[n - 1] > r {
-                return Err(Error::invalid("coo_compact_rows", "COO rows are not sorted"));
-            }
-            check_len("coo_compact_rows", "unique_rows", unique_rows.len(), n + 1)?;
-            unique_rows[n] = r;
-            n += 1;
-        }
-        slot[e] = (n - 1) as u32;
-    }
-    Ok(n)
-}
-
-pub(super) fn coo_dense_t<F: Real>(
-    coo: &Coo<super::Cpu, F>,
-    slot: &[u32],
-    n_slots: usize,
-    b: &[F],
-    b_rows: usize,
-    out: &mut [F],
-) -> Result<()> {
-    check_coo("coo_dense_t", coo)?;
-    let b_cols = coo.shape.1;
-    check_len("coo_dense_t", "slot", slot.len(), coo.len)?;
-    check_indices("coo_dense_t", "slot", &slot[..coo.len], n_slots)?;
-    check_len("coo_dense_t", "b", b.len(), b_rows * b_cols)?;
-    check_len("coo_dense_t", "out", out.len(), b_rows * n_slots)?;
-    if n_slots == 0 {
-        return Ok(());
-    }
-    let (cols, values, slot) = (&coo.cols[..coo.len], &coo.values[..coo.len], &slot[..coo.len]);
-    // Each task takes COO_DENSE_T_ROWS rows of `b`: every entry then feeds that many
-    // independent sums (one row at a time, consecutive entries of a slot would each wait
-    // for the previous add). Every output element sums its entries in list order from
-    // zero, as the row-at-a-time loop does, so the result is the same bit for bit.
-    let block = COO_DENSE_T_ROWS * n_slots;
-    let slot_sorted = slot.windows(2).all(|w| w[0] <= w[1]);
-    out[..b_rows * n_slots].par_chunks_mut(block).enumerate().for_each(|(blk, out_blk)| {
-        let rows = out_blk.len() / n_slots;
-        let b_blk = &b[blk * COO_DENSE_T_ROWS * b_cols..][..rows * b_cols];
-        if rows == COO_DENSE_T_ROWS {
-            if slot_sorted {
-                coo_dense_t_block(slot, cols, values, b_blk, b_cols, out_blk, n_slots);
-            } else {
-                coo_dense_t_block_any(slot, cols, values, b_blk, b_cols, out_blk, n_slots);
-            }
-            return;
-        }
-        out_blk.fill(F::ZERO);
-        for ((&s, &c), &v) in slot.iter().zip(cols).zip(values) {
-            let (s, c) = (s as usize, c as usize);
-            for j in 0..rows {
-                out_blk[j * n_slots + s] += v * b_blk[j * b_cols + c];
-            }
-        }
-    });
-    Ok(())
-}
-
-/// One full block of [`coo_dense_t`] for slots in ascending order (what
+/// One full block of [`SparseOps::coo_dense_t`] for slots in ascending order (what
 /// `coo_compact_rows` gives): each slot's entries are one run, summed in registers for
 /// all the block's rows at once and stored once. The block's rows of `b` are first copied
 /// column-major into this thread's scratch, so an entry reads its `R` values as one
@@ -236,7 +232,7 @@ fn coo_dense_t_block<F: Real>(
     })
 }
 
-/// One full block of [`coo_dense_t`] for slots in any order (the merged update by columns
+/// One full block of [`SparseOps::coo_dense_t`] for slots in any order (the merged update by columns
 /// passes `D^T`, whose slots are the columns of `D`): the block's rows of `b` and its
 /// output are both held column-major in this thread's scratch, so every entry is one
 /// contiguous `R`-vector multiply-add, summed in list order from zero as the row loop does.
@@ -279,7 +275,7 @@ fn transpose_rows<F: Real>(b_blk: &[F], b_cols: usize, tile: &mut [F]) {
     }
 }
 
-/// Rows of `b` per task of [`coo_dense_t`]: enough independent sums per entry to hide the
+/// Rows of `b` per task of [`SparseOps::coo_dense_t`]: enough independent sums per entry to hide the
 /// add latency, few enough that the block's rows of `b` stay in L1/L2 (16 x 768 columns =
 /// 48 KiB).
 const COO_DENSE_T_ROWS: usize = 16;

@@ -15,9 +15,10 @@
 //! Block indices are restored through the (strictly increasing) row and column maps,
 //! so block order is full linear order.
 
-use crate::backend::cpu::{Cpu, CpuBuf};
+use super::{Cpu, CpuBuf};
+use crate::backend::ops::topk::*;
 use crate::backend::{Coo, IndexMaps};
-use crate::error::{check_len, Error, Result};
+use crate::error::{Error, Result};
 use crate::scalar::Real;
 use rayon::prelude::*;
 
@@ -49,7 +50,7 @@ const TOP_BITS: u32 = 12;
 const BINS: usize = 1 << TOP_BITS;
 
 impl CpuTopkWorkspace {
-    pub(super) fn new(max_len: usize) -> Self {
+    fn new(max_len: usize) -> Self {
         CpuTopkWorkspace {
             max_len,
             hist: vec![0; CHUNKS * BINS],
@@ -62,15 +63,12 @@ impl CpuTopkWorkspace {
     }
 }
 
-/// Checks a map is strictly increasing and bounded; returns its first `n` entries.
-fn check_map<'a>(what: &str, map: Option<&'a CpuBuf<u32>>, n: usize, full: usize) -> Result<Option<&'a [u32]>> {
+/// The first `n` entries of a map (its length already checked), which must be strictly
+/// increasing and below `full` (the host reads them).
+fn map_entries<'a>(what: &str, map: Option<&'a CpuBuf<u32>>, n: usize, full: usize) -> Result<Option<&'a [u32]>> {
     let Some(map) = map else {
-        if n != full {
-            return Err(Error::shape("topk_coo", format!("{what} (no map given)"), full, n));
-        }
         return Ok(None);
     };
-    check_len("topk_coo", what, map.len(), n)?;
     let map = &map[..n];
     if map.windows(2).any(|w| w[0] >= w[1]) || map.last().is_some_and(|&l| l as usize >= full) {
         return Err(Error::invalid("topk_coo", format!("{what} must be strictly increasing and below {full}")));
@@ -153,72 +151,64 @@ fn select_threshold<F: Real>(m: &[F], chunk_len: usize, k: usize, ws: &mut CpuTo
     thr
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn topk_coo<F: Real>(
-    m: &CpuBuf<F>,
-    rows: usize,
-    cols: usize,
-    k: usize,
-    maps: &IndexMaps<'_, Cpu>,
-    ws: &mut CpuTopkWorkspace,
-    out: &mut Coo<Cpu, F>,
-) -> Result<()> {
-    let n = rows * cols;
-    check_len("topk_coo", "m", m.len(), n)?;
-    let (full_rows, full_cols) = maps.full_shape;
-    let row_map = check_map("row_map", maps.row_map, rows, full_rows)?;
-    let col_map = check_map("col_map", maps.col_map, cols, full_cols)?;
-    let full_len = full_rows * full_cols;
-    if k > full_len {
-        return Err(Error::invalid(
-            "topk_coo",
-            format!("k = {k} exceeds the {full_len} entries of a {full_rows}x{full_cols} matrix"),
-        ));
+impl TopkOps for Cpu {
+    type TopkWorkspace = CpuTopkWorkspace;
+
+    fn topk_workspace(&self, max_len: usize) -> Result<CpuTopkWorkspace> {
+        check_topk_workspace(max_len)?;
+        Ok(CpuTopkWorkspace::new(max_len))
     }
-    if n > ws.max_len {
-        return Err(Error::invalid("topk_coo", format!("{n} entries exceed the workspace size {}", ws.max_len)));
-    }
-    check_len(
-        "topk_coo",
-        "out (capacity)",
-        out.capacity.min(out.values.len()).min(out.rows.len()).min(out.cols.len()),
-        k,
-    )?;
-    let m = &m[..n];
-    let chunk_len = n.div_ceil(CHUNKS).max(1);
-    histogram(m, chunk_len, ws);
-    let nonfinite: usize = ws.chunks.iter().map(|c| c.nonfinite).sum();
-    if nonfinite > 0 {
-        let first = m.iter().position(|v| !v.is_finite()).unwrap_or(0);
-        return Err(Error::NonFinite {
-            what: "matrix passed to top-k selection".into(),
-            count: nonfinite,
-            first_index: first,
-        });
-    }
-    out.shape = maps.full_shape;
-    out.len = 0;
-    if k == 0 {
-        return Ok(());
-    }
-    let nnz: usize = ws.chunks.iter().map(|c| c.nonzero).sum();
-    let (thr, take_eq) = if k <= nnz {
-        let thr = select_threshold(m, chunk_len, k, ws);
-        let n_gt: usize = ws.chunks.iter().map(|c| c.gt).sum();
-        (thr, k - n_gt)
-    } else {
-        // Every nonzero entry is kept (key > 0), no tie at the threshold.
-        for counts in ws.chunks.iter_mut() {
-            (counts.gt, counts.eq) = (counts.nonzero, 0);
+
+    fn topk_coo<F: Real>(
+        &self,
+        m: &CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        maps: &IndexMaps<'_, Cpu>,
+        ws: &mut CpuTopkWorkspace,
+        out: &mut Coo<Cpu, F>,
+    ) -> Result<()> {
+        let n = check_topk_coo(self, m, rows, cols, k, maps, ws.max_len, out)?;
+        let (full_rows, full_cols) = maps.full_shape;
+        let row_map = map_entries("row_map", maps.row_map, rows, full_rows)?;
+        let col_map = map_entries("col_map", maps.col_map, cols, full_cols)?;
+        let m = &m[..n];
+        let chunk_len = n.div_ceil(CHUNKS).max(1);
+        histogram(m, chunk_len, ws);
+        let nonfinite: usize = ws.chunks.iter().map(|c| c.nonfinite).sum();
+        if nonfinite > 0 {
+            let first = m.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Err(Error::NonFinite {
+                what: "matrix passed to top-k selection".into(),
+                count: nonfinite,
+                first_index: first,
+            });
         }
-        (0, 0)
-    };
-    let n_kept = compact(m, cols, chunk_len, thr, take_eq, row_map, col_map, ws, out);
-    if n_kept < k {
-        fill_zeros(k, n_kept, full_cols, ws, out);
+        out.shape = maps.full_shape;
+        out.len = 0;
+        if k == 0 {
+            return Ok(());
+        }
+        let nnz: usize = ws.chunks.iter().map(|c| c.nonzero).sum();
+        let (thr, take_eq) = if k <= nnz {
+            let thr = select_threshold(m, chunk_len, k, ws);
+            let n_gt: usize = ws.chunks.iter().map(|c| c.gt).sum();
+            (thr, k - n_gt)
+        } else {
+            // Every nonzero entry is kept (key > 0), no tie at the threshold.
+            for counts in ws.chunks.iter_mut() {
+                (counts.gt, counts.eq) = (counts.nonzero, 0);
+            }
+            (0, 0)
+        };
+        let n_kept = compact(m, cols, chunk_len, thr, take_eq, row_map, col_map, ws, out);
+        if n_kept < k {
+            fill_zeros(k, n_kept, full_cols, ws, out);
+        }
+        out.len = k;
+        Ok(())
     }
-    out.len = k;
-    Ok(())
 }
 
 /// Writes entries with key > thr and the first `take_eq` with key == thr (key > 0 always),

@@ -1,12 +1,13 @@
-//! Launchers of cuda/encoder.cu: LayerNorm (forward, input gradient, affine parameter
-//! gradients), the padding-masked bidirectional softmax and its backward, and row pooling
-//! (mean or [CLS]) and its backward. The same checks, in the same order, as the CPU twins in
-//! src/backend/cpu/encoder.rs; lengths are read on the device and clamped to `t` there, as
-//! on the CPU, so no length is out of range.
+//! [`EncoderOps`] for CUDA: the launchers of cuda/encoder.cu (LayerNorm forward, input
+//! gradient and affine parameter gradients, the padding-masked bidirectional softmax and its
+//! backward, row pooling (mean or [CLS]) and its backward), each after the op's shared
+//! validator. Lengths are read on the device and clamped to `t` there, as on the CPU, so
+//! no length is out of range.
 
-use super::{checked_mul, kargs, require_f32, Cuda, CudaBuf};
+use super::{kargs, require_f32, Cuda, CudaBuf};
+use crate::backend::ops::encoder::*;
 use crate::backend::PoolKind;
-use crate::error::{check_len, Error, Result};
+use crate::error::Result;
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
 
@@ -27,235 +28,213 @@ fn cols_f32(cols: usize) -> f32 {
     cols as f64 as f32
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn layernorm<F: Real>(
-    cuda: &Cuda,
-    x: &CudaBuf<F>,
-    w: &CudaBuf<F>,
-    b: &CudaBuf<F>,
-    y: &mut CudaBuf<F>,
-    mean: &mut CudaBuf<F>,
-    rstd: &mut CudaBuf<F>,
-    rows: usize,
-    cols: usize,
-    eps: f32,
-) -> Result<()> {
-    const OP: &str = "layernorm";
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, cols)?;
-    for (what, len, need) in [
-        ("x", x.len, n),
-        ("w", w.len, cols),
-        ("b", b.len, cols),
-        ("y", y.len, n),
-        ("mean", mean.len, rows),
-        ("rstd", rstd.len, rows),
-    ] {
-        check_len(OP, what, len, need)?;
+impl EncoderOps for Cuda {
+    fn layernorm<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        b: &CudaBuf<F>,
+        y: &mut CudaBuf<F>,
+        mean: &mut CudaBuf<F>,
+        rstd: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "layernorm";
+        require_f32::<F>(OP)?;
+        check_layernorm(self, x, w, b, y, mean, rstd, rows, cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, wp, bp, yp, mp, rp) = (x.ptr(), w.ptr(), b.ptr(), y.ptr_mut(), mean.ptr_mut(), rstd.ptr_mut());
+        let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
+        // SAFETY: layernorm_f32(const float* x, const float* w, const float* b, float* y,
+        // float* mean, float* rstd, u64 rows, u64 cols, float n_cols, float eps): x and y hold
+        // rows * cols, w and b cols, mean and rstd rows elements (checked above); 256 threads per
+        // block as the kernel's launch bounds.
+        unsafe {
+            self.launch(
+                "encoder",
+                "layernorm_f32",
+                row_config(self, rows),
+                &mut kargs![xp, wp, bp, yp, mp, rp, r, c, nc, eps],
+            )
+        }
     }
-    if cols == 0 {
-        return Err(Error::invalid(OP, "rows of width 0"));
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let (xp, wp, bp, yp, mp, rp) = (x.ptr(), w.ptr(), b.ptr(), y.ptr_mut(), mean.ptr_mut(), rstd.ptr_mut());
-    let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
-    // SAFETY: layernorm_f32(const float* x, const float* w, const float* b, float* y,
-    // float* mean, float* rstd, u64 rows, u64 cols, float n_cols, float eps): x and y hold
-    // rows * cols, w and b cols, mean and rstd rows elements (checked above); 256 threads per
-    // block as the kernel's launch bounds.
-    unsafe {
-        cuda.launch(
-            "encoder",
-            "layernorm_f32",
-            row_config(cuda, rows),
-            &mut kargs![xp, wp, bp, yp, mp, rp, r, c, nc, eps],
-        )
-    }
-}
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn layernorm_backward<F: Real>(
-    cuda: &Cuda,
-    x: &CudaBuf<F>,
-    w: &CudaBuf<F>,
-    mean: &CudaBuf<F>,
-    rstd: &CudaBuf<F>,
-    dy: &CudaBuf<F>,
-    dx: &mut CudaBuf<F>,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    const OP: &str = "layernorm_backward";
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, cols)?;
-    for (what, len, need) in [
-        ("x", x.len, n),
-        ("w", w.len, cols),
-        ("mean", mean.len, rows),
-        ("rstd", rstd.len, rows),
-        ("dy", dy.len, n),
-        ("dx", dx.len, n),
-    ] {
-        check_len(OP, what, len, need)?;
+    fn layernorm_backward<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        mean: &CudaBuf<F>,
+        rstd: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dx: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_backward";
+        require_f32::<F>(OP)?;
+        check_layernorm_backward(self, x, w, mean, rstd, dy, dx, rows, cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (xp, wp, mp, rp, dyp, dxp) = (x.ptr(), w.ptr(), mean.ptr(), rstd.ptr(), dy.ptr(), dx.ptr_mut());
+        let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
+        // SAFETY: layernorm_backward_f32(const float* x, const float* w, const float* mean,
+        // const float* rstd, const float* dy, float* dx, u64 rows, u64 cols, float n_cols): x, dy
+        // and dx hold rows * cols, w cols, mean and rstd rows elements (checked above); dx is
+        // distinct from the inputs (&mut); 256 threads per block.
+        unsafe {
+            self.launch(
+                "encoder",
+                "layernorm_backward_f32",
+                row_config(self, rows),
+                &mut kargs![xp, wp, mp, rp, dyp, dxp, r, c, nc],
+            )
+        }
     }
-    if cols == 0 {
-        return Err(Error::invalid(OP, "rows of width 0"));
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let (xp, wp, mp, rp, dyp, dxp) = (x.ptr(), w.ptr(), mean.ptr(), rstd.ptr(), dy.ptr(), dx.ptr_mut());
-    let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
-    // SAFETY: layernorm_backward_f32(const float* x, const float* w, const float* mean,
-    // const float* rstd, const float* dy, float* dx, u64 rows, u64 cols, float n_cols): x, dy
-    // and dx hold rows * cols, w cols, mean and rstd rows elements (checked above); dx is
-    // distinct from the inputs (&mut); 256 threads per block.
-    unsafe {
-        cuda.launch(
-            "encoder",
-            "layernorm_backward_f32",
-            row_config(cuda, rows),
-            &mut kargs![xp, wp, mp, rp, dyp, dxp, r, c, nc],
-        )
-    }
-}
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn layernorm_param_grads<F: Real>(
-    cuda: &Cuda,
-    x: &CudaBuf<F>,
-    mean: &CudaBuf<F>,
-    rstd: &CudaBuf<F>,
-    dy: &CudaBuf<F>,
-    dw: &mut CudaBuf<F>,
-    db: &mut CudaBuf<F>,
-    rows: usize,
-    cols: usize,
-    beta: F,
-) -> Result<()> {
-    const OP: &str = "layernorm_param_grads";
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, cols)?;
-    for (what, len, need) in [
-        ("x", x.len, n),
-        ("mean", mean.len, rows),
-        ("rstd", rstd.len, rows),
-        ("dy", dy.len, n),
-        ("dw", dw.len, cols),
-        ("db", db.len, cols),
-    ] {
-        check_len(OP, what, len, need)?;
+    fn layernorm_param_grads<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        mean: &CudaBuf<F>,
+        rstd: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dw: &mut CudaBuf<F>,
+        db: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        beta: F,
+    ) -> Result<()> {
+        const OP: &str = "layernorm_param_grads";
+        require_f32::<F>(OP)?;
+        check_layernorm_param_grads(self, x, mean, rstd, dy, dw, db, rows, cols)?;
+        if cols == 0 {
+            return Ok(());
+        }
+        let (xp, mp, rp, dyp, dwp, dbp) = (x.ptr(), mean.ptr(), rstd.ptr(), dy.ptr(), dw.ptr_mut(), db.ptr_mut());
+        let (r, c, bt) = (rows as u64, cols as u64, beta.to_f64() as f32);
+        // SAFETY: layernorm_param_grads_f32(const float* x, const float* mean, const float* rstd,
+        // const float* dy, float* dw, float* db, u64 rows, u64 cols, float beta): x and dy hold
+        // rows * cols, mean and rstd rows, dw and db cols elements (checked above); dw and db are
+        // distinct (&mut); a grid-stride loop over cols.
+        unsafe {
+            self.launch(
+                "encoder",
+                "layernorm_param_grads_f32",
+                self.grid_1d(cols, 8),
+                &mut kargs![xp, mp, rp, dyp, dwp, dbp, r, c, bt],
+            )
+        }
     }
-    if cols == 0 {
-        return Ok(());
-    }
-    let (xp, mp, rp, dyp, dwp, dbp) = (x.ptr(), mean.ptr(), rstd.ptr(), dy.ptr(), dw.ptr_mut(), db.ptr_mut());
-    let (r, c, bt) = (rows as u64, cols as u64, beta.to_f64() as f32);
-    // SAFETY: layernorm_param_grads_f32(const float* x, const float* mean, const float* rstd,
-    // const float* dy, float* dw, float* db, u64 rows, u64 cols, float beta): x and dy hold
-    // rows * cols, mean and rstd rows, dw and db cols elements (checked above); dw and db are
-    // distinct (&mut); a grid-stride loop over cols.
-    unsafe {
-        cuda.launch(
-            "encoder",
-            "layernorm_param_grads_f32",
-            cuda.grid_1d(cols, 8),
-            &mut kargs![xp, mp, rp, dyp, dwp, dbp, r, c, bt],
-        )
-    }
-}
 
-/// Checks shared by the masked softmax and its backward; returns the rows `mats * t`.
-fn softmax_masked_checks(
-    op: &'static str,
-    lengths: &CudaBuf<u32>,
-    mats: usize,
-    heads: usize,
-    t: usize,
-) -> Result<usize> {
-    if heads == 0 || mats % heads != 0 {
-        return Err(Error::invalid(op, format!("{mats} matrices do not split into sequences of {heads} heads")));
+    fn softmax_masked<F: Real>(
+        &self,
+        s: &mut CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "softmax_masked";
+        require_f32::<F>(OP)?;
+        let rows = check_softmax_masked(self, s, lengths, mats, heads, t)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (sp, lp, r, tt, h) = (s.ptr_mut(), lengths.ptr(), rows as u64, t as u64, heads as u64);
+        // SAFETY: softmax_masked_f32(float* s, const u32* lengths, u64 rows, u64 t, u64 heads,
+        // float scale): s holds rows * t elements and lengths rows / t / heads = mats / heads
+        // (checked above); lengths are clamped to t by the kernel; 256 threads per block.
+        unsafe {
+            self.launch("encoder", "softmax_masked_f32", row_config(self, rows), &mut kargs![sp, lp, r, tt, h, scale])
+        }
     }
-    check_len(op, "lengths", lengths.len, mats / heads)?;
-    let rows = checked_mul(op, mats, t)?;
-    checked_mul(op, rows, t)?;
-    Ok(rows)
-}
 
-pub(super) fn softmax_masked<F: Real>(
-    cuda: &Cuda,
-    s: &mut CudaBuf<F>,
-    lengths: &CudaBuf<u32>,
-    mats: usize,
-    heads: usize,
-    t: usize,
-    scale: f32,
-) -> Result<()> {
-    const OP: &str = "softmax_masked";
-    require_f32::<F>(OP)?;
-    let rows = softmax_masked_checks(OP, lengths, mats, heads, t)?;
-    check_len(OP, "s", s.len, rows * t)?;
-    if rows == 0 {
-        return Ok(());
+    fn softmax_masked_backward<F: Real>(
+        &self,
+        p: &CudaBuf<F>,
+        dp: &CudaBuf<F>,
+        ds: &mut CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        mats: usize,
+        heads: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "softmax_masked_backward";
+        require_f32::<F>(OP)?;
+        let rows = check_softmax_masked_backward(self, p, dp, ds, lengths, mats, heads, t)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (pp, dpp, dsp, lp) = (p.ptr(), dp.ptr(), ds.ptr_mut(), lengths.ptr());
+        let (r, tt, h) = (rows as u64, t as u64, heads as u64);
+        // SAFETY: softmax_masked_backward_f32(const float* p, const float* dp, float* ds,
+        // const u32* lengths, u64 rows, u64 t, u64 heads, float scale): p, dp and ds hold
+        // rows * t elements, lengths mats / heads (checked above); ds is distinct (&mut).
+        unsafe {
+            self.launch(
+                "encoder",
+                "softmax_masked_backward_f32",
+                row_config(self, rows),
+                &mut kargs![pp, dpp, dsp, lp, r, tt, h, scale],
+            )
+        }
     }
-    let (sp, lp, r, tt, h) = (s.ptr_mut(), lengths.ptr(), rows as u64, t as u64, heads as u64);
-    // SAFETY: softmax_masked_f32(float* s, const u32* lengths, u64 rows, u64 t, u64 heads,
-    // float scale): s holds rows * t elements and lengths rows / t / heads = mats / heads
-    // (checked above); lengths are clamped to t by the kernel; 256 threads per block.
-    unsafe {
-        cuda.launch("encoder", "softmax_masked_f32", row_config(cuda, rows), &mut kargs![sp, lp, r, tt, h, scale])
-    }
-}
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn softmax_masked_backward<F: Real>(
-    cuda: &Cuda,
-    p: &CudaBuf<F>,
-    dp: &CudaBuf<F>,
-    ds: &mut CudaBuf<F>,
-    lengths: &CudaBuf<u32>,
-    mats: usize,
-    heads: usize,
-    t: usize,
-    scale: f32,
-) -> Result<()> {
-    const OP: &str = "softmax_masked_backward";
-    require_f32::<F>(OP)?;
-    let rows = softmax_masked_checks(OP, lengths, mats, heads, t)?;
-    for (what, len) in [("p", p.len), ("dp", dp.len), ("ds", ds.len)] {
-        check_len(OP, what, len, rows * t)?;
+    fn pool_rows<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        out: &mut CudaBuf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: PoolKind,
+    ) -> Result<()> {
+        const OP: &str = "pool_rows";
+        require_f32::<F>(OP)?;
+        let (pooled, _) = check_pool_rows(self, x, lengths, out, batch, t, cols)?;
+        if pooled == 0 {
+            return Ok(());
+        }
+        let (xp, lp, op, k) = (x.ptr(), lengths.ptr(), out.ptr_mut(), kind_code(kind));
+        let (b, tt, c) = (batch as u64, t as u64, cols as u64);
+        // SAFETY: pool_f32(const float* x, const u32* lengths, float* out, u64 batch, u64 t,
+        // u64 cols, u32 kind): x holds batch * t * cols, out batch * cols, lengths batch elements
+        // (checked above); rows read are below min(lengths[b], t) <= t; grid-stride over out.
+        unsafe { self.launch("encoder", "pool_f32", self.grid_1d(pooled, 8), &mut kargs![xp, lp, op, b, tt, c, k]) }
     }
-    if rows == 0 {
-        return Ok(());
-    }
-    let (pp, dpp, dsp, lp) = (p.ptr(), dp.ptr(), ds.ptr_mut(), lengths.ptr());
-    let (r, tt, h) = (rows as u64, t as u64, heads as u64);
-    // SAFETY: softmax_masked_backward_f32(const float* p, const float* dp, float* ds,
-    // const u32* lengths, u64 rows, u64 t, u64 heads, float scale): p, dp and ds hold
-    // rows * t elements, lengths mats / heads (checked above); ds is distinct (&mut).
-    unsafe {
-        cuda.launch(
-            "encoder",
-            "softmax_masked_backward_f32",
-            row_config(cuda, rows),
-            &mut kargs![pp, dpp, dsp, lp, r, tt, h, scale],
-        )
-    }
-}
 
-/// Checks shared by pooling and its backward; returns `(batch * cols, batch * t * cols)`.
-fn pool_checks(
-    op: &'static str,
-    lengths: &CudaBuf<u32>,
-    batch: usize,
-    t: usize,
-    cols: usize,
-) -> Result<(usize, usize)> {
-    check_len(op, "lengths", lengths.len, batch)?;
-    let pooled = checked_mul(op, batch, cols)?;
-    Ok((pooled, checked_mul(op, pooled, t)?))
+    fn pool_rows_backward<F: Real>(
+        &self,
+        dout: &CudaBuf<F>,
+        lengths: &CudaBuf<u32>,
+        dx: &mut CudaBuf<F>,
+        batch: usize,
+        t: usize,
+        cols: usize,
+        kind: PoolKind,
+    ) -> Result<()> {
+        const OP: &str = "pool_rows_backward";
+        require_f32::<F>(OP)?;
+        let (_, full) = check_pool_rows_backward(self, dout, lengths, dx, batch, t, cols)?;
+        if full == 0 {
+            return Ok(());
+        }
+        let (dp, lp, xp, k) = (dout.ptr(), lengths.ptr(), dx.ptr_mut(), kind_code(kind));
+        let (b, tt, c) = (batch as u64, t as u64, cols as u64);
+        // SAFETY: pool_backward_f32(const float* dout, const u32* lengths, float* dx, u64 batch,
+        // u64 t, u64 cols, u32 kind): dout holds batch * cols, dx batch * t * cols, lengths batch
+        // elements (checked above); grid-stride over dx.
+        unsafe {
+            self.launch("encoder", "pool_backward_f32", self.grid_1d(full, 8), &mut kargs![dp, lp, xp, b, tt, c, k])
+        }
+    }
 }
 
 fn kind_code(kind: PoolKind) -> u32 {
@@ -263,58 +242,4 @@ fn kind_code(kind: PoolKind) -> u32 {
         PoolKind::Mean => 0,
         PoolKind::Cls => 1,
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pool_rows<F: Real>(
-    cuda: &Cuda,
-    x: &CudaBuf<F>,
-    lengths: &CudaBuf<u32>,
-    out: &mut CudaBuf<F>,
-    batch: usize,
-    t: usize,
-    cols: usize,
-    kind: PoolKind,
-) -> Result<()> {
-    const OP: &str = "pool_rows";
-    require_f32::<F>(OP)?;
-    let (pooled, full) = pool_checks(OP, lengths, batch, t, cols)?;
-    check_len(OP, "x", x.len, full)?;
-    check_len(OP, "out", out.len, pooled)?;
-    if pooled == 0 {
-        return Ok(());
-    }
-    let (xp, lp, op, k) = (x.ptr(), lengths.ptr(), out.ptr_mut(), kind_code(kind));
-    let (b, tt, c) = (batch as u64, t as u64, cols as u64);
-    // SAFETY: pool_f32(const float* x, const u32* lengths, float* out, u64 batch, u64 t,
-    // u64 cols, u32 kind): x holds batch * t * cols, out batch * cols, lengths batch elements
-    // (checked above); rows read are below min(lengths[b], t) <= t; grid-stride over out.
-    unsafe { cuda.launch("encoder", "pool_f32", cuda.grid_1d(pooled, 8), &mut kargs![xp, lp, op, b, tt, c, k]) }
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) fn pool_rows_backward<F: Real>(
-    cuda: &Cuda,
-    dout: &CudaBuf<F>,
-    lengths: &CudaBuf<u32>,
-    dx: &mut CudaBuf<F>,
-    batch: usize,
-    t: usize,
-    cols: usize,
-    kind: PoolKind,
-) -> Result<()> {
-    const OP: &str = "pool_rows_backward";
-    require_f32::<F>(OP)?;
-    let (pooled, full) = pool_checks(OP, lengths, batch, t, cols)?;
-    check_len(OP, "dout", dout.len, pooled)?;
-    check_len(OP, "dx", dx.len, full)?;
-    if full == 0 {
-        return Ok(());
-    }
-    let (dp, lp, xp, k) = (dout.ptr(), lengths.ptr(), dx.ptr_mut(), kind_code(kind));
-    let (b, tt, c) = (batch as u64, t as u64, cols as u64);
-    // SAFETY: pool_backward_f32(const float* dout, const u32* lengths, float* dx, u64 batch,
-    // u64 t, u64 cols, u32 kind): dout holds batch * cols, dx batch * t * cols, lengths batch
-    // elements (checked above); grid-stride over dx.
-    unsafe { cuda.launch("encoder", "pool_backward_f32", cuda.grid_1d(full, 8), &mut kargs![dp, lp, xp, b, tt, c, k]) }
 }

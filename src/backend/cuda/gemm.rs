@@ -8,8 +8,12 @@
 //! (`CUBLAS_COMPUTE_32F`, the handle's default math mode: no TF32); bf16 operands use
 //! `cublasGemmEx` / `cublasGemmStridedBatchedEx` with `CUDA_R_16BF` inputs and an f32 `C`.
 //! `k = 0` is handled by a kernel (`C = beta C`, exact zeros when `beta = 0`), as on the CPU.
+//!
+//! [`crate::backend::DenseOps::gemm`] and `gemm_bf16` for CUDA (dense.rs) are the two
+//! launchers here, after the op's shared validator.
 
 use super::{cuda_err, dense, require_f32, Cuda, CudaBuf};
+use crate::backend::ops::dense::check_gemm;
 use crate::backend::Gemm;
 use crate::error::{Error, Result};
 use crate::perf::{ElemType, EventKind, GemmCompute};
@@ -18,6 +22,7 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use half::bf16;
 use std::ffi::c_void;
 
+/// [`crate::backend::DenseOps::gemm`].
 pub(super) fn gemm<F: Real>(
     cuda: &Cuda,
     spec: &Gemm,
@@ -26,10 +31,11 @@ pub(super) fn gemm<F: Real>(
     c: &mut CudaBuf<F>,
 ) -> Result<()> {
     require_f32::<F>("gemm")?;
-    spec.validate(a.len, b.len, c.len)?;
+    check_gemm(cuda, spec, a, b, c)?;
     run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::F32)
 }
 
+/// [`crate::backend::DenseOps::gemm_bf16`].
 pub(super) fn gemm_bf16<F: Real>(
     cuda: &Cuda,
     spec: &Gemm,
@@ -38,7 +44,7 @@ pub(super) fn gemm_bf16<F: Real>(
     c: &mut CudaBuf<F>,
 ) -> Result<()> {
     require_f32::<F>("gemm_bf16")?;
-    spec.validate(a.len, b.len, c.len)?;
+    check_gemm(cuda, spec, a, b, c)?;
     run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::Bf16)
 }
 

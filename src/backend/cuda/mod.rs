@@ -21,19 +21,23 @@
 //!   reports it (once) as [`Error::InvalidArgument`] naming the op. Ops that read results
 //!   back anyway (`nonzero_rows_cols`, `coo_compact_rows`, `topk_coo`) check their own
 //!   inputs on the device and fail right away.
+//! - Layout: this file holds the buffers, the context and the launch helpers; memory.rs the
+//!   memory ops; each op family its own file (dense.rs with gemm.rs, transformer.rs,
+//!   encoder.rs, sparse.rs, topk.rs, optim.rs), every op calling its shared validator
+//!   (`backend::ops`) before it launches anything.
 
 mod consts;
 mod dense;
 mod encoder;
 mod gemm;
-mod ops;
+mod memory;
 mod optim;
 mod profile;
 mod sparse;
 mod topk;
 mod transformer;
 
-use crate::error::{Error, Result};
+use crate::error::{checked_mul, Error, Result};
 use crate::scalar::Elem;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::CUdevice_attribute;
@@ -180,11 +184,6 @@ fn require_f32<F: Elem>(op: &'static str) -> Result<()> {
     } else {
         Err(Error::UnsupportedDtype { op, dtype: F::NAME, backend: "cuda" })
     }
-}
-
-/// `a * b`, or an error naming the op when it overflows.
-fn checked_mul(op: &'static str, a: usize, b: usize) -> Result<usize> {
-    a.checked_mul(b).ok_or_else(|| Error::invalid(op, format!("size {a} x {b} overflows")))
 }
 
 /// Kernel parameters: the address of each argument, in order. Every argument must have

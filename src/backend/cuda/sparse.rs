@@ -1,8 +1,10 @@
-//! Launchers of cuda/sparse.cu: nonzero rows/columns with their compaction, row and block
-//! gathers, and the COO helpers. Same checks as src/backend/cpu/sparse.rs; index checks the
-//! CPU does on the host are done by the kernels (see the module docs of `cuda`).
+//! [`SparseOps`] for CUDA: the launchers of cuda/sparse.cu (nonzero rows/columns with their
+//! compaction, row and block gathers, and the COO helpers), each after the op's shared
+//! validator; index checks the CPU does on the host are done by the kernels (see the module
+//! docs of `cuda`).
 
-use super::{checked_mul, kargs, require_f32, Cuda, CudaBuf, THREADS, TILE};
+use super::{kargs, require_f32, Cuda, CudaBuf, THREADS, TILE};
+use crate::backend::ops::sparse::*;
 use crate::backend::{Coo, NonzeroBlock};
 use crate::error::{check_len, Error, Result};
 use crate::scalar::{Elem, Real};
@@ -36,251 +38,218 @@ fn compact_flags(cuda: &Cuda, flags: u64, n: usize, tiles: u64, total: u64, out:
     unsafe { cuda.launch("sparse", "flags_tile_scatter", cfg, &mut kargs![flags, n64, tiles, out]) }
 }
 
-fn check_u32_dim(op: &'static str, what: &str, v: usize) -> Result<()> {
-    if v > u32::MAX as usize {
-        return Err(Error::invalid(op, format!("{what} = {v} exceeds the u32 index range")));
+impl SparseOps for Cuda {
+    fn nonzero_rows_cols<F: Real>(
+        &self,
+        m: &CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        threshold_rel: F,
+        row_idx: &mut CudaBuf<u32>,
+        col_idx: &mut CudaBuf<u32>,
+    ) -> Result<NonzeroBlock<F>> {
+        const OP: &str = "nonzero_rows_cols";
+        require_f32::<F>(OP)?;
+        let n = check_nonzero_rows_cols(self, m, rows, cols, threshold_rel, row_idx, col_idx)?;
+        let rel = threshold_rel.to_f64() as f32;
+        let mut scratch = self.lock_scratch();
+        // status: [0] max |m| bits, [1] row count, [2] column count.
+        let status = scratch.status.ptr();
+        let (max_bits, n_rows_p, n_cols_p) = (status, status + 8, status + 16);
+        // arena: row flags (u32), column flags (u32), row tiles (u64), column tiles (u64).
+        let (rf_words, cf_words) = (rows.div_ceil(2), cols.div_ceil(2));
+        let (rt_words, ct_words) = (rows.div_ceil(TILE), cols.div_ceil(TILE));
+        let arena = self.arena(&mut scratch, rf_words + cf_words + rt_words + ct_words)?;
+        let row_flags = arena;
+        let col_flags = row_flags + 8 * rf_words as u64;
+        let row_tiles = col_flags + 8 * cf_words as u64;
+        let col_tiles = row_tiles + 8 * rt_words as u64;
+        self.memset_zero(status, 3 * 8)?;
+        self.memset_zero(arena, 8 * (rf_words + cf_words))?;
+        if n > 0 {
+            let n64 = n as u64;
+            // SAFETY: max_abs_f32(const float* m, u64 n, u32* max_bits): m holds n elements.
+            unsafe {
+                self.launch("sparse", "max_abs_f32", self.grid_1d(n, PER_SM), &mut kargs![m.ptr(), n64, max_bits])
+            }?;
+            let cfg = self.grid_2d(rows, cols, THREADS, i32::MAX as u32);
+            let (mp, r, c) = (m.ptr(), rows as u64, cols as u64);
+            // SAFETY: nonzero_flags_f32(const float* m, u64 rows, u64 cols, const u32* max_bits,
+            // float threshold_rel, u32* row_flags, u32* col_flags): grid.x * 256 >= cols (the
+            // kernel does not stride columns); flags hold rows and cols words.
+            unsafe {
+                self.launch(
+                    "sparse",
+                    "nonzero_flags_f32",
+                    cfg,
+                    &mut kargs![mp, r, c, max_bits, rel, row_flags, col_flags],
+                )
+            }?;
+        }
+        compact_flags(self, row_flags, rows, row_tiles, n_rows_p, row_idx.ptr_mut())?;
+        compact_flags(self, col_flags, cols, col_tiles, n_cols_p, col_idx.ptr_mut())?;
+        let mut out = [0u64; 3];
+        self.read_device(status, &mut out)?;
+        let max_abs = f32::from_bits(out[0] as u32);
+        let t = rel * max_abs;
+        Ok(NonzeroBlock { n_rows: out[1] as usize, n_cols: out[2] as usize, abs_threshold: F::from_f64(t as f64) })
     }
-    Ok(())
-}
 
-pub(super) fn nonzero_rows_cols<F: Real>(
-    cuda: &Cuda,
-    m: &CudaBuf<F>,
-    rows: usize,
-    cols: usize,
-    threshold_rel: F,
-    row_idx: &mut CudaBuf<u32>,
-    col_idx: &mut CudaBuf<u32>,
-) -> Result<NonzeroBlock<F>> {
-    const OP: &str = "nonzero_rows_cols";
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, cols)?;
-    check_len(OP, "m", m.len, n)?;
-    check_len(OP, "row_idx", row_idx.len, rows)?;
-    check_len(OP, "col_idx", col_idx.len, cols)?;
-    if !(threshold_rel >= F::ZERO && threshold_rel <= F::ONE) {
-        return Err(Error::invalid(OP, format!("threshold {threshold_rel:?} outside [0, 1]")));
+    fn gather_rows<T: Elem>(
+        &self,
+        src: &CudaBuf<T>,
+        src_rows: usize,
+        cols: usize,
+        row_idx: &CudaBuf<u32>,
+        n_idx: usize,
+        dst: &mut CudaBuf<T>,
+    ) -> Result<()> {
+        const OP: &str = "gather_rows";
+        let name = match (T::NAME, std::mem::size_of::<T>()) {
+            ("f64", _) => return Err(Error::UnsupportedDtype { op: OP, dtype: T::NAME, backend: "cuda" }),
+            (_, 4) => "gather_rows_f32",
+            (_, 2) => "gather_rows_bf16",
+            (_, 1) => "gather_rows_u8",
+            _ => return Err(Error::UnsupportedDtype { op: OP, dtype: T::NAME, backend: "cuda" }),
+        };
+        check_gather_rows(self, src, src_rows, cols, row_idx, n_idx, dst)?;
+        if n_idx == 0 || cols == 0 {
+            return Ok(());
+        }
+        let cfg = self.grid_2d(n_idx, cols, THREADS, 1024);
+        let (s, sr, c, ri, ni, d, err) =
+            (src.ptr(), src_rows as u64, cols as u64, row_idx.ptr(), n_idx as u64, dst.ptr_mut(), self.errors.ptr());
+        // SAFETY: gather_rows_*(const T* src, u64 src_rows, u64 cols, const u32* row_idx,
+        // u64 n_idx, T* dst, u32* err) with T of size_of::<T>() bytes: src holds src_rows * cols,
+        // dst n_idx * cols, row_idx n_idx elements; rows >= src_rows are not read (err bit set).
+        unsafe { self.launch("sparse", name, cfg, &mut kargs![s, sr, c, ri, ni, d, err]) }
     }
-    check_u32_dim(OP, "rows", rows)?;
-    check_u32_dim(OP, "cols", cols)?;
-    let rel = threshold_rel.to_f64() as f32;
-    let mut scratch = cuda.lock_scratch();
-    // status: [0] max |m| bits, [1] row count, [2] column count.
-    let status = scratch.status.ptr();
-    let (max_bits, n_rows_p, n_cols_p) = (status, status + 8, status + 16);
-    // arena: row flags (u32), column flags (u32), row tiles (u64), column tiles (u64).
-    let (rf_words, cf_words) = (rows.div_ceil(2), cols.div_ceil(2));
-    let (rt_words, ct_words) = (rows.div_ceil(TILE), cols.div_ceil(TILE));
-    let arena = cuda.arena(&mut scratch, rf_words + cf_words + rt_words + ct_words)?;
-    let row_flags = arena;
-    let col_flags = row_flags + 8 * rf_words as u64;
-    let row_tiles = col_flags + 8 * cf_words as u64;
-    let col_tiles = row_tiles + 8 * rt_words as u64;
-    cuda.memset_zero(status, 3 * 8)?;
-    cuda.memset_zero(arena, 8 * (rf_words + cf_words))?;
-    if n > 0 {
-        let n64 = n as u64;
-        // SAFETY: max_abs_f32(const float* m, u64 n, u32* max_bits): m holds n elements.
-        unsafe { cuda.launch("sparse", "max_abs_f32", cuda.grid_1d(n, PER_SM), &mut kargs![m.ptr(), n64, max_bits]) }?;
-        let cfg = cuda.grid_2d(rows, cols, THREADS, i32::MAX as u32);
-        let (mp, r, c) = (m.ptr(), rows as u64, cols as u64);
-        // SAFETY: nonzero_flags_f32(const float* m, u64 rows, u64 cols, const u32* max_bits,
-        // float threshold_rel, u32* row_flags, u32* col_flags): grid.x * 256 >= cols (the
-        // kernel does not stride columns); flags hold rows and cols words.
+
+    fn gather_block<F: Real>(
+        &self,
+        src: &CudaBuf<F>,
+        src_rows: usize,
+        src_cols: usize,
+        row_idx: &CudaBuf<u32>,
+        n_rows: usize,
+        col_idx: &CudaBuf<u32>,
+        n_cols: usize,
+        abs_threshold: F,
+        dst: &mut CudaBuf<F>,
+    ) -> Result<()> {
+        const OP: &str = "gather_block";
+        require_f32::<F>(OP)?;
+        check_gather_block(self, src, src_rows, src_cols, row_idx, n_rows, col_idx, n_cols, dst)?;
+        if n_rows == 0 || n_cols == 0 {
+            return Ok(());
+        }
+        let cfg = self.grid_2d(n_rows, n_cols, THREADS, 1024);
+        let (s, sr, sc, ri, nr) = (src.ptr(), src_rows as u64, src_cols as u64, row_idx.ptr(), n_rows as u64);
+        let (ci, nc, t, d, err) =
+            (col_idx.ptr(), n_cols as u64, abs_threshold.to_f64() as f32, dst.ptr_mut(), self.errors.ptr());
+        // SAFETY: gather_block_f32(const float* src, u64 src_rows, u64 src_cols, const u32*
+        // row_idx, u64 n_rows, const u32* col_idx, u64 n_cols, float abs_threshold, float* dst,
+        // u32* err): buffers checked above; out-of-range indices are not read (err bit set).
+        unsafe { self.launch("sparse", "gather_block_f32", cfg, &mut kargs![s, sr, sc, ri, nr, ci, nc, t, d, err]) }
+    }
+
+    fn coo_scatter_add<F: Real>(&self, coo: &Coo<Cuda, F>, alpha: F, dense: &mut CudaBuf<F>) -> Result<()> {
+        const OP: &str = "coo_scatter_add";
+        require_f32::<F>(OP)?;
+        check_coo_scatter_add(self, coo, dense)?;
+        let (rows, cols) = coo.shape;
+        if coo.len == 0 {
+            return Ok(());
+        }
+        let (rp, cp, vp, len) = (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64);
+        let (r, c, a, d, err) = (rows as u64, cols as u64, alpha.to_f64() as f32, dense.ptr_mut(), self.errors.ptr());
+        // SAFETY: coo_scatter_add_f32(const u32* rows, const u32* cols, const float* values,
+        // u64 len, u64 n_rows, u64 n_cols, float alpha, float* dense, u32* err): the COO buffers
+        // hold len entries, dense rows * cols; entries outside the matrix are skipped.
         unsafe {
-            cuda.launch("sparse", "nonzero_flags_f32", cfg, &mut kargs![mp, r, c, max_bits, rel, row_flags, col_flags])
-        }?;
+            self.launch(
+                "sparse",
+                "coo_scatter_add_f32",
+                self.grid_1d(coo.len, PER_SM),
+                &mut kargs![rp, cp, vp, len, r, c, a, d, err],
+            )
+        }
     }
-    compact_flags(cuda, row_flags, rows, row_tiles, n_rows_p, row_idx.ptr_mut())?;
-    compact_flags(cuda, col_flags, cols, col_tiles, n_cols_p, col_idx.ptr_mut())?;
-    let mut out = [0u64; 3];
-    cuda.read_device(status, &mut out)?;
-    let max_abs = f32::from_bits(out[0] as u32);
-    let t = rel * max_abs;
-    Ok(NonzeroBlock { n_rows: out[1] as usize, n_cols: out[2] as usize, abs_threshold: F::from_f64(t as f64) })
-}
 
-pub(super) fn gather_rows<T: Elem>(
-    cuda: &Cuda,
-    src: &CudaBuf<T>,
-    src_rows: usize,
-    cols: usize,
-    row_idx: &CudaBuf<u32>,
-    n_idx: usize,
-    dst: &mut CudaBuf<T>,
-) -> Result<()> {
-    const OP: &str = "gather_rows";
-    let name = match (T::NAME, std::mem::size_of::<T>()) {
-        ("f64", _) => return Err(Error::UnsupportedDtype { op: OP, dtype: T::NAME, backend: "cuda" }),
-        (_, 4) => "gather_rows_f32",
-        (_, 2) => "gather_rows_bf16",
-        (_, 1) => "gather_rows_u8",
-        _ => return Err(Error::UnsupportedDtype { op: OP, dtype: T::NAME, backend: "cuda" }),
-    };
-    check_len(OP, "src", src.len, checked_mul(OP, src_rows, cols)?)?;
-    check_len(OP, "row_idx", row_idx.len, n_idx)?;
-    check_len(OP, "dst", dst.len, checked_mul(OP, n_idx, cols)?)?;
-    if n_idx == 0 || cols == 0 {
-        return Ok(());
+    fn coo_compact_rows<F: Real>(
+        &self,
+        coo: &Coo<Cuda, F>,
+        unique_rows: &mut CudaBuf<u32>,
+        slot: &mut CudaBuf<u32>,
+    ) -> Result<usize> {
+        const OP: &str = "coo_compact_rows";
+        require_f32::<F>(OP)?;
+        check_coo_compact_rows(self, coo, slot)?;
+        if coo.len == 0 {
+            return Ok(0);
+        }
+        let mut scratch = self.lock_scratch();
+        // status: [0] number of distinct rows, [1] error bits (SG_COMPACT_* in sparse.cu).
+        let status = scratch.status.ptr();
+        let n_tiles = coo.len.div_ceil(TILE);
+        let tiles = self.arena(&mut scratch, n_tiles)?;
+        self.memset_zero(status, 2 * 8)?;
+        let cfg = Cuda::grid_tiles(coo.len);
+        let (rp, cp, len, nr, nc) =
+            (coo.rows.ptr(), coo.cols.ptr(), coo.len as u64, coo.shape.0 as u64, coo.shape.1 as u64);
+        // SAFETY: coo_rows_tile_count(const u32* rows, const u32* cols, u64 len, u64 n_rows,
+        // u64 n_cols, u64* tiles, u64* status): reads len entries, writes n_tiles words and
+        // status[1].
+        unsafe { self.launch("sparse", "coo_rows_tile_count", cfg, &mut kargs![rp, cp, len, nr, nc, tiles, status]) }?;
+        scan_tiles(self, tiles, n_tiles, status)?;
+        let (ur, cap, sp) = (unique_rows.ptr_mut(), unique_rows.len as u64, slot.ptr_mut());
+        // SAFETY: coo_rows_scatter(const u32* rows, u64 len, const u64* tiles, u32* unique_rows,
+        // u64 unique_cap, u32* slot, u64* status): writes slot[..len] (checked) and
+        // unique_rows[..cap] only (larger positions set an error bit instead).
+        unsafe { self.launch("sparse", "coo_rows_scatter", cfg, &mut kargs![rp, len, tiles, ur, cap, sp, status]) }?;
+        let mut out = [0u64; 2];
+        self.read_device(status, &mut out)?;
+        let (n, bits) = (out[0] as usize, out[1]);
+        if bits & 2 != 0 {
+            return Err(Error::invalid(OP, format!("a COO entry lies outside {}x{}", coo.shape.0, coo.shape.1)));
+        }
+        if bits & 1 != 0 {
+            return Err(Error::invalid(OP, "COO rows are not sorted"));
+        }
+        check_len(OP, "unique_rows", unique_rows.len, n)?;
+        Ok(n)
     }
-    let cfg = cuda.grid_2d(n_idx, cols, THREADS, 1024);
-    let (s, sr, c, ri, ni, d, err) =
-        (src.ptr(), src_rows as u64, cols as u64, row_idx.ptr(), n_idx as u64, dst.ptr_mut(), cuda.errors.ptr());
-    // SAFETY: gather_rows_*(const T* src, u64 src_rows, u64 cols, const u32* row_idx,
-    // u64 n_idx, T* dst, u32* err) with T of size_of::<T>() bytes: src holds src_rows * cols,
-    // dst n_idx * cols, row_idx n_idx elements; rows >= src_rows are not read (err bit set).
-    unsafe { cuda.launch("sparse", name, cfg, &mut kargs![s, sr, c, ri, ni, d, err]) }
-}
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn gather_block<F: Real>(
-    cuda: &Cuda,
-    src: &CudaBuf<F>,
-    src_rows: usize,
-    src_cols: usize,
-    row_idx: &CudaBuf<u32>,
-    n_rows: usize,
-    col_idx: &CudaBuf<u32>,
-    n_cols: usize,
-    abs_threshold: F,
-    dst: &mut CudaBuf<F>,
-) -> Result<()> {
-    const OP: &str = "gather_block";
-    require_f32::<F>(OP)?;
-    check_len(OP, "src", src.len, checked_mul(OP, src_rows, src_cols)?)?;
-    check_len(OP, "row_idx", row_idx.len, n_rows)?;
-    check_len(OP, "col_idx", col_idx.len, n_cols)?;
-    check_len(OP, "dst", dst.len, checked_mul(OP, n_rows, n_cols)?)?;
-    if n_rows == 0 || n_cols == 0 {
-        return Ok(());
-    }
-    let cfg = cuda.grid_2d(n_rows, n_cols, THREADS, 1024);
-    let (s, sr, sc, ri, nr) = (src.ptr(), src_rows as u64, src_cols as u64, row_idx.ptr(), n_rows as u64);
-    let (ci, nc, t, d, err) =
-        (col_idx.ptr(), n_cols as u64, abs_threshold.to_f64() as f32, dst.ptr_mut(), cuda.errors.ptr());
-    // SAFETY: gather_block_f32(const float* src, u64 src_rows, u64 src_cols, const u32*
-    // row_idx, u64 n_rows, const u32* col_idx, u64 n_cols, float abs_threshold, float* dst,
-    // u32* err): buffers checked above; out-of-range indices are not read (err bit set).
-    unsafe { cuda.launch("sparse", "gather_block_f32", cfg, &mut kargs![s, sr, sc, ri, nr, ci, nc, t, d, err]) }
-}
-
-/// Length checks of a COO list's buffers (bounds are checked by the kernels).
-pub(super) fn check_coo_lens<F: Real>(op: &'static str, coo: &Coo<Cuda, F>) -> Result<()> {
-    check_len(op, "coo.rows", coo.rows.len, coo.len)?;
-    check_len(op, "coo.cols", coo.cols.len, coo.len)?;
-    check_len(op, "coo.values", coo.values.len, coo.len)
-}
-
-pub(super) fn coo_scatter_add<F: Real>(
-    cuda: &Cuda,
-    coo: &Coo<Cuda, F>,
-    alpha: F,
-    dense: &mut CudaBuf<F>,
-) -> Result<()> {
-    const OP: &str = "coo_scatter_add";
-    require_f32::<F>(OP)?;
-    check_coo_lens(OP, coo)?;
-    let (rows, cols) = coo.shape;
-    check_len(OP, "dense", dense.len, checked_mul(OP, rows, cols)?)?;
-    if coo.len == 0 {
-        return Ok(());
-    }
-    let (rp, cp, vp, len) = (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64);
-    let (r, c, a, d, err) = (rows as u64, cols as u64, alpha.to_f64() as f32, dense.ptr_mut(), cuda.errors.ptr());
-    // SAFETY: coo_scatter_add_f32(const u32* rows, const u32* cols, const float* values,
-    // u64 len, u64 n_rows, u64 n_cols, float alpha, float* dense, u32* err): the COO buffers
-    // hold len entries, dense rows * cols; entries outside the matrix are skipped.
-    unsafe {
-        cuda.launch(
-            "sparse",
-            "coo_scatter_add_f32",
-            cuda.grid_1d(coo.len, PER_SM),
-            &mut kargs![rp, cp, vp, len, r, c, a, d, err],
-        )
-    }
-}
-
-pub(super) fn coo_compact_rows<F: Real>(
-    cuda: &Cuda,
-    coo: &Coo<Cuda, F>,
-    unique_rows: &mut CudaBuf<u32>,
-    slot: &mut CudaBuf<u32>,
-) -> Result<usize> {
-    const OP: &str = "coo_compact_rows";
-    require_f32::<F>(OP)?;
-    check_coo_lens(OP, coo)?;
-    check_len(OP, "slot", slot.len, coo.len)?;
-    if coo.len == 0 {
-        return Ok(0);
-    }
-    let mut scratch = cuda.lock_scratch();
-    // status: [0] number of distinct rows, [1] error bits (SG_COMPACT_* in sparse.cu).
-    let status = scratch.status.ptr();
-    let n_tiles = coo.len.div_ceil(TILE);
-    let tiles = cuda.arena(&mut scratch, n_tiles)?;
-    cuda.memset_zero(status, 2 * 8)?;
-    let cfg = Cuda::grid_tiles(coo.len);
-    let (rp, cp, len, nr, nc) =
-        (coo.rows.ptr(), coo.cols.ptr(), coo.len as u64, coo.shape.0 as u64, coo.shape.1 as u64);
-    // SAFETY: coo_rows_tile_count(const u32* rows, const u32* cols, u64 len, u64 n_rows,
-    // u64 n_cols, u64* tiles, u64* status): reads len entries, writes n_tiles words and
-    // status[1].
-    unsafe { cuda.launch("sparse", "coo_rows_tile_count", cfg, &mut kargs![rp, cp, len, nr, nc, tiles, status]) }?;
-    scan_tiles(cuda, tiles, n_tiles, status)?;
-    let (ur, cap, sp) = (unique_rows.ptr_mut(), unique_rows.len as u64, slot.ptr_mut());
-    // SAFETY: coo_rows_scatter(const u32* rows, u64 len, const u64* tiles, u32* unique_rows,
-    // u64 unique_cap, u32* slot, u64* status): writes slot[..len] (checked) and
-    // unique_rows[..cap] only (larger positions set an error bit instead).
-    unsafe { cuda.launch("sparse", "coo_rows_scatter", cfg, &mut kargs![rp, len, tiles, ur, cap, sp, status]) }?;
-    let mut out = [0u64; 2];
-    cuda.read_device(status, &mut out)?;
-    let (n, bits) = (out[0] as usize, out[1]);
-    if bits & 2 != 0 {
-        return Err(Error::invalid(OP, format!("a COO entry lies outside {}x{}", coo.shape.0, coo.shape.1)));
-    }
-    if bits & 1 != 0 {
-        return Err(Error::invalid(OP, "COO rows are not sorted"));
-    }
-    check_len(OP, "unique_rows", unique_rows.len, n)?;
-    Ok(n)
-}
-
-pub(super) fn coo_dense_t<F: Real>(
-    cuda: &Cuda,
-    coo: &Coo<Cuda, F>,
-    slot: &CudaBuf<u32>,
-    n_slots: usize,
-    b: &CudaBuf<F>,
-    b_rows: usize,
-    out: &mut CudaBuf<F>,
-) -> Result<()> {
-    const OP: &str = "coo_dense_t";
-    require_f32::<F>(OP)?;
-    check_coo_lens(OP, coo)?;
-    let b_cols = coo.shape.1;
-    check_len(OP, "slot", slot.len, coo.len)?;
-    if n_slots == 0 && coo.len > 0 {
-        return Err(Error::invalid(OP, "slot[0] out of range 0..0"));
-    }
-    check_len(OP, "b", b.len, checked_mul(OP, b_rows, b_cols)?)?;
-    let out_len = checked_mul(OP, b_rows, n_slots)?;
-    check_len(OP, "out", out.len, out_len)?;
-    cuda.memset_zero(out.ptr_mut(), out_len * std::mem::size_of::<f32>())?;
-    if coo.len == 0 || b_rows == 0 {
-        return Ok(());
-    }
-    const CHUNK: usize = super::consts::CDT_CHUNK;
-    let gx = coo.len.div_ceil(CHUNK);
-    let gy = (cuda.sm_count as usize * 8).div_ceil(gx).clamp(1, b_rows.min(65535));
-    let cfg = LaunchConfig { grid_dim: (gx as u32, gy as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
-    let (rp, cp, vp, sp, len) = (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), slot.ptr(), coo.len as u64);
-    let (nr, bc, ns, bp, br) = (coo.shape.0 as u64, b_cols as u64, n_slots as u64, b.ptr(), b_rows as u64);
-    let (op, err) = (out.ptr_mut(), cuda.errors.ptr());
-    // SAFETY: coo_dense_t_f32(const u32* rows, const u32* cols, const float* values, const u32*
-    // slot, u64 len, u64 n_rows, u64 b_cols, u64 n_slots, const float* b, u64 b_rows, float*
-    // out, u32* err): COO and slot hold len entries, b b_rows * b_cols, out b_rows * n_slots;
-    // entries with cols >= b_cols or slot >= n_slots are skipped. gx = ceil(len / 2048) blocks.
-    unsafe {
-        cuda.launch("sparse", "coo_dense_t_f32", cfg, &mut kargs![rp, cp, vp, sp, len, nr, bc, ns, bp, br, op, err])
+    fn coo_dense_t<F: Real>(
+        &self,
+        coo: &Coo<Cuda, F>,
+        slot: &CudaBuf<u32>,
+        n_slots: usize,
+        b: &CudaBuf<F>,
+        b_rows: usize,
+        out: &mut CudaBuf<F>,
+    ) -> Result<()> {
+        const OP: &str = "coo_dense_t";
+        require_f32::<F>(OP)?;
+        let out_len = check_coo_dense_t(self, coo, slot, n_slots, b, b_rows, out)?;
+        let b_cols = coo.shape.1;
+        self.memset_zero(out.ptr_mut(), out_len * std::mem::size_of::<f32>())?;
+        if coo.len == 0 || b_rows == 0 {
+            return Ok(());
+        }
+        const CHUNK: usize = super::consts::CDT_CHUNK;
+        let gx = coo.len.div_ceil(CHUNK);
+        let gy = (self.sm_count as usize * 8).div_ceil(gx).clamp(1, b_rows.min(65535));
+        let cfg = LaunchConfig { grid_dim: (gx as u32, gy as u32, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (rp, cp, vp, sp, len) = (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), slot.ptr(), coo.len as u64);
+        let (nr, bc, ns, bp, br) = (coo.shape.0 as u64, b_cols as u64, n_slots as u64, b.ptr(), b_rows as u64);
+        let (op, err) = (out.ptr_mut(), self.errors.ptr());
+        // SAFETY: coo_dense_t_f32(const u32* rows, const u32* cols, const float* values, const u32*
+        // slot, u64 len, u64 n_rows, u64 b_cols, u64 n_slots, const float* b, u64 b_rows, float*
+        // out, u32* err): COO and slot hold len entries, b b_rows * b_cols, out b_rows * n_slots;
+        // entries with cols >= b_cols or slot >= n_slots are skipped. gx = ceil(len / 2048) blocks.
+        unsafe {
+            self.launch("sparse", "coo_dense_t_f32", cfg, &mut kargs![rp, cp, vp, sp, len, nr, bc, ns, bp, br, op, err])
+        }
     }
 }

@@ -9,9 +9,10 @@
 //! compaction are queued without waiting.
 
 use super::sparse::scan_tiles;
-use super::{checked_mul, kargs, require_f32, Cuda, CudaBuf, TILE};
+use super::{kargs, require_f32, Cuda, CudaBuf, TILE};
+use crate::backend::ops::topk::*;
 use crate::backend::{Coo, IndexMaps};
-use crate::error::{check_len, Error, Result};
+use crate::error::{Error, Result};
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
 
@@ -27,7 +28,7 @@ const S_TOTAL: usize = 7;
 /// Blocks per multiprocessor of the histogram passes (each holds 2048 shared bins).
 const HIST_PER_SM: u32 = 4;
 
-/// Scratch of [`crate::Backend::topk_coo`] on the GPU: the state block, three histograms
+/// Scratch of [`TopkOps::topk_coo`] on the GPU: the state block, three histograms
 /// and one u64 per tile of 4096 entries, allocated once by `topk_workspace(max_len)`.
 pub struct CudaTopkWorkspace {
     max_len: usize,
@@ -47,146 +48,143 @@ impl std::fmt::Debug for CudaTopkWorkspace {
     }
 }
 
-pub(super) fn workspace(cuda: &Cuda, max_len: usize) -> Result<CudaTopkWorkspace> {
-    if max_len > u32::MAX as usize {
-        return Err(Error::invalid("topk_workspace", format!("max_len = {max_len} exceeds the u32 index range")));
-    }
-    let tiles = max_len.div_ceil(TILE).max(1);
-    let buf = cuda.alloc_buf::<u64>(STATE_WORDS + HIST_WORDS + tiles, true)?;
-    Ok(CudaTopkWorkspace { max_len, buf })
-}
-
 const OP: &str = "topk_coo";
 
-/// Checks a map's length (its order and bounds are checked on the device); returns its
-/// address, or 0 for no map.
-fn map_ptr(what: &str, map: Option<&CudaBuf<u32>>, n: usize, full: usize) -> Result<u64> {
-    let Some(map) = map else {
-        if n != full {
-            return Err(Error::shape(OP, format!("{what} (no map given)"), full, n));
-        }
-        return Ok(0);
-    };
-    check_len(OP, what, map.len, n)?;
-    Ok(map.ptr())
+/// A map's device address (its order and bounds are checked on the device), or 0 for none.
+fn map_ptr(map: Option<&CudaBuf<u32>>) -> u64 {
+    map.map_or(0, |map| map.ptr())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn topk_coo<F: Real>(
-    cuda: &Cuda,
-    m: &CudaBuf<F>,
-    rows: usize,
-    cols: usize,
-    k: usize,
-    maps: &IndexMaps<'_, Cuda>,
-    ws: &mut CudaTopkWorkspace,
-    out: &mut Coo<Cuda, F>,
-) -> Result<()> {
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, cols)?;
-    check_len(OP, "m", m.len, n)?;
-    let (full_rows, full_cols) = maps.full_shape;
-    let row_map = map_ptr("row_map", maps.row_map, rows, full_rows)?;
-    let col_map = map_ptr("col_map", maps.col_map, cols, full_cols)?;
-    let full_len = checked_mul(OP, full_rows, full_cols)?;
-    if k > full_len {
-        return Err(Error::invalid(
-            OP,
-            format!("k = {k} exceeds the {full_len} entries of a {full_rows}x{full_cols} matrix"),
-        ));
-    }
-    if n > ws.max_len {
-        return Err(Error::invalid(OP, format!("{n} entries exceed the workspace size {}", ws.max_len)));
-    }
-    check_len(OP, "out (capacity)", out.capacity.min(out.values.len).min(out.rows.len).min(out.cols.len), k)?;
-    if full_rows > u32::MAX as usize || full_cols > u32::MAX as usize {
-        return Err(Error::invalid(OP, format!("a {full_rows}x{full_cols} matrix exceeds the u32 index range")));
+impl TopkOps for Cuda {
+    type TopkWorkspace = CudaTopkWorkspace;
+
+    fn topk_workspace(&self, max_len: usize) -> Result<CudaTopkWorkspace> {
+        check_topk_workspace(max_len)?;
+        let tiles = max_len.div_ceil(TILE).max(1);
+        let buf = self.alloc_buf::<u64>(STATE_WORDS + HIST_WORDS + tiles, true)?;
+        Ok(CudaTopkWorkspace { max_len, buf })
     }
 
-    let state = ws.buf.ptr();
-    let hist = state + 8 * STATE_WORDS as u64;
-    let tiles = hist + 8 * HIST_WORDS as u64;
-    let one_block =
-        |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-    let (mp, k64) = (m.ptr(), k as u64);
+    fn topk_coo<F: Real>(
+        &self,
+        m: &CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        maps: &IndexMaps<'_, Cuda>,
+        ws: &mut CudaTopkWorkspace,
+        out: &mut Coo<Cuda, F>,
+    ) -> Result<()> {
+        require_f32::<F>(OP)?;
+        let n = check_topk_coo(self, m, rows, cols, k, maps, ws.max_len, out)?;
+        let (full_rows, full_cols) = maps.full_shape;
+        let (row_map, col_map) = (map_ptr(maps.row_map), map_ptr(maps.col_map));
 
-    // SAFETY: topk_init(u64* state, u32* hist, u64 k): writes the 16 state words and the
-    // 3 x 2048 bins that follow them in the workspace buffer.
-    unsafe { cuda.launch("topk", "topk_init", one_block(1024), &mut kargs![state, hist, k64]) }?;
-    for (map, len, full, bit) in [(row_map, rows, full_rows, 1u64), (col_map, cols, full_cols, 2u64)] {
-        if map != 0 && len > 0 {
-            let (l, f) = (len as u64, full as u64);
-            // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit):
-            // the map holds `len` entries (checked by map_ptr).
-            unsafe {
-                cuda.launch("topk", "topk_check_map", cuda.grid_1d(len, 16), &mut kargs![map, l, f, state, bit])
-            }?;
-        }
-    }
-    if n > 0 {
-        hist_pass(cuda, mp, n, 0, state, hist)?;
-    }
-    let mut head = [0u64; STATE_WORDS];
-    cuda.read_device(state, &mut head)?;
-    if head[S_MAP_ERR] & 1 != 0 {
-        return Err(Error::invalid(OP, format!("row_map must be strictly increasing and below {full_rows}")));
-    }
-    if head[S_MAP_ERR] & 2 != 0 {
-        return Err(Error::invalid(OP, format!("col_map must be strictly increasing and below {full_cols}")));
-    }
-    if head[S_NONFINITE] > 0 {
-        return Err(Error::NonFinite {
-            what: "matrix passed to top-k selection".into(),
-            count: head[S_NONFINITE] as usize,
-            first_index: head[S_FIRST] as usize,
-        });
-    }
-    out.shape = maps.full_shape;
-    out.len = 0;
-    if k == 0 {
-        return Ok(());
-    }
-    let nnz = head[S_NNZ] as usize;
-    let (o_rows, o_cols, o_vals) = (out.rows.ptr_mut(), out.cols.ptr_mut(), out.values.ptr_mut());
-    let compaction =
-        Compaction { cuda, m: mp, n, cols, state, tiles, row_map, col_map, full_cols, out: (o_rows, o_cols, o_vals) };
-    if k <= nnz {
-        for pass in 0..3u32 {
-            if pass > 0 {
-                hist_pass(cuda, mp, n, pass, state, hist)?;
+        let state = ws.buf.ptr();
+        let hist = state + 8 * STATE_WORDS as u64;
+        let tiles = hist + 8 * HIST_WORDS as u64;
+        let one_block =
+            |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+        let (mp, k64) = (m.ptr(), k as u64);
+
+        // SAFETY: topk_init(u64* state, u32* hist, u64 k): writes the 16 state words and the
+        // 3 x 2048 bins that follow them in the workspace buffer.
+        unsafe { self.launch("topk", "topk_init", one_block(1024), &mut kargs![state, hist, k64]) }?;
+        for (map, len, full, bit) in [(row_map, rows, full_rows, 1u64), (col_map, cols, full_cols, 2u64)] {
+            if map != 0 && len > 0 {
+                let (l, f) = (len as u64, full as u64);
+                // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit):
+                // the map holds `len` entries (checked by check_topk_coo).
+                unsafe {
+                    self.launch("topk", "topk_check_map", self.grid_1d(len, 16), &mut kargs![map, l, f, state, bit])
+                }?;
             }
-            // SAFETY: topk_select(const u32* hist_all, u32 pass, u64* state): one block of
-            // 1024 threads reads the pass's 2048 bins and updates state[3..6].
-            unsafe { cuda.launch("topk", "topk_select", one_block(1024), &mut kargs![hist, pass, state]) }?;
         }
-        compaction.count_and_scan()?;
-        compaction.scatter(0)?;
-    } else {
-        // Zero fill: every nonzero is kept (thr stays 0), completed by the lowest missing
-        // full linear indices (see cuda/topk.cu).
-        let need = (k - nnz) as u64;
-        if nnz > 0 {
+        if n > 0 {
+            hist_pass(self, mp, n, 0, state, hist)?;
+        }
+        let mut head = [0u64; STATE_WORDS];
+        self.read_device(state, &mut head)?;
+        if head[S_MAP_ERR] & 1 != 0 {
+            return Err(Error::invalid(OP, format!("row_map must be strictly increasing and below {full_rows}")));
+        }
+        if head[S_MAP_ERR] & 2 != 0 {
+            return Err(Error::invalid(OP, format!("col_map must be strictly increasing and below {full_cols}")));
+        }
+        if head[S_NONFINITE] > 0 {
+            return Err(Error::NonFinite {
+                what: "matrix passed to top-k selection".into(),
+                count: head[S_NONFINITE] as usize,
+                first_index: head[S_FIRST] as usize,
+            });
+        }
+        out.shape = maps.full_shape;
+        out.len = 0;
+        if k == 0 {
+            return Ok(());
+        }
+        let nnz = head[S_NNZ] as usize;
+        let (o_rows, o_cols, o_vals) = (out.rows.ptr_mut(), out.cols.ptr_mut(), out.values.ptr_mut());
+        let compaction = Compaction {
+            cuda: self,
+            m: mp,
+            n,
+            cols,
+            state,
+            tiles,
+            row_map,
+            col_map,
+            full_cols,
+            out: (o_rows, o_cols, o_vals),
+        };
+        if k <= nnz {
+            for pass in 0..3u32 {
+                if pass > 0 {
+                    hist_pass(self, mp, n, pass, state, hist)?;
+                }
+                // SAFETY: topk_select(const u32* hist_all, u32 pass, u64* state): one block of
+                // 1024 threads reads the pass's 2048 bins and updates state[3..6].
+                unsafe { self.launch("topk", "topk_select", one_block(1024), &mut kargs![hist, pass, state]) }?;
+            }
             compaction.count_and_scan()?;
             compaction.scatter(0)?;
+        } else {
+            // Zero fill: every nonzero is kept (thr stays 0), completed by the lowest missing
+            // full linear indices (see self/topk.cu).
+            let need = (k - nnz) as u64;
+            if nnz > 0 {
+                compaction.count_and_scan()?;
+                compaction.scatter(0)?;
+            }
+            let (nnz64, fc) = (nnz as u64, full_cols as u64);
+            // SAFETY: topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 nnz,
+            // u64 full_cols, u64 need, u64* state): binary search over out[..nnz], written above.
+            unsafe {
+                self.launch(
+                    "topk",
+                    "topk_fill_bound",
+                    one_block(32),
+                    &mut kargs![o_rows, o_cols, nnz64, fc, need, state],
+                )
+            }?;
+            // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
+            // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
+            // inside the capacity checked above.
+            unsafe {
+                self.launch(
+                    "topk",
+                    "topk_fill_range",
+                    self.grid_1d(k, 16),
+                    &mut kargs![state, fc, o_rows, o_cols, o_vals],
+                )
+            }?;
+            if nnz > 0 {
+                compaction.scatter(need)?;
+            }
         }
-        let (nnz64, fc) = (nnz as u64, full_cols as u64);
-        // SAFETY: topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 nnz,
-        // u64 full_cols, u64 need, u64* state): binary search over out[..nnz], written above.
-        unsafe {
-            cuda.launch("topk", "topk_fill_bound", one_block(32), &mut kargs![o_rows, o_cols, nnz64, fc, need, state])
-        }?;
-        // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
-        // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
-        // inside the capacity checked above.
-        unsafe {
-            cuda.launch("topk", "topk_fill_range", cuda.grid_1d(k, 16), &mut kargs![state, fc, o_rows, o_cols, o_vals])
-        }?;
-        if nnz > 0 {
-            compaction.scatter(need)?;
-        }
+        out.len = k;
+        Ok(())
     }
-    out.len = k;
-    Ok(())
 }
 
 fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64) -> Result<()> {

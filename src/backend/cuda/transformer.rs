@@ -1,11 +1,12 @@
-//! Launchers of cuda/transformer.cu: RMSNorm, rotary embedding, causal softmax and masked
-//! cross-entropy, forward and backward. The same checks, in the same order, as the CPU twins
-//! in src/backend/cpu/transformer.rs, except cross_entropy's target check, which runs on the
-//! device: a masked-in row whose target is outside the vocabulary is skipped (zero loss and
-//! gradient) and reported at the next synchronization point (see the module docs of `cuda`).
+//! [`TransformerOps`] for CUDA: the launchers of cuda/transformer.cu (RMSNorm, rotary
+//! embedding, causal softmax and masked cross-entropy, forward and backward), each after the
+//! op's shared validator. cross_entropy's target check runs on the device: a masked-in row
+//! whose target is outside the vocabulary is skipped (zero loss and gradient) and reported
+//! at the next synchronization point (see the module docs of `cuda`).
 
-use super::{checked_mul, kargs, require_f32, Cuda, CudaBuf};
-use crate::error::{check_len, Error, Result};
+use super::{kargs, require_f32, Cuda, CudaBuf};
+use crate::backend::ops::transformer::*;
+use crate::error::{Error, Result};
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
 
@@ -77,209 +78,164 @@ fn cols_f32(cols: usize) -> f32 {
     cols as f64 as f32
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm<F: Real>(
-    cuda: &Cuda,
-    x: &CudaBuf<F>,
-    w: &CudaBuf<F>,
-    y: &mut CudaBuf<F>,
-    inv_rms: &mut CudaBuf<F>,
-    rows: usize,
-    cols: usize,
-    eps: f32,
-) -> Result<()> {
-    const OP: &str = "rmsnorm";
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, cols)?;
-    for (what, len, need) in [("x", x.len, n), ("w", w.len, cols), ("y", y.len, n), ("inv_rms", inv_rms.len, rows)] {
-        check_len(OP, what, len, need)?;
+impl TransformerOps for Cuda {
+    fn rmsnorm<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        y: &mut CudaBuf<F>,
+        inv_rms: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm";
+        require_f32::<F>(OP)?;
+        check_rmsnorm(self, x, w, y, inv_rms, rows, cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(cols);
+        let name = g.kernel("rmsnorm_g32_f32", "rmsnorm_g256_f32", "rmsnorm_g1024_f32");
+        let (xp, wp, yp, ip) = (x.ptr(), w.ptr(), y.ptr_mut(), inv_rms.ptr_mut());
+        let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
+        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, float* inv_rms,
+        // u64 rows, u64 cols, float n_cols, float eps): x and y hold rows * cols, w cols and
+        // inv_rms rows elements (checked above); block and group sizes come from `g`, as the
+        // kernel expects.
+        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![xp, wp, yp, ip, r, c, nc, eps]) }
     }
-    if cols == 0 {
-        return Err(Error::invalid(OP, "rows of width 0"));
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let g = Group::for_width(cols);
-    let name = g.kernel("rmsnorm_g32_f32", "rmsnorm_g256_f32", "rmsnorm_g1024_f32");
-    let (xp, wp, yp, ip) = (x.ptr(), w.ptr(), y.ptr_mut(), inv_rms.ptr_mut());
-    let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
-    // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, float* inv_rms,
-    // u64 rows, u64 cols, float n_cols, float eps): x and y hold rows * cols, w cols and
-    // inv_rms rows elements (checked above); block and group sizes come from `g`, as the
-    // kernel expects.
-    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![xp, wp, yp, ip, r, c, nc, eps]) }
-}
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm_backward<F: Real>(
-    cuda: &Cuda,
-    x: &CudaBuf<F>,
-    w: &CudaBuf<F>,
-    inv_rms: &CudaBuf<F>,
-    dy: &CudaBuf<F>,
-    dx: &mut CudaBuf<F>,
-    rows: usize,
-    cols: usize,
-) -> Result<()> {
-    const OP: &str = "rmsnorm_backward";
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, cols)?;
-    for (what, len, need) in
-        [("x", x.len, n), ("w", w.len, cols), ("inv_rms", inv_rms.len, rows), ("dy", dy.len, n), ("dx", dx.len, n)]
-    {
-        check_len(OP, what, len, need)?;
+    fn rmsnorm_backward<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        inv_rms: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dx: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_backward";
+        require_f32::<F>(OP)?;
+        check_rmsnorm_backward(self, x, w, inv_rms, dy, dx, rows, cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(cols);
+        let name = g.kernel("rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32");
+        let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
+        let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
+        // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
+        // const float* dy, float* dx, u64 rows, u64 cols, float n_cols): x, dy and dx hold
+        // rows * cols, w cols and inv_rms rows elements (checked above); dx is distinct from the
+        // inputs (&mut); block and group sizes come from `g`.
+        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc]) }
     }
-    if cols == 0 {
-        return Err(Error::invalid(OP, "rows of width 0"));
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let g = Group::for_width(cols);
-    let name = g.kernel("rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32");
-    let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
-    let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
-    // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
-    // const float* dy, float* dx, u64 rows, u64 cols, float n_cols): x, dy and dx hold
-    // rows * cols, w cols and inv_rms rows elements (checked above); dx is distinct from the
-    // inputs (&mut); block and group sizes come from `g`.
-    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc]) }
-}
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn rope<F: Real>(
-    cuda: &Cuda,
-    x: &mut CudaBuf<F>,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
-    seq_len: usize,
-    cos: &CudaBuf<F>,
-    sin: &CudaBuf<F>,
-    inverse: bool,
-) -> Result<()> {
-    const OP: &str = "rope";
-    require_f32::<F>(OP)?;
-    if head_dim % 2 != 0 || seq_len == 0 {
-        return Err(Error::invalid(OP, format!("head_dim {head_dim} must be even and seq_len {seq_len} positive")));
+    fn rope<F: Real>(
+        &self,
+        x: &mut CudaBuf<F>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &CudaBuf<F>,
+        sin: &CudaBuf<F>,
+        inverse: bool,
+    ) -> Result<()> {
+        const OP: &str = "rope";
+        require_f32::<F>(OP)?;
+        let width = check_rope(self, x, tokens, heads, head_dim, seq_len, cos, sin)?;
+        let half = head_dim / 2;
+        if width == 0 || tokens == 0 {
+            return Ok(());
+        }
+        // The kernel indexes pairs of a token with u32 (and heads * head_dim fits u32 with it).
+        let pairs = heads * half;
+        if pairs > i32::MAX as usize {
+            return Err(Error::invalid(OP, format!("heads * head_dim / 2 = {pairs} exceeds 2^31 - 1")));
+        }
+        let cfg = self.grid_2d(tokens, pairs, 256, ROPE_MAX_X);
+        let (xp, cp, sp) = (x.ptr_mut(), cos.ptr(), sin.ptr());
+        let (t, h, d, s, inv) = (tokens as u64, heads as u32, head_dim as u32, seq_len as u64, u32::from(inverse));
+        // SAFETY: rope_f32(float* x, u64 tokens, u32 heads, u32 head_dim, u64 seq_len,
+        // const float* cos, const float* sin, u32 inverse): x holds tokens * heads * head_dim,
+        // cos and sin seq_len * head_dim / 2 elements (checked above); heads * head_dim / 2 <
+        // 2^31 and head_dim <= 2 * that, so the u32 arguments are exact; grid.y <= 65535.
+        unsafe { self.launch("transformer", "rope_f32", cfg, &mut kargs![xp, t, h, d, s, cp, sp, inv]) }
     }
-    let half = head_dim / 2;
-    let width = checked_mul(OP, heads, head_dim)?;
-    check_len(OP, "x", x.len, checked_mul(OP, tokens, width)?)?;
-    let table = checked_mul(OP, seq_len, half)?;
-    check_len(OP, "cos", cos.len, table)?;
-    check_len(OP, "sin", sin.len, table)?;
-    if width == 0 || tokens == 0 {
-        return Ok(());
-    }
-    // The kernel indexes pairs of a token with u32 (and heads * head_dim fits u32 with it).
-    let pairs = heads * half;
-    if pairs > i32::MAX as usize {
-        return Err(Error::invalid(OP, format!("heads * head_dim / 2 = {pairs} exceeds 2^31 - 1")));
-    }
-    let cfg = cuda.grid_2d(tokens, pairs, 256, ROPE_MAX_X);
-    let (xp, cp, sp) = (x.ptr_mut(), cos.ptr(), sin.ptr());
-    let (t, h, d, s, inv) = (tokens as u64, heads as u32, head_dim as u32, seq_len as u64, u32::from(inverse));
-    // SAFETY: rope_f32(float* x, u64 tokens, u32 heads, u32 head_dim, u64 seq_len,
-    // const float* cos, const float* sin, u32 inverse): x holds tokens * heads * head_dim,
-    // cos and sin seq_len * head_dim / 2 elements (checked above); heads * head_dim / 2 <
-    // 2^31 and head_dim <= 2 * that, so the u32 arguments are exact; grid.y <= 65535.
-    unsafe { cuda.launch("transformer", "rope_f32", cfg, &mut kargs![xp, t, h, d, s, cp, sp, inv]) }
-}
 
-pub(super) fn softmax_causal<F: Real>(
-    cuda: &Cuda,
-    s: &mut CudaBuf<F>,
-    mats: usize,
-    t: usize,
-    scale: f32,
-) -> Result<()> {
-    const OP: &str = "softmax_causal";
-    require_f32::<F>(OP)?;
-    let rows = checked_mul(OP, mats, t)?;
-    check_len(OP, "s", s.len, checked_mul(OP, rows, t)?)?;
-    if rows == 0 {
-        return Ok(());
+    fn softmax_causal<F: Real>(&self, s: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
+        const OP: &str = "softmax_causal";
+        require_f32::<F>(OP)?;
+        let rows = check_softmax_causal(self, s, mats, t)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(t);
+        let name = g.kernel("softmax_causal_g32_f32", "softmax_causal_g256_f32", "softmax_causal_g1024_f32");
+        let (sp, r, tt) = (s.ptr_mut(), rows as u64, t as u64);
+        // SAFETY: softmax_causal_gG_f32(float* s, u64 rows, u64 t, float scale): s holds
+        // rows * t = mats * t * t elements (checked above); block and group sizes from `g`.
+        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![sp, r, tt, scale]) }
     }
-    let g = Group::for_width(t);
-    let name = g.kernel("softmax_causal_g32_f32", "softmax_causal_g256_f32", "softmax_causal_g1024_f32");
-    let (sp, r, tt) = (s.ptr_mut(), rows as u64, t as u64);
-    // SAFETY: softmax_causal_gG_f32(float* s, u64 rows, u64 t, float scale): s holds
-    // rows * t = mats * t * t elements (checked above); block and group sizes from `g`.
-    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![sp, r, tt, scale]) }
-}
 
-pub(super) fn softmax_causal_backward<F: Real>(
-    cuda: &Cuda,
-    p: &CudaBuf<F>,
-    dp: &CudaBuf<F>,
-    ds: &mut CudaBuf<F>,
-    mats: usize,
-    t: usize,
-    scale: f32,
-) -> Result<()> {
-    const OP: &str = "softmax_causal_backward";
-    require_f32::<F>(OP)?;
-    let rows = checked_mul(OP, mats, t)?;
-    let n = checked_mul(OP, rows, t)?;
-    for (what, len) in [("p", p.len), ("dp", dp.len), ("ds", ds.len)] {
-        check_len(OP, what, len, n)?;
+    fn softmax_causal_backward<F: Real>(
+        &self,
+        p: &CudaBuf<F>,
+        dp: &CudaBuf<F>,
+        ds: &mut CudaBuf<F>,
+        mats: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()> {
+        const OP: &str = "softmax_causal_backward";
+        require_f32::<F>(OP)?;
+        let rows = check_softmax_causal_backward(self, p, dp, ds, mats, t)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(t);
+        let name = g.kernel(
+            "softmax_causal_backward_g32_f32",
+            "softmax_causal_backward_g256_f32",
+            "softmax_causal_backward_g1024_f32",
+        );
+        let (pp, dpp, dsp, r, tt) = (p.ptr(), dp.ptr(), ds.ptr_mut(), rows as u64, t as u64);
+        // SAFETY: softmax_causal_backward_gG_f32(const float* p, const float* dp, float* ds,
+        // u64 rows, u64 t, float scale): all three hold rows * t elements (checked above); ds is
+        // distinct from the inputs (&mut); block and group sizes from `g`.
+        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![pp, dpp, dsp, r, tt, scale]) }
     }
-    if rows == 0 {
-        return Ok(());
-    }
-    let g = Group::for_width(t);
-    let name = g.kernel(
-        "softmax_causal_backward_g32_f32",
-        "softmax_causal_backward_g256_f32",
-        "softmax_causal_backward_g1024_f32",
-    );
-    let (pp, dpp, dsp, r, tt) = (p.ptr(), dp.ptr(), ds.ptr_mut(), rows as u64, t as u64);
-    // SAFETY: softmax_causal_backward_gG_f32(const float* p, const float* dp, float* ds,
-    // u64 rows, u64 t, float scale): all three hold rows * t elements (checked above); ds is
-    // distinct from the inputs (&mut); block and group sizes from `g`.
-    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![pp, dpp, dsp, r, tt, scale]) }
-}
 
-#[allow(clippy::too_many_arguments)]
-pub(super) fn cross_entropy<F: Real>(
-    cuda: &Cuda,
-    logits: &mut CudaBuf<F>,
-    targets: &CudaBuf<u32>,
-    mask: &CudaBuf<F>,
-    rows: usize,
-    vocab: usize,
-    grad_scale: F,
-    losses: &mut CudaBuf<F>,
-) -> Result<()> {
-    const OP: &str = "cross_entropy";
-    require_f32::<F>(OP)?;
-    let n = checked_mul(OP, rows, vocab)?;
-    for (what, len, need) in [
-        ("logits", logits.len, n),
-        ("targets", targets.len, rows),
-        ("mask", mask.len, rows),
-        ("losses", losses.len, rows),
-    ] {
-        check_len(OP, what, len, need)?;
+    fn cross_entropy<F: Real>(
+        &self,
+        logits: &mut CudaBuf<F>,
+        targets: &CudaBuf<u32>,
+        mask: &CudaBuf<F>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: F,
+        losses: &mut CudaBuf<F>,
+    ) -> Result<()> {
+        const OP: &str = "cross_entropy";
+        require_f32::<F>(OP)?;
+        check_cross_entropy(self, logits, targets, mask, rows, vocab, losses)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(vocab);
+        let name = g.kernel("cross_entropy_g32_f32", "cross_entropy_g256_f32", "cross_entropy_g1024_f32");
+        let (lp, tp, mp, op, err) = (logits.ptr_mut(), targets.ptr(), mask.ptr(), losses.ptr_mut(), self.errors.ptr());
+        let (r, v, gs) = (rows as u64, vocab as u64, grad_scale.to_f64() as f32);
+        // SAFETY: cross_entropy_gG_f32(float* logits, const u32* targets, const float* mask,
+        // u64 rows, u64 vocab, float grad_scale, float* losses, u32* err): logits holds
+        // rows * vocab, targets, mask and losses rows elements (checked above); targets >= vocab
+        // are never dereferenced (the row is skipped and sets a bit of the one-word error
+        // buffer); block and group sizes from `g`.
+        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![lp, tp, mp, r, v, gs, op, err]) }
     }
-    if vocab == 0 {
-        return Err(Error::invalid(OP, "vocabulary of size 0"));
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    let g = Group::for_width(vocab);
-    let name = g.kernel("cross_entropy_g32_f32", "cross_entropy_g256_f32", "cross_entropy_g1024_f32");
-    let (lp, tp, mp, op, err) = (logits.ptr_mut(), targets.ptr(), mask.ptr(), losses.ptr_mut(), cuda.errors.ptr());
-    let (r, v, gs) = (rows as u64, vocab as u64, grad_scale.to_f64() as f32);
-    // SAFETY: cross_entropy_gG_f32(float* logits, const u32* targets, const float* mask,
-    // u64 rows, u64 vocab, float grad_scale, float* losses, u32* err): logits holds
-    // rows * vocab, targets, mask and losses rows elements (checked above); targets >= vocab
-    // are never dereferenced (the row is skipped and sets a bit of the one-word error
-    // buffer); block and group sizes from `g`.
-    unsafe { cuda.launch("transformer", name, g.config(cuda, rows), &mut kargs![lp, tp, mp, r, v, gs, op, err]) }
 }
 
 #[cfg(test)]

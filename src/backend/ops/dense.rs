@@ -1,0 +1,170 @@
+//! Dense ops: GEMM (in `F`, and with bf16 operands), casts to and from bf16, bias add and
+//! bias gradient, the finiteness count, axpy, and the elementwise activations (GELU,
+//! SwiGLU) with their backwards; and the validator of each.
+
+use super::check_lens;
+use crate::backend::{Backend, Buffers, GeluKind, Gemm};
+use crate::error::{checked_mul, Result};
+use crate::scalar::{Elem, Real};
+use half::bf16;
+
+/// Dense and elementwise ops. Elementwise ops read and write the first `len` entries.
+pub trait DenseOps: Buffers {
+    /// `C = alpha op(A) op(B) + beta C` in `F`.
+    fn gemm<F: Real>(&self, spec: &Gemm, a: &Self::Buf<F>, b: &Self::Buf<F>, c: &mut Self::Buf<F>) -> Result<()>;
+    /// The same with bf16 operands and an `F` output, accumulating in f32 (cuBLAS GemmEx).
+    fn gemm_bf16<F: Real>(
+        &self,
+        spec: &Gemm,
+        a: &Self::Buf<bf16>,
+        b: &Self::Buf<bf16>,
+        c: &mut Self::Buf<F>,
+    ) -> Result<()>;
+    /// `dst[i] = bf16(src[i])`, round to nearest even.
+    fn cast_to_bf16<F: Real>(&self, src: &Self::Buf<F>, dst: &mut Self::Buf<bf16>, len: usize) -> Result<()>;
+    /// `dst[i] = F(src[i])`.
+    fn cast_from_bf16<F: Real>(&self, src: &Self::Buf<bf16>, dst: &mut Self::Buf<F>, len: usize) -> Result<()>;
+    /// `y[r, c] += bias[c]` for a `(rows, cols)` matrix.
+    fn add_bias<F: Real>(&self, y: &mut Self::Buf<F>, bias: &Self::Buf<F>, rows: usize, cols: usize) -> Result<()>;
+    /// `db[c] = beta * db[c] + sum_r g[r, c]` (column sums of a `(rows, cols)` matrix).
+    fn bias_grad<F: Real>(
+        &self,
+        g: &Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        db: &mut Self::Buf<F>,
+        beta: F,
+    ) -> Result<()>;
+    /// Number of NaN/inf entries in `x[..len]` and the index of the first one.
+    fn count_nonfinite<F: Real>(&self, x: &Self::Buf<F>, len: usize) -> Result<(usize, usize)>;
+    /// `y[..len] += alpha * x[..len]`.
+    fn axpy<F: Real>(&self, alpha: F, x: &Self::Buf<F>, y: &mut Self::Buf<F>, len: usize) -> Result<()>;
+    /// `y = gelu(x)` in the erf form (BERT) or the tanh approximation.
+    fn gelu<F: Real>(&self, x: &Self::Buf<F>, y: &mut Self::Buf<F>, len: usize, kind: GeluKind) -> Result<()>;
+    /// `dx = dy * gelu'(x)`.
+    fn gelu_backward<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        dy: &Self::Buf<F>,
+        dx: &mut Self::Buf<F>,
+        len: usize,
+        kind: GeluKind,
+    ) -> Result<()>;
+    /// SwiGLU: `h = silu(gate) * up`, `silu(z) = z / (1 + exp(-z))`.
+    fn swiglu<F: Real>(&self, gate: &Self::Buf<F>, up: &Self::Buf<F>, h: &mut Self::Buf<F>, len: usize) -> Result<()>;
+    /// `d_gate = dh * up * silu'(gate)`, `d_up = dh * silu(gate)`.
+    fn swiglu_backward<F: Real>(
+        &self,
+        gate: &Self::Buf<F>,
+        up: &Self::Buf<F>,
+        dh: &Self::Buf<F>,
+        d_gate: &mut Self::Buf<F>,
+        d_up: &mut Self::Buf<F>,
+        len: usize,
+    ) -> Result<()>;
+}
+
+/// [`DenseOps::gemm`] and [`DenseOps::gemm_bf16`]: leading dimensions and buffer lengths.
+pub(crate) fn check_gemm<B: Backend, A: Elem, C: Elem>(
+    be: &B,
+    spec: &Gemm,
+    a: &B::Buf<A>,
+    b: &B::Buf<A>,
+    c: &B::Buf<C>,
+) -> Result<()> {
+    spec.validate(be.len(a), be.len(b), be.len(c))
+}
+
+/// [`DenseOps::cast_to_bf16`] and [`DenseOps::cast_from_bf16`] (`op` names which).
+pub(crate) fn check_cast<B: Backend, S: Elem, D: Elem>(
+    be: &B,
+    op: &'static str,
+    src: &B::Buf<S>,
+    dst: &B::Buf<D>,
+    len: usize,
+) -> Result<()> {
+    check_lens(op, &[("source", be.len(src), len), ("destination", be.len(dst), len)])
+}
+
+/// [`DenseOps::add_bias`].
+pub(crate) fn check_add_bias<B: Backend, F: Elem>(
+    be: &B,
+    y: &B::Buf<F>,
+    bias: &B::Buf<F>,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let n = checked_mul("add_bias", rows, cols)?;
+    check_lens("add_bias", &[("y", be.len(y), n), ("bias", be.len(bias), cols)])
+}
+
+/// [`DenseOps::bias_grad`].
+pub(crate) fn check_bias_grad<B: Backend, F: Elem>(
+    be: &B,
+    g: &B::Buf<F>,
+    rows: usize,
+    cols: usize,
+    db: &B::Buf<F>,
+) -> Result<()> {
+    let n = checked_mul("bias_grad", rows, cols)?;
+    check_lens("bias_grad", &[("g", be.len(g), n), ("db", be.len(db), cols)])
+}
+
+/// [`DenseOps::count_nonfinite`].
+pub(crate) fn check_count_nonfinite<B: Backend, F: Elem>(be: &B, x: &B::Buf<F>, len: usize) -> Result<()> {
+    check_lens("count_nonfinite", &[("x", be.len(x), len)])
+}
+
+/// [`DenseOps::axpy`].
+pub(crate) fn check_axpy<B: Backend, F: Elem>(be: &B, x: &B::Buf<F>, y: &B::Buf<F>, len: usize) -> Result<()> {
+    check_lens("axpy", &[("x", be.len(x), len), ("y", be.len(y), len)])
+}
+
+/// [`DenseOps::gelu`].
+pub(crate) fn check_gelu<B: Backend, F: Elem>(be: &B, x: &B::Buf<F>, y: &B::Buf<F>, len: usize) -> Result<()> {
+    check_lens("gelu", &[("x", be.len(x), len), ("y", be.len(y), len)])
+}
+
+/// [`DenseOps::gelu_backward`].
+pub(crate) fn check_gelu_backward<B: Backend, F: Elem>(
+    be: &B,
+    x: &B::Buf<F>,
+    dy: &B::Buf<F>,
+    dx: &B::Buf<F>,
+    len: usize,
+) -> Result<()> {
+    check_lens("gelu_backward", &[("x", be.len(x), len), ("dy", be.len(dy), len), ("dx", be.len(dx), len)])
+}
+
+/// [`DenseOps::swiglu`].
+pub(crate) fn check_swiglu<B: Backend, F: Elem>(
+    be: &B,
+    gate: &B::Buf<F>,
+    up: &B::Buf<F>,
+    h: &B::Buf<F>,
+    len: usize,
+) -> Result<()> {
+    check_lens("swiglu", &[("gate", be.len(gate), len), ("up", be.len(up), len), ("h", be.len(h), len)])
+}
+
+/// [`DenseOps::swiglu_backward`].
+pub(crate) fn check_swiglu_backward<B: Backend, F: Elem>(
+    be: &B,
+    gate: &B::Buf<F>,
+    up: &B::Buf<F>,
+    dh: &B::Buf<F>,
+    d_gate: &B::Buf<F>,
+    d_up: &B::Buf<F>,
+    len: usize,
+) -> Result<()> {
+    check_lens(
+        "swiglu_backward",
+        &[
+            ("gate", be.len(gate), len),
+            ("up", be.len(up), len),
+            ("dh", be.len(dh), len),
+            ("d_gate", be.len(d_gate), len),
+            ("d_up", be.len(d_up), len),
+        ],
+    )
+}

@@ -1,0 +1,34 @@
+//! The op set, one trait per family: dense (GEMM, casts, bias, activations), transformer
+//! (RMSNorm, rotary embedding, causal softmax, cross-entropy), encoder (LayerNorm, masked
+//! softmax, pooling), sparse (sparse-by-dense gathers and COO helpers), top-k and optimizer
+//! ops. [`crate::backend::Backend`] is all of them together with the memory ops.
+//!
+//! Each op has one contract here: its signature and documentation (a trait method) and its
+//! argument checks (a `check_*` validator beside the trait). Both backends call the validator
+//! before any work, so a bad length, shape or range is the same error on every backend.
+//! Checks that read the data itself (indices, targets) stay with the backend that can read
+//! it: the CPU on the host, the CUDA kernels on the device (see `backend::cuda`).
+
+pub(super) mod dense;
+pub(super) mod encoder;
+pub(super) mod optim;
+pub(super) mod sparse;
+pub(super) mod topk;
+pub(super) mod transformer;
+
+use super::{Backend, Coo};
+use crate::error::{check_len, checked_mul, Result};
+use crate::scalar::Elem;
+
+/// Checks that each buffer `(what, len, needed)` holds at least `needed` entries, in order.
+pub(crate) fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
+    lens.iter().try_for_each(|&(what, len, needed)| check_len(op, what, len, needed))
+}
+
+/// Checks a COO list's buffers hold its `len` entries; returns the size of its matrix.
+pub(crate) fn check_coo<B: Backend, F: Elem>(be: &B, op: &'static str, coo: &Coo<B, F>) -> Result<usize> {
+    check_len(op, "coo.rows", be.len(&coo.rows), coo.len)?;
+    check_len(op, "coo.cols", be.len(&coo.cols), coo.len)?;
+    check_len(op, "coo.values", be.len(&coo.values), coo.len)?;
+    checked_mul(op, coo.shape.0, coo.shape.1)
+}

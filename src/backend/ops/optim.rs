@@ -1,0 +1,98 @@
+//! Optimizer ops: PyTorch's SparseAdam on the entries of a COO list and dense AdamW, and
+//! their validators. The bias-corrected scalars both backends use come from
+//! [`AdamParams::step_size`] and [`AdamParams::adamw_scalars`].
+
+use super::{check_coo, check_lens};
+use crate::backend::{AdamParams, Backend, Buffers, Coo};
+use crate::error::{Error, Result};
+use crate::scalar::{Elem, Real};
+
+/// Adam-family optimizer steps (PyTorch semantics and order of operations).
+pub trait OptimOps: Buffers {
+    /// PyTorch SparseAdam on the listed entries of a `coo.shape` parameter at step
+    /// `step` (1-based): updates `exp_avg`, `exp_avg_sq` and, if given, `param`; if
+    /// `delta` is given, writes each entry's change of the parameter into it (length
+    /// `coo.len`). Entries not listed are untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_adam<F: Real>(
+        &self,
+        coo: &Coo<Self, F>,
+        exp_avg: &mut Self::Buf<F>,
+        exp_avg_sq: &mut Self::Buf<F>,
+        step: u64,
+        hp: &AdamParams,
+        param: Option<&mut Self::Buf<F>>,
+        delta: Option<&mut Self::Buf<F>>,
+    ) -> Result<()>;
+    /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw<F: Real>(
+        &self,
+        param: &mut Self::Buf<F>,
+        grad: &Self::Buf<F>,
+        exp_avg: &mut Self::Buf<F>,
+        exp_avg_sq: &mut Self::Buf<F>,
+        len: usize,
+        step: u64,
+        hp: &AdamParams,
+    ) -> Result<()>;
+}
+
+/// Hyperparameters in range and a step counted from 1.
+fn check_step(op: &'static str, step: u64, hp: &AdamParams) -> Result<()> {
+    hp.validate()?;
+    if step == 0 {
+        return Err(Error::invalid(op, "step counts from 1"));
+    }
+    Ok(())
+}
+
+/// [`OptimOps::sparse_adam`] (entry bounds are data, checked by the backend).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_sparse_adam<B: Backend, F: Elem>(
+    be: &B,
+    coo: &Coo<B, F>,
+    exp_avg: &B::Buf<F>,
+    exp_avg_sq: &B::Buf<F>,
+    step: u64,
+    hp: &AdamParams,
+    param: Option<&B::Buf<F>>,
+    delta: Option<&B::Buf<F>>,
+) -> Result<()> {
+    const OP: &str = "sparse_adam";
+    check_step(OP, step, hp)?;
+    let n = check_coo(be, OP, coo)?;
+    check_lens(OP, &[("exp_avg", be.len(exp_avg), n), ("exp_avg_sq", be.len(exp_avg_sq), n)])?;
+    if let Some(p) = param {
+        check_lens(OP, &[("param", be.len(p), n)])?;
+    }
+    if let Some(d) = delta {
+        check_lens(OP, &[("delta", be.len(d), coo.len)])?;
+    }
+    Ok(())
+}
+
+/// [`OptimOps::adamw`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_adamw<B: Backend, F: Elem>(
+    be: &B,
+    param: &B::Buf<F>,
+    grad: &B::Buf<F>,
+    exp_avg: &B::Buf<F>,
+    exp_avg_sq: &B::Buf<F>,
+    len: usize,
+    step: u64,
+    hp: &AdamParams,
+) -> Result<()> {
+    const OP: &str = "adamw";
+    check_step(OP, step, hp)?;
+    check_lens(
+        OP,
+        &[
+            ("param", be.len(param), len),
+            ("grad", be.len(grad), len),
+            ("exp_avg", be.len(exp_avg), len),
+            ("exp_avg_sq", be.len(exp_avg_sq), len),
+        ],
+    )
+}

@@ -1,0 +1,225 @@
+//! Transformer ops, the frozen rest of a decoder model that gradients flow through:
+//! RMSNorm, rotary position embedding, causal softmax and masked cross-entropy, forward and
+//! backward; and the validator of each.
+
+use super::check_lens;
+use crate::backend::{Backend, Buffers};
+use crate::error::{checked_mul, Error, Result};
+use crate::scalar::{Elem, Real};
+
+/// Transformer ops over row-major activations.
+pub trait TransformerOps: Buffers {
+    /// RMSNorm over the rows of `x` `(rows, cols)`: `inv_rms[r] = 1 / sqrt(mean(x[r, :]^2) + eps)`
+    /// (written, for the backward), `y[r, c] = x[r, c] * inv_rms[r] * w[c]`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        y: &mut Self::Buf<F>,
+        inv_rms: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// Input gradient of [`TransformerOps::rmsnorm`] (`w` is frozen: no weight gradient):
+    /// `dx[r, c] = inv_rms[r] * (w[c] dy[r, c] - x[r, c] inv_rms[r]^2 mean_c'(w dy x)[r])`.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        inv_rms: &Self::Buf<F>,
+        dy: &Self::Buf<F>,
+        dx: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+    /// Rotary position embedding in the rotate-half layout, in place on `x`
+    /// `(tokens, heads * head_dim)`. Token `t` sits at position `p = t % seq_len`; for
+    /// `i < head_dim / 2`, with `c = cos[p, i]`, `s = sin[p, i]` (tables `(seq_len, head_dim/2)`):
+    /// `(x_i, x_{i+h}) <- (x_i c - x_{i+h} s, x_i s + x_{i+h} c)`, `h = head_dim / 2`.
+    /// `inverse` rotates by the opposite angle: the backward of the forward rotation.
+    #[allow(clippy::too_many_arguments)]
+    fn rope<F: Real>(
+        &self,
+        x: &mut Self::Buf<F>,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &Self::Buf<F>,
+        sin: &Self::Buf<F>,
+        inverse: bool,
+    ) -> Result<()>;
+    /// Causal softmax in place over `mats` row-major `(t, t)` matrices: in row `i`,
+    /// `p_j = exp(scale s_ij - max) / sum` over `j <= i`, and `p_j = 0` for `j > i`.
+    fn softmax_causal<F: Real>(&self, s: &mut Self::Buf<F>, mats: usize, t: usize, scale: f32) -> Result<()>;
+    /// Backward of [`TransformerOps::softmax_causal`] with respect to the unscaled scores:
+    /// `ds_ij = scale * p_ij (dp_ij - sum_j' p_ij' dp_ij')` (0 above the diagonal).
+    fn softmax_causal_backward<F: Real>(
+        &self,
+        p: &Self::Buf<F>,
+        dp: &Self::Buf<F>,
+        ds: &mut Self::Buf<F>,
+        mats: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<()>;
+    /// Masked cross-entropy of `logits` `(rows, vocab)`:
+    /// `losses[r] = mask[r] (logsumexp(logits[r]) - logits[r, targets[r]])`, and `logits` is
+    /// replaced by its gradient `grad_scale mask[r] (softmax(logits[r]) - onehot(targets[r]))`.
+    /// Rows with `mask[r] = 0` get zero loss and gradient whatever their target; a masked-in
+    /// target outside the vocabulary is an [`Error::InvalidArgument`].
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy<F: Real>(
+        &self,
+        logits: &mut Self::Buf<F>,
+        targets: &Self::Buf<u32>,
+        mask: &Self::Buf<F>,
+        rows: usize,
+        vocab: usize,
+        grad_scale: F,
+        losses: &mut Self::Buf<F>,
+    ) -> Result<()>;
+}
+
+/// [`TransformerOps::rmsnorm`]. Returns `rows * cols`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_rmsnorm<B: Backend, F: Elem>(
+    be: &B,
+    x: &B::Buf<F>,
+    w: &B::Buf<F>,
+    y: &B::Buf<F>,
+    inv_rms: &B::Buf<F>,
+    rows: usize,
+    cols: usize,
+) -> Result<usize> {
+    const OP: &str = "rmsnorm";
+    let n = checked_mul(OP, rows, cols)?;
+    check_lens(
+        OP,
+        &[("x", be.len(x), n), ("w", be.len(w), cols), ("y", be.len(y), n), ("inv_rms", be.len(inv_rms), rows)],
+    )?;
+    check_row_width(OP, cols)?;
+    Ok(n)
+}
+
+/// [`TransformerOps::rmsnorm_backward`]. Returns `rows * cols`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_rmsnorm_backward<B: Backend, F: Elem>(
+    be: &B,
+    x: &B::Buf<F>,
+    w: &B::Buf<F>,
+    inv_rms: &B::Buf<F>,
+    dy: &B::Buf<F>,
+    dx: &B::Buf<F>,
+    rows: usize,
+    cols: usize,
+) -> Result<usize> {
+    const OP: &str = "rmsnorm_backward";
+    let n = checked_mul(OP, rows, cols)?;
+    check_lens(
+        OP,
+        &[
+            ("x", be.len(x), n),
+            ("w", be.len(w), cols),
+            ("inv_rms", be.len(inv_rms), rows),
+            ("dy", be.len(dy), n),
+            ("dx", be.len(dx), n),
+        ],
+    )?;
+    check_row_width(OP, cols)?;
+    Ok(n)
+}
+
+/// Row-wise normalizations reject rows of width 0 (their mean is undefined).
+pub(crate) fn check_row_width(op: &'static str, cols: usize) -> Result<()> {
+    if cols == 0 {
+        return Err(Error::invalid(op, "rows of width 0"));
+    }
+    Ok(())
+}
+
+/// [`TransformerOps::rope`]: an even head size, a positive sequence length, and the tables
+/// and `x` long enough. Returns the row width `heads * head_dim`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_rope<B: Backend, F: Elem>(
+    be: &B,
+    x: &B::Buf<F>,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    seq_len: usize,
+    cos: &B::Buf<F>,
+    sin: &B::Buf<F>,
+) -> Result<usize> {
+    const OP: &str = "rope";
+    if head_dim % 2 != 0 || seq_len == 0 {
+        return Err(Error::invalid(OP, format!("head_dim {head_dim} must be even and seq_len {seq_len} positive")));
+    }
+    let width = checked_mul(OP, heads, head_dim)?;
+    let table = checked_mul(OP, seq_len, head_dim / 2)?;
+    check_lens(
+        OP,
+        &[("x", be.len(x), checked_mul(OP, tokens, width)?), ("cos", be.len(cos), table), ("sin", be.len(sin), table)],
+    )?;
+    Ok(width)
+}
+
+/// `mats * t` rows of `t` scores, `mats * t * t` entries in all, or an overflow error.
+fn score_rows(op: &'static str, mats: usize, t: usize) -> Result<(usize, usize)> {
+    let rows = checked_mul(op, mats, t)?;
+    Ok((rows, checked_mul(op, rows, t)?))
+}
+
+/// [`TransformerOps::softmax_causal`]. Returns the number of rows, `mats * t`.
+pub(crate) fn check_softmax_causal<B: Backend, F: Elem>(be: &B, s: &B::Buf<F>, mats: usize, t: usize) -> Result<usize> {
+    const OP: &str = "softmax_causal";
+    let (rows, n) = score_rows(OP, mats, t)?;
+    check_lens(OP, &[("s", be.len(s), n)])?;
+    Ok(rows)
+}
+
+/// [`TransformerOps::softmax_causal_backward`]. Returns the number of rows, `mats * t`.
+pub(crate) fn check_softmax_causal_backward<B: Backend, F: Elem>(
+    be: &B,
+    p: &B::Buf<F>,
+    dp: &B::Buf<F>,
+    ds: &B::Buf<F>,
+    mats: usize,
+    t: usize,
+) -> Result<usize> {
+    const OP: &str = "softmax_causal_backward";
+    let (rows, n) = score_rows(OP, mats, t)?;
+    check_lens(OP, &[("p", be.len(p), n), ("dp", be.len(dp), n), ("ds", be.len(ds), n)])?;
+    Ok(rows)
+}
+
+/// [`TransformerOps::cross_entropy`]: buffer lengths and a nonempty vocabulary (the targets
+/// are data, checked by the backend that reads them). Returns `rows * vocab`.
+pub(crate) fn check_cross_entropy<B: Backend, F: Elem>(
+    be: &B,
+    logits: &B::Buf<F>,
+    targets: &B::Buf<u32>,
+    mask: &B::Buf<F>,
+    rows: usize,
+    vocab: usize,
+    losses: &B::Buf<F>,
+) -> Result<usize> {
+    const OP: &str = "cross_entropy";
+    let n = checked_mul(OP, rows, vocab)?;
+    check_lens(
+        OP,
+        &[
+            ("logits", be.len(logits), n),
+            ("targets", be.len(targets), rows),
+            ("mask", be.len(mask), rows),
+            ("losses", be.len(losses), rows),
+        ],
+    )?;
+    if vocab == 0 {
+        return Err(Error::invalid(OP, "vocabulary of size 0"));
+    }
+    Ok(n)
+}
