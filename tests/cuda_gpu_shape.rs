@@ -48,11 +48,7 @@ fn run(emulated: bool, args: &[&str]) -> (Value, String) {
     }
     let out = cmd.output().expect("run gpu_shape");
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "gpu_shape {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "gpu_shape {args:?} failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     (serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap(), stdout)
 }
 

@@ -35,8 +35,8 @@ usage: cargo run --release --example gpu_shape -- [flags]
                        kind of layer the plan has); `all` runs the whole model
   --run-seqs S1,S2     the two sequence lengths run on the emulated device (default 2,4);
                        on a GPU the target length is run
-  --steps N            steps per sequence length; the first is a warm-up and each later one
-                       is measured (default 2)
+  --steps N            the first step, at the longest length, is a warm-up (it allocates);
+                       then N - 1 measured steps at each length (default 2)
   --json PATH          also write every figure as JSON (a regular file; replaced)
   --seed N             weights and tokens (default 0)
 
@@ -165,9 +165,10 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
             "--projections" => {
                 let mut p = [false; 3];
                 for part in v.split(',') {
-                    let j = ["gate", "up", "down"].iter().position(|&n| n == part).ok_or_else(|| {
-                        Error::invalid(name, format!("`{part}` is not one of gate, up, down"))
-                    })?;
+                    let j = ["gate", "up", "down"]
+                        .iter()
+                        .position(|&n| n == part)
+                        .ok_or_else(|| Error::invalid(name, format!("`{part}` is not one of gate, up, down")))?;
                     p[j] = true;
                 }
                 a.projections = p;

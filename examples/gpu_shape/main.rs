@@ -14,7 +14,7 @@ use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::model::TrainingSetup;
 use sparsegrad::perf::emulator::{check_against_ledger, read_windows};
 use sparsegrad::perf::llama::{compulsory_bytes, covering_prefix, kind_counts, layer_kinds, named_config};
-use sparsegrad::perf::shape::{extrapolate, LayerWeights};
+use sparsegrad::perf::shape::{extrapolate, identical_calls, same_calls, LayerWeights};
 use sparsegrad::perf::Event;
 use sparsegrad::{Basis, BasisSet, Cuda, Error, Method, ProfileOptions, Result, Selection, TrainOptions};
 use std::process::ExitCode;
@@ -84,15 +84,12 @@ pub struct SeqRun {
     pub seq: usize,
     pub events: Vec<Event>,
     pub steps_measured: usize,
+    /// Whether every measured step made exactly the same calls, sizes included.
+    pub steps_identical: bool,
     /// Device milliseconds of one whole step between CUDA events (GPU only).
     pub gpu_step_ms: Option<f32>,
     /// The step again with an event pair around every launch (GPU only).
     pub timed_events: Option<Vec<Event>>,
-}
-
-/// Whether two measured steps made the same calls (kernels, sizes, tags).
-fn same_calls(a: &[Event], b: &[Event]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| format!("{:?}{:?}", x.kind, x.tag) == format!("{:?}{:?}", y.kind, y.tag))
 }
 
 fn run(a: &args::Args) -> Result<()> {
@@ -120,11 +117,7 @@ fn run(a: &args::Args) -> Result<()> {
     let mut cfg = full.clone();
     cfg.layers = run_layers;
     let max_seq = seqs.iter().copied().max().unwrap_or(a.seq);
-    eprintln!(
-        "gpu_shape: building a {run_layers}-layer {} slice (random weights) on {}",
-        a.dims,
-        cuda.device_name()
-    );
+    eprintln!("gpu_shape: building a {run_layers}-layer {} slice (random weights) on {}", a.dims, cuda.device_name());
     let host = LlamaWeights::random(&cfg, a.seed)?;
     let mut bases = BasisSet::new();
     if a.method == "sparsegrad" {
@@ -142,7 +135,12 @@ fn run(a: &args::Args) -> Result<()> {
         plan: MlpPlan { layers: run_trained.clone(), methods },
         bases: (a.method == "sparsegrad").then_some(&bases),
         // The formulation is chosen for the target's tokens, not the short run's.
-        options: TrainOptions { precision: a.precision, expected_tokens: target_tokens, seed: a.seed, ..Default::default() },
+        options: TrainOptions {
+            precision: a.precision,
+            expected_tokens: target_tokens,
+            seed: a.seed,
+            ..Default::default()
+        },
     };
     let mut model = LlamaModel::<Cuda, f32>::new(&cuda, &host, &setup, max_seq)?;
     drop(host);
@@ -153,11 +151,16 @@ fn run(a: &args::Args) -> Result<()> {
     };
     let mut runs: Vec<SeqRun> = Vec::new();
     let mut ledgers: Vec<Vec<Event>> = Vec::new();
-    for &seq in &seqs {
+    // The longest length first: its warm-up step grows every token-sized buffer, so the
+    // shorter length needs none (fewer steps on the emulator).
+    let mut order = seqs.clone();
+    order.sort_unstable_by(|x, y| y.cmp(x));
+    for (nth, &seq) in order.iter().enumerate() {
         let (ids, targets, mask) = tokens(cfg.vocab, a.batch, seq, a.seed.wrapping_add(seq as u64));
         let batch = TokenBatch { ids: &ids, targets: &targets, mask: &mask, batch: a.batch, seq };
         let mut measured: Vec<Vec<Event>> = Vec::new();
-        for step in 0..a.steps {
+        let first = if nth == 0 { 0 } else { 1 };
+        for step in first..a.steps {
             eprintln!("gpu_shape: seq {seq}, step {} of {}", step + 1, a.steps);
             if step > 0 {
                 cuda.profile_begin(ProfileOptions::default())?;
@@ -178,6 +181,8 @@ fn run(a: &args::Args) -> Result<()> {
                 format!("measured steps {} and {} at seq {seq} made different device calls", i + 2, i + 3),
             ));
         }
+        // The same calls with different sizes: data-dependent sizes (reported, not an error).
+        let steps_identical = measured.windows(2).all(|w| identical_calls(&w[0], &w[1]));
         let (mut gpu_step_ms, mut timed_events) = (None, None);
         if !emulated {
             let ((), ms) = cuda.time_ms(|| model.train_step(&batch).map(|_| ()))?;
@@ -190,8 +195,9 @@ fn run(a: &args::Args) -> Result<()> {
         }
         let steps_measured = measured.len();
         let events = measured.pop().unwrap_or_default();
-        runs.push(SeqRun { seq, events, steps_measured, gpu_step_ms, timed_events });
+        runs.push(SeqRun { seq, events, steps_measured, steps_identical, gpu_step_ms, timed_events });
     }
+    runs.sort_by_key(|r| r.seq);
     // The independent count: the emulated driver and cuBLAS saw the same calls.
     let emulator_check = match &emu_profile {
         Some(path) if emulated => {
@@ -206,7 +212,11 @@ fn run(a: &args::Args) -> Result<()> {
             for (i, (ledger, window)) in ledgers.iter().zip(new).enumerate() {
                 check_against_ledger(ledger, window).map_err(|e| e.context(&format!("measured window {}", i + 1)))?;
             }
-            Some((ledgers.iter().map(Vec::len).sum::<usize>(), ledgers.len(), new.iter().map(|w| w.totals.peak_bytes).max()))
+            Some((
+                ledgers.iter().map(Vec::len).sum::<usize>(),
+                ledgers.len(),
+                new.iter().map(|w| w.totals.peak_bytes).max(),
+            ))
         }
         _ => None,
     };

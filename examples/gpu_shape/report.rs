@@ -32,7 +32,15 @@ pub struct Context<'a> {
 }
 
 fn gb(b: f64) -> String {
-    format!("{:.2} GB", b / 1e9)
+    sparsegrad::error::human_bytes(b.max(0.0) as u128)
+}
+
+fn flops(f: f64) -> String {
+    if f >= 1e12 {
+        format!("{:.2} TFLOP", f / 1e12)
+    } else {
+        format!("{:.3} GFLOP", f / 1e9)
+    }
 }
 
 fn list(v: &[usize]) -> String {
@@ -52,7 +60,9 @@ fn count_rows(c: &StepCounts) -> Vec<(&'static str, f64)> {
         ("cuBLAS calls, bf16 operands (tensor cores)", g(ElemType::Bf16, GemmCompute::F32)),
         ("cuBLAS calls, f32 with TF32 (tensor cores)", g(ElemType::F32, GemmCompute::F32FastTf32)),
         ("cuBLAS calls, f32 on FP32 cores", g(ElemType::F32, GemmCompute::F32)),
-        ("host-blocking syncs", c.host_syncs),
+        ("host waits for the device", c.host_syncs),
+        ("synchronize calls", c.sync_calls),
+        ("blocking device -> host copies", c.blocking_copies),
         ("bytes host -> device", c.htod_bytes),
         ("bytes device -> host", c.dtoh_bytes),
         ("bytes device -> device", c.dtod_bytes),
@@ -113,6 +123,14 @@ pub fn print_and_save(
         runs.iter().map(|r| r.seq.to_string()).collect::<Vec<_>>().join(" and "),
         last.steps_measured
     );
+    if last.steps_measured > 1 {
+        let how = if runs.iter().all(|r| r.steps_identical) {
+            "identical device calls"
+        } else {
+            "the same device calls, some with data-dependent sizes"
+        };
+        println!("  the {} measured steps made {how}", last.steps_measured);
+    }
     let skipped = ctx.emulated && std::env::var("SG_EMU_GEMM_ARITHMETIC").is_ok_and(|v| v == "0");
     if skipped {
         println!("  emulated with cuBLAS arithmetic skipped (SG_EMU_GEMM_ARITHMETIC=0): counts, sizes and types are real, values are not");
@@ -132,7 +150,10 @@ pub fn print_and_save(
             s.short_seq, s.long_seq, s.target_seq
         );
         for d in &s.data_dependent {
-            println!("  data-dependent size (kept at the longer run's): event {} {}: {} then {}", d.event, d.what, d.short, d.long);
+            println!(
+                "  data-dependent size (kept at the longer run's): event {} {}: {} then {}",
+                d.event, d.what, d.short, d.long
+            );
         }
     }
     let run_counts = StepCounts::of(last.events.iter().map(|e| (e, 1.0)));
@@ -148,7 +169,12 @@ pub fn print_and_save(
         run_counts.max_launches_per_layer(),
         "(same per layer)"
     );
-    println!("{:<46} {:>16} {:>18}", "peak device bytes (backend)", gb(ctx.memory.peak_bytes as f64), "(issue 19 plans it)");
+    println!(
+        "{:<46} {:>16} {:>18}",
+        "peak device bytes (backend)",
+        gb(ctx.memory.peak_bytes as f64),
+        "(issue 19 plans it)"
+    );
     if let Some((events, windows, peak)) = ctx.emulator_check {
         println!(
             "emulator check: the emulated driver and cuBLAS counted the same {events} events in {windows} windows{}",
@@ -175,20 +201,20 @@ pub fn print_and_save(
         p[1].total() / floors[1]
     );
     println!(
-        "floor = {:.1} TFLOP at the bf16 tensor rate + {} compulsory bytes (weights read once {}, optimizer state {}) at HBM bandwidth",
-        work.flops / 1e12,
+        "floor = {} at the bf16 tensor rate + {} compulsory bytes (weights read once {}, optimizer state {}) at HBM bandwidth",
+        flops(work.flops),
         gb(compulsory.total()),
         gb(compulsory.weights_read),
         gb(compulsory.optimizer_state)
     );
     if let Some(s) = scaling {
         let total: f64 = s.work_by_growth.values().map(|w| w.flops).sum();
-        let parts: Vec<String> = s
-            .work_by_growth
-            .iter()
-            .map(|(g, w)| format!("{g} {:.1}%", 100.0 * w.flops / total.max(1.0)))
-            .collect();
-        println!("growth of the target's flops with the sequence length (from the cost functions): {}", parts.join(", "));
+        let parts: Vec<String> =
+            s.work_by_growth.iter().map(|(g, w)| format!("{g} {:.1}%", 100.0 * w.flops / total.max(1.0))).collect();
+        println!(
+            "growth of the target's flops with the sequence length (from the cost functions): {}",
+            parts.join(", ")
+        );
     }
     for (d, pr) in DEVICES.iter().zip(&p) {
         preds.push(json!({
@@ -219,6 +245,8 @@ pub fn print_and_save(
             "gemm_tf32": c.gemms.get(&(ElemType::F32, GemmCompute::F32FastTf32)).copied().unwrap_or(0.0),
             "gemm_fp32": c.fp32_core_gemms(),
             "host_syncs": c.host_syncs,
+            "sync_calls": c.sync_calls,
+            "blocking_copies": c.blocking_copies,
             "htod_bytes": c.htod_bytes,
             "dtoh_bytes": c.dtoh_bytes,
             "dtod_bytes": c.dtod_bytes,
@@ -245,6 +273,7 @@ pub fn print_and_save(
             "layers": ctx.run_layers,
             "trained": ctx.run_trained,
             "seqs": runs.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            "steps_identical": runs.iter().all(|r| r.steps_identical),
             "counts": counts_json(&run_counts),
             "peak_device_bytes": ctx.memory.peak_bytes,
         },

@@ -13,15 +13,42 @@ use std::path::Path;
 /// One event as the emulated driver or cuBLAS saw it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum EmulatedEvent {
-    Launch { name: String, grid: [u32; 3], block: [u32; 3], shared_bytes: u32 },
+    Launch {
+        name: String,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+    },
     /// A cuBLAS call: `m, n, k` as cuBLAS takes them (column-major), types by name
     /// (`f32`, `bf16`), compute type (`32F`, `32F_FAST_TF32`, ...) and math mode.
-    Blas { routine: String, m: u64, n: u64, k: u64, batch: u64, a: String, c: String, compute: String, math: String },
-    Sync { what: String },
-    Copy { dir: CopyDir, bytes: u64, blocking: bool },
-    Memset { bytes: u64 },
-    Alloc { bytes: u64 },
-    Free { bytes: u64 },
+    Blas {
+        routine: String,
+        m: u64,
+        n: u64,
+        k: u64,
+        batch: u64,
+        a: String,
+        c: String,
+        compute: String,
+        math: String,
+    },
+    Sync {
+        what: String,
+    },
+    Copy {
+        dir: CopyDir,
+        bytes: u64,
+        blocking: bool,
+    },
+    Memset {
+        bytes: u64,
+    },
+    Alloc {
+        bytes: u64,
+    },
+    Free {
+        bytes: u64,
+    },
 }
 
 /// A window's totals, as the emulator counted them.
@@ -180,7 +207,9 @@ fn expected(e: &Event) -> EmulatedEvent {
             math: "default".to_string(),
         },
         EventKind::Sync => EmulatedEvent::Sync { what: String::new() },
-        EventKind::Copy { dir, bytes, blocking } => EmulatedEvent::Copy { dir: *dir, bytes: *bytes, blocking: *blocking },
+        EventKind::Copy { dir, bytes, blocking } => {
+            EmulatedEvent::Copy { dir: *dir, bytes: *bytes, blocking: *blocking }
+        }
         EventKind::Memset { bytes } => EmulatedEvent::Memset { bytes: *bytes },
         EventKind::Alloc { bytes } => EmulatedEvent::Alloc { bytes: *bytes },
         EventKind::Free { bytes } => EmulatedEvent::Free { bytes: *bytes },

@@ -165,7 +165,10 @@ mod tests {
         assert_eq!(covering_prefix(32, &paper), 4);
         // The example's every-third from block 2: 0, 1 forward only; 2 lowest; 3, 4 frozen; 5.
         let every3: Vec<usize> = (2..30).step_by(3).collect();
-        assert_eq!(layer_kinds(6, &[2, 5]), vec![ForwardOnly, ForwardOnly, TrainedLowest, FrozenBackward, FrozenBackward, Trained]);
+        assert_eq!(
+            layer_kinds(6, &[2, 5]),
+            vec![ForwardOnly, ForwardOnly, TrainedLowest, FrozenBackward, FrozenBackward, Trained]
+        );
         assert_eq!(covering_prefix(30, &every3), 6);
         assert_eq!(covering_prefix(4, &[]), 1);
     }

@@ -116,6 +116,8 @@ impl Category {
 pub struct KernelCost {
     /// The kernel's name in `cuda/*.cu`.
     pub kernel: &'static str,
+    /// The `.cu` file (module) it is compiled in.
+    pub module: &'static str,
     pub category: Category,
     pub eval: fn(&[u64]) -> Work,
 }
@@ -162,15 +164,40 @@ pub enum CopyDir {
 /// One thing the backend asked of the device.
 #[derive(Clone, Debug)]
 pub enum EventKind {
-    Launch { cost: &'static KernelCost, grid: [u32; 3], block: [u32; 3], shared_bytes: u32, args: Vec<u64> },
-    Gemm { m: u64, n: u64, k: u64, batch: u64, operands: ElemType, output: ElemType, compute: GemmCompute, accumulate: bool },
+    Launch {
+        cost: &'static KernelCost,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+        args: Vec<u64>,
+    },
+    Gemm {
+        m: u64,
+        n: u64,
+        k: u64,
+        batch: u64,
+        operands: ElemType,
+        output: ElemType,
+        compute: GemmCompute,
+        accumulate: bool,
+    },
     /// The host waited for the device (stream, context or event synchronize).
     Sync,
     /// `blocking`: the host waited for the copy (device-to-host into pageable memory).
-    Copy { dir: CopyDir, bytes: u64, blocking: bool },
-    Memset { bytes: u64 },
-    Alloc { bytes: u64 },
-    Free { bytes: u64 },
+    Copy {
+        dir: CopyDir,
+        bytes: u64,
+        blocking: bool,
+    },
+    Memset {
+        bytes: u64,
+    },
+    Alloc {
+        bytes: u64,
+    },
+    Free {
+        bytes: u64,
+    },
 }
 
 /// An [`EventKind`] with the tags in effect when it happened and, on a GPU, its measured
@@ -233,6 +260,17 @@ impl Event {
     /// Whether the host waits for the device at this event.
     pub fn is_host_sync(&self) -> bool {
         matches!(self.kind, EventKind::Sync | EventKind::Copy { blocking: true, .. })
+    }
+
+    /// Whether the host waits for the device here, given the event before: a
+    /// synchronisation right after a blocking copy waits for nothing (the copy drained the
+    /// stream), so the pair is one wait.
+    pub fn is_host_wait_after(&self, previous: Option<&Event>) -> bool {
+        match self.kind {
+            EventKind::Sync => !previous.is_some_and(|p| matches!(p.kind, EventKind::Copy { blocking: true, .. })),
+            EventKind::Copy { blocking: true, .. } => true,
+            _ => false,
+        }
     }
 }
 

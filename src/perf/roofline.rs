@@ -18,7 +18,8 @@
 //!   adds `interval - device time` to [`Category::Overhead`] (eager launches and CUDA-graph
 //!   nodes have different intervals);
 //! - a host-blocking synchronisation (explicit, or a blocking copy): the sync latency, in
-//!   [`Category::Overhead`].
+//!   [`Category::Overhead`]; a synchronisation right after a blocking copy is the same wait
+//!   and is charged once.
 //!
 //! Events are summed serially (no overlap between kernels), which is how one stream runs.
 //!
@@ -26,7 +27,7 @@
 //! its arithmetic on tensor cores, and only the bytes it cannot avoid moving (see
 //! [`super::shape::compulsory_bytes`]).
 
-use super::{Category, Event, EventKind, GemmCompute, ElemType, Work};
+use super::{Category, ElemType, Event, EventKind, GemmCompute, Work};
 use std::collections::BTreeMap;
 
 /// One GPU's rates and latencies.
@@ -187,20 +188,25 @@ impl DeviceModel {
             LaunchMode::Graph => self.graph_node_s,
         };
         let mut p = Prediction::default();
+        let mut previous: Option<&Event> = None;
         for (e, weight) in events {
             let device = self.device_seconds(e);
             *p.seconds.entry(e.category()).or_default() += weight * device;
             p.work += e.work() * weight;
             let on_stream = e.is_launch()
-                || matches!(e.kind, EventKind::Memset { .. } | EventKind::Copy { dir: super::CopyDir::DeviceToDevice, .. });
+                || matches!(
+                    e.kind,
+                    EventKind::Memset { .. } | EventKind::Copy { dir: super::CopyDir::DeviceToDevice, .. }
+                );
             if on_stream {
                 p.launches += if e.is_launch() { weight } else { 0.0 };
                 *p.seconds.entry(Category::Overhead).or_default() += weight * (interval - device).max(0.0);
             }
-            if e.is_host_sync() {
+            if e.is_host_wait_after(previous) {
                 p.host_syncs += weight;
                 *p.seconds.entry(Category::Overhead).or_default() += weight * self.sync_s;
             }
+            previous = Some(e);
         }
         p
     }
@@ -220,8 +226,12 @@ mod tests {
         Event { kind, tag: Tag::default(), gpu_ms: None }
     }
 
-    static STREAM: KernelCost =
-        KernelCost { kernel: "test_stream", category: Category::Elementwise, eval: |a| Work::new(a[0], a[1]) };
+    static STREAM: KernelCost = KernelCost {
+        kernel: "test_stream",
+        module: "test",
+        category: Category::Elementwise,
+        eval: |a| Work::new(a[0], a[1]),
+    };
 
     #[test]
     fn prices_by_type_and_adds_overhead() {
@@ -263,16 +273,19 @@ mod tests {
         assert_eq!(graph.get(Category::Overhead), 0.0);
         assert!((graph.total() - 2e-6).abs() < 1e-12);
         assert_eq!(graph.launches, 2.0);
-        // A sync costs its latency; a blocking copy its PCIe time plus the latency.
+        // A sync costs its latency; a blocking copy its PCIe time plus the latency; a sync right
+        // after a blocking copy waits for nothing more.
         let s = ev(EventKind::Sync);
         let c = ev(EventKind::Copy { dir: super::super::CopyDir::DeviceToHost, bytes: 64_000, blocking: true });
         let p = m.predict([(&s, 1.0), (&c, 1.0)], LaunchMode::Eager);
         assert_eq!(p.host_syncs, 2.0);
         assert!((p.get(Category::Overhead) - 20e-6).abs() < 1e-12);
+        let p = m.predict([(&c, 1.0), (&s, 1.0)], LaunchMode::Eager);
+        assert_eq!(p.host_syncs, 1.0);
         assert!((p.get(Category::HostCopy) - 1e-6).abs() < 1e-12);
         // The floor: 989.4 TFLOP on tensor cores and 3.35 TB are one second each.
         assert!((m.floor(989.4e12, 3.35e12) - 2.0).abs() < 1e-9);
-        assert!(H200.hbm_bytes_per_s > H100_SXM.hbm_bytes_per_s);
+        const { assert!(H200.hbm_bytes_per_s > H100_SXM.hbm_bytes_per_s) };
         assert!(DEVICES.iter().all(|d| d.sources.len() >= 3));
     }
 }

@@ -95,6 +95,18 @@ fn same_shape(a: &Event, b: &Event) -> bool {
     kinds && a.tag == b.tag
 }
 
+/// Whether two runs of a step made the same device calls in the same order (kernels, cuBLAS
+/// types, copies, syncs, with the same tags), whatever their sizes.
+pub fn same_calls(a: &[Event], b: &[Event]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_shape(x, y))
+}
+
+/// Whether two runs of a step made exactly the same device calls, sizes included.
+pub fn identical_calls(a: &[Event], b: &[Event]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| same_shape(x, y) && format!("{:?}", x.kind) == format!("{:?}", y.kind))
+}
+
 fn growth_label(short: Work, target: Work, s1: usize, target_seq: usize) -> &'static str {
     let (q1, q2) = (short.bytes + short.flops, target.bytes + target.flops);
     if q1 <= 0.0 || target_seq == s1 {
@@ -145,7 +157,11 @@ pub fn extrapolate(
         if !same_shape(a, b) {
             return Err(Error::invalid(
                 "perf::extrapolate",
-                format!("event {i} is {} at sequence length {short_seq} but {} at {long_seq}", event_name(a), event_name(b)),
+                format!(
+                    "event {i} is {} at sequence length {short_seq} but {} at {long_seq}",
+                    event_name(a),
+                    event_name(b)
+                ),
             ));
         }
         let mut note = |what: String, x1: u64, x2: u64, g: ArgGrowth| {
@@ -159,16 +175,20 @@ pub fn extrapolate(
             v
         };
         let kind = match (&a.kind, &b.kind) {
-            (
-                EventKind::Launch { cost, grid, block, shared_bytes, args: a1 },
-                EventKind::Launch { args: a2, .. },
-            ) => EventKind::Launch {
-                cost,
-                grid: *grid,
-                block: *block,
-                shared_bytes: *shared_bytes,
-                args: a1.iter().zip(a2).enumerate().map(|(j, (&x, &y))| sc(&format!("argument {j}"), x, y)).collect(),
-            },
+            (EventKind::Launch { cost, grid, block, shared_bytes, args: a1 }, EventKind::Launch { args: a2, .. }) => {
+                EventKind::Launch {
+                    cost,
+                    grid: *grid,
+                    block: *block,
+                    shared_bytes: *shared_bytes,
+                    args: a1
+                        .iter()
+                        .zip(a2)
+                        .enumerate()
+                        .map(|(j, (&x, &y))| sc(&format!("argument {j}"), x, y))
+                        .collect(),
+                }
+            }
             (
                 EventKind::Gemm { m, n, k, batch, operands, output, compute, accumulate },
                 EventKind::Gemm { m: m2, n: n2, k: k2, .. },
@@ -185,9 +205,15 @@ pub fn extrapolate(
             (EventKind::Copy { dir, bytes, blocking }, EventKind::Copy { bytes: b2, .. }) => {
                 EventKind::Copy { dir: *dir, bytes: sc("bytes", *bytes, *b2), blocking: *blocking }
             }
-            (EventKind::Memset { bytes }, EventKind::Memset { bytes: b2 }) => EventKind::Memset { bytes: sc("bytes", *bytes, *b2) },
-            (EventKind::Alloc { bytes }, EventKind::Alloc { bytes: b2 }) => EventKind::Alloc { bytes: sc("bytes", *bytes, *b2) },
-            (EventKind::Free { bytes }, EventKind::Free { bytes: b2 }) => EventKind::Free { bytes: sc("bytes", *bytes, *b2) },
+            (EventKind::Memset { bytes }, EventKind::Memset { bytes: b2 }) => {
+                EventKind::Memset { bytes: sc("bytes", *bytes, *b2) }
+            }
+            (EventKind::Alloc { bytes }, EventKind::Alloc { bytes: b2 }) => {
+                EventKind::Alloc { bytes: sc("bytes", *bytes, *b2) }
+            }
+            (EventKind::Free { bytes }, EventKind::Free { bytes: b2 }) => {
+                EventKind::Free { bytes: sc("bytes", *bytes, *b2) }
+            }
             (k, _) => k.clone(),
         };
         let e = Event { kind, tag: a.tag, gpu_ms: None };
@@ -211,7 +237,10 @@ impl LayerWeights {
 
     /// Run layer `i` is of kind `run_kinds[i]`; the target has `target_counts[kind]` layers
     /// of each kind. Every kind of the target must appear in the run.
-    pub fn by_kind<K: Ord + Copy + std::fmt::Debug>(run_kinds: &[K], target_counts: &BTreeMap<K, usize>) -> Result<Self> {
+    pub fn by_kind<K: Ord + Copy + std::fmt::Debug>(
+        run_kinds: &[K],
+        target_counts: &BTreeMap<K, usize>,
+    ) -> Result<Self> {
         let mut in_run: BTreeMap<K, usize> = BTreeMap::new();
         for k in run_kinds {
             *in_run.entry(*k).or_default() += 1;
@@ -225,10 +254,7 @@ impl LayerWeights {
             }
         }
         Ok(LayerWeights(
-            run_kinds
-                .iter()
-                .map(|k| target_counts.get(k).copied().unwrap_or(0) as f64 / in_run[k] as f64)
-                .collect(),
+            run_kinds.iter().map(|k| target_counts.get(k).copied().unwrap_or(0) as f64 / in_run[k] as f64).collect(),
         ))
     }
 
@@ -249,7 +275,11 @@ pub struct StepCounts {
     pub kernel_launches: f64,
     /// cuBLAS calls by `(operand type, compute)`.
     pub gemms: BTreeMap<(ElemType, GemmCompute), f64>,
+    /// Times the host waits for the device (a sync right after a blocking copy is the same wait).
     pub host_syncs: f64,
+    /// Of those, explicit synchronize calls, and blocking device-to-host copies.
+    pub sync_calls: f64,
+    pub blocking_copies: f64,
     pub htod_bytes: f64,
     pub dtoh_bytes: f64,
     pub dtod_bytes: f64,
@@ -264,6 +294,7 @@ pub struct StepCounts {
 impl StepCounts {
     pub fn of<'a>(events: impl IntoIterator<Item = (&'a Event, f64)>) -> StepCounts {
         let mut c = StepCounts::default();
+        let mut previous: Option<&Event> = None;
         for (e, w) in events {
             c.work += e.work() * w;
             if e.is_launch() {
@@ -271,13 +302,17 @@ impl StepCounts {
                     *c.launches_per_layer.entry(l).or_default() += 1;
                 }
             }
-            if e.is_host_sync() {
+            if e.is_host_wait_after(previous) {
                 c.host_syncs += w;
             }
+            previous = Some(e);
             match &e.kind {
                 EventKind::Launch { .. } => c.kernel_launches += w,
                 EventKind::Gemm { operands, compute, .. } => *c.gemms.entry((*operands, *compute)).or_default() += w,
-                EventKind::Copy { dir, bytes, .. } => {
+                EventKind::Copy { dir, bytes, blocking } => {
+                    if *blocking {
+                        c.blocking_copies += w;
+                    }
                     let b = *bytes as f64 * w;
                     match dir {
                         CopyDir::HostToDevice => c.htod_bytes += b,
@@ -288,7 +323,7 @@ impl StepCounts {
                 EventKind::Memset { .. } => c.memsets += w,
                 EventKind::Alloc { .. } => c.allocations += w,
                 EventKind::Free { .. } => c.frees += w,
-                EventKind::Sync => {}
+                EventKind::Sync => c.sync_calls += w,
             }
         }
         c
@@ -348,10 +383,15 @@ pub(crate) mod tests {
     use super::*;
     use crate::perf::{KernelCost, Tag};
 
-    pub(crate) static TEST_KERNEL_AXPY: KernelCost =
-        KernelCost { kernel: "axpy_f32", category: Category::Elementwise, eval: |a| Work::new(12 * a[0], 2 * a[0]) };
+    pub(crate) static TEST_KERNEL_AXPY: KernelCost = KernelCost {
+        kernel: "axpy_f32",
+        module: "dense",
+        category: Category::Elementwise,
+        eval: |a| Work::new(12 * a[0], 2 * a[0]),
+    };
     static SCORES: KernelCost = KernelCost {
         kernel: "softmax_causal_f32",
+        module: "transformer",
         category: Category::Attention,
         // args: matrices, t: t^2 entries per matrix read and written.
         eval: |a| Work::new(8 * a[0] * a[1] * a[1], 5 * a[0] * a[1] * a[1]),

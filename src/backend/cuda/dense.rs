@@ -2,7 +2,7 @@
 //! cuda/dense.cu (casts, bias add and gradient, finiteness count, axpy) and
 //! cuda/activation.cu (GELU, SwiGLU), each after the op's shared validator.
 
-use super::{gemm, kargs, require_f32, Cuda, CudaBuf};
+use super::{gemm, kargs, kernel, require_f32, Cuda, CudaBuf};
 use crate::backend::ops::dense::*;
 use crate::backend::{GeluKind, Gemm};
 use crate::error::{checked_mul, Result};
@@ -12,6 +12,75 @@ use half::bf16;
 
 /// Blocks per multiprocessor of the memory-bound grid-stride kernels.
 pub(super) const PER_SM: u32 = 16;
+
+// Costs (see `kernel!`): every input read once, every output written once, in bytes; flops
+// are the arithmetic per element the kernel does (transcendentals counted as one).
+kernel!(
+    /// [n]: reads n f32, writes n bf16.
+    CAST_TO_BF16 = "dense" / "cast_f32_to_bf16", Elementwise, |a| (6 * a[0], a[0])
+);
+kernel!(
+    /// [n]: reads n bf16, writes n f32.
+    CAST_FROM_BF16 = "dense" / "cast_bf16_to_f32", Elementwise, |a| (6 * a[0], a[0])
+);
+kernel!(
+    /// [rows, cols]: y read and written, bias read.
+    ADD_BIAS = "dense" / "add_bias_f32", Elementwise, |a| (8 * a[0] * a[1] + 4 * a[1], a[0] * a[1])
+);
+kernel!(
+    /// [rows, cols, chunks]: g read; one partial row per chunk written (db read and written
+    /// when there is one chunk).
+    BIAS_GRAD_PARTIAL = "dense" / "bias_grad_partial_f32", Elementwise,
+    |a| (4 * a[0] * a[1] + if a[2] == 1 { 8 * a[1] } else { 4 * a[2] * a[1] }, a[0] * a[1])
+);
+kernel!(
+    /// [chunks, cols]: the partials read, db read and written.
+    BIAS_GRAD_FINAL = "dense" / "bias_grad_final_f32", Elementwise, |a| (4 * a[0] * a[1] + 8 * a[1], a[0] * a[1])
+);
+kernel!(
+    /// [n]: x read, two status words updated.
+    COUNT_NONFINITE = "dense" / "count_nonfinite_f32", Elementwise, |a| (4 * a[0] + 16, a[0])
+);
+kernel!(
+    /// [n]: x read, y read and written.
+    AXPY = "dense" / "axpy_f32", Elementwise, |a| (12 * a[0], 2 * a[0])
+);
+kernel!(
+    /// [elements, beta != 0]: C written (and read first when beta != 0).
+    SCALE_ROWS = "dense" / "scale_rows_f32", Elementwise, |a| ((4 + 4 * a[1]) * a[0], a[0])
+);
+kernel!(
+    /// [n]: n elements of 1, 2, 4 or 8 bytes written.
+    FILL = "dense" / ["fill_u8", "fill_u16", "fill_u32", "fill_u64"], Elementwise, |a| (a[0] * a[1], 0)
+);
+kernel!(
+    /// [n]: x read, y written; erf or tanh and ~8 operations per element.
+    GELU = "activation" / ["gelu_erf_f32", "gelu_tanh_f32"], Elementwise, |a| (8 * a[0], 10 * a[0])
+);
+kernel!(
+    /// [n]: x and dy read, dx written.
+    GELU_BACKWARD = "activation" / ["gelu_erf_backward_f32", "gelu_tanh_backward_f32"], Elementwise,
+    |a| (12 * a[0], 16 * a[0])
+);
+kernel!(
+    /// [n]: gate and up read, h written; an exp and a division per element.
+    SWIGLU = "activation" / "swiglu_f32", Elementwise, |a| (12 * a[0], 6 * a[0])
+);
+kernel!(
+    /// [n]: gate, up and dh read, d_gate and d_up written.
+    SWIGLU_BACKWARD = "activation" / "swiglu_backward_f32", Elementwise, |a| (20 * a[0], 12 * a[0])
+);
+
+/// The fill kernel for elements of `size` bytes.
+pub(super) fn fill_kernel(size: usize) -> Option<&'static crate::perf::KernelCost> {
+    match size {
+        1 => Some(&FILL[0]),
+        2 => Some(&FILL[1]),
+        4 => Some(&FILL[2]),
+        8 => Some(&FILL[3]),
+        _ => None,
+    }
+}
 
 impl DenseOps for Cuda {
     /// cuBLAS, through the row-major helper in gemm.rs.
@@ -32,7 +101,7 @@ impl DenseOps for Cuda {
         }
         let (s, d, n) = (src.ptr(), dst.ptr_mut(), len as u64);
         // SAFETY: cast_f32_to_bf16(const float* src, bf16* dst, u64 n); both hold >= n elements.
-        unsafe { self.launch("dense", "cast_f32_to_bf16", self.grid_1d(len, PER_SM), &mut kargs![s, d, n]) }
+        unsafe { self.launch(&CAST_TO_BF16, self.grid_1d(len, PER_SM), &mut kargs![s, d, n], &[n]) }
     }
 
     fn cast_from_bf16<F: Real>(&self, src: &CudaBuf<bf16>, dst: &mut CudaBuf<F>, len: usize) -> Result<()> {
@@ -43,7 +112,7 @@ impl DenseOps for Cuda {
         }
         let (s, d, n) = (src.ptr(), dst.ptr_mut(), len as u64);
         // SAFETY: cast_bf16_to_f32(const bf16* src, float* dst, u64 n); both hold >= n elements.
-        unsafe { self.launch("dense", "cast_bf16_to_f32", self.grid_1d(len, PER_SM), &mut kargs![s, d, n]) }
+        unsafe { self.launch(&CAST_FROM_BF16, self.grid_1d(len, PER_SM), &mut kargs![s, d, n], &[n]) }
     }
 
     fn add_bias<F: Real>(&self, y: &mut CudaBuf<F>, bias: &CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {
@@ -57,7 +126,7 @@ impl DenseOps for Cuda {
         let (yp, bp, r, c) = (y.ptr_mut(), bias.ptr(), rows as u64, cols as u64);
         // SAFETY: add_bias_f32(float* y, const float* bias, u64 rows, u64 cols); y holds
         // rows * cols and bias cols elements; grid.x * 256 >= cols.
-        unsafe { self.launch("dense", "add_bias_f32", cfg, &mut kargs![yp, bp, r, c]) }
+        unsafe { self.launch(&ADD_BIAS, cfg, &mut kargs![yp, bp, r, c], &[r, c]) }
     }
 
     fn bias_grad<F: Real>(&self, g: &CudaBuf<F>, rows: usize, cols: usize, db: &mut CudaBuf<F>, beta: F) -> Result<()> {
@@ -81,17 +150,19 @@ impl DenseOps for Cuda {
         // float* partial, float* db, float beta): g holds rows * cols, db cols elements; with
         // more than one chunk `partial` holds chunks * cols floats (arena sized above), with one
         // chunk it is not touched. chunks <= 1024 fits grid.y.
-        unsafe { self.launch("dense", "bias_grad_partial_f32", cfg, &mut kargs![gp, r, c, rpc, partial, dbp, beta]) }?;
+        unsafe {
+            self.launch(&BIAS_GRAD_PARTIAL, cfg, &mut kargs![gp, r, c, rpc, partial, dbp, beta], &[r, c, chunks as u64])
+        }?;
         if chunks > 1 {
             let k = chunks as u64;
             // SAFETY: bias_grad_final_f32(const float* partial, u64 chunks, u64 cols, float* db,
             // float beta): partial holds chunks * cols floats, db cols.
             unsafe {
                 self.launch(
-                    "dense",
-                    "bias_grad_final_f32",
+                    &BIAS_GRAD_FINAL,
                     self.grid_1d(cols, PER_SM),
                     &mut kargs![partial, k, c, dbp, beta],
+                    &[k, c],
                 )
             }?;
         }
@@ -110,11 +181,11 @@ impl DenseOps for Cuda {
         let first_slot = status + 8;
         self.memset_zero(status, 8)?;
         // SAFETY: fill_u64(u64* buf, u64 n, u64 value) on status[1..2] (16 status words).
-        unsafe { self.launch("dense", "fill_u64", self.grid_1d(1, 1), &mut kargs![first_slot, one, none]) }?;
+        unsafe { self.launch(&FILL[3], self.grid_1d(1, 1), &mut kargs![first_slot, one, none], &[1, 8]) }?;
         let (xp, n) = (x.ptr(), len as u64);
         // SAFETY: count_nonfinite_f32(const float* x, u64 n, u64* status): x holds n elements,
         // status two words.
-        unsafe { self.launch("dense", "count_nonfinite_f32", self.grid_1d(len, PER_SM), &mut kargs![xp, n, status]) }?;
+        unsafe { self.launch(&COUNT_NONFINITE, self.grid_1d(len, PER_SM), &mut kargs![xp, n, status], &[n]) }?;
         let mut out = [0u64; 2];
         self.read_device(status, &mut out)?;
         let count = out[0] as usize;
@@ -129,7 +200,7 @@ impl DenseOps for Cuda {
         }
         let (a, xp, yp, n) = (alpha.to_f64() as f32, x.ptr(), y.ptr_mut(), len as u64);
         // SAFETY: axpy_f32(float alpha, const float* x, float* y, u64 n); x, y hold >= n.
-        unsafe { self.launch("dense", "axpy_f32", self.grid_1d(len, PER_SM), &mut kargs![a, xp, yp, n]) }
+        unsafe { self.launch(&AXPY, self.grid_1d(len, PER_SM), &mut kargs![a, xp, yp, n], &[n]) }
     }
 
     fn gelu<F: Real>(&self, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len: usize, kind: GeluKind) -> Result<()> {
@@ -138,13 +209,13 @@ impl DenseOps for Cuda {
         if len == 0 {
             return Ok(());
         }
-        let name = match kind {
-            GeluKind::Erf => "gelu_erf_f32",
-            GeluKind::Tanh => "gelu_tanh_f32",
+        let kernel = match kind {
+            GeluKind::Erf => &GELU[0],
+            GeluKind::Tanh => &GELU[1],
         };
         let (xp, yp, n) = (x.ptr(), y.ptr_mut(), len as u64);
         // SAFETY: gelu_*_f32(const float* x, float* y, u64 n); both hold >= n elements.
-        unsafe { self.launch("activation", name, self.grid_1d(len, PER_SM), &mut kargs![xp, yp, n]) }
+        unsafe { self.launch(kernel, self.grid_1d(len, PER_SM), &mut kargs![xp, yp, n], &[n]) }
     }
 
     fn gelu_backward<F: Real>(
@@ -160,14 +231,14 @@ impl DenseOps for Cuda {
         if len == 0 {
             return Ok(());
         }
-        let name = match kind {
-            GeluKind::Erf => "gelu_erf_backward_f32",
-            GeluKind::Tanh => "gelu_tanh_backward_f32",
+        let kernel = match kind {
+            GeluKind::Erf => &GELU_BACKWARD[0],
+            GeluKind::Tanh => &GELU_BACKWARD[1],
         };
         let (xp, dyp, dxp, n) = (x.ptr(), dy.ptr(), dx.ptr_mut(), len as u64);
         // SAFETY: gelu_*_backward_f32(const float* x, const float* dy, float* dx, u64 n); all
         // three hold >= n elements.
-        unsafe { self.launch("activation", name, self.grid_1d(len, PER_SM), &mut kargs![xp, dyp, dxp, n]) }
+        unsafe { self.launch(kernel, self.grid_1d(len, PER_SM), &mut kargs![xp, dyp, dxp, n], &[n]) }
     }
 
     fn swiglu<F: Real>(&self, gate: &CudaBuf<F>, up: &CudaBuf<F>, h: &mut CudaBuf<F>, len: usize) -> Result<()> {
@@ -178,7 +249,7 @@ impl DenseOps for Cuda {
         }
         let (gp, up, hp, n) = (gate.ptr(), up.ptr(), h.ptr_mut(), len as u64);
         // SAFETY: swiglu_f32(const float* gate, const float* up, float* h, u64 n); all >= n.
-        unsafe { self.launch("activation", "swiglu_f32", self.grid_1d(len, PER_SM), &mut kargs![gp, up, hp, n]) }
+        unsafe { self.launch(&SWIGLU, self.grid_1d(len, PER_SM), &mut kargs![gp, up, hp, n], &[n]) }
     }
 
     fn swiglu_backward<F: Real>(
@@ -200,12 +271,7 @@ impl DenseOps for Cuda {
         // SAFETY: swiglu_backward_f32(const float* gate, const float* up, const float* dh,
         // float* d_gate, float* d_up, u64 n); all five hold >= n elements.
         unsafe {
-            self.launch(
-                "activation",
-                "swiglu_backward_f32",
-                self.grid_1d(len, PER_SM),
-                &mut kargs![gp, upp, dhp, dgp, dup, n],
-            )
+            self.launch(&SWIGLU_BACKWARD, self.grid_1d(len, PER_SM), &mut kargs![gp, upp, dhp, dgp, dup, n], &[n])
         }
     }
 }
@@ -230,5 +296,12 @@ pub(super) fn scale_rows(
     // SAFETY: scale_rows_f32(float* c, u64 rows, u64 cols, u64 ld, u64 batch, u64 stride,
     // float beta) touches c[b * stride + r * ld + col] for r < rows, col < cols, b < batch,
     // all inside C by `Gemm::validate`, which the caller ran.
-    unsafe { cuda.launch("dense", "scale_rows_f32", cuda.grid_1d(total, PER_SM), &mut kargs![c, r, n, l, b, s, beta]) }
+    unsafe {
+        cuda.launch(
+            &SCALE_ROWS,
+            cuda.grid_1d(total, PER_SM),
+            &mut kargs![c, r, n, l, b, s, beta],
+            &[total as u64, u64::from(beta != 0.0)],
+        )
+    }
 }

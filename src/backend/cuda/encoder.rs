@@ -4,12 +4,46 @@
 //! validator. Lengths are read on the device and clamped to `t` there, as on the CPU, so
 //! no length is out of range.
 
-use super::{kargs, require_f32, Cuda, CudaBuf};
+use super::{kargs, kernel, require_f32, Cuda, CudaBuf};
 use crate::backend::ops::encoder::*;
 use crate::backend::PoolKind;
 use crate::error::Result;
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
+
+// Costs (see `kernel!`): inputs read once, outputs written once.
+kernel!(
+    /// [rows, cols]: x read, y written, w and b read, mean and rstd written.
+    LAYERNORM = "encoder" / "layernorm_f32", Elementwise, |a| (8 * a[0] * a[1] + 8 * a[1] + 8 * a[0], 8 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, cols]: x and dy read, dx written, w read, mean and rstd read.
+    LAYERNORM_BACKWARD = "encoder" / "layernorm_backward_f32", Elementwise,
+    |a| (12 * a[0] * a[1] + 4 * a[1] + 8 * a[0], 10 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, cols]: x and dy read, mean and rstd read, dw and db read and written.
+    LAYERNORM_PARAM_GRADS = "encoder" / "layernorm_param_grads_f32", Elementwise,
+    |a| (8 * a[0] * a[1] + 8 * a[0] + 16 * a[1], 5 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, t]: the score rows read and written in place.
+    SOFTMAX_MASKED = "encoder" / "softmax_masked_f32", Attention, |a| (8 * a[0] * a[1], 5 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, t]: p and dp read, ds written.
+    SOFTMAX_MASKED_BACKWARD = "encoder" / "softmax_masked_backward_f32", Attention,
+    |a| (12 * a[0] * a[1], 4 * a[0] * a[1])
+);
+kernel!(
+    /// [batch, t, cols, mean (1) or cls (0)]: the pooled rows read (all t at most), out written.
+    POOL = "encoder" / "pool_f32", Elementwise,
+    |a| { let rows = if a[3] == 1 { a[1] } else { 1 }; (4 * a[0] * (rows + 1) * a[2], a[0] * rows * a[2]) }
+);
+kernel!(
+    /// [batch, t, cols]: dout read, dx written.
+    POOL_BACKWARD = "encoder" / "pool_backward_f32", Elementwise, |a| (4 * a[0] * (a[1] + 1) * a[2], a[0] * a[1] * a[2])
+);
 
 /// Rows per block of the warp-per-row kernels (`SG_ENC_ROWS` in cuda/encoder.cu).
 const ROWS_PER_BLOCK: usize = 8;
@@ -54,12 +88,7 @@ impl EncoderOps for Cuda {
         // rows * cols, w and b cols, mean and rstd rows elements (checked above); 256 threads per
         // block as the kernel's launch bounds.
         unsafe {
-            self.launch(
-                "encoder",
-                "layernorm_f32",
-                row_config(self, rows),
-                &mut kargs![xp, wp, bp, yp, mp, rp, r, c, nc, eps],
-            )
+            self.launch(&LAYERNORM, row_config(self, rows), &mut kargs![xp, wp, bp, yp, mp, rp, r, c, nc, eps], &[r, c])
         }
     }
 
@@ -88,10 +117,10 @@ impl EncoderOps for Cuda {
         // distinct from the inputs (&mut); 256 threads per block.
         unsafe {
             self.launch(
-                "encoder",
-                "layernorm_backward_f32",
+                &LAYERNORM_BACKWARD,
                 row_config(self, rows),
                 &mut kargs![xp, wp, mp, rp, dyp, dxp, r, c, nc],
+                &[r, c],
             )
         }
     }
@@ -122,10 +151,10 @@ impl EncoderOps for Cuda {
         // distinct (&mut); a grid-stride loop over cols.
         unsafe {
             self.launch(
-                "encoder",
-                "layernorm_param_grads_f32",
+                &LAYERNORM_PARAM_GRADS,
                 self.grid_1d(cols, 8),
                 &mut kargs![xp, mp, rp, dyp, dwp, dbp, r, c, bt],
+                &[r, c],
             )
         }
     }
@@ -149,9 +178,7 @@ impl EncoderOps for Cuda {
         // SAFETY: softmax_masked_f32(float* s, const u32* lengths, u64 rows, u64 t, u64 heads,
         // float scale): s holds rows * t elements and lengths rows / t / heads = mats / heads
         // (checked above); lengths are clamped to t by the kernel; 256 threads per block.
-        unsafe {
-            self.launch("encoder", "softmax_masked_f32", row_config(self, rows), &mut kargs![sp, lp, r, tt, h, scale])
-        }
+        unsafe { self.launch(&SOFTMAX_MASKED, row_config(self, rows), &mut kargs![sp, lp, r, tt, h, scale], &[r, tt]) }
     }
 
     fn softmax_masked_backward<F: Real>(
@@ -178,10 +205,10 @@ impl EncoderOps for Cuda {
         // rows * t elements, lengths mats / heads (checked above); ds is distinct (&mut).
         unsafe {
             self.launch(
-                "encoder",
-                "softmax_masked_backward_f32",
+                &SOFTMAX_MASKED_BACKWARD,
                 row_config(self, rows),
                 &mut kargs![pp, dpp, dsp, lp, r, tt, h, scale],
+                &[r, tt],
             )
         }
     }
@@ -207,7 +234,14 @@ impl EncoderOps for Cuda {
         // SAFETY: pool_f32(const float* x, const u32* lengths, float* out, u64 batch, u64 t,
         // u64 cols, u32 kind): x holds batch * t * cols, out batch * cols, lengths batch elements
         // (checked above); rows read are below min(lengths[b], t) <= t; grid-stride over out.
-        unsafe { self.launch("encoder", "pool_f32", self.grid_1d(pooled, 8), &mut kargs![xp, lp, op, b, tt, c, k]) }
+        unsafe {
+            self.launch(
+                &POOL,
+                self.grid_1d(pooled, 8),
+                &mut kargs![xp, lp, op, b, tt, c, k],
+                &[b, tt, c, u64::from(k == 0)],
+            )
+        }
     }
 
     fn pool_rows_backward<F: Real>(
@@ -231,9 +265,7 @@ impl EncoderOps for Cuda {
         // SAFETY: pool_backward_f32(const float* dout, const u32* lengths, float* dx, u64 batch,
         // u64 t, u64 cols, u32 kind): dout holds batch * cols, dx batch * t * cols, lengths batch
         // elements (checked above); grid-stride over dx.
-        unsafe {
-            self.launch("encoder", "pool_backward_f32", self.grid_1d(full, 8), &mut kargs![dp, lp, xp, b, tt, c, k])
-        }
+        unsafe { self.launch(&POOL_BACKWARD, self.grid_1d(full, 8), &mut kargs![dp, lp, xp, b, tt, c, k], &[b, tt, c]) }
     }
 }
 

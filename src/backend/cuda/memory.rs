@@ -1,7 +1,7 @@
 //! The buffer type and memory ops of [`Cuda`]: allocation, host-device copies, device
 //! copies, fill (the fill kernels of cuda/dense.cu), synchronization and the counters.
 
-use super::dense::PER_SM;
+use super::dense::{fill_kernel, PER_SM};
 use super::{cuda_err, kargs, Cuda, CudaBuf};
 use crate::backend::{check_copy, check_download, check_fill, check_upload_into};
 use crate::backend::{Backend, Buffers, MemoryStats};
@@ -81,27 +81,30 @@ impl Backend for Cuda {
         }
         let (p, n) = (buf.ptr_mut(), len as u64);
         let cfg = self.grid_1d(len, PER_SM);
+        let size = std::mem::size_of::<T>();
+        let kernel =
+            fill_kernel(size).ok_or(crate::Error::UnsupportedDtype { op: "fill", dtype: T::NAME, backend: "cuda" })?;
+        let sizes = [n, size as u64];
         // SAFETY (all arms): `transmute_copy` reads exactly size_of::<T>() bytes of a Copy value
         // into an integer of that size; fill_uN(T* buf, u64 n, T value) writes buf[..n], and
         // `buf` holds at least `len` = n elements (checked above).
-        match std::mem::size_of::<T>() {
+        match size {
             1 => {
                 let v: u8 = unsafe { std::mem::transmute_copy(&value) };
-                unsafe { self.launch("dense", "fill_u8", cfg, &mut kargs![p, n, v]) }
+                unsafe { self.launch(kernel, cfg, &mut kargs![p, n, v], &sizes) }
             }
             2 => {
                 let v: u16 = unsafe { std::mem::transmute_copy(&value) };
-                unsafe { self.launch("dense", "fill_u16", cfg, &mut kargs![p, n, v]) }
+                unsafe { self.launch(kernel, cfg, &mut kargs![p, n, v], &sizes) }
             }
             4 => {
                 let v: u32 = unsafe { std::mem::transmute_copy(&value) };
-                unsafe { self.launch("dense", "fill_u32", cfg, &mut kargs![p, n, v]) }
+                unsafe { self.launch(kernel, cfg, &mut kargs![p, n, v], &sizes) }
             }
-            8 => {
+            _ => {
                 let v: u64 = unsafe { std::mem::transmute_copy(&value) };
-                unsafe { self.launch("dense", "fill_u64", cfg, &mut kargs![p, n, v]) }
+                unsafe { self.launch(kernel, cfg, &mut kargs![p, n, v], &sizes) }
             }
-            _ => Err(crate::Error::UnsupportedDtype { op: "fill", dtype: T::NAME, backend: "cuda" }),
         }
     }
 

@@ -27,6 +27,8 @@
 //!   (`backend::ops`) before it launches anything.
 
 mod consts;
+#[cfg(test)]
+mod cost_tests;
 mod dense;
 mod encoder;
 mod gemm;
@@ -67,7 +69,7 @@ use consts::{ERR_BITS, THREADS, TILE};
 const STATUS_WORDS: usize = 16;
 
 use crate::backend::MemoryCounters as Counters;
-use crate::perf::{CopyDir, EventKind};
+use crate::perf::{CopyDir, EventKind, KernelCost};
 use profile::Profiler;
 
 /// A device buffer of `len` elements that reports its size to the backend that made it.
@@ -195,6 +197,39 @@ macro_rules! kargs {
     };
 }
 pub(crate) use kargs;
+
+/// `kernel!(NAME = "module" / "kernel_name", Category, |a| (bytes, flops))`: the descriptor of
+/// one kernel of `cuda/<module>.cu`, defined beside its launcher: its name, where its time
+/// goes, and its cost as a function of the size arguments the launcher records (`a`, in the
+/// order the launcher's comment gives). `kernel!([A, B, C] = "module" / ["a", "b", "c"], ...)`
+/// declares variants of one kernel (block-size groups) with the same cost.
+macro_rules! kernel {
+    ($(#[$m:meta])* $id:ident = $module:literal / $name:literal, $cat:ident, |$a:ident| $cost:expr) => {
+        $(#[$m])*
+        pub(super) static $id: crate::perf::KernelCost = crate::perf::KernelCost {
+            kernel: $name,
+            module: $module,
+            category: crate::perf::Category::$cat,
+            eval: |$a: &[u64]| -> crate::perf::Work {
+                let (bytes, flops): (u64, u64) = $cost;
+                crate::perf::Work::new(bytes, flops)
+            },
+        };
+    };
+    ($(#[$m:meta])* $id:ident = $module:literal / [$($name:literal),+], $cat:ident, |$a:ident| $cost:expr) => {
+        $(#[$m])*
+        pub(super) static $id: [crate::perf::KernelCost; [$($name),+].len()] = [$(crate::perf::KernelCost {
+            kernel: $name,
+            module: $module,
+            category: crate::perf::Category::$cat,
+            eval: |$a: &[u64]| -> crate::perf::Work {
+                let (bytes, flops): (u64, u64) = $cost;
+                crate::perf::Work::new(bytes, flops)
+            },
+        }),+];
+    };
+}
+pub(crate) use kernel;
 
 impl Cuda {
     /// Opens device `ordinal`, loads the embedded kernels and creates a cuBLAS handle.
@@ -343,7 +378,9 @@ impl Cuda {
         Ok(f)
     }
 
-    /// Launches `module.name` on the backend's stream. Empty grids are skipped.
+    /// Launches `kernel` on the backend's stream and records it in the ledger with its size
+    /// arguments `sizes` (the ones `kernel.eval` takes, see [`crate::perf::KernelCost`]).
+    /// Empty grids are skipped.
     ///
     /// # Safety
     /// `params` (see `kargs!`) must match the kernel's parameter list in number, order and
@@ -351,17 +388,18 @@ impl Cuda {
     /// touches for the sizes passed and the grid given.
     unsafe fn launch(
         &self,
-        module: &'static str,
-        name: &'static str,
+        kernel: &'static KernelCost,
         cfg: LaunchConfig,
         params: &mut [*mut c_void],
+        sizes: &[u64],
     ) -> Result<()> {
         let (gx, gy, gz) = cfg.grid_dim;
         if gx == 0 || gy == 0 || gz == 0 {
             return Ok(());
         }
-        let f = self.function(module, name)?;
+        let f = self.function(kernel.module, kernel.kernel)?;
         self.bind()?;
+        let timer = self.profiler.start_timer(&self.ctx, &self.stream)?;
         // SAFETY: forwarded to the caller (see above).
         unsafe {
             drv::launch_kernel(
@@ -373,7 +411,15 @@ impl Cuda {
                 params,
             )
         }
-        .map_err(cuda_err(name))
+        .map_err(cuda_err(kernel.kernel))?;
+        let event = EventKind::Launch {
+            cost: kernel,
+            grid: [gx, gy, gz],
+            block: [cfg.block_dim.0, cfg.block_dim.1, cfg.block_dim.2],
+            shared_bytes: cfg.shared_mem_bytes,
+            args: sizes.to_vec(),
+        };
+        self.profiler.record_launch(event, timer, &self.stream)
     }
 
     /// A 1-D grid for a grid-stride kernel over `n` items: enough blocks to cover `n`, at

@@ -2,11 +2,21 @@
 //! dense AdamW), each after the op's shared validator. The bias-corrected scalars come from
 //! [`AdamParams`] on the host, the same f64 arithmetic as the CPU's, rounded to f32.
 
-use super::{kargs, require_f32, Cuda, CudaBuf};
+use super::{kargs, kernel, require_f32, Cuda, CudaBuf};
 use crate::backend::ops::optim::*;
 use crate::backend::{AdamParams, AdamwScalars, Coo};
 use crate::error::Result;
 use crate::scalar::Real;
+
+kernel!(
+    /// [len, param given, delta given]: per entry the COO entry read (12 bytes), both moments
+    /// read and written, the parameter read and written and the change written when given.
+    SPARSE_ADAM = "optim" / "sparse_adam_f32", Optimizer, |a| ((28 + 8 * a[1] + 4 * a[2]) * a[0], 12 * a[0])
+);
+kernel!(
+    /// [n]: parameter, both moments read and written, gradient read.
+    ADAMW = "optim" / "adamw_f32", Optimizer, |a| (28 * a[0], 14 * a[0])
+);
 
 impl OptimOps for Cuda {
     fn sparse_adam<F: Real>(
@@ -41,10 +51,10 @@ impl OptimOps for Cuda {
         // outside the matrix are skipped.
         unsafe {
             self.launch(
-                "optim",
-                "sparse_adam_f32",
+                &SPARSE_ADAM,
                 self.grid_1d(coo.len, 16),
                 &mut kargs![rp, cp, vp, len, r, c, m, v, step_size, b1, b2, eps, p, d, err],
+                &[len, u64::from(p != 0), u64::from(d != 0)],
             )
         }
     }
@@ -73,10 +83,10 @@ impl OptimOps for Cuda {
         // float eps): all four buffers hold >= n elements.
         unsafe {
             self.launch(
-                "optim",
-                "adamw_f32",
+                &ADAMW,
                 self.grid_1d(len, 16),
                 &mut kargs![p, g, m, v, n, step_size, bc2_sqrt, decay, b1, b2, eps],
+                &[n],
             )
         }
     }

@@ -3,7 +3,7 @@
 //! validator; index checks the CPU does on the host are done by the kernels (see the module
 //! docs of `cuda`).
 
-use super::{kargs, require_f32, Cuda, CudaBuf, THREADS, TILE};
+use super::{kargs, kernel, require_f32, Cuda, CudaBuf, THREADS, TILE};
 use crate::backend::ops::sparse::*;
 use crate::backend::{Coo, NonzeroBlock};
 use crate::error::{check_len, Error, Result};
@@ -12,13 +12,63 @@ use cudarc::driver::LaunchConfig;
 
 const PER_SM: u32 = 16;
 
+// Costs (see `kernel!`): inputs read once, outputs written once.
+kernel!(
+    /// [n_tiles]: the tile counts read and written in place by one block.
+    SCAN_TILES = "sparse" / "scan_tiles_u64", TopkSparse, |a| (16 * a[0] + 8, a[0])
+);
+kernel!(
+    /// [n]: the u32 flags read, one u64 per tile written.
+    FLAGS_TILE_COUNT = "sparse" / "flags_tile_count", TopkSparse, |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64), a[0])
+);
+kernel!(
+    /// [n]: the flags read again, the tile offsets read, one u32 index per set flag written
+    /// (at most n).
+    FLAGS_TILE_SCATTER = "sparse" / "flags_tile_scatter", TopkSparse, |a| (8 * a[0] + 8 * a[0].div_ceil(TILE as u64), a[0])
+);
+kernel!(
+    /// [n]: m read, one word updated.
+    MAX_ABS = "sparse" / "max_abs_f32", TopkSparse, |a| (4 * a[0], a[0])
+);
+kernel!(
+    /// [rows, cols]: m read, row and column flags written.
+    NONZERO_FLAGS = "sparse" / "nonzero_flags_f32", TopkSparse, |a| (4 * a[0] * a[1] + 4 * (a[0] + a[1]), 2 * a[0] * a[1])
+);
+kernel!(
+    /// [n_idx, row bytes]: the indices read, n_idx rows copied.
+    GATHER_ROWS = "sparse" / ["gather_rows_f32", "gather_rows_bf16", "gather_rows_u8"], TopkSparse,
+    |a| (4 * a[0] + 2 * a[0] * a[1], 0)
+);
+kernel!(
+    /// [n_rows, n_cols]: the indices read, the block read (scattered) and written.
+    GATHER_BLOCK = "sparse" / "gather_block_f32", TopkSparse, |a| (4 * (a[0] + a[1]) + 8 * a[0] * a[1], a[0] * a[1])
+);
+kernel!(
+    /// [len]: the COO entries read, one dense entry read and written per entry.
+    COO_SCATTER_ADD = "sparse" / "coo_scatter_add_f32", TopkSparse, |a| (20 * a[0], 2 * a[0])
+);
+kernel!(
+    /// [len]: rows and cols read, one u64 per tile written.
+    COO_ROWS_TILE_COUNT = "sparse" / "coo_rows_tile_count", TopkSparse, |a| (8 * a[0] + 8 * a[0].div_ceil(TILE as u64), a[0])
+);
+kernel!(
+    /// [len, unique rows capacity]: rows and tile offsets read, slots and the unique rows
+    /// written.
+    COO_ROWS_SCATTER = "sparse" / "coo_rows_scatter", TopkSparse, |a| (8 * a[0] + 4 * a[1] + 8 * a[0].div_ceil(TILE as u64), a[0])
+);
+kernel!(
+    /// [len, b_rows]: per COO entry its column of `b` read and one output column updated by
+    /// an atomic add per row of `b` (read and written): the scattered update issue 18 removes.
+    COO_DENSE_T = "sparse" / "coo_dense_t_f32", TopkSparse, |a| (16 * a[0] + 12 * a[0] * a[1], 2 * a[0] * a[1])
+);
+
 /// Exclusive scan of `n_tiles` u64 tile counts at `tiles`, in place; the sum goes to `total`.
 pub(super) fn scan_tiles(cuda: &Cuda, tiles: u64, n_tiles: usize, total: u64) -> Result<()> {
     let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
     let n = n_tiles as u64;
     // SAFETY: scan_tiles_u64(u64* tiles, u64 n_tiles, u64* total): `tiles` holds n_tiles
     // words and `total` one (callers carve both from scratch or workspace buffers).
-    unsafe { cuda.launch("sparse", "scan_tiles_u64", cfg, &mut kargs![tiles, n, total]) }
+    unsafe { cuda.launch(&SCAN_TILES, cfg, &mut kargs![tiles, n, total], &[n]) }
 }
 
 /// Ascending indices of the nonzero u32 flags at `flags[..n]` into `out`; count to `total`.
@@ -31,11 +81,11 @@ fn compact_flags(cuda: &Cuda, flags: u64, n: usize, tiles: u64, total: u64, out:
     let n64 = n as u64;
     // SAFETY: flags_tile_count(const u32* flags, u64 n, u64* tiles): one block per tile,
     // reads flags[..n], writes tiles[..n_tiles].
-    unsafe { cuda.launch("sparse", "flags_tile_count", cfg, &mut kargs![flags, n64, tiles]) }?;
+    unsafe { cuda.launch(&FLAGS_TILE_COUNT, cfg, &mut kargs![flags, n64, tiles], &[n64]) }?;
     scan_tiles(cuda, tiles, n.div_ceil(TILE), total)?;
     // SAFETY: flags_tile_scatter(const u32* flags, u64 n, const u64* tiles, u32* out): writes
     // one index per set flag, at most n, and `out` holds n elements (callers check).
-    unsafe { cuda.launch("sparse", "flags_tile_scatter", cfg, &mut kargs![flags, n64, tiles, out]) }
+    unsafe { cuda.launch(&FLAGS_TILE_SCATTER, cfg, &mut kargs![flags, n64, tiles, out], &[n64]) }
 }
 
 impl SparseOps for Cuda {
@@ -69,21 +119,14 @@ impl SparseOps for Cuda {
         if n > 0 {
             let n64 = n as u64;
             // SAFETY: max_abs_f32(const float* m, u64 n, u32* max_bits): m holds n elements.
-            unsafe {
-                self.launch("sparse", "max_abs_f32", self.grid_1d(n, PER_SM), &mut kargs![m.ptr(), n64, max_bits])
-            }?;
+            unsafe { self.launch(&MAX_ABS, self.grid_1d(n, PER_SM), &mut kargs![m.ptr(), n64, max_bits], &[n64]) }?;
             let cfg = self.grid_2d(rows, cols, THREADS, i32::MAX as u32);
             let (mp, r, c) = (m.ptr(), rows as u64, cols as u64);
             // SAFETY: nonzero_flags_f32(const float* m, u64 rows, u64 cols, const u32* max_bits,
             // float threshold_rel, u32* row_flags, u32* col_flags): grid.x * 256 >= cols (the
             // kernel does not stride columns); flags hold rows and cols words.
             unsafe {
-                self.launch(
-                    "sparse",
-                    "nonzero_flags_f32",
-                    cfg,
-                    &mut kargs![mp, r, c, max_bits, rel, row_flags, col_flags],
-                )
+                self.launch(&NONZERO_FLAGS, cfg, &mut kargs![mp, r, c, max_bits, rel, row_flags, col_flags], &[r, c])
             }?;
         }
         compact_flags(self, row_flags, rows, row_tiles, n_rows_p, row_idx.ptr_mut())?;
@@ -105,11 +148,11 @@ impl SparseOps for Cuda {
         dst: &mut CudaBuf<T>,
     ) -> Result<()> {
         const OP: &str = "gather_rows";
-        let name = match (T::NAME, std::mem::size_of::<T>()) {
+        let kernel = match (T::NAME, std::mem::size_of::<T>()) {
             ("f64", _) => return Err(Error::UnsupportedDtype { op: OP, dtype: T::NAME, backend: "cuda" }),
-            (_, 4) => "gather_rows_f32",
-            (_, 2) => "gather_rows_bf16",
-            (_, 1) => "gather_rows_u8",
+            (_, 4) => &GATHER_ROWS[0],
+            (_, 2) => &GATHER_ROWS[1],
+            (_, 1) => &GATHER_ROWS[2],
             _ => return Err(Error::UnsupportedDtype { op: OP, dtype: T::NAME, backend: "cuda" }),
         };
         check_gather_rows(self, src, src_rows, cols, row_idx, n_idx, dst)?;
@@ -122,7 +165,8 @@ impl SparseOps for Cuda {
         // SAFETY: gather_rows_*(const T* src, u64 src_rows, u64 cols, const u32* row_idx,
         // u64 n_idx, T* dst, u32* err) with T of size_of::<T>() bytes: src holds src_rows * cols,
         // dst n_idx * cols, row_idx n_idx elements; rows >= src_rows are not read (err bit set).
-        unsafe { self.launch("sparse", name, cfg, &mut kargs![s, sr, c, ri, ni, d, err]) }
+        let row_bytes = (cols * std::mem::size_of::<T>()) as u64;
+        unsafe { self.launch(kernel, cfg, &mut kargs![s, sr, c, ri, ni, d, err], &[ni, row_bytes]) }
     }
 
     fn gather_block<F: Real>(
@@ -150,7 +194,7 @@ impl SparseOps for Cuda {
         // SAFETY: gather_block_f32(const float* src, u64 src_rows, u64 src_cols, const u32*
         // row_idx, u64 n_rows, const u32* col_idx, u64 n_cols, float abs_threshold, float* dst,
         // u32* err): buffers checked above; out-of-range indices are not read (err bit set).
-        unsafe { self.launch("sparse", "gather_block_f32", cfg, &mut kargs![s, sr, sc, ri, nr, ci, nc, t, d, err]) }
+        unsafe { self.launch(&GATHER_BLOCK, cfg, &mut kargs![s, sr, sc, ri, nr, ci, nc, t, d, err], &[nr, nc]) }
     }
 
     fn coo_scatter_add<F: Real>(&self, coo: &Coo<Cuda, F>, alpha: F, dense: &mut CudaBuf<F>) -> Result<()> {
@@ -168,10 +212,10 @@ impl SparseOps for Cuda {
         // hold len entries, dense rows * cols; entries outside the matrix are skipped.
         unsafe {
             self.launch(
-                "sparse",
-                "coo_scatter_add_f32",
+                &COO_SCATTER_ADD,
                 self.grid_1d(coo.len, PER_SM),
                 &mut kargs![rp, cp, vp, len, r, c, a, d, err],
+                &[len],
             )
         }
     }
@@ -200,13 +244,13 @@ impl SparseOps for Cuda {
         // SAFETY: coo_rows_tile_count(const u32* rows, const u32* cols, u64 len, u64 n_rows,
         // u64 n_cols, u64* tiles, u64* status): reads len entries, writes n_tiles words and
         // status[1].
-        unsafe { self.launch("sparse", "coo_rows_tile_count", cfg, &mut kargs![rp, cp, len, nr, nc, tiles, status]) }?;
+        unsafe { self.launch(&COO_ROWS_TILE_COUNT, cfg, &mut kargs![rp, cp, len, nr, nc, tiles, status], &[len]) }?;
         scan_tiles(self, tiles, n_tiles, status)?;
         let (ur, cap, sp) = (unique_rows.ptr_mut(), unique_rows.len as u64, slot.ptr_mut());
         // SAFETY: coo_rows_scatter(const u32* rows, u64 len, const u64* tiles, u32* unique_rows,
         // u64 unique_cap, u32* slot, u64* status): writes slot[..len] (checked) and
         // unique_rows[..cap] only (larger positions set an error bit instead).
-        unsafe { self.launch("sparse", "coo_rows_scatter", cfg, &mut kargs![rp, len, tiles, ur, cap, sp, status]) }?;
+        unsafe { self.launch(&COO_ROWS_SCATTER, cfg, &mut kargs![rp, len, tiles, ur, cap, sp, status], &[len, cap]) }?;
         let mut out = [0u64; 2];
         self.read_device(status, &mut out)?;
         let (n, bits) = (out[0] as usize, out[1]);
@@ -249,7 +293,7 @@ impl SparseOps for Cuda {
         // out, u32* err): COO and slot hold len entries, b b_rows * b_cols, out b_rows * n_slots;
         // entries with cols >= b_cols or slot >= n_slots are skipped. gx = ceil(len / 2048) blocks.
         unsafe {
-            self.launch("sparse", "coo_dense_t_f32", cfg, &mut kargs![rp, cp, vp, sp, len, nr, bc, ns, bp, br, op, err])
+            self.launch(&COO_DENSE_T, cfg, &mut kargs![rp, cp, vp, sp, len, nr, bc, ns, bp, br, op, err], &[len, br])
         }
     }
 }

@@ -9,7 +9,7 @@
 //! compaction are queued without waiting.
 
 use super::sparse::scan_tiles;
-use super::{kargs, require_f32, Cuda, CudaBuf, TILE};
+use super::{kargs, kernel, require_f32, Cuda, CudaBuf, TILE};
 use crate::backend::ops::topk::*;
 use crate::backend::{Coo, IndexMaps};
 use crate::error::{Error, Result};
@@ -27,6 +27,42 @@ const S_MAP_ERR: usize = 6;
 const S_TOTAL: usize = 7;
 /// Blocks per multiprocessor of the histogram passes (each holds 2048 shared bins).
 const HIST_PER_SM: u32 = 4;
+
+// Costs (see `kernel!`): inputs read once, outputs written once.
+kernel!(
+    /// [k]: the state words and the 3 x 2048 bins written.
+    TOPK_INIT = "topk" / "topk_init", TopkSparse, |_a| (16 * 8 + 3 * 2048 * 4, 0)
+);
+kernel!(
+    /// [len]: one map read.
+    TOPK_CHECK_MAP = "topk" / "topk_check_map", TopkSparse, |a| (4 * a[0], a[0])
+);
+kernel!(
+    /// [n]: one pass over the matrix into a 2048-bin histogram.
+    TOPK_HIST = "topk" / "topk_hist_f32", TopkSparse, |a| (4 * a[0] + 2048 * 4, 2 * a[0])
+);
+kernel!(
+    /// []: one block reads a pass's bins.
+    TOPK_SELECT = "topk" / "topk_select", TopkSparse, |_a| (2048 * 4 + 64, 2048)
+);
+kernel!(
+    /// [n]: the matrix read, one word per tile of 4096 written.
+    TOPK_TILE_COUNT = "topk" / "topk_tile_count_f32", TopkSparse, |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64), a[0])
+);
+kernel!(
+    /// [n, entries written]: the matrix and the tile offsets read, the selected entries (row,
+    /// column, value) written.
+    TOPK_SCATTER = "topk" / "topk_scatter_f32", TopkSparse,
+    |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64) + 12 * a[1], a[0])
+);
+kernel!(
+    /// [nnz]: a binary search over the kept entries (log2 reads).
+    TOPK_FILL_BOUND = "topk" / "topk_fill_bound", TopkSparse, |a| (8 * (64 - u64::from(a[0].leading_zeros()) + 1), 0)
+);
+kernel!(
+    /// [k]: up to k zero entries written.
+    TOPK_FILL_RANGE = "topk" / "topk_fill_range", TopkSparse, |a| (12 * a[0], 0)
+);
 
 /// Scratch of [`TopkOps::topk_coo`] on the GPU: the state block, three histograms
 /// and one u64 per tile of 4096 entries, allocated once by `topk_workspace(max_len)`.
@@ -89,14 +125,14 @@ impl TopkOps for Cuda {
 
         // SAFETY: topk_init(u64* state, u32* hist, u64 k): writes the 16 state words and the
         // 3 x 2048 bins that follow them in the workspace buffer.
-        unsafe { self.launch("topk", "topk_init", one_block(1024), &mut kargs![state, hist, k64]) }?;
+        unsafe { self.launch(&TOPK_INIT, one_block(1024), &mut kargs![state, hist, k64], &[k64]) }?;
         for (map, len, full, bit) in [(row_map, rows, full_rows, 1u64), (col_map, cols, full_cols, 2u64)] {
             if map != 0 && len > 0 {
                 let (l, f) = (len as u64, full as u64);
                 // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit):
                 // the map holds `len` entries (checked by check_topk_coo).
                 unsafe {
-                    self.launch("topk", "topk_check_map", self.grid_1d(len, 16), &mut kargs![map, l, f, state, bit])
+                    self.launch(&TOPK_CHECK_MAP, self.grid_1d(len, 16), &mut kargs![map, l, f, state, bit], &[l])
                 }?;
             }
         }
@@ -136,6 +172,7 @@ impl TopkOps for Cuda {
             col_map,
             full_cols,
             out: (o_rows, o_cols, o_vals),
+            written: k.min(nnz) as u64,
         };
         if k <= nnz {
             for pass in 0..3u32 {
@@ -144,7 +181,7 @@ impl TopkOps for Cuda {
                 }
                 // SAFETY: topk_select(const u32* hist_all, u32 pass, u64* state): one block of
                 // 1024 threads reads the pass's 2048 bins and updates state[3..6].
-                unsafe { self.launch("topk", "topk_select", one_block(1024), &mut kargs![hist, pass, state]) }?;
+                unsafe { self.launch(&TOPK_SELECT, one_block(1024), &mut kargs![hist, pass, state], &[]) }?;
             }
             compaction.count_and_scan()?;
             compaction.scatter(0)?;
@@ -161,10 +198,10 @@ impl TopkOps for Cuda {
             // u64 full_cols, u64 need, u64* state): binary search over out[..nnz], written above.
             unsafe {
                 self.launch(
-                    "topk",
-                    "topk_fill_bound",
+                    &TOPK_FILL_BOUND,
                     one_block(32),
                     &mut kargs![o_rows, o_cols, nnz64, fc, need, state],
+                    &[nnz64],
                 )
             }?;
             // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
@@ -172,10 +209,10 @@ impl TopkOps for Cuda {
             // inside the capacity checked above.
             unsafe {
                 self.launch(
-                    "topk",
-                    "topk_fill_range",
+                    &TOPK_FILL_RANGE,
                     self.grid_1d(k, 16),
                     &mut kargs![state, fc, o_rows, o_cols, o_vals],
+                    &[k as u64],
                 )
             }?;
             if nnz > 0 {
@@ -191,9 +228,7 @@ fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64) ->
     let n64 = n as u64;
     // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all):
     // reads m[..n], adds into the pass's 2048 bins, pass 0 also into state[0..3].
-    unsafe {
-        cuda.launch("topk", "topk_hist_f32", cuda.grid_1d(n, HIST_PER_SM), &mut kargs![m, n64, pass, state, hist])
-    }
+    unsafe { cuda.launch(&TOPK_HIST, cuda.grid_1d(n, HIST_PER_SM), &mut kargs![m, n64, pass, state, hist], &[n64]) }
 }
 
 /// The stable compaction of one call (addresses already checked).
@@ -208,6 +243,8 @@ struct Compaction<'a> {
     col_map: u64,
     full_cols: usize,
     out: (u64, u64, u64),
+    /// Entries a scatter writes (for its cost): k, or the nonzero count on the zero-fill path.
+    written: u64,
 }
 
 impl Compaction<'_> {
@@ -217,7 +254,7 @@ impl Compaction<'_> {
         // one block per tile of 4096 entries; the workspace holds ceil(max_len / 4096) >=
         // ceil(n / 4096) tile words.
         unsafe {
-            self.cuda.launch("topk", "topk_tile_count_f32", Cuda::grid_tiles(self.n), &mut kargs![m, n64, state, tiles])
+            self.cuda.launch(&TOPK_TILE_COUNT, Cuda::grid_tiles(self.n), &mut kargs![m, n64, state, tiles], &[n64])
         }?;
         scan_tiles(self.cuda, tiles, self.n.div_ceil(TILE), state + 8 * S_TOTAL as u64)
     }
@@ -232,10 +269,10 @@ impl Compaction<'_> {
         // positions below k (capacity checked); the maps (or null) hold rows / cols entries.
         unsafe {
             self.cuda.launch(
-                "topk",
-                "topk_scatter_f32",
+                &TOPK_SCATTER,
                 Cuda::grid_tiles(self.n),
                 &mut kargs![m, n64, c, state, tiles, rm, cm, fc, need, o_rows, o_cols, o_vals],
+                &[n64, self.written],
             )
         }
     }

@@ -4,11 +4,53 @@
 //! whose target is outside the vocabulary is skipped (zero loss and gradient) and reported
 //! at the next synchronization point (see the module docs of `cuda`).
 
-use super::{kargs, require_f32, Cuda, CudaBuf};
+use super::{kargs, kernel, require_f32, Cuda, CudaBuf};
 use crate::backend::ops::transformer::*;
 use crate::error::{Error, Result};
+use crate::perf::KernelCost;
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
+
+// Costs (see `kernel!`): inputs read once, outputs written once; the three block-size
+// variants of a kernel cost the same.
+kernel!(
+    /// [rows, cols]: x read, y written, w read, inv_rms written.
+    RMSNORM = "transformer" / ["rmsnorm_g32_f32", "rmsnorm_g256_f32", "rmsnorm_g1024_f32"], Elementwise,
+    |a| (8 * a[0] * a[1] + 4 * a[1] + 4 * a[0], 4 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, cols]: x and dy read, dx written, w and inv_rms read.
+    RMSNORM_BACKWARD = "transformer"
+        / ["rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32"],
+    Elementwise,
+    |a| (12 * a[0] * a[1] + 4 * a[1] + 4 * a[0], 8 * a[0] * a[1])
+);
+kernel!(
+    /// [tokens, heads * head_dim, seq_len * head_dim]: x read and written in place; the cos and
+    /// sin tables (seq_len x head_dim / 2 each, shared by the heads) read; 6 flops per pair.
+    ROPE = "transformer" / "rope_f32", Elementwise, |a| (8 * a[0] * a[1] + 4 * a[2], 3 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, t] (rows = matrices x t): every score read and written in place.
+    SOFTMAX_CAUSAL = "transformer"
+        / ["softmax_causal_g32_f32", "softmax_causal_g256_f32", "softmax_causal_g1024_f32"],
+    Attention,
+    |a| (8 * a[0] * a[1], 5 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, t]: p and dp read, ds written.
+    SOFTMAX_CAUSAL_BACKWARD = "transformer"
+        / ["softmax_causal_backward_g32_f32", "softmax_causal_backward_g256_f32", "softmax_causal_backward_g1024_f32"],
+    Attention,
+    |a| (12 * a[0] * a[1], 4 * a[0] * a[1])
+);
+kernel!(
+    /// [rows, vocab]: logits read and overwritten by their gradient; targets, mask read and
+    /// losses written per row.
+    CROSS_ENTROPY = "transformer" / ["cross_entropy_g32_f32", "cross_entropy_g256_f32", "cross_entropy_g1024_f32"],
+    Elementwise,
+    |a| (8 * a[0] * a[1] + 12 * a[0], 5 * a[0] * a[1])
+);
 
 /// Grid waves of the row kernels: blocks beyond the resident ones, so short and long rows
 /// (causal softmax) even out; the kernels stride over the remaining rows.
@@ -55,11 +97,11 @@ impl Group {
     }
 
     /// The kernel of this group among the `_g32_`, `_g256_` and `_g1024_` variants.
-    fn kernel(self, g32: &'static str, g256: &'static str, g1024: &'static str) -> &'static str {
+    fn kernel(self, variants: &'static [KernelCost; 3]) -> &'static KernelCost {
         match self {
-            Group::Warp => g32,
-            Group::Block256 => g256,
-            Group::Block1024 => g1024,
+            Group::Warp => &variants[0],
+            Group::Block256 => &variants[1],
+            Group::Block1024 => &variants[2],
         }
     }
 
@@ -96,14 +138,14 @@ impl TransformerOps for Cuda {
             return Ok(());
         }
         let g = Group::for_width(cols);
-        let name = g.kernel("rmsnorm_g32_f32", "rmsnorm_g256_f32", "rmsnorm_g1024_f32");
+        let kernel = g.kernel(&RMSNORM);
         let (xp, wp, yp, ip) = (x.ptr(), w.ptr(), y.ptr_mut(), inv_rms.ptr_mut());
         let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
         // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, float* inv_rms,
         // u64 rows, u64 cols, float n_cols, float eps): x and y hold rows * cols, w cols and
         // inv_rms rows elements (checked above); block and group sizes come from `g`, as the
         // kernel expects.
-        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![xp, wp, yp, ip, r, c, nc, eps]) }
+        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, yp, ip, r, c, nc, eps], &[r, c]) }
     }
 
     fn rmsnorm_backward<F: Real>(
@@ -123,14 +165,14 @@ impl TransformerOps for Cuda {
             return Ok(());
         }
         let g = Group::for_width(cols);
-        let name = g.kernel("rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32");
+        let kernel = g.kernel(&RMSNORM_BACKWARD);
         let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
         let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
         // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
         // const float* dy, float* dx, u64 rows, u64 cols, float n_cols): x, dy and dx hold
         // rows * cols, w cols and inv_rms rows elements (checked above); dx is distinct from the
         // inputs (&mut); block and group sizes come from `g`.
-        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc]) }
+        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc], &[r, c]) }
     }
 
     fn rope<F: Real>(
@@ -163,7 +205,9 @@ impl TransformerOps for Cuda {
         // const float* cos, const float* sin, u32 inverse): x holds tokens * heads * head_dim,
         // cos and sin seq_len * head_dim / 2 elements (checked above); heads * head_dim / 2 <
         // 2^31 and head_dim <= 2 * that, so the u32 arguments are exact; grid.y <= 65535.
-        unsafe { self.launch("transformer", "rope_f32", cfg, &mut kargs![xp, t, h, d, s, cp, sp, inv]) }
+        unsafe {
+            self.launch(&ROPE, cfg, &mut kargs![xp, t, h, d, s, cp, sp, inv], &[t, 2 * pairs as u64, s * d as u64])
+        }
     }
 
     fn softmax_causal<F: Real>(&self, s: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
@@ -174,11 +218,11 @@ impl TransformerOps for Cuda {
             return Ok(());
         }
         let g = Group::for_width(t);
-        let name = g.kernel("softmax_causal_g32_f32", "softmax_causal_g256_f32", "softmax_causal_g1024_f32");
+        let kernel = g.kernel(&SOFTMAX_CAUSAL);
         let (sp, r, tt) = (s.ptr_mut(), rows as u64, t as u64);
         // SAFETY: softmax_causal_gG_f32(float* s, u64 rows, u64 t, float scale): s holds
         // rows * t = mats * t * t elements (checked above); block and group sizes from `g`.
-        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![sp, r, tt, scale]) }
+        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![sp, r, tt, scale], &[r, tt]) }
     }
 
     fn softmax_causal_backward<F: Real>(
@@ -197,16 +241,12 @@ impl TransformerOps for Cuda {
             return Ok(());
         }
         let g = Group::for_width(t);
-        let name = g.kernel(
-            "softmax_causal_backward_g32_f32",
-            "softmax_causal_backward_g256_f32",
-            "softmax_causal_backward_g1024_f32",
-        );
+        let kernel = g.kernel(&SOFTMAX_CAUSAL_BACKWARD);
         let (pp, dpp, dsp, r, tt) = (p.ptr(), dp.ptr(), ds.ptr_mut(), rows as u64, t as u64);
         // SAFETY: softmax_causal_backward_gG_f32(const float* p, const float* dp, float* ds,
         // u64 rows, u64 t, float scale): all three hold rows * t elements (checked above); ds is
         // distinct from the inputs (&mut); block and group sizes from `g`.
-        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![pp, dpp, dsp, r, tt, scale]) }
+        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![pp, dpp, dsp, r, tt, scale], &[r, tt]) }
     }
 
     fn cross_entropy<F: Real>(
@@ -226,7 +266,7 @@ impl TransformerOps for Cuda {
             return Ok(());
         }
         let g = Group::for_width(vocab);
-        let name = g.kernel("cross_entropy_g32_f32", "cross_entropy_g256_f32", "cross_entropy_g1024_f32");
+        let kernel = g.kernel(&CROSS_ENTROPY);
         let (lp, tp, mp, op, err) = (logits.ptr_mut(), targets.ptr(), mask.ptr(), losses.ptr_mut(), self.errors.ptr());
         let (r, v, gs) = (rows as u64, vocab as u64, grad_scale.to_f64() as f32);
         // SAFETY: cross_entropy_gG_f32(float* logits, const u32* targets, const float* mask,
@@ -234,7 +274,7 @@ impl TransformerOps for Cuda {
         // rows * vocab, targets, mask and losses rows elements (checked above); targets >= vocab
         // are never dereferenced (the row is skipped and sets a bit of the one-word error
         // buffer); block and group sizes from `g`.
-        unsafe { self.launch("transformer", name, g.config(self, rows), &mut kargs![lp, tp, mp, r, v, gs, op, err]) }
+        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![lp, tp, mp, r, v, gs, op, err], &[r, v]) }
     }
 }
 

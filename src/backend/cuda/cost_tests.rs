@@ -1,0 +1,64 @@
+//! The kernels' costs (`kernel!` beside each launcher) against counts by hand on a few
+//! shapes: bytes every input read once and every output written once, flops per element.
+
+use super::{dense, encoder, optim, sparse, topk, transformer};
+use crate::perf::{Category, KernelCost, Work};
+
+fn cost(k: &KernelCost, args: &[u64]) -> (f64, f64) {
+    let w: Work = (k.eval)(args);
+    (w.bytes, w.flops)
+}
+
+#[test]
+fn elementwise_costs_by_hand() {
+    // axpy over 1000 floats: x read (4000), y read and written (8000); a multiply and an add.
+    assert_eq!(cost(&dense::AXPY, &[1000]), (12_000.0, 2_000.0));
+    // y (3 x 5) read and written, bias (5) read: 2 * 60 + 20 bytes, 15 adds.
+    assert_eq!(cost(&dense::ADD_BIAS, &[3, 5]), (140.0, 15.0));
+    // A cast of 7 elements: 28 bytes of f32 and 14 of bf16.
+    assert_eq!(cost(&dense::CAST_TO_BF16, &[7]), (42.0, 7.0));
+    // C = beta C over 6 elements: written only (beta = 0: 24), read too otherwise (48).
+    assert_eq!(cost(&dense::SCALE_ROWS, &[6, 0]).0, 24.0);
+    assert_eq!(cost(&dense::SCALE_ROWS, &[6, 1]).0, 48.0);
+    // Filling 10 u16: 20 bytes.
+    assert_eq!(cost(dense::fill_kernel(2).unwrap(), &[10, 2]), (20.0, 0.0));
+    assert!(dense::fill_kernel(3).is_none());
+    // RMSNorm of 4 rows of 8: x and y 2 * 128, w 32, inv_rms 16 bytes.
+    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8]).0, 256.0 + 32.0 + 16.0);
+    // RoPE on 3 tokens of 2 heads x 4 dims with a 5-position table (5 x 4 entries: cos and
+    // sin of 5 x 2): x read and written 2 * 96, tables 80 bytes; 6 flops per pair (12 pairs).
+    assert_eq!(cost(&transformer::ROPE, &[3, 8, 20]), (192.0 + 80.0, 72.0));
+    // LayerNorm of 2 rows of 3: x, y 48; w, b 24; mean, rstd 16.
+    assert_eq!(cost(&encoder::LAYERNORM, &[2, 3]).0, 88.0);
+    // Mean pooling of batch 2, t 4, cols 3: all 4 rows read (96), 2 rows written (24).
+    assert_eq!(cost(&encoder::POOL, &[2, 4, 3, 1]).0, 120.0);
+    // [CLS] pooling reads one row per sequence.
+    assert_eq!(cost(&encoder::POOL, &[2, 4, 3, 0]).0, 48.0);
+}
+
+#[test]
+fn attention_costs_grow_with_the_square_of_the_sequence() {
+    // 6 causal score rows of 3 keys (2 matrices of 3 x 3): 18 scores read and written.
+    assert_eq!(cost(&transformer::SOFTMAX_CAUSAL[1], &[6, 3]).0, 144.0);
+    assert_eq!(transformer::SOFTMAX_CAUSAL[2].category, Category::Attention);
+    let (b1, _) = cost(&encoder::SOFTMAX_MASKED, &[2 * 10, 10]);
+    let (b2, _) = cost(&encoder::SOFTMAX_MASKED, &[2 * 20, 20]);
+    assert_eq!(b2, 4.0 * b1);
+}
+
+#[test]
+fn sparse_topk_and_optimizer_costs_by_hand() {
+    // SparseAdam on 100 entries: the entry (12), both moments (16) read and written, the
+    // parameter read and written (8) and the change written (4).
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 1, 1]).0, 4_000.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0]).0, 2_800.0);
+    assert_eq!(cost(&optim::ADAMW, &[10]), (280.0, 140.0));
+    // One top-k histogram pass over 8192 entries: 32 KiB read, 2048 bins.
+    assert_eq!(cost(&topk::TOPK_HIST, &[8192]).0, 32_768.0 + 8_192.0);
+    // The scatter of k = 3 entries from 8192: the matrix (32768), 2 tile words (16), 3 x 12.
+    assert_eq!(cost(&topk::TOPK_SCATTER, &[8192, 3]).0, 32_768.0 + 16.0 + 36.0);
+    // coo_dense_t with 5 entries against 4 rows of b: per entry its COO fields and slot (16),
+    // per entry and row a read of b and an atomic read-modify-write of out (12).
+    assert_eq!(cost(&sparse::COO_DENSE_T, &[5, 4]), (80.0 + 240.0, 40.0));
+    assert_eq!(cost(&sparse::GATHER_ROWS[1], &[3, 10]).0, 12.0 + 60.0);
+}
