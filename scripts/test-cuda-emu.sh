@@ -80,6 +80,27 @@ for entry in "${binaries[@]}"; do
         summary+=("$name: $executed of $expected CUDA tests executed on ${device:-?}")
     fi
 done
+if [ "$mode" = plain ]; then
+    # The GPU shape of a training step (counts on the emulated device, checked event by event
+    # against the emulator's own count; predicted H100/H200 times): SmolLM2-135M at the
+    # example's CUDA defaults and LLaMA-2-7B at the paper's plan (4 layers run, scaled).
+    cargo build --release --example gpu_shape
+    shape_dir="$(mktemp -d)"
+    for spec in "smollm2-135m:--dims smollm2-135m --method sparsegrad --dtype bf16" \
+        "llama2-7b:--dims llama2-7b --method sparsegrad --dtype bf16 --projections up,down --keep 0.002 --run-seqs 1,2"; do
+        name="${spec%%:*}"
+        read -r -a args <<< "${spec#*:}"
+        echo "== gpu_shape $name (emulated counts, predicted times)"
+        if ! "${run_env[@]}" LD_LIBRARY_PATH="$out" SG_EMU_PROFILE="$shape_dir/$name.jsonl" SG_EMU_GEMM_ARITHMETIC=0 \
+            target/release/examples/gpu_shape "${args[@]}" --json "$shape_dir/$name.json"; then
+            status=1
+            summary+=("gpu_shape $name: FAILED")
+        else
+            summary+=("gpu_shape $name: counts agree with the emulator's")
+        fi
+    done
+    rm -rf "$shape_dir"
+fi
 echo "== CUDA tests on the emulator ($mode; an emulation, not a GPU)"
 printf '  %s\n' "${summary[@]}"
 exit $status
