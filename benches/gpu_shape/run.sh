@@ -5,7 +5,9 @@
 # paper's plan (blocks 0, 3, ..., 30; up and down projections, then gate, up and down;
 # 32 x 128 tokens; bf16 and f32), one JSON file per run in OUT_DIR, then the table
 # (benches/gpu_shape/table.py). On the emulator the 7B runs skip cuBLAS arithmetic
-# (SG_EMU_GEMM_ARITHMETIC=0: counts, sizes and types are real, values are not).
+# (SG_EMU_GEMM_ARITHMETIC=0: counts, sizes and types are real, values are not) and do not run
+# the merged update's scattered-atomic kernel (SG_EMU_SKIP_KERNELS=coo_dense_t_f32: ~5e9
+# emulated atomics per projection and step; it is still validated, counted and costed).
 #
 #   benches/gpu_shape/run.sh OUT_DIR [methods...]     (default: sparsegrad lora meprop full)
 #
@@ -37,7 +39,7 @@ for m in "${methods[@]}"; do
     for d in f32 bf16; do
         run "smollm2-135m.$m.$d.gate-up-down" "$bin" --dims smollm2-135m --method "$m" --dtype "$d"
         for p in up,down gate,up,down; do
-            run "llama2-7b.$m.$d.${p//,/-}" env SG_EMU_GEMM_ARITHMETIC=0 \
+            run "llama2-7b.$m.$d.${p//,/-}" env SG_EMU_GEMM_ARITHMETIC=0 SG_EMU_SKIP_KERNELS=coo_dense_t_f32 \
                 "$bin" --dims llama2-7b --method "$m" --dtype "$d" --projections "$p" --run-seqs 1,2
         done
     done

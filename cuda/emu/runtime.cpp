@@ -453,7 +453,7 @@ const KernelInfo* find_kernel(const char* name) {
 size_t kernel_count() { return kernels().size(); }
 const KernelInfo* kernel_at(size_t i) { return i < kernels().size() ? &kernels()[i] : nullptr; }
 
-std::string launch(const KernelInfo& k, dim3 grid, dim3 block, void** args) {
+std::string validate_launch(const KernelInfo& k, dim3 grid, dim3 block) {
     const size_t threads = (size_t)block.x * block.y * block.z;
     if (threads == 0 || threads > 1024 || block.z > 64 || grid.y > 65535 || grid.z > 65535 ||
         grid.x > 0x7fffffffu || grid.x == 0 || grid.y == 0 || grid.z == 0) {
@@ -465,6 +465,13 @@ std::string launch(const KernelInfo& k, dim3 grid, dim3 block, void** args) {
     if (k.max_threads != 0 && threads > k.max_threads)
         return std::string(k.name) + ": block of " + std::to_string(threads) + " threads exceeds __launch_bounds__(" +
                std::to_string(k.max_threads) + ")";
+    return "";
+}
+
+std::string launch(const KernelInfo& k, dim3 grid, dim3 block, void** args) {
+    std::string bad = validate_launch(k, grid, block);
+    if (!bad.empty()) return bad;
+    const size_t threads = (size_t)block.x * block.y * block.z;
     ensure_stacks(threads);
     g.kernel = &k;
     g.args = args;

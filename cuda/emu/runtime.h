@@ -36,6 +36,9 @@ const KernelInfo* find_kernel(const char* name);
 size_t kernel_count();
 const KernelInfo* kernel_at(size_t i);
 
+// Checks a launch configuration as the driver does (empty string if valid).
+std::string validate_launch(const KernelInfo& k, dim3 grid, dim3 block);
+
 // Runs every block of the grid; returns an empty string on success, else what went wrong
 // (naming the kernel and, for barrier and warp misuse, the intrinsic and source line).
 std::string launch(const KernelInfo& k, dim3 grid, dim3 block, void** args);

@@ -135,6 +135,10 @@ pub fn print_and_save(
     if skipped {
         println!("  emulated with cuBLAS arithmetic skipped (SG_EMU_GEMM_ARITHMETIC=0): counts, sizes and types are real, values are not");
     }
+    let skipped_kernels = std::env::var("SG_EMU_SKIP_KERNELS").ok().filter(|v| ctx.emulated && !v.is_empty());
+    if let Some(k) = &skipped_kernels {
+        println!("  emulated with kernels launched but not run (SG_EMU_SKIP_KERNELS={k}): counted and sized, their outputs not computed");
+    }
     let mut kinds: Vec<LayerKind> = ctx.target_kinds.to_vec();
     kinds.sort();
     kinds.dedup();
@@ -269,6 +273,7 @@ pub fn print_and_save(
         "device": ctx.device,
         "emulated": ctx.emulated,
         "gemm_arithmetic_skipped": skipped,
+        "kernels_not_run": skipped_kernels,
         "run": {
             "layers": ctx.run_layers,
             "trained": ctx.run_trained,
