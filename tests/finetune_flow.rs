@@ -19,6 +19,7 @@ fn config() -> LlamaConfig {
         kv_heads: 2,
         head_dim: 6,
         rope_theta: 10000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         vocab: 50,
         tied_embeddings: true,
