@@ -3,13 +3,16 @@
 // and CUBLAS_COMPUTE_32F; cublasSgemm_v2 and cublasSgemmStridedBatched), column-major
 // like cuBLAS, computed by OpenBLAS's cblas_sgemm (bf16 operands widened to f32 exactly
 // first), and the symmetric rank-k update cublasSsyrk_v2 (cblas_ssyrk: only the `uplo`
-// triangle of C is read or written). Arguments are validated as cuBLAS does (CUBLAS_STATUS_INVALID_VALUE), and every
-// element an operand may touch must lie inside one live device allocation (checked through
-// libcuda.so's sgemu_check_range), so a launcher's wrong leading dimension or offset fails
-// here instead of reading the neighbouring buffer. Any other cublas* entry point cudarc
-// knows is a generated stub (stubs_cublas.cpp) that prints its name and fails. Every GEMM
-// that passes validation is counted by the emulated device's profiler (profile.h), with the
-// handle's math mode (cublasSetMathMode).
+// triangle of C is read or written). Arguments are validated as cuBLAS does
+// (CUBLAS_STATUS_INVALID_VALUE), and every element an operand may touch must lie inside one
+// live device allocation (checked through libcuda.so's sgemu_check_range), so a launcher's
+// wrong leading dimension or offset fails here instead of reading the neighbouring buffer.
+// Any other cublas* entry point cudarc knows is a generated stub (stubs_cublas.cpp) that
+// prints its name and fails. Every GEMM or SYRK that passes validation is counted by the
+// emulated device's profiler (profile.h), with the handle's math mode (cublasSetMathMode).
+//
+// SG_EMU_GEMM_ARITHMETIC=0 applies to SYRK as to the GEMMs (only C's triangle gets the
+// stand-in values).
 //
 // SG_EMU_GEMM_ARITHMETIC=0 skips the products (for shape runs of large models, e.g. the
 // `gpu_shape` example at LLaMA-7B dimensions): every call is still validated, range-checked
