@@ -59,7 +59,8 @@ pub use backend::cuda::{Cuda, ProfileOptions};
 pub use backend::Precision;
 pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock, PoolKind};
 pub use basis::{
-    direct_svd_basis, mean_sparsity_report, sparsity_report, Basis, BasisSet, GramAccumulator, SparsityReport,
+    direct_svd_basis, mean_sparsity_report, sparsity_report, Basis, BasisSet, DeviceGramAccumulator, GramAccumulator,
+    GramSet, SparsityReport,
 };
 pub use error::{Error, Result};
 pub use linear::sparsegrad::{

@@ -8,11 +8,13 @@
 //! its own backward needs (the pre-activations); each projection saves its own input only
 //! if it computes a weight gradient. `dx` is always exact. In the preliminary phase
 //! (projections in [`Method::Collect`]) [`BertMlp::collect`] / [`LlamaMlp::collect`] hand each
-//! step's dense weight gradients to the Gram accumulator of the projection's group.
+//! step's dense weight gradients to the Gram accumulator of the projection's group (on the
+//! host), [`BertMlp::collect_grams`] / [`LlamaMlp::collect_grams`] to a [`GramSet`] (on the
+//! device for a device backend).
 
 use crate::backend::operand::grow;
 use crate::backend::{Backend, GeluKind};
-use crate::basis::{Basis, GramAccumulator};
+use crate::basis::{Basis, GramAccumulator, GramSet};
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
 use crate::scalar::Real;
@@ -83,6 +85,16 @@ impl<B: Backend + Clone, F: Real> Projection<B, F> {
         let g: Vec<f32> = self.linear.dense_grad_host()?.into_iter().map(|v| v.to_f64() as f32).collect();
         let (out, inp) = (self.linear.out_features(), self.linear.in_features());
         accs.entry(self.group.clone()).or_insert_with(|| GramAccumulator::new(out, inp)).add(&g)
+    }
+
+    /// Adds this step's dense weight gradient to its group in `set`, where the set keeps
+    /// its Grams (on the device: no copy of the gradient).
+    fn collect_grams(&self, set: &mut GramSet<B, F>) -> Result<()> {
+        if self.method != Method::Collect {
+            return Ok(());
+        }
+        let (out, inp) = (self.linear.out_features(), self.linear.in_features());
+        set.add(&self.group, self.linear.dense_grad()?, out, inp)
     }
 }
 
@@ -173,6 +185,12 @@ impl<B: Backend + Clone, F: Real> BertMlp<B, F> {
     /// Preliminary phase: adds the dense weight gradients of `Collect` projections.
     pub fn collect(&self, accs: &mut BTreeMap<String, GramAccumulator>) -> Result<()> {
         self.projections().iter().try_for_each(|p| p.collect(accs))
+    }
+
+    /// Preliminary phase: adds the dense weight gradients of `Collect` projections to
+    /// `set` (on the device for a device backend, see [`GramSet`]).
+    pub fn collect_grams(&self, set: &mut GramSet<B, F>) -> Result<()> {
+        self.projections().iter().try_for_each(|p| p.collect_grams(set))
     }
 
     pub fn hidden(&self) -> usize {
@@ -291,6 +309,12 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
     /// Preliminary phase: adds the dense weight gradients of `Collect` projections.
     pub fn collect(&self, accs: &mut BTreeMap<String, GramAccumulator>) -> Result<()> {
         self.projections().iter().try_for_each(|p| p.collect(accs))
+    }
+
+    /// Preliminary phase: adds the dense weight gradients of `Collect` projections to
+    /// `set` (on the device for a device backend, see [`GramSet`]).
+    pub fn collect_grams(&self, set: &mut GramSet<B, F>) -> Result<()> {
+        self.projections().iter().try_for_each(|p| p.collect_grams(set))
     }
 
     pub fn hidden(&self) -> usize {

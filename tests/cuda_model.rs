@@ -25,6 +25,7 @@ fn config() -> LlamaConfig {
         kv_heads: 2,
         head_dim: 8,
         rope_theta: 10000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         vocab: 97,
         tied_embeddings: true,
@@ -104,6 +105,19 @@ fn compare_flow<B: Backend + Clone>(be: &B) {
             }
             assert!((got.val_loss_after - expect.val_loss_after).abs() <= tol * expect.val_loss_after.abs().max(1.0));
             assert_eq!(got.trainable_parameters, expect.trainable_parameters);
+            // SparseGrad's bases: Grams on the device for a device backend, on the host for the
+            // CPU, from the same gradients; the bases concentrate them alike.
+            if let (Some(g), Some(e)) = (got.gram_timing, expect.gram_timing) {
+                assert_eq!((g.on_device, e.on_device, g.gradients), (!B::HOST_MEMORY, false, e.gradients));
+                for (a, b) in got.premise.iter().zip(&expect.premise) {
+                    assert!(
+                        (a.basis - b.basis).abs() <= 1e-3,
+                        "{} {precision:?}: premise {a:?} vs CPU {b:?}",
+                        be.name()
+                    );
+                }
+            }
+            assert_eq!(got.gram_timing.is_some(), method == MethodKind::SparseGrad);
         }
     }
 }

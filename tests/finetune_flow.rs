@@ -19,6 +19,7 @@ fn config() -> LlamaConfig {
         kv_heads: 2,
         head_dim: 6,
         rope_theta: 10000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         vocab: 50,
         tied_embeddings: true,
@@ -94,11 +95,17 @@ fn every_method_runs_the_flow_and_lowers_the_validation_loss() {
                 assert!((0.01..=1.0 + 1e-9).contains(&p.original), "{p:?}");
                 assert!((0.01..=1.0 + 1e-9).contains(&p.basis), "{p:?}");
             }
-            let basis_at = events.iter().position(|e| matches!(e, Progress::Basis)).unwrap();
+            let basis_at = events.iter().position(|e| matches!(e, Progress::Basis { .. })).unwrap();
+            let ready_at = events.iter().position(|e| matches!(e, Progress::BasisReady(_))).unwrap();
             let premise_at = events.iter().position(|e| matches!(e, Progress::Premise(_))).unwrap();
-            assert!(basis_at < premise_at && premise_at < events.len() - 1);
+            assert!(basis_at < ready_at && ready_at < premise_at && premise_at < events.len() - 1);
+            // 3 preliminary batches x 2 blocks x 3 projections, on the host (CPU backend).
+            let t = report.gram_timing.expect("the preliminary phase's timing");
+            assert_eq!(events[ready_at], Progress::BasisReady(t));
+            assert_eq!((t.gradients, t.on_device, t.download_seconds), (18, false, 0.0));
+            assert!(t.accumulate_seconds > 0.0 && t.eigensolve_seconds > 0.0, "{t:?}");
         } else {
-            assert!(premise.is_empty() && report.premise.is_empty());
+            assert!(premise.is_empty() && report.premise.is_empty() && report.gram_timing.is_none());
         }
         let per_block = match method {
             MethodKind::Full => 3 * 40 * 24,

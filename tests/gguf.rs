@@ -573,6 +573,7 @@ fn real_smollm2_config_and_tensors() {
         kv_heads: 3,
         head_dim: 64,
         rope_theta: 100_000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         vocab: 49152,
         tied_embeddings: true,

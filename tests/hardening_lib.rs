@@ -68,6 +68,7 @@ fn tiny() -> LlamaConfig {
         kv_heads: 1,
         head_dim: 4,
         rope_theta: 10000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         vocab: 20,
         tied_embeddings: true,

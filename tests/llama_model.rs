@@ -22,6 +22,7 @@ fn tiny_config(tied: bool) -> LlamaConfig {
         kv_heads: 2,
         head_dim: 4,
         rope_theta: 10000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         vocab: 37,
         tied_embeddings: tied,

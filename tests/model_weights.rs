@@ -22,6 +22,7 @@ fn tiny(tied: bool) -> LlamaConfig {
         kv_heads: 2,
         head_dim: 8,
         rope_theta: 10_000.0,
+        rope_scaling: None,
         rms_eps: 1e-6,
         vocab: 37,
         tied_embeddings: tied,

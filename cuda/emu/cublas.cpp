@@ -2,13 +2,17 @@
 // sparsegrad calls (cublasGemmEx, cublasGemmStridedBatchedEx with f32 or bf16 A/B, f32 C
 // and CUBLAS_COMPUTE_32F; cublasSgemm_v2 and cublasSgemmStridedBatched), column-major
 // like cuBLAS, computed by OpenBLAS's cblas_sgemm (bf16 operands widened to f32 exactly
-// first). Arguments are validated as cuBLAS does (CUBLAS_STATUS_INVALID_VALUE), and every
-// element an operand may touch must lie inside one live device allocation (checked through
-// libcuda.so's sgemu_check_range), so a launcher's wrong leading dimension or offset fails
-// here instead of reading the neighbouring buffer. Any other cublas* entry point cudarc
-// knows is a generated stub (stubs_cublas.cpp) that prints its name and fails. Every GEMM
-// that passes validation is counted by the emulated device's profiler (profile.h), with the
-// handle's math mode (cublasSetMathMode).
+// first), and the symmetric rank-k update cublasSsyrk_v2 (cblas_ssyrk: only the `uplo`
+// triangle of C is read or written). Arguments are validated as cuBLAS does
+// (CUBLAS_STATUS_INVALID_VALUE), and every element an operand may touch must lie inside one
+// live device allocation (checked through libcuda.so's sgemu_check_range), so a launcher's
+// wrong leading dimension or offset fails here instead of reading the neighbouring buffer.
+// Any other cublas* entry point cudarc knows is a generated stub (stubs_cublas.cpp) that
+// prints its name and fails. Every GEMM or SYRK that passes validation is counted by the
+// emulated device's profiler (profile.h), with the handle's math mode (cublasSetMathMode).
+//
+// SG_EMU_GEMM_ARITHMETIC=0 applies to SYRK as to the GEMMs (only C's triangle gets the
+// stand-in values).
 //
 // SG_EMU_GEMM_ARITHMETIC=0 skips the products (for shape runs of large models, e.g. the
 // `gpu_shape` example at LLaMA-7B dimensions): every call is still validated, range-checked
@@ -196,6 +200,62 @@ int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, cons
     sgemu_profile_blas(op, m, n, k, batch, a_type, b_type, c_type, compute_type, h->math);
     return compute(call);
 }
+
+// One cublasSsyrk_v2 call: C = alpha op(A) op(A)^T + beta C on the `lower` (else upper)
+// triangle of the column-major n x n C; op(A) is n x k (A stored n x k when !trans, k x n
+// when trans).
+struct SyrkCall {
+    int lower, trans, n, k;
+    float alpha, beta;
+    const float* a;
+    int lda;
+    float* c;
+    int ldc;
+};
+
+// Runs a validated SYRK: A and C range-checked, then the update of C's triangle (the other
+// triangle is never touched, as in cuBLAS).
+int compute_syrk(const SyrkCall& s) {
+    if (s.n == 0) return OK;
+    const char* op = "cublasSsyrk_v2";
+    sgemu_lock();
+    int status = OK;
+    const int a_rows = s.trans ? s.k : s.n, a_cols = s.trans ? s.n : s.k;
+    if ((s.k > 0 && sgemu_check_range(op, (uintptr_t)s.a, span(a_rows, a_cols, s.lda, 4))) ||
+        sgemu_check_range(op, (uintptr_t)s.c, span(s.n, s.n, s.ldc, 4))) {
+        status = fail(INVALID_VALUE, std::string(op) + ": an operand reaches outside its device allocation");
+    } else if (s.k == 0 || !arithmetic()) {
+        // k = 0: C = beta C (not read when beta == 0). Arithmetic off: a small finite stand-in.
+        static uint64_t call = 0;
+        ++call;
+        for (int col = 0; col < s.n; ++col) {
+            const int r0 = s.lower ? col : 0, r1 = s.lower ? s.n : col + 1;
+            for (int r = r0; r < r1; ++r) {
+                float& x = s.c[(size_t)col * s.ldc + r];
+                float v = 0.0f;
+                if (s.k > 0) {
+                    const uint64_t h = ((uint64_t)col * 0x9E3779B97F4A7C15ull) ^ ((uint64_t)r + call * 0xBF58476D1CE4E5B9ull);
+                    v = ((float)((h ^ (h >> 29)) & 0xffff) / 65536.0f - 0.5f) * 0.125f;
+                }
+                x = s.beta == 0.0f ? v : s.beta * x + v;
+            }
+        }
+    } else {
+        if (s.beta == 0.0f) {  // never read C with beta == 0: NaN/inf there must not leak
+            for (int col = 0; col < s.n; ++col) {
+                const int r0 = s.lower ? col : 0, r1 = s.lower ? s.n : col + 1;
+                memset(s.c + (size_t)col * s.ldc + r0, 0, (size_t)(r1 - r0) * 4);
+            }
+        }
+        cblas_ssyrk(CblasColMajor, s.lower ? CblasLower : CblasUpper, s.trans ? CblasTrans : CblasNoTrans, s.n, s.k,
+                    s.alpha, s.a, s.lda, s.beta, s.c, s.ldc);
+    }
+    sgemu_unlock();
+    return status;
+}
+
+int replay_syrk(void* call) { return compute_syrk(*static_cast<SyrkCall*>(call)); }
+void destroy_syrk(void* call) { delete static_cast<SyrkCall*>(call); }
 }  // namespace
 
 SG_EXPORT int cublasCreate_v2(void** handle) {
@@ -252,4 +312,29 @@ SG_EXPORT int cublasSgemmStridedBatched(void* h, int ta, int tb, int m, int n, i
                                         const float* beta, float* c, int ldc, long long sc, int batch) {
     return gemm("cublasSgemmStridedBatched", h, ta, tb, m, n, k, alpha, a, R_32F, lda, sa, b, R_32F, ldb, sb, beta, c,
                 R_32F, ldc, sc, batch, COMPUTE_32F);
+}
+SG_EXPORT int cublasSsyrk_v2(void* handle, int uplo, int trans, int n, int k, const float* alpha, const float* a,
+                             int lda, const float* beta, float* c, int ldc) {
+    const char* op = "cublasSsyrk_v2";
+    if (!handle) return fail(NOT_INITIALIZED, std::string(op) + ": null handle");
+    // cublasFillMode_t: 0 lower, 1 upper (2, full, is not valid here); cublasOperation_t: N or T.
+    if ((uplo != 0 && uplo != 1) || (trans != 0 && trans != 1))
+        return fail(INVALID_VALUE, std::string(op) + ": uplo " + std::to_string(uplo) + ", trans " + std::to_string(trans));
+    const int a_rows = trans ? k : n;
+    if (n < 0 || k < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldc < (n > 1 ? n : 1) || !alpha || !beta) {
+        char buf[160];
+        snprintf(buf, sizeof buf, "%s: invalid value n=%d k=%d lda=%d ldc=%d", op, n, k, lda, ldc);
+        return fail(INVALID_VALUE, buf);
+    }
+    Handle* h = static_cast<Handle*>(handle);
+    const SyrkCall call{uplo == 0, trans, n, k, *alpha, *beta, a, lda, c, ldc};
+    if (sgemu_stream_capturing(h->stream)) {
+        sgemu_profile_captured(1);
+        sgemu_profile_blas(op, n, n, k, 1, R_32F, R_32F, R_32F, COMPUTE_32F, h->math);
+        sgemu_profile_captured(0);
+        return sgemu_capture_host_node(h->stream, replay_syrk, new SyrkCall(call), destroy_syrk) == 0 ? OK
+                                                                                                  : EXECUTION_FAILED;
+    }
+    sgemu_profile_blas(op, n, n, k, 1, R_32F, R_32F, R_32F, COMPUTE_32F, h->math);
+    return compute_syrk(call);
 }

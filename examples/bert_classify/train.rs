@@ -11,8 +11,7 @@ use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertPlan, BertWeights, HeadConfig};
 use sparsegrad::model::TrainingSetup;
 use sparsegrad::recipes::classify::accuracy_macro_f1;
-use sparsegrad::{AdamParams, Backend, BasisSet, Keep, Optimizer, Result, Selection};
-use std::collections::BTreeMap;
+use sparsegrad::{AdamParams, Backend, BasisSet, GramSet, Keep, Optimizer, Result, Selection};
 use std::io::IsTerminal as _;
 use std::time::Instant;
 
@@ -118,13 +117,15 @@ fn progress(steps: usize, quiet: bool) -> ProgressBar {
 }
 
 /// The preliminary phase: dense MLP gradients of `prelim_steps` batches into one Gram
-/// accumulator per group, then the bases.
+/// accumulator per group (on the device for a device backend, see [`GramSet`]), then the
+/// bases. Unless `quiet`, prints where the time went (accumulation vs eigensolve).
 fn preliminary<B: Backend + Clone>(
     backend: &B,
     p: &Prepared,
     args: &Args,
     plan: &BertPlan,
     head: &HeadConfig,
+    quiet: bool,
 ) -> Result<BasisSet> {
     let collect = BertPlan { methods: [Method::Collect; 2], ..plan.clone() };
     let mut model = BertModel::<B, f32>::new(
@@ -136,18 +137,32 @@ fn preliminary<B: Backend + Clone>(
     let mut rng = SmallRng::seed_from_u64(args.seed ^ 0x5EED);
     let mut order: Vec<usize> = (0..p.train.ids.len()).collect();
     order.shuffle(&mut rng);
-    let mut accs = BTreeMap::new();
+    let mut grams = GramSet::<B, f32>::new(backend);
+    let mut accumulate_seconds = 0.0;
     for step in 0..args.prelim_steps {
         let idx: Vec<usize> = (0..args.batch).map(|j| order[(step * args.batch + j) % order.len()]).collect();
         let (ids, lengths, labels, seq) = batch_of(&p.train, &idx, p.pad_id);
         model.train_step(&ids, &lengths, &labels, idx.len(), seq)?;
+        backend.synchronize()?;
+        let t0 = Instant::now();
         for &l in &plan.layers {
-            model.mlp(l).expect("planned layer").collect(&mut accs)?;
+            model.mlp(l).expect("planned layer").collect_grams(&mut grams)?;
         }
+        backend.synchronize()?;
+        accumulate_seconds += t0.elapsed().as_secs_f64();
     }
-    let mut set = BasisSet::new();
-    for (group, acc) in &accs {
-        set.insert(acc.basis(group)?);
+    let (mut set, mut download, mut eigensolve) = (BasisSet::new(), 0.0, 0.0);
+    for group in grams.groups() {
+        let (basis, t) = grams.basis(&group)?;
+        (download, eigensolve) = (download + t.download_seconds, eigensolve + t.eigensolve_seconds);
+        set.insert(basis);
+    }
+    if !quiet {
+        eprintln!(
+            "bases: Gram accumulation on the {} {accumulate_seconds:.2} s, download {download:.2} s, eigensolve \
+             {eigensolve:.2} s (CPU)",
+            if grams.on_device() { "device" } else { "host" }
+        );
     }
     Ok(set)
 }
@@ -178,7 +193,7 @@ pub fn run<B: Backend + Clone>(
         if !quiet {
             eprintln!("preliminary phase: {} batches of dense MLP gradients", args.prelim_steps);
         }
-        Some(preliminary(backend, p, args, &plan, &head)?)
+        Some(preliminary(backend, p, args, &plan, &head, quiet)?)
     } else {
         None
     };

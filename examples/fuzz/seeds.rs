@@ -26,6 +26,7 @@ pub fn tiny_config(vocab: usize) -> LlamaConfig {
         kv_heads: 1,
         head_dim: 4,
         rope_theta: 10000.0,
+        rope_scaling: None,
         rms_eps: 1e-5,
         vocab,
         tied_embeddings: true,

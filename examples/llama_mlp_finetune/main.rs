@@ -319,12 +319,21 @@ fn progress_ui(method: MethodKind, cfg: &FinetuneConfig) -> (ProgressBar, impl F
                 line(format!("{name}: preliminary batch {step}/{of}  loss {loss:.4}  {tokens_per_s:.0} tok/s"));
             }
         }
-        Progress::Basis => {
+        Progress::Basis { gradients, on_device, accumulate_seconds } => {
             bar.set_prefix(format!("{name}: bases"));
-            bar.set_message("eigensolves, validation loss before");
+            bar.set_message(if on_device { "Gram download, eigensolves" } else { "eigensolves" });
             line(format!(
-                "{name}: preliminary phase done in {:.1} s; computing the bases",
-                phase_start.get().elapsed().as_secs_f64()
+                "{name}: preliminary batches done in {:.1} s ({gradients} gradients into the Grams on the {} in \
+                 {accumulate_seconds:.2} s); computing the bases",
+                phase_start.get().elapsed().as_secs_f64(),
+                if on_device { "device" } else { "host" },
+            ));
+        }
+        Progress::BasisReady(t) => {
+            bar.set_message("validation loss before");
+            line(format!(
+                "{name}: bases ready: Gram accumulation {:.2} s, download {:.2} s, eigensolve {:.2} s (CPU)",
+                t.accumulate_seconds, t.download_seconds, t.eigensolve_seconds
             ));
         }
         Progress::Premise(shares) => line(format!("{name}: premise: {}", output::premise_line(&shares))),

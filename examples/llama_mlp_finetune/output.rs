@@ -135,6 +135,17 @@ pub fn summary(r: &FinetuneReport, total_params: usize, detail: &str, seconds: f
         "  time              {seconds:.1} s (preliminary {:.1} s, training steps {:.1} s)\n",
         r.preliminary_seconds, r.train_seconds
     ));
+    if let Some(t) = r.gram_timing {
+        s.push_str(&format!(
+            "  bases             {} gradients into the Grams on the {} in {:.2} s, download {:.2} s, \
+             eigensolve {:.2} s (CPU)\n",
+            t.gradients,
+            if t.on_device { "device" } else { "host" },
+            t.accumulate_seconds,
+            t.download_seconds,
+            t.eigensolve_seconds
+        ));
+    }
     if let Some(step) = r.steady_step_seconds {
         s.push_str(&format!("  step time         {:.1} ms (median training step after the first)\n", step * 1e3));
     }

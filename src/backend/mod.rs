@@ -280,6 +280,11 @@ pub trait Buffers: Send + Sync + Sized + 'static {
 /// launcher with the same argument names. All `F: Real` ops run in f32 on CUDA (f64 is
 /// CPU-only and returns [`crate::Error::UnsupportedDtype`] there).
 pub trait Backend: Buffers + DenseOps + TransformerOps + EncoderOps + SparseOps + TopkOps + OptimOps {
+    /// Whether buffers are host memory (the CPU backend): work that a device backend keeps
+    /// on its device (e.g. the Gram accumulation of [`crate::basis::GramSet`]) may take its
+    /// host path instead.
+    const HOST_MEMORY: bool = false;
+
     fn name(&self) -> &'static str;
     /// Identifies the backend instance (clones share it): buffers of backends with the
     /// same id are interchangeable, so layers may share them (see [`crate::Basis`]).

@@ -98,6 +98,39 @@ impl GramAccumulator {
         }
     }
 
+    /// An accumulator holding sums computed elsewhere (on a device, by
+    /// [`DeviceGramAccumulator`](super::DeviceGramAccumulator)) from `count` gradients:
+    /// `gram_out` `(out, out)` and `gram_in` `(in, in)` row-major, of which only the upper
+    /// triangles (`row <= col`) are read. Wrong lengths give [`Error::Shape`], a NaN/inf in
+    /// an upper triangle [`Error::NonFinite`]. With `count = 0` the sums are dropped (an
+    /// empty accumulator). More gradients may be added afterwards.
+    pub fn from_sums(
+        out: usize,
+        inp: usize,
+        count: u64,
+        mut gram_out: Vec<f64>,
+        mut gram_in: Vec<f64>,
+    ) -> Result<Self> {
+        let op = "GramAccumulator::from_sums";
+        let mut acc = GramAccumulator::new(out, inp);
+        acc.check_dims(op)?;
+        for (what, m, n) in [("Gram (out, out)", &mut gram_out, out), ("Gram (in, in)", &mut gram_in, inp)] {
+            let len = n.checked_mul(n).ok_or_else(|| Error::invalid(op, format!("{what} size overflows")))?;
+            if m.len() != len {
+                return Err(Error::shape(op, what, format!("{n} x {n} = {len}"), m.len()));
+            }
+            ensure_finite(what, m.chunks_exact(n).enumerate().flat_map(|(r, row)| row[r..].iter().copied()))?;
+            // The lower triangle is never read; zero it so `grams` shows no stale values.
+            for (r, row) in m.chunks_exact_mut(n).enumerate() {
+                row[..r].iter_mut().for_each(|v| *v = 0.0);
+            }
+        }
+        if count > 0 {
+            (acc.gram_out, acc.gram_in, acc.count) = (gram_out, gram_in, count);
+        }
+        Ok(acc)
+    }
+
     /// `(out, in)` of the gradients this accumulator takes.
     pub fn shape(&self) -> (usize, usize) {
         (self.out, self.inp)
@@ -227,16 +260,24 @@ impl GramAccumulator {
         (MAX_F32_DEPTH / self.out.max(self.inp).max(1)).clamp(1, MAX_PENDING)
     }
 
+    /// Allocates whatever is missing: the f64 sums (absent until the first gradient) and
+    /// the f32 scratch (also absent in an accumulator made by [`from_sums`](Self::from_sums)).
     fn ensure_alloc(&mut self, op: &'static str) -> Result<()> {
-        if !self.gram_out.is_empty() {
+        if !self.gram_out.is_empty() && !self.part_out.is_empty() {
             return Ok(());
         }
         let oo = self.out.checked_mul(self.out).ok_or_else(|| Error::invalid(op, "out^2 overflows"))?;
         let ii = self.inp.checked_mul(self.inp).ok_or_else(|| Error::invalid(op, "in^2 overflows"))?;
-        // Build all four first so a failed allocation leaves `self` untouched.
-        let bufs = (try_vec(op, "Gram (out, out)", oo, 0.0f64)?, try_vec(op, "Gram (in, in)", ii, 0.0f64)?);
+        // Build all that is missing first so a failed allocation leaves `self` untouched.
+        let bufs = if self.gram_out.is_empty() {
+            Some((try_vec(op, "Gram (out, out)", oo, 0.0f64)?, try_vec(op, "Gram (in, in)", ii, 0.0f64)?))
+        } else {
+            None
+        };
         let parts = (try_vec(op, "scratch (out, out)", oo, 0.0f32)?, try_vec(op, "scratch (in, in)", ii, 0.0f32)?);
-        (self.gram_out, self.gram_in) = bufs;
+        if let Some(bufs) = bufs {
+            (self.gram_out, self.gram_in) = bufs;
+        }
         (self.part_out, self.part_in) = parts;
         Ok(())
     }

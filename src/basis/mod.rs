@@ -5,6 +5,9 @@
 //!
 //!
 //! - [`accumulate`]: the streaming [`GramAccumulator`] and its eigensolve;
+//! - [`device`]: the same accumulation on the backend's device ([`DeviceGramAccumulator`],
+//!   cuBLAS SYRK), one download per group, and [`GramSet`], the route a preliminary phase
+//!   takes on each backend;
 //! - [`report`]: the sparsity diagnostic and the direct-SVD reference;
 //! - this module: [`Basis`] (validation) and [`BasisSet`]; `io`: their file format.
 //!
@@ -12,11 +15,13 @@
 //! caches them itself, keyed by [`Basis::fingerprint`].
 
 pub mod accumulate;
+pub mod device;
 mod io;
 mod linalg;
 pub mod report;
 
 pub use accumulate::{eigensolve_bytes, GramAccumulator, MAX_F32_DEPTH, MAX_GRAD_ABS};
+pub use device::{BasisTiming, DeviceGramAccumulator, GramSet};
 pub use report::{direct_svd_basis, direct_svd_bytes, mean_sparsity_report, sparsity_report, SparsityReport};
 
 use crate::error::{ensure_finite, Error, Result};

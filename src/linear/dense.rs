@@ -273,6 +273,14 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             _ => Err(Error::invalid("DenseLinear::grad_host", "no weight gradient (frozen layer, or no backward yet)")),
         }
     }
+    /// The dense weight gradient of the last backward where it lives (first `out * in`
+    /// entries, row-major), for consumers on the same backend (the device Gram accumulator).
+    pub fn grad(&self) -> Result<&B::Buf<F>> {
+        match (&self.grad_w, self.grad_ready) {
+            (Some(g), true) => Ok(g),
+            _ => Err(Error::invalid("DenseLinear::grad", "no weight gradient (frozen layer, or no backward yet)")),
+        }
+    }
     /// The bias gradient of the last backward.
     pub fn bias_grad_host(&self) -> Result<Option<Vec<F>>> {
         if !self.grad_ready {

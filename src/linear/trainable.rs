@@ -275,6 +275,15 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
         }
     }
 
+    /// [`dense_grad_host`](Self::dense_grad_host) without the copy: the backend buffer
+    /// holding it (first `out * in` entries).
+    pub fn dense_grad(&self) -> Result<&B::Buf<F>> {
+        match self {
+            Linear::Dense(l) => l.grad(),
+            _ => Err(Error::invalid("Linear::dense_grad", "only dense projections compute the dense weight gradient")),
+        }
+    }
+
     /// The formulation of a SparseGrad layer (see [`TrainOptions::expected_tokens`]).
     pub fn formulation(&self) -> Option<Formulation> {
         match self {

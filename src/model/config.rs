@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::io::gguf::GgufFile;
+pub use crate::model::rope::RopeScaling;
 use serde_json::Value;
 use std::path::Path;
 
@@ -19,6 +20,9 @@ pub struct LlamaConfig {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub rope_theta: f32,
+    /// RoPE frequency rescaling for long contexts (LLaMA-3.1's `llama3`); `None`: the
+    /// plain frequencies.
+    pub rope_scaling: Option<RopeScaling>,
     pub rms_eps: f32,
     pub vocab: usize,
     /// The output projection reuses the token embedding (no separate `lm_head`).
@@ -39,7 +43,9 @@ impl LlamaConfig {
     /// when the file has no `output.weight`. `head_dim` is `<arch>.attention.key_length`,
     /// else `<arch>.rope.dimension_count`, else `hidden / heads`; `vocab` is
     /// `<arch>.vocab_size`, else the length of `tokenizer.ggml.tokens`, else the rows of
-    /// `token_embd.weight`.
+    /// `token_embd.weight`. RoPE scaling in the file (`<arch>.rope.scaling.*` other than
+    /// none, or llama.cpp's `rope_freqs.weight`) is rejected (see
+    /// [`check_gguf_rope_scaling`](crate::model::rope::check_gguf_rope_scaling)).
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
         let arch = f.architecture()?;
         if arch != "llama" {
@@ -79,6 +85,7 @@ impl LlamaConfig {
                     )?,
                 },
             };
+        crate::model::rope::check_gguf_rope_scaling(f, arch)?;
         let id = |k: &str| f.optional_u32(k);
         let cfg = LlamaConfig {
             hidden,
@@ -88,6 +95,7 @@ impl LlamaConfig {
             kv_heads,
             head_dim,
             rope_theta: f.optional_f32(&format!("{arch}.rope.freq_base"))?.unwrap_or(10_000.0),
+            rope_scaling: None,
             rms_eps: f.get_f32(&format!("{arch}.attention.layer_norm_rms_epsilon"))?,
             vocab,
             tied_embeddings: !f.contains_tensor("output.weight"),
@@ -104,7 +112,9 @@ impl LlamaConfig {
     /// as in transformers' `LlamaConfig`: `num_key_value_heads` = heads, `head_dim` =
     /// hidden / heads, `rope_theta` 10000, `tie_word_embeddings` false,
     /// `max_position_embeddings` 2048; `bos_token_id`/`eos_token_id` optional (a list
-    /// of eos ids gives its first).
+    /// of eos ids gives its first). `rope_scaling` (`null`, or a `llama3` object; any other
+    /// type is an error naming it) or, from transformers 5, `rope_parameters` (which may
+    /// also carry `rope_theta`): see [`RopeScaling::from_hf_json`].
     pub fn from_hf_config_json(path: &Path) -> Result<Self> {
         let json: Value = crate::io::json::read_unique(path)?;
         let meta =
@@ -137,6 +147,31 @@ impl LlamaConfig {
             })
             .transpose()
         };
+        let in_file = |e: Error| match e {
+            Error::Metadata { key, msg } => meta(&key, msg),
+            e => e,
+        };
+        let rope_params = get("rope_parameters");
+        let rope_scaling = match (get("rope_scaling"), rope_params) {
+            (Some(v), _) => RopeScaling::from_hf_json("rope_scaling", v).map_err(in_file)?,
+            (None, Some(v)) => RopeScaling::from_hf_json("rope_parameters", v).map_err(in_file)?,
+            (None, None) => None,
+        };
+        let params_theta = match rope_params.and_then(|p| p.get("rope_theta")).filter(|v| !v.is_null()) {
+            Some(v) => Some(
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| meta("rope_parameters.rope_theta", format!("expected a number, found {v}")))?,
+            ),
+            None => None,
+        };
+        let rope_theta = match (float("rope_theta")?, params_theta) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(meta("rope_theta", format!("{a} disagrees with rope_parameters.rope_theta {b}")));
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => 10_000.0,
+        };
         let hidden = req("hidden_size")?;
         let heads = req("num_attention_heads")?;
         let cfg = LlamaConfig {
@@ -146,7 +181,8 @@ impl LlamaConfig {
             heads,
             kv_heads: uint("num_key_value_heads")?.unwrap_or(heads),
             head_dim: uint("head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0)),
-            rope_theta: float("rope_theta")?.unwrap_or(10_000.0),
+            rope_theta,
+            rope_scaling,
             rms_eps: float("rms_norm_eps")?.ok_or_else(|| meta("rms_norm_eps", "missing".into()))?,
             vocab: req("vocab_size")?,
             tied_embeddings: match get("tie_word_embeddings") {
@@ -178,6 +214,7 @@ impl LlamaConfig {
             "num_key_value_heads": self.kv_heads,
             "head_dim": self.head_dim,
             "rope_theta": self.rope_theta,
+            "rope_scaling": self.rope_scaling.map(|s| s.to_hf_json()),
             "rms_norm_eps": self.rms_eps,
             "vocab_size": self.vocab,
             "tie_word_embeddings": self.tied_embeddings,
@@ -189,7 +226,7 @@ impl LlamaConfig {
 
     /// Checks that the numbers describe a buildable model: every size positive, heads a
     /// multiple of kv_heads, an even head_dim (RoPE rotates pairs), finite positive
-    /// rope_theta and rms_eps, special tokens inside the vocabulary.
+    /// rope_theta and rms_eps, a valid [`RopeScaling`], special tokens inside the vocabulary.
     pub fn validate(&self) -> Result<()> {
         let bad = |msg: String| Err(Error::invalid("LlamaConfig", msg));
         for (name, v) in [
@@ -222,6 +259,9 @@ impl LlamaConfig {
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return bad(format!("rope_theta ({}) must be finite and positive", self.rope_theta));
+        }
+        if let Some(s) = &self.rope_scaling {
+            s.validate()?;
         }
         if !(self.rms_eps.is_finite() && self.rms_eps > 0.0) {
             return bad(format!("rms_eps ({}) must be finite and positive", self.rms_eps));

@@ -5,7 +5,7 @@
 //! is written by the Rust backend before it calls the driver, the emulator's by the
 //! driver entry points it reaches.
 
-use super::{CopyDir, Event, EventKind, GemmCompute};
+use super::{BlasRoutine, CopyDir, Event, EventKind, GemmCompute};
 use crate::error::{Error, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -191,8 +191,13 @@ fn expected(e: &Event) -> EmulatedEvent {
             block: *block,
             shared_bytes: *shared_bytes,
         },
-        EventKind::Gemm { m, n, k, batch, operands, output, compute, .. } => EmulatedEvent::Blas {
-            routine: if *batch == 1 { "cublasGemmEx" } else { "cublasGemmStridedBatchedEx" }.to_string(),
+        EventKind::Gemm { routine, m, n, k, batch, operands, output, compute, .. } => EmulatedEvent::Blas {
+            routine: match (routine, *batch) {
+                (BlasRoutine::Syrk, _) => "cublasSsyrk_v2",
+                (BlasRoutine::Gemm, 1) => "cublasGemmEx",
+                (BlasRoutine::Gemm, _) => "cublasGemmStridedBatchedEx",
+            }
+            .to_string(),
             m: *m,
             n: *n,
             k: *k,
@@ -318,6 +323,7 @@ mod tests {
                 },
                 Event {
                     kind: EventKind::Gemm {
+                        routine: BlasRoutine::Gemm,
                         m: 3,
                         n: 4,
                         k: 5,

@@ -153,6 +153,15 @@ pub enum GemmCompute {
     F32FastTf32,
 }
 
+/// Which cuBLAS routine a [`EventKind::Gemm`] is: a general product (`cublasGemmEx`, or its
+/// strided-batched form) or a symmetric rank-k update (`cublasSsyrk_v2`: `m = n`, only one
+/// triangle of C computed, about half a GEMM's flops and C traffic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlasRoutine {
+    Gemm,
+    Syrk,
+}
+
 /// Which way a copy goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CopyDir {
@@ -171,7 +180,9 @@ pub enum EventKind {
         shared_bytes: u32,
         args: Vec<u64>,
     },
+    /// A cuBLAS call (see [`BlasRoutine`]), with its dimensions as cuBLAS receives them.
     Gemm {
+        routine: BlasRoutine,
         m: u64,
         n: u64,
         k: u64,
@@ -274,15 +285,25 @@ impl Event {
     }
 }
 
-/// `2 m n k` flops per batch entry; A and B read once, C written once (and read first when
-/// the product accumulates into it).
+/// A GEMM: `2 m n k` flops per batch entry; A and B read once, C written once (and read
+/// first when the product accumulates into it). A SYRK (`m = n`): `n (n + 1) k` flops (one
+/// triangle with its diagonal), A `(n, k)` read once, the `n (n + 1) / 2` entries of C's
+/// triangle written (and read first when accumulating).
 pub fn gemm_work(kind: &EventKind) -> Work {
-    let EventKind::Gemm { m, n, k, batch, operands, output, accumulate, .. } = *kind else {
+    let EventKind::Gemm { routine, m, n, k, batch, operands, output, accumulate, .. } = *kind else {
         return Work::default();
     };
     let c_passes = if accumulate { 2 } else { 1 };
-    let bytes = batch * ((m * k + k * n) * operands.bytes() + c_passes * m * n * output.bytes());
-    Work::new(bytes, 2 * m * n * k * batch)
+    match routine {
+        BlasRoutine::Gemm => {
+            let bytes = batch * ((m * k + k * n) * operands.bytes() + c_passes * m * n * output.bytes());
+            Work::new(bytes, 2 * m * n * k * batch)
+        }
+        BlasRoutine::Syrk => {
+            let bytes = batch * (n * k * operands.bytes() + c_passes * n * (n + 1) / 2 * output.bytes());
+            Work::new(bytes, n * (n + 1) * k * batch)
+        }
+    }
 }
 
 /// Where the events happen: a decoder layer (or none: embedding, head, loss), the phase of
@@ -381,6 +402,7 @@ mod tests {
         // 3 x 5 x 7 bf16 product into f32, twice, accumulating: flops 2*3*5*7*2 = 420;
         // bytes 2 * ((3*7 + 7*5) * 2 + 2 * 3*5 * 4) = 2 * (112 + 120) = 464.
         let k = EventKind::Gemm {
+            routine: BlasRoutine::Gemm,
             m: 3,
             n: 5,
             k: 7,
@@ -391,6 +413,21 @@ mod tests {
             accumulate: true,
         };
         assert_eq!(gemm_work(&k), Work::new(464, 420));
+        // A 5 x 5 SYRK of depth 7 in f32, accumulating: flops 5*6*7 = 210; bytes 5*7*4 +
+        // 2 * 15 * 4 = 260.
+        let s = EventKind::Gemm {
+            routine: BlasRoutine::Syrk,
+            m: 5,
+            n: 5,
+            k: 7,
+            batch: 1,
+            operands: ElemType::F32,
+            output: ElemType::F32,
+            compute: GemmCompute::F32,
+            accumulate: true,
+        };
+        assert_eq!(gemm_work(&s), Work::new(260, 210));
+        assert_eq!(Event { kind: s, tag: Tag::default(), gpu_ms: None }.category(), Category::GemmFp32);
         let e = Event { kind: k, tag: Tag::default(), gpu_ms: None };
         assert_eq!(e.category(), Category::GemmTensor);
         assert!(e.is_launch() && !e.is_host_sync());

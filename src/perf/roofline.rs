@@ -240,6 +240,7 @@ mod tests {
         // counted separately) are far below the compute time at either rate.
         let g = |operands, compute| {
             ev(EventKind::Gemm {
+                routine: crate::perf::BlasRoutine::Gemm,
                 m: 4096,
                 n: 4096,
                 k: 4096,

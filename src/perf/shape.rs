@@ -13,7 +13,7 @@
 //! [`LayerWeights`] says how many target layers each run layer stands for (counts per layer
 //! times layers).
 
-use super::{Category, CopyDir, ElemType, Event, EventKind, GemmCompute, Work};
+use super::{BlasRoutine, Category, CopyDir, ElemType, Event, EventKind, GemmCompute, Work};
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
 
@@ -68,7 +68,8 @@ pub struct ScalingReport {
 fn event_name(e: &Event) -> String {
     match &e.kind {
         EventKind::Launch { cost, .. } => cost.kernel.to_string(),
-        EventKind::Gemm { operands, .. } => format!("gemm({})", operands.name()),
+        EventKind::Gemm { routine: BlasRoutine::Gemm, operands, .. } => format!("gemm({})", operands.name()),
+        EventKind::Gemm { routine: BlasRoutine::Syrk, operands, .. } => format!("syrk({})", operands.name()),
         EventKind::Sync => "sync".into(),
         EventKind::Copy { dir, .. } => format!("copy {dir:?}"),
         EventKind::Memset { .. } => "memset".into(),
@@ -84,9 +85,9 @@ fn same_shape(a: &Event, b: &Event) -> bool {
             std::ptr::eq(*c1, *c2) && a1.len() == a2.len()
         }
         (
-            K::Gemm { operands: o1, output: p1, compute: c1, accumulate: x1, batch: b1, .. },
-            K::Gemm { operands: o2, output: p2, compute: c2, accumulate: x2, batch: b2, .. },
-        ) => o1 == o2 && p1 == p2 && c1 == c2 && x1 == x2 && b1 == b2,
+            K::Gemm { routine: r1, operands: o1, output: p1, compute: c1, accumulate: x1, batch: b1, .. },
+            K::Gemm { routine: r2, operands: o2, output: p2, compute: c2, accumulate: x2, batch: b2, .. },
+        ) => r1 == r2 && o1 == o2 && p1 == p2 && c1 == c2 && x1 == x2 && b1 == b2,
         (K::Copy { dir: d1, blocking: b1, .. }, K::Copy { dir: d2, blocking: b2, .. }) => d1 == d2 && b1 == b2,
         (K::Sync, K::Sync) | (K::Memset { .. }, K::Memset { .. }) => true,
         (K::Alloc { .. }, K::Alloc { .. }) | (K::Free { .. }, K::Free { .. }) => true,
@@ -190,9 +191,10 @@ pub fn extrapolate(
                 }
             }
             (
-                EventKind::Gemm { m, n, k, batch, operands, output, compute, accumulate },
+                EventKind::Gemm { routine, m, n, k, batch, operands, output, compute, accumulate },
                 EventKind::Gemm { m: m2, n: n2, k: k2, .. },
             ) => EventKind::Gemm {
+                routine: *routine,
                 m: sc("m", *m, *m2),
                 n: sc("n", *n, *n2),
                 k: sc("k", *k, *k2),
@@ -408,6 +410,7 @@ pub(crate) mod tests {
     fn gemm(m: u64, n: u64, k: u64, layer: Option<u32>) -> Event {
         Event {
             kind: EventKind::Gemm {
+                routine: BlasRoutine::Gemm,
                 m,
                 n,
                 k,

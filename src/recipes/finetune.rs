@@ -1,12 +1,13 @@
 //! The fine-tuning flow of the paper's LLaMA recipe, scaled: validation loss before;
 //! for SparseGrad a preliminary phase that streams the selected blocks' MLP gradients into
-//! one Gram accumulator per projection type and computes the bases; training of the
-//! selected blocks' MLPs; validation loss after. Any method, any backend.
+//! one Gram accumulator per projection type (on the device for a device backend, see
+//! [`GramSet`]) and computes the bases; training of the selected blocks' MLPs; validation
+//! loss after. Any method, any backend.
 
 use crate::backend::AdamParams;
 use crate::backend::Backend;
 use crate::backend::Precision;
-use crate::basis::{mean_sparsity_report, BasisSet, GramAccumulator};
+use crate::basis::{mean_sparsity_report, BasisSet, GramSet};
 use crate::error::{Error, Result};
 use crate::linear::sparsegrad::{FormulationChoice, Selection};
 use crate::linear::trainable::{Method, TrainOptions};
@@ -16,7 +17,6 @@ use crate::model::weights::LlamaWeights;
 use crate::model::TrainingSetup;
 use crate::optim::Optimizer;
 use crate::recipes::vader::{epoch, make_batch, Batch, BatchSpec};
-use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// The methods the paper compares.
@@ -118,7 +118,15 @@ pub enum Progress {
         loss: f64,
         tokens_per_s: f64,
     },
-    Basis,
+    /// The preliminary batches are done: `gradients` dense gradients went into the Grams,
+    /// on the device or the host, in `accumulate_seconds` (waited for); the bases follow.
+    Basis {
+        gradients: u64,
+        on_device: bool,
+        accumulate_seconds: f64,
+    },
+    /// The bases are computed (see [`GramTiming`]).
+    BasisReady(GramTiming),
     /// The method's premise, measured after the bases (see [`PremiseShare`]).
     Premise(Vec<PremiseShare>),
     Eval {
@@ -131,6 +139,19 @@ pub enum Progress {
         loss: f64,
         tokens_per_s: f64,
     },
+}
+
+/// Where the preliminary phase's Gram work went: the gradients accumulated (on the device
+/// or the host), the seconds of the accumulation (the device waited for, summed over the
+/// batches), of the downloads of the Grams (one per group, zero on the host route) and of
+/// the eigensolves on the CPU.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GramTiming {
+    pub gradients: u64,
+    pub on_device: bool,
+    pub accumulate_seconds: f64,
+    pub download_seconds: f64,
+    pub eigensolve_seconds: f64,
 }
 
 /// What a run measured.
@@ -149,6 +170,9 @@ pub struct FinetuneReport {
     /// Peak bytes the backend held during the run (weights, optimizer state, activations, workspaces).
     pub peak_memory_bytes: usize,
     pub preliminary_seconds: f64,
+    /// The preliminary phase's Gram accumulation and eigensolves (SparseGrad without given
+    /// bases).
+    pub gram_timing: Option<GramTiming>,
     pub train_seconds: f64,
     /// Median seconds of one training step after the first (which grows the workspaces);
     /// `None` with fewer than 2 steps.
@@ -304,7 +328,7 @@ fn preliminary<B: Backend + Clone>(
     cfg: &FinetuneConfig,
     data: &Dataset,
     progress: &mut dyn FnMut(Progress),
-) -> Result<(BasisSet, Vec<PremiseShare>)> {
+) -> Result<(BasisSet, Vec<PremiseShare>, GramTiming)> {
     let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [Method::Collect; 3] };
     let opts = TrainOptions { precision: cfg.precision, seed: cfg.seed, ..Default::default() };
     let mut model = LlamaModel::<B, f32>::new(
@@ -313,7 +337,8 @@ fn preliminary<B: Backend + Clone>(
         &TrainingSetup { plan: plan.clone(), bases: None, options: opts },
         cfg.seq_len,
     )?;
-    let mut accs: BTreeMap<String, GramAccumulator> = BTreeMap::new();
+    let mut grams = GramSet::<B, f32>::new(backend);
+    let mut timing = GramTiming { on_device: grams.on_device(), ..GramTiming::default() };
     let spec = cfg.batch_spec(data);
     let (started, mut tokens) = (Instant::now(), 0usize);
     // held[j][k]: the held-out gradients of projection j of the k-th trained block, concatenated.
@@ -324,12 +349,19 @@ fn preliminary<B: Backend + Clone>(
         let n = b.n_targets().max(1);
         let loss = model.forward(&b.tokens(), 1.0 / n as f64)?;
         model.backward()?;
-        for (k, &l) in cfg.blocks.iter().enumerate() {
-            let mlp = model.mlp(l).ok_or_else(|| Error::invalid("finetune", format!("no layer {l}")))?;
-            if i < cfg.prelim_steps {
-                mlp.collect(&mut accs)?;
-            } else {
-                for (j, proj) in mlp.projections().into_iter().enumerate() {
+        let mlp = |l: usize| model.mlp(l).ok_or_else(|| Error::invalid("finetune", format!("no layer {l}")));
+        if i < cfg.prelim_steps {
+            // Timed alone: the backward is waited for first, the accumulation after.
+            backend.synchronize()?;
+            let t0 = Instant::now();
+            for &l in &cfg.blocks {
+                mlp(l)?.collect_grams(&mut grams)?;
+            }
+            backend.synchronize()?;
+            timing.accumulate_seconds += t0.elapsed().as_secs_f64();
+        } else {
+            for (k, &l) in cfg.blocks.iter().enumerate() {
+                for (j, proj) in mlp(l)?.projections().into_iter().enumerate() {
                     held[j][k].extend_from_slice(&proj.linear.dense_grad_host()?);
                 }
             }
@@ -340,14 +372,24 @@ fn preliminary<B: Backend + Clone>(
             progress(Progress::Preliminary { step: i + 1, of: cfg.prelim_steps, loss: loss.mean(), tokens_per_s });
         }
     }
-    progress(Progress::Basis);
+    timing.gradients = GROUPS.iter().map(|g| grams.count(g)).sum();
+    progress(Progress::Basis {
+        gradients: timing.gradients,
+        on_device: timing.on_device,
+        accumulate_seconds: timing.accumulate_seconds,
+    });
     let mut set = BasisSet::new();
     for g in GROUPS {
-        let acc = accs
-            .get(g)
-            .ok_or_else(|| Error::invalid("finetune", format!("the preliminary phase collected no `{g}` gradients")))?;
-        set.insert(acc.basis(g)?);
+        if grams.count(g) == 0 {
+            return Err(Error::invalid("finetune", format!("the preliminary phase collected no `{g}` gradients")));
+        }
+        let (basis, t) = grams.basis(g)?;
+        timing.download_seconds += t.download_seconds;
+        timing.eigensolve_seconds += t.eigensolve_seconds;
+        set.insert(basis);
     }
+    drop(grams);
+    progress(Progress::BasisReady(timing));
     let mut premise = Vec::with_capacity(3);
     for (j, g) in GROUPS.into_iter().enumerate() {
         let basis = set.get(g)?;
@@ -358,7 +400,7 @@ fn preliminary<B: Backend + Clone>(
         }
     }
     progress(Progress::Premise(premise.clone()));
-    Ok((set, premise))
+    Ok((set, premise, timing))
 }
 
 /// Runs the whole flow on `backend` and returns the report and the trained model.
@@ -383,13 +425,13 @@ pub fn run<B: Backend + Clone>(
     }
     let val_batches = val_rows.chunks(cfg.batch).map(|rows| make_batch(rows, &spec)).collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
-    let (bases, premise) = match (cfg.method, bases) {
-        (MethodKind::SparseGrad, Some(b)) => (Some(b), Vec::new()),
+    let (bases, premise, gram_timing) = match (cfg.method, bases) {
+        (MethodKind::SparseGrad, Some(b)) => (Some(b), Vec::new(), None),
         (MethodKind::SparseGrad, None) => {
-            let (b, premise) = preliminary(backend, weights, cfg, data, progress)?;
-            (Some(b), premise)
+            let (b, premise, timing) = preliminary(backend, weights, cfg, data, progress)?;
+            (Some(b), premise, Some(timing))
         }
-        _ => (None, Vec::new()),
+        _ => (None, Vec::new(), None),
     };
     let preliminary_seconds = started.elapsed().as_secs_f64();
     let plan = MlpPlan { layers: cfg.blocks.clone(), methods: cfg.methods(backend, weights)? };
@@ -462,6 +504,7 @@ pub fn run<B: Backend + Clone>(
         tokens_per_s: tokens as f64 / train_seconds.max(1e-9),
         peak_memory_bytes: backend.memory_stats().peak_bytes,
         preliminary_seconds,
+        gram_timing,
         train_seconds,
         steady_step_seconds: median(&mut step_seconds),
         premise,

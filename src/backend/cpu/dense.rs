@@ -7,7 +7,7 @@ use crate::backend::ops::dense::*;
 use crate::backend::{GeluKind, Gemm};
 use crate::error::{Error, Result};
 use crate::scalar::{Real, RealSlice, RealSliceMut};
-use cblas::{Layout, Transpose};
+use cblas::{Layout, Part, Transpose};
 use half::bf16;
 use rayon::prelude::*;
 use std::sync::atomic::Ordering;
@@ -69,11 +69,52 @@ fn blas_gemm<F: Real>(spec: &Gemm, a: &[F], b: &[F], c: &mut [F]) -> Result<()> 
     Ok(())
 }
 
+/// [`DenseOps::gram_accumulate`] on validated buffers: two BLAS `?syrk` (row-major, upper).
+fn blas_gram<F: Real>(g: &[F], out: usize, inp: usize, grams: &mut [F]) -> Result<()> {
+    const OP: &str = "gram_accumulate";
+    if out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let (o, i) = (to_blas_dim(OP, out)?, to_blas_dim(OP, inp)?);
+    let (gram_out, rest) = grams.split_at_mut(out * out);
+    let gram_in = &mut rest[..inp * inp];
+    match (F::real_slice(&g[..out * inp]), F::real_slice_mut(gram_out)) {
+        // SAFETY: g is (out, in) row-major with lda = in, gram_out (out, out) with ldc = out
+        // (lengths checked by check_gram_accumulate); dimensions fit i32.
+        (RealSlice::F32(g), RealSliceMut::F32(c)) => unsafe {
+            cblas::ssyrk(Layout::RowMajor, Part::Upper, Transpose::None, o, i, 1.0, g, i, 1.0, c, o)
+        },
+        // SAFETY: as above.
+        (RealSlice::F64(g), RealSliceMut::F64(c)) => unsafe {
+            cblas::dsyrk(Layout::RowMajor, Part::Upper, Transpose::None, o, i, 1.0, g, i, 1.0, c, o)
+        },
+        _ => return Err(Error::UnsupportedDtype { op: OP, dtype: F::NAME, backend: "cpu" }),
+    }
+    match (F::real_slice(&g[..out * inp]), F::real_slice_mut(gram_in)) {
+        // SAFETY: g^T g: g read as (out, in) with lda = in, transposed; gram_in (in, in), ldc = in.
+        (RealSlice::F32(g), RealSliceMut::F32(c)) => unsafe {
+            cblas::ssyrk(Layout::RowMajor, Part::Upper, Transpose::Ordinary, i, o, 1.0, g, i, 1.0, c, i)
+        },
+        // SAFETY: as above.
+        (RealSlice::F64(g), RealSliceMut::F64(c)) => unsafe {
+            cblas::dsyrk(Layout::RowMajor, Part::Upper, Transpose::Ordinary, i, o, 1.0, g, i, 1.0, c, i)
+        },
+        _ => return Err(Error::UnsupportedDtype { op: OP, dtype: F::NAME, backend: "cpu" }),
+    }
+    Ok(())
+}
+
 impl DenseOps for Cpu {
     fn gemm<F: Real>(&self, spec: &Gemm, a: &CpuBuf<F>, b: &CpuBuf<F>, c: &mut CpuBuf<F>) -> Result<()> {
         self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
         check_gemm(self, spec, a, b, c)?;
         blas_gemm(spec, a, b, c)
+    }
+
+    /// Two OpenBLAS `?syrk` (row-major upper triangles), as the host `GramAccumulator` does.
+    fn gram_accumulate<F: Real>(&self, g: &CpuBuf<F>, out: usize, inp: usize, grams: &mut CpuBuf<F>) -> Result<()> {
+        check_gram_accumulate(self, g, out, inp, grams)?;
+        blas_gram(g, out, inp, grams)
     }
 
     /// The CPU twin of cuBLAS's bf16 GemmEx: widen the operands to `F`, then an `F` GEMM.

@@ -105,6 +105,8 @@ impl Buffers for Cpu {
 }
 
 impl Backend for Cpu {
+    const HOST_MEMORY: bool = true;
+
     fn name(&self) -> &'static str {
         "cpu"
     }

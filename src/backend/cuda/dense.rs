@@ -93,6 +93,11 @@ impl DenseOps for Cuda {
         gemm::gemm_bf16(self, spec, a, b, c)
     }
 
+    /// cuBLAS SSYRK twice, through gemm.rs.
+    fn gram_accumulate<F: Real>(&self, g: &CudaBuf<F>, out: usize, inp: usize, grams: &mut CudaBuf<F>) -> Result<()> {
+        gemm::gram_accumulate(self, g, out, inp, grams)
+    }
+
     fn cast_to_bf16<F: Real>(&self, src: &CudaBuf<F>, dst: &mut CudaBuf<bf16>, len: usize) -> Result<()> {
         require_f32::<F>("cast_to_bf16")?;
         check_cast(self, "cast_to_bf16", src, dst, len)?;

@@ -10,15 +10,19 @@
 //! `k = 0` is handled by a kernel (`C = beta C`, exact zeros when `beta = 0`), as on the CPU.
 //!
 //! [`crate::backend::DenseOps::gemm`] and `gemm_bf16` for CUDA (dense.rs) are the two
-//! launchers here, after the op's shared validator.
+//! launchers here, after the op's shared validator; so is `gram_accumulate`, two
+//! `cublasSsyrk_v2` calls (f32, `beta = 1`): a row-major `(out, in)` `g` is the column-major
+//! `(in, out)` `g^T`, so `g g^T` is `op = T` with `n = out, k = in` and `g^T g` is `op = N`
+//! with `n = in, k = out`, both with `lda = in`; a row-major upper triangle is the
+//! column-major lower one (`CUBLAS_FILL_MODE_LOWER`).
 
 use super::{cuda_err, dense, require_f32, Cuda, CudaBuf};
-use crate::backend::ops::dense::check_gemm;
+use crate::backend::ops::dense::{check_gemm, check_gram_accumulate};
 use crate::backend::Gemm;
 use crate::error::{Error, Result};
-use crate::perf::{ElemType, EventKind, GemmCompute};
+use crate::perf::{BlasRoutine, ElemType, EventKind, GemmCompute};
 use crate::scalar::Real;
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasFillMode_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use half::bf16;
 use std::ffi::c_void;
 
@@ -46,6 +50,71 @@ pub(super) fn gemm_bf16<F: Real>(
     require_f32::<F>("gemm_bf16")?;
     check_gemm(cuda, spec, a, b, c)?;
     run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::Bf16)
+}
+
+/// [`crate::backend::DenseOps::gram_accumulate`]: `cublasSsyrk_v2` twice (see the module docs).
+pub(super) fn gram_accumulate<F: Real>(
+    cuda: &Cuda,
+    g: &CudaBuf<F>,
+    out: usize,
+    inp: usize,
+    grams: &mut CudaBuf<F>,
+) -> Result<()> {
+    require_f32::<F>("gram_accumulate")?;
+    check_gram_accumulate(cuda, g, out, inp, grams)?;
+    if out == 0 || inp == 0 {
+        return Ok(());
+    }
+    let (a, c) = (g.ptr(), grams.ptr_mut());
+    // (n, k, op, C) of g g^T and g^T g; C of the second starts after the (out, out) Gram.
+    let in_offset = (out * out * std::mem::size_of::<f32>()) as u64;
+    for (n, k, trans, c) in [(out, inp, true, c), (inp, out, false, c + in_offset)] {
+        syrk(cuda, n, k, trans, a, dim(inp)?, c)?;
+    }
+    Ok(())
+}
+
+/// Column-major `C = op(A) op(A)^T + C` on the lower triangle of the `(n, n)` f32 matrix at
+/// `c` (`ldc = n`); `op(A)` is `(n, k)`, A stored `(k, n)` when `trans`, with `lda`.
+fn syrk(cuda: &Cuda, n: usize, k: usize, trans: bool, a: u64, lda: i32, c: u64) -> Result<()> {
+    let (n_i, k_i) = (dim(n)?, dim(k)?);
+    let (alpha, beta) = (1.0f32, 1.0f32);
+    cuda.bind()?;
+    let blas = cuda.blas.lock().unwrap_or_else(|p| p.into_inner());
+    let handle = *blas.handle();
+    let event = EventKind::Gemm {
+        routine: BlasRoutine::Syrk,
+        m: n as u64,
+        n: n as u64,
+        k: k as u64,
+        batch: 1,
+        operands: ElemType::F32,
+        output: ElemType::F32,
+        compute: GemmCompute::F32,
+        accumulate: true,
+    };
+    let timer = cuda.profiler.start_timer(&cuda.ctx, &cuda.stream)?;
+    // SAFETY: `check_gram_accumulate` checked that g holds out * in f32 (A: (k, n) or (n, k)
+    // column-major with lda = in >= its rows) and grams out^2 + in^2, so C (n, n) with
+    // ldc = n at its offset lies inside; alpha/beta point to host f32 (pointer mode host);
+    // the handle's stream is the backend's stream.
+    let status = unsafe {
+        cudarc::cublas::sys::cublasSsyrk_v2(
+            handle,
+            cublasFillMode_t::CUBLAS_FILL_MODE_LOWER,
+            op(trans),
+            n_i,
+            k_i,
+            &alpha,
+            a as *const f32,
+            lda,
+            &beta,
+            c as *mut f32,
+            n_i,
+        )
+    };
+    status.result().map_err(cuda_err("gram_accumulate"))?;
+    cuda.profiler.record_launch(event, timer, &cuda.stream)
 }
 
 fn dim(v: usize) -> Result<i32> {
@@ -93,6 +162,7 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> 
     let handle = *blas.handle();
     // The ledger records the call as cuBLAS receives it (column-major: m and n swapped).
     let event = EventKind::Gemm {
+        routine: BlasRoutine::Gemm,
         m: spec.n as u64,
         n: spec.m as u64,
         k: spec.k as u64,

@@ -1,6 +1,7 @@
-//! Dense ops: GEMM (in `F`, and with bf16 operands), casts to and from bf16, bias add and
-//! bias gradient, the finiteness count, axpy, and the elementwise activations (GELU,
-//! SwiGLU) with their backwards; and the validator of each.
+//! Dense ops: GEMM (in `F`, and with bf16 operands), the Gram update of the preliminary
+//! phase (two symmetric rank-k updates), casts to and from bf16, bias add and bias
+//! gradient, the finiteness count, axpy, and the elementwise activations (GELU, SwiGLU)
+//! with their backwards; and the validator of each.
 
 use super::{check_bufs, check_lens};
 use crate::backend::{Backend, Buffers, GeluKind, Gemm};
@@ -19,6 +20,18 @@ pub trait DenseOps: Buffers {
         a: &Self::Buf<bf16>,
         b: &Self::Buf<bf16>,
         c: &mut Self::Buf<F>,
+    ) -> Result<()>;
+    /// Adds the two Gram matrices of the row-major `(out, in)` matrix `g` (its first
+    /// `out * in` entries) into `grams`, which stacks two row-major square matrices:
+    /// `grams[..out^2] += g g^T` `(out, out)` and `grams[out^2..out^2 + in^2] += g^T g`
+    /// `(in, in)`. Only the upper triangles (`row <= col`) are read and written; the lower
+    /// ones are left untouched. Products and sums in `F` (BLAS `?syrk`; cuBLAS `Ssyrk`).
+    fn gram_accumulate<F: Real>(
+        &self,
+        g: &Self::Buf<F>,
+        out: usize,
+        inp: usize,
+        grams: &mut Self::Buf<F>,
     ) -> Result<()>;
     /// `dst[i] = bf16(src[i])`, round to nearest even.
     fn cast_to_bf16<F: Real>(&self, src: &Self::Buf<F>, dst: &mut Self::Buf<bf16>, len: usize) -> Result<()>;
@@ -73,6 +86,28 @@ pub(crate) fn check_gemm<B: Backend, A: Elem, C: Elem>(
     c: &B::Buf<C>,
 ) -> Result<()> {
     spec.validate(be.len(a), be.len(b), be.len(c))
+}
+
+/// [`DenseOps::gram_accumulate`]: `g` holds `out * in` entries, `grams` `out^2 + in^2`, and
+/// every dimension fits the 32-bit BLAS interfaces of both backends.
+pub(crate) fn check_gram_accumulate<B: Backend, F: Elem>(
+    be: &B,
+    g: &B::Buf<F>,
+    out: usize,
+    inp: usize,
+    grams: &B::Buf<F>,
+) -> Result<()> {
+    const OP: &str = "gram_accumulate";
+    let n = checked_mul(OP, out, inp)?;
+    let total = checked_mul(OP, out, out)?
+        .checked_add(checked_mul(OP, inp, inp)?)
+        .ok_or_else(|| crate::error::Error::invalid(OP, format!("{out}^2 + {inp}^2 overflows")))?;
+    for (what, v) in [("out", out), ("in", inp)] {
+        if i32::try_from(v).is_err() {
+            return Err(crate::error::Error::invalid(OP, format!("{what} = {v} exceeds the BLAS 32-bit limit")));
+        }
+    }
+    check_lens(OP, &[("g", be.len(g), n), ("grams", be.len(grams), total)])
 }
 
 /// [`DenseOps::cast_to_bf16`] and [`DenseOps::cast_from_bf16`] (`op` names which).
