@@ -6,7 +6,10 @@
 //! Gram matrices), train the weights in that basis, keep the top ~1% of gradient entries
 //! each step as COO, and apply them with SparseAdam.
 //!
-//! The math is written once against [`Backend`]; [`Cpu`] is the readable specification.
+//! The math is written once against [`Backend`]; [`Cpu`] is the tuned CPU backend (OpenBLAS,
+//! rayon, blocked kernels), checked against plain reference implementations in the tests.
+//! The README's "Using the library" shows the whole flow (collect, basis, train, save,
+//! load, merge) and is compiled and run as a doctest.
 //!
 //! ```no_run
 //! use sparsegrad::{Backend, Cpu, GramAccumulator, Keep, SparseGradConfig, SparseGradLinear};
