@@ -15,6 +15,12 @@ cargo fmt --check && cargo clippy --release --all-targets -- -D warnings
 scripts/fetch-assets.sh
 cargo build --release --benches --examples --bins
 cargo test --release
+# sparsegrad as a dependency: a candle 0.11 model whose MLP projections are sparsegrad
+# layers, trained through candle's autograd on the CPU (sparsegrad's default features off);
+# and an engine that links CUDA itself (cudarc's `dynamic-linking`, candle's choice) beside
+# sparsegrad's `cuda` feature, checked only (linking needs the CUDA libraries).
+cargo test --release --locked --manifest-path examples/candle_interop/Cargo.toml --target-dir target
+NVCC=/nonexistent cargo check --quiet --locked --manifest-path examples/engine_dynamic_linking/Cargo.toml --target-dir target/no-nvcc
 # Every loader and command-line input under the fuzzer, a few seconds each (long runs:
 # benches/RESULTS.md). A panic, abort, hang or over-allocation fails the script.
 OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}" target/release/examples/fuzz --target all --seconds 8
