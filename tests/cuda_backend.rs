@@ -6,7 +6,8 @@ mod cuda_common;
 
 use cuda_common::*;
 use half::bf16;
-use sparsegrad::{Backend, Coo, Cpu, Cuda, Error, Gemm, IndexMaps};
+use sparsegrad::backend::{Coo, Gemm, IndexMaps};
+use sparsegrad::{Backend, Cpu, Cuda, Error};
 
 #[test]
 fn new_returns_a_backend_or_an_error_and_never_panics() {

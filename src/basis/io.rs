@@ -18,7 +18,7 @@ const SUFFIXES: [&str; 4] = ["P", "Q", "sigma_out", "sigma_in"];
 
 impl BasisSet {
     /// Writes the set to `path` (see the module docs for the layout) atomically
-    /// ([`crate::io::write_atomic`]). Checks shapes and finiteness (orthogonality is
+    /// ([`crate::io::fs::write_atomic`]). Checks shapes and finiteness (orthogonality is
     /// checked on load).
     pub fn save(&self, path: &Path) -> Result<()> {
         let op = "BasisSet::save";

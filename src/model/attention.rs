@@ -47,10 +47,6 @@ impl AttentionShape {
     pub fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
-    /// Entries of the `(batch, heads, seq, seq)` probability tensor.
-    pub fn probs_len(&self) -> usize {
-        self.batch * self.heads * self.seq * self.seq
-    }
     /// Offsets of the first query head of KV group `g` in sequence `b`: in `q`/`out`, in
     /// `k`/`v`, and in `probs`.
     fn offsets(&self, b: usize, g: usize) -> (usize, usize, usize) {

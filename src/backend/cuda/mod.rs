@@ -13,16 +13,17 @@
 //! - Hot paths allocate nothing. Scratch space lives in the backend: a small status block
 //!   and the device error word allocated by `new`, plus one arena that grows (to the next
 //!   power of two of the requested size) the first time an op needs more than it holds, and
-//!   is reused afterwards. [`Backend::memory_stats`] counts all of it. cuBLAS keeps its own
-//!   workspace, which is not counted.
+//!   is reused afterwards. [`Backend::memory_stats`](crate::Backend::memory_stats) counts
+//!   all of it. cuBLAS keeps its own workspace, which is not counted.
 //! - Host round trips happen only where the trait returns host values (counts, thresholds,
 //!   `download`) and where an error must be returned (`topk_coo`'s non-finite check).
 //! - Index checks: ops whose CPU twin rejects an out-of-range index cannot inspect device
 //!   indices without a round trip, so their kernels skip such entries (gathers write 0) and
-//!   set a bit in a device error word; the next [`Backend::synchronize`] or `download`
-//!   reports it (once) as [`Error::InvalidArgument`] naming the op. Ops that read results
-//!   back anyway (`nonzero_rows_cols`, `coo_compact_rows`, `topk_coo`) check their own
-//!   inputs on the device and fail right away.
+//!   set a bit in a device error word; the next
+//!   [`Backend::synchronize`](crate::Backend::synchronize) or `download` reports it (once)
+//!   as [`Error::InvalidArgument`] naming the op. Ops that read results back anyway
+//!   (`nonzero_rows_cols`, `coo_compact_rows`, `topk_coo`) check their own inputs on the
+//!   device and fail right away.
 
 mod consts;
 mod dense;

@@ -64,7 +64,7 @@ impl MemoryBudget {
                     "sparsegrad basis",
                     format!(
                         "group `{}` of [{out}, {inp}] gradients needs its {out} x {out} and {inp} x {inp} Gram matrices; with the groups before it the basis computation would need about {:.1} GiB, over the --max-memory limit of {:.1} GiB (raise it if the machine has the memory)",
-                        sparsegrad::io::escape(group, 200),
+                        sparsegrad::io::fs::escape(group, 200),
                         gib(grams + eig),
                         gib(self.limit_bytes)
                     ),
@@ -106,7 +106,7 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
                 _ => {
                     return Err(CliError::usage(format!(
                         "option `--max-memory`: `{}` is not a positive number of GiB",
-                        sparsegrad::io::escape(&text, 100)
+                        sparsegrad::io::fs::escape(&text, 100)
                     )))
                 }
             }

@@ -211,7 +211,7 @@ fn hyper(f: &SafetensorsFile, key: &str, ok: impl Fn(f32) -> bool, range: &str) 
     if v.is_finite() && ok(v) {
         Ok(v)
     } else {
-        let text = sparsegrad::io::escape(f.meta_str(key)?.trim(), 100);
+        let text = sparsegrad::io::fs::escape(f.meta_str(key)?.trim(), 100);
         let as_f32 = if text == v.to_string() { String::new() } else { format!(" ({v} in f32)") };
         Err(meta_err(key, format!("`{text}`{as_f32} must be finite and {range}")))
     }

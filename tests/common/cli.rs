@@ -1,9 +1,8 @@
 //! Shared by the command-line tests: safetensors inputs built here, the `sparsegrad`
 //! binary run as a process, and the check every failing run must pass (non-zero exit,
 //! one `error:` line naming the problem, the directory untouched).
-#![allow(dead_code)]
 
-use super::common::{rand_vec, random_orthogonal, rng, to32};
+use super::{rand_vec, random_orthogonal, rng, to32};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};

@@ -2,10 +2,9 @@
 //! inconsistent files and options each give a non-zero exit and one `error:` line naming
 //! the problem, with the output directory untouched.
 
-mod cli_common;
 mod common;
 
-use cli_common::*;
+use common::cli::*;
 use common::{rand_vec, rng};
 use safetensors::Dtype;
 use std::fs;
