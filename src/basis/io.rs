@@ -29,9 +29,7 @@ impl BasisSet {
             if key != &b.group {
                 return Err(Error::invalid(op, format!("basis stored under key `{key}` names group `{}`", b.group)));
             }
-            if b.group.is_empty() {
-                return Err(Error::invalid(op, "empty group name"));
-            }
+            super::check_group_name(&b.group)?;
             b.check_shapes(op)?;
             let g = &b.group;
             for (suffix, shape, data) in [
