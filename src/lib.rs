@@ -69,7 +69,9 @@ pub mod scalar;
 // The one list of re-exports is the prelude; the root re-exports it and nothing else.
 pub use prelude::*;
 // Crate-internal short paths (not re-exported) the backends' op signatures use.
-pub(crate) use backend::{Coo, Gemm, IndexMaps, NonzeroBlock};
+pub(crate) use backend::{Coo, Gemm};
+#[cfg(feature = "cuda")]
+pub(crate) use backend::{IndexMaps, NonzeroBlock};
 
 /// Everything a user of a layer, a block or a model needs: `use sparsegrad::prelude::*;`.
 ///
