@@ -16,8 +16,8 @@ use half::bf16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::backend::cuda::CudaBuf;
-use sparsegrad::backend::{DenseOps, OptimOps, SparseOps, TopkOps, TransformerOps};
-use sparsegrad::{AdamParams, Backend, Coo, Cuda, GeluKind, Gemm, HostCoo, IndexMaps, Result};
+use sparsegrad::backend::{Coo, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps, TopkOps, TransformerOps};
+use sparsegrad::{AdamParams, Backend, Cuda, GeluKind, HostCoo, Result};
 
 const OUT: usize = 11008;
 const IN: usize = 4096;

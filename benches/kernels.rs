@@ -15,7 +15,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sparsegrad::{AdamParams, Backend, Coo, Cpu, GeluKind, Gemm, HostCoo, IndexMaps, Result};
+use sparsegrad::backend::{Coo, Gemm, IndexMaps};
+use sparsegrad::{AdamParams, Backend, Cpu, GeluKind, HostCoo, Result};
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 

@@ -9,10 +9,10 @@
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use sparsegrad::backend::DenseOps;
+use sparsegrad::backend::{DenseOps, Gemm};
 use sparsegrad::basis::sparsity_report;
 use sparsegrad::{
-    AdamParams, Backend, Cpu, Gemm, GramAccumulator, Keep, Optimizer, Selection, SparseGradConfig, SparseGradLinear,
+    AdamParams, Backend, Cpu, GramAccumulator, Keep, Optimizer, Selection, SparseGradConfig, SparseGradLinear,
 };
 use std::time::Instant;
 

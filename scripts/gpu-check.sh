@@ -45,7 +45,7 @@ build() {
     rm -rf "$GPU_DIR" && mkdir -p "$GPU_DIR/bin"
     local list="$GPU_DIR/executables.txt"
     {
-        cargo test --release --no-run --message-format=json --test 'cuda_*'
+        cargo test --release --features recipes --no-run --message-format=json --test 'cuda_*'
         cargo bench --no-run --message-format=json --bench cuda_kernels --bench cuda_layer
     } | python3 -c '
 import json, sys

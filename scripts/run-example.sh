@@ -10,4 +10,4 @@ export NVCC
 if grep -q avx512f /proc/cpuinfo 2>/dev/null; then coretype=SkylakeX; else coretype=Haswell; fi
 export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-$coretype}"
 scripts/fetch-assets.sh >/dev/null
-cargo run --release --example llama_mlp_finetune -- "$@"
+cargo run --release --features recipes --example llama_mlp_finetune -- "$@"

@@ -48,14 +48,14 @@ echo "== emulator self-test ($mode)"
 echo "== building the CUDA test binaries"
 binaries=()
 while IFS= read -r line; do binaries+=("$line"); done < <(
-    cargo test --release --no-run --message-format=json --test 'cuda_*' 2>/dev/null |
+    cargo test --release --features recipes --no-run --message-format=json --test 'cuda_*' 2>/dev/null |
         python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
         print(m["target"]["name"] + " " + m["executable"])')
-[ ${#binaries[@]} -gt 0 ] || { echo "test-cuda-emu: no test binaries built" >&2; cargo test --release --no-run --test 'cuda_*'; exit 1; }
+[ ${#binaries[@]} -gt 0 ] || { echo "test-cuda-emu: no test binaries built" >&2; cargo test --release --features recipes --no-run --test 'cuda_*'; exit 1; }
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -128,6 +128,7 @@ pub fn save_adapter<B: Backend + Clone, F: Real>(path: &Path, entries: &[Adapter
                         format!("the basis given for `{name}` is not the one it trains in"),
                     ));
                 }
+                crate::basis::check_group_name(basis_group)?;
                 if groups_written.insert(basis_group.clone()) {
                     w.add_f32(&format!("basis.{basis_group}.P"), &[out, out], basis.p().to_vec())?;
                     w.add_f32(&format!("basis.{basis_group}.Q"), &[inp, inp], basis.q().to_vec())?;

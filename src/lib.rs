@@ -6,7 +6,10 @@
 //! Gram matrices), train the weights in that basis, keep the top ~1% of gradient entries
 //! each step as COO, and apply them with SparseAdam.
 //!
-//! The math is written once against [`Backend`]; [`Cpu`] is the readable specification.
+//! The math is written once against [`Backend`]; [`Cpu`] is the tuned CPU backend (OpenBLAS,
+//! rayon, blocked kernels), checked against plain reference implementations in the tests.
+//! The README's "Using the library" shows the whole flow (collect, basis, train, save,
+//! load, merge) and is compiled and run as a doctest.
 //!
 //! ```no_run
 //! use sparsegrad::{Backend, Cpu, GramAccumulator, Keep, SparseGradConfig, SparseGradLinear};
@@ -35,6 +38,16 @@
 //! # Ok(()) }
 //! ```
 
+//! # Features
+//!
+//! - `cuda`: the CUDA backend (`Cuda`), with no way of linking CUDA and no CUDA version:
+//!   those belong to the final binary (an engine enables cudarc's `dynamic-linking`,
+//!   `static-linking` or `dynamic-loading` and a CUDA version itself).
+//! - `cuda-dynamic-loading` (default, with `cuda`): cudarc's `dynamic-loading` and CUDA 13.0,
+//!   so `cargo build` alone gives a crate that runs with or without a GPU.
+//! - `recipes`: the fine-tuning flows, corpus reader and classification tasks the examples
+//!   and tests share (`recipes`); not part of the library's core.
+
 // The README's library example is compiled and run as a doctest.
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
@@ -50,44 +63,43 @@ pub mod mlp;
 pub mod model;
 pub mod optim;
 pub mod perf;
+#[cfg(feature = "recipes")]
 pub mod recipes;
 pub mod scalar;
 
-pub use backend::cpu::Cpu;
-#[cfg(feature = "cuda")]
-pub use backend::cuda::{Cuda, ProfileOptions};
-pub use backend::Precision;
-pub use backend::{AdamParams, Backend, Coo, GeluKind, Gemm, HostCoo, IndexMaps, MemoryStats, NonzeroBlock, PoolKind};
-pub use basis::{
-    direct_svd_basis, mean_sparsity_report, sparsity_report, Basis, BasisSet, DeviceGramAccumulator, GramAccumulator,
-    GramSet, SparsityReport,
-};
-pub use error::{Error, Result};
-pub use linear::sparsegrad::{
-    Formulation, FormulationChoice, Selection, SparseGradConfig, SparseGradLinear, StepGrads,
-};
-pub use linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
-pub use linear::Keep;
-pub use optim::Optimizer;
-pub use scalar::{Elem, Real};
+// The one list of re-exports is the prelude; the root re-exports it and nothing else.
+pub use prelude::*;
 
-/// What a user of a layer, a block or a model needs: `use sparsegrad::prelude::*;`.
+/// Everything a user of a layer, a block or a model needs: `use sparsegrad::prelude::*;`.
+///
+/// This is the crate's one list of re-exports: the crate root re-exports exactly these
+/// names (`sparsegrad::SparseGradLinear` is `sparsegrad::prelude::SparseGradLinear`), and
+/// everything else is reached through its module: the op set's plumbing in [`backend`]
+/// (`Coo`, `Gemm`, `IndexMaps`, the backends' buffer types), the premise report and the
+/// direct SVD in [`basis`], file readers and writers in [`io`], the individual layer types
+/// and their state in [`linear`], the models' parts (per-layer weights, batches) in
+/// [`model`].
 pub mod prelude {
     pub use crate::adapter::{load_adapter, save_adapter, AdapterEntry, AdapterTarget};
-    pub use crate::backend::{AdamParams, Backend, GeluKind, Precision};
-    pub use crate::basis::{Basis, BasisSet, GramAccumulator};
+    pub use crate::backend::cpu::Cpu;
+    #[cfg(feature = "cuda")]
+    pub use crate::backend::cuda::{Cuda, ProfileOptions};
+    pub use crate::backend::{AdamParams, Backend, GeluKind, HostCoo, MemoryStats, PoolKind, Precision};
+    pub use crate::basis::{Basis, BasisSet, DeviceGramAccumulator, GramAccumulator, GramSet};
     pub use crate::error::{Error, Result};
     pub use crate::linear::sparsegrad::{
-        Formulation, FormulationChoice, Selection, SparseGradConfig, SparseGradLinear,
+        Formulation, FormulationChoice, Selection, SparseGradConfig, SparseGradLinear, StepGrads,
     };
     pub use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
     pub use crate::linear::Keep;
     pub use crate::mlp::{BertMlp, BertMlpConfig, LlamaMlp, MlpShape, ProjectionSpec};
+    pub use crate::model::bert::tokenizer::BertTokenizer;
+    pub use crate::model::bert::{BertConfig, BertModel, BertPlan, BertWeights, HeadConfig};
+    pub use crate::model::config::LlamaConfig;
     pub use crate::model::llama::{LlamaModel, MlpPlan, TokenBatch};
+    pub use crate::model::tokenizer::Tokenizer;
     pub use crate::model::weights::LlamaWeights;
     pub use crate::model::TrainingSetup;
     pub use crate::optim::Optimizer;
-    pub use crate::Cpu;
-    #[cfg(feature = "cuda")]
-    pub use crate::Cuda;
+    pub use crate::scalar::{Elem, Real};
 }

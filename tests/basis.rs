@@ -611,3 +611,50 @@ fn reflection_bases_are_orthogonal_and_oversized_ones_are_errors() {
     let e = Basis::reflection("r", usize::MAX / 2, 3, 1).unwrap_err().to_string();
     assert!(e.contains("overflows"), "{e}");
 }
+
+#[test]
+fn group_names_that_would_break_files_or_output_are_refused() {
+    let mut acc = GramAccumulator::new(3, 2);
+    acc.add(&[0.5, -1.0, 0.25, 2.0, -0.75, 1.5]).unwrap();
+    for (name, needle) in [
+        ("", "empty"),
+        ("up\nproj", "`up\\nproj` holds a control character"),
+        ("a\0b", "control character"),
+        ("__metadata__x", "`__metadata__x` starts with `__metadata__`"),
+    ] {
+        let e = acc.basis(name).unwrap_err().to_string();
+        assert!(e.contains(needle), "{name:?}: {e}");
+    }
+    // Dots, slashes and spaces are fine (per-layer groups are named `layers.3.up`).
+    for name in ["layers.3.up", "a/b", "up proj", "metadata__"] {
+        acc.basis(name).unwrap();
+    }
+    // A basis renamed after the fact cannot be saved under a bad name either.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("b.safetensors");
+    let mut set = BasisSet::new();
+    set.insert(acc.basis("up").unwrap().with_group("__metadata__"));
+    let e = set.save(&path).unwrap_err().to_string();
+    assert!(e.contains("safetensors reserves"), "{e}");
+    assert!(!path.exists(), "nothing is written");
+}
+
+#[test]
+fn all_zero_gradients_have_no_basis_and_the_refusal_names_the_group() {
+    let mut acc = GramAccumulator::new(4, 3);
+    for _ in 0..3 {
+        acc.add(&[0.0; 12]).unwrap();
+    }
+    match acc.basis("down_proj") {
+        Err(Error::InvalidBasis { group, msg }) => {
+            assert_eq!(group, "down_proj");
+            assert!(msg.contains("all 3 gradients added are zero"), "{msg}");
+        }
+        other => panic!("expected InvalidBasis, got {:?}", other.map(|b| b.group().to_string())),
+    }
+    // One nonzero gradient among zeros is a basis.
+    let mut g = vec![0.0; 12];
+    g[5] = 1e-3;
+    acc.add(&g).unwrap();
+    acc.basis("down_proj").unwrap().validate().unwrap();
+}

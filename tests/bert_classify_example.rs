@@ -5,39 +5,21 @@
 //! beats the untrained head on the test split and writes the CSV, PNG, adapter, head and a
 //! merged model that loads and differs from the base only in the MLP weights.
 
+mod common;
+
+use common::assets::{self, root, MOVIE_REVIEWS};
+use common::examples::coretype;
 use sparsegrad::model::bert::BertWeights;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn example() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--example", "bert_classify", "--message-format=json-render-diagnostics"])
-            .current_dir(root())
-            .output()
-            .expect("cannot run cargo");
-        assert!(out.status.success(), "cargo build failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "bert_classify")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no executable for the example")
-    })
-}
 
 fn run(args: &[&str]) -> Output {
-    let coretype = std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| {
-        let avx512 = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("avx512f"));
-        if avx512 { "SkylakeX" } else { "Haswell" }.into()
-    });
-    Command::new(example()).args(args).current_dir(root()).env("OPENBLAS_CORETYPE", coretype).output().unwrap()
+    Command::new(common::examples::binary("bert_classify"))
+        .args(args)
+        .current_dir(root())
+        .env("OPENBLAS_CORETYPE", coretype())
+        .output()
+        .unwrap()
 }
 
 fn one_error_line(out: &Output, needle: &str) {
@@ -72,16 +54,8 @@ fn bad_flags_and_bad_data_are_one_error_line() {
 }
 
 fn minilm() -> Option<PathBuf> {
-    let dir = std::env::var_os("SPARSEGRAD_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("assets/all-MiniLM-L6-v2"));
-    let data = root().join("assets/vader/movieReviewSnippets_GroundTruth.txt");
-    if dir.join("model.safetensors").exists() && data.exists() {
-        Some(dir)
-    } else {
-        println!("skipped: {} or {} not found (run scripts/fetch-assets.sh)", dir.display(), data.display());
-        None
-    }
+    let dir = assets::minilm_dir();
+    assets::present(&[&dir.join("model.safetensors"), &root().join(MOVIE_REVIEWS)]).then_some(dir)
 }
 
 #[test]

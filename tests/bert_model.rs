@@ -14,7 +14,7 @@ use sparsegrad::model::bert::{BertModel, BertPlan, BertWeights, HeadConfig};
 use sparsegrad::model::TrainingSetup;
 use sparsegrad::optim::Optimizer;
 use sparsegrad::{AdamParams, Cpu, Error, Keep, PoolKind, Selection};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 // ---- the naive reference ------------------------------------------------------------------------
 
@@ -359,15 +359,8 @@ fn tempdir(tag: &str) -> PathBuf {
 
 /// all-MiniLM-L6-v2 (from scripts/fetch-assets.sh), or `SPARSEGRAD_MINILM_DIR`.
 fn minilm_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("SPARSEGRAD_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/all-MiniLM-L6-v2"));
-    if dir.join("model.safetensors").exists() {
-        Some(dir)
-    } else {
-        println!("skipped: {} not found (run scripts/fetch-assets.sh)", dir.display());
-        None
-    }
+    let dir = common::assets::minilm_dir();
+    common::assets::present(&[&dir.join("model.safetensors")]).then_some(dir)
 }
 
 #[test]

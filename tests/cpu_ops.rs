@@ -1,4 +1,5 @@
-//! The CPU backend's ops against plain reference code: GEMM, top-k selection,
+//! The CPU backend's ops against the plain reference code of tests/common/reference.rs and
+//! formulas written out here: GEMM, top-k selection,
 //! SparseAdam and AdamW (PyTorch formulas computed by hand), nonzero detection, gathers,
 //! COO helpers, activations (finite differences).
 
@@ -6,17 +7,8 @@ mod common;
 
 use common::*;
 use rand::Rng;
-use sparsegrad::backend::{DenseOps, OptimOps, SparseOps, TopkOps};
-use sparsegrad::{AdamParams, Backend, Coo, Cpu, GeluKind, Gemm, HostCoo, IndexMaps};
-
-/// Reference top-k: sort all entries by (|v| desc, index asc), keep k, sort by index.
-fn reference_topk(m: &[f32], k: usize) -> Vec<usize> {
-    let mut idx: Vec<usize> = (0..m.len()).collect();
-    idx.sort_by(|&a, &b| m[b].abs().total_cmp(&m[a].abs()).then(a.cmp(&b)));
-    let mut top = idx[..k].to_vec();
-    top.sort();
-    top
-}
+use sparsegrad::backend::{Coo, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps, TopkOps};
+use sparsegrad::{AdamParams, Backend, Cpu, GeluKind, HostCoo};
 
 fn topk(cpu: &Cpu, m: &[f32], rows: usize, cols: usize, k: usize) -> sparsegrad::Result<HostCoo<f32>> {
     let buf = cpu.upload(m)?;
@@ -40,7 +32,7 @@ fn topk_keeps_exactly_k_largest_sorted_with_ties_to_the_lower_index() {
             assert_eq!(got.len(), k);
             got.validate().unwrap();
             let lin: Vec<usize> = got.linear_indices().into_iter().map(|v| v as usize).collect();
-            assert_eq!(lin, reference_topk(&m, k), "{rows}x{cols} k={k}");
+            assert_eq!(lin, reference::topk_indices(&m, k), "{rows}x{cols} k={k}");
             for (e, &l) in lin.iter().enumerate() {
                 assert_eq!(got.values[e], m[l]);
             }
@@ -64,7 +56,7 @@ fn topk_on_large_matrices_with_ties_across_chunks() {
             let got = topk(&cpu, m, rows, cols, k).unwrap();
             got.validate().unwrap();
             let lin: Vec<usize> = got.linear_indices().into_iter().map(|v| v as usize).collect();
-            assert_eq!(lin, reference_topk(m, k), "{name} k={k}");
+            assert_eq!(lin, reference::topk_indices(m, k), "{name} k={k}");
             assert!(lin.iter().zip(&got.values).all(|(&l, &v)| v == m[l]), "{name} k={k}: values");
         }
     }
@@ -95,7 +87,10 @@ fn topk_with_maps_treats_the_outside_as_zeros() {
         let got = out.to_host(&cpu).unwrap();
         let expect = topk(&cpu, &dense, full_r, full_c, k).unwrap();
         assert_eq!(got, expect, "k = {k}");
-        assert_eq!(got.linear_indices().into_iter().map(|v| v as usize).collect::<Vec<_>>(), reference_topk(&dense, k));
+        assert_eq!(
+            got.linear_indices().into_iter().map(|v| v as usize).collect::<Vec<_>>(),
+            reference::topk_indices(&dense, k)
+        );
     }
 }
 
@@ -186,31 +181,6 @@ fn adamw_matches_the_pytorch_formula() {
     }
 }
 
-fn naive_gemm(spec: &Gemm, a: &[f64], b: &[f64], c: &mut [f64]) {
-    for bt in 0..spec.batch {
-        for i in 0..spec.m {
-            for j in 0..spec.n {
-                let mut acc = 0.0;
-                for p in 0..spec.k {
-                    let av = if spec.trans_a {
-                        a[spec.offset_a + bt * spec.stride_a + p * spec.lda + i]
-                    } else {
-                        a[spec.offset_a + bt * spec.stride_a + i * spec.lda + p]
-                    };
-                    let bv = if spec.trans_b {
-                        b[spec.offset_b + bt * spec.stride_b + j * spec.ldb + p]
-                    } else {
-                        b[spec.offset_b + bt * spec.stride_b + p * spec.ldb + j]
-                    };
-                    acc += av * bv;
-                }
-                let ci = spec.offset_c + bt * spec.stride_c + i * spec.ldc + j;
-                c[ci] = spec.alpha as f64 * acc + if spec.beta == 0.0 { 0.0 } else { spec.beta as f64 * c[ci] };
-            }
-        }
-    }
-}
-
 #[test]
 fn gemm_all_transposes_offsets_batches_alpha_beta() {
     let cpu = Cpu::new();
@@ -236,7 +206,7 @@ fn gemm_all_transposes_offsets_batches_alpha_beta() {
             let mut c = cpu.upload(&c0).unwrap();
             cpu.gemm(&spec, &cpu.upload(&a).unwrap(), &cpu.upload(&b).unwrap(), &mut c).unwrap();
             let mut c_ref = to64(&c0);
-            naive_gemm(&spec, &to64(&a), &to64(&b), &mut c_ref);
+            reference::gemm(&spec, &to64(&a), &to64(&b), &mut c_ref);
             assert_close(&format!("gemm {m}x{n}x{k} ta={ta} tb={tb}"), &c, &c_ref, 1e-5, 1e-5);
         }
     }
@@ -344,13 +314,9 @@ fn coo_dense_t_on_ragged_random_shapes() {
         assert_close(&format!("coo_dense_t {rows}x{cols} b_rows {b_rows}"), &out[..b_rows * n], &expect, 1e-5, 1e-5);
         assert!(out[b_rows * n..].iter().all(|v| v.is_nan()), "coo_dense_t wrote past its output");
         // In list order from zero, per output element: the plain row loop's sums, exactly.
-        for i in 0..b_rows {
-            let mut row = vec![0.0f32; n];
-            for e in 0..len {
-                row[slot[e] as usize] += host.values[e] * b[i * cols + host.cols[e] as usize];
-            }
-            assert_eq!(&out[i * n..(i + 1) * n], &row[..], "row {i}");
-        }
+        let slots: Vec<u32> = (0..len).map(|e| slot[e]).collect();
+        let plain = reference::coo_dense_t(&host.values, &host.cols, &slots, &b, b_rows, cols, n);
+        assert_eq!(&out[..b_rows * n], &plain[..], "sorted slots");
         // Slots in any order (here reversed, so not ascending): the same sums, permuted.
         let mut rev = cpu.alloc::<u32>(len).unwrap();
         for e in 0..len {
@@ -368,14 +334,8 @@ fn coo_dense_t_on_ragged_random_shapes() {
         let mut by_col = cpu.upload(&vec![f32::NAN; b_rows * cols]).unwrap();
         let col_slots = cpu.upload(&host.cols).unwrap();
         cpu.coo_dense_t(&coo, &col_slots, cols, &cpu.upload(&b).unwrap(), b_rows, &mut by_col).unwrap();
-        for i in 0..b_rows {
-            let mut row = vec![0.0f32; cols];
-            for e in 0..len {
-                let c = host.cols[e] as usize;
-                row[c] += host.values[e] * b[i * cols + c];
-            }
-            assert_eq!(&by_col[i * cols..(i + 1) * cols], &row[..], "column slots, row {i}");
-        }
+        let plain = reference::coo_dense_t(&host.values, &host.cols, &host.cols, &b, b_rows, cols, cols);
+        assert_eq!(&by_col[..b_rows * cols], &plain[..], "column slots");
     }
 }
 

@@ -6,8 +6,8 @@ mod cuda_common;
 
 use cuda_common::*;
 use half::bf16;
-use sparsegrad::backend::{DenseOps, OptimOps, SparseOps, TopkOps};
-use sparsegrad::{Backend, Coo, Cpu, Cuda, Error, Gemm, IndexMaps};
+use sparsegrad::backend::{Coo, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps, TopkOps};
+use sparsegrad::{Backend, Cpu, Cuda, Error};
 
 #[test]
 fn new_returns_a_backend_or_an_error_and_never_panics() {

@@ -9,8 +9,8 @@ use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
 use rand::Rng;
-use sparsegrad::backend::DenseOps;
-use sparsegrad::{Backend, Cpu, Gemm};
+use sparsegrad::backend::{DenseOps, Gemm};
+use sparsegrad::{Backend, Cpu};
 
 const SHAPES: &[(usize, usize)] =
     &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];

@@ -1,8 +1,8 @@
 //! The encoder ops (LayerNorm, its input and parameter gradients, the padding-masked
-//! softmax and its backward, mean / [CLS] pooling and its backward): the CPU specification
-//! by finite differences in f64, then CUDA against the CPU on seeded random ragged shapes
-//! (rows 1, 17, 1000; widths 1, 17, 384, 1600; sequence lengths 1 .. t, some 0 and some past
-//! t). Outputs are poisoned (NaN) and longer than needed; the tails must stay untouched.
+//! softmax and its backward, mean / [CLS] pooling and its backward) on CUDA against the CPU
+//! (whose ops are checked by finite differences in tests/cpu_encoder_ops.rs) on seeded
+//! random ragged shapes (rows 1, 17, 1000; widths 1, 17, 384, 1600; sequence lengths
+//! 1 .. t, some 0 and some past t). Outputs are poisoned (NaN) and longer than needed; the tails must stay untouched.
 //!
 //! Each CUDA result is compared elementwise, `|a - b| <= atol + rtol |b|` with the worst
 //! index reported, with the f32 CPU twin and (for the row ops) with the CPU twin run in f64
@@ -11,12 +11,14 @@
 //! gradients sum in the CPU's order and rounding and must match bit for bit.
 #![cfg(feature = "cuda")]
 
+mod common;
 mod cuda_common;
 
+use common::encoder::*;
 use cuda_common::*;
 use rand::Rng;
 use sparsegrad::backend::EncoderOps;
-use sparsegrad::{Backend, Cpu, Error, PoolKind, Real};
+use sparsegrad::{Backend, Cpu, Error, PoolKind};
 
 const TAIL: usize = 3;
 
@@ -36,201 +38,6 @@ fn down_split<B: Backend>(dev: &B, buf: &B::Buf<f32>, n: usize) -> (Vec<f32>, Ve
     let mut v = down(dev, buf, n + TAIL);
     let tail = v.split_off(n);
     (v, tail)
-}
-
-// ---- the CPU twin, generic over the precision ------------------------------------------------
-
-type LnOut<F> = (Vec<F>, Vec<F>, Vec<F>);
-
-fn cpu_layernorm<F: Real>(cpu: &Cpu, x: &[F], w: &[F], b: &[F], rows: usize, cols: usize, eps: f32) -> LnOut<F> {
-    let (mut y, mut m, mut r) = (cpu.alloc(rows * cols).unwrap(), cpu.alloc(rows).unwrap(), cpu.alloc(rows).unwrap());
-    let (x, w, b) = (cpu.upload(x).unwrap(), cpu.upload(w).unwrap(), cpu.upload(b).unwrap());
-    cpu.layernorm(&x, &w, &b, &mut y, &mut m, &mut r, rows, cols, eps).unwrap();
-    (cpu.download(&y, rows * cols).unwrap(), cpu.download(&m, rows).unwrap(), cpu.download(&r, rows).unwrap())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn cpu_layernorm_backward<F: Real>(
-    cpu: &Cpu,
-    x: &[F],
-    w: &[F],
-    mean: &[F],
-    rstd: &[F],
-    dy: &[F],
-    rows: usize,
-    cols: usize,
-) -> LnOut<F> {
-    let u = |v: &[F]| cpu.upload(v).unwrap();
-    let (x, w, mean, rstd, dy) = (u(x), u(w), u(mean), u(rstd), u(dy));
-    let mut dx = cpu.alloc(rows * cols).unwrap();
-    cpu.layernorm_backward(&x, &w, &mean, &rstd, &dy, &mut dx, rows, cols).unwrap();
-    let (mut dw, mut db) = (cpu.alloc(cols).unwrap(), cpu.alloc(cols).unwrap());
-    cpu.layernorm_param_grads(&x, &mean, &rstd, &dy, &mut dw, &mut db, rows, cols, F::ZERO).unwrap();
-    (cpu.download(&dx, rows * cols).unwrap(), cpu.download(&dw, cols).unwrap(), cpu.download(&db, cols).unwrap())
-}
-
-fn cpu_softmax<F: Real>(cpu: &Cpu, s: &[F], lengths: &[u32], mats: usize, heads: usize, t: usize, sc: f32) -> Vec<F> {
-    let mut b = cpu.upload(s).unwrap();
-    cpu.softmax_masked(&mut b, &cpu.upload(lengths).unwrap(), mats, heads, t, sc).unwrap();
-    cpu.download(&b, mats * t * t).unwrap()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn cpu_softmax_backward<F: Real>(
-    cpu: &Cpu,
-    p: &[F],
-    dp: &[F],
-    lengths: &[u32],
-    mats: usize,
-    heads: usize,
-    t: usize,
-    sc: f32,
-) -> Vec<F> {
-    let mut ds = cpu.alloc(p.len()).unwrap();
-    let (p, dp, l) = (cpu.upload(p).unwrap(), cpu.upload(dp).unwrap(), cpu.upload(lengths).unwrap());
-    cpu.softmax_masked_backward(&p, &dp, &mut ds, &l, mats, heads, t, sc).unwrap();
-    cpu.download(&ds, mats * t * t).unwrap()
-}
-
-fn cpu_pool<F: Real>(cpu: &Cpu, x: &[F], lengths: &[u32], batch: usize, t: usize, cols: usize, k: PoolKind) -> Vec<F> {
-    let mut out = cpu.alloc(batch * cols).unwrap();
-    cpu.pool_rows(&cpu.upload(x).unwrap(), &cpu.upload(lengths).unwrap(), &mut out, batch, t, cols, k).unwrap();
-    cpu.download(&out, batch * cols).unwrap()
-}
-
-#[allow(clippy::too_many_arguments)]
-fn cpu_pool_backward<F: Real>(
-    cpu: &Cpu,
-    dout: &[F],
-    lengths: &[u32],
-    batch: usize,
-    t: usize,
-    cols: usize,
-    k: PoolKind,
-) -> Vec<F> {
-    let mut dx = cpu.alloc(batch * t * cols).unwrap();
-    cpu.pool_rows_backward(&cpu.upload(dout).unwrap(), &cpu.upload(lengths).unwrap(), &mut dx, batch, t, cols, k)
-        .unwrap();
-    cpu.download(&dx, batch * t * cols).unwrap()
-}
-
-/// Random lengths for `batch` sequences of `t` tokens: mostly 1..=t, some 0 and some past t.
-fn rand_lengths(r: &mut rand::rngs::SmallRng, batch: usize, t: usize) -> Vec<u32> {
-    (0..batch)
-        .map(|b| match b % 7 {
-            5 => 0,
-            6 => (t + 3) as u32,
-            _ => r.random_range(1..=t.max(1)) as u32,
-        })
-        .collect()
-}
-
-// ---- the CPU specification by finite differences (f64) ----------------------------------------
-
-fn fd_check(what: &str, analytic: &[f64], mut loss: impl FnMut(usize, f64) -> f64) {
-    let h = 1e-6;
-    for (i, &a) in analytic.iter().enumerate() {
-        let num = (loss(i, h) - loss(i, -h)) / (2.0 * h);
-        assert!((num - a).abs() <= 1e-6 + 1e-5 * num.abs(), "{what}: entry {i}: analytic {a}, numeric {num}");
-    }
-}
-
-#[test]
-fn layernorm_backward_matches_finite_differences() {
-    let cpu = Cpu::new();
-    let mut r = rng(10);
-    let (rows, cols, eps) = (3, 7, 1e-5);
-    let x = to64(&rand_range(&mut r, rows * cols, -2.0, 2.0));
-    let w = to64(&rand_range(&mut r, cols, -1.5, 1.5));
-    let b = to64(&rand_f32(&mut r, cols));
-    let rw = to64(&rand_f32(&mut r, rows * cols));
-    let loss = |x: &[f64], w: &[f64], b: &[f64]| {
-        let (y, _, _) = cpu_layernorm(&cpu, x, w, b, rows, cols, eps);
-        y.iter().zip(&rw).map(|(a, b)| a * b).sum::<f64>()
-    };
-    let (_, mean, rstd) = cpu_layernorm(&cpu, &x, &w, &b, rows, cols, eps);
-    // The forward against a naive per-row computation.
-    for row in 0..rows {
-        let xr = &x[row * cols..(row + 1) * cols];
-        let mu = xr.iter().sum::<f64>() / cols as f64;
-        let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f64>() / cols as f64;
-        assert!((mean[row] - mu).abs() < 1e-12 && (rstd[row] - 1.0 / (var + eps as f64).sqrt()).abs() < 1e-9);
-    }
-    let (dx, dw, db) = cpu_layernorm_backward(&cpu, &x, &w, &mean, &rstd, &rw, rows, cols);
-    let bump = |v: &[f64], i: usize, h: f64| {
-        let mut v = v.to_vec();
-        v[i] += h;
-        v
-    };
-    fd_check("layernorm dx", &dx, |i, h| loss(&bump(&x, i, h), &w, &b));
-    fd_check("layernorm dw", &dw, |i, h| loss(&x, &bump(&w, i, h), &b));
-    fd_check("layernorm db", &db, |i, h| loss(&x, &w, &bump(&b, i, h)));
-    // beta accumulates.
-    let (xb, mb, rb, dyb) =
-        (cpu.upload(&x).unwrap(), cpu.upload(&mean).unwrap(), cpu.upload(&rstd).unwrap(), cpu.upload(&rw).unwrap());
-    let (mut dwb, mut dbb) = (cpu.upload(&vec![1.0f64; cols]).unwrap(), cpu.upload(&vec![2.0f64; cols]).unwrap());
-    cpu.layernorm_param_grads(&xb, &mb, &rb, &dyb, &mut dwb, &mut dbb, rows, cols, 0.5).unwrap();
-    for c in 0..cols {
-        assert!((dwb[c] - (0.5 + dw[c])).abs() < 1e-12 && (dbb[c] - (1.0 + db[c])).abs() < 1e-12);
-    }
-}
-
-#[test]
-fn softmax_masked_backward_matches_finite_differences() {
-    let cpu = Cpu::new();
-    let mut r = rng(11);
-    let (heads, t) = (2, 5);
-    let lengths = [3u32, 5, 0];
-    let mats = heads * lengths.len();
-    let s = to64(&rand_range(&mut r, mats * t * t, -3.0, 3.0));
-    let rw = to64(&rand_f32(&mut r, mats * t * t));
-    let sc = 0.7;
-    let p = cpu_softmax(&cpu, &s, &lengths, mats, heads, t, sc);
-    // Masked keys are exactly zero; live entries of a row sum to 1.
-    for row in 0..mats * t {
-        let n = (lengths[row / t / heads] as usize).min(t);
-        assert!(p[row * t + n..(row + 1) * t].iter().all(|&v| v == 0.0));
-        let sum: f64 = p[row * t..row * t + n].iter().sum();
-        assert!(n == 0 || (sum - 1.0).abs() < 1e-12, "row {row} sums to {sum}");
-    }
-    let ds = cpu_softmax_backward(&cpu, &p, &rw, &lengths, mats, heads, t, sc);
-    fd_check("softmax_masked ds", &ds, |i, h| {
-        let mut s2 = s.clone();
-        s2[i] += h;
-        cpu_softmax(&cpu, &s2, &lengths, mats, heads, t, sc).iter().zip(&rw).map(|(a, b)| a * b).sum()
-    });
-}
-
-#[test]
-fn pooling_backward_matches_finite_differences() {
-    let cpu = Cpu::new();
-    let mut r = rng(12);
-    let (t, cols) = (4, 3);
-    let lengths = [2u32, 4, 0, 9];
-    let batch = lengths.len();
-    let x = to64(&rand_f32(&mut r, batch * t * cols));
-    let rw = to64(&rand_f32(&mut r, batch * cols));
-    for kind in [PoolKind::Mean, PoolKind::Cls] {
-        let out = cpu_pool(&cpu, &x, &lengths, batch, t, cols, kind);
-        // Naive reference.
-        for b in 0..batch {
-            let n = (lengths[b] as usize).min(t);
-            for c in 0..cols {
-                let want = match (n, kind) {
-                    (0, _) => 0.0,
-                    (_, PoolKind::Cls) => x[b * t * cols + c],
-                    (_, PoolKind::Mean) => (0..n).map(|j| x[(b * t + j) * cols + c]).sum::<f64>() / n as f64,
-                };
-                assert!((out[b * cols + c] - want).abs() < 1e-12, "{kind:?} sequence {b} column {c}");
-            }
-        }
-        let dx = cpu_pool_backward(&cpu, &rw, &lengths, batch, t, cols, kind);
-        fd_check(&format!("pool {kind:?} dx"), &dx, |i, h| {
-            let mut x2 = x.clone();
-            x2[i] += h;
-            cpu_pool(&cpu, &x2, &lengths, batch, t, cols, kind).iter().zip(&rw).map(|(a, b)| a * b).sum()
-        });
-    }
 }
 
 // ---- CUDA against the CPU ------------------------------------------------------------------

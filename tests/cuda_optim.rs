@@ -7,8 +7,8 @@ mod cuda_common;
 
 use cuda_common::*;
 use rand::rngs::SmallRng;
-use sparsegrad::backend::OptimOps;
-use sparsegrad::{AdamParams, Backend, Coo, Cpu, HostCoo};
+use sparsegrad::backend::{Coo, OptimOps};
+use sparsegrad::{AdamParams, Backend, Cpu, HostCoo};
 
 fn random_coo(r: &mut SmallRng, rows: usize, cols: usize, k: usize) -> HostCoo<f32> {
     let lin = sorted_subset(r, rows * cols, k);

@@ -10,8 +10,8 @@ use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
 use rand::Rng;
-use sparsegrad::backend::SparseOps;
-use sparsegrad::{Backend, Coo, Cpu, Error, HostCoo};
+use sparsegrad::backend::{Coo, SparseOps};
+use sparsegrad::{Backend, Cpu, Error, HostCoo};
 
 const SHAPES: &[(usize, usize)] =
     &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];

@@ -9,8 +9,8 @@ mod cuda_common;
 use cuda_common::*;
 use rand::rngs::SmallRng;
 use rand::Rng;
-use sparsegrad::backend::TopkOps;
-use sparsegrad::{Backend, Coo, Cpu, Error, IndexMaps};
+use sparsegrad::backend::{Coo, IndexMaps, TopkOps};
+use sparsegrad::{Backend, Cpu, Error};
 
 const SHAPES: &[(usize, usize)] =
     &[(1, 1), (1, 17), (17, 1), (17, 1000), (1000, 17), (70000, 3), (3, 1600), (129, 257)];

@@ -2,6 +2,8 @@
 //! directory loading, the seeded disjoint split, and batching with a padding mask; plus
 //! the real VADER corpus and tokenizer when scripts/fetch-assets.sh has fetched them.
 
+mod common;
+
 use sparsegrad::io::gguf::GgufFile;
 use sparsegrad::model::tokenizer::Tokenizer;
 use sparsegrad::recipes::vader::{self as data, Batch, BatchSpec};
@@ -135,13 +137,8 @@ fn epochs_cover_every_sequence_once_in_seeded_order() {
 // ---------------------------------------------------------------------------------------
 
 fn assets() -> Option<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets");
-    if root.join("vader").is_dir() && root.join("SmolLM2-135M-Instruct.Q4_1.gguf").is_file() {
-        Some(root)
-    } else {
-        println!("skipped: assets/vader or the SmolLM2 GGUF not found (run scripts/fetch-assets.sh)");
-        None
-    }
+    use common::assets::{path, present, SMOLLM_GGUF, VADER_DIR};
+    present(&[&path(VADER_DIR), &path(SMOLLM_GGUF)]).then(|| path("assets"))
 }
 
 #[test]

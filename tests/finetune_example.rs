@@ -4,44 +4,21 @@
 //! model; the merged model loads with `LlamaWeights::from_hf_dir` and differs from the base
 //! only in the trained MLP weights; and the example fine-tunes that merged directory again.
 //!
-//! The example is built once with `cargo build --release --example` (the same profile as
-//! `scripts/run-example.sh`, so a prior build is reused) and its binary run directly.
+//! The example is built once with `cargo build --release --features recipes --example`
+//! (the same profile as `scripts/run-example.sh`, so a prior build is reused) and its
+//! binary run directly.
 
+mod common;
+
+use common::assets::{self, root, SMOLLM_GGUF as MODEL, VADER_DIR as DATA};
+use common::examples::coretype;
 use sparsegrad::adapter::adapter_bases;
 use sparsegrad::model::weights::LlamaWeights;
-use std::path::{Path, PathBuf};
+
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-const MODEL: &str = "assets/SmolLM2-135M-Instruct.Q4_1.gguf";
-const DATA: &str = "assets/vader";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// Builds the example and returns its binary, found from cargo's JSON messages so a
-/// custom target directory works too.
-fn example() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--example", "llama_mlp_finetune", "--message-format=json-render-diagnostics"])
-            .current_dir(root())
-            .output()
-            .expect("cannot run cargo");
-        assert!(out.status.success(), "cargo build failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "llama_mlp_finetune")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no executable for the example")
-    })
-}
 
 fn run(args: &[&str]) -> Output {
-    Command::new(example())
+    Command::new(common::examples::binary("llama_mlp_finetune"))
         .args(args)
         .current_dir(root())
         .env("OPENBLAS_CORETYPE", coretype())
@@ -49,20 +26,8 @@ fn run(args: &[&str]) -> Output {
         .expect("cannot run the example")
 }
 
-/// Debian's OpenBLAS misdetects some CPUs; name the core type as scripts/run-example.sh does.
-fn coretype() -> String {
-    std::env::var("OPENBLAS_CORETYPE").unwrap_or_else(|_| {
-        let avx512 = std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|c| c.contains("avx512f"));
-        if avx512 { "SkylakeX" } else { "Haswell" }.into()
-    })
-}
-
 fn assets() -> bool {
-    let ok = root().join(MODEL).is_file() && root().join(DATA).is_dir();
-    if !ok {
-        println!("skipped: {MODEL} or {DATA} not found (run scripts/fetch-assets.sh)");
-    }
-    ok
+    assets::present(&[&root().join(MODEL), &root().join(DATA)])
 }
 
 /// Exactly one stderr line, `error: ...`, and the given exit code.

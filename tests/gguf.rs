@@ -4,6 +4,8 @@
 //! also bounds the largest allocation parsing may make, and checks on the real SmolLM2 file
 //! when scripts/fetch-assets.sh has fetched it.
 
+mod common;
+
 use proptest::prelude::*;
 use sparsegrad::io::gguf::{GgmlType, GgufArray, GgufFile, GgufValue};
 use sparsegrad::model::config::LlamaConfig;
@@ -550,13 +552,8 @@ proptest! {
 // The real model, when fetched.
 
 fn real_model() -> Option<PathBuf> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        Some(p)
-    } else {
-        println!("skipped: {} not found (run scripts/fetch-assets.sh)", p.display());
-        None
-    }
+    let p = common::assets::path(common::assets::SMOLLM_GGUF);
+    common::assets::present(&[&p]).then_some(p)
 }
 
 #[test]

@@ -11,10 +11,9 @@ mod common;
 
 use common::*;
 use rand::Rng;
-use sparsegrad::backend::DenseOps;
-use sparsegrad::{
-    mean_sparsity_report, Backend, Basis, Cpu, DeviceGramAccumulator, Error, Gemm, GramAccumulator, GramSet,
-};
+use sparsegrad::backend::{DenseOps, Gemm};
+use sparsegrad::basis::mean_sparsity_report;
+use sparsegrad::{Backend, Basis, Cpu, DeviceGramAccumulator, Error, GramAccumulator, GramSet};
 
 #[test]
 fn the_cpu_backend_keeps_the_host_route_and_it_matches_the_host_accumulator_bit_for_bit() {

@@ -118,12 +118,8 @@ fn forward_matches_a_naive_reference_on_a_tiny_random_model() {
 }
 
 fn real_model() -> Option<LlamaWeights> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.exists() {
-        println!("skipped: {} not found (run scripts/fetch-assets.sh)", path.display());
-        return None;
-    }
-    Some(LlamaWeights::load_gguf(&path).unwrap())
+    let path = common::assets::path(common::assets::SMOLLM_GGUF);
+    common::assets::present(&[&path]).then(|| LlamaWeights::load_gguf(&path).unwrap())
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use serde_json::json;
 use sparsegrad::io::gguf::GgufFile;
-use sparsegrad::model::attention::rope_tables;
+use sparsegrad::model::rope::rope_tables;
 use sparsegrad::model::config::{LlamaConfig, RopeScaling};
 use sparsegrad::model::llama::LlamaModel;
 use sparsegrad::model::weights::LlamaWeights;

@@ -2,10 +2,11 @@
 //! merges, special tokens, metadata errors) and the real SmolLM2 tokenizer when
 //! scripts/fetch-assets.sh has fetched it.
 
+mod common;
+
 use sparsegrad::io::gguf::GgufFile;
 use sparsegrad::model::tokenizer::Tokenizer;
 use sparsegrad::Error;
-use std::path::PathBuf;
 
 fn gstr(s: &str) -> Vec<u8> {
     let mut v = (s.len() as u64).to_le_bytes().to_vec();
@@ -105,12 +106,8 @@ fn tokenizer_metadata_errors_name_the_key() {
 }
 
 fn real() -> Option<Tokenizer> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("assets/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !p.is_file() {
-        println!("skipped: {} not found (run scripts/fetch-assets.sh)", p.display());
-        return None;
-    }
-    Some(Tokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap())
+    let p = common::assets::path(common::assets::SMOLLM_GGUF);
+    common::assets::present(&[&p]).then(|| Tokenizer::from_gguf(&GgufFile::open(&p).unwrap()).unwrap())
 }
 
 #[test]

@@ -7,11 +7,11 @@
 //! (`SPARSEGRAD_BENCH_MEASURE=0` skips that calibration).
 #![allow(dead_code)]
 
+use sparsegrad::backend::Gemm;
 use sparsegrad::linear::dense::{DenseConfig, DenseLinear, DenseMode};
 use sparsegrad::linear::LayerWeights;
 use sparsegrad::{
-    AdamParams, Backend, Basis, Formulation, Gemm, Keep, Optimizer, Precision, Selection, SparseGradConfig,
-    SparseGradLinear,
+    AdamParams, Backend, Basis, Formulation, Keep, Optimizer, Precision, Selection, SparseGradConfig, SparseGradLinear,
 };
 use std::time::Instant;
 

@@ -42,7 +42,7 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 say "peer harness $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD) $(nproc) cores," \
     "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)," \
     "avx512f: $(grep -q avx512f /proc/cpuinfo && echo yes || echo no), OPENBLAS_CORETYPE=$OPENBLAS_CORETYPE, threads $THREADS"
-cargo build --release --quiet --bin sparsegrad --example llama_mlp_finetune
+cargo build --release --quiet --features recipes --bin sparsegrad --example llama_mlp_finetune
 cargo bench --quiet --no-run --bench cpu_layer 2>/dev/null
 
 for job in "${JOBS[@]}"; do

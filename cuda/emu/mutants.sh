@@ -13,7 +13,7 @@ trap 'rm -rf "$work"' EXIT
 
 declare -A exe
 while read -r name path; do exe[$name]="$path"; done < <(
-    cargo test --release --no-run --message-format=json --test 'cuda_*' 2>/dev/null | python3 -c '
+    cargo test --release --features recipes --no-run --message-format=json --test 'cuda_*' 2>/dev/null | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -5,7 +5,7 @@
 //! `--study` runs methods x budgets x seeds and writes study.md and study.png.
 //!
 //! Run `scripts/fetch-assets.sh` first (all-MiniLM-L6-v2 and the VADER corpus), then e.g.
-//! `cargo run --release --example bert_classify -- --method sparsegrad --selection sd`.
+//! `cargo run --release --features recipes --example bert_classify -- --method sparsegrad --selection sd`.
 
 mod args;
 mod plot;

@@ -10,11 +10,12 @@ use crate::train::Prepared;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use sparsegrad::basis::mean_sparsity_report;
 use sparsegrad::linear::trainable::{Method, TrainOptions};
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertPlan, HeadConfig, GROUPS};
 use sparsegrad::model::TrainingSetup;
-use sparsegrad::{mean_sparsity_report, Backend, Error, GramAccumulator, Optimizer, Result};
+use sparsegrad::{Backend, Error, GramAccumulator, Optimizer, Result};
 use std::fmt::Write as _;
 
 /// Batches whose gradients are measured (not used for the bases).

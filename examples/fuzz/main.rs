@@ -4,7 +4,7 @@
 //! with T one of `safetensors`, `gguf`, `hf`, `adapter`, `basis` (the loaders, run in
 //! this process) or `step-cli`, `basis-cli`, `example-cli` (the `sparsegrad` binary and
 //! the `llama_mlp_finetune` example as processes; build them first with
-//! `cargo build --release --bins --examples`), or `all` (each for S seconds).
+//! `cargo build --release --features recipes --bins --examples`), or `all` (each for S seconds).
 //!
 //! Each case mutates a seed (built here from small random models, plus a cut of the real
 //! model when `assets/` has it) and runs it. A case fails on a panic, on an allocation

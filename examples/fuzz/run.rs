@@ -317,7 +317,11 @@ pub fn fuzz(target: &str, root: &Path, work: &Path, seed: u64, cap: usize, budge
         }
         "example-cli" => {
             let bin = sibling_binary("llama_mlp_finetune");
-            assert!(bin.is_file(), "{} missing: cargo build --release --examples first", bin.display());
+            assert!(
+                bin.is_file(),
+                "{} missing: cargo build --release --features recipes --examples first",
+                bin.display()
+            );
             let Some(tok) = real else {
                 println!("example-cli: skipped, the real model (its tokenizer) is not in assets/");
                 return stats;

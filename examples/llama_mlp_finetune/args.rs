@@ -80,7 +80,7 @@ llama_mlp_finetune: fine-tune the MLP blocks of a LLaMA-architecture model on th
 sentence corpus with SparseGrad (or LoRA, MeProp, full fine-tuning) and write the adapter,
 the merged model and the loss curves.
 
-usage: cargo run --release --example llama_mlp_finetune -- [flags]
+usage: cargo run --release --features recipes --example llama_mlp_finetune -- [flags]
        scripts/run-example.sh [flags]
 
 flags (defaults: CPU / with --device cuda):
@@ -158,7 +158,9 @@ fn defaults(device: Device) -> Defaults {
 }
 
 fn number<T: std::str::FromStr>(flag: &'static str, v: &str, what: &str) -> Result<T> {
-    v.trim().parse().map_err(|_| Error::invalid(flag, format!("`{}` is not {what}", sparsegrad::io::escape(v, 100))))
+    v.trim()
+        .parse()
+        .map_err(|_| Error::invalid(flag, format!("`{}` is not {what}", sparsegrad::io::fs::escape(v, 100))))
 }
 
 /// ` (inf in f32)`-style note when the value parsed differs from the text written.
@@ -341,7 +343,10 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
             FormulationChoice::parse(v).map_err(|_| {
                 Error::invalid(
                     "--formulation",
-                    format!("`{}` is not one of flops, measure, merged, transformed", sparsegrad::io::escape(v, 100)),
+                    format!(
+                        "`{}` is not one of flops, measure, merged, transformed",
+                        sparsegrad::io::fs::escape(v, 100)
+                    ),
                 )
             })
         })?,

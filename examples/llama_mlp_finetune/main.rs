@@ -9,7 +9,7 @@
 //! backend, and prints one table. `--help` lists the flags; see also README.md.
 //!
 //! Run: `scripts/run-example.sh [flags]` or
-//! `cargo run --release --example llama_mlp_finetune -- [flags]`.
+//! `cargo run --release --features recipes --example llama_mlp_finetune -- [flags]`.
 
 mod args;
 mod output;
@@ -18,8 +18,8 @@ mod plot;
 use args::{Args, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
+use sparsegrad::io::fs::{self as sgfs, escape};
 use sparsegrad::io::gguf::GgufFile;
-use sparsegrad::io::{escape, fs as sgfs};
 use sparsegrad::model::tokenizer::Tokenizer as GgufTokenizer;
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::recipes::finetune::{

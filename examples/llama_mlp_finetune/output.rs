@@ -3,7 +3,7 @@
 //! end-of-run summary, and the `--compare` table (printed and as `compare.md`).
 
 use sparsegrad::adapter::{save_adapter, AdapterEntry};
-use sparsegrad::io::write_atomic;
+use sparsegrad::io::fs::write_atomic;
 use sparsegrad::model::llama::{LlamaModel, GROUPS};
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::recipes::finetune::{FinetuneReport, PremiseShare, PREMISE_BATCHES};

@@ -70,7 +70,7 @@ pub fn plot(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<()> {
     let drawn = draw(&tmp, title, curves).and_then(|()| std::fs::read(&tmp).map_err(|e| Error::io(path, e)));
     let _ = std::fs::remove_file(&tmp);
     let bytes = drawn?;
-    sparsegrad::io::write_atomic(path, |w| w.write_all(&bytes))
+    sparsegrad::io::fs::write_atomic(path, |w| w.write_all(&bytes))
 }
 
 fn draw(path: &Path, title: &str, curves: &[Curve<'_>]) -> Result<()> {

@@ -11,8 +11,9 @@
 //! - matrices are row-major and contiguous unless a [`Gemm`] says otherwise;
 //! - every op writes into caller-owned outputs (no allocation inside ops on hot paths);
 //! - buffers may be longer than the logical size an op is given (workspaces sized for
-//!   the largest batch); ops check `len >= needed` and return [`crate::Error::Shape`] otherwise,
-//!   through one validator per op that both backends call;
+//!   the largest batch); ops check `len >= needed` and return
+//!   [`Error::Shape`](crate::Error::Shape) otherwise, through one validator per op that both
+//!   backends call;
 //! - index buffers are `u32`.
 
 pub mod cpu;
@@ -228,7 +229,7 @@ pub enum PoolKind {
     /// The mean over the real (non-padding) tokens, as sentence-transformers does.
     #[default]
     Mean,
-    /// The first token ([CLS]).
+    /// The first token (\[CLS\]).
     Cls,
 }
 

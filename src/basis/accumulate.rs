@@ -220,14 +220,30 @@ impl GramAccumulator {
     }
 
     /// Eigensolves both Grams into the basis of `group` (see the module docs). Errors if
-    /// no gradient was added. Does not consume the accumulator: more gradients may follow.
+    /// the group's name is unusable ([`super::check_group_name`]), if no gradient was added,
+    /// or if every gradient added is zero: the Grams are then zero and every orthogonal
+    /// matrix is an eigenbasis, so there is no basis to find. Does not consume the
+    /// accumulator: more gradients may follow.
     pub fn basis(&self, group: &str) -> Result<Basis> {
         let op = "GramAccumulator::basis";
+        super::check_group_name(group)?;
         self.check_dims(op)?;
         if self.count == 0 {
             return Err(Error::invalid(op, format!("no gradients were added for group `{group}`")));
         }
-        let (p, sigma_out) = linalg::sym_eig_desc(self.upper_sum(Side::Out)?, self.out)?;
+        let gram_out = self.upper_sum(Side::Out)?;
+        // The diagonal of sum G G^T holds each row's sum of squares over all gradients.
+        if (0..self.out).all(|i| gram_out[i * self.out + i] == 0.0) {
+            return Err(Error::InvalidBasis {
+                group: group.to_string(),
+                msg: format!(
+                    "all {} gradients added are zero, so any orthogonal matrix would do: there is no basis to \
+                     compute (were they collected from a frozen layer, or with a zero loss?)",
+                    self.count
+                ),
+            });
+        }
+        let (p, sigma_out) = linalg::sym_eig_desc(gram_out, self.out)?;
         let (q, sigma_in) = linalg::sym_eig_desc(self.upper_sum(Side::In)?, self.inp)?;
         // Not re-validated: dsyevd's vectors are orthogonal to ~n 2^-53 and the rounding to
         // f32 stays far inside ORTHO_TOL (tests check it); the O(n^3) check is left to load.

@@ -18,7 +18,7 @@ const SUFFIXES: [&str; 4] = ["P", "Q", "sigma_out", "sigma_in"];
 
 impl BasisSet {
     /// Writes the set to `path` (see the module docs for the layout) atomically
-    /// ([`crate::io::write_atomic`]). Checks shapes and finiteness (orthogonality is
+    /// ([`crate::io::fs::write_atomic`]). Checks shapes and finiteness (orthogonality is
     /// checked on load).
     pub fn save(&self, path: &Path) -> Result<()> {
         let op = "BasisSet::save";
@@ -29,9 +29,7 @@ impl BasisSet {
             if key != &b.group {
                 return Err(Error::invalid(op, format!("basis stored under key `{key}` names group `{}`", b.group)));
             }
-            if b.group.is_empty() {
-                return Err(Error::invalid(op, "empty group name"));
-            }
+            super::check_group_name(&b.group)?;
             b.check_shapes(op)?;
             let g = &b.group;
             for (suffix, shape, data) in [

@@ -310,6 +310,31 @@ impl Basis {
     }
 }
 
+/// The prefix safetensors reserves for its header's metadata entry (`__metadata__`).
+const RESERVED_PREFIX: &str = "__metadata__";
+
+/// Checks a layer group's name, which becomes part of tensor names (`{group}.P`) and of
+/// what the command line prints: not empty, no control character (a newline would split a
+/// line of output or an error message in two), not starting with `__metadata__`
+/// (safetensors reserves that key in the header).
+pub fn check_group_name(group: &str) -> Result<()> {
+    let op = "basis group";
+    let shown = crate::io::fs::escape(group, 200);
+    if group.is_empty() {
+        return Err(Error::invalid(op, "the group name is empty"));
+    }
+    if group.chars().any(char::is_control) {
+        return Err(Error::invalid(op, format!("group name `{shown}` holds a control character")));
+    }
+    if group.starts_with(RESERVED_PREFIX) {
+        return Err(Error::invalid(
+            op,
+            format!("group name `{shown}` starts with `{RESERVED_PREFIX}`, which safetensors reserves"),
+        ));
+    }
+    Ok(())
+}
+
 /// Bases of several layer groups, by group name. Saved as one safetensors file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BasisSet {

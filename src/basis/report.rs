@@ -146,8 +146,9 @@ fn topk_energy(v: &[f32], k: usize, scratch: &mut Vec<f64>) -> Option<f64> {
 
 /// The reference route, as the official code does it: `sgesdd` of the mode-1 unfolding
 /// `(out, in N)` for P and of the mode-2 unfolding `(in, out N)` for Q, with the same
-/// ordering and sign convention as [`GramAccumulator::basis`]. Holds one f32 copy of the
-/// whole tensor at a time plus LAPACK workspace; the unfolding must have < 2^31 entries.
+/// ordering and sign convention as
+/// [`GramAccumulator::basis`](crate::basis::GramAccumulator::basis). Holds one f32 copy of
+/// the whole tensor at a time plus LAPACK workspace; the unfolding must have < 2^31 entries.
 pub fn direct_svd_basis(grads: &[f32], n: usize, out: usize, inp: usize, group: &str) -> Result<Basis> {
     let op = "direct_svd_basis";
     if n == 0 || out == 0 || inp == 0 {

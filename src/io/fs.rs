@@ -79,8 +79,8 @@ pub fn open_regular(path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// The UTF-8 text of a regular file of at most `limit` bytes.
-pub fn read_text(path: &Path, limit: u64) -> Result<String> {
+/// The bytes of a regular file of at most `limit` bytes.
+pub fn read_bytes(path: &Path, limit: u64) -> Result<Vec<u8>> {
     let file = open_regular(path)?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len > limit {
@@ -88,6 +88,12 @@ pub fn read_text(path: &Path, limit: u64) -> Result<String> {
     }
     let mut bytes = Vec::new();
     file.take(limit + 1).read_to_end(&mut bytes).map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
+}
+
+/// The UTF-8 text of a regular file of at most `limit` bytes.
+pub fn read_text(path: &Path, limit: u64) -> Result<String> {
+    let bytes = read_bytes(path, limit)?;
     String::from_utf8(bytes).map_err(|e| Error::format(Some(path), format!("not UTF-8 text: {e}")))
 }
 

@@ -21,8 +21,8 @@
 mod parse;
 mod types;
 
-pub use parse::{GgufArray, GgufValue, TensorInfo, DEFAULT_ALIGNMENT, MAX_DIMS};
-pub use types::{GgmlType, DEQUANTIZABLE};
+pub use parse::{GgufArray, GgufValue, TensorInfo};
+pub use types::GgmlType;
 
 use crate::error::{Error, Result};
 use memmap2::Mmap;
@@ -100,14 +100,11 @@ impl GgufFile {
         self.header.alignment
     }
 
-    /// Absolute byte offset of the data section.
+    /// Absolute byte offset of the data section. Public but hidden: the parser's layout,
+    /// read by tests/gguf.rs and the fuzzer's seeds, not part of the API.
+    #[doc(hidden)]
     pub fn data_offset(&self) -> usize {
         self.header.data_start
-    }
-
-    /// Length in bytes of the data section (to the end of the file).
-    pub fn data_len(&self) -> usize {
-        self.header.data_len
     }
 
     // ---- metadata ----

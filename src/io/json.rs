@@ -29,7 +29,7 @@ impl<'de> Visitor<'de> for UniqueKeysVisitor {
         let mut seen = HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             if !seen.insert(key.clone()) {
-                return Err(de::Error::custom(format!("key `{}` appears twice", super::escape(&key, 200))));
+                return Err(de::Error::custom(format!("key `{}` appears twice", super::fs::escape(&key, 200))));
             }
             map.next_value::<UniqueKeys>()?;
         }

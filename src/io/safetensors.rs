@@ -472,6 +472,16 @@ pub(crate) fn read_header(buf: &[u8], path: Option<&Path>) -> Result<(usize, Met
             continue;
         }
         let tname = escape(name, 200);
+        // The format's entries hold exactly these three fields; serde would drop any other
+        // silently, so a misspelt or foreign field would go unnoticed.
+        if let Some(extra) =
+            v.as_object().and_then(|o| o.keys().find(|k| !matches!(k.as_str(), "dtype" | "shape" | "data_offsets")))
+        {
+            return Err(bad(format!(
+                "tensor `{tname}`: unknown field `{}` in its entry (a tensor entry holds dtype, shape and data_offsets only)",
+                escape(extra, 100)
+            )));
+        }
         let info: TensorInfo = serde_json::from_value(v.clone())
             .map_err(|e| bad(format!("tensor `{tname}`: invalid entry (dtype, shape, data_offsets): {e}")))?;
         let (s, e) = info.data_offsets;

@@ -10,7 +10,6 @@
 
 use crate::backend::{Backend, Gemm};
 use crate::error::{Error, Result};
-use crate::model::rope::RopeScaling;
 use crate::scalar::Real;
 
 /// Shapes of one attention call.
@@ -47,10 +46,6 @@ impl AttentionShape {
     }
     pub fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
-    }
-    /// Entries of the `(batch, heads, seq, seq)` probability tensor.
-    pub fn probs_len(&self) -> usize {
-        self.batch * self.heads * self.seq * self.seq
     }
     /// Offsets of the first query head of KV group `g` in sequence `b`: in `q`/`out`, in
     /// `k`/`v`, and in `probs`.
@@ -234,30 +229,3 @@ pub fn backward_masked<B: Backend, F: Real>(
     Ok(())
 }
 
-/// RoPE tables `(positions, head_dim / 2)`: `cos`, `sin` of `p * inv_freq[i]` with
-/// `inv_freq[i] = theta^(-2i / head_dim)`, rescaled by `scaling` when given (LLaMA-3.1's
-/// `llama3`, see [`RopeScaling`]), computed in f64 so every backend rotates by the same angles.
-pub fn rope_tables<F: Real>(
-    positions: usize,
-    head_dim: usize,
-    theta: f32,
-    scaling: Option<&RopeScaling>,
-) -> (Vec<F>, Vec<F>) {
-    let half = head_dim / 2;
-    let inv_freqs: Vec<f64> = (0..half)
-        .map(|i| {
-            let inv_freq = (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
-            scaling.map_or(inv_freq, |s| s.scale_inv_freq(inv_freq))
-        })
-        .collect();
-    let mut cos = Vec::with_capacity(positions * half);
-    let mut sin = Vec::with_capacity(positions * half);
-    for p in 0..positions {
-        for &inv_freq in &inv_freqs {
-            let angle = p as f64 * inv_freq;
-            cos.push(F::from_f64(angle.cos()));
-            sin.push(F::from_f64(angle.sin()));
-        }
-    }
-    (cos, sin)
-}

@@ -2,7 +2,7 @@
 //! hand-rolled backward: word + position + token-type embeddings and LayerNorm; per layer
 //! (post-LN) `a = x + o(attn(x))`, `m = LN1(a)`, `x' = LN2(m + mlp(m))` with bidirectional
 //! multi-head attention under a padding mask and the GELU [`BertMlp`]; pooling (mean over
-//! the real tokens, or [CLS]) and a dense classification head with cross-entropy.
+//! the real tokens, or \[CLS\]) and a dense classification head with cross-entropy.
 //!
 //! Everything but the planned MLP projections and the head is frozen (the paper fine-tunes
 //! the MLP blocks, and the head densely with AdamW, for every method); gradients flow

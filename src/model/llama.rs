@@ -215,7 +215,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             });
         }
         let (cos, sin) =
-            attention::rope_tables::<F>(max_positions.max(1), c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
+            super::rope::rope_tables::<F>(max_positions.max(1), c.head_dim, c.rope_theta, c.rope_scaling.as_ref());
         let half = p == Precision::Bf16;
         let opt_half = |len: usize| -> Result<Option<B::Buf<bf16>>> {
             if half {

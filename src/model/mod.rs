@@ -2,9 +2,9 @@
 //! [`config`], RoPE frequency scaling in [`rope`], weights loaded from GGUF or safetensors
 //! in [`weights`], the byte-level BPE tokenizer rebuilt from GGUF metadata in
 //! [`tokenizer`]) and the BERT-family encoder classifier ([`bert`], with its HF weights and
-//! WordPiece tokenizer). Attention is shared ([`attention`]).
+//! WordPiece tokenizer). Attention is shared by both (`attention`, internal).
 
-pub mod attention;
+pub(crate) mod attention;
 
 use crate::basis::BasisSet;
 use crate::linear::trainable::TrainOptions;

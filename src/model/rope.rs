@@ -2,7 +2,7 @@
 //! frequencies `theta^(-2i / head_dim)` a model was trained with, read from a Hugging Face
 //! `config.json` (`rope_scaling`, or transformers 5's `rope_parameters`) and checked
 //! against GGUF metadata, and applied where the RoPE tables are built
-//! ([`crate::model::attention::rope_tables`]).
+//! ([`rope_tables`]).
 //!
 //! Only the `llama3` type (LLaMA-3.1 / 3.2) is implemented, as in Meta's `apply_scaling`
 //! and transformers' `_compute_llama3_parameters`: with `L = original_max_position_embeddings`
@@ -16,6 +16,7 @@
 //! naming it, so a model with a scaling this crate does not compute never loads silently.
 
 use crate::error::{Error, Result};
+use crate::scalar::Real;
 use serde_json::Value;
 
 /// A RoPE frequency rescaling. `None` in [`crate::model::config::LlamaConfig`] means the
@@ -205,4 +206,32 @@ pub fn check_gguf_rope_scaling(f: &crate::io::gguf::GgufFile, arch: &str) -> Res
         });
     }
     Ok(())
+}
+
+/// RoPE tables `(positions, head_dim / 2)`: `cos`, `sin` of `p * inv_freq[i]` with
+/// `inv_freq[i] = theta^(-2i / head_dim)`, rescaled by `scaling` when given (LLaMA-3.1's
+/// `llama3`, see [`RopeScaling`]), computed in f64 so every backend rotates by the same angles.
+pub fn rope_tables<F: Real>(
+    positions: usize,
+    head_dim: usize,
+    theta: f32,
+    scaling: Option<&RopeScaling>,
+) -> (Vec<F>, Vec<F>) {
+    let half = head_dim / 2;
+    let inv_freqs: Vec<f64> = (0..half)
+        .map(|i| {
+            let inv_freq = (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
+            scaling.map_or(inv_freq, |s| s.scale_inv_freq(inv_freq))
+        })
+        .collect();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for &inv_freq in &inv_freqs {
+            let angle = p as f64 * inv_freq;
+            cos.push(F::from_f64(angle.cos()));
+            sin.push(F::from_f64(angle.sin()));
+        }
+    }
+    (cos, sin)
 }

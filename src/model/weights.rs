@@ -365,11 +365,14 @@ impl SplitMix64 {
     }
 
     /// Uniform in `0..n` by Lemire's multiply-shift (bias below `n / 2^64`); 0 for `n = 0`.
+    /// (Only the recipes draw and shuffle.)
+    #[cfg(feature = "recipes")]
     pub(crate) fn below(&mut self, n: usize) -> usize {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
     }
 
     /// Fisher-Yates shuffle.
+    #[cfg(feature = "recipes")]
     pub(crate) fn shuffle<T>(&mut self, v: &mut [T]) {
         for i in (1..v.len()).rev() {
             let j = self.below(i + 1);

@@ -124,14 +124,7 @@ pub fn parse_tsv(bytes: &[u8], path: Option<&Path>) -> Result<Task> {
 /// Reads a task file: a VADER ground-truth file when its name ends in `_GroundTruth.txt`
 /// (with `margin`), else a `label<TAB>text` TSV.
 pub fn load_task(path: &Path, margin: f32) -> Result<Task> {
-    let size = std::fs::metadata(path).map_err(|e| Error::io(path, e))?.len();
-    if size > MAX_TASK_BYTES {
-        return Err(Error::format(
-            Some(path),
-            format!("{size} bytes is larger than a task file may be ({MAX_TASK_BYTES})"),
-        ));
-    }
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::fs::read_bytes(path, MAX_TASK_BYTES)?;
     let vader = path
         .file_name()
         .and_then(|n| n.to_str())

@@ -88,7 +88,7 @@ fn unescape_html(s: &str) -> String {
 
 /// Reads and parses one corpus file.
 pub fn load_corpus_file(path: &Path) -> Result<Vec<Sentence>> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::io::fs::read_bytes(path, crate::io::fs::MAX_TEXT_FILE_BYTES)?;
     parse_corpus(&bytes, Some(path))
 }
 

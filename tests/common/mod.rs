@@ -1,9 +1,17 @@
-//! Test helpers: seeded random data, reference products in f64, orthogonal matrices,
-//! and an elementwise comparison that reports the worst index.
+//! Test helpers shared by the test files: seeded random data, reference products in f64,
+//! orthogonal matrices, an elementwise comparison that reports the worst index; in the
+//! submodules the plain reference implementations (`reference`), the assets rule
+//! (`assets`), the example binaries (`examples`), the command line's files and processes
+//! (`cli`), the encoder ops' CPU twins (`encoder`) and model and block fixtures.
 #![allow(dead_code)]
 
+pub mod assets;
 pub mod bert;
 pub mod blocks;
+pub mod cli;
+pub mod encoder;
+pub mod examples;
+pub mod reference;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -16,6 +24,11 @@ pub fn rng(seed: u64) -> SmallRng {
 /// Uniform values in [-1, 1), never all zero.
 pub fn rand_vec(rng: &mut SmallRng, n: usize) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Uniform values in [lo, hi).
+pub fn rand_range(rng: &mut SmallRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(lo..hi)).collect()
 }
 
 pub fn rand_vec64(rng: &mut SmallRng, n: usize) -> Vec<f64> {

@@ -5,26 +5,29 @@
 //!   without nvcc, [`Error::CudaUnavailable`] when libcuda, a device or cuBLAS is missing,
 //!   and [`Error::Cuda`] when the embedded kernels do not load on the device.
 //! - Buffers are [`CudaBuf`]s (device memory that reports its size, like the CPU's
-//!   `CpuBuf`). All work goes to one stream (the context's default stream), so ops are
-//!   ordered and buffers can be dropped at any time (frees are stream-ordered).
+//!   `CpuBuf`). All work goes to one stream (the context's default stream, or the engine's
+//!   stream given to [`Cuda::from_stream`]), so ops are ordered and buffers can be dropped
+//!   at any time (frees are stream-ordered). An engine's own buffers are used in place
+//!   through [`Cuda::view`] and [`Cuda::with_view_mut`] (module `interop`).
 //! - `F: Real` ops run in f32; f64 returns [`Error::UnsupportedDtype`].
 //! - Hot paths allocate nothing. Scratch space lives in the backend: a small status block
 //!   and the device error word allocated by `new`, plus one arena that grows (to the next
 //!   power of two of the requested size) the first time an op needs more than it holds, and
-//!   is reused afterwards. [`Backend::memory_stats`] counts all of it. cuBLAS keeps its own
-//!   workspace, which is not counted.
+//!   is reused afterwards. [`Backend::memory_stats`](crate::Backend::memory_stats) counts
+//!   all of it. cuBLAS keeps its own workspace, which is not counted.
 //! - Host round trips happen only where the trait returns host values (counts, thresholds,
 //!   `download`) and where an error must be returned (`topk_coo`'s non-finite check).
 //! - Index checks: ops whose CPU twin rejects an out-of-range index cannot inspect device
 //!   indices without a round trip, so their kernels skip such entries (gathers write 0) and
-//!   set a bit in a device error word; the next [`Backend::synchronize`] or `download`
-//!   reports it (once) as [`Error::InvalidArgument`] naming the op. Ops that read results
-//!   back anyway (`nonzero_rows_cols`, `coo_compact_rows`, `topk_coo`) check their own
-//!   inputs on the device and fail right away.
+//!   set a bit in a device error word; the next
+//!   [`Backend::synchronize`](crate::Backend::synchronize) or `download` reports it (once)
+//!   as [`Error::InvalidArgument`] naming the op. Ops that read results back anyway
+//!   (`nonzero_rows_cols`, `coo_compact_rows`, `topk_coo`) check their own inputs on the
+//!   device and fail right away.
 //! - Layout: this file holds the buffers, the context and the launch helpers; memory.rs the
-//!   memory ops; each op family its own file (dense.rs with gemm.rs, transformer.rs,
-//!   encoder.rs, sparse.rs, topk.rs, optim.rs), every op calling its shared validator
-//!   (`backend::ops`) before it launches anything.
+//!   memory ops; interop.rs an engine's stream and buffers; each op family its own file
+//!   (dense.rs with gemm.rs, transformer.rs, encoder.rs, sparse.rs, topk.rs, optim.rs), every
+//!   op calling its shared validator (`backend::ops`) before it launches anything.
 
 mod consts;
 #[cfg(test)]
@@ -32,6 +35,7 @@ mod cost_tests;
 mod dense;
 mod encoder;
 mod gemm;
+mod interop;
 mod memory;
 mod optim;
 mod profile;
@@ -48,8 +52,10 @@ use cudarc::driver::{
 };
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+pub use interop::CudaBufRef;
 pub use profile::ProfileOptions;
 pub use topk::CudaTopkWorkspace;
 
@@ -76,10 +82,13 @@ use profile::Profiler;
 /// (A zero-length buffer still holds one element of device memory, so every buffer has a
 /// valid address; it is not counted.)
 pub struct CudaBuf<T> {
-    slice: CudaSlice<T>,
+    slice: ManuallyDrop<CudaSlice<T>>,
     len: usize,
     counters: Arc<Counters>,
     profiler: Arc<Profiler>,
+    /// Memory an engine owns, lent through [`Cuda::view`] or [`Cuda::with_view_mut`]:
+    /// never freed here and not counted.
+    borrowed: bool,
 }
 
 impl<T> CudaBuf<T> {
@@ -103,9 +112,16 @@ impl<T> CudaBuf<T> {
 
 impl<T> Drop for CudaBuf<T> {
     fn drop(&mut self) {
-        self.counters.sub(self.len * std::mem::size_of::<T>());
-        // The device allocation holds at least one element (see `Cuda::alloc_on`).
-        self.profiler.record(EventKind::Free { bytes: (self.len.max(1) * std::mem::size_of::<T>()) as u64 });
+        // SAFETY: `slice` is taken once, here, and never used again.
+        let slice = unsafe { ManuallyDrop::take(&mut self.slice) };
+        if self.borrowed {
+            slice.leak();
+        } else {
+            self.counters.sub(self.len * std::mem::size_of::<T>());
+            // The device allocation holds at least one element (see `Cuda::alloc_on`).
+            self.profiler.record(EventKind::Free { bytes: (self.len.max(1) * std::mem::size_of::<T>()) as u64 });
+            drop(slice);
+        }
     }
 }
 
@@ -231,26 +247,46 @@ macro_rules! kernel {
 }
 pub(crate) use kernel;
 
+/// Whether the driver library and cuBLAS can be opened, probed without touching the device.
+/// Only dynamic loading (the `cuda-dynamic-loading` feature) can find them missing at run
+/// time; a binary that links CUDA (cudarc's `dynamic-linking` or `static-linking`, chosen by
+/// the final binary) does not start without them. Where the probe is absent, a panic of
+/// cudarc's loader is still turned into an error by [`no_panic`].
+#[cfg(feature = "cuda-dynamic-loading")]
+fn libraries_present() -> (bool, bool) {
+    // SAFETY: both only probe whether the library can be opened.
+    unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) }
+}
+
+#[cfg(not(feature = "cuda-dynamic-loading"))]
+fn libraries_present() -> (bool, bool) {
+    (true, true)
+}
+
 impl Cuda {
     /// Opens device `ordinal`, loads the embedded kernels and creates a cuBLAS handle.
     pub fn new(ordinal: usize) -> Result<Cuda> {
         if !kernels::HAS_KERNELS {
             return Err(Error::NoKernels);
         }
-        // SAFETY: only probes whether the driver library can be opened.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        if !libraries_present().0 {
             return Err(Error::CudaUnavailable("the CUDA driver library (libcuda) was not found".into()));
         }
         let ctx = no_panic("CUDA driver", || CudaContext::new(ordinal))?
             .map_err(|e| Error::CudaUnavailable(format!("no usable CUDA device {ordinal}: {e}")))?;
-        // SAFETY: only probes whether cuBLAS can be opened.
-        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        if !libraries_present().1 {
             return Err(Error::CudaUnavailable("cuBLAS (libcublas) was not found".into()));
         }
         // SAFETY: this backend uses a single stream, so cudarc's cross-stream event tracking
         // is not needed; buffers made from now on skip it.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.default_stream();
+        Self::on_stream(ctx.default_stream())
+    }
+
+    /// The backend on `stream` (its context already current-able and checked): cuBLAS bound
+    /// to the stream, the device's attributes, the embedded kernels loaded into the context.
+    fn on_stream(stream: Arc<CudaStream>) -> Result<Cuda> {
+        let ctx = stream.context().clone();
         let blas = no_panic("cuBLAS", || CudaBlas::new(stream.clone()))?
             .map_err(|e| Error::CudaUnavailable(format!("cuBLAS initialisation failed: {e}")))?;
         let attr = |a| ctx.attribute(a).map_err(cuda_err("device attribute"));
@@ -355,7 +391,13 @@ impl Cuda {
             unsafe { drv::memset_d8_async(ptr, 0, bytes, stream.cu_stream()) }.map_err(cuda_err("alloc"))?;
         }
         counters.add(len * std::mem::size_of::<T>());
-        Ok(CudaBuf { slice, len, counters: counters.clone(), profiler: profiler.clone() })
+        Ok(CudaBuf {
+            slice: ManuallyDrop::new(slice),
+            len,
+            counters: counters.clone(),
+            profiler: profiler.clone(),
+            borrowed: false,
+        })
     }
 
     fn alloc_buf<T: DeviceRepr>(&self, len: usize, zero: bool) -> Result<CudaBuf<T>> {

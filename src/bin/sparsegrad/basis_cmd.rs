@@ -16,8 +16,10 @@ Usage:
   sparsegrad basis --grads GRADS.safetensors [--grads MORE.safetensors ...] --output BASIS.safetensors
 
 Every tensor of every --grads file must be F32 of shape [N, out, in]: N gradients of the
-layer group named by the tensor (e.g. `up_proj`). A name that appears in several files
-accumulates (its out and in must agree), so gradients can be collected in pieces.
+layer group named by the tensor (e.g. `up_proj`; no control characters, not starting with
+`__metadata__`). A name that appears in several files accumulates (its out and in must
+agree), so gradients can be collected in pieces. A group whose gradients are all zero has
+no basis and is an error.
 Any other tensor is an error, not skipped: a skipped group would surface only later as a
 missing basis.
 
@@ -64,7 +66,7 @@ impl MemoryBudget {
                     "sparsegrad basis",
                     format!(
                         "group `{}` of [{out}, {inp}] gradients needs its {out} x {out} and {inp} x {inp} Gram matrices; with the groups before it the basis computation would need about {:.1} GiB, over the --max-memory limit of {:.1} GiB (raise it if the machine has the memory)",
-                        sparsegrad::io::escape(group, 200),
+                        sparsegrad::io::fs::escape(group, 200),
                         gib(grams + eig),
                         gib(self.limit_bytes)
                     ),
@@ -106,7 +108,7 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
                 _ => {
                     return Err(CliError::usage(format!(
                         "option `--max-memory`: `{}` is not a positive number of GiB",
-                        sparsegrad::io::escape(&text, 100)
+                        sparsegrad::io::fs::escape(&text, 100)
                     )))
                 }
             }
@@ -142,7 +144,11 @@ pub fn run(argv: &[OsString]) -> Result<(), CliError> {
         }
         let basis = acc.basis(group).map_err(|e| {
             let file = groups.get(group).map(|g| g.1.display().to_string()).unwrap_or_default();
-            CliError::from(Error::InvalidBasis { group: group.clone(), msg: format!("(from {file}): {e}") })
+            let msg = match e {
+                Error::InvalidBasis { msg, .. } => msg,
+                other => other.to_string(),
+            };
+            CliError::from(Error::InvalidBasis { group: group.clone(), msg: format!("(from {file}): {msg}") })
         })?;
         summary.push_str(&format!(
             "{group}: {} gradients of [{}, {}]\n",
@@ -165,6 +171,8 @@ fn accumulate(
     budget: &mut MemoryBudget,
 ) -> Result<(), CliError> {
     let path = file.path();
+    // The name is the group's: it becomes tensor names and a line of the summary.
+    sparsegrad::basis::check_group_name(name).map_err(|e| in_file(path, e))?;
     let (Some(dtype), Some(shape)) = (file.dtype(name), file.shape(name)) else {
         return Err(in_file(path, Error::MissingTensor { name: name.into(), context: None }));
     };

@@ -39,7 +39,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Exactly one line, whatever a message from a dependency contains.
-            let msg = sparsegrad::io::escape(&e.msg, 4000);
+            let msg = sparsegrad::io::fs::escape(&e.msg, 4000);
             let _ = writeln!(std::io::stderr(), "error: {msg}");
             ExitCode::from(e.code)
         }

@@ -197,23 +197,26 @@ fn meta_err(key: &str, msg: String) -> Error {
 }
 
 fn check_threshold(t: f32) -> Result<(), Error> {
-    if t.is_finite() && (0.0..=1.0).contains(&t) {
+    if t.is_finite() && t.is_sign_positive() && (0.0..=1.0).contains(&t) {
         Ok(())
     } else {
         Err(meta_err("sd_threshold", format!("{t} is outside [0, 1]")))
     }
 }
 
-/// A finite f32 hyperparameter satisfying `ok`. Errors show the text the file holds: a
-/// value such as `1e-50` rounds to 0 in f32, and "0 must be > 0" would confuse.
+/// A finite f32 hyperparameter satisfying `ok`; every one is non-negative, and `-0` (a
+/// negative zero, which `>= 0` lets through) is refused with them. Errors show the text the
+/// file holds: a value such as `1e-50` rounds to 0 in f32, and "0 must be > 0" would
+/// confuse.
 fn hyper(f: &SafetensorsFile, key: &str, ok: impl Fn(f32) -> bool, range: &str) -> Result<f32, Error> {
     let v: f32 = f.meta_parse(key)?;
-    if v.is_finite() && ok(v) {
+    if v.is_finite() && v.is_sign_positive() && ok(v) {
         Ok(v)
     } else {
-        let text = sparsegrad::io::escape(f.meta_str(key)?.trim(), 100);
+        let text = sparsegrad::io::fs::escape(f.meta_str(key)?.trim(), 100);
         let as_f32 = if text == v.to_string() { String::new() } else { format!(" ({v} in f32)") };
-        Err(meta_err(key, format!("`{text}`{as_f32} must be finite and {range}")))
+        let negative_zero = if v == 0.0 && v.is_sign_negative() { " (a negative zero: write 0)" } else { "" };
+        Err(meta_err(key, format!("`{text}`{as_f32} must be finite and {range}{negative_zero}")))
     }
 }
 

@@ -13,11 +13,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 /// GGUF's `GGML_MAX_DIMS`.
-pub const MAX_DIMS: usize = 4;
+pub(crate) const MAX_DIMS: usize = 4;
 /// Arrays of arrays deeper than this are rejected (ggml itself writes none).
 const MAX_ARRAY_DEPTH: usize = 4;
 /// `general.alignment` when the file does not set it.
-pub const DEFAULT_ALIGNMENT: usize = 32;
+pub(crate) const DEFAULT_ALIGNMENT: usize = 32;
 
 /// One metadata value.
 #[derive(Clone, Debug, PartialEq)]
@@ -187,9 +187,8 @@ pub(crate) struct Header {
     pub tensors: Vec<TensorInfo>,
     pub tensor_index: HashMap<String, usize>,
     pub alignment: usize,
-    /// Absolute offset of the data section, and its length (up to the end of the buffer).
+    /// Absolute offset of the data section (which runs to the end of the buffer).
     pub data_start: usize,
-    pub data_len: usize,
 }
 
 /// Bounds-checked little-endian reader over the whole file.
@@ -492,5 +491,5 @@ pub(crate) fn parse_header(buf: &[u8], path: Option<&Path>) -> Result<Header> {
             ));
         }
     }
-    Ok(Header { version, metadata, meta_index, tensors, tensor_index, alignment, data_start, data_len })
+    Ok(Header { version, metadata, meta_index, tensors, tensor_index, alignment, data_start })
 }

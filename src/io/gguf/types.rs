@@ -83,7 +83,7 @@ const TABLE: &[(GgmlType, u32, &str, usize, usize)] = &[
 ];
 
 /// The types `GgufFile::tensor_f32` handles, for error messages.
-pub const DEQUANTIZABLE: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
+pub(crate) const DEQUANTIZABLE: &str = "F32, F16, BF16, Q8_0, Q4_0, Q4_1";
 
 impl GgmlType {
     /// The type with ggml id `id`, or `None` for an unknown or retired id.

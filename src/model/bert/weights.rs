@@ -76,9 +76,8 @@ impl BertConfig {
     /// types, `layer_norm_eps` 1e-12, `hidden_act` gelu (erf; `gelu_new`/`gelu_pytorch_tanh`
     /// select the tanh form).
     pub fn from_hf_config_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let json: Value =
-            serde_json::from_str(&text).map_err(|e| Error::format(Some(path), format!("not valid JSON: {e}")))?;
+        // Strict like every side file: a regular file, size-capped, no key twice.
+        let json: Value = crate::io::json::read_unique(path)?;
         let meta =
             |key: &str, msg: String| Error::Metadata { key: key.into(), msg: format!("{msg} in {}", path.display()) };
         let get = |key: &str| json.get(key).filter(|v| !v.is_null());
@@ -388,7 +387,7 @@ impl BertWeights {
         w.write(&dir.join("model.safetensors"))?;
         let json = serde_json::to_string_pretty(&self.config.to_hf_config_json())
             .map_err(|e| Error::invalid("BertWeights", format!("config.json: {e}")))?;
-        crate::io::write_atomic(&dir.join("config.json"), |f| f.write_all(json.as_bytes()))
+        crate::io::fs::write_atomic(&dir.join("config.json"), |f| f.write_all(json.as_bytes()))
     }
 
     /// Small seeded random weights for tests: matrices uniform in `±1/sqrt(in)`, biases and

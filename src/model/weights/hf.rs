@@ -7,7 +7,7 @@
 
 use super::{Field, LayerWeights, LlamaWeights};
 use crate::error::{Error, Result};
-use crate::io::write_atomic;
+use crate::io::fs::write_atomic;
 use crate::io::SafetensorsFile;
 use crate::model::config::LlamaConfig;
 use safetensors::tensor::{Metadata, TensorInfo};

@@ -4,10 +4,9 @@
 //! Adam by hand), plus every kind of bad input: non-zero exit, one `error:` line naming
 //! the problem, and the output directory untouched.
 
-mod cli_common;
 mod common;
 
-use cli_common::*;
+use common::cli::*;
 use common::{assert_close as close, matmul, rand_vec, rng, to32, to64 as f64s, transpose};
 use sparsegrad::Formulation;
 use std::path::Path;

@@ -3,10 +3,9 @@
 //! kept, stale temp files cleaned, ambiguous headers refused, messages in user terms that
 //! show the value the user wrote. Every failure: non-zero exit, one `error:` line.
 
-mod cli_common;
 mod common;
 
-use cli_common::*;
+use common::cli::*;
 use common::{rand_vec, rng};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

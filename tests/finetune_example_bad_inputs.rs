@@ -4,44 +4,17 @@
 //! the model loads), wrong tokenizers and data paths, divergence. Every failure is one
 //! `error:` line and a non-zero exit. Needs the real model and corpus (`assets/`).
 
+mod common;
+
+use common::assets::{self, root, SMOLLM_GGUF as MODEL, VADER_DIR as DATA};
 use sparsegrad::io::SafetensorsWriter;
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::model::weights::LlamaWeights;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-const MODEL: &str = "assets/SmolLM2-135M-Instruct.Q4_1.gguf";
-const DATA: &str = "assets/vader";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn example() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--example", "llama_mlp_finetune", "--message-format=json-render-diagnostics"])
-            .current_dir(root())
-            .output()
-            .expect("cannot run cargo");
-        assert!(out.status.success(), "cargo build failed:\n{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "llama_mlp_finetune")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo reported no executable for the example")
-    })
-}
 
 fn assets() -> bool {
-    let ok = root().join(MODEL).is_file() && root().join(DATA).is_dir();
-    if !ok {
-        println!("skipped: {MODEL} or {DATA} not found (run scripts/fetch-assets.sh)");
-    }
-    ok
+    assets::present(&[&root().join(MODEL), &root().join(DATA)])
 }
 
 /// `Q` of the issue: one quick step on block 29, with `--out` in `out`.
@@ -77,7 +50,7 @@ fn quick(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn run(args: &[String]) -> Output {
-    Command::new(example())
+    Command::new(common::examples::binary("llama_mlp_finetune"))
         .args(args)
         .current_dir(root())
         .env("OPENBLAS_CORETYPE", "Haswell")

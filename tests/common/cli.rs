@@ -1,9 +1,8 @@
 //! Shared by the command-line tests: safetensors inputs built here, the `sparsegrad`
 //! binary run as a process, and the check every failing run must pass (non-zero exit,
 //! one `error:` line naming the problem, the directory untouched).
-#![allow(dead_code)]
 
-use super::common::{rand_vec, random_orthogonal, rng, to32};
+use super::{rand_vec, random_orthogonal, rng, to32};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
@@ -175,4 +174,20 @@ impl StepInputs {
         edit(&mut e);
         write_st(path, &e, &self.meta);
     }
+}
+
+/// Rewrites the JSON header of the safetensors file at `path` with `edit` (the data
+/// section is kept, so offsets stay valid unless `edit` changes them): inputs the
+/// `safetensors` writer would never produce.
+pub fn edit_header(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let bytes = fs::read(path).expect("read input");
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("header JSON");
+    edit(&mut header);
+    let mut h = serde_json::to_vec(&header).unwrap();
+    h.resize(h.len().next_multiple_of(8), b' ');
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend_from_slice(&bytes[8 + n..]);
+    fs::write(path, out).expect("write input");
 }

@@ -2,10 +2,9 @@
 //! inconsistent files and options each give a non-zero exit and one `error:` line naming
 //! the problem, with the output directory untouched.
 
-mod cli_common;
 mod common;
 
-use cli_common::*;
+use common::cli::*;
 use common::{rand_vec, rng};
 use safetensors::Dtype;
 use std::fs;
@@ -321,4 +320,57 @@ fn help_and_version() {
     }
     let o = run_ok(&["--version"]);
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("sparsegrad "));
+}
+
+// ------------------------------------------- inputs once accepted without a word (issue 21)
+
+#[test]
+fn basis_refuses_unusable_group_names_and_all_zero_gradients() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = d.join("out.safetensors");
+    let grads = rand_vec(&mut rng(5), 2 * 4 * 3);
+    let input = d.join("g.safetensors");
+    let args = ["basis", "--grads", s(&input), "--output", s(&out)];
+    for (name, needles) in [
+        ("up\nproj", vec!["`up\\nproj`", "control character", "g.safetensors"]),
+        ("gate\u{1b}[2J", vec!["`gate\\u{1b}[2J`", "control character"]),
+        ("__metadata__x", vec!["`__metadata__x`", "safetensors reserves"]),
+    ] {
+        write_st(&input, &[f32_entry(name, &[2, 4, 3], &grads)], &[]);
+        expect_failure(d, &args, &needles);
+        assert!(run(&args).stdout.is_empty(), "{name:?}: nothing may be printed on stdout");
+    }
+    // All-zero gradients: no basis to find; the refusal names the group and the file.
+    write_st(&input, &[f32_entry("up", &[3, 4, 3], &[0.0; 36])], &[]);
+    expect_failure(d, &args, &["`up`", "all 3 gradients added are zero", "g.safetensors"]);
+    // Some zero gradients among others are fine.
+    let mut mixed = grads.clone();
+    mixed.extend([0.0; 12]);
+    write_st(&input, &[f32_entry("up", &[3, 4, 3], &mixed)], &[]);
+    run_ok(&args);
+}
+
+#[test]
+fn step_refuses_a_negative_zero_and_unknown_entry_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let input = d.join("in.safetensors");
+    let out = d.join("out.safetensors");
+    let args = ["step", "--input", s(&input), "--output", s(&out)];
+    for (key, value) in [("lr", "-0"), ("lr", "-0.0"), ("beta1", "-0"), ("sd_threshold", "-0")] {
+        let mut inp = StepInputs::new(21, 4, 3, 5, true);
+        inp.set(key, value);
+        inp.write(&input);
+        let needles: &[&str] = if key == "sd_threshold" { &["`sd_threshold`", "-0"] } else { &[key, "negative zero"] };
+        expect_failure(d, &args, needles);
+    }
+    let base = StepInputs::new(21, 4, 3, 5, true);
+    base.write(&input);
+    run_ok(&args);
+    fs::remove_file(&out).unwrap();
+    edit_header(&input, |h| {
+        h["x"]["offset"] = serde_json::json!(3);
+    });
+    expect_failure(d, &args, &["tensor `x`", "unknown field `offset`", "in.safetensors"]);
 }
