@@ -63,7 +63,7 @@ pub use basis::{
 };
 pub use error::{Error, Result};
 pub use linear::sparsegrad::{
-    Formulation, FormulationChoice, Selection, SparseGradConfig, SparseGradLinear, StepGrads,
+    Formulation, FormulationChoice, GemmMode, MergedUpdate, Selection, SparseGradConfig, SparseGradLinear, StepGrads,
 };
 pub use linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
 pub use linear::Keep;
