@@ -187,8 +187,9 @@ pub struct SparseGradConfig {
     /// [`SparseGradLinear::formulation`] says which one the layer took.
     pub formulation: Option<Formulation>,
     /// How a merged layer applies its step to `W`; `None`: [`MergedUpdate::choose`]. The
-    /// sparse updates and [`MergedUpdate::Runs`] run in f32 only. All give the same `W` up to
-    /// rounding; [`SparseGradLinear::merged_update`] says which one the layer took.
+    /// sparse updates and [`MergedUpdate::Runs`] run in f32 only; the transformed formulation
+    /// has no merged update and ignores this. All give the same `W` up to rounding;
+    /// [`SparseGradLinear::merged_update`] says which one the layer took.
     pub merged_update: Option<MergedUpdate>,
     /// Tokens per step the cost model assumes when `formulation` is `None` (default 4096):
     /// set it to the real batch size in tokens, or set `formulation`.
