@@ -90,6 +90,70 @@ fn gemm_peak(cuda: &Cuda, r: &mut SmallRng) -> (f64, f64) {
     (sgemm, flops / (ms * 1e-3) / 1e12)
 }
 
+/// The merged update of an up projection, `W += P D Q^T` with `P` `(OUT, OUT)`, `Q` `(IN, IN)`
+/// and `D` the COO change (`k` = 1%): the by-columns order the CPU keeps (`coo_dense_t` of
+/// `D^T` against `P`, one atomic add per entry and row of `P`, then `(P D) Q^T`) against the
+/// GPU's (a) Dense (`D` stored densely, two GEMMs; f32, TF32, bf16) and (b) Runs (`E = D Q^T`
+/// by row runs, one GEMM), each beside the roofline model's prediction for this device.
+fn merged_update_by_columns(b: &Bench, coo: &Coo<Cuda, f32>, host: &HostCoo<f32>, r: &mut SmallRng) {
+    use sparsegrad::perf::roofline::H100_SXM;
+    use sparsegrad::{GemmMode, MergedUpdate, Precision};
+    let cuda = &b.cuda;
+    let k = host.len();
+    println!("\n-- merged update W += P D Q^T, up projection {OUT} x {IN}, k = {k} (measured / predicted)");
+    let model = cuda.device_model().unwrap_or(H100_SXM);
+    let show = |name: &str, ms: f64, update: MergedUpdate, mode: GemmMode| {
+        let predicted = 1e3 * update.price(OUT, IN, k, mode, &model);
+        println!("{name:<44} {:>10.1} us measured {:>10.1} us predicted ({})", ms * 1e3, predicted * 1e3, model.name);
+    };
+    let p = buf(cuda, &rand_vec(r, OUT * OUT));
+    let q = buf(cuda, &rand_vec(r, IN * IN));
+    let mut w = buf(cuda, &rand_vec(r, OUT * IN));
+    let mut scratch = zeros::<f32>(cuda, OUT * IN);
+    let mut e = zeros::<f32>(cuda, OUT * IN);
+    let f32_mode = GemmMode::of(Precision::Full, false);
+    // Today's CPU order on the GPU: D^T as COO (rows = columns of D), P D by columns.
+    let mut dt: Coo<Cuda, f32> = Coo::with_capacity(cuda, k, (IN, OUT)).unwrap();
+    cuda.copy(&coo.cols, &mut dt.rows, k).unwrap();
+    cuda.copy(&coo.rows, &mut dt.cols, k).unwrap();
+    cuda.copy(&coo.values, &mut dt.values, k).unwrap();
+    dt.len = k;
+    let ms = time(cuda, 1, 3, || {
+        cuda.coo_dense_t(&dt, &coo.cols, IN, &p, OUT, &mut scratch)?;
+        cuda.gemm(&Gemm::nt(OUT, IN, IN).beta(1.0), &scratch, &q, &mut w)
+    });
+    show("by columns, coo_dense_t (atomics) + GEMM", ms, MergedUpdate::SparseColumns, f32_mode);
+    let dense = |cuda: &Cuda, d: &mut CudaBuf<f32>, e: &mut CudaBuf<f32>, w: &mut CudaBuf<f32>| -> Result<()> {
+        cuda.coo_densify(coo, d)?;
+        cuda.gemm(&Gemm::nt(OUT, IN, IN), d, &q, e)?;
+        cuda.gemm(&Gemm::nn(OUT, IN, OUT).beta(1.0), &p, e, w)
+    };
+    let ms = time(cuda, 2, 5, || dense(cuda, &mut scratch, &mut e, &mut w));
+    show("(a) Dense, f32", ms, MergedUpdate::Dense, f32_mode);
+    cuda.set_tf32(true);
+    let ms = time(cuda, 2, 5, || dense(cuda, &mut scratch, &mut e, &mut w));
+    cuda.set_tf32(false);
+    show("(a) Dense, TF32", ms, MergedUpdate::Dense, GemmMode::of(Precision::Full, true));
+    let (mut ph, mut qh, mut dh) =
+        (zeros::<bf16>(cuda, OUT * OUT), zeros::<bf16>(cuda, IN * IN), zeros::<bf16>(cuda, OUT * IN));
+    cuda.cast_to_bf16(&p, &mut ph, OUT * OUT).unwrap();
+    cuda.cast_to_bf16(&q, &mut qh, IN * IN).unwrap();
+    let ms = time(cuda, 2, 5, || {
+        cuda.coo_densify_bf16(coo, &mut dh)?;
+        cuda.gemm_bf16(&Gemm::nt(OUT, IN, IN), &dh, &qh, &mut e)?;
+        cuda.cast_to_bf16(&e, &mut dh, OUT * IN)?;
+        cuda.gemm_bf16(&Gemm::nn(OUT, IN, OUT).beta(1.0), &ph, &dh, &mut w)
+    });
+    show("(a) Dense, bf16", ms, MergedUpdate::Dense, GemmMode::of(Precision::Bf16, false));
+    // (b): Q^T is what coo_mm gathers rows of (a random matrix stands in for it here).
+    let mut starts = zeros::<u32>(cuda, OUT + 1);
+    let ms = time(cuda, 2, 5, || {
+        cuda.coo_mm(coo, &mut starts, &q, IN, &mut e)?;
+        cuda.gemm(&Gemm::nn(OUT, IN, OUT).beta(1.0), &p, &e, &mut w)
+    });
+    show("(b) Runs, f32", ms, MergedUpdate::Runs, f32_mode);
+}
+
 fn main() {
     let cuda = match Cuda::new(0) {
         Ok(c) => c,
@@ -307,6 +371,8 @@ fn main() {
     let mut dq = zeros::<f32>(cuda, IN * n_slots);
     let ms = time(cuda, 2, 5, || cuda.coo_dense_t(&coo, &slot, n_slots, &q, IN, &mut dq));
     b.flops(&format!("coo_dense_t (Q {IN} x {IN}, {n_slots} slots)"), 2.0 * IN as f64 * k as f64, ms, b.sgemm_tflops);
+
+    merged_update_by_columns(&b, &coo, &host, &mut r);
 
     println!("\n-- optimizers");
     let hp = AdamParams::default();

@@ -28,6 +28,8 @@ typedef uint8_t u8;
 #define SG_ERR_SPARSE_ADAM 16u
 #define SG_ERR_COO_COMPACT 32u
 #define SG_ERR_CROSS_ENTROPY 64u
+#define SG_ERR_COO_DENSIFY 128u
+#define SG_ERR_COO_MM 256u
 
 // Threads per block of the 1-D kernels and of the tile compactions.
 #define SG_THREADS 256

@@ -1,5 +1,6 @@
 // sparse.cu: the sparse-by-dense kernels (nonzero rows/columns, gathers) and the COO
-// helpers (scatter-add, row compaction, sparse-times-dense).
+// helpers (scatter-add, row compaction, sparse-times-dense, densification, sparse-by-rows
+// times dense).
 //
 // Computes (CPU twins in src/backend/cpu/sparse.rs, launchers in src/backend/cuda/sparse.rs):
 //   max_abs_f32            max |m| over non-NaN entries as float bits (atomicMax on u32:
@@ -18,7 +19,18 @@
 //                          of "row differs from the previous entry's row" heads)
 //   coo_dense_t_f32        out[i, slot[e]] += values[e] * b[i, cols[e]] (out zeroed by the
 //                          launcher; runs of equal slots are summed in registers, one
-//                          atomicAdd per run, so the summation order is not fixed)
+//                          atomicAdd per run, so the summation order is not fixed; the
+//                          CPU's merged update, no longer on the CUDA step)
+//   coo_densify_{f32,bf16} dense[r, c] = v for each entry of a distinct, sorted COO list
+//                          (dense zeroed by the launcher): one plain store per entry, no
+//                          atomics; an entry out of range or not after its predecessor in
+//                          linear order is skipped and reported
+//   coo_row_starts         starts[r] = first entry with row >= r (binary search), r = 0..n_rows,
+//                          and the range and order check of every entry
+//   coo_mm_f32             out[r, j] = sum over the run starts[r]..starts[r+1] of
+//                          values[e] * b[cols[e], j], in list order from zero (__fmul_rn /
+//                          __fadd_rn: the CPU twin's sum bit for bit); each output element
+//                          written once, no atomics
 //
 // Launch shapes:
 //   1-D kernels: SG_THREADS threads, 64-bit grid-stride loops, grid capped by the launcher.
@@ -31,6 +43,9 @@
 //   gather_rows_* / gather_block_f32: block 256 along columns, grid.y <= 65535 strides rows.
 //   coo_dense_t_f32: block 256 with 8 consecutive entries per thread (a chunk of 2048
 //   entries staged in shared memory), grid.x = chunks, grid.y <= 65535 strides over rows of b.
+//   coo_densify_*, coo_row_starts: 1-D grid-stride.
+//   coo_mm_f32: block 256 along the columns of b (grid.x covers them, capped; the kernel
+//   strides), grid.y <= 65535 strides over rows; a row's entries are read warp-uniformly.
 //
 // Out-of-range indices never touch memory: the entry is skipped (gathers write 0) and a bit
 // is set in the device error word, which the host turns into an error at its next sync.
@@ -282,5 +297,76 @@ extern "C" __global__ void coo_dense_t_f32(const u32* rows, const u32* cols, con
             }
         }
         if (cur != SG_CDT_SKIP) atomicAdd(&out_row[cur], acc);
+    }
+}
+
+template <typename T, typename C>
+__device__ __forceinline__ void coo_densify_impl(const u32* rows, const u32* cols, const float* values, u64 len,
+                                                 u64 n_rows, u64 n_cols, T* dense, u32* err, C convert) {
+    SG_GRID_STRIDE(e, len) {
+        const u64 r = rows[e];
+        const u64 c = cols[e];
+        bool ok = r < n_rows && c < n_cols;
+        if (ok && e > 0 && (u64)rows[e - 1] * n_cols + cols[e - 1] >= r * n_cols + c) ok = false;
+        if (!ok) {
+            atomicOr(err, SG_ERR_COO_DENSIFY);
+            continue;
+        }
+        dense[r * n_cols + c] = convert(values[e]);
+    }
+}
+
+extern "C" __global__ void coo_densify_f32(const u32* rows, const u32* cols, const float* values, u64 len, u64 n_rows,
+                                           u64 n_cols, float* dense, u32* err) {
+    coo_densify_impl(rows, cols, values, len, n_rows, n_cols, dense, err, [](float v) { return v; });
+}
+
+extern "C" __global__ void coo_densify_bf16(const u32* rows, const u32* cols, const float* values, u64 len,
+                                            u64 n_rows, u64 n_cols, __nv_bfloat16* dense, u32* err) {
+    coo_densify_impl(rows, cols, values, len, n_rows, n_cols, dense, err,
+                     [](float v) { return __float2bfloat16_rn(v); });
+}
+
+extern "C" __global__ void coo_row_starts(const u32* rows, const u32* cols, u64 len, u64 n_rows, u64 n_cols,
+                                          u32* starts, u32* err) {
+    const u64 n = (n_rows + 1) > len ? (n_rows + 1) : len;
+    SG_GRID_STRIDE(i, n) {
+        if (i <= n_rows) {
+            u64 lo = 0, hi = len;
+            while (lo < hi) {
+                const u64 mid = lo + (hi - lo) / 2;
+                if ((u64)rows[mid] < i) {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            starts[i] = (u32)lo;
+        }
+        if (i < len) {
+            const u64 r = rows[i];
+            const u64 c = cols[i];
+            bool bad = r >= n_rows || c >= n_cols;
+            if (i > 0 && (u64)rows[i - 1] * n_cols + cols[i - 1] >= r * n_cols + c) bad = true;
+            if (bad) atomicOr(err, SG_ERR_COO_MM);
+        }
+    }
+}
+
+// Entries out of range were reported by coo_row_starts; a column out of range is skipped
+// here, and unsorted rows only make runs wrong (starts stay within 0..len), never unsafe.
+extern "C" __global__ void coo_mm_f32(const u32* starts, const u32* cols, const float* values, u64 n_rows, u64 n_cols,
+                                      const float* b, u64 b_cols, float* out) {
+    for (u64 r = blockIdx.y; r < n_rows; r += gridDim.y) {
+        const u64 s = starts[r];
+        const u64 t = starts[r + 1];
+        for (u64 j = (u64)blockIdx.x * blockDim.x + threadIdx.x; j < b_cols; j += (u64)gridDim.x * blockDim.x) {
+            float acc = 0.0f;
+            for (u64 e = s; e < t; ++e) {
+                const u64 c = cols[e];
+                if (c < n_cols) acc = __fadd_rn(acc, __fmul_rn(values[e], b[c * b_cols + j]));
+            }
+            out[r * b_cols + j] = acc;
+        }
     }
 }

@@ -82,6 +82,7 @@ fn check<B: Backend + Clone>(be: &B, shapes: &[(usize, usize, usize)]) {
                             keep,
                             selection,
                             formulation: Some(formulation),
+                            merged_update: None,
                             expected_tokens: tokens,
                             optimizer: adam,
                             precision,

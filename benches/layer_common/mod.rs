@@ -209,6 +209,7 @@ pub fn bench_shape<B: Backend + Clone>(
                 keep: Keep::Count(k),
                 selection: sel,
                 formulation: Some(form),
+                merged_update: None,
                 expected_tokens: tokens,
                 optimizer: Optimizer::Adam(adam),
                 precision,

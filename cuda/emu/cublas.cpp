@@ -1,15 +1,18 @@
 // cublas.cpp: a libcublas.so for the emulator: handle create/destroy/stream, and the GEMMs
 // sparsegrad calls (cublasGemmEx, cublasGemmStridedBatchedEx with f32 or bf16 A/B, f32 C
-// and CUBLAS_COMPUTE_32F; cublasSgemm_v2 and cublasSgemmStridedBatched), column-major
-// like cuBLAS, computed by OpenBLAS's cblas_sgemm (bf16 operands widened to f32 exactly
-// first), and the symmetric rank-k update cublasSsyrk_v2 (cblas_ssyrk: only the `uplo`
-// triangle of C is read or written). Arguments are validated as cuBLAS does
-// (CUBLAS_STATUS_INVALID_VALUE), and every element an operand may touch must lie inside one
-// live device allocation (checked through libcuda.so's sgemu_check_range), so a launcher's
-// wrong leading dimension or offset fails here instead of reading the neighbouring buffer.
-// Any other cublas* entry point cudarc knows is a generated stub (stubs_cublas.cpp) that
-// prints its name and fails. Every GEMM or SYRK that passes validation is counted by the
-// emulated device's profiler (profile.h), with the handle's math mode (cublasSetMathMode).
+// and CUBLAS_COMPUTE_32F, or f32 A/B with CUBLAS_COMPUTE_32F_FAST_TF32; cublasSgemm_v2 and
+// cublasSgemmStridedBatched), column-major like cuBLAS, computed by OpenBLAS's cblas_sgemm
+// (bf16 operands widened to f32 exactly first; under FAST_TF32, A and B rounded to TF32 first:
+// 10 explicit mantissa bits, round to nearest even, as the tensor cores take them, then the
+// f32 product, so the emulated result carries TF32's input rounding), and the symmetric
+// rank-k update cublasSsyrk_v2 (cblas_ssyrk: only the `uplo` triangle of C is read or
+// written). Arguments are validated as cuBLAS does (CUBLAS_STATUS_INVALID_VALUE), and every
+// element an operand may touch must lie inside one live device allocation (checked through
+// libcuda.so's sgemu_check_range), so a launcher's wrong leading dimension or offset fails
+// here instead of reading the neighbouring buffer. Any other cublas* entry point cudarc
+// knows is a generated stub (stubs_cublas.cpp) that prints its name and fails. Every GEMM or
+// SYRK that passes validation is counted by the emulated device's profiler (profile.h), with
+// the handle's math mode (cublasSetMathMode).
 //
 // SG_EMU_GEMM_ARITHMETIC=0 applies to SYRK as to the GEMMs (only C's triangle gets the
 // stand-in values).
@@ -42,7 +45,7 @@ extern "C" int sgemu_capture_host_node(void* stream, int (*fn)(void*), void* dat
 namespace {
 enum : int { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, EXECUTION_FAILED = 13, NOT_SUPPORTED = 15 };
 enum : int { R_32F = 0, R_16BF = 14 };
-enum : int { COMPUTE_32F = 68 };
+enum : int { COMPUTE_32F = 68, COMPUTE_32F_FAST_TF32 = 77 };
 
 struct Handle {
     void* stream = nullptr;
@@ -88,10 +91,35 @@ size_t span(int rows, int cols, int ld, size_t elem) {
     return ((size_t)(cols - 1) * (size_t)ld + (size_t)rows) * elem;
 }
 
-// An f32 copy of a column-major rows x cols operand (ld kept) of type `type`.
-const float* as_f32(const void* p, int type, int rows, int cols, int ld, std::vector<float>& tmp) {
-    if (type == R_32F) return static_cast<const float*>(p);
+// `x` rounded to TF32 (1 sign, 8 exponent, 10 explicit mantissa bits) to nearest even, kept
+// in an f32: the 13 low mantissa bits cleared. Infinities and NaNs pass unchanged (a NaN
+// keeps its upper payload bits and quiet bit); a finite value may round up to infinity.
+float round_tf32(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    if ((bits & 0x7f800000u) != 0x7f800000u) {
+        bits += 0x0fffu + ((bits >> 13) & 1u);
+        bits &= ~0x1fffu;
+    }
+    memcpy(&x, &bits, 4);
+    return x;
+}
+
+// An f32 copy of a column-major rows x cols operand (ld kept) of type `type`, each element
+// rounded to TF32 when `tf32`.
+const float* as_f32(const void* p, int type, int rows, int cols, int ld, bool tf32, std::vector<float>& tmp) {
     const size_t n = span(rows, cols, ld, 1);
+    if (type == R_32F) {
+        if (!tf32) return static_cast<const float*>(p);
+        tmp.resize(n);
+        const float* f = static_cast<const float*>(p);
+        for (int c = 0; c < cols; ++c)
+            for (int r = 0; r < rows; ++r) {
+                const size_t i = (size_t)c * ld + r;
+                tmp[i] = round_tf32(f[i]);
+            }
+        return tmp.data();
+    }
     tmp.resize(n);
     const uint16_t* h = static_cast<const uint16_t*>(p);
     for (int c = 0; c < cols; ++c) {
@@ -119,6 +147,7 @@ struct GemmCall {
     int ldc;
     long long sc;
     int batch;
+    bool tf32;  // CUBLAS_COMPUTE_32F_FAST_TF32: A and B rounded to TF32
 };
 
 // Runs a validated call: every operand range-checked against the live allocations, then the
@@ -154,8 +183,8 @@ int compute(const GemmCall& g) {
             pattern(ci, g.m, g.n, g.ldc, g.beta);
             continue;
         }
-        const float* af = as_f32(ai, g.a_type, a_rows, a_cols, g.lda, ta_tmp);
-        const float* bf = as_f32(bi, g.b_type, b_rows, b_cols, g.ldb, tb_tmp);
+        const float* af = as_f32(ai, g.a_type, a_rows, a_cols, g.lda, g.tf32, ta_tmp);
+        const float* bf = as_f32(bi, g.b_type, b_rows, b_cols, g.ldb, g.tf32, tb_tmp);
         if (g.beta == 0.0f) {  // cuBLAS never reads C with beta == 0: NaN/inf in C must not leak
             for (int col = 0; col < g.n; ++col) memset(ci + (size_t)col * g.ldc, 0, (size_t)g.m * 4);
         }
@@ -175,8 +204,12 @@ int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, cons
     if (!handle) return fail(NOT_INITIALIZED, std::string(op) + ": null handle");
     if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1))
         return fail(NOT_SUPPORTED, std::string(op) + ": only CUBLAS_OP_N / CUBLAS_OP_T are emulated");
-    if (a_type != b_type || (a_type != R_32F && a_type != R_16BF) || c_type != R_32F || compute_type != COMPUTE_32F)
-        return fail(NOT_SUPPORTED, std::string(op) + ": only f32 or bf16 A/B with f32 C and CUBLAS_COMPUTE_32F are emulated");
+    const bool tf32 = compute_type == COMPUTE_32F_FAST_TF32;
+    if (a_type != b_type || (a_type != R_32F && a_type != R_16BF) || c_type != R_32F ||
+        (compute_type != COMPUTE_32F && !(tf32 && a_type == R_32F)))
+        return fail(NOT_SUPPORTED, std::string(op) +
+                                       ": only f32 or bf16 A/B with f32 C and CUBLAS_COMPUTE_32F, or f32 A/B with "
+                                       "CUBLAS_COMPUTE_32F_FAST_TF32, are emulated");
     const int a_rows = ta ? k : m;
     const int b_rows = tb ? n : k;
     if (m < 0 || n < 0 || k < 0 || batch < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
@@ -188,7 +221,7 @@ int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, cons
     }
     Handle* h = static_cast<Handle*>(handle);
     const GemmCall call{op, ta, tb, m, n, k, *static_cast<const float*>(alpha), *static_cast<const float*>(beta),
-                        a, a_type, lda, sa, b, b_type, ldb, sb, c, ldc, sc, batch};
+                        a, a_type, lda, sa, b, b_type, ldb, sb, c, ldc, sc, batch, tf32};
     if (sgemu_stream_capturing(h->stream)) {
         // Captured: counted as such, run by the graph launch (alpha and beta copied now, as
         // cuBLAS reads host scalars when the call is made).

@@ -1,7 +1,7 @@
 //! Command line of the `gpu_shape` example (hand-rolled, one `error:` line per mistake, like
 //! the other examples).
 
-use sparsegrad::{Error, Precision, Result};
+use sparsegrad::{Error, Formulation, Precision, Result};
 use std::path::PathBuf;
 
 pub const HELP: &str = "\
@@ -21,6 +21,10 @@ usage: cargo run --release --example gpu_shape -- [flags]
   --dims NAME          smollm2-135m, llama2-7b or llama3-8b (default llama2-7b)
   --method M           sparsegrad, lora, meprop or full (default sparsegrad)
   --dtype D            f32 or bf16 (frozen operands in bf16) (default bf16)
+  --tf32               f32 GEMMs on TF32 tensor cores (CUBLAS_COMPUTE_32F_FAST_TF32); without
+                       it f32 GEMMs are exact f32 on FP32 cores (as PyTorch's default)
+  --formulation F      SparseGrad's formulation: auto (priced for the target's tokens at the
+                       precision's rates on the GPU model), merged or transformed (default auto)
   --blocks B           trained blocks of the full model: a list (0,3,6), everyN (every N-th
                        from block N-1, the llama_mlp_finetune example's), everyN+S (every N-th
                        from block S) or all. Default: every3+0 (0, 3, ..., the paper's) for
@@ -48,6 +52,9 @@ pub struct Args {
     pub dims: String,
     pub method: String,
     pub precision: Precision,
+    pub tf32: bool,
+    /// `None`: priced by the layer.
+    pub formulation: Option<Formulation>,
     pub blocks: Option<String>,
     pub projections: [bool; 3],
     pub batch: usize,
@@ -116,6 +123,8 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         dims: "llama2-7b".into(),
         method: "sparsegrad".into(),
         precision: Precision::Bf16,
+        tf32: false,
+        formulation: None,
         blocks: None,
         projections: [true; 3],
         batch: 32,
@@ -129,10 +138,15 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
+        if flag == "--tf32" {
+            a.tf32 = true;
+            continue;
+        }
         let name: &'static str = match flag.as_str() {
             "--dims" => "--dims",
             "--method" => "--method",
             "--dtype" => "--dtype",
+            "--formulation" => "--formulation",
             "--blocks" => "--blocks",
             "--projections" => "--projections",
             "--batch" => "--batch",
@@ -159,6 +173,14 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
                     "f32" => Precision::Full,
                     "bf16" => Precision::Bf16,
                     _ => return Err(Error::invalid(name, format!("`{v}` is not f32 or bf16"))),
+                }
+            }
+            "--formulation" => {
+                a.formulation = match v.as_str() {
+                    "auto" => None,
+                    "merged" => Some(Formulation::Merged),
+                    "transformed" => Some(Formulation::Transformed),
+                    _ => return Err(Error::invalid(name, format!("`{v}` is not auto, merged or transformed"))),
                 }
             }
             "--blocks" => a.blocks = Some(v.clone()),

@@ -51,7 +51,7 @@ fn methods(a: &args::Args, ffn: usize, hidden: usize) -> [Method; 3] {
     // LoRA at the rank whose r (in + out) parameters come closest to `keep` of the entries.
     let rank = ((a.keep * (ffn * hidden) as f64 / (ffn + hidden) as f64).round() as usize).max(1);
     let one = match a.method.as_str() {
-        "sparsegrad" => Method::SparseGrad { keep, selection: Selection::Exact, formulation: None },
+        "sparsegrad" => Method::SparseGrad { keep, selection: Selection::Exact, formulation: a.formulation },
         "lora" => Method::Lora { rank, alpha: 2.0 * rank as f32 },
         "meprop" => Method::MeProp { keep },
         _ => Method::Full,
@@ -97,6 +97,8 @@ fn run(a: &args::Args) -> Result<()> {
     let spec = a.blocks.clone().unwrap_or_else(|| if a.dims == "smollm2-135m" { "every3" } else { "every3+0" }.into());
     let trained = args::resolve_blocks(&spec, full.layers)?;
     let cuda = Cuda::new(0)?;
+    // Before any layer is built: SparseGrad layers price their choices at these rates.
+    cuda.set_tf32(a.tf32);
     let emulated = cuda.is_emulated();
     let run_layers = match a.layers {
         None => covering_prefix(full.layers, &trained),
@@ -238,11 +240,15 @@ fn run(a: &args::Args) -> Result<()> {
         layer_weights: &layer_weights,
         methods: &methods,
         device: cuda.device_name().to_string(),
+        device_model: sparsegrad::Backend::device_model(&cuda).map_or("CPU", |m| m.name),
         emulated,
         memory: sparsegrad::Backend::memory_stats(&cuda),
         emulator_check,
         formulations: [0, 1, 2].map(|j| {
-            run_trained.first().and_then(|&l| model.mlp(l)).and_then(|m| m.projections()[j].linear.formulation())
+            run_trained.first().and_then(|&l| model.mlp(l)).and_then(|m| {
+                let linear = &m.projections()[j].linear;
+                linear.formulation().map(|f| (f, linear.merged_update()))
+            })
         }),
     };
     report::print_and_save(&ctx, &runs, &target_events, scaling.as_ref(), &compulsory)

@@ -11,7 +11,7 @@ use sparsegrad::perf::llama::LayerKind;
 use sparsegrad::perf::roofline::{LaunchMode, DEVICES};
 use sparsegrad::perf::shape::{measured_by_category, CompulsoryBytes, LayerWeights, ScalingReport, StepCounts};
 use sparsegrad::perf::{Category, ElemType, Event, GemmCompute};
-use sparsegrad::{Error, Formulation, MemoryStats, Method, Precision, Result};
+use sparsegrad::{Error, Formulation, MemoryStats, MergedUpdate, Method, Precision, Result};
 
 pub struct Context<'a> {
     pub args: &'a Args,
@@ -24,11 +24,14 @@ pub struct Context<'a> {
     pub layer_weights: &'a LayerWeights,
     pub methods: &'a [Method; 3],
     pub device: String,
+    /// The roofline model the backend prices layers with.
+    pub device_model: &'static str,
     pub emulated: bool,
     pub memory: MemoryStats,
     /// (ledger events checked, windows, the emulator's peak device bytes in them).
     pub emulator_check: Option<(usize, usize, Option<u64>)>,
-    pub formulations: [Option<Formulation>; 3],
+    /// Per projection (gate, up, down): the SparseGrad formulation and merged update.
+    pub formulations: [Option<(Formulation, Option<MergedUpdate>)>; 3],
 }
 
 fn gb(b: f64) -> String {
@@ -94,8 +97,18 @@ pub fn print_and_save(
     let proj: Vec<&str> =
         ["gate", "up", "down"].iter().zip(a.projections).filter(|(_, on)| *on).map(|(n, _)| *n).collect();
     println!(
-        "gpu_shape: {} (hidden {}, ffn {}, {} layers, {} heads / {} KV heads of {}, vocab {}), {} keep {}, --dtype {dtype}",
-        a.dims, c.hidden, c.ffn, c.layers, c.heads, c.kv_heads, c.head_dim, c.vocab, a.method, a.keep
+        "gpu_shape: {} (hidden {}, ffn {}, {} layers, {} heads / {} KV heads of {}, vocab {}), {} keep {}, --dtype {dtype}{}",
+        a.dims,
+        c.hidden,
+        c.ffn,
+        c.layers,
+        c.heads,
+        c.kv_heads,
+        c.head_dim,
+        c.vocab,
+        a.method,
+        a.keep,
+        if a.tf32 { " --tf32" } else { "" }
     );
     println!(
         "target step: batch {} x seq {} = {} tokens; trained blocks {}; projections {}",
@@ -109,10 +122,19 @@ pub fn print_and_save(
         .formulations
         .iter()
         .zip(["gate", "up", "down"])
-        .filter_map(|(f, n)| f.map(|f| format!("{n} {f:?}")))
+        .filter_map(|(f, n)| {
+            f.map(|(f, u)| match u {
+                Some(u) => format!("{n} {f:?} (update {u:?})"),
+                None => format!("{n} {f:?}"),
+            })
+        })
         .collect();
     if !forms.is_empty() {
-        println!("SparseGrad formulation (flop model at {} tokens): {}", a.batch * a.seq, forms.join(", "));
+        let how = match a.formulation {
+            None => format!("priced at {} tokens on the {}", a.batch * a.seq, ctx.device_model),
+            Some(_) => "fixed by --formulation".to_string(),
+        };
+        println!("SparseGrad formulation ({how}): {}", forms.join(", "));
     }
     println!(
         "run ({run_label}, {}): layers 0..{} (trained {:?}), batch {}, seq {}; {} measured step(s) per length after a warm-up",
@@ -266,6 +288,11 @@ pub fn print_and_save(
         "dims": a.dims,
         "method": a.method,
         "dtype": dtype,
+        "tf32": a.tf32,
+        "formulations": ctx.formulations.map(|f| f.map(|(f, u)| json!({
+            "formulation": format!("{f:?}"),
+            "merged_update": u.map(|u| format!("{u:?}")),
+        }))),
         "batch": a.batch,
         "seq": a.seq,
         "trained_blocks": ctx.trained,

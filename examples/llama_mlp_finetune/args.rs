@@ -55,6 +55,8 @@ pub struct Args {
     pub compare: bool,
     pub device: Device,
     pub precision: Precision,
+    /// f32 GEMMs with TF32 (`Cuda::set_tf32`).
+    pub tf32: bool,
     pub blocks: Blocks,
     pub steps: usize,
     pub batch: usize,
@@ -88,6 +90,7 @@ flags (defaults: CPU / with --device cuda):
   --compare          run all four methods at equal trainable parameters, one table
   --device D         cpu | cuda                                         [cpu]
   --dtype T          f32 | bf16 (bf16: frozen operands in bf16, cuda only)  [f32]
+  --tf32             f32 GEMMs on TF32 tensor cores (cuda only; default: exact f32)
   --blocks B         trained blocks: `23,26,29`, `every3` (every third block, the
                      paper's choice; any everyN), or `all`    [23,26,29 / every3]
   --steps N          training steps (at most 10000000)                  [100 / 300]
@@ -97,7 +100,8 @@ flags (defaults: CPU / with --device cuda):
   --keep F           fraction of each projection's entries SparseGrad and MeProp
                      update per step                                    [0.01]
   --formulation F    SparseGrad's formulation per projection: flops (the flop
-                     count picks), measure (time a step of both once per shape),
+                     count on the CPU, the predicted time at the precision's rates
+                     on a GPU), measure (time a step of both once per shape),
                      merged, transformed                                [flops]
   --lora-rank R      LoRA rank [the rank with the same trainable parameters as --keep]
   --lr F             learning rate (Adam/SparseAdam)                    [3e-3 / 1e-3]
@@ -221,8 +225,9 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     }
     let mut given: Vec<(&'static str, String)> = Vec::new();
     let mut compare = false;
+    let mut tf32 = false;
     let mut it = argv.iter();
-    const FLAGS: [&str; 21] = [
+    const FLAGS: [&str; 22] = [
         "--method",
         "--device",
         "--dtype",
@@ -244,6 +249,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         "--eval-every",
         "--validation-fraction",
         "--compare",
+        "--tf32",
     ];
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -254,11 +260,15 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
             let what = if arg.starts_with('-') { "unknown flag" } else { "unexpected argument" };
             return Err(Error::invalid("command line", format!("{what} `{arg}` (see --help)")));
         };
-        if flag == "--compare" {
+        if flag == "--compare" || flag == "--tf32" {
             if inline.is_some() {
-                return Err(Error::invalid("--compare", "takes no value"));
+                return Err(Error::invalid(flag, "takes no value"));
             }
-            compare = true;
+            if flag == "--compare" {
+                compare = true;
+            } else {
+                tf32 = true;
+            }
             continue;
         }
         let value = match inline {
@@ -293,6 +303,9 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         }
         Some(v) => return Err(Error::invalid("--dtype", format!("`{v}` is not one of f32, bf16"))),
     };
+    if tf32 && device != Device::Cuda {
+        return Err(Error::invalid("--tf32", "needs --device cuda (the CPU backend's f32 GEMMs are exact f32)"));
+    }
     if compare && get("--method").is_some() {
         return Err(Error::invalid("--compare", "runs every method; drop --method"));
     }
@@ -334,6 +347,7 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         compare,
         device,
         precision,
+        tf32,
         blocks: get("--blocks").map_or(Ok(d.blocks), parse_blocks)?,
         steps: at_most("--steps", pos("--steps", d.steps)?, MAX_STEPS)?,
         batch: pos("--batch", d.batch)?,

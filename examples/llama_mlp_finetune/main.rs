@@ -414,7 +414,7 @@ fn run_method<B: Backend + Clone>(
 fn main_with(args: &Args, started: Instant) -> Result<()> {
     if args.device == Device::Cuda {
         // Fail before the model loads: a machine without a GPU should hear so at once.
-        cuda()?;
+        cuda(args.tf32)?;
     }
     let m = load_model(args)?;
     let blocks = args.blocks.resolve(m.weights.config.layers)?;
@@ -434,7 +434,11 @@ fn main_with(args: &Args, started: Instant) -> Result<()> {
     eprintln!(
         "device {:?}, {}; blocks {blocks:?}; {} steps of batch {} x seq {}; lr {}; seed {}",
         args.device,
-        if args.precision == Precision::Bf16 { "bf16 frozen operands" } else { "f32" },
+        match (args.precision, args.tf32) {
+            (Precision::Bf16, _) => "bf16 frozen operands",
+            (_, true) => "f32 with TF32 GEMMs",
+            _ => "f32",
+        },
         args.steps,
         args.batch,
         args.seq_len,
@@ -443,17 +447,21 @@ fn main_with(args: &Args, started: Instant) -> Result<()> {
     );
     match args.device {
         Device::Cpu => drive(|| Ok(Cpu::new()), args, &m, &data, &blocks, started),
-        Device::Cuda => drive(cuda, args, &m, &data, &blocks, started),
+        Device::Cuda => drive(|| cuda(args.tf32), args, &m, &data, &blocks, started),
     }
 }
 
+/// The CUDA backend, its f32 GEMMs on TF32 tensor cores when `tf32` (set before any layer
+/// is built: SparseGrad layers price their formulation at the rates in effect).
 #[cfg(feature = "cuda")]
-fn cuda() -> Result<sparsegrad::Cuda> {
-    sparsegrad::Cuda::new(0)
+fn cuda(tf32: bool) -> Result<sparsegrad::Cuda> {
+    let cuda = sparsegrad::Cuda::new(0)?;
+    cuda.set_tf32(tf32);
+    Ok(cuda)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<Cpu> {
+fn cuda(_tf32: bool) -> Result<Cpu> {
     Err(Error::CudaUnavailable("this build has no CUDA backend (the `cuda` feature is off)".into()))
 }
 

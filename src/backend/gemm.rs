@@ -7,6 +7,9 @@ use crate::error::Result;
 /// `op(A)` `(m, k)` and `op(B)` `(k, n)`. `A` is stored `(m, k)` when `trans_a` is false and
 /// `(k, m)` when true, likewise `B`. Leading dimensions default to the stored row length;
 /// offsets and batch strides (in elements) describe sub-matrices and strided batches.
+/// `exact_f32` keeps an f32 product exact f32 even where the backend runs f32 GEMMs on TF32
+/// tensor cores ([`crate::Backend::tf32`]): for the one-time products that set or export a
+/// master weight (a layer's `Wt = P^T W Q`, its merge back), never for the hot path.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Gemm {
     pub trans_a: bool,
@@ -26,6 +29,7 @@ pub struct Gemm {
     pub stride_a: usize,
     pub stride_b: usize,
     pub stride_c: usize,
+    pub exact_f32: bool,
 }
 
 impl Gemm {
@@ -52,6 +56,7 @@ impl Gemm {
             stride_a: 0,
             stride_b: 0,
             stride_c: 0,
+            exact_f32: false,
         }
     }
     /// `C = A B`.
@@ -72,6 +77,11 @@ impl Gemm {
     }
     pub fn beta(mut self, beta: f32) -> Self {
         self.beta = beta;
+        self
+    }
+    /// Exact f32 even under TF32 (see the type's docs).
+    pub fn exact_f32(mut self) -> Self {
+        self.exact_f32 = true;
         self
     }
     /// Rows of the stored A, B and C (for bounds checks).

@@ -306,6 +306,17 @@ pub trait Backend: Buffers + DenseOps + TransformerOps + EncoderOps + SparseOps 
     /// Waits for queued work (a no-op on the CPU).
     fn synchronize(&self) -> Result<()>;
     fn memory_stats(&self) -> MemoryStats;
+    /// The roofline model layers price their choices with on this backend (SparseGrad's
+    /// formulation and merged update, `linear::sparsegrad::pricing`), or `None` where they
+    /// count flops instead (the CPU, whose choices are its own tuned paths).
+    fn device_model(&self) -> Option<crate::perf::roofline::DeviceModel> {
+        None
+    }
+    /// Whether f32 GEMMs run on TF32 tensor cores (`CUBLAS_COMPUTE_32F_FAST_TF32`; CUDA with
+    /// [`crate::Cuda::set_tf32`]). Never on the CPU, whose f32 GEMMs are exact f32.
+    fn tf32(&self) -> bool {
+        false
+    }
 }
 
 /// [`Backend::upload_into`]: `dst` holds the host slice.

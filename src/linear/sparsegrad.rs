@@ -22,9 +22,24 @@
 //! token count; [`Formulation::measure`] times whole layer steps of both on the backend once
 //! per shape instead (a one-time calibration), for when GEMM efficiency per shape, the top-k
 //! and the merged update's gathers change the answer the flop count gives.
+//!
+//! On a backend with a device model (CUDA, [`Backend::device_model`]) a layer prices both
+//! forms instead ([`Formulation::choose_priced`], `pricing.rs`): every GEMM at the rate of
+//! its precision (bf16 tensor cores, TF32, FP32 cores) or the memory bandwidth, casts and
+//! sparse kernels at the bandwidth; so the choice can differ between f32 and bf16. There the
+//! merged update has no scattered atomics ([`MergedUpdate`]): the change `D` is stored
+//! densely and applied by two GEMMs (`W += P (D Q^T)`, in bf16 and under TF32), or, in exact
+//! f32 where that prices lower, `E = D Q^T` is formed by row runs summed in registers
+//! (`coo_mm`) and applied by one GEMM (`W += P E`); both have a fixed launch shape.
+//!
+//! Precision: in bf16 (`Precision::Bf16`) the layer keeps bf16 copies of `P` and `Q` and
+//! runs every basis product (forward and backward of both forms, `P^T dW Q`, the merged
+//! update) with bf16 operands and f32 accumulation, staging f32 intermediates to bf16; the
+//! trained weight and the optimizer moments stay in `F`.
 
 mod calibrate;
 mod device_basis;
+mod pricing;
 mod state;
 mod step;
 mod workspace;
@@ -39,6 +54,9 @@ use crate::optim::{Moments, Optimizer};
 use crate::scalar::Real;
 use device_basis::{BasisLayout, DeviceBasis};
 use half::bf16;
+#[cfg(feature = "cuda")]
+pub(crate) use pricing::update_kernel_work;
+pub use pricing::{FormulationPrice, GemmMode, MergedUpdate};
 use std::sync::Arc;
 use workspace::Workspace;
 
@@ -112,7 +130,8 @@ impl Formulation {
 /// that build many layers from one setting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum FormulationChoice {
-    /// [`Formulation::choose`]: the flop count for the expected token count.
+    /// The layer's own model for the expected token count: [`Formulation::choose`]'s flop
+    /// count on the CPU, [`Formulation::choose_priced`] on a backend with a device model.
     #[default]
     FlopModel,
     /// [`Formulation::measure`]: time whole steps of both once per shape on the backend.
@@ -161,11 +180,17 @@ impl FormulationChoice {
 pub struct SparseGradConfig {
     pub keep: Keep,
     pub selection: Selection,
-    /// `None`: [`Formulation::choose`] for `expected_tokens` (SparseByDense with a threshold
-    /// above 0 always takes the transformed formulation, which it needs). Both formulations
-    /// give the same results; they differ in flops and memory. [`SparseGradLinear::formulation`]
-    /// says which one the layer took.
+    /// `None`: [`Formulation::choose`] for `expected_tokens` on the CPU,
+    /// [`Formulation::choose_priced`] on a backend with a device model (SparseByDense with a
+    /// threshold above 0 always takes the transformed formulation, which it needs). Both
+    /// formulations give the same results; they differ in flops and memory.
+    /// [`SparseGradLinear::formulation`] says which one the layer took.
     pub formulation: Option<Formulation>,
+    /// How a merged layer applies its step to `W`; `None`: [`MergedUpdate::choose`]. The
+    /// sparse updates and [`MergedUpdate::Runs`] run in f32 only; the transformed formulation
+    /// has no merged update and ignores this. All give the same `W` up to rounding;
+    /// [`SparseGradLinear::merged_update`] says which one the layer took.
+    pub merged_update: Option<MergedUpdate>,
     /// Tokens per step the cost model assumes when `formulation` is `None` (default 4096):
     /// set it to the real batch size in tokens, or set `formulation`.
     pub expected_tokens: usize,
@@ -181,6 +206,7 @@ impl Default for SparseGradConfig {
             keep: Keep::default(),
             selection: Selection::Exact,
             formulation: None,
+            merged_update: None,
             expected_tokens: 4096,
             optimizer: Optimizer::default(),
             precision: Precision::Full,
@@ -214,8 +240,8 @@ pub struct SparseGradLinear<B: Backend, F: Real = f32> {
     k: usize,
     cfg: SparseGradConfig,
     formulation: Formulation,
-    /// Merged layers: the step is applied as `W += (P D) Q^T` (see [`Formulation::merged_update_by_columns`]).
-    update_by_columns: bool,
+    /// Merged layers: how a step is applied to `W` ([`MergedUpdate::choose`]).
+    update: Option<MergedUpdate>,
     group: String,
     /// The basis on the device, shared with the other layers of the group.
     basis_dev: Arc<DeviceBasis<B, F>>,
@@ -269,6 +295,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 threshold > 0.0
             }
         };
+        // A backend with a device model (a GPU) prices the forms at its rates; the CPU counts flops.
+        let priced = backend.device_model().map(|model| (model, GemmMode::of(cfg.precision, backend.tf32())));
         let formulation = match cfg.formulation {
             Some(Formulation::Merged) if thresholded => {
                 return Err(Error::invalid(
@@ -278,23 +306,46 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             }
             Some(f) => f,
             None if thresholded => Formulation::Transformed,
-            None => Formulation::choose(out, inp, cfg.expected_tokens, k),
+            None => match &priced {
+                Some((model, mode)) => {
+                    Formulation::choose_priced(out, inp, cfg.expected_tokens, k, cfg.precision, *mode, model)
+                }
+                None => Formulation::choose(out, inp, cfg.expected_tokens, k),
+            },
         };
         let half = cfg.precision == Precision::Bf16;
         let fingerprint = basis.fingerprint();
-        let update_by_columns =
-            formulation == Formulation::Merged && Formulation::merged_update_by_columns(out, inp, k);
-        let layout = BasisLayout::of(formulation, cfg.precision, update_by_columns);
+        let update = match (formulation, cfg.merged_update) {
+            (Formulation::Transformed, _) => None,
+            (Formulation::Merged, Some(u)) => {
+                if half && u != MergedUpdate::Dense {
+                    return Err(Error::invalid(
+                        "SparseGradLinear::new",
+                        format!("the merged update {u:?} runs in f32 only; bf16 layers update by Dense"),
+                    ));
+                }
+                Some(u)
+            }
+            (Formulation::Merged, None) => Some(MergedUpdate::choose(
+                out,
+                inp,
+                k,
+                cfg.precision,
+                priced.as_ref().map(|(model, mode)| (model, *mode)),
+            )),
+        };
+        let layout = BasisLayout::of(cfg.precision, update);
         let device = DeviceBasis::shared(backend, basis, layout)?;
         let weight_state = match formulation {
             Formulation::Transformed => {
-                // Wt = (P^T W) Q on the backend, in `F` whatever the operand precision.
+                // Wt = (P^T W) Q on the backend, in `F` whatever the operand precision (and
+                // exact f32 under TF32: this sets the master weight).
                 let w = backend.upload(weight)?;
                 let mut tmp = backend.alloc::<F>(out * inp)?;
                 let mut wt = backend.alloc::<F>(out * inp)?;
                 let mut product = |p: &B::Buf<F>, q: &B::Buf<F>| -> Result<()> {
-                    backend.gemm(&Gemm::tn(out, inp, out), p, &w, &mut tmp)?;
-                    backend.gemm(&Gemm::nn(out, inp, inp), &tmp, q, &mut wt)
+                    backend.gemm(&Gemm::tn(out, inp, out).exact_f32(), p, &w, &mut tmp)?;
+                    backend.gemm(&Gemm::nn(out, inp, inp).exact_f32(), &tmp, q, &mut wt)
                 };
                 match (device.p.as_ref(), device.q.as_ref()) {
                     (OperandRef::Full(p), OperandRef::Full(q)) => product(p, q)?,
@@ -317,7 +368,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             k,
             cfg,
             formulation,
-            update_by_columns,
+            update,
             group: basis.group().to_string(),
             basis_dev: device,
             weight: weight_state,
@@ -330,7 +381,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             grad_ready: false,
             saved_tokens: None,
             stats: StepGrads::default(),
-            ws: Workspace::new(backend, formulation, update_by_columns, cfg.selection, cfg.precision, out, inp, k)?,
+            ws: Workspace::new(backend, formulation, update, cfg.selection, cfg.precision, out, inp, k)?,
             basis_fingerprint: fingerprint,
             sgd_mask: match cfg.optimizer {
                 Optimizer::Sgd { .. } => {
@@ -357,6 +408,10 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     }
     pub fn formulation(&self) -> Formulation {
         self.formulation
+    }
+    /// How the layer applies a step to `W` (`None` in the transformed formulation).
+    pub fn merged_update(&self) -> Option<MergedUpdate> {
+        self.update
     }
     pub fn config(&self) -> &SparseGradConfig {
         &self.cfg
@@ -485,35 +540,31 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     }
 
     /// `P^T M Q` (`into_basis`) or `P M Q^T` for an `(out, in)` matrix `m`, on the layer's
-    /// backend in `F`, with the basis in `F` (the f32 one when the layer holds it in bf16).
+    /// backend in `F` (exact f32 under TF32), with the basis in `F` (the f32 one when the
+    /// layer holds it in bf16).
     /// Not on the training path: it allocates its result and scratch.
     pub(crate) fn basis_change(&self, m: &B::Buf<F>, into_basis: bool) -> Result<B::Buf<F>> {
         let (be, out, inp) = (&self.backend, self.out, self.inp);
         let mut tmp = be.alloc::<F>(out * inp)?;
         let mut res = be.alloc::<F>(out * inp)?;
-        // Merged layers that update by rows hold `P^T`; the others `P`.
-        let p_transposed = self.p_transposed();
-        let (sp, sq) = match (into_basis, p_transposed) {
-            (true, false) => (Gemm::tn(out, inp, out), Gemm::nn(out, inp, inp)),
-            (true, true) => (Gemm::nn(out, inp, out), Gemm::nn(out, inp, inp)),
-            (false, false) => (Gemm::nn(out, inp, out), Gemm::nt(out, inp, inp)),
-            (false, true) => (Gemm::tn(out, inp, out), Gemm::nt(out, inp, inp)),
-        };
-        let mut product = |p: &B::Buf<F>, q: &B::Buf<F>| -> Result<()> {
+        // The device basis may hold P^T or Q^T (see `BasisLayout`); the exact copies do not.
+        let mut product = |p: &B::Buf<F>, q: &B::Buf<F>, p_t: bool, q_t: bool| -> Result<()> {
+            let (sp, sq) = if into_basis {
+                (Gemm::new(!p_t, false, out, inp, out), Gemm::new(false, q_t, out, inp, inp))
+            } else {
+                (Gemm::new(p_t, false, out, inp, out), Gemm::new(false, !q_t, out, inp, inp))
+            };
+            let (sp, sq) = (sp.exact_f32(), sq.exact_f32());
             be.gemm(&sp, p, m, &mut tmp)?;
             be.gemm(&sq, &tmp, q, &mut res)
         };
-        match (self.basis_dev.p.as_ref(), self.basis_dev.q.as_ref(), &self.basis_dev.exact) {
-            (OperandRef::Full(p), OperandRef::Full(q), _) => product(p, q)?,
-            (_, _, Some((p, q))) => product(&be.upload(&to_f::<F>(p))?, &be.upload(&to_f::<F>(q))?)?,
+        let dev = &self.basis_dev;
+        match (dev.p.as_ref(), dev.q.as_ref(), &dev.exact) {
+            (OperandRef::Full(p), OperandRef::Full(q), _) => product(p, q, dev.p_transposed, dev.q_transposed)?,
+            (_, _, Some((p, q))) => product(&be.upload(&to_f::<F>(p))?, &be.upload(&to_f::<F>(q))?, false, false)?,
             _ => return Err(Error::invalid("SparseGradLinear::basis_change", "the layer holds no basis in F")),
         }
         Ok(res)
-    }
-
-    /// Whether the device basis holds `P^T` rather than `P`.
-    fn p_transposed(&self) -> bool {
-        self.formulation == Formulation::Merged && !self.update_by_columns
     }
 
     fn refresh_half_weight(&mut self) -> Result<()> {

@@ -8,7 +8,7 @@ use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::dense::{DenseConfig, DenseLinear, DenseMode};
 use crate::linear::lora::{LoraConfig, LoraLinear};
-use crate::linear::sparsegrad::{Formulation, Selection, SparseGradConfig, SparseGradLinear};
+use crate::linear::sparsegrad::{Formulation, MergedUpdate, Selection, SparseGradConfig, SparseGradLinear};
 use crate::linear::state::LayerState;
 use crate::linear::{Keep, LayerWeights};
 use crate::optim::Optimizer;
@@ -56,11 +56,13 @@ pub struct TrainOptions {
     pub optimizer: Optimizer,
     pub precision: Precision,
     /// Tokens per step SparseGrad's cost model assumes when a SparseGrad method leaves its
-    /// formulation to the layer (`formulation: None`): [`Formulation::choose`] takes the
-    /// merged formulation when its extra flops (independent of the token count) are below
-    /// the transformed one's `4 T (out^2 + in^2)`. Both are exact, so this decides speed and
-    /// memory, never results; set `formulation` to decide yourself, and read the choice back
-    /// with [`Linear::formulation`]. Default 4096.
+    /// formulation to the layer (`formulation: None`): on the CPU [`Formulation::choose`]
+    /// takes the merged formulation when its extra flops (independent of the token count)
+    /// are below the transformed one's `4 T (out^2 + in^2)`; on a GPU
+    /// [`Formulation::choose_priced`] compares their predicted times at the precision's
+    /// rates. Both are exact, so this decides speed and memory, never results; set
+    /// `formulation` to decide yourself, and read the choice back with
+    /// [`Linear::formulation`]. Default 4096.
     pub expected_tokens: usize,
     /// Seeds LoRA's `A`.
     pub seed: u64,
@@ -229,6 +231,7 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
                     keep,
                     selection,
                     formulation,
+                    merged_update: None,
                     expected_tokens: opts.expected_tokens,
                     optimizer: opts.optimizer,
                     precision: opts.precision,
@@ -288,6 +291,14 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
     pub fn formulation(&self) -> Option<Formulation> {
         match self {
             Linear::SparseGrad(l) => Some(l.formulation()),
+            _ => None,
+        }
+    }
+
+    /// How a merged SparseGrad layer applies its step (see [`MergedUpdate`]).
+    pub fn merged_update(&self) -> Option<MergedUpdate> {
+        match self {
+            Linear::SparseGrad(l) => l.merged_update(),
             _ => None,
         }
     }

@@ -1,11 +1,13 @@
 //! CPU sparse-by-dense ops: nonzero row/column detection, row and block gathers, and the
-//! COO helpers (scatter-add, row compaction, sparse-times-dense).
+//! COO helpers (scatter-add, row compaction, sparse-times-dense, densification, the
+//! by-rows sparse-by-dense product).
 
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::sparse::*;
 use crate::backend::{Coo, NonzeroBlock};
 use crate::error::{check_len, Error, Result};
 use crate::scalar::{Elem, Real};
+use half::bf16;
 use rayon::prelude::*;
 
 impl SparseOps for Cpu {
@@ -171,6 +173,50 @@ impl SparseOps for Cpu {
         });
         Ok(())
     }
+
+    fn coo_densify<F: Real>(&self, coo: &Coo<Cpu, F>, dense: &mut CpuBuf<F>) -> Result<()> {
+        densify(self, "coo_densify", coo, dense, |v| v)
+    }
+
+    fn coo_densify_bf16<F: Real>(&self, coo: &Coo<Cpu, F>, dense: &mut CpuBuf<bf16>) -> Result<()> {
+        densify(self, "coo_densify_bf16", coo, dense, |v| v.to_bf16())
+    }
+
+    fn coo_mm<F: Real>(
+        &self,
+        coo: &Coo<Cpu, F>,
+        row_starts: &mut CpuBuf<u32>,
+        b: &CpuBuf<F>,
+        b_cols: usize,
+        out: &mut CpuBuf<F>,
+    ) -> Result<()> {
+        const OP: &str = "coo_mm";
+        check_coo_mm(self, coo, row_starts, b, b_cols, out)?;
+        check_coo_sorted(OP, coo)?;
+        let (rows, len) = (coo.shape.0, coo.len);
+        // row_starts[r]: the first entry of row r or later (a lower bound, as the kernel's).
+        let mut e = 0;
+        for (r, start) in row_starts[..=rows].iter_mut().enumerate() {
+            while e < len && (coo.rows[e] as usize) < r {
+                e += 1;
+            }
+            *start = e as u32;
+        }
+        if b_cols == 0 {
+            return Ok(());
+        }
+        let (starts, cols, values) = (&row_starts[..=rows], &coo.cols[..len], &coo.values[..len]);
+        out[..rows * b_cols].par_chunks_mut(b_cols).enumerate().for_each(|(r, out_row)| {
+            out_row.fill(F::ZERO);
+            for e in starts[r] as usize..starts[r + 1] as usize {
+                let (v, b_row) = (values[e], &b[cols[e] as usize * b_cols..][..b_cols]);
+                for (o, &q) in out_row.iter_mut().zip(b_row) {
+                    *o += v * q;
+                }
+            }
+        });
+        Ok(())
+    }
 }
 
 fn compact(flags: &[bool], out: &mut [u32]) -> usize {
@@ -185,6 +231,35 @@ fn compact(flags: &[bool], out: &mut [u32]) -> usize {
 fn check_indices(op: &'static str, what: &str, idx: &[u32], bound: usize) -> Result<()> {
     if let Some((i, &v)) = idx.iter().enumerate().find(|(_, &v)| v as usize >= bound) {
         return Err(Error::invalid(op, format!("{what}[{i}] = {v} out of range 0..{bound}")));
+    }
+    Ok(())
+}
+
+/// Zeroes `dense` (the COO's matrix) and stores each entry's `convert(value)`.
+fn densify<F: Real, T: Elem>(
+    cpu: &Cpu,
+    op: &'static str,
+    coo: &Coo<Cpu, F>,
+    dense: &mut CpuBuf<T>,
+    convert: impl Fn(F) -> T,
+) -> Result<()> {
+    let n = check_coo_densify(cpu, op, coo, dense)?;
+    check_coo_sorted(op, coo)?;
+    dense[..n].fill(T::default());
+    let cols = coo.shape.1;
+    for e in 0..coo.len {
+        dense[coo.rows[e] as usize * cols + coo.cols[e] as usize] = convert(coo.values[e]);
+    }
+    Ok(())
+}
+
+/// The entries lie inside the matrix and are strictly ascending by linear index.
+fn check_coo_sorted<F: Real>(op: &'static str, coo: &Coo<Cpu, F>) -> Result<()> {
+    check_coo_indices(op, coo)?;
+    let cols = coo.shape.1 as u64;
+    let lin = |e: usize| coo.rows[e] as u64 * cols + coo.cols[e] as u64;
+    if let Some(e) = (1..coo.len).find(|&e| lin(e - 1) >= lin(e)) {
+        return Err(Error::invalid(op, format!("COO entry {e} is not after entry {} in linear order", e - 1)));
     }
     Ok(())
 }

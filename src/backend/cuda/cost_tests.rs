@@ -62,3 +62,17 @@ fn sparse_topk_and_optimizer_costs_by_hand() {
     assert_eq!(cost(&sparse::COO_DENSE_T, &[5, 4]), (80.0 + 240.0, 40.0));
     assert_eq!(cost(&sparse::GATHER_ROWS[1], &[3, 10]).0, 12.0 + 60.0);
 }
+
+#[test]
+fn merged_update_costs_by_hand() {
+    // Densifying 5 entries: per entry rows, cols, values (12) and the previous entry's
+    // indices (8) read, one element written: f32 5 * 24, bf16 5 * 22; no arithmetic.
+    assert_eq!(cost(&sparse::COO_DENSIFY[0], &[5, 4]), (120.0, 0.0));
+    assert_eq!(cost(&sparse::COO_DENSIFY[1], &[5, 2]), (110.0, 0.0));
+    // Row starts of 5 entries of a 3-row COO: 4 searches of 3 probes (5 has 3 bits) of 4
+    // bytes plus the start written (4 * 4 * 4 = 64), each entry's row and column read (40).
+    assert_eq!(cost(&sparse::COO_ROW_STARTS, &[5, 3]), (104.0, 0.0));
+    // coo_mm of 5 entries, 3 rows, 7 columns of b: starts 16, entries 40, 5 rows of b 140,
+    // out 3 x 7 written 84; a multiply and an add per entry and column (70).
+    assert_eq!(cost(&sparse::COO_MM, &[5, 3, 7]), (280.0, 70.0));
+}

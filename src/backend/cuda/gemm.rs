@@ -4,9 +4,13 @@
 //! column-major, is its `(c, r)` transpose with the same `ld`. So the row-major product
 //! `C = op(A) op(B)` is computed as the column-major `C^T = op(B)^T op(A)^T`: B goes first,
 //! `m` and `n` swap, each operand keeps its own transpose flag and leading dimension, and
-//! offsets and batch strides are unchanged. Everything accumulates in f32
-//! (`CUBLAS_COMPUTE_32F`, the handle's default math mode: no TF32); bf16 operands use
-//! `cublasGemmEx` / `cublasGemmStridedBatchedEx` with `CUDA_R_16BF` inputs and an f32 `C`.
+//! offsets and batch strides are unchanged. Everything accumulates in f32 with the handle's
+//! default math mode; bf16 operands use `cublasGemmEx` / `cublasGemmStridedBatchedEx` with
+//! `CUDA_R_16BF` inputs and an f32 `C` (`CUBLAS_COMPUTE_32F`: tensor cores). f32 operands
+//! use `CUBLAS_COMPUTE_32F` (exact f32 on FP32 cores, the default, as PyTorch's) or, after
+//! [`Cuda::set_tf32`], `CUBLAS_COMPUTE_32F_FAST_TF32` (A and B rounded to TF32, 10 explicit
+//! mantissa bits, on tensor cores; f32 accumulation) unless the product asks for exact f32
+//! ([`Gemm::exact_f32`]). The ledger records the compute type.
 //! `k = 0` is handled by a kernel (`C = beta C`, exact zeros when `beta = 0`), as on the CPU.
 //!
 //! [`crate::backend::DenseOps::gemm`] and `gemm_bf16` for CUDA (dense.rs) are the two
@@ -25,6 +29,21 @@ use crate::scalar::Real;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasFillMode_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use half::bf16;
 use std::ffi::c_void;
+
+impl Cuda {
+    /// Lets every later f32 GEMM of this backend (and its clones) run on TF32 tensor cores
+    /// (`CUBLAS_COMPUTE_32F_FAST_TF32`), or restores exact f32 (`false`, the default). bf16
+    /// GEMMs are unaffected. Set it before building layers: SparseGrad layers price their
+    /// formulation at the rates in effect when they are built.
+    pub fn set_tf32(&self, on: bool) {
+        self.tf32.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether f32 GEMMs run with TF32 ([`Cuda::set_tf32`]).
+    pub fn tf32_enabled(&self) -> bool {
+        self.tf32.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
 
 /// [`crate::backend::DenseOps::gemm`].
 pub(super) fn gemm<F: Real>(
@@ -155,7 +174,15 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> 
     let alpha_p = &alpha as *const f32 as *const c_void;
     let beta_p = &beta as *const f32 as *const c_void;
     let c_type = cudaDataType::CUDA_R_32F;
-    let compute = cublasComputeType_t::CUBLAS_COMPUTE_32F;
+    let gemm_compute = if operands == ElemType::F32 && cuda.tf32_enabled() && !spec.exact_f32 {
+        GemmCompute::F32FastTf32
+    } else {
+        GemmCompute::F32
+    };
+    let compute = match gemm_compute {
+        GemmCompute::F32 => cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        GemmCompute::F32FastTf32 => cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+    };
     let algo = cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
     cuda.bind()?;
     let blas = cuda.blas.lock().unwrap_or_else(|p| p.into_inner());
@@ -169,7 +196,7 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> 
         batch: spec.batch as u64,
         operands,
         output: ElemType::F32,
-        compute: GemmCompute::F32,
+        compute: gemm_compute,
         accumulate: spec.beta != 0.0,
     };
     let timer = cuda.profiler.start_timer(&cuda.ctx, &cuda.stream)?;

@@ -118,4 +118,14 @@ impl Backend for Cuda {
     fn memory_stats(&self) -> MemoryStats {
         self.counters.stats()
     }
+
+    /// The H200 on an H200, else the H100 SXM (the emulated device included).
+    fn device_model(&self) -> Option<crate::perf::roofline::DeviceModel> {
+        use crate::perf::roofline::{H100_SXM, H200};
+        Some(if self.device_name().contains("H200") { H200 } else { H100_SXM })
+    }
+
+    fn tf32(&self) -> bool {
+        self.tf32_enabled()
+    }
 }

@@ -166,6 +166,8 @@ pub struct CudaShared {
     sm_count: u32,
     device_name: String,
     compute_capability: (i32, i32),
+    /// f32 GEMMs with TF32 tensor cores ([`Cuda::set_tf32`], gemm.rs).
+    tf32: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -325,6 +327,7 @@ impl Cuda {
             sm_count,
             device_name,
             compute_capability,
+            tf32: std::sync::atomic::AtomicBool::new(false),
         })))
     }
 

@@ -7,8 +7,10 @@ use super::{kargs, kernel, require_f32, Cuda, CudaBuf, THREADS, TILE};
 use crate::backend::ops::sparse::*;
 use crate::backend::{Coo, NonzeroBlock};
 use crate::error::{check_len, Error, Result};
+use crate::linear::sparsegrad::update_kernel_work as work;
 use crate::scalar::{Elem, Real};
 use cudarc::driver::LaunchConfig;
+use half::bf16;
 
 const PER_SM: u32 = 16;
 
@@ -61,6 +63,49 @@ kernel!(
     /// an atomic add per row of `b` (read and written): the scattered update issue 18 removes.
     COO_DENSE_T = "sparse" / "coo_dense_t_f32", TopkSparse, |a| (16 * a[0] + 12 * a[0] * a[1], 2 * a[0] * a[1])
 );
+
+kernel!(
+    /// [len, element bytes]: see `update_kernel_work::coo_densify` (the zeroing memset is its
+    /// own ledger event).
+    COO_DENSIFY = "sparse" / ["coo_densify_f32", "coo_densify_bf16"], TopkSparse, |a| work::coo_densify(a[0], a[1])
+);
+kernel!(
+    /// [len, n_rows]: see `update_kernel_work::coo_row_starts`.
+    COO_ROW_STARTS = "sparse" / "coo_row_starts", TopkSparse, |a| work::coo_row_starts(a[0], a[1])
+);
+kernel!(
+    /// [len, n_rows, b_cols]: see `update_kernel_work::coo_mm`.
+    COO_MM = "sparse" / "coo_mm_f32", TopkSparse, |a| work::coo_mm(a[0], a[1], a[2], 4)
+);
+
+/// Zeroes `dense` (`n` elements of `T`) and stores the COO entries into it with `kernel`.
+fn densify<F: Real, T>(
+    cuda: &Cuda,
+    kernel: &'static crate::perf::KernelCost,
+    coo: &Coo<Cuda, F>,
+    dense: &mut CudaBuf<T>,
+    n: usize,
+) -> Result<()> {
+    let elem = std::mem::size_of::<T>();
+    cuda.memset_zero(dense.ptr_mut(), n * elem)?;
+    if coo.len == 0 {
+        return Ok(());
+    }
+    let (rp, cp, vp, len) = (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64);
+    let (r, c, d, err) = (coo.shape.0 as u64, coo.shape.1 as u64, dense.ptr_mut(), cuda.errors.ptr());
+    // SAFETY: coo_densify_{f32,bf16}(const u32* rows, const u32* cols, const float* values,
+    // u64 len, u64 n_rows, u64 n_cols, T* dense, u32* err): the COO buffers hold len entries
+    // and dense n_rows * n_cols elements of T (checked by the validator); entries outside
+    // the matrix are skipped.
+    unsafe {
+        cuda.launch(
+            kernel,
+            cuda.grid_1d(coo.len, PER_SM),
+            &mut kargs![rp, cp, vp, len, r, c, d, err],
+            &[len, elem as u64],
+        )
+    }
+}
 
 /// Exclusive scan of `n_tiles` u64 tile counts at `tiles`, in place; the sum goes to `total`.
 pub(super) fn scan_tiles(cuda: &Cuda, tiles: u64, n_tiles: usize, total: u64) -> Result<()> {
@@ -295,5 +340,56 @@ impl SparseOps for Cuda {
         unsafe {
             self.launch(&COO_DENSE_T, cfg, &mut kargs![rp, cp, vp, sp, len, nr, bc, ns, bp, br, op, err], &[len, br])
         }
+    }
+
+    fn coo_densify<F: Real>(&self, coo: &Coo<Cuda, F>, dense: &mut CudaBuf<F>) -> Result<()> {
+        const OP: &str = "coo_densify";
+        require_f32::<F>(OP)?;
+        let n = check_coo_densify(self, OP, coo, dense)?;
+        densify(self, &COO_DENSIFY[0], coo, dense, n)
+    }
+
+    fn coo_densify_bf16<F: Real>(&self, coo: &Coo<Cuda, F>, dense: &mut CudaBuf<bf16>) -> Result<()> {
+        const OP: &str = "coo_densify_bf16";
+        require_f32::<F>(OP)?;
+        let n = check_coo_densify(self, OP, coo, dense)?;
+        densify(self, &COO_DENSIFY[1], coo, dense, n)
+    }
+
+    fn coo_mm<F: Real>(
+        &self,
+        coo: &Coo<Cuda, F>,
+        row_starts: &mut CudaBuf<u32>,
+        b: &CudaBuf<F>,
+        b_cols: usize,
+        out: &mut CudaBuf<F>,
+    ) -> Result<()> {
+        const OP: &str = "coo_mm";
+        require_f32::<F>(OP)?;
+        check_coo_mm(self, coo, row_starts, b, b_cols, out)?;
+        let (rows, cols) = coo.shape;
+        let (rp, cp, vp, len) = (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64);
+        let (nr, nc, sp, err) = (rows as u64, cols as u64, row_starts.ptr_mut(), self.errors.ptr());
+        // SAFETY: coo_row_starts(const u32* rows, const u32* cols, u64 len, u64 n_rows, u64
+        // n_cols, u32* starts, u32* err): reads len COO entries, writes starts[..=n_rows]
+        // (row_starts holds n_rows + 1, checked); every start lies in 0..=len.
+        unsafe {
+            self.launch(
+                &COO_ROW_STARTS,
+                self.grid_1d((rows + 1).max(coo.len), PER_SM),
+                &mut kargs![rp, cp, len, nr, nc, sp, err],
+                &[len, nr],
+            )
+        }?;
+        if rows == 0 || b_cols == 0 {
+            return Ok(());
+        }
+        let cfg = self.grid_2d(rows, b_cols, THREADS, 64);
+        let (bp, bc, op) = (b.ptr(), b_cols as u64, out.ptr_mut());
+        // SAFETY: coo_mm_f32(const u32* starts, const u32* cols, const float* values, u64
+        // n_rows, u64 n_cols, const float* b, u64 b_cols, float* out): starts holds n_rows + 1
+        // offsets into the len COO entries, b n_cols * b_cols and out n_rows * b_cols
+        // elements (checked); columns >= n_cols are not read.
+        unsafe { self.launch(&COO_MM, cfg, &mut kargs![sp, cp, vp, nr, nc, bp, bc, op], &[len, nr, bc]) }
     }
 }

@@ -1,11 +1,13 @@
 //! Sparse-by-dense ops (paper section 3.3): the rows and columns of a thresholded matrix
 //! that hold a nonzero, row and block gathers; and the COO helpers the merged update uses
-//! (scatter-add, row compaction, sparse-times-dense); with the validator of each.
+//! (scatter-add, row compaction, sparse-times-dense, densification, sparse-by-rows times
+//! dense); with the validator of each.
 
 use super::{check_coo, check_lens};
 use crate::backend::{Backend, Buffers, Coo, NonzeroBlock};
 use crate::error::{checked_mul, Error, Result};
 use crate::scalar::{Elem, Real};
+use half::bf16;
 
 /// Sparse-by-dense and COO ops. Index buffers are `u32`; an index out of range is an
 /// [`Error::InvalidArgument`] (on CUDA reported at the next synchronization point).
@@ -67,6 +69,26 @@ pub trait SparseOps: Buffers {
         n_slots: usize,
         b: &Self::Buf<F>,
         b_rows: usize,
+        out: &mut Self::Buf<F>,
+    ) -> Result<()>;
+    /// The COO list as a dense `coo.shape` matrix: `dense` is zeroed, then `dense[r, c] = v`
+    /// for every entry. The entries must be distinct and sorted by linear index (as every
+    /// COO list is), so each element is stored once: plain stores, no atomics, and the
+    /// result does not depend on the order of the stores.
+    fn coo_densify<F: Real>(&self, coo: &Coo<Self, F>, dense: &mut Self::Buf<F>) -> Result<()>;
+    /// [`SparseOps::coo_densify`] into bf16 (each value rounded to nearest even).
+    fn coo_densify_bf16<F: Real>(&self, coo: &Coo<Self, F>, dense: &mut Self::Buf<bf16>) -> Result<()>;
+    /// `out = D B` for the sparse `D` (`coo.shape`, entries sorted by linear index) and `b`
+    /// `(coo.shape.1, b_cols)`: `out[r, j] = sum of values[e] * b[cols[e], j]` over the run of
+    /// entries of row `r`, in list order from zero (rows without entries are zero); `out`
+    /// `(coo.shape.0, b_cols)` is overwritten. `row_starts` (at least `coo.shape.0 + 1`
+    /// entries) receives where each row's run starts (`row_starts[shape.0] = len`).
+    fn coo_mm<F: Real>(
+        &self,
+        coo: &Coo<Self, F>,
+        row_starts: &mut Self::Buf<u32>,
+        b: &Self::Buf<F>,
+        b_cols: usize,
         out: &mut Self::Buf<F>,
     ) -> Result<()>;
 }
@@ -175,4 +197,39 @@ pub(crate) fn check_coo_dense_t<B: Backend, F: Elem>(
     let (b_len, out_len) = (checked_mul(OP, b_rows, coo.shape.1)?, checked_mul(OP, b_rows, n_slots)?);
     check_lens(OP, &[("b", be.len(b), b_len), ("out", be.len(out), out_len)])?;
     Ok(out_len)
+}
+
+/// [`SparseOps::coo_densify`] and [`SparseOps::coo_densify_bf16`] (entry bounds and order are
+/// data, checked by the backend). Returns the matrix size.
+pub(crate) fn check_coo_densify<B: Backend, F: Elem, T: Elem>(
+    be: &B,
+    op: &'static str,
+    coo: &Coo<B, F>,
+    dense: &B::Buf<T>,
+) -> Result<usize> {
+    let n = check_coo(be, op, coo)?;
+    check_lens(op, &[("dense", be.len(dense), n)])?;
+    Ok(n)
+}
+
+/// [`SparseOps::coo_mm`] (entry bounds and order are data, checked by the backend). Row
+/// starts are u32, so the list must hold at most `u32::MAX` entries.
+pub(crate) fn check_coo_mm<B: Backend, F: Elem>(
+    be: &B,
+    coo: &Coo<B, F>,
+    row_starts: &B::Buf<u32>,
+    b: &B::Buf<F>,
+    b_cols: usize,
+    out: &B::Buf<F>,
+) -> Result<()> {
+    const OP: &str = "coo_mm";
+    check_coo(be, OP, coo)?;
+    check_u32_dim(OP, "coo.len", coo.len)?;
+    let (rows, cols) = coo.shape;
+    let starts = rows.checked_add(1).ok_or_else(|| Error::invalid(OP, "shape.0 + 1 overflows"))?;
+    let (b_len, out_len) = (checked_mul(OP, cols, b_cols)?, checked_mul(OP, rows, b_cols)?);
+    check_lens(
+        OP,
+        &[("row_starts", be.len(row_starts), starts), ("b", be.len(b), b_len), ("out", be.len(out), out_len)],
+    )
 }

@@ -176,6 +176,7 @@ fn read_problem(f: &SafetensorsFile) -> Result<Problem, Error> {
         keep: Keep::Count(k),
         selection,
         formulation,
+        merged_update: None,
         expected_tokens: tokens,
         optimizer: sparsegrad::Optimizer::Adam(adam),
         precision: Precision::Full,

@@ -3,7 +3,7 @@
 //! layers with the same basis on the same backend instance reuse it, and it is freed with
 //! the last of them (the registry holds it weakly).
 
-use super::{transpose, Formulation};
+use super::{transpose, MergedUpdate};
 use crate::backend::operand::{to_f, Operand};
 use crate::backend::{Backend, Precision};
 use crate::basis::Basis;
@@ -15,23 +15,25 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 /// How a layer holds its basis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BasisLayout {
-    /// Transformed layers: `P` and `Q` in the operand precision.
-    Transformed(Precision),
-    /// Merged layers that apply a step as `W += P[:, rows] (D Q^T)[rows, :]`: `P^T` (so a
-    /// step can gather its rows) and `Q`, always in `F`: their basis products do not grow
-    /// with the token count.
-    Merged,
-    /// Merged layers that apply it as `W += (P D) Q^T` ([`Formulation::merged_update_by_columns`]):
-    /// `P` and `Q`, in `F`.
-    MergedColumns,
+    /// `P` and `Q` in the operand precision: transformed layers, and merged layers updating
+    /// by [`MergedUpdate::Dense`] or (f32) [`MergedUpdate::SparseColumns`].
+    Plain(Precision),
+    /// `P^T` (so a step can gather its rows) and `Q`, in `F`: merged layers updating by
+    /// [`MergedUpdate::SparseRows`] (the CPU, f32).
+    PTransposed,
+    /// `P` and `Q^T` (whose rows `coo_mm` gathers), in `F`: merged layers updating by
+    /// [`MergedUpdate::Runs`] (a GPU, f32).
+    QTransposed,
 }
 
 impl BasisLayout {
-    pub(crate) fn of(formulation: Formulation, precision: Precision, by_columns: bool) -> Self {
-        match formulation {
-            Formulation::Transformed => BasisLayout::Transformed(precision),
-            Formulation::Merged if by_columns => BasisLayout::MergedColumns,
-            Formulation::Merged => BasisLayout::Merged,
+    /// `update`: the merged update (`None` for transformed layers).
+    pub(crate) fn of(precision: Precision, update: Option<MergedUpdate>) -> Self {
+        match update {
+            Some(MergedUpdate::SparseRows) => BasisLayout::PTransposed,
+            Some(MergedUpdate::Runs) => BasisLayout::QTransposed,
+            Some(MergedUpdate::SparseColumns) => BasisLayout::Plain(Precision::Full),
+            Some(MergedUpdate::Dense) | None => BasisLayout::Plain(precision),
         }
     }
 }
@@ -40,6 +42,9 @@ impl BasisLayout {
 pub(crate) struct DeviceBasis<B: Backend, F: Real> {
     pub(super) p: Operand<B, F>,
     pub(super) q: Operand<B, F>,
+    /// Whether `p` holds `P^T` and `q` holds `Q^T`.
+    pub(super) p_transposed: bool,
+    pub(super) q_transposed: bool,
     /// The f32 `P` and `Q` when the device copies are rounded to bf16: merging back into a
     /// dense weight uses the basis `Wt` was built from, not its rounding.
     pub(super) exact: Option<(Vec<f32>, Vec<f32>)>,
@@ -86,20 +91,28 @@ impl<B: Backend, F: Real> DeviceBasis<B, F> {
 
     fn upload(backend: &B, basis: &Basis, layout: BasisLayout) -> Result<Self> {
         let (p_host, q_host): (Vec<F>, Vec<F>) = (to_f(basis.p()), to_f(basis.q()));
+        let (out, inp) = basis.shape();
+        let full = |m: &[F]| Operand::upload(backend, Precision::Full, m);
         Ok(match layout {
-            BasisLayout::Transformed(precision) => DeviceBasis {
+            BasisLayout::Plain(precision) => DeviceBasis {
                 p: Operand::upload(backend, precision, &p_host)?,
                 q: Operand::upload(backend, precision, &q_host)?,
+                p_transposed: false,
+                q_transposed: false,
                 exact: (precision == Precision::Bf16).then(|| (basis.p().to_vec(), basis.q().to_vec())),
             },
-            BasisLayout::Merged => DeviceBasis {
-                p: Operand::upload(backend, Precision::Full, &transpose(&p_host, basis.shape().0, basis.shape().0))?,
-                q: Operand::upload(backend, Precision::Full, &q_host)?,
+            BasisLayout::PTransposed => DeviceBasis {
+                p: full(&transpose(&p_host, out, out))?,
+                q: full(&q_host)?,
+                p_transposed: true,
+                q_transposed: false,
                 exact: None,
             },
-            BasisLayout::MergedColumns => DeviceBasis {
-                p: Operand::upload(backend, Precision::Full, &p_host)?,
-                q: Operand::upload(backend, Precision::Full, &q_host)?,
+            BasisLayout::QTransposed => DeviceBasis {
+                p: full(&p_host)?,
+                q: full(&transpose(&q_host, inp, inp))?,
+                p_transposed: false,
+                q_transposed: true,
                 exact: None,
             },
         })

@@ -1,11 +1,13 @@
-//! Backward passes of both formulations and the optimizer step.
+//! Backward passes of both formulations and the optimizer step with the merged update.
 
-use super::{weight_ref, Formulation, Selection, SparseGradLinear, StepGrads, Weight};
+use super::workspace::Workspace;
+use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
 use crate::backend::operand::{grow, mm, stage, OperandRef};
-use crate::backend::{Backend, Gemm, IndexMaps, Precision};
+use crate::backend::{Backend, Coo, Gemm, IndexMaps};
 use crate::error::{Error, Result};
 use crate::optim::{dense_step, sparse_step};
 use crate::scalar::Real;
+use half::bf16;
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// `gt = g P`; `dx = (gt Wt) Q^T`; `dWt = gt^T xt` (Exact) or the SparseByDense block.
@@ -71,10 +73,12 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     }
 
     /// `dx = g W`; `dWt = P^T (g^T x) Q` in the cheaper association order (Exact), skipping
-    /// all-zero token rows under SparseByDense.
+    /// all-zero token rows under SparseByDense. In bf16 every product takes bf16 operands:
+    /// `dW` and `P^T dW` (or `g P` and `x Q`) are staged to bf16 before the next product.
     pub(super) fn backward_merged(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
-        let p_transposed = self.p_transposed();
+        let (p_t, q_t) = (self.basis_dev.p_transposed, self.basis_dev.q_transposed);
+        let (p, q) = (self.basis_dev.p.as_ref(), self.basis_dev.q.as_ref());
         let be = &self.backend;
         let ws = &mut self.ws;
         let Weight::Merged { w, half } = &self.weight else {
@@ -85,18 +89,21 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             mm(be, &Gemm::nn(tokens, inp, out), g_op, weight_ref(w, half), dx)?;
         }
         let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
-        let token_order = self.cfg.selection == Selection::Exact
-            && self.cfg.precision == Precision::Full
-            && Formulation::merged_token_order(out, inp, tokens);
+        // Products with the basis as stored (`p` may hold P^T, `q` Q^T; see `BasisLayout`).
+        let times_p = |m: usize| Gemm::new(false, p_t, m, out, out);
+        let p_t_times = |n: usize| Gemm::new(!p_t, false, out, n, out);
+        let times_q = |m: usize| Gemm::new(false, q_t, m, inp, inp);
+        let token_order = self.cfg.selection == Selection::Exact && Formulation::merged_token_order(out, inp, tokens);
         if token_order {
-            // dWt = (g P)^T (x Q): cheaper than P^T (g^T x) Q at this token count. `p` holds
-            // P^T when the step updates by rows, so then g P = g (P^T)^T.
+            // dWt = (g P)^T (x Q): cheaper than P^T (g^T x) Q at this token count.
             grow(be, &mut ws.tmp_out, tokens * out)?;
             grow(be, &mut ws.tmp_in, tokens * inp)?;
-            let gp = if p_transposed { Gemm::nt(tokens, out, out) } else { Gemm::nn(tokens, out, out) };
-            mm(be, &gp, g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
-            mm(be, &Gemm::nn(tokens, inp, inp), ws.saved.as_ref(), self.basis_dev.q.as_ref(), &mut ws.tmp_in)?;
-            let (gt, xt) = (OperandRef::Full(&ws.tmp_out), OperandRef::Full(&ws.tmp_in));
+            grow_half(be, &mut ws.out_half, tokens * out)?;
+            grow_half(be, &mut ws.in_half, tokens * inp)?;
+            mm(be, &times_p(tokens), g_op, p, &mut ws.tmp_out)?;
+            mm(be, &times_q(tokens), ws.saved.as_ref(), q, &mut ws.tmp_in)?;
+            let gt = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
+            let xt = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
             mm(be, &Gemm::tn(out, inp, tokens), gt, xt, &mut ws.big_a)?;
             be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
             self.stats = StepGrads { rows_multiplied: tokens, cols_multiplied: out, k };
@@ -119,17 +126,19 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 nr
             }
         };
-        // dWt = (P^T dW) Q; `p` holds P^T when the step updates by rows.
-        let ptdw = if p_transposed { Gemm::nn(out, inp, out) } else { Gemm::tn(out, inp, out) };
-        mm(be, &ptdw, self.basis_dev.p.as_ref(), OperandRef::Full(&ws.big_a), big_b)?;
-        mm(be, &Gemm::nn(out, inp, inp), OperandRef::Full(big_b), self.basis_dev.q.as_ref(), &mut ws.big_a)?;
+        // dWt = (P^T dW) Q.
+        let dw = stage(be, &ws.big_a, ws.big_half.as_mut(), out * inp)?;
+        mm(be, &p_t_times(inp), p, dw, big_b)?;
+        let ptdw = stage(be, big_b, ws.big_half.as_mut(), out * inp)?;
+        mm(be, &times_q(out), ptdw, q, &mut ws.big_a)?;
         be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
         self.stats = StepGrads { rows_multiplied: rows, cols_multiplied: out, k };
         Ok(())
     }
 
     /// One optimizer step on the gradient of the last backward: SparseAdam on `Wt` (in the
-    /// merged form, applied to `W` as `W += P (D Q^T)`), AdamW on the bias.
+    /// merged form, its change `D` applied to `W` as `W += P D Q^T` by the layer's
+    /// [`MergedUpdate`]), AdamW on the bias.
     pub fn step(&mut self) -> Result<()> {
         if !self.grad_ready {
             return Err(Error::invalid("SparseGradLinear::step", "no gradient: call backward first"));
@@ -145,37 +154,65 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Weight::Merged { w, .. } => {
                 let ws = &mut self.ws;
                 let missing = || Error::invalid("step", "merged workspace missing");
-                let (p, q) = (full(self.basis_dev.p.as_ref())?, full(self.basis_dev.q.as_ref())?);
+                let (p, q) = (self.basis_dev.p.as_ref(), self.basis_dev.q.as_ref());
                 let n = self.grad.len;
-                if let Some(change_t) = ws.change_t.as_mut() {
-                    // W += (P D) Q^T: D^T as COO (rows = columns of D), so `coo_dense_t`
-                    // against P gives (P D)[:, c] in column c of `pd` for every c.
-                    sparse_step(be, &opt, &self.grad, None, Some(&mut change_t.values), self.moments.as_mut(), step)?;
-                    be.copy(&self.grad.cols, &mut change_t.rows, n)?;
-                    be.copy(&self.grad.rows, &mut change_t.cols, n)?;
-                    change_t.len = n;
-                    change_t.shape = (inp, out);
-                    let pd = ws.big_b.as_mut().ok_or_else(missing)?;
-                    be.coo_dense_t(change_t, &self.grad.cols, inp, p, out, pd)?;
-                    be.gemm(&Gemm::nt(out, inp, inp).beta(1.0), pd, q, w)?;
-                } else {
-                    let change = ws.change.as_mut().ok_or_else(missing)?;
-                    sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
-                    let (unique_rows, slot) =
-                        (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
-                    let (et, pt_rows) = (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
-                    be.copy(&self.grad.rows, &mut change.rows, n)?;
-                    be.copy(&self.grad.cols, &mut change.cols, n)?;
-                    change.len = n;
-                    change.shape = (out, inp);
-                    // W += P D Q^T = (P^T[rows, :])^T (Q D^T)^T over the touched rows only.
-                    let touched = be.coo_compact_rows(change, unique_rows, slot)?;
-                    be.coo_dense_t(change, slot, touched, q, inp, et)?;
-                    be.gather_rows(p, out, out, unique_rows, touched, pt_rows)?;
-                    let mut spec = Gemm::new(true, true, out, inp, touched).beta(1.0);
-                    spec.lda = out;
-                    spec.ldb = touched.max(1);
-                    be.gemm(&spec, pt_rows, et, w)?;
+                match self.update.ok_or_else(missing)? {
+                    MergedUpdate::SparseColumns => {
+                        let (p, q) = (full(p)?, full(q)?);
+                        let change_t = ws.change_t.as_mut().ok_or_else(missing)?;
+                        // W += (P D) Q^T: D^T as COO (rows = columns of D), so `coo_dense_t`
+                        // against P gives (P D)[:, c] in column c of `pd` for every c.
+                        sparse_step(
+                            be,
+                            &opt,
+                            &self.grad,
+                            None,
+                            Some(&mut change_t.values),
+                            self.moments.as_mut(),
+                            step,
+                        )?;
+                        be.copy(&self.grad.cols, &mut change_t.rows, n)?;
+                        be.copy(&self.grad.rows, &mut change_t.cols, n)?;
+                        change_t.len = n;
+                        change_t.shape = (inp, out);
+                        let pd = ws.big_b.as_mut().ok_or_else(missing)?;
+                        be.coo_dense_t(change_t, &self.grad.cols, inp, p, out, pd)?;
+                        be.gemm(&Gemm::nt(out, inp, inp).beta(1.0), pd, q, w)?;
+                    }
+                    MergedUpdate::SparseRows => {
+                        let (p, q) = (full(p)?, full(q)?);
+                        let change = ws.change.as_mut().ok_or_else(missing)?;
+                        sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
+                        let (unique_rows, slot) =
+                            (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
+                        let (et, pt_rows) =
+                            (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
+                        be.copy(&self.grad.rows, &mut change.rows, n)?;
+                        be.copy(&self.grad.cols, &mut change.cols, n)?;
+                        change.len = n;
+                        change.shape = (out, inp);
+                        // W += P D Q^T = (P^T[rows, :])^T (Q D^T)^T over the touched rows only.
+                        let touched = be.coo_compact_rows(change, unique_rows, slot)?;
+                        be.coo_dense_t(change, slot, touched, q, inp, et)?;
+                        be.gather_rows(p, out, out, unique_rows, touched, pt_rows)?;
+                        let mut spec = Gemm::new(true, true, out, inp, touched).beta(1.0);
+                        spec.lda = out;
+                        spec.ldb = touched.max(1);
+                        be.gemm(&spec, pt_rows, et, w)?;
+                    }
+                    update @ (MergedUpdate::Dense | MergedUpdate::Runs) => {
+                        let delta = ws.delta.as_mut().ok_or_else(missing)?;
+                        sparse_step(be, &opt, &self.grad, None, Some(delta), self.moments.as_mut(), step)?;
+                        // D is the kept entries with their changes: the gradient's values are
+                        // spent, so its COO lends its indices (no copies); swapped back below
+                        // so every step uses the same buffers (a captured step replays them).
+                        std::mem::swap(&mut self.grad.values, delta);
+                        let applied = apply_change(be, update, &self.grad, p, q, ws, w, (out, inp));
+                        if let Some(delta) = ws.delta.as_mut() {
+                            std::mem::swap(&mut self.grad.values, delta);
+                        }
+                        applied?;
+                    }
                 }
             }
         }
@@ -196,6 +233,58 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// The formulation this layer runs.
     pub fn is_merged(&self) -> bool {
         self.formulation == Formulation::Merged
+    }
+}
+
+/// `W += P D Q^T` for the change `D` (`coo`, sorted) by [`MergedUpdate::Dense`] (`D` stored
+/// densely in the operand precision, then `E = D Q^T` and `W += P E`; in bf16 `E` is staged
+/// to bf16) or [`MergedUpdate::Runs`] (`E = D Q^T` by `coo_mm` against the stored `Q^T`,
+/// then `W += P E`). No atomics, and the same launches whatever `D` holds.
+#[allow(clippy::too_many_arguments)]
+fn apply_change<B: Backend, F: Real>(
+    be: &B,
+    update: MergedUpdate,
+    coo: &Coo<B, F>,
+    p: OperandRef<'_, B, F>,
+    q: OperandRef<'_, B, F>,
+    ws: &mut Workspace<B, F>,
+    w: &mut B::Buf<F>,
+    (out, inp): (usize, usize),
+) -> Result<()> {
+    let missing = || Error::invalid("step", "merged workspace missing");
+    let e = &mut ws.big_a;
+    match update {
+        MergedUpdate::Dense => {
+            // E = D Q^T (q holds Q here: `BasisLayout::Plain`).
+            match &mut ws.big_half {
+                Some(d) => {
+                    be.coo_densify_bf16(coo, d)?;
+                    mm(be, &Gemm::nt(out, inp, inp), OperandRef::Half(d), q, e)?;
+                }
+                None => {
+                    let d = ws.big_b.as_mut().ok_or_else(missing)?;
+                    be.coo_densify(coo, d)?;
+                    mm(be, &Gemm::nt(out, inp, inp), OperandRef::Full(d), q, e)?;
+                }
+            }
+        }
+        MergedUpdate::Runs => {
+            let starts = ws.row_starts.as_mut().ok_or_else(missing)?;
+            be.coo_mm(coo, starts, full(q)?, inp, e)?;
+        }
+        MergedUpdate::SparseRows | MergedUpdate::SparseColumns => {
+            return Err(Error::invalid("step", "a sparse update has no dense change to apply"))
+        }
+    }
+    let e_op = stage(be, e, ws.big_half.as_mut(), out * inp)?;
+    mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, e_op, w)
+}
+
+/// Grows a bf16 staging buffer the precision uses (none in f32).
+fn grow_half<B: Backend>(be: &B, buf: &mut Option<B::Buf<bf16>>, len: usize) -> Result<()> {
+    match buf {
+        Some(b) => grow(be, b, len),
+        None => Ok(()),
     }
 }
 

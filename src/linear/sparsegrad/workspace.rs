@@ -2,7 +2,7 @@
 //! the largest token count seen so far and reallocated only when a larger batch arrives;
 //! everything else is allocated once at construction.
 
-use super::{Formulation, Selection};
+use super::{Formulation, MergedUpdate, Selection};
 use crate::backend::operand::Operand;
 use crate::backend::Precision;
 use crate::backend::{Backend, Coo};
@@ -20,7 +20,7 @@ pub(super) struct Workspace<B: Backend, F: Real> {
     // ---- token-dependent ----
     /// Saved for backward: `xt` (transformed) or `x` (merged), in the operand precision.
     pub(super) saved: Operand<B, F>,
-    /// bf16 copies of an input (x or g) and of a `(tokens, out)` intermediate.
+    /// bf16 copies of an input (x or g) and of `(tokens, in)` / `(tokens, out)` intermediates.
     pub(super) in_half: Option<B::Buf<bf16>>,
     pub(super) g_half: Option<B::Buf<bf16>>,
     pub(super) out_half: Option<B::Buf<bf16>>,
@@ -34,13 +34,22 @@ pub(super) struct Workspace<B: Backend, F: Real> {
     pub(super) rows_op: Operand<B, F>,
     // ---- fixed ----
     pub(super) col_idx: B::Buf<u32>,
-    /// `(out, in)` products: `dWt` and, in the merged form, `dW` and `P^T dW` (and, when
-    /// the step updates by columns, `P D` there: backward is done with it by then).
+    /// `(out, in)` products: `dWt` and, in the merged form, `dW`, `P^T dW`, and in the update
+    /// `P D` (by columns), the dense `D` (Dense, f32) or `E = D Q^T` (Dense, Runs): backward
+    /// is done with them by then.
     pub(super) big_a: B::Buf<F>,
     pub(super) big_b: Option<B::Buf<F>>,
+    /// Merged bf16: an `(out, in)` bf16 staging buffer (`dW`, `P^T dW`, `D`, `E` in turn).
+    pub(super) big_half: Option<B::Buf<bf16>>,
     pub(super) topk: B::TopkWorkspace,
-    /// Merged step by rows: the change `D` of `Wt` as COO, its row compaction, `Q D^T` and
-    /// the gathered `P^T` rows; by columns: `D^T` as COO, `(in, out)`.
+    /// [`MergedUpdate::Dense`] and [`MergedUpdate::Runs`]: the step's change of each kept
+    /// entry (`k` values; swapped into the gradient's COO for the update).
+    pub(super) delta: Option<B::Buf<F>>,
+    /// [`MergedUpdate::Runs`]: where each row's run of entries starts (`out + 1`).
+    pub(super) row_starts: Option<B::Buf<u32>>,
+    /// [`MergedUpdate::SparseRows`]: the change `D` of `Wt` as COO, its row compaction,
+    /// `Q D^T` and the gathered `P^T` rows; [`MergedUpdate::SparseColumns`]: `D^T` as COO,
+    /// `(in, out)`.
     pub(super) change: Option<Coo<B, F>>,
     pub(super) change_t: Option<Coo<B, F>>,
     pub(super) unique_rows: Option<B::Buf<u32>>,
@@ -62,7 +71,7 @@ impl<B: Backend, F: Real> Workspace<B, F> {
     pub(super) fn new(
         be: &B,
         formulation: Formulation,
-        update_by_columns: bool,
+        update: Option<MergedUpdate>,
         selection: Selection,
         precision: Precision,
         out: usize,
@@ -70,8 +79,9 @@ impl<B: Backend, F: Real> Workspace<B, F> {
         k: usize,
     ) -> Result<Self> {
         let merged = formulation == Formulation::Merged;
-        let by_rows = merged && !update_by_columns;
-        let by_columns = merged && update_by_columns;
+        let by_rows = update == Some(MergedUpdate::SparseRows);
+        let by_columns = update == Some(MergedUpdate::SparseColumns);
+        let dense_or_runs = matches!(update, Some(MergedUpdate::Dense | MergedUpdate::Runs));
         let touched_rows = k.min(out);
         let half = precision == Precision::Bf16;
         let sparse_by_dense = matches!(selection, Selection::SparseByDense { .. });
@@ -95,7 +105,10 @@ impl<B: Backend, F: Real> Workspace<B, F> {
             col_idx: be.alloc(out)?,
             big_a: be.alloc(out * inp)?,
             big_b: opt(merged, || be.alloc(out * inp))?,
+            big_half: opt(merged && half, || be.alloc(out * inp))?,
             topk: be.topk_workspace(out * inp)?,
+            delta: opt(dense_or_runs, || be.alloc(k))?,
+            row_starts: opt(update == Some(MergedUpdate::Runs), || be.alloc(out + 1))?,
             change: opt(by_rows, || Coo::with_capacity(be, k, (out, inp)))?,
             change_t: opt(by_columns, || Coo::with_capacity(be, k, (inp, out)))?,
             unique_rows: opt(by_rows, || be.alloc(touched_rows))?,
@@ -114,9 +127,10 @@ impl<B: Backend, F: Real> Workspace<B, F> {
         let half = p == Precision::Bf16;
         let transformed = self.formulation == Formulation::Transformed;
         self.saved = Operand::alloc(be, p, tokens * inp)?;
-        self.in_half = opt(half && transformed, || be.alloc(tokens * inp))?;
+        // The merged form needs `in_half` and `out_half` only in its token order (grown there).
+        self.in_half = opt(half, || be.alloc(if transformed { tokens * inp } else { 0 }))?;
         self.g_half = opt(half, || be.alloc(tokens * out))?;
-        self.out_half = opt(half && transformed, || be.alloc(tokens * out))?;
+        self.out_half = opt(half, || be.alloc(if transformed { tokens * out } else { 0 }))?;
         self.tmp_in = be.alloc(if transformed { tokens * inp } else { 0 })?;
         self.tmp_out = be.alloc(if transformed { tokens * out } else { 0 })?;
         let sd = self.sparse_by_dense;
