@@ -2,6 +2,7 @@
 //! and an elementwise comparison that reports the worst index.
 #![allow(dead_code)]
 
+pub mod attention;
 pub mod bert;
 pub mod blocks;
 

@@ -23,9 +23,10 @@
 //!   inputs on the device and fail right away.
 //! - Layout: this file holds the buffers, the context and the launch helpers; memory.rs the
 //!   memory ops; each op family its own file (dense.rs with gemm.rs, transformer.rs,
-//!   encoder.rs, sparse.rs, topk.rs, optim.rs), every op calling its shared validator
+//!   encoder.rs, attention.rs, sparse.rs, topk.rs, optim.rs), every op calling its shared validator
 //!   (`backend::ops`) before it launches anything.
 
+mod attention;
 mod consts;
 mod dense;
 mod encoder;

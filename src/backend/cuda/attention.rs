@@ -1,0 +1,213 @@
+//! [`AttentionOps`] for CUDA: the launchers of the fused attention kernels, each after the
+//! op's shared validator: cuda/attention.cu (the f32 path and the backward's delta pre-pass)
+//! and cuda/attention_wmma.cu (bf16 on tensor cores, one kernel per head dim padded to 32,
+//! 64, 96 or 128). A forward is one launch, a backward three (delta, dk/dv, dq), whatever the
+//! batch and the heads. The backward's delta (one f32 per query row) lives in the backend's
+//! arena for the duration of the op.
+//!
+//! Limits of these kernels (errors, not silent fallbacks): `head_dim <= 128`; bf16 needs a
+//! device of compute capability 8.0 or later; batch, sequence length and heads below 2^31.
+
+use super::consts::{ATT_BF16_FWD_ROWS, ATT_BF16_TILE, ATT_DMAX, ATT_F32_ROWS};
+use super::{kargs, require_f32, Cuda, CudaBuf};
+use crate::backend::ops::attention::*;
+use crate::backend::Precision;
+use crate::error::{Error, Result};
+use crate::scalar::Real;
+use cudarc::driver::LaunchConfig;
+
+/// Blocks of the delta pre-pass per multiprocessor (the kernel strides over rows).
+const DOT_BLOCKS_PER_SM: usize = 32;
+
+/// The kernels of one call: module and names of the forward, dk/dv and dq kernels, and the
+/// rows per block of each.
+struct Kernels {
+    module: &'static str,
+    forward: (&'static str, usize, u32),
+    dkdv: (&'static str, usize, u32),
+    dq: (&'static str, usize, u32),
+}
+
+impl Kernels {
+    fn pick(cuda: &Cuda, op: &'static str, s: &AttentionShape, precision: Precision) -> Result<Kernels> {
+        if s.head_dim > ATT_DMAX {
+            return Err(Error::invalid(
+                op,
+                format!("head_dim {} exceeds the {ATT_DMAX} the CUDA attention kernels take", s.head_dim),
+            ));
+        }
+        if [s.batch, s.seq, s.heads, s.kv_heads].iter().any(|&v| v >= 1 << 31) {
+            return Err(Error::invalid(op, format!("{s:?} exceeds the 2^31 limit of the CUDA attention kernels")));
+        }
+        if precision == Precision::Full {
+            let rows = ATT_F32_ROWS;
+            return Ok(Kernels {
+                module: "attention",
+                forward: ("attention_forward_f32", rows, 128),
+                dkdv: ("attention_backward_dkdv_f32", rows, 128),
+                dq: ("attention_backward_dq_f32", rows, 128),
+            });
+        }
+        if cuda.compute_capability.0 < 8 {
+            let (major, minor) = cuda.compute_capability;
+            return Err(Error::invalid(
+                op,
+                format!("bf16 attention runs on bf16 tensor cores (compute capability 8.0+); this device is {major}.{minor}"),
+            ));
+        }
+        let names = match s.head_dim.div_ceil(32) * 32 {
+            32 => ["attention_forward_bf16_d32", "attention_backward_dkdv_bf16_d32", "attention_backward_dq_bf16_d32"],
+            64 => ["attention_forward_bf16_d64", "attention_backward_dkdv_bf16_d64", "attention_backward_dq_bf16_d64"],
+            96 => ["attention_forward_bf16_d96", "attention_backward_dkdv_bf16_d96", "attention_backward_dq_bf16_d96"],
+            _ => {
+                ["attention_forward_bf16_d128", "attention_backward_dkdv_bf16_d128", "attention_backward_dq_bf16_d128"]
+            }
+        };
+        Ok(Kernels {
+            module: "attention_wmma",
+            forward: (names[0], ATT_BF16_FWD_ROWS, 128),
+            dkdv: (names[1], ATT_BF16_TILE, 64),
+            dq: (names[2], ATT_BF16_TILE, 64),
+        })
+    }
+}
+
+/// One block per tile of `rows` positions of each (sequence, head) pair, `heads` being
+/// query heads or KV heads; grid.x holds them all (tile fastest).
+fn tile_config(
+    op: &'static str,
+    s: &AttentionShape,
+    heads: usize,
+    (_, rows, threads): (&str, usize, u32),
+) -> Result<LaunchConfig> {
+    let blocks = s
+        .seq
+        .div_ceil(rows)
+        .checked_mul(heads)
+        .and_then(|v| v.checked_mul(s.batch))
+        .filter(|&v| v <= i32::MAX as usize)
+        .ok_or_else(|| Error::invalid(op, format!("{s:?} needs more than 2^31 blocks")))?;
+    Ok(LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 })
+}
+
+/// The kernels' mask arguments: `causal` (1 or 0) and the lengths' address (0 when causal).
+fn mask_args(mask: AttentionMask<'_, Cuda>) -> (u32, u64) {
+    match mask {
+        AttentionMask::Causal => (1, 0),
+        AttentionMask::Padding(lengths) => (0, lengths.ptr()),
+    }
+}
+
+impl AttentionOps for Cuda {
+    fn attention_forward<F: Real>(
+        &self,
+        shape: &AttentionShape,
+        mask: AttentionMask<'_, Self>,
+        precision: Precision,
+        q: &CudaBuf<F>,
+        k: &CudaBuf<F>,
+        v: &CudaBuf<F>,
+        out: &mut CudaBuf<F>,
+        stats: &mut CudaBuf<F>,
+    ) -> Result<()> {
+        const OP: &str = "attention_forward";
+        require_f32::<F>(OP)?;
+        let n = check_attention_forward(self, shape, mask, q, k, v, out, stats)?;
+        if n.rows == 0 {
+            return Ok(());
+        }
+        let kern = Kernels::pick(self, OP, shape, precision)?;
+        let cfg = tile_config(OP, shape, shape.heads, kern.forward)?;
+        let (causal, lp) = mask_args(mask);
+        let (qp, kp, vp, op, sp) = (q.ptr(), k.ptr(), v.ptr(), out.ptr_mut(), stats.ptr_mut());
+        let s = shape;
+        let (b, t, h, kvh, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.kv_heads as u32, s.head_dim as u32);
+        let scale = s.scale();
+        // SAFETY: attention_forward_*(const float* q, const float* k, const float* v, float* out,
+        // float* stats, const u32* lengths, u32 batch, u32 seq, u32 heads, u32 kv_heads,
+        // u32 head_dim, float scale, u32 causal): q and out hold batch * seq * heads * head_dim,
+        // k and v batch * seq * kv_heads * head_dim, stats 2 * batch * heads * seq and (padding)
+        // lengths batch elements (checked above); head_dim <= 128 and the sizes fit u32
+        // (Kernels::pick); one block per tile of `rows` queries per (sequence, head) with the
+        // threads the kernel's launch bounds name (`kern.forward`); out and stats are distinct
+        // from the inputs (&mut).
+        unsafe {
+            self.launch(
+                kern.module,
+                kern.forward.0,
+                cfg,
+                &mut kargs![qp, kp, vp, op, sp, lp, b, t, h, kvh, d, scale, causal],
+            )
+        }
+    }
+
+    fn attention_backward<F: Real>(
+        &self,
+        shape: &AttentionShape,
+        mask: AttentionMask<'_, Self>,
+        precision: Precision,
+        q: &CudaBuf<F>,
+        k: &CudaBuf<F>,
+        v: &CudaBuf<F>,
+        out: &CudaBuf<F>,
+        stats: &CudaBuf<F>,
+        dout: &CudaBuf<F>,
+        grads: AttentionGrads<'_, Self, F>,
+    ) -> Result<()> {
+        const OP: &str = "attention_backward";
+        require_f32::<F>(OP)?;
+        let n = check_attention_backward(self, shape, mask, q, k, v, out, stats, dout, &grads)?;
+        if n.rows == 0 {
+            return Ok(());
+        }
+        let kern = Kernels::pick(self, OP, shape, precision)?;
+        let dkdv_cfg = tile_config(OP, shape, shape.kv_heads, kern.dkdv)?;
+        let dq_cfg = tile_config(OP, shape, shape.heads, kern.dq)?;
+        let (causal, lp) = mask_args(mask);
+        let AttentionGrads { dq, dk, dv } = grads;
+        let (qp, kp, vp, outp, sp, dop) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), stats.ptr(), dout.ptr());
+        let (dqp, dkp, dvp) = (dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut());
+        let s = shape;
+        let (b, t, h, kvh, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.kv_heads as u32, s.head_dim as u32);
+        let scale = s.scale();
+        // The arena holds delta (one f32 per query row) until the three kernels have run: the
+        // scratch lock is held to the end of the op.
+        let mut scratch = self.lock_scratch();
+        let delta = self.arena(&mut scratch, n.rows.div_ceil(2))?;
+        let blocks = n.rows.div_ceil(8).clamp(1, self.sm_count as usize * DOT_BLOCKS_PER_SM) as u32;
+        let dot_cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: attention_backward_dot_f32(const float* out, const float* dout, float* delta,
+        // u32 batch, u32 seq, u32 heads, u32 head_dim): out and dout hold batch * seq * heads *
+        // head_dim elements (checked above), delta (the arena) rows f32s; one warp per row,
+        // striding, 256 threads as the launch bounds.
+        unsafe {
+            self.launch("attention", "attention_backward_dot_f32", dot_cfg, &mut kargs![outp, dop, delta, b, t, h, d])?
+        };
+        // SAFETY: attention_backward_dkdv_*(const float* q, const float* k, const float* v,
+        // const float* stats, const float* delta, const float* dout, float* dk, float* dv,
+        // const u32* lengths, u32 batch, u32 seq, u32 heads, u32 kv_heads, u32 head_dim,
+        // float scale, u32 causal): the lengths as in the forward (checked above), delta as
+        // written just before; one block per tile of keys per (sequence, KV head), the threads of
+        // the kernel's launch bounds; dk and dv are distinct outputs (&mut).
+        unsafe {
+            self.launch(
+                kern.module,
+                kern.dkdv.0,
+                dkdv_cfg,
+                &mut kargs![qp, kp, vp, sp, delta, dop, dkp, dvp, lp, b, t, h, kvh, d, scale, causal],
+            )?
+        };
+        // SAFETY: attention_backward_dq_*(const float* q, const float* k, const float* v,
+        // const float* stats, const float* delta, const float* dout, float* dq, const u32* lengths,
+        // u32 batch, u32 seq, u32 heads, u32 kv_heads, u32 head_dim, float scale, u32 causal):
+        // as above, one block per tile of queries per (sequence, head); dq is distinct (&mut).
+        unsafe {
+            self.launch(
+                kern.module,
+                kern.dq.0,
+                dq_cfg,
+                &mut kargs![qp, kp, vp, sp, delta, dop, dqp, lp, b, t, h, kvh, d, scale, causal],
+            )
+        }
+    }
+}
