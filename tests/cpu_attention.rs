@@ -275,3 +275,61 @@ fn bad_arguments_are_errors() {
     let e = be.attention_backward(&s, AttentionMask::Causal, Precision::Full, &q, &k, &v, &out, &stats, &q, grads);
     assert!(matches!(e, Err(Error::Shape { op: "attention_backward", ref what, .. }) if what == "dk"), "{e:?}");
 }
+
+/// The models keep no `(batch, heads, seq, seq)` buffer: at the same number of tokens, 1
+/// sequence of 128 leaves no more bytes allocated after a forward and backward than 8 of 16
+/// (a kept probability buffer would be 8x larger for the long sequence; LLaMA's buffers are
+/// all per token, so the two are equal; BERT adds per-sequence ones: lengths, pooled rows).
+#[test]
+fn models_keep_nothing_of_size_seq_squared() {
+    use sparsegrad::linear::trainable::{Method, TrainOptions};
+    use sparsegrad::model::bert::{BertModel, BertPlan, BertWeights};
+    use sparsegrad::model::config::LlamaConfig;
+    use sparsegrad::model::llama::{LlamaModel, MlpPlan, TokenBatch};
+    use sparsegrad::model::weights::LlamaWeights;
+    use sparsegrad::model::TrainingSetup;
+    let c = LlamaConfig {
+        hidden: 16,
+        ffn: 24,
+        layers: 3,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 4,
+        rope_theta: 10000.0,
+        rms_eps: 1e-5,
+        vocab: 37,
+        tied_embeddings: true,
+        max_seq: 128,
+        bos: Some(1),
+        eos: Some(2),
+    };
+    let w = LlamaWeights::random(&c, 3).unwrap();
+    let llama_bytes = |batch: usize, seq: usize| {
+        let cpu = Cpu::new();
+        let setup =
+            TrainingSetup { plan: MlpPlan::every(&c, 1, Method::Full), bases: None, options: TrainOptions::default() };
+        let mut m = LlamaModel::<Cpu, f32>::new(&cpu, &w, &setup, 128).unwrap();
+        let ids: Vec<u32> = (0..batch * seq).map(|i| (i % 37) as u32).collect();
+        let mask = vec![1.0; batch * seq];
+        m.forward(&TokenBatch { ids: &ids, targets: &ids, mask: &mask, batch, seq }, 1.0).unwrap();
+        m.backward().unwrap();
+        cpu.memory_stats().current_bytes
+    };
+    assert_eq!(llama_bytes(8, 16), llama_bytes(1, 128), "LLaMA: memory depends on seq beyond the token count");
+    let bc = sparsegrad::model::bert::BertConfig { max_positions: 128, ..common::bert::tiny() };
+    let bw = BertWeights::random(&bc, 3).unwrap();
+    let bert_bytes = |batch: usize, seq: usize| {
+        let cpu = Cpu::new();
+        let setup =
+            TrainingSetup { plan: BertPlan::all(&bc, Method::Full), bases: None, options: TrainOptions::default() };
+        let mut m =
+            BertModel::<Cpu, f32>::new(&cpu, &bw, &setup, &common::bert::head(sparsegrad::PoolKind::Mean)).unwrap();
+        let ids: Vec<u32> = (0..batch * seq).map(|i| (i % 23) as u32).collect();
+        let lengths = vec![seq as u32; batch];
+        m.forward(&ids, &lengths, &vec![1; batch], batch, seq, 1.0).unwrap();
+        m.backward().unwrap();
+        cpu.memory_stats().current_bytes
+    };
+    let (short, long) = (bert_bytes(8, 16), bert_bytes(1, 128));
+    assert!(long <= short, "BERT: one sequence of 128 keeps {long} bytes, 8 of 16 keep {short}");
+}

@@ -39,7 +39,7 @@ mutants=(
     'attention_wmma.cu|mt = fmaxf(mt, __shfl_xor_sync(ATT_FULL, mt, 1));|(void)0;|cuda_attention'
     'attention_wmma.cu|wmma::mma_sync(adv[n], ap, f, adv[n]);|wmma::mma_sync(adv[n], ads, f, adv[n]);|cuda_attention'
     'attention_wmma.cu|const bool in = r0 + r < s.T && c < s.D;|const bool in = r0 + r < s.T;|cuda_attention'
-    'attention_wmma.cu|(causal && k0 > w0 + 15)) continue;|(causal && k0 > w0)) continue;|cuda_attention'
+    'attention_wmma.cu|(causal && k0 > w0 + 15)) continue;|(causal && k0 >= w0)) continue;|cuda_attention'
     'attention_wmma.cu|qt < n_t; ++qt) {|qt + 1 < n_t; ++qt) {|cuda_attention'
 )
 survived=0
