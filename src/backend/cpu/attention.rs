@@ -119,7 +119,7 @@ impl AttentionOps for Cpu {
         out: &mut CpuBuf<F>,
         stats: &mut CpuBuf<F>,
     ) -> Result<()> {
-        let n = check_attention_forward(self, shape, mask, q, k, v, out, stats)?;
+        let n = check_attention_forward(self, shape, mask, [q, k, v, out, stats])?;
         if n.rows == 0 {
             return Ok(());
         }
@@ -169,7 +169,7 @@ impl AttentionOps for Cpu {
     ) -> Result<()> {
         // `out` is validated but not read: D_i = dO_i . out_i is summed here as sum_j p_ij dp_ij
         // (the softmax backward's own sum), as the unfused path did.
-        let n = check_attention_backward(self, shape, mask, q, k, v, out, stats, dout, &grads)?;
+        let n = check_attention_backward(self, shape, mask, [q, k, v, out, stats, dout, grads.dq, grads.dk, grads.dv])?;
         if n.rows == 0 {
             return Ok(());
         }

@@ -58,7 +58,7 @@ impl OptimOps for Cpu {
         step: u64,
         hp: &AdamParams,
     ) -> Result<()> {
-        check_adamw(self, param, grad, exp_avg, exp_avg_sq, len, step, hp)?;
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, step, hp)?;
         let AdamwScalars { step_size, bc2_sqrt, decay } = hp.adamw_scalars::<F>(step);
         let (b1, b2, eps) = (F::from_f64(hp.beta1 as f64), F::from_f64(hp.beta2 as f64), F::from_f64(hp.eps as f64));
         param[..len]

@@ -112,7 +112,7 @@ impl AttentionOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "attention_forward";
         require_f32::<F>(OP)?;
-        let n = check_attention_forward(self, shape, mask, q, k, v, out, stats)?;
+        let n = check_attention_forward(self, shape, mask, [q, k, v, out, stats])?;
         if n.rows == 0 {
             return Ok(());
         }
@@ -156,7 +156,7 @@ impl AttentionOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "attention_backward";
         require_f32::<F>(OP)?;
-        let n = check_attention_backward(self, shape, mask, q, k, v, out, stats, dout, &grads)?;
+        let n = check_attention_backward(self, shape, mask, [q, k, v, out, stats, dout, grads.dq, grads.dk, grads.dv])?;
         if n.rows == 0 {
             return Ok(());
         }

@@ -61,7 +61,7 @@ impl OptimOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "adamw";
         require_f32::<F>(OP)?;
-        check_adamw(self, param, grad, exp_avg, exp_avg_sq, len, step, hp)?;
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, step, hp)?;
         if len == 0 {
             return Ok(());
         }

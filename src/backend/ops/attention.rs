@@ -12,7 +12,7 @@
 //! a zero output. No `(batch, heads, seq, seq)` tensor is kept: the forward saves the row
 //! statistics and the backward recomputes the probabilities from them.
 
-use super::check_lens;
+use super::{check_bufs, check_lens};
 use crate::backend::{Backend, Buffers, Precision};
 use crate::error::{checked_mul, Error, Result};
 use crate::scalar::{Elem, Real};
@@ -167,62 +167,29 @@ fn attention_sizes<B: Backend>(
     Ok(AttentionSizes { q, kv, rows })
 }
 
-/// [`AttentionOps::attention_forward`].
-#[allow(clippy::too_many_arguments)]
+/// [`AttentionOps::attention_forward`] (`[q, k, v, out, stats]`).
 pub(crate) fn check_attention_forward<B: Backend, F: Elem>(
     be: &B,
     s: &AttentionShape,
     mask: AttentionMask<'_, B>,
-    q: &B::Buf<F>,
-    k: &B::Buf<F>,
-    v: &B::Buf<F>,
-    out: &B::Buf<F>,
-    stats: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 5],
 ) -> Result<AttentionSizes> {
     const OP: &str = "attention_forward";
     let n = attention_sizes(be, OP, s, mask)?;
-    check_lens(
-        OP,
-        &[
-            ("q", be.len(q), n.q),
-            ("k", be.len(k), n.kv),
-            ("v", be.len(v), n.kv),
-            ("out", be.len(out), n.q),
-            ("stats", be.len(stats), 2 * n.rows),
-        ],
-    )?;
+    check_bufs(be, OP, ["q", "k", "v", "out", "stats"], bufs, [n.q, n.kv, n.kv, n.q, 2 * n.rows])?;
     Ok(n)
 }
 
-/// [`AttentionOps::attention_backward`].
-#[allow(clippy::too_many_arguments)]
+/// [`AttentionOps::attention_backward`] (`[q, k, v, out, stats, dout, dq, dk, dv]`).
 pub(crate) fn check_attention_backward<B: Backend, F: Elem>(
     be: &B,
     s: &AttentionShape,
     mask: AttentionMask<'_, B>,
-    q: &B::Buf<F>,
-    k: &B::Buf<F>,
-    v: &B::Buf<F>,
-    out: &B::Buf<F>,
-    stats: &B::Buf<F>,
-    dout: &B::Buf<F>,
-    grads: &AttentionGrads<'_, B, F>,
+    bufs: [&B::Buf<F>; 9],
 ) -> Result<AttentionSizes> {
     const OP: &str = "attention_backward";
     let n = attention_sizes(be, OP, s, mask)?;
-    check_lens(
-        OP,
-        &[
-            ("q", be.len(q), n.q),
-            ("k", be.len(k), n.kv),
-            ("v", be.len(v), n.kv),
-            ("out", be.len(out), n.q),
-            ("stats", be.len(stats), 2 * n.rows),
-            ("dout", be.len(dout), n.q),
-            ("dq", be.len(grads.dq), n.q),
-            ("dk", be.len(grads.dk), n.kv),
-            ("dv", be.len(grads.dv), n.kv),
-        ],
-    )?;
+    let names = ["q", "k", "v", "out", "stats", "dout", "dq", "dk", "dv"];
+    check_bufs(be, OP, names, bufs, [n.q, n.kv, n.kv, n.q, 2 * n.rows, n.q, n.q, n.kv, n.kv])?;
     Ok(n)
 }
