@@ -2,7 +2,7 @@
 //! ([`crate::backend::AttentionOps`]: causal for the decoder, bidirectional under a padding
 //! mask for the encoder) with what a layer keeps for its backward, and the RoPE tables.
 //!
-//! A layer keeps the attention output and its row statistics ([`SavedAttention`]): the
+//! A layer keeps the attention output and its row statistics (`SavedAttention`): the
 //! backward recomputes the probabilities from them, so no `(batch, heads, seq, seq)` buffer
 //! outlives a call. Layouts (row-major, token-major as the projections produce them): `q`,
 //! `out` `(batch*seq, heads*head_dim)`; `k`, `v` `(batch*seq, kv_heads*head_dim)`.
