@@ -9,15 +9,23 @@
 //!
 //! Shapes follow LLaMA-2 7B's MLP: out = 11008, in = 4096, T = 2048 tokens, k = 1%; the
 //! transformer ops use its 32 heads of 128 and a 49152-token vocabulary (SmolLM2's), plus a
-//! 576-wide RMSNorm (SmolLM2-135M's hidden size: the warp-per-row kernels).
+//! 576-wide RMSNorm (SmolLM2-135M's hidden size: the warp-per-row kernels). The fused
+//! attention runs LLaMA-2 7B's heads (32 x 128, causal, 2048 tokens) and BERT-base's
+//! (12 x 64, padding mask, 32 sequences of 128), f32 and bf16, forward and backward, in
+//! TFLOP/s of the products a non-fused attention would do (forward 2, backward 4 products of
+//! `seq x seq x head_dim` per head, halved under the causal mask; the recomputation of the
+//! scores in the backward is not counted) against the GEMM peaks of this run.
 //! Run: `cargo bench --bench cuda_kernels` (prints `skipped: no CUDA device` without one).
 
 use half::bf16;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::backend::cuda::CudaBuf;
-use sparsegrad::backend::{Coo, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps, TopkOps, TransformerOps};
-use sparsegrad::{AdamParams, Backend, Cuda, GeluKind, HostCoo, Result};
+use sparsegrad::backend::{
+    AttentionGrads, AttentionMask, AttentionOps, AttentionShape, Coo, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps,
+    TopkOps, TransformerOps,
+};
+use sparsegrad::{AdamParams, Backend, Cuda, GeluKind, HostCoo, Precision, Result};
 
 const OUT: usize = 11008;
 const IN: usize = 4096;
@@ -289,6 +297,7 @@ fn main() {
         time(cuda, 3, 20, || cuda.cross_entropy(&mut logits, &targets, &mask, T, VOCAB, 1.0 / T as f32, &mut losses)),
     );
     drop((logits, xs, yn, dxn));
+    attention(&b, &mut r);
 
     println!("\n-- sparse-by-dense (gt: {T} x {OUT}, 30% of rows and columns zero)");
     let gt_host: Vec<f32> = {
@@ -430,4 +439,47 @@ fn main() {
         b.bf16_tflops,
     );
     cuda.synchronize().expect("final synchronize");
+}
+
+/// The fused attention (cuda/attention.cu, cuda/attention_wmma.cu): forward and backward at
+/// LLaMA-2 7B's and BERT-base's head structure, both precisions.
+fn attention(b: &Bench, r: &mut SmallRng) {
+    let cuda = &b.cuda;
+    let shapes = [
+        (
+            "LLaMA-2 7B, causal",
+            AttentionShape { batch: 1, seq: T, heads: HEADS, kv_heads: HEADS, head_dim: HEAD_DIM },
+            true,
+        ),
+        ("BERT-base, padding", AttentionShape { batch: 32, seq: 128, heads: 12, kv_heads: 12, head_dim: 64 }, false),
+    ];
+    for (label, s, causal) in shapes {
+        println!("\n-- fused attention, {label}: {s:?}");
+        let (nq, nkv) = (s.batch * s.seq * s.q_dim(), s.batch * s.seq * s.kv_dim());
+        let (q, k, v) = (buf(cuda, &rand_vec(r, nq)), buf(cuda, &rand_vec(r, nkv)), buf(cuda, &rand_vec(r, nkv)));
+        let dout = buf(cuda, &rand_vec(r, nq));
+        // Padding: lengths from a quarter of the sequence to all of it.
+        let lens: Vec<u32> = (0..s.batch).map(|i| (s.seq / 4 + i * 3 * s.seq / 4 / s.batch.max(1)) as u32).collect();
+        let lengths = cuda.upload(&lens).expect("upload");
+        let mask = if causal { AttentionMask::Causal } else { AttentionMask::Padding(&lengths) };
+        let (mut out, mut stats) = (zeros::<f32>(cuda, nq), zeros::<f32>(cuda, s.stats_len()));
+        let (mut dq, mut dk, mut dv) = (zeros::<f32>(cuda, nq), zeros::<f32>(cuda, nkv), zeros::<f32>(cuda, nkv));
+        // Products of a non-fused attention, per (query, live key) pair.
+        let pairs: f64 = if causal {
+            (s.batch * s.heads) as f64 * (s.seq * (s.seq + 1) / 2) as f64
+        } else {
+            s.heads as f64 * lens.iter().map(|&n| (s.seq * n as usize) as f64).sum::<f64>()
+        };
+        let per_pair = 2.0 * s.head_dim as f64;
+        for (precision, peak) in [(Precision::Full, b.sgemm_tflops), (Precision::Bf16, b.bf16_tflops)] {
+            let fwd =
+                time(cuda, 2, 10, || cuda.attention_forward(&s, mask, precision, &q, &k, &v, &mut out, &mut stats));
+            b.flops(&format!("attention_forward {precision:?} (1 launch)"), 2.0 * per_pair * pairs, fwd, peak);
+            let bwd = time(cuda, 2, 10, || {
+                let grads = AttentionGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+                cuda.attention_backward(&s, mask, precision, &q, &k, &v, &out, &stats, &dout, grads)
+            });
+            b.flops(&format!("attention_backward {precision:?} (3 launches)"), 4.0 * per_pair * pairs, bwd, peak);
+        }
+    }
 }

@@ -30,6 +30,17 @@ mutants=(
     'sparse.cu|        s_val[q] = values[e];\n    }\n    __syncthreads();|        s_val[q] = values[e];\n    }|cuda_sparse'
     'optim.cu|__fmul_rn(__fmul_rn(one_minus_b2, g), g)|__fmul_rn(__fmul_rn(one_minus_b1, g), g)|cuda_optim'
     'transformer.cu|m = fmaxf(m, smem[w]);\n        __syncthreads();|m = fmaxf(m, smem[w]);|cuda_transformer'
+    'attention.cuh|(causal ? i + 1 : n_b)|(causal ? i : n_b)|cuda_attention'
+    'attention.cu|o[rr][u] = o[rr][u] * alpha[rr] + acc;|o[rr][u] = o[rr][u] + acc;|cuda_attention'
+    'attention.cu|        __syncthreads();\n        float sc[4]|        float sc[4]|cuda_attention'
+    'attention.cu|dss[ej][i] = scale * p * (dp - sd[i]);|dss[ej][i] = scale * p * dp;|cuda_attention'
+    'attention.cu|qt < n_t; ++qt) {|qt + 1 < n_t; ++qt) {|cuda_attention'
+    'attention.cu|acc += dout[base + c] * out[base + c];|acc += dout[base + c];|cuda_attention'
+    'attention_wmma.cu|mt = fmaxf(mt, __shfl_xor_sync(ATT_FULL, mt, 1));|(void)0;|cuda_attention'
+    'attention_wmma.cu|wmma::mma_sync(adv[n], ap, f, adv[n]);|wmma::mma_sync(adv[n], ads, f, adv[n]);|cuda_attention'
+    'attention_wmma.cu|const bool in = r0 + r < s.T && c < s.D;|const bool in = r0 + r < s.T;|cuda_attention'
+    'attention_wmma.cu|(causal && k0 > w0 + 15)) continue;|(causal && k0 >= w0)) continue;|cuda_attention'
+    'attention_wmma.cu|qt < n_t; ++qt) {|qt + 1 < n_t; ++qt) {|cuda_attention'
 )
 survived=0
 for m in "${mutants[@]}"; do

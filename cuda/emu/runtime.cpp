@@ -5,6 +5,8 @@
 // full mask, and the barrier once every thread of the block waits at the same
 // __syncthreads. Anything else (lanes at different intrinsics or masks, a lane that exited,
 // a barrier not reached by all threads, a deadlock) fails the launch with a message.
+// Warp-collective operations with semantics of their own (the WMMA ops, sg_emu::Collective)
+// resolve the same way and then run once for the warp, on the scheduler's stack.
 //
 // Environment: SG_EMU_SEED (default 1) shuffles the order in which the scheduler resumes
 // fibers in each round and the order of the blocks (0 = in order), so code that relies on
@@ -112,6 +114,7 @@ const char* op_name(int op) {
         case MATCH_ANY: return "__match_any_sync";
         case REDUCE_MAX: return "__reduce_max_sync";
         case SYNCWARP: return "__syncwarp";
+        case COLLECTIVE: return "a warp-collective operation";
         default: return "?";
     }
 }
@@ -138,11 +141,17 @@ std::string where(const Fiber& f) {
     return buf;
 }
 
+// The name of what a fiber waits at: an intrinsic, or the collective op's own name.
+const char* wait_name(const Fiber& f) {
+    if (f.op == 0) return "__syncthreads";
+    if (f.op == COLLECTIVE) return reinterpret_cast<const Collective*>(f.value)->name;
+    return op_name(f.op);
+}
+
 // "__shfl_xor_sync at topk.cu:123": the intrinsic (or barrier) a fiber waits at.
 std::string site(const Fiber& f) {
     const char* base = strrchr(f.file, '/');
-    return std::string(f.op == 0 ? "__syncthreads" : op_name(f.op)) + " at " + (base ? base + 1 : f.file) + ":" +
-           std::to_string(f.line);
+    return std::string(wait_name(f)) + " at " + (base ? base + 1 : f.file) + ":" + std::to_string(f.line);
 }
 
 void ensure_stacks(size_t n) {
@@ -231,7 +240,11 @@ bool resolve_warp(size_t first, size_t lanes) {
     const Fiber& a = l[0];
     for (size_t i = 0; i < lanes; ++i) {
         const Fiber& b = l[i];
-        if (b.op != a.op || b.size != a.size) {
+        // A collective op (WMMA) is one instruction: every lane at the same call site.
+        const bool same = b.op == a.op && b.size == a.size &&
+                          (a.op != COLLECTIVE || (strcmp(wait_name(a), wait_name(b)) == 0 && a.line == b.line &&
+                                                  strcmp(a.file, b.file) == 0));
+        if (!same) {
             fail("lanes of one warp at different warp intrinsics: " + where(a) + " at " + site(a) + ", " + where(b) +
                  " at " + site(b));
             return false;
@@ -300,6 +313,15 @@ bool resolve_warp(size_t first, size_t lanes) {
         }
         case SYNCWARP:
             break;
+        case COLLECTIVE: {
+            Collective* lanes[32];
+            for (size_t i = 0; i < 32; ++i) lanes[i] = reinterpret_cast<Collective*>(l[i].value);
+            if (const char* err = lanes[0]->run(lanes)) {
+                fail(site(a) + ": " + err + ": " + where(a));
+                return false;
+            }
+            break;
+        }
     }
     for (size_t i = 0; i < 32; ++i) l[i].state = READY;
     return true;

@@ -10,6 +10,10 @@
 // exited lane, a deadlock). Since the fibers of one launch share one OS thread and launches
 // are serialised, atomics are plain read-modify-writes.
 //
+// Warp matrix operations (nvcuda::wmma, include/mma.h) are warp-collective operations of
+// the same scheduler (sg_emu::collective below): each runs once per warp, when all 32 lanes
+// have reached the same call.
+//
 // Numerics: `__f*_rn` are the plain IEEE f32 operations (the build uses -ffp-contract=off,
 // so nothing is fused), bf16 conversions round to nearest even bit-exactly (NaN becomes
 // the canonical 0x7fff, as cvt.rn.bf16.f32 does), expf/logf/erff/tanhf come from the host
@@ -31,6 +35,7 @@
 #define __host__
 #define __forceinline__ inline __attribute__((always_inline))
 #define __restrict__ __restrict
+#define __align__(n) __attribute__((aligned(n)))
 // One static object per kernel-local array: the fake driver serialises launches and
 // poisons every such array before each block (see runtime.cpp, "shared memory").
 #define __shared__ static
@@ -58,10 +63,23 @@ extern dim3 gridDim;
 constexpr int warpSize = 32;
 
 namespace sg_emu {
-enum WarpOp : int { SHFL_XOR = 1, SHFL_UP, ANY, MATCH_ANY, REDUCE_MAX, SYNCWARP };
+enum WarpOp : int { SHFL_XOR = 1, SHFL_UP, ANY, MATCH_ANY, REDUCE_MAX, SYNCWARP, COLLECTIVE };
 // Blocks the calling fiber until its warp resolves `op`; returns this lane's result.
 uint64_t warp_op(int op, unsigned mask, uint64_t value, unsigned arg, unsigned size, const char* file, int line);
 void syncthreads(const char* file, int line);
+
+// A warp-collective operation with semantics of its own (the WMMA ops of include/mma.h).
+// Each lane passes its descriptor (the op's arguments and where its result goes); when all
+// 32 lanes of the warp wait at the same call site of the same op, the scheduler calls
+// `run` once with the descriptors in lane order, then resumes the lanes. `run` returns
+// nullptr, or a message (in static storage) that fails the launch.
+struct Collective {
+    const char* name;
+    const char* (*run)(Collective* const* lanes);
+};
+inline void collective(Collective* op, const char* file, int line) {
+    (void)warp_op(COLLECTIVE, 0xffffffffu, (uint64_t)(uintptr_t)op, 0, sizeof(void*), file, line);
+}
 
 template <typename T>
 inline uint64_t bits_of(T v) {

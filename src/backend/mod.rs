@@ -3,7 +3,7 @@
 //! [`cuda::Cuda`] runs the same ops through hand-written kernels and cuBLAS.
 //!
 //! [`Backend`] is the memory ops plus one trait per op family ([`DenseOps`],
-//! [`TransformerOps`], [`EncoderOps`], [`SparseOps`], [`TopkOps`], [`OptimOps`]), all over
+//! [`TransformerOps`], [`EncoderOps`], [`AttentionOps`], [`SparseOps`], [`TopkOps`], [`OptimOps`]), all over
 //! the buffer type of [`Buffers`]. Code generic over `B: Backend` calls every op directly;
 //! code that calls ops on a concrete backend imports the family traits it uses.
 //!
@@ -25,6 +25,7 @@ mod ops;
 
 pub use gemm::Gemm;
 pub use operand::Precision;
+pub use ops::attention::{AttentionGrads, AttentionMask, AttentionOps, AttentionShape};
 pub use ops::dense::DenseOps;
 pub use ops::encoder::EncoderOps;
 pub use ops::optim::OptimOps;
@@ -280,7 +281,9 @@ pub trait Buffers: Send + Sync + Sized + 'static {
 /// A backend: the memory ops here and every op family. Every op has a CPU twin and a CUDA
 /// launcher with the same argument names. All `F: Real` ops run in f32 on CUDA (f64 is
 /// CPU-only and returns [`crate::Error::UnsupportedDtype`] there).
-pub trait Backend: Buffers + DenseOps + TransformerOps + EncoderOps + SparseOps + TopkOps + OptimOps {
+pub trait Backend:
+    Buffers + DenseOps + TransformerOps + EncoderOps + AttentionOps + SparseOps + TopkOps + OptimOps
+{
     /// Whether buffers are host memory (the CPU backend): work that a device backend keeps
     /// on its device (e.g. the Gram accumulation of [`crate::basis::GramSet`]) may take its
     /// host path instead.

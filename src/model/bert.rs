@@ -12,7 +12,7 @@ mod adapter;
 pub mod tokenizer;
 pub mod weights;
 
-use super::attention::{self, AttentionGrads, AttentionShape, Mask};
+use super::attention::{AttentionGrads, AttentionShape, Mask, SavedAttention};
 use super::TrainingSetup;
 use crate::backend::operand::{grow, to_f};
 use crate::backend::Precision;
@@ -109,11 +109,12 @@ struct Layer<B: Backend, F: Real> {
     ln2_w: B::Buf<F>,
     ln2_b: B::Buf<F>,
     mlp: BertMlp<B, F>,
-    // Saved by the forward: attention inputs, and each LayerNorm's input and statistics.
+    // Saved by the forward: attention inputs, output and statistics, and each LayerNorm's
+    // input and statistics.
     q_act: B::Buf<F>,
     k_act: B::Buf<F>,
     v_act: B::Buf<F>,
-    probs: B::Buf<F>,
+    attn: SavedAttention<B, F>,
     ln1_in: B::Buf<F>,
     ln1_mean: B::Buf<F>,
     ln1_rstd: B::Buf<F>,
@@ -133,7 +134,6 @@ struct Scratch<B: Backend, F: Real> {
     x: B::Buf<F>,
     mid: B::Buf<F>,
     branch: B::Buf<F>,
-    ctx: B::Buf<F>,
     emb_mean: B::Buf<F>,
     emb_rstd: B::Buf<F>,
     pooled: B::Buf<F>,
@@ -145,8 +145,6 @@ struct Scratch<B: Backend, F: Real> {
     dq: B::Buf<F>,
     dk: B::Buf<F>,
     dv: B::Buf<F>,
-    dprobs: B::Buf<F>,
-    dscores: B::Buf<F>,
     dctx: B::Buf<F>,
     dpooled: B::Buf<F>,
     /// The `(batch, seq)` the position ids were written for.
@@ -157,6 +155,8 @@ struct Scratch<B: Backend, F: Real> {
 pub struct BertModel<B: Backend, F: Real = f32> {
     backend: B,
     config: BertConfig,
+    /// The MLPs' operand precision; bf16 also runs attention on tensor cores.
+    precision: Precision,
     word_emb: B::Buf<F>,
     pos_emb: B::Buf<F>,
     type_emb: B::Buf<F>,
@@ -243,7 +243,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
                 q_act: backend.alloc(0)?,
                 k_act: backend.alloc(0)?,
                 v_act: backend.alloc(0)?,
-                probs: backend.alloc(0)?,
+                attn: SavedAttention::new(backend)?,
                 ln1_in: backend.alloc(0)?,
                 ln1_mean: backend.alloc(0)?,
                 ln1_rstd: backend.alloc(0)?,
@@ -266,6 +266,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         let u = || backend.alloc::<u32>(0);
         Ok(BertModel {
             backend: backend.clone(),
+            precision: opts.precision,
             word_emb: up(&weights.word_emb)?,
             pos_emb: up(&weights.pos_emb)?,
             type_emb: up(&weights.type_emb)?,
@@ -285,7 +286,6 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
                 x: a()?,
                 mid: a()?,
                 branch: a()?,
-                ctx: a()?,
                 emb_mean: a()?,
                 emb_rstd: a()?,
                 pooled: a()?,
@@ -297,8 +297,6 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
                 dq: a()?,
                 dk: a()?,
                 dv: a()?,
-                dprobs: a()?,
-                dscores: a()?,
                 dctx: a()?,
                 dpooled: a()?,
                 pos_shape: (0, 0),
@@ -341,7 +339,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
     fn ensure(&mut self, batch: usize, seq: usize) -> Result<()> {
         let (c, be) = (&self.config, &self.backend);
         let (t, h) = (batch * seq, c.hidden);
-        let probs = batch * c.heads * seq * seq;
+        let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.heads, head_dim: c.head_dim() };
         for l in &mut self.layers {
             for buf in [&mut l.q_act, &mut l.k_act, &mut l.v_act, &mut l.ln1_in, &mut l.ln2_in] {
                 grow(be, buf, t * h)?;
@@ -349,7 +347,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
             for buf in [&mut l.ln1_mean, &mut l.ln1_rstd, &mut l.ln2_mean, &mut l.ln2_rstd] {
                 grow(be, buf, t)?;
             }
-            grow(be, &mut l.probs, probs)?;
+            l.attn.ensure(be, &shape)?;
         }
         let s = &mut self.s;
         for buf in [&mut s.ids, &mut s.pos_ids, &mut s.type_ids] {
@@ -361,7 +359,6 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
             &mut s.x,
             &mut s.mid,
             &mut s.branch,
-            &mut s.ctx,
             &mut s.dx,
             &mut s.dtmp,
             &mut s.dnormed,
@@ -374,8 +371,6 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         }
         grow(be, &mut s.emb_mean, t)?;
         grow(be, &mut s.emb_rstd, t)?;
-        grow(be, &mut s.dprobs, probs)?;
-        grow(be, &mut s.dscores, probs)?;
         grow(be, &mut s.pooled, batch * h)?;
         grow(be, &mut s.dpooled, batch * h)?;
         grow(be, &mut s.logits, batch * self.head_cfg.classes)?;
@@ -474,10 +469,10 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
                 be.gemm(&Gemm::nt(t, h, h), &s.x, w, out)?;
                 be.add_bias(out, b, t, h)?;
             }
-            attention::forward_masked(&be, &shape, &mask, &l.q_act, &l.k_act, &l.v_act, &mut l.probs, &mut s.ctx)?;
+            l.attn.forward(&be, &shape, mask, self.precision, &l.q_act, &l.k_act, &l.v_act)?;
             // a = x + o(ctx) is LN1's input.
             be.copy(&s.x, &mut l.ln1_in, t * h)?;
-            be.gemm(&Gemm::nt(t, h, h).beta(1.0), &s.ctx, &l.o, &mut l.ln1_in)?;
+            be.gemm(&Gemm::nt(t, h, h).beta(1.0), &l.attn.out, &l.o, &mut l.ln1_in)?;
             be.add_bias(&mut l.ln1_in, &l.o_bias, t, h)?;
             be.layernorm(&l.ln1_in, &l.ln1_w, &l.ln1_b, &mut s.mid, &mut l.ln1_mean, &mut l.ln1_rstd, t, h, c.ln_eps)?;
             l.mlp.forward(&s.mid, t, &mut s.branch)?;
@@ -562,14 +557,9 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
             // m = LN1(a): dx = da, the residual's share of the layer input's gradient.
             be.layernorm_backward(&l.ln1_in, &l.ln1_w, &l.ln1_mean, &l.ln1_rstd, &s.dnormed, &mut s.dx, t, h)?;
             be.gemm(&Gemm::nn(t, h, h), &s.dx, &l.o, &mut s.dctx)?;
-            let grads = AttentionGrads {
-                dq: &mut s.dq,
-                dk: &mut s.dk,
-                dv: &mut s.dv,
-                dprobs: &mut s.dprobs,
-                dscores: &mut s.dscores,
-            };
-            attention::backward_masked(&be, &shape, &mask, &l.q_act, &l.k_act, &l.v_act, &l.probs, &s.dctx, grads)?;
+            let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
+            let (q, k, v) = (&l.q_act, &l.k_act, &l.v_act);
+            l.attn.backward(&be, &shape, mask, self.precision, q, k, v, &s.dctx, grads)?;
             be.gemm(&Gemm::nn(t, h, h).beta(1.0), &s.dq, &l.q, &mut s.dx)?;
             be.gemm(&Gemm::nn(t, h, h).beta(1.0), &s.dk, &l.k, &mut s.dx)?;
             be.gemm(&Gemm::nn(t, h, h).beta(1.0), &s.dv, &l.v, &mut s.dx)?;

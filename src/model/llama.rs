@@ -4,7 +4,7 @@
 //! cross-entropy. Everything but the chosen MLP projections is frozen; gradients still
 //! flow through all of it down to the lowest layer that trains (nothing below needs them).
 
-use super::attention::{self, AttentionGrads, AttentionShape};
+use super::attention::{self, AttentionGrads, AttentionShape, Mask, SavedAttention};
 use super::config::LlamaConfig;
 use super::weights::LlamaWeights;
 use super::TrainingSetup;
@@ -66,7 +66,8 @@ struct Layer<B: Backend, F: Real> {
     q_act: B::Buf<F>,
     k_act: B::Buf<F>,
     v_act: B::Buf<F>,
-    probs: B::Buf<F>,
+    /// The attention output (the o projection's input) and its row statistics.
+    attn: SavedAttention<B, F>,
     x_mid: B::Buf<F>,
     inv_rms_ffn: B::Buf<F>,
 }
@@ -80,7 +81,6 @@ struct Scratch<B: Backend, F: Real> {
     x: B::Buf<F>,
     normed: B::Buf<F>,
     normed_half: Option<B::Buf<bf16>>,
-    attn: B::Buf<F>,
     attn_half: Option<B::Buf<bf16>>,
     branch: B::Buf<F>,
     logits: B::Buf<F>,
@@ -92,8 +92,6 @@ struct Scratch<B: Backend, F: Real> {
     dq: B::Buf<F>,
     dk: B::Buf<F>,
     dv: B::Buf<F>,
-    dprobs: B::Buf<F>,
-    dscores: B::Buf<F>,
     dattn: B::Buf<F>,
     grad_half: Option<B::Buf<bf16>>,
 }
@@ -209,7 +207,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 q_act: backend.alloc(0)?,
                 k_act: backend.alloc(0)?,
                 v_act: backend.alloc(0)?,
-                probs: backend.alloc(0)?,
+                attn: SavedAttention::new(backend)?,
                 x_mid: backend.alloc(0)?,
                 inv_rms_ffn: backend.alloc(0)?,
             });
@@ -243,7 +241,6 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 x: backend.alloc(0)?,
                 normed: backend.alloc(0)?,
                 normed_half: opt_half(0)?,
-                attn: backend.alloc(0)?,
                 attn_half: opt_half(0)?,
                 branch: backend.alloc(0)?,
                 logits: backend.alloc(0)?,
@@ -254,8 +251,6 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 dq: backend.alloc(0)?,
                 dk: backend.alloc(0)?,
                 dv: backend.alloc(0)?,
-                dprobs: backend.alloc(0)?,
-                dscores: backend.alloc(0)?,
                 dattn: backend.alloc(0)?,
                 grad_half: opt_half(0)?,
             },
@@ -295,27 +290,28 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let c = &self.config;
         // Every buffer size below is a product of these; checked once so none wraps.
         let widest = c.vocab.max(c.hidden).max(c.q_dim()).max(c.ffn);
-        let sizes = batch.checked_mul(seq).and_then(|t| Some((t, t.checked_mul(widest)?)));
-        let probs = batch.checked_mul(c.heads).and_then(|v| v.checked_mul(seq)?.checked_mul(seq));
-        let (Some((t, _)), Some(probs)) = (sizes, probs) else {
+        // (The attention statistics, 2 t heads, are below t * q_dim * 2 <= t * widest * 2.)
+        let sizes = batch.checked_mul(seq).and_then(|t| Some((t, t.checked_mul(widest)?.checked_mul(2)?)));
+        let Some((t, _)) = sizes else {
             return Err(Error::invalid(
                 "LlamaModel",
                 format!("batch {batch} x sequence length {seq} overflows the activation sizes"),
             ));
         };
         let be = &self.backend;
+        let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         for l in &mut self.layers {
             grow(be, &mut l.x_in, t * c.hidden)?;
             grow(be, &mut l.inv_rms_attn, t)?;
             grow(be, &mut l.q_act, t * c.q_dim())?;
             grow(be, &mut l.k_act, t * c.kv_dim())?;
             grow(be, &mut l.v_act, t * c.kv_dim())?;
-            grow(be, &mut l.probs, probs)?;
+            l.attn.ensure(be, &shape)?;
             grow(be, &mut l.x_mid, t * c.hidden)?;
             grow(be, &mut l.inv_rms_ffn, t)?;
         }
         let s = &mut self.s;
-        if t <= s.tokens && be.len(&s.dprobs) >= probs {
+        if t <= s.tokens {
             return Ok(());
         }
         let width = c.hidden.max(c.q_dim());
@@ -325,14 +321,12 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         for buf in [&mut s.x, &mut s.normed, &mut s.branch, &mut s.dx, &mut s.dnormed] {
             grow(be, buf, t * c.hidden)?;
         }
-        for buf in [&mut s.attn, &mut s.dq, &mut s.dattn] {
+        for buf in [&mut s.dq, &mut s.dattn] {
             grow(be, buf, t * c.q_dim())?;
         }
         for buf in [&mut s.dk, &mut s.dv] {
             grow(be, buf, t * c.kv_dim())?;
         }
-        grow(be, &mut s.dprobs, probs)?;
-        grow(be, &mut s.dscores, probs)?;
         grow(be, &mut s.logits, t * c.vocab)?;
         grow(be, &mut s.losses, t)?;
         grow(be, &mut s.inv_rms_final, t)?;
@@ -378,8 +372,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut l.v_act)?;
             be.rope(&mut l.q_act, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
             be.rope(&mut l.k_act, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
-            attention::forward(&be, &shape, &l.q_act, &l.k_act, &l.v_act, &mut l.probs, &mut s.attn)?;
-            let o_in = stage(&be, &s.attn, s.attn_half.as_mut(), t * c.q_dim())?;
+            l.attn.forward(&be, &shape, Mask::Causal, self.precision, &l.q_act, &l.k_act, &l.v_act)?;
+            let o_in = stage(&be, &l.attn.out, s.attn_half.as_mut(), t * c.q_dim())?;
             mm(&be, &Gemm::nt(t, c.hidden, c.q_dim()), o_in, l.o.as_ref(), &mut s.branch)?;
             be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
             be.copy(&s.x, &mut l.x_mid, t * c.hidden)?;
@@ -452,14 +446,9 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             // Attention branch: x_mid = x_in + o(attn(rmsnorm(x_in))).
             let dx_op = stage(&be, &s.dx, s.grad_half.as_mut(), t * c.hidden)?;
             mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
-            let grads = AttentionGrads {
-                dq: &mut s.dq,
-                dk: &mut s.dk,
-                dv: &mut s.dv,
-                dprobs: &mut s.dprobs,
-                dscores: &mut s.dscores,
-            };
-            attention::backward(&be, &shape, &l.q_act, &l.k_act, &l.v_act, &l.probs, &s.dattn, grads)?;
+            let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
+            let (q, k, v) = (&l.q_act, &l.k_act, &l.v_act);
+            l.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
             be.rope(&mut s.dq, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
             be.rope(&mut s.dk, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
             let dq = stage(&be, &s.dq, s.grad_half.as_mut(), t * c.q_dim())?;

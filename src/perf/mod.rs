@@ -119,6 +119,9 @@ pub struct KernelCost {
     /// The `.cu` file (module) it is compiled in.
     pub module: &'static str,
     pub category: Category,
+    /// Whether the kernel's flops run on bf16 tensor cores (`nvcuda::wmma`) rather than the
+    /// FP32 cores: the roofline prices them at the tensor-core rate.
+    pub tensor_cores: bool,
     pub eval: fn(&[u64]) -> Work,
 }
 

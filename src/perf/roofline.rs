@@ -169,7 +169,10 @@ impl DeviceModel {
     pub fn device_seconds(&self, e: &Event) -> f64 {
         let w = e.work();
         match &e.kind {
-            EventKind::Launch { .. } => (w.bytes / self.hbm_bytes_per_s).max(w.flops / self.fp32_flops),
+            EventKind::Launch { cost, .. } => {
+                let rate = if cost.tensor_cores { self.bf16_tensor_flops } else { self.fp32_flops };
+                (w.bytes / self.hbm_bytes_per_s).max(w.flops / rate)
+            }
             EventKind::Gemm { operands, compute, .. } => {
                 (w.flops / self.gemm_rate(*operands, *compute)).max(w.bytes / self.hbm_bytes_per_s)
             }
@@ -230,6 +233,7 @@ mod tests {
         kernel: "test_stream",
         module: "test",
         category: Category::Elementwise,
+        tensor_cores: false,
         eval: |a| Work::new(a[0], a[1]),
     };
 

@@ -389,12 +389,14 @@ pub(crate) mod tests {
         kernel: "axpy_f32",
         module: "dense",
         category: Category::Elementwise,
+        tensor_cores: false,
         eval: |a| Work::new(12 * a[0], 2 * a[0]),
     };
     static SCORES: KernelCost = KernelCost {
         kernel: "softmax_causal_f32",
         module: "transformer",
         category: Category::Attention,
+        tensor_cores: false,
         // args: matrices, t: t^2 entries per matrix read and written.
         eval: |a| Work::new(8 * a[0] * a[1] * a[1], 5 * a[0] * a[1] * a[1]),
     };

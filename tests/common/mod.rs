@@ -2,10 +2,12 @@
 //! orthogonal matrices, an elementwise comparison that reports the worst index; in the
 //! submodules the plain reference implementations (`reference`), the assets rule
 //! (`assets`), the example binaries (`examples`), the command line's files and processes
-//! (`cli`), the encoder ops' CPU twins (`encoder`) and model and block fixtures.
+//! (`cli`), the encoder ops' CPU twins (`encoder`), the attention reference (`attention`) and
+//! model and block fixtures.
 #![allow(dead_code)]
 
 pub mod assets;
+pub mod attention;
 pub mod bert;
 pub mod blocks;
 pub mod cli;

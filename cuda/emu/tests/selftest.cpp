@@ -7,6 +7,8 @@
 //   - a shuffle by half the warp (the other lanes exit; or a partial mask),
 //   - lanes of one warp at different intrinsics,
 //   - a block larger than __launch_bounds__,
+//   - WMMA (nvcuda::wmma) ops reached by part of a warp, at two call sites, with a lane-
+//     dependent fragment element, or from a misaligned pointer,
 //   - an out-of-bounds global write and a shared-memory overrun (AddressSanitizer build
 //     only: a child process must die with an ASan report naming the kernel).
 // Exits non-zero if any check fails.
@@ -16,6 +18,8 @@
 
 #include <string>
 #include <vector>
+
+#include <mma.h>
 
 #include "runtime.h"
 
@@ -155,6 +159,41 @@ extern "C" __global__ void k_bf16(const float* in, unsigned short* out, float* b
     }
 }
 
+// WMMA: warp 0 computes d = a b + c with a row-major, b column-major, c loaded row-major,
+// staged through shared memory, and stores d row-major; warp 1 uses a row-major b, loads c
+// column-major from global memory, doubles every element (a layout-independent op) and
+// stores column-major; both also store a filled fragment (7.5 everywhere).
+extern "C" __global__ void k_wmma(const __nv_bfloat16* a, const __nv_bfloat16* b_col, const __nv_bfloat16* b_row,
+                                  const float* c, float* d0, float* d1, float* filled) {
+    using namespace nvcuda;
+    __shared__ __align__(32) __nv_bfloat16 sa[256];
+    __shared__ __align__(32) __nv_bfloat16 sb[256];
+    __shared__ __align__(32) float sc[256];
+    const unsigned t = threadIdx.x, warp = t / 32;
+    for (unsigned i = t; i < 256; i += blockDim.x) sa[i] = a[i], sb[i] = b_col[i], sc[i] = c[i];
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(fa, sa, 16);
+    if (warp == 0) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, sb, 16);
+        wmma::load_matrix_sync(acc, sc, 16, wmma::mem_row_major);
+        wmma::mma_sync(acc, fa, fb, acc);
+        wmma::store_matrix_sync(d0, acc, 16, wmma::mem_row_major);
+    } else {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> fb;
+        wmma::load_matrix_sync(fb, b_row, 16);
+        wmma::load_matrix_sync(acc, c, 16, wmma::mem_col_major);
+        wmma::mma_sync(acc, fa, fb, acc);
+        for (int i = 0; i < acc.num_elements; ++i) acc.x[i] *= 2.0f;
+        wmma::store_matrix_sync(d1, acc, 16, wmma::mem_col_major);
+    }
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> f;
+    wmma::fill_fragment(f, 7.5f);
+    wmma::store_matrix_sync(filled + warp * 256, f, 16, wmma::mem_row_major);
+}
+
 // ---- broken kernels ---------------------------------------------------------------------------
 
 // Warp w reads the value lane 0 of warp w + 1 wrote, with no barrier in between.
@@ -217,6 +256,49 @@ extern "C" __global__ void broken_shared_overrun(float* out) {
     p[threadIdx.x + 1] = 1.0f;
     __syncthreads();
     out[threadIdx.x] = s[threadIdx.x];
+}
+
+// Lanes 16..31 exit before the warp's mma_sync.
+extern "C" __global__ void broken_wmma_half_warp(const __nv_bfloat16* a, float* d) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::load_matrix_sync(fa, a, 16);
+    wmma::load_matrix_sync(fb, a, 16);
+    wmma::fill_fragment(acc, 0.0f);
+    if (threadIdx.x % 32 >= 16) return;
+    wmma::mma_sync(acc, fa, fb, acc);
+    wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
+// Each lane writes its lane id into element 0: meaningful only with a known layout.
+extern "C" __global__ void broken_wmma_lane_element(float* d) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+    wmma::fill_fragment(acc, 1.0f);
+    acc.x[0] = (float)(threadIdx.x % 32);
+    wmma::store_matrix_sync(d, acc, 16, wmma::mem_row_major);
+}
+
+// The same load from two call sites (lanes split by parity).
+extern "C" __global__ void broken_wmma_two_sites(const __nv_bfloat16* a, float* d) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    if (threadIdx.x % 2) {
+        wmma::load_matrix_sync(fa, a, 16);
+    } else {
+        wmma::load_matrix_sync(fa, a, 16);
+    }
+    d[threadIdx.x] = __bfloat162float(fa.x[0]);
+}
+
+// A load from an address 2 bytes past a 32-byte boundary.
+extern "C" __global__ void broken_wmma_misaligned(const __nv_bfloat16* a, float* d) {
+    using namespace nvcuda;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+    wmma::load_matrix_sync(fa, a + 1, 16);
+    d[threadIdx.x] = __bfloat162float(fa.x[0]);
 }
 
 static bool contains(const std::string& s, const char* what) { return s.find(what) != std::string::npos; }
@@ -375,6 +457,75 @@ int main(int argc, char** argv) {
                      cases[i].second);
             check(out[i] == cases[i].second, buf);
         }
+    }
+
+    {  // WMMA: small integers and halves, so every product and sum is exact in any order
+        auto* a = static_cast<__nv_bfloat16*>(aligned_alloc(64, 256 * 2));
+        auto* b_col = static_cast<__nv_bfloat16*>(aligned_alloc(64, 256 * 2));
+        auto* b_row = static_cast<__nv_bfloat16*>(aligned_alloc(64, 256 * 2));
+        auto* c = static_cast<float*>(aligned_alloc(64, 256 * 4));
+        auto* d0 = static_cast<float*>(aligned_alloc(64, 256 * 4));
+        auto* d1 = static_cast<float*>(aligned_alloc(64, 256 * 4));
+        auto* filled = static_cast<float*>(aligned_alloc(64, 512 * 4));
+        float fa[256], fb[256], fc[256];
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 16; ++j) {
+                fa[i * 16 + j] = (float)((i * 3 + j * 5) % 7) - 3.0f;   // a(i, j)
+                fb[i * 16 + j] = (float)((i * 7 + j) % 5) * 0.5f - 1.0f;  // b(k = i, n = j)
+                fc[i * 16 + j] = (float)(i - j);                          // c(i, j)
+            }
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 16; ++j) {
+                a[i * 16 + j] = __float2bfloat16_rn(fa[i * 16 + j]);
+                b_row[i * 16 + j] = __float2bfloat16_rn(fb[i * 16 + j]);
+                b_col[j * 16 + i] = __float2bfloat16_rn(fb[i * 16 + j]);
+                c[j * 16 + i] = fc[i * 16 + j];  // column-major for warp 1
+            }
+        std::vector<float> want(256);
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 16; ++j) {
+                float s = fc[i * 16 + j];
+                for (int k = 0; k < 16; ++k) s += fa[i * 16 + k] * fb[k * 16 + j];
+                want[i * 16 + j] = s;
+            }
+        // Warp 0 reads c row-major from the same buffer, so it sees c^T: its own expectation.
+        std::vector<float> want0(256);
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 16; ++j) {
+                float s = fc[j * 16 + i];
+                for (int k = 0; k < 16; ++k) s += fa[i * 16 + k] * fb[k * 16 + j];
+                want0[i * 16 + j] = s;
+            }
+        for (int i = 0; i < 256; ++i) d0[i] = d1[i] = -1e30f;
+        for (int i = 0; i < 512; ++i) filled[i] = 0.0f;
+        void *p0 = a, *p1 = b_col, *p2 = b_row, *p3 = c, *p4 = d0, *p5 = d1, *p6 = filled;
+        std::string err =
+            LAUNCH(k_wmma, (dim3{1, 1, 1}), (dim3{64, 1, 1}), &p0, &p1, &p2, &p3, &p4, &p5, &p6);
+        check(err.empty(), "k_wmma ran: " + err);
+        bool ok0 = true, ok1 = true, okf = true;
+        for (int i = 0; i < 16; ++i)
+            for (int j = 0; j < 16; ++j) {
+                ok0 &= d0[i * 16 + j] == want0[i * 16 + j];
+                ok1 &= d1[j * 16 + i] == 2.0f * want[i * 16 + j];
+            }
+        for (int i = 0; i < 512; ++i) okf &= filled[i] == 7.5f;
+        check(ok0, "wmma: shared-memory loads (a row-major, b column-major, c row-major), mma_sync, row-major store");
+        check(ok1, "wmma: global loads (b row-major, c column-major), x[i] over num_elements, column-major store");
+        check(okf, "wmma: fill_fragment");
+        {
+            std::vector<float> dd(256 * 4, 0.0f);
+            float* pd = dd.data();
+            void* pa = a;
+            expect_error(LAUNCH(broken_wmma_half_warp, (dim3{1, 1, 1}), (dim3{32, 1, 1}), &pa, &pd),
+                         "broken_wmma_half_warp", "nvcuda::wmma::mma_sync", "WMMA by half the warp");
+            expect_error(LAUNCH(broken_wmma_lane_element, (dim3{1, 1, 1}), (dim3{32, 1, 1}), &pd),
+                         "broken_wmma_lane_element", "different contents", "WMMA fragment element set per lane");
+            expect_error(LAUNCH(broken_wmma_two_sites, (dim3{1, 1, 1}), (dim3{32, 1, 1}), &pa, &pd),
+                         "broken_wmma_two_sites", "different warp intrinsics", "WMMA load at two call sites");
+            expect_error(LAUNCH(broken_wmma_misaligned, (dim3{1, 1, 1}), (dim3{32, 1, 1}), &pa, &pd),
+                         "broken_wmma_misaligned", "aligned", "WMMA load from a misaligned pointer");
+        }
+        for (void* p : {(void*)a, (void*)b_col, (void*)b_row, (void*)c, (void*)d0, (void*)d1, (void*)filled}) free(p);
     }
 
     // ---- broken kernels must be reported ----

@@ -6,6 +6,7 @@
 //! Padding is given per sequence as a length: sequence `b` has `n = min(lengths[b], t)`
 //! real tokens followed by padding (the right-padded batches a BERT tokenizer produces).
 
+use super::softmax::{softmax_backward_row, softmax_row};
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::encoder::*;
 use crate::backend::PoolKind;
@@ -14,7 +15,7 @@ use crate::scalar::Real;
 use rayon::prelude::*;
 
 /// Real tokens of sequence `b`.
-fn live(lengths: &[u32], b: usize, t: usize) -> usize {
+pub(super) fn live(lengths: &[u32], b: usize, t: usize) -> usize {
     (lengths[b] as usize).min(t)
 }
 
@@ -124,16 +125,7 @@ impl EncoderOps for Cpu {
         }
         let scale = F::from_f64(scale as f64);
         s[..rows * t].par_chunks_mut(t).enumerate().for_each(|(row, p)| {
-            let n = live(lengths, row / t / heads, t);
-            let max = p[..n].iter().fold(F::from_f64(f64::NEG_INFINITY), |m, &v| m.max(scale * v));
-            let mut sum = 0.0f64;
-            for v in &mut p[..n] {
-                *v = (scale * *v - max).exp();
-                sum += v.to_f64();
-            }
-            let sum = F::from_f64(sum);
-            p[..n].iter_mut().for_each(|v| *v = *v / sum);
-            p[n..].fill(F::ZERO);
+            softmax_row(p, live(lengths, row / t / heads, t), scale);
         });
         Ok(())
     }
@@ -156,12 +148,7 @@ impl EncoderOps for Cpu {
         let scale = F::from_f64(scale as f64);
         ds[..rows * t].par_chunks_mut(t).enumerate().for_each(|(row, ds)| {
             let n = live(lengths, row / t / heads, t);
-            let (p, dp) = (&p[row * t..row * t + t], &dp[row * t..row * t + t]);
-            let dot = F::from_f64(p[..n].iter().zip(&dp[..n]).map(|(&a, &b)| (a * b).to_f64()).sum::<f64>());
-            for j in 0..n {
-                ds[j] = scale * p[j] * (dp[j] - dot);
-            }
-            ds[n..].fill(F::ZERO);
+            softmax_backward_row(&p[row * t..row * t + t], &dp[row * t..row * t + t], ds, n, scale);
         });
         Ok(())
     }

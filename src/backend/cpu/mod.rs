@@ -4,13 +4,16 @@
 //! can report peak memory.
 //!
 //! This file holds the buffers and the memory ops; each op family is implemented in its
-//! own file (dense.rs with the activations, transformer.rs, encoder.rs, sparse.rs, topk.rs,
-//! optim.rs), after the family's shared validator.
+//! own file (dense.rs with the activations, transformer.rs, encoder.rs, attention.rs,
+//! sparse.rs, topk.rs, optim.rs; softmax.rs holds the softmax row kernels three of them
+//! share), after the family's shared validator.
 
 mod activation;
+mod attention;
 mod dense;
 mod encoder;
 mod optim;
+mod softmax;
 mod sparse;
 mod topk;
 mod transformer;

@@ -1,6 +1,7 @@
 //! CPU transformer ops: RMSNorm, rotary embedding, causal softmax and masked
 //! cross-entropy, forward and backward (the specification of the CUDA kernels).
 
+use super::softmax::{softmax_backward_row, softmax_row};
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::transformer::*;
 use crate::error::{Error, Result};
@@ -98,16 +99,7 @@ impl TransformerOps for Cpu {
         }
         let scale = F::from_f64(scale as f64);
         s[..mats * t * t].par_chunks_mut(t).enumerate().for_each(|(row, p)| {
-            let i = row % t;
-            let max = p[..=i].iter().fold(F::from_f64(f64::NEG_INFINITY), |m, &v| m.max(scale * v));
-            let mut sum = 0.0f64;
-            for v in &mut p[..=i] {
-                *v = (scale * *v - max).exp();
-                sum += v.to_f64();
-            }
-            let sum = F::from_f64(sum);
-            p[..=i].iter_mut().for_each(|v| *v = *v / sum);
-            p[i + 1..].fill(F::ZERO);
+            softmax_row(p, row % t + 1, scale);
         });
         Ok(())
     }
@@ -127,13 +119,7 @@ impl TransformerOps for Cpu {
         }
         let scale = F::from_f64(scale as f64);
         ds[..mats * t * t].par_chunks_mut(t).enumerate().for_each(|(row, ds)| {
-            let i = row % t;
-            let (p, dp) = (&p[row * t..row * t + t], &dp[row * t..row * t + t]);
-            let dot = F::from_f64(p[..=i].iter().zip(&dp[..=i]).map(|(&a, &b)| (a * b).to_f64()).sum::<f64>());
-            for j in 0..=i {
-                ds[j] = scale * p[j] * (dp[j] - dot);
-            }
-            ds[i + 1..].fill(F::ZERO);
+            softmax_backward_row(&p[row * t..row * t + t], &dp[row * t..row * t + t], ds, row % t + 1, scale);
         });
         Ok(())
     }

@@ -1,11 +1,12 @@
 //! The constants the launchers share with the kernels, read at compile time from the kernel
 //! sources themselves (their `#define` lines), so nvcc, the emulator build and Rust use one
 //! source: threads per block, compaction tile sizes, the device error bits, the top-k
-//! histogram size and the chunk of coo_dense_t.
+//! histogram size, the chunk of coo_dense_t and the attention kernels' tiles.
 
 const COMMON_CUH: &str = include_str!("../../../cuda/common.cuh");
 const TOPK_CU: &str = include_str!("../../../cuda/topk.cu");
 const SPARSE_CU: &str = include_str!("../../../cuda/sparse.cu");
+const ATTENTION_CUH: &str = include_str!("../../../cuda/attention.cuh");
 
 const fn define(name: &str) -> u64 {
     define_in(COMMON_CUH, name)
@@ -67,6 +68,15 @@ pub(super) const TOPK_BINS: usize = define_in(TOPK_CU, "TOPK_BINS") as usize;
 /// COO entries staged per block of coo_dense_t_f32 (`SG_CDT_CHUNK` in cuda/sparse.cu).
 pub(super) const CDT_CHUNK: usize = (define("SG_THREADS") * define_in(SPARSE_CU, "SG_CDT_PER_THREAD")) as usize;
 
+/// Largest head dimension of the attention kernels (`SG_ATT_DMAX` in cuda/attention.cuh).
+pub(super) const ATT_DMAX: usize = define_in(ATTENTION_CUH, "SG_ATT_DMAX") as usize;
+/// Queries (forward, dq) or keys (dkdv) per block of the f32 attention kernels.
+pub(super) const ATT_F32_ROWS: usize = define_in(ATTENTION_CUH, "SG_ATT_F32_ROWS") as usize;
+/// Queries per block of the bf16 attention forward.
+pub(super) const ATT_BF16_FWD_ROWS: usize = define_in(ATTENTION_CUH, "SG_ATT_BF16_FWD_ROWS") as usize;
+/// Keys (dkdv) or queries (dq) per block of the bf16 attention backward.
+pub(super) const ATT_BF16_TILE: usize = define_in(ATTENTION_CUH, "SG_ATT_BF16_TILE") as usize;
+
 /// Bits of the device error word (`SG_ERR_*`) and the op each one names.
 pub(super) const ERR_BITS: [(u32, &str); 9] = [
     (define("SG_ERR_GATHER_ROWS") as u32, "gather_rows"),
@@ -90,6 +100,7 @@ mod tests {
         assert_eq!(TILE, 256 * 16);
         assert_eq!(TOPK_BINS, 2048);
         assert_eq!(CDT_CHUNK, 2048);
+        assert_eq!((ATT_DMAX, ATT_F32_ROWS, ATT_BF16_FWD_ROWS, ATT_BF16_TILE), (128, 16, 64, 32));
         // Every SG_ERR_ bit of the header is named here, once, and the bits are distinct.
         let in_header = COMMON_CUH.lines().filter(|l| l.starts_with("#define SG_ERR_")).count();
         assert_eq!(in_header, ERR_BITS.len());

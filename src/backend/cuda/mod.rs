@@ -26,9 +26,11 @@
 //!   device and fail right away.
 //! - Layout: this file holds the buffers, the context and the launch helpers; memory.rs the
 //!   memory ops; interop.rs an engine's stream and buffers; each op family its own file
-//!   (dense.rs with gemm.rs, transformer.rs, encoder.rs, sparse.rs, topk.rs, optim.rs), every
-//!   op calling its shared validator (`backend::ops`) before it launches anything.
+//!   (dense.rs with gemm.rs, transformer.rs, encoder.rs, attention.rs, sparse.rs, topk.rs,
+//!   optim.rs), every op calling its shared validator (`backend::ops`) before it launches
+//!   anything.
 
+mod attention;
 mod consts;
 #[cfg(test)]
 mod cost_tests;
@@ -220,26 +222,41 @@ pub(crate) use kargs;
 /// one kernel of `cuda/<module>.cu`, defined beside its launcher: its name, where its time
 /// goes, and its cost as a function of the size arguments the launcher records (`a`, in the
 /// order the launcher's comment gives). `kernel!([A, B, C] = "module" / ["a", "b", "c"], ...)`
-/// declares variants of one kernel (block-size groups) with the same cost.
+/// declares variants of one kernel (block-size groups) with the same cost. `Category,
+/// tensor_cores,` marks a kernel whose flops run on bf16 tensor cores (`nvcuda::wmma`).
 macro_rules! kernel {
+    ($(#[$m:meta])* $id:ident = $module:literal / $name:literal, $cat:ident, tensor_cores, |$a:ident| $cost:expr) => {
+        kernel!(@one $(#[$m])* $id = $module / $name, $cat, true, |$a| $cost);
+    };
     ($(#[$m:meta])* $id:ident = $module:literal / $name:literal, $cat:ident, |$a:ident| $cost:expr) => {
+        kernel!(@one $(#[$m])* $id = $module / $name, $cat, false, |$a| $cost);
+    };
+    ($(#[$m:meta])* $id:ident = $module:literal / [$($name:literal),+], $cat:ident, tensor_cores, |$a:ident| $cost:expr) => {
+        kernel!(@many $(#[$m])* $id = $module / [$($name),+], $cat, true, |$a| $cost);
+    };
+    ($(#[$m:meta])* $id:ident = $module:literal / [$($name:literal),+], $cat:ident, |$a:ident| $cost:expr) => {
+        kernel!(@many $(#[$m])* $id = $module / [$($name),+], $cat, false, |$a| $cost);
+    };
+    (@one $(#[$m:meta])* $id:ident = $module:literal / $name:literal, $cat:ident, $tc:literal, |$a:ident| $cost:expr) => {
         $(#[$m])*
         pub(super) static $id: crate::perf::KernelCost = crate::perf::KernelCost {
             kernel: $name,
             module: $module,
             category: crate::perf::Category::$cat,
+            tensor_cores: $tc,
             eval: |$a: &[u64]| -> crate::perf::Work {
                 let (bytes, flops): (u64, u64) = $cost;
                 crate::perf::Work::new(bytes, flops)
             },
         };
     };
-    ($(#[$m:meta])* $id:ident = $module:literal / [$($name:literal),+], $cat:ident, |$a:ident| $cost:expr) => {
+    (@many $(#[$m:meta])* $id:ident = $module:literal / [$($name:literal),+], $cat:ident, $tc:literal, |$a:ident| $cost:expr) => {
         $(#[$m])*
         pub(super) static $id: [crate::perf::KernelCost; [$($name),+].len()] = [$(crate::perf::KernelCost {
             kernel: $name,
             module: $module,
             category: crate::perf::Category::$cat,
+            tensor_cores: $tc,
             eval: |$a: &[u64]| -> crate::perf::Work {
                 let (bytes, flops): (u64, u64) = $cost;
                 crate::perf::Work::new(bytes, flops)

@@ -1,6 +1,6 @@
 //! The op set, one trait per family: dense (GEMM, casts, bias, activations), transformer
 //! (RMSNorm, rotary embedding, causal softmax, cross-entropy), encoder (LayerNorm, masked
-//! softmax, pooling), sparse (sparse-by-dense gathers and COO helpers), top-k and optimizer
+//! softmax, pooling), attention (fused, forward and backward), sparse (sparse-by-dense gathers and COO helpers), top-k and optimizer
 //! ops. [`crate::backend::Backend`] is all of them together with the memory ops.
 //!
 //! Each op has one contract here: its signature and documentation (a trait method) and its
@@ -9,6 +9,7 @@
 //! Checks that read the data itself (indices, targets) stay with the backend that can read
 //! it: the CPU on the host, the CUDA kernels on the device (see `backend::cuda`).
 
+pub(super) mod attention;
 pub(super) mod dense;
 pub(super) mod encoder;
 pub(super) mod optim;
