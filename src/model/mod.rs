@@ -22,5 +22,6 @@ pub struct TrainingSetup<'a, P> {
 pub mod bert;
 pub mod config;
 pub mod llama;
+mod step_graph;
 pub mod tokenizer;
 pub mod weights;

@@ -68,7 +68,7 @@ pub(super) const TOPK_BINS: usize = define_in(TOPK_CU, "TOPK_BINS") as usize;
 pub(super) const CDT_CHUNK: usize = (define("SG_THREADS") * define_in(SPARSE_CU, "SG_CDT_PER_THREAD")) as usize;
 
 /// Bits of the device error word (`SG_ERR_*`) and the op each one names.
-pub(super) const ERR_BITS: [(u32, &str); 7] = [
+pub(super) const ERR_BITS: [(u32, &str); 8] = [
     (define("SG_ERR_GATHER_ROWS") as u32, "gather_rows"),
     (define("SG_ERR_GATHER_BLOCK") as u32, "gather_block"),
     (define("SG_ERR_COO_SCATTER") as u32, "coo_scatter_add"),
@@ -76,6 +76,7 @@ pub(super) const ERR_BITS: [(u32, &str); 7] = [
     (define("SG_ERR_SPARSE_ADAM") as u32, "sparse_adam"),
     (define("SG_ERR_COO_COMPACT") as u32, "coo_compact_rows"),
     (define("SG_ERR_CROSS_ENTROPY") as u32, "cross_entropy"),
+    (define("SG_ERR_TOPK_MAP") as u32, "topk_coo"),
 ];
 
 #[cfg(test)]

@@ -128,6 +128,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         Ok(())
     }
 
+    /// See [`crate::Linear::count_replayed_step`].
+    pub(crate) fn count_replayed_step(&mut self) {
+        self.step += 1;
+    }
+
     /// One optimizer step on the gradient of the last backward: SparseAdam on `Wt` (in the
     /// merged form, applied to `W` as `W += P (D Q^T)`), AdamW on the bias.
     pub fn step(&mut self) -> Result<()> {
@@ -140,7 +145,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let be = &self.backend;
         match &mut self.weight {
             Weight::Transformed { wt, .. } => {
-                sparse_step(be, &opt, &self.grad, Some(wt), None, self.moments.as_mut(), step)?;
+                sparse_step(be, &opt, &self.grad, Some(wt), None, self.moments.as_mut())?;
             }
             Weight::Merged { w, .. } => {
                 let ws = &mut self.ws;
@@ -150,7 +155,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 if let Some(change_t) = ws.change_t.as_mut() {
                     // W += (P D) Q^T: D^T as COO (rows = columns of D), so `coo_dense_t`
                     // against P gives (P D)[:, c] in column c of `pd` for every c.
-                    sparse_step(be, &opt, &self.grad, None, Some(&mut change_t.values), self.moments.as_mut(), step)?;
+                    sparse_step(be, &opt, &self.grad, None, Some(&mut change_t.values), self.moments.as_mut())?;
                     be.copy(&self.grad.cols, &mut change_t.rows, n)?;
                     be.copy(&self.grad.rows, &mut change_t.cols, n)?;
                     change_t.len = n;
@@ -160,7 +165,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                     be.gemm(&Gemm::nt(out, inp, inp).beta(1.0), pd, q, w)?;
                 } else {
                     let change = ws.change.as_mut().ok_or_else(missing)?;
-                    sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
+                    sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut())?;
                     let (unique_rows, slot) =
                         (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
                     let (et, pt_rows) = (ws.et.as_mut().ok_or_else(missing)?, ws.pt_rows.as_mut().ok_or_else(missing)?);
@@ -180,7 +185,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             }
         }
         if let (Some(b), Some(db)) = (&mut self.bias, &self.bias_grad) {
-            dense_step(be, &opt, b, db, self.bias_moments.as_mut(), out, step)?;
+            dense_step(be, &opt, b, db, self.bias_moments.as_mut(), out)?;
         }
         if let Some((mask, ones)) = self.sgd_mask.as_mut() {
             be.copy(&self.grad.rows, &mut ones.rows, self.grad.len)?;
