@@ -11,7 +11,7 @@
 //! - matrices are row-major and contiguous unless a [`Gemm`] says otherwise;
 //! - every op writes into caller-owned outputs (no allocation inside ops on hot paths);
 //! - buffers may be longer than the logical size an op is given (workspaces sized for
-//!   the largest batch); ops check `len >= needed` and return [`Error::Shape`] otherwise,
+//!   the largest batch); ops check `len >= needed` and return [`crate::Error::Shape`] otherwise,
 //!   through one validator per op that both backends call;
 //! - index buffers are `u32`.
 

@@ -65,10 +65,10 @@ impl AttentionShape {
 
 /// Which keys a query attends to.
 pub enum Mask<'a, B: Backend> {
-    /// Keys at or before the query ([`Backend::softmax_causal`]).
+    /// Keys at or before the query ([`crate::backend::TransformerOps::softmax_causal`]).
     Causal,
     /// Every real key of the sequence: sequence `b` has `lengths[b]` real tokens, then
-    /// padding ([`Backend::softmax_masked`]).
+    /// padding ([`crate::backend::EncoderOps::softmax_masked`]).
     Padding(&'a B::Buf<u32>),
 }
 

@@ -100,7 +100,7 @@ impl DenseOps for Cpu {
     }
 
     fn add_bias<F: Real>(&self, y: &mut CpuBuf<F>, bias: &CpuBuf<F>, rows: usize, cols: usize) -> Result<()> {
-        check_add_bias(self, y, bias, rows, cols)?;
+        check_add_bias(self, [y, bias], rows, cols)?;
         if cols == 0 {
             return Ok(());
         }
@@ -149,13 +149,13 @@ impl DenseOps for Cpu {
     }
 
     fn axpy<F: Real>(&self, alpha: F, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize) -> Result<()> {
-        check_axpy(self, x, y, len)?;
+        check_axpy(self, [x, y], len)?;
         y[..len].par_iter_mut().zip(&x[..len]).for_each(|(y, &x)| *y += alpha * x);
         Ok(())
     }
 
     fn gelu<F: Real>(&self, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize, kind: GeluKind) -> Result<()> {
-        check_gelu(self, x, y, len)?;
+        check_gelu(self, [x, y], len)?;
         y[..len].par_iter_mut().zip(&x[..len]).for_each(|(y, &x)| *y = gelu_scalar(x, kind));
         Ok(())
     }
@@ -168,7 +168,7 @@ impl DenseOps for Cpu {
         len: usize,
         kind: GeluKind,
     ) -> Result<()> {
-        check_gelu_backward(self, x, dy, dx, len)?;
+        check_gelu_backward(self, [x, dy, dx], len)?;
         dx[..len]
             .par_iter_mut()
             .zip(x[..len].par_iter().zip(&dy[..len]))
@@ -177,7 +177,7 @@ impl DenseOps for Cpu {
     }
 
     fn swiglu<F: Real>(&self, gate: &CpuBuf<F>, up: &CpuBuf<F>, h: &mut CpuBuf<F>, len: usize) -> Result<()> {
-        check_swiglu(self, gate, up, h, len)?;
+        check_swiglu(self, [gate, up, h], len)?;
         h[..len]
             .par_iter_mut()
             .zip(gate[..len].par_iter().zip(&up[..len]))
@@ -194,7 +194,7 @@ impl DenseOps for Cpu {
         d_up: &mut CpuBuf<F>,
         len: usize,
     ) -> Result<()> {
-        check_swiglu_backward(self, gate, up, dh, d_gate, d_up, len)?;
+        check_swiglu_backward(self, [gate, up, dh, d_gate, d_up], len)?;
         d_gate[..len].par_iter_mut().zip(d_up[..len].par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
             let (g, u, d) = (gate[i], up[i], dh[i]);
             *dg = d * u * silu_grad_scalar(g);

@@ -31,7 +31,7 @@ impl EncoderOps for Cpu {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
-        let n = check_layernorm(self, x, w, b, y, mean, rstd, rows, cols)?;
+        let n = check_layernorm(self, [x, w, b, y, mean, rstd], rows, cols)?;
         let eps = eps as f64;
         y[..n]
             .par_chunks_mut(cols)
@@ -63,7 +63,7 @@ impl EncoderOps for Cpu {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        let n = check_layernorm_backward(self, x, w, mean, rstd, dy, dx, rows, cols)?;
+        let n = check_layernorm_backward(self, [x, w, mean, rstd, dy, dx], rows, cols)?;
         dx[..n].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
             let (xr, dyr, mu, rs) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], mean[r], rstd[r]);
             let (mut sg, mut sgx) = (0.0f64, 0.0f64);
@@ -93,7 +93,7 @@ impl EncoderOps for Cpu {
         cols: usize,
         beta: F,
     ) -> Result<()> {
-        check_layernorm_param_grads(self, x, mean, rstd, dy, dw, db, rows, cols)?;
+        check_layernorm_param_grads(self, [x, mean, rstd, dy, dw, db], rows, cols)?;
         // Sequential sums over rows in F, column by column: the order the kernel uses.
         dw[..cols].par_iter_mut().zip(db[..cols].par_iter_mut()).enumerate().for_each(|(c, (dw, db))| {
             let (mut sw, mut sb) = (F::ZERO, F::ZERO);
@@ -149,7 +149,7 @@ impl EncoderOps for Cpu {
         t: usize,
         scale: f32,
     ) -> Result<()> {
-        let rows = check_softmax_masked_backward(self, p, dp, ds, lengths, mats, heads, t)?;
+        let rows = check_softmax_masked_backward(self, [p, dp, ds], lengths, mats, heads, t)?;
         if t == 0 {
             return Ok(());
         }

@@ -60,7 +60,7 @@ impl OptimOps for Cpu {
         clock: &mut CpuBuf<u64>,
         hp: &AdamParams,
     ) -> Result<()> {
-        check_adamw(self, param, grad, exp_avg, exp_avg_sq, len, clock, hp)?;
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, clock, hp)?;
         let step = clock[0].saturating_add(1);
         let AdamwScalars { step_size, bc2_sqrt, decay } = hp.adamw_scalars::<F>(step);
         let (b1, b2, eps) = (F::from_f64(hp.beta1 as f64), F::from_f64(hp.beta2 as f64), F::from_f64(hp.eps as f64));

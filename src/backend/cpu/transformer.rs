@@ -18,7 +18,7 @@ impl TransformerOps for Cpu {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
-        check_rmsnorm(self, x, w, y, inv_rms, rows, cols)?;
+        check_rmsnorm(self, [x, w, y, inv_rms], rows, cols)?;
         let eps = F::from_f64(eps as f64);
         y[..rows * cols].par_chunks_mut(cols).zip(inv_rms[..rows].par_iter_mut()).enumerate().for_each(
             |(r, (y, ir))| {
@@ -43,7 +43,7 @@ impl TransformerOps for Cpu {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check_rmsnorm_backward(self, x, w, inv_rms, dy, dx, rows, cols)?;
+        check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
         dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
             let (xr, dyr, inv) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], inv_rms[r]);
             let dot = F::from_f64(
@@ -121,7 +121,7 @@ impl TransformerOps for Cpu {
         t: usize,
         scale: f32,
     ) -> Result<()> {
-        check_softmax_causal_backward(self, p, dp, ds, mats, t)?;
+        check_softmax_causal_backward(self, [p, dp, ds], mats, t)?;
         if t == 0 {
             return Ok(());
         }

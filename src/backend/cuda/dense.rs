@@ -125,7 +125,7 @@ impl DenseOps for Cuda {
 
     fn add_bias<F: Real>(&self, y: &mut CudaBuf<F>, bias: &CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {
         require_f32::<F>("add_bias")?;
-        check_add_bias(self, y, bias, rows, cols)?;
+        check_add_bias(self, [y, bias], rows, cols)?;
         if rows == 0 || cols == 0 {
             return Ok(());
         }
@@ -226,7 +226,7 @@ impl DenseOps for Cuda {
 
     fn axpy<F: Real>(&self, alpha: F, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len: usize) -> Result<()> {
         require_f32::<F>("axpy")?;
-        check_axpy(self, x, y, len)?;
+        check_axpy(self, [x, y], len)?;
         if len == 0 {
             return Ok(());
         }
@@ -237,7 +237,7 @@ impl DenseOps for Cuda {
 
     fn gelu<F: Real>(&self, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len: usize, kind: GeluKind) -> Result<()> {
         require_f32::<F>("gelu")?;
-        check_gelu(self, x, y, len)?;
+        check_gelu(self, [x, y], len)?;
         if len == 0 {
             return Ok(());
         }
@@ -259,7 +259,7 @@ impl DenseOps for Cuda {
         kind: GeluKind,
     ) -> Result<()> {
         require_f32::<F>("gelu_backward")?;
-        check_gelu_backward(self, x, dy, dx, len)?;
+        check_gelu_backward(self, [x, dy, dx], len)?;
         if len == 0 {
             return Ok(());
         }
@@ -275,7 +275,7 @@ impl DenseOps for Cuda {
 
     fn swiglu<F: Real>(&self, gate: &CudaBuf<F>, up: &CudaBuf<F>, h: &mut CudaBuf<F>, len: usize) -> Result<()> {
         require_f32::<F>("swiglu")?;
-        check_swiglu(self, gate, up, h, len)?;
+        check_swiglu(self, [gate, up, h], len)?;
         if len == 0 {
             return Ok(());
         }
@@ -294,7 +294,7 @@ impl DenseOps for Cuda {
         len: usize,
     ) -> Result<()> {
         require_f32::<F>("swiglu_backward")?;
-        check_swiglu_backward(self, gate, up, dh, d_gate, d_up, len)?;
+        check_swiglu_backward(self, [gate, up, dh, d_gate, d_up], len)?;
         if len == 0 {
             return Ok(());
         }

@@ -77,7 +77,7 @@ impl EncoderOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "layernorm";
         require_f32::<F>(OP)?;
-        check_layernorm(self, x, w, b, y, mean, rstd, rows, cols)?;
+        check_layernorm(self, [x, w, b, y, mean, rstd], rows, cols)?;
         if rows == 0 {
             return Ok(());
         }
@@ -105,7 +105,7 @@ impl EncoderOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "layernorm_backward";
         require_f32::<F>(OP)?;
-        check_layernorm_backward(self, x, w, mean, rstd, dy, dx, rows, cols)?;
+        check_layernorm_backward(self, [x, w, mean, rstd, dy, dx], rows, cols)?;
         if rows == 0 {
             return Ok(());
         }
@@ -139,7 +139,7 @@ impl EncoderOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "layernorm_param_grads";
         require_f32::<F>(OP)?;
-        check_layernorm_param_grads(self, x, mean, rstd, dy, dw, db, rows, cols)?;
+        check_layernorm_param_grads(self, [x, mean, rstd, dy, dw, db], rows, cols)?;
         if cols == 0 {
             return Ok(());
         }
@@ -194,7 +194,7 @@ impl EncoderOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "softmax_masked_backward";
         require_f32::<F>(OP)?;
-        let rows = check_softmax_masked_backward(self, p, dp, ds, lengths, mats, heads, t)?;
+        let rows = check_softmax_masked_backward(self, [p, dp, ds], lengths, mats, heads, t)?;
         if rows == 0 {
             return Ok(());
         }

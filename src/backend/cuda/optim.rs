@@ -73,7 +73,7 @@ impl OptimOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "adamw";
         require_f32::<F>(OP)?;
-        check_adamw(self, param, grad, exp_avg, exp_avg_sq, len, clock, hp)?;
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, clock, hp)?;
         // Launched even for len = 0: the clock advances every step.
         let (ck, lr, wd, health) = (clock.ptr_mut(), hp.lr, hp.weight_decay, self.errors.ptr());
         let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);

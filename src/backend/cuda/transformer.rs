@@ -137,7 +137,7 @@ impl TransformerOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "rmsnorm";
         require_f32::<F>(OP)?;
-        check_rmsnorm(self, x, w, y, inv_rms, rows, cols)?;
+        check_rmsnorm(self, [x, w, y, inv_rms], rows, cols)?;
         if rows == 0 {
             return Ok(());
         }
@@ -164,7 +164,7 @@ impl TransformerOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "rmsnorm_backward";
         require_f32::<F>(OP)?;
-        check_rmsnorm_backward(self, x, w, inv_rms, dy, dx, rows, cols)?;
+        check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
         if rows == 0 {
             return Ok(());
         }
@@ -240,7 +240,7 @@ impl TransformerOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "softmax_causal_backward";
         require_f32::<F>(OP)?;
-        let rows = check_softmax_causal_backward(self, p, dp, ds, mats, t)?;
+        let rows = check_softmax_causal_backward(self, [p, dp, ds], mats, t)?;
         if rows == 0 {
             return Ok(());
         }

@@ -2,7 +2,7 @@
 //! bias gradient, the finiteness count, axpy, and the elementwise activations (GELU,
 //! SwiGLU) with their backwards; and the validator of each.
 
-use super::check_lens;
+use super::{check_bufs, check_lens};
 use crate::backend::{Backend, Buffers, GeluKind, Gemm};
 use crate::error::{checked_mul, Result};
 use crate::scalar::{Elem, Real};
@@ -97,16 +97,15 @@ pub(crate) fn check_cast<B: Backend, S: Elem, D: Elem>(
     check_lens(op, &[("source", be.len(src), len), ("destination", be.len(dst), len)])
 }
 
-/// [`DenseOps::add_bias`].
+/// [`DenseOps::add_bias`] (`[y, bias]`).
 pub(crate) fn check_add_bias<B: Backend, F: Elem>(
     be: &B,
-    y: &B::Buf<F>,
-    bias: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 2],
     rows: usize,
     cols: usize,
 ) -> Result<()> {
     let n = checked_mul("add_bias", rows, cols)?;
-    check_lens("add_bias", &[("y", be.len(y), n), ("bias", be.len(bias), cols)])
+    check_bufs(be, "add_bias", ["y", "bias"], bufs, [n, cols])
 }
 
 /// [`DenseOps::bias_grad`].
@@ -128,59 +127,30 @@ pub(crate) fn check_count_nonfinite<B: Backend, F: Elem>(be: &B, x: &B::Buf<F>, 
 
 /// [`DenseOps::assert_finite`] and [`DenseOps::sum_to_host`]: `x` holds `len` entries.
 pub(crate) fn check_reduce<B: Backend, F: Elem>(be: &B, op: &'static str, x: &B::Buf<F>, len: usize) -> Result<()> {
-    check_lens(op, &[("x", be.len(x), len)])
+    check_bufs(be, op, ["x"], [x], [len])
 }
 
-/// [`DenseOps::axpy`].
-pub(crate) fn check_axpy<B: Backend, F: Elem>(be: &B, x: &B::Buf<F>, y: &B::Buf<F>, len: usize) -> Result<()> {
-    check_lens("axpy", &[("x", be.len(x), len), ("y", be.len(y), len)])
+/// [`DenseOps::axpy`] (`[x, y]`).
+pub(crate) fn check_axpy<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>; 2], len: usize) -> Result<()> {
+    check_bufs(be, "axpy", ["x", "y"], bufs, [len; 2])
 }
 
-/// [`DenseOps::gelu`].
-pub(crate) fn check_gelu<B: Backend, F: Elem>(be: &B, x: &B::Buf<F>, y: &B::Buf<F>, len: usize) -> Result<()> {
-    check_lens("gelu", &[("x", be.len(x), len), ("y", be.len(y), len)])
+/// [`DenseOps::gelu`] (`[x, y]`).
+pub(crate) fn check_gelu<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>; 2], len: usize) -> Result<()> {
+    check_bufs(be, "gelu", ["x", "y"], bufs, [len; 2])
 }
 
-/// [`DenseOps::gelu_backward`].
-pub(crate) fn check_gelu_backward<B: Backend, F: Elem>(
-    be: &B,
-    x: &B::Buf<F>,
-    dy: &B::Buf<F>,
-    dx: &B::Buf<F>,
-    len: usize,
-) -> Result<()> {
-    check_lens("gelu_backward", &[("x", be.len(x), len), ("dy", be.len(dy), len), ("dx", be.len(dx), len)])
+/// [`DenseOps::gelu_backward`] (`[x, dy, dx]`).
+pub(crate) fn check_gelu_backward<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>; 3], len: usize) -> Result<()> {
+    check_bufs(be, "gelu_backward", ["x", "dy", "dx"], bufs, [len; 3])
 }
 
-/// [`DenseOps::swiglu`].
-pub(crate) fn check_swiglu<B: Backend, F: Elem>(
-    be: &B,
-    gate: &B::Buf<F>,
-    up: &B::Buf<F>,
-    h: &B::Buf<F>,
-    len: usize,
-) -> Result<()> {
-    check_lens("swiglu", &[("gate", be.len(gate), len), ("up", be.len(up), len), ("h", be.len(h), len)])
+/// [`DenseOps::swiglu`] (`[gate, up, h]`).
+pub(crate) fn check_swiglu<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>; 3], len: usize) -> Result<()> {
+    check_bufs(be, "swiglu", ["gate", "up", "h"], bufs, [len; 3])
 }
 
-/// [`DenseOps::swiglu_backward`].
-pub(crate) fn check_swiglu_backward<B: Backend, F: Elem>(
-    be: &B,
-    gate: &B::Buf<F>,
-    up: &B::Buf<F>,
-    dh: &B::Buf<F>,
-    d_gate: &B::Buf<F>,
-    d_up: &B::Buf<F>,
-    len: usize,
-) -> Result<()> {
-    check_lens(
-        "swiglu_backward",
-        &[
-            ("gate", be.len(gate), len),
-            ("up", be.len(up), len),
-            ("dh", be.len(dh), len),
-            ("d_gate", be.len(d_gate), len),
-            ("d_up", be.len(d_up), len),
-        ],
-    )
+/// [`DenseOps::swiglu_backward`] (`[gate, up, dh, d_gate, d_up]`).
+pub(crate) fn check_swiglu_backward<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>; 5], len: usize) -> Result<()> {
+    check_bufs(be, "swiglu_backward", ["gate", "up", "dh", "d_gate", "d_up"], bufs, [len; 5])
 }

@@ -6,8 +6,8 @@
 //! then padding (right-padded batches, as a BERT tokenizer produces); a length of 0 is
 //! allowed (all padding). Lengths are clamped, never out of range.
 
-use super::check_lens;
 use super::transformer::check_row_width;
+use super::{check_bufs, check_lens};
 use crate::backend::{Backend, Buffers, PoolKind};
 use crate::error::{checked_mul, Error, Result};
 use crate::scalar::{Elem, Real};
@@ -115,92 +115,45 @@ pub trait EncoderOps: Buffers {
     ) -> Result<()>;
 }
 
-/// [`EncoderOps::layernorm`]. Returns `rows * cols`.
-#[allow(clippy::too_many_arguments)]
+/// [`EncoderOps::layernorm`] (`[x, w, b, y, mean, rstd]`). Returns `rows * cols`.
 pub(crate) fn check_layernorm<B: Backend, F: Elem>(
     be: &B,
-    x: &B::Buf<F>,
-    w: &B::Buf<F>,
-    b: &B::Buf<F>,
-    y: &B::Buf<F>,
-    mean: &B::Buf<F>,
-    rstd: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 6],
     rows: usize,
     cols: usize,
 ) -> Result<usize> {
     const OP: &str = "layernorm";
     let n = checked_mul(OP, rows, cols)?;
-    check_lens(
-        OP,
-        &[
-            ("x", be.len(x), n),
-            ("w", be.len(w), cols),
-            ("b", be.len(b), cols),
-            ("y", be.len(y), n),
-            ("mean", be.len(mean), rows),
-            ("rstd", be.len(rstd), rows),
-        ],
-    )?;
+    check_bufs(be, OP, ["x", "w", "b", "y", "mean", "rstd"], bufs, [n, cols, cols, n, rows, rows])?;
     check_row_width(OP, cols)?;
     Ok(n)
 }
 
-/// [`EncoderOps::layernorm_backward`]. Returns `rows * cols`.
-#[allow(clippy::too_many_arguments)]
+/// [`EncoderOps::layernorm_backward`] (`[x, w, mean, rstd, dy, dx]`). Returns `rows * cols`.
 pub(crate) fn check_layernorm_backward<B: Backend, F: Elem>(
     be: &B,
-    x: &B::Buf<F>,
-    w: &B::Buf<F>,
-    mean: &B::Buf<F>,
-    rstd: &B::Buf<F>,
-    dy: &B::Buf<F>,
-    dx: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 6],
     rows: usize,
     cols: usize,
 ) -> Result<usize> {
     const OP: &str = "layernorm_backward";
     let n = checked_mul(OP, rows, cols)?;
-    check_lens(
-        OP,
-        &[
-            ("x", be.len(x), n),
-            ("w", be.len(w), cols),
-            ("mean", be.len(mean), rows),
-            ("rstd", be.len(rstd), rows),
-            ("dy", be.len(dy), n),
-            ("dx", be.len(dx), n),
-        ],
-    )?;
+    check_bufs(be, OP, ["x", "w", "mean", "rstd", "dy", "dx"], bufs, [n, cols, rows, rows, n, n])?;
     check_row_width(OP, cols)?;
     Ok(n)
 }
 
-/// [`EncoderOps::layernorm_param_grads`] (rows of width 0 are allowed: nothing to sum).
-#[allow(clippy::too_many_arguments)]
+/// [`EncoderOps::layernorm_param_grads`] (`[x, mean, rstd, dy, dw, db]`; rows of width 0
+/// are allowed: nothing to sum).
 pub(crate) fn check_layernorm_param_grads<B: Backend, F: Elem>(
     be: &B,
-    x: &B::Buf<F>,
-    mean: &B::Buf<F>,
-    rstd: &B::Buf<F>,
-    dy: &B::Buf<F>,
-    dw: &B::Buf<F>,
-    db: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 6],
     rows: usize,
     cols: usize,
 ) -> Result<()> {
     const OP: &str = "layernorm_param_grads";
     let n = checked_mul(OP, rows, cols)?;
-    check_lens(
-        OP,
-        &[
-            ("x", be.len(x), n),
-            ("mean", be.len(mean), rows),
-            ("rstd", be.len(rstd), rows),
-            ("dy", be.len(dy), n),
-            ("dw", be.len(dw), cols),
-            ("db", be.len(db), cols),
-        ],
-    )
+    check_bufs(be, OP, ["x", "mean", "rstd", "dy", "dw", "db"], bufs, [n, rows, rows, n, cols, cols])
 }
 
 /// The sequences of a masked softmax: `mats` splits into sequences of `heads` matrices,
@@ -236,13 +189,11 @@ pub(crate) fn check_softmax_masked<B: Backend, F: Elem>(
     Ok(rows)
 }
 
-/// [`EncoderOps::softmax_masked_backward`]. Returns the number of rows, `mats * t`.
-#[allow(clippy::too_many_arguments)]
+/// [`EncoderOps::softmax_masked_backward`] (`[p, dp, ds]`). Returns the number of rows,
+/// `mats * t`.
 pub(crate) fn check_softmax_masked_backward<B: Backend, F: Elem>(
     be: &B,
-    p: &B::Buf<F>,
-    dp: &B::Buf<F>,
-    ds: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 3],
     lengths: &B::Buf<u32>,
     mats: usize,
     heads: usize,
@@ -250,7 +201,7 @@ pub(crate) fn check_softmax_masked_backward<B: Backend, F: Elem>(
 ) -> Result<usize> {
     const OP: &str = "softmax_masked_backward";
     let (rows, n) = masked_score_rows(be, OP, lengths, mats, heads, t)?;
-    check_lens(OP, &[("p", be.len(p), n), ("dp", be.len(dp), n), ("ds", be.len(ds), n)])?;
+    check_bufs(be, OP, ["p", "dp", "ds"], bufs, [n; 3])?;
     Ok(rows)
 }
 

@@ -25,6 +25,18 @@ pub(crate) fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Res
     lens.iter().try_for_each(|&(what, len, needed)| check_len(op, what, len, needed))
 }
 
+/// The same for an op's run of same-typed buffers, passed in its argument order: `bufs[i]`
+/// holds at least `needed[i]` entries and is called `names[i]` in the error.
+pub(crate) fn check_bufs<B: Backend, T: Elem, const N: usize>(
+    be: &B,
+    op: &'static str,
+    names: [&str; N],
+    bufs: [&B::Buf<T>; N],
+    needed: [usize; N],
+) -> Result<()> {
+    names.into_iter().zip(bufs).zip(needed).try_for_each(|((what, buf), need)| check_len(op, what, be.len(buf), need))
+}
+
 /// Checks a COO list's buffers hold its `len` entries; returns the size of its matrix.
 pub(crate) fn check_coo<B: Backend, F: Elem>(be: &B, op: &'static str, coo: &Coo<B, F>) -> Result<usize> {
     check_len(op, "coo.rows", be.len(&coo.rows), coo.len)?;

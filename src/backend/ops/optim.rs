@@ -5,7 +5,7 @@
 //! replays the step. The bias-corrected scalars are [`AdamParams::step_size`] and
 //! [`AdamParams::adamw_scalars`] at that `t`, bit-identical on both backends.
 
-use super::{check_coo, check_lens};
+use super::{check_bufs, check_coo, check_lens};
 use crate::backend::{AdamParams, Backend, Buffers, Coo};
 use crate::error::Result;
 use crate::scalar::{Elem, Real};
@@ -76,27 +76,15 @@ pub(crate) fn check_sparse_adam<B: Backend, F: Elem>(
     Ok(())
 }
 
-/// [`OptimOps::adamw`].
-#[allow(clippy::too_many_arguments)]
+/// [`OptimOps::adamw`] (`[param, grad, exp_avg, exp_avg_sq]`).
 pub(crate) fn check_adamw<B: Backend, F: Elem>(
     be: &B,
-    param: &B::Buf<F>,
-    grad: &B::Buf<F>,
-    exp_avg: &B::Buf<F>,
-    exp_avg_sq: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 4],
     len: usize,
     clock: &B::Buf<u64>,
     hp: &AdamParams,
 ) -> Result<()> {
     const OP: &str = "adamw";
     check_step(be, OP, clock, hp)?;
-    check_lens(
-        OP,
-        &[
-            ("param", be.len(param), len),
-            ("grad", be.len(grad), len),
-            ("exp_avg", be.len(exp_avg), len),
-            ("exp_avg_sq", be.len(exp_avg_sq), len),
-        ],
-    )
+    check_bufs(be, OP, ["param", "grad", "exp_avg", "exp_avg_sq"], bufs, [len; 4])
 }

@@ -2,7 +2,7 @@
 //! RMSNorm, rotary position embedding, causal softmax and masked cross-entropy, forward and
 //! backward; and the validator of each.
 
-use super::check_lens;
+use super::{check_bufs, check_lens};
 use crate::backend::{Backend, Buffers};
 use crate::error::{checked_mul, Error, Result};
 use crate::scalar::{Elem, Real};
@@ -111,51 +111,30 @@ impl<F: Real> LossScale<F> {
     }
 }
 
-/// [`TransformerOps::rmsnorm`]. Returns `rows * cols`.
-#[allow(clippy::too_many_arguments)]
+/// [`TransformerOps::rmsnorm`] (`[x, w, y, inv_rms]`). Returns `rows * cols`.
 pub(crate) fn check_rmsnorm<B: Backend, F: Elem>(
     be: &B,
-    x: &B::Buf<F>,
-    w: &B::Buf<F>,
-    y: &B::Buf<F>,
-    inv_rms: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 4],
     rows: usize,
     cols: usize,
 ) -> Result<usize> {
     const OP: &str = "rmsnorm";
     let n = checked_mul(OP, rows, cols)?;
-    check_lens(
-        OP,
-        &[("x", be.len(x), n), ("w", be.len(w), cols), ("y", be.len(y), n), ("inv_rms", be.len(inv_rms), rows)],
-    )?;
+    check_bufs(be, OP, ["x", "w", "y", "inv_rms"], bufs, [n, cols, n, rows])?;
     check_row_width(OP, cols)?;
     Ok(n)
 }
 
-/// [`TransformerOps::rmsnorm_backward`]. Returns `rows * cols`.
-#[allow(clippy::too_many_arguments)]
+/// [`TransformerOps::rmsnorm_backward`] (`[x, w, inv_rms, dy, dx]`). Returns `rows * cols`.
 pub(crate) fn check_rmsnorm_backward<B: Backend, F: Elem>(
     be: &B,
-    x: &B::Buf<F>,
-    w: &B::Buf<F>,
-    inv_rms: &B::Buf<F>,
-    dy: &B::Buf<F>,
-    dx: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 5],
     rows: usize,
     cols: usize,
 ) -> Result<usize> {
     const OP: &str = "rmsnorm_backward";
     let n = checked_mul(OP, rows, cols)?;
-    check_lens(
-        OP,
-        &[
-            ("x", be.len(x), n),
-            ("w", be.len(w), cols),
-            ("inv_rms", be.len(inv_rms), rows),
-            ("dy", be.len(dy), n),
-            ("dx", be.len(dx), n),
-        ],
-    )?;
+    check_bufs(be, OP, ["x", "w", "inv_rms", "dy", "dx"], bufs, [n, cols, rows, n, n])?;
     check_row_width(OP, cols)?;
     Ok(n)
 }
@@ -208,18 +187,17 @@ pub(crate) fn check_softmax_causal<B: Backend, F: Elem>(be: &B, s: &B::Buf<F>, m
     Ok(rows)
 }
 
-/// [`TransformerOps::softmax_causal_backward`]. Returns the number of rows, `mats * t`.
+/// [`TransformerOps::softmax_causal_backward`] (`[p, dp, ds]`). Returns the number of rows,
+/// `mats * t`.
 pub(crate) fn check_softmax_causal_backward<B: Backend, F: Elem>(
     be: &B,
-    p: &B::Buf<F>,
-    dp: &B::Buf<F>,
-    ds: &B::Buf<F>,
+    bufs: [&B::Buf<F>; 3],
     mats: usize,
     t: usize,
 ) -> Result<usize> {
     const OP: &str = "softmax_causal_backward";
     let (rows, n) = score_rows(OP, mats, t)?;
-    check_lens(OP, &[("p", be.len(p), n), ("dp", be.len(dp), n), ("ds", be.len(ds), n)])?;
+    check_bufs(be, OP, ["p", "dp", "ds"], bufs, [n; 3])?;
     Ok(rows)
 }
 
