@@ -23,15 +23,36 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         };
         let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
         mm(be, &Gemm::nn(tokens, out, out), g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
-        // From here `tmp_out` holds gt in `F`; `gt_op` is it as a GEMM operand.
-        let gt_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
-        if let Some(dx) = dx {
-            mm(be, &Gemm::nn(tokens, inp, out), gt_op, weight_ref(wt, half), &mut ws.tmp_in)?;
-            let dxt_op = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
-            mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.basis_dev.q.as_ref(), dx)?;
+        // From here `tmp_out` holds gt in `F` (and `out_half` its bf16 copy in bf16 mode).
+        {
+            let gt_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
+            if let Some(dx) = dx {
+                mm(be, &Gemm::nn(tokens, inp, out), gt_op, weight_ref(wt, half), &mut ws.tmp_in)?;
+                let dxt_op = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
+                mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.basis_dev.q.as_ref(), dx)?;
+            }
         }
         let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
-        match self.cfg.selection {
+        // A backend that captures its steps as graphs needs shapes that do not depend on the
+        // data: there the entries below the threshold are zeroed instead of compacted away
+        // (the same product and selection, at full size), and gt staged again.
+        let selection = match self.cfg.selection {
+            Selection::SparseByDense { threshold } if be.supports_capture() => {
+                if threshold > 0.0 {
+                    be.zero_below(&mut ws.tmp_out, tokens * out, F::from_f64(threshold as f64))?;
+                    if let Some(h) = ws.out_half.as_mut() {
+                        be.cast_to_bf16(&ws.tmp_out, h, tokens * out)?;
+                    }
+                }
+                Selection::Exact
+            }
+            s => s,
+        };
+        let gt_op = match ws.out_half.as_ref() {
+            Some(h) => OperandRef::Half(h),
+            None => OperandRef::Full(&ws.tmp_out),
+        };
+        match selection {
             Selection::Exact => {
                 mm(be, &Gemm::tn(out, inp, tokens), gt_op, ws.saved.as_ref(), &mut ws.big_a)?;
                 be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
@@ -104,7 +125,10 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         }
         let big_b = ws.big_b.as_mut().ok_or_else(|| Error::invalid("backward", "merged workspace missing"))?;
         // dW = g^T x, over the token rows of g that hold a nonzero when SparseByDense.
-        let rows = match self.cfg.selection {
+        // Under a captured step (fixed shapes) every row enters the product: with threshold
+        // 0 the rows left out are all-zero anyway, so the result is the same.
+        let selection = if be.supports_capture() { Selection::Exact } else { self.cfg.selection };
+        let rows = match selection {
             Selection::Exact => {
                 mm(be, &Gemm::tn(out, inp, tokens), g_op, ws.saved.as_ref(), &mut ws.big_a)?;
                 tokens
