@@ -385,25 +385,14 @@ fn main() {
 
     println!("\n-- optimizers");
     let hp = AdamParams::default();
+    let mut clock = zeros::<u64>(cuda, 2);
     let (mut m1, mut v1, mut delta) = (zeros::<f32>(cuda, big), zeros::<f32>(cuda, big), zeros::<f32>(cuda, k));
-    let mut step = 0u64;
     b.mem(
         &format!("sparse_adam ({k} entries)"),
         40.0 * k as f64,
-        time(cuda, 3, 20, || {
-            step += 1;
-            cuda.sparse_adam(&coo, &mut m1, &mut v1, step, &hp, Some(&mut z), Some(&mut delta))
-        }),
+        time(cuda, 3, 20, || cuda.sparse_adam(&coo, &mut m1, &mut v1, &mut clock, &hp, Some(&mut z), Some(&mut delta))),
     );
-    let mut step = 0u64;
-    b.mem(
-        "adamw",
-        28.0 * bigf,
-        time(cuda, 3, 20, || {
-            step += 1;
-            cuda.adamw(&mut w, &x, &mut m1, &mut v1, big, step, &hp)
-        }),
-    );
+    b.mem("adamw", 28.0 * bigf, time(cuda, 3, 20, || cuda.adamw(&mut w, &x, &mut m1, &mut v1, big, &mut clock, &hp)));
 
     println!("\n-- GEMMs of the layer (T = {T}, out = {OUT}, in = {IN})");
     let wgt = buf(cuda, &rand_vec(&mut r, OUT * IN));

@@ -245,18 +245,15 @@ fn run_suite<B: Timed>(c: &mut Criterion, be: &B, label: &'static str, s: &Shape
     let mut g = c.benchmark_group(format!("{label}/optim"));
     g.sample_size(10).warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
     let hp = AdamParams::default();
+    let mut clock = be.alloc::<u64>(2).unwrap();
     let (mut m1, mut v1, mut delta, mut param) = (zeros(big), zeros(big), zeros(k), up(&rand_vec(&mut r, big)));
-    let mut step = 0u64;
     // per entry: index + value (12 B), m, v and the parameter read and written (24 B), delta written (4 B).
     suite.bench(&mut g, &format!("sparse_adam k={k}"), Work::Bytes(40.0 * k as f64), || {
-        step += 1;
-        be.sparse_adam(&coo, &mut m1, &mut v1, step, &hp, Some(&mut param), Some(&mut delta))
+        be.sparse_adam(&coo, &mut m1, &mut v1, &mut clock, &hp, Some(&mut param), Some(&mut delta))
     });
     let grad = up(&rand_vec(&mut r, big));
-    let mut step = 0u64;
     suite.bench(&mut g, &format!("adamw {big}"), Work::Bytes(28.0 * bigf), || {
-        step += 1;
-        be.adamw(&mut param, &grad, &mut m1, &mut v1, big, step, &hp)
+        be.adamw(&mut param, &grad, &mut m1, &mut v1, big, &mut clock, &hp)
     });
     g.finish();
 

@@ -30,6 +30,21 @@ typedef uint8_t u8;
 #define SG_ERR_CROSS_ENTROPY 64u
 #define SG_ERR_COO_DENSIFY 128u
 #define SG_ERR_COO_MM 256u
+#define SG_ERR_TOPK_MAP 512u
+
+// Words of the device health block (src/backend/cuda/mod.rs, `CudaShared::errors`): [0] the
+// error bits above, [1] the id of the first failed finiteness check, [2] its count, [3] its
+// first index. A kernel that finds non-finite values records them here (the first failing
+// check in stream order keeps the slot); optimizer kernels do nothing while either is set, so
+// a step that went bad leaves every parameter, moment and clock as it was.
+__device__ __forceinline__ void sg_health_nonfinite(u64* health, u64 id, u64 count, u64 first) {
+    const u64 prev = atomicCAS((unsigned long long*)&health[1], 0ull, (unsigned long long)id);
+    if (prev == 0 || prev == id) {
+        atomicAdd((unsigned long long*)&health[2], (unsigned long long)count);
+        atomicMin((unsigned long long*)&health[3], (unsigned long long)first);
+    }
+}
+__device__ __forceinline__ bool sg_health_bad(const u64* health) { return health[0] != 0 || health[1] != 0; }
 
 // Threads per block of the 1-D kernels and of the tile compactions.
 #define SG_THREADS 256

@@ -7,6 +7,11 @@
 //                                          db[c] = beta * db[c] + sum_r g[r, c], deterministic
 //                                          (fixed row chunks, fixed summation order)
 //   count_nonfinite_f32                    number of NaN/inf and the minimum index of one
+//   flag_nonfinite_f32                     the same, into the device health block for check
+//                                          `id`, only if no earlier check failed (the first
+//                                          failed check keeps its name, count and index)
+//   sum_f32_to_f64                         one thread sums x[0..n) in order in f64 (as the
+//                                          host's `iter().sum()`), into the health block
 //   axpy_f32                               y[i] += alpha * x[i]
 //   scale_rows_f32                         C = beta * C on a strided (batched) matrix; the
 //                                          k = 0 case of gemm (beta = 0 writes exact zeros)
@@ -132,6 +137,51 @@ extern "C" __global__ void count_nonfinite_f32(const float* __restrict__ x, u64 
     }
     if ((threadIdx.x & 31) == 0 && first != ~0ull) atomicMin((unsigned long long*)&status[1], (unsigned long long)first);
     if (threadIdx.x == 0 && count != 0) atomicAdd((unsigned long long*)&status[0], (unsigned long long)count);
+}
+
+// health: [1] id of the first check that failed (0: none), [2] its count, [3] its first
+// index (u64 max until set). Checks run in stream order, so the first one that fails takes
+// the slot (atomicCAS) and later ones see another id and leave it.
+extern "C" __global__ void flag_nonfinite_f32(const float* __restrict__ x, u64 n, u64 id, u64* health) {
+    __shared__ u64 red[SG_THREADS / 32];
+    __shared__ u64 firsts[SG_THREADS / 32];
+    u64 count = 0;
+    u64 first = ~0ull;
+    auto see = [&](float v, u64 i) {
+        if (sg_nonfinite(v)) {
+            ++count;
+            if (i < first) first = i;
+        }
+    };
+    sg_vec4_loop(
+        n, sg_aligned(x, 16),
+        [&](u64 i) {
+            const float4 v = reinterpret_cast<const float4*>(x)[i];
+            see(v.x, 4 * i);
+            see(v.y, 4 * i + 1);
+            see(v.z, 4 * i + 2);
+            see(v.w, 4 * i + 3);
+        },
+        [&](u64 i) { see(x[i], i); });
+#pragma unroll
+    for (u32 o = 16; o > 0; o >>= 1) {
+        u64 other = __shfl_xor_sync(0xffffffffu, first, o);
+        if (other < first) first = other;
+    }
+    if ((threadIdx.x & 31) == 0) firsts[threadIdx.x >> 5] = first;
+    count = sg_block_sum<u64, SG_THREADS>(count, red);
+    if (threadIdx.x == 0 && count != 0) {
+        for (int w = 0; w < SG_THREADS / 32; ++w)
+            if (firsts[w] < first) first = firsts[w];
+        sg_health_nonfinite(health, id, count, first);
+    }
+}
+
+extern "C" __global__ void sum_f32_to_f64(const float* __restrict__ x, u64 n, double* out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double s = -0.0;  // the start of Rust's f64 `Sum`
+    for (u64 i = 0; i < n; ++i) s = __dadd_rn(s, (double)x[i]);
+    *out = s;
 }
 
 extern "C" __global__ void axpy_f32(float alpha, const float* __restrict__ x, float* __restrict__ y, u64 n) {

@@ -7,12 +7,25 @@
 //                     m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
 //                     change = -(step_size * (m / (sqrt(v) + eps)));
 //                     param[r, c] += change (optional), delta[e] = change (optional).
-//                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t) is computed on the host in
-//                     f64 (AdamParams::step_size) and rounded to f32, like the CPU.
+//                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t) in f64, rounded to f32.
 //   adamw_f32         torch.optim.AdamW (single-tensor path): p *= 1 - lr * wd;
 //                     m += (g - m)(1 - b1); v = v b2 + (1 - b2) g g;
 //                     p -= step_size * (m / (sqrt(v) / bc2_sqrt + eps)), with step_size =
-//                     lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) from the host (f64 -> f32).
+//                     lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) (f64 -> f32), decay =
+//                     1 - f32(lr * wd).
+//
+// The step t comes from the parameter's clock on the device ([0] steps taken, [1] blocks
+// done in this launch): every thread computes t = clock[0] + 1 and the scalars from it in
+// f64, with the same operations as the host's AdamParams (b^t by the binary powering of
+// compiler-rt's __powidf2, which Rust's f64::powi calls), so they are bit-identical to the
+// CPU's; the last block to finish stores t back. So the step needs no host value that
+// changes between steps, and a captured CUDA graph replays it.
+//
+// Both kernels do nothing while the device health block (common.cuh) reports an error of
+// the queued work (a non-finite input, gradient or top-k matrix, a bad index): a step that
+// went bad leaves every parameter, moment and clock as it was (SparseAdam writes zeros to
+// `delta`, so an update applied from it changes nothing), and the error is returned with
+// the step's loss.
 //
 // Launch shape: 1-D, SG_THREADS threads, 64-bit grid-stride loop over the entries (AdamW:
 // float4 steps when the buffers are 16-byte aligned, then a scalar tail); grid capped by
@@ -23,9 +36,57 @@
 // benchmarked by benches/cuda_kernels.rs.
 #include "common.cuh"
 
+// b^t as compiler-rt's __powidf2 computes it (Rust's f64::powi): the same products in the
+// same order, each rounded (no contraction).
+__device__ __forceinline__ double sg_powi(double a, int b) {
+    const int recip = b < 0;
+    double r = 1.0;
+    while (1) {
+        if (b & 1) r = __dmul_rn(r, a);
+        b /= 2;
+        if (b == 0) break;
+        a = __dmul_rn(a, a);
+    }
+    return recip ? __ddiv_rn(1.0, r) : r;
+}
+
+// The step this launch runs: the clock's count plus one, saturated as AdamParams does.
+__device__ __forceinline__ int sg_clock_t(const u64* clock) {
+    const u64 t = clock[0] + 1;
+    return t > 0x7fffffffull ? 0x7fffffff : (int)t;
+}
+
+// Called by every thread of every block after its work: the last block to arrive stores
+// the step taken and resets the arrival count.
+__device__ __forceinline__ void sg_clock_advance(u64* clock) {
+    __shared__ u32 last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        const u64 blocks = (u64)gridDim.x * gridDim.y * gridDim.z;
+        const u64 ticket = atomicAdd((unsigned long long*)&clock[1], 1ull);
+        last = ticket + 1 == blocks;
+    }
+    __syncthreads();
+    if (last && threadIdx.x == 0) {
+        clock[0] = clock[0] + 1;
+        clock[1] = 0;
+    }
+}
+
 extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len, u64 n_rows,
-                                           u64 n_cols, float* exp_avg, float* exp_avg_sq, float step_size, float beta1,
-                                           float beta2, float eps, float* param, float* delta, u32* err) {
+                                           u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
+                                           float beta1, float beta2, float eps, float* param, float* delta,
+                                           u64* health) {
+    u32* err = reinterpret_cast<u32*>(health);
+    if (sg_health_bad(health)) {  // uniform across the grid
+        if (delta != nullptr) SG_GRID_STRIDE(e, len) delta[e] = 0.0f;
+        return;
+    }
+    const int t = sg_clock_t(clock);
+    const double bc1 = __dadd_rn(1.0, -sg_powi((double)beta1, t));
+    const double bc2 = __dadd_rn(1.0, -sg_powi((double)beta2, t));
+    const float step_size = (float)__ddiv_rn(__dmul_rn((double)lr, __dsqrt_rn(bc2)), bc1);
     const float one_minus_b1 = __fsub_rn(1.0f, beta1);
     const float one_minus_b2 = __fsub_rn(1.0f, beta2);
     SG_GRID_STRIDE(e, len) {
@@ -47,6 +108,7 @@ extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, con
         if (param != nullptr) param[i] = __fadd_rn(param[i], change);
         if (delta != nullptr) delta[e] = change;
     }
+    sg_clock_advance(clock);
 }
 
 __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v, float step_size, float bc2_sqrt,
@@ -59,8 +121,15 @@ __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v,
 }
 
 extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ exp_avg,
-                                     float* __restrict__ exp_avg_sq, u64 n, float step_size, float bc2_sqrt, float decay,
-                                     float beta1, float beta2, float eps) {
+                                     float* __restrict__ exp_avg_sq, u64 n, u64* clock, float lr, float weight_decay,
+                                     float beta1, float beta2, float eps, const u64* health) {
+    if (sg_health_bad(health)) return;  // uniform across the grid
+    const int t = sg_clock_t(clock);
+    const double bc1 = __dadd_rn(1.0, -sg_powi((double)beta1, t));
+    const double bc2 = __dadd_rn(1.0, -sg_powi((double)beta2, t));
+    const float step_size = (float)__ddiv_rn((double)lr, bc1);
+    const float bc2_sqrt = (float)__dsqrt_rn(bc2);
+    const float decay = __fsub_rn(1.0f, (float)__dmul_rn((double)lr, (double)weight_decay));
     const float omb1 = __fsub_rn(1.0f, beta1);
     const float omb2 = __fsub_rn(1.0f, beta2);
     const bool vec = sg_aligned(param, 16) && sg_aligned(grad, 16) && sg_aligned(exp_avg, 16) && sg_aligned(exp_avg_sq, 16);
@@ -88,4 +157,5 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
             exp_avg[i] = m;
             exp_avg_sq[i] = v;
         });
+    sg_clock_advance(clock);
 }

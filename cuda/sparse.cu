@@ -7,6 +7,7 @@
 //                          for non-negative floats the bit order is the value order), so
 //                          the threshold t = threshold_rel * max matches the CPU bit for bit
 //   nonzero_flags_f32      row_flags[r] / col_flags[c] = 1 where some |v| >= t and v != 0
+//   zero_below_f32         m[i] = 0 where |m[i]| < t (t from max_abs_f32's bits), in place
 //   flags_tile_count       } deterministic compaction of 0/1 flags into ascending index
 //   scan_tiles_u64         } lists: per-tile counts, one-block exclusive scan of the tile
 //   flags_tile_scatter     } counts (also used by topk.cu's launcher), per-tile scatter
@@ -73,6 +74,13 @@ extern "C" __global__ void max_abs_f32(const float* __restrict__ m, u64 n, u32* 
         [&](u64 i) { see(m[i]); });
     best = __reduce_max_sync(0xffffffffu, best);
     if ((threadIdx.x & 31) == 0 && best != 0) atomicMax(max_bits, best);
+}
+
+extern "C" __global__ void zero_below_f32(float* __restrict__ m, u64 n, const u32* max_bits, float threshold_rel) {
+    const float t = __fmul_rn(threshold_rel, __uint_as_float(*max_bits));
+    SG_GRID_STRIDE(i, n) {
+        if (fabsf(m[i]) < t) m[i] = 0.0f;
+    }
 }
 
 extern "C" __global__ void nonzero_flags_f32(const float* __restrict__ m, u64 rows, u64 cols, const u32* max_bits,

@@ -15,7 +15,8 @@
 //      full indices restored through the row/col maps. Per-tile (gt, eq) counts packed into
 //      one u64 (gt << 32 | eq), one exclusive scan (sparse.cu's scan_tiles_u64), then each
 //      tile scatters: position = gt_before + min(eq_before, take_eq).
-//   3. when k exceeds the nonzero count (rare): all nonzeros are kept and the output is
+//   3. when k exceeds the nonzero count (rare; decided on the device, the kernels of this
+//      path do nothing otherwise): all nonzeros are kept and the output is
 //      completed with the lowest missing full linear indices as zeros. With S the sorted
 //      kept indices, the j-th missing index is j + #{i : S[i] - i <= j}; if L* is the last
 //      one (j = need - 1, found by binary search in topk_fill_bound), the output is every
@@ -23,10 +24,16 @@
 //      above L*: a second scatter writes kept entry i (full index L) at L if L <= L*, else
 //      at need + i.
 //
+// The call never reads anything back: the launch sequence is fixed (init, map checks, three
+// histogram + select passes, count, scan, scatter, fill bound, fill range, second scatter),
+// non-finite entries and bad maps are reported through the device health block (common.cuh)
+// at the next synchronisation, and with k <= nonzeros the last three kernels return at once.
+//
 // Device state (u64 words, see TOPK_* in src/backend/cuda/topk.rs):
 //   [0] non-finite count  [1] first non-finite index  [2] nonzero count
 //   [3] key prefix -> thr [4] key mask                [5] remaining -> take_eq
-//   [6] map error bits    [7] scan total              [8] L* (fill path)
+//   [6] map error bits    [7] scan total              [8] L* (fill path; TOPK_NO_FILL if none)
+//   [9] k
 // followed by 3 x 2048 u32 histogram bins, then one u64 per tile.
 //
 // Launch shapes: topk_init / topk_select / topk_fill_bound one block (1024 / 1024 / 1
@@ -40,6 +47,7 @@
 #include "common.cuh"
 
 #define TOPK_BINS 2048
+#define TOPK_NO_FILL 0xffffffffffffffffull
 
 __device__ __forceinline__ u32 topk_shift(u32 pass) { return pass == 0 ? 21u : (pass == 1 ? 10u : 0u); }
 __device__ __forceinline__ u32 topk_digit_mask(u32 pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
@@ -50,15 +58,20 @@ extern "C" __global__ void topk_init(u64* state, u32* hist, u64 k) {
     if (threadIdx.x == 0) {
         state[1] = ~0ull;
         state[5] = k;
+        state[9] = k;
     }
     for (u32 b = threadIdx.x; b < 3 * TOPK_BINS; b += blockDim.x) hist[b] = 0;
 }
 
-// Sets `bit` in state[6] if the map is not strictly increasing or reaches `full`.
-extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit) {
+// Sets `bit` in state[6] (and SG_ERR_TOPK_MAP in the health block) if the map is not
+// strictly increasing or reaches `full`.
+extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit, u32* err) {
     SG_GRID_STRIDE(i, n) {
         const u32 v = map[i];
-        if ((u64)v >= full || (i > 0 && map[i - 1] >= v)) atomicOr((unsigned long long*)&state[6], (unsigned long long)bit);
+        if ((u64)v >= full || (i > 0 && map[i - 1] >= v)) {
+            atomicOr((unsigned long long*)&state[6], (unsigned long long)bit);
+            atomicOr(err, SG_ERR_TOPK_MAP);
+        }
     }
 }
 
@@ -68,7 +81,10 @@ extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* 
 // them adds the count (values of similar magnitude share few top-digit bins).
 #define TOPK_UNROLL 4
 #define TOPK_NO_BIN 0xffffffffu
-extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32 pass, u64* state, u32* hist_all) {
+// Pass 0 also counts nonzeros and non-finite entries; those go to the health block as
+// finiteness check `check_id`.
+extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32 pass, u64* state, u32* hist_all,
+                                         u64 check_id, u64* health) {
     __shared__ u32 bins[TOPK_BINS];
     __shared__ u64 red[SG_THREADS / 32];
     for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) bins[b] = 0;
@@ -122,10 +138,18 @@ extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32
             const u64 other = __shfl_xor_sync(0xffffffffu, first, o);
             if (other < first) first = other;
         }
-        if ((threadIdx.x & 31) == 0 && first != ~0ull) atomicMin((unsigned long long*)&state[1], (unsigned long long)first);
+        __shared__ u64 firsts[SG_THREADS / 32];
+        if ((threadIdx.x & 31) == 0) firsts[threadIdx.x >> 5] = first;
+        __syncthreads();
         if (threadIdx.x == 0) {
+            for (int w = 0; w < SG_THREADS / 32; ++w)
+                if (firsts[w] < first) first = firsts[w];
             if (nnz != 0) atomicAdd((unsigned long long*)&state[2], (unsigned long long)nnz);
-            if (bad != 0) atomicAdd((unsigned long long*)&state[0], (unsigned long long)bad);
+            if (bad != 0) {
+                atomicAdd((unsigned long long*)&state[0], (unsigned long long)bad);
+                atomicMin((unsigned long long*)&state[1], (unsigned long long)first);
+                sg_health_nonfinite(health, check_id, bad, first);
+            }
         }
     }
 }
@@ -187,13 +211,15 @@ extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, const u64*
     if (threadIdx.x == 0) tiles[blockIdx.x] = (gt << 32) | eq;
 }
 
-// need == 0: the regular compaction (position = gt_before + min(eq_before, take_eq)).
-// need > 0 (fill path, thr = 0): kept entry i with full index L goes to L if L <= L*
-// (state[8]), else to need + i.
+// fill_pass == 0: the regular compaction (position = gt_before + min(eq_before, take_eq)).
+// fill_pass == 1 (fill path, thr = 0; nothing to do unless state[8] holds L*): kept entry i
+// with full index L goes to L if L <= L*, else to need + i, need = k - nonzeros.
 extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, const u64* state, const u64* tiles,
-                                            const u32* row_map, const u32* col_map, u64 full_cols, u64 need,
+                                            const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
                                             u32* out_rows, u32* out_cols, float* out_values) {
     __shared__ u32 smem[SG_THREADS / 32 + 1];
+    if (fill_pass && state[8] == TOPK_NO_FILL) return;  // uniform across the grid
+    const u64 need = fill_pass ? state[9] - state[2] : 0;
     const u32 thr = (u32)state[3];
     const bool eligible = thr > 0;
     const u64 take_eq = state[5];
@@ -244,11 +270,18 @@ extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, con
     }
 }
 
-// One thread. out[0..nnz) holds the kept entries in linear order; g(i) = S[i] - i is
-// non-decreasing, so #{i : g(i) <= need - 1} is a binary search. L* = need - 1 + that count.
-extern "C" __global__ void topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 nnz, u64 full_cols, u64 need,
-                                           u64* state) {
+// One thread. With k <= nonzeros there is no fill: state[8] = TOPK_NO_FILL. Otherwise
+// out[0..nnz) holds the kept entries in linear order; g(i) = S[i] - i is non-decreasing, so
+// #{i : g(i) <= need - 1} is a binary search. L* = need - 1 + that count.
+extern "C" __global__ void topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 full_cols, u64* state) {
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    const u64 nnz = state[2];
+    const u64 k = state[9];
+    if (k <= nnz) {
+        state[8] = TOPK_NO_FILL;
+        return;
+    }
+    const u64 need = k - nnz;
     u64 lo = 0;
     u64 hi = nnz;
     while (lo < hi) {
@@ -265,7 +298,7 @@ extern "C" __global__ void topk_fill_bound(const u32* out_rows, const u32* out_c
 
 extern "C" __global__ void topk_fill_range(const u64* state, u64 full_cols, u32* out_rows, u32* out_cols,
                                            float* out_values) {
-    const u64 end = state[8] + 1;
+    const u64 end = state[8] == TOPK_NO_FILL ? 0 : state[8] + 1;
     SG_GRID_STRIDE(q, end) {
         out_rows[q] = (u32)(q / full_cols);
         out_cols[q] = (u32)(q % full_cols);

@@ -17,7 +17,10 @@
 //   cross_entropy_gG_f32            per row with mask m != 0: lse = max + log(sum exp(l - max)),
 //                                   losses[r] = m (lse - l[target]), l[j] <- g exp(l[j] - lse)
 //                                   - g [j == target], g = grad_scale m; a row with m == 0 gets
-//                                   zero loss and zero gradient whatever its target
+//                                   zero loss and zero gradient whatever its target. grad_scale
+//                                   is read from `scale_ptr` when that is not null
+//   loss_scale_f32                  one block: out = f32(1 / max(1, #{r : mask[r] != 0})) in
+//                                   f64, the mean-over-mask scale (LossScale::MeanOverMask)
 //
 // Launch shapes. The row kernels (every one but rope) give each row to a group of GROUP
 // threads, G in the name: G = 32 is one warp per row, 8 rows per block of 256 threads
@@ -284,8 +287,9 @@ __device__ __forceinline__ float ce_grad(float v, float lse, float g) { return _
 template <int GROUP>
 __device__ __forceinline__ void cross_entropy_impl(float* __restrict__ logits, const u32* __restrict__ targets,
                                                    const float* __restrict__ mask, u64 rows, u64 vocab, float grad_scale,
-                                                   float* __restrict__ losses, u32* err) {
+                                                   const float* scale_ptr, float* __restrict__ losses, u32* err) {
     __shared__ float smem[32];
+    if (scale_ptr != nullptr) grad_scale = *scale_ptr;
     const RowGroup<GROUP> g;
     const bool vec = (vocab & 3) == 0 && sg_aligned(logits, 16);
     for (u64 r = g.first; r < rows; r += g.stride) {
@@ -374,9 +378,18 @@ __device__ __forceinline__ void cross_entropy_impl(float* __restrict__ logits, c
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         cross_entropy_g##G##_f32(float* logits, const u32* targets, const float* mask, u64 rows, u64 vocab,          \
-                                 float grad_scale, float* losses, u32* err) {                                        \
-        cross_entropy_impl<G>(logits, targets, mask, rows, vocab, grad_scale, losses, err);                          \
+                                 float grad_scale, const float* scale_ptr, float* losses, u32* err) {                \
+        cross_entropy_impl<G>(logits, targets, mask, rows, vocab, grad_scale, scale_ptr, losses, err);               \
     }
+
+extern "C" __global__ void loss_scale_f32(const float* mask, u64 rows, float* out) {
+    __shared__ u64 red[SG_THREADS / 32];
+    if (blockIdx.x != 0) return;
+    u64 n = 0;
+    for (u64 r = threadIdx.x; r < rows; r += blockDim.x) n += mask[r] != 0.0f ? 1 : 0;
+    n = sg_block_sum<u64, SG_THREADS>(n, red);
+    if (threadIdx.x == 0) *out = (float)__ddiv_rn(1.0, (double)(n > 0 ? n : 1));
+}
 
 SG_ROW_KERNELS(32)
 SG_ROW_KERNELS(256)

@@ -302,6 +302,13 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         self.down.linear.step()
     }
 
+    /// See [`crate::Linear::count_replayed_step`].
+    pub(crate) fn count_replayed_step(&mut self) {
+        self.gate.linear.count_replayed_step();
+        self.up.linear.count_replayed_step();
+        self.down.linear.count_replayed_step();
+    }
+
     pub fn trainable_parameters(&self) -> usize {
         self.projections().iter().map(|p| p.linear.trainable_parameters()).sum()
     }

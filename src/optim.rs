@@ -42,19 +42,30 @@ impl Optimizer {
     }
 }
 
-/// Adam's first and second moments of one parameter (`None` under SGD).
+/// Adam's state of one parameter (`None` under SGD): first and second moments and the
+/// step clock on the device (see [`crate::backend::OptimOps`]).
 pub(crate) struct Moments<B: Backend, F: Real> {
     pub exp_avg: B::Buf<F>,
     pub exp_avg_sq: B::Buf<F>,
+    pub clock: B::Buf<u64>,
 }
 
 impl<B: Backend, F: Real> Moments<B, F> {
-    /// Zeroed moments for `len` entries when `opt` needs them.
+    /// Zeroed moments for `len` entries (and a clock at step 0) when `opt` needs them.
     pub(crate) fn for_optimizer(backend: &B, opt: &Optimizer, len: usize) -> Result<Option<Self>> {
         match opt {
-            Optimizer::Adam(_) => Ok(Some(Moments { exp_avg: backend.alloc(len)?, exp_avg_sq: backend.alloc(len)? })),
+            Optimizer::Adam(_) => Ok(Some(Moments {
+                exp_avg: backend.alloc(len)?,
+                exp_avg_sq: backend.alloc(len)?,
+                clock: backend.alloc(crate::backend::CLOCK_LEN)?,
+            })),
             Optimizer::Sgd { .. } => Ok(None),
         }
+    }
+
+    /// Sets the clock to `steps` taken (restoring a saved state).
+    pub(crate) fn set_steps(&mut self, backend: &B, steps: u64) -> Result<()> {
+        backend.upload_into(&[steps, 0], &mut self.clock)
     }
 
     /// Host copies `(exp_avg, exp_avg_sq)` of the first `len` entries.
@@ -72,8 +83,7 @@ fn missing_moments() -> Error {
     Error::invalid("optimizer", "Adam needs moment buffers that were not allocated")
 }
 
-/// One dense step of `len` entries at step `step` (1-based).
-#[allow(clippy::too_many_arguments)]
+/// One dense step of `len` entries (Adam's step count is the moments' clock).
 pub(crate) fn dense_step<B: Backend, F: Real>(
     backend: &B,
     opt: &Optimizer,
@@ -81,20 +91,18 @@ pub(crate) fn dense_step<B: Backend, F: Real>(
     grad: &B::Buf<F>,
     moments: Option<&mut Moments<B, F>>,
     len: usize,
-    step: u64,
 ) -> Result<()> {
     match opt {
         Optimizer::Adam(hp) => {
             let m = moments.ok_or_else(missing_moments)?;
-            backend.adamw(param, grad, &mut m.exp_avg, &mut m.exp_avg_sq, len, step, hp)
+            backend.adamw(param, grad, &mut m.exp_avg, &mut m.exp_avg_sq, len, &mut m.clock, hp)
         }
         Optimizer::Sgd { lr } => backend.axpy(F::from_f64(-(*lr as f64)), grad, param, len),
     }
 }
 
 /// One sparse step on the entries of `coo`: updates `param` in place if given, and writes
-/// each entry's change into `delta` if given.
-#[allow(clippy::too_many_arguments)]
+/// each entry's change into `delta` if given (Adam's step count is the moments' clock).
 pub(crate) fn sparse_step<B: Backend, F: Real>(
     backend: &B,
     opt: &Optimizer,
@@ -102,12 +110,11 @@ pub(crate) fn sparse_step<B: Backend, F: Real>(
     param: Option<&mut B::Buf<F>>,
     delta: Option<&mut B::Buf<F>>,
     moments: Option<&mut Moments<B, F>>,
-    step: u64,
 ) -> Result<()> {
     match opt {
         Optimizer::Adam(hp) => {
             let m = moments.ok_or_else(missing_moments)?;
-            backend.sparse_adam(coo, &mut m.exp_avg, &mut m.exp_avg_sq, step, hp, param, delta)
+            backend.sparse_adam(coo, &mut m.exp_avg, &mut m.exp_avg_sq, &mut m.clock, hp, param, delta)
         }
         Optimizer::Sgd { lr } => {
             let neg_lr = F::from_f64(-(*lr as f64));

@@ -40,6 +40,9 @@ impl Elem for i32 {
 impl Elem for u8 {
     const NAME: &'static str = "u8";
 }
+impl Elem for u64 {
+    const NAME: &'static str = "u64";
+}
 
 /// A slice of a concrete [`Real`] type.
 pub enum RealSlice<'a> {

@@ -9,10 +9,11 @@ mod common;
 use common::attention::{assert_within, reference, round_bf16};
 use common::{rand_vec64, rng};
 use sparsegrad::backend::cpu::CpuBuf;
+use sparsegrad::backend::Gemm;
 use sparsegrad::backend::{
     AttentionGrads, AttentionMask, AttentionOps, AttentionShape, DenseOps, EncoderOps, TransformerOps,
 };
-use sparsegrad::{Backend, Cpu, Error, Gemm, Precision, Real};
+use sparsegrad::{Backend, Cpu, Error, Precision, Real};
 
 /// `(batch, seq, heads, kv_heads, head_dim, causal)`.
 const CASES: [(usize, usize, usize, usize, usize, bool); 8] = [
@@ -302,6 +303,7 @@ fn models_keep_nothing_of_size_seq_squared() {
         max_seq: 128,
         bos: Some(1),
         eos: Some(2),
+        rope_scaling: None,
     };
     let w = LlamaWeights::random(&c, 3).unwrap();
     let llama_bytes = |batch: usize, seq: usize| {

@@ -118,6 +118,7 @@ fn sparse_adam_matches_the_pytorch_formula_and_touches_only_listed_entries() {
     let mut v = cpu.alloc::<f32>(rows * cols).unwrap();
     let (mut pr, mut mr, mut vr) = (to64(&p0), vec![0.0f64; rows * cols], vec![0.0f64; rows * cols]);
     let mut touched = vec![false; rows * cols];
+    let mut clock = cpu.alloc::<u64>(2).unwrap();
     for step in 1..=4u64 {
         // A different sorted entry set each step.
         let mut lin: Vec<usize> = (0..rows * cols).filter(|_| r.random_bool(0.3)).collect();
@@ -132,7 +133,8 @@ fn sparse_adam_matches_the_pytorch_formula_and_touches_only_listed_entries() {
         let mut coo = Coo::with_capacity(&cpu, lin.len().max(1), (rows, cols)).unwrap();
         coo.set_from_host(&cpu, &host).unwrap();
         let mut delta = cpu.alloc::<f32>(lin.len().max(1)).unwrap();
-        cpu.sparse_adam(&coo, &mut m, &mut v, step, &hp, Some(&mut p), Some(&mut delta)).unwrap();
+        cpu.sparse_adam(&coo, &mut m, &mut v, &mut clock, &hp, Some(&mut p), Some(&mut delta)).unwrap();
+        assert_eq!(clock[0], step, "the clock counts the steps");
         let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
         let step_size = hp.lr as f64 * (1.0 - b2.powi(step as i32)).sqrt() / (1.0 - b1.powi(step as i32));
         for (e, &l) in lin.iter().enumerate() {
@@ -164,9 +166,10 @@ fn adamw_matches_the_pytorch_formula() {
     let mut p = cpu.upload(&p0).unwrap();
     let (mut m, mut v) = (cpu.alloc::<f32>(n).unwrap(), cpu.alloc::<f32>(n).unwrap());
     let (mut pr, mut mr, mut vr) = (to64(&p0), vec![0.0; n], vec![0.0; n]);
+    let mut clock = cpu.alloc::<u64>(2).unwrap();
     for step in 1..=5 {
         let g = rand_vec(&mut r, n);
-        cpu.adamw(&mut p, &cpu.upload(&g).unwrap(), &mut m, &mut v, n, step, &hp).unwrap();
+        cpu.adamw(&mut p, &cpu.upload(&g).unwrap(), &mut m, &mut v, n, &mut clock, &hp).unwrap();
         let (b1, b2, lr) = (hp.beta1 as f64, hp.beta2 as f64, hp.lr as f64);
         for i in 0..n {
             pr[i] *= 1.0 - lr * hp.weight_decay as f64;

@@ -13,8 +13,9 @@ use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
 use rand::Rng;
+use sparsegrad::backend::Coo;
 use sparsegrad::backend::SparseOps;
-use sparsegrad::{Backend, Coo, Cpu, Error, HostCoo};
+use sparsegrad::{Backend, Cpu, Error, HostCoo};
 
 /// `(rows, cols, b_cols)`: ones, primes, a row count past one full grid of row blocks,
 /// columns past one block of 256 threads, and a matrix with a single column.

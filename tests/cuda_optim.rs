@@ -30,6 +30,7 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
             let p0 = rand_f32(&mut r, n);
             let (mut cm, mut cv, mut cp) = (up(&cpu, &vec![0.0f32; n]), up(&cpu, &vec![0.0f32; n]), up(&cpu, &p0));
             let (mut dm, mut dv, mut dp) = (up(dev, &vec![0.0f32; n]), up(dev, &vec![0.0f32; n]), up(dev, &p0));
+            let (mut ck, mut dk) = (cpu.alloc::<u64>(2).unwrap(), dev.alloc::<u64>(2).unwrap());
             for step in 1..=4u64 {
                 let k = (n / 7).max(1);
                 let host = random_coo(&mut r, rows, cols, k);
@@ -42,7 +43,7 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
                     &cc,
                     &mut cm,
                     &mut cv,
-                    step,
+                    &mut ck,
                     &hp,
                     with_param.then_some(&mut cp),
                     with_delta.then_some(&mut cd),
@@ -52,7 +53,7 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
                     &dc,
                     &mut dm,
                     &mut dv,
-                    step,
+                    &mut dk,
                     &hp,
                     with_param.then_some(&mut dp),
                     with_delta.then_some(&mut dd),
@@ -63,6 +64,7 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
                 assert_bits(&format!("{what}: exp_avg_sq"), &down(dev, &dv, n), &down(&cpu, &cv, n));
                 assert_bits(&format!("{what}: param"), &down(dev, &dp, n), &down(&cpu, &cp, n));
                 assert_bits(&format!("{what}: delta"), &down(dev, &dd, k + 2), &down(&cpu, &cd, k + 2));
+                assert_eq!(down(dev, &dk, 2), vec![step, 0], "{what}: the device clock");
             }
         }
     }
@@ -80,10 +82,12 @@ fn check_adamw<B: Backend>(dev: &B, big: bool) {
         let p0 = rand_f32(&mut r, n + 1);
         let (mut cp, mut cm, mut cv) = (up(&cpu, &p0), up(&cpu, &vec![0.0f32; n + 1]), up(&cpu, &vec![0.0f32; n + 1]));
         let (mut dp, mut dm, mut dv) = (up(dev, &p0), up(dev, &vec![0.0f32; n + 1]), up(dev, &vec![0.0f32; n + 1]));
+        let (mut ck, mut dk) = (cpu.alloc::<u64>(2).unwrap(), dev.alloc::<u64>(2).unwrap());
         for step in 1..=3u64 {
             let g = rand_f32(&mut r, n);
-            cpu.adamw(&mut cp, &up(&cpu, &g), &mut cm, &mut cv, n, step, &hp).unwrap();
-            dev.adamw(&mut dp, &up(dev, &g), &mut dm, &mut dv, n, step, &hp).unwrap();
+            cpu.adamw(&mut cp, &up(&cpu, &g), &mut cm, &mut cv, n, &mut ck, &hp).unwrap();
+            dev.adamw(&mut dp, &up(dev, &g), &mut dm, &mut dv, n, &mut dk, &hp).unwrap();
+            assert_eq!(down(dev, &dk, 2), vec![step, 0], "adamw n={n}: the device clock");
             let what = format!("adamw n={n} step {step}");
             assert_bits(&format!("{what}: param"), &down(dev, &dp, n + 1), &down(&cpu, &cp, n + 1));
             assert_bits(&format!("{what}: exp_avg"), &down(dev, &dm, n + 1), &down(&cpu, &cm, n + 1));

@@ -254,7 +254,7 @@ fn tf32(x: f32) -> f32 {
 
 cuda_test!(fn tf32_gemm_rounds_its_operands_and_is_recorded(cuda) {
     use sparsegrad::backend::DenseOps;
-    use sparsegrad::Gemm;
+    use sparsegrad::backend::Gemm;
     // 1 x 1 products that show the rounding: 1 + 2^-12 is below half a TF32 ulp (rounds to 1);
     // 1 + 2^-11 is a tie (to even: 1); 1 + 3 * 2^-11 a tie between 1 + 2^-10 (odd) and
     // 1 + 2^-9 (even).

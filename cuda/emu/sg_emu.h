@@ -131,6 +131,10 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fsqrt_rn(float a) { return sqrtf(a); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return sqrt(a); }
 
 inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
@@ -149,6 +153,11 @@ inline unsigned atomicMax(unsigned* p, unsigned v) { unsigned o = *p; *p = o > v
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
     unsigned long long o = *p;
     *p = o < v ? o : v;
+    return o;
+}
+inline unsigned long long atomicCAS(unsigned long long* p, unsigned long long compare, unsigned long long v) {
+    unsigned long long o = *p;
+    if (o == compare) *p = v;
     return o;
 }
 

@@ -28,10 +28,10 @@ pub use operand::Precision;
 pub use ops::attention::{AttentionGrads, AttentionMask, AttentionOps, AttentionShape};
 pub use ops::dense::DenseOps;
 pub use ops::encoder::EncoderOps;
-pub use ops::optim::OptimOps;
+pub use ops::optim::{OptimOps, CLOCK_LEN};
 pub use ops::sparse::SparseOps;
 pub use ops::topk::TopkOps;
-pub use ops::transformer::TransformerOps;
+pub use ops::transformer::{LossScale, TransformerOps};
 
 use crate::error::Result;
 use crate::scalar::{Elem, Real};
@@ -320,7 +320,34 @@ pub trait Backend:
     fn tf32(&self) -> bool {
         false
     }
+
+    /// Whether this backend can record queued work as a replayable graph (CUDA graphs). The
+    /// CPU runs every op at once and has nothing to record.
+    fn supports_capture(&self) -> bool {
+        false
+    }
+    /// From now until [`Backend::end_capture`], ops are recorded instead of run. A captured
+    /// op may not read anything back, synchronise, allocate or free, or copy from host
+    /// memory: the capture then fails at `end_capture`.
+    fn begin_capture(&self) -> Result<()> {
+        Err(crate::error::Error::invalid("begin_capture", format!("the {} backend does not capture", self.name())))
+    }
+    /// Ends the capture and instantiates it: the graph to [`Backend::replay`].
+    fn end_capture(&self) -> Result<GraphId> {
+        Err(crate::error::Error::invalid("end_capture", format!("the {} backend does not capture", self.name())))
+    }
+    /// Queues every op of a captured graph again, with the same arguments and buffers (one
+    /// host call on a GPU).
+    fn replay(&self, graph: GraphId) -> Result<()> {
+        Err(crate::error::Error::invalid("replay", format!("the {} backend has no graph {}", self.name(), graph.0)))
+    }
+    /// Frees a captured graph (nothing if there is none by that id).
+    fn drop_graph(&self, _graph: GraphId) {}
 }
+
+/// A graph captured by [`Backend::end_capture`], owned by its backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GraphId(pub(crate) usize);
 
 /// [`Backend::upload_into`]: `dst` holds the host slice.
 pub(crate) fn check_upload_into<B: Backend, T: Elem>(be: &B, host: &[T], dst: &B::Buf<T>) -> Result<()> {

@@ -115,13 +115,10 @@ pub(crate) fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
     v.iter().map(|&x| F::from_f64(x as f64)).collect()
 }
 
-/// Fails with [`Error::NonFinite`] if `buf[..len]` holds NaN or infinity.
+/// Fails with [`Error::NonFinite`] if `buf[..len]` holds NaN or infinity: at once on the
+/// CPU, at the next synchronisation on CUDA (see [`crate::backend::DenseOps::assert_finite`]).
 pub(crate) fn check_finite<B: Backend, F: Real>(backend: &B, buf: &B::Buf<F>, len: usize, what: &str) -> Result<()> {
-    let (count, first_index) = backend.count_nonfinite(buf, len)?;
-    if count > 0 {
-        return Err(Error::NonFinite { what: what.to_string(), count, first_index });
-    }
-    Ok(())
+    backend.assert_finite(buf, len, what)
 }
 
 /// `src` itself in full precision, else its bf16 rounding in `half`.

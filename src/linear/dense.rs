@@ -225,6 +225,13 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         Ok(())
     }
 
+    /// See [`crate::Linear::count_replayed_step`].
+    pub(crate) fn count_replayed_step(&mut self) {
+        if !matches!(self.mode, DenseMode::Frozen | DenseMode::Collect) {
+            self.step += 1;
+        }
+    }
+
     /// One optimizer step. Frozen and collecting layers have nothing to step and return Ok.
     pub fn step(&mut self) -> Result<()> {
         if matches!(self.mode, DenseMode::Frozen | DenseMode::Collect) {
@@ -236,14 +243,12 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         let be = &self.backend;
         let step = self.step + 1;
         match (&self.topk, &self.grad_w) {
-            (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut self.w), None, self.moments.as_mut(), step)?,
-            (None, Some(gw)) => {
-                dense_step(be, &self.opt, &mut self.w, gw, self.moments.as_mut(), self.out * self.inp, step)?
-            }
+            (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut self.w), None, self.moments.as_mut())?,
+            (None, Some(gw)) => dense_step(be, &self.opt, &mut self.w, gw, self.moments.as_mut(), self.out * self.inp)?,
             (None, None) => return Err(Error::invalid("DenseLinear::step", "no weight gradient buffer")),
         }
         if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
-            dense_step(be, &self.opt, b, db, self.bias_moments.as_mut(), self.out, step)?;
+            dense_step(be, &self.opt, b, db, self.bias_moments.as_mut(), self.out)?;
         }
         if let (Some((mask, ones)), Some(t)) = (self.sgd_mask.as_mut(), &self.topk) {
             be.copy(&t.coo.rows, &mut ones.rows, t.coo.len)?;
@@ -393,6 +398,9 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         }
         if let Some(h) = self.w_half.as_mut() {
             be.cast_to_bf16(&self.w, h, n)?;
+        }
+        for m in [self.moments.as_mut(), self.bias_moments.as_mut()].into_iter().flatten() {
+            m.set_steps(&be, step)?;
         }
         self.step = step;
         self.grad_ready = false;

@@ -41,8 +41,8 @@ impl<B: Backend, F: Real> Factor<B, F> {
     fn op(&self) -> OperandRef<'_, B, F> {
         self.half.as_ref().map_or(OperandRef::Full(&self.value), OperandRef::Half)
     }
-    fn step(&mut self, be: &B, opt: &Optimizer, step: u64) -> Result<()> {
-        dense_step(be, opt, &mut self.value, &self.grad, self.moments.as_mut(), self.len, step)?;
+    fn step(&mut self, be: &B, opt: &Optimizer) -> Result<()> {
+        dense_step(be, opt, &mut self.value, &self.grad, self.moments.as_mut(), self.len)?;
         if let Some(h) = self.half.as_mut() {
             be.cast_to_bf16(&self.value, h, self.len)?;
         }
@@ -263,15 +263,19 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         Ok(())
     }
 
+    /// See [`crate::Linear::count_replayed_step`].
+    pub(crate) fn count_replayed_step(&mut self) {
+        self.step += 1;
+    }
+
     /// AdamW (or SGD) on `A` and `B`.
     pub fn step(&mut self) -> Result<()> {
         if !self.grad_ready {
             return Err(Error::invalid("LoraLinear::step", "no gradient: call backward first"));
         }
-        let step = self.step + 1;
-        self.a.step(&self.backend, &self.opt, step)?;
-        self.b.step(&self.backend, &self.opt, step)?;
-        self.step = step;
+        self.a.step(&self.backend, &self.opt)?;
+        self.b.step(&self.backend, &self.opt)?;
+        self.step += 1;
         self.grad_ready = false;
         Ok(())
     }
@@ -361,6 +365,9 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
             p.upload(&be, &mut f.value, f.moments.as_mut())?;
             if let Some(h) = f.half.as_mut() {
                 be.cast_to_bf16(&f.value, h, f.len)?;
+            }
+            if let Some(m) = f.moments.as_mut() {
+                m.set_steps(&be, *step)?;
             }
         }
         self.step = *step;

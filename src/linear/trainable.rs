@@ -253,6 +253,12 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
         each!(self, l => l.step())
     }
 
+    /// A replayed CUDA graph ran this layer's step on the device: counts it on the host too
+    /// (the step counter that adapters save), as [`Self::step`] would have.
+    pub(crate) fn count_replayed_step(&mut self) {
+        each!(self, l => l.count_replayed_step())
+    }
+
     pub fn trainable_parameters(&self) -> usize {
         each!(self, l => l.trainable_parameters())
     }

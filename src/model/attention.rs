@@ -66,4 +66,3 @@ impl<B: Backend, F: Real> SavedAttention<B, F> {
         be.attention_backward(s, mask, precision, q, k, v, &self.out, &self.stats, dout, grads)
     }
 }
-

@@ -499,7 +499,8 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
     }
 
     /// Forward to the cross-entropy of `labels`; leaves the loss gradient (mean over the
-    /// batch, times `grad_scale`) ready for [`Self::backward`].
+    /// batch, times `grad_scale`) ready for [`Self::backward`]. Reads the loss back (one
+    /// synchronisation on a GPU); [`Self::train_step`] reads it once, after its step.
     pub fn forward(
         &mut self,
         ids: &[u32],
@@ -509,6 +510,20 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         seq: usize,
         grad_scale: f64,
     ) -> Result<BatchLoss> {
+        self.forward_queued(ids, lengths, labels, batch, seq, grad_scale)?;
+        Ok(BatchLoss { sum: self.backend.sum_to_host(&self.s.losses, batch)?, sentences: batch })
+    }
+
+    /// [`Self::forward`] without reading the loss (it stays in the scratch `losses`).
+    fn forward_queued(
+        &mut self,
+        ids: &[u32],
+        lengths: &[u32],
+        labels: &[u32],
+        batch: usize,
+        seq: usize,
+        grad_scale: f64,
+    ) -> Result<()> {
         let k = self.head_cfg.classes;
         if labels.len() != batch {
             return Err(Error::shape("BertModel::forward", "labels", batch, labels.len()));
@@ -523,9 +538,8 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         be.upload_into(labels, &mut s.targets)?;
         let gs = F::from_f64(grad_scale / batch as f64);
         be.cross_entropy(&mut s.logits, &s.targets, &s.ones, batch, k, gs, &mut s.losses)?;
-        let losses = be.download(&s.losses, batch)?;
         self.last = Some((batch, seq));
-        Ok(BatchLoss { sum: losses.iter().map(|v| v.to_f64()).sum(), sentences: batch })
+        Ok(())
     }
 
     /// Backward of the last [`Self::forward`]: the head's gradient, then down to the lowest
@@ -578,7 +592,8 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         Ok(())
     }
 
-    /// Forward, backward and step on one batch; returns its loss.
+    /// Forward, backward and step on one batch; returns its loss, read once after the
+    /// step (on a GPU, the step's one synchronisation).
     pub fn train_step(
         &mut self,
         ids: &[u32],
@@ -587,9 +602,9 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         batch: usize,
         seq: usize,
     ) -> Result<BatchLoss> {
-        let loss = self.forward(ids, lengths, labels, batch, seq, 1.0)?;
+        self.forward_queued(ids, lengths, labels, batch, seq, 1.0)?;
         self.backward()?;
         self.step()?;
-        Ok(loss)
+        Ok(BatchLoss { sum: self.backend.sum_to_host(&self.s.losses, batch)?, sentences: batch })
     }
 }

@@ -4,11 +4,13 @@
 //! cross-entropy. Everything but the chosen MLP projections is frozen; gradients still
 //! flow through all of it down to the lowest layer that trains (nothing below needs them).
 
-use super::attention::{self, AttentionGrads, AttentionShape, Mask, SavedAttention};
+use super::attention::{AttentionGrads, AttentionShape, Mask, SavedAttention};
 use super::config::LlamaConfig;
+use super::step_graph::StepGraphs;
 use super::weights::LlamaWeights;
 use super::TrainingSetup;
 use crate::backend::operand::{grow, mm, stage, to_f, Operand};
+use crate::backend::LossScale;
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::basis::BasisSet;
@@ -142,6 +144,14 @@ pub struct LlamaModel<B: Backend, F: Real = f32> {
     s: Scratch<B, F>,
     /// Shape of the last forward, whose activations are saved.
     last: Option<(usize, usize)>,
+    /// The training step as a CUDA graph per (batch, seq) (see [`super::step_graph`]).
+    graphs: StepGraphs<(usize, usize)>,
+}
+
+impl<B: Backend, F: Real> Drop for LlamaModel<B, F> {
+    fn drop(&mut self) {
+        self.graphs.clear(&self.backend);
+    }
 }
 
 impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
@@ -256,7 +266,20 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             },
             config: c,
             last: None,
+            graphs: StepGraphs::new(true),
         })
+    }
+
+    /// Whether [`Self::train_step`] captures its step as a CUDA graph per batch shape and
+    /// replays it (on by default; the CPU backend always runs eagerly). Results are
+    /// bit-identical either way.
+    pub fn cuda_graphs(&self) -> bool {
+        self.graphs.enabled()
+    }
+
+    /// Turns CUDA graphs of the training step on or off.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.set_enabled(&self.backend, on);
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -340,9 +363,9 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         Ok(())
     }
 
-    /// Runs the decoder on `batch` rows of `seq` token ids up to the final norm, whose
-    /// output is left in the scratch `normed`.
-    fn forward_hidden(&mut self, ids: &[u32], batch: usize, seq: usize) -> Result<()> {
+    /// Checks `ids` (`batch` rows of `seq` tokens), grows the buffers for the shape and
+    /// uploads them: everything of a forward that is not queued device work.
+    fn prepare_ids(&mut self, ids: &[u32], batch: usize, seq: usize) -> Result<()> {
         let t = batch * seq;
         if ids.len() != t {
             return Err(Error::shape("LlamaModel::forward", "ids", format!("{batch} x {seq} = {t}"), ids.len()));
@@ -356,11 +379,24 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         }
         self.last = None;
         self.ensure(batch, seq)?;
+        self.backend.upload_into(ids, &mut self.s.ids)
+    }
+
+    /// Runs the decoder on `batch` rows of `seq` token ids up to the final norm, whose
+    /// output is left in the scratch `normed`.
+    fn forward_hidden(&mut self, ids: &[u32], batch: usize, seq: usize) -> Result<()> {
+        self.prepare_ids(ids, batch, seq)?;
+        self.hidden_queued(batch, seq)
+    }
+
+    /// [`Self::forward_hidden`] on the ids already uploaded (queued device work only).
+    fn hidden_queued(&mut self, batch: usize, seq: usize) -> Result<()> {
+        let t = batch * seq;
+        let vocab = self.config.vocab;
         let be = self.backend.clone();
         let c = self.config.clone();
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let s = &mut self.s;
-        be.upload_into(ids, &mut s.ids)?;
         be.gather_rows(&self.embed, vocab, c.hidden, &s.ids, t, &mut s.x)?;
         for (i, l) in self.layers.iter_mut().enumerate() {
             let _layer = scope::layer(i);
@@ -393,8 +429,18 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     }
 
     /// Forward of a batch to the masked cross-entropy; leaves the loss gradient of the
-    /// logits (scaled by `grad_scale`) ready for [`Self::backward`].
+    /// logits (scaled by `grad_scale`) ready for [`Self::backward`]. Reads the loss back
+    /// (one synchronisation on a GPU); [`Self::train_step`] reads it once, after its step.
     pub fn forward(&mut self, tokens: &TokenBatch<'_>, grad_scale: f64) -> Result<LossSum> {
+        let counted = self.prepare_batch(tokens)?;
+        let (batch, seq) = (tokens.batch, tokens.seq);
+        self.forward_queued(batch, seq, LossScale::Fixed(F::from_f64(grad_scale)))?;
+        Ok(LossSum { sum: self.backend.sum_to_host(&self.s.losses, batch * seq)?, tokens: counted })
+    }
+
+    /// Checks a batch, grows the buffers for its shape and uploads ids, targets and mask.
+    /// Returns the number of tokens whose loss counts.
+    fn prepare_batch(&mut self, tokens: &TokenBatch<'_>) -> Result<usize> {
         let TokenBatch { ids, targets, mask, batch, seq } = *tokens;
         let t = batch * seq;
         for (what, len) in [("targets", targets.len()), ("mask", mask.len())] {
@@ -402,16 +448,24 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 return Err(Error::shape("LlamaModel::forward", what, format!("{batch} x {seq} = {t}"), len));
             }
         }
-        let _phase = scope::phase(Phase::Forward);
-        self.forward_hidden(ids, batch, seq)?;
-        self.head_logits(t)?;
-        let (be, vocab, s) = (&self.backend, self.config.vocab, &mut self.s);
+        self.prepare_ids(ids, batch, seq)?;
+        let (be, s) = (&self.backend, &mut self.s);
         be.upload_into(targets, &mut s.targets)?;
         be.upload_into(&mask.iter().map(|&m| F::from_f64(m as f64)).collect::<Vec<F>>(), &mut s.mask)?;
-        be.cross_entropy(&mut s.logits, &s.targets, &s.mask, t, vocab, F::from_f64(grad_scale), &mut s.losses)?;
-        let losses = be.download(&s.losses, t)?;
+        Ok(mask.iter().filter(|&&m| m != 0.0).count())
+    }
+
+    /// The forward of the batch [`Self::prepare_batch`] uploaded, queued: the per-token
+    /// losses stay in the scratch `losses`.
+    fn forward_queued(&mut self, batch: usize, seq: usize, scale: LossScale<F>) -> Result<()> {
+        let _phase = scope::phase(Phase::Forward);
+        let t = batch * seq;
+        self.hidden_queued(batch, seq)?;
+        self.head_logits(t)?;
+        let (be, vocab, s) = (&self.backend, self.config.vocab, &mut self.s);
+        be.cross_entropy(&mut s.logits, &s.targets, &s.mask, t, vocab, scale, &mut s.losses)?;
         self.last = Some((batch, seq));
-        Ok(LossSum { sum: losses.iter().map(|v| v.to_f64()).sum(), tokens: mask.iter().filter(|&&m| m != 0.0).count() })
+        Ok(())
     }
 
     /// Backward of the last forward down to the lowest training layer; trained
@@ -474,12 +528,29 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     }
 
     /// Forward, backward and step on one batch; returns its loss (mean over its tokens).
+    /// The batch is uploaded, the step queued (on CUDA, from the second step of a shape on,
+    /// as one replay of a captured graph, see [`Self::set_cuda_graphs`]) and the loss read
+    /// back once, after the step, with any deferred device error: on a GPU the step's one
+    /// synchronisation.
     pub fn train_step(&mut self, tokens: &TokenBatch<'_>) -> Result<LossSum> {
-        let n = tokens.mask.iter().filter(|&&m| m != 0.0).count().max(1);
-        let loss = self.forward(tokens, 1.0 / n as f64)?;
-        self.backward()?;
-        self.step()?;
-        Ok(loss)
+        let counted = self.prepare_batch(tokens)?;
+        let (batch, seq) = (tokens.batch, tokens.seq);
+        let mut graphs = std::mem::replace(&mut self.graphs, StepGraphs::new(false));
+        let be = self.backend.clone();
+        let ran = graphs.run(&be, (batch, seq), || {
+            self.forward_queued(batch, seq, LossScale::MeanOverMask)?;
+            self.backward()?;
+            self.step()
+        });
+        self.graphs = graphs;
+        if ran? {
+            // The replay ran the step on the device; the host side counts it as `step` would.
+            self.last = Some((batch, seq));
+            for &i in &self.plan.layers {
+                self.layers[i].mlp.count_replayed_step();
+            }
+        }
+        Ok(LossSum { sum: self.backend.sum_to_host(&self.s.losses, batch * seq)?, tokens: counted })
     }
 
     /// Logits `(seq, vocab)` of one sequence (no loss): for generation and checks.

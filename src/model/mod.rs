@@ -23,5 +23,6 @@ pub mod bert;
 pub mod config;
 pub mod llama;
 pub mod rope;
+mod step_graph;
 pub mod tokenizer;
 pub mod weights;

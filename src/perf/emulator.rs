@@ -49,6 +49,9 @@ pub enum EmulatedEvent {
     Free {
         bytes: u64,
     },
+    GraphLaunch {
+        nodes: u64,
+    },
 }
 
 /// A window's totals, as the emulator counted them.
@@ -61,6 +64,9 @@ pub struct EmulatedTotals {
     pub memsets: u64,
     pub allocs: u64,
     pub frees: u64,
+    pub graph_launches: u64,
+    /// Events recorded into a stream capture (nodes of a graph).
+    pub captured: u64,
     pub htod_bytes: u64,
     pub dtoh_bytes: u64,
     pub dtod_bytes: u64,
@@ -73,6 +79,8 @@ pub struct EmulatedTotals {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct EmulatedWindow {
     pub events: Vec<EmulatedEvent>,
+    /// Per event: recorded into a stream capture (run later, by graph launches).
+    pub captured: Vec<bool>,
     pub totals: EmulatedTotals,
     /// Device bytes allocated when the window opened.
     pub start_live_bytes: u64,
@@ -132,6 +140,8 @@ pub fn read_windows(path: &Path) -> Result<Vec<EmulatedWindow>> {
                     memsets: u("memsets")?,
                     allocs: u("allocs")?,
                     frees: u("frees")?,
+                    graph_launches: u("graph_launches")?,
+                    captured: u("captured")?,
                     htod_bytes: u("htod_bytes")?,
                     dtoh_bytes: u("dtoh_bytes")?,
                     dtod_bytes: u("dtod_bytes")?,
@@ -172,9 +182,11 @@ pub fn read_windows(path: &Path) -> Result<Vec<EmulatedWindow>> {
             "memset" => EmulatedEvent::Memset { bytes: u("bytes")? },
             "alloc" => EmulatedEvent::Alloc { bytes: u("bytes")? },
             "free" => EmulatedEvent::Free { bytes: u("bytes")? },
+            "graph_launch" => EmulatedEvent::GraphLaunch { nodes: u("nodes")? },
             other => return Err(bad(path, line, format!("unknown event `{other}`"))),
         };
         w.events.push(e);
+        w.captured.push(v.get("captured").and_then(Value::as_bool).unwrap_or(false));
     }
     if open.is_some() {
         return Err(Error::format(Some(path), "the last window was never closed (no `stop` line)"));
@@ -218,6 +230,7 @@ fn expected(e: &Event) -> EmulatedEvent {
         EventKind::Memset { bytes } => EmulatedEvent::Memset { bytes: *bytes },
         EventKind::Alloc { bytes } => EmulatedEvent::Alloc { bytes: *bytes },
         EventKind::Free { bytes } => EmulatedEvent::Free { bytes: *bytes },
+        EventKind::GraphLaunch { nodes } => EmulatedEvent::GraphLaunch { nodes: *nodes },
     }
 }
 
@@ -230,22 +243,28 @@ pub fn check_against_ledger(ledger: &[Event], window: &EmulatedWindow) -> Result
     let n = ledger.len().max(window.events.len());
     for i in 0..n {
         let (l, w) = (ledger.get(i), window.events.get(i));
+        let captured = window.captured.get(i).copied().unwrap_or(false);
         let ok = match (l, w) {
-            (Some(l), Some(w)) => match (expected(l), w) {
-                // The ledger does not know which sync entry point ran; any sync matches.
-                (EmulatedEvent::Sync { .. }, EmulatedEvent::Sync { .. }) => true,
-                (want, got) => want == *got,
-            },
+            (Some(l), Some(w)) => {
+                l.captured == captured
+                    && match (expected(l), w) {
+                        // The ledger does not know which sync entry point ran; any sync matches.
+                        (EmulatedEvent::Sync { .. }, EmulatedEvent::Sync { .. }) => true,
+                        (want, got) => want == *got,
+                    }
+            }
             _ => false,
         };
         if !ok {
             return Err(Error::invalid(
                 "perf::check_against_ledger",
                 format!(
-                    "event {i} differs: the library's ledger has {:?}, the emulated device saw {:?} \
+                    "event {i} differs: the library's ledger has {:?}{}, the emulated device saw {:?}{} \
                      ({} ledger events, {} emulated)",
                     l.map(expected),
+                    if l.is_some_and(|l| l.captured) { " (captured)" } else { "" },
                     w,
+                    if captured { " (captured)" } else { "" },
                     ledger.len(),
                     window.events.len()
                 ),
@@ -253,11 +272,11 @@ pub fn check_against_ledger(ledger: &[Event], window: &EmulatedWindow) -> Result
         }
     }
     let t = &window.totals;
-    let count = |f: &dyn Fn(&EmulatedEvent) -> bool| window.events.iter().filter(|e| f(e)).count() as u64;
+    // Totals count what ran now; captured events are counted apart.
+    let ran = || window.events.iter().zip(&window.captured).filter(|(_, c)| !**c).map(|(e, _)| e);
+    let count = |f: &dyn Fn(&EmulatedEvent) -> bool| ran().filter(|e| f(e)).count() as u64;
     let bytes = |d: CopyDir| {
-        window
-            .events
-            .iter()
+        ran()
             .map(|e| match e {
                 EmulatedEvent::Copy { dir, bytes, .. } if *dir == d => *bytes,
                 _ => 0,
@@ -270,6 +289,8 @@ pub fn check_against_ledger(ledger: &[Event], window: &EmulatedWindow) -> Result
         ("syncs", t.syncs, count(&|e| matches!(e, EmulatedEvent::Sync { .. }))),
         ("blocking copies", t.blocking_copies, count(&|e| matches!(e, EmulatedEvent::Copy { blocking: true, .. }))),
         ("allocations", t.allocs, count(&|e| matches!(e, EmulatedEvent::Alloc { .. }))),
+        ("graph launches", t.graph_launches, count(&|e| matches!(e, EmulatedEvent::GraphLaunch { .. }))),
+        ("captured events", t.captured, window.captured.iter().filter(|c| **c).count() as u64),
         ("host-to-device bytes", t.htod_bytes, bytes(CopyDir::HostToDevice)),
         ("device-to-host bytes", t.dtoh_bytes, bytes(CopyDir::DeviceToHost)),
         ("device-to-device bytes", t.dtod_bytes, bytes(CopyDir::DeviceToDevice)),
@@ -300,7 +321,7 @@ mod tests {
             r#"{"window":1,"ev":"blas","routine":"cublasGemmEx","m":3,"n":4,"k":5,"batch":1,"a":"bf16","b":"bf16","c":"f32","compute":"32F","math":"default"}"#,
             r#"{"window":1,"ev":"copy","dir":"dtoh","bytes":8,"blocking":true}"#,
             r#"{"window":1,"ev":"sync","what":"stream"}"#,
-            r#"{"window":1,"ev":"stop","launches":1,"blas":1,"syncs":1,"blocking_copies":1,"memsets":0,"allocs":0,"frees":0,"htod_bytes":0,"dtoh_bytes":8,"dtod_bytes":0,"live":100,"peak":100}"#,
+            r#"{"window":1,"ev":"stop","launches":1,"blas":1,"syncs":1,"blocking_copies":1,"memsets":0,"allocs":0,"frees":0,"htod_bytes":0,"dtoh_bytes":8,"dtod_bytes":0,"graph_launches":0,"captured":0,"live":100,"peak":100}"#,
         ];
         std::fs::write(&path, lines.join("\n")).unwrap();
         let w = read_windows(&path).unwrap();
@@ -320,6 +341,7 @@ mod tests {
                     },
                     tag: Default::default(),
                     gpu_ms: None,
+                    captured: false,
                 },
                 Event {
                     kind: EventKind::Gemm {
@@ -335,13 +357,15 @@ mod tests {
                     },
                     tag: Default::default(),
                     gpu_ms: None,
+                    captured: false,
                 },
                 Event {
                     kind: EventKind::Copy { dir: CopyDir::DeviceToHost, bytes: 8, blocking: true },
                     tag: Default::default(),
                     gpu_ms: None,
+                    captured: false,
                 },
-                Event { kind: EventKind::Sync, tag: Default::default(), gpu_ms: None },
+                Event { kind: EventKind::Sync, tag: Default::default(), gpu_ms: None, captured: false },
             ],
             &w[0],
         )

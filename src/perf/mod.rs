@@ -212,6 +212,11 @@ pub enum EventKind {
     Free {
         bytes: u64,
     },
+    /// One launch of a captured CUDA graph of `nodes` nodes (their work is priced from the
+    /// capture's events, see [`Event::captured`]).
+    GraphLaunch {
+        nodes: u64,
+    },
 }
 
 /// An [`EventKind`] with the tags in effect when it happened and, on a GPU, its measured
@@ -222,6 +227,9 @@ pub struct Event {
     pub tag: Tag,
     /// Device milliseconds between CUDA events recorded around it (GPU only, when asked for).
     pub gpu_ms: Option<f32>,
+    /// Recorded into a stream capture: a node of a CUDA graph, run by each replay (not when
+    /// it was recorded).
+    pub captured: bool,
 }
 
 impl Event {
@@ -236,7 +244,9 @@ impl Event {
                 Work::new(moved, 0)
             }
             EventKind::Memset { bytes } => Work::new(*bytes, 0),
-            EventKind::Sync | EventKind::Alloc { .. } | EventKind::Free { .. } => Work::default(),
+            EventKind::Sync | EventKind::Alloc { .. } | EventKind::Free { .. } | EventKind::GraphLaunch { .. } => {
+                Work::default()
+            }
         }
     }
 
@@ -262,13 +272,29 @@ impl Event {
             }
             EventKind::Copy { dir: CopyDir::DeviceToDevice, .. } | EventKind::Memset { .. } => Category::Elementwise,
             EventKind::Copy { .. } => Category::HostCopy,
-            EventKind::Sync | EventKind::Alloc { .. } | EventKind::Free { .. } => Category::Overhead,
+            EventKind::Sync | EventKind::Alloc { .. } | EventKind::Free { .. } | EventKind::GraphLaunch { .. } => {
+                Category::Overhead
+            }
         }
     }
 
     /// Whether the device runs it as a launch (a kernel or a cuBLAS call).
     pub fn is_launch(&self) -> bool {
         matches!(self.kind, EventKind::Launch { .. } | EventKind::Gemm { .. })
+    }
+
+    /// Whether the host makes one API call for it on the stream (an eager launch, copy,
+    /// memset, or a graph launch); captured events are made by the graph, not the host.
+    pub fn is_host_call(&self) -> bool {
+        !self.captured
+            && matches!(
+                self.kind,
+                EventKind::Launch { .. }
+                    | EventKind::Gemm { .. }
+                    | EventKind::Copy { .. }
+                    | EventKind::Memset { .. }
+                    | EventKind::GraphLaunch { .. }
+            )
     }
 
     /// Whether the host waits for the device at this event.
@@ -430,8 +456,11 @@ mod tests {
             accumulate: true,
         };
         assert_eq!(gemm_work(&s), Work::new(260, 210));
-        assert_eq!(Event { kind: s, tag: Tag::default(), gpu_ms: None }.category(), Category::GemmFp32);
-        let e = Event { kind: k, tag: Tag::default(), gpu_ms: None };
+        assert_eq!(
+            Event { kind: s, tag: Tag::default(), gpu_ms: None, captured: false }.category(),
+            Category::GemmFp32
+        );
+        let e = Event { kind: k, tag: Tag::default(), gpu_ms: None, captured: false };
         assert_eq!(e.category(), Category::GemmTensor);
         assert!(e.is_launch() && !e.is_host_sync());
     }

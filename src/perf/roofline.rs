@@ -15,8 +15,9 @@
 //!   PCIe rate;
 //! - launch overhead: each launch (kernel, cuBLAS call, copy or memset on the stream) keeps
 //!   the GPU busy for at least the host's launch interval, so a launch shorter than that
-//!   adds `interval - device time` to [`Category::Overhead`] (eager launches and CUDA-graph
-//!   nodes have different intervals);
+//!   adds `interval - device time` to [`Category::Overhead`]: the eager interval for what the
+//!   host launches itself (and for a graph launch, one call), the graph-node interval for
+//!   the nodes of a replayed CUDA graph (captured events);
 //! - a host-blocking synchronisation (explicit, or a blocking copy): the sync latency, in
 //!   [`Category::Overhead`]; a synchronisation right after a blocking copy is the same wait
 //!   and is charged once.
@@ -180,13 +181,15 @@ impl DeviceModel {
                 w.bytes / self.hbm_bytes_per_s
             }
             EventKind::Copy { bytes, .. } => *bytes as f64 / self.pcie_bytes_per_s,
-            EventKind::Sync | EventKind::Alloc { .. } | EventKind::Free { .. } => 0.0,
+            EventKind::Sync | EventKind::Alloc { .. } | EventKind::Free { .. } | EventKind::GraphLaunch { .. } => 0.0,
         }
     }
 
-    /// Prices `events`, each counted `weight` times (see [`super::shape`]'s scaling).
+    /// Prices `events`, each counted `weight` times (see [`super::shape`]'s scaling). `mode`
+    /// is how the host launches the events it launches itself; captured events are nodes of
+    /// a CUDA graph (priced at the graph-node interval) and a graph launch is one eager call.
     pub fn predict<'a>(&self, events: impl IntoIterator<Item = (&'a Event, f64)>, mode: LaunchMode) -> Prediction {
-        let interval = match mode {
+        let eager = match mode {
             LaunchMode::Eager => self.eager_launch_s,
             LaunchMode::Graph => self.graph_node_s,
         };
@@ -199,10 +202,21 @@ impl DeviceModel {
             let on_stream = e.is_launch()
                 || matches!(
                     e.kind,
-                    EventKind::Memset { .. } | EventKind::Copy { dir: super::CopyDir::DeviceToDevice, .. }
+                    EventKind::Memset { .. }
+                        | EventKind::Copy { dir: super::CopyDir::DeviceToDevice, .. }
+                        | EventKind::GraphLaunch { .. }
                 );
+            if e.is_launch() {
+                p.launches += weight;
+            }
             if on_stream {
-                p.launches += if e.is_launch() { weight } else { 0.0 };
+                let interval = if e.captured {
+                    self.graph_node_s
+                } else if matches!(e.kind, EventKind::GraphLaunch { .. }) {
+                    self.eager_launch_s
+                } else {
+                    eager
+                };
                 *p.seconds.entry(Category::Overhead).or_default() += weight * (interval - device).max(0.0);
             }
             if e.is_host_wait_after(previous) {
@@ -226,7 +240,7 @@ mod tests {
     use crate::perf::{KernelCost, Tag};
 
     fn ev(kind: EventKind) -> Event {
-        Event { kind, tag: Tag::default(), gpu_ms: None }
+        Event { kind, tag: Tag::default(), gpu_ms: None, captured: false }
     }
 
     static STREAM: KernelCost = KernelCost {
@@ -278,6 +292,13 @@ mod tests {
         assert_eq!(graph.get(Category::Overhead), 0.0);
         assert!((graph.total() - 2e-6).abs() < 1e-12);
         assert_eq!(graph.launches, 2.0);
+        // The same kernel captured, replayed by one graph launch: the node costs its device
+        // time (above the 1 us node interval), the launch one eager interval.
+        let node = Event { captured: true, ..k.clone() };
+        let launch = ev(EventKind::GraphLaunch { nodes: 1 });
+        let replay = m.predict([(&node, 1.0), (&launch, 1.0)], LaunchMode::Eager);
+        assert!((replay.get(Category::Overhead) - 3e-6).abs() < 1e-12);
+        assert!((replay.get(Category::Elementwise) - 1e-6).abs() < 1e-12);
         // A sync costs its latency; a blocking copy its PCIe time plus the latency; a sync right
         // after a blocking copy waits for nothing more.
         let s = ev(EventKind::Sync);

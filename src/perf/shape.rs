@@ -75,6 +75,7 @@ fn event_name(e: &Event) -> String {
         EventKind::Memset { .. } => "memset".into(),
         EventKind::Alloc { .. } => "alloc".into(),
         EventKind::Free { .. } => "free".into(),
+        EventKind::GraphLaunch { .. } => "graph launch".into(),
     }
 }
 
@@ -91,9 +92,10 @@ fn same_shape(a: &Event, b: &Event) -> bool {
         (K::Copy { dir: d1, blocking: b1, .. }, K::Copy { dir: d2, blocking: b2, .. }) => d1 == d2 && b1 == b2,
         (K::Sync, K::Sync) | (K::Memset { .. }, K::Memset { .. }) => true,
         (K::Alloc { .. }, K::Alloc { .. }) | (K::Free { .. }, K::Free { .. }) => true,
+        (K::GraphLaunch { nodes: n1 }, K::GraphLaunch { nodes: n2 }) => n1 == n2,
         _ => false,
     };
-    kinds && a.tag == b.tag
+    kinds && a.tag == b.tag && a.captured == b.captured
 }
 
 /// Whether two runs of a step made the same device calls in the same order (kernels, cuBLAS
@@ -218,7 +220,7 @@ pub fn extrapolate(
             }
             (k, _) => k.clone(),
         };
-        let e = Event { kind, tag: a.tag, gpu_ms: None };
+        let e = Event { kind, tag: a.tag, gpu_ms: None, captured: a.captured };
         let label = growth_label(a.work(), e.work(), short_seq, target_seq);
         *report.work_by_growth.entry(label).or_default() += e.work();
         out.push(e);
@@ -274,7 +276,13 @@ impl LayerWeights {
 /// whose sums are whole for whole layers).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct StepCounts {
+    /// Kernel launches (eager or graph nodes).
     pub kernel_launches: f64,
+    /// Calls the host makes on the stream (eager launches, copies, memsets, graph launches).
+    pub host_calls: f64,
+    pub graph_launches: f64,
+    /// Launches and cuBLAS calls recorded into a graph capture.
+    pub graph_nodes: f64,
     /// cuBLAS calls by `(operand type, compute)`.
     pub gemms: BTreeMap<(ElemType, GemmCompute), f64>,
     /// Times the host waits for the device (a sync right after a blocking copy is the same wait).
@@ -303,6 +311,12 @@ impl StepCounts {
                 if let Some(l) = e.tag.layer {
                     *c.launches_per_layer.entry(l).or_default() += 1;
                 }
+                if e.captured {
+                    c.graph_nodes += w;
+                }
+            }
+            if e.is_host_call() {
+                c.host_calls += w;
             }
             if e.is_host_wait_after(previous) {
                 c.host_syncs += w;
@@ -326,6 +340,7 @@ impl StepCounts {
                 EventKind::Alloc { .. } => c.allocations += w,
                 EventKind::Free { .. } => c.frees += w,
                 EventKind::Sync => c.sync_calls += w,
+                EventKind::GraphLaunch { .. } => c.graph_launches += w,
             }
         }
         c
@@ -406,6 +421,7 @@ pub(crate) mod tests {
             kind: EventKind::Launch { cost, grid: [1, 1, 1], block: [256, 1, 1], shared_bytes: 0, args },
             tag: Tag { layer, ..Tag::default() },
             gpu_ms: None,
+            captured: false,
         }
     }
 
@@ -424,6 +440,7 @@ pub(crate) mod tests {
             },
             tag: Tag { layer, ..Tag::default() },
             gpu_ms: None,
+            captured: false,
         }
     }
 

@@ -175,6 +175,20 @@ impl DenseOps for Cpu {
         Ok((count, first))
     }
 
+    fn assert_finite<F: Real>(&self, x: &CpuBuf<F>, len: usize, what: &str) -> Result<()> {
+        check_reduce(self, "assert_finite", x, len)?;
+        let (count, first_index) = self.count_nonfinite(x, len)?;
+        if count > 0 {
+            return Err(crate::Error::NonFinite { what: what.to_string(), count, first_index });
+        }
+        Ok(())
+    }
+
+    fn sum_to_host<F: Real>(&self, x: &CpuBuf<F>, len: usize) -> Result<f64> {
+        check_reduce(self, "sum_to_host", x, len)?;
+        Ok(x[..len].iter().map(|v| v.to_f64()).sum())
+    }
+
     fn axpy<F: Real>(&self, alpha: F, x: &CpuBuf<F>, y: &mut CpuBuf<F>, len: usize) -> Result<()> {
         check_axpy(self, [x, y], len)?;
         y[..len].par_iter_mut().zip(&x[..len]).for_each(|(y, &x)| *y += alpha * x);

@@ -14,12 +14,12 @@ impl OptimOps for Cpu {
         coo: &Coo<Cpu, F>,
         exp_avg: &mut CpuBuf<F>,
         exp_avg_sq: &mut CpuBuf<F>,
-        step: u64,
+        clock: &mut CpuBuf<u64>,
         hp: &AdamParams,
         mut param: Option<&mut CpuBuf<F>>,
         mut delta: Option<&mut CpuBuf<F>>,
     ) -> Result<()> {
-        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, step, hp, param.as_deref(), delta.as_deref())?;
+        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, param.as_deref(), delta.as_deref())?;
         let (rows, cols) = coo.shape;
         // The entries are data: the host reads them here (the CUDA kernel skips and reports).
         for e in 0..coo.len {
@@ -27,6 +27,7 @@ impl OptimOps for Cpu {
                 return Err(Error::invalid("sparse_adam", format!("entry {e} outside {rows}x{cols}")));
             }
         }
+        let step = clock[0].saturating_add(1);
         let step_size = F::from_f64(hp.step_size(step));
         let (b1, b2, eps) = (F::from_f64(hp.beta1 as f64), F::from_f64(hp.beta2 as f64), F::from_f64(hp.eps as f64));
         for e in 0..coo.len {
@@ -45,6 +46,7 @@ impl OptimOps for Cpu {
                 d[e] = change;
             }
         }
+        clock[0] = step;
         Ok(())
     }
 
@@ -55,10 +57,11 @@ impl OptimOps for Cpu {
         exp_avg: &mut CpuBuf<F>,
         exp_avg_sq: &mut CpuBuf<F>,
         len: usize,
-        step: u64,
+        clock: &mut CpuBuf<u64>,
         hp: &AdamParams,
     ) -> Result<()> {
-        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, step, hp)?;
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, clock, hp)?;
+        let step = clock[0].saturating_add(1);
         let AdamwScalars { step_size, bc2_sqrt, decay } = hp.adamw_scalars::<F>(step);
         let (b1, b2, eps) = (F::from_f64(hp.beta1 as f64), F::from_f64(hp.beta2 as f64), F::from_f64(hp.eps as f64));
         param[..len]
@@ -73,6 +76,7 @@ impl OptimOps for Cpu {
                 let denom = v.sqrt() / bc2_sqrt + eps;
                 *p -= step_size * (*m / denom);
             });
+        clock[0] = step;
         Ok(())
     }
 }

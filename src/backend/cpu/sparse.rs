@@ -106,6 +106,15 @@ impl SparseOps for Cpu {
         Ok(())
     }
 
+    fn zero_below<F: Real>(&self, m: &mut CpuBuf<F>, len: usize, threshold_rel: F) -> Result<()> {
+        check_zero_below(self, m, len, threshold_rel)?;
+        let m = &mut m[..len];
+        // The same maximum and threshold as nonzero_rows_cols (NaN ignored by `max`).
+        let t = threshold_rel * m.par_iter().map(|v| v.abs()).reduce(|| F::ZERO, |a, b| a.max(b));
+        m.par_iter_mut().filter(|v| v.abs() < t).for_each(|v| *v = F::ZERO);
+        Ok(())
+    }
+
     fn coo_compact_rows<F: Real>(
         &self,
         coo: &Coo<Cpu, F>,

@@ -131,10 +131,11 @@ impl TransformerOps for Cpu {
         mask: &CpuBuf<F>,
         rows: usize,
         vocab: usize,
-        grad_scale: F,
+        grad_scale: impl Into<LossScale<F>>,
         losses: &mut CpuBuf<F>,
     ) -> Result<()> {
         check_cross_entropy(self, logits, targets, mask, rows, vocab, losses)?;
+        let grad_scale = grad_scale.into().resolve(mask[..rows].iter().filter(|&&m| m != F::ZERO).count());
         // The targets are data: the host reads them here (the CUDA kernel checks on the device).
         if let Some(r) = (0..rows).find(|&r| mask[r] != F::ZERO && targets[r] as usize >= vocab) {
             return Err(Error::invalid(

@@ -10,10 +10,10 @@
 
 use super::consts::{ATT_BF16_FWD_ROWS, ATT_BF16_TILE, ATT_DMAX, ATT_F32_ROWS};
 use super::{kargs, kernel, require_f32, Cuda, CudaBuf};
-use crate::perf::KernelCost;
 use crate::backend::ops::attention::*;
 use crate::backend::Precision;
 use crate::error::{Error, Result};
+use crate::perf::KernelCost;
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
 
@@ -23,7 +23,11 @@ use cudarc::driver::LaunchConfig;
 // t (t + 1) / 2 per head; a padding mask is priced at t^2, its lengths being data).
 /// Query-key pairs per head.
 fn pairs(a: &[u64]) -> u64 {
-    if a[5] == 1 { a[1] * (a[1] + 1) / 2 } else { a[1] * a[1] }
+    if a[5] == 1 {
+        a[1] * (a[1] + 1) / 2
+    } else {
+        a[1] * a[1]
+    }
 }
 /// Elements of q (and out, dout, dq): batch * seq * heads * head_dim.
 fn q_elems(a: &[u64]) -> u64 {
@@ -113,7 +117,11 @@ impl Kernels {
         }
         if precision == Precision::Full {
             let rows = ATT_F32_ROWS;
-            return Ok(Kernels { forward: (&FORWARD_F32, rows, 128), dkdv: (&DKDV_F32, rows, 128), dq: (&DQ_F32, rows, 128) });
+            return Ok(Kernels {
+                forward: (&FORWARD_F32, rows, 128),
+                dkdv: (&DKDV_F32, rows, 128),
+                dq: (&DQ_F32, rows, 128),
+            });
         }
         if cuda.compute_capability.0 < 8 {
             let (major, minor) = cuda.compute_capability;
@@ -193,7 +201,12 @@ impl AttentionOps for Cuda {
         // threads the kernel's launch bounds name (`kern.forward`); out and stats are distinct
         // from the inputs (&mut).
         unsafe {
-            self.launch(kern.forward.0, cfg, &mut kargs![qp, kp, vp, op, sp, lp, b, t, h, kvh, d, scale, causal], &sizes)
+            self.launch(
+                kern.forward.0,
+                cfg,
+                &mut kargs![qp, kp, vp, op, sp, lp, b, t, h, kvh, d, scale, causal],
+                &sizes,
+            )
         }
     }
 
@@ -237,9 +250,7 @@ impl AttentionOps for Cuda {
         // u32 batch, u32 seq, u32 heads, u32 head_dim): out and dout hold batch * seq * heads *
         // head_dim elements (checked above), delta (the arena) rows f32s; one warp per row,
         // striding, 256 threads as the launch bounds.
-        unsafe {
-            self.launch(&BACKWARD_DOT, dot_cfg, &mut kargs![outp, dop, delta, b, t, h, d], &sizes)?
-        };
+        unsafe { self.launch(&BACKWARD_DOT, dot_cfg, &mut kargs![outp, dop, delta, b, t, h, d], &sizes)? };
         // SAFETY: attention_backward_dkdv_*(const float* q, const float* k, const float* v,
         // const float* stats, const float* delta, const float* dout, float* dk, float* dv,
         // const u32* lengths, u32 batch, u32 seq, u32 heads, u32 kv_heads, u32 head_dim,

@@ -78,7 +78,7 @@ pub(super) const ATT_BF16_FWD_ROWS: usize = define_in(ATTENTION_CUH, "SG_ATT_BF1
 pub(super) const ATT_BF16_TILE: usize = define_in(ATTENTION_CUH, "SG_ATT_BF16_TILE") as usize;
 
 /// Bits of the device error word (`SG_ERR_*`) and the op each one names.
-pub(super) const ERR_BITS: [(u32, &str); 9] = [
+pub(super) const ERR_BITS: [(u32, &str); 10] = [
     (define("SG_ERR_GATHER_ROWS") as u32, "gather_rows"),
     (define("SG_ERR_GATHER_BLOCK") as u32, "gather_block"),
     (define("SG_ERR_COO_SCATTER") as u32, "coo_scatter_add"),
@@ -88,6 +88,7 @@ pub(super) const ERR_BITS: [(u32, &str); 9] = [
     (define("SG_ERR_CROSS_ENTROPY") as u32, "cross_entropy"),
     (define("SG_ERR_COO_DENSIFY") as u32, "coo_densify"),
     (define("SG_ERR_COO_MM") as u32, "coo_mm"),
+    (define("SG_ERR_TOPK_MAP") as u32, "topk_coo"),
 ];
 
 #[cfg(test)]

@@ -42,6 +42,14 @@ kernel!(
     COUNT_NONFINITE = "dense" / "count_nonfinite_f32", Elementwise, |a| (4 * a[0] + 16, a[0])
 );
 kernel!(
+    /// [n]: x read, the health block's three words updated.
+    FLAG_NONFINITE = "dense" / "flag_nonfinite_f32", Elementwise, |a| (4 * a[0] + 24, a[0])
+);
+kernel!(
+    /// [n]: x read by one thread, one f64 written.
+    SUM_TO_F64 = "dense" / "sum_f32_to_f64", Elementwise, |a| (4 * a[0] + 8, a[0])
+);
+kernel!(
     /// [n]: x read, y read and written.
     AXPY = "dense" / "axpy_f32", Elementwise, |a| (12 * a[0], 2 * a[0])
 );
@@ -195,6 +203,30 @@ impl DenseOps for Cuda {
         self.read_device(status, &mut out)?;
         let count = out[0] as usize;
         Ok((count, if count == 0 { 0 } else { out[1] as usize }))
+    }
+
+    fn assert_finite<F: Real>(&self, x: &CudaBuf<F>, len: usize, what: &str) -> Result<()> {
+        require_f32::<F>("assert_finite")?;
+        check_reduce(self, "assert_finite", x, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (xp, n, id, health) = (x.ptr(), len as u64, self.check_id(what), self.errors.ptr());
+        // SAFETY: flag_nonfinite_f32(const float* x, u64 n, u64 id, u64* health): x holds n
+        // elements, the health block HEALTH_WORDS (>= 4) words.
+        unsafe { self.launch(&FLAG_NONFINITE, self.grid_1d(len, PER_SM), &mut kargs![xp, n, id, health], &[n]) }
+    }
+
+    fn sum_to_host<F: Real>(&self, x: &CudaBuf<F>, len: usize) -> Result<f64> {
+        require_f32::<F>("sum_to_host")?;
+        check_reduce(self, "sum_to_host", x, len)?;
+        let (xp, n, out) = (x.ptr(), len as u64, self.errors.ptr() + 4 * 8);
+        let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: sum_f32_to_f64(const float* x, u64 n, double* out): x holds n elements, `out`
+        // is word 4 of the health block (HEALTH_WORDS = 8).
+        unsafe { self.launch(&SUM_TO_F64, cfg, &mut kargs![xp, n, out], &[n]) }?;
+        let words = self.check_device_errors()?;
+        Ok(f64::from_bits(words[4]))
     }
 
     fn axpy<F: Real>(&self, alpha: F, x: &CudaBuf<F>, y: &mut CudaBuf<F>, len: usize) -> Result<()> {

@@ -112,7 +112,7 @@ impl Backend for Cuda {
         self.bind()?;
         self.profiler.record(EventKind::Sync);
         self.stream.synchronize().map_err(cuda_err("synchronize"))?;
-        self.check_device_errors()
+        self.check_device_errors().map(|_| ())
     }
 
     fn memory_stats(&self) -> MemoryStats {
@@ -127,5 +127,25 @@ impl Backend for Cuda {
 
     fn tf32(&self) -> bool {
         self.tf32_enabled()
+    }
+
+    fn supports_capture(&self) -> bool {
+        true
+    }
+
+    fn begin_capture(&self) -> Result<()> {
+        self.capture_begin()
+    }
+
+    fn end_capture(&self) -> Result<crate::backend::GraphId> {
+        self.capture_end()
+    }
+
+    fn replay(&self, graph: crate::backend::GraphId) -> Result<()> {
+        self.graph_replay(graph)
+    }
+
+    fn drop_graph(&self, graph: crate::backend::GraphId) {
+        self.graph_drop(graph)
     }
 }

@@ -5,10 +5,11 @@
 //!   without nvcc, [`Error::CudaUnavailable`] when libcuda, a device or cuBLAS is missing,
 //!   and [`Error::Cuda`] when the embedded kernels do not load on the device.
 //! - Buffers are [`CudaBuf`]s (device memory that reports its size, like the CPU's
-//!   `CpuBuf`). All work goes to one stream (the context's default stream, or the engine's
-//!   stream given to [`Cuda::from_stream`]), so ops are ordered and buffers can be dropped
-//!   at any time (frees are stream-ordered). An engine's own buffers are used in place
-//!   through [`Cuda::view`] and [`Cuda::with_view_mut`] (module `interop`).
+//!   `CpuBuf`). All work goes to one stream (the backend's own, never the legacy NULL stream, so
+//!   it can be captured as a CUDA graph: see `graph.rs`; or the engine's stream given to
+//!   [`Cuda::from_stream`]), so ops are ordered and buffers can be dropped at any time (frees
+//!   are stream-ordered). An engine's own buffers are used in place through [`Cuda::view`]
+//!   and [`Cuda::with_view_mut`] (module `interop`).
 //! - `F: Real` ops run in f32; f64 returns [`Error::UnsupportedDtype`].
 //! - Hot paths allocate nothing. Scratch space lives in the backend: a small status block
 //!   and the device error word allocated by `new`, plus one arena that grows (to the next
@@ -37,6 +38,7 @@ mod cost_tests;
 mod dense;
 mod encoder;
 mod gemm;
+mod graph;
 mod interop;
 mod memory;
 mod optim;
@@ -75,6 +77,28 @@ use consts::{ERR_BITS, THREADS, TILE};
 
 /// Words of the persistent status block (`Scratch::status`).
 const STATUS_WORDS: usize = 16;
+/// Words of the device health block (`CudaShared::errors`).
+const HEALTH_WORDS: usize = 8;
+
+/// The names of deferred finiteness checks: ids are stable per name, so a step registers
+/// nothing new after its first run.
+#[derive(Default)]
+struct CheckNames {
+    names: Vec<String>,
+    ids: HashMap<String, u64>,
+}
+
+impl CheckNames {
+    fn id(&mut self, name: &str) -> u64 {
+        if let Some(&id) = self.ids.get(name) {
+            return id;
+        }
+        self.names.push(name.to_string());
+        let id = self.names.len() as u64;
+        self.ids.insert(name.to_string(), id);
+        id
+    }
+}
 
 use crate::backend::MemoryCounters as Counters;
 use crate::perf::{CopyDir, EventKind, KernelCost};
@@ -164,7 +188,14 @@ pub struct CudaShared {
     counters: Arc<Counters>,
     profiler: Arc<Profiler>,
     scratch: Mutex<Scratch>,
-    errors: CudaBuf<u32>,
+    /// The device health block (`HEALTH_WORDS` u64): [0] index error bits (the kernels' `err`
+    /// word, its low 32 bits), [1] the first failed finiteness check (0: none), [2] its
+    /// count, [3] its first index, [4] the last `sum_to_host` result (f64 bits).
+    errors: CudaBuf<u64>,
+    /// Names of the deferred finiteness checks, by id - 1 (see `DenseOps::assert_finite`).
+    checks: Mutex<CheckNames>,
+    /// Captured graphs, by `GraphId` (a dropped one leaves `None`).
+    graphs: Mutex<Vec<Option<graph::Graph>>>,
     sm_count: u32,
     device_name: String,
     compute_capability: (i32, i32),
@@ -299,7 +330,9 @@ impl Cuda {
         // SAFETY: this backend uses a single stream, so cudarc's cross-stream event tracking
         // is not needed; buffers made from now on skip it.
         unsafe { ctx.disable_event_tracking() };
-        Self::on_stream(ctx.default_stream())
+        // A stream of its own (not the legacy NULL stream, which cannot be captured as a graph).
+        let stream = ctx.new_stream().map_err(|e| Error::CudaUnavailable(format!("stream creation failed: {e}")))?;
+        Self::on_stream(stream)
     }
 
     /// The backend on `stream` (its context already current-able and checked): cuBLAS bound
@@ -330,7 +363,8 @@ impl Cuda {
         let counters = Arc::new(Counters::default());
         let profiler = Arc::new(Profiler::default());
         let status = Self::alloc_on(&ctx, &stream, &counters, &profiler, STATUS_WORDS, true)?;
-        let errors = Self::alloc_on(&ctx, &stream, &counters, &profiler, 1, true)?;
+        let errors = Self::alloc_on::<u64>(&ctx, &stream, &counters, &profiler, HEALTH_WORDS, true)?;
+        Self::reset_health(&stream, &errors)?;
         Ok(Cuda(Arc::new(CudaShared {
             ctx,
             stream,
@@ -341,6 +375,8 @@ impl Cuda {
             profiler,
             scratch: Mutex::new(Scratch { status, arena: None }),
             errors,
+            checks: Mutex::new(CheckNames::default()),
+            graphs: Mutex::new(Vec::new()),
             sm_count,
             device_name,
             compute_capability,
@@ -547,18 +583,52 @@ impl Cuda {
         self.stream.synchronize().map_err(cuda_err("synchronize"))
     }
 
-    /// Reads (and clears) the device error word; an error names the op that set it.
-    fn check_device_errors(&self) -> Result<()> {
-        let mut word = [0u32];
-        self.read_device(self.errors.ptr(), &mut word)?;
-        if word[0] == 0 {
-            return Ok(());
+    /// Words [1..4] of the health block back to "no failed check" (first index: u64 max).
+    fn reset_health(stream: &Arc<CudaStream>, errors: &CudaBuf<u64>) -> Result<()> {
+        let clear = [0u64, 0, u64::MAX];
+        // SAFETY: the health block holds HEALTH_WORDS >= 4 words; `clear` is a pageable host
+        // array the driver stages before returning.
+        unsafe { drv::memcpy_htod_async(errors.ptr() + 8, &clear, stream.cu_stream()) }
+            .map_err(cuda_err("health reset"))
+    }
+
+    /// Reads (and clears) the device health block, one blocking copy: an index error names
+    /// the op that set it, a failed finiteness check the tensor (and layer) it checked.
+    /// Returns the block's words.
+    fn check_device_errors(&self) -> Result<[u64; HEALTH_WORDS]> {
+        let mut words = [0u64; HEALTH_WORDS];
+        self.read_device(self.errors.ptr(), &mut words)?;
+        let bits = words[0] as u32;
+        if bits != 0 {
+            self.memset_zero(self.errors.ptr(), 4)?;
+            let op = ERR_BITS.iter().find(|(bit, _)| bits & bit != 0).map_or("cuda", |(_, op)| op);
+            return Err(Error::invalid(
+                op,
+                "an index was out of range (found on the device; those entries were skipped and the outputs are incomplete)",
+            ));
         }
-        self.memset_zero(self.errors.ptr(), 4)?;
-        let op = ERR_BITS.iter().find(|(bit, _)| word[0] & bit != 0).map_or("cuda", |(_, op)| op);
-        Err(Error::invalid(
-            op,
-            "an index was out of range (found on the device; those entries were skipped and the outputs are incomplete)",
-        ))
+        if words[1] != 0 {
+            self.bind()?;
+            self.profiler.record(EventKind::Copy { dir: CopyDir::HostToDevice, bytes: 24, blocking: false });
+            Self::reset_health(&self.stream, &self.errors)?;
+            let name = self.check_name(words[1]);
+            return Err(Error::NonFinite { what: name, count: words[2] as usize, first_index: words[3] as usize });
+        }
+        Ok(words)
+    }
+
+    fn check_name(&self, id: u64) -> String {
+        let checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        checks.names.get(id as usize - 1).cloned().unwrap_or_else(|| format!("finiteness check {id}"))
+    }
+
+    /// The id of the deferred finiteness check named `what` (the layer of the current
+    /// `perf` scope in front, when there is one).
+    fn check_id(&self, what: &str) -> u64 {
+        let name = match crate::perf::current_tag().layer {
+            Some(l) => format!("layer {l}: {what}"),
+            None => what.to_string(),
+        };
+        self.checks.lock().unwrap_or_else(|p| p.into_inner()).id(&name)
     }
 }

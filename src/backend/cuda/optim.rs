@@ -1,21 +1,24 @@
 //! [`OptimOps`] for CUDA: the launchers of cuda/optim.cu (SparseAdam on COO entries and
-//! dense AdamW), each after the op's shared validator. The bias-corrected scalars come from
-//! [`AdamParams`] on the host, the same f64 arithmetic as the CPU's, rounded to f32.
+//! dense AdamW), each after the op's shared validator. The step and its bias-corrected
+//! scalars are computed on the device from the parameter's clock, with the same f64
+//! operations as the CPU's [`AdamParams`] (bit-identical), so the launch arguments never
+//! change between steps.
 
 use super::{kargs, kernel, require_f32, Cuda, CudaBuf};
 use crate::backend::ops::optim::*;
-use crate::backend::{AdamParams, AdamwScalars, Coo};
+use crate::backend::{AdamParams, Coo};
 use crate::error::Result;
 use crate::scalar::Real;
 
 kernel!(
     /// [len, param given, delta given]: per entry the COO entry read (12 bytes), both moments
-    /// read and written, the parameter read and written and the change written when given.
-    SPARSE_ADAM = "optim" / "sparse_adam_f32", Optimizer, |a| ((28 + 8 * a[1] + 4 * a[2]) * a[0], 12 * a[0])
+    /// read and written, the parameter read and written and the change written when given;
+    /// the clock read and advanced.
+    SPARSE_ADAM = "optim" / "sparse_adam_f32", Optimizer, |a| ((28 + 8 * a[1] + 4 * a[2]) * a[0] + 16, 12 * a[0])
 );
 kernel!(
-    /// [n]: parameter, both moments read and written, gradient read.
-    ADAMW = "optim" / "adamw_f32", Optimizer, |a| (28 * a[0], 14 * a[0])
+    /// [n]: parameter, both moments read and written, gradient read; the clock advanced.
+    ADAMW = "optim" / "adamw_f32", Optimizer, |a| (28 * a[0] + 16, 14 * a[0])
 );
 
 impl OptimOps for Cuda {
@@ -24,19 +27,17 @@ impl OptimOps for Cuda {
         coo: &Coo<Cuda, F>,
         exp_avg: &mut CudaBuf<F>,
         exp_avg_sq: &mut CudaBuf<F>,
-        step: u64,
+        clock: &mut CudaBuf<u64>,
         hp: &AdamParams,
         param: Option<&mut CudaBuf<F>>,
         delta: Option<&mut CudaBuf<F>>,
     ) -> Result<()> {
         const OP: &str = "sparse_adam";
         require_f32::<F>(OP)?;
-        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, step, hp, param.as_deref(), delta.as_deref())?;
+        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, param.as_deref(), delta.as_deref())?;
         let (rows, cols) = coo.shape;
-        if coo.len == 0 {
-            return Ok(());
-        }
-        let step_size = hp.step_size(step) as f32;
+        // Launched even for an empty list: the clock advances every step.
+        let (ck, lr) = (clock.ptr_mut(), hp.lr);
         let (rp, cp, vp, len, r, c) =
             (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64, rows as u64, cols as u64);
         let (m, v) = (exp_avg.ptr_mut(), exp_avg_sq.ptr_mut());
@@ -45,15 +46,16 @@ impl OptimOps for Cuda {
         let d = delta.map_or(0u64, |d| d.ptr_mut());
         let err = self.errors.ptr();
         // SAFETY: sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len,
-        // u64 n_rows, u64 n_cols, float* exp_avg, float* exp_avg_sq, float step_size, float beta1,
-        // float beta2, float eps, float* param, float* delta, u32* err): the COO holds len
-        // entries, the state (and param, or null) rows * cols, delta (or null) len; entries
-        // outside the matrix are skipped.
+        // u64 n_rows, u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
+        // float beta1, float beta2, float eps, float* param, float* delta, u64* health): the COO
+        // holds len entries, the state (and param, or null) rows * cols, delta (or null) len,
+        // the clock CLOCK_LEN words, `health` the health block; entries outside the matrix are
+        // skipped.
         unsafe {
             self.launch(
                 &SPARSE_ADAM,
                 self.grid_1d(coo.len, 16),
-                &mut kargs![rp, cp, vp, len, r, c, m, v, step_size, b1, b2, eps, p, d, err],
+                &mut kargs![rp, cp, vp, len, r, c, m, v, ck, lr, b1, b2, eps, p, d, err],
                 &[len, u64::from(p != 0), u64::from(d != 0)],
             )
         }
@@ -66,26 +68,24 @@ impl OptimOps for Cuda {
         exp_avg: &mut CudaBuf<F>,
         exp_avg_sq: &mut CudaBuf<F>,
         len: usize,
-        step: u64,
+        clock: &mut CudaBuf<u64>,
         hp: &AdamParams,
     ) -> Result<()> {
         const OP: &str = "adamw";
         require_f32::<F>(OP)?;
-        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, step, hp)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let AdamwScalars { step_size, bc2_sqrt, decay } = hp.adamw_scalars::<f32>(step);
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, clock, hp)?;
+        // Launched even for len = 0: the clock advances every step.
+        let (ck, lr, wd, health) = (clock.ptr_mut(), hp.lr, hp.weight_decay, self.errors.ptr());
         let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
         let (p, g, m, v, n) = (param.ptr_mut(), grad.ptr(), exp_avg.ptr_mut(), exp_avg_sq.ptr_mut(), len as u64);
         // SAFETY: adamw_f32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-        // u64 n, float step_size, float bc2_sqrt, float decay, float beta1, float beta2,
-        // float eps): all four buffers hold >= n elements.
+        // u64 n, u64* clock, float lr, float weight_decay, float beta1, float beta2, float eps,
+        // const u64* health): all four buffers hold >= n elements, the clock CLOCK_LEN words.
         unsafe {
             self.launch(
                 &ADAMW,
                 self.grid_1d(len, 16),
-                &mut kargs![p, g, m, v, n, step_size, bc2_sqrt, decay, b1, b2, eps],
+                &mut kargs![p, g, m, v, n, ck, lr, wd, b1, b2, eps, health],
                 &[n],
             )
         }

@@ -13,7 +13,7 @@ use super::{cuda_err, Cuda};
 use crate::error::{Error, Result};
 use crate::perf::{current_tag, Event, EventKind};
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What a measured window records besides the events themselves.
@@ -35,10 +35,13 @@ struct State {
     timed: Vec<(usize, usize)>,
 }
 
-/// Shared by a backend and its buffers (buffers record their own frees).
+/// Shared by a backend and its buffers (buffers record their own frees). Also counts the
+/// nodes of an open stream capture (whether or not a window is open).
 #[derive(Default)]
 pub(crate) struct Profiler {
     active: AtomicBool,
+    capturing: AtomicBool,
+    captured: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -51,17 +54,43 @@ impl Profiler {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Records `kind` with the current tags (nothing outside a window).
+    pub(crate) fn capturing(&self) -> bool {
+        self.capturing.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_capturing(&self, on: bool) {
+        if on {
+            self.captured.store(0, Ordering::Relaxed);
+        }
+        self.capturing.store(on, Ordering::Relaxed);
+    }
+
+    /// The nodes recorded since the capture began.
+    pub(crate) fn take_captured_count(&self) -> u64 {
+        self.captured.swap(0, Ordering::Relaxed)
+    }
+
+    fn event(&self, kind: EventKind) -> Event {
+        let captured = self.capturing();
+        if captured && is_node(&kind) {
+            self.captured.fetch_add(1, Ordering::Relaxed);
+        }
+        Event { kind, tag: current_tag(), gpu_ms: None, captured }
+    }
+
+    /// Records `kind` with the current tags (nothing outside a window, but a captured node
+    /// is counted either way).
     pub(crate) fn record(&self, kind: EventKind) {
+        let e = self.event(kind);
         if self.active() {
-            self.lock().events.push(Event { kind, tag: current_tag(), gpu_ms: None });
+            self.lock().events.push(e);
         }
     }
 
     /// Before a launch: records the start event of a timing pair when the window times
     /// launches; returns the pair's index for [`Profiler::record_launch`].
     pub(crate) fn start_timer(&self, ctx: &Arc<CudaContext>, stream: &Arc<CudaStream>) -> Result<Option<usize>> {
-        if !self.active() {
+        if !self.active() || self.capturing() {
             return Ok(None);
         }
         let mut s = self.lock();
@@ -81,18 +110,27 @@ impl Profiler {
 
     /// After a launch: records it, and the end event of its timing pair.
     pub(crate) fn record_launch(&self, kind: EventKind, timer: Option<usize>, stream: &Arc<CudaStream>) -> Result<()> {
+        let e = self.event(kind);
         if !self.active() {
             return Ok(());
         }
         let mut s = self.lock();
         let index = s.events.len();
-        s.events.push(Event { kind, tag: current_tag(), gpu_ms: None });
+        s.events.push(e);
         if let Some(i) = timer {
             s.pairs[i].1.record(stream).map_err(cuda_err("profile event"))?;
             s.timed.push((index, i));
         }
         Ok(())
     }
+}
+
+/// Whether an event is a node of a captured graph (work on the stream).
+fn is_node(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Launch { .. } | EventKind::Gemm { .. } | EventKind::Copy { .. } | EventKind::Memset { .. }
+    )
 }
 
 impl Cuda {

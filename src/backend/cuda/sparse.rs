@@ -33,6 +33,10 @@ kernel!(
     MAX_ABS = "sparse" / "max_abs_f32", TopkSparse, |a| (4 * a[0], a[0])
 );
 kernel!(
+    /// [n]: m read, the entries below the threshold written.
+    ZERO_BELOW = "sparse" / "zero_below_f32", TopkSparse, |a| (8 * a[0], a[0])
+);
+kernel!(
     /// [rows, cols]: m read, row and column flags written.
     NONZERO_FLAGS = "sparse" / "nonzero_flags_f32", TopkSparse, |a| (4 * a[0] * a[1] + 4 * (a[0] + a[1]), 2 * a[0] * a[1])
 );
@@ -263,6 +267,26 @@ impl SparseOps for Cuda {
                 &[len],
             )
         }
+    }
+
+    fn zero_below<F: Real>(&self, m: &mut CudaBuf<F>, len: usize, threshold_rel: F) -> Result<()> {
+        const OP: &str = "zero_below";
+        require_f32::<F>(OP)?;
+        check_zero_below(self, m, len, threshold_rel)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let scratch = self.lock_scratch();
+        let max_bits = scratch.status.ptr();
+        self.memset_zero(max_bits, 4)?;
+        let (mp, n, rel) = (m.ptr_mut(), len as u64, threshold_rel.to_f64() as f32);
+        let cfg = self.grid_1d(len, PER_SM);
+        // SAFETY: max_abs_f32(const float* m, u64 n, u32* max_bits): m holds n elements,
+        // max_bits one word of the status block.
+        unsafe { self.launch(&MAX_ABS, cfg, &mut kargs![mp, n, max_bits], &[n]) }?;
+        // SAFETY: zero_below_f32(float* m, u64 n, const u32* max_bits, float threshold_rel):
+        // m holds n elements; max_bits was written above (ordered on the one stream).
+        unsafe { self.launch(&ZERO_BELOW, cfg, &mut kargs![mp, n, max_bits, rel], &[n]) }
     }
 
     fn coo_compact_rows<F: Real>(

@@ -2,17 +2,17 @@
 //! CPU specification (src/backend/cpu/topk.rs; the algorithm is described at the top of
 //! cuda/topk.cu).
 //!
-//! One host round trip per call, after the first histogram pass: it brings back the
-//! non-finite count (an error must be returned before anything is written), the nonzero
-//! count (which picks the regular or the zero-fill path) and the map checks. The radix
-//! select itself runs on the device (`topk_select`), so the remaining passes and the
-//! compaction are queued without waiting.
+//! No host round trip: the launch sequence is the same every call (the zero-fill path is
+//! decided on the device), the output always holds exactly `k` entries, and non-finite
+//! entries or bad index maps are reported through the device health block at the next
+//! synchronisation (`Error::NonFinite` naming the matrix, or `Error::InvalidArgument` naming
+//! `topk_coo`), like every deferred CUDA error (see the module docs of `cuda`).
 
 use super::sparse::scan_tiles;
 use super::{kargs, kernel, require_f32, Cuda, CudaBuf, TILE};
 use crate::backend::ops::topk::*;
 use crate::backend::{Coo, IndexMaps};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
 
@@ -20,10 +20,7 @@ use cudarc::driver::LaunchConfig;
 const STATE_WORDS: usize = 16;
 /// Three passes of TOPK_BINS u32 bins, as u64 words.
 const HIST_WORDS: usize = 3 * super::consts::TOPK_BINS / 2;
-const S_NONFINITE: usize = 0;
-const S_FIRST: usize = 1;
-const S_NNZ: usize = 2;
-const S_MAP_ERR: usize = 6;
+/// State word of the scan total (see the table in cuda/topk.cu).
 const S_TOTAL: usize = 7;
 /// Blocks per multiprocessor of the histogram passes (each holds 2048 shared bins).
 const HIST_PER_SM: u32 = 4;
@@ -56,11 +53,11 @@ kernel!(
     |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64) + 12 * a[1], a[0])
 );
 kernel!(
-    /// [nnz]: a binary search over the kept entries (log2 reads).
+    /// [k]: with a fill, a binary search over at most k kept entries (log2 reads).
     TOPK_FILL_BOUND = "topk" / "topk_fill_bound", TopkSparse, |a| (8 * (64 - u64::from(a[0].leading_zeros()) + 1), 0)
 );
 kernel!(
-    /// [k]: up to k zero entries written.
+    /// [k]: up to k zero entries written (none without a fill: the cost is the bound).
     TOPK_FILL_RANGE = "topk" / "topk_fill_range", TopkSparse, |a| (12 * a[0], 0)
 );
 
@@ -126,40 +123,26 @@ impl TopkOps for Cuda {
         // SAFETY: topk_init(u64* state, u32* hist, u64 k): writes the 16 state words and the
         // 3 x 2048 bins that follow them in the workspace buffer.
         unsafe { self.launch(&TOPK_INIT, one_block(1024), &mut kargs![state, hist, k64], &[k64]) }?;
+        let err = self.errors.ptr();
         for (map, len, full, bit) in [(row_map, rows, full_rows, 1u64), (col_map, cols, full_cols, 2u64)] {
             if map != 0 && len > 0 {
                 let (l, f) = (len as u64, full as u64);
-                // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit):
-                // the map holds `len` entries (checked by check_topk_coo).
+                // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit,
+                // u32* err): the map holds `len` entries (checked by check_topk_coo), `err` is
+                // word 0 of the health block.
                 unsafe {
-                    self.launch(&TOPK_CHECK_MAP, self.grid_1d(len, 16), &mut kargs![map, l, f, state, bit], &[l])
+                    self.launch(&TOPK_CHECK_MAP, self.grid_1d(len, 16), &mut kargs![map, l, f, state, bit, err], &[l])
                 }?;
             }
-        }
-        if n > 0 {
-            hist_pass(self, mp, n, 0, state, hist)?;
-        }
-        let mut head = [0u64; STATE_WORDS];
-        self.read_device(state, &mut head)?;
-        if head[S_MAP_ERR] & 1 != 0 {
-            return Err(Error::invalid(OP, format!("row_map must be strictly increasing and below {full_rows}")));
-        }
-        if head[S_MAP_ERR] & 2 != 0 {
-            return Err(Error::invalid(OP, format!("col_map must be strictly increasing and below {full_cols}")));
-        }
-        if head[S_NONFINITE] > 0 {
-            return Err(Error::NonFinite {
-                what: "matrix passed to top-k selection".into(),
-                count: head[S_NONFINITE] as usize,
-                first_index: head[S_FIRST] as usize,
-            });
         }
         out.shape = maps.full_shape;
         out.len = 0;
         if k == 0 {
             return Ok(());
         }
-        let nnz = head[S_NNZ] as usize;
+        // From here on the sequence of launches is fixed: nothing is read back (see
+        // cuda/topk.cu), so the call can be captured in a CUDA graph.
+        let check = self.check_id("matrix passed to top-k selection");
         let (o_rows, o_cols, o_vals) = (out.rows.ptr_mut(), out.cols.ptr_mut(), out.values.ptr_mut());
         let compaction = Compaction {
             cuda: self,
@@ -172,63 +155,51 @@ impl TopkOps for Cuda {
             col_map,
             full_cols,
             out: (o_rows, o_cols, o_vals),
-            written: k.min(nnz) as u64,
+            written: k as u64,
         };
-        if k <= nnz {
-            for pass in 0..3u32 {
-                if pass > 0 {
-                    hist_pass(self, mp, n, pass, state, hist)?;
-                }
-                // SAFETY: topk_select(const u32* hist_all, u32 pass, u64* state): one block of
-                // 1024 threads reads the pass's 2048 bins and updates state[3..6].
-                unsafe { self.launch(&TOPK_SELECT, one_block(1024), &mut kargs![hist, pass, state], &[]) }?;
-            }
-            compaction.count_and_scan()?;
-            compaction.scatter(0)?;
-        } else {
-            // Zero fill: every nonzero is kept (thr stays 0), completed by the lowest missing
-            // full linear indices (see self/topk.cu).
-            let need = (k - nnz) as u64;
-            if nnz > 0 {
-                compaction.count_and_scan()?;
-                compaction.scatter(0)?;
-            }
-            let (nnz64, fc) = (nnz as u64, full_cols as u64);
-            // SAFETY: topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 nnz,
-            // u64 full_cols, u64 need, u64* state): binary search over out[..nnz], written above.
-            unsafe {
-                self.launch(
-                    &TOPK_FILL_BOUND,
-                    one_block(32),
-                    &mut kargs![o_rows, o_cols, nnz64, fc, need, state],
-                    &[nnz64],
-                )
-            }?;
-            // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
-            // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
-            // inside the capacity checked above.
-            unsafe {
-                self.launch(
-                    &TOPK_FILL_RANGE,
-                    self.grid_1d(k, 16),
-                    &mut kargs![state, fc, o_rows, o_cols, o_vals],
-                    &[k as u64],
-                )
-            }?;
-            if nnz > 0 {
-                compaction.scatter(need)?;
-            }
+        for pass in 0..3u32 {
+            hist_pass(self, mp, n, pass, state, hist, check)?;
+            // SAFETY: topk_select(const u32* hist_all, u32 pass, u64* state): one block of
+            // 1024 threads reads the pass's 2048 bins and updates state[3..6].
+            unsafe { self.launch(&TOPK_SELECT, one_block(1024), &mut kargs![hist, pass, state], &[]) }?;
         }
+        compaction.count_and_scan()?;
+        compaction.scatter(0)?;
+        // The zero fill when k exceeds the nonzeros (the kernels return at once otherwise).
+        let fc = full_cols as u64;
+        // SAFETY: topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 full_cols,
+        // u64* state): with a fill, a binary search over out[..nonzeros], written above.
+        unsafe { self.launch(&TOPK_FILL_BOUND, one_block(32), &mut kargs![o_rows, o_cols, fc, state], &[k as u64]) }?;
+        // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
+        // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
+        // inside the capacity checked above (nothing without a fill).
+        unsafe {
+            self.launch(
+                &TOPK_FILL_RANGE,
+                self.grid_1d(k, 16),
+                &mut kargs![state, fc, o_rows, o_cols, o_vals],
+                &[k as u64],
+            )
+        }?;
+        compaction.scatter(1)?;
         out.len = k;
         Ok(())
     }
 }
 
-fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64) -> Result<()> {
-    let n64 = n as u64;
-    // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all):
-    // reads m[..n], adds into the pass's 2048 bins, pass 0 also into state[0..3].
-    unsafe { cuda.launch(&TOPK_HIST, cuda.grid_1d(n, HIST_PER_SM), &mut kargs![m, n64, pass, state, hist], &[n64]) }
+fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64, check: u64) -> Result<()> {
+    let (n64, health) = (n as u64, cuda.errors.ptr());
+    // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all,
+    // u64 check_id, u64* health): reads m[..n], adds into the pass's 2048 bins, pass 0 also
+    // into state[0..3] and, for non-finite entries, the health block.
+    unsafe {
+        cuda.launch(
+            &TOPK_HIST,
+            cuda.grid_1d(n, HIST_PER_SM),
+            &mut kargs![m, n64, pass, state, hist, check, health],
+            &[n64],
+        )
+    }
 }
 
 /// The stable compaction of one call (addresses already checked).
@@ -259,19 +230,21 @@ impl Compaction<'_> {
         scan_tiles(self.cuda, tiles, self.n.div_ceil(TILE), state + 8 * S_TOTAL as u64)
     }
 
-    fn scatter(&self, need: u64) -> Result<()> {
+    /// `fill_pass` 0: the regular compaction; 1: the fill path's placement (a no-op on the
+    /// device without a fill).
+    fn scatter(&self, fill_pass: u32) -> Result<()> {
         let (m, n64, c, state, tiles) = (self.m, self.n as u64, self.cols as u64, self.state, self.tiles);
         let (rm, cm, fc) = (self.row_map, self.col_map, self.full_cols as u64);
         let (o_rows, o_cols, o_vals) = self.out;
         // SAFETY: topk_scatter_f32(const float* m, u64 n, u64 cols, const u64* state,
-        // const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols, u64 need,
-        // u32* out_rows, u32* out_cols, float* out_values): writes exactly k distinct
+        // const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
+        // u32* out_rows, u32* out_cols, float* out_values): writes at most k distinct
         // positions below k (capacity checked); the maps (or null) hold rows / cols entries.
         unsafe {
             self.cuda.launch(
                 &TOPK_SCATTER,
                 Cuda::grid_tiles(self.n),
-                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, need, o_rows, o_cols, o_vals],
+                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, fill_pass, o_rows, o_cols, o_vals],
                 &[n64, self.written],
             )
         }

@@ -45,6 +45,10 @@ kernel!(
     |a| (12 * a[0] * a[1], 4 * a[0] * a[1])
 );
 kernel!(
+    /// [rows]: the mask read by one block, one float written.
+    LOSS_SCALE = "transformer" / "loss_scale_f32", Elementwise, |a| (4 * a[0] + 4, a[0])
+);
+kernel!(
     /// [rows, vocab]: logits read and overwritten by their gradient; targets, mask read and
     /// losses written per row.
     CROSS_ENTROPY = "transformer" / ["cross_entropy_g32_f32", "cross_entropy_g256_f32", "cross_entropy_g1024_f32"],
@@ -256,7 +260,7 @@ impl TransformerOps for Cuda {
         mask: &CudaBuf<F>,
         rows: usize,
         vocab: usize,
-        grad_scale: F,
+        grad_scale: impl Into<LossScale<F>>,
         losses: &mut CudaBuf<F>,
     ) -> Result<()> {
         const OP: &str = "cross_entropy";
@@ -268,13 +272,30 @@ impl TransformerOps for Cuda {
         let g = Group::for_width(vocab);
         let kernel = g.kernel(&CROSS_ENTROPY);
         let (lp, tp, mp, op, err) = (logits.ptr_mut(), targets.ptr(), mask.ptr(), losses.ptr_mut(), self.errors.ptr());
-        let (r, v, gs) = (rows as u64, vocab as u64, grad_scale.to_f64() as f32);
+        let (r, v) = (rows as u64, vocab as u64);
+        let scratch = self.lock_scratch();
+        let (gs, scale_ptr) = match grad_scale.into() {
+            LossScale::Fixed(s) => (s.to_f64() as f32, 0u64),
+            LossScale::MeanOverMask => {
+                // Status word 15 holds the scale until the kernel below has read it (the one
+                // stream orders them); nothing else uses that word.
+                let at = scratch.status.ptr() + 15 * 8;
+                let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: loss_scale_f32(const float* mask, u64 rows, float* out): mask holds
+                // rows elements (checked above), `out` one float of the status block.
+                unsafe { self.launch(&LOSS_SCALE, cfg, &mut kargs![mp, r, at], &[r]) }?;
+                (0.0, at)
+            }
+        };
         // SAFETY: cross_entropy_gG_f32(float* logits, const u32* targets, const float* mask,
-        // u64 rows, u64 vocab, float grad_scale, float* losses, u32* err): logits holds
-        // rows * vocab, targets, mask and losses rows elements (checked above); targets >= vocab
-        // are never dereferenced (the row is skipped and sets a bit of the one-word error
-        // buffer); block and group sizes from `g`.
-        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![lp, tp, mp, r, v, gs, op, err], &[r, v]) }
+        // u64 rows, u64 vocab, float grad_scale, const float* scale_ptr, float* losses, u32* err):
+        // logits holds rows * vocab, targets, mask and losses rows elements (checked above);
+        // `scale_ptr` is null or the float written above; targets >= vocab are never
+        // dereferenced (the row is skipped and sets a bit of the health block's error word);
+        // block and group sizes from `g`.
+        unsafe {
+            self.launch(kernel, g.config(self, rows), &mut kargs![lp, tp, mp, r, v, gs, scale_ptr, op, err], &[r, v])
+        }
     }
 }
 

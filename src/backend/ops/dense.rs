@@ -50,6 +50,17 @@ pub trait DenseOps: Buffers {
     ) -> Result<()>;
     /// Number of NaN/inf entries in `x[..len]` and the index of the first one.
     fn count_nonfinite<F: Real>(&self, x: &Self::Buf<F>, len: usize) -> Result<(usize, usize)>;
+    /// Fails with [`crate::Error::NonFinite`] naming `what` if `x[..len]` holds NaN or
+    /// infinity. The CPU checks at once. CUDA checks on the device without waiting for it:
+    /// the first check of a run of queued work that fails keeps its name, count and first
+    /// index in the device's health block, and the error is returned by the next
+    /// `synchronize`, `download` or [`DenseOps::sum_to_host`] (so a training step reads it
+    /// with its loss, in its one synchronisation).
+    fn assert_finite<F: Real>(&self, x: &Self::Buf<F>, len: usize, what: &str) -> Result<()>;
+    /// `x[0] + x[1] + ... + x[len - 1]` in f64, summed in order (as `iter().sum()` on the
+    /// host), brought to the host; on CUDA one blocking read that also reports any deferred
+    /// device error (see [`DenseOps::assert_finite`]).
+    fn sum_to_host<F: Real>(&self, x: &Self::Buf<F>, len: usize) -> Result<f64>;
     /// `y[..len] += alpha * x[..len]`.
     fn axpy<F: Real>(&self, alpha: F, x: &Self::Buf<F>, y: &mut Self::Buf<F>, len: usize) -> Result<()>;
     /// `y = gelu(x)` in the erf form (BERT) or the tanh approximation.
@@ -147,6 +158,11 @@ pub(crate) fn check_bias_grad<B: Backend, F: Elem>(
 /// [`DenseOps::count_nonfinite`].
 pub(crate) fn check_count_nonfinite<B: Backend, F: Elem>(be: &B, x: &B::Buf<F>, len: usize) -> Result<()> {
     check_lens("count_nonfinite", &[("x", be.len(x), len)])
+}
+
+/// [`DenseOps::assert_finite`] and [`DenseOps::sum_to_host`]: `x` holds `len` entries.
+pub(crate) fn check_reduce<B: Backend, F: Elem>(be: &B, op: &'static str, x: &B::Buf<F>, len: usize) -> Result<()> {
+    check_bufs(be, op, ["x"], [x], [len])
 }
 
 /// [`DenseOps::axpy`] (`[x, y]`).

@@ -1,30 +1,34 @@
 //! Optimizer ops: PyTorch's SparseAdam on the entries of a COO list and dense AdamW, and
-//! their validators. The bias-corrected scalars both backends use come from
-//! [`AdamParams::step_size`] and [`AdamParams::adamw_scalars`].
+//! their validators. The step `t` comes from the parameter's clock, a two-entry device
+//! buffer (`[steps taken, scratch]`, zeroed for a fresh parameter) that the op advances:
+//! nothing that changes between steps is passed from the host, so a captured CUDA graph
+//! replays the step. The bias-corrected scalars are [`AdamParams::step_size`] and
+//! [`AdamParams::adamw_scalars`] at that `t`, bit-identical on both backends.
 
 use super::{check_bufs, check_coo, check_lens};
 use crate::backend::{AdamParams, Backend, Buffers, Coo};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::scalar::{Elem, Real};
 
 /// Adam-family optimizer steps (PyTorch semantics and order of operations).
 pub trait OptimOps: Buffers {
     /// PyTorch SparseAdam on the listed entries of a `coo.shape` parameter at step
-    /// `step` (1-based): updates `exp_avg`, `exp_avg_sq` and, if given, `param`; if
-    /// `delta` is given, writes each entry's change of the parameter into it (length
-    /// `coo.len`). Entries not listed are untouched.
+    /// `t = clock[0] + 1`, then `clock[0] = t`: updates `exp_avg`, `exp_avg_sq` and, if
+    /// given, `param`; if `delta` is given, writes each entry's change of the parameter into
+    /// it (length `coo.len`). Entries not listed are untouched.
     #[allow(clippy::too_many_arguments)]
     fn sparse_adam<F: Real>(
         &self,
         coo: &Coo<Self, F>,
         exp_avg: &mut Self::Buf<F>,
         exp_avg_sq: &mut Self::Buf<F>,
-        step: u64,
+        clock: &mut Self::Buf<u64>,
         hp: &AdamParams,
         param: Option<&mut Self::Buf<F>>,
         delta: Option<&mut Self::Buf<F>>,
     ) -> Result<()>;
-    /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries.
+    /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries at step
+    /// `t = clock[0] + 1`, then `clock[0] = t`.
     #[allow(clippy::too_many_arguments)]
     fn adamw<F: Real>(
         &self,
@@ -33,18 +37,18 @@ pub trait OptimOps: Buffers {
         exp_avg: &mut Self::Buf<F>,
         exp_avg_sq: &mut Self::Buf<F>,
         len: usize,
-        step: u64,
+        clock: &mut Self::Buf<u64>,
         hp: &AdamParams,
     ) -> Result<()>;
 }
 
-/// Hyperparameters in range and a step counted from 1.
-fn check_step(op: &'static str, step: u64, hp: &AdamParams) -> Result<()> {
+/// Entries of an optimizer clock (see the module docs).
+pub const CLOCK_LEN: usize = 2;
+
+/// Hyperparameters in range and a clock of [`CLOCK_LEN`] entries.
+fn check_step<B: Backend>(be: &B, op: &'static str, clock: &B::Buf<u64>, hp: &AdamParams) -> Result<()> {
     hp.validate()?;
-    if step == 0 {
-        return Err(Error::invalid(op, "step counts from 1"));
-    }
-    Ok(())
+    check_lens(op, &[("clock", be.len(clock), CLOCK_LEN)])
 }
 
 /// [`OptimOps::sparse_adam`] (entry bounds are data, checked by the backend).
@@ -54,13 +58,13 @@ pub(crate) fn check_sparse_adam<B: Backend, F: Elem>(
     coo: &Coo<B, F>,
     exp_avg: &B::Buf<F>,
     exp_avg_sq: &B::Buf<F>,
-    step: u64,
+    clock: &B::Buf<u64>,
     hp: &AdamParams,
     param: Option<&B::Buf<F>>,
     delta: Option<&B::Buf<F>>,
 ) -> Result<()> {
     const OP: &str = "sparse_adam";
-    check_step(OP, step, hp)?;
+    check_step(be, OP, clock, hp)?;
     let n = check_coo(be, OP, coo)?;
     check_lens(OP, &[("exp_avg", be.len(exp_avg), n), ("exp_avg_sq", be.len(exp_avg_sq), n)])?;
     if let Some(p) = param {
@@ -77,10 +81,10 @@ pub(crate) fn check_adamw<B: Backend, F: Elem>(
     be: &B,
     bufs: [&B::Buf<F>; 4],
     len: usize,
-    step: u64,
+    clock: &B::Buf<u64>,
     hp: &AdamParams,
 ) -> Result<()> {
     const OP: &str = "adamw";
-    check_step(OP, step, hp)?;
+    check_step(be, OP, clock, hp)?;
     check_bufs(be, OP, ["param", "grad", "exp_avg", "exp_avg_sq"], bufs, [len; 4])
 }

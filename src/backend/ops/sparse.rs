@@ -51,6 +51,11 @@ pub trait SparseOps: Buffers {
     ) -> Result<()>;
     /// `dense[r, c] += alpha * v` for every entry; `dense` has `coo.shape`.
     fn coo_scatter_add<F: Real>(&self, coo: &Coo<Self, F>, alpha: F, dense: &mut Self::Buf<F>) -> Result<()>;
+    /// In place, `m[i] = 0` where `|m[i]| < t`, `t = threshold_rel * max|m[..len]|`: the
+    /// entries [`SparseOps::nonzero_rows_cols`] and [`SparseOps::gather_block`] leave out,
+    /// zeroed instead of compacted away, so the shapes after it do not depend on the data
+    /// (the sparse-by-dense product of a captured CUDA step).
+    fn zero_below<F: Real>(&self, m: &mut Self::Buf<F>, len: usize, threshold_rel: F) -> Result<()>;
     /// Distinct rows of a sorted COO list into `unique_rows` (ascending) and, per entry,
     /// the position of its row in that list into `slot`. Returns the number of rows.
     fn coo_compact_rows<F: Real>(
@@ -120,6 +125,16 @@ pub(crate) fn check_nonzero_rows_cols<B: Backend, F: Real>(
     check_u32_dim(OP, "rows", rows)?;
     check_u32_dim(OP, "cols", cols)?;
     Ok(n)
+}
+
+/// [`SparseOps::zero_below`].
+pub(crate) fn check_zero_below<B: Backend, F: Real>(be: &B, m: &B::Buf<F>, len: usize, threshold_rel: F) -> Result<()> {
+    const OP: &str = "zero_below";
+    check_lens(OP, &[("m", be.len(m), len)])?;
+    if !(threshold_rel >= F::ZERO && threshold_rel <= F::ONE) {
+        return Err(Error::invalid(OP, format!("threshold {threshold_rel:?} outside [0, 1]")));
+    }
+    Ok(())
 }
 
 /// [`SparseOps::gather_rows`] (the indices are data, checked by the backend).

@@ -79,9 +79,36 @@ pub trait TransformerOps: Buffers {
         mask: &Self::Buf<F>,
         rows: usize,
         vocab: usize,
-        grad_scale: F,
+        grad_scale: impl Into<LossScale<F>>,
         losses: &mut Self::Buf<F>,
     ) -> Result<()>;
+}
+
+/// The `grad_scale` of [`TransformerOps::cross_entropy`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LossScale<F> {
+    /// This value.
+    Fixed(F),
+    /// `1 / max(1, #{r : mask[r] != 0})` (rounded from f64): the mean over the rows that
+    /// count. The backend counts them itself (on the device on CUDA), so a captured step
+    /// replays the right scale whatever the next batch's mask.
+    MeanOverMask,
+}
+
+impl<F> From<F> for LossScale<F> {
+    fn from(v: F) -> Self {
+        LossScale::Fixed(v)
+    }
+}
+
+impl<F: Real> LossScale<F> {
+    /// The scale of a batch whose mask has `counted` rows that count.
+    pub(crate) fn resolve(self, counted: usize) -> F {
+        match self {
+            LossScale::Fixed(v) => v,
+            LossScale::MeanOverMask => F::from_f64(1.0 / counted.max(1) as f64),
+        }
+    }
 }
 
 /// [`TransformerOps::rmsnorm`] (`[x, w, y, inv_rms]`). Returns `rows * cols`.

@@ -190,6 +190,7 @@ fn kernel(model: &DeviceModel, (bytes, flops): (u64, u64)) -> f64 {
 /// An `(m, n)` product over `k` in `mode` with an f32 output, priced as the ledger's event.
 fn gemm(model: &DeviceModel, m: u64, n: u64, k: u64, mode: GemmMode, accumulate: bool) -> f64 {
     let kind = EventKind::Gemm {
+        routine: crate::perf::BlasRoutine::Gemm,
         m,
         n,
         k,
@@ -199,7 +200,7 @@ fn gemm(model: &DeviceModel, m: u64, n: u64, k: u64, mode: GemmMode, accumulate:
         compute: mode.compute,
         accumulate,
     };
-    model.device_seconds(&Event { kind, tag: Tag::default(), gpu_ms: None })
+    model.device_seconds(&Event { kind, tag: Tag::default(), gpu_ms: None, captured: false })
 }
 
 /// Predicted seconds of each formulation's extra work per step on a GPU, `(transformed,

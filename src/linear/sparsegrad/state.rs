@@ -107,6 +107,9 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if let (Some(b), Some(dst)) = (bias, self.bias.as_mut()) {
             b.upload(&be, dst, self.bias_moments.as_mut())?;
         }
+        for m in [self.moments.as_mut(), self.bias_moments.as_mut()].into_iter().flatten() {
+            m.set_steps(&be, *step)?;
+        }
         self.step = *step;
         self.grad_ready = false;
         self.refresh_half_weight()

@@ -25,15 +25,36 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         };
         let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
         mm(be, &Gemm::nn(tokens, out, out), g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
-        // From here `tmp_out` holds gt in `F`; `gt_op` is it as a GEMM operand.
-        let gt_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
-        if let Some(dx) = dx {
-            mm(be, &Gemm::nn(tokens, inp, out), gt_op, weight_ref(wt, half), &mut ws.tmp_in)?;
-            let dxt_op = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
-            mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.basis_dev.q.as_ref(), dx)?;
+        // From here `tmp_out` holds gt in `F` (and `out_half` its bf16 copy in bf16 mode).
+        {
+            let gt_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
+            if let Some(dx) = dx {
+                mm(be, &Gemm::nn(tokens, inp, out), gt_op, weight_ref(wt, half), &mut ws.tmp_in)?;
+                let dxt_op = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
+                mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.basis_dev.q.as_ref(), dx)?;
+            }
         }
         let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
-        match self.cfg.selection {
+        // A backend that captures its steps as graphs needs shapes that do not depend on the
+        // data: there the entries below the threshold are zeroed instead of compacted away
+        // (the same product and selection, at full size), and gt staged again.
+        let selection = match self.cfg.selection {
+            Selection::SparseByDense { threshold } if be.supports_capture() => {
+                if threshold > 0.0 {
+                    be.zero_below(&mut ws.tmp_out, tokens * out, F::from_f64(threshold as f64))?;
+                    if let Some(h) = ws.out_half.as_mut() {
+                        be.cast_to_bf16(&ws.tmp_out, h, tokens * out)?;
+                    }
+                }
+                Selection::Exact
+            }
+            s => s,
+        };
+        let gt_op = match ws.out_half.as_ref() {
+            Some(h) => OperandRef::Half(h),
+            None => OperandRef::Full(&ws.tmp_out),
+        };
+        match selection {
             Selection::Exact => {
                 mm(be, &Gemm::tn(out, inp, tokens), gt_op, ws.saved.as_ref(), &mut ws.big_a)?;
                 be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
@@ -111,7 +132,10 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         }
         let big_b = ws.big_b.as_mut().ok_or_else(|| Error::invalid("backward", "merged workspace missing"))?;
         // dW = g^T x, over the token rows of g that hold a nonzero when SparseByDense.
-        let rows = match self.cfg.selection {
+        // Under a captured step (fixed shapes) every row enters the product: with threshold
+        // 0 the rows left out are all-zero anyway, so the result is the same.
+        let selection = if be.supports_capture() { Selection::Exact } else { self.cfg.selection };
+        let rows = match selection {
             Selection::Exact => {
                 mm(be, &Gemm::tn(out, inp, tokens), g_op, ws.saved.as_ref(), &mut ws.big_a)?;
                 tokens
@@ -136,6 +160,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         Ok(())
     }
 
+    /// See [`crate::Linear::count_replayed_step`].
+    pub(crate) fn count_replayed_step(&mut self) {
+        self.step += 1;
+    }
+
     /// One optimizer step on the gradient of the last backward: SparseAdam on `Wt` (in the
     /// merged form, its change `D` applied to `W` as `W += P D Q^T` by the layer's
     /// [`MergedUpdate`]), AdamW on the bias.
@@ -149,7 +178,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let be = &self.backend;
         match &mut self.weight {
             Weight::Transformed { wt, .. } => {
-                sparse_step(be, &opt, &self.grad, Some(wt), None, self.moments.as_mut(), step)?;
+                sparse_step(be, &opt, &self.grad, Some(wt), None, self.moments.as_mut())?;
             }
             Weight::Merged { w, .. } => {
                 let ws = &mut self.ws;
@@ -162,15 +191,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                         let change_t = ws.change_t.as_mut().ok_or_else(missing)?;
                         // W += (P D) Q^T: D^T as COO (rows = columns of D), so `coo_dense_t`
                         // against P gives (P D)[:, c] in column c of `pd` for every c.
-                        sparse_step(
-                            be,
-                            &opt,
-                            &self.grad,
-                            None,
-                            Some(&mut change_t.values),
-                            self.moments.as_mut(),
-                            step,
-                        )?;
+                        sparse_step(be, &opt, &self.grad, None, Some(&mut change_t.values), self.moments.as_mut())?;
                         be.copy(&self.grad.cols, &mut change_t.rows, n)?;
                         be.copy(&self.grad.rows, &mut change_t.cols, n)?;
                         change_t.len = n;
@@ -182,7 +203,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                     MergedUpdate::SparseRows => {
                         let (p, q) = (full(p)?, full(q)?);
                         let change = ws.change.as_mut().ok_or_else(missing)?;
-                        sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut(), step)?;
+                        sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut())?;
                         let (unique_rows, slot) =
                             (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
                         let (et, pt_rows) =
@@ -202,7 +223,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                     }
                     update @ (MergedUpdate::Dense | MergedUpdate::Runs) => {
                         let delta = ws.delta.as_mut().ok_or_else(missing)?;
-                        sparse_step(be, &opt, &self.grad, None, Some(delta), self.moments.as_mut(), step)?;
+                        sparse_step(be, &opt, &self.grad, None, Some(delta), self.moments.as_mut())?;
                         // D is the kept entries with their changes: the gradient's values are
                         // spent, so its COO lends its indices (no copies); swapped back below
                         // so every step uses the same buffers (a captured step replays them).
@@ -217,7 +238,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             }
         }
         if let (Some(b), Some(db)) = (&mut self.bias, &self.bias_grad) {
-            dense_step(be, &opt, b, db, self.bias_moments.as_mut(), out, step)?;
+            dense_step(be, &opt, b, db, self.bias_moments.as_mut(), out)?;
         }
         if let Some((mask, ones)) = self.sgd_mask.as_mut() {
             be.copy(&self.grad.rows, &mut ones.rows, self.grad.len)?;
