@@ -70,6 +70,16 @@ pub enum Error {
     #[error("out of memory: cannot allocate {} for {what}", human_bytes(*bytes))]
     OutOfMemory { what: String, bytes: u128 },
 
+    /// A run whose memory plan ([`crate::plan::MemoryPlan`]) exceeds the device's free
+    /// memory, refused before anything is loaded.
+    #[error(
+        "the run needs {} of device memory but {} is free; largest items: {}",
+        human_bytes(*total_bytes),
+        human_bytes(*free_bytes),
+        largest.join(", ")
+    )]
+    WouldNotFit { total_bytes: u128, free_bytes: u128, largest: Vec<String> },
+
     /// Training produced NaN or infinity.
     #[error("training diverged at step {step}: {detail}")]
     Diverged { step: usize, detail: String },

@@ -63,6 +63,8 @@ pub mod mlp;
 pub mod model;
 pub mod optim;
 pub mod perf;
+#[cfg(feature = "cuda")]
+pub mod plan;
 #[cfg(feature = "recipes")]
 pub mod recipes;
 pub mod scalar;

@@ -201,6 +201,49 @@ impl<B: Backend + Clone, F: Real> BertMlp<B, F> {
     }
 }
 
+/// The buffers a [`LlamaMlp`] needs only while it runs: `h = silu(a) * b` (the `down`
+/// projection saves its own input when it trains) and the backward's `dh`, `da`, `db` and
+/// `dx_up`; and `a`, `b` of blocks that save nothing (below the lowest trained block). A
+/// model shares one set among all its layers, sized for the largest (see
+/// [`LlamaMlp::forward_shared`]); a block used alone keeps its own.
+pub(crate) struct LlamaMlpScratch<B: Backend, F: Real> {
+    a: B::Buf<F>,
+    b: B::Buf<F>,
+    h: B::Buf<F>,
+    dh: B::Buf<F>,
+    da: B::Buf<F>,
+    db: B::Buf<F>,
+    dx_up: B::Buf<F>,
+}
+
+impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
+    pub(crate) fn new(backend: &B) -> Result<Self> {
+        Ok(LlamaMlpScratch {
+            a: backend.alloc(0)?,
+            b: backend.alloc(0)?,
+            h: backend.alloc(0)?,
+            dh: backend.alloc(0)?,
+            da: backend.alloc(0)?,
+            db: backend.alloc(0)?,
+            dx_up: backend.alloc(0)?,
+        })
+    }
+
+    /// Grows the buffers for `tokens` rows of an `(hidden, ffn)` block; `a` and `b` only
+    /// when `pre_activations` (some block that saves nothing uses them).
+    pub(crate) fn ensure(&mut self, be: &B, tokens: usize, shape: MlpShape, pre_activations: bool) -> Result<()> {
+        let n = tokens * shape.ffn;
+        for buf in [&mut self.h, &mut self.dh, &mut self.da, &mut self.db] {
+            grow(be, buf, n)?;
+        }
+        if pre_activations {
+            grow(be, &mut self.a, n)?;
+            grow(be, &mut self.b, n)?;
+        }
+        grow(be, &mut self.dx_up, tokens * shape.hidden)
+    }
+}
+
 /// LLaMA MLP: `down(silu(gate(x)) * up(x))`, no biases.
 pub struct LlamaMlp<B: Backend, F: Real = f32> {
     backend: B,
@@ -209,14 +252,11 @@ pub struct LlamaMlp<B: Backend, F: Real = f32> {
     pub gate: Projection<B, F>,
     pub up: Projection<B, F>,
     pub down: Projection<B, F>,
-    /// `a = gate(x)`, `b = up(x)` (both saved), `h = silu(a) * b`; backward scratch.
+    /// `a = gate(x)`, `b = up(x)`, saved for the backward.
     a: B::Buf<F>,
     b: B::Buf<F>,
-    h: B::Buf<F>,
-    dh: B::Buf<F>,
-    da: B::Buf<F>,
-    db: B::Buf<F>,
-    dx_up: B::Buf<F>,
+    /// The scratch of a block used alone (a model passes its shared one instead).
+    own: Option<LlamaMlpScratch<B, F>>,
     saved_tokens: Option<usize>,
 }
 
@@ -241,11 +281,7 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
             down: Projection::new(backend, "down", &down, hidden, ffn, opts)?,
             a: backend.alloc(0)?,
             b: backend.alloc(0)?,
-            h: backend.alloc(0)?,
-            dh: backend.alloc(0)?,
-            da: backend.alloc(0)?,
-            db: backend.alloc(0)?,
-            dx_up: backend.alloc(0)?,
+            own: None,
             saved_tokens: None,
         })
     }
@@ -257,22 +293,65 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         [&mut self.gate, &mut self.up, &mut self.down]
     }
 
+    /// The block's own scratch, made on first use.
+    fn take_own(&mut self) -> Result<LlamaMlpScratch<B, F>> {
+        match self.own.take() {
+            Some(s) => Ok(s),
+            None => LlamaMlpScratch::new(&self.backend),
+        }
+    }
+
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+        let mut own = self.take_own()?;
+        let shape = MlpShape { hidden: self.hidden, ffn: self.ffn };
+        let r = own.ensure(&self.backend, tokens, shape, false).and_then(|_| self.forward_shared(x, tokens, y, &mut own, true));
+        self.own = Some(own);
+        r
+    }
+
+    /// [`Self::forward`] with a model's shared `scratch` (grown by the caller for `tokens`
+    /// rows). `save`: keep `a` and `b` for a backward; else they go to the scratch too and
+    /// [`Self::backward`] of this forward fails.
+    pub(crate) fn forward_shared(
+        &mut self,
+        x: &B::Buf<F>,
+        tokens: usize,
+        y: &mut B::Buf<F>,
+        scratch: &mut LlamaMlpScratch<B, F>,
+        save: bool,
+    ) -> Result<()> {
         let (be, n) = (&self.backend, tokens * self.ffn);
         self.saved_tokens = None;
-        for buf in [&mut self.a, &mut self.b, &mut self.h, &mut self.dh, &mut self.da, &mut self.db] {
-            grow(be, buf, n)?;
+        if save {
+            grow(be, &mut self.a, n)?;
+            grow(be, &mut self.b, n)?;
         }
-        grow(be, &mut self.dx_up, tokens * self.hidden)?;
-        self.gate.linear.forward(x, tokens, &mut self.a)?;
-        self.up.linear.forward(x, tokens, &mut self.b)?;
-        be.swiglu(&self.a, &self.b, &mut self.h, n)?;
-        self.down.linear.forward(&self.h, tokens, y)?;
-        self.saved_tokens = Some(tokens);
+        let (a, b) = if save { (&mut self.a, &mut self.b) } else { (&mut scratch.a, &mut scratch.b) };
+        self.gate.linear.forward(x, tokens, a)?;
+        self.up.linear.forward(x, tokens, b)?;
+        be.swiglu(a, b, &mut scratch.h, n)?;
+        self.down.linear.forward(&scratch.h, tokens, y)?;
+        if save {
+            self.saved_tokens = Some(tokens);
+        }
         Ok(())
     }
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        let mut own = self.take_own()?;
+        let r = self.backward_shared(g, tokens, dx, &mut own);
+        self.own = Some(own);
+        r
+    }
+
+    /// [`Self::backward`] with a model's shared `scratch` (as grown for the forward).
+    pub(crate) fn backward_shared(
+        &mut self,
+        g: &B::Buf<F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+        s: &mut LlamaMlpScratch<B, F>,
+    ) -> Result<()> {
         if self.saved_tokens != Some(tokens) {
             return Err(Error::invalid(
                 "LlamaMlp::backward",
@@ -281,17 +360,17 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         }
         let be = &self.backend;
         let n = tokens * self.ffn;
-        self.down.linear.backward(g, tokens, Some(&mut self.dh))?;
-        be.swiglu_backward(&self.a, &self.b, &self.dh, &mut self.da, &mut self.db, n)?;
+        self.down.linear.backward(g, tokens, Some(&mut s.dh))?;
+        be.swiglu_backward(&self.a, &self.b, &s.dh, &mut s.da, &mut s.db, n)?;
         match dx {
             Some(dx) => {
-                self.gate.linear.backward(&self.da, tokens, Some(dx))?;
-                self.up.linear.backward(&self.db, tokens, Some(&mut self.dx_up))?;
-                be.axpy(F::ONE, &self.dx_up, dx, tokens * self.hidden)
+                self.gate.linear.backward(&s.da, tokens, Some(dx))?;
+                self.up.linear.backward(&s.db, tokens, Some(&mut s.dx_up))?;
+                be.axpy(F::ONE, &s.dx_up, dx, tokens * self.hidden)
             }
             None => {
-                self.gate.linear.backward(&self.da, tokens, None)?;
-                self.up.linear.backward(&self.db, tokens, None)
+                self.gate.linear.backward(&s.da, tokens, None)?;
+                self.up.linear.backward(&s.db, tokens, None)
             }
         }
     }

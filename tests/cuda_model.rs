@@ -50,6 +50,7 @@ fn flow_cfg(method: MethodKind, precision: Precision) -> FinetuneConfig {
     FinetuneConfig {
         method,
         blocks: vec![0, 2],
+        projections: [true; 3],
         steps: 4,
         batch: 3,
         seq_len: 17,

@@ -45,6 +45,7 @@ fn cfg(method: MethodKind) -> FinetuneConfig {
     FinetuneConfig {
         method,
         blocks: vec![1, 3],
+        projections: [true; 3],
         steps: 12,
         batch: 4,
         seq_len: 10,

@@ -36,6 +36,7 @@ fn cfg() -> FinetuneConfig {
     FinetuneConfig {
         method: MethodKind::Full,
         blocks: vec![1],
+        projections: [true; 3],
         steps: 1,
         batch: 2,
         seq_len: 8,

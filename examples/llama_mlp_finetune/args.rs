@@ -58,6 +58,12 @@ pub struct Args {
     /// f32 GEMMs with TF32 (`Cuda::set_tf32`).
     pub tf32: bool,
     pub blocks: Blocks,
+    /// Which projections of each trained block train (`gate`, `up`, `down`).
+    pub projections: [bool; 3],
+    /// Print the memory plan and exit (`--plan`).
+    pub plan: bool,
+    /// Named model dimensions instead of `--model` (`--dims`, with `--plan` only).
+    pub dims: Option<String>,
     pub steps: usize,
     pub batch: usize,
     pub seq_len: usize,
@@ -93,6 +99,14 @@ flags (defaults: CPU / with --device cuda):
   --tf32             f32 GEMMs on TF32 tensor cores (cuda only; default: exact f32)
   --blocks B         trained blocks: `23,26,29`, `every3` (every third block, the
                      paper's choice; any everyN), or `all`    [23,26,29 / every3]
+  --projections P    which projections of those blocks train: any of gate,up,down
+                     (the paper: up,down)                               [gate,up,down]
+  --plan             print the device memory plan of the run (one line per category
+                     and a total, in GB; the largest batch that fits 48 and 80 GB) and
+                     exit: reads only the model's configuration (config.json or a GGUF
+                     header), loads no weights and no data
+  --dims NAME        with --plan: named dimensions instead of --model:
+                     smollm2-135m, llama2-7b, llama3-8b, tiny
   --steps N          training steps (at most 10000000)                  [100 / 300]
   --batch N          sentences per batch (at most the training sentences)  [8 / 32]
   --seq-len N        tokens per sentence (longer ones are cut; at most the
@@ -217,6 +231,24 @@ fn parse_blocks(v: &str) -> Result<Blocks> {
     Ok(Blocks::List(list))
 }
 
+fn parse_projections(v: &str) -> Result<[bool; 3]> {
+    const FLAG: &str = "--projections";
+    let mut on = [false; 3];
+    for part in v.split(',') {
+        let j = ["gate", "up", "down"].iter().position(|&g| g == part.trim()).ok_or_else(|| {
+            Error::invalid(
+                FLAG,
+                format!("`{}` is not one of gate, up, down", sparsegrad::io::fs::escape(part, 100)),
+            )
+        })?;
+        if on[j] {
+            return Err(Error::invalid(FLAG, format!("`{}` is listed twice", part.trim())));
+        }
+        on[j] = true;
+    }
+    Ok(on)
+}
+
 /// Parses the arguments after the program name. `Ok(None)`: `--help` was asked (it wins
 /// over every other problem, as users reach for it when confused).
 pub fn parse(argv: &[String]) -> Result<Option<Args>> {
@@ -226,8 +258,9 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     let mut given: Vec<(&'static str, String)> = Vec::new();
     let mut compare = false;
     let mut tf32 = false;
+    let mut plan = false;
     let mut it = argv.iter();
-    const FLAGS: [&str; 22] = [
+    const FLAGS: [&str; 25] = [
         "--method",
         "--device",
         "--dtype",
@@ -250,6 +283,9 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         "--validation-fraction",
         "--compare",
         "--tf32",
+        "--plan",
+        "--projections",
+        "--dims",
     ];
     while let Some(arg) = it.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -260,14 +296,14 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
             let what = if arg.starts_with('-') { "unknown flag" } else { "unexpected argument" };
             return Err(Error::invalid("command line", format!("{what} `{arg}` (see --help)")));
         };
-        if flag == "--compare" || flag == "--tf32" {
+        if flag == "--compare" || flag == "--tf32" || flag == "--plan" {
             if inline.is_some() {
                 return Err(Error::invalid(flag, "takes no value"));
             }
-            if flag == "--compare" {
-                compare = true;
-            } else {
-                tf32 = true;
+            match flag {
+                "--compare" => compare = true,
+                "--tf32" => tf32 = true,
+                _ => plan = true,
             }
             continue;
         }
@@ -338,6 +374,15 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
     let pos = |flag: &'static str, default: usize| get(flag).map_or(Ok(default), |v| positive(flag, v));
     let whole =
         |flag: &'static str, default: usize| get(flag).map_or(Ok(default), |v| number(flag, v, "a whole number"));
+    if get("--dims").is_some() && !plan {
+        return Err(Error::invalid("--dims", "names dimensions for --plan only (a run needs --model)"));
+    }
+    if get("--dims").is_some() && get("--model").is_some() {
+        return Err(Error::invalid("--dims", "give either --dims or --model"));
+    }
+    if plan && compare {
+        return Err(Error::invalid("--plan", "plans one method; drop --compare"));
+    }
     let seq_len = pos("--seq-len", d.seq_len)?;
     if seq_len < 2 {
         return Err(Error::invalid("--seq-len", "must be at least 2 (one input and one next-token target beside BOS)"));
@@ -349,6 +394,9 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         precision,
         tf32,
         blocks: get("--blocks").map_or(Ok(d.blocks), parse_blocks)?,
+        projections: get("--projections").map_or(Ok([true; 3]), parse_projections)?,
+        plan,
+        dims: get("--dims").map(str::to_string),
         steps: at_most("--steps", pos("--steps", d.steps)?, MAX_STEPS)?,
         batch: pos("--batch", d.batch)?,
         seq_len,

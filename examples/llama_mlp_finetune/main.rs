@@ -13,6 +13,7 @@
 
 mod args;
 mod output;
+mod plan;
 mod plot;
 
 use args::{Args, Device};
@@ -52,6 +53,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if args.plan {
+        // Reads the configuration only; writes nothing.
+        return match plan::print(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {}", escape(&e.to_string(), 4000));
+                ExitCode::FAILURE
+            }
+        };
+    }
     // Checked and created before the model loads, so a bad --out fails in a second, not
     // after the whole run; removed again (if still empty) when the run fails.
     let created = match output::prepare_out_dir(&args.out) {
@@ -253,6 +264,7 @@ fn config(args: &Args, method: MethodKind, blocks: &[usize]) -> FinetuneConfig {
     FinetuneConfig {
         method,
         blocks: blocks.to_vec(),
+        projections: args.projections,
         steps: args.steps,
         batch: args.batch,
         seq_len: args.seq_len,
@@ -413,8 +425,13 @@ fn run_method<B: Backend + Clone>(
 
 fn main_with(args: &Args, started: Instant) -> Result<()> {
     if args.device == Device::Cuda {
-        // Fail before the model loads: a machine without a GPU should hear so at once.
-        cuda(args.tf32)?;
+        // Fail before the model loads: a machine without a GPU should hear so at once, and
+        // a run that would not fit the device's free memory too.
+        let be = cuda(args.tf32)?;
+        #[cfg(feature = "cuda")]
+        plan::check_fits(args, &be)?;
+        #[cfg(not(feature = "cuda"))]
+        drop(be);
     }
     let m = load_model(args)?;
     let blocks = args.blocks.resolve(m.weights.config.layers)?;

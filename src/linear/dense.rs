@@ -54,7 +54,9 @@ pub struct DenseLinear<B: Backend, F: Real = f32> {
     mode: DenseMode,
     opt: Optimizer,
     precision: Precision,
-    w: B::Buf<F>,
+    /// `W` in `F`; `None` in a bf16 layer that never changes it (frozen, collecting), which
+    /// holds only the bf16 copy it computes with.
+    w: Option<B::Buf<F>>,
     w_half: Option<B::Buf<bf16>>,
     bias: Option<B::Buf<F>>,
     /// Dense `dW` (Full, MeProp), its selection (MeProp) and the weight's moments.
@@ -93,11 +95,19 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             }
             _ => None,
         };
-        let w = backend.upload(weight)?;
-        let mut w_half = if precision == Precision::Bf16 { Some(backend.alloc(out * inp)?) } else { None };
-        if let Some(h) = w_half.as_mut() {
-            backend.cast_to_bf16(&w, h, out * inp)?;
-        }
+        let half = precision == Precision::Bf16;
+        let (w, w_half) = if half && !trains {
+            // Rounded on the host as `cast_to_bf16` rounds on the device (to nearest even).
+            let rounded: Vec<bf16> = weight.iter().map(|v| v.to_bf16()).collect();
+            (None, Some(backend.upload(&rounded)?))
+        } else {
+            let w = backend.upload(weight)?;
+            let mut w_half = if half { Some(backend.alloc(out * inp)?) } else { None };
+            if let Some(h) = w_half.as_mut() {
+                backend.cast_to_bf16(&w, h, out * inp)?;
+            }
+            (Some(w), w_half)
+        };
         let has_bias = bias.is_some() && trains;
         let sgd_mask = match (&topk, opt) {
             (Some(t), Optimizer::Sgd { .. }) => {
@@ -177,7 +187,11 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         self.saved_tokens = None;
         self.ensure_tokens(tokens)?;
         let be = &self.backend;
-        let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
+        let w_op = match (&self.w_half, &self.w) {
+            (Some(h), _) => OperandRef::Half(h),
+            (None, Some(w)) => OperandRef::Full(w),
+            (None, None) => return Err(Error::invalid("DenseLinear::forward", "the layer holds no weight")),
+        };
         let x_op = if self.grad_w.is_some() {
             self.saved.store(be, x, tokens * inp)?;
             self.saved.as_ref()
@@ -209,7 +223,11 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         let be = &self.backend;
         let g_op = stage(be, g, self.g_half.as_mut(), tokens * out)?;
         if let Some(dx) = dx {
-            let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
+            let w_op = match (&self.w_half, &self.w) {
+                (Some(h), _) => OperandRef::Half(h),
+                (None, Some(w)) => OperandRef::Full(w),
+                (None, None) => return Err(Error::invalid("DenseLinear::backward", "the layer holds no weight")),
+            };
             mm(be, &Gemm::nn(tokens, inp, out), g_op, w_op, dx)?;
         }
         let Some(grad_w) = self.grad_w.as_mut() else { return Ok(()) };
@@ -242,9 +260,10 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         }
         let be = &self.backend;
         let step = self.step + 1;
+        let w = self.w.as_mut().ok_or_else(|| Error::invalid("DenseLinear::step", "the layer holds no f32 weight"))?;
         match (&self.topk, &self.grad_w) {
-            (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut self.w), None, self.moments.as_mut())?,
-            (None, Some(gw)) => dense_step(be, &self.opt, &mut self.w, gw, self.moments.as_mut(), self.out * self.inp)?,
+            (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut *w), None, self.moments.as_mut())?,
+            (None, Some(gw)) => dense_step(be, &self.opt, &mut *w, gw, self.moments.as_mut(), self.out * self.inp)?,
             (None, None) => return Err(Error::invalid("DenseLinear::step", "no weight gradient buffer")),
         }
         if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
@@ -257,16 +276,28 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             be.coo_scatter_add(ones, F::ONE, mask)?;
         }
         if let Some(h) = self.w_half.as_mut() {
-            be.cast_to_bf16(&self.w, h, self.out * self.inp)?;
+            be.cast_to_bf16(w, h, self.out * self.inp)?;
         }
         self.step = step;
         self.grad_ready = false;
         Ok(())
     }
 
-    /// The dense weight `W` (`(out, in)`): what a framework loads.
+    /// The dense weight `W` (`(out, in)`): what a framework loads. A frozen (or collecting)
+    /// bf16 layer holds only `W` rounded to bf16, which this returns widened: take the
+    /// base weight itself where it matters (as the models' `merged_weights` do).
     pub fn merged_weight(&self) -> Result<Vec<F>> {
-        self.backend.download(&self.w, self.out * self.inp)
+        let n = self.out * self.inp;
+        match (&self.w, &self.w_half) {
+            (Some(w), _) => self.backend.download(w, n),
+            (None, Some(h)) => Ok(self.backend.download(h, n)?.into_iter().map(|v| F::from_f64(v.to_f64())).collect()),
+            (None, None) => Err(Error::invalid("DenseLinear::merged_weight", "the layer holds no weight")),
+        }
+    }
+
+    /// `W` in `F`, which a trained layer always holds.
+    fn master(&self) -> Result<&B::Buf<F>> {
+        self.w.as_ref().ok_or_else(|| Error::invalid("DenseLinear", "a frozen bf16 layer holds no f32 weight"))
     }
     pub fn bias_host(&self) -> Result<Option<Vec<F>>> {
         self.bias.as_ref().map(|b| self.backend.download(b, self.out)).transpose()
@@ -317,7 +348,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         match self.mode {
             DenseMode::Frozen | DenseMode::Collect => Ok(LayerState::Frozen),
             DenseMode::Full => {
-                let weight = DenseParam::download(be, &self.w, self.moments.as_ref(), n)?;
+                let weight = DenseParam::download(be, self.master()?, self.moments.as_ref(), n)?;
                 Ok(LayerState::Full { weight, bias: self.bias_state()?, step: self.step })
             }
             DenseMode::MeProp { .. } => {
@@ -374,14 +405,15 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             _ => return Err(mismatch("adapter", "not a dense state")),
         };
         let be = self.backend.clone();
+        let w = self.w.as_mut().ok_or_else(|| Error::invalid("DenseLinear::import_state", "the layer holds no f32 weight"))?;
         match state {
-            LayerState::Full { weight, .. } => weight.upload(&be, &mut self.w, self.moments.as_mut())?,
+            LayerState::Full { weight, .. } => weight.upload(&be, w, self.moments.as_mut())?,
             LayerState::MeProp { weight, .. } => {
-                let mut host = be.download(&self.w, n)?;
+                let mut host = be.download(w, n)?;
                 for (e, &i) in weight.indices.iter().enumerate() {
                     host[i as usize] = weight.values[e];
                 }
-                be.upload_into(&host, &mut self.w)?;
+                be.upload_into(&host, w)?;
                 if let (Some(m), Some((dm, dv))) = (self.moments.as_mut(), weight.scatter_moments()) {
                     m.set_from_host(&be, &dm, &dv)?;
                 }
@@ -397,7 +429,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             b.upload(&be, dst, self.bias_moments.as_mut())?;
         }
         if let Some(h) = self.w_half.as_mut() {
-            be.cast_to_bf16(&self.w, h, n)?;
+            be.cast_to_bf16(w, h, n)?;
         }
         for m in [self.moments.as_mut(), self.bias_moments.as_mut()].into_iter().flatten() {
             m.set_steps(&be, step)?;

@@ -16,7 +16,7 @@ use crate::backend::{Backend, Gemm};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::trainable::{Method, TrainOptions};
-use crate::mlp::{LlamaMlp, MlpShape, ProjectionSpec};
+use crate::mlp::{LlamaMlp, LlamaMlpScratch, MlpShape, ProjectionSpec};
 use crate::perf::{scope, Phase};
 use crate::scalar::Real;
 use half::bf16;
@@ -62,7 +62,13 @@ struct Layer<B: Backend, F: Real> {
     v: Operand<B, F>,
     o: Operand<B, F>,
     mlp: LlamaMlp<B, F>,
-    // Saved by the forward for the backward.
+    /// Saved by the forward for the backward: only above the lowest trained block (the
+    /// others write into the model's shared set, see [`LlamaModel::keeps`]).
+    saved: Saved<B, F>,
+}
+
+/// What a decoder layer's forward leaves for its backward (besides its MLP's own).
+struct Saved<B: Backend, F: Real> {
     x_in: B::Buf<F>,
     inv_rms_attn: B::Buf<F>,
     q_act: B::Buf<F>,
@@ -72,6 +78,36 @@ struct Layer<B: Backend, F: Real> {
     attn: SavedAttention<B, F>,
     x_mid: B::Buf<F>,
     inv_rms_ffn: B::Buf<F>,
+}
+
+impl<B: Backend, F: Real> Saved<B, F> {
+    fn new(backend: &B) -> Result<Self> {
+        Ok(Saved {
+            x_in: backend.alloc(0)?,
+            inv_rms_attn: backend.alloc(0)?,
+            q_act: backend.alloc(0)?,
+            k_act: backend.alloc(0)?,
+            v_act: backend.alloc(0)?,
+            attn: SavedAttention::new(backend)?,
+            x_mid: backend.alloc(0)?,
+            inv_rms_ffn: backend.alloc(0)?,
+        })
+    }
+
+    /// Grows the buffers for `t` tokens; `residual`: also the residual stream copies
+    /// (`x_in`, `x_mid`), which only a backward reads.
+    fn ensure(&mut self, be: &B, c: &LlamaConfig, shape: &AttentionShape, t: usize, residual: bool) -> Result<()> {
+        if residual {
+            grow(be, &mut self.x_in, t * c.hidden)?;
+            grow(be, &mut self.x_mid, t * c.hidden)?;
+        }
+        grow(be, &mut self.inv_rms_attn, t)?;
+        grow(be, &mut self.q_act, t * c.q_dim())?;
+        grow(be, &mut self.k_act, t * c.kv_dim())?;
+        grow(be, &mut self.v_act, t * c.kv_dim())?;
+        self.attn.ensure(be, shape)?;
+        grow(be, &mut self.inv_rms_ffn, t)
+    }
 }
 
 /// Buffers shared by all layers, sized for the largest batch seen.
@@ -96,6 +132,10 @@ struct Scratch<B: Backend, F: Real> {
     dv: B::Buf<F>,
     dattn: B::Buf<F>,
     grad_half: Option<B::Buf<bf16>>,
+    /// The saved set of the layers that keep none (see [`LlamaModel::keeps`]).
+    saved: Saved<B, F>,
+    /// The MLP scratch every layer shares.
+    mlp: LlamaMlpScratch<B, F>,
 }
 
 /// Masked cross-entropy summed over a batch, and the number of tokens it covers.
@@ -212,14 +252,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 v: op(&lw.v)?,
                 o: op(&lw.o)?,
                 mlp,
-                x_in: backend.alloc(0)?,
-                inv_rms_attn: backend.alloc(0)?,
-                q_act: backend.alloc(0)?,
-                k_act: backend.alloc(0)?,
-                v_act: backend.alloc(0)?,
-                attn: SavedAttention::new(backend)?,
-                x_mid: backend.alloc(0)?,
-                inv_rms_ffn: backend.alloc(0)?,
+                saved: Saved::new(backend)?,
             });
         }
         let (cos, sin) =
@@ -263,6 +296,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 dv: backend.alloc(0)?,
                 dattn: backend.alloc(0)?,
                 grad_half: opt_half(0)?,
+                saved: Saved::new(backend)?,
+                mlp: LlamaMlpScratch::new(backend)?,
             },
             config: c,
             last: None,
@@ -303,6 +338,12 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         self.layers.iter().map(|l| l.mlp.trainable_parameters()).sum()
     }
 
+    /// Whether layer `i` keeps its own saved set: only above the lowest trained block
+    /// (`lowest`), the layers a backward goes through.
+    fn keeps(lowest: Option<usize>, i: usize) -> bool {
+        lowest.is_some_and(|lo| i > lo)
+    }
+
     fn ensure(&mut self, batch: usize, seq: usize) -> Result<()> {
         if seq > self.rope_positions {
             return Err(Error::invalid(
@@ -323,17 +364,18 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         };
         let be = &self.backend;
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
-        for l in &mut self.layers {
-            grow(be, &mut l.x_in, t * c.hidden)?;
-            grow(be, &mut l.inv_rms_attn, t)?;
-            grow(be, &mut l.q_act, t * c.q_dim())?;
-            grow(be, &mut l.k_act, t * c.kv_dim())?;
-            grow(be, &mut l.v_act, t * c.kv_dim())?;
-            l.attn.ensure(be, &shape)?;
-            grow(be, &mut l.x_mid, t * c.hidden)?;
-            grow(be, &mut l.inv_rms_ffn, t)?;
+        let lowest = self.plan.layers.first().copied();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            if Self::keeps(lowest, i) {
+                l.saved.ensure(be, c, &shape, t, true)?;
+            }
         }
         let s = &mut self.s;
+        if (0..c.layers).any(|i| !Self::keeps(lowest, i)) {
+            s.saved.ensure(be, c, &shape, t, false)?;
+        }
+        let below = lowest.is_none_or(|lo| lo > 0);
+        s.mlp.ensure(be, t, MlpShape { hidden: c.hidden, ffn: c.ffn }, below)?;
         if t <= s.tokens {
             return Ok(());
         }
@@ -398,23 +440,33 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let s = &mut self.s;
         be.gather_rows(&self.embed, vocab, c.hidden, &s.ids, t, &mut s.x)?;
+        let lowest = self.plan.layers.first().copied();
         for (i, l) in self.layers.iter_mut().enumerate() {
             let _layer = scope::layer(i);
-            be.copy(&s.x, &mut l.x_in, t * c.hidden)?;
-            be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, &mut l.inv_rms_attn, t, c.hidden, c.rms_eps)?;
+            let keeps = Self::keeps(lowest, i);
+            // Below the lowest trained block (and in it, whose backward stops at its MLP)
+            // nothing is read back: the shared set takes the outputs.
+            let sv = if keeps { &mut l.saved } else { &mut s.saved };
+            if keeps {
+                be.copy(&s.x, &mut sv.x_in, t * c.hidden)?;
+            }
+            be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, &mut sv.inv_rms_attn, t, c.hidden, c.rms_eps)?;
             let a = stage(&be, &s.normed, s.normed_half.as_mut(), t * c.hidden)?;
-            mm(&be, &Gemm::nt(t, c.q_dim(), c.hidden), a, l.q.as_ref(), &mut l.q_act)?;
-            mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.k.as_ref(), &mut l.k_act)?;
-            mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut l.v_act)?;
-            be.rope(&mut l.q_act, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
-            be.rope(&mut l.k_act, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
-            l.attn.forward(&be, &shape, Mask::Causal, self.precision, &l.q_act, &l.k_act, &l.v_act)?;
-            let o_in = stage(&be, &l.attn.out, s.attn_half.as_mut(), t * c.q_dim())?;
+            mm(&be, &Gemm::nt(t, c.q_dim(), c.hidden), a, l.q.as_ref(), &mut sv.q_act)?;
+            mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.k.as_ref(), &mut sv.k_act)?;
+            mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut sv.v_act)?;
+            be.rope(&mut sv.q_act, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
+            be.rope(&mut sv.k_act, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
+            sv.attn.forward(&be, &shape, Mask::Causal, self.precision, &sv.q_act, &sv.k_act, &sv.v_act)?;
+            let o_in = stage(&be, &sv.attn.out, s.attn_half.as_mut(), t * c.q_dim())?;
             mm(&be, &Gemm::nt(t, c.hidden, c.q_dim()), o_in, l.o.as_ref(), &mut s.branch)?;
             be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
-            be.copy(&s.x, &mut l.x_mid, t * c.hidden)?;
-            be.rmsnorm(&s.x, &l.ffn_norm, &mut s.normed, &mut l.inv_rms_ffn, t, c.hidden, c.rms_eps)?;
-            l.mlp.forward(&s.normed, t, &mut s.branch)?;
+            if keeps {
+                be.copy(&s.x, &mut sv.x_mid, t * c.hidden)?;
+            }
+            be.rmsnorm(&s.x, &l.ffn_norm, &mut s.normed, &mut sv.inv_rms_ffn, t, c.hidden, c.rms_eps)?;
+            let mlp_saves = lowest.is_some_and(|lo| i >= lo);
+            l.mlp.forward_shared(&s.normed, t, &mut s.branch, &mut s.mlp, mlp_saves)?;
             be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
         }
         // The final norm's input stays in `x` for the backward.
@@ -491,18 +543,19 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             // MLP branch: x_out = x_mid + mlp(rmsnorm(x_mid)).
             if i == lowest {
                 // Nothing below trains: the input gradient is not needed.
-                l.mlp.backward(&s.dx, t, None)?;
+                l.mlp.backward_shared(&s.dx, t, None, &mut s.mlp)?;
                 break;
             }
-            l.mlp.backward(&s.dx, t, Some(&mut s.dnormed))?;
-            be.rmsnorm_backward(&l.x_mid, &l.ffn_norm, &l.inv_rms_ffn, &s.dnormed, &mut s.branch, t, c.hidden)?;
+            l.mlp.backward_shared(&s.dx, t, Some(&mut s.dnormed), &mut s.mlp)?;
+            let sv = &l.saved;
+            be.rmsnorm_backward(&sv.x_mid, &l.ffn_norm, &sv.inv_rms_ffn, &s.dnormed, &mut s.branch, t, c.hidden)?;
             be.axpy(F::ONE, &s.branch, &mut s.dx, t * c.hidden)?;
             // Attention branch: x_mid = x_in + o(attn(rmsnorm(x_in))).
             let dx_op = stage(&be, &s.dx, s.grad_half.as_mut(), t * c.hidden)?;
             mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
             let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
-            let (q, k, v) = (&l.q_act, &l.k_act, &l.v_act);
-            l.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
+            let (q, k, v) = (&sv.q_act, &sv.k_act, &sv.v_act);
+            sv.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
             be.rope(&mut s.dq, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
             be.rope(&mut s.dk, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
             let dq = stage(&be, &s.dq, s.grad_half.as_mut(), t * c.q_dim())?;
@@ -511,7 +564,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dk, l.k.as_ref(), &mut s.dnormed)?;
             let dv = stage(&be, &s.dv, s.grad_half.as_mut(), t * c.kv_dim())?;
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dv, l.v.as_ref(), &mut s.dnormed)?;
-            be.rmsnorm_backward(&l.x_in, &l.attn_norm, &l.inv_rms_attn, &s.dnormed, &mut s.branch, t, c.hidden)?;
+            be.rmsnorm_backward(&sv.x_in, &l.attn_norm, &sv.inv_rms_attn, &s.dnormed, &mut s.branch, t, c.hidden)?;
             be.axpy(F::ONE, &s.branch, &mut s.dx, t * c.hidden)?;
         }
         Ok(())
@@ -568,11 +621,14 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             if !self.plan.layers.contains(&i) {
                 continue;
             }
-            let [g, u, d] = l.mlp.projections();
             let cast = |v: Vec<F>| v.into_iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
-            out.layers[i].gate = cast(g.linear.merged_weight()?);
-            out.layers[i].up = cast(u.linear.merged_weight()?);
-            out.layers[i].down = cast(d.linear.merged_weight()?);
+            let lw = &mut out.layers[i];
+            for (p, dst) in l.mlp.projections().into_iter().zip([&mut lw.gate, &mut lw.up, &mut lw.down]) {
+                // A frozen projection is the base weight (a bf16 layer holds only its rounding).
+                if p.method != Method::Frozen {
+                    *dst = cast(p.linear.merged_weight()?);
+                }
+            }
         }
         Ok(out)
     }

@@ -9,9 +9,10 @@ use crate::backend::Backend;
 use crate::backend::Precision;
 use crate::basis::{mean_sparsity_report, BasisSet, GramSet};
 use crate::error::{Error, Result};
-use crate::linear::sparsegrad::{FormulationChoice, Selection};
+use crate::linear::sparsegrad::{Formulation, FormulationChoice, Selection};
 use crate::linear::trainable::{Method, TrainOptions};
 use crate::linear::Keep;
+use crate::model::config::LlamaConfig;
 use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
 use crate::model::weights::LlamaWeights;
 use crate::model::TrainingSetup;
@@ -54,6 +55,9 @@ pub struct FinetuneConfig {
     pub method: MethodKind,
     /// Layers whose MLP trains.
     pub blocks: Vec<usize>,
+    /// Which projections of those layers train, in [`GROUPS`] order (`gate`, `up`,
+    /// `down`); the others stay frozen. The paper trains `up` and `down`.
+    pub projections: [bool; 3],
     pub steps: usize,
     pub batch: usize,
     pub seq_len: usize,
@@ -84,6 +88,7 @@ impl Default for FinetuneConfig {
         FinetuneConfig {
             method: MethodKind::SparseGrad,
             blocks: Vec::new(),
+            projections: [true; 3],
             steps: 100,
             batch: 8,
             seq_len: 32,
@@ -214,22 +219,56 @@ impl FinetuneConfig {
         }
     }
 
-    /// The method of each projection type, in [`GROUPS`] order.
+    /// The method of each projection type, in [`GROUPS`] order ([`Method::Frozen`] where
+    /// [`Self::projections`] leaves it out); SparseGrad's formulation resolved on `backend`.
     fn methods<B: Backend + Clone>(&self, backend: &B, weights: &LlamaWeights) -> Result<[Method; 3]> {
+        self.methods_with(&weights.config, |out, inp, tokens, k| self.formulation.resolve(backend, out, inp, tokens, k))
+    }
+
+    /// The options every trained projection gets (Adam at `lr`, the precision, the batch's
+    /// token count for SparseGrad's pricing).
+    pub fn train_options(&self) -> TrainOptions {
+        TrainOptions {
+            optimizer: Optimizer::Adam(AdamParams { lr: self.lr, ..Default::default() }),
+            precision: self.precision,
+            expected_tokens: self.batch * self.seq_len,
+            seed: self.seed,
+        }
+    }
+
+    /// [`Self::methods`] from the model's configuration alone, for a memory plan:
+    /// [`FormulationChoice::Measure`] (which times both forms on a device) is left to the
+    /// layer's own pricing, which a plan reproduces.
+    pub fn plan_methods(&self, config: &LlamaConfig) -> Result<[Method; 3]> {
+        self.methods_with(config, |_, _, _, _| {
+            Ok(match self.formulation {
+                FormulationChoice::Fixed(f) => Some(f),
+                FormulationChoice::FlopModel | FormulationChoice::Measure => None,
+            })
+        })
+    }
+
+    fn methods_with(
+        &self,
+        c: &LlamaConfig,
+        resolve: impl Fn(usize, usize, usize, usize) -> Result<Option<Formulation>>,
+    ) -> Result<[Method; 3]> {
         let keep = Keep::Fraction(self.keep);
-        let c = &weights.config;
         let one = match self.method {
             MethodKind::SparseGrad => {
                 let thresholded = matches!(self.selection, Selection::SparseByDense { threshold } if threshold > 0.0);
                 let mut methods = [Method::Frozen; 3];
                 // gate and up are (ffn, hidden); down is (hidden, ffn).
-                for (m, (out, inp)) in methods.iter_mut().zip([(c.ffn, c.hidden), (c.ffn, c.hidden), (c.hidden, c.ffn)])
-                {
+                let shapes = [(c.ffn, c.hidden), (c.ffn, c.hidden), (c.hidden, c.ffn)];
+                for ((m, (out, inp)), on) in methods.iter_mut().zip(shapes).zip(self.projections) {
+                    if !on {
+                        continue;
+                    }
                     let formulation = if thresholded {
                         None
                     } else {
                         let tokens = self.batch * self.seq_len;
-                        self.formulation.resolve(backend, out, inp, tokens, keep.resolve(out * inp)?)?
+                        resolve(out, inp, tokens, keep.resolve(out * inp)?)?
                     };
                     *m = Method::SparseGrad { keep, selection: self.selection, formulation };
                 }
@@ -243,7 +282,13 @@ impl FinetuneConfig {
                 Method::Lora { rank, alpha: if self.lora_alpha > 0.0 { self.lora_alpha } else { 2.0 * rank as f32 } }
             }
         };
-        Ok([one; 3])
+        let mut methods = [one; 3];
+        for (m, on) in methods.iter_mut().zip(self.projections) {
+            if !on {
+                *m = Method::Frozen;
+            }
+        }
+        Ok(methods)
     }
 
     fn validate(&self, weights: &LlamaWeights) -> Result<()> {
@@ -252,6 +297,9 @@ impl FinetuneConfig {
         }
         if self.blocks.is_empty() {
             return Err(Error::invalid("finetune", "no blocks selected to train"));
+        }
+        if !self.projections.contains(&true) {
+            return Err(Error::invalid("finetune", "no projection (gate, up, down) selected to train"));
         }
         if let Some(&b) = self.blocks.iter().find(|&&b| b >= weights.config.layers) {
             return Err(Error::invalid(
@@ -329,7 +377,9 @@ fn preliminary<B: Backend + Clone>(
     data: &Dataset,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(BasisSet, Vec<PremiseShare>, GramTiming)> {
-    let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [Method::Collect; 3] };
+    let on = cfg.projections;
+    let collect = |j: usize| if on[j] { Method::Collect } else { Method::Frozen };
+    let plan = MlpPlan { layers: cfg.blocks.clone(), methods: [collect(0), collect(1), collect(2)] };
     let opts = TrainOptions { precision: cfg.precision, seed: cfg.seed, ..Default::default() };
     let mut model = LlamaModel::<B, f32>::new(
         backend,
@@ -361,7 +411,7 @@ fn preliminary<B: Backend + Clone>(
             timing.accumulate_seconds += t0.elapsed().as_secs_f64();
         } else {
             for (k, &l) in cfg.blocks.iter().enumerate() {
-                for (j, proj) in mlp(l)?.projections().into_iter().enumerate() {
+                for (j, proj) in mlp(l)?.projections().into_iter().enumerate().filter(|(j, _)| on[*j]) {
                     held[j][k].extend_from_slice(&proj.linear.dense_grad_host()?);
                 }
             }
@@ -379,7 +429,7 @@ fn preliminary<B: Backend + Clone>(
         accumulate_seconds: timing.accumulate_seconds,
     });
     let mut set = BasisSet::new();
-    for g in GROUPS {
+    for g in GROUPS.into_iter().zip(on).filter_map(|(g, on)| on.then_some(g)) {
         if grams.count(g) == 0 {
             return Err(Error::invalid("finetune", format!("the preliminary phase collected no `{g}` gradients")));
         }
@@ -391,7 +441,7 @@ fn preliminary<B: Backend + Clone>(
     drop(grams);
     progress(Progress::BasisReady(timing));
     let mut premise = Vec::with_capacity(3);
-    for (j, g) in GROUPS.into_iter().enumerate() {
+    for (j, g) in GROUPS.into_iter().enumerate().filter(|(j, _)| on[*j]) {
         let basis = set.get(g)?;
         let (out, inp) = basis.shape();
         let k = (out * inp).div_ceil(100);
@@ -435,12 +485,7 @@ pub fn run<B: Backend + Clone>(
     };
     let preliminary_seconds = started.elapsed().as_secs_f64();
     let plan = MlpPlan { layers: cfg.blocks.clone(), methods: cfg.methods(backend, weights)? };
-    let opts = TrainOptions {
-        optimizer: Optimizer::Adam(AdamParams { lr: cfg.lr, ..Default::default() }),
-        precision: cfg.precision,
-        expected_tokens: cfg.batch * cfg.seq_len,
-        seed: cfg.seed,
-    };
+    let opts = cfg.train_options();
     let mut model = LlamaModel::new(
         backend,
         weights,

@@ -243,7 +243,7 @@ impl AttentionOps for Cuda {
         // The arena holds delta (one f32 per query row) until the three kernels have run: the
         // scratch lock is held to the end of the op.
         let mut scratch = self.lock_scratch();
-        let delta = self.arena(&mut scratch, n.rows.div_ceil(2))?;
+        let delta = self.arena(&mut scratch, super::attention_backward_arena_words(n.rows))?;
         let blocks = n.rows.div_ceil(8).clamp(1, self.sm_count as usize * DOT_BLOCKS_PER_SM) as u32;
         let dot_cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: attention_backward_dot_f32(const float* out, const float* dout, float* delta,

@@ -45,6 +45,7 @@ mod optim;
 mod profile;
 mod sparse;
 mod topk;
+pub(crate) use topk::topk_workspace_words;
 mod transformer;
 
 use crate::error::{checked_mul, Error, Result};
@@ -164,6 +165,18 @@ struct Scratch {
     status: CudaBuf<u64>,
     /// Grow-only arena (flags, tile counts, partial sums).
     arena: Option<CudaBuf<u64>>,
+}
+
+/// u64 words the scratch arena holds once an op asked for `words` (it grows to powers of
+/// two; the memory plan, [`crate::plan`], sizes it by the same function).
+pub(crate) fn arena_words(words: usize) -> usize {
+    words.max(1).next_power_of_two()
+}
+
+/// Arena words the fused attention backward asks for: one f32 per query row
+/// (`rows = batch * heads * seq`), as u64 words.
+pub(crate) fn attention_backward_arena_words(rows: usize) -> usize {
+    rows.div_ceil(2)
 }
 
 /// The CUDA backend on one device. Cheap to clone (layers keep a handle): clones share
@@ -389,6 +402,13 @@ impl Cuda {
         &self.device_name
     }
 
+    /// `(free, total)` bytes of device memory, as the driver reports them now
+    /// (`cuMemGetInfo`): what [`crate::plan::MemoryPlan::check_fits`] compares with.
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        drv::mem_get_info().map_err(cuda_err("memory_info"))
+    }
+
     /// (major, minor) compute capability.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
@@ -551,7 +571,7 @@ impl Cuda {
         if scratch.arena.as_ref().is_none_or(|a| a.len() < words) {
             // Drop the old arena first (its free is ordered after the kernels using it).
             scratch.arena = None;
-            scratch.arena = Some(self.alloc_buf::<u64>(words.next_power_of_two(), false)?);
+            scratch.arena = Some(self.alloc_buf::<u64>(arena_words(words), false)?);
         }
         Ok(scratch.arena.as_ref().map_or(0, |a| a.ptr()))
     }

@@ -20,6 +20,13 @@ use cudarc::driver::LaunchConfig;
 const STATE_WORDS: usize = 16;
 /// Three passes of TOPK_BINS u32 bins, as u64 words.
 const HIST_WORDS: usize = 3 * super::consts::TOPK_BINS / 2;
+
+/// u64 words of the workspace [`Cuda::topk_workspace`] allocates for matrices of up to
+/// `max_len` entries: state, histograms and one word per compaction tile (the memory plan,
+/// [`crate::plan`], sizes it by the same function).
+pub(crate) fn topk_workspace_words(max_len: usize) -> usize {
+    STATE_WORDS + HIST_WORDS + max_len.div_ceil(TILE).max(1)
+}
 /// State word of the scan total (see the table in cuda/topk.cu).
 const S_TOTAL: usize = 7;
 /// Blocks per multiprocessor of the histogram passes (each holds 2048 shared bins).
@@ -93,8 +100,7 @@ impl TopkOps for Cuda {
 
     fn topk_workspace(&self, max_len: usize) -> Result<CudaTopkWorkspace> {
         check_topk_workspace(max_len)?;
-        let tiles = max_len.div_ceil(TILE).max(1);
-        let buf = self.alloc_buf::<u64>(STATE_WORDS + HIST_WORDS + tiles, true)?;
+        let buf = self.alloc_buf::<u64>(topk_workspace_words(max_len), true)?;
         Ok(CudaTopkWorkspace { max_len, buf })
     }
 

@@ -31,8 +31,13 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         for &i in &self.plan.layers {
             let [pin, pout] = self.layers[i].mlp.projections();
             let lw = &mut out.layers[i];
-            lw.inter = cast(pin.linear.merged_weight()?);
-            lw.out = cast(pout.linear.merged_weight()?);
+            // A frozen projection is the base weight (a bf16 layer holds only its rounding).
+            if pin.method != Method::Frozen {
+                lw.inter = cast(pin.linear.merged_weight()?);
+            }
+            if pout.method != Method::Frozen {
+                lw.out = cast(pout.linear.merged_weight()?);
+            }
             if let Some(b) = pin.linear.bias_host()? {
                 lw.inter_bias = cast(b);
             }

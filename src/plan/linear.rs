@@ -1,0 +1,259 @@
+//! The device bytes of one MLP projection of a [`crate::model::llama::LlamaModel`] on the
+//! CUDA backend, per [`crate::linear::trainable::Method`]: what `DenseLinear`, `LoraLinear`
+//! and `SparseGradLinear` allocate at construction (weights, optimizer state, the top-k
+//! workspace, COO lists) and in their first forward of `tokens` rows (saved inputs, bf16
+//! staging buffers, SparseGrad's token-sized scratch). Each line names the field it sizes;
+//! `tests/cuda_memory_plan.rs` holds the sum to the emulated device's peak.
+
+use super::{Category, Ledger, BF16, MASTER, U32, U64};
+use crate::backend::Precision;
+use crate::error::Result;
+use crate::linear::sparsegrad::{Formulation, GemmMode, MergedUpdate, Selection};
+use crate::linear::trainable::{Method, TrainOptions};
+use crate::optim::Optimizer;
+use crate::perf::roofline::DeviceModel;
+
+/// One projection to size: its method, shape `(out, in)`, the tokens of a step, and where
+/// its bytes are booked (`label` prefixes every line, e.g. `up`).
+pub(super) struct Projection<'a> {
+    pub method: Method,
+    pub out: usize,
+    pub inp: usize,
+    pub tokens: usize,
+    pub label: &'a str,
+}
+
+/// What SparseGrad's layer decides at construction, as `SparseGradLinear::new` decides it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct SparseGradChoice {
+    pub k: usize,
+    pub formulation: Formulation,
+    pub update: Option<MergedUpdate>,
+}
+
+/// The formulation and merged update a SparseGrad layer of this shape takes on a device
+/// priced by `model` (the same calls `SparseGradLinear::new` makes).
+pub(super) fn sparsegrad_choice(
+    method: &Method,
+    out: usize,
+    inp: usize,
+    opts: &TrainOptions,
+    model: &DeviceModel,
+    tf32: bool,
+) -> Result<Option<SparseGradChoice>> {
+    let Method::SparseGrad { keep, selection, formulation } = *method else { return Ok(None) };
+    let k = keep.resolve(super::checked(&[out, inp])?)?;
+    let thresholded = matches!(selection, Selection::SparseByDense { threshold } if threshold > 0.0);
+    let mode = GemmMode::of(opts.precision, tf32);
+    let formulation = match formulation {
+        Some(f) => f,
+        None if thresholded => Formulation::Transformed,
+        None => Formulation::choose_priced(out, inp, opts.expected_tokens, k, opts.precision, mode, model),
+    };
+    let update = match formulation {
+        Formulation::Transformed => None,
+        Formulation::Merged => Some(MergedUpdate::choose(out, inp, k, opts.precision, Some((model, mode)))),
+    };
+    Ok(Some(SparseGradChoice { k, formulation, update }))
+}
+
+/// Adam's two moments and its device clock (`Moments::for_optimizer`); nothing for SGD.
+fn moments(l: &mut Ledger, opt: &Optimizer, what: &str, len: usize) -> Result<()> {
+    if let Optimizer::Adam(_) = opt {
+        l.add(Category::OptimizerState, what, &[2, len], MASTER)?;
+        l.add(Category::OptimizerState, what, &[crate::backend::CLOCK_LEN], U64)?;
+    }
+    Ok(())
+}
+
+/// A COO list of capacity `k` (`Coo::with_capacity`): u32 rows and columns, `F` values.
+fn coo(l: &mut Ledger, cat: Category, what: &str, k: usize) -> Result<()> {
+    l.add(cat, what, &[2, k], U32)?;
+    l.add(cat, what, &[k], MASTER)
+}
+
+/// A buffer in the operand precision (`Operand::alloc`).
+fn operand(l: &mut Ledger, cat: Category, what: &str, p: Precision, dims: &[usize]) -> Result<()> {
+    l.add(cat, what, dims, if p == Precision::Bf16 { BF16 } else { MASTER })
+}
+
+/// Books the bytes of one projection into `l`.
+pub(super) fn projection(
+    l: &mut Ledger,
+    p: &Projection<'_>,
+    opts: &TrainOptions,
+    choice: Option<SparseGradChoice>,
+) -> Result<()> {
+    let Projection { method, out, inp, tokens: t, label } = *p;
+    // Set again where the buffers made on the first forward start.
+    l.tokens_phase = false;
+    let half = opts.precision == Precision::Bf16;
+    let opt = &opts.optimizer;
+    let name = |s: &str| format!("{label} {s}");
+    match (method, choice) {
+        (Method::SparseGrad { selection, .. }, Some(c)) => {
+            // SparseGradLinear::new: the trained weight (Wt or W) and its bf16 compute copy.
+            l.add(Category::TrainedWeights, &name("trained weight"), &[out, inp], MASTER)?;
+            if half {
+                l.add(Category::TrainedWeights, &name("bf16 compute copy"), &[out, inp], BF16)?;
+            }
+            moments(l, opt, &name("SparseAdam moments"), checked_len(out, inp)?)?;
+            coo(l, Category::LayerWorkspace, &name("gradient COO"), c.k)?;
+            if let Optimizer::Sgd { .. } = opt {
+                l.add(Category::OptimizerState, &name("SGD mask"), &[out, inp], MASTER)?;
+                coo(l, Category::OptimizerState, &name("SGD mask"), c.k)?;
+            }
+            if c.formulation == Formulation::Transformed {
+                // Wt = (P^T W) Q: the uploaded W and the product's scratch, freed after
+                // construction; a bf16 basis is uploaded again in f32 for it.
+                l.transient(&[2, out, inp], MASTER)?;
+                if half {
+                    l.transient_add(&[out, out], MASTER)?;
+                    l.transient_add(&[inp, inp], MASTER)?;
+                }
+            }
+            sparsegrad_workspace(l, label, selection, c, (out, inp, t), opts.precision)
+        }
+        (Method::SparseGrad { .. }, None) => {
+            Err(crate::Error::invalid("memory plan", format!("{label}: SparseGrad without its choice")))
+        }
+        (Method::Lora { rank: r, .. }, _) => {
+            l.add(Category::FrozenWeights, &name("weight"), &[out, inp], MASTER)?;
+            if half {
+                l.add(Category::FrozenWeights, &name("weight, bf16 copy"), &[out, inp], BF16)?;
+            }
+            for (f, len) in [("A", checked_len(r, inp)?), ("B", checked_len(out, r)?)] {
+                let what = name(&format!("LoRA {f}"));
+                l.add(Category::TrainedWeights, &what, &[len], MASTER)?;
+                if half {
+                    l.add(Category::TrainedWeights, &what, &[len], BF16)?;
+                }
+                l.add(Category::LayerWorkspace, &name("LoRA factor gradients"), &[len], MASTER)?;
+                moments(l, opt, &name("LoRA moments"), len)?;
+            }
+            // LoraWorkspace: saved x, u = x A^T (F and operand), v = g B, bf16 stagings.
+            l.tokens_phase = true;
+            operand(l, Category::SavedActivations, &name("saved input"), opts.precision, &[t, inp])?;
+            l.add(Category::SavedActivations, &name("LoRA u"), &[t, r], MASTER)?;
+            operand(l, Category::SavedActivations, &name("LoRA u"), opts.precision, &[t, r])?;
+            l.add(Category::LayerWorkspace, &name("LoRA v"), &[t, r], MASTER)?;
+            if half {
+                l.add(Category::LayerWorkspace, &name("LoRA v bf16"), &[t, r], BF16)?;
+                l.add(Category::LayerWorkspace, &name("bf16 gradient staging"), &[t, out], BF16)?;
+            }
+            Ok(())
+        }
+        (Method::Frozen | Method::Collect | Method::Full | Method::MeProp { .. }, _) => {
+            let trains = !matches!(method, Method::Frozen | Method::Collect);
+            let grads = method != Method::Frozen;
+            let w_cat = if trains { Category::TrainedWeights } else { Category::FrozenWeights };
+            // DenseLinear::new: W in F and its bf16 compute copy; a bf16 layer that never
+            // changes W holds the bf16 copy alone.
+            if trains {
+                l.add(w_cat, &name("trained weight"), &[out, inp], MASTER)?;
+                if half {
+                    l.add(w_cat, &name("bf16 compute copy"), &[out, inp], BF16)?;
+                }
+            } else {
+                l.add(w_cat, &name("weight"), &[out, inp], if half { BF16 } else { MASTER })?;
+            }
+            if grads {
+                l.add(Category::LayerWorkspace, &name("dense weight gradient"), &[out, inp], MASTER)?;
+            }
+            if let Method::MeProp { keep } = method {
+                let k = keep.resolve(checked_len(out, inp)?)?;
+                coo(l, Category::LayerWorkspace, &name("MeProp COO"), k)?;
+                let words = crate::backend::cuda::topk_workspace_words(checked_len(out, inp)?);
+                l.add(Category::LayerWorkspace, &name("top-k workspace"), &[words], U64)?;
+                if let Optimizer::Sgd { .. } = opt {
+                    l.add(Category::OptimizerState, &name("SGD mask"), &[out, inp], MASTER)?;
+                    coo(l, Category::OptimizerState, &name("SGD mask"), k)?;
+                }
+            }
+            if trains {
+                moments(l, opt, &name("Adam moments"), checked_len(out, inp)?)?;
+            }
+            // ensure_tokens: x saved when a weight gradient is computed, else its bf16
+            // staging; the bf16 staging of g.
+            l.tokens_phase = true;
+            if grads {
+                operand(l, Category::SavedActivations, &name("saved input"), opts.precision, &[t, inp])?;
+            } else if half {
+                l.add(Category::LayerWorkspace, &name("bf16 input staging"), &[t, inp], BF16)?;
+            }
+            if half {
+                l.add(Category::LayerWorkspace, &name("bf16 gradient staging"), &[t, out], BF16)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn checked_len(a: usize, b: usize) -> Result<usize> {
+    super::checked(&[a, b])
+}
+
+/// `sparsegrad::workspace::Workspace`: `new` (fixed) and `ensure_tokens` plus the merged
+/// token order's growth in `step.rs` (token-sized).
+fn sparsegrad_workspace(
+    l: &mut Ledger,
+    label: &str,
+    selection: Selection,
+    c: SparseGradChoice,
+    (out, inp, t): (usize, usize, usize),
+    p: Precision,
+) -> Result<()> {
+    let name = |s: &str| format!("{label} {s}");
+    let ws = Category::LayerWorkspace;
+    let half = p == Precision::Bf16;
+    let merged = c.formulation == Formulation::Merged;
+    let sd = matches!(selection, Selection::SparseByDense { .. });
+    // Fixed.
+    l.add(ws, &name("column index"), &[out], U32)?;
+    l.add(ws, &name("(out, in) products"), &[if merged { 2 } else { 1 }, out, inp], MASTER)?;
+    if merged && half {
+        l.add(ws, &name("(out, in) bf16 staging"), &[out, inp], BF16)?;
+    }
+    let words = crate::backend::cuda::topk_workspace_words(checked_len(out, inp)?);
+    l.add(ws, &name("top-k workspace"), &[words], U64)?;
+    match c.update {
+        Some(MergedUpdate::Dense) => l.add(ws, &name("update delta"), &[c.k], MASTER)?,
+        Some(MergedUpdate::Runs) => {
+            l.add(ws, &name("update delta"), &[c.k], MASTER)?;
+            l.add(ws, &name("row starts"), &[super::checked_sum(out, 1)?], U32)?;
+        }
+        Some(MergedUpdate::SparseRows) => {
+            let touched = c.k.min(out);
+            coo(l, ws, &name("update COO"), c.k)?;
+            l.add(ws, &name("update rows"), &[touched], U32)?;
+            l.add(ws, &name("update slots"), &[c.k], U32)?;
+            l.add(ws, &name("update products"), &[touched, inp], MASTER)?;
+            l.add(ws, &name("update products"), &[touched, out], MASTER)?;
+        }
+        Some(MergedUpdate::SparseColumns) => coo(l, ws, &name("update COO"), c.k)?,
+        None => {}
+    }
+    // Token-sized.
+    l.tokens_phase = true;
+    operand(l, Category::SavedActivations, &name("saved input"), p, &[t, inp])?;
+    let token_order = merged && selection == Selection::Exact && Formulation::merged_token_order(out, inp, t);
+    let rotated = !merged || token_order;
+    if half {
+        l.add(ws, &name("bf16 gradient staging"), &[t, out], BF16)?;
+        if rotated {
+            l.add(ws, &name("bf16 rotated staging"), &[t, super::checked_sum(out, inp)?], BF16)?;
+        }
+    }
+    if rotated {
+        l.add(ws, &name("rotated scratch"), &[t, super::checked_sum(out, inp)?], MASTER)?;
+    }
+    if sd {
+        l.add(ws, &name("SparseByDense rows"), &[t], U32)?;
+        if !merged {
+            l.add(ws, &name("SparseByDense block"), &[t, out], MASTER)?;
+        }
+        operand(l, ws, &name("SparseByDense block"), p, &[t, out])?;
+        operand(l, ws, &name("SparseByDense rows"), p, &[t, inp])?;
+    }
+    Ok(())
+}
