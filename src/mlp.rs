@@ -13,9 +13,11 @@
 //! device for a device backend).
 
 use crate::backend::operand::grow;
+use crate::backend::Precision;
 use crate::backend::{Backend, GeluKind};
 use crate::basis::{Basis, GramAccumulator, GramSet};
 use crate::error::{Error, Result};
+use crate::linear::dense::Bf16Staging;
 use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
 use crate::scalar::Real;
 use std::collections::BTreeMap;
@@ -214,6 +216,8 @@ pub(crate) struct LlamaMlpScratch<B: Backend, F: Real> {
     da: B::Buf<F>,
     db: B::Buf<F>,
     dx_up: B::Buf<F>,
+    /// The bf16 stagings of the dense projections (frozen ones included), in bf16 models.
+    staging: Bf16Staging<B>,
 }
 
 impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
@@ -226,12 +230,24 @@ impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
             da: backend.alloc(0)?,
             db: backend.alloc(0)?,
             dx_up: backend.alloc(0)?,
+            staging: Bf16Staging::new(backend)?,
         })
     }
 
     /// Grows the buffers for `tokens` rows of an `(hidden, ffn)` block; `a` and `b` only
-    /// when `pre_activations` (some block that saves nothing uses them).
-    pub(crate) fn ensure(&mut self, be: &B, tokens: usize, shape: MlpShape, pre_activations: bool) -> Result<()> {
+    /// when `pre_activations` (some block that saves nothing uses them), the bf16 stagings
+    /// only when `half`.
+    pub(crate) fn ensure(
+        &mut self,
+        be: &B,
+        tokens: usize,
+        shape: MlpShape,
+        pre_activations: bool,
+        half: bool,
+    ) -> Result<()> {
+        if half {
+            self.staging.ensure(be, tokens * shape.ffn.max(shape.hidden))?;
+        }
         let n = tokens * shape.ffn;
         for buf in [&mut self.h, &mut self.dh, &mut self.da, &mut self.db] {
             grow(be, buf, n)?;
@@ -257,6 +273,7 @@ pub struct LlamaMlp<B: Backend, F: Real = f32> {
     b: B::Buf<F>,
     /// The scratch of a block used alone (a model passes its shared one instead).
     own: Option<LlamaMlpScratch<B, F>>,
+    precision: Precision,
     saved_tokens: Option<usize>,
 }
 
@@ -282,6 +299,7 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
             a: backend.alloc(0)?,
             b: backend.alloc(0)?,
             own: None,
+            precision: opts.precision,
             saved_tokens: None,
         })
     }
@@ -304,7 +322,10 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
         let mut own = self.take_own()?;
         let shape = MlpShape { hidden: self.hidden, ffn: self.ffn };
-        let r = own.ensure(&self.backend, tokens, shape, false).and_then(|_| self.forward_shared(x, tokens, y, &mut own, true));
+        let half = self.precision == Precision::Bf16;
+        let r = own
+            .ensure(&self.backend, tokens, shape, false, half)
+            .and_then(|_| self.forward_shared(x, tokens, y, &mut own, true));
         self.own = Some(own);
         r
     }
@@ -327,10 +348,11 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
             grow(be, &mut self.b, n)?;
         }
         let (a, b) = if save { (&mut self.a, &mut self.b) } else { (&mut scratch.a, &mut scratch.b) };
-        self.gate.linear.forward(x, tokens, a)?;
-        self.up.linear.forward(x, tokens, b)?;
+        let st = &mut scratch.staging;
+        self.gate.linear.forward_staged(x, tokens, a, st)?;
+        self.up.linear.forward_staged(x, tokens, b, st)?;
         be.swiglu(a, b, &mut scratch.h, n)?;
-        self.down.linear.forward(&scratch.h, tokens, y)?;
+        self.down.linear.forward_staged(&scratch.h, tokens, y, st)?;
         if save {
             self.saved_tokens = Some(tokens);
         }
@@ -360,17 +382,18 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         }
         let be = &self.backend;
         let n = tokens * self.ffn;
-        self.down.linear.backward(g, tokens, Some(&mut s.dh))?;
+        let st = &mut s.staging;
+        self.down.linear.backward_staged(g, tokens, Some(&mut s.dh), st)?;
         be.swiglu_backward(&self.a, &self.b, &s.dh, &mut s.da, &mut s.db, n)?;
         match dx {
             Some(dx) => {
-                self.gate.linear.backward(&s.da, tokens, Some(dx))?;
-                self.up.linear.backward(&s.db, tokens, Some(&mut s.dx_up))?;
+                self.gate.linear.backward_staged(&s.da, tokens, Some(dx), st)?;
+                self.up.linear.backward_staged(&s.db, tokens, Some(&mut s.dx_up), st)?;
                 be.axpy(F::ONE, &s.dx_up, dx, tokens * self.hidden)
             }
             None => {
-                self.gate.linear.backward(&s.da, tokens, None)?;
-                self.up.linear.backward(&s.db, tokens, None)
+                self.gate.linear.backward_staged(&s.da, tokens, None, st)?;
+                self.up.linear.backward_staged(&s.db, tokens, None, st)
             }
         }
     }

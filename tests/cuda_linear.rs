@@ -145,3 +145,36 @@ fn harness_self_check_on_the_cpu() {
 cuda_test!(fn cuda_bf16_merged_weight_uses_the_f32_basis(cuda) {
     check_bf16_merged_weight(&cuda);
 });
+
+// A frozen bf16 projection holds only its bf16 weight (rounded on the host): forward and
+// `dx` must equal, bit for bit, those of the same weight kept in f32 and cast on the device
+// (a Full layer before its first step), and its merged weight is that rounding widened.
+cuda_test!(fn cuda_frozen_bf16_layer_without_an_f32_copy_computes_the_same(cuda) {
+    use sparsegrad::{LinearBuilder, Method, TrainOptions};
+    let (out, inp, tokens) = (37, 29, 13);
+    let mut r = rng(41);
+    let w = rand_vec(&mut r, out * inp);
+    let x = rand_vec(&mut r, tokens * inp);
+    let g = rand_vec(&mut r, tokens * out);
+    let opts = TrainOptions { precision: Precision::Bf16, ..Default::default() };
+    let run = |method: Method| {
+        let mut layer = LinearBuilder::new(&w, out, inp).method(method).options(opts).build(&cuda).unwrap();
+        let (xb, gb) = (cuda.upload(&x).unwrap(), cuda.upload(&g).unwrap());
+        let (mut y, mut dx) = (cuda.upload(&vec![f32::NAN; tokens * out]).unwrap(), cuda.upload(&vec![f32::NAN; tokens * inp]).unwrap());
+        layer.forward(&xb, tokens, &mut y).unwrap();
+        layer.backward(&gb, tokens, Some(&mut dx)).unwrap();
+        (cuda.download(&y, tokens * out).unwrap(), cuda.download(&dx, tokens * inp).unwrap(), layer.merged_weight().unwrap())
+    };
+    let (yf, dxf, wf) = run(Method::Frozen);
+    let (yt, dxt, wt) = run(Method::Full);
+    assert!(yf.iter().zip(&yt).all(|(a, b)| a.to_bits() == b.to_bits()), "forward differs");
+    assert!(dxf.iter().zip(&dxt).all(|(a, b)| a.to_bits() == b.to_bits()), "dx differs");
+    assert_eq!(wt, w, "the Full layer's master weight is exact");
+    let rounded: Vec<f32> = w.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect();
+    assert_eq!(wf, rounded, "a frozen bf16 layer holds W rounded to bf16");
+    // The device allocated no f32 copy: the frozen layer's weight is out * in bf16 values.
+    let before = cuda.memory_stats().current_bytes;
+    let frozen = LinearBuilder::new(&w, out, inp).method(Method::Frozen).options(opts).build(&cuda).unwrap();
+    assert_eq!(cuda.memory_stats().current_bytes - before, out * inp * 2);
+    drop(frozen);
+});

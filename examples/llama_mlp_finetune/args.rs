@@ -236,10 +236,7 @@ fn parse_projections(v: &str) -> Result<[bool; 3]> {
     let mut on = [false; 3];
     for part in v.split(',') {
         let j = ["gate", "up", "down"].iter().position(|&g| g == part.trim()).ok_or_else(|| {
-            Error::invalid(
-                FLAG,
-                format!("`{}` is not one of gate, up, down", sparsegrad::io::fs::escape(part, 100)),
-            )
+            Error::invalid(FLAG, format!("`{}` is not one of gate, up, down", sparsegrad::io::fs::escape(part, 100)))
         })?;
         if on[j] {
             return Err(Error::invalid(FLAG, format!("`{}` is listed twice", part.trim())));

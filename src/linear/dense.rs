@@ -39,6 +39,25 @@ impl Default for DenseConfig {
     }
 }
 
+/// bf16 stagings of a dense layer's input `x` and output gradient `g`: each is written and
+/// read inside one forward or backward, so a model shares one pair among all its layers,
+/// sized for the largest ([`DenseLinear::forward_staged`]); a layer used alone keeps its own.
+pub(crate) struct Bf16Staging<B: Backend> {
+    pub(crate) x: B::Buf<bf16>,
+    pub(crate) g: B::Buf<bf16>,
+}
+
+impl<B: Backend> Bf16Staging<B> {
+    pub(crate) fn new(be: &B) -> Result<Self> {
+        Ok(Bf16Staging { x: be.alloc(0)?, g: be.alloc(0)? })
+    }
+    /// Grows both to `len` values.
+    pub(crate) fn ensure(&mut self, be: &B, len: usize) -> Result<()> {
+        crate::backend::operand::grow(be, &mut self.x, len)?;
+        crate::backend::operand::grow(be, &mut self.g, len)
+    }
+}
+
 /// The MeProp selection state.
 struct TopK<B: Backend, F: Real> {
     k: usize,
@@ -167,25 +186,53 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         }
     }
 
-    fn ensure_tokens(&mut self, tokens: usize) -> Result<()> {
-        if tokens <= self.capacity {
-            return Ok(());
-        }
+    /// Grows the saved input and, without a shared staging (`own_stagings`), the layer's
+    /// own bf16 stagings.
+    fn ensure_tokens(&mut self, tokens: usize, own_stagings: bool) -> Result<()> {
         let trains = self.grad_w.is_some();
         let half = self.precision == Precision::Bf16;
-        // Only a trained weight needs x for backward (dW = g^T x); dx = g W does not.
-        self.saved = Operand::alloc(&self.backend, self.precision, if trains { tokens * self.inp } else { 0 })?;
-        self.x_half = if half && !trains { Some(self.backend.alloc(tokens * self.inp)?) } else { None };
-        self.g_half = if half { Some(self.backend.alloc(tokens * self.out)?) } else { None };
-        self.capacity = tokens;
+        if tokens > self.capacity {
+            // Only a trained weight needs x for backward (dW = g^T x); dx = g W does not.
+            self.saved = Operand::alloc(&self.backend, self.precision, if trains { tokens * self.inp } else { 0 })?;
+            self.capacity = tokens;
+        }
+        if own_stagings && half {
+            let be = &self.backend;
+            let own = |buf: &mut Option<B::Buf<bf16>>, len: usize| -> Result<()> {
+                match buf {
+                    Some(b) => crate::backend::operand::grow(be, b, len),
+                    None => {
+                        *buf = Some(be.alloc(len)?);
+                        Ok(())
+                    }
+                }
+            };
+            if !trains {
+                own(&mut self.x_half, tokens * self.inp)?;
+            }
+            own(&mut self.g_half, tokens * self.out)?;
+        }
         Ok(())
     }
 
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+        self.forward_staged(x, tokens, y, None)
+    }
+
+    /// [`Self::forward`] staging `x` in bf16 in the shared `staging` (grown by the caller to
+    /// `tokens * in`) instead of the layer's own.
+    pub(crate) fn forward_staged(
+        &mut self,
+        x: &B::Buf<F>,
+        tokens: usize,
+        y: &mut B::Buf<F>,
+        staging: Option<&mut Bf16Staging<B>>,
+    ) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
         check_forward(&self.backend, "DenseLinear::forward", x, y, tokens, (out, inp))?;
         self.saved_tokens = None;
-        self.ensure_tokens(tokens)?;
+        self.ensure_tokens(tokens, staging.is_none())?;
+        let half = self.precision == Precision::Bf16;
         let be = &self.backend;
         let w_op = match (&self.w_half, &self.w) {
             (Some(h), _) => OperandRef::Half(h),
@@ -196,7 +243,11 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             self.saved.store(be, x, tokens * inp)?;
             self.saved.as_ref()
         } else {
-            stage(be, x, self.x_half.as_mut(), tokens * inp)?
+            let x_half = match staging {
+                Some(st) => half.then_some(&mut st.x),
+                None => self.x_half.as_mut(),
+            };
+            stage(be, x, x_half, tokens * inp)?
         };
         mm(be, &Gemm::nt(tokens, out, inp), x_op, w_op, y)?;
         if let Some(b) = &self.bias {
@@ -209,7 +260,20 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     /// `dx = g W` into `dx` if given; `dW = g^T x` (and its top-k under MeProp) and `db`
     /// only when the layer trains.
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        self.backward_staged(g, tokens, dx, None)
+    }
+
+    /// [`Self::backward`] staging `g` in bf16 in the shared `staging` (grown by the caller
+    /// to `tokens * out`) instead of the layer's own.
+    pub(crate) fn backward_staged(
+        &mut self,
+        g: &B::Buf<F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+        staging: Option<&mut Bf16Staging<B>>,
+    ) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
+        let half = self.precision == Precision::Bf16;
         check_backward(
             &self.backend,
             "DenseLinear::backward",
@@ -221,7 +285,11 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         )?;
         self.grad_ready = false;
         let be = &self.backend;
-        let g_op = stage(be, g, self.g_half.as_mut(), tokens * out)?;
+        let g_half = match staging {
+            Some(st) => half.then_some(&mut st.g),
+            None => self.g_half.as_mut(),
+        };
+        let g_op = stage(be, g, g_half, tokens * out)?;
         if let Some(dx) = dx {
             let w_op = match (&self.w_half, &self.w) {
                 (Some(h), _) => OperandRef::Half(h),
@@ -405,7 +473,10 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             _ => return Err(mismatch("adapter", "not a dense state")),
         };
         let be = self.backend.clone();
-        let w = self.w.as_mut().ok_or_else(|| Error::invalid("DenseLinear::import_state", "the layer holds no f32 weight"))?;
+        let w = self
+            .w
+            .as_mut()
+            .ok_or_else(|| Error::invalid("DenseLinear::import_state", "the layer holds no f32 weight"))?;
         match state {
             LayerState::Full { weight, .. } => weight.upload(&be, w, self.moments.as_mut())?,
             LayerState::MeProp { weight, .. } => {

@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::backend::Precision;
 use crate::basis::Basis;
 use crate::error::{Error, Result};
-use crate::linear::dense::{DenseConfig, DenseLinear, DenseMode};
+use crate::linear::dense::{Bf16Staging, DenseConfig, DenseLinear, DenseMode};
 use crate::linear::lora::{LoraConfig, LoraLinear};
 use crate::linear::sparsegrad::{Formulation, MergedUpdate, Selection, SparseGradConfig, SparseGradLinear};
 use crate::linear::state::LayerState;
@@ -247,6 +247,34 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         each!(self, l => l.backward(g, tokens, dx))
+    }
+
+    /// [`Self::forward`] with a model's shared bf16 staging (dense layers use it).
+    pub(crate) fn forward_staged(
+        &mut self,
+        x: &B::Buf<F>,
+        tokens: usize,
+        y: &mut B::Buf<F>,
+        staging: &mut Bf16Staging<B>,
+    ) -> Result<()> {
+        match self {
+            Linear::Dense(l) => l.forward_staged(x, tokens, y, Some(staging)),
+            other => other.forward(x, tokens, y),
+        }
+    }
+
+    /// [`Self::backward`] with a model's shared bf16 staging (dense layers use it).
+    pub(crate) fn backward_staged(
+        &mut self,
+        g: &B::Buf<F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+        staging: &mut Bf16Staging<B>,
+    ) -> Result<()> {
+        match self {
+            Linear::Dense(l) => l.backward_staged(g, tokens, dx, Some(staging)),
+            other => other.backward(g, tokens, dx),
+        }
     }
 
     pub fn step(&mut self) -> Result<()> {

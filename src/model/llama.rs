@@ -375,7 +375,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             s.saved.ensure(be, c, &shape, t, false)?;
         }
         let below = lowest.is_none_or(|lo| lo > 0);
-        s.mlp.ensure(be, t, MlpShape { hidden: c.hidden, ffn: c.ffn }, below)?;
+        let half = self.precision == Precision::Bf16;
+        s.mlp.ensure(be, t, MlpShape { hidden: c.hidden, ffn: c.ffn }, below, half)?;
         if t <= s.tokens {
             return Ok(());
         }

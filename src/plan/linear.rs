@@ -173,16 +173,11 @@ pub(super) fn projection(
             if trains {
                 moments(l, opt, &name("Adam moments"), checked_len(out, inp)?)?;
             }
-            // ensure_tokens: x saved when a weight gradient is computed, else its bf16
-            // staging; the bf16 staging of g.
+            // ensure_tokens: x saved when a weight gradient is computed. The bf16 stagings of
+            // x and g are the model's shared pair (booked with the model's scratch).
             l.tokens_phase = true;
             if grads {
                 operand(l, Category::SavedActivations, &name("saved input"), opts.precision, &[t, inp])?;
-            } else if half {
-                l.add(Category::LayerWorkspace, &name("bf16 input staging"), &[t, inp], BF16)?;
-            }
-            if half {
-                l.add(Category::LayerWorkspace, &name("bf16 gradient staging"), &[t, out], BF16)?;
             }
             Ok(())
         }

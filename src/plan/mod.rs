@@ -179,7 +179,10 @@ impl MemoryPlan {
         let c = &setup.config;
         let (plan, opts) = (&setup.plan, &setup.options);
         if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
-            return Err(Error::invalid("memory plan", format!("layer {l} does not exist (the model has {})", c.layers)));
+            return Err(Error::invalid(
+                "memory plan",
+                format!("layer {l} does not exist (the model has {})", c.layers),
+            ));
         }
         if setup.batch == 0 || setup.seq == 0 {
             return Err(Error::invalid("memory plan", "batch and sequence length must be positive"));
@@ -207,7 +210,12 @@ impl MemoryPlan {
         for i in 0..c.layers {
             let trains = plan.layers.contains(&i);
             l.add(Category::FrozenWeights, "attention and norms", &[2, h], MASTER)?;
-            l.add(Category::FrozenWeights, "attention and norms", &[checked_sum(checked_sum(q, kv)?, kv)?, h], operand)?;
+            l.add(
+                Category::FrozenWeights,
+                "attention and norms",
+                &[checked_sum(checked_sum(q, kv)?, kv)?, h],
+                operand,
+            )?;
             l.add(Category::FrozenWeights, "attention and norms", &[h, q], operand)?;
             for j in 0..3 {
                 let method = if trains { plan.methods[j] } else { Method::Frozen };
@@ -267,6 +275,10 @@ impl MemoryPlan {
         }
         l.add(Category::SharedWorkspace, "MLP scratch", &[4, t, f], MASTER)?;
         l.add(Category::SharedWorkspace, "MLP scratch", &[t, h], MASTER)?;
+        if half {
+            // The dense projections' bf16 stagings of x and g (Bf16Staging), shared.
+            l.add(Category::SharedWorkspace, "MLP scratch", &[2, t, f.max(h)], BF16)?;
+        }
         // The shared scratch (LlamaModel::ensure).
         let sw = Category::SharedWorkspace;
         l.add(sw, "token ids, targets", &[2, t], U32)?;
@@ -283,7 +295,8 @@ impl MemoryPlan {
         if let Some(lowest) = lowest {
             if lowest + 1 < c.layers {
                 let rows = checked(&[setup.batch, c.heads, setup.seq])?;
-                let words = crate::backend::cuda::arena_words(crate::backend::cuda::attention_backward_arena_words(rows));
+                let words =
+                    crate::backend::cuda::arena_words(crate::backend::cuda::attention_backward_arena_words(rows));
                 l.add(sw, "scratch arena", &[words], U64)?;
             }
         }
@@ -338,7 +351,11 @@ impl MemoryPlan {
             s.push_str(&format!("  {:<32} {:>9.3} GB\n", c.label(), gb(b)));
         }
         if self.construction_transient > 0 {
-            s.push_str(&format!("  {:<32} {:>9.3} GB\n", "construction scratch (freed)", gb(self.construction_transient)));
+            s.push_str(&format!(
+                "  {:<32} {:>9.3} GB\n",
+                "construction scratch (freed)",
+                gb(self.construction_transient)
+            ));
         }
         s.push_str(&format!("  {:<32} {:>9.3} GB\n", "total", gb(self.total())));
         s
