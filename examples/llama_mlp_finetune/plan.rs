@@ -36,7 +36,7 @@ mod imp {
     use super::*;
     use sparsegrad::perf::roofline::{DeviceModel, H100_SXM, H200};
     use sparsegrad::plan::{MemoryPlan, PlanSetup};
-    use sparsegrad::recipes::finetune::FinetuneConfig;
+    use sparsegrad::recipes::finetune::{FinetuneConfig, MethodKind};
     use sparsegrad::{Cuda, Error};
 
     /// The plan of `args` on `config` at `batch` sentences (the flags' own batch unless told).
@@ -144,14 +144,19 @@ mod imp {
         Ok(())
     }
 
-    /// Stops a CUDA run whose plan exceeds the device's free memory, before it loads.
+    /// Stops a CUDA run whose plan exceeds the device's free memory, before it loads (with
+    /// `--compare`, the plan of every method: each runs on a fresh backend).
     pub fn check_fits(args: &Args, cuda: &Cuda) -> Result<()> {
         // A configuration that cannot be read is reported by the loader, in its words.
         let Ok(c) = read_config(args) else { return Ok(()) };
         let device = if cuda.device_name().contains("H200") { H200 } else { H100_SXM };
-        let plan = plan_on(args, &c, args.batch, args.projections, device)?;
         let (free, _) = cuda.memory_info()?;
-        plan.check_fits(free as u128)
+        let methods = if args.compare { MethodKind::ALL.to_vec() } else { vec![args.method] };
+        for method in methods {
+            let args = Args { method, ..args.clone() };
+            plan_on(&args, &c, args.batch, args.projections, device)?.check_fits(free as u128)?;
+        }
+        Ok(())
     }
 }
 

@@ -118,6 +118,12 @@ pub(super) fn projection(
             Err(crate::Error::invalid("memory plan", format!("{label}: SparseGrad without its choice")))
         }
         (Method::Lora { rank: r, .. }, _) => {
+            if r == 0 || r > out.min(inp) {
+                return Err(crate::Error::invalid(
+                    "memory plan",
+                    format!("{label}: LoRA rank {r} outside 1..={}", out.min(inp)),
+                ));
+            }
             l.add(Category::FrozenWeights, &name("weight"), &[out, inp], MASTER)?;
             if half {
                 l.add(Category::FrozenWeights, &name("weight, bf16 copy"), &[out, inp], BF16)?;

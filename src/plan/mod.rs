@@ -328,7 +328,7 @@ impl MemoryPlan {
     /// The `n` largest lines, largest first.
     pub fn largest(&self, n: usize) -> Vec<&PlanItem> {
         let mut v: Vec<&PlanItem> = self.items.iter().collect();
-        v.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+        v.sort_by_key(|i| std::cmp::Reverse(i.bytes));
         v.truncate(n);
         v
     }

@@ -141,4 +141,9 @@ fn sizes_that_overflow_and_bad_plans_are_errors() {
     assert!(MemoryPlan::llama(&s).unwrap_err().to_string().contains("exceeds the 3 positions"));
     s.seq = 0;
     assert!(MemoryPlan::llama(&s).is_err());
+    // A LoRA rank the layer would refuse (above min(out, in) = 8).
+    let mut s = setup(vec![1], [Method::Lora { rank: 9, alpha: 1.0 }; 3], Precision::Full);
+    assert!(MemoryPlan::llama(&s).unwrap_err().to_string().contains("LoRA rank 9 outside 1..=8"));
+    s.plan.methods = [Method::Lora { rank: 8, alpha: 1.0 }; 3];
+    assert!(MemoryPlan::llama(&s).is_ok());
 }
