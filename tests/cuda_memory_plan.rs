@@ -163,7 +163,7 @@ cuda_test!(
                 }
             }
         }
-        refuses_a_run_that_does_not_fit(&c);
+        refuses_a_run_that_does_not_fit(&config());
     }
 );
 
