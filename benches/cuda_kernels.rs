@@ -250,7 +250,8 @@ fn run<const OUT: usize, const IN: usize, const T: usize, const HEADS: usize, co
     println!("\n-- transformer ops (T = {T}, hidden {IN} = {HEADS} heads x {HEAD_DIM}, vocab {VOCAB})");
     let hid = T * IN;
     let xs = buf(cuda, &rand_vec(&mut r, hid));
-    let wn = buf(cuda, &rand_vec(&mut r, IN));
+    // At least 576 entries: the 576-wide rows below use it too (the tiny shapes are narrower).
+    let wn = buf(cuda, &rand_vec(&mut r, IN.max(576)));
     let (mut yn, mut dxn, mut inv) =
         (zeros::<f32>(cuda, hid), zeros::<f32>(cuda, hid), zeros::<f32>(cuda, T.max(hid / 576)));
     b.mem(
