@@ -107,7 +107,12 @@ fn gemm_peak(cuda: &Cuda, r: &mut SmallRng) -> (f64, f64) {
 /// `D^T` against `P`, one atomic add per entry and row of `P`, then `(P D) Q^T`) against the
 /// GPU's (a) Dense (`D` stored densely, two GEMMs; f32, TF32, bf16) and (b) Runs (`E = D Q^T`
 /// by row runs, one GEMM), each beside the roofline model's prediction for this device.
-fn merged_update_by_columns<const OUT: usize, const IN: usize>(b: &Bench, coo: &Coo<Cuda, f32>, host: &HostCoo<f32>, r: &mut SmallRng) {
+fn merged_update_by_columns<const OUT: usize, const IN: usize>(
+    b: &Bench,
+    coo: &Coo<Cuda, f32>,
+    host: &HostCoo<f32>,
+    r: &mut SmallRng,
+) {
     use sparsegrad::perf::roofline::H100_SXM;
     use sparsegrad::{GemmMode, MergedUpdate, Precision};
     let cuda = &b.cuda;
@@ -182,8 +187,14 @@ fn main() {
     }
 }
 
-#[allow(non_snake_case)]
-fn run<const OUT: usize, const IN: usize, const T: usize, const HEADS: usize, const HEAD_DIM: usize, const VOCAB: usize>(
+fn run<
+    const OUT: usize,
+    const IN: usize,
+    const T: usize,
+    const HEADS: usize,
+    const HEAD_DIM: usize,
+    const VOCAB: usize,
+>(
     cuda: Cuda,
 ) {
     println!(

@@ -228,7 +228,8 @@ def shape_section(r, runs, peers, device):
     r.caption("Random weights; measured = CUDA events around one whole step of the slice that ran (after warm-up); "
               "predicted = the roofline model from the step's own counts, for the slice's target (the full model); "
               "peer = transformers LlamaForCausalLM with the same layers, trained blocks, projections and "
-              "tokens per step (official SparseGrad / PEFT LoRA / full fine-tuning of those MLPs).")
+              "tokens per step (official SparseGrad / PEFT LoRA / full fine-tuning of those MLPs). bf16: ours keeps f32 "
+              "master weights and runs bf16 operands; the peer holds the whole model in bf16.")
     want = "H200" if "H200" in (device or "") else "H100"
     r.add(f"Predictions for: {want} (the run's device)." if not r.emulated else
           "Predictions for: H100 SXM (counts from the emulated device).")
