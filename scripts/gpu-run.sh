@@ -240,10 +240,15 @@ summary="$OUT/summary.txt"
 say() { echo "$*" | tee -a "$summary"; }
 
 start=$SECONDS
-tar -xJf "$BUNDLE/bundle.tar.xz" -C "$WORK"
+if command -v xz >/dev/null; then
+    tar -xJf "$BUNDLE/bundle.tar.xz" -C "$WORK"
+else
+    # No xz on the image: Python's lzma does the same.
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$BUNDLE/bundle.tar.xz" "$WORK"
+fi
 say "gpu-run: mode=$MODE"
 say "info date: $(date -u +%FT%TZ)"
-say "info host: $(hostname) ($(uname -m), $(nproc) cores)"
+say "info host: $(uname -n) ($(uname -m), $(nproc) cores)"
 say "info command: $command_line"
 while IFS= read -r line; do say "info bundle $line"; done <"$WORK/MANIFEST"
 say "info unpack_seconds: $((SECONDS - start))"
