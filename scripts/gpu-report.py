@@ -305,6 +305,9 @@ def main():
         r.add("", "PyTorch peer: **stub** (no figures).")
     else:
         e = peers.env
+        for x in peers.recs:
+            if x.get("kind") == "error":
+                r.add("", f"PyTorch peer FAILED: {x.get('error')}")
         r.add("", f"PyTorch peer: torch {e.get('torch', '?')} (CUDA {e.get('cuda', '?')}), transformers "
               f"{e.get('transformers', '?')}, PEFT {e.get('peft', '?')} on {e.get('device', '?')}")
     tests_section(r, read(a.out_dir, "tests.log"))

@@ -122,15 +122,23 @@ gather_tests() {
     done
 }
 
+# A bench that finds no device prints `skipped: no CUDA device` and exits 0: a failure here.
+bench() {
+    local name="$1" rc=0
+    shift
+    echo "===== $name" >>"$OUT/bench.log"
+    "$@" --bench 2>&1 | tee "$WORK/$name.log" >>"$OUT/bench.log" || rc=$?
+    if grep -q '^skipped: no CUDA device' "$WORK/$name.log"; then rc=1; fi
+    return "$rc"
+}
+
 part_kernels() {
-    echo "===== cuda_kernels" >>"$OUT/bench.log"
-    "$WORK/bin/bench_cuda_kernels" --bench >>"$OUT/bench.log" 2>&1
+    bench cuda_kernels "$WORK/bin/bench_cuda_kernels"
 }
 
 part_layer() {
-    echo "===== cuda_layer" >>"$OUT/bench.log"
     # SPARSEGRAD_BENCH_MEASURE=0: Formulation::measure's calibration would not fit the limit.
-    SPARSEGRAD_BENCH_MEASURE=0 "$WORK/bin/bench_cuda_layer" --bench >>"$OUT/bench.log" 2>&1
+    SPARSEGRAD_BENCH_MEASURE=0 bench cuda_layer "$WORK/bin/bench_cuda_layer"
 }
 
 part_shape() {
@@ -283,7 +291,11 @@ else
     say "info clocks: $(nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,clocks.mem --format=csv,noheader 2>/dev/null | head -n1 || echo '?')"
 fi
 export CUBLAS_PATH="${CUBLAS_PATH:-}"
-say "info cublas: ${CUBLAS_PATH:-not needed (emulated)}"
+if [ "$MODE" = rehearse ]; then
+    say "info cublas: the emulator's (emulated)"
+else
+    say "info cublas: ${CUBLAS_PATH:-libcublas.so.13 NOT FOUND (every CUDA part will fail)}"
+fi
 export OUT WORK MODE EMU_DIR
 
 # GPU_RUN_LIMITS="tests=90,peer=60" overrides parts' limits (seconds), e.g. to try a timeout.

@@ -225,7 +225,11 @@ def main():
                         emit(out, dict(kind="layer", shape=shape, out=o, inp=i, tokens=a.tokens, dtype=dt, variant=v,
                                        stub=True, note=note))
             return 0
-        import torch
+        try:
+            import torch
+        except ImportError as e:
+            emit(out, {"kind": "error", "error": f"no PyTorch here: {e}"})
+            return 1
 
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
