@@ -175,8 +175,15 @@ if [ "$from_release" = 0 ] && [ "$rehearse" = 1 ]; then
     out="target/gpu-bundle-check"
     mkdir -p "$out"
     echo "gpu-bundle: rehearsing the bundle on the emulated device (OUT=$out)" >&2
-    OUT="$out" bash "$dest/gpu-run.sh" --rehearse --bundle "$dest" --emu target/cuda-emu
+    rc=0
+    OUT="$out" bash "$dest/gpu-run.sh" --rehearse --bundle "$dest" --emu target/cuda-emu || rc=$?
     python3 scripts/gpu-report.py "$out" >"$out/report.md"
+    if [ "$rc" -ne 0 ]; then
+        echo "gpu-bundle: $dest is built, but on the emulated device these parts failed:" >&2
+        grep -E '^part .* rc=[^0]' "$out/summary.txt" >&2 || true
+        echo "gpu-bundle: see $out/*.log and $out/report.md (--no-rehearse skips this check)" >&2
+        exit 1
+    fi
     echo "gpu-bundle: rehearsal passed; report in $out/report.md" >&2
 fi
 echo "gpu-bundle: on the GPU machine run: bash target/gpu-bundle/gpu-run.sh --bundle target/gpu-bundle   (carry target/gpu-bundle)" >&2
