@@ -239,7 +239,8 @@ def shape_section(r, runs, peers, device):
     for run in runs:
         res = run.get("result")
         if not res:
-            r.add(f"| {run.get('name')} | - | - | - | - | - | - | - | {run.get('rc')} (no JSON) |")
+            why = f"skipped: {run['skipped']}" if run.get("skipped") else f"{run.get('rc')} (no JSON)"
+            r.add(f"| {run.get('name')} | - | - | - | - | - | - | - | {why} |")
             continue
         pred = next((p for p in res.get("predicted", []) if want in p.get("device", "")), None)
         gpu = res.get("gpu") or {}

@@ -161,13 +161,22 @@ part_shape() {
             done
         done
     fi
-    local spec name each=$(((PART_LIMIT - 5) / ${#runs[@]}))
+    # Each run gets at most 25 s (a rehearsal run its share), and never more than what is left
+    # of the part: a run that cannot start is recorded as skipped, so the part ends on its own.
+    local spec name each=$(((PART_LIMIT - 5) / ${#runs[@]})) part_t0=$SECONDS
     [ "$MODE" = rehearse ] || each=25
     for spec in "${runs[@]}"; do
         name="${spec%%:*}"
         read -r -a args <<<"${spec#*:}"
-        local json="$WORK/shape-$name.json" rc=0 t0=$SECONDS
+        local json="$WORK/shape-$name.json" rc=0 t0=$SECONDS left=$((PART_LIMIT - 5 - (SECONDS - part_t0)))
         rm -f "$json"
+        if [ "$left" -lt 5 ]; then
+            echo "===== gpu_shape $name: skipped (the part's time is spent)" >>"$OUT/shape.log"
+            echo "{\"name\": \"$name\", \"rc\": null, \"skipped\": \"the part's time is spent\", \"result\": null}" >>"$OUT/shape.jsonl"
+            status=1
+            continue
+        fi
+        [ "$left" -lt "$each" ] && each=$left
         echo "===== gpu_shape $name: ${args[*]}" >>"$OUT/shape.log"
         local envs=()
         [ "$MODE" = rehearse ] && envs=(SG_EMU_PROFILE="$WORK/shape-$name.emu.jsonl")
