@@ -19,10 +19,14 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Builds the example (same profile as the tests) and returns its binary.
+/// Builds the example (same profile as the tests) and returns its binary; where
+/// `SPARSEGRAD_GPU_SHAPE_EXE` names one (the GPU bundle, on a machine without cargo), that.
 fn example() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(exe) = std::env::var_os("SPARSEGRAD_GPU_SHAPE_EXE") {
+            return PathBuf::from(exe);
+        }
         let out = Command::new(env!("CARGO"))
             .args(["build", "--release", "--example", "gpu_shape", "--message-format=json-render-diagnostics"])
             .current_dir(root())

@@ -112,6 +112,9 @@ inline unsigned match_any(const char* file, int line, unsigned mask, T v) {
 }  // namespace sg_emu
 
 #define __syncthreads() ::sg_emu::syncthreads(__FILE__, __LINE__)
+// A device-wide memory fence: the emulator's blocks share one address space, so a full
+// compiler and hardware fence orders this thread's writes before its later atomics.
+#define __threadfence() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define __syncwarp(...) ((void)::sg_emu::warp_op(::sg_emu::SYNCWARP, (__VA_ARGS__ + 0) ? (__VA_ARGS__ + 0) : 0xffffffffu, 0, 0, 0, __FILE__, __LINE__))
 #define __shfl_xor_sync(...) ::sg_emu::shfl_xor(__FILE__, __LINE__, __VA_ARGS__)
 #define __shfl_up_sync(...) ::sg_emu::shfl_up(__FILE__, __LINE__, __VA_ARGS__)
