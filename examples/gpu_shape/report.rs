@@ -219,19 +219,18 @@ pub fn print_and_save(
     println!(
         "CUDA graph ({run_label}, seq {}): a replayed step is {} graph launch(es), {} launches and {} cuBLAS calls \
          outside it, {} host wait(s), {} allocation(s), {} bytes host -> device",
-        graph.seq,
-        g.graph_launches,
-        g.kernel_launches,
-        outside_gemms,
-        g.host_syncs,
-        g.allocations,
-        g.htod_bytes
+        graph.seq, g.graph_launches, g.kernel_launches, outside_gemms, g.host_syncs, g.allocations, g.htod_bytes
     );
     let mode = if graph_ok { LaunchMode::Graph } else { LaunchMode::Eager };
     let mode_label = if graph_ok { "CUDA graph" } else { "eager: the graph check failed" };
     println!();
     let mut preds = Vec::new();
-    println!("{:<32} {:>14} {:>14}", format!("predicted time per step ({mode_label})"), DEVICES[0].name, DEVICES[1].name);
+    println!(
+        "{:<32} {:>14} {:>14}",
+        format!("predicted time per step ({mode_label})"),
+        DEVICES[0].name,
+        DEVICES[1].name
+    );
     let p: Vec<_> = DEVICES.iter().map(|d| d.predict(ctx.layer_weights.weighted(target), mode)).collect();
     let work = &target_counts.work;
     let floors: Vec<f64> = DEVICES.iter().map(|d| d.floor(work.flops, compulsory.total())).collect();
@@ -272,7 +271,10 @@ pub fn print_and_save(
         }));
     }
     if let Some(ms) = graph.gpu_step_ms {
-        println!("GPU measured ({}): a replayed CUDA graph step at seq {}: {ms:.3} ms (CUDA events)", ctx.device, graph.seq);
+        println!(
+            "GPU measured ({}): a replayed CUDA graph step at seq {}: {ms:.3} ms (CUDA events)",
+            ctx.device, graph.seq
+        );
     }
     let mut gpu = Value::Null;
     if let (Some(ms), Some(timed)) = (last.gpu_step_ms, &last.timed_events) {

@@ -47,7 +47,10 @@ impl Cuda {
         // (allocation, synchronisation) of this thread invalidates the capture; an engine's
         // other threads keep using CUDA undisturbed.
         unsafe {
-            drv::stream::begin_capture(self.stream.cu_stream(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            drv::stream::begin_capture(
+                self.stream.cu_stream(),
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
         }
         .map_err(cuda_err("cuStreamBeginCapture"))?;
         self.profiler.set_capturing(true);
