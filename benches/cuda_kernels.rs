@@ -27,12 +27,16 @@ use sparsegrad::backend::{
 };
 use sparsegrad::{AdamParams, Backend, Cuda, GeluKind, HostCoo, Precision, Result};
 
-const OUT: usize = 11008;
-const IN: usize = 4096;
-const T: usize = 2048;
-const HEADS: usize = 32;
-const HEAD_DIM: usize = 128;
-const VOCAB: usize = 49152;
+// The shapes are const generic parameters of `run` (LLaMA-2 7B's by default; `tiny()` picks
+// a rehearsal set small enough for the emulated device).
+
+/// `SPARSEGRAD_BENCH_TINY=1`: every shape shrunk (96 x 64 layer, 48 tokens, 4 heads of 16, a
+/// 256-token vocabulary, 128^3 GEMM peaks, a 256 KiB copy) so the whole bench runs in seconds
+/// on the CPU emulation of CUDA (scripts/gpu-run.sh --rehearse). Its figures are not GPU
+/// results.
+fn tiny() -> bool {
+    std::env::var("SPARSEGRAD_BENCH_TINY").as_deref() == Ok("1")
+}
 
 struct Bench {
     cuda: Cuda,
@@ -82,7 +86,7 @@ fn zeros<T: sparsegrad::Elem>(cuda: &Cuda, n: usize) -> CudaBuf<T> {
 }
 
 fn gemm_peak(cuda: &Cuda, r: &mut SmallRng) -> (f64, f64) {
-    let n = 8192;
+    let n = if tiny() { 128 } else { 8192 };
     let a = buf(cuda, &rand_vec(r, n * n));
     let b = buf(cuda, &rand_vec(r, n * n));
     let mut c = zeros::<f32>(cuda, n * n);
@@ -103,7 +107,12 @@ fn gemm_peak(cuda: &Cuda, r: &mut SmallRng) -> (f64, f64) {
 /// `D^T` against `P`, one atomic add per entry and row of `P`, then `(P D) Q^T`) against the
 /// GPU's (a) Dense (`D` stored densely, two GEMMs; f32, TF32, bf16) and (b) Runs (`E = D Q^T`
 /// by row runs, one GEMM), each beside the roofline model's prediction for this device.
-fn merged_update_by_columns(b: &Bench, coo: &Coo<Cuda, f32>, host: &HostCoo<f32>, r: &mut SmallRng) {
+fn merged_update_by_columns<const OUT: usize, const IN: usize>(
+    b: &Bench,
+    coo: &Coo<Cuda, f32>,
+    host: &HostCoo<f32>,
+    r: &mut SmallRng,
+) {
     use sparsegrad::perf::roofline::H100_SXM;
     use sparsegrad::{GemmMode, MergedUpdate, Precision};
     let cuda = &b.cuda;
@@ -170,6 +179,24 @@ fn main() {
             return;
         }
     };
+    if tiny() {
+        println!("SPARSEGRAD_BENCH_TINY=1: rehearsal shapes, not the LLaMA-2 7B ones");
+        run::<96, 64, 48, 4, 16, 256>(cuda);
+    } else {
+        run::<11008, 4096, 2048, 32, 128, 49152>(cuda);
+    }
+}
+
+fn run<
+    const OUT: usize,
+    const IN: usize,
+    const T: usize,
+    const HEADS: usize,
+    const HEAD_DIM: usize,
+    const VOCAB: usize,
+>(
+    cuda: Cuda,
+) {
     println!(
         "device: {} ({} SMs, compute capability {:?})",
         cuda.device_name(),
@@ -179,14 +206,15 @@ fn main() {
     let mut r = SmallRng::seed_from_u64(7);
 
     // Reference points of this run.
-    let copy_len = 256 << 20; // 1 GiB of f32
+    let copy_len = if tiny() { 1 << 16 } else { 256 << 20 }; // 1 GiB of f32
     let src = zeros::<f32>(&cuda, copy_len);
     let mut dst = zeros::<f32>(&cuda, copy_len);
     let ms = time(&cuda, 2, 10, || cuda.copy(&src, &mut dst, copy_len));
     let copy_gbs = 2.0 * 4.0 * copy_len as f64 / (ms * 1e-3) / 1e9;
     drop((src, dst));
     let (sgemm_tflops, bf16_tflops) = gemm_peak(&cuda, &mut r);
-    println!("device copy: {copy_gbs:.0} GB/s (read + write); cuBLAS 8192^3: sgemm {sgemm_tflops:.1} TFLOP/s, bf16 {bf16_tflops:.1} TFLOP/s");
+    let gemm_n = if tiny() { 128 } else { 8192 };
+    println!("device copy: {copy_gbs:.0} GB/s (read + write); cuBLAS {gemm_n}^3: sgemm {sgemm_tflops:.1} TFLOP/s, bf16 {bf16_tflops:.1} TFLOP/s");
     let b = Bench { cuda, copy_gbs, sgemm_tflops, bf16_tflops };
     let cuda = &b.cuda;
 
@@ -233,7 +261,8 @@ fn main() {
     println!("\n-- transformer ops (T = {T}, hidden {IN} = {HEADS} heads x {HEAD_DIM}, vocab {VOCAB})");
     let hid = T * IN;
     let xs = buf(cuda, &rand_vec(&mut r, hid));
-    let wn = buf(cuda, &rand_vec(&mut r, IN));
+    // At least 576 entries: the 576-wide rows below use it too (the tiny shapes are narrower).
+    let wn = buf(cuda, &rand_vec(&mut r, IN.max(576)));
     let (mut yn, mut dxn, mut inv) =
         (zeros::<f32>(cuda, hid), zeros::<f32>(cuda, hid), zeros::<f32>(cuda, T.max(hid / 576)));
     b.mem(
@@ -297,7 +326,7 @@ fn main() {
         time(cuda, 3, 20, || cuda.cross_entropy(&mut logits, &targets, &mask, T, VOCAB, 1.0 / T as f32, &mut losses)),
     );
     drop((logits, xs, yn, dxn));
-    attention(&b, &mut r);
+    attention::<T, HEADS, HEAD_DIM>(&b, &mut r);
 
     println!("\n-- sparse-by-dense (gt: {T} x {OUT}, 30% of rows and columns zero)");
     let gt_host: Vec<f32> = {
@@ -341,7 +370,8 @@ fn main() {
 
     println!("\n-- top-k (k = 1%)");
     let mut ws = cuda.topk_workspace(big).unwrap();
-    for &(rows, cols) in &[(OUT, IN), (1024, 1024), (64, 64)] {
+    let small = if tiny() { [(32, 32), (8, 8)] } else { [(1024, 1024), (64, 64)] };
+    for &(rows, cols) in &[(OUT, IN), small[0], small[1]] {
         let n = rows * cols;
         let m = if n == big { buf(cuda, &y0) } else { buf(cuda, &rand_vec(&mut r, n)) };
         let k = (n / 100).max(1);
@@ -381,7 +411,7 @@ fn main() {
     let ms = time(cuda, 2, 5, || cuda.coo_dense_t(&coo, &slot, n_slots, &q, IN, &mut dq));
     b.flops(&format!("coo_dense_t (Q {IN} x {IN}, {n_slots} slots)"), 2.0 * IN as f64 * k as f64, ms, b.sgemm_tflops);
 
-    merged_update_by_columns(&b, &coo, &host, &mut r);
+    merged_update_by_columns::<OUT, IN>(&b, &coo, &host, &mut r);
 
     println!("\n-- optimizers");
     let hp = AdamParams::default();
@@ -432,7 +462,7 @@ fn main() {
 
 /// The fused attention (cuda/attention.cu, cuda/attention_wmma.cu): forward and backward at
 /// LLaMA-2 7B's and BERT-base's head structure, both precisions.
-fn attention(b: &Bench, r: &mut SmallRng) {
+fn attention<const T: usize, const HEADS: usize, const HEAD_DIM: usize>(b: &Bench, r: &mut SmallRng) {
     let cuda = &b.cuda;
     let shapes = [
         (
@@ -440,7 +470,15 @@ fn attention(b: &Bench, r: &mut SmallRng) {
             AttentionShape { batch: 1, seq: T, heads: HEADS, kv_heads: HEADS, head_dim: HEAD_DIM },
             true,
         ),
-        ("BERT-base, padding", AttentionShape { batch: 32, seq: 128, heads: 12, kv_heads: 12, head_dim: 64 }, false),
+        (
+            "BERT-base, padding",
+            if tiny() {
+                AttentionShape { batch: 2, seq: 16, heads: 2, kv_heads: 2, head_dim: 16 }
+            } else {
+                AttentionShape { batch: 32, seq: 128, heads: 12, kv_heads: 12, head_dim: 64 }
+            },
+            false,
+        ),
     ];
     for (label, s, causal) in shapes {
         println!("\n-- fused attention, {label}: {s:?}");

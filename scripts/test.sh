@@ -29,4 +29,8 @@ NVCC=/nonexistent cargo check --quiet --locked --manifest-path examples/engine_d
 # benches/RESULTS.md). A panic, abort, hang or over-allocation fails the script.
 OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-Haswell}" target/release/examples/fuzz --target all --seconds 8
 scripts/test-cuda-emu.sh plain
+# The GPU run (README "Running on a GPU") rehearsed end to end on the emulated device at tiny
+# sizes: the bundle from the binaries built above, every part of scripts/gpu-run.sh (a stub in
+# place of the PyTorch peer), and the report, every figure marked emulated (a few minutes).
+scripts/gpu-rehearse.sh
 scripts/test-cuda-emu.sh asan

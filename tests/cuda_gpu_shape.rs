@@ -3,7 +3,9 @@
 //! example fails otherwise when `SG_EMU_PROFILE` is set), and the step holds the invariants
 //! the CUDA path keeps today: no device allocation after the first step, the same device
 //! calls in every measured step and at every sequence length (else the example fails), and
-//! a prediction that is at least its floor.
+//! a prediction that is at least its floor; one host wait per step; the step replayed as
+//! one CUDA graph; bf16 mode with every GEMM on tensor cores and f32 mode exact; and as many
+//! launches per layer at any batch.
 
 mod cuda_common;
 
@@ -17,10 +19,14 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Builds the example (same profile as the tests) and returns its binary.
+/// Builds the example (same profile as the tests) and returns its binary; where
+/// `SPARSEGRAD_GPU_SHAPE_EXE` names one (the GPU bundle, on a machine without cargo), that.
 fn example() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(exe) = std::env::var_os("SPARSEGRAD_GPU_SHAPE_EXE") {
+            return PathBuf::from(exe);
+        }
         let out = Command::new(env!("CARGO"))
             .args(["build", "--release", "--example", "gpu_shape", "--message-format=json-render-diagnostics"])
             .current_dir(root())
@@ -71,7 +77,21 @@ cuda_test!(
                 assert!(gemms > 0.0, "{what}: no cuBLAS call counted");
                 if dtype == "bf16" {
                     assert!(run["gemm_bf16"].as_f64().unwrap() > 0.0, "{what}: bf16 frozen operands, no bf16 GEMM");
+                    // Every GEMM on tensor cores in bf16 mode, the basis products included.
+                    assert_eq!(run["gemm_fp32"], 0.0, "{what}: a GEMM on FP32 cores in bf16 mode");
+                } else {
+                    // f32 stays exact f32 unless --tf32 is given.
+                    assert_eq!(run["gemm_bf16"].as_f64().unwrap() + run["gemm_tf32"].as_f64().unwrap(), 0.0, "{what}");
                 }
+                // The step reads one value back (the loss, with the deferred error flags).
+                assert_eq!(run["host_syncs"], 1.0, "{what}: host waits per step");
+                assert_eq!(j["target"]["counts"]["host_syncs"], 1.0, "{what}: host waits per step at the target");
+                // Replayed as one CUDA graph: outside it only the loss's reduction and its read.
+                let g = &j["graph"];
+                assert_eq!(g["ok"], true, "{what}: the step is not one CUDA graph: {g}");
+                assert_eq!((g["graph_launches"].as_f64(), g["host_syncs"].as_f64()), (Some(1.0), Some(1.0)), "{what}");
+                assert_eq!(j["launch_mode"], "graph", "{what}");
+                assert!(stdout.contains("CUDA graph (emulated") || !emulated, "{what}");
                 // The tiny slice is run whole (blocks 0 and 2 of 4 layers cover every kind):
                 // the 4-layer target differs only by its longer sequence.
                 assert_eq!(j["run"]["layers"], 3, "{what}");
@@ -83,6 +103,25 @@ cuda_test!(
                     assert!(stdout.contains(line), "{what}: no `{line}` in\n{stdout}");
                 }
             }
+        }
+    }
+);
+
+cuda_test!(
+    fn launches_per_layer_do_not_grow_with_the_batch(cuda) {
+        // The attention is fused and the top-k reads nothing back, so a layer's launches and
+        // cuBLAS calls are the same at any batch (they grew with batch x KV heads before).
+        let emulated = cuda.is_emulated();
+        for method in ["sparsegrad", "full"] {
+            let per_layer: Vec<f64> = ["2", "7"]
+                .iter()
+                .map(|b| {
+                    let args = ["--dims", "tiny", "--method", method, "--dtype", "bf16", "--blocks", "0,2", "--batch", b];
+                    let (j, _) = run(emulated, &[&args[..], &["--seq", "16", "--steps", "2"]].concat());
+                    j["run"]["counts"]["max_launches_per_layer"].as_f64().unwrap()
+                })
+                .collect();
+            assert_eq!(per_layer[0], per_layer[1], "{method}: launches + cuBLAS calls per layer at batch 2 and 7");
         }
     }
 );

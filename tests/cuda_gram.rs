@@ -229,9 +229,9 @@ cuda_test!(fn adding_a_gradient_is_two_syrks_and_no_copy(cuda) {
         EventKind::Copy { dir, bytes, .. } => Some((dir, bytes)),
         _ => None,
     }).collect();
-    // One download of both Grams, then the backend's read of its 4-byte device error word
-    // (every download checks it).
-    assert_eq!(copies, [(CopyDir::DeviceToHost, (o * o + i * i) * 4), (CopyDir::DeviceToHost, 4)]);
+    // One download of both Grams, then the backend's read of its device health block (8 u64
+    // words: the error bits and the first failed finiteness check; every download checks it).
+    assert_eq!(copies, [(CopyDir::DeviceToHost, (o * o + i * i) * 4), (CopyDir::DeviceToHost, 64)]);
     assert!(events.iter().all(|e| !e.is_launch()), "no device work in the download");
     assert_eq!(host.count(), 3);
 });

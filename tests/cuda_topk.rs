@@ -103,7 +103,9 @@ fn run<B: Backend>(
     let cm = c.col_map.map(|v| up(b, v));
     let maps = IndexMaps { row_map: rm.as_ref(), col_map: cm.as_ref(), full_shape: c.full };
     let mut out = poisoned_coo(b, cap, (0, 0));
-    let r = b.topk_coo(&m, c.rows, c.cols, c.k, &maps, ws, &mut out);
+    // CUDA reports a bad map or a non-finite value at the next synchronisation (the top-k
+    // reads nothing back), the CPU at once: both must fail the same way by then.
+    let r = b.topk_coo(&m, c.rows, c.cols, c.k, &maps, ws, &mut out).and_then(|_| b.synchronize());
     let o = r.is_ok().then(|| (out.len, out.shape, read_all(b, &out)));
     (r, o)
 }

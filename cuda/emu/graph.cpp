@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include <map>
+#include <thread>
 #include <memory>
 #include <string>
 #include <vector>
@@ -57,6 +58,10 @@ struct Capture {
     Graph* graph;
     bool invalid = false;
     std::string why;
+    // CUstreamCaptureMode: 0 global (unsafe calls of any thread invalidate it), 1 thread-local
+    // (only the capturing thread's), 2 relaxed (none).
+    int mode = 0;
+    std::thread::id thread;
 };
 
 std::map<void*, Capture>& captures() {
@@ -116,9 +121,14 @@ bool capturing(void* stream) {
     return capture_of(stream) != nullptr;
 }
 
+// Whether an unsafe call (allocation, free, synchronisation) from this thread falls under
+// an open capture's mode, as the driver decides it.
 bool any_capture() {
     Lock l;
-    return !captures().empty();
+    for (auto& [stream, c] : captures()) {
+        if (c.mode == 0 || (c.mode == 1 && c.thread == std::this_thread::get_id())) return true;
+    }
+    return false;
 }
 
 int record_kernel(void* stream, const sg_emu::KernelInfo* k, dim3 grid, dim3 block, unsigned smem, void** params) {
@@ -175,7 +185,9 @@ int record_memset(void* stream, uintptr_t dst, unsigned char value, size_t bytes
 int refuse(const char* what) {
     Lock l;
     for (auto& kv : captures()) {
-        if (!kv.second.invalid) {
+        const Capture& c = kv.second;
+        const bool applies = c.mode == 0 || (c.mode == 1 && c.thread == std::this_thread::get_id());
+        if (applies && !c.invalid) {
             kv.second.invalid = true;
             kv.second.why = what;
         }
@@ -199,12 +211,16 @@ SG_EXPORT int sgemu_capture_host_node(void* stream, int (*fn)(void*), void* data
     return CUDA_SUCCESS;
 }
 
-SG_EXPORT int cuStreamBeginCapture_v2(void* stream, int /*mode*/) {
+SG_EXPORT int cuStreamBeginCapture_v2(void* stream, int mode) {
     Lock l;
     if (!stream)
         return fail(CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED, "cuStreamBeginCapture on the legacy NULL stream (not capturable)");
     if (capture_of(stream)) return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture on a stream already capturing");
-    captures()[stream] = Capture{new Graph};
+    if (mode < 0 || mode > 2) return fail(CUDA_ERROR_INVALID_VALUE, "cuStreamBeginCapture: unknown capture mode");
+    Capture c{new Graph};
+    c.mode = mode;
+    c.thread = std::this_thread::get_id();
+    captures()[stream] = c;
     return CUDA_SUCCESS;
 }
 

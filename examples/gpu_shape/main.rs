@@ -80,6 +80,14 @@ fn tokens(vocab: usize, batch: usize, seq: usize, seed: u64) -> (Vec<u32>, Vec<u
 }
 
 /// One sequence length's measured steps.
+/// One replayed step of the CUDA graph of the step.
+pub struct GraphRun {
+    pub seq: usize,
+    pub events: Vec<Event>,
+    /// Device milliseconds of one replayed step between CUDA events (GPU only).
+    pub gpu_step_ms: Option<f32>,
+}
+
 pub struct SeqRun {
     pub seq: usize,
     pub events: Vec<Event>,
@@ -146,6 +154,9 @@ fn run(a: &args::Args) -> Result<()> {
     };
     let mut model = LlamaModel::<Cuda, f32>::new(&cuda, &host, &setup, max_seq)?;
     drop(host);
+    // The measured steps run eagerly, so the ledger holds every launch and cuBLAS call (the
+    // nodes a graph of the step holds); the CUDA graph of the step is checked after them.
+    model.set_cuda_graphs(false);
     let emu_profile = std::env::var_os("SG_EMU_PROFILE").map(std::path::PathBuf::from);
     let windows_before = match &emu_profile {
         Some(p) if p.exists() => read_windows(p)?.len(),
@@ -199,6 +210,23 @@ fn run(a: &args::Args) -> Result<()> {
         let events = measured.pop().unwrap_or_default();
         runs.push(SeqRun { seq, events, steps_measured, steps_identical, gpu_step_ms, timed_events });
     }
+    // The step as a CUDA graph, at the last (shortest) length run: its next step is captured
+    // (and run), the one after it replayed and counted.
+    let graph = {
+        let seq = *order.last().ok_or_else(|| Error::invalid("gpu_shape", "no sequence length to run"))?;
+        let (ids, targets, mask) = tokens(cfg.vocab, a.batch, seq, a.seed.wrapping_add(seq as u64));
+        let batch = TokenBatch { ids: &ids, targets: &targets, mask: &mask, batch: a.batch, seq };
+        model.set_cuda_graphs(true);
+        eprintln!("gpu_shape: seq {seq}, capturing the step as a CUDA graph, then one replay");
+        model.train_step(&batch)?;
+        cuda.profile_begin(ProfileOptions::default())?;
+        let r = model.train_step(&batch);
+        let events = cuda.profile_end()?;
+        r?;
+        ledgers.push(events.clone());
+        let ms = if emulated { None } else { Some(cuda.time_ms(|| model.train_step(&batch).map(|_| ()))?.1) };
+        GraphRun { seq, events, gpu_step_ms: ms }
+    };
     runs.sort_by_key(|r| r.seq);
     // The independent count: the emulated driver and cuBLAS saw the same calls.
     let emulator_check = match &emu_profile {
@@ -251,5 +279,5 @@ fn run(a: &args::Args) -> Result<()> {
             })
         }),
     };
-    report::print_and_save(&ctx, &runs, &target_events, scaling.as_ref(), &compulsory)
+    report::print_and_save(&ctx, &runs, &graph, &target_events, scaling.as_ref(), &compulsory)
 }

@@ -4,7 +4,7 @@
 //! emulated, predicted or measured on a GPU.
 
 use crate::args::Args;
-use crate::SeqRun;
+use crate::{GraphRun, SeqRun};
 use serde_json::{json, Value};
 use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::perf::llama::LayerKind;
@@ -86,6 +86,7 @@ fn fmt_count(v: f64) -> String {
 pub fn print_and_save(
     ctx: &Context<'_>,
     runs: &[SeqRun],
+    graph: &GraphRun,
     target: &[Event],
     scaling: Option<&ScalingReport>,
     compulsory: &CompulsoryBytes,
@@ -209,10 +210,28 @@ pub fn print_and_save(
     } else if ctx.emulated {
         println!("emulator check: not run (set SG_EMU_PROFILE to a file to count independently)");
     }
+    // A replayed step of the captured graph: one graph launch, the batch's upload and the
+    // loss read outside it, nothing else on the host.
+    let g = StepCounts::of(graph.events.iter().map(|e| (e, 1.0)));
+    let outside_gemms: f64 = g.gemms.values().fold(0.0, |a, b| a + b);
+    // Outside the graph only the loss's reduction runs (it feeds the one read of the step).
+    let graph_ok = g.graph_launches == 1.0 && g.kernel_launches <= 1.0 && outside_gemms == 0.0 && g.allocations == 0.0;
+    println!(
+        "CUDA graph ({run_label}, seq {}): a replayed step is {} graph launch(es), {} launches and {} cuBLAS calls \
+         outside it, {} host wait(s), {} allocation(s), {} bytes host -> device",
+        graph.seq, g.graph_launches, g.kernel_launches, outside_gemms, g.host_syncs, g.allocations, g.htod_bytes
+    );
+    let mode = if graph_ok { LaunchMode::Graph } else { LaunchMode::Eager };
+    let mode_label = if graph_ok { "CUDA graph" } else { "eager: the graph check failed" };
     println!();
     let mut preds = Vec::new();
-    println!("{:<32} {:>14} {:>14}", "predicted time per step (eager)", DEVICES[0].name, DEVICES[1].name);
-    let p: Vec<_> = DEVICES.iter().map(|d| d.predict(ctx.layer_weights.weighted(target), LaunchMode::Eager)).collect();
+    println!(
+        "{:<32} {:>14} {:>14}",
+        format!("predicted time per step ({mode_label})"),
+        DEVICES[0].name,
+        DEVICES[1].name
+    );
+    let p: Vec<_> = DEVICES.iter().map(|d| d.predict(ctx.layer_weights.weighted(target), mode)).collect();
     let work = &target_counts.work;
     let floors: Vec<f64> = DEVICES.iter().map(|d| d.floor(work.flops, compulsory.total())).collect();
     for cat in Category::ALL {
@@ -250,6 +269,12 @@ pub fn print_and_save(
             "floor_s": d.floor(work.flops, compulsory.total()),
             "sources": d.sources.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
         }));
+    }
+    if let Some(ms) = graph.gpu_step_ms {
+        println!(
+            "GPU measured ({}): a replayed CUDA graph step at seq {}: {ms:.3} ms (CUDA events)",
+            ctx.device, graph.seq
+        );
     }
     let mut gpu = Value::Null;
     if let (Some(ms), Some(timed)) = (last.gpu_step_ms, &last.timed_events) {
@@ -310,6 +335,16 @@ pub fn print_and_save(
             "peak_device_bytes": ctx.memory.peak_bytes,
         },
         "target": { "counts": counts_json(&target_counts) },
+        "graph": {
+            "seq": graph.seq,
+            "ok": graph_ok,
+            "graph_launches": g.graph_launches,
+            "kernel_launches_outside": g.kernel_launches,
+            "host_syncs": g.host_syncs,
+            "allocations": g.allocations,
+            "gpu_step_ms": graph.gpu_step_ms,
+        },
+        "launch_mode": if graph_ok { "graph" } else { "eager" },
         "emulator_check": ctx.emulator_check.map(|(e, w, p)| json!({"events": e, "windows": w, "peak_bytes": p})),
         "data_dependent_sizes": scaling.map(|s| s.data_dependent.len()).unwrap_or(0),
         "predicted": preds,

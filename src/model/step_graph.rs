@@ -56,6 +56,9 @@ impl<K: Hash + Eq + Copy> StepGraphs<K> {
     ) -> Result<bool> {
         if !self.enabled || !backend.supports_capture() {
             queue()?;
+            // An eager step grew every buffer of its shape: with graphs turned on later, the
+            // next step of the shape can be captured at once.
+            self.warm.insert(key);
             return Ok(false);
         }
         let allocations = backend.memory_stats().allocations;

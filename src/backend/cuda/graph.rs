@@ -43,10 +43,14 @@ impl Cuda {
             return Err(Error::invalid("begin_capture", "a capture is already open"));
         }
         // SAFETY: the backend's stream is a live stream created by this context (never the
-        // legacy NULL stream, which cannot be captured). Global mode: any unsafe call from
-        // any thread during the capture invalidates it.
+        // legacy NULL stream, which cannot be captured). Thread-local mode: an unsafe call
+        // (allocation, synchronisation) of this thread invalidates the capture; an engine's
+        // other threads keep using CUDA undisturbed.
         unsafe {
-            drv::stream::begin_capture(self.stream.cu_stream(), sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL)
+            drv::stream::begin_capture(
+                self.stream.cu_stream(),
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
         }
         .map_err(cuda_err("cuStreamBeginCapture"))?;
         self.profiler.set_capturing(true);

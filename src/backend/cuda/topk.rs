@@ -144,7 +144,8 @@ impl TopkOps for Cuda {
         out.shape = maps.full_shape;
         out.len = 0;
         if k == 0 {
-            return Ok(());
+            // Nothing to select, but a non-finite matrix is still an error, as on the CPU.
+            return crate::backend::DenseOps::assert_finite(self, m, n, "matrix passed to top-k selection");
         }
         // From here on the sequence of launches is fixed: nothing is read back (see
         // cuda/topk.cu), so the call can be captured in a CUDA graph.
