@@ -175,8 +175,8 @@ fn adamw_matches_the_pytorch_formula() {
             pr[i] *= 1.0 - lr * hp.weight_decay as f64;
             mr[i] = b1 * mr[i] + (1.0 - b1) * g[i] as f64;
             vr[i] = b2 * vr[i] + (1.0 - b2) * (g[i] as f64).powi(2);
-            let mhat = mr[i] / (1.0 - b1.powi(step as i32));
-            let vhat = vr[i] / (1.0 - b2.powi(step as i32));
+            let mhat = mr[i] / (1.0 - b1.powi(step));
+            let vhat = vr[i] / (1.0 - b2.powi(step));
             // PyTorch puts eps after dividing sqrt(v) by sqrt(bias_correction2).
             pr[i] -= lr * mhat / (vhat.sqrt() + hp.eps as f64);
         }
