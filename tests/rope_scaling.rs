@@ -6,9 +6,9 @@
 
 use serde_json::json;
 use sparsegrad::io::gguf::GgufFile;
-use sparsegrad::model::rope::rope_tables;
 use sparsegrad::model::config::{LlamaConfig, RopeScaling};
 use sparsegrad::model::llama::LlamaModel;
+use sparsegrad::model::rope::rope_tables;
 use sparsegrad::model::weights::LlamaWeights;
 use sparsegrad::model::TrainingSetup;
 use sparsegrad::{Cpu, Error};

@@ -228,4 +228,3 @@ pub fn backward_masked<B: Backend, F: Real>(
     }
     Ok(())
 }
-
