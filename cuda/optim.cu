@@ -30,7 +30,8 @@
 // Launch shape: 1-D, SG_THREADS threads, 64-bit grid-stride loop over the entries (AdamW:
 // float4 steps when the buffers are 16-byte aligned, then a scalar tail); grid capped by
 // the launcher. Entries of a sorted COO list are distinct, so no two threads touch
-// the same state. An entry outside the matrix is skipped and sets SG_ERR_SPARSE_ADAM.
+// the same state. An entry outside the matrix is skipped and sets SG_ERR_SPARSE_ADAM (in word 5
+// of the health block, reported with word 0's bits).
 //
 // Tested by tests/cuda_optim.rs (bit-level comparison with the CPU over several steps);
 // benchmarked by benches/cuda_kernels.rs.
@@ -78,7 +79,10 @@ extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, con
                                            u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
                                            float beta1, float beta2, float eps, float* param, float* delta,
                                            u64* health) {
-    u32* err = reinterpret_cast<u32*>(health);
+    // This launch's own index errors go to word 5, which the gate below does not read: the
+    // gate's words do not change while the launch runs, so every thread of every block takes
+    // the same branch (and reaches sg_clock_advance's barriers together).
+    u32* err = reinterpret_cast<u32*>(health + 5);
     if (sg_health_bad(health)) {  // uniform across the grid
         if (delta != nullptr) SG_GRID_STRIDE(e, len) delta[e] = 0.0f;
         return;

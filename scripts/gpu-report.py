@@ -248,10 +248,12 @@ def shape_section(r, runs, peers, device):
         peer, peer_cell = peers.step(res["dims"], res["method"], res["dtype"])
         ratio = "-" if (peer is None or ms is None) else r.fig(ms / peer, "{:.2f}", "x")
         tokens = res.get("batch", 0) * res.get("seq", 0)
-        r.add(f"| {run['name']} | {res['run']['layers']} | {tokens} | "
+        # Layers, tokens and the exit status are the run's bookkeeping, not device figures:
+        # written with their unit so no bare number stands in the table unmarked.
+        r.add(f"| {run['name']} | {res['run']['layers']} (slice) | {tokens} (per step) | "
               f"{r.fig(ms, '{:.2f}') if ms is not None else ('none (emulated: counts only)' if r.emulated else '-')} "
               f"| {r.fig(pred['total_s'] * 1e3 if pred else None, '{:.2f}')} | {r.fig(pred['floor_s'] * 1e3 if pred else None, '{:.2f}')} "
-              f"| {peer_cell} | {ratio} | {run.get('rc')} |")
+              f"| {peer_cell} | {ratio} | rc {run.get('rc')} |")
         if pred:
             for cat, s in pred.get("by_category_s", {}).items():
                 meas = gpu.get("by_category_s", {}).get(cat)

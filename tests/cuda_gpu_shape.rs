@@ -27,7 +27,10 @@ fn example() -> &'static Path {
         if let Some(exe) = std::env::var_os("SPARSEGRAD_GPU_SHAPE_EXE") {
             return PathBuf::from(exe);
         }
+        // Under scripts/test-cuda-emu.sh asan the test runs with ASan preloaded: cargo and
+        // rustc are not built for it (rustc crashes), so they run without the preload.
         let out = Command::new(env!("CARGO"))
+            .env_remove("LD_PRELOAD")
             .args(["build", "--release", "--example", "gpu_shape", "--message-format=json-render-diagnostics"])
             .current_dir(root())
             .output()

@@ -251,7 +251,7 @@ impl Event {
     }
 
     /// The category its device time belongs to (launch latency is [`Category::Overhead`]
-    /// separately, see [`roofline::DeviceModel::price`]).
+    /// separately, see [`roofline::DeviceModel::predict`]).
     pub fn category(&self) -> Category {
         match &self.kind {
             EventKind::Launch { cost, .. } => {

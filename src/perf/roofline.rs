@@ -26,7 +26,7 @@
 //!
 //! The floor of a step is `flops / bf16 tensor rate + compulsory bytes / HBM bandwidth`: all
 //! its arithmetic on tensor cores, and only the bytes it cannot avoid moving (see
-//! [`super::shape::compulsory_bytes`]).
+//! [`super::llama::compulsory_bytes`]).
 
 use super::{Category, ElemType, Event, EventKind, GemmCompute, Work};
 use std::collections::BTreeMap;

@@ -203,7 +203,8 @@ pub struct CudaShared {
     scratch: Mutex<Scratch>,
     /// The device health block (`HEALTH_WORDS` u64): [0] index error bits (the kernels' `err`
     /// word, its low 32 bits), [1] the first failed finiteness check (0: none), [2] its
-    /// count, [3] its first index, [4] the last `sum_to_host` result (f64 bits).
+    /// count, [3] its first index, [4] the last `sum_to_host` result (f64 bits), [5] index
+    /// error bits of the optimizer kernels (kept apart from [0], which gates them).
     errors: CudaBuf<u64>,
     /// Names of the deferred finiteness checks, by id - 1 (see `DenseOps::assert_finite`).
     checks: Mutex<CheckNames>,
@@ -618,9 +619,12 @@ impl Cuda {
     fn check_device_errors(&self) -> Result<[u64; HEALTH_WORDS]> {
         let mut words = [0u64; HEALTH_WORDS];
         self.read_device(self.errors.ptr(), &mut words)?;
-        let bits = words[0] as u32;
+        let bits = (words[0] | words[5]) as u32;
         if bits != 0 {
             self.memset_zero(self.errors.ptr(), 4)?;
+            if words[5] != 0 {
+                self.memset_zero(self.errors.ptr() + 5 * 8, 4)?;
+            }
             let op = ERR_BITS.iter().find(|(bit, _)| bits & bit != 0).map_or("cuda", |(_, op)| op);
             return Err(Error::invalid(
                 op,
