@@ -90,8 +90,8 @@ pub mod prelude {
     pub use crate::basis::{Basis, BasisSet, DeviceGramAccumulator, GramAccumulator, GramSet};
     pub use crate::error::{Error, Result};
     pub use crate::linear::sparsegrad::{
-        Formulation, FormulationChoice, GemmMode, MergedUpdate, Selection, SparseGradConfig, SparseGradLinear,
-        StepGrads,
+        Formulation, FormulationChoice, GemmMode, MergedUpdate, ScratchLengths, Selection, SharedScratch,
+        SparseGradConfig, SparseGradLinear, SparseGradScratch, StepGrads,
     };
     pub use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions, TrainableLinear};
     pub use crate::linear::Keep;

@@ -117,6 +117,16 @@ pub struct BertMlp<B: Backend, F: Real = f32> {
 }
 
 impl<B: Backend + Clone, F: Real> BertMlp<B, F> {
+    /// Its SparseGrad projections borrow `scratch` (see [`SparseGradLinear::share_scratch`]).
+    ///
+    /// [`SparseGradLinear::share_scratch`]: crate::linear::sparsegrad::SparseGradLinear::share_scratch
+    pub fn share_sparsegrad_scratch(&mut self, scratch: &crate::linear::sparsegrad::SharedScratch<B, F>) -> Result<()> {
+        for p in [&mut self.dense_in, &mut self.dense_out] {
+            p.linear.share_sparsegrad_scratch(scratch)?;
+        }
+        Ok(())
+    }
+
     /// `dense_in` is `(ffn, hidden)`, `dense_out` `(hidden, ffn)`, both with biases.
     pub fn new(
         backend: &B,
@@ -278,6 +288,16 @@ pub struct LlamaMlp<B: Backend, F: Real = f32> {
 }
 
 impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
+    /// Its SparseGrad projections borrow `scratch` (see [`SparseGradLinear::share_scratch`]).
+    ///
+    /// [`SparseGradLinear::share_scratch`]: crate::linear::sparsegrad::SparseGradLinear::share_scratch
+    pub fn share_sparsegrad_scratch(&mut self, scratch: &crate::linear::sparsegrad::SharedScratch<B, F>) -> Result<()> {
+        for p in [&mut self.gate, &mut self.up, &mut self.down] {
+            p.linear.share_sparsegrad_scratch(scratch)?;
+        }
+        Ok(())
+    }
+
     /// `gate`, `up` are `(ffn, hidden)`, `down` `(hidden, ffn)`; biases must be `None`.
     pub fn new(
         backend: &B,

@@ -466,3 +466,79 @@ fn measured_formulation_agrees_with_the_cost_model_where_it_is_lopsided() {
     let e = Formulation::measure(&cpu, usize::MAX / 2, 3, 2, 1).unwrap_err().to_string();
     assert!(e.contains("overflows"), "{e}");
 }
+
+/// Layers of different shapes, formulations and updates that borrow one scratch compute,
+/// bit for bit, what the same layers with their own compute, interleaved as a model runs
+/// them (all forwards, backwards in reverse, then the steps); the shared set is smaller.
+#[test]
+fn layers_sharing_one_scratch_compute_what_layers_with_their_own_do() {
+    use sparsegrad::SparseGradScratch;
+    let shapes = [(16, 12, 9), (12, 16, 40), (20, 7, 30)];
+    let t = 10;
+    for sel in [Selection::Exact, Selection::SparseByDense { threshold: 0.0 }] {
+        let run = |shared: bool| {
+            let cpu = Cpu::new();
+            let scratch = SparseGradScratch::<Cpu, f32>::shared(&cpu, Precision::Full).unwrap();
+            let problems: Vec<Problem> =
+                shapes.iter().enumerate().map(|(i, &(o, n, _))| problem(70 + i as u64, o, n, t)).collect();
+            let mut layers: Vec<SparseGradLinear<Cpu>> = shapes
+                .iter()
+                .zip(&problems)
+                .enumerate()
+                .map(|(i, (&(_, _, k), pr))| {
+                    let form = FORMS[i % 2];
+                    let mut l =
+                        SparseGradLinear::new(&cpu, &pr.w, Some(&pr.b), &pr.basis, cfg(form, Keep::Count(k), sel))
+                            .unwrap();
+                    if shared {
+                        l.share_scratch(&scratch).unwrap();
+                    }
+                    l
+                })
+                .collect();
+            let mut outs = Vec::new();
+            for _ in 0..3 {
+                let mut dxs = Vec::new();
+                for (l, pr) in layers.iter_mut().zip(&problems) {
+                    let mut y = cpu.alloc(t * pr.out).unwrap();
+                    l.forward(&cpu.upload(&pr.x).unwrap(), t, &mut y).unwrap();
+                    outs.push(y.to_vec());
+                }
+                for (l, pr) in layers.iter_mut().zip(&problems).rev() {
+                    let mut dx = cpu.alloc(t * pr.inp).unwrap();
+                    l.backward(&cpu.upload(&pr.g).unwrap(), t, Some(&mut dx)).unwrap();
+                    dxs.push(dx.to_vec());
+                }
+                for l in layers.iter_mut() {
+                    l.step().unwrap();
+                }
+                outs.extend(dxs);
+            }
+            outs.extend(layers.iter().map(|l| l.merged_weight().unwrap()));
+            (outs, cpu.memory_stats().peak_bytes)
+        };
+        let (own, own_peak) = run(false);
+        let (shared, shared_peak) = run(true);
+        assert_eq!(own.len(), shared.len());
+        for (a, b) in own.iter().zip(&shared) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{sel:?}: sharing changed a result");
+        }
+        assert!(shared_peak < own_peak, "{sel:?}: shared peak {shared_peak} not below {own_peak}");
+    }
+}
+
+#[test]
+fn a_scratch_of_another_precision_is_refused() {
+    use sparsegrad::SparseGradScratch;
+    let pr = problem(80, 9, 6, 4);
+    let cpu = Cpu::new();
+    let mut l =
+        SparseGradLinear::new(&cpu, &pr.w, None, &pr.basis, cfg(Formulation::Merged, Keep::Count(5), Selection::Exact))
+            .unwrap();
+    let bf16 = SparseGradScratch::<Cpu, f32>::shared(&cpu, Precision::Bf16).unwrap();
+    let e = l.share_scratch(&bf16).unwrap_err().to_string();
+    assert!(e.contains("Bf16") && e.contains("Full"), "{e}");
+    // The layer still runs on its own scratch.
+    let (x, mut y) = (cpu.upload(&pr.x).unwrap(), cpu.alloc(4 * 9).unwrap());
+    l.forward(&x, 4, &mut y).unwrap();
+}

@@ -59,6 +59,7 @@ pub(crate) use pricing::update_kernel_work;
 pub use pricing::{FormulationPrice, GemmMode, MergedUpdate};
 use std::sync::Arc;
 use workspace::Workspace;
+pub use workspace::{ScratchLengths, SharedScratch, SparseGradScratch};
 
 /// How `dWt` is selected.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -443,6 +444,14 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         check_forward(&self.backend, "SparseGradLinear::forward", x, y, tokens, (out, inp))?;
         self.saved_tokens = None;
         self.ws.ensure_tokens(&self.backend, tokens)?;
+        self.with_scratch(tokens, |l| l.forward_borrowed(x, tokens, y))?;
+        self.saved_tokens = Some(tokens);
+        Ok(())
+    }
+
+    /// [`Self::forward`] with the scratch borrowed.
+    fn forward_borrowed(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
+        let (out, inp) = (self.out, self.inp);
         let be = &self.backend;
         let ws = &mut self.ws;
         match &self.weight {
@@ -463,8 +472,31 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if let Some(b) = &self.bias {
             be.add_bias(y, b, tokens, out)?;
         }
-        self.saved_tokens = Some(tokens);
         Ok(())
+    }
+
+    /// Runs `f` with the scratch (own or shared) borrowed into `self.ws`, grown for
+    /// `tokens` rows, and gives it back whatever `f` returns.
+    fn with_scratch<R>(&mut self, tokens: usize, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        let shared = Arc::clone(&self.ws.shared);
+        // A panic while borrowed leaves empty buffers behind, which the next call regrows.
+        let mut scratch = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.ws.swap(&mut scratch);
+        let r = self.ws.grow_borrowed(&self.backend, tokens).and_then(|_| f(self));
+        self.ws.swap(&mut scratch);
+        r
+    }
+
+    /// Borrows `scratch` for every later call instead of the layer's own: the layers of a
+    /// model share one set of SparseGrad scratch sized for the largest of them (see
+    /// [`SparseGradScratch`]). Fails, changing nothing, on a scratch of another precision.
+    pub fn share_scratch(&mut self, scratch: &SharedScratch<B, F>) -> Result<()> {
+        self.ws.share(scratch)
+    }
+
+    /// What this layer borrows of its scratch for a call on `tokens` rows.
+    pub fn scratch_lengths(&self, tokens: usize) -> Result<ScratchLengths> {
+        self.ws.needs(tokens)
     }
 
     /// Backward from `g = dL/dy` `(tokens, out)`: writes `dx = g W` (exact) into `dx` if
@@ -481,10 +513,10 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             (out, inp),
         )?;
         self.grad_ready = false;
-        match self.formulation {
-            Formulation::Transformed => self.backward_transformed(g, tokens, dx)?,
-            Formulation::Merged => self.backward_merged(g, tokens, dx)?,
-        }
+        self.with_scratch(tokens, |l| match l.formulation {
+            Formulation::Transformed => l.backward_transformed(g, tokens, dx),
+            Formulation::Merged => l.backward_merged(g, tokens, dx),
+        })?;
         if let (Some(db), true) = (self.bias_grad.as_mut(), self.bias.is_some()) {
             self.backend.bias_grad(g, tokens, out, db, F::ZERO)?;
         }

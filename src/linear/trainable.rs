@@ -8,7 +8,9 @@ use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::dense::{Bf16Staging, DenseConfig, DenseLinear, DenseMode};
 use crate::linear::lora::{LoraConfig, LoraLinear};
-use crate::linear::sparsegrad::{Formulation, MergedUpdate, Selection, SparseGradConfig, SparseGradLinear};
+use crate::linear::sparsegrad::{
+    Formulation, MergedUpdate, Selection, SharedScratch, SparseGradConfig, SparseGradLinear,
+};
 use crate::linear::state::LayerState;
 use crate::linear::{Keep, LayerWeights};
 use crate::optim::Optimizer;
@@ -243,6 +245,15 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
 
     pub fn forward(&mut self, x: &B::Buf<F>, tokens: usize, y: &mut B::Buf<F>) -> Result<()> {
         each!(self, l => l.forward(x, tokens, y))
+    }
+
+    /// A SparseGrad layer borrows `scratch` from now on (see
+    /// [`SparseGradLinear::share_scratch`]); other methods have no such scratch.
+    pub fn share_sparsegrad_scratch(&mut self, scratch: &SharedScratch<B, F>) -> Result<()> {
+        match self {
+            Linear::SparseGrad(l) => l.share_scratch(scratch),
+            Linear::Dense(_) | Linear::Lora(_) => Ok(()),
+        }
     }
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {

@@ -201,6 +201,8 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
         sorted.dedup();
         let up = |v: &[f32]| backend.upload(&to_f::<F>(v));
         let mut layers = Vec::with_capacity(c.layers);
+        // One SparseGrad scratch for every layer: each borrows it only inside a call.
+        let sparsegrad_scratch = crate::linear::sparsegrad::SparseGradScratch::shared(backend, opts.precision)?;
         for (i, lw) in weights.layers.iter().enumerate() {
             let trains = sorted.contains(&i);
             let host = [to_f::<F>(&lw.inter), to_f::<F>(&lw.inter_bias), to_f::<F>(&lw.out), to_f::<F>(&lw.out_bias)];
@@ -219,13 +221,14 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
                 specs.push(ProjectionSpec { weight: w, bias: Some(b), method, group: &groups[j], basis });
             }
             let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
-            let mlp = BertMlp::new(
+            let mut mlp = BertMlp::new(
                 backend,
                 MlpShape { hidden: c.hidden, ffn: c.ffn },
                 [specs[0], specs[1]],
                 BertMlpConfig { gelu: c.gelu, options: layer_opts },
             )
             .map_err(|e| Error::invalid("BertModel::new", format!("layer {i} MLP: {e}")))?;
+            mlp.share_sparsegrad_scratch(&sparsegrad_scratch)?;
             layers.push(Layer {
                 q: up(&lw.q)?,
                 q_bias: up(&lw.q_bias)?,

@@ -15,6 +15,7 @@ use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::basis::BasisSet;
 use crate::error::{Error, Result};
+use crate::linear::sparsegrad::SparseGradScratch;
 use crate::linear::trainable::{Method, TrainOptions};
 use crate::mlp::{LlamaMlp, LlamaMlpScratch, MlpShape, ProjectionSpec};
 use crate::perf::{scope, Phase};
@@ -221,6 +222,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let up = |v: &[f32]| backend.upload(&to_f::<F>(v));
         let op = |v: &[f32]| Operand::upload(backend, p, &to_f::<F>(v));
         let mut layers = Vec::with_capacity(c.layers);
+        // One SparseGrad scratch for every layer: each borrows it only inside a call.
+        let sparsegrad_scratch = SparseGradScratch::shared(backend, p)?;
         for (i, lw) in weights.layers.iter().enumerate() {
             let trains = plan.layers.contains(&i);
             let (gate, upw, down) = (to_f::<F>(&lw.gate), to_f::<F>(&lw.up), to_f::<F>(&lw.down));
@@ -237,13 +240,14 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 specs.push(ProjectionSpec { weight: w.as_slice(), bias: None, method, group: GROUPS[j], basis });
             }
             let layer_opts = TrainOptions { seed: opts.seed.wrapping_add(1000 * i as u64), ..*opts };
-            let mlp = LlamaMlp::new(
+            let mut mlp = LlamaMlp::new(
                 backend,
                 MlpShape { hidden: c.hidden, ffn: c.ffn },
                 [specs[0], specs[1], specs[2]],
                 &layer_opts,
             )
             .map_err(|e| e.context(&format!("layer {i} MLP")))?;
+            mlp.share_sparsegrad_scratch(&sparsegrad_scratch)?;
             layers.push(Layer {
                 attn_norm: up(&lw.attn_norm)?,
                 ffn_norm: up(&lw.ffn_norm)?,

@@ -8,7 +8,7 @@
 use super::{Category, Ledger, BF16, MASTER, U32, U64};
 use crate::backend::Precision;
 use crate::error::Result;
-use crate::linear::sparsegrad::{Formulation, GemmMode, MergedUpdate, Selection};
+use crate::linear::sparsegrad::{Formulation, GemmMode, MergedUpdate, ScratchLengths, Selection};
 use crate::linear::trainable::{Method, TrainOptions};
 use crate::optim::Optimizer;
 use crate::perf::roofline::DeviceModel;
@@ -91,7 +91,7 @@ pub(super) fn projection(
     let opt = &opts.optimizer;
     let name = |s: &str| format!("{label} {s}");
     match (method, choice) {
-        (Method::SparseGrad { selection, .. }, Some(c)) => {
+        (Method::SparseGrad { .. }, Some(c)) => {
             // SparseGradLinear::new: the trained weight (Wt or W) and its bf16 compute copy.
             l.add(Category::TrainedWeights, &name("trained weight"), &[out, inp], MASTER)?;
             if half {
@@ -112,7 +112,7 @@ pub(super) fn projection(
                     l.transient_add(&[inp, inp], MASTER)?;
                 }
             }
-            sparsegrad_workspace(l, label, selection, c, (out, inp, t), opts.precision)
+            sparsegrad_workspace(l, label, c, (out, inp, t), opts.precision)
         }
         (Method::SparseGrad { .. }, None) => {
             Err(crate::Error::invalid("memory plan", format!("{label}: SparseGrad without its choice")))
@@ -194,27 +194,19 @@ fn checked_len(a: usize, b: usize) -> Result<usize> {
     super::checked(&[a, b])
 }
 
-/// `sparsegrad::workspace::Workspace`: `new` (fixed) and `ensure_tokens` plus the merged
-/// token order's growth in `step.rs` (token-sized).
+/// `sparsegrad::workspace::Workspace`: the layer's own buffers (`new`, `ensure_tokens`).
+/// The scratch it borrows is the model's one shared set, booked by the caller from
+/// [`scratch_lengths`].
 fn sparsegrad_workspace(
     l: &mut Ledger,
     label: &str,
-    selection: Selection,
     c: SparseGradChoice,
     (out, inp, t): (usize, usize, usize),
     p: Precision,
 ) -> Result<()> {
     let name = |s: &str| format!("{label} {s}");
     let ws = Category::LayerWorkspace;
-    let half = p == Precision::Bf16;
-    let merged = c.formulation == Formulation::Merged;
-    let sd = matches!(selection, Selection::SparseByDense { .. });
-    // Fixed.
     l.add(ws, &name("column index"), &[out], U32)?;
-    l.add(ws, &name("(out, in) products"), &[if merged { 2 } else { 1 }, out, inp], MASTER)?;
-    if merged && half {
-        l.add(ws, &name("(out, in) bf16 staging"), &[out, inp], BF16)?;
-    }
     let words = crate::backend::cuda::topk_workspace_words(checked_len(out, inp)?);
     l.add(ws, &name("top-k workspace"), &[words], U64)?;
     match c.update {
@@ -224,37 +216,41 @@ fn sparsegrad_workspace(
             l.add(ws, &name("row starts"), &[super::checked_sum(out, 1)?], U32)?;
         }
         Some(MergedUpdate::SparseRows) => {
-            let touched = c.k.min(out);
             coo(l, ws, &name("update COO"), c.k)?;
-            l.add(ws, &name("update rows"), &[touched], U32)?;
+            l.add(ws, &name("update rows"), &[c.k.min(out)], U32)?;
             l.add(ws, &name("update slots"), &[c.k], U32)?;
-            l.add(ws, &name("update products"), &[touched, inp], MASTER)?;
-            l.add(ws, &name("update products"), &[touched, out], MASTER)?;
         }
         Some(MergedUpdate::SparseColumns) => coo(l, ws, &name("update COO"), c.k)?,
         None => {}
     }
-    // Token-sized.
     l.tokens_phase = true;
-    operand(l, Category::SavedActivations, &name("saved input"), p, &[t, inp])?;
-    let token_order = merged && selection == Selection::Exact && Formulation::merged_token_order(out, inp, t);
-    let rotated = !merged || token_order;
-    if half {
-        l.add(ws, &name("bf16 gradient staging"), &[t, out], BF16)?;
-        if rotated {
-            l.add(ws, &name("bf16 rotated staging"), &[t, super::checked_sum(out, inp)?], BF16)?;
-        }
-    }
-    if rotated {
-        l.add(ws, &name("rotated scratch"), &[t, super::checked_sum(out, inp)?], MASTER)?;
-    }
-    if sd {
-        l.add(ws, &name("SparseByDense rows"), &[t], U32)?;
-        if !merged {
-            l.add(ws, &name("SparseByDense block"), &[t, out], MASTER)?;
-        }
-        operand(l, ws, &name("SparseByDense block"), p, &[t, out])?;
-        operand(l, ws, &name("SparseByDense rows"), p, &[t, inp])?;
-    }
-    Ok(())
+    operand(l, Category::SavedActivations, &name("saved input"), p, &[t, inp])
+}
+
+/// What a SparseGrad projection borrows of the shared scratch in a step on `tokens` rows
+/// (the lengths its layer grows the scratch to).
+pub(super) fn scratch_lengths(
+    method: &Method,
+    choice: SparseGradChoice,
+    (out, inp, tokens): (usize, usize, usize),
+    precision: Precision,
+) -> Result<ScratchLengths> {
+    let Method::SparseGrad { selection, .. } = *method else {
+        return Err(crate::Error::invalid("memory plan", "scratch lengths of a projection that is not SparseGrad"));
+    };
+    ScratchLengths::of(choice.formulation, choice.update, selection, precision, out, inp, choice.k, tokens)
+}
+
+/// Books the shared SparseGrad scratch holding `n` (first forward: token-sized).
+pub(super) fn shared_scratch(l: &mut Ledger, n: &ScratchLengths, p: Precision) -> Result<()> {
+    let sw = Category::SharedWorkspace;
+    let op = if p == Precision::Bf16 { BF16 } else { MASTER };
+    let products = "SparseGrad scratch: (out, in) products";
+    l.add(sw, products, &[n.big_a + n.big_b + n.et + n.pt_rows], MASTER)?;
+    l.add(sw, products, &[n.big_half], BF16)?;
+    let rows = "SparseGrad scratch: token rows";
+    l.add(sw, rows, &[n.tmp_in + n.tmp_out + n.block], MASTER)?;
+    l.add(sw, rows, &[n.in_half + n.g_half + n.out_half], BF16)?;
+    l.add(sw, rows, &[n.row_idx], U32)?;
+    l.add(sw, rows, &[n.block_op + n.rows_op], op)
 }

@@ -206,6 +206,8 @@ impl MemoryPlan {
             let (out, inp) = shapes[j];
             choices[j] = linear::sparsegrad_choice(&plan.methods[j], out, inp, opts, &setup.device, setup.tf32)?;
         }
+        // The SparseGrad scratch every trained projection borrows, sized for the largest.
+        let mut scratch = None;
         // LlamaModel::new: per layer the norms, q, k, v, o (operands), the MLP.
         for i in 0..c.layers {
             let trains = plan.layers.contains(&i);
@@ -224,6 +226,10 @@ impl MemoryPlan {
                 let p = linear::Projection { method, out, inp, tokens: t, label: &label };
                 l.transient_now = 0;
                 linear::projection(&mut l, &p, opts, if trains { choices[j] } else { None })?;
+                if let (true, Some(ch)) = (trains, choices[j]) {
+                    let n = linear::scratch_lengths(&method, ch, (out, inp, t), opts.precision)?;
+                    scratch = Some(scratch.map_or(n, |s: crate::linear::sparsegrad::ScratchLengths| s.max(n)));
+                }
             }
         }
         // One device basis per SparseGrad group (shared by its layers).
@@ -278,6 +284,9 @@ impl MemoryPlan {
         if half {
             // The dense projections' bf16 stagings of x and g (Bf16Staging), shared.
             l.add(Category::SharedWorkspace, "MLP scratch", &[2, t, f.max(h)], BF16)?;
+        }
+        if let Some(n) = &scratch {
+            linear::shared_scratch(&mut l, n, opts.precision)?;
         }
         // The shared scratch (LlamaModel::ensure).
         let sw = Category::SharedWorkspace;

@@ -2,12 +2,11 @@
 
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
-use crate::backend::operand::{grow, mm, stage, OperandRef};
+use crate::backend::operand::{mm, stage, OperandRef};
 use crate::backend::{Backend, Coo, Gemm, IndexMaps};
 use crate::error::{Error, Result};
 use crate::optim::{dense_step, sparse_step};
 use crate::scalar::Real;
-use half::bf16;
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// `gt = g P`; `dx = (gt Wt) Q^T`; `dWt = gt^T xt` (Exact) or the SparseByDense block.
@@ -117,10 +116,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let token_order = self.cfg.selection == Selection::Exact && Formulation::merged_token_order(out, inp, tokens);
         if token_order {
             // dWt = (g P)^T (x Q): cheaper than P^T (g^T x) Q at this token count.
-            grow(be, &mut ws.tmp_out, tokens * out)?;
-            grow(be, &mut ws.tmp_in, tokens * inp)?;
-            grow_half(be, &mut ws.out_half, tokens * out)?;
-            grow_half(be, &mut ws.in_half, tokens * inp)?;
+            // The borrowed scratch holds the rotated g and x (`ScratchLengths::of`).
             mm(be, &times_p(tokens), g_op, p, &mut ws.tmp_out)?;
             mm(be, &times_q(tokens), ws.saved.as_ref(), q, &mut ws.tmp_in)?;
             let gt = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
@@ -172,6 +168,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if !self.grad_ready {
             return Err(Error::invalid("SparseGradLinear::step", "no gradient: call backward first"));
         }
+        self.with_scratch(0, |l| l.step_borrowed())
+    }
+
+    /// [`Self::step`] with the scratch borrowed.
+    fn step_borrowed(&mut self) -> Result<()> {
         let opt = self.cfg.optimizer;
         let step = self.step + 1;
         let (out, inp) = (self.out, self.inp);
@@ -299,14 +300,6 @@ fn apply_change<B: Backend, F: Real>(
     }
     let e_op = stage(be, e, ws.big_half.as_mut(), out * inp)?;
     mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, e_op, w)
-}
-
-/// Grows a bf16 staging buffer the precision uses (none in f32).
-fn grow_half<B: Backend>(be: &B, buf: &mut Option<B::Buf<bf16>>, len: usize) -> Result<()> {
-    match buf {
-        Some(b) => grow(be, b, len),
-        None => Ok(()),
-    }
 }
 
 /// The merged basis as a plain buffer: its update products need `F`.
