@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::linear::dense::Bf16Staging;
 use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
 use crate::scalar::Real;
+use half::bf16;
 use std::collections::BTreeMap;
 
 /// How to build one projection of a block.
@@ -245,8 +246,8 @@ impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
     }
 
     /// Grows the buffers for `tokens` rows of an `(hidden, ffn)` block; `a` and `b` only
-    /// when `pre_activations` (some block that saves nothing uses them), the bf16 stagings
-    /// only when `half`.
+    /// when `pre_activations` (some block that saves nothing uses them, or the blocks are
+    /// bf16 and save theirs in bf16), the bf16 stagings only when `half`.
     pub(crate) fn ensure(
         &mut self,
         be: &B,
@@ -278,9 +279,12 @@ pub struct LlamaMlp<B: Backend, F: Real = f32> {
     pub gate: Projection<B, F>,
     pub up: Projection<B, F>,
     pub down: Projection<B, F>,
-    /// `a = gate(x)`, `b = up(x)`, saved for the backward.
+    /// `a = gate(x)`, `b = up(x)`, saved for the backward: in `F`, or in bf16 models in
+    /// bf16 (`a_half`, `b_half`; as autocast saves them), widened again for the backward.
     a: B::Buf<F>,
     b: B::Buf<F>,
+    a_half: B::Buf<bf16>,
+    b_half: B::Buf<bf16>,
     /// The scratch of a block used alone (a model passes its shared one instead).
     own: Option<LlamaMlpScratch<B, F>>,
     precision: Precision,
@@ -318,6 +322,8 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
             down: Projection::new(backend, "down", &down, hidden, ffn, opts)?,
             a: backend.alloc(0)?,
             b: backend.alloc(0)?,
+            a_half: backend.alloc(0)?,
+            b_half: backend.alloc(0)?,
             own: None,
             precision: opts.precision,
             saved_tokens: None,
@@ -344,7 +350,7 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         let shape = MlpShape { hidden: self.hidden, ffn: self.ffn };
         let half = self.precision == Precision::Bf16;
         let r = own
-            .ensure(&self.backend, tokens, shape, false, half)
+            .ensure(&self.backend, tokens, shape, half, half)
             .and_then(|_| self.forward_shared(x, tokens, y, &mut own, true));
         self.own = Some(own);
         r
@@ -363,15 +369,25 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
     ) -> Result<()> {
         let (be, n) = (&self.backend, tokens * self.ffn);
         self.saved_tokens = None;
-        if save {
+        // bf16 models keep `a` and `b` in bf16: computed in the scratch, then rounded.
+        let half = self.precision == Precision::Bf16;
+        let in_f = save && !half;
+        if in_f {
             grow(be, &mut self.a, n)?;
             grow(be, &mut self.b, n)?;
+        } else if save {
+            grow(be, &mut self.a_half, n)?;
+            grow(be, &mut self.b_half, n)?;
         }
-        let (a, b) = if save { (&mut self.a, &mut self.b) } else { (&mut scratch.a, &mut scratch.b) };
+        let (a, b) = if in_f { (&mut self.a, &mut self.b) } else { (&mut scratch.a, &mut scratch.b) };
         let st = &mut scratch.staging;
         self.gate.linear.forward_staged(x, tokens, a, st)?;
         self.up.linear.forward_staged(x, tokens, b, st)?;
         be.swiglu(a, b, &mut scratch.h, n)?;
+        if save && half {
+            be.cast_to_bf16(a, &mut self.a_half, n)?;
+            be.cast_to_bf16(b, &mut self.b_half, n)?;
+        }
         self.down.linear.forward_staged(&scratch.h, tokens, y, st)?;
         if save {
             self.saved_tokens = Some(tokens);
@@ -404,7 +420,14 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         let n = tokens * self.ffn;
         let st = &mut s.staging;
         self.down.linear.backward_staged(g, tokens, Some(&mut s.dh), st)?;
-        be.swiglu_backward(&self.a, &self.b, &s.dh, &mut s.da, &mut s.db, n)?;
+        let (a, b) = if self.precision == Precision::Bf16 {
+            be.cast_from_bf16(&self.a_half, &mut s.a, n)?;
+            be.cast_from_bf16(&self.b_half, &mut s.b, n)?;
+            (&s.a, &s.b)
+        } else {
+            (&self.a, &self.b)
+        };
+        be.swiglu_backward(a, b, &s.dh, &mut s.da, &mut s.db, n)?;
         match dx {
             Some(dx) => {
                 self.gate.linear.backward_staged(&s.da, tokens, Some(dx), st)?;

@@ -380,7 +380,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         }
         let below = lowest.is_none_or(|lo| lo > 0);
         let half = self.precision == Precision::Bf16;
-        s.mlp.ensure(be, t, MlpShape { hidden: c.hidden, ffn: c.ffn }, below, half)?;
+        // bf16 MLPs compute `a` and `b` in the scratch and save them rounded.
+        s.mlp.ensure(be, t, MlpShape { hidden: c.hidden, ffn: c.ffn }, below || half, half)?;
         if t <= s.tokens {
             return Ok(());
         }

@@ -252,7 +252,8 @@ impl MemoryPlan {
         l.add(Category::FrozenWeights, "RoPE tables", &[2, setup.max_positions.max(1), half_dim], MASTER)?;
         // The first forward (LlamaModel::ensure, LlamaMlp::forward_shared): the layers above
         // the lowest trained block keep their own saved set, the others share one (without
-        // the residual copies); the MLPs from the lowest trained block up keep `a` and `b`.
+        // the residual copies); the MLPs from the lowest trained block up keep `a` and `b`
+        // (in the operand precision).
         l.tokens_phase = true;
         let sa = Category::SavedActivations;
         let qkv = checked_sum(checked_sum(q, kv)?, kv)?;
@@ -271,12 +272,14 @@ impl MemoryPlan {
             saved_set(&mut l, sa, true)?;
         }
         for _ in 0..mlp_saving {
-            l.add(sa, "MLP gate and up outputs", &[2, t, f], MASTER)?;
+            l.add(sa, "MLP gate and up outputs", &[2, t, f], operand)?;
         }
         if keeping < c.layers {
             saved_set(&mut l, Category::SharedWorkspace, false)?;
         }
-        if mlp_saving < c.layers {
+        if mlp_saving < c.layers || half {
+            // `a` and `b` of the blocks that save none, and in bf16 where every block
+            // computes them before saving them rounded.
             l.add(Category::SharedWorkspace, "MLP scratch", &[2, t, f], MASTER)?;
         }
         l.add(Category::SharedWorkspace, "MLP scratch", &[4, t, f], MASTER)?;
