@@ -17,7 +17,7 @@ use crate::scalar::Real;
 /// (the next projection's input, and the backward's `D = dO . out`) and the row statistics.
 pub(crate) struct SavedAttention<B: Backend, F: Real> {
     pub(crate) out: B::Buf<F>,
-    stats: B::Buf<F>,
+    pub(crate) stats: B::Buf<F>,
 }
 
 impl<B: Backend, F: Real> SavedAttention<B, F> {

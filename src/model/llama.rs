@@ -79,6 +79,13 @@ struct Saved<B: Backend, F: Real> {
     attn: SavedAttention<B, F>,
     x_mid: B::Buf<F>,
     inv_rms_ffn: B::Buf<F>,
+    /// In bf16 models a layer that keeps its set holds `q`, `k`, `v` (after RoPE) and the
+    /// attention output rounded to bf16 instead (the attention kernels round q, k and v
+    /// to bf16 anyway); they are computed in, and widened back into, the shared set.
+    q_half: B::Buf<bf16>,
+    k_half: B::Buf<bf16>,
+    v_half: B::Buf<bf16>,
+    out_half: B::Buf<bf16>,
 }
 
 impl<B: Backend, F: Real> Saved<B, F> {
@@ -92,21 +99,42 @@ impl<B: Backend, F: Real> Saved<B, F> {
             attn: SavedAttention::new(backend)?,
             x_mid: backend.alloc(0)?,
             inv_rms_ffn: backend.alloc(0)?,
+            q_half: backend.alloc(0)?,
+            k_half: backend.alloc(0)?,
+            v_half: backend.alloc(0)?,
+            out_half: backend.alloc(0)?,
         })
     }
 
     /// Grows the buffers for `t` tokens; `residual`: also the residual stream copies
-    /// (`x_in`, `x_mid`), which only a backward reads.
-    fn ensure(&mut self, be: &B, c: &LlamaConfig, shape: &AttentionShape, t: usize, residual: bool) -> Result<()> {
+    /// (`x_in`, `x_mid`), which only a backward reads; `half`: `q`, `k`, `v` and the
+    /// attention output in bf16 (a kept set of a bf16 model) instead of `F`.
+    fn ensure(
+        &mut self,
+        be: &B,
+        c: &LlamaConfig,
+        shape: &AttentionShape,
+        t: usize,
+        residual: bool,
+        half: bool,
+    ) -> Result<()> {
         if residual {
             grow(be, &mut self.x_in, t * c.hidden)?;
             grow(be, &mut self.x_mid, t * c.hidden)?;
         }
         grow(be, &mut self.inv_rms_attn, t)?;
-        grow(be, &mut self.q_act, t * c.q_dim())?;
-        grow(be, &mut self.k_act, t * c.kv_dim())?;
-        grow(be, &mut self.v_act, t * c.kv_dim())?;
-        self.attn.ensure(be, shape)?;
+        if half {
+            grow(be, &mut self.q_half, t * c.q_dim())?;
+            grow(be, &mut self.k_half, t * c.kv_dim())?;
+            grow(be, &mut self.v_half, t * c.kv_dim())?;
+            grow(be, &mut self.out_half, t * c.q_dim())?;
+            grow(be, &mut self.attn.stats, shape.stats_len())?;
+        } else {
+            grow(be, &mut self.q_act, t * c.q_dim())?;
+            grow(be, &mut self.k_act, t * c.kv_dim())?;
+            grow(be, &mut self.v_act, t * c.kv_dim())?;
+            self.attn.ensure(be, shape)?;
+        }
         grow(be, &mut self.inv_rms_ffn, t)
     }
 }
@@ -369,17 +397,20 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let be = &self.backend;
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let lowest = self.plan.layers.first().copied();
+        let half = self.precision == Precision::Bf16;
         for (i, l) in self.layers.iter_mut().enumerate() {
             if Self::keeps(lowest, i) {
-                l.saved.ensure(be, c, &shape, t, true)?;
+                l.saved.ensure(be, c, &shape, t, true, half)?;
             }
         }
         let s = &mut self.s;
-        if (0..c.layers).any(|i| !Self::keeps(lowest, i)) {
-            s.saved.ensure(be, c, &shape, t, false)?;
+        // The shared set: for the layers that keep none, and in bf16 where the kept sets'
+        // q, k, v and attention output are computed before they are rounded.
+        let keeping = (0..c.layers).filter(|&i| Self::keeps(lowest, i)).count();
+        if keeping < c.layers || (half && keeping > 0) {
+            s.saved.ensure(be, c, &shape, t, false, false)?;
         }
         let below = lowest.is_none_or(|lo| lo > 0);
-        let half = self.precision == Precision::Bf16;
         // bf16 MLPs compute `a` and `b` in the scratch and save them rounded.
         s.mlp.ensure(be, t, MlpShape { hidden: c.hidden, ffn: c.ffn }, below || half, half)?;
         if t <= s.tokens {
@@ -444,6 +475,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let be = self.backend.clone();
         let c = self.config.clone();
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let half = self.precision == Precision::Bf16;
         let s = &mut self.s;
         be.gather_rows(&self.embed, vocab, c.hidden, &s.ids, t, &mut s.x)?;
         let lowest = self.plan.layers.first().copied();
@@ -452,25 +484,45 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             let keeps = Self::keeps(lowest, i);
             // Below the lowest trained block (and in it, whose backward stops at its MLP)
             // nothing is read back: the shared set takes the outputs.
-            let sv = if keeps { &mut l.saved } else { &mut s.saved };
+            // A bf16 layer that keeps its set computes q, k, v and the attention output in
+            // the shared set and keeps them rounded (its statistics land in its own set).
+            let rounds = keeps && half;
             if keeps {
-                be.copy(&s.x, &mut sv.x_in, t * c.hidden)?;
+                be.copy(&s.x, &mut l.saved.x_in, t * c.hidden)?;
             }
-            be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, &mut sv.inv_rms_attn, t, c.hidden, c.rms_eps)?;
+            let inv_rms = if keeps { &mut l.saved.inv_rms_attn } else { &mut s.saved.inv_rms_attn };
+            be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, inv_rms, t, c.hidden, c.rms_eps)?;
+            if rounds {
+                std::mem::swap(&mut l.saved.attn.stats, &mut s.saved.attn.stats);
+            }
+            let sv = if keeps && !half { &mut l.saved } else { &mut s.saved };
             let a = stage(&be, &s.normed, s.normed_half.as_mut(), t * c.hidden)?;
             mm(&be, &Gemm::nt(t, c.q_dim(), c.hidden), a, l.q.as_ref(), &mut sv.q_act)?;
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.k.as_ref(), &mut sv.k_act)?;
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut sv.v_act)?;
             be.rope(&mut sv.q_act, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
             be.rope(&mut sv.k_act, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
-            sv.attn.forward(&be, &shape, Mask::Causal, self.precision, &sv.q_act, &sv.k_act, &sv.v_act)?;
+            let attended = sv.attn.forward(&be, &shape, Mask::Causal, self.precision, &sv.q_act, &sv.k_act, &sv.v_act);
+            if rounds {
+                std::mem::swap(&mut l.saved.attn.stats, &mut s.saved.attn.stats);
+            }
+            attended?;
+            if rounds {
+                let (sh, ls) = (&s.saved, &mut l.saved);
+                be.cast_to_bf16(&sh.q_act, &mut ls.q_half, t * c.q_dim())?;
+                be.cast_to_bf16(&sh.k_act, &mut ls.k_half, t * c.kv_dim())?;
+                be.cast_to_bf16(&sh.v_act, &mut ls.v_half, t * c.kv_dim())?;
+                be.cast_to_bf16(&sh.attn.out, &mut ls.out_half, t * c.q_dim())?;
+            }
+            let sv = if keeps && !half { &l.saved } else { &s.saved };
             let o_in = stage(&be, &sv.attn.out, s.attn_half.as_mut(), t * c.q_dim())?;
             mm(&be, &Gemm::nt(t, c.hidden, c.q_dim()), o_in, l.o.as_ref(), &mut s.branch)?;
             be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
             if keeps {
-                be.copy(&s.x, &mut sv.x_mid, t * c.hidden)?;
+                be.copy(&s.x, &mut l.saved.x_mid, t * c.hidden)?;
             }
-            be.rmsnorm(&s.x, &l.ffn_norm, &mut s.normed, &mut sv.inv_rms_ffn, t, c.hidden, c.rms_eps)?;
+            let inv_rms = if keeps { &mut l.saved.inv_rms_ffn } else { &mut s.saved.inv_rms_ffn };
+            be.rmsnorm(&s.x, &l.ffn_norm, &mut s.normed, inv_rms, t, c.hidden, c.rms_eps)?;
             let mlp_saves = lowest.is_some_and(|lo| i >= lo);
             l.mlp.forward_shared(&s.normed, t, &mut s.branch, &mut s.mlp, mlp_saves)?;
             be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
@@ -536,6 +588,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let (be, c) = (self.backend.clone(), self.config.clone());
         let t = batch * seq;
         let shape = AttentionShape { batch, seq, heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        let half = self.precision == Precision::Bf16;
         let s = &mut self.s;
         // Through the LM head and the final norm: dx = rmsnorm'(x_L) (dlogits E).
         let dlogits = stage(&be, &s.logits, s.grad_half.as_mut(), t * c.vocab)?;
@@ -560,8 +613,23 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             let dx_op = stage(&be, &s.dx, s.grad_half.as_mut(), t * c.hidden)?;
             mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
             let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
-            let (q, k, v) = (&sv.q_act, &sv.k_act, &sv.v_act);
-            sv.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
+            if half {
+                // The kept bf16 set, widened into the shared one (with this layer's statistics).
+                let sh = &mut s.saved;
+                be.cast_from_bf16(&sv.q_half, &mut sh.q_act, t * c.q_dim())?;
+                be.cast_from_bf16(&sv.k_half, &mut sh.k_act, t * c.kv_dim())?;
+                be.cast_from_bf16(&sv.v_half, &mut sh.v_act, t * c.kv_dim())?;
+                be.cast_from_bf16(&sv.out_half, &mut sh.attn.out, t * c.q_dim())?;
+                std::mem::swap(&mut l.saved.attn.stats, &mut sh.attn.stats);
+                let (q, k, v) = (&sh.q_act, &sh.k_act, &sh.v_act);
+                let r = sh.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads);
+                std::mem::swap(&mut l.saved.attn.stats, &mut sh.attn.stats);
+                r?;
+            } else {
+                let (q, k, v) = (&sv.q_act, &sv.k_act, &sv.v_act);
+                sv.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
+            }
+            let sv = &l.saved;
             be.rope(&mut s.dq, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
             be.rope(&mut s.dk, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
             let dq = stage(&be, &s.dq, s.grad_half.as_mut(), t * c.q_dim())?;

@@ -259,13 +259,16 @@ impl MemoryPlan {
         let qkv = checked_sum(checked_sum(q, kv)?, kv)?;
         let keeping = lowest.map_or(0, |lo| c.layers - 1 - lo);
         let mlp_saving = lowest.map_or(0, |lo| c.layers - lo);
+        // A kept set (`residual`) of a bf16 model holds q, k, v and the attention output in
+        // bf16; the shared set holds them in `F`.
         let saved_set = |l: &mut Ledger, cat: Category, residual: bool| -> Result<()> {
+            let elem = if residual { operand } else { MASTER };
             if residual {
                 l.add(cat, "residual stream (x_in, x_mid)", &[2, t, h], MASTER)?;
             }
             l.add(cat, "rms statistics", &[2, t], MASTER)?;
-            l.add(cat, "q, k, v", &[t, qkv], MASTER)?;
-            l.add(cat, "attention output and statistics", &[t, q], MASTER)?;
+            l.add(cat, "q, k, v", &[t, qkv], elem)?;
+            l.add(cat, "attention output and statistics", &[t, q], elem)?;
             l.add(cat, "attention output and statistics", &[2, t, c.heads], MASTER)
         };
         for _ in 0..keeping {
@@ -274,7 +277,7 @@ impl MemoryPlan {
         for _ in 0..mlp_saving {
             l.add(sa, "MLP gate and up outputs", &[2, t, f], operand)?;
         }
-        if keeping < c.layers {
+        if keeping < c.layers || (half && keeping > 0) {
             saved_set(&mut l, Category::SharedWorkspace, false)?;
         }
         if mlp_saving < c.layers || half {
