@@ -6,6 +6,9 @@
 //   gelu_erf_backward_f32, gelu_tanh_backward_f32  dx = dy * gelu'(x)
 //   swiglu_f32                                  h = silu(gate) * up, silu(z) = z / (1 + exp(-z))
 //   swiglu_backward_f32                         d_gate = dh * up * silu'(gate), d_up = dh * silu(gate)
+//   swiglu_save_bf16_f32                        swiglu_f32, also storing gate and up rounded to bf16
+//                                               (what a bf16 model saves for the backward)
+//   swiglu_backward_bf16_f32                    swiglu_backward_f32 on gate and up saved in bf16
 //
 // Launch shape: 1-D, SG_THREADS threads, 64-bit grid-stride loop over `n` (float4 steps
 // when the buffers are 16-byte aligned, then a scalar tail); the launcher caps the grid (src/backend/cuda/dense.rs, `grid_1d`).
@@ -103,6 +106,39 @@ extern "C" __global__ void swiglu_backward_f32(const float* __restrict__ gate, c
         [&](u64 i) {
             const float g = gate[i];
             const float u = up[i];
+            const float d = dh[i];
+            d_gate[i] = d * u * silu_grad(g);
+            d_up[i] = d * silu(g);
+        });
+}
+
+// One pass instead of swiglu_f32 and two casts: the same h, and the same roundings as
+// cast_f32_to_bf16 (round to nearest even).
+extern "C" __global__ void swiglu_save_bf16_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                                float* __restrict__ h, __nv_bfloat16* __restrict__ gate_half,
+                                                __nv_bfloat16* __restrict__ up_half, u64 n) {
+    sg_vec4_loop(
+        n, false, [&](u64) {},
+        [&](u64 i) {
+            const float g = gate[i];
+            const float u = up[i];
+            h[i] = swiglu_fwd(g, u);
+            gate_half[i] = __float2bfloat16_rn(g);
+            up_half[i] = __float2bfloat16_rn(u);
+        });
+}
+
+// swiglu_backward_f32 on gate and up widened from bf16 (exact), so equal to two casts back
+// and swiglu_backward_f32, in one pass.
+extern "C" __global__ void swiglu_backward_bf16_f32(const __nv_bfloat16* __restrict__ gate_half,
+                                                    const __nv_bfloat16* __restrict__ up_half,
+                                                    const float* __restrict__ dh, float* __restrict__ d_gate,
+                                                    float* __restrict__ d_up, u64 n) {
+    sg_vec4_loop(
+        n, false, [&](u64) {},
+        [&](u64 i) {
+            const float g = __bfloat162float(gate_half[i]);
+            const float u = __bfloat162float(up_half[i]);
             const float d = dh[i];
             d_gate[i] = d * u * silu_grad(g);
             d_up[i] = d * silu(g);

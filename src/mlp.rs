@@ -280,7 +280,8 @@ pub struct LlamaMlp<B: Backend, F: Real = f32> {
     pub up: Projection<B, F>,
     pub down: Projection<B, F>,
     /// `a = gate(x)`, `b = up(x)`, saved for the backward: in `F`, or in bf16 models in
-    /// bf16 (`a_half`, `b_half`; as autocast saves them), widened again for the backward.
+    /// bf16 (`a_half`, `b_half`; as autocast saves them), rounded by the SwiGLU forward and
+    /// read by its backward.
     a: B::Buf<F>,
     b: B::Buf<F>,
     a_half: B::Buf<bf16>,
@@ -383,10 +384,10 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         let st = &mut scratch.staging;
         self.gate.linear.forward_staged(x, tokens, a, st)?;
         self.up.linear.forward_staged(x, tokens, b, st)?;
-        be.swiglu(a, b, &mut scratch.h, n)?;
         if save && half {
-            be.cast_to_bf16(a, &mut self.a_half, n)?;
-            be.cast_to_bf16(b, &mut self.b_half, n)?;
+            be.swiglu_save_bf16(a, b, &mut scratch.h, &mut self.a_half, &mut self.b_half, n)?;
+        } else {
+            be.swiglu(a, b, &mut scratch.h, n)?;
         }
         self.down.linear.forward_staged(&scratch.h, tokens, y, st)?;
         if save {
@@ -420,14 +421,11 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         let n = tokens * self.ffn;
         let st = &mut s.staging;
         self.down.linear.backward_staged(g, tokens, Some(&mut s.dh), st)?;
-        let (a, b) = if self.precision == Precision::Bf16 {
-            be.cast_from_bf16(&self.a_half, &mut s.a, n)?;
-            be.cast_from_bf16(&self.b_half, &mut s.b, n)?;
-            (&s.a, &s.b)
+        if self.precision == Precision::Bf16 {
+            be.swiglu_backward_bf16(&self.a_half, &self.b_half, &s.dh, &mut s.da, &mut s.db, n)?;
         } else {
-            (&self.a, &self.b)
-        };
-        be.swiglu_backward(a, b, &s.dh, &mut s.da, &mut s.db, n)?;
+            be.swiglu_backward(&self.a, &self.b, &s.dh, &mut s.da, &mut s.db, n)?;
+        }
         match dx {
             Some(dx) => {
                 self.gate.linear.backward_staged(&s.da, tokens, Some(dx), st)?;

@@ -243,4 +243,43 @@ impl DenseOps for Cpu {
         });
         Ok(())
     }
+
+    fn swiglu_save_bf16<F: Real>(
+        &self,
+        gate: &CpuBuf<F>,
+        up: &CpuBuf<F>,
+        h: &mut CpuBuf<F>,
+        gate_half: &mut CpuBuf<bf16>,
+        up_half: &mut CpuBuf<bf16>,
+        len: usize,
+    ) -> Result<()> {
+        check_swiglu_save_bf16(self, [gate, up, h], [gate_half, up_half], len)?;
+        h[..len].par_iter_mut().zip(gate_half[..len].par_iter_mut().zip(&mut up_half[..len])).enumerate().for_each(
+            |(i, (h, (gh, uh)))| {
+                let (g, u) = (gate[i], up[i]);
+                *h = silu_scalar(g) * u;
+                *gh = g.to_bf16();
+                *uh = u.to_bf16();
+            },
+        );
+        Ok(())
+    }
+
+    fn swiglu_backward_bf16<F: Real>(
+        &self,
+        gate_half: &CpuBuf<bf16>,
+        up_half: &CpuBuf<bf16>,
+        dh: &CpuBuf<F>,
+        d_gate: &mut CpuBuf<F>,
+        d_up: &mut CpuBuf<F>,
+        len: usize,
+    ) -> Result<()> {
+        check_swiglu_backward_bf16(self, [gate_half, up_half], [dh, d_gate, d_up], len)?;
+        d_gate[..len].par_iter_mut().zip(d_up[..len].par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
+            let (g, u, d) = (F::from_bf16(gate_half[i]), F::from_bf16(up_half[i]), dh[i]);
+            *dg = d * u * silu_grad_scalar(g);
+            *du = d * silu_scalar(g);
+        });
+        Ok(())
+    }
 }

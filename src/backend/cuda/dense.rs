@@ -78,6 +78,14 @@ kernel!(
     /// [n]: gate, up and dh read, d_gate and d_up written.
     SWIGLU_BACKWARD = "activation" / "swiglu_backward_f32", Elementwise, |a| (20 * a[0], 12 * a[0])
 );
+kernel!(
+    /// [n]: gate and up read, h written, gate and up written in bf16.
+    SWIGLU_SAVE_BF16 = "activation" / "swiglu_save_bf16_f32", Elementwise, |a| (16 * a[0], 6 * a[0])
+);
+kernel!(
+    /// [n]: gate and up read in bf16, dh read, d_gate and d_up written.
+    SWIGLU_BACKWARD_BF16 = "activation" / "swiglu_backward_bf16_f32", Elementwise, |a| (16 * a[0], 12 * a[0])
+);
 
 /// The fill kernel for elements of `size` bytes.
 pub(super) fn fill_kernel(size: usize) -> Option<&'static crate::perf::KernelCost> {
@@ -309,6 +317,52 @@ impl DenseOps for Cuda {
         // float* d_gate, float* d_up, u64 n); all five hold >= n elements.
         unsafe {
             self.launch(&SWIGLU_BACKWARD, self.grid_1d(len, PER_SM), &mut kargs![gp, upp, dhp, dgp, dup, n], &[n])
+        }
+    }
+
+    fn swiglu_save_bf16<F: Real>(
+        &self,
+        gate: &CudaBuf<F>,
+        up: &CudaBuf<F>,
+        h: &mut CudaBuf<F>,
+        gate_half: &mut CudaBuf<bf16>,
+        up_half: &mut CudaBuf<bf16>,
+        len: usize,
+    ) -> Result<()> {
+        require_f32::<F>("swiglu_save_bf16")?;
+        check_swiglu_save_bf16(self, [gate, up, h], [gate_half, up_half], len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (gp, upp, hp, ghp, uhp, n) =
+            (gate.ptr(), up.ptr(), h.ptr_mut(), gate_half.ptr_mut(), up_half.ptr_mut(), len as u64);
+        // SAFETY: swiglu_save_bf16_f32(const float* gate, const float* up, float* h,
+        // bf16* gate_half, bf16* up_half, u64 n); all five hold >= n elements.
+        unsafe {
+            self.launch(&SWIGLU_SAVE_BF16, self.grid_1d(len, PER_SM), &mut kargs![gp, upp, hp, ghp, uhp, n], &[n])
+        }
+    }
+
+    fn swiglu_backward_bf16<F: Real>(
+        &self,
+        gate_half: &CudaBuf<bf16>,
+        up_half: &CudaBuf<bf16>,
+        dh: &CudaBuf<F>,
+        d_gate: &mut CudaBuf<F>,
+        d_up: &mut CudaBuf<F>,
+        len: usize,
+    ) -> Result<()> {
+        require_f32::<F>("swiglu_backward_bf16")?;
+        check_swiglu_backward_bf16(self, [gate_half, up_half], [dh, d_gate, d_up], len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (gp, upp, dhp, dgp, dup, n) =
+            (gate_half.ptr(), up_half.ptr(), dh.ptr(), d_gate.ptr_mut(), d_up.ptr_mut(), len as u64);
+        // SAFETY: swiglu_backward_bf16_f32(const bf16* gate_half, const bf16* up_half,
+        // const float* dh, float* d_gate, float* d_up, u64 n); all five hold >= n elements.
+        unsafe {
+            self.launch(&SWIGLU_BACKWARD_BF16, self.grid_1d(len, PER_SM), &mut kargs![gp, upp, dhp, dgp, dup, n], &[n])
         }
     }
 }

@@ -86,6 +86,28 @@ pub trait DenseOps: Buffers {
         d_up: &mut Self::Buf<F>,
         len: usize,
     ) -> Result<()>;
+    /// [`Self::swiglu`] that also stores `gate` and `up` rounded to bf16 (as
+    /// [`Self::cast_to_bf16`] rounds) into `gate_half` and `up_half`: what a bf16 model
+    /// saves for its backward, in one pass.
+    fn swiglu_save_bf16<F: Real>(
+        &self,
+        gate: &Self::Buf<F>,
+        up: &Self::Buf<F>,
+        h: &mut Self::Buf<F>,
+        gate_half: &mut Self::Buf<bf16>,
+        up_half: &mut Self::Buf<bf16>,
+        len: usize,
+    ) -> Result<()>;
+    /// [`Self::swiglu_backward`] on `gate` and `up` saved in bf16 (widened exactly).
+    fn swiglu_backward_bf16<F: Real>(
+        &self,
+        gate_half: &Self::Buf<bf16>,
+        up_half: &Self::Buf<bf16>,
+        dh: &Self::Buf<F>,
+        d_gate: &mut Self::Buf<F>,
+        d_up: &mut Self::Buf<F>,
+        len: usize,
+    ) -> Result<()>;
 }
 
 /// [`DenseOps::gemm`] and [`DenseOps::gemm_bf16`]: leading dimensions and buffer lengths.
@@ -183,6 +205,28 @@ pub(crate) fn check_gelu_backward<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>
 /// [`DenseOps::swiglu`] (`[gate, up, h]`).
 pub(crate) fn check_swiglu<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>; 3], len: usize) -> Result<()> {
     check_bufs(be, "swiglu", ["gate", "up", "h"], bufs, [len; 3])
+}
+
+/// [`DenseOps::swiglu_save_bf16`] (`[gate, up, h]`, `[gate_half, up_half]`).
+pub(crate) fn check_swiglu_save_bf16<B: Backend, F: Elem>(
+    be: &B,
+    bufs: [&B::Buf<F>; 3],
+    halves: [&B::Buf<bf16>; 2],
+    len: usize,
+) -> Result<()> {
+    check_bufs(be, "swiglu_save_bf16", ["gate", "up", "h"], bufs, [len; 3])?;
+    check_bufs(be, "swiglu_save_bf16", ["gate_half", "up_half"], halves, [len; 2])
+}
+
+/// [`DenseOps::swiglu_backward_bf16`] (`[gate_half, up_half]`, `[dh, d_gate, d_up]`).
+pub(crate) fn check_swiglu_backward_bf16<B: Backend, F: Elem>(
+    be: &B,
+    halves: [&B::Buf<bf16>; 2],
+    bufs: [&B::Buf<F>; 3],
+    len: usize,
+) -> Result<()> {
+    check_bufs(be, "swiglu_backward_bf16", ["gate_half", "up_half"], halves, [len; 2])?;
+    check_bufs(be, "swiglu_backward_bf16", ["dh", "d_gate", "d_up"], bufs, [len; 3])
 }
 
 /// [`DenseOps::swiglu_backward`] (`[gate, up, dh, d_gate, d_up]`).
