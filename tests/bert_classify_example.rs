@@ -146,9 +146,9 @@ fn toy_task(path: &Path, n: usize) {
     std::fs::write(path, tsv).unwrap();
 }
 
-/// `runs.tsv` as rows of fields, header dropped.
+/// `study_runs.tsv` as rows of fields, header dropped.
 fn journal(dir: &Path) -> Vec<Vec<String>> {
-    let text = std::fs::read_to_string(dir.join("runs.tsv")).unwrap();
+    let text = std::fs::read_to_string(dir.join("study_runs.tsv")).unwrap();
     text.lines().skip(1).map(|l| l.split('\t').map(String::from).collect()).collect()
 }
 
@@ -247,13 +247,13 @@ fn a_toy_study_tunes_on_validation_keeps_its_split_resumes_and_pairs_seeds() {
     assert!(out_dir.join("study_toy.png").metadata().is_ok_and(|m| m.len() > 0));
 
     // Resume: drop the last three runs and leave a torn line, as a killed study would.
-    let text = std::fs::read_to_string(out_dir.join("runs.tsv")).unwrap();
+    let text = std::fs::read_to_string(out_dir.join("study_runs.tsv")).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let kept = lines[..lines.len() - 3].join("\n") + "\n";
-    std::fs::write(out_dir.join("runs.tsv"), format!("{kept}toy.tsv\tfinal\tfu")).unwrap();
+    std::fs::write(out_dir.join("study_runs.tsv"), format!("{kept}toy.tsv\tfinal\tfu")).unwrap();
     let stdout = study(&[]);
     assert!(stdout.contains("28 runs reused") && stdout.contains("3 run now"), "{stdout}");
-    let after = std::fs::read_to_string(out_dir.join("runs.tsv")).unwrap();
+    let after = std::fs::read_to_string(out_dir.join("study_runs.tsv")).unwrap();
     assert!(after.starts_with(&kept), "the finished runs stay as they were");
     assert_eq!(after.lines().count(), 32);
     assert!(study(&[]).contains("31 runs reused from"));

@@ -149,9 +149,9 @@ usage: bert_classify [flags]
                        MLP rate with it, on mean validation accuracy over the tuning
                        seeds; then test accuracy at the picked rates over the run seeds,
                        paired differences vs head-only and vs LoRA. Every run is appended
-                       to --out/runs.tsv and a rerun skips the runs found there; writes
+                       to --out/study_runs.tsv and a rerun skips the runs found there; writes
                        study.md and study_<task>.png
-  --study-report       render study.md and the plots from runs.tsv, running nothing
+  --study-report       render study.md and the plots from study_runs.tsv, running nothing
   --study-seeds N      run seeds 0..N (default 5)
   --tune-seeds N       tuning seeds 1000..1000+N (default 2)
   --lr-grid M=A,B,..   learning rates tried for method M (head: the head's rate);

@@ -1,4 +1,4 @@
-//! The study's journal, `runs.tsv`: one line per finished run, appended and synced as the
+//! The study's journal, `study_runs.tsv`: one line per finished run, appended and synced as the
 //! run ends, so a killed study loses at most the run in progress and a rerun skips every
 //! run it finds. A run is found by its key: task, kind, method, rates, seed, steps, split
 //! fingerprint and every other setting that changes its scores (`config`); lines written
@@ -145,7 +145,7 @@ impl Row {
     }
 }
 
-/// The runs of `runs.tsv`, in file order.
+/// The runs of `study_runs.tsv`, in file order.
 pub struct Journal {
     path: PathBuf,
     pub rows: Vec<Row>,

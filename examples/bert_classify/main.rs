@@ -203,9 +203,9 @@ fn study(args: &Args) -> Result<()> {
     // Every task file first: a bad one is reported before hours of runs.
     let tasks = args.data.iter().map(|d| study::TaskCtx::new(args, d)).collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
-    let mut journal = journal::Journal::open(&args.out.join("runs.tsv"))?;
+    let mut journal = journal::Journal::open(&args.out.join("study_runs.tsv"))?;
     if journal.malformed > 0 {
-        eprintln!("warning: {} lines of runs.tsv do not parse and are ignored", journal.malformed);
+        eprintln!("warning: {} lines of study_runs.tsv do not parse and are ignored", journal.malformed);
     }
     let mut tally = study::Tally::default();
     let write = |journal: &journal::Journal| -> Result<std::path::PathBuf> {
@@ -225,7 +225,7 @@ fn study(args: &Args) -> Result<()> {
     println!(
         "study: {} runs reused from {}, {} run now; wrote {} and the plots beside it",
         tally.reused,
-        args.out.join("runs.tsv").display(),
+        args.out.join("study_runs.tsv").display(),
         tally.ran,
         path.display()
     );

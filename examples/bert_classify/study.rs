@@ -2,7 +2,7 @@
 //! fine-tuning that sets the number of steps; the head's learning rate tuned on
 //! head-only runs; each method's MLP rate tuned with that head rate; then the test score
 //! of every method at its picked rate over the run seeds. Every run goes through the
-//! journal (`runs.tsv`), so a rerun skips what is done. The plan (which runs, which pick)
+//! journal (`study_runs.tsv`), so a rerun skips what is done. The plan (which runs, which pick)
 //! is computed here for the runner and the report alike.
 
 use crate::args::{Args, Device, MethodKind};
