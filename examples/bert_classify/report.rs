@@ -163,11 +163,11 @@ fn section(args: &Args, t: &TaskCtx, j: &Journal, md: &mut String, summary: &mut
     }
     let _ = writeln!(
         md,
-        "\nTest accuracy at the picked rates, run seeds 0..{} (mean ± standard deviation; 95% t interval of the \
+        "\nTest accuracy at the picked rates, run seeds 0 to {} (mean ± standard deviation; 95% t interval of the \
          mean); speed and backend peak memory of the same runs.\n\n| method | lr | trainable params (MLP + head) | \
          test accuracy | 95% interval | per seed | macro-F1 | steps/s | peak MiB | CPU s/run |\n\
          |---|---|---:|---|---|---|---|---:|---:|---:|",
-        args.study_seeds
+        args.study_seeds - 1
     );
     // Per method one point: (trainable parameters, mean test accuracy, 95% half width).
     let mut series_pts: Vec<(MethodKind, [plot::Point; 1])> = Vec::new();
@@ -275,8 +275,8 @@ pub fn render(args: &Args, tasks: &[TaskCtx], j: &Journal) -> Result<String> {
          SparseGrad and MeProp keep {}% of each MLP weight's entries (SparseGrad: {} selection, {} preliminary \
          batches), LoRA at the rank with as many parameters; AdamW for the head, dense parameters and LoRA, \
          SparseAdam for the sparse methods. Learning-rate grids: {}. Tuning seeds {:?} (validation), run seeds \
-         0..{} (test).\n\nRuns in the journal for these tasks and settings: {} of {} planned; {:.2} h wall, {:.2} h \
-         CPU (user + system).\n\nMean test accuracy at the picked rates ± the 95% t half width:\n\n{summary}",
+         0 to {} (test).\n\nRuns in the journal for these tasks and settings: {} of {} planned{}; {:.2} h wall, \
+         {:.2} h CPU (user + system).\n\nMean test accuracy at the picked rates ± the 95% t half width:\n\n{summary}",
         args.model.display(),
         args.layers.as_ref().map_or("all".to_string(), |l| format!("{l:?}")),
         args.batch,
@@ -287,9 +287,10 @@ pub fn render(args: &Args, tasks: &[TaskCtx], j: &Journal) -> Result<String> {
         args.prelim_steps,
         grids.join("; "),
         study::tune_seeds(args),
-        args.study_seeds,
+        args.study_seeds - 1,
         mine.len(),
         planned,
+        if mine.len() < planned { " (the study is not finished; rerunning its command resumes it)" } else { "" },
         mine.iter().map(|r| r.wall_s).sum::<f64>() / 3600.0,
         mine.iter().map(|r| r.cpu_s).sum::<f64>() / 3600.0,
     );
