@@ -62,6 +62,26 @@ fn results(args: &Args, t: &TaskCtx, j: &Journal, steps: usize) -> Vec<MethodRes
         .collect()
 }
 
+/// `lr: mean validation accuracy (seeds done)` for every grid point with a run so far.
+fn tune_progress(
+    args: &Args,
+    t: &TaskCtx,
+    j: &Journal,
+    method: MethodKind,
+    head_lr: Option<f32>,
+    steps: usize,
+) -> Vec<String> {
+    let head_lr = if method == MethodKind::Head { Some(args.head_lr) } else { head_lr };
+    let Some(head_lr) = head_lr else { return Vec::new() };
+    study::tune_keys(args, t, method, head_lr, steps)
+        .into_iter()
+        .filter_map(|(lr, keys)| {
+            let v: Vec<f64> = keys.iter().filter_map(|k| j.find(k).map(|r| r.val.0)).collect();
+            (!v.is_empty()).then(|| format!("{lr:e}: {:.4} ({} of {} seeds)", mean_sd(&v).0, v.len(), keys.len()))
+        })
+        .collect()
+}
+
 fn points(d: f64) -> String {
     format!("{:+.1}", 100.0 * d)
 }
@@ -141,9 +161,12 @@ fn section(args: &Args, t: &TaskCtx, j: &Journal, md: &mut String, summary: &mut
          MLPs frozen; the others: MLP rate, head at the head's pick); **picked**, `edge` where the pick is the \
          grid's first or last point.\n\n| method | grid: mean validation accuracy | picked |\n|---|---|---|"
     );
+    let head_lr = res.iter().find(|r| r.method == MethodKind::Head).and_then(|r| r.pick.as_ref()).map(|p| p.lr);
     for r in &res {
         let Some(p) = &r.pick else {
-            let _ = writeln!(md, "| {} | not finished | |", r.method.name());
+            // What the journal holds so far: the mean over the seeds done at each rate.
+            let done: Vec<String> = tune_progress(args, t, j, r.method, head_lr, steps);
+            let _ = writeln!(md, "| {} | not finished: {} | |", r.method.name(), done.join(" · "));
             continue;
         };
         let cells: Vec<String> = p
