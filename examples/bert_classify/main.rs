@@ -2,24 +2,29 @@
 //! and a dense head, by SparseGrad, LoRA (at the rank with as many parameters), MeProp or
 //! full fine-tuning; report validation accuracy / macro-F1 while training and test scores
 //! at the end; write metrics.csv, curves.png, the adapter, the head and the merged HF model.
-//! `--study` runs methods x budgets x seeds and writes study.md and study.png.
+//! `--study` compares the methods with per-method learning rates tuned on validation, a
+//! fixed split per task and paired differences over run seeds (study.rs, report.rs).
 //!
 //! Run `scripts/fetch-assets.sh` first (all-MiniLM-L6-v2 and the VADER corpus), then e.g.
 //! `cargo run --release --features recipes --example bert_classify -- --method sparsegrad --selection sd`.
 
 mod args;
+mod journal;
 mod plot;
 mod premise;
+mod report;
+mod study;
 mod train;
 
 use args::{Args, Device, MethodKind};
 use sparsegrad::model::bert::tokenizer::BertTokenizer;
 use sparsegrad::model::bert::{BertModel, BertWeights};
-use sparsegrad::recipes::classify::{load_task, stratified_split, Example};
+use sparsegrad::recipes::classify::{Example, TaskSplit};
 use sparsegrad::{Backend, BasisSet, Cpu, Error, Result};
 use std::fmt::Write as _;
+use std::path::Path;
 use std::process::ExitCode;
-use train::{Encoded, Prepared, RunResult};
+use train::{Encoded, Evals, Prepared, RunResult};
 
 fn main() -> ExitCode {
     let argv: std::result::Result<Vec<String>, _> = std::env::args_os().skip(1).map(|a| a.into_string()).collect();
@@ -54,9 +59,8 @@ fn encode(tok: &BertTokenizer, set: &[Example], max_len: usize) -> Result<Encode
     })
 }
 
-fn prepare(args: &Args) -> Result<Prepared> {
-    // The task first: a bad data file is reported without loading the model.
-    let task = load_task(&args.data, args.margin)?;
+/// The model and `split` tokenized (`data` names the task in the log).
+fn prepare(args: &Args, data: &Path, split: &TaskSplit) -> Result<Prepared> {
     let weights = BertWeights::from_hf_dir(&args.model)?;
     let tok = BertTokenizer::from_file(args.model.join("tokenizer.json"))?;
     if tok.vocab_size() > weights.config.vocab {
@@ -65,19 +69,18 @@ fn prepare(args: &Args) -> Result<Prepared> {
             format!("tokenizer.json has {} tokens, the model {}", tok.vocab_size(), weights.config.vocab),
         ));
     }
-    let split = stratified_split(&task, 0.1, 0.1, args.seed)?;
     eprintln!(
         "task {}: {} classes ({}), {} train / {} validation / {} test sentences",
-        args.data.display(),
-        task.classes(),
-        task.labels.join(", "),
+        data.display(),
+        split.labels.len(),
+        split.labels.join(", "),
         split.train.len(),
         split.validation.len(),
         split.test.len()
     );
     let max_len = args.max_len.min(weights.config.max_positions);
     Ok(Prepared {
-        classes: task.classes(),
+        classes: split.labels.len(),
         train: encode(&tok, &split.train, max_len)?,
         validation: encode(&tok, &split.validation, max_len)?,
         test: encode(&tok, &split.test, max_len)?,
@@ -91,7 +94,12 @@ fn main_with(args: &Args) -> Result<()> {
         // Fail before the model loads: a machine without a GPU should hear so at once.
         cuda()?;
     }
-    let p = prepare(args)?;
+    if args.study {
+        return study(args);
+    }
+    // The task first: a bad data file is reported without loading the model.
+    let split = study::TaskCtx::new(args, args.task())?.split;
+    let p = prepare(args, args.task(), &split)?;
     std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
     if args.premise {
         let premise = match args.device {
@@ -105,12 +113,13 @@ fn main_with(args: &Args) -> Result<()> {
         println!("wrote {}", path.display());
         return Ok(());
     }
-    if args.study {
-        return study(args, &p);
-    }
     let r = match args.device {
-        Device::Cpu => train::run(&Cpu::new(), &p, args, args.keep, false, |m, b| save_model(args, &p, m, b))?,
-        Device::Cuda => train::run(&cuda()?, &p, args, args.keep, false, |m, b| save_model(args, &p, m, b))?,
+        Device::Cpu => {
+            train::run(&Cpu::new(), &p, args, args.keep, false, Evals::ALL, |m, b| save_model(args, &p, m, b))?
+        }
+        Device::Cuda => {
+            train::run(&cuda()?, &p, args, args.keep, false, Evals::ALL, |m, b| save_model(args, &p, m, b))?
+        }
     };
     report(args, &r)
 }
@@ -188,110 +197,47 @@ fn report(args: &Args, r: &RunResult) -> Result<()> {
     Ok(())
 }
 
-/// `(trainable parameters, mean test accuracy, its standard deviation)`.
-type Point = (f64, f64, f64);
-
-fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len().max(1) as f64;
-    let m = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 { v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64 } else { 0.0 };
-    (m, var.sqrt())
-}
-
-/// Methods x budgets x seeds, each on a fresh backend; study.md and study.png.
-fn study(args: &Args, p: &Prepared) -> Result<()> {
-    let budgets = [0.005, 0.01, 0.02];
-    let mut md = String::new();
-    let _ = writeln!(
-        md,
-        "# bert_classify study\n\nmodel `{}`, data `{}`, {} steps of {} sentences, max_len {}, lr {} (head {}), \
-         pooling {:?}, selection {}, seeds 0..{}\n\n| method | keep | trainable MLP params | test accuracy | test macro-F1 | steps/s | peak MiB |\n|---|---|---|---|---|---|---|",
-        args.model.display(),
-        args.data.display(),
-        args.steps,
-        args.batch,
-        args.max_len,
-        args.lr,
-        args.head_lr,
-        args.pooling,
-        args.sd_threshold.map_or("exact".into(), |t| format!("sd {t}")),
-        args.study_seeds
-    );
-    let mut lines: Vec<(MethodKind, Vec<Point>)> = Vec::new();
-    for method in MethodKind::ALL {
-        let mut pts = Vec::new();
-        let keeps: &[f64] = if matches!(method, MethodKind::Full | MethodKind::Head) { &[1.0] } else { &budgets };
-        for &keep in keeps {
-            let mut results = Vec::new();
-            for seed in 0..args.study_seeds as u64 {
-                let a = Args { method, seed, ..args.clone() };
-                eprintln!("study: {} keep {keep} seed {seed}", method.name());
-                let r = match args.device {
-                    Device::Cpu => train::run(&Cpu::new(), p, &a, keep, true, |_, _| Ok(()))?,
-                    Device::Cuda => train::run(&cuda()?, p, &a, keep, true, |_, _| Ok(()))?,
-                };
-                results.push(r);
-            }
-            let (acc, acc_sd) = mean_std(&results.iter().map(|r| r.test.0).collect::<Vec<_>>());
-            let (f1, f1_sd) = mean_std(&results.iter().map(|r| r.test.1).collect::<Vec<_>>());
-            let sps = results.iter().map(|r| r.steps_per_s).sum::<f64>() / results.len() as f64;
-            let peak = results.iter().map(|r| r.peak_bytes).max().unwrap_or(0) as f64 / (1 << 20) as f64;
-            let params = results[0].mlp_trainable;
-            let _ = writeln!(
-                md,
-                "| {} | {} | {params} | {acc:.4} ± {acc_sd:.4} | {f1:.4} ± {f1_sd:.4} | {sps:.2} | {peak:.0} |",
-                method.name(),
-                match method {
-                    MethodKind::Full => "all".to_string(),
-                    MethodKind::Head => "none".to_string(),
-                    _ => format!("{}%", keep * 100.0),
-                }
-            );
-            pts.push((params as f64, acc, acc_sd));
-        }
-        // No MLP parameters: no place on a log axis (its accuracy is in the table).
-        if method != MethodKind::Head {
-            lines.push((method, pts));
+/// `--study` (or `--study-report`): every task's runs through the journal, then
+/// study.md and one plot per task from it.
+fn study(args: &Args) -> Result<()> {
+    // Every task file first: a bad one is reported before hours of runs.
+    let tasks = args.data.iter().map(|d| study::TaskCtx::new(args, d)).collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&args.out).map_err(|e| Error::io(&args.out, e))?;
+    let mut journal = journal::Journal::open(&args.out.join("study_runs.tsv"))?;
+    if journal.malformed > 0 {
+        eprintln!("warning: {} lines of study_runs.tsv do not parse and are ignored", journal.malformed);
+    }
+    let mut tally = study::Tally::default();
+    let write = |journal: &journal::Journal| -> Result<std::path::PathBuf> {
+        let md = report::render(args, &tasks, journal)?;
+        let path = args.out.join("study.md");
+        std::fs::write(&path, md).map_err(|e| Error::io(&path, e))?;
+        Ok(path)
+    };
+    if !args.study_report {
+        for (t, data) in tasks.iter().zip(&args.data) {
+            let p = prepare(args, data, &t.split)?;
+            study::run_task(args, t, &p, &mut journal, &mut tally)?;
+            write(&journal)?;
         }
     }
-    let premise = match args.device {
-        Device::Cpu => premise::measure(&Cpu::new(), p, args)?,
-        Device::Cuda => premise::measure(&cuda()?, p, args)?,
-    };
-    let _ = write!(
-        md,
-        "\nThe premise (top-1% of entries by magnitude, share of a step's squared gradient norm; {} batches \
-         for the bases, 4 held out):\n\n{}",
-        args.prelim_steps,
-        premise.markdown()
+    let path = write(&journal)?;
+    println!(
+        "study: {} runs reused from {}, {} run now; wrote {} and the plots beside it",
+        tally.reused,
+        args.out.join("study_runs.tsv").display(),
+        tally.ran,
+        path.display()
     );
-    let path = args.out.join("study.md");
-    std::fs::write(&path, &md).map_err(|e| Error::io(&path, e))?;
-    let series: Vec<plot::Series> = lines
-        .iter()
-        .enumerate()
-        .map(|(i, (m, pts))| plot::Series { label: m.name(), color: plot::PALETTE[i % 4], points: pts })
-        .collect();
-    let png = args.out.join("study.png");
-    plot::chart(
-        &png,
-        "test accuracy vs trainable MLP parameters",
-        "trainable MLP parameters",
-        "test accuracy",
-        &series,
-        true,
-    )?;
-    print!("{md}");
-    println!("wrote {} and {}", path.display(), png.display());
     Ok(())
 }
 
 #[cfg(feature = "cuda")]
-fn cuda() -> Result<sparsegrad::Cuda> {
+pub(crate) fn cuda() -> Result<sparsegrad::Cuda> {
     sparsegrad::Cuda::new(0)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda() -> Result<Cpu> {
+pub(crate) fn cuda() -> Result<Cpu> {
     Err(Error::CudaUnavailable("this build has no CUDA backend (the `cuda` feature is off)".into()))
 }

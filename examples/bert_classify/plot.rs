@@ -10,14 +10,22 @@ use std::sync::OnceLock;
 const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const FAMILY: &str = "sans-serif";
 
-pub const PALETTE: [RGBColor; 4] =
-    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+pub const PALETTE: [RGBColor; 5] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+];
 
-/// One line: label, colour, points `(x, y, error bar)`.
+/// `(x, y, error bar half width)`.
+pub type Point = (f64, f64, f64);
+
+/// One line: label, colour, points.
 pub struct Series<'a> {
     pub label: &'a str,
     pub color: RGBColor,
-    pub points: &'a [(f64, f64, f64)],
+    pub points: &'a [Point],
 }
 
 fn have_font() -> bool {

@@ -31,6 +31,20 @@ pub struct Prepared {
     pub pad_id: u32,
 }
 
+/// Which scores a run computes (each evaluation costs a forward pass over its set).
+#[derive(Clone, Copy, Debug)]
+pub struct Evals {
+    /// The validation score of the untrained head, before the first step.
+    pub untrained: bool,
+    /// Validation every `eval_every` steps and after the last; `false`: none at all.
+    pub validation: bool,
+    pub test: bool,
+}
+
+impl Evals {
+    pub const ALL: Evals = Evals { untrained: true, validation: true, test: true };
+}
+
 /// What a run measured.
 #[derive(Clone, Debug, Default)]
 pub struct RunResult {
@@ -44,6 +58,9 @@ pub struct RunResult {
     pub head_trainable: usize,
     pub steps_per_s: f64,
     pub peak_bytes: usize,
+    /// Wall and CPU (user + system, this process) seconds of the whole run.
+    pub wall_s: f64,
+    pub cpu_s: f64,
     /// Per layer: the share of token rows the weight-gradient products skipped (SparseGrad
     /// only), dense_in and dense_out.
     pub rows_skipped: Vec<[f64; 2]>,
@@ -174,8 +191,10 @@ pub fn run<B: Backend + Clone>(
     args: &Args,
     keep: f64,
     quiet: bool,
+    evals: Evals,
     keep_model: impl FnOnce(&BertModel<B, f32>, Option<&BasisSet>) -> Result<()>,
 ) -> Result<RunResult> {
+    let (wall0, cpu0) = (Instant::now(), cpu_seconds());
     let c = &p.weights.config;
     let layers = match &args.layers {
         None => (0..c.layers).collect(),
@@ -215,8 +234,10 @@ pub fn run<B: Backend + Clone>(
         head_trainable: model.head().trainable_parameters(),
         ..Default::default()
     };
-    r.untrained = evaluate(&mut model, &p.validation, args.eval_limit, p.pad_id, args.batch)?;
-    r.val_curve.push((0, r.untrained.0, r.untrained.1));
+    if evals.untrained {
+        r.untrained = evaluate(&mut model, &p.validation, args.eval_limit(), p.pad_id, args.batch)?;
+        r.val_curve.push((0, r.untrained.0, r.untrained.1));
+    }
     if !quiet {
         eprintln!(
             "{}: {} MLP parameters train ({:.3}% of the MLPs), head {}; untrained head: validation accuracy {:.3}, macro-F1 {:.3}",
@@ -257,10 +278,10 @@ pub fn run<B: Backend + Clone>(
         loss_n += 1;
         pb.set_message(format!("loss {:.4}", loss.mean()));
         pb.inc(1);
-        if step % args.eval_every.max(1) == 0 || step == args.steps {
+        if evals.validation && (step % args.eval_every.max(1) == 0 || step == args.steps) {
             r.loss_curve.push((step, loss_sum / loss_n as f64));
             (loss_sum, loss_n) = (0.0, 0);
-            let (acc, f1) = evaluate(&mut model, &p.validation, args.eval_limit, p.pad_id, args.batch)?;
+            let (acc, f1) = evaluate(&mut model, &p.validation, args.eval_limit(), p.pad_id, args.batch)?;
             r.val_curve.push((step, acc, f1));
             let line = format!(
                 "step {step}: train loss {:.4}, validation accuracy {acc:.3}, macro-F1 {f1:.3}",
@@ -278,8 +299,23 @@ pub fn run<B: Backend + Clone>(
     pb.finish_and_clear();
     r.steps_per_s = args.steps as f64 / train_s.max(1e-9);
     r.rows_skipped = skipped.iter().map(|s| [s[0] / args.steps as f64, s[1] / args.steps as f64]).collect();
-    r.test = evaluate(&mut model, &p.test, args.test_limit, p.pad_id, args.batch)?;
+    if evals.test {
+        r.test = evaluate(&mut model, &p.test, args.test_limit, p.pad_id, args.batch)?;
+    }
     r.peak_bytes = backend.memory_stats().peak_bytes;
     keep_model(&model, bases.as_ref())?;
+    (r.wall_s, r.cpu_s) = (wall0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
     Ok(r)
+}
+
+/// User + system CPU seconds of this process so far (`/proc/self/stat`, in the kernel's
+/// USER_HZ ticks, 100 a second on Linux); 0 where that file cannot be read.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // The command name (field 2) may hold spaces: count fields after its closing paren.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 11 and 12 after the command name.
+    (tick(11) + tick(12)) / 100.0
 }

@@ -9,6 +9,9 @@
 //!   all integers are ordered numerically, so `0`/`1` keep their meaning; others sorted).
 //!
 //! Splits are stratified (each class split in the same proportions) and seeded.
+//!
+//! For comparing methods over seeds: the learning-rate pick by mean validation score, and
+//! the paired difference of two methods' per-seed scores with its Student-t 95% interval.
 
 use crate::error::{Error, Result};
 use crate::model::weights::SplitMix64;
@@ -202,6 +205,130 @@ pub fn accuracy_macro_f1(pred: &[u32], gold: &[u32], classes: usize) -> Result<(
     Ok((acc, f1))
 }
 
+/// A 64-bit FNV-1a hash of a split's three parts (texts and labels, in order): equal
+/// fingerprints mean the same split, so runs can show that they shared one.
+pub fn split_fingerprint(split: &TaskSplit) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    for (tag, part) in [(b'T', &split.train), (b'V', &split.validation), (b'E', &split.test)] {
+        eat(&[tag]);
+        for e in part {
+            eat(&e.label.to_le_bytes());
+            eat(e.text.as_bytes());
+            eat(&[0]);
+        }
+    }
+    h
+}
+
+/// The index of the candidate with the highest mean score (`scores[i]`: candidate `i`'s
+/// score per seed); ties go to the lower index, so a grid in ascending order picks the
+/// smaller learning rate.
+pub fn pick_best_mean(scores: &[Vec<f64>]) -> Result<usize> {
+    if scores.is_empty() {
+        return Err(Error::invalid("pick_best_mean", "no candidates"));
+    }
+    let mut best: Option<(usize, f64)> = None;
+    for (i, s) in scores.iter().enumerate() {
+        if s.is_empty() || s.iter().any(|x| !x.is_finite()) {
+            return Err(Error::invalid("pick_best_mean", format!("candidate {i} has no scores or a non-finite one")));
+        }
+        let m = s.iter().sum::<f64>() / s.len() as f64;
+        if best.is_none_or(|(_, b)| m > b) {
+            best = Some((i, m));
+        }
+    }
+    Ok(best.map_or(0, |b| b.0))
+}
+
+/// Two-sided 97.5% quantile of Student's t with `df` degrees of freedom: a table for
+/// 1..=30, above that the Cornish-Fisher expansion around the normal quantile (error
+/// below 1e-5 there).
+pub fn student_t_975(df: usize) -> Result<f64> {
+    const TABLE: [f64; 30] = [
+        12.706204736,
+        4.302652730,
+        3.182446305,
+        2.776445105,
+        2.570581836,
+        2.446911851,
+        2.364624252,
+        2.306004135,
+        2.262157163,
+        2.228138852,
+        2.200985160,
+        2.178812830,
+        2.160368656,
+        2.144786688,
+        2.131449546,
+        2.119905299,
+        2.109815578,
+        2.100922040,
+        2.093024054,
+        2.085963447,
+        2.079613845,
+        2.073873068,
+        2.068657610,
+        2.063898562,
+        2.059538553,
+        2.055529439,
+        2.051830516,
+        2.048407142,
+        2.045229642,
+        2.042272456,
+    ];
+    match df {
+        0 => Err(Error::invalid("student_t_975", "0 degrees of freedom (a t interval needs two or more pairs)")),
+        1..=30 => Ok(TABLE[df - 1]),
+        _ => {
+            let (z, v) = (1.959_963_984_540_054f64, df as f64);
+            let (z3, z5, z7) = (z.powi(3), z.powi(5), z.powi(7));
+            Ok(z + (z3 + z) / (4.0 * v)
+                + (5.0 * z5 + 16.0 * z3 + 3.0 * z) / (96.0 * v * v)
+                + (3.0 * z7 + 19.0 * z5 + 17.0 * z3 - 15.0 * z) / (384.0 * v * v * v))
+        }
+    }
+}
+
+/// The per-seed difference `a[i] - b[i]` of two methods run on the same seeds: its mean,
+/// standard deviation and Student-t 95% interval for the mean.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairedDifference {
+    pub pairs: usize,
+    pub mean: f64,
+    pub std: f64,
+    pub lower: f64,
+    pub upper: f64,
+}
+
+impl PairedDifference {
+    /// Whether the interval covers 0: the data show no difference at 95%.
+    pub fn covers_zero(&self) -> bool {
+        self.lower <= 0.0 && self.upper >= 0.0
+    }
+}
+
+/// Paired difference of `a` and `b` (the same seeds in the same order).
+pub fn paired_difference(a: &[f64], b: &[f64]) -> Result<PairedDifference> {
+    if a.len() != b.len() {
+        return Err(Error::shape("paired_difference", "second sample", a.len(), b.len()));
+    }
+    if a.iter().chain(b).any(|x| !x.is_finite()) {
+        return Err(Error::invalid("paired_difference", "a score is not finite"));
+    }
+    let n = a.len();
+    let t = student_t_975(n.saturating_sub(1))?;
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let std = (d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt();
+    let half = t * std / (n as f64).sqrt();
+    Ok(PairedDifference { pairs: n, mean, std, lower: mean - half, upper: mean + half })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,5 +397,64 @@ mod tests {
         // class 0: tp 1 fp 1 fn 0 -> 2/3; class 1: tp 2 fp 0 fn 1 -> 4/5.
         assert!((f1 - (2.0 / 3.0 + 0.8) / 2.0).abs() < 1e-12);
         assert!(accuracy_macro_f1(&[2], &[0], 2).is_err());
+    }
+    #[test]
+    fn paired_t_interval_matches_a_hand_computation() {
+        // d = a - b = [1, 2, 3, 0, 4]: mean 2, squared deviations 1+0+1+4+4 = 10, variance
+        // 10/4 = 2.5, standard error sqrt(2.5/5) = 0.70711, t(0.975, 4) = 2.776445:
+        // half width 1.963243, interval [0.036757, 3.963243].
+        let a = [11.0, 12.0, 13.0, 10.0, 14.0];
+        let b = [10.0, 10.0, 10.0, 10.0, 10.0];
+        let d = paired_difference(&a, &b).unwrap();
+        assert_eq!(d.pairs, 5);
+        assert!((d.mean - 2.0).abs() < 1e-12 && (d.std - 2.5f64.sqrt()).abs() < 1e-12);
+        assert!((d.lower - 0.036757).abs() < 1e-5 && (d.upper - 3.963243).abs() < 1e-5, "{d:?}");
+        assert!(!d.covers_zero());
+        // Swapping the samples mirrors the interval; a noisy difference covers 0.
+        let r = paired_difference(&b, &a).unwrap();
+        assert!((r.lower + d.upper).abs() < 1e-12 && (r.upper + d.lower).abs() < 1e-12);
+        assert!(paired_difference(&[1.0, -1.0, 2.0], &[0.0, 0.0, 0.0]).unwrap().covers_zero());
+        assert!(paired_difference(&[1.0], &[0.0]).is_err());
+        assert!(paired_difference(&[1.0, 2.0], &[0.0]).is_err());
+        assert!(paired_difference(&[1.0, f64::NAN], &[0.0, 0.0]).is_err());
+    }
+
+    #[test]
+    fn t_quantiles_join_the_expansion_smoothly() {
+        assert!((student_t_975(4).unwrap() - 2.776445).abs() < 1e-6);
+        // The expansion at 30 against the table's exact value, and at 60 and 120 against
+        // published quantiles (2.000298, 1.979930).
+        let v: f64 = {
+            let (z, v) = (1.959_963_984_540_054f64, 30.0f64);
+            z + (z.powi(3) + z) / (4.0 * v)
+                + (5.0 * z.powi(5) + 16.0 * z.powi(3) + 3.0 * z) / (96.0 * v * v)
+                + (3.0 * z.powi(7) + 19.0 * z.powi(5) + 17.0 * z.powi(3) - 15.0 * z) / (384.0 * v * v * v)
+        };
+        assert!((v - student_t_975(30).unwrap()).abs() < 2e-5, "{v}");
+        assert!((student_t_975(60).unwrap() - 2.000298).abs() < 1e-5);
+        assert!((student_t_975(120).unwrap() - 1.979930).abs() < 1e-5);
+        assert!(student_t_975(0).is_err());
+    }
+
+    #[test]
+    fn the_best_mean_wins_and_ties_go_to_the_first() {
+        assert_eq!(pick_best_mean(&[vec![0.7, 0.8], vec![0.8, 0.9], vec![0.9, 0.7]]).unwrap(), 1);
+        assert_eq!(pick_best_mean(&[vec![0.5, 0.7], vec![0.6, 0.6]]).unwrap(), 0);
+        assert!(pick_best_mean(&[]).is_err());
+        assert!(pick_best_mean(&[vec![0.5], vec![]]).is_err());
+        assert!(pick_best_mean(&[vec![f64::NAN]]).is_err());
+    }
+
+    #[test]
+    fn fingerprints_tell_splits_apart() {
+        let ex: Vec<Example> = (0..40).map(|i| Example { text: format!("s{i}"), label: i % 2 }).collect();
+        let task = Task { labels: vec!["a".into(), "b".into()], examples: ex };
+        let s1 = stratified_split(&task, 0.2, 0.2, 1).unwrap();
+        assert_eq!(split_fingerprint(&s1), split_fingerprint(&stratified_split(&task, 0.2, 0.2, 1).unwrap()));
+        assert_ne!(split_fingerprint(&s1), split_fingerprint(&stratified_split(&task, 0.2, 0.2, 2).unwrap()));
+        let mut moved = s1.clone();
+        let e = moved.validation.pop().unwrap();
+        moved.test.insert(0, e);
+        assert_ne!(split_fingerprint(&s1), split_fingerprint(&moved));
     }
 }
