@@ -12,7 +12,7 @@ mod common;
 use common::assets::{self, root, MOVIE_REVIEWS};
 use common::examples::coretype;
 use sparsegrad::model::bert::BertWeights;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
