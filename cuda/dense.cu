@@ -2,6 +2,9 @@
 //
 // Computes (CPU twins in src/backend/cpu/dense.rs, launchers in src/backend/cuda/dense.rs):
 //   cast_f32_to_bf16, cast_bf16_to_f32     dst[i] = convert(src[i]) (bf16: round to nearest even)
+//   cast_f32_to_bf16_x4, cast_bf16_to_f32_x4
+//                                          the same for up to four (src, dst, n) pairs in one
+//                                          launch (a layer's saved q, k, v and attention output)
 //   add_bias_f32                           y[r, c] += bias[c]
 //   bias_grad_partial_f32, bias_grad_final_f32
 //                                          db[c] = beta * db[c] + sum_r g[r, c], deterministic
@@ -57,6 +60,36 @@ extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* __restrict__ sr
             reinterpret_cast<float4*>(dst)[i] = make_float4(a.x, a.y, b.x, b.y);
         },
         [&](u64 i) { dst[i] = __bfloat162float(src[i]); });
+}
+
+// Four casts in one launch: the grid strides over each pair in turn (an empty pair costs
+// nothing); the same roundings as the single casts.
+extern "C" __global__ void cast_f32_to_bf16_x4(const float* __restrict__ s0, __nv_bfloat16* __restrict__ d0, u64 n0,
+                                               const float* __restrict__ s1, __nv_bfloat16* __restrict__ d1, u64 n1,
+                                               const float* __restrict__ s2, __nv_bfloat16* __restrict__ d2, u64 n2,
+                                               const float* __restrict__ s3, __nv_bfloat16* __restrict__ d3, u64 n3) {
+    const float* src[4] = {s0, s1, s2, s3};
+    __nv_bfloat16* dst[4] = {d0, d1, d2, d3};
+    const u64 len[4] = {n0, n1, n2, n3};
+    for (int p = 0; p < 4; ++p) {
+        const float* s = src[p];
+        __nv_bfloat16* d = dst[p];
+        sg_vec4_loop(len[p], false, [&](u64) {}, [&](u64 i) { d[i] = __float2bfloat16_rn(s[i]); });
+    }
+}
+
+extern "C" __global__ void cast_bf16_to_f32_x4(const __nv_bfloat16* __restrict__ s0, float* __restrict__ d0, u64 n0,
+                                               const __nv_bfloat16* __restrict__ s1, float* __restrict__ d1, u64 n1,
+                                               const __nv_bfloat16* __restrict__ s2, float* __restrict__ d2, u64 n2,
+                                               const __nv_bfloat16* __restrict__ s3, float* __restrict__ d3, u64 n3) {
+    const __nv_bfloat16* src[4] = {s0, s1, s2, s3};
+    float* dst[4] = {d0, d1, d2, d3};
+    const u64 len[4] = {n0, n1, n2, n3};
+    for (int p = 0; p < 4; ++p) {
+        const __nv_bfloat16* s = src[p];
+        float* d = dst[p];
+        sg_vec4_loop(len[p], false, [&](u64) {}, [&](u64 i) { d[i] = __bfloat162float(s[i]); });
+    }
 }
 
 // grid.x covers columns (256 per block), grid.y strides over rows.

@@ -144,6 +144,45 @@ fn check_casts<B: Backend>(dev: &B, big: bool) {
     }
 }
 
+/// The four-pair casts equal four single casts bit for bit (ragged lengths, an empty pair,
+/// poisoned tails left alone); a short buffer is refused naming its pair.
+fn check_casts_x4<B: Backend>(dev: &B) {
+    let mut r = rng(17);
+    for lens in [[1usize, 17, 0, 1000], [4099, 3, 70_001, 5], [0, 0, 0, 0], [64, 64, 64, 64]] {
+        let xs: Vec<Vec<f32>> = lens.iter().map(|&n| cast_inputs(&mut r, n)).collect();
+        let srcs: Vec<B::Buf<f32>> = xs.iter().map(|x| up(dev, x)).collect();
+        let mut one: Vec<B::Buf<bf16>> = lens.iter().map(|&n| poisoned(dev, n + 3, bf16::from_bits(0xffff))).collect();
+        for p in 0..4 {
+            dev.cast_to_bf16(&srcs[p], &mut one[p], lens[p]).unwrap();
+        }
+        let mut four: Vec<B::Buf<bf16>> = lens.iter().map(|&n| poisoned(dev, n + 3, bf16::from_bits(0xffff))).collect();
+        let [a, b, c, d] = &mut four[..] else { unreachable!() };
+        dev.cast_to_bf16_x4([&srcs[0], &srcs[1], &srcs[2], &srcs[3]], [a, b, c, d], lens).unwrap();
+        let bits = |v: &[bf16]| v.iter().map(|h| h.to_bits()).collect::<Vec<u16>>();
+        for p in 0..4 {
+            let (g, w) = (down(dev, &four[p], lens[p] + 3), down(dev, &one[p], lens[p] + 3));
+            assert_same(&format!("cast_to_bf16_x4 pair {p} of {lens:?}"), &bits(&g), &bits(&w));
+        }
+        // Back to f32 from the rounded values.
+        let mut one_f: Vec<B::Buf<f32>> = lens.iter().map(|&n| poisoned(dev, n + 3, f32::NAN)).collect();
+        for p in 0..4 {
+            dev.cast_from_bf16(&one[p], &mut one_f[p], lens[p]).unwrap();
+        }
+        let mut four_f: Vec<B::Buf<f32>> = lens.iter().map(|&n| poisoned(dev, n + 3, f32::NAN)).collect();
+        let [a, b, c, d] = &mut four_f[..] else { unreachable!() };
+        dev.cast_from_bf16_x4([&one[0], &one[1], &one[2], &one[3]], [a, b, c, d], lens).unwrap();
+        for p in 0..4 {
+            let (g, w) = (down(dev, &four_f[p], lens[p] + 3), down(dev, &one_f[p], lens[p] + 3));
+            assert_bits(&format!("cast_from_bf16_x4 pair {p} of {lens:?}"), &g, &w);
+        }
+    }
+    let src: Vec<B::Buf<f32>> = (0..4).map(|_| up(dev, &[1.0f32; 8])).collect();
+    let mut dst: Vec<B::Buf<bf16>> = (0..4).map(|p| dev.alloc(if p == 2 { 7 } else { 8 }).unwrap()).collect();
+    let [a, b, c, d] = &mut dst[..] else { unreachable!() };
+    let e = dev.cast_to_bf16_x4([&src[0], &src[1], &src[2], &src[3]], [a, b, c, d], [8; 4]).unwrap_err().to_string();
+    assert!(e.contains("pair 2"), "{e}");
+}
+
 fn check_bias<B: Backend>(dev: &B) {
     let cpu = Cpu::new();
     let mut r = rng(14);
@@ -228,6 +267,10 @@ cuda_test!(fn casts_match_cpu_bit_for_bit(cuda) {
     check_casts(&cuda, big_shapes());
 });
 
+cuda_test!(fn four_pair_casts_equal_single_casts(cuda) {
+    check_casts_x4(&cuda);
+});
+
 cuda_test!(fn bias_add_and_gradient_match_cpu(cuda) {
     check_bias(&cuda);
 });
@@ -242,6 +285,7 @@ fn harness_on_cpu() {
     check_gemm(&cpu);
     check_gemm_bf16(&cpu);
     check_casts(&cpu, false);
+    check_casts_x4(&cpu);
     check_bias(&cpu);
     check_nonfinite_and_axpy(&cpu, false);
 }

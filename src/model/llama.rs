@@ -509,10 +509,11 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             attended?;
             if rounds {
                 let (sh, ls) = (&s.saved, &mut l.saved);
-                be.cast_to_bf16(&sh.q_act, &mut ls.q_half, t * c.q_dim())?;
-                be.cast_to_bf16(&sh.k_act, &mut ls.k_half, t * c.kv_dim())?;
-                be.cast_to_bf16(&sh.v_act, &mut ls.v_half, t * c.kv_dim())?;
-                be.cast_to_bf16(&sh.attn.out, &mut ls.out_half, t * c.q_dim())?;
+                be.cast_to_bf16_x4(
+                    [&sh.q_act, &sh.k_act, &sh.v_act, &sh.attn.out],
+                    [&mut ls.q_half, &mut ls.k_half, &mut ls.v_half, &mut ls.out_half],
+                    [t * c.q_dim(), t * c.kv_dim(), t * c.kv_dim(), t * c.q_dim()],
+                )?;
             }
             let sv = if keeps && !half { &l.saved } else { &s.saved };
             let o_in = stage(&be, &sv.attn.out, s.attn_half.as_mut(), t * c.q_dim())?;
@@ -616,10 +617,11 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             if half {
                 // The kept bf16 set, widened into the shared one (with this layer's statistics).
                 let sh = &mut s.saved;
-                be.cast_from_bf16(&sv.q_half, &mut sh.q_act, t * c.q_dim())?;
-                be.cast_from_bf16(&sv.k_half, &mut sh.k_act, t * c.kv_dim())?;
-                be.cast_from_bf16(&sv.v_half, &mut sh.v_act, t * c.kv_dim())?;
-                be.cast_from_bf16(&sv.out_half, &mut sh.attn.out, t * c.q_dim())?;
+                be.cast_from_bf16_x4(
+                    [&sv.q_half, &sv.k_half, &sv.v_half, &sv.out_half],
+                    [&mut sh.q_act, &mut sh.k_act, &mut sh.v_act, &mut sh.attn.out],
+                    [t * c.q_dim(), t * c.kv_dim(), t * c.kv_dim(), t * c.q_dim()],
+                )?;
                 std::mem::swap(&mut l.saved.attn.stats, &mut sh.attn.stats);
                 let (q, k, v) = (&sh.q_act, &sh.k_act, &sh.v_act);
                 let r = sh.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads);

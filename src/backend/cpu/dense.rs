@@ -140,6 +140,32 @@ impl DenseOps for Cpu {
         Ok(())
     }
 
+    fn cast_to_bf16_x4<F: Real>(
+        &self,
+        src: [&CpuBuf<F>; 4],
+        dst: [&mut CpuBuf<bf16>; 4],
+        len: [usize; 4],
+    ) -> Result<()> {
+        check_cast_x4(self, "cast_to_bf16_x4", src, [&*dst[0], &*dst[1], &*dst[2], &*dst[3]], len)?;
+        for ((s, d), n) in src.into_iter().zip(dst).zip(len) {
+            self.cast_to_bf16(s, d, n)?;
+        }
+        Ok(())
+    }
+
+    fn cast_from_bf16_x4<F: Real>(
+        &self,
+        src: [&CpuBuf<bf16>; 4],
+        dst: [&mut CpuBuf<F>; 4],
+        len: [usize; 4],
+    ) -> Result<()> {
+        check_cast_x4(self, "cast_from_bf16_x4", src, [&*dst[0], &*dst[1], &*dst[2], &*dst[3]], len)?;
+        for ((s, d), n) in src.into_iter().zip(dst).zip(len) {
+            self.cast_from_bf16(s, d, n)?;
+        }
+        Ok(())
+    }
+
     fn add_bias<F: Real>(&self, y: &mut CpuBuf<F>, bias: &CpuBuf<F>, rows: usize, cols: usize) -> Result<()> {
         check_add_bias(self, [y, bias], rows, cols)?;
         if cols == 0 {

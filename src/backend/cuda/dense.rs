@@ -24,6 +24,14 @@ kernel!(
     CAST_FROM_BF16 = "dense" / "cast_bf16_to_f32", Elementwise, |a| (6 * a[0], a[0])
 );
 kernel!(
+    /// [n0 + n1 + n2 + n3]: reads f32, writes bf16.
+    CAST_TO_BF16_X4 = "dense" / "cast_f32_to_bf16_x4", Elementwise, |a| (6 * a[0], a[0])
+);
+kernel!(
+    /// [n0 + n1 + n2 + n3]: reads bf16, writes f32.
+    CAST_FROM_BF16_X4 = "dense" / "cast_bf16_to_f32_x4", Elementwise, |a| (6 * a[0], a[0])
+);
+kernel!(
     /// [rows, cols]: y read and written, bias read.
     ADD_BIAS = "dense" / "add_bias_f32", Elementwise, |a| (8 * a[0] * a[1] + 4 * a[1], a[0] * a[1])
 );
@@ -134,6 +142,48 @@ impl DenseOps for Cuda {
         let (s, d, n) = (src.ptr(), dst.ptr_mut(), len as u64);
         // SAFETY: cast_bf16_to_f32(const bf16* src, float* dst, u64 n); both hold >= n elements.
         unsafe { self.launch(&CAST_FROM_BF16, self.grid_1d(len, PER_SM), &mut kargs![s, d, n], &[n]) }
+    }
+
+    fn cast_to_bf16_x4<F: Real>(
+        &self,
+        src: [&CudaBuf<F>; 4],
+        dst: [&mut CudaBuf<bf16>; 4],
+        len: [usize; 4],
+    ) -> Result<()> {
+        require_f32::<F>("cast_to_bf16_x4")?;
+        check_cast_x4(self, "cast_to_bf16_x4", src, [&*dst[0], &*dst[1], &*dst[2], &*dst[3]], len)?;
+        let total: usize = len.iter().sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let [s0, s1, s2, s3] = src.map(|b| b.ptr());
+        let [d0, d1, d2, d3] = dst.map(|b| b.ptr_mut());
+        let [n0, n1, n2, n3] = len.map(|n| n as u64);
+        let args = &mut kargs![s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3];
+        // SAFETY: cast_f32_to_bf16_x4 takes four (const float* src, bf16* dst, u64 n)
+        // triples; each src and dst holds >= its n elements (checked above).
+        unsafe { self.launch(&CAST_TO_BF16_X4, self.grid_1d(total, PER_SM), args, &[total as u64]) }
+    }
+
+    fn cast_from_bf16_x4<F: Real>(
+        &self,
+        src: [&CudaBuf<bf16>; 4],
+        dst: [&mut CudaBuf<F>; 4],
+        len: [usize; 4],
+    ) -> Result<()> {
+        require_f32::<F>("cast_from_bf16_x4")?;
+        check_cast_x4(self, "cast_from_bf16_x4", src, [&*dst[0], &*dst[1], &*dst[2], &*dst[3]], len)?;
+        let total: usize = len.iter().sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let [s0, s1, s2, s3] = src.map(|b| b.ptr());
+        let [d0, d1, d2, d3] = dst.map(|b| b.ptr_mut());
+        let [n0, n1, n2, n3] = len.map(|n| n as u64);
+        let args = &mut kargs![s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3];
+        // SAFETY: cast_bf16_to_f32_x4 takes four (const bf16* src, float* dst, u64 n)
+        // triples; each src and dst holds >= its n elements (checked above).
+        unsafe { self.launch(&CAST_FROM_BF16_X4, self.grid_1d(total, PER_SM), args, &[total as u64]) }
     }
 
     fn add_bias<F: Real>(&self, y: &mut CudaBuf<F>, bias: &CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {

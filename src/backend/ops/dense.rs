@@ -37,6 +37,21 @@ pub trait DenseOps: Buffers {
     fn cast_to_bf16<F: Real>(&self, src: &Self::Buf<F>, dst: &mut Self::Buf<bf16>, len: usize) -> Result<()>;
     /// `dst[i] = F(src[i])`.
     fn cast_from_bf16<F: Real>(&self, src: &Self::Buf<bf16>, dst: &mut Self::Buf<F>, len: usize) -> Result<()>;
+    /// [`Self::cast_to_bf16`] of four `(src, dst, len)` pairs at once (one launch on a GPU);
+    /// a pair of length 0 is skipped.
+    fn cast_to_bf16_x4<F: Real>(
+        &self,
+        src: [&Self::Buf<F>; 4],
+        dst: [&mut Self::Buf<bf16>; 4],
+        len: [usize; 4],
+    ) -> Result<()>;
+    /// [`Self::cast_from_bf16`] of four `(src, dst, len)` pairs at once.
+    fn cast_from_bf16_x4<F: Real>(
+        &self,
+        src: [&Self::Buf<bf16>; 4],
+        dst: [&mut Self::Buf<F>; 4],
+        len: [usize; 4],
+    ) -> Result<()>;
     /// `y[r, c] += bias[c]` for a `(rows, cols)` matrix.
     fn add_bias<F: Real>(&self, y: &mut Self::Buf<F>, bias: &Self::Buf<F>, rows: usize, cols: usize) -> Result<()>;
     /// `db[c] = beta * db[c] + sum_r g[r, c]` (column sums of a `(rows, cols)` matrix).
@@ -141,6 +156,21 @@ pub(crate) fn check_gram_accumulate<B: Backend, F: Elem>(
         }
     }
     check_lens(OP, &[("g", be.len(g), n), ("grams", be.len(grams), total)])
+}
+
+/// [`DenseOps::cast_to_bf16_x4`] and [`DenseOps::cast_from_bf16_x4`]: every pair as a single
+/// cast is checked (the error names the pair).
+pub(crate) fn check_cast_x4<B: Backend, S: Elem, D: Elem>(
+    be: &B,
+    op: &'static str,
+    src: [&B::Buf<S>; 4],
+    dst: [&B::Buf<D>; 4],
+    len: [usize; 4],
+) -> Result<()> {
+    for p in 0..4 {
+        check_cast(be, op, src[p], dst[p], len[p]).map_err(|e| e.context(&format!("pair {p}")))?;
+    }
+    Ok(())
 }
 
 /// [`DenseOps::cast_to_bf16`] and [`DenseOps::cast_from_bf16`] (`op` names which).
