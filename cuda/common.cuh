@@ -36,7 +36,10 @@ typedef uint8_t u8;
 // error bits above, [1] the id of the first failed finiteness check, [2] its count, [3] its
 // first index. A kernel that finds non-finite values records them here (the first failing
 // check in stream order keeps the slot); optimizer kernels do nothing while either is set, so
-// a step that went bad leaves every parameter, moment and clock as it was.
+// a step that went bad leaves every parameter, moment and clock as it was. A kernel gated by
+// sg_health_bad must not write the words it reads (its threads would see each other's
+// errors mid-launch and stop at different points): it records its own errors in a word the
+// gate does not read (SparseAdam: word 5, src/backend/cuda/mod.rs).
 __device__ __forceinline__ void sg_health_nonfinite(u64* health, u64 id, u64 count, u64 first) {
     const u64 prev = atomicCAS((unsigned long long*)&health[1], 0ull, (unsigned long long)id);
     if (prev == 0 || prev == id) {

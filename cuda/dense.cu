@@ -141,10 +141,11 @@ extern "C" __global__ void bias_grad_final_f32(const float* partial, u64 chunks,
 
 // status[0] += number of non-finite entries; status[1] = min(status[1], first index).
 // The launcher sets status = {0, UINT64_MAX} first.
-extern "C" __global__ void count_nonfinite_f32(const float* __restrict__ x, u64 n, u64* status) {
-    __shared__ u64 red[SG_THREADS / 32];
-    u64 count = 0;
-    u64 first = ~0ull;
+// The scan both finiteness kernels share: this thread's count of NaN/inf in x[0..n), and
+// in `first` the smallest index any lane of its warp saw (u64 max if none).
+static __device__ __forceinline__ void nonfinite_scan(const float* __restrict__ x, u64 n, u64& count, u64& first) {
+    count = 0;
+    first = ~0ull;
     auto see = [&](float v, u64 i) {
         if (sg_nonfinite(v)) {
             ++count;
@@ -161,13 +162,19 @@ extern "C" __global__ void count_nonfinite_f32(const float* __restrict__ x, u64 
             see(v.w, 4 * i + 3);
         },
         [&](u64 i) { see(x[i], i); });
-    count = sg_block_sum<u64, SG_THREADS>(count, red);
-    // min-reduce `first` in the warp, then one atomic per warp that saw one.
 #pragma unroll
     for (u32 o = 16; o > 0; o >>= 1) {
         u64 other = __shfl_xor_sync(0xffffffffu, first, o);
         if (other < first) first = other;
     }
+}
+
+extern "C" __global__ void count_nonfinite_f32(const float* __restrict__ x, u64 n, u64* status) {
+    __shared__ u64 red[SG_THREADS / 32];
+    u64 count, first;
+    nonfinite_scan(x, n, count, first);
+    count = sg_block_sum<u64, SG_THREADS>(count, red);
+    // One atomic per warp that saw one.
     if ((threadIdx.x & 31) == 0 && first != ~0ull) atomicMin((unsigned long long*)&status[1], (unsigned long long)first);
     if (threadIdx.x == 0 && count != 0) atomicAdd((unsigned long long*)&status[0], (unsigned long long)count);
 }
@@ -178,29 +185,8 @@ extern "C" __global__ void count_nonfinite_f32(const float* __restrict__ x, u64 
 extern "C" __global__ void flag_nonfinite_f32(const float* __restrict__ x, u64 n, u64 id, u64* health) {
     __shared__ u64 red[SG_THREADS / 32];
     __shared__ u64 firsts[SG_THREADS / 32];
-    u64 count = 0;
-    u64 first = ~0ull;
-    auto see = [&](float v, u64 i) {
-        if (sg_nonfinite(v)) {
-            ++count;
-            if (i < first) first = i;
-        }
-    };
-    sg_vec4_loop(
-        n, sg_aligned(x, 16),
-        [&](u64 i) {
-            const float4 v = reinterpret_cast<const float4*>(x)[i];
-            see(v.x, 4 * i);
-            see(v.y, 4 * i + 1);
-            see(v.z, 4 * i + 2);
-            see(v.w, 4 * i + 3);
-        },
-        [&](u64 i) { see(x[i], i); });
-#pragma unroll
-    for (u32 o = 16; o > 0; o >>= 1) {
-        u64 other = __shfl_xor_sync(0xffffffffu, first, o);
-        if (other < first) first = other;
-    }
+    u64 count, first;
+    nonfinite_scan(x, n, count, first);
     if ((threadIdx.x & 31) == 0) firsts[threadIdx.x >> 5] = first;
     count = sg_block_sum<u64, SG_THREADS>(count, red);
     if (threadIdx.x == 0 && count != 0) {

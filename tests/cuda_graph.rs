@@ -18,22 +18,7 @@ use sparsegrad::perf::shape::StepCounts;
 use sparsegrad::{Backend, Basis, BasisSet, Cuda, Error, Keep, Precision, ProfileOptions, Selection};
 
 fn config() -> LlamaConfig {
-    LlamaConfig {
-        hidden: 48,
-        ffn: 80,
-        layers: 3,
-        heads: 6,
-        kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.0,
-        rms_eps: 1e-5,
-        vocab: 97,
-        tied_embeddings: false,
-        max_seq: 64,
-        bos: Some(1),
-        eos: Some(2),
-        rope_scaling: None,
-    }
+    cuda_common::small_llama_config(false)
 }
 
 /// Seeded ids, next-token targets and a mask with some padding (the mean over the mask must

@@ -17,22 +17,7 @@ use sparsegrad::FormulationChoice;
 use sparsegrad::{Backend, Cpu, Precision, Selection};
 
 fn config() -> LlamaConfig {
-    LlamaConfig {
-        hidden: 48,
-        ffn: 80,
-        layers: 3,
-        heads: 6,
-        kv_heads: 2,
-        head_dim: 8,
-        rope_theta: 10000.0,
-        rope_scaling: None,
-        rms_eps: 1e-5,
-        vocab: 97,
-        tied_embeddings: true,
-        max_seq: 64,
-        bos: Some(1),
-        eos: Some(2),
-    }
+    cuda_common::small_llama_config(true)
 }
 
 fn dataset() -> Dataset {

@@ -227,3 +227,24 @@ pub fn assert_untouched_f32(what: &str, tail: &[f32], poison: f32) {
 
 /// A size that needs more than one full grid of 65535 blocks of 256 threads.
 pub const BIG: usize = 65535 * 256 + 4099;
+
+/// The small LLaMA of the model-level CUDA tests: 3 layers, hidden 48, ffn 80, 6 heads over
+/// 2 KV heads of 8 (grouped-query attention), vocabulary 97, 64 positions.
+pub fn small_llama_config(tied_embeddings: bool) -> sparsegrad::model::config::LlamaConfig {
+    sparsegrad::model::config::LlamaConfig {
+        hidden: 48,
+        ffn: 80,
+        layers: 3,
+        heads: 6,
+        kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10000.0,
+        rope_scaling: None,
+        rms_eps: 1e-5,
+        vocab: 97,
+        tied_embeddings,
+        max_seq: 64,
+        bos: Some(1),
+        eos: Some(2),
+    }
+}

@@ -41,10 +41,23 @@ fn kv_elems(a: &[u64]) -> u64 {
 fn rows(a: &[u64]) -> u64 {
     a[0] * a[2] * a[1]
 }
+/// (bytes, flops) of a forward, either precision: q, k, v read, out and the stats written;
+/// S = Q K^T and O = P V.
+fn forward_cost(a: &[u64]) -> (u64, u64) {
+    (4 * (2 * q_elems(a) + 2 * kv_elems(a) + 2 * rows(a)), 4 * a[0] * a[2] * pairs(a) * a[4])
+}
+/// The dk/dv kernel: q, dout, k, v, stats, delta read; dk, dv written; S, dV += P^T dO, dP,
+/// dK += dS^T Q.
+fn dkdv_cost(a: &[u64]) -> (u64, u64) {
+    (4 * (2 * q_elems(a) + 4 * kv_elems(a) + 3 * rows(a)), 8 * a[0] * a[2] * pairs(a) * a[4])
+}
+/// The dq kernel: q, dout, k, v, stats, delta read; dq written; S, dP, dQ = dS K.
+fn dq_cost(a: &[u64]) -> (u64, u64) {
+    (4 * (3 * q_elems(a) + 2 * kv_elems(a) + 3 * rows(a)), 6 * a[0] * a[2] * pairs(a) * a[4])
+}
 kernel!(
-    /// q, k, v read; out and the stats written; S = Q K^T and O = P V.
-    FORWARD_F32 = "attention" / "attention_forward_f32", Attention,
-    |a| (4 * (2 * q_elems(a) + 2 * kv_elems(a) + 2 * rows(a)), 4 * a[0] * a[2] * pairs(a) * a[4])
+    /// See `forward_cost`.
+    FORWARD_F32 = "attention" / "attention_forward_f32", Attention, |a| forward_cost(a)
 );
 kernel!(
     /// out and dout read, delta written: one dot product per query row.
@@ -52,21 +65,18 @@ kernel!(
     |a| (4 * (2 * q_elems(a) + rows(a)), 2 * q_elems(a))
 );
 kernel!(
-    /// q, dout, k, v, stats, delta read; dk, dv written; S, dV += P^T dO, dP, dK += dS^T Q.
-    DKDV_F32 = "attention" / "attention_backward_dkdv_f32", Attention,
-    |a| (4 * (2 * q_elems(a) + 4 * kv_elems(a) + 3 * rows(a)), 8 * a[0] * a[2] * pairs(a) * a[4])
+    /// See `dkdv_cost`.
+    DKDV_F32 = "attention" / "attention_backward_dkdv_f32", Attention, |a| dkdv_cost(a)
 );
 kernel!(
-    /// q, dout, k, v, stats, delta read; dq written; S, dP, dQ = dS K.
-    DQ_F32 = "attention" / "attention_backward_dq_f32", Attention,
-    |a| (4 * (3 * q_elems(a) + 2 * kv_elems(a) + 3 * rows(a)), 6 * a[0] * a[2] * pairs(a) * a[4])
+    /// See `dq_cost`.
+    DQ_F32 = "attention" / "attention_backward_dq_f32", Attention, |a| dq_cost(a)
 );
 kernel!(
     /// As the f32 forward, on bf16 tensor cores, per padded head dim.
     FORWARD_BF16 = "attention_wmma"
         / ["attention_forward_bf16_d32", "attention_forward_bf16_d64", "attention_forward_bf16_d96", "attention_forward_bf16_d128"],
-    Attention, tensor_cores,
-    |a| (4 * (2 * q_elems(a) + 2 * kv_elems(a) + 2 * rows(a)), 4 * a[0] * a[2] * pairs(a) * a[4])
+    Attention, tensor_cores, |a| forward_cost(a)
 );
 kernel!(
     /// As the f32 dk/dv kernel, on bf16 tensor cores.
@@ -77,8 +87,7 @@ kernel!(
             "attention_backward_dkdv_bf16_d96",
             "attention_backward_dkdv_bf16_d128"
         ],
-    Attention, tensor_cores,
-    |a| (4 * (2 * q_elems(a) + 4 * kv_elems(a) + 3 * rows(a)), 8 * a[0] * a[2] * pairs(a) * a[4])
+    Attention, tensor_cores, |a| dkdv_cost(a)
 );
 kernel!(
     /// As the f32 dq kernel, on bf16 tensor cores.
@@ -89,8 +98,7 @@ kernel!(
             "attention_backward_dq_bf16_d96",
             "attention_backward_dq_bf16_d128"
         ],
-    Attention, tensor_cores,
-    |a| (4 * (3 * q_elems(a) + 2 * kv_elems(a) + 3 * rows(a)), 6 * a[0] * a[2] * pairs(a) * a[4])
+    Attention, tensor_cores, |a| dq_cost(a)
 );
 
 /// Blocks of the delta pre-pass per multiprocessor (the kernel strides over rows).
