@@ -84,9 +84,12 @@ fn bf16_frozen_layers_share_one_staging_and_the_arena_appears_below_the_top() {
     // The dense projections share one bf16 staging pair, no layer keeps its own.
     assert_eq!(find("frozen MLP bf16 input staging"), None);
     assert_eq!(find("frozen MLP bf16 gradient staging"), None);
-    // Shared MLP scratch: h, dh, da, db (4*6*16*4), dx_up (6*8*4) and the bf16 staging
-    // pair (2*6*16*2); no shared a, b (block 0 trains).
-    assert_eq!(find("MLP scratch"), Some(1536 + 192 + 384));
+    // Shared MLP scratch: h, dh, da, db (4*6*16*4), dx_up (6*8*4), the bf16 staging pair
+    // (2*6*16*2), and a, b (2*6*16*4), where a bf16 MLP computes them before saving them
+    // rounded (block 0 trains, so no block needs them for want of its own).
+    assert_eq!(find("MLP scratch"), Some(1536 + 192 + 384 + 768));
+    // Block 0 saves a and b in bf16 (2*6*16*2).
+    assert_eq!(find("MLP gate and up outputs"), Some(384));
     // Trained layer 0 saves its inputs in bf16: up and gate 6*8, down 6*16.
     assert_eq!(find("gate saved input"), Some(2 * 48));
     assert_eq!(find("down saved input"), Some(2 * 96));
