@@ -88,8 +88,8 @@ fn bf16_frozen_layers_share_one_staging_and_the_arena_appears_below_the_top() {
     // (2*6*16*2), and a, b (2*6*16*4), where a bf16 MLP computes them before saving them
     // rounded (block 0 trains, so no block needs them for want of its own).
     assert_eq!(find("MLP scratch"), Some(1536 + 192 + 384 + 768));
-    // Block 0 saves a and b in bf16 (2*6*16*2).
-    assert_eq!(find("MLP gate and up outputs"), Some(384));
+    // Blocks 0 and 1 (the backward crosses both MLPs) save a and b in bf16 (2*6*16*2 each).
+    assert_eq!(find("MLP gate and up outputs"), Some(2 * 384));
     // Trained layer 0 saves its inputs in bf16: up and gate 6*8, down 6*16.
     assert_eq!(find("gate saved input"), Some(2 * 48));
     assert_eq!(find("down saved input"), Some(2 * 96));
