@@ -7,7 +7,7 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use sparsegrad::io::gguf::GgufFile;
 use sparsegrad::model::config::LlamaConfig;
-use sparsegrad::model::weights::{unpermute_rope_rows, LlamaWeights};
+use sparsegrad::model::weights::{unpermute_rope_rows, LlamaCheckpoint, LlamaWeights};
 use sparsegrad::Error;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -398,6 +398,10 @@ fn gguf_load_unpermutes_q_and_k() {
         let f = GgufFile::from_bytes(to_gguf(&w)).unwrap();
         let back = LlamaWeights::from_gguf(&f).unwrap();
         assert_eq!(back, w, "tied = {tied}");
+        // The same file as a streaming checkpoint, read tensor by tensor.
+        let ckpt = LlamaCheckpoint::from_gguf(GgufFile::from_bytes(to_gguf(&w)).unwrap()).unwrap();
+        assert!(ckpt.gguf().is_some());
+        assert_eq!(LlamaWeights::from_source(&ckpt).unwrap(), w, "tied = {tied}");
         // And GGUF -> HF safetensors -> back is lossless.
         let dir = tempfile::tempdir().unwrap();
         back.save_hf_safetensors(dir.path()).unwrap();

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 use sparsegrad::io::fs::{self as sgfs, escape};
 use sparsegrad::io::gguf::GgufFile;
 use sparsegrad::model::tokenizer::Tokenizer as GgufTokenizer;
-use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::model::weights::{LlamaCheckpoint, LlamaSource};
 use sparsegrad::recipes::finetune::{
     lora_rank_for_budget, run, Dataset, FinetuneConfig, FinetuneReport, MethodKind, Progress,
 };
@@ -88,7 +88,8 @@ fn main() -> ExitCode {
 /// The model, its tokenizer (as a `tokenizers` tokenizer, so it can be saved beside the
 /// merged model as tokenizer.json) and the special tokens batches need.
 struct Loaded {
-    weights: LlamaWeights,
+    /// Memory-mapped: tensors are read and converted one at a time as the model is built.
+    weights: LlamaCheckpoint,
     tokenizer: tokenizers::Tokenizer,
     bos: u32,
     eos: Option<u32>,
@@ -165,44 +166,40 @@ fn load_model(args: &Args) -> Result<Loaded> {
     if !path.exists() {
         return Err(not_found(path, "run scripts/fetch-assets.sh, or pass --model"));
     }
-    let (weights, from_model) = if path.is_dir() {
-        (LlamaWeights::from_hf_dir(path)?, None)
-    } else {
-        let f = GgufFile::open(path)?;
-        // The weights first: a corrupt model is the error worth reporting, and the
-        // file's tokenizer is only built when no --tokenizer replaces it.
-        let weights = LlamaWeights::from_gguf(&f)?;
-        let t = if args.tokenizer.is_none() {
-            let t = GgufTokenizer::from_gguf(&f)?;
+    // The weights first: a corrupt model is the error worth reporting. Opening checks every
+    // tensor's presence and shape; verify reads each once (one at a time, nothing kept).
+    // The file's tokenizer is only built when no --tokenizer replaces it.
+    let weights = LlamaCheckpoint::open(path)?;
+    weights.verify()?;
+    let from_model = match (weights.gguf(), &args.tokenizer) {
+        (Some(f), None) => {
+            let t = GgufTokenizer::from_gguf(f)?;
             Some((t.inner().clone(), t.bos(), t.eos()))
-        } else {
-            None
-        };
-        (weights, t)
+        }
+        _ => None,
     };
     let (tokenizer, bos, eos) = match (&args.tokenizer, from_model) {
         (Some(t), _) => load_tokenizer(t)?,
         (None, Some(t)) => t,
         (None, None) => load_tokenizer(&hf_dir_tokenizer(path)?)?,
     };
-    check_against_model(args, &weights)?;
+    check_against_model(args, weights.config())?;
     let vocab = tokenizer.get_vocab_size(true);
-    if vocab > weights.config.vocab {
+    if vocab > weights.config().vocab {
         return Err(Error::Incompatible {
             what: "tokenizer".into(),
-            msg: format!("{vocab} tokens, but the model embeds only {}", weights.config.vocab),
+            msg: format!("{vocab} tokens, but the model embeds only {}", weights.config().vocab),
         });
     }
     let bos = bos
-        .or(weights.config.bos)
+        .or(weights.config().bos)
         .ok_or_else(|| Error::invalid("tokenizer", "neither the tokenizer nor the model config names a BOS token"))?;
-    let eos = eos.or(weights.config.eos);
+    let eos = eos.or(weights.config().eos);
     Ok(Loaded { weights, tokenizer, bos, eos })
 }
 
 /// The flags bounded by the model, checked before anything is allocated for training.
-fn check_against_model(args: &Args, w: &LlamaWeights) -> Result<()> {
-    let c = &w.config;
+fn check_against_model(args: &Args, c: &sparsegrad::LlamaConfig) -> Result<()> {
     if args.seq_len > c.max_seq {
         return Err(Error::invalid(
             "--seq-len",
@@ -284,7 +281,7 @@ fn config(args: &Args, method: MethodKind, blocks: &[usize]) -> FinetuneConfig {
 
 /// How a method's budget is set, for the summary and the table.
 fn detail(args: &Args, method: MethodKind, m: &Loaded) -> String {
-    let c = &m.weights.config;
+    let c = m.weights.config();
     match method {
         MethodKind::SparseGrad | MethodKind::MeProp => format!("keep {}%", args.keep * 100.0),
         MethodKind::Lora if args.lora_rank > 0 => format!("rank {}", args.lora_rank),
@@ -434,10 +431,10 @@ fn main_with(args: &Args, started: Instant) -> Result<()> {
         drop(be);
     }
     let m = load_model(args)?;
-    let blocks = args.blocks.resolve(m.weights.config.layers)?;
+    let blocks = args.blocks.resolve(m.weights.config().layers)?;
     let data = load_data(args, &m)?;
     check_against_data(args, &data)?;
-    let c = &m.weights.config;
+    let c = m.weights.config();
     eprintln!(
         "model {} ({} blocks, hidden {}, ffn {}); {} train / {} validation sentences; loaded in {:.1} s",
         args.model.display(),
@@ -491,7 +488,7 @@ fn drive<B: Backend + Clone>(
     blocks: &[usize],
     started: Instant,
 ) -> Result<()> {
-    let total = output::total_parameters(&m.weights);
+    let total = output::total_parameters(m.weights.config());
     if !args.compare {
         let backend = make()?;
         let report = run_method(&backend, args, m, data, blocks, args.method, &args.out)?;

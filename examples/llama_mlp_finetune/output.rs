@@ -5,7 +5,7 @@
 use sparsegrad::adapter::{save_adapter, AdapterEntry};
 use sparsegrad::io::fs::write_atomic;
 use sparsegrad::model::llama::{LlamaModel, GROUPS};
-use sparsegrad::model::weights::LlamaWeights;
+use sparsegrad::model::weights::{save_hf_safetensors, Field, LlamaSource, Tensor};
 use sparsegrad::recipes::finetune::{FinetuneReport, PremiseShare, PREMISE_BATCHES};
 use sparsegrad::{Backend, BasisSet, Error, Result};
 use std::collections::BTreeMap;
@@ -34,7 +34,7 @@ pub fn write_csv(path: &Path, report: &FinetuneReport) -> Result<()> {
 pub fn write_adapter<B: Backend + Clone>(
     path: &Path,
     model: &LlamaModel<B>,
-    weights: &LlamaWeights,
+    weights: &dyn LlamaSource,
     blocks: &[usize],
     bases: Option<&BasisSet>,
 ) -> Result<()> {
@@ -44,17 +44,25 @@ pub fn write_adapter<B: Backend + Clone>(
             names.push(format!("model.layers.{i}.mlp.{g}_proj"));
         }
     }
+    // The base weights of the trained blocks only (the adapter stores what changed
+    // relative to them), read from the checkpoint.
+    let mut bases_of_block = Vec::with_capacity(blocks.len());
+    for &i in blocks {
+        if i >= weights.config().layers {
+            return Err(Error::invalid("adapter", format!("the weights have no block {i}")));
+        }
+        let read = |f: Field| weights.tensor(Tensor::Layer(i, f));
+        bases_of_block.push([read(Field::Gate)?, read(Field::Up)?, read(Field::Down)?]);
+    }
     let mut entries = Vec::with_capacity(names.len());
     for (n, &i) in blocks.iter().enumerate() {
         let mlp = model.mlp(i).ok_or_else(|| Error::invalid("adapter", format!("the model has no block {i}")))?;
-        let base =
-            weights.layers.get(i).ok_or_else(|| Error::invalid("adapter", format!("the weights have no block {i}")))?;
-        let base_weights: [&[f32]; 3] = [&base.gate, &base.up, &base.down];
+        let base_weights = &bases_of_block[n];
         for (j, p) in mlp.projections().into_iter().enumerate() {
             entries.push(AdapterEntry {
                 name: &names[3 * n + j],
                 linear: &p.linear,
-                base_weight: base_weights[j],
+                base_weight: &base_weights[j],
                 basis: bases.map(|b| b.get(GROUPS[j])).transpose()?,
             });
         }
@@ -67,10 +75,11 @@ pub fn write_adapter<B: Backend + Clone>(
 pub fn write_merged<B: Backend + Clone>(
     dir: &Path,
     model: &LlamaModel<B>,
-    weights: &LlamaWeights,
+    weights: &dyn LlamaSource,
     tokenizer: &tokenizers::Tokenizer,
 ) -> Result<()> {
-    model.merged_weights(weights)?.save_hf_safetensors(dir)?;
+    // One tensor at a time: the merged model is never assembled in host memory.
+    save_hf_safetensors(&model.merged(weights), dir)?;
     let path = dir.join("tokenizer.json");
     // Through write_atomic like every output (never replacing a special file).
     let json = tokenizer.to_string(false).map_err(|e| Error::io(&path, std::io::Error::other(e.to_string())))?;
@@ -100,17 +109,8 @@ pub fn grouped(n: usize) -> String {
 }
 
 /// Every parameter of the model (embedding, layers, norms, head).
-pub fn total_parameters(w: &LlamaWeights) -> usize {
-    let layer = |l: &sparsegrad::model::weights::LayerWeights| {
-        [&l.attn_norm, &l.q, &l.k, &l.v, &l.o, &l.ffn_norm, &l.gate, &l.up, &l.down]
-            .iter()
-            .map(|v| v.len())
-            .sum::<usize>()
-    };
-    w.embed.len()
-        + w.layers.iter().map(layer).sum::<usize>()
-        + w.final_norm.len()
-        + w.lm_head.as_ref().map_or(0, Vec::len)
+pub fn total_parameters(c: &sparsegrad::LlamaConfig) -> usize {
+    Tensor::all(c).map(|t| t.shape(c).iter().product::<usize>()).sum()
 }
 
 /// The end-of-run summary of one method.

@@ -7,19 +7,21 @@
 use super::attention::{AttentionGrads, AttentionShape, Mask, SavedAttention};
 use super::config::LlamaConfig;
 use super::step_graph::StepGraphs;
-use super::weights::LlamaWeights;
+use super::weights::{checked_tensor, Field, LlamaSource, Tensor};
+
+mod checkpoint;
 use super::TrainingSetup;
 use crate::backend::operand::{grow, mm, stage, to_f, Operand};
 use crate::backend::LossScale;
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
-use crate::basis::BasisSet;
 use crate::error::{Error, Result};
 use crate::linear::sparsegrad::SparseGradScratch;
 use crate::linear::trainable::{Method, TrainOptions};
 use crate::mlp::{LlamaMlp, LlamaMlpScratch, MlpShape, ProjectionSpec};
 use crate::perf::{scope, Phase};
 use crate::scalar::Real;
+pub use checkpoint::MergedLlama;
 use half::bf16;
 
 /// Which MLP projections train, and how.
@@ -227,15 +229,18 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
     /// Uploads `weights` and builds every layer's MLP by `setup.plan`; SparseGrad
     /// projections take their basis from `setup.bases` (groups `gate`, `up`, `down`).
     /// `max_positions` sizes the RoPE tables (sequences may not be longer).
+    ///
+    /// The weights are read one tensor at a time: from a [`super::weights::LlamaCheckpoint`]
+    /// the host holds one tensor's f32 copy at a time, never the whole model.
     pub fn new(
         backend: &B,
-        weights: &LlamaWeights,
+        weights: &(impl LlamaSource + ?Sized),
         setup: &TrainingSetup<'_, MlpPlan>,
         max_positions: usize,
     ) -> Result<Self> {
         let (plan, bases, opts) = (&setup.plan, setup.bases, &setup.options);
-        weights.validate()?;
-        let c = weights.config.clone();
+        let c = weights.config().clone();
+        c.validate()?;
         if let Some(&l) = plan.layers.iter().find(|&&l| l >= c.layers) {
             return Err(Error::invalid(
                 "LlamaModel::new",
@@ -247,14 +252,16 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         sorted_layers.sort_unstable();
         sorted_layers.dedup();
         let p = opts.precision;
-        let up = |v: &[f32]| backend.upload(&to_f::<F>(v));
-        let op = |v: &[f32]| Operand::upload(backend, p, &to_f::<F>(v));
+        let read = |t: Tensor| checked_tensor(weights, t);
+        let up = |t: Tensor| backend.upload(&to_f::<F>(&read(t)?));
+        let op = |t: Tensor| Operand::upload(backend, p, &to_f::<F>(&read(t)?));
         let mut layers = Vec::with_capacity(c.layers);
         // One SparseGrad scratch for every layer: each borrows it only inside a call.
         let sparsegrad_scratch = SparseGradScratch::shared(backend, p)?;
-        for (i, lw) in weights.layers.iter().enumerate() {
+        for i in 0..c.layers {
             let trains = plan.layers.contains(&i);
-            let (gate, upw, down) = (to_f::<F>(&lw.gate), to_f::<F>(&lw.up), to_f::<F>(&lw.down));
+            let mlp_weight = |f: Field| read(Tensor::Layer(i, f)).map(|w| to_f::<F>(&w));
+            let (gate, upw, down) = (mlp_weight(Field::Gate)?, mlp_weight(Field::Up)?, mlp_weight(Field::Down)?);
             let mut specs = Vec::with_capacity(3);
             for (j, w) in [&gate, &upw, &down].into_iter().enumerate() {
                 let method = if trains { plan.methods[j] } else { Method::Frozen };
@@ -276,13 +283,17 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             )
             .map_err(|e| e.context(&format!("layer {i} MLP")))?;
             mlp.share_sparsegrad_scratch(&sparsegrad_scratch)?;
+            // The MLP's copies go before the attention weights are read.
+            drop(specs);
+            drop((gate, upw, down));
+            let t = |f: Field| Tensor::Layer(i, f);
             layers.push(Layer {
-                attn_norm: up(&lw.attn_norm)?,
-                ffn_norm: up(&lw.ffn_norm)?,
-                q: op(&lw.q)?,
-                k: op(&lw.k)?,
-                v: op(&lw.v)?,
-                o: op(&lw.o)?,
+                attn_norm: up(t(Field::AttnNorm))?,
+                ffn_norm: up(t(Field::FfnNorm))?,
+                q: op(t(Field::Q))?,
+                k: op(t(Field::K))?,
+                v: op(t(Field::V))?,
+                o: op(t(Field::O))?,
                 mlp,
                 saved: Saved::new(backend)?,
             });
@@ -300,9 +311,9 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         Ok(LlamaModel {
             backend: backend.clone(),
             precision: p,
-            embed: up(&weights.embed)?,
-            head: op(weights.output_weight())?,
-            final_norm: up(&weights.final_norm)?,
+            embed: up(Tensor::Embed)?,
+            head: op(Tensor::Output)?,
+            final_norm: up(Tensor::FinalNorm)?,
             layers,
             rope_cos: backend.upload(&cos)?,
             rope_sin: backend.upload(&sin)?,
@@ -690,66 +701,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         self.backend.download(&self.s.logits, n * self.config.vocab)
     }
 
-    /// The weights with every MLP projection replaced by its merged (trained) weight.
-    pub fn merged_weights(&self, base: &LlamaWeights) -> Result<LlamaWeights> {
-        let mut out = base.clone();
-        for (i, l) in self.layers.iter().enumerate() {
-            if !self.plan.layers.contains(&i) {
-                continue;
-            }
-            let cast = |v: Vec<F>| v.into_iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
-            let lw = &mut out.layers[i];
-            for (p, dst) in l.mlp.projections().into_iter().zip([&mut lw.gate, &mut lw.up, &mut lw.down]) {
-                // A frozen projection is the base weight (a bf16 layer holds only its rounding).
-                if p.method != Method::Frozen {
-                    *dst = cast(p.linear.merged_weight()?);
-                }
-            }
-        }
-        Ok(out)
-    }
-
     pub fn precision(&self) -> Precision {
         self.precision
-    }
-
-    /// Name of an MLP projection in adapters and HF checkpoints.
-    pub fn projection_name(layer: usize, j: usize) -> String {
-        format!("model.layers.{layer}.mlp.{}_proj", GROUPS[j])
-    }
-
-    fn base_mlp_weights(base: &LlamaWeights, layer: usize) -> Result<[Vec<F>; 3]> {
-        let lw = base
-            .layers
-            .get(layer)
-            .ok_or_else(|| Error::invalid("adapter", format!("the base model has no layer {layer}")))?;
-        Ok([to_f(&lw.gate), to_f(&lw.up), to_f(&lw.down)])
-    }
-
-    /// Saves what training changed in the planned layers' MLPs (see [`crate::adapter`]),
-    /// relative to `base`, the weights the model was built from.
-    pub fn save_adapter(&self, path: &std::path::Path, base: &LlamaWeights, bases: Option<&BasisSet>) -> Result<()> {
-        let mut planned = Vec::with_capacity(3 * self.plan.layers.len());
-        for &l in &self.plan.layers {
-            let weights = Self::base_mlp_weights(base, l)?;
-            for (j, (p, w)) in self.layers[l].mlp.projections().into_iter().zip(weights).enumerate() {
-                planned.push((Self::projection_name(l, j), p, w));
-            }
-        }
-        crate::adapter::save_projections(path, &planned, bases)
-    }
-
-    /// Loads an adapter saved by [`Self::save_adapter`] into this model, freshly built
-    /// from the same `base` with the same plan; every projection is checked first.
-    pub fn load_adapter(&mut self, path: &std::path::Path, base: &LlamaWeights) -> Result<()> {
-        let planned_layers = &self.plan.layers;
-        let mut planned = Vec::with_capacity(3 * planned_layers.len());
-        for (l, layer) in self.layers.iter_mut().enumerate().filter(|(l, _)| planned_layers.contains(l)) {
-            let weights = Self::base_mlp_weights(base, l)?;
-            for (j, (p, w)) in layer.mlp.projections_mut().into_iter().zip(weights).enumerate() {
-                planned.push((Self::projection_name(l, j), p, w));
-            }
-        }
-        crate::adapter::load_projections(path, planned)
     }
 }

@@ -8,6 +8,10 @@
 //! tensor's shape is checked against the config, errors naming the tensor.
 
 mod hf;
+mod source;
+
+pub(crate) use source::checked_tensor;
+pub use source::{LlamaCheckpoint, LlamaSource, Tensor};
 
 use super::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -41,9 +45,9 @@ pub struct LlamaWeights {
     pub lm_head: Option<Vec<f32>>,
 }
 
-/// The nine tensors of a layer, with their GGUF and HF names.
+/// The nine tensors of a decoder layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Field {
+pub enum Field {
     AttnNorm,
     Q,
     K,
@@ -56,7 +60,7 @@ pub(crate) enum Field {
 }
 
 impl Field {
-    pub(crate) const ALL: [Field; 9] =
+    pub const ALL: [Field; 9] =
         [Field::AttnNorm, Field::Q, Field::K, Field::V, Field::O, Field::FfnNorm, Field::Gate, Field::Up, Field::Down];
 
     /// `blk.{i}.<this>.weight` in GGUF.
@@ -90,7 +94,7 @@ impl Field {
     }
 
     /// Row-major shape under `c`.
-    pub(crate) fn shape(self, c: &LlamaConfig) -> Vec<usize> {
+    pub fn shape(self, c: &LlamaConfig) -> Vec<usize> {
         match self {
             Field::AttnNorm | Field::FfnNorm => vec![c.hidden],
             Field::Q => vec![c.q_dim(), c.hidden],
@@ -193,64 +197,19 @@ impl LlamaWeights {
     /// Loads and dequantises every tensor of a `llama` GGUF file (config from its
     /// metadata). Q and K come back un-permuted to HF's layout.
     pub fn from_gguf(f: &GgufFile) -> Result<Self> {
-        let config = LlamaConfig::from_gguf(f)?;
-        let c = &config;
-        let where_ = f.path().map(|p| p.display().to_string()).unwrap_or_else(|| "GGUF data".into());
         // Every tensor is looked up and shape-checked before anything is allocated, so a
         // config asking for more than the file holds (block_count 0xffffffff) fails here.
-        let mut wanted = vec![("token_embd.weight".to_string(), vec![c.vocab, c.hidden])];
-        for i in 0..c.layers {
-            for field in Field::ALL {
-                let name = format!("blk.{i}.{}.weight", field.gguf());
-                if !f.contains_tensor(&name) {
-                    return Err(Error::MissingTensor {
-                        name,
-                        context: Some(format!("{where_} (llama.block_count says {} blocks)", c.layers)),
-                    });
-                }
-                wanted.push((name, field.shape(c)));
+        let config = source::check_gguf(f)?;
+        struct Borrowed<'a>(&'a GgufFile, LlamaConfig);
+        impl LlamaSource for Borrowed<'_> {
+            fn config(&self) -> &LlamaConfig {
+                &self.1
+            }
+            fn tensor(&self, t: Tensor) -> Result<std::borrow::Cow<'_, [f32]>> {
+                source::read_gguf(self.0, &self.1, t).map(std::borrow::Cow::Owned)
             }
         }
-        wanted.push(("output_norm.weight".into(), vec![c.hidden]));
-        if !c.tied_embeddings {
-            wanted.push(("output.weight".into(), vec![c.vocab, c.hidden]));
-        }
-        for (name, shape) in &wanted {
-            let info = f
-                .tensor_info(name)
-                .ok_or_else(|| Error::MissingTensor { name: name.clone(), context: Some(where_.clone()) })?;
-            if info.shape() != *shape {
-                return Err(Error::shape(
-                    "gguf",
-                    format!("tensor `{name}` in {where_}"),
-                    format!("{shape:?}"),
-                    format!("{:?}", info.shape()),
-                ));
-            }
-        }
-        let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-            let w = f.tensor_f32_shaped(name, shape)?;
-            check_weight_finite(name, &where_, &w)?;
-            Ok(w)
-        };
-        let embed = load("token_embd.weight", &[c.vocab, c.hidden])?;
-        let mut layers = Vec::new();
-        for i in 0..c.layers {
-            layers.push(LayerWeights::build(|field| {
-                let name = format!("blk.{i}.{}.weight", field.gguf());
-                let w = load(&name, &field.shape(c))?;
-                match field {
-                    Field::Q => unpermute_rope_rows(&w, c.heads, c.hidden),
-                    Field::K => unpermute_rope_rows(&w, c.kv_heads, c.hidden),
-                    _ => Ok(w),
-                }
-            })?);
-        }
-        let final_norm = load("output_norm.weight", &[c.hidden])?;
-        let lm_head = if c.tied_embeddings { None } else { Some(load("output.weight", &[c.vocab, c.hidden])?) };
-        let w = LlamaWeights { config, embed, layers, final_norm, lm_head };
-        w.validate()?;
-        Ok(w)
+        Self::from_source(&Borrowed(f, config))
     }
 
     /// [`from_gguf`](Self::from_gguf) on the file at `path`.
@@ -339,6 +298,13 @@ impl LlamaWeights {
         let lm_head = (!c.tied_embeddings).then(|| fill(&[c.vocab, c.hidden], 0.0, 1.0 / (c.hidden as f32).sqrt()));
         Ok(LlamaWeights { config: config.clone(), embed, layers, final_norm, lm_head })
     }
+}
+
+/// Writes any [`LlamaSource`] as an HF directory (`config.json` and one f32
+/// `model.safetensors`, each atomically, HF names, `lm_head.weight` omitted when tied),
+/// reading one tensor at a time: a merged model is saved without assembling it in memory.
+pub fn save_hf_safetensors(source: &(impl LlamaSource + ?Sized), dir: impl AsRef<Path>) -> Result<()> {
+    hf::save(source, dir.as_ref())
 }
 
 /// SplitMix64 (Steele, Lea, Flood 2014): a tiny seeded generator, so the library needs no

@@ -14,7 +14,7 @@ use crate::linear::trainable::{Method, TrainOptions};
 use crate::linear::Keep;
 use crate::model::config::LlamaConfig;
 use crate::model::llama::{LlamaModel, LossSum, MlpPlan, GROUPS};
-use crate::model::weights::LlamaWeights;
+use crate::model::weights::LlamaSource;
 use crate::model::TrainingSetup;
 use crate::optim::Optimizer;
 use crate::recipes::vader::{epoch, make_batch, Batch, BatchSpec};
@@ -221,8 +221,10 @@ impl FinetuneConfig {
 
     /// The method of each projection type, in [`GROUPS`] order ([`Method::Frozen`] where
     /// [`Self::projections`] leaves it out); SparseGrad's formulation resolved on `backend`.
-    fn methods<B: Backend + Clone>(&self, backend: &B, weights: &LlamaWeights) -> Result<[Method; 3]> {
-        self.methods_with(&weights.config, |out, inp, tokens, k| self.formulation.resolve(backend, out, inp, tokens, k))
+    fn methods<B: Backend + Clone>(&self, backend: &B, weights: &dyn LlamaSource) -> Result<[Method; 3]> {
+        self.methods_with(weights.config(), |out, inp, tokens, k| {
+            self.formulation.resolve(backend, out, inp, tokens, k)
+        })
     }
 
     /// The options every trained projection gets (Adam at `lr`, the precision, the batch's
@@ -291,7 +293,7 @@ impl FinetuneConfig {
         Ok(methods)
     }
 
-    fn validate(&self, weights: &LlamaWeights) -> Result<()> {
+    fn validate(&self, weights: &dyn LlamaSource) -> Result<()> {
         if self.batch == 0 || self.seq_len == 0 {
             return Err(Error::invalid("finetune", "batch and seq_len must be positive"));
         }
@@ -301,17 +303,17 @@ impl FinetuneConfig {
         if !self.projections.contains(&true) {
             return Err(Error::invalid("finetune", "no projection (gate, up, down) selected to train"));
         }
-        if let Some(&b) = self.blocks.iter().find(|&&b| b >= weights.config.layers) {
+        if let Some(&b) = self.blocks.iter().find(|&&b| b >= weights.config().layers) {
             return Err(Error::invalid(
                 "finetune",
-                format!("block {b} does not exist (the model has {} layers)", weights.config.layers),
+                format!("block {b} does not exist (the model has {} layers)", weights.config().layers),
             ));
         }
         if !(self.keep > 0.0 && self.keep <= 1.0) {
             return Err(Error::invalid("finetune", format!("keep {} outside (0, 1]", self.keep)));
         }
         // Sizes bounded by what the model allows, before anything is allocated.
-        let c = &weights.config;
+        let c = weights.config();
         if self.seq_len > c.max_seq {
             return Err(Error::invalid(
                 "finetune",
@@ -372,7 +374,7 @@ fn train_batches<'a>(data: &'a Dataset, spec: BatchSpec, seed: u64) -> impl Iter
 /// one Gram accumulator per projection type, then one basis per type.
 fn preliminary<B: Backend + Clone>(
     backend: &B,
-    weights: &LlamaWeights,
+    weights: &dyn LlamaSource,
     cfg: &FinetuneConfig,
     data: &Dataset,
     progress: &mut dyn FnMut(Progress),
@@ -457,7 +459,7 @@ fn preliminary<B: Backend + Clone>(
 /// `bases` skips the preliminary phase when given (SparseGrad).
 pub fn run<B: Backend + Clone>(
     backend: &B,
-    weights: &LlamaWeights,
+    weights: &dyn LlamaSource,
     data: &Dataset,
     cfg: &FinetuneConfig,
     bases: Option<BasisSet>,

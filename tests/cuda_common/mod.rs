@@ -7,6 +7,8 @@
 //! bookkeeping, comparisons) on machines without a GPU.
 #![allow(dead_code)]
 
+pub mod plan;
+
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::backend::cuda::kernels_available;

@@ -5,7 +5,8 @@
 //! Tensor names: `model.embed_tokens.weight`, `model.layers.N.<field>.weight`,
 //! `model.norm.weight`, `lm_head.weight` (absent when the embeddings are tied).
 
-use super::{Field, LayerWeights, LlamaWeights};
+use super::source::{checked_tensor, LlamaCheckpoint, LlamaSource, Tensor};
+use super::LlamaWeights;
 use crate::error::{Error, Result};
 use crate::io::fs::write_atomic;
 use crate::io::SafetensorsFile;
@@ -17,15 +18,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 const OP: &str = "hf safetensors";
-const EMBED: &str = "model.embed_tokens.weight";
-const NORM: &str = "model.norm.weight";
-const LM_HEAD: &str = "lm_head.weight";
 const SINGLE: &str = "model.safetensors";
 const INDEX: &str = "model.safetensors.index.json";
-
-fn layer_name(i: usize, f: Field) -> String {
-    format!("model.layers.{i}.{}.weight", f.hf())
-}
 
 /// The safetensors files of the model in `dir`, in a fixed order.
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -69,98 +63,102 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(shards)
 }
 
-pub(super) fn load(dir: &Path) -> Result<LlamaWeights> {
-    let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
-    if !meta.is_dir() {
-        return Err(Error::format(Some(dir), "not a directory (expected a Hugging Face model directory)"));
-    }
-    let config = LlamaConfig::from_hf_config_json(&dir.join("config.json"))?;
-    let files = shard_files(dir)?.iter().map(SafetensorsFile::open).collect::<Result<Vec<_>>>()?;
-    // Which shard holds each tensor; one tensor in two shards is ambiguous, not "first wins".
-    let mut owner: HashMap<String, usize> = HashMap::new();
-    for (i, f) in files.iter().enumerate() {
-        for name in f.names() {
-            if let Some(j) = owner.insert(name.clone(), i) {
-                return Err(Error::format(
-                    Some(dir),
-                    format!("tensor `{name}` appears in both {} and {}", files[j].path().display(), f.path().display()),
+/// The memory-mapped safetensors files of an HF model directory and which file holds each
+/// tensor.
+pub(super) struct HfShards {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    owner: HashMap<String, usize>,
+}
+
+impl HfShards {
+    /// Opens `dir`'s config and files and checks that every tensor the config needs is
+    /// there exactly once with its shape, before anything is read.
+    pub(super) fn open(dir: &Path) -> Result<(LlamaConfig, Self)> {
+        let meta = fs::metadata(dir).map_err(|e| Error::io(dir, e))?;
+        if !meta.is_dir() {
+            return Err(Error::format(Some(dir), "not a directory (expected a Hugging Face model directory)"));
+        }
+        let config = LlamaConfig::from_hf_config_json(&dir.join("config.json"))?;
+        let files = shard_files(dir)?.iter().map(SafetensorsFile::open).collect::<Result<Vec<_>>>()?;
+        // Which shard holds each tensor; one tensor in two shards is ambiguous, not "first wins".
+        let mut owner: HashMap<String, usize> = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.names() {
+                if let Some(j) = owner.insert(name.clone(), i) {
+                    return Err(Error::format(
+                        Some(dir),
+                        format!(
+                            "tensor `{name}` appears in both {} and {}",
+                            files[j].path().display(),
+                            f.path().display()
+                        ),
+                    ));
+                }
+            }
+        }
+        let shards = HfShards { dir: dir.to_path_buf(), files, owner };
+        let c = &config;
+        for t in Tensor::all(c) {
+            let name = t.hf_name();
+            let context = match t {
+                // Checked before any allocation: num_hidden_layers may ask for far more.
+                Tensor::Layer(..) => format!("{} (config.json says {} layers)", dir.display(), c.layers),
+                _ => dir.display().to_string(),
+            };
+            let f =
+                shards.file(&name).map_err(|_| Error::MissingTensor { name: name.clone(), context: Some(context) })?;
+            let shape = t.shape(c);
+            if f.shape(&name) != Some(&shape[..]) {
+                return Err(Error::shape(
+                    OP,
+                    format!("tensor `{name}` in {}", f.path().display()),
+                    format!("{shape:?}"),
+                    format!("{:?}", f.shape(&name).unwrap_or(&[])),
                 ));
             }
         }
+        Ok((config, shards))
     }
-    let c = &config;
-    let mut wanted = vec![(EMBED.to_string(), vec![c.vocab, c.hidden])];
-    for i in 0..c.layers {
-        for f in Field::ALL {
-            let name = layer_name(i, f);
-            // Checked here, before any allocation: num_hidden_layers may ask for far more.
-            if !owner.contains_key(&name) {
-                return Err(Error::MissingTensor {
-                    name,
-                    context: Some(format!("{} (config.json says {} layers)", dir.display(), c.layers)),
-                });
-            }
-            wanted.push((name, f.shape(c)));
-        }
+
+    fn file(&self, name: &str) -> Result<&SafetensorsFile> {
+        self.owner.get(name).map(|&i| &self.files[i]).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            context: Some(self.dir.display().to_string()),
+        })
     }
-    wanted.push((NORM.into(), vec![c.hidden]));
-    if !c.tied_embeddings {
-        wanted.push((LM_HEAD.into(), vec![c.vocab, c.hidden]));
-    }
-    for (name, shape) in &wanted {
-        let f = owner
-            .get(name)
-            .map(|&i| &files[i])
-            .ok_or_else(|| Error::MissingTensor { name: name.clone(), context: Some(dir.display().to_string()) })?;
-        if f.shape(name) != Some(&shape[..]) {
-            return Err(Error::shape(
-                OP,
-                format!("tensor `{name}` in {}", f.path().display()),
-                format!("{shape:?}"),
-                format!("{:?}", f.shape(name).unwrap_or(&[])),
-            ));
-        }
-    }
-    let load = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        let f = owner
-            .get(name)
-            .map(|&i| &files[i])
-            .ok_or_else(|| Error::MissingTensor { name: name.to_string(), context: Some(dir.display().to_string()) })?;
-        let w = f.tensor_float_shaped(name, shape)?;
-        super::check_weight_finite(name, &f.path().display().to_string(), &w)?;
+
+    /// Tensor `t` as f32, checked finite. (Some tied checkpoints still store lm_head, a
+    /// copy of the embedding; it is never read.)
+    pub(super) fn read(&self, c: &LlamaConfig, t: Tensor) -> Result<Vec<f32>> {
+        let name = t.hf_name();
+        let f = self.file(&name)?;
+        let w = f.tensor_float_shaped(&name, &t.shape(c))?;
+        super::check_weight_finite(&name, &f.path().display().to_string(), &w)?;
         Ok(w)
-    };
-    let embed = load(EMBED, &[c.vocab, c.hidden])?;
-    let layers = (0..c.layers)
-        .map(|i| LayerWeights::build(|f| load(&layer_name(i, f), &f.shape(c))))
-        .collect::<Result<Vec<_>>>()?;
-    let final_norm = load(NORM, &[c.hidden])?;
-    // Some tied checkpoints still store lm_head (a copy of the embedding); it is ignored.
-    let lm_head = if c.tied_embeddings { None } else { Some(load(LM_HEAD, &[c.vocab, c.hidden])?) };
-    let w = LlamaWeights { config, embed, layers, final_norm, lm_head };
-    w.validate()?;
-    Ok(w)
+    }
 }
 
-pub(super) fn save(w: &LlamaWeights, dir: &Path) -> Result<()> {
-    let c = &w.config;
+pub(super) fn load(dir: &Path) -> Result<LlamaWeights> {
+    LlamaWeights::from_source(&LlamaCheckpoint::open(dir)?)
+}
+
+/// Writes `source` as `config.json` and one f32 `model.safetensors` in `dir`, one tensor
+/// in memory at a time.
+pub(super) fn save(source: &(impl LlamaSource + ?Sized), dir: &Path) -> Result<()> {
+    let c = source.config();
+    c.validate()?;
     fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![(EMBED.into(), vec![c.vocab, c.hidden], &w.embed[..])];
-    for (i, l) in w.layers.iter().enumerate() {
-        tensors.extend(Field::ALL.iter().map(|&f| (layer_name(i, f), f.shape(c), l.get(f))));
-    }
-    tensors.push((NORM.into(), vec![c.hidden], &w.final_norm[..]));
-    if let Some(h) = &w.lm_head {
-        tensors.push((LM_HEAD.into(), vec![c.vocab, c.hidden], &h[..]));
-    }
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut tensors: Vec<Tensor> = Tensor::all(c).collect();
+    tensors.sort_by_key(|t| t.hf_name());
 
     let path = dir.join(SINGLE);
     let mut infos = Vec::with_capacity(tensors.len());
     let mut offset = 0usize;
-    for (name, shape, data) in &tensors {
-        let end = offset + data.len() * 4;
-        infos.push((name.clone(), TensorInfo { dtype: Dtype::F32, shape: shape.clone(), data_offsets: (offset, end) }));
+    for t in &tensors {
+        let shape = t.shape(c);
+        let end = offset + shape.iter().product::<usize>() * 4;
+        infos.push((t.hf_name(), TensorInfo { dtype: Dtype::F32, shape, data_offsets: (offset, end) }));
         offset = end;
     }
     // transformers refuses safetensors checkpoints without a `format` entry.
@@ -172,11 +170,21 @@ pub(super) fn save(w: &LlamaWeights, dir: &Path) -> Result<()> {
         .into_bytes();
     // Padding the header to 8 bytes keeps every f32 tensor aligned for readers that map it.
     header.resize(header.len().next_multiple_of(8), b' ');
-    write_atomic(&path, |out| {
+    // A source error (a tensor that cannot be read) is kept and returned as it is: the
+    // temporary file is discarded and nothing replaces the old file.
+    let mut source_error = None;
+    let written = write_atomic(&path, |out| {
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
         let mut buf = Vec::with_capacity(1 << 16);
-        for (_, _, data) in &tensors {
+        for &t in &tensors {
+            let data = match checked_tensor(source, t) {
+                Ok(d) => d,
+                Err(e) => {
+                    source_error = Some(e);
+                    return Err(std::io::Error::other("a tensor could not be read"));
+                }
+            };
             for chunk in data.chunks(1 << 14) {
                 buf.clear();
                 chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
@@ -184,7 +192,11 @@ pub(super) fn save(w: &LlamaWeights, dir: &Path) -> Result<()> {
             }
         }
         Ok(())
-    })?;
+    });
+    if let Some(e) = source_error {
+        return Err(e);
+    }
+    written?;
 
     let config_path = dir.join("config.json");
     let json = serde_json::to_string_pretty(&c.to_hf_config_json())
