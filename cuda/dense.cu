@@ -64,32 +64,31 @@ extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* __restrict__ sr
 
 // Four casts in one launch: the grid strides over each pair in turn (an empty pair costs
 // nothing); the same roundings as the single casts.
+template <typename S, typename D, typename Convert>
+__device__ void cast_x4(const S* s0, D* d0, u64 n0, const S* s1, D* d1, u64 n1, const S* s2, D* d2, u64 n2,
+                        const S* s3, D* d3, u64 n3, Convert convert) {
+    const S* src[4] = {s0, s1, s2, s3};
+    D* dst[4] = {d0, d1, d2, d3};
+    const u64 len[4] = {n0, n1, n2, n3};
+    for (int p = 0; p < 4; ++p) {
+        const S* s = src[p];
+        D* d = dst[p];
+        sg_vec4_loop(len[p], false, [&](u64) {}, [&](u64 i) { d[i] = convert(s[i]); });
+    }
+}
+
 extern "C" __global__ void cast_f32_to_bf16_x4(const float* __restrict__ s0, __nv_bfloat16* __restrict__ d0, u64 n0,
                                                const float* __restrict__ s1, __nv_bfloat16* __restrict__ d1, u64 n1,
                                                const float* __restrict__ s2, __nv_bfloat16* __restrict__ d2, u64 n2,
                                                const float* __restrict__ s3, __nv_bfloat16* __restrict__ d3, u64 n3) {
-    const float* src[4] = {s0, s1, s2, s3};
-    __nv_bfloat16* dst[4] = {d0, d1, d2, d3};
-    const u64 len[4] = {n0, n1, n2, n3};
-    for (int p = 0; p < 4; ++p) {
-        const float* s = src[p];
-        __nv_bfloat16* d = dst[p];
-        sg_vec4_loop(len[p], false, [&](u64) {}, [&](u64 i) { d[i] = __float2bfloat16_rn(s[i]); });
-    }
+    cast_x4(s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3, [](float x) { return __float2bfloat16_rn(x); });
 }
 
 extern "C" __global__ void cast_bf16_to_f32_x4(const __nv_bfloat16* __restrict__ s0, float* __restrict__ d0, u64 n0,
                                                const __nv_bfloat16* __restrict__ s1, float* __restrict__ d1, u64 n1,
                                                const __nv_bfloat16* __restrict__ s2, float* __restrict__ d2, u64 n2,
                                                const __nv_bfloat16* __restrict__ s3, float* __restrict__ d3, u64 n3) {
-    const __nv_bfloat16* src[4] = {s0, s1, s2, s3};
-    float* dst[4] = {d0, d1, d2, d3};
-    const u64 len[4] = {n0, n1, n2, n3};
-    for (int p = 0; p < 4; ++p) {
-        const __nv_bfloat16* s = src[p];
-        float* d = dst[p];
-        sg_vec4_loop(len[p], false, [&](u64) {}, [&](u64 i) { d[i] = __bfloat162float(s[i]); });
-    }
+    cast_x4(s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3, [](__nv_bfloat16 x) { return __bfloat162float(x); });
 }
 
 // grid.x covers columns (256 per block), grid.y strides over rows.

@@ -166,7 +166,8 @@ fn section(args: &Args, t: &TaskCtx, j: &Journal, md: &mut String, summary: &mut
         let Some(p) = &r.pick else {
             // What the journal holds so far: the mean over the seeds done at each rate.
             let done: Vec<String> = tune_progress(args, t, j, r.method, head_lr, steps);
-            let _ = writeln!(md, "| {} | not finished: {} | |", r.method.name(), done.join(" · "));
+            let so_far = if done.is_empty() { "no grid point run yet".to_string() } else { done.join(" · ") };
+            let _ = writeln!(md, "| {} | not finished: {so_far} | |", r.method.name());
             continue;
         };
         let cells: Vec<String> = p

@@ -238,7 +238,7 @@ impl FinetuneConfig {
         }
     }
 
-    /// [`Self::methods`] from the model's configuration alone, for a memory plan:
+    /// The methods (as `methods` resolves them) from the model's configuration alone, for a memory plan:
     /// [`FormulationChoice::Measure`] (which times both forms on a device) is left to the
     /// layer's own pricing, which a plan reproduces.
     pub fn plan_methods(&self, config: &LlamaConfig) -> Result<[Method; 3]> {

@@ -152,17 +152,9 @@ impl DenseOps for Cuda {
     ) -> Result<()> {
         require_f32::<F>("cast_to_bf16_x4")?;
         check_cast_x4(self, "cast_to_bf16_x4", src, [&*dst[0], &*dst[1], &*dst[2], &*dst[3]], len)?;
-        let total: usize = len.iter().sum();
-        if total == 0 {
-            return Ok(());
-        }
-        let [s0, s1, s2, s3] = src.map(|b| b.ptr());
-        let [d0, d1, d2, d3] = dst.map(|b| b.ptr_mut());
-        let [n0, n1, n2, n3] = len.map(|n| n as u64);
-        let args = &mut kargs![s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3];
         // SAFETY: cast_f32_to_bf16_x4 takes four (const float* src, bf16* dst, u64 n)
         // triples; each src and dst holds >= its n elements (checked above).
-        unsafe { self.launch(&CAST_TO_BF16_X4, self.grid_1d(total, PER_SM), args, &[total as u64]) }
+        unsafe { self.launch_cast_x4(&CAST_TO_BF16_X4, src.map(|b| b.ptr()), dst.map(|b| b.ptr_mut()), len) }
     }
 
     fn cast_from_bf16_x4<F: Real>(
@@ -173,17 +165,9 @@ impl DenseOps for Cuda {
     ) -> Result<()> {
         require_f32::<F>("cast_from_bf16_x4")?;
         check_cast_x4(self, "cast_from_bf16_x4", src, [&*dst[0], &*dst[1], &*dst[2], &*dst[3]], len)?;
-        let total: usize = len.iter().sum();
-        if total == 0 {
-            return Ok(());
-        }
-        let [s0, s1, s2, s3] = src.map(|b| b.ptr());
-        let [d0, d1, d2, d3] = dst.map(|b| b.ptr_mut());
-        let [n0, n1, n2, n3] = len.map(|n| n as u64);
-        let args = &mut kargs![s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3];
         // SAFETY: cast_bf16_to_f32_x4 takes four (const bf16* src, float* dst, u64 n)
         // triples; each src and dst holds >= its n elements (checked above).
-        unsafe { self.launch(&CAST_FROM_BF16_X4, self.grid_1d(total, PER_SM), args, &[total as u64]) }
+        unsafe { self.launch_cast_x4(&CAST_FROM_BF16_X4, src.map(|b| b.ptr()), dst.map(|b| b.ptr_mut()), len) }
     }
 
     fn add_bias<F: Real>(&self, y: &mut CudaBuf<F>, bias: &CudaBuf<F>, rows: usize, cols: usize) -> Result<()> {
@@ -444,5 +428,31 @@ pub(super) fn scale_rows(
             &mut kargs![c, r, n, l, b, s, beta],
             &[total as u64, u64::from(beta != 0.0)],
         )
+    }
+}
+
+impl Cuda {
+    /// Launches one of the four-way casts (`cast_f32_to_bf16_x4`, `cast_bf16_to_f32_x4`),
+    /// whose arguments are four `(src, dst, n)` triples, over `len`'s total elements.
+    ///
+    /// # Safety
+    /// `kernel` takes four `(const S* src, D* dst, u64 n)` triples and each `src[i]` and
+    /// `dst[i]` holds at least `len[i]` elements of its type.
+    unsafe fn launch_cast_x4(
+        &self,
+        kernel: &'static crate::perf::KernelCost,
+        src: [u64; 4],
+        dst: [u64; 4],
+        len: [usize; 4],
+    ) -> Result<()> {
+        let total: usize = len.iter().sum();
+        if total == 0 {
+            return Ok(());
+        }
+        let ([s0, s1, s2, s3], [d0, d1, d2, d3]) = (src, dst);
+        let [n0, n1, n2, n3] = len.map(|n| n as u64);
+        let args = &mut kargs![s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3];
+        // SAFETY: the caller's contract.
+        unsafe { self.launch(kernel, self.grid_1d(total, PER_SM), args, &[total as u64]) }
     }
 }
