@@ -57,19 +57,27 @@ cuda_test!(
             }
             Err(_) => (config(), [(2, 24), (4, 48)]),
         };
-        let only: Option<String> = std::env::var("SPARSEGRAD_PLAN_METHOD").ok();
+        // SPARSEGRAD_PLAN_METHOD, _PRECISION (f32, bf16) and _PROJECTIONS (paper, all) run
+        // part of the matrix (its cases at 7B dimensions take up to 20 minutes each).
+        let only = |var: &str, value: &str| std::env::var(var).map_or(true, |v| v == value);
         let weights = LlamaWeights::random(&c, 3).unwrap();
         let basis = bases(&c);
         let frozen = Method::Frozen;
         let top = c.layers - 1;
         for name in ["sparsegrad", "lora", "meprop", "full"] {
-            if only.as_deref().is_some_and(|o| o != name) {
+            if !only("SPARSEGRAD_PLAN_METHOD", name) {
                 continue;
             }
             let m = methods(name);
-            for precision in [Precision::Full, Precision::Bf16] {
+            for (precision, p) in [(Precision::Full, "f32"), (Precision::Bf16, "bf16")] {
+                if !only("SPARSEGRAD_PLAN_PRECISION", p) {
+                    continue;
+                }
                 // The paper's projections of the top block; all three of both blocks.
-                for (layers, which) in [(vec![top], [frozen, m, m]), (vec![0, top], [m; 3])] {
+                for (layers, which, j) in [(vec![top], [frozen, m, m], "paper"), (vec![0, top], [m; 3], "all")] {
+                    if !only("SPARSEGRAD_PLAN_PROJECTIONS", j) {
+                        continue;
+                    }
                     for (batch, seq) in shapes {
                         let setup = PlanSetup {
                             config: c.clone(),
