@@ -27,7 +27,7 @@ cp "$report" "$out/report.md"
 grep -q 'emulated - not a GPU result' "$report" || { echo "gpu-rehearse: the report does not say it is emulated" >&2; exit 1; }
 # Every timing in the report's tables carries the emulated mark (the parts' wall seconds and
 # the tests' counts are the rehearsal's own bookkeeping, not device figures).
-if grep -E '^\| ' "$report" | grep -vE '^\| (part|---|run|binary|shape|op|preflight|tests|kernels|layer|peer|test_cuda_[a-z_]+) \|' |
+if grep -E '^\| ' "$report" | grep -vE '^\| (part|---|run|binary|shape|op|preflight|tests|kernels|layer|peer|test_cuda_[a-z0-9_]+) \|' |
     grep -E '\| [0-9.]+(x|%| [A-Za-z/]+)? \|' >&2; then
     echo "gpu-rehearse: the figures above are not marked emulated" >&2
     exit 1
