@@ -57,6 +57,11 @@ for line in sys.stdin:
         print(m["target"]["name"] + " " + m["executable"])')
 [ ${#binaries[@]} -gt 0 ] || { echo "test-cuda-emu: no test binaries built" >&2; cargo test --release --features recipes --no-run --test 'cuda_*'; exit 1; }
 
+# The examples the tests run as processes, built here: under the ASan preload a test must
+# not run cargo itself (rustc -vV crashes there), so the tests take them from this directory.
+cargo build --release --features recipes --examples --quiet
+export SPARSEGRAD_EXAMPLES_DIR="$(cd "${CARGO_TARGET_DIR:-target}/release/examples" && pwd)"
+
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0

@@ -27,6 +27,9 @@ fn example() -> &'static Path {
         if let Some(exe) = std::env::var_os("SPARSEGRAD_GPU_SHAPE_EXE") {
             return PathBuf::from(exe);
         }
+        if let Some(dir) = std::env::var_os("SPARSEGRAD_EXAMPLES_DIR") {
+            return PathBuf::from(dir).join("gpu_shape");
+        }
         // Under scripts/test-cuda-emu.sh asan the test runs with ASan preloaded: cargo and
         // rustc are not built for it (rustc crashes), so they run without the preload.
         let out = Command::new(env!("CARGO"))

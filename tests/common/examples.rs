@@ -15,8 +15,14 @@ pub fn binary(name: &str) -> PathBuf {
     if let Some(p) = built.get_or_insert_with(HashMap::new).get(name) {
         return p.clone();
     }
-    // Under scripts/test-cuda-emu.sh asan the tests run with ASan preloaded: cargo and rustc
-    // are not built for it (rustc crashes), so they run without the preload.
+    // scripts/test-cuda-emu.sh builds the examples first and names their directory: under its
+    // ASan preload, cargo's `rustc -vV` crashes, so the tests must not run cargo there.
+    if let Some(dir) = std::env::var_os("SPARSEGRAD_EXAMPLES_DIR") {
+        let exe = PathBuf::from(dir).join(name);
+        assert!(exe.is_file(), "SPARSEGRAD_EXAMPLES_DIR holds no {}", exe.display());
+        built.get_or_insert_with(HashMap::new).insert(name.to_string(), exe.clone());
+        return exe;
+    }
     let out = Command::new(env!("CARGO"))
         .env_remove("LD_PRELOAD")
         .args(["build", "--release", "--features", "recipes", "--example", name])
