@@ -133,6 +133,12 @@ fn bf16_shards(w: &LlamaWeights, dir: &Path) -> LlamaWeights {
     rounded
 }
 
+/// The bytes of the whole model and of its largest tensor, in f32.
+fn f32_bytes(c: &LlamaConfig) -> (usize, usize) {
+    let bytes: Vec<usize> = Tensor::all(c).map(|t| t.shape(c).iter().product::<usize>() * 4).collect();
+    (bytes.iter().sum(), bytes.iter().copied().max().unwrap_or(0))
+}
+
 fn batch_tokens(c: &LlamaConfig, n: usize) -> (Vec<u32>, Vec<u32>, Vec<f32>) {
     let v = c.vocab as u32;
     (
@@ -181,8 +187,7 @@ fn building_from_a_checkpoint_holds_one_tensor_at_a_time_on_the_host() {
     let dir = tempfile::tempdir().unwrap();
     let w = bf16_shards(&LlamaWeights::random(&config(), 6).unwrap(), dir.path());
     let c = &w.config;
-    let whole: usize = Tensor::all(c).map(|t| t.shape(c).iter().product::<usize>() * 4).sum();
-    let largest = Tensor::all(c).map(|t| t.shape(c).iter().product::<usize>() * 4).max().unwrap();
+    let (whole, largest) = f32_bytes(c);
     let cpu = Cpu::new();
     // Frozen and bf16: what the model keeps is mostly bf16 weights, half the f32 bytes.
     let frozen = TrainingSetup {
@@ -227,8 +232,7 @@ fn the_merged_model_is_written_one_tensor_at_a_time_and_equals_merged_weights() 
     assert_eq!(expect.layers[4], w.layers[4], "and nothing else");
     let out = tempfile::tempdir().unwrap();
     let c = &w.config;
-    let largest = Tensor::all(c).map(|t| t.shape(c).iter().product::<usize>() * 4).max().unwrap();
-    let whole: usize = Tensor::all(c).map(|t| t.shape(c).iter().product::<usize>() * 4).sum();
+    let (whole, largest) = f32_bytes(c);
     let (saved, _, peak) = heap_during(|| save_hf_safetensors(&model.merged(&ckpt), out.path()));
     saved.unwrap();
     println!("saving the merged model peaked {peak} B above the start (whole model f32 {whole} B)");
