@@ -3,6 +3,8 @@
 //! llama.cpp's permute re-implemented here, GGUF loading of a hand-built file with
 //! permuted Q/K, config parsing, and the errors for missing tensors and wrong shapes.
 
+mod common;
+
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 use sparsegrad::io::gguf::GgufFile;
@@ -185,23 +187,7 @@ fn loads_f16_and_bf16_checkpoints() {
         };
         let mut expect = w.clone();
         let round = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = back(&conv(*x)));
-        round(&mut expect.embed);
-        round(&mut expect.final_norm);
-        for l in &mut expect.layers {
-            for v in [
-                &mut l.attn_norm,
-                &mut l.q,
-                &mut l.k,
-                &mut l.v,
-                &mut l.o,
-                &mut l.ffn_norm,
-                &mut l.gate,
-                &mut l.up,
-                &mut l.down,
-            ] {
-                round(v);
-            }
-        }
+        common::for_each_tensor_mut(&mut expect, round);
         let half_tensors: Vec<_> = tensors
             .iter()
             .map(|(n, _, s, b)| {

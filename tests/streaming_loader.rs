@@ -5,6 +5,8 @@
 //! a time and equals `merged_weights`; a tensor that cannot be read stops the save with its
 //! error and leaves the old file as it was.
 
+mod common;
+
 use sparsegrad::model::weights::{save_hf_safetensors, LlamaCheckpoint, LlamaSource, Tensor};
 use sparsegrad::{
     Cpu, Error, LlamaConfig, LlamaModel, LlamaWeights, Method, MlpPlan, Optimizer, Precision, TokenBatch, TrainOptions,
@@ -112,24 +114,7 @@ fn bf16_shards(w: &LlamaWeights, dir: &Path) -> LlamaWeights {
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
     std::fs::write(dir.join("config.json"), serde_json::to_string(&c.to_hf_config_json()).unwrap()).unwrap();
     let mut rounded = w.clone();
-    rounded.embed = round(&w.embed);
-    rounded.final_norm = round(&w.final_norm);
-    rounded.lm_head = w.lm_head.as_deref().map(round);
-    for l in &mut rounded.layers {
-        for v in [
-            &mut l.attn_norm,
-            &mut l.q,
-            &mut l.k,
-            &mut l.v,
-            &mut l.o,
-            &mut l.ffn_norm,
-            &mut l.gate,
-            &mut l.up,
-            &mut l.down,
-        ] {
-            *v = round(v);
-        }
-    }
+    common::for_each_tensor_mut(&mut rounded, |v| *v = round(v));
     rounded
 }
 

@@ -19,6 +19,30 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::Basis;
 
+/// Applies `f` to every tensor of `w` (embedding, each layer's nine, final norm, `lm_head`).
+pub fn for_each_tensor_mut(w: &mut sparsegrad::LlamaWeights, mut f: impl FnMut(&mut Vec<f32>)) {
+    f(&mut w.embed);
+    for l in &mut w.layers {
+        for v in [
+            &mut l.attn_norm,
+            &mut l.q,
+            &mut l.k,
+            &mut l.v,
+            &mut l.o,
+            &mut l.ffn_norm,
+            &mut l.gate,
+            &mut l.up,
+            &mut l.down,
+        ] {
+            f(v);
+        }
+    }
+    f(&mut w.final_norm);
+    if let Some(h) = &mut w.lm_head {
+        f(h);
+    }
+}
+
 pub fn rng(seed: u64) -> SmallRng {
     SmallRng::seed_from_u64(seed)
 }
