@@ -13,6 +13,9 @@
 //   flag_nonfinite_f32                     the same, into the device health block for check
 //                                          `id`, only if no earlier check failed (the first
 //                                          failed check keeps its name, count and index)
+//   cast_f32_to_bf16_checked, copy_f32_checked
+//                                          dst[i] = bf16(src[i]) / src[i], flagging src as
+//                                          flag_nonfinite_f32 does, in one pass
 //   sum_f32_to_f64                         one thread sums x[0..n) in order in f64 (as the
 //                                          host's `iter().sum()`), into the health block
 //   axpy_f32                               y[i] += alpha * x[i]
@@ -138,11 +141,13 @@ extern "C" __global__ void bias_grad_final_f32(const float* partial, u64 chunks,
     }
 }
 
-// status[0] += number of non-finite entries; status[1] = min(status[1], first index).
-// The launcher sets status = {0, UINT64_MAX} first.
-// The scan both finiteness kernels share: this thread's count of NaN/inf in x[0..n), and
-// in `first` the smallest index any lane of its warp saw (u64 max if none).
-static __device__ __forceinline__ void nonfinite_scan(const float* __restrict__ x, u64 n, u64& count, u64& first) {
+// The scan the finiteness kernels share: this thread's count of NaN/inf in x[0..n), and
+// in `first` the smallest index any lane of its warp saw (u64 max if none). `store4` and
+// `store1` see every float4 (at index i of the float4 view) and every scalar of the tail, so
+// a checked cast or copy writes its output in the same pass.
+template <typename Store4, typename Store1>
+static __device__ __forceinline__ void nonfinite_scan_store(const float* __restrict__ x, u64 n, bool vec, u64& count,
+                                                            u64& first, Store4 store4, Store1 store1) {
     count = 0;
     first = ~0ull;
     auto see = [&](float v, u64 i) {
@@ -152,15 +157,20 @@ static __device__ __forceinline__ void nonfinite_scan(const float* __restrict__ 
         }
     };
     sg_vec4_loop(
-        n, sg_aligned(x, 16),
+        n, vec,
         [&](u64 i) {
             const float4 v = reinterpret_cast<const float4*>(x)[i];
             see(v.x, 4 * i);
             see(v.y, 4 * i + 1);
             see(v.z, 4 * i + 2);
             see(v.w, 4 * i + 3);
+            store4(i, v);
         },
-        [&](u64 i) { see(x[i], i); });
+        [&](u64 i) {
+            const float v = x[i];
+            see(v, i);
+            store1(i, v);
+        });
 #pragma unroll
     for (u32 o = 16; o > 0; o >>= 1) {
         u64 other = __shfl_xor_sync(0xffffffffu, first, o);
@@ -168,6 +178,24 @@ static __device__ __forceinline__ void nonfinite_scan(const float* __restrict__ 
     }
 }
 
+static __device__ __forceinline__ void nonfinite_scan(const float* __restrict__ x, u64 n, u64& count, u64& first) {
+    nonfinite_scan_store(x, n, sg_aligned(x, 16), count, first, [](u64, float4) {}, [](u64, float) {});
+}
+
+// The block's total count and first index into the health block for check `id` (see
+// flag_nonfinite_f32). `red` and `firsts` are the kernel's shared arrays.
+static __device__ __forceinline__ void flag_block(u64 count, u64 first, u64 id, u64* health, u64* red, u64* firsts) {
+    if ((threadIdx.x & 31) == 0) firsts[threadIdx.x >> 5] = first;
+    count = sg_block_sum<u64, SG_THREADS>(count, red);
+    if (threadIdx.x == 0 && count != 0) {
+        for (int w = 0; w < SG_THREADS / 32; ++w)
+            if (firsts[w] < first) first = firsts[w];
+        sg_health_nonfinite(health, id, count, first);
+    }
+}
+
+// status[0] += number of non-finite entries; status[1] = min(status[1], first index).
+// The launcher sets status = {0, UINT64_MAX} first.
 extern "C" __global__ void count_nonfinite_f32(const float* __restrict__ x, u64 n, u64* status) {
     __shared__ u64 red[SG_THREADS / 32];
     u64 count, first;
@@ -186,13 +214,38 @@ extern "C" __global__ void flag_nonfinite_f32(const float* __restrict__ x, u64 n
     __shared__ u64 firsts[SG_THREADS / 32];
     u64 count, first;
     nonfinite_scan(x, n, count, first);
-    if ((threadIdx.x & 31) == 0) firsts[threadIdx.x >> 5] = first;
-    count = sg_block_sum<u64, SG_THREADS>(count, red);
-    if (threadIdx.x == 0 && count != 0) {
-        for (int w = 0; w < SG_THREADS / 32; ++w)
-            if (firsts[w] < first) first = firsts[w];
-        sg_health_nonfinite(health, id, count, first);
-    }
+    flag_block(count, first, id, health, red, firsts);
+}
+
+// cast_f32_to_bf16 and flag_nonfinite_f32 of the same x in one pass: a layer's input or
+// gradient is checked while it is rounded for its GEMMs.
+extern "C" __global__ void cast_f32_to_bf16_checked(const float* __restrict__ src, __nv_bfloat16* __restrict__ dst,
+                                                    u64 n, u64 id, u64* health) {
+    __shared__ u64 red[SG_THREADS / 32];
+    __shared__ u64 firsts[SG_THREADS / 32];
+    u64 count, first;
+    nonfinite_scan_store(
+        src, n, sg_aligned(src, 16) && sg_aligned(dst, 8), count, first,
+        [&](u64 i, float4 v) {
+            __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(dst) + 2 * i;
+            d[0] = __floats2bfloat162_rn(v.x, v.y);
+            d[1] = __floats2bfloat162_rn(v.z, v.w);
+        },
+        [&](u64 i, float v) { dst[i] = __float2bfloat16_rn(v); });
+    flag_block(count, first, id, health, red, firsts);
+}
+
+// A device copy and flag_nonfinite_f32 of the same x in one pass (an f32 layer saving its
+// checked input for backward).
+extern "C" __global__ void copy_f32_checked(const float* __restrict__ src, float* __restrict__ dst, u64 n, u64 id,
+                                            u64* health) {
+    __shared__ u64 red[SG_THREADS / 32];
+    __shared__ u64 firsts[SG_THREADS / 32];
+    u64 count, first;
+    nonfinite_scan_store(
+        src, n, sg_aligned(src, 16) && sg_aligned(dst, 16), count, first,
+        [&](u64 i, float4 v) { reinterpret_cast<float4*>(dst)[i] = v; }, [&](u64 i, float v) { dst[i] = v; });
+    flag_block(count, first, id, health, red, firsts);
 }
 
 extern "C" __global__ void sum_f32_to_f64(const float* __restrict__ x, u64 n, double* out) {

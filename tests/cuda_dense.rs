@@ -1,6 +1,6 @@
 //! Dense ops on CUDA against the CPU backend: GEMM (f32 and bf16 operands; all transpose
 //! combinations, offsets, leading dimensions, batches, alpha/beta, k = 0), casts, bias add
-//! and gradient, the non-finite count and axpy. Outputs are poisoned before each op.
+//! and gradient, the non-finite count and axpy, the checked cast and copy. Outputs are poisoned before each op.
 #![cfg(feature = "cuda")]
 
 mod cuda_common;
@@ -255,6 +255,75 @@ fn check_nonfinite_and_axpy<B: Backend>(dev: &B, big: bool) {
     }
 }
 
+/// The checked cast and copy write what the plain cast and copy write (poisoned tails left
+/// alone) and report a non-finite source as `assert_finite` does: its name, count and first
+/// index, by the next synchronisation (CUDA) or at once with the output untouched (CPU).
+fn check_checked_casts<B: Backend>(dev: &B, big: bool) {
+    let cpu = Cpu::new();
+    let mut r = rng(19);
+    let mut sizes = vec![1, 2, 17, 1000, 1601];
+    if big {
+        sizes.push(BIG);
+    }
+    let bits = |v: &[bf16]| v.iter().map(|h| h.to_bits()).collect::<Vec<u16>>();
+    for &n in &sizes {
+        let mut x = cast_inputs(&mut r, n);
+        let mut want = poisoned(&cpu, n + 3, bf16::from_bits(0xffff));
+        cpu.cast_to_bf16(&up(&cpu, &x), &mut want, n).unwrap();
+        let mut got = poisoned(dev, n + 3, bf16::from_bits(0xffff));
+        dev.cast_to_bf16_checked(&up(dev, &x), &mut got, n, "x").unwrap();
+        let mut copied = poisoned(dev, n + 3, SENTINEL);
+        dev.copy_checked(&up(dev, &x), &mut copied, n, "x").unwrap();
+        dev.synchronize().unwrap();
+        assert_same(
+            &format!("cast_to_bf16_checked n={n}"),
+            &bits(&down(dev, &got, n + 3)),
+            &bits(&down(&cpu, &want, n + 3)),
+        );
+        let mut x_tail = x.clone();
+        x_tail.extend([SENTINEL; 3]);
+        assert_bits(&format!("copy_checked n={n}"), &down(dev, &copied, n + 3), &x_tail);
+
+        // Non-finite entries at ragged spots (the last one out of range when n > 1).
+        let spots = [n / 3, n / 2, n - 1];
+        for (i, &p) in spots.iter().enumerate() {
+            x[p] = [f32::INFINITY, f32::NAN, f32::NEG_INFINITY][i];
+        }
+        let len = if n > 1 { n - 1 } else { n };
+        let (count, first) = cpu.count_nonfinite(&up(&cpu, &x), len).unwrap();
+        for (op, name) in [("cast", "layer input x"), ("copy", "output gradient grad_y")] {
+            let mut half = poisoned(dev, n, bf16::from_bits(0xffff));
+            let mut full = poisoned(dev, n, SENTINEL);
+            let run = match op {
+                "cast" => dev.cast_to_bf16_checked(&up(dev, &x), &mut half, len, name),
+                _ => dev.copy_checked(&up(dev, &x), &mut full, len, name),
+            };
+            let err = run.and_then(|()| dev.synchronize()).unwrap_err();
+            match err {
+                sparsegrad::Error::NonFinite { what, count: c, first_index: f } => {
+                    assert!(what.ends_with(name), "{op} n={n}: {what}");
+                    assert_eq!((c, f), (count, first), "{op} n={n}");
+                }
+                other => panic!("{op} n={n}: {other}"),
+            }
+            if !dev.defers_finite_checks() {
+                assert!(down(dev, &half, n).iter().all(|h| h.to_bits() == 0xffff), "{op} n={n}: written");
+                assert!(down(dev, &full, n).iter().all(|&v| v == SENTINEL), "{op} n={n}: written");
+            }
+            // The error is reported once: the backend works on.
+            dev.synchronize().unwrap();
+        }
+    }
+    // A short buffer is refused naming it.
+    let x = up(dev, &[1.0f32; 8]);
+    let mut short = poisoned(dev, 4, bf16::from_bits(0));
+    let e = dev.cast_to_bf16_checked(&x, &mut short, 8, "x").unwrap_err().to_string();
+    assert!(e.contains("cast_to_bf16_checked") && e.contains("destination"), "{e}");
+    let mut short = poisoned(dev, 4, 0.0f32);
+    let e = dev.copy_checked(&x, &mut short, 8, "x").unwrap_err().to_string();
+    assert!(e.contains("copy_checked") && e.contains("destination"), "{e}");
+}
+
 cuda_test!(fn gemm_matches_cpu(cuda) {
     check_gemm(&cuda);
 });
@@ -269,6 +338,10 @@ cuda_test!(fn casts_match_cpu_bit_for_bit(cuda) {
 
 cuda_test!(fn four_pair_casts_equal_single_casts(cuda) {
     check_casts_x4(&cuda);
+});
+
+cuda_test!(fn checked_casts_and_copies_match_cpu_and_report_non_finite_sources(cuda) {
+    check_checked_casts(&cuda, big_shapes());
 });
 
 cuda_test!(fn bias_add_and_gradient_match_cpu(cuda) {
@@ -286,6 +359,7 @@ fn harness_on_cpu() {
     check_gemm_bf16(&cpu);
     check_casts(&cpu, false);
     check_casts_x4(&cpu);
+    check_checked_casts(&cpu, false);
     check_bias(&cpu);
     check_nonfinite_and_axpy(&cpu, false);
 }

@@ -70,8 +70,9 @@ cuda_test!(
         for method in ["sparsegrad", "lora", "meprop", "full"] {
             for dtype in ["f32", "bf16"] {
                 let args = ["--dims", "tiny", "--method", method, "--dtype", dtype, "--blocks", "0,2", "--batch", "3"];
-                let (j, stdout) = run(emulated, &[&args[..], &["--seq", "16", "--steps", "3"]].concat());
+                let (j, stdout) = run(emulated, &[&args[..], &["--seq", "16", "--steps", "3", "--layer-calls"]].concat());
                 let what = format!("{method} {dtype}");
+                check_layer_calls(&j, &stdout, dtype == "bf16", &what);
                 if emulated {
                     assert!(j["emulator_check"]["events"].as_u64().unwrap() > 0, "{what}: no emulator check");
                     assert!(stdout.contains("emulator check: the emulated driver and cuBLAS counted the same"));
@@ -112,6 +113,28 @@ cuda_test!(
         }
     }
 );
+
+/// `--layer-calls` lists the busiest layer's calls, and they add up to its count; in bf16
+/// every layer input and output gradient is checked in the pass that rounds it, so no
+/// finiteness check runs as a launch of its own.
+fn check_layer_calls(j: &Value, stdout: &str, bf16: bool, what: &str) {
+    let listing: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("calls of layer"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .collect();
+    let total: u64 = listing
+        .iter()
+        .map(|l| l.trim().split(" x ").next().unwrap().trim().parse::<u64>().unwrap_or_else(|_| panic!("{what}: {l}")))
+        .sum();
+    assert_eq!(Some(total), j["run"]["counts"]["max_launches_per_layer"].as_u64(), "{what}: {listing:#?}");
+    if bf16 {
+        assert!(listing.iter().all(|l| !l.contains("flag_nonfinite")), "{what}: {listing:#?}");
+        assert!(listing.iter().any(|l| l.contains("cast_f32_to_bf16_checked")), "{what}: {listing:#?}");
+    }
+    assert!(stdout.contains("device time of the target step by kernel"), "{what}");
+}
 
 cuda_test!(
     fn launches_per_layer_do_not_grow_with_the_batch(cuda) {

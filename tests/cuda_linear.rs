@@ -178,3 +178,66 @@ cuda_test!(fn cuda_frozen_bf16_layer_without_an_f32_copy_computes_the_same(cuda)
     assert_eq!(cuda.memory_stats().current_bytes - before, out * inp * 2);
     drop(frozen);
 });
+
+/// Every method and formulation, f32 and bf16: a NaN in a layer's input is reported as
+/// "layer input x" and one in its output gradient as "output gradient grad_y", with the
+/// count and first index of the bad entries (CUDA checks them in the pass that stages the
+/// tensor and reports them at the next synchronisation; the CPU at once).
+fn check_non_finite_inputs_are_named<B: Backend + Clone>(be: &B) {
+    use sparsegrad::{Error, LinearBuilder, Method, TrainOptions};
+    let (out, inp, tokens) = (23, 19, 7);
+    let mut r = rng(43);
+    let w = rand_vec(&mut r, out * inp);
+    let basis = random_basis(&mut r, "g", out, inp);
+    let keep = Keep::Fraction(0.1);
+    let sparsegrad =
+        |formulation| Method::SparseGrad { keep, selection: Selection::Exact, formulation: Some(formulation) };
+    let methods = [
+        Method::Frozen,
+        Method::Full,
+        Method::MeProp { keep },
+        Method::Lora { rank: 2, alpha: 4.0 },
+        sparsegrad(Formulation::Merged),
+        sparsegrad(Formulation::Transformed),
+    ];
+    let named = |res: sparsegrad::Result<()>, what: &str, first: usize, label: &str| match res {
+        Err(Error::NonFinite { what: w, count, first_index }) => {
+            assert!(w.ends_with(what), "{label}: {w}");
+            assert_eq!((count, first_index), (2, first), "{label}");
+        }
+        other => panic!("{label}: expected a non-finite {what}, got {other:?}"),
+    };
+    for precision in [Precision::Full, Precision::Bf16] {
+        for method in methods {
+            let label = format!("{method:?} {precision:?}");
+            let opts = TrainOptions { precision, ..Default::default() };
+            let mut layer =
+                LinearBuilder::new(&w, out, inp).method(method).basis(&basis).options(opts).build(be).unwrap();
+            let (mut y, mut dx) = (be.alloc::<f32>(tokens * out).unwrap(), be.alloc::<f32>(tokens * inp).unwrap());
+            let mut x = rand_vec(&mut r, tokens * inp);
+            let g = be.upload(&rand_vec(&mut r, tokens * out)).unwrap();
+            layer.forward(&be.upload(&x).unwrap(), tokens, &mut y).unwrap();
+            layer.backward(&g, tokens, Some(&mut dx)).unwrap();
+            be.synchronize().unwrap();
+            (x[5], x[11]) = (f32::NAN, f32::INFINITY);
+            let res = layer.forward(&be.upload(&x).unwrap(), tokens, &mut y).and_then(|()| be.synchronize());
+            named(res, "layer input x", 5, &label);
+            let mut bad = rand_vec(&mut r, tokens * out);
+            (bad[3], bad[40]) = (f32::NEG_INFINITY, f32::NAN);
+            x[5] = 0.5;
+            x[11] = 0.25;
+            layer.forward(&be.upload(&x).unwrap(), tokens, &mut y).unwrap();
+            let res = layer.backward(&be.upload(&bad).unwrap(), tokens, Some(&mut dx)).and_then(|()| be.synchronize());
+            named(res, "output gradient grad_y", 3, &label);
+        }
+    }
+}
+
+cuda_test!(fn non_finite_inputs_and_gradients_are_named_for_every_method(cuda) {
+    check_non_finite_inputs_are_named(&cuda);
+});
+
+#[test]
+fn non_finite_inputs_and_gradients_are_named_on_the_cpu() {
+    check_non_finite_inputs_are_named(&Cpu::new());
+}

@@ -42,6 +42,8 @@ usage: cargo run --release --example gpu_shape -- [flags]
   --steps N            the first step, at the longest length, is a warm-up (it allocates);
                        then N - 1 measured steps at each length (default 2)
   --json PATH          also write every figure as JSON (a regular file; replaced)
+  --layer-calls        also list the busiest layer's launches and cuBLAS calls by phase and
+                       name, in step order (where a per-layer count comes from)
   --seed N             weights and tokens (default 0)
 
 With SG_EMU_PROFILE set (the emulated device writes its own counts there), the command
@@ -65,6 +67,7 @@ pub struct Args {
     pub steps: usize,
     pub json: Option<PathBuf>,
     pub seed: u64,
+    pub layer_calls: bool,
 }
 
 fn number<T: std::str::FromStr>(flag: &'static str, v: &str) -> Result<T> {
@@ -135,11 +138,16 @@ pub fn parse(argv: &[String]) -> Result<Option<Args>> {
         steps: 2,
         json: None,
         seed: 0,
+        layer_calls: false,
     };
     let mut it = argv.iter();
     while let Some(flag) = it.next() {
         if flag == "--tf32" {
             a.tf32 = true;
+            continue;
+        }
+        if flag == "--layer-calls" {
+            a.layer_calls = true;
             continue;
         }
         let name: &'static str = match flag.as_str() {

@@ -10,7 +10,7 @@ use sparsegrad::model::config::LlamaConfig;
 use sparsegrad::perf::llama::LayerKind;
 use sparsegrad::perf::roofline::{LaunchMode, DEVICES};
 use sparsegrad::perf::shape::{measured_by_category, CompulsoryBytes, LayerWeights, ScalingReport, StepCounts};
-use sparsegrad::perf::{Category, ElemType, Event, GemmCompute};
+use sparsegrad::perf::{Category, ElemType, Event, EventKind, GemmCompute};
 use sparsegrad::{Error, Formulation, MemoryStats, MergedUpdate, Method, Precision, Result};
 
 pub struct Context<'a> {
@@ -73,6 +73,55 @@ fn count_rows(c: &StepCounts) -> Vec<(&'static str, f64)> {
         ("device allocations", c.allocations),
         ("device frees", c.frees),
     ]
+}
+
+/// The busiest layer's launches and cuBLAS calls, consecutive repeats of one name folded
+/// into a count, in the order the step made them.
+fn print_layer_calls(events: &[Event], counts: &StepCounts) {
+    let Some((&layer, _)) = counts.launches_per_layer.iter().max_by_key(|(l, n)| (**n, std::cmp::Reverse(**l))) else {
+        return;
+    };
+    let mut rows: Vec<(String, u64)> = Vec::new();
+    for e in events.iter().filter(|e| e.is_launch() && e.tag.layer == Some(layer)) {
+        let name = match &e.kind {
+            EventKind::Launch { cost, .. } => cost.kernel.to_string(),
+            EventKind::Gemm { routine, m, n, k, batch, operands, .. } => {
+                format!("cuBLAS {routine:?} {m}x{n}x{k} batch {batch} {operands:?}")
+            }
+            _ => continue,
+        };
+        let label = format!("{:?}{} {name}", e.tag.phase, if e.tag.attention { " attention" } else { "" });
+        match rows.last_mut() {
+            Some((last, n)) if *last == label => *n += 1,
+            _ => rows.push((label, 1)),
+        }
+    }
+    println!("calls of layer {layer} (the busiest), in step order:");
+    for (label, n) in rows {
+        println!("  {n:>3} x {label}");
+    }
+}
+
+/// The target step's predicted H100 device time by kernel (cuBLAS calls by operand type),
+/// the largest first: where the roofline model puts a category's time.
+fn print_kernel_times<'a>(events: impl IntoIterator<Item = (&'a Event, f64)>) {
+    let mut by: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for (e, w) in events {
+        let name = match &e.kind {
+            EventKind::Launch { cost, .. } => cost.kernel.to_string(),
+            EventKind::Gemm { operands, .. } => format!("cuBLAS {operands:?}"),
+            _ => continue,
+        };
+        let t = by.entry(name).or_default();
+        t.0 += w * DEVICES[0].device_seconds(e);
+        t.1 += w;
+    }
+    let mut rows: Vec<_> = by.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    println!("predicted {} device time of the target step by kernel (largest first):", DEVICES[0].name);
+    for (name, (s, n)) in rows.iter().take(20) {
+        println!("  {:>9.3} ms {:>8} calls  {name}", s * 1e3, fmt_count(*n));
+    }
 }
 
 fn fmt_count(v: f64) -> String {
@@ -196,6 +245,10 @@ pub fn print_and_save(
         run_counts.max_launches_per_layer(),
         "(same per layer)"
     );
+    if a.layer_calls {
+        print_layer_calls(&last.events, &run_counts);
+        print_kernel_times(ctx.layer_weights.weighted(target));
+    }
     println!(
         "{:<46} {:>16} {:>18}",
         "peak device bytes (backend)",

@@ -46,6 +46,18 @@ impl<B: Backend, F: Real> Operand<B, F> {
         }
     }
 
+    /// [`Self::store`] of a layer's input or gradient with its finiteness check (see
+    /// [`stage_checked`]).
+    pub(crate) fn store_checked(&mut self, backend: &B, src: &B::Buf<F>, len: usize, what: &str) -> Result<()> {
+        if !backend.defers_finite_checks() {
+            return self.store(backend, src, len);
+        }
+        match self {
+            Operand::Full(dst) => backend.copy_checked(src, dst, len, what),
+            Operand::Half(dst) => backend.cast_to_bf16_checked(src, dst, len, what),
+        }
+    }
+
     pub(crate) fn as_ref(&self) -> OperandRef<'_, B, F> {
         match self {
             Operand::Full(b) => OperandRef::Full(b),
@@ -119,6 +131,32 @@ pub(crate) fn to_f<F: Real>(v: &[f32]) -> Vec<F> {
 /// CPU, at the next synchronisation on CUDA (see [`crate::backend::DenseOps::assert_finite`]).
 pub(crate) fn check_finite<B: Backend, F: Real>(backend: &B, buf: &B::Buf<F>, len: usize, what: &str) -> Result<()> {
     backend.assert_finite(buf, len, what)
+}
+
+/// [`stage`] of a layer's input `x` or output gradient `g` with its finiteness check. On a
+/// backend that defers its checks (CUDA) the check runs here, in the pass that rounds `src`
+/// (or alone when nothing is rounded); elsewhere the layer's `check_forward` /
+/// `check_backward` ran it before the layer changed anything.
+pub(crate) fn stage_checked<'a, B: Backend, F: Real>(
+    be: &B,
+    src: &'a B::Buf<F>,
+    half: Option<&'a mut B::Buf<bf16>>,
+    len: usize,
+    what: &str,
+) -> Result<OperandRef<'a, B, F>> {
+    if !be.defers_finite_checks() {
+        return stage(be, src, half, len);
+    }
+    match half {
+        None => {
+            check_finite(be, src, len, what)?;
+            Ok(OperandRef::Full(src))
+        }
+        Some(h) => {
+            be.cast_to_bf16_checked(src, h, len, what)?;
+            Ok(OperandRef::Half(h))
+        }
+    }
 }
 
 /// `src` itself in full precision, else its bf16 rounding in `half`.

@@ -6,12 +6,12 @@
 //!   top-k entries of `dW` by magnitude in the original space, applied with SparseAdam
 //!   (or SGD); the bias trains densely as in SparseGrad.
 
-use crate::backend::operand::{mm, stage, Operand, OperandRef};
+use crate::backend::operand::{mm, stage_checked, Operand, OperandRef};
 use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep, LayerWeights};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep, LayerWeights, GRAD_Y, INPUT_X};
 use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -240,14 +240,14 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             (None, None) => return Err(Error::invalid("DenseLinear::forward", "the layer holds no weight")),
         };
         let x_op = if self.grad_w.is_some() {
-            self.saved.store(be, x, tokens * inp)?;
+            self.saved.store_checked(be, x, tokens * inp, INPUT_X)?;
             self.saved.as_ref()
         } else {
             let x_half = match staging {
                 Some(st) => half.then_some(&mut st.x),
                 None => self.x_half.as_mut(),
             };
-            stage(be, x, x_half, tokens * inp)?
+            stage_checked(be, x, x_half, tokens * inp, INPUT_X)?
         };
         mm(be, &Gemm::nt(tokens, out, inp), x_op, w_op, y)?;
         if let Some(b) = &self.bias {
@@ -289,7 +289,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             Some(st) => half.then_some(&mut st.g),
             None => self.g_half.as_mut(),
         };
-        let g_op = stage(be, g, g_half, tokens * out)?;
+        let g_op = stage_checked(be, g, g_half, tokens * out, GRAD_Y)?;
         if let Some(dx) = dx {
             let w_op = match (&self.w_half, &self.w) {
                 (Some(h), _) => OperandRef::Half(h),

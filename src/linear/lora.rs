@@ -4,12 +4,12 @@
 //! model's output exactly). Backward: `v = g B`, `dx = g W + s v A`, `dB = s g^T u`,
 //! `dA = s v^T x` with `u = x A^T` saved from the forward.
 
-use crate::backend::operand::{mm, stage, Operand, OperandRef};
+use crate::backend::operand::{mm, stage, stage_checked, Operand, OperandRef};
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::error::{ensure_finite, Error, Result};
 use crate::linear::state::{mismatch, DenseParam, LayerState};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias, LayerWeights};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, LayerWeights, GRAD_Y, INPUT_X};
 use crate::optim::{dense_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -230,7 +230,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         self.ensure_tokens(tokens)?;
         let be = &self.backend;
         let ws = &mut self.ws;
-        ws.saved_x.store(be, x, tokens * inp)?;
+        ws.saved_x.store_checked(be, x, tokens * inp, INPUT_X)?;
         let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
         mm(be, &Gemm::nt(tokens, out, inp), ws.saved_x.as_ref(), w_op, y)?;
         if let Some(b) = &self.bias {
@@ -249,7 +249,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         self.grad_ready = false;
         let be = &self.backend;
         let ws = &mut self.ws;
-        let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
+        let g_op = stage_checked(be, g, ws.g_half.as_mut(), tokens * out, GRAD_Y)?;
         mm(be, &Gemm::nn(tokens, r, out), g_op, self.b.op(), &mut ws.v)?;
         let v_op = stage(be, &ws.v, ws.v_half.as_mut(), tokens * r)?;
         if let Some(dx) = dx {

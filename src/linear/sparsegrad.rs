@@ -44,12 +44,12 @@ mod state;
 mod step;
 mod workspace;
 
-use crate::backend::operand::{mm, stage, to_f, OperandRef};
+use crate::backend::operand::{mm, stage, stage_checked, to_f, OperandRef};
 use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep, INPUT_X};
 use crate::optim::{Moments, Optimizer};
 use crate::scalar::Real;
 use device_basis::{BasisLayout, DeviceBasis};
@@ -457,7 +457,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         match &self.weight {
             Weight::Transformed { wt, half } => {
                 // xt = x Q (saved), h = xt Wt^T, y = h P^T
-                let x_op = stage(be, x, ws.in_half.as_mut(), tokens * inp)?;
+                let x_op = stage_checked(be, x, ws.in_half.as_mut(), tokens * inp, INPUT_X)?;
                 mm(be, &Gemm::nn(tokens, inp, inp), x_op, self.basis_dev.q.as_ref(), &mut ws.tmp_in)?;
                 ws.saved.store(be, &ws.tmp_in, tokens * inp)?;
                 mm(be, &Gemm::nt(tokens, out, inp), ws.saved.as_ref(), weight_ref(wt, half), &mut ws.tmp_out)?;
@@ -465,7 +465,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 mm(be, &Gemm::nt(tokens, out, out), h_op, self.basis_dev.p.as_ref(), y)?;
             }
             Weight::Merged { w, half } => {
-                ws.saved.store(be, x, tokens * inp)?;
+                ws.saved.store_checked(be, x, tokens * inp, INPUT_X)?;
                 mm(be, &Gemm::nt(tokens, out, inp), ws.saved.as_ref(), weight_ref(w, half), y)?;
             }
         }

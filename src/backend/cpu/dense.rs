@@ -210,6 +210,25 @@ impl DenseOps for Cpu {
         Ok(())
     }
 
+    fn cast_to_bf16_checked<F: Real>(
+        &self,
+        src: &CpuBuf<F>,
+        dst: &mut CpuBuf<bf16>,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        check_cast(self, "cast_to_bf16_checked", src, dst, len)?;
+        self.assert_finite(src, len, what)?;
+        self.cast_to_bf16(src, dst, len)
+    }
+
+    fn copy_checked<F: Real>(&self, src: &CpuBuf<F>, dst: &mut CpuBuf<F>, len: usize, what: &str) -> Result<()> {
+        check_cast(self, "copy_checked", src, dst, len)?;
+        self.assert_finite(src, len, what)?;
+        dst[..len].copy_from_slice(&src[..len]);
+        Ok(())
+    }
+
     fn sum_to_host<F: Real>(&self, x: &CpuBuf<F>, len: usize) -> Result<f64> {
         check_reduce(self, "sum_to_host", x, len)?;
         Ok(x[..len].iter().map(|v| v.to_f64()).sum())

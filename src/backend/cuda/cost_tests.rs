@@ -17,6 +17,10 @@ fn elementwise_costs_by_hand() {
     assert_eq!(cost(&dense::ADD_BIAS, &[3, 5]), (140.0, 15.0));
     // A cast of 7 elements: 28 bytes of f32 and 14 of bf16.
     assert_eq!(cost(&dense::CAST_TO_BF16, &[7]), (42.0, 7.0));
+    // The checked cast and copy add the health block's three words (24 bytes); the copy
+    // writes f32 (56 bytes for 7 elements).
+    assert_eq!(cost(&dense::CAST_TO_BF16_CHECKED, &[7]), (66.0, 7.0));
+    assert_eq!(cost(&dense::COPY_CHECKED, &[7]), (80.0, 7.0));
     // C = beta C over 6 elements: written only (beta = 0: 24), read too otherwise (48).
     assert_eq!(cost(&dense::SCALE_ROWS, &[6, 0]).0, 24.0);
     assert_eq!(cost(&dense::SCALE_ROWS, &[6, 1]).0, 48.0);

@@ -54,6 +54,14 @@ kernel!(
     FLAG_NONFINITE = "dense" / "flag_nonfinite_f32", Elementwise, |a| (4 * a[0] + 24, a[0])
 );
 kernel!(
+    /// [n]: reads n f32, writes n bf16, the health block's three words updated.
+    CAST_TO_BF16_CHECKED = "dense" / "cast_f32_to_bf16_checked", Elementwise, |a| (6 * a[0] + 24, a[0])
+);
+kernel!(
+    /// [n]: reads and writes n f32, the health block's three words updated.
+    COPY_CHECKED = "dense" / "copy_f32_checked", Elementwise, |a| (8 * a[0] + 24, a[0])
+);
+kernel!(
     /// [n]: x read by one thread, one f64 written.
     SUM_TO_F64 = "dense" / "sum_f32_to_f64", Elementwise, |a| (4 * a[0] + 8, a[0])
 );
@@ -257,6 +265,40 @@ impl DenseOps for Cuda {
         // SAFETY: flag_nonfinite_f32(const float* x, u64 n, u64 id, u64* health): x holds n
         // elements, the health block HEALTH_WORDS (>= 4) words.
         unsafe { self.launch(&FLAG_NONFINITE, self.grid_1d(len, PER_SM), &mut kargs![xp, n, id, health], &[n]) }
+    }
+
+    fn cast_to_bf16_checked<F: Real>(
+        &self,
+        src: &CudaBuf<F>,
+        dst: &mut CudaBuf<bf16>,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        require_f32::<F>("cast_to_bf16_checked")?;
+        check_cast(self, "cast_to_bf16_checked", src, dst, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (s, d, n, id, health) = (src.ptr(), dst.ptr_mut(), len as u64, self.check_id(what), self.errors.ptr());
+        // SAFETY: cast_f32_to_bf16_checked(const float* src, bf16* dst, u64 n, u64 id, u64*
+        // health): src and dst hold >= n elements, the health block HEALTH_WORDS (>= 4) words.
+        unsafe { self.launch(&CAST_TO_BF16_CHECKED, self.grid_1d(len, PER_SM), &mut kargs![s, d, n, id, health], &[n]) }
+    }
+
+    fn copy_checked<F: Real>(&self, src: &CudaBuf<F>, dst: &mut CudaBuf<F>, len: usize, what: &str) -> Result<()> {
+        require_f32::<F>("copy_checked")?;
+        check_cast(self, "copy_checked", src, dst, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (s, d, n, id, health) = (src.ptr(), dst.ptr_mut(), len as u64, self.check_id(what), self.errors.ptr());
+        // SAFETY: copy_f32_checked(const float* src, float* dst, u64 n, u64 id, u64* health):
+        // src and dst hold >= n elements, the health block HEALTH_WORDS (>= 4) words.
+        unsafe { self.launch(&COPY_CHECKED, self.grid_1d(len, PER_SM), &mut kargs![s, d, n, id, health], &[n]) }
+    }
+
+    fn defers_finite_checks(&self) -> bool {
+        true
     }
 
     fn sum_to_host<F: Real>(&self, x: &CudaBuf<F>, len: usize) -> Result<f64> {

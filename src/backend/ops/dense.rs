@@ -72,6 +72,26 @@ pub trait DenseOps: Buffers {
     /// `synchronize`, `download` or [`DenseOps::sum_to_host`] (so a training step reads it
     /// with its loss, in its one synchronisation).
     fn assert_finite<F: Real>(&self, x: &Self::Buf<F>, len: usize, what: &str) -> Result<()>;
+    /// [`Self::cast_to_bf16`] and [`Self::assert_finite`] of `src` in one pass (one launch on
+    /// a GPU). The CPU checks first and leaves `dst` untouched when `src` is not finite.
+    fn cast_to_bf16_checked<F: Real>(
+        &self,
+        src: &Self::Buf<F>,
+        dst: &mut Self::Buf<bf16>,
+        len: usize,
+        what: &str,
+    ) -> Result<()>;
+    /// `dst[..len] = src[..len]` and [`Self::assert_finite`] of `src` in one pass, as
+    /// [`Self::cast_to_bf16_checked`].
+    fn copy_checked<F: Real>(&self, src: &Self::Buf<F>, dst: &mut Self::Buf<F>, len: usize, what: &str) -> Result<()>;
+    /// Whether [`Self::assert_finite`] only queues its check (CUDA: the error comes at the
+    /// next synchronisation). A layer then folds the check of its input into the pass that
+    /// stages it ([`Self::cast_to_bf16_checked`], [`Self::copy_checked`]): the error
+    /// arrives at the same point and the input is read once. The CPU checks at once, before
+    /// the layer changes anything.
+    fn defers_finite_checks(&self) -> bool {
+        false
+    }
     /// `x[0] + x[1] + ... + x[len - 1]` in f64, summed in order (as `iter().sum()` on the
     /// host), brought to the host; on CUDA one blocking read that also reports any deferred
     /// device error (see [`DenseOps::assert_finite`]).

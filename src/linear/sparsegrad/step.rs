@@ -2,9 +2,10 @@
 
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
-use crate::backend::operand::{mm, stage, OperandRef};
+use crate::backend::operand::{mm, stage, stage_checked, OperandRef};
 use crate::backend::{Backend, Coo, Gemm, IndexMaps};
 use crate::error::{Error, Result};
+use crate::linear::GRAD_Y;
 use crate::optim::{dense_step, sparse_step};
 use crate::scalar::Real;
 
@@ -22,7 +23,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let Weight::Transformed { wt, half } = &self.weight else {
             return Err(Error::invalid("backward", "layer is not in the transformed formulation"));
         };
-        let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
+        let g_op = stage_checked(be, g, ws.g_half.as_mut(), tokens * out, GRAD_Y)?;
         mm(be, &Gemm::nn(tokens, out, out), g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
         // From here `tmp_out` holds gt in `F` (and `out_half` its bf16 copy in bf16 mode).
         {
@@ -104,7 +105,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let Weight::Merged { w, half } = &self.weight else {
             return Err(Error::invalid("backward", "layer is not in the merged formulation"));
         };
-        let g_op = stage(be, g, ws.g_half.as_mut(), tokens * out)?;
+        let g_op = stage_checked(be, g, ws.g_half.as_mut(), tokens * out, GRAD_Y)?;
         if let Some(dx) = dx {
             mm(be, &Gemm::nn(tokens, inp, out), g_op, weight_ref(w, half), dx)?;
         }
