@@ -1,4 +1,4 @@
-//! Dense ops on CUDA against the CPU backend: GEMM (f32 and bf16 operands; all transpose
+//! Dense ops on CUDA against the CPU backend: GEMM (f32 and bf16 operands, f32 and bf16 output; all transpose
 //! combinations, offsets, leading dimensions, batches, alpha/beta, k = 0), casts, bias add
 //! and gradient, the non-finite count and axpy, the checked cast and copy. Outputs are poisoned before each op.
 #![cfg(feature = "cuda")]
@@ -99,6 +99,35 @@ fn check_gemm_bf16<B: Backend>(dev: &B) {
         let mut got = up(dev, &c);
         dev.gemm_bf16(&spec, &up(dev, &a), &up(dev, &b), &mut got).unwrap();
         assert_close(&format!("gemm_bf16 {spec:?}"), &down(dev, &got, c.len()), &want, gemm_tolerance(&spec), 1e-5);
+    }
+}
+
+/// bf16 operands into a bf16 C: the f32 product rounded once, so each element is within
+/// the f32 GEMM's tolerance plus one bf16 ulp (2^-7 relative) of the CPU's; elements
+/// the product does not write keep their bits; k = 0 is refused on both.
+fn check_gemm_bf16_out<B: Backend>(dev: &B) {
+    let cpu = Cpu::new();
+    let mut r = rng(14);
+    let half = |v: &[f32]| v.iter().map(|&x| bf16::from_f32(x)).collect::<Vec<bf16>>();
+    let wide = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+    for spec in gemm_specs() {
+        let (a, b, c) = inputs(&mut r, &spec);
+        let (a, b, c) = (half(&a), half(&b), half(&c));
+        let mut want = up(&cpu, &c);
+        let cpu_run = cpu.gemm_bf16_out(&spec, &up(&cpu, &a), &up(&cpu, &b), &mut want);
+        let mut got = up(dev, &c);
+        let dev_run = dev.gemm_bf16_out(&spec, &up(dev, &a), &up(dev, &b), &mut got);
+        if spec.k == 0 {
+            let e = dev_run.unwrap_err().to_string();
+            assert!(cpu_run.is_err() && e.contains("gemm_bf16_out") && e.contains("k = 0"), "{e}");
+            continue;
+        }
+        cpu_run.unwrap();
+        dev_run.unwrap();
+        let (g, w) = (wide(&down(dev, &got, c.len())), wide(&down(&cpu, &want, c.len())));
+        assert_close(&format!("gemm_bf16_out {spec:?}"), &g, &w, gemm_tolerance(&spec), 2f32.powi(-7));
+        let (_, _, lc) = spec.required_lens();
+        assert_eq!(&g[lc..], &wide(&c)[lc..], "gemm_bf16_out {spec:?}: past C's last element");
     }
 }
 
@@ -332,6 +361,10 @@ cuda_test!(fn gemm_bf16_matches_cpu_on_the_same_rounded_inputs(cuda) {
     check_gemm_bf16(&cuda);
 });
 
+cuda_test!(fn gemm_bf16_out_matches_cpu_within_one_rounding(cuda) {
+    check_gemm_bf16_out(&cuda);
+});
+
 cuda_test!(fn casts_match_cpu_bit_for_bit(cuda) {
     check_casts(&cuda, big_shapes());
 });
@@ -357,6 +390,7 @@ fn harness_on_cpu() {
     let cpu = Cpu::new();
     check_gemm(&cpu);
     check_gemm_bf16(&cpu);
+    check_gemm_bf16_out(&cpu);
     check_casts(&cpu, false);
     check_casts_x4(&cpu);
     check_checked_casts(&cpu, false);

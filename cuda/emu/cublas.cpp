@@ -1,6 +1,8 @@
 // cublas.cpp: a libcublas.so for the emulator: handle create/destroy/stream, and the GEMMs
 // sparsegrad calls (cublasGemmEx, cublasGemmStridedBatchedEx with f32 or bf16 A/B, f32 C
-// and CUBLAS_COMPUTE_32F, or f32 A/B with CUBLAS_COMPUTE_32F_FAST_TF32; cublasSgemm_v2 and
+// and CUBLAS_COMPUTE_32F, bf16 A/B with bf16 C and CUBLAS_COMPUTE_32F (the f32 result of
+// alpha op(A) op(B) + beta C, C widened exactly, rounded to bf16 to nearest even once, as
+// cuBLAS's epilogue does), or f32 A/B with CUBLAS_COMPUTE_32F_FAST_TF32; cublasSgemm_v2 and
 // cublasSgemmStridedBatched), column-major like cuBLAS, computed by OpenBLAS's cblas_sgemm
 // (bf16 operands widened to f32 exactly first; under FAST_TF32, A and B rounded to TF32 first:
 // 10 explicit mantissa bits, round to nearest even, as the tensor cores take them, then the
@@ -144,14 +146,24 @@ struct GemmCall {
     int b_type, ldb;
     long long sb;
     void* c;
-    int ldc;
+    int c_type, ldc;
     long long sc;
     int batch;
     bool tf32;  // CUBLAS_COMPUTE_32F_FAST_TF32: A and B rounded to TF32
 };
 
+// `x` rounded to bf16 to nearest even (NaN kept quiet), as its 16 stored bits.
+uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
 // Runs a validated call: every operand range-checked against the live allocations, then the
-// products (or the stand-in pattern when arithmetic is off).
+// products (or the stand-in pattern when arithmetic is off). A bf16 C is computed in an f32
+// copy (read from C only when beta != 0) and rounded back once.
 int compute(const GemmCall& g) {
     if (g.m == 0 || g.n == 0 || g.batch == 0) return OK;
     const int a_rows = g.ta ? g.k : g.m, a_cols = g.ta ? g.m : g.k;
@@ -159,28 +171,49 @@ int compute(const GemmCall& g) {
     const size_t es = elem_size(g.a_type);
     sgemu_lock();
     int status = OK;
-    std::vector<float> ta_tmp, tb_tmp;
+    std::vector<float> ta_tmp, tb_tmp, c_tmp;
+    const size_t ces = elem_size(g.c_type);
     for (int i = 0; i < g.batch && status == OK; ++i) {
         const char* ai = static_cast<const char*>(g.a) + (ptrdiff_t)(g.sa * i) * (ptrdiff_t)es;
         const char* bi = static_cast<const char*>(g.b) + (ptrdiff_t)(g.sb * i) * (ptrdiff_t)es;
-        float* ci = static_cast<float*>(g.c) + (ptrdiff_t)(g.sc * i);
+        char* c_dev = static_cast<char*>(g.c) + (ptrdiff_t)(g.sc * i) * (ptrdiff_t)ces;
         if ((g.k > 0 && (sgemu_check_range(g.op, (uintptr_t)ai, span(a_rows, a_cols, g.lda, es)) ||
                          sgemu_check_range(g.op, (uintptr_t)bi, span(b_rows, b_cols, g.ldb, es)))) ||
-            sgemu_check_range(g.op, (uintptr_t)ci, span(g.m, g.n, g.ldc, 4))) {
+            sgemu_check_range(g.op, (uintptr_t)c_dev, span(g.m, g.n, g.ldc, ces))) {
             status = fail(INVALID_VALUE, std::string(g.op) + ": an operand of batch entry " + std::to_string(i) +
                                              " reaches outside its device allocation");
             break;
         }
+        float* ci = reinterpret_cast<float*>(c_dev);
+        const bool c_half = g.c_type == R_16BF;
+        if (c_half) {  // an f32 working copy of C (its old values only when they are read)
+            c_tmp.assign(span(g.m, g.n, g.ldc, 1), 0.0f);
+            if (g.beta != 0.0f) {
+                std::vector<float> widened;
+                const float* w = as_f32(c_dev, R_16BF, g.m, g.n, g.ldc, false, widened);
+                std::copy(w, w + c_tmp.size(), c_tmp.begin());
+            }
+            ci = c_tmp.data();
+        }
+        // Rounds the working copy back into a bf16 C (only its m x n elements).
+        auto store = [&] {
+            if (!c_half) return;
+            uint16_t* h = reinterpret_cast<uint16_t*>(c_dev);
+            for (int col = 0; col < g.n; ++col)
+                for (int r = 0; r < g.m; ++r) h[(size_t)col * g.ldc + r] = to_bf16(ci[(size_t)col * g.ldc + r]);
+        };
         if (g.k == 0) {  // C = beta C (cuBLAS does not read C when beta == 0)
             for (int col = 0; col < g.n; ++col)
                 for (int r = 0; r < g.m; ++r) {
                     float& x = ci[(size_t)col * g.ldc + r];
                     x = g.beta == 0.0f ? 0.0f : g.beta * x;
                 }
+            store();
             continue;
         }
         if (!arithmetic()) {
             pattern(ci, g.m, g.n, g.ldc, g.beta);
+            store();
             continue;
         }
         const float* af = as_f32(ai, g.a_type, a_rows, a_cols, g.lda, g.tf32, ta_tmp);
@@ -190,6 +223,7 @@ int compute(const GemmCall& g) {
         }
         cblas_sgemm(CblasColMajor, g.ta ? CblasTrans : CblasNoTrans, g.tb ? CblasTrans : CblasNoTrans, g.m, g.n, g.k,
                     g.alpha, af, g.lda, bf, g.ldb, g.beta, ci, g.ldc);
+        store();
     }
     sgemu_unlock();
     return status;
@@ -205,11 +239,13 @@ int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, cons
     if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1))
         return fail(NOT_SUPPORTED, std::string(op) + ": only CUBLAS_OP_N / CUBLAS_OP_T are emulated");
     const bool tf32 = compute_type == COMPUTE_32F_FAST_TF32;
-    if (a_type != b_type || (a_type != R_32F && a_type != R_16BF) || c_type != R_32F ||
+    const bool c_ok = c_type == R_32F || (c_type == R_16BF && a_type == R_16BF && compute_type == COMPUTE_32F);
+    if (a_type != b_type || (a_type != R_32F && a_type != R_16BF) || !c_ok ||
         (compute_type != COMPUTE_32F && !(tf32 && a_type == R_32F)))
         return fail(NOT_SUPPORTED, std::string(op) +
-                                       ": only f32 or bf16 A/B with f32 C and CUBLAS_COMPUTE_32F, or f32 A/B with "
-                                       "CUBLAS_COMPUTE_32F_FAST_TF32, are emulated");
+                                       ": only f32 or bf16 A/B with f32 C and CUBLAS_COMPUTE_32F, bf16 A/B with bf16 C "
+                                       "and CUBLAS_COMPUTE_32F, or f32 A/B with CUBLAS_COMPUTE_32F_FAST_TF32, are "
+                                       "emulated");
     const int a_rows = ta ? k : m;
     const int b_rows = tb ? n : k;
     if (m < 0 || n < 0 || k < 0 || batch < 0 || lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
@@ -221,7 +257,7 @@ int gemm(const char* op, void* handle, int ta, int tb, int m, int n, int k, cons
     }
     Handle* h = static_cast<Handle*>(handle);
     const GemmCall call{op, ta, tb, m, n, k, *static_cast<const float*>(alpha), *static_cast<const float*>(beta),
-                        a, a_type, lda, sa, b, b_type, ldb, sb, c, ldc, sc, batch, tf32};
+                        a, a_type, lda, sa, b, b_type, ldb, sb, c, c_type, ldc, sc, batch, tf32};
     if (sgemu_stream_capturing(h->stream)) {
         // Captured: counted as such, run by the graph launch (alpha and beta copied now, as
         // cuBLAS reads host scalars when the call is made).

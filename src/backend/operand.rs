@@ -58,6 +58,22 @@ impl<B: Backend, F: Real> Operand<B, F> {
         }
     }
 
+    /// `self = op(a) op(b)`: a product kept as an operand (rounded once, in the GEMM, when
+    /// this operand is bf16).
+    pub(crate) fn store_product(
+        &mut self,
+        backend: &B,
+        spec: &Gemm,
+        a: OperandRef<'_, B, F>,
+        b: OperandRef<'_, B, F>,
+    ) -> Result<()> {
+        match (self, a, b) {
+            (Operand::Full(c), a, b) => mm(backend, spec, a, b, c),
+            (Operand::Half(c), OperandRef::Half(a), OperandRef::Half(b)) => backend.gemm_bf16_out(spec, a, b, c),
+            _ => Err(Error::invalid("gemm", "a bf16 product needs bf16 operands")),
+        }
+    }
+
     pub(crate) fn as_ref(&self) -> OperandRef<'_, B, F> {
         match self {
             Operand::Full(b) => OperandRef::Full(b),
@@ -155,6 +171,30 @@ pub(crate) fn stage_checked<'a, B: Backend, F: Real>(
         Some(h) => {
             be.cast_to_bf16_checked(src, h, len, what)?;
             Ok(OperandRef::Half(h))
+        }
+    }
+}
+
+/// `op(a) op(b)` for a product whose only use is as an operand of the next one: with bf16
+/// operands and `half` given, written straight into `half` (rounded once in the GEMM, no
+/// f32 pass); otherwise into `full`, then staged into `half` if given. `spec` writes a
+/// dense `(m, n)` C.
+pub(crate) fn mm_operand<'a, B: Backend, F: Real>(
+    be: &B,
+    spec: &Gemm,
+    a: OperandRef<'_, B, F>,
+    b: OperandRef<'_, B, F>,
+    full: &'a mut B::Buf<F>,
+    half: Option<&'a mut B::Buf<bf16>>,
+) -> Result<OperandRef<'a, B, F>> {
+    match (a, b, half) {
+        (OperandRef::Half(a), OperandRef::Half(b), Some(h)) => {
+            be.gemm_bf16_out(spec, a, b, h)?;
+            Ok(OperandRef::Half(h))
+        }
+        (a, b, half) => {
+            mm(be, spec, a, b, full)?;
+            stage(be, full, half, spec.m * spec.n)
         }
     }
 }

@@ -44,7 +44,7 @@ mod state;
 mod step;
 mod workspace;
 
-use crate::backend::operand::{mm, stage, stage_checked, to_f, OperandRef};
+use crate::backend::operand::{mm, mm_operand, stage_checked, to_f, OperandRef};
 use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo};
 use crate::basis::Basis;
@@ -458,10 +458,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             Weight::Transformed { wt, half } => {
                 // xt = x Q (saved), h = xt Wt^T, y = h P^T
                 let x_op = stage_checked(be, x, ws.in_half.as_mut(), tokens * inp, INPUT_X)?;
-                mm(be, &Gemm::nn(tokens, inp, inp), x_op, self.basis_dev.q.as_ref(), &mut ws.tmp_in)?;
-                ws.saved.store(be, &ws.tmp_in, tokens * inp)?;
-                mm(be, &Gemm::nt(tokens, out, inp), ws.saved.as_ref(), weight_ref(wt, half), &mut ws.tmp_out)?;
-                let h_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
+                // Products kept as operands come out of their GEMMs in the operand precision.
+                ws.saved.store_product(be, &Gemm::nn(tokens, inp, inp), x_op, self.basis_dev.q.as_ref())?;
+                let h = Gemm::nt(tokens, out, inp);
+                let h_op =
+                    mm_operand(be, &h, ws.saved.as_ref(), weight_ref(wt, half), &mut ws.tmp_out, ws.out_half.as_mut())?;
                 mm(be, &Gemm::nt(tokens, out, out), h_op, self.basis_dev.p.as_ref(), y)?;
             }
             Weight::Merged { w, half } => {

@@ -247,7 +247,7 @@ pub(super) fn shared_scratch(l: &mut Ledger, n: &ScratchLengths, p: Precision) -
     let op = if p == Precision::Bf16 { BF16 } else { MASTER };
     let products = "SparseGrad scratch: (out, in) products";
     l.add(sw, products, &[n.big_a + n.big_b + n.et + n.pt_rows], MASTER)?;
-    l.add(sw, products, &[n.big_half], BF16)?;
+    l.add(sw, products, &[n.big_half + n.big_half_b], BF16)?;
     let rows = "SparseGrad scratch: token rows";
     l.add(sw, rows, &[n.tmp_in + n.tmp_out + n.block], MASTER)?;
     l.add(sw, rows, &[n.in_half + n.g_half + n.out_half], BF16)?;

@@ -128,6 +128,25 @@ impl DenseOps for Cpu {
         blas_gemm(spec, &wa, &wb, c)
     }
 
+    /// The CPU twin of cuBLAS's GemmEx with a bf16 C: the f32 product (C widened when read)
+    /// rounded to bf16 once.
+    fn gemm_bf16_out(&self, spec: &Gemm, a: &CpuBuf<bf16>, b: &CpuBuf<bf16>, c: &mut CpuBuf<bf16>) -> Result<()> {
+        check_gemm_bf16_out(self, spec, a, b, c)?;
+        self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
+        let (na, nb, nc) = spec.required_lens();
+        let wa: Vec<f32> = a[..na].iter().map(|v| v.to_f32()).collect();
+        let wb: Vec<f32> = b[..nb].iter().map(|v| v.to_f32()).collect();
+        let mut wc: Vec<f32> = c[..nc].iter().map(|v| v.to_f32()).collect();
+        blas_gemm(spec, &wa, &wb, &mut wc)?;
+        // Elements the product did not write (the gaps of a strided C) keep their bits.
+        for (d, &w) in c[..nc].iter_mut().zip(&wc) {
+            if w.to_bits() != d.to_f32().to_bits() {
+                *d = bf16::from_f32(w);
+            }
+        }
+        Ok(())
+    }
+
     fn cast_to_bf16<F: Real>(&self, src: &CpuBuf<F>, dst: &mut CpuBuf<bf16>, len: usize) -> Result<()> {
         check_cast(self, "cast_to_bf16", src, dst, len)?;
         dst[..len].par_iter_mut().zip(&src[..len]).for_each(|(d, &s)| *d = s.to_bf16());

@@ -125,6 +125,11 @@ impl DenseOps for Cuda {
         gemm::gemm_bf16(self, spec, a, b, c)
     }
 
+    /// cuBLAS GemmEx with bf16 operands and a bf16 C, through gemm.rs.
+    fn gemm_bf16_out(&self, spec: &Gemm, a: &CudaBuf<bf16>, b: &CudaBuf<bf16>, c: &mut CudaBuf<bf16>) -> Result<()> {
+        gemm::gemm_bf16_out(self, spec, a, b, c)
+    }
+
     /// cuBLAS SSYRK twice, through gemm.rs.
     fn gram_accumulate<F: Real>(&self, g: &CudaBuf<F>, out: usize, inp: usize, grams: &mut CudaBuf<F>) -> Result<()> {
         gemm::gram_accumulate(self, g, out, inp, grams)

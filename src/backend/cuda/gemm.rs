@@ -6,22 +6,23 @@
 //! `m` and `n` swap, each operand keeps its own transpose flag and leading dimension, and
 //! offsets and batch strides are unchanged. Everything accumulates in f32 with the handle's
 //! default math mode; bf16 operands use `cublasGemmEx` / `cublasGemmStridedBatchedEx` with
-//! `CUDA_R_16BF` inputs and an f32 `C` (`CUBLAS_COMPUTE_32F`: tensor cores). f32 operands
+//! `CUDA_R_16BF` inputs and an f32 `C` (`CUBLAS_COMPUTE_32F`: tensor cores), or a bf16 `C`
+//! (`gemm_bf16_out`: the f32 result rounded once in cuBLAS's epilogue). f32 operands
 //! use `CUBLAS_COMPUTE_32F` (exact f32 on FP32 cores, the default, as PyTorch's) or, after
 //! [`Cuda::set_tf32`], `CUBLAS_COMPUTE_32F_FAST_TF32` (A and B rounded to TF32, 10 explicit
 //! mantissa bits, on tensor cores; f32 accumulation) unless the product asks for exact f32
 //! ([`Gemm::exact_f32`]). The ledger records the compute type.
 //! `k = 0` is handled by a kernel (`C = beta C`, exact zeros when `beta = 0`), as on the CPU.
 //!
-//! [`crate::backend::DenseOps::gemm`] and `gemm_bf16` for CUDA (dense.rs) are the two
-//! launchers here, after the op's shared validator; so is `gram_accumulate`, two
+//! [`crate::backend::DenseOps::gemm`], `gemm_bf16` and `gemm_bf16_out` for CUDA (dense.rs)
+//! are the launchers here, after the op's shared validator; so is `gram_accumulate`, two
 //! `cublasSsyrk_v2` calls (f32, `beta = 1`): a row-major `(out, in)` `g` is the column-major
 //! `(in, out)` `g^T`, so `g g^T` is `op = T` with `n = out, k = in` and `g^T g` is `op = N`
 //! with `n = in, k = out`, both with `lda = in`; a row-major upper triangle is the
 //! column-major lower one (`CUBLAS_FILL_MODE_LOWER`).
 
 use super::{cuda_err, dense, require_f32, Cuda, CudaBuf};
-use crate::backend::ops::dense::{check_gemm, check_gram_accumulate};
+use crate::backend::ops::dense::{check_gemm, check_gemm_bf16_out, check_gram_accumulate};
 use crate::backend::Gemm;
 use crate::error::{Error, Result};
 use crate::perf::{BlasRoutine, ElemType, EventKind, GemmCompute};
@@ -55,7 +56,7 @@ pub(super) fn gemm<F: Real>(
 ) -> Result<()> {
     require_f32::<F>("gemm")?;
     check_gemm(cuda, spec, a, b, c)?;
-    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::F32)
+    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::F32, ElemType::F32)
 }
 
 /// [`crate::backend::DenseOps::gemm_bf16`].
@@ -68,7 +69,19 @@ pub(super) fn gemm_bf16<F: Real>(
 ) -> Result<()> {
     require_f32::<F>("gemm_bf16")?;
     check_gemm(cuda, spec, a, b, c)?;
-    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::Bf16)
+    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::Bf16, ElemType::F32)
+}
+
+/// [`crate::backend::DenseOps::gemm_bf16_out`].
+pub(super) fn gemm_bf16_out(
+    cuda: &Cuda,
+    spec: &Gemm,
+    a: &CudaBuf<bf16>,
+    b: &CudaBuf<bf16>,
+    c: &mut CudaBuf<bf16>,
+) -> Result<()> {
+    check_gemm_bf16_out(cuda, spec, a, b, c)?;
+    run(cuda, spec, a.ptr(), b.ptr(), c.ptr_mut(), ElemType::Bf16, ElemType::Bf16)
 }
 
 /// [`crate::backend::DenseOps::gram_accumulate`]: `cublasSsyrk_v2` twice (see the module docs).
@@ -153,8 +166,8 @@ fn op(trans: bool) -> cublasOperation_t {
 }
 
 /// `a`, `b`, `c`: base addresses of buffers that `spec.validate` accepted; `operands` is the
-/// A/B element type; C is f32.
-fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> Result<()> {
+/// A/B element type, `output` C's (bf16 only with bf16 operands).
+fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType, output: ElemType) -> Result<()> {
     let (ab_type, ab_size) = match operands {
         ElemType::F32 => (cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>()),
         ElemType::Bf16 => (cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>()),
@@ -162,7 +175,13 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> 
     if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
         return Ok(());
     }
-    let c = c + (spec.offset_c * std::mem::size_of::<f32>()) as u64;
+    let (c_type, c_size) = match output {
+        ElemType::F32 => (cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>()),
+        ElemType::Bf16 => (cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>()),
+    };
+    let c = c + (spec.offset_c * c_size) as u64;
+    // k = 0 is C = beta C by our kernel (exact zeros for beta = 0); f32 C only (checked by
+    // `check_gemm_bf16_out`).
     if spec.k == 0 {
         return dense::scale_rows(cuda, c, spec.m, spec.n, spec.ldc, spec.batch, spec.stride_c, spec.beta);
     }
@@ -173,7 +192,6 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> 
     let (alpha, beta) = (spec.alpha, spec.beta);
     let alpha_p = &alpha as *const f32 as *const c_void;
     let beta_p = &beta as *const f32 as *const c_void;
-    let c_type = cudaDataType::CUDA_R_32F;
     let gemm_compute = if operands == ElemType::F32 && cuda.tf32_enabled() && !spec.exact_f32 {
         GemmCompute::F32FastTf32
     } else {
@@ -195,7 +213,7 @@ fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType) -> 
         k: spec.k as u64,
         batch: spec.batch as u64,
         operands,
-        output: ElemType::F32,
+        output,
         compute: gemm_compute,
         accumulate: spec.beta != 0.0,
     };

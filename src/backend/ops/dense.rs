@@ -21,6 +21,16 @@ pub trait DenseOps: Buffers {
         b: &Self::Buf<bf16>,
         c: &mut Self::Buf<F>,
     ) -> Result<()>;
+    /// The same with a bf16 output: `C = bf16(alpha op(A) op(B) + beta C)`, accumulated in
+    /// f32 and rounded once (cuBLAS GemmEx with a bf16 C), for a product whose only use is
+    /// as the bf16 operand of the next. `k` must be at least 1.
+    fn gemm_bf16_out(
+        &self,
+        spec: &Gemm,
+        a: &Self::Buf<bf16>,
+        b: &Self::Buf<bf16>,
+        c: &mut Self::Buf<bf16>,
+    ) -> Result<()>;
     /// Adds the two Gram matrices of the row-major `(out, in)` matrix `g` (its first
     /// `out * in` entries) into `grams`, which stacks two row-major square matrices:
     /// `grams[..out^2] += g g^T` `(out, out)` and `grams[out^2..out^2 + in^2] += g^T g`
@@ -202,6 +212,20 @@ pub(crate) fn check_cast<B: Backend, S: Elem, D: Elem>(
     len: usize,
 ) -> Result<()> {
     check_lens(op, &[("source", be.len(src), len), ("destination", be.len(dst), len)])
+}
+
+/// [`DenseOps::gemm_bf16_out`]: as [`check_gemm`], and an empty product (`k = 0`) refused.
+pub(crate) fn check_gemm_bf16_out<B: Backend>(
+    be: &B,
+    spec: &Gemm,
+    a: &B::Buf<bf16>,
+    b: &B::Buf<bf16>,
+    c: &B::Buf<bf16>,
+) -> Result<()> {
+    if spec.k == 0 {
+        return Err(crate::Error::invalid("gemm_bf16_out", "k = 0: an empty product has no bf16-output form"));
+    }
+    check_gemm(be, spec, a, b, c)
 }
 
 /// [`DenseOps::add_bias`] (`[y, bias]`).

@@ -2,7 +2,7 @@
 
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
-use crate::backend::operand::{mm, stage, stage_checked, OperandRef};
+use crate::backend::operand::{mm, mm_operand, stage, stage_checked, OperandRef};
 use crate::backend::{Backend, Coo, Gemm, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::GRAD_Y;
@@ -24,13 +24,20 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             return Err(Error::invalid("backward", "layer is not in the transformed formulation"));
         };
         let g_op = stage_checked(be, g, ws.g_half.as_mut(), tokens * out, GRAD_Y)?;
-        mm(be, &Gemm::nn(tokens, out, out), g_op, self.basis_dev.p.as_ref(), &mut ws.tmp_out)?;
-        // From here `tmp_out` holds gt in `F` (and `out_half` its bf16 copy in bf16 mode).
+        // From here `out_half` holds gt in bf16 mode; `tmp_out` holds it in `F` in f32 mode,
+        // and in bf16 mode under SparseByDense (which compacts it by its f32 values).
         {
-            let gt_op = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
+            let gt = Gemm::nn(tokens, out, out);
+            let p = self.basis_dev.p.as_ref();
+            let gt_op = if self.cfg.selection == Selection::Exact {
+                mm_operand(be, &gt, g_op, p, &mut ws.tmp_out, ws.out_half.as_mut())?
+            } else {
+                mm(be, &gt, g_op, p, &mut ws.tmp_out)?;
+                stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?
+            };
             if let Some(dx) = dx {
-                mm(be, &Gemm::nn(tokens, inp, out), gt_op, weight_ref(wt, half), &mut ws.tmp_in)?;
-                let dxt_op = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
+                let dxt = Gemm::nn(tokens, inp, out);
+                let dxt_op = mm_operand(be, &dxt, gt_op, weight_ref(wt, half), &mut ws.tmp_in, ws.in_half.as_mut())?;
                 mm(be, &Gemm::nt(tokens, inp, inp), dxt_op, self.basis_dev.q.as_ref(), dx)?;
             }
         }
@@ -95,7 +102,9 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
 
     /// `dx = g W`; `dWt = P^T (g^T x) Q` in the cheaper association order (Exact), skipping
     /// all-zero token rows under SparseByDense. In bf16 every product takes bf16 operands:
-    /// `dW` and `P^T dW` (or `g P` and `x Q`) are staged to bf16 before the next product.
+    /// `g P`, `x Q`, `dW` and `P^T dW` come out of their GEMMs in bf16 (one rounding, as a
+    /// cast of the f32 product would give; `P^T dW` into a second buffer beside `dW`), so
+    /// both orders make three GEMMs and no cast.
     pub(super) fn backward_merged(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
         let (p_t, q_t) = (self.basis_dev.p_transposed, self.basis_dev.q_transposed);
@@ -118,10 +127,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if token_order {
             // dWt = (g P)^T (x Q): cheaper than P^T (g^T x) Q at this token count.
             // The borrowed scratch holds the rotated g and x (`ScratchLengths::of`).
-            mm(be, &times_p(tokens), g_op, p, &mut ws.tmp_out)?;
-            mm(be, &times_q(tokens), ws.saved.as_ref(), q, &mut ws.tmp_in)?;
-            let gt = stage(be, &ws.tmp_out, ws.out_half.as_mut(), tokens * out)?;
-            let xt = stage(be, &ws.tmp_in, ws.in_half.as_mut(), tokens * inp)?;
+            let gt = mm_operand(be, &times_p(tokens), g_op, p, &mut ws.tmp_out, ws.out_half.as_mut())?;
+            let xt = mm_operand(be, &times_q(tokens), ws.saved.as_ref(), q, &mut ws.tmp_in, ws.in_half.as_mut())?;
             mm(be, &Gemm::tn(out, inp, tokens), gt, xt, &mut ws.big_a)?;
             be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
             self.stats = StepGrads { rows_multiplied: tokens, cols_multiplied: out, k };
@@ -132,10 +139,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         // Under a captured step (fixed shapes) every row enters the product: with threshold
         // 0 the rows left out are all-zero anyway, so the result is the same.
         let selection = if be.supports_capture() { Selection::Exact } else { self.cfg.selection };
-        let rows = match selection {
+        let (rows, dw) = match selection {
             Selection::Exact => {
-                mm(be, &Gemm::tn(out, inp, tokens), g_op, ws.saved.as_ref(), &mut ws.big_a)?;
-                tokens
+                let saved = ws.saved.as_ref();
+                let dw = mm_operand(be, &Gemm::tn(out, inp, tokens), g_op, saved, &mut ws.big_a, ws.big_half.as_mut())?;
+                (tokens, dw)
             }
             Selection::SparseByDense { .. } => {
                 // Construction only allows threshold 0 here: rows of g with a nonzero.
@@ -144,13 +152,11 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 g_op.gather_rows(be, tokens, out, &ws.row_idx, nr, &mut ws.block_op)?;
                 ws.saved.as_ref().gather_rows(be, tokens, inp, &ws.row_idx, nr, &mut ws.rows_op)?;
                 mm(be, &Gemm::tn(out, inp, nr), ws.block_op.as_ref(), ws.rows_op.as_ref(), &mut ws.big_a)?;
-                nr
+                (nr, stage(be, &ws.big_a, ws.big_half.as_mut(), out * inp)?)
             }
         };
         // dWt = (P^T dW) Q.
-        let dw = stage(be, &ws.big_a, ws.big_half.as_mut(), out * inp)?;
-        mm(be, &p_t_times(inp), p, dw, big_b)?;
-        let ptdw = stage(be, big_b, ws.big_half.as_mut(), out * inp)?;
+        let ptdw = mm_operand(be, &p_t_times(inp), p, dw, big_b, ws.big_half_b.as_mut())?;
         mm(be, &times_q(out), ptdw, q, &mut ws.big_a)?;
         be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
         self.stats = StepGrads { rows_multiplied: rows, cols_multiplied: out, k };

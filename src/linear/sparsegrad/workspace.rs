@@ -42,6 +42,8 @@ pub struct ScratchLengths {
     pub big_a: usize,
     pub big_b: usize,
     pub big_half: usize,
+    /// bf16 merged backward by `dW` first: `P^T dW` in bf16 beside `dW` in `big_half`.
+    pub big_half_b: usize,
     /// [`MergedUpdate::SparseRows`]: `Q D^T` over the touched rows and the gathered `P^T` rows.
     pub et: usize,
     pub pt_rows: usize,
@@ -73,6 +75,8 @@ impl ScratchLengths {
         // The merged backward in token order rotates g and x first (see `backward_merged`).
         let rotated = transformed
             || (tokens > 0 && selection == Selection::Exact && Formulation::merged_token_order(out, inp, tokens));
+        // The merged backward by `dW = g^T x` first (not in token order).
+        let dw_first = merged && tokens > 0 && !rotated;
         let (t_in, t_out, o_i) = (mul(tokens, inp)?, mul(tokens, out)?, mul(out, inp)?);
         let when = |c: bool, n: usize| if c { n } else { 0 };
         let touched = k.min(out);
@@ -89,6 +93,7 @@ impl ScratchLengths {
             big_a: o_i,
             big_b: when(merged, o_i),
             big_half: when(merged && half, o_i),
+            big_half_b: when(dw_first && half, o_i),
             et: when(by_rows, mul(inp, touched)?),
             pt_rows: when(by_rows, mul(touched, out)?),
         })
@@ -109,6 +114,7 @@ impl ScratchLengths {
             big_a: self.big_a.max(o.big_a),
             big_b: self.big_b.max(o.big_b),
             big_half: self.big_half.max(o.big_half),
+            big_half_b: self.big_half_b.max(o.big_half_b),
             et: self.et.max(o.et),
             pt_rows: self.pt_rows.max(o.pt_rows),
         }
@@ -118,7 +124,7 @@ impl ScratchLengths {
     /// counts, by element size (`F` and u32 at 4 bytes, bf16 at 2, operands at `operand`).
     pub fn bytes(&self, f_bytes: usize, operand_bytes: usize) -> u128 {
         let f = (self.tmp_in + self.tmp_out + self.block + self.big_a + self.big_b + self.et + self.pt_rows) as u128;
-        let h = (self.in_half + self.g_half + self.out_half + self.big_half) as u128;
+        let h = (self.in_half + self.g_half + self.out_half + self.big_half + self.big_half_b) as u128;
         let o = (self.block_op + self.rows_op) as u128;
         f * f_bytes as u128 + h * 2 + self.row_idx as u128 * 4 + o * operand_bytes as u128
     }
@@ -140,6 +146,7 @@ pub struct SparseGradScratch<B: Backend, F: Real> {
     big_a: B::Buf<F>,
     big_b: B::Buf<F>,
     big_half: B::Buf<bf16>,
+    big_half_b: B::Buf<bf16>,
     et: B::Buf<F>,
     pt_rows: B::Buf<F>,
 }
@@ -165,6 +172,7 @@ impl<B: Backend, F: Real> SparseGradScratch<B, F> {
             big_a: backend.alloc(0)?,
             big_b: backend.alloc(0)?,
             big_half: backend.alloc(0)?,
+            big_half_b: backend.alloc(0)?,
             et: backend.alloc(0)?,
             pt_rows: backend.alloc(0)?,
         })))
@@ -243,6 +251,7 @@ pub(super) struct Workspace<B: Backend, F: Real> {
     pub(super) big_b: Option<B::Buf<F>>,
     /// Merged bf16: an `(out, in)` bf16 staging buffer (`dW`, `P^T dW`, `D`, `E` in turn).
     pub(super) big_half: Option<B::Buf<bf16>>,
+    pub(super) big_half_b: Option<B::Buf<bf16>>,
     pub(super) et: Option<B::Buf<F>>,
     pub(super) pt_rows: Option<B::Buf<F>>,
 }
@@ -296,6 +305,7 @@ impl<B: Backend, F: Real> Workspace<B, F> {
             big_a: be.alloc(0)?,
             big_b: opt(merged, || be.alloc(0))?,
             big_half: opt(merged && half, || be.alloc(0))?,
+            big_half_b: opt(merged && half, || be.alloc(0))?,
             et: opt(by_rows, || be.alloc(0))?,
             pt_rows: opt(by_rows, || be.alloc(0))?,
         })
@@ -344,6 +354,7 @@ impl<B: Backend, F: Real> Workspace<B, F> {
         swap(&mut self.big_a, &mut s.big_a);
         swap_opt(&mut self.big_b, &mut s.big_b);
         swap_opt(&mut self.big_half, &mut s.big_half);
+        swap_opt(&mut self.big_half_b, &mut s.big_half_b);
         swap_opt(&mut self.et, &mut s.et);
         swap_opt(&mut self.pt_rows, &mut s.pt_rows);
     }
@@ -356,6 +367,7 @@ impl<B: Backend, F: Real> Workspace<B, F> {
         grow_some(&mut self.g_half, n.g_half)?;
         grow_some(&mut self.out_half, n.out_half)?;
         grow_some(&mut self.big_half, n.big_half)?;
+        grow_some(&mut self.big_half_b, n.big_half_b)?;
         grow(be, &mut self.tmp_in, n.tmp_in)?;
         grow(be, &mut self.tmp_out, n.tmp_out)?;
         grow(be, &mut self.row_idx, n.row_idx)?;
