@@ -188,11 +188,7 @@ int compute(const GemmCall& g) {
         const bool c_half = g.c_type == R_16BF;
         if (c_half) {  // an f32 working copy of C (its old values only when they are read)
             c_tmp.assign(span(g.m, g.n, g.ldc, 1), 0.0f);
-            if (g.beta != 0.0f) {
-                std::vector<float> widened;
-                const float* w = as_f32(c_dev, R_16BF, g.m, g.n, g.ldc, false, widened);
-                std::copy(w, w + c_tmp.size(), c_tmp.begin());
-            }
+            if (g.beta != 0.0f) as_f32(c_dev, R_16BF, g.m, g.n, g.ldc, false, c_tmp);
             ci = c_tmp.data();
         }
         // Rounds the working copy back into a bf16 C (only its m x n elements).

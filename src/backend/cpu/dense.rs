@@ -16,6 +16,15 @@ fn to_blas_dim(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(op, format!("dimension {v} exceeds the BLAS 32-bit limit")))
 }
 
+/// [`blas_gemm`] of bf16 operands widened to `F` (exactly): the CPU twin of cuBLAS's bf16
+/// GemmEx. Allocates the widened copies: the CPU backend is a reference here, not a fast path.
+fn widened_gemm<F: Real>(spec: &Gemm, a: &[bf16], b: &[bf16], c: &mut [F]) -> Result<()> {
+    let (na, nb, _) = spec.required_lens();
+    let wa: Vec<F> = a[..na].iter().map(|&v| F::from_bf16(v)).collect();
+    let wb: Vec<F> = b[..nb].iter().map(|&v| F::from_bf16(v)).collect();
+    blas_gemm(spec, &wa, &wb, c)
+}
+
 /// The BLAS product of a validated `spec` (see [`check_gemm`]).
 fn blas_gemm<F: Real>(spec: &Gemm, a: &[F], b: &[F], c: &mut [F]) -> Result<()> {
     if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
@@ -118,14 +127,10 @@ impl DenseOps for Cpu {
     }
 
     /// The CPU twin of cuBLAS's bf16 GemmEx: widen the operands to `F`, then an `F` GEMM.
-    /// Allocates the widened copies: the CPU backend is a reference here, not a fast path.
     fn gemm_bf16<F: Real>(&self, spec: &Gemm, a: &CpuBuf<bf16>, b: &CpuBuf<bf16>, c: &mut CpuBuf<F>) -> Result<()> {
         self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
         check_gemm(self, spec, a, b, c)?;
-        let (na, nb, _) = spec.required_lens();
-        let wa: Vec<F> = a[..na].iter().map(|&v| F::from_bf16(v)).collect();
-        let wb: Vec<F> = b[..nb].iter().map(|&v| F::from_bf16(v)).collect();
-        blas_gemm(spec, &wa, &wb, c)
+        widened_gemm(spec, a, b, c)
     }
 
     /// The CPU twin of cuBLAS's GemmEx with a bf16 C: the f32 product (C widened when read)
@@ -133,11 +138,9 @@ impl DenseOps for Cpu {
     fn gemm_bf16_out(&self, spec: &Gemm, a: &CpuBuf<bf16>, b: &CpuBuf<bf16>, c: &mut CpuBuf<bf16>) -> Result<()> {
         check_gemm_bf16_out(self, spec, a, b, c)?;
         self.counters.gemm_calls.fetch_add(1, Ordering::Relaxed);
-        let (na, nb, nc) = spec.required_lens();
-        let wa: Vec<f32> = a[..na].iter().map(|v| v.to_f32()).collect();
-        let wb: Vec<f32> = b[..nb].iter().map(|v| v.to_f32()).collect();
+        let nc = spec.required_lens().2;
         let mut wc: Vec<f32> = c[..nc].iter().map(|v| v.to_f32()).collect();
-        blas_gemm(spec, &wa, &wb, &mut wc)?;
+        widened_gemm(spec, a, b, &mut wc)?;
         // Elements the product did not write (the gaps of a strided C) keep their bits.
         for (d, &w) in c[..nc].iter_mut().zip(&wc) {
             if w.to_bits() != d.to_f32().to_bits() {

@@ -281,25 +281,17 @@ impl DenseOps for Cuda {
     ) -> Result<()> {
         require_f32::<F>("cast_to_bf16_checked")?;
         check_cast(self, "cast_to_bf16_checked", src, dst, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let (s, d, n, id, health) = (src.ptr(), dst.ptr_mut(), len as u64, self.check_id(what), self.errors.ptr());
         // SAFETY: cast_f32_to_bf16_checked(const float* src, bf16* dst, u64 n, u64 id, u64*
-        // health): src and dst hold >= n elements, the health block HEALTH_WORDS (>= 4) words.
-        unsafe { self.launch(&CAST_TO_BF16_CHECKED, self.grid_1d(len, PER_SM), &mut kargs![s, d, n, id, health], &[n]) }
+        // health); both buffers hold >= len elements (checked above).
+        unsafe { self.launch_checked(&CAST_TO_BF16_CHECKED, src.ptr(), dst.ptr_mut(), len, what) }
     }
 
     fn copy_checked<F: Real>(&self, src: &CudaBuf<F>, dst: &mut CudaBuf<F>, len: usize, what: &str) -> Result<()> {
         require_f32::<F>("copy_checked")?;
         check_cast(self, "copy_checked", src, dst, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        let (s, d, n, id, health) = (src.ptr(), dst.ptr_mut(), len as u64, self.check_id(what), self.errors.ptr());
-        // SAFETY: copy_f32_checked(const float* src, float* dst, u64 n, u64 id, u64* health):
-        // src and dst hold >= n elements, the health block HEALTH_WORDS (>= 4) words.
-        unsafe { self.launch(&COPY_CHECKED, self.grid_1d(len, PER_SM), &mut kargs![s, d, n, id, health], &[n]) }
+        // SAFETY: copy_f32_checked(const float* src, float* dst, u64 n, u64 id, u64* health);
+        // both buffers hold >= len elements (checked above).
+        unsafe { self.launch_checked(&COPY_CHECKED, src.ptr(), dst.ptr_mut(), len, what) }
     }
 
     fn defers_finite_checks(&self) -> bool {
@@ -501,5 +493,27 @@ impl Cuda {
         let args = &mut kargs![s0, d0, n0, s1, d1, n1, s2, d2, n2, s3, d3, n3];
         // SAFETY: the caller's contract.
         unsafe { self.launch(kernel, self.grid_1d(total, PER_SM), args, &[total as u64]) }
+    }
+
+    /// Launches a checked pass over `len` elements (`cast_f32_to_bf16_checked`,
+    /// `copy_f32_checked`), flagging a non-finite source as the deferred check named `what`.
+    ///
+    /// # Safety
+    /// `kernel` takes `(const float* src, D* dst, u64 n, u64 id, u64* health)` and `src` and
+    /// `dst` hold at least `len` elements of their types.
+    unsafe fn launch_checked(
+        &self,
+        kernel: &'static crate::perf::KernelCost,
+        src: u64,
+        dst: u64,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let (n, id, health) = (len as u64, self.check_id(what), self.errors.ptr());
+        // SAFETY: the caller's contract; the health block holds HEALTH_WORDS (>= 4) words.
+        unsafe { self.launch(kernel, self.grid_1d(len, PER_SM), &mut kargs![src, dst, n, id, health], &[n]) }
     }
 }

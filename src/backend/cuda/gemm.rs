@@ -149,6 +149,14 @@ fn syrk(cuda: &Cuda, n: usize, k: usize, trans: bool, a: u64, lda: i32, c: u64) 
     cuda.profiler.record_launch(event, timer, &cuda.stream)
 }
 
+/// cuBLAS's data type for an element type, and its size in bytes.
+fn cuda_type(t: ElemType) -> (cudaDataType, usize) {
+    match t {
+        ElemType::F32 => (cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>()),
+        ElemType::Bf16 => (cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>()),
+    }
+}
+
 fn dim(v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid("gemm", format!("dimension {v} exceeds cuBLAS's 32-bit limit")))
 }
@@ -168,17 +176,11 @@ fn op(trans: bool) -> cublasOperation_t {
 /// `a`, `b`, `c`: base addresses of buffers that `spec.validate` accepted; `operands` is the
 /// A/B element type, `output` C's (bf16 only with bf16 operands).
 fn run(cuda: &Cuda, spec: &Gemm, a: u64, b: u64, c: u64, operands: ElemType, output: ElemType) -> Result<()> {
-    let (ab_type, ab_size) = match operands {
-        ElemType::F32 => (cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>()),
-        ElemType::Bf16 => (cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>()),
-    };
+    let (ab_type, ab_size) = cuda_type(operands);
     if spec.m == 0 || spec.n == 0 || spec.batch == 0 {
         return Ok(());
     }
-    let (c_type, c_size) = match output {
-        ElemType::F32 => (cudaDataType::CUDA_R_32F, std::mem::size_of::<f32>()),
-        ElemType::Bf16 => (cudaDataType::CUDA_R_16BF, std::mem::size_of::<bf16>()),
-    };
+    let (c_type, c_size) = cuda_type(output);
     let c = c + (spec.offset_c * c_size) as u64;
     // k = 0 is C = beta C by our kernel (exact zeros for beta = 0); f32 C only (checked by
     // `check_gemm_bf16_out`).
