@@ -5,9 +5,11 @@
 //      passes over digits [31:21], [20:10], [9:0] (11, 11, 10 bits; no sort). Each pass
 //      builds a per-block shared-memory histogram of the entries whose key matches the
 //      prefix chosen so far (lanes of a warp with the same bin combined by
-//      __match_any_sync, one shared atomic per group) and adds it to global bins; topk_select (one block)
-//      picks the bin holding the k-th key from the top with a block scan, on the device, so
-//      the passes need no host round trip. Pass 0 also counts nonzero entries, non-finite
+//      __match_any_sync, one shared atomic per group) and adds it to global bins. The next
+//      kernel (the next pass, or the tile count after the last) picks the bin holding the
+//      k-th key from the top with a block scan over the previous pass's bins: every block
+//      makes the same choice (2048 bins from L2, a few microseconds in all), block 0
+//      records it, so the passes need neither a host round trip nor a launch of their own. Pass 0 also counts nonzero entries, non-finite
 //      entries (keys >= the +inf key: with an 11-bit top digit they are exactly the bins
 //      >= 0x3fc) and the first non-finite index (atomicMin).
 //   2. stable compaction (linear order): every entry with key > thr, then the first
@@ -19,26 +21,31 @@
 //      path do nothing otherwise): all nonzeros are kept and the output is
 //      completed with the lowest missing full linear indices as zeros. With S the sorted
 //      kept indices, the j-th missing index is j + #{i : S[i] - i <= j}; if L* is the last
-//      one (j = need - 1, found by binary search in topk_fill_bound), the output is every
+//      one (j = need - 1, found by binary search by the last block of the first scatter to
+//      finish: a __threadfence and a counter, no launch of its own), the output is every
 //      index 0..=L* (topk_fill_range writes them as zeros) followed by the kept entries
 //      above L*: a second scatter writes kept entry i (full index L) at L if L <= L*, else
 //      at need + i.
 //
 // The call never reads anything back: the launch sequence is fixed (init, map checks, three
-// histogram + select passes, count, scan, scatter, fill bound, fill range, second scatter),
+// histogram passes, count, scan, scatter, fill range, second scatter: 9 launches without maps),
 // non-finite entries and bad maps are reported through the device health block (common.cuh)
 // at the next synchronisation, and with k <= nonzeros the last three kernels return at once.
 //
-// Device state (u64 words, see TOPK_* in src/backend/cuda/topk.rs):
+// Device state (TOPK_STATE_WORDS u64 words):
 //   [0] non-finite count  [1] first non-finite index  [2] nonzero count
-//   [3] key prefix -> thr [4] key mask                [5] remaining -> take_eq
+//   [3] thr (key prefix after the last pass)  [4] key mask  [5] take_eq (remaining)
 //   [6] map error bits    [7] scan total              [8] L* (fill path; TOPK_NO_FILL if none)
-//   [9] k
-// followed by 3 x 2048 u32 histogram bins, then one u64 per tile.
+//   [9] k                 [10..13) (prefix, mask, remaining) after pass 0
+//   [13..16) the same after pass 1                    [16] blocks of the first scatter done
+// followed by 3 x 2048 u32 histogram bins, then one u64 per tile. A pass's choice goes to
+// its own words because the blocks of the kernel that records it are still reading the
+// choice before it.
 //
-// Launch shapes: topk_init / topk_select / topk_fill_bound one block (1024 / 1024 / 1
-// threads); topk_hist_f32 (4 x 256 entries per block iteration) and topk_check_map 1-D
-// grid-stride with SG_THREADS threads and a capped grid; topk_tile_count_f32 / topk_scatter_f32 one block of SG_THREADS per tile of
+// Launch shapes: topk_init one block of 1024 threads; topk_hist_f32 (4 x 256 entries per
+// block iteration), topk_tile_count_f32 (tiles strided over the blocks) and topk_check_map
+// 1-D grid-stride with SG_THREADS threads and a capped grid (so the repeated choice costs a
+// bounded number of bin reads); topk_scatter_f32 one block of SG_THREADS per tile of
 // SG_TILE elements; topk_fill_range 1-D grid-stride.
 //
 // Tested by tests/cuda_topk.rs (exact equality of COO indices and values with the CPU on
@@ -47,13 +54,17 @@
 #include "common.cuh"
 
 #define TOPK_BINS 2048
+#define TOPK_STATE_WORDS 20
 #define TOPK_NO_FILL 0xffffffffffffffffull
+#define TOPK_SEL0 10
+#define TOPK_SEL1 13
+#define TOPK_DONE 16
 
 __device__ __forceinline__ u32 topk_shift(u32 pass) { return pass == 0 ? 21u : (pass == 1 ? 10u : 0u); }
 __device__ __forceinline__ u32 topk_digit_mask(u32 pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
 
 extern "C" __global__ void topk_init(u64* state, u32* hist, u64 k) {
-    if (threadIdx.x < 16) state[threadIdx.x] = 0;
+    if (threadIdx.x < TOPK_STATE_WORDS) state[threadIdx.x] = 0;
     __syncthreads();
     if (threadIdx.x == 0) {
         state[1] = ~0ull;
@@ -61,6 +72,84 @@ extern "C" __global__ void topk_init(u64* state, u32* hist, u64 k) {
         state[9] = k;
     }
     for (u32 b = threadIdx.x; b < 3 * TOPK_BINS; b += blockDim.x) hist[b] = 0;
+}
+
+// A radix pass's choice: the key bits fixed so far and how many entries with that prefix are
+// still to be taken from the top.
+struct TopkSel {
+    u64 prefix;
+    u64 mask;
+    u64 remaining;
+};
+
+__device__ __forceinline__ TopkSel topk_sel_load(const u64* state, u32 word) {
+    return TopkSel{state[word], state[word + 1], state[word + 2]};
+}
+
+// The choice after pass `pass`, made from that pass's bins and the choice before it; every
+// thread of the block returns the same value. Thread t owns the PER bins below
+// 2047 - t * PER (descending), so an exclusive scan gives the number of matching entries
+// above each bin; exactly one bin b has above(b) < remaining <= above(b) + hist[b]: it
+// holds the remaining-th largest key. `scan` holds THREADS / 32 + 1 values, `pick` 3.
+// Contains barriers: call it from every thread of the block.
+template <int THREADS>
+__device__ __forceinline__ TopkSel topk_block_select(const u32* hist_all, u32 pass, TopkSel in, u64* scan,
+                                                     u64* pick) {
+    static_assert(TOPK_BINS % THREADS == 0, "bins per thread");
+    constexpr int PER = TOPK_BINS / THREADS;
+    const u32* hist = hist_all + (u64)pass * TOPK_BINS;
+    const u32 shift = topk_shift(pass);
+    const u32 dmask = topk_digit_mask(pass);
+    const u32 top = TOPK_BINS - 1 - threadIdx.x * PER;
+    u64 h[PER];
+    u64 mine = 0;
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+        h[r] = hist[top - r];
+        mine += h[r];
+    }
+    if (threadIdx.x == 0) {  // no bin qualifies only if the bins are short of `remaining`
+        pick[0] = in.prefix;
+        pick[1] = in.mask;
+        pick[2] = in.remaining;
+    }
+    u64 total;
+    u64 above = sg_block_exclusive_scan<u64, THREADS>(mine, &total, scan);  // barriers
+#pragma unroll
+    for (int r = 0; r < PER; ++r) {
+        if (above < in.remaining && above + h[r] >= in.remaining) {
+            pick[0] = in.prefix | ((u64)(top - r) << shift);
+            pick[1] = in.mask | ((u64)dmask << shift);
+            pick[2] = in.remaining - above;
+        }
+        above += h[r];
+    }
+    __syncthreads();
+    const TopkSel out{pick[0], pick[1], pick[2]};
+    __syncthreads();  // the picks are read before `pick` can be reused
+    return out;
+}
+
+// Block 0 records a choice for the kernels after this one.
+__device__ __forceinline__ void topk_sel_store(u64* state, u32 word, TopkSel sel) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        state[word] = sel.prefix;
+        state[word + 1] = sel.mask;
+        state[word + 2] = sel.remaining;
+    }
+}
+
+// The choice made by the passes before `pass` (0..=3, 3 meaning after the last; none before
+// pass 0: every key, k of them). Block 0 records it: in words TOPK_SEL0 / TOPK_SEL1 after
+// passes 0 and 1, in words 3..6 (thr, mask, take_eq) after the last.
+__device__ __forceinline__ TopkSel topk_choice_before(u64* state, const u32* hist_all, u32 pass, u64* scan,
+                                                      u64* pick) {
+    TopkSel sel{0, 0, state[9]};
+    if (pass == 0) return sel;  // uniform across the grid
+    if (pass >= 2) sel = topk_sel_load(state, pass == 2 ? TOPK_SEL0 : TOPK_SEL1);
+    sel = topk_block_select<SG_THREADS>(hist_all, pass - 1, sel, scan, pick);
+    topk_sel_store(state, pass == 1 ? TOPK_SEL0 : (pass == 2 ? TOPK_SEL1 : 3), sel);
+    return sel;
 }
 
 // Sets `bit` in state[6] (and SG_ERR_TOPK_MAP in the health block) if the map is not
@@ -82,17 +171,18 @@ extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* 
 #define TOPK_UNROLL 4
 #define TOPK_NO_BIN 0xffffffffu
 // Pass 0 also counts nonzeros and non-finite entries; those go to the health block as
-// finiteness check `check_id`.
+// finiteness check `check_id`. Passes 1 and 2 first make the previous pass's choice.
 extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32 pass, u64* state, u32* hist_all,
                                          u64 check_id, u64* health) {
     __shared__ u32 bins[TOPK_BINS];
-    __shared__ u64 red[SG_THREADS / 32];
+    __shared__ u64 red[SG_THREADS / 32 + 1];
+    __shared__ u64 pick[3];
     for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) bins[b] = 0;
-    __syncthreads();
+    const TopkSel sel = topk_choice_before(state, hist_all, pass, red, pick);  // barriers
     const u32 shift = topk_shift(pass);
     const u32 dmask = topk_digit_mask(pass);
-    const u32 prefix = (u32)state[3];
-    const u32 mask = (u32)state[4];
+    const u32 prefix = (u32)sel.prefix;
+    const u32 mask = (u32)sel.mask;
     const u32 lane = threadIdx.x & 31;
     u64 nnz = 0;
     u64 bad = 0;
@@ -154,67 +244,64 @@ extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32
     }
 }
 
-// One block of 1024 threads; thread t owns bins 2047 - 2t and 2046 - 2t (descending), so an
-// exclusive scan gives the number of matching entries above each bin. Exactly one bin b
-// satisfies above(b) < remaining <= above(b) + hist[b]: it holds the k-th largest key.
-extern "C" __global__ void topk_select(const u32* hist_all, u32 pass, u64* state) {
-    __shared__ u64 smem[1024 / 32 + 1];
-    const u32* hist = hist_all + (u64)pass * TOPK_BINS;
-    const u32 shift = topk_shift(pass);
-    const u32 dmask = topk_digit_mask(pass);
-    const u64 remaining = state[5];
-    const u64 prefix = state[3];
-    const u64 mask = state[4];
-    const u32 b0 = TOPK_BINS - 1 - 2 * threadIdx.x;
-    const u32 b1 = b0 - 1;
-    const u64 h0 = hist[b0];
-    const u64 h1 = hist[b1];
-    u64 total;
-    const u64 above = sg_block_exclusive_scan<u64, 1024>(h0 + h1, &total, smem);  // barriers: all reads done
-    u32 bin = 0;
-    u64 left = 0;
-    bool mine = false;
-    if (above < remaining && above + h0 >= remaining) {
-        bin = b0;
-        left = remaining - above;
-        mine = true;
-    } else if (above + h0 < remaining && above + h0 + h1 >= remaining) {
-        bin = b1;
-        left = remaining - above - h0;
-        mine = true;
-    }
-    if (mine) {
-        state[3] = prefix | ((u64)bin << shift);
-        state[4] = mask | ((u64)dmask << shift);
-        state[5] = left;
+// The last pass's choice (thr, take_eq), then the (gt, eq) counts of each tile, the tiles
+// strided over a capped grid.
+extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, u64* state, const u32* hist_all, u64* tiles) {
+    __shared__ u64 red[SG_THREADS / 32 + 1];
+    __shared__ u64 pick[3];
+    const u32 thr = (u32)topk_choice_before(state, hist_all, 3, red, pick).prefix;  // barriers
+    const bool eligible = thr > 0;
+    const u64 n_tiles = (n + SG_TILE - 1) / SG_TILE;
+    for (u64 tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {  // uniform across the block
+        const u64 base = tile * SG_TILE;
+        u64 gt = 0;
+        u64 eq = 0;
+#pragma unroll 4
+        for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+            const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+            if (i < n) {
+                const u32 key = sg_abs_key(m[i]);
+                gt += key > thr ? 1 : 0;
+                eq += (eligible && key == thr) ? 1 : 0;
+            }
+        }
+        gt = sg_block_sum<u64, SG_THREADS>(gt, red);
+        eq = sg_block_sum<u64, SG_THREADS>(eq, red);
+        if (threadIdx.x == 0) tiles[tile] = (gt << 32) | eq;
     }
 }
 
-extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, const u64* state, u64* tiles) {
-    __shared__ u64 red[SG_THREADS / 32];
-    const u32 thr = (u32)state[3];
-    const bool eligible = thr > 0;
-    const u64 base = (u64)blockIdx.x * SG_TILE;
-    u64 gt = 0;
-    u64 eq = 0;
-#pragma unroll 4
-    for (int r = 0; r < SG_TILE_ITEMS; ++r) {
-        const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
-        if (i < n) {
-            const u32 key = sg_abs_key(m[i]);
-            gt += key > thr ? 1 : 0;
-            eq += (eligible && key == thr) ? 1 : 0;
+// With k <= nonzeros there is no fill: state[8] = TOPK_NO_FILL. Otherwise
+// out[0..nnz) holds the kept entries in linear order; g(i) = S[i] - i is non-decreasing, so
+// #{i : g(i) <= need - 1} is a binary search. L* = need - 1 + that count.
+__device__ __forceinline__ void topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 full_cols, u64* state) {
+    const u64 nnz = state[2];
+    const u64 k = state[9];
+    if (k <= nnz) {
+        state[8] = TOPK_NO_FILL;
+        return;
+    }
+    const u64 need = k - nnz;
+    u64 lo = 0;
+    u64 hi = nnz;
+    while (lo < hi) {
+        const u64 mid = lo + (hi - lo) / 2;
+        // Written by other blocks of this launch: read past L1 (__ldcg).
+        const u64 s = (u64)__ldcg(&out_rows[mid]) * full_cols + __ldcg(&out_cols[mid]);
+        if (s - mid <= need - 1) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
         }
     }
-    gt = sg_block_sum<u64, SG_THREADS>(gt, red);
-    eq = sg_block_sum<u64, SG_THREADS>(eq, red);
-    if (threadIdx.x == 0) tiles[blockIdx.x] = (gt << 32) | eq;
+    state[8] = need - 1 + lo;
 }
 
-// fill_pass == 0: the regular compaction (position = gt_before + min(eq_before, take_eq)).
+// fill_pass == 0: the regular compaction (position = gt_before + min(eq_before, take_eq));
+// the last block to finish then finds L* (topk_fill_bound) from what every block wrote.
 // fill_pass == 1 (fill path, thr = 0; nothing to do unless state[8] holds L*): kept entry i
 // with full index L goes to L if L <= L*, else to need + i, need = k - nonzeros.
-extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, const u64* state, const u64* tiles,
+extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
                                             const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
                                             u32* out_rows, u32* out_cols, float* out_values) {
     __shared__ u32 smem[SG_THREADS / 32 + 1];
@@ -268,32 +355,19 @@ extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, con
         gt_before += total >> 16;
         eq_before += total & 0xffffu;
     }
-}
-
-// One thread. With k <= nonzeros there is no fill: state[8] = TOPK_NO_FILL. Otherwise
-// out[0..nnz) holds the kept entries in linear order; g(i) = S[i] - i is non-decreasing, so
-// #{i : g(i) <= need - 1} is a binary search. L* = need - 1 + that count.
-extern "C" __global__ void topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 full_cols, u64* state) {
-    if (threadIdx.x != 0 || blockIdx.x != 0) return;
-    const u64 nnz = state[2];
-    const u64 k = state[9];
-    if (k <= nnz) {
-        state[8] = TOPK_NO_FILL;
-        return;
+    if (fill_pass) return;  // uniform across the grid
+    __shared__ u32 last;
+    __threadfence();  // this thread's entries are visible before the block counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u64 done = atomicAdd((unsigned long long*)&state[TOPK_DONE], 1ull);
+        last = done + 1 == gridDim.x ? 1u : 0u;
     }
-    const u64 need = k - nnz;
-    u64 lo = 0;
-    u64 hi = nnz;
-    while (lo < hi) {
-        const u64 mid = lo + (hi - lo) / 2;
-        const u64 s = (u64)out_rows[mid] * full_cols + out_cols[mid];
-        if (s - mid <= need - 1) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
+    __syncthreads();
+    if (last && threadIdx.x == 0) {
+        __threadfence();
+        topk_fill_bound(out_rows, out_cols, full_cols, state);
     }
-    state[8] = need - 1 + lo;
 }
 
 extern "C" __global__ void topk_fill_range(const u64* state, u64 full_cols, u32* out_rows, u32* out_cols,

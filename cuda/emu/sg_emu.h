@@ -128,6 +128,9 @@ inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline unsigned __float_as_uint(float f) { return sg_emu::bits_of(f) & 0xffffffffu; }
 inline float __uint_as_float(unsigned u) { return sg_emu::from_bits<float>(u); }
+// A load that bypasses L1 (cache-global); the emulator has one coherent memory.
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
 
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }

@@ -16,8 +16,8 @@ use crate::error::Result;
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
 
-/// Words of the device state block (see the table in cuda/topk.cu).
-const STATE_WORDS: usize = 16;
+/// Words of the device state block (`TOPK_STATE_WORDS`; the table is in cuda/topk.cu).
+const STATE_WORDS: usize = super::consts::TOPK_STATE_WORDS;
 /// Three passes of TOPK_BINS u32 bins, as u64 words.
 const HIST_WORDS: usize = 3 * super::consts::TOPK_BINS / 2;
 
@@ -42,26 +42,21 @@ kernel!(
     TOPK_CHECK_MAP = "topk" / "topk_check_map", TopkSparse, |a| (4 * a[0], a[0])
 );
 kernel!(
-    /// [n]: one pass over the matrix into a 2048-bin histogram.
-    TOPK_HIST = "topk" / "topk_hist_f32", TopkSparse, |a| (4 * a[0] + 2048 * 4, 2 * a[0])
+    /// [n]: one pass over the matrix into a 2048-bin histogram (and, after pass 0, the
+    /// previous pass's bins read once from DRAM; the blocks' repeated reads hit L2).
+    TOPK_HIST = "topk" / "topk_hist_f32", TopkSparse, |a| (4 * a[0] + 2 * 2048 * 4, 2 * a[0] + 2048)
 );
 kernel!(
-    /// []: one block reads a pass's bins.
-    TOPK_SELECT = "topk" / "topk_select", TopkSparse, |_a| (2048 * 4 + 64, 2048)
-);
-kernel!(
-    /// [n]: the matrix read, one word per tile of 4096 written.
-    TOPK_TILE_COUNT = "topk" / "topk_tile_count_f32", TopkSparse, |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64), a[0])
+    /// [n]: the last pass's bins, the matrix read, one word per tile of 4096 written.
+    TOPK_TILE_COUNT = "topk" / "topk_tile_count_f32", TopkSparse,
+    |a| (2048 * 4 + 4 * a[0] + 8 * a[0].div_ceil(TILE as u64), a[0] + 2048)
 );
 kernel!(
     /// [n, entries written]: the matrix and the tile offsets read, the selected entries (row,
-    /// column, value) written.
+    /// column, value) written (the first scatter's last block also searches the kept
+    /// entries for the fill bound: log2 reads, left out).
     TOPK_SCATTER = "topk" / "topk_scatter_f32", TopkSparse,
     |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64) + 12 * a[1], a[0])
-);
-kernel!(
-    /// [k]: with a fill, a binary search over at most k kept entries (log2 reads).
-    TOPK_FILL_BOUND = "topk" / "topk_fill_bound", TopkSparse, |a| (8 * (64 - u64::from(a[0].leading_zeros()) + 1), 0)
 );
 kernel!(
     /// [k]: up to k zero entries written (none without a fill: the cost is the bound).
@@ -164,19 +159,16 @@ impl TopkOps for Cuda {
             out: (o_rows, o_cols, o_vals),
             written: k as u64,
         };
+        // Each pass (and the tile count after the last) first makes the previous pass's
+        // choice of bin on the device.
         for pass in 0..3u32 {
             hist_pass(self, mp, n, pass, state, hist, check)?;
-            // SAFETY: topk_select(const u32* hist_all, u32 pass, u64* state): one block of
-            // 1024 threads reads the pass's 2048 bins and updates state[3..6].
-            unsafe { self.launch(&TOPK_SELECT, one_block(1024), &mut kargs![hist, pass, state], &[]) }?;
         }
-        compaction.count_and_scan()?;
+        compaction.count_and_scan(hist)?;
+        // The first scatter's last block also finds the fill bound.
         compaction.scatter(0)?;
         // The zero fill when k exceeds the nonzeros (the kernels return at once otherwise).
         let fc = full_cols as u64;
-        // SAFETY: topk_fill_bound(const u32* out_rows, const u32* out_cols, u64 full_cols,
-        // u64* state): with a fill, a binary search over out[..nonzeros], written above.
-        unsafe { self.launch(&TOPK_FILL_BOUND, one_block(32), &mut kargs![o_rows, o_cols, fc, state], &[k as u64]) }?;
         // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
         // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
         // inside the capacity checked above (nothing without a fill).
@@ -197,8 +189,9 @@ impl TopkOps for Cuda {
 fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64, check: u64) -> Result<()> {
     let (n64, health) = (n as u64, cuda.errors.ptr());
     // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all,
-    // u64 check_id, u64* health): reads m[..n], adds into the pass's 2048 bins, pass 0 also
-    // into state[0..3] and, for non-finite entries, the health block.
+    // u64 check_id, u64* health): reads m[..n] and the previous pass's bins, adds into the
+    // pass's 2048 bins, block 0 records the previous pass's choice in the state words;
+    // pass 0 also adds into state[0..3] and, for non-finite entries, the health block.
     unsafe {
         cuda.launch(
             &TOPK_HIST,
@@ -226,14 +219,20 @@ struct Compaction<'a> {
 }
 
 impl Compaction<'_> {
-    fn count_and_scan(&self) -> Result<()> {
+    fn count_and_scan(&self, hist: u64) -> Result<()> {
         let (m, n64, state, tiles) = (self.m, self.n as u64, self.state, self.tiles);
-        // SAFETY: topk_tile_count_f32(const float* m, u64 n, const u64* state, u64* tiles):
-        // one block per tile of 4096 entries; the workspace holds ceil(max_len / 4096) >=
-        // ceil(n / 4096) tile words.
-        unsafe {
-            self.cuda.launch(&TOPK_TILE_COUNT, Cuda::grid_tiles(self.n), &mut kargs![m, n64, state, tiles], &[n64])
-        }?;
+        let n_tiles = self.n.div_ceil(TILE);
+        let cap = (self.cuda.sm_count * HIST_PER_SM) as usize;
+        let grid = LaunchConfig {
+            grid_dim: (n_tiles.clamp(1, cap) as u32, 1, 1),
+            block_dim: (super::THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: topk_tile_count_f32(const float* m, u64 n, u64* state, const u32* hist_all,
+        // u64* tiles): reads the last pass's bins and m[..n], block 0 writes state[3..6];
+        // tiles strided over the blocks, one word each; the workspace holds
+        // ceil(max_len / 4096) >= ceil(n / 4096) tile words.
+        unsafe { self.cuda.launch(&TOPK_TILE_COUNT, grid, &mut kargs![m, n64, state, hist, tiles], &[n64]) }?;
         scan_tiles(self.cuda, tiles, self.n.div_ceil(TILE), state + 8 * S_TOTAL as u64)
     }
 
@@ -243,10 +242,11 @@ impl Compaction<'_> {
         let (m, n64, c, state, tiles) = (self.m, self.n as u64, self.cols as u64, self.state, self.tiles);
         let (rm, cm, fc) = (self.row_map, self.col_map, self.full_cols as u64);
         let (o_rows, o_cols, o_vals) = self.out;
-        // SAFETY: topk_scatter_f32(const float* m, u64 n, u64 cols, const u64* state,
+        // SAFETY: topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state,
         // const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
         // u32* out_rows, u32* out_cols, float* out_values): writes at most k distinct
-        // positions below k (capacity checked); the maps (or null) hold rows / cols entries.
+        // positions below k (capacity checked); the maps (or null) hold rows / cols entries;
+        // with fill_pass 0 the last block reads out[..nonzeros] and writes state[8, 16].
         unsafe {
             self.cuda.launch(
                 &TOPK_SCATTER,
