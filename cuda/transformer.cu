@@ -6,8 +6,11 @@
 //   rmsnorm_gG_f32                  inv_rms[r] = 1 / sqrt(sum_c x[r,c]^2 / cols + eps),
 //                                   y[r,c] = x[r,c] * inv_rms[r] * w[c]
 //   rmsnorm_backward_gG_f32         dx[r,c] = inv (w[c] dy[r,c] - x[r,c] (inv^2 dot)),
-//                                   dot = sum_c w[c] dy[r,c] x[r,c] / cols, inv = inv_rms[r]
-//   rope_f32                        rotate-half RoPE in place on (tokens, heads * head_dim):
+//                                   dot = sum_c w[c] dy[r,c] x[r,c] / cols, inv = inv_rms[r];
+//                                   with `accumulate`, dx[r,c] += that (one rounded add, as
+//                                   axpy_f32 with alpha 1: the residual stream's gradient)
+//   rope_f32                        rotate-half RoPE in place on (tokens, heads * head_dim)
+//                                   (and a second such tensor, the keys, in the same launch):
 //                                   token t at position p = t % seq_len, pair (i, i + h),
 //                                   h = head_dim / 2: (a, b) <- (a c - b s, a s + b c) with
 //                                   c = cos[p, i], s = sin[p, i] (s negated for `inverse`)
@@ -197,10 +200,13 @@ __device__ __forceinline__ float rmsnorm_dx(float x, float w, float dy, float in
 template <int GROUP>
 __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ x, const float* __restrict__ w,
                                                       const float* __restrict__ inv_rms, const float* __restrict__ dy,
-                                                      float* __restrict__ dx, u64 rows, u64 cols, float n_cols) {
+                                                      float* __restrict__ dx, u64 rows, u64 cols, float n_cols,
+                                                      u32 accumulate) {
     __shared__ float smem[32];
     const RowGroup<GROUP> g;
     const bool vec = (cols & 3) == 0 && sg_aligned(x, 16) && sg_aligned(w, 16) && sg_aligned(dy, 16) && sg_aligned(dx, 16);
+    // Uniform across the grid; the add is __fadd_rn so it is never contracted into an FMA.
+    const auto put = [accumulate](float old, float v) { return accumulate ? __fadd_rn(old, v) : v; };
     for (u64 r = g.first; r < rows; r += g.stride) {
         const float* xr = x + r * cols;
         const float* dyr = dy + r * cols;
@@ -224,10 +230,12 @@ __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ 
                 const float4 a = SG_F4(xr)[k];
                 const float4 s = SG_F4(w)[k];
                 const float4 d = SG_F4(dyr)[k];
-                SG_F4_MUT(dxr)[k] = make_float4(rmsnorm_dx(a.x, s.x, d.x, inv, k2), rmsnorm_dx(a.y, s.y, d.y, inv, k2),
-                                                rmsnorm_dx(a.z, s.z, d.z, inv, k2), rmsnorm_dx(a.w, s.w, d.w, inv, k2));
+                const float4 o = accumulate ? SG_F4(dxr)[k] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                SG_F4_MUT(dxr)[k] = make_float4(
+                    put(o.x, rmsnorm_dx(a.x, s.x, d.x, inv, k2)), put(o.y, rmsnorm_dx(a.y, s.y, d.y, inv, k2)),
+                    put(o.z, rmsnorm_dx(a.z, s.z, d.z, inv, k2)), put(o.w, rmsnorm_dx(a.w, s.w, d.w, inv, k2)));
             },
-            [&](u64 j) { dxr[j] = rmsnorm_dx(xr[j], w[j], dyr[j], inv, k2); });
+            [&](u64 j) { dxr[j] = put(accumulate ? dxr[j] : 0.0f, rmsnorm_dx(xr[j], w[j], dyr[j], inv, k2)); });
     }
 }
 
@@ -364,8 +372,8 @@ __device__ __forceinline__ void cross_entropy_impl(float* __restrict__ logits, c
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         rmsnorm_backward_g##G##_f32(const float* x, const float* w, const float* inv_rms, const float* dy,          \
-                                    float* dx, u64 rows, u64 cols, float n_cols) {                                   \
-        rmsnorm_backward_impl<G>(x, w, inv_rms, dy, dx, rows, cols, n_cols);                                         \
+                                    float* dx, u64 rows, u64 cols, float n_cols, u32 accumulate) {                   \
+        rmsnorm_backward_impl<G>(x, w, inv_rms, dy, dx, rows, cols, n_cols, accumulate);                             \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         softmax_causal_g##G##_f32(float* s, u64 rows, u64 t, float scale) {                                          \
@@ -396,23 +404,29 @@ SG_ROW_KERNELS(256)
 SG_ROW_KERNELS(1024)
 
 // ---- rotary embedding ------------------------------------------------------------------------
-// x: (tokens, heads * head_dim); cos, sin: (seq_len, head_dim / 2). heads * head_dim / 2 =
-// `pairs` < 2^31 (checked by the launcher), so the pair index and its stride fit in u32.
-extern "C" __global__ void rope_f32(float* __restrict__ x, u64 tokens, u32 heads, u32 head_dim, u64 seq_len,
-                                    const float* __restrict__ cos, const float* __restrict__ sin, u32 inverse) {
+// x: (tokens, heads * head_dim), and x2: (tokens, heads2 * head_dim) (queries and keys in one
+// launch; heads2 = 0 for one tensor); cos, sin: (seq_len, head_dim / 2). (heads + heads2) *
+// head_dim / 2 = `pairs` < 2^31 (checked by the launcher), so the pair index and its stride
+// fit in u32. Pairs below heads * head_dim / 2 are x's, the rest x2's.
+extern "C" __global__ void rope_f32(float* __restrict__ x, u32 heads, float* __restrict__ x2, u32 heads2, u64 tokens,
+                                    u32 head_dim, u64 seq_len, const float* __restrict__ cos,
+                                    const float* __restrict__ sin, u32 inverse) {
     const u32 half = head_dim >> 1;
-    const u32 pairs = heads * half;
+    const u32 pairs1 = heads * half;
+    const u32 pairs = pairs1 + heads2 * half;
     const u64 width = (u64)heads * head_dim;
+    const u64 width2 = (u64)heads2 * head_dim;
     const u32 stride = gridDim.x * blockDim.x;
     for (u64 t = blockIdx.y; t < tokens; t += gridDim.y) {
         const u64 p = t % seq_len;
         const float* c = cos + p * half;
         const float* s = sin + p * half;
-        float* row = x + t * width;
         for (u32 j = blockIdx.x * blockDim.x + threadIdx.x; j < pairs; j += stride) {
-            const u32 h = j / half;
-            const u32 i = j - h * half;
-            float* hp = row + (u64)h * head_dim;
+            const bool second = j >= pairs1;
+            const u32 jj = second ? j - pairs1 : j;
+            const u32 h = jj / half;
+            const u32 i = jj - h * half;
+            float* hp = (second ? x2 + t * width2 : x + t * width) + (u64)h * head_dim;
             const float a = hp[i];
             const float b = hp[i + half];
             const float cc = c[i];

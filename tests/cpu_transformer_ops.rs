@@ -117,6 +117,30 @@ fn rmsnorm_backward_matches_finite_differences() {
 }
 
 #[test]
+fn rmsnorm_backward_add_adds_the_backward_into_the_residual_gradient() {
+    let cpu = Cpu::new();
+    let mut r = rng(21);
+    for (rows, cols) in [(1, 1), (2, 5), (3, 17)] {
+        let x = rand_range64(&mut r, rows * cols, -2.0, 2.0);
+        let w = rand_range64(&mut r, cols, 0.5, 1.5);
+        let dy = rand_range64(&mut r, rows * cols, -1.0, 1.0);
+        let acc = rand_range64(&mut r, rows * cols, -1.0, 1.0);
+        let (_, inv) = rmsnorm(&cpu, &x, &w, rows, cols, 1e-5);
+        let (xb, wb, ib, dyb) = (up(&cpu, &x), up(&cpu, &w), up(&cpu, &inv), up(&cpu, &dy));
+        let mut dx = up(&cpu, &vec![f64::NAN; rows * cols]);
+        cpu.rmsnorm_backward(&xb, &wb, &ib, &dyb, &mut dx, rows, cols).unwrap();
+        let mut sum = up(&cpu, &acc);
+        cpu.rmsnorm_backward_add(&xb, &wb, &ib, &dyb, &mut sum, rows, cols).unwrap();
+        let want: Vec<f64> = acc.iter().zip(down(&cpu, &dx, rows * cols)).map(|(a, d)| a + d).collect();
+        assert_eq!(down(&cpu, &sum, rows * cols), want, "rmsnorm_backward_add {rows}x{cols}");
+    }
+    let b = |n: usize| up(&cpu, &vec![1.0; n]);
+    let mut dx = b(12);
+    assert!(matches!(cpu.rmsnorm_backward_add(&b(12), &b(4), &b(3), &b(11), &mut dx, 3, 4), Err(Error::Shape { .. })));
+    assert_eq!(down(&cpu, &dx, 12), vec![1.0; 12], "a rejected call leaves dx as it was");
+}
+
+#[test]
 fn rmsnorm_rejects_bad_shapes() {
     let cpu = Cpu::new();
     let b = |n: usize| up(&cpu, &vec![1.0; n]);
@@ -218,6 +242,33 @@ fn rope_matches_the_hf_rotate_half_definition() {
             );
         }
     }
+}
+
+#[test]
+fn rope_qk_rotates_queries_and_keys_like_two_rope_calls() {
+    let cpu = Cpu::new();
+    let mut r = rng(31);
+    for &(tokens, heads, head_dim, seq_len) in ROPE_SHAPES {
+        let k_heads = heads.div_ceil(3);
+        let (cos, sin) = rope_tables(seq_len, head_dim, 10000.0);
+        let q = rand_range64(&mut r, tokens * heads * head_dim, -1.0, 1.0);
+        let k = rand_range64(&mut r, tokens * k_heads * head_dim, -1.0, 1.0);
+        for inverse in [false, true] {
+            let (mut qb, mut kb) = (up(&cpu, &q), up(&cpu, &k));
+            let (c, s) = (up(&cpu, &cos), up(&cpu, &sin));
+            cpu.rope_qk(&mut qb, heads, &mut kb, k_heads, tokens, head_dim, seq_len, &c, &s, inverse).unwrap();
+            let what = format!("rope_qk {tokens}x{heads}/{k_heads}x{head_dim} inverse {inverse}");
+            let want_q = rope(&cpu, &q, tokens, heads, head_dim, seq_len, &cos, &sin, inverse);
+            let want_k = rope(&cpu, &k, tokens, k_heads, head_dim, seq_len, &cos, &sin, inverse);
+            assert_eq!(down(&cpu, &qb, q.len()), want_q, "{what}: queries");
+            assert_eq!(down(&cpu, &kb, k.len()), want_k, "{what}: keys");
+        }
+    }
+    // Both tensors are checked before either changes.
+    let (c, s) = (up(&cpu, &[1.0; 16]), up(&cpu, &[0.5; 16]));
+    let (mut q, mut k) = (up(&cpu, &[2.0; 64]), up(&cpu, &[2.0; 31]));
+    assert!(matches!(cpu.rope_qk(&mut q, 2, &mut k, 1, 4, 8, 4, &c, &s, false), Err(Error::Shape { .. })));
+    assert_eq!(down(&cpu, &q, 64), vec![2.0; 64]);
 }
 
 #[test]

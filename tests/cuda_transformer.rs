@@ -22,7 +22,7 @@ mod cuda_common;
 
 use cuda_common::*;
 use rand::Rng;
-use sparsegrad::backend::TransformerOps;
+use sparsegrad::backend::{DenseOps, TransformerOps};
 use sparsegrad::{Backend, Cpu, Error, Real};
 
 #[derive(Clone, Copy, Debug)]
@@ -169,6 +169,28 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         let (dx, dx_tail) = down_split(dev, &dxd, n, n + TAIL);
         compare(&what, &dx, &dx32, Some(&dx64), RMS_DX.0, RMS_DX.1);
         assert_untouched_f32(&format!("{what}: tail"), &dx_tail, f32::NAN);
+
+        // Added into a residual gradient: bit-identical, on each backend, to the backward
+        // into scratch followed by axpy with alpha 1 (the two passes it replaces).
+        let what = format!("rmsnorm_backward_add {rows}x{cols}");
+        let mut acc = rand_f32(&mut r, n);
+        acc.extend([f32::NAN; TAIL]);
+        let (invd, dyd) = (up(dev, &inv32), up(dev, &dy));
+        let mut fused = up(dev, &acc);
+        dev.rmsnorm_backward_add(&xd, &wd, &invd, &dyd, &mut fused, rows, cols).unwrap();
+        let mut two_pass = up(dev, &acc);
+        dev.axpy(1.0, &dxd, &mut two_pass, n).unwrap();
+        let (fused, fused_tail) = down_split(dev, &fused, n, n + TAIL);
+        assert_bits(&format!("{what}: device, fused vs two passes"), &fused, &down(dev, &two_pass, n));
+        assert_untouched_f32(&format!("{what}: tail"), &fused_tail, f32::NAN);
+        let (xc, wc, ic, dyc) = (up(&cpu, &x), up(&cpu, &w), up(&cpu, &inv32), up(&cpu, &dy));
+        let mut cpu_fused = up(&cpu, &acc);
+        cpu.rmsnorm_backward_add(&xc, &wc, &ic, &dyc, &mut cpu_fused, rows, cols).unwrap();
+        let mut cpu_two = up(&cpu, &acc);
+        cpu.axpy(1.0, &up(&cpu, &dx32), &mut cpu_two, n).unwrap();
+        assert_bits(&format!("{what}: CPU, fused vs two passes"), &down(&cpu, &cpu_fused, n), &down(&cpu, &cpu_two, n));
+        let want: Vec<f64> = acc[..n].iter().zip(&dx64).map(|(&a, &d)| a as f64 + d).collect();
+        compare(&what, &fused, &down(&cpu, &cpu_fused, n), Some(&want), RMS_DX.0, RMS_DX.1);
     }
 }
 
@@ -210,6 +232,29 @@ fn check_rope<B: Backend>(dev: &B, big: bool) {
                 let (got, tail) = down_split(dev, &got, n, n + TAIL);
                 assert_bits(&what, &got, &down(&cpu, &want, n));
                 assert_untouched_f32(&format!("{what}: tail"), &tail, f32::NAN);
+
+                // Queries and keys in one launch: bit-identical to two rope calls, the keys
+                // with their own head count (grouped-query attention), tails untouched.
+                let k_heads = heads.div_ceil(3);
+                let nk = tokens * k_heads * head_dim;
+                let mut kx = rand_f32(&mut r, nk);
+                kx.extend([f32::NAN; TAIL]);
+                let (mut q_got, mut k_got) = (up(dev, &x), up(dev, &kx));
+                dev.rope_qk(&mut q_got, heads, &mut k_got, k_heads, tokens, head_dim, seq_len, &cd, &sd, inverse)
+                    .unwrap();
+                let mut k_want = up(&cpu, &kx);
+                cpu.rope(&mut k_want, tokens, k_heads, head_dim, seq_len, &cc, &sc, inverse).unwrap();
+                let (q_got, q_tail) = down_split(dev, &q_got, n, n + TAIL);
+                let (k_got, k_tail) = down_split(dev, &k_got, nk, nk + TAIL);
+                assert_bits(&format!("{what}: rope_qk queries"), &q_got, &down(&cpu, &want, n));
+                assert_bits(&format!("{what}: rope_qk keys ({k_heads} heads)"), &k_got, &down(&cpu, &k_want, nk));
+                assert_untouched_f32(&format!("{what}: rope_qk query tail"), &q_tail, f32::NAN);
+                assert_untouched_f32(&format!("{what}: rope_qk key tail"), &k_tail, f32::NAN);
+                let (mut q_cpu, mut k_cpu) = (up(&cpu, &x), up(&cpu, &kx));
+                cpu.rope_qk(&mut q_cpu, heads, &mut k_cpu, k_heads, tokens, head_dim, seq_len, &cc, &sc, inverse)
+                    .unwrap();
+                assert_bits(&format!("{what}: CPU rope_qk queries"), &down(&cpu, &q_cpu, n), &down(&cpu, &want, n));
+                assert_bits(&format!("{what}: CPU rope_qk keys"), &down(&cpu, &k_cpu, nk), &down(&cpu, &k_want, nk));
             }
         }
     }
@@ -399,6 +444,11 @@ fn check_shape_errors<B: Backend>(dev: &B) {
     assert!(matches!(dev.rope(&mut x, 4, 2, 8, 0, &c, &s, false), Err(Error::InvalidArgument { .. })));
     assert!(matches!(dev.rope(&mut x, 5, 2, 8, 4, &c, &s, false), Err(Error::Shape { .. })));
     assert!(matches!(dev.rope(&mut x, 4, 2, 8, 5, &c, &s, true), Err(Error::Shape { .. })));
+    // rope_qk checks both tensors before it launches anything: a short key buffer leaves the
+    // queries as they were.
+    let (mut q, mut k) = (up(dev, &[1.5f32; 64]), up(dev, &[1.5f32; 31]));
+    assert!(matches!(dev.rope_qk(&mut q, 2, &mut k, 1, 4, 8, 4, &c, &s, false), Err(Error::Shape { .. })));
+    assert_eq!(down(dev, &q, 64), vec![1.5f32; 64]);
     let mut sm = b(17);
     assert!(matches!(dev.softmax_causal(&mut sm, 2, 3, 1.0), Err(Error::Shape { .. })));
     let mut ds = b(18);

@@ -11,7 +11,7 @@ use super::weights::{checked_tensor, Field, LlamaSource, Tensor};
 
 mod checkpoint;
 use super::TrainingSetup;
-use crate::backend::operand::{grow, mm, stage, to_f, Operand};
+use crate::backend::operand::{grow, mm, stage, to_f, Operand, OperandRef};
 use crate::backend::LossScale;
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
@@ -511,8 +511,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             mm(&be, &Gemm::nt(t, c.q_dim(), c.hidden), a, l.q.as_ref(), &mut sv.q_act)?;
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.k.as_ref(), &mut sv.k_act)?;
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut sv.v_act)?;
-            be.rope(&mut sv.q_act, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
-            be.rope(&mut sv.k_act, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
+            let (q, k) = (&mut sv.q_act, &mut sv.k_act);
+            be.rope_qk(q, c.heads, k, c.kv_heads, t, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
             let attended = sv.attn.forward(&be, &shape, Mask::Causal, self.precision, &sv.q_act, &sv.k_act, &sv.v_act);
             if rounds {
                 std::mem::swap(&mut l.saved.attn.stats, &mut s.saved.attn.stats);
@@ -526,8 +526,14 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                     [t * c.q_dim(), t * c.kv_dim(), t * c.kv_dim(), t * c.q_dim()],
                 )?;
             }
-            let sv = if keeps && !half { &l.saved } else { &s.saved };
-            let o_in = stage(&be, &sv.attn.out, s.attn_half.as_mut(), t * c.q_dim())?;
+            // A layer that keeps a bf16 set has just rounded the attention output into it: the
+            // same bits the staging cast would write.
+            let o_in = if rounds {
+                OperandRef::Half(&l.saved.out_half)
+            } else {
+                let sv = if keeps && !half { &l.saved } else { &s.saved };
+                stage(&be, &sv.attn.out, s.attn_half.as_mut(), t * c.q_dim())?
+            };
             mm(&be, &Gemm::nt(t, c.hidden, c.q_dim()), o_in, l.o.as_ref(), &mut s.branch)?;
             be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
             if keeps {
@@ -619,8 +625,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             }
             l.mlp.backward_shared(&s.dx, t, Some(&mut s.dnormed), &mut s.mlp)?;
             let sv = &l.saved;
-            be.rmsnorm_backward(&sv.x_mid, &l.ffn_norm, &sv.inv_rms_ffn, &s.dnormed, &mut s.branch, t, c.hidden)?;
-            be.axpy(F::ONE, &s.branch, &mut s.dx, t * c.hidden)?;
+            be.rmsnorm_backward_add(&sv.x_mid, &l.ffn_norm, &sv.inv_rms_ffn, &s.dnormed, &mut s.dx, t, c.hidden)?;
             // Attention branch: x_mid = x_in + o(attn(rmsnorm(x_in))).
             let dx_op = stage(&be, &s.dx, s.grad_half.as_mut(), t * c.hidden)?;
             mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
@@ -643,16 +648,25 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 sv.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
             }
             let sv = &l.saved;
-            be.rope(&mut s.dq, t, c.heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
-            be.rope(&mut s.dk, t, c.kv_heads, c.head_dim, seq, &self.rope_cos, &self.rope_sin, true)?;
+            be.rope_qk(
+                &mut s.dq,
+                c.heads,
+                &mut s.dk,
+                c.kv_heads,
+                t,
+                c.head_dim,
+                seq,
+                &self.rope_cos,
+                &self.rope_sin,
+                true,
+            )?;
             let dq = stage(&be, &s.dq, s.grad_half.as_mut(), t * c.q_dim())?;
             mm(&be, &Gemm::nn(t, c.hidden, c.q_dim()), dq, l.q.as_ref(), &mut s.dnormed)?;
             let dk = stage(&be, &s.dk, s.grad_half.as_mut(), t * c.kv_dim())?;
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dk, l.k.as_ref(), &mut s.dnormed)?;
             let dv = stage(&be, &s.dv, s.grad_half.as_mut(), t * c.kv_dim())?;
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dv, l.v.as_ref(), &mut s.dnormed)?;
-            be.rmsnorm_backward(&sv.x_in, &l.attn_norm, &sv.inv_rms_attn, &s.dnormed, &mut s.branch, t, c.hidden)?;
-            be.axpy(F::ONE, &s.branch, &mut s.dx, t * c.hidden)?;
+            be.rmsnorm_backward_add(&sv.x_in, &l.attn_norm, &sv.inv_rms_attn, &s.dnormed, &mut s.dx, t, c.hidden)?;
         }
         Ok(())
     }

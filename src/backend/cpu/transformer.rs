@@ -44,21 +44,20 @@ impl TransformerOps for Cpu {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
-        dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
-            let (xr, dyr, inv) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], inv_rms[r]);
-            let dot = F::from_f64(
-                xr.iter().zip(dyr).zip(&w[..cols]).map(|((&x, &dy), &w)| (w * dy * x).to_f64()).sum::<f64>()
-                    / cols as f64,
-            );
-            let k = inv * inv * dot;
-            dx.iter_mut()
-                .zip(xr)
-                .zip(dyr)
-                .zip(&w[..cols])
-                .for_each(|(((dx, &x), &dy), &w)| *dx = inv * (w * dy - x * k));
-        });
-        Ok(())
+        rmsnorm_backward_into(self, [x, w, inv_rms, dy], dx, rows, cols, false)
+    }
+
+    fn rmsnorm_backward_add<F: Real>(
+        &self,
+        x: &CpuBuf<F>,
+        w: &CpuBuf<F>,
+        inv_rms: &CpuBuf<F>,
+        dy: &CpuBuf<F>,
+        dx: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        rmsnorm_backward_into(self, [x, w, inv_rms, dy], dx, rows, cols, true)
     }
 
     fn rope<F: Real>(
@@ -90,6 +89,26 @@ impl TransformerOps for Cpu {
             }
         });
         Ok(())
+    }
+
+    fn rope_qk<F: Real>(
+        &self,
+        q: &mut CpuBuf<F>,
+        q_heads: usize,
+        k: &mut CpuBuf<F>,
+        k_heads: usize,
+        tokens: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &CpuBuf<F>,
+        sin: &CpuBuf<F>,
+        inverse: bool,
+    ) -> Result<()> {
+        // Both checked before either changes.
+        check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
+        check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
+        self.rope(q, tokens, q_heads, head_dim, seq_len, cos, sin, inverse)?;
+        self.rope(k, tokens, k_heads, head_dim, seq_len, cos, sin, inverse)
     }
 
     fn softmax_causal<F: Real>(&self, s: &mut CpuBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
@@ -163,4 +182,28 @@ impl TransformerOps for Cpu {
         );
         Ok(())
     }
+}
+
+/// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it.
+fn rmsnorm_backward_into<F: Real>(
+    cpu: &Cpu,
+    [x, w, inv_rms, dy]: [&CpuBuf<F>; 4],
+    dx: &mut CpuBuf<F>,
+    rows: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
+    check_rmsnorm_backward(cpu, [x, w, inv_rms, dy, dx], rows, cols)?;
+    dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
+        let (xr, dyr, inv) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], inv_rms[r]);
+        let dot = F::from_f64(
+            xr.iter().zip(dyr).zip(&w[..cols]).map(|((&x, &dy), &w)| (w * dy * x).to_f64()).sum::<f64>() / cols as f64,
+        );
+        let k = inv * inv * dot;
+        dx.iter_mut().zip(xr).zip(dyr).zip(&w[..cols]).for_each(|(((dx, &x), &dy), &w)| {
+            let v = inv * (w * dy - x * k);
+            *dx = if accumulate { *dx + v } else { v };
+        });
+    });
+    Ok(())
 }

@@ -19,14 +19,15 @@ kernel!(
     |a| (8 * a[0] * a[1] + 4 * a[1] + 4 * a[0], 4 * a[0] * a[1])
 );
 kernel!(
-    /// [rows, cols]: x and dy read, dx written, w and inv_rms read.
+    /// [rows, cols, accumulate]: x and dy read, dx written (and read when accumulating), w and
+    /// inv_rms read.
     RMSNORM_BACKWARD = "transformer"
         / ["rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32"],
     Elementwise,
-    |a| (12 * a[0] * a[1] + 4 * a[1] + 4 * a[0], 8 * a[0] * a[1])
+    |a| ((12 + 4 * a[2]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (8 + a[2]) * a[0] * a[1])
 );
 kernel!(
-    /// [tokens, heads * head_dim, seq_len * head_dim]: x read and written in place; the cos and
+    /// [tokens, (heads + heads2) * head_dim, seq_len * head_dim]: x (and x2) read and written in place; the cos and
     /// sin tables (seq_len x head_dim / 2 each, shared by the heads) read; 6 flops per pair.
     ROPE = "transformer" / "rope_f32", Elementwise, |a| (8 * a[0] * a[1] + 4 * a[2], 3 * a[0] * a[1])
 );
@@ -162,21 +163,20 @@ impl TransformerOps for Cuda {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        const OP: &str = "rmsnorm_backward";
-        require_f32::<F>(OP)?;
-        check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let g = Group::for_width(cols);
-        let kernel = g.kernel(&RMSNORM_BACKWARD);
-        let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
-        let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
-        // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
-        // const float* dy, float* dx, u64 rows, u64 cols, float n_cols): x, dy and dx hold
-        // rows * cols, w cols and inv_rms rows elements (checked above); dx is distinct from the
-        // inputs (&mut); block and group sizes come from `g`.
-        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc], &[r, c]) }
+        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, false)
+    }
+
+    fn rmsnorm_backward_add<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        inv_rms: &CudaBuf<F>,
+        dy: &CudaBuf<F>,
+        dx: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, true)
     }
 
     fn rope<F: Real>(
@@ -190,28 +190,28 @@ impl TransformerOps for Cuda {
         sin: &CudaBuf<F>,
         inverse: bool,
     ) -> Result<()> {
-        const OP: &str = "rope";
-        require_f32::<F>(OP)?;
         let width = check_rope(self, x, tokens, heads, head_dim, seq_len, cos, sin)?;
-        let half = head_dim / 2;
-        if width == 0 || tokens == 0 {
-            return Ok(());
-        }
-        // The kernel indexes pairs of a token with u32 (and heads * head_dim fits u32 with it).
-        let pairs = heads * half;
-        if pairs > i32::MAX as usize {
-            return Err(Error::invalid(OP, format!("heads * head_dim / 2 = {pairs} exceeds 2^31 - 1")));
-        }
-        let cfg = self.grid_2d(tokens, pairs, 256, ROPE_MAX_X);
-        let (xp, cp, sp) = (x.ptr_mut(), cos.ptr(), sin.ptr());
-        let (t, h, d, s, inv) = (tokens as u64, heads as u32, head_dim as u32, seq_len as u64, u32::from(inverse));
-        // SAFETY: rope_f32(float* x, u64 tokens, u32 heads, u32 head_dim, u64 seq_len,
-        // const float* cos, const float* sin, u32 inverse): x holds tokens * heads * head_dim,
-        // cos and sin seq_len * head_dim / 2 elements (checked above); heads * head_dim / 2 <
-        // 2^31 and head_dim <= 2 * that, so the u32 arguments are exact; grid.y <= 65535.
-        unsafe {
-            self.launch(&ROPE, cfg, &mut kargs![xp, t, h, d, s, cp, sp, inv], &[t, 2 * pairs as u64, s * d as u64])
-        }
+        let tables = RopeTables { tokens, head_dim, seq_len, cos, sin, inverse };
+        self.rope_launch((x, heads, width), None, &tables)
+    }
+
+    fn rope_qk<F: Real>(
+        &self,
+        q: &mut CudaBuf<F>,
+        q_heads: usize,
+        k: &mut CudaBuf<F>,
+        k_heads: usize,
+        tokens: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &CudaBuf<F>,
+        sin: &CudaBuf<F>,
+        inverse: bool,
+    ) -> Result<()> {
+        let q_width = check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
+        let k_width = check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
+        let tables = RopeTables { tokens, head_dim, seq_len, cos, sin, inverse };
+        self.rope_launch((q, q_heads, q_width), Some((k, k_heads, k_width)), &tables)
     }
 
     fn softmax_causal<F: Real>(&self, s: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
@@ -320,6 +320,95 @@ mod tests {
             // SG_ROW_BLOCK(G) = max(G, 256) threads, rows_per_block = threads / G.
             assert_eq!(g.threads(), (group as u32).max(256));
             assert_eq!(g.rows_per_block(), g.threads() as usize / group);
+        }
+    }
+}
+
+impl Cuda {
+    /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it.
+    fn rmsnorm_backward_into<F: Real>(
+        &self,
+        [x, w, inv_rms, dy]: [&CudaBuf<F>; 4],
+        dx: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        const OP: &str = "rmsnorm_backward";
+        require_f32::<F>(OP)?;
+        check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(cols);
+        let kernel = g.kernel(&RMSNORM_BACKWARD);
+        let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
+        let (r, c, nc, acc) = (rows as u64, cols as u64, cols_f32(cols), u32::from(accumulate));
+        // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
+        // const float* dy, float* dx, u64 rows, u64 cols, float n_cols, u32 accumulate): x, dy
+        // and dx hold rows * cols, w cols and inv_rms rows elements (checked above); dx is
+        // distinct from the inputs (&mut); block and group sizes come from `g`.
+        unsafe {
+            self.launch(
+                kernel,
+                g.config(self, rows),
+                &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc, acc],
+                &[r, c, acc.into()],
+            )
+        }
+    }
+}
+
+/// What the tensors of one rope launch share.
+struct RopeTables<'a, F: Real> {
+    tokens: usize,
+    head_dim: usize,
+    seq_len: usize,
+    cos: &'a CudaBuf<F>,
+    sin: &'a CudaBuf<F>,
+    inverse: bool,
+}
+
+impl Cuda {
+    /// One rope_f32 launch over `x` and, if given, a second tensor `x2` of the same tokens
+    /// (each `(buffer, heads, width)`, checked by `check_rope`).
+    fn rope_launch<F: Real>(
+        &self,
+        (x, heads, width): (&mut CudaBuf<F>, usize, usize),
+        x2: Option<(&mut CudaBuf<F>, usize, usize)>,
+        r: &RopeTables<'_, F>,
+    ) -> Result<()> {
+        const OP: &str = "rope";
+        require_f32::<F>(OP)?;
+        let (x2_ptr, heads2, width2) = match x2 {
+            Some((b, h, w)) => (b.ptr_mut(), h, w),
+            None => (0, 0, 0),
+        };
+        let half = r.head_dim / 2;
+        if width + width2 == 0 || r.tokens == 0 {
+            return Ok(());
+        }
+        // The kernel indexes pairs of a token with u32 (and heads * head_dim fits u32 with it).
+        let pairs = (heads + heads2) * half;
+        if pairs > i32::MAX as usize {
+            return Err(Error::invalid(OP, format!("heads * head_dim / 2 = {pairs} exceeds 2^31 - 1")));
+        }
+        let cfg = self.grid_2d(r.tokens, pairs, 256, ROPE_MAX_X);
+        let (xp, cp, sp) = (x.ptr_mut(), r.cos.ptr(), r.sin.ptr());
+        let (h, h2) = (heads as u32, heads2 as u32);
+        let (t, d, s, inv) = (r.tokens as u64, r.head_dim as u32, r.seq_len as u64, u32::from(r.inverse));
+        // SAFETY: rope_f32(float* x, u32 heads, float* x2, u32 heads2, u64 tokens, u32 head_dim,
+        // u64 seq_len, const float* cos, const float* sin, u32 inverse): x holds tokens * heads *
+        // head_dim and x2 (null when heads2 = 0) tokens * heads2 * head_dim elements, cos and
+        // sin seq_len * head_dim / 2 (checked by check_rope); x and x2 are distinct (&mut);
+        // (heads + heads2) * head_dim / 2 < 2^31, so the u32 arguments are exact; grid.y <= 65535.
+        unsafe {
+            self.launch(
+                &ROPE,
+                cfg,
+                &mut kargs![xp, h, x2_ptr, h2, t, d, s, cp, sp, inv],
+                &[t, 2 * pairs as u64, s * d as u64],
+            )
         }
     }
 }

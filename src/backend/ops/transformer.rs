@@ -35,6 +35,20 @@ pub trait TransformerOps: Buffers {
         rows: usize,
         cols: usize,
     ) -> Result<()>;
+    /// [`TransformerOps::rmsnorm_backward`] added into `dx` (one rounded f32 add per element,
+    /// bit-identical to the backward into a scratch buffer followed by `axpy` with alpha 1):
+    /// a residual block's input gradient in one pass instead of two.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward_add<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        inv_rms: &Self::Buf<F>,
+        dy: &Self::Buf<F>,
+        dx: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
     /// Rotary position embedding in the rotate-half layout, in place on `x`
     /// `(tokens, heads * head_dim)`. Token `t` sits at position `p = t % seq_len`; for
     /// `i < head_dim / 2`, with `c = cos[p, i]`, `s = sin[p, i]` (tables `(seq_len, head_dim/2)`):
@@ -46,6 +60,22 @@ pub trait TransformerOps: Buffers {
         x: &mut Self::Buf<F>,
         tokens: usize,
         heads: usize,
+        head_dim: usize,
+        seq_len: usize,
+        cos: &Self::Buf<F>,
+        sin: &Self::Buf<F>,
+        inverse: bool,
+    ) -> Result<()>;
+    /// [`TransformerOps::rope`] of the queries `q` (`q_heads` heads) and the keys `k`
+    /// (`k_heads` heads) of the same tokens, in one pass: bit-identical to the two calls.
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk<F: Real>(
+        &self,
+        q: &mut Self::Buf<F>,
+        q_heads: usize,
+        k: &mut Self::Buf<F>,
+        k_heads: usize,
+        tokens: usize,
         head_dim: usize,
         seq_len: usize,
         cos: &Self::Buf<F>,
