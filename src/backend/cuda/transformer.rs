@@ -299,31 +299,6 @@ impl TransformerOps for Cuda {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Group;
-
-    #[test]
-    fn groups_cover_every_width_and_match_the_kernels_block_sizes() {
-        assert_eq!(Group::for_width(1), Group::Warp);
-        assert_eq!(Group::for_width(1024), Group::Warp);
-        assert_eq!(Group::for_width(1025), Group::Block256);
-        assert_eq!(Group::for_width(16384), Group::Block256);
-        assert_eq!(Group::for_width(16385), Group::Block1024);
-        assert_eq!(Group::for_width(49152), Group::Block1024);
-        for g in [Group::Warp, Group::Block256, Group::Block1024] {
-            let group = match g {
-                Group::Warp => 32,
-                Group::Block256 => 256,
-                Group::Block1024 => 1024,
-            };
-            // SG_ROW_BLOCK(G) = max(G, 256) threads, rows_per_block = threads / G.
-            assert_eq!(g.threads(), (group as u32).max(256));
-            assert_eq!(g.rows_per_block(), g.threads() as usize / group);
-        }
-    }
-}
-
 impl Cuda {
     /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it.
     fn rmsnorm_backward_into<F: Real>(
@@ -409,6 +384,31 @@ impl Cuda {
                 &mut kargs![xp, h, x2_ptr, h2, t, d, s, cp, sp, inv],
                 &[t, 2 * pairs as u64, s * d as u64],
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Group;
+
+    #[test]
+    fn groups_cover_every_width_and_match_the_kernels_block_sizes() {
+        assert_eq!(Group::for_width(1), Group::Warp);
+        assert_eq!(Group::for_width(1024), Group::Warp);
+        assert_eq!(Group::for_width(1025), Group::Block256);
+        assert_eq!(Group::for_width(16384), Group::Block256);
+        assert_eq!(Group::for_width(16385), Group::Block1024);
+        assert_eq!(Group::for_width(49152), Group::Block1024);
+        for g in [Group::Warp, Group::Block256, Group::Block1024] {
+            let group = match g {
+                Group::Warp => 32,
+                Group::Block256 => 256,
+                Group::Block1024 => 1024,
+            };
+            // SG_ROW_BLOCK(G) = max(G, 256) threads, rows_per_block = threads / G.
+            assert_eq!(g.threads(), (group as u32).max(256));
+            assert_eq!(g.rows_per_block(), g.threads() as usize / group);
         }
     }
 }
