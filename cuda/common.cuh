@@ -132,6 +132,23 @@ __device__ __forceinline__ T sg_block_exclusive_scan(T v, T* total, T* smem) {
     return res;
 }
 
+// In place over tile counts: tiles[t] = sum of tiles[0..t]; *total = sum of all. Run by one
+// whole block of THREADS threads (the tiles may have been written by other blocks of the
+// same launch: read past L1). `smem` holds THREADS / 32 + 1 values. Contains barriers.
+template <int THREADS>
+__device__ __forceinline__ void sg_block_scan_tiles(u64* tiles, u64 n_tiles, u64* total, u64* smem) {
+    u64 carry = 0;
+    for (u64 base = 0; base < n_tiles; base += THREADS) {
+        const u64 i = base + threadIdx.x;
+        const u64 v = i < n_tiles ? __ldcg(&tiles[i]) : 0;
+        u64 block_total;
+        const u64 ex = sg_block_exclusive_scan<u64, THREADS>(v, &block_total, smem);
+        if (i < n_tiles) tiles[i] = carry + ex;
+        carry += block_total;
+    }
+    if (threadIdx.x == 0) *total = carry;
+}
+
 // Sum across a 1-D block of THREADS threads; the result is valid in every thread.
 // `smem` must hold THREADS / 32 values. Contains barriers.
 template <typename T, int THREADS>

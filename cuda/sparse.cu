@@ -10,7 +10,7 @@
 //   zero_below_f32         m[i] = 0 where |m[i]| < t (t from max_abs_f32's bits), in place
 //   flags_tile_count       } deterministic compaction of 0/1 flags into ascending index
 //   scan_tiles_u64         } lists: per-tile counts, one-block exclusive scan of the tile
-//   flags_tile_scatter     } counts (also used by topk.cu's launcher), per-tile scatter
+//   flags_tile_scatter     } counts (common.cuh's sg_block_scan_tiles), per-tile scatter
 //   gather_rows_{u8,bf16,f32}   dst[i, :] = src[row_idx[i], :] (bit copies; the f32 kernel
 //                          also serves u32/i32)
 //   gather_block_f32       dst[i, j] = v if |v| >= t else 0, v = src[row_idx[i], col_idx[j]]
@@ -121,16 +121,7 @@ extern "C" __global__ void flags_tile_count(const u32* flags, u64 n, u64* tiles)
 // In place: tiles[t] = sum of tiles[0..t]; *total = sum of all. One block of 1024 threads.
 extern "C" __global__ void scan_tiles_u64(u64* tiles, u64 n_tiles, u64* total) {
     __shared__ u64 smem[1024 / 32 + 1];
-    u64 carry = 0;
-    for (u64 base = 0; base < n_tiles; base += 1024) {
-        const u64 i = base + threadIdx.x;
-        const u64 v = i < n_tiles ? tiles[i] : 0;
-        u64 block_total;
-        const u64 ex = sg_block_exclusive_scan<u64, 1024>(v, &block_total, smem);
-        if (i < n_tiles) tiles[i] = carry + ex;
-        carry += block_total;
-    }
-    if (threadIdx.x == 0) *total = carry;
+    sg_block_scan_tiles<1024>(tiles, n_tiles, total, smem);
 }
 
 extern "C" __global__ void flags_tile_scatter(const u32* flags, u64 n, const u64* tiles, u32* out) {

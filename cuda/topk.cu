@@ -15,8 +15,9 @@
 //   2. stable compaction (linear order): every entry with key > thr, then the first
 //      `take_eq` entries with key == thr (ties to the lower index), written with block and
 //      full indices restored through the row/col maps. Per-tile (gt, eq) counts packed into
-//      one u64 (gt << 32 | eq), one exclusive scan (sparse.cu's scan_tiles_u64), then each
-//      tile scatters: position = gt_before + min(eq_before, take_eq).
+//      one u64 (gt << 32 | eq), one exclusive scan (by the last block of the count to
+//      finish, sg_block_scan_tiles), then each tile scatters: position = gt_before +
+//      min(eq_before, take_eq).
 //   3. when k exceeds the nonzero count (rare; decided on the device, the kernels of this
 //      path do nothing otherwise): all nonzeros are kept and the output is
 //      completed with the lowest missing full linear indices as zeros. With S the sorted
@@ -28,7 +29,8 @@
 //      at need + i.
 //
 // The call never reads anything back: the launch sequence is fixed (init, map checks, three
-// histogram passes, count, scan, scatter, fill range, second scatter: 9 launches without maps),
+// histogram passes, count and scan, scatter, fill range, second scatter: 8 launches without
+// maps),
 // non-finite entries and bad maps are reported through the device health block (common.cuh)
 // at the next synchronisation, and with k <= nonzeros the last three kernels return at once.
 //
@@ -38,6 +40,7 @@
 //   [6] map error bits    [7] scan total              [8] L* (fill path; TOPK_NO_FILL if none)
 //   [9] k                 [10..13) (prefix, mask, remaining) after pass 0
 //   [13..16) the same after pass 1                    [16] blocks of the first scatter done
+//   [17] blocks of the tile count done
 // followed by 3 x 2048 u32 histogram bins, then one u64 per tile. A pass's choice goes to
 // its own words because the blocks of the kernel that records it are still reading the
 // choice before it.
@@ -59,6 +62,7 @@
 #define TOPK_SEL0 10
 #define TOPK_SEL1 13
 #define TOPK_DONE 16
+#define TOPK_COUNTED 17
 
 __device__ __forceinline__ u32 topk_shift(u32 pass) { return pass == 0 ? 21u : (pass == 1 ? 10u : 0u); }
 __device__ __forceinline__ u32 topk_digit_mask(u32 pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
@@ -245,7 +249,7 @@ extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32
 }
 
 // The last pass's choice (thr, take_eq), then the (gt, eq) counts of each tile, the tiles
-// strided over a capped grid.
+// strided over a capped grid; the last block to finish turns them into exclusive offsets.
 extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, u64* state, const u32* hist_all, u64* tiles) {
     __shared__ u64 red[SG_THREADS / 32 + 1];
     __shared__ u64 pick[3];
@@ -268,6 +272,19 @@ extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, u64* state
         gt = sg_block_sum<u64, SG_THREADS>(gt, red);
         eq = sg_block_sum<u64, SG_THREADS>(eq, red);
         if (threadIdx.x == 0) tiles[tile] = (gt << 32) | eq;
+    }
+    // The last block to finish scans every tile's counts (no launch of its own).
+    __shared__ u32 last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u64 done = atomicAdd((unsigned long long*)&state[TOPK_COUNTED], 1ull);
+        last = done + 1 == gridDim.x ? 1u : 0u;
+    }
+    __syncthreads();
+    if (last) {  // uniform across the block
+        __threadfence();
+        sg_block_scan_tiles<SG_THREADS>(tiles, n_tiles, &state[7], red);
     }
 }
 

@@ -4,11 +4,13 @@
 // Computes (CPU twins in src/backend/cpu/transformer.rs, launchers in
 // src/backend/cuda/transformer.rs), f32 in and out, accumulating in f32:
 //   rmsnorm_gG_f32                  inv_rms[r] = 1 / sqrt(sum_c x[r,c]^2 / cols + eps),
-//                                   y[r,c] = x[r,c] * inv_rms[r] * w[c]
+//                                   y[r,c] = x[r,c] * inv_rms[r] * w[c] (or, given y_half, only
+//                                   its bf16 rounding, for a norm whose output only feeds GEMMs)
 //   rmsnorm_backward_gG_f32         dx[r,c] = inv (w[c] dy[r,c] - x[r,c] (inv^2 dot)),
 //                                   dot = sum_c w[c] dy[r,c] x[r,c] / cols, inv = inv_rms[r];
 //                                   with `accumulate`, dx[r,c] += that (one rounded add, as
-//                                   axpy_f32 with alpha 1: the residual stream's gradient)
+//                                   axpy_f32 with alpha 1: the residual stream's gradient);
+//                                   given dx_half, the result's bf16 rounding there too
 //   rope_f32                        rotate-half RoPE in place on (tokens, heads * head_dim)
 //                                   (and a second such tensor, the keys, in the same launch):
 //                                   token t at position p = t % seq_len, pair (i, i + h),
@@ -159,14 +161,15 @@ __device__ __forceinline__ void row_for(u64 n, bool vec, u32 lane, V vec_body, S
 
 template <int GROUP>
 __device__ __forceinline__ void rmsnorm_impl(const float* __restrict__ x, const float* __restrict__ w,
-                                             float* __restrict__ y, float* __restrict__ inv_rms, u64 rows, u64 cols,
-                                             float n_cols, float eps) {
+                                             float* __restrict__ y, __nv_bfloat16* __restrict__ y_half,
+                                             float* __restrict__ inv_rms, u64 rows, u64 cols, float n_cols, float eps) {
     __shared__ float smem[32];
     const RowGroup<GROUP> g;
     const bool vec = (cols & 3) == 0 && sg_aligned(x, 16) && sg_aligned(w, 16) && sg_aligned(y, 16);
     for (u64 r = g.first; r < rows; r += g.stride) {
         const float* xr = x + r * cols;
-        float* yr = y + r * cols;
+        float* yr = y_half ? nullptr : y + r * cols;
+        __nv_bfloat16* hr = y_half ? y_half + r * cols : nullptr;
         float ss = 0.0f;
         row_for<GROUP>(
             cols, vec, g.lane,
@@ -186,10 +189,25 @@ __device__ __forceinline__ void rmsnorm_impl(const float* __restrict__ x, const 
             [&](u64 k) {
                 const float4 v = SG_F4(xr)[k];
                 const float4 s = SG_F4(w)[k];
-                SG_F4_MUT(yr)[k] = make_float4(__fmul_rn(__fmul_rn(v.x, inv), s.x), __fmul_rn(__fmul_rn(v.y, inv), s.y),
-                                               __fmul_rn(__fmul_rn(v.z, inv), s.z), __fmul_rn(__fmul_rn(v.w, inv), s.w));
+                const float4 o = make_float4(__fmul_rn(__fmul_rn(v.x, inv), s.x), __fmul_rn(__fmul_rn(v.y, inv), s.y),
+                                             __fmul_rn(__fmul_rn(v.z, inv), s.z), __fmul_rn(__fmul_rn(v.w, inv), s.w));
+                if (hr) {
+                    hr[4 * k] = __float2bfloat16_rn(o.x);
+                    hr[4 * k + 1] = __float2bfloat16_rn(o.y);
+                    hr[4 * k + 2] = __float2bfloat16_rn(o.z);
+                    hr[4 * k + 3] = __float2bfloat16_rn(o.w);
+                } else {
+                    SG_F4_MUT(yr)[k] = o;
+                }
             },
-            [&](u64 j) { yr[j] = __fmul_rn(__fmul_rn(xr[j], inv), w[j]); });
+            [&](u64 j) {
+                const float o = __fmul_rn(__fmul_rn(xr[j], inv), w[j]);
+                if (hr) {
+                    hr[j] = __float2bfloat16_rn(o);
+                } else {
+                    yr[j] = o;
+                }
+            });
     }
 }
 
@@ -200,8 +218,8 @@ __device__ __forceinline__ float rmsnorm_dx(float x, float w, float dy, float in
 template <int GROUP>
 __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ x, const float* __restrict__ w,
                                                       const float* __restrict__ inv_rms, const float* __restrict__ dy,
-                                                      float* __restrict__ dx, u64 rows, u64 cols, float n_cols,
-                                                      u32 accumulate) {
+                                                      float* __restrict__ dx, __nv_bfloat16* __restrict__ dx_half,
+                                                      u64 rows, u64 cols, float n_cols, u32 accumulate) {
     __shared__ float smem[32];
     const RowGroup<GROUP> g;
     const bool vec = (cols & 3) == 0 && sg_aligned(x, 16) && sg_aligned(w, 16) && sg_aligned(dy, 16) && sg_aligned(dx, 16);
@@ -211,6 +229,7 @@ __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ 
         const float* xr = x + r * cols;
         const float* dyr = dy + r * cols;
         float* dxr = dx + r * cols;
+        __nv_bfloat16* hr = dx_half ? dx_half + r * cols : nullptr;
         float dot = 0.0f;
         row_for<GROUP>(
             cols, vec, g.lane,
@@ -231,11 +250,22 @@ __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ 
                 const float4 s = SG_F4(w)[k];
                 const float4 d = SG_F4(dyr)[k];
                 const float4 o = accumulate ? SG_F4(dxr)[k] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-                SG_F4_MUT(dxr)[k] = make_float4(
+                const float4 n = make_float4(
                     put(o.x, rmsnorm_dx(a.x, s.x, d.x, inv, k2)), put(o.y, rmsnorm_dx(a.y, s.y, d.y, inv, k2)),
                     put(o.z, rmsnorm_dx(a.z, s.z, d.z, inv, k2)), put(o.w, rmsnorm_dx(a.w, s.w, d.w, inv, k2)));
+                SG_F4_MUT(dxr)[k] = n;
+                if (hr) {
+                    hr[4 * k] = __float2bfloat16_rn(n.x);
+                    hr[4 * k + 1] = __float2bfloat16_rn(n.y);
+                    hr[4 * k + 2] = __float2bfloat16_rn(n.z);
+                    hr[4 * k + 3] = __float2bfloat16_rn(n.w);
+                }
             },
-            [&](u64 j) { dxr[j] = put(accumulate ? dxr[j] : 0.0f, rmsnorm_dx(xr[j], w[j], dyr[j], inv, k2)); });
+            [&](u64 j) {
+                const float n = put(accumulate ? dxr[j] : 0.0f, rmsnorm_dx(xr[j], w[j], dyr[j], inv, k2));
+                dxr[j] = n;
+                if (hr) hr[j] = __float2bfloat16_rn(n);
+            });
     }
 }
 
@@ -366,14 +396,15 @@ __device__ __forceinline__ void cross_entropy_impl(float* __restrict__ logits, c
 
 #define SG_ROW_KERNELS(G)                                                                                            \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
-        rmsnorm_g##G##_f32(const float* x, const float* w, float* y, float* inv_rms, u64 rows, u64 cols,          \
-                           float n_cols, float eps) {                                                                \
-        rmsnorm_impl<G>(x, w, y, inv_rms, rows, cols, n_cols, eps);                                                  \
+        rmsnorm_g##G##_f32(const float* x, const float* w, float* y, __nv_bfloat16* y_half, float* inv_rms,       \
+                           u64 rows, u64 cols, float n_cols, float eps) {                                            \
+        rmsnorm_impl<G>(x, w, y, y_half, inv_rms, rows, cols, n_cols, eps);                                          \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         rmsnorm_backward_g##G##_f32(const float* x, const float* w, const float* inv_rms, const float* dy,          \
-                                    float* dx, u64 rows, u64 cols, float n_cols, u32 accumulate) {                   \
-        rmsnorm_backward_impl<G>(x, w, inv_rms, dy, dx, rows, cols, n_cols, accumulate);                             \
+                                    float* dx, __nv_bfloat16* dx_half, u64 rows, u64 cols, float n_cols,             \
+                                    u32 accumulate) {                                                                \
+        rmsnorm_backward_impl<G>(x, w, inv_rms, dy, dx, dx_half, rows, cols, n_cols, accumulate);                    \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         softmax_causal_g##G##_f32(float* s, u64 rows, u64 t, float scale) {                                          \

@@ -130,13 +130,16 @@ fn rmsnorm_backward_add_adds_the_backward_into_the_residual_gradient() {
         let mut dx = up(&cpu, &vec![f64::NAN; rows * cols]);
         cpu.rmsnorm_backward(&xb, &wb, &ib, &dyb, &mut dx, rows, cols).unwrap();
         let mut sum = up(&cpu, &acc);
-        cpu.rmsnorm_backward_add(&xb, &wb, &ib, &dyb, &mut sum, rows, cols).unwrap();
+        cpu.rmsnorm_backward_add(&xb, &wb, &ib, &dyb, &mut sum, None, rows, cols).unwrap();
         let want: Vec<f64> = acc.iter().zip(down(&cpu, &dx, rows * cols)).map(|(a, d)| a + d).collect();
         assert_eq!(down(&cpu, &sum, rows * cols), want, "rmsnorm_backward_add {rows}x{cols}");
     }
     let b = |n: usize| up(&cpu, &vec![1.0; n]);
     let mut dx = b(12);
-    assert!(matches!(cpu.rmsnorm_backward_add(&b(12), &b(4), &b(3), &b(11), &mut dx, 3, 4), Err(Error::Shape { .. })));
+    assert!(matches!(
+        cpu.rmsnorm_backward_add(&b(12), &b(4), &b(3), &b(11), &mut dx, None, 3, 4),
+        Err(Error::Shape { .. })
+    ));
     assert_eq!(down(&cpu, &dx, 12), vec![1.0; 12], "a rejected call leaves dx as it was");
 }
 

@@ -21,6 +21,7 @@
 mod cuda_common;
 
 use cuda_common::*;
+use half::bf16;
 use rand::Rng;
 use sparsegrad::backend::{DenseOps, TransformerOps};
 use sparsegrad::{Backend, Cpu, Error, Real};
@@ -160,6 +161,24 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         assert_untouched_f32(&format!("{what}: y tail"), &y_tail, f32::NAN);
         assert_untouched_f32(&format!("{what}: inv_rms tail"), &inv_tail, f32::NAN);
 
+        // Only the bf16 rounding of y: the device's own norm then cast, bit for bit, with the
+        // same inv_rms; on the CPU the same against the CPU's norm.
+        let mut yh = poisoned(dev, n + TAIL, bf16::from_f32(7.0));
+        let mut invh = poisoned(dev, rows, f32::NAN);
+        dev.rmsnorm_to_bf16(&xd, &wd, &mut yh, &mut invh, rows, cols, eps).unwrap();
+        let mut cast = poisoned(dev, n, bf16::ZERO);
+        dev.cast_to_bf16(&up(dev, &y), &mut cast, n).unwrap();
+        let bits = |v: Vec<bf16>| v.iter().map(|h| h.to_bits()).collect::<Vec<u16>>();
+        let got = bits(down(dev, &yh, n + TAIL));
+        assert_eq!(&got[..n], &bits(down(dev, &cast, n))[..], "{what}: rmsnorm_to_bf16 vs norm + cast");
+        assert!(got[n..].iter().all(|&h| h == bf16::from_f32(7.0).to_bits()), "{what}: rmsnorm_to_bf16 tail");
+        assert_bits(&format!("{what}: rmsnorm_to_bf16 inv_rms"), &down(dev, &invh, rows), &inv);
+        let (mut yc, mut ic) = (poisoned(&cpu, n, bf16::ZERO), poisoned(&cpu, rows, f32::NAN));
+        cpu.rmsnorm_to_bf16(&up(&cpu, &x), &up(&cpu, &w), &mut yc, &mut ic, rows, cols, eps).unwrap();
+        let want: Vec<u16> = y32.iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+        assert_eq!(bits(down(&cpu, &yc, n)), want, "{what}: CPU rmsnorm_to_bf16 vs norm + cast");
+        assert_bits(&format!("{what}: CPU rmsnorm_to_bf16 inv_rms"), &down(&cpu, &ic, rows), &inv32);
+
         // The backward takes the f32 CPU's inv_rms on every side, so the inputs are identical.
         let what = format!("rmsnorm_backward {rows}x{cols}");
         let dx32 = cpu_rmsnorm_backward(&cpu, &x, &w, &inv32, &dy, rows, cols);
@@ -177,15 +196,27 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         acc.extend([f32::NAN; TAIL]);
         let (invd, dyd) = (up(dev, &inv32), up(dev, &dy));
         let mut fused = up(dev, &acc);
-        dev.rmsnorm_backward_add(&xd, &wd, &invd, &dyd, &mut fused, rows, cols).unwrap();
+        let mut fused_half = poisoned(dev, n + TAIL, bf16::from_f32(7.0));
+        dev.rmsnorm_backward_add(&xd, &wd, &invd, &dyd, &mut fused, Some(&mut fused_half), rows, cols).unwrap();
         let mut two_pass = up(dev, &acc);
         dev.axpy(1.0, &dxd, &mut two_pass, n).unwrap();
+        let mut two_half = poisoned(dev, n, bf16::ZERO);
+        dev.cast_to_bf16(&two_pass, &mut two_half, n).unwrap();
         let (fused, fused_tail) = down_split(dev, &fused, n, n + TAIL);
         assert_bits(&format!("{what}: device, fused vs two passes"), &fused, &down(dev, &two_pass, n));
         assert_untouched_f32(&format!("{what}: tail"), &fused_tail, f32::NAN);
+        // The bf16 copy: the cast of the result, bit for bit, nothing written past it.
+        let got_half: Vec<u16> = down(dev, &fused_half, n + TAIL).iter().map(|h| h.to_bits()).collect();
+        let want_half: Vec<u16> = down(dev, &two_half, n).iter().map(|h| h.to_bits()).collect();
+        assert_eq!(&got_half[..n], &want_half[..], "{what}: bf16 copy vs cast");
+        assert!(got_half[n..].iter().all(|&h| h == bf16::from_f32(7.0).to_bits()), "{what}: bf16 copy tail");
         let (xc, wc, ic, dyc) = (up(&cpu, &x), up(&cpu, &w), up(&cpu, &inv32), up(&cpu, &dy));
         let mut cpu_fused = up(&cpu, &acc);
-        cpu.rmsnorm_backward_add(&xc, &wc, &ic, &dyc, &mut cpu_fused, rows, cols).unwrap();
+        let mut cpu_half = poisoned(&cpu, n, bf16::ZERO);
+        cpu.rmsnorm_backward_add(&xc, &wc, &ic, &dyc, &mut cpu_fused, Some(&mut cpu_half), rows, cols).unwrap();
+        let cpu_half: Vec<u16> = down(&cpu, &cpu_half, n).iter().map(|h| h.to_bits()).collect();
+        let cpu_cast: Vec<u16> = down(&cpu, &cpu_fused, n).iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
+        assert_eq!(cpu_half, cpu_cast, "{what}: CPU bf16 copy vs cast");
         let mut cpu_two = up(&cpu, &acc);
         cpu.axpy(1.0, &up(&cpu, &dx32), &mut cpu_two, n).unwrap();
         assert_bits(&format!("{what}: CPU, fused vs two passes"), &down(&cpu, &cpu_fused, n), &down(&cpu, &cpu_two, n));

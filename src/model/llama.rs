@@ -502,12 +502,21 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 be.copy(&s.x, &mut l.saved.x_in, t * c.hidden)?;
             }
             let inv_rms = if keeps { &mut l.saved.inv_rms_attn } else { &mut s.saved.inv_rms_attn };
-            be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, inv_rms, t, c.hidden, c.rms_eps)?;
+            // The norm's output only feeds the q, k, v GEMMs: in bf16 it is written in bf16.
+            let a = match s.normed_half.as_mut() {
+                Some(h) => {
+                    be.rmsnorm_to_bf16(&s.x, &l.attn_norm, h, inv_rms, t, c.hidden, c.rms_eps)?;
+                    OperandRef::Half(&*h)
+                }
+                None => {
+                    be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, inv_rms, t, c.hidden, c.rms_eps)?;
+                    OperandRef::Full(&s.normed)
+                }
+            };
             if rounds {
                 std::mem::swap(&mut l.saved.attn.stats, &mut s.saved.attn.stats);
             }
             let sv = if keeps && !half { &mut l.saved } else { &mut s.saved };
-            let a = stage(&be, &s.normed, s.normed_half.as_mut(), t * c.hidden)?;
             mm(&be, &Gemm::nt(t, c.q_dim(), c.hidden), a, l.q.as_ref(), &mut sv.q_act)?;
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.k.as_ref(), &mut sv.k_act)?;
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut sv.v_act)?;
@@ -625,9 +634,15 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             }
             l.mlp.backward_shared(&s.dx, t, Some(&mut s.dnormed), &mut s.mlp)?;
             let sv = &l.saved;
-            be.rmsnorm_backward_add(&sv.x_mid, &l.ffn_norm, &sv.inv_rms_ffn, &s.dnormed, &mut s.dx, t, c.hidden)?;
+            // The new dx feeds the attention branch's first GEMM: in bf16 the same pass rounds it.
+            let (x_mid, inv) = (&sv.x_mid, &sv.inv_rms_ffn);
+            let dx_half = s.grad_half.as_mut();
+            be.rmsnorm_backward_add(x_mid, &l.ffn_norm, inv, &s.dnormed, &mut s.dx, dx_half, t, c.hidden)?;
             // Attention branch: x_mid = x_in + o(attn(rmsnorm(x_in))).
-            let dx_op = stage(&be, &s.dx, s.grad_half.as_mut(), t * c.hidden)?;
+            let dx_op = match s.grad_half.as_ref() {
+                Some(h) => OperandRef::Half(h),
+                None => OperandRef::Full(&s.dx),
+            };
             mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
             let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
             if half {
@@ -666,7 +681,16 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dk, l.k.as_ref(), &mut s.dnormed)?;
             let dv = stage(&be, &s.dv, s.grad_half.as_mut(), t * c.kv_dim())?;
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dv, l.v.as_ref(), &mut s.dnormed)?;
-            be.rmsnorm_backward_add(&sv.x_in, &l.attn_norm, &sv.inv_rms_attn, &s.dnormed, &mut s.dx, t, c.hidden)?;
+            be.rmsnorm_backward_add(
+                &sv.x_in,
+                &l.attn_norm,
+                &sv.inv_rms_attn,
+                &s.dnormed,
+                &mut s.dx,
+                None,
+                t,
+                c.hidden,
+            )?;
         }
         Ok(())
     }

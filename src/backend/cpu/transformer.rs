@@ -4,8 +4,10 @@
 use super::softmax::{softmax_backward_row, softmax_row};
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::transformer::*;
+use crate::backend::DenseOps;
 use crate::error::{Error, Result};
 use crate::scalar::Real;
+use half::bf16;
 use rayon::prelude::*;
 
 impl TransformerOps for Cpu {
@@ -20,17 +22,22 @@ impl TransformerOps for Cpu {
         eps: f32,
     ) -> Result<()> {
         check_rmsnorm(self, [x, w, y, inv_rms], rows, cols)?;
-        let eps = F::from_f64(eps as f64);
-        y[..rows * cols].par_chunks_mut(cols).zip(inv_rms[..rows].par_iter_mut()).enumerate().for_each(
-            |(r, (y, ir))| {
-                let xr = &x[r * cols..(r + 1) * cols];
-                // Sums in f64: the specification should not carry f32 summation error.
-                let ms = F::from_f64(xr.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>() / cols as f64);
-                let inv = F::ONE / (ms + eps).sqrt();
-                *ir = inv;
-                y.iter_mut().zip(xr).zip(&w[..cols]).for_each(|((y, &x), &w)| *y = x * inv * w);
-            },
-        );
+        rmsnorm_rows(x, w, &mut y[..rows * cols], inv_rms, cols, eps, |v| v);
+        Ok(())
+    }
+
+    fn rmsnorm_to_bf16<F: Real>(
+        &self,
+        x: &CpuBuf<F>,
+        w: &CpuBuf<F>,
+        y_half: &mut CpuBuf<bf16>,
+        inv_rms: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_rmsnorm_to_bf16(self, [x, w, inv_rms], y_half, rows, cols)?;
+        rmsnorm_rows(x, w, &mut y_half[..rows * cols], inv_rms, cols, eps, |v| v.to_bf16());
         Ok(())
     }
 
@@ -54,10 +61,17 @@ impl TransformerOps for Cpu {
         inv_rms: &CpuBuf<F>,
         dy: &CpuBuf<F>,
         dx: &mut CpuBuf<F>,
+        dx_half: Option<&mut CpuBuf<bf16>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        rmsnorm_backward_into(self, [x, w, inv_rms, dy], dx, rows, cols, true)
+        let n = check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
+        check_dx_half(self, dx_half.as_deref(), n)?;
+        rmsnorm_backward_into(self, [x, w, inv_rms, dy], dx, rows, cols, true)?;
+        match dx_half {
+            Some(h) => self.cast_to_bf16(dx, h, n),
+            None => Ok(()),
+        }
     }
 
     fn rope<F: Real>(
@@ -206,4 +220,27 @@ fn rmsnorm_backward_into<F: Real>(
         });
     });
     Ok(())
+}
+
+/// The RMSNorm of each `cols`-wide row of `x` into `y` (each element through `out`: itself,
+/// or its bf16 rounding) and the row's `inv_rms`; `y` holds whole rows.
+fn rmsnorm_rows<F: Real, T: Send>(
+    x: &[F],
+    w: &[F],
+    y: &mut [T],
+    inv_rms: &mut [F],
+    cols: usize,
+    eps: f32,
+    out: impl Fn(F) -> T + Sync,
+) {
+    let eps = F::from_f64(eps as f64);
+    let rows = y.len() / cols;
+    y.par_chunks_mut(cols).zip(inv_rms[..rows].par_iter_mut()).enumerate().for_each(|(r, (y, ir))| {
+        let xr = &x[r * cols..(r + 1) * cols];
+        // Sums in f64: the specification should not carry f32 summation error.
+        let ms = F::from_f64(xr.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>() / cols as f64);
+        let inv = F::ONE / (ms + eps).sqrt();
+        *ir = inv;
+        y.iter_mut().zip(xr).zip(&w[..cols]).for_each(|((y, &x), &w)| *y = out(x * inv * w));
+    });
 }

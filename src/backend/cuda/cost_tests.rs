@@ -27,8 +27,14 @@ fn elementwise_costs_by_hand() {
     // Filling 10 u16: 20 bytes.
     assert_eq!(cost(dense::fill_kernel(2).unwrap(), &[10, 2]), (20.0, 0.0));
     assert!(dense::fill_kernel(3).is_none());
-    // RMSNorm of 4 rows of 8: x and y 2 * 128, w 32, inv_rms 16 bytes.
-    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8]).0, 256.0 + 32.0 + 16.0);
+    // RMSNorm of 4 rows of 8: x and y 2 * 128, w 32, inv_rms 16 bytes; with only a bf16 y,
+    // y is 64 bytes.
+    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 4]).0, 256.0 + 32.0 + 16.0);
+    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 2]).0, 128.0 + 64.0 + 32.0 + 16.0);
+    // Its backward: x, dy read and dx written (3 * 128), w 32, inv_rms 16; added into dx,
+    // dx is read too (+128); with a bf16 copy, +64.
+    assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 0, 0]).0, 384.0 + 32.0 + 16.0);
+    assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 1, 2]).0, 384.0 + 128.0 + 64.0 + 32.0 + 16.0);
     // RoPE on 3 tokens of 2 heads x 4 dims with a 5-position table (5 x 4 entries: cos and
     // sin of 5 x 2): x read and written 2 * 96, tables 80 bytes; 6 flops per pair (12 pairs).
     assert_eq!(cost(&transformer::ROPE, &[3, 8, 20]), (192.0 + 80.0, 72.0));
@@ -57,8 +63,9 @@ fn sparse_topk_and_optimizer_costs_by_hand() {
     assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 1, 1]).0, 4_016.0);
     assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0]).0, 2_816.0);
     assert_eq!(cost(&optim::ADAMW, &[10]), (296.0, 140.0));
-    // One top-k histogram pass over 8192 entries: 32 KiB read, 2048 bins.
-    assert_eq!(cost(&topk::TOPK_HIST, &[8192]).0, 32_768.0 + 8_192.0);
+    // One top-k histogram pass over 8192 entries: 32 KiB read, 2048 bins written and the
+    // previous pass's 2048 bins read.
+    assert_eq!(cost(&topk::TOPK_HIST, &[8192]).0, 32_768.0 + 2.0 * 8_192.0);
     // The scatter of k = 3 entries from 8192: the matrix (32768), 2 tile words (16), 3 x 12.
     assert_eq!(cost(&topk::TOPK_SCATTER, &[8192, 3]).0, 32_768.0 + 16.0 + 36.0);
     // coo_dense_t with 5 entries against 4 rows of b: per entry its COO fields and slot (16),

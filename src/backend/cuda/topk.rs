@@ -8,7 +8,6 @@
 //! synchronisation (`Error::NonFinite` naming the matrix, or `Error::InvalidArgument` naming
 //! `topk_coo`), like every deferred CUDA error (see the module docs of `cuda`).
 
-use super::sparse::scan_tiles;
 use super::{kargs, kernel, require_f32, Cuda, CudaBuf, TILE};
 use crate::backend::ops::topk::*;
 use crate::backend::{Coo, IndexMaps};
@@ -27,8 +26,6 @@ const HIST_WORDS: usize = 3 * super::consts::TOPK_BINS / 2;
 pub(crate) fn topk_workspace_words(max_len: usize) -> usize {
     STATE_WORDS + HIST_WORDS + max_len.div_ceil(TILE).max(1)
 }
-/// State word of the scan total (see the table in cuda/topk.cu).
-const S_TOTAL: usize = 7;
 /// Blocks per multiprocessor of the histogram passes (each holds 2048 shared bins).
 const HIST_PER_SM: u32 = 4;
 
@@ -47,9 +44,10 @@ kernel!(
     TOPK_HIST = "topk" / "topk_hist_f32", TopkSparse, |a| (4 * a[0] + 2 * 2048 * 4, 2 * a[0] + 2048)
 );
 kernel!(
-    /// [n]: the last pass's bins, the matrix read, one word per tile of 4096 written.
+    /// [n]: the last pass's bins, the matrix read, one word per tile of 4096 written, then
+    /// read and rewritten by the scan.
     TOPK_TILE_COUNT = "topk" / "topk_tile_count_f32", TopkSparse,
-    |a| (2048 * 4 + 4 * a[0] + 8 * a[0].div_ceil(TILE as u64), a[0] + 2048)
+    |a| (2048 * 4 + 4 * a[0] + 3 * 8 * a[0].div_ceil(TILE as u64), a[0] + 2048 + a[0].div_ceil(TILE as u64))
 );
 kernel!(
     /// [n, entries written]: the matrix and the tile offsets read, the selected entries (row,
@@ -230,10 +228,10 @@ impl Compaction<'_> {
         };
         // SAFETY: topk_tile_count_f32(const float* m, u64 n, u64* state, const u32* hist_all,
         // u64* tiles): reads the last pass's bins and m[..n], block 0 writes state[3..6];
-        // tiles strided over the blocks, one word each; the workspace holds
-        // ceil(max_len / 4096) >= ceil(n / 4096) tile words.
-        unsafe { self.cuda.launch(&TOPK_TILE_COUNT, grid, &mut kargs![m, n64, state, hist, tiles], &[n64]) }?;
-        scan_tiles(self.cuda, tiles, self.n.div_ceil(TILE), state + 8 * S_TOTAL as u64)
+        // tiles strided over the blocks, one word each, then the last block scans them in
+        // place and writes the total to state[7]; the workspace holds ceil(max_len / 4096) >=
+        // ceil(n / 4096) tile words.
+        unsafe { self.cuda.launch(&TOPK_TILE_COUNT, grid, &mut kargs![m, n64, state, hist, tiles], &[n64]) }
     }
 
     /// `fill_pass` 0: the regular compaction; 1: the fill path's placement (a no-op on the

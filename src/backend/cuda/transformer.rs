@@ -10,21 +10,23 @@ use crate::error::{Error, Result};
 use crate::perf::KernelCost;
 use crate::scalar::Real;
 use cudarc::driver::LaunchConfig;
+use half::bf16;
 
 // Costs (see `kernel!`): inputs read once, outputs written once; the three block-size
 // variants of a kernel cost the same.
 kernel!(
-    /// [rows, cols]: x read, y written, w read, inv_rms written.
+    /// [rows, cols, bytes per output element (4 for y, 2 for y_half)]: x read, y written, w
+    /// read, inv_rms written.
     RMSNORM = "transformer" / ["rmsnorm_g32_f32", "rmsnorm_g256_f32", "rmsnorm_g1024_f32"], Elementwise,
-    |a| (8 * a[0] * a[1] + 4 * a[1] + 4 * a[0], 4 * a[0] * a[1])
+    |a| ((4 + a[2]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], 4 * a[0] * a[1])
 );
 kernel!(
-    /// [rows, cols, accumulate]: x and dy read, dx written (and read when accumulating), w and
-    /// inv_rms read.
+    /// [rows, cols, accumulate, bytes of the bf16 copy per element (0 or 2)]: x and dy read,
+    /// dx written (and read when accumulating), the bf16 copy written, w and inv_rms read.
     RMSNORM_BACKWARD = "transformer"
         / ["rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32"],
     Elementwise,
-    |a| ((12 + 4 * a[2]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (8 + a[2]) * a[0] * a[1])
+    |a| ((12 + 4 * a[2] + a[3]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (8 + a[2]) * a[0] * a[1])
 );
 kernel!(
     /// [tokens, (heads + heads2) * head_dim, seq_len * head_dim]: x (and x2) read and written in place; the cos and
@@ -145,12 +147,42 @@ impl TransformerOps for Cuda {
         let g = Group::for_width(cols);
         let kernel = g.kernel(&RMSNORM);
         let (xp, wp, yp, ip) = (x.ptr(), w.ptr(), y.ptr_mut(), inv_rms.ptr_mut());
-        let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
-        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, float* inv_rms,
-        // u64 rows, u64 cols, float n_cols, float eps): x and y hold rows * cols, w cols and
-        // inv_rms rows elements (checked above); block and group sizes come from `g`, as the
-        // kernel expects.
-        unsafe { self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, yp, ip, r, c, nc, eps], &[r, c]) }
+        let (r, c, nc, no_half) = (rows as u64, cols as u64, cols_f32(cols), 0u64);
+        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, bf16* y_half,
+        // float* inv_rms, u64 rows, u64 cols, float n_cols, float eps): x and y hold rows *
+        // cols, w cols and inv_rms rows elements (checked above); y_half null (y written);
+        // block and group sizes come from `g`, as the kernel expects.
+        unsafe {
+            self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, yp, no_half, ip, r, c, nc, eps], &[r, c, 4])
+        }
+    }
+
+    fn rmsnorm_to_bf16<F: Real>(
+        &self,
+        x: &CudaBuf<F>,
+        w: &CudaBuf<F>,
+        y_half: &mut CudaBuf<bf16>,
+        inv_rms: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        require_f32::<F>("rmsnorm_to_bf16")?;
+        check_rmsnorm_to_bf16(self, [x, w, inv_rms], y_half, rows, cols)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(cols);
+        let kernel = g.kernel(&RMSNORM);
+        let (xp, wp, hp, ip) = (x.ptr(), w.ptr(), y_half.ptr_mut(), inv_rms.ptr_mut());
+        let (r, c, nc, no_y) = (rows as u64, cols as u64, cols_f32(cols), 0u64);
+        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, bf16* y_half,
+        // float* inv_rms, u64 rows, u64 cols, float n_cols, float eps): x and y_half hold rows *
+        // cols, w cols and inv_rms rows elements (checked above); y is null and not touched
+        // when y_half is given; block and group sizes come from `g`.
+        unsafe {
+            self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, no_y, hp, ip, r, c, nc, eps], &[r, c, 2])
+        }
     }
 
     fn rmsnorm_backward<F: Real>(
@@ -163,7 +195,7 @@ impl TransformerOps for Cuda {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, false)
+        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, None, rows, cols, false)
     }
 
     fn rmsnorm_backward_add<F: Real>(
@@ -173,10 +205,11 @@ impl TransformerOps for Cuda {
         inv_rms: &CudaBuf<F>,
         dy: &CudaBuf<F>,
         dx: &mut CudaBuf<F>,
+        dx_half: Option<&mut CudaBuf<bf16>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, true)
+        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, dx_half, rows, cols, true)
     }
 
     fn rope<F: Real>(
@@ -300,35 +333,41 @@ impl TransformerOps for Cuda {
 }
 
 impl Cuda {
-    /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it.
+    /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it, and, given
+    /// `dx_half`, the result's bf16 rounding there.
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward_into<F: Real>(
         &self,
         [x, w, inv_rms, dy]: [&CudaBuf<F>; 4],
         dx: &mut CudaBuf<F>,
+        dx_half: Option<&mut CudaBuf<bf16>>,
         rows: usize,
         cols: usize,
         accumulate: bool,
     ) -> Result<()> {
         const OP: &str = "rmsnorm_backward";
         require_f32::<F>(OP)?;
-        check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
+        let n = check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
+        check_dx_half(self, dx_half.as_deref(), n)?;
         if rows == 0 {
             return Ok(());
         }
         let g = Group::for_width(cols);
         let kernel = g.kernel(&RMSNORM_BACKWARD);
         let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
+        let (hp, half_bytes) = dx_half.map_or((0, 0), |h| (h.ptr_mut(), 2));
         let (r, c, nc, acc) = (rows as u64, cols as u64, cols_f32(cols), u32::from(accumulate));
         // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
-        // const float* dy, float* dx, u64 rows, u64 cols, float n_cols, u32 accumulate): x, dy
-        // and dx hold rows * cols, w cols and inv_rms rows elements (checked above); dx is
-        // distinct from the inputs (&mut); block and group sizes come from `g`.
+        // const float* dy, float* dx, bf16* dx_half, u64 rows, u64 cols, float n_cols,
+        // u32 accumulate): x, dy, dx and dx_half (or null) hold rows * cols, w cols and inv_rms
+        // rows elements (checked above); dx and dx_half are distinct from the inputs (&mut);
+        // block and group sizes come from `g`.
         unsafe {
             self.launch(
                 kernel,
                 g.config(self, rows),
-                &mut kargs![xp, wp, ip, dyp, dxp, r, c, nc, acc],
-                &[r, c, acc.into()],
+                &mut kargs![xp, wp, ip, dyp, dxp, hp, r, c, nc, acc],
+                &[r, c, acc.into(), half_bytes],
             )
         }
     }

@@ -22,6 +22,20 @@ pub trait TransformerOps: Buffers {
         cols: usize,
         eps: f32,
     ) -> Result<()>;
+    /// [`TransformerOps::rmsnorm`] with only the bf16 rounding of `y` written (into `y_half`):
+    /// for a norm whose output only feeds bf16 GEMMs, bit-identical to the norm followed by
+    /// `cast_to_bf16`, in one pass.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_to_bf16<F: Real>(
+        &self,
+        x: &Self::Buf<F>,
+        w: &Self::Buf<F>,
+        y_half: &mut Self::Buf<half::bf16>,
+        inv_rms: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
     /// Input gradient of [`TransformerOps::rmsnorm`] (`w` is frozen: no weight gradient):
     /// `dx[r, c] = inv_rms[r] * (w[c] dy[r, c] - x[r, c] inv_rms[r]^2 mean_c'(w dy x)[r])`.
     #[allow(clippy::too_many_arguments)]
@@ -37,7 +51,9 @@ pub trait TransformerOps: Buffers {
     ) -> Result<()>;
     /// [`TransformerOps::rmsnorm_backward`] added into `dx` (one rounded f32 add per element,
     /// bit-identical to the backward into a scratch buffer followed by `axpy` with alpha 1):
-    /// a residual block's input gradient in one pass instead of two.
+    /// a residual block's input gradient in one pass instead of two. Given `dx_half`, the
+    /// new `dx` is also rounded into it (bit-identical to a following `cast_to_bf16`), for
+    /// the GEMM that reads it next.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward_add<F: Real>(
         &self,
@@ -46,6 +62,7 @@ pub trait TransformerOps: Buffers {
         inv_rms: &Self::Buf<F>,
         dy: &Self::Buf<F>,
         dx: &mut Self::Buf<F>,
+        dx_half: Option<&mut Self::Buf<half::bf16>>,
         rows: usize,
         cols: usize,
     ) -> Result<()>;
@@ -153,6 +170,30 @@ pub(crate) fn check_rmsnorm<B: Backend, F: Elem>(
     check_bufs(be, OP, ["x", "w", "y", "inv_rms"], bufs, [n, cols, n, rows])?;
     check_row_width(OP, cols)?;
     Ok(n)
+}
+
+/// [`TransformerOps::rmsnorm_to_bf16`] (`[x, w, inv_rms]` and `y_half`). Returns `rows * cols`.
+pub(crate) fn check_rmsnorm_to_bf16<B: Backend, F: Elem>(
+    be: &B,
+    bufs: [&B::Buf<F>; 3],
+    y_half: &B::Buf<half::bf16>,
+    rows: usize,
+    cols: usize,
+) -> Result<usize> {
+    const OP: &str = "rmsnorm_to_bf16";
+    let n = checked_mul(OP, rows, cols)?;
+    check_bufs(be, OP, ["x", "w", "inv_rms"], bufs, [n, cols, rows])?;
+    check_lens(OP, &[("y_half", be.len(y_half), n)])?;
+    check_row_width(OP, cols)?;
+    Ok(n)
+}
+
+/// The optional bf16 copy of [`TransformerOps::rmsnorm_backward_add`]: `rows * cols` long.
+pub(crate) fn check_dx_half<B: Backend>(be: &B, dx_half: Option<&B::Buf<half::bf16>>, n: usize) -> Result<()> {
+    match dx_half {
+        Some(h) => check_lens("rmsnorm_backward_add", &[("dx_half", be.len(h), n)]),
+        None => Ok(()),
+    }
 }
 
 /// [`TransformerOps::rmsnorm_backward`] (`[x, w, inv_rms, dy, dx]`). Returns `rows * cols`.

@@ -266,8 +266,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
 }
 
 /// `W += P D Q^T` for the change `D` (`coo`, sorted) by [`MergedUpdate::Dense`] (`D` stored
-/// densely in the operand precision, then `E = D Q^T` and `W += P E`; in bf16 `E` is staged
-/// to bf16) or [`MergedUpdate::Runs`] (`E = D Q^T` by `coo_mm` against the stored `Q^T`,
+/// densely in the operand precision, then `E = D Q^T` and `W += P E`; in bf16 `E` leaves its
+/// GEMM in bf16) or [`MergedUpdate::Runs`] (`E = D Q^T` by `coo_mm` against the stored `Q^T`,
 /// then `W += P E`). No atomics, and the same launches whatever `D` holds.
 #[allow(clippy::too_many_arguments)]
 fn apply_change<B: Backend, F: Real>(
@@ -288,7 +288,11 @@ fn apply_change<B: Backend, F: Real>(
             match &mut ws.big_half {
                 Some(d) => {
                     be.coo_densify_bf16(coo, d)?;
-                    mm(be, &Gemm::nt(out, inp, inp), OperandRef::Half(d), q, e)?;
+                    // E's only use is as the next product's operand: with bf16 operands it
+                    // leaves the GEMM in bf16 (rounded once, as the cast would), no f32 pass.
+                    let spec = Gemm::nt(out, inp, inp);
+                    let e_op = mm_operand(be, &spec, OperandRef::Half(d), q, e, ws.big_half_b.as_mut())?;
+                    return mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, e_op, w);
                 }
                 None => {
                     let d = ws.big_b.as_mut().ok_or_else(missing)?;

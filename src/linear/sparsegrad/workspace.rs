@@ -42,7 +42,8 @@ pub struct ScratchLengths {
     pub big_a: usize,
     pub big_b: usize,
     pub big_half: usize,
-    /// bf16 merged backward by `dW` first: `P^T dW` in bf16 beside `dW` in `big_half`.
+    /// bf16 merged layers: `P^T dW` beside `dW` in `big_half` (the backward by `dW` first),
+    /// and `E = D Q^T` beside `D` (the dense merged update).
     pub big_half_b: usize,
     /// [`MergedUpdate::SparseRows`]: `Q D^T` over the touched rows and the gathered `P^T` rows.
     pub et: usize,
@@ -77,6 +78,7 @@ impl ScratchLengths {
             || (tokens > 0 && selection == Selection::Exact && Formulation::merged_token_order(out, inp, tokens));
         // The merged backward by `dW = g^T x` first (not in token order).
         let dw_first = merged && tokens > 0 && !rotated;
+        let dense_update = merged && update == Some(MergedUpdate::Dense);
         let (t_in, t_out, o_i) = (mul(tokens, inp)?, mul(tokens, out)?, mul(out, inp)?);
         let when = |c: bool, n: usize| if c { n } else { 0 };
         let touched = k.min(out);
@@ -93,7 +95,7 @@ impl ScratchLengths {
             big_a: o_i,
             big_b: when(merged, o_i),
             big_half: when(merged && half, o_i),
-            big_half_b: when(dw_first && half, o_i),
+            big_half_b: when((dw_first || dense_update) && half, o_i),
             et: when(by_rows, mul(inp, touched)?),
             pt_rows: when(by_rows, mul(touched, out)?),
         })
