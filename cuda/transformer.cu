@@ -438,10 +438,12 @@ SG_ROW_KERNELS(1024)
 // x: (tokens, heads * head_dim), and x2: (tokens, heads2 * head_dim) (queries and keys in one
 // launch; heads2 = 0 for one tensor); cos, sin: (seq_len, head_dim / 2). (heads + heads2) *
 // head_dim / 2 = `pairs` < 2^31 (checked by the launcher), so the pair index and its stride
-// fit in u32. Pairs below heads * head_dim / 2 are x's, the rest x2's.
+// fit in u32. Pairs below heads * head_dim / 2 are x's, the rest x2's. Given x_half / x2_half,
+// the rotated values are also rounded to bf16 there (the operands of the GEMMs that follow).
 extern "C" __global__ void rope_f32(float* __restrict__ x, u32 heads, float* __restrict__ x2, u32 heads2, u64 tokens,
                                     u32 head_dim, u64 seq_len, const float* __restrict__ cos,
-                                    const float* __restrict__ sin, u32 inverse) {
+                                    const float* __restrict__ sin, u32 inverse, __nv_bfloat16* __restrict__ x_half,
+                                    __nv_bfloat16* __restrict__ x2_half) {
     const u32 half = head_dim >> 1;
     const u32 pairs1 = heads * half;
     const u32 pairs = pairs1 + heads2 * half;
@@ -457,13 +459,21 @@ extern "C" __global__ void rope_f32(float* __restrict__ x, u32 heads, float* __r
             const u32 jj = second ? j - pairs1 : j;
             const u32 h = jj / half;
             const u32 i = jj - h * half;
-            float* hp = (second ? x2 + t * width2 : x + t * width) + (u64)h * head_dim;
+            const u64 at = (second ? t * width2 : t * width) + (u64)h * head_dim;
+            float* hp = (second ? x2 : x) + at;
             const float a = hp[i];
             const float b = hp[i + half];
             const float cc = c[i];
             const float ss = inverse ? -s[i] : s[i];
-            hp[i] = __fsub_rn(__fmul_rn(a, cc), __fmul_rn(b, ss));
-            hp[i + half] = __fadd_rn(__fmul_rn(a, ss), __fmul_rn(b, cc));
+            const float ra = __fsub_rn(__fmul_rn(a, cc), __fmul_rn(b, ss));
+            const float rb = __fadd_rn(__fmul_rn(a, ss), __fmul_rn(b, cc));
+            hp[i] = ra;
+            hp[i + half] = rb;
+            __nv_bfloat16* hh = second ? x2_half : x_half;  // the bf16 copy, when asked for
+            if (hh) {
+                hh[at + i] = __float2bfloat16_rn(ra);
+                hh[at + i + half] = __float2bfloat16_rn(rb);
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use half::bf16;
 use rand::rngs::SmallRng;
 use rand::Rng;
 use sparsegrad::backend::{Buffers, TransformerOps};
@@ -259,18 +260,25 @@ fn rope_qk_rotates_queries_and_keys_like_two_rope_calls() {
         for inverse in [false, true] {
             let (mut qb, mut kb) = (up(&cpu, &q), up(&cpu, &k));
             let (c, s) = (up(&cpu, &cos), up(&cpu, &sin));
-            cpu.rope_qk(&mut qb, heads, &mut kb, k_heads, tokens, head_dim, seq_len, &c, &s, inverse).unwrap();
+            let (mut qh, mut kh) =
+                (cpu.upload(&vec![bf16::ZERO; q.len()]).unwrap(), cpu.upload(&vec![bf16::ZERO; k.len()]).unwrap());
+            let halves = Some((&mut qh, &mut kh));
+            cpu.rope_qk(&mut qb, heads, &mut kb, k_heads, tokens, head_dim, seq_len, &c, &s, inverse, halves).unwrap();
             let what = format!("rope_qk {tokens}x{heads}/{k_heads}x{head_dim} inverse {inverse}");
             let want_q = rope(&cpu, &q, tokens, heads, head_dim, seq_len, &cos, &sin, inverse);
             let want_k = rope(&cpu, &k, tokens, k_heads, head_dim, seq_len, &cos, &sin, inverse);
             assert_eq!(down(&cpu, &qb, q.len()), want_q, "{what}: queries");
             assert_eq!(down(&cpu, &kb, k.len()), want_k, "{what}: keys");
+            // The bf16 copies are the rounded results.
+            let rounded = |v: &[f64]| v.iter().map(|&x| bf16::from_f32(x as f32)).collect::<Vec<_>>();
+            assert_eq!(cpu.download(&qh, q.len()).unwrap(), rounded(&want_q), "{what}: bf16 queries");
+            assert_eq!(cpu.download(&kh, k.len()).unwrap(), rounded(&want_k), "{what}: bf16 keys");
         }
     }
     // Both tensors are checked before either changes.
     let (c, s) = (up(&cpu, &[1.0; 16]), up(&cpu, &[0.5; 16]));
     let (mut q, mut k) = (up(&cpu, &[2.0; 64]), up(&cpu, &[2.0; 31]));
-    assert!(matches!(cpu.rope_qk(&mut q, 2, &mut k, 1, 4, 8, 4, &c, &s, false), Err(Error::Shape { .. })));
+    assert!(matches!(cpu.rope_qk(&mut q, 2, &mut k, 1, 4, 8, 4, &c, &s, false, None), Err(Error::Shape { .. })));
     assert_eq!(down(&cpu, &q, 64), vec![2.0; 64]);
 }
 

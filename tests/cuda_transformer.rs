@@ -271,8 +271,22 @@ fn check_rope<B: Backend>(dev: &B, big: bool) {
                 let mut kx = rand_f32(&mut r, nk);
                 kx.extend([f32::NAN; TAIL]);
                 let (mut q_got, mut k_got) = (up(dev, &x), up(dev, &kx));
-                dev.rope_qk(&mut q_got, heads, &mut k_got, k_heads, tokens, head_dim, seq_len, &cd, &sd, inverse)
-                    .unwrap();
+                let poison = bf16::from_f32(7.0);
+                let (mut qh, mut kh) = (poisoned(dev, n + TAIL, poison), poisoned(dev, nk + TAIL, poison));
+                let halves = Some((&mut qh, &mut kh));
+                dev.rope_qk(
+                    &mut q_got, heads, &mut k_got, k_heads, tokens, head_dim, seq_len, &cd, &sd, inverse, halves,
+                )
+                .unwrap();
+                // The bf16 copies: the cast of each rotated tensor, nothing written past them.
+                for (what_half, half, full, len) in [("queries", &qh, &q_got, n), ("keys", &kh, &k_got, nk)] {
+                    let mut cast = poisoned(dev, len, bf16::ZERO);
+                    dev.cast_to_bf16(full, &mut cast, len).unwrap();
+                    let got: Vec<u16> = down(dev, half, len + TAIL).iter().map(|h| h.to_bits()).collect();
+                    let want: Vec<u16> = down(dev, &cast, len).iter().map(|h| h.to_bits()).collect();
+                    assert_eq!(&got[..len], &want[..], "{what}: rope_qk bf16 {what_half} vs cast");
+                    assert!(got[len..].iter().all(|&h| h == poison.to_bits()), "{what}: rope_qk bf16 {what_half} tail");
+                }
                 let mut k_want = up(&cpu, &kx);
                 cpu.rope(&mut k_want, tokens, k_heads, head_dim, seq_len, &cc, &sc, inverse).unwrap();
                 let (q_got, q_tail) = down_split(dev, &q_got, n, n + TAIL);
@@ -282,7 +296,7 @@ fn check_rope<B: Backend>(dev: &B, big: bool) {
                 assert_untouched_f32(&format!("{what}: rope_qk query tail"), &q_tail, f32::NAN);
                 assert_untouched_f32(&format!("{what}: rope_qk key tail"), &k_tail, f32::NAN);
                 let (mut q_cpu, mut k_cpu) = (up(&cpu, &x), up(&cpu, &kx));
-                cpu.rope_qk(&mut q_cpu, heads, &mut k_cpu, k_heads, tokens, head_dim, seq_len, &cc, &sc, inverse)
+                cpu.rope_qk(&mut q_cpu, heads, &mut k_cpu, k_heads, tokens, head_dim, seq_len, &cc, &sc, inverse, None)
                     .unwrap();
                 assert_bits(&format!("{what}: CPU rope_qk queries"), &down(&cpu, &q_cpu, n), &down(&cpu, &want, n));
                 assert_bits(&format!("{what}: CPU rope_qk keys"), &down(&cpu, &k_cpu, nk), &down(&cpu, &k_want, nk));
@@ -478,7 +492,13 @@ fn check_shape_errors<B: Backend>(dev: &B) {
     // rope_qk checks both tensors before it launches anything: a short key buffer leaves the
     // queries as they were.
     let (mut q, mut k) = (up(dev, &[1.5f32; 64]), up(dev, &[1.5f32; 31]));
-    assert!(matches!(dev.rope_qk(&mut q, 2, &mut k, 1, 4, 8, 4, &c, &s, false), Err(Error::Shape { .. })));
+    assert!(matches!(dev.rope_qk(&mut q, 2, &mut k, 1, 4, 8, 4, &c, &s, false, None), Err(Error::Shape { .. })));
+    assert_eq!(down(dev, &q, 64), vec![1.5f32; 64]);
+    // So are the bf16 copies: one too short for the keys.
+    let mut k = up(dev, &[1.5f32; 32]);
+    let (mut qh, mut kh) = (poisoned(dev, 64, bf16::ZERO), poisoned(dev, 31, bf16::ZERO));
+    let r = dev.rope_qk(&mut q, 2, &mut k, 1, 4, 8, 4, &c, &s, false, Some((&mut qh, &mut kh)));
+    assert!(matches!(r, Err(Error::Shape { .. })), "short k_half: {r:?}");
     assert_eq!(down(dev, &q, 64), vec![1.5f32; 64]);
     let mut sm = b(17);
     assert!(matches!(dev.softmax_causal(&mut sm, 2, 3, 1.0), Err(Error::Shape { .. })));

@@ -521,7 +521,8 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.k.as_ref(), &mut sv.k_act)?;
             mm(&be, &Gemm::nt(t, c.kv_dim(), c.hidden), a, l.v.as_ref(), &mut sv.v_act)?;
             let (q, k) = (&mut sv.q_act, &mut sv.k_act);
-            be.rope_qk(q, c.heads, k, c.kv_heads, t, c.head_dim, seq, &self.rope_cos, &self.rope_sin, false)?;
+            let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+            be.rope_qk(q, c.heads, k, c.kv_heads, t, c.head_dim, seq, cos, sin, false, None)?;
             let attended = sv.attn.forward(&be, &shape, Mask::Causal, self.precision, &sv.q_act, &sv.k_act, &sv.v_act);
             if rounds {
                 std::mem::swap(&mut l.saved.attn.stats, &mut s.saved.attn.stats);
@@ -663,21 +664,16 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 sv.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
             }
             let sv = &l.saved;
-            be.rope_qk(
-                &mut s.dq,
-                c.heads,
-                &mut s.dk,
-                c.kv_heads,
-                t,
-                c.head_dim,
-                seq,
-                &self.rope_cos,
-                &self.rope_sin,
-                true,
-            )?;
-            let dq = stage(&be, &s.dq, s.grad_half.as_mut(), t * c.q_dim())?;
+            // dq and dk feed the q and k GEMMs next: in bf16 the rotation rounds them too (dk
+            // into the attention staging buffer, free in the backward).
+            let halves = s.grad_half.as_mut().zip(s.attn_half.as_mut());
+            let (cos, sin) = (&self.rope_cos, &self.rope_sin);
+            be.rope_qk(&mut s.dq, c.heads, &mut s.dk, c.kv_heads, t, c.head_dim, seq, cos, sin, true, halves)?;
+            let (dq, dk) = match (s.grad_half.as_ref(), s.attn_half.as_ref()) {
+                (Some(qh), Some(kh)) => (OperandRef::Half(qh), OperandRef::Half(kh)),
+                _ => (OperandRef::Full(&s.dq), OperandRef::Full(&s.dk)),
+            };
             mm(&be, &Gemm::nn(t, c.hidden, c.q_dim()), dq, l.q.as_ref(), &mut s.dnormed)?;
-            let dk = stage(&be, &s.dk, s.grad_half.as_mut(), t * c.kv_dim())?;
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dk, l.k.as_ref(), &mut s.dnormed)?;
             let dv = stage(&be, &s.dv, s.grad_half.as_mut(), t * c.kv_dim())?;
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dv, l.v.as_ref(), &mut s.dnormed)?;

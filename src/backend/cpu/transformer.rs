@@ -117,12 +117,21 @@ impl TransformerOps for Cpu {
         cos: &CpuBuf<F>,
         sin: &CpuBuf<F>,
         inverse: bool,
+        halves: Option<(&mut CpuBuf<bf16>, &mut CpuBuf<bf16>)>,
     ) -> Result<()> {
-        // Both checked before either changes.
-        check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
-        check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
+        // Everything checked before anything changes.
+        let q_len = tokens * check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
+        let k_len = tokens * check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
+        if let Some((qh, kh)) = &halves {
+            check_rope_halves(self, (qh, q_len), (kh, k_len))?;
+        }
         self.rope(q, tokens, q_heads, head_dim, seq_len, cos, sin, inverse)?;
-        self.rope(k, tokens, k_heads, head_dim, seq_len, cos, sin, inverse)
+        self.rope(k, tokens, k_heads, head_dim, seq_len, cos, sin, inverse)?;
+        if let Some((qh, kh)) = halves {
+            self.cast_to_bf16(q, qh, q_len)?;
+            self.cast_to_bf16(k, kh, k_len)?;
+        }
+        Ok(())
     }
 
     fn softmax_causal<F: Real>(&self, s: &mut CpuBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {

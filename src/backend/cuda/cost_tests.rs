@@ -37,7 +37,9 @@ fn elementwise_costs_by_hand() {
     assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 1, 2]).0, 384.0 + 128.0 + 64.0 + 32.0 + 16.0);
     // RoPE on 3 tokens of 2 heads x 4 dims with a 5-position table (5 x 4 entries: cos and
     // sin of 5 x 2): x read and written 2 * 96, tables 80 bytes; 6 flops per pair (12 pairs).
-    assert_eq!(cost(&transformer::ROPE, &[3, 8, 20]), (192.0 + 80.0, 72.0));
+    assert_eq!(cost(&transformer::ROPE, &[3, 8, 20, 0]), (192.0 + 80.0, 72.0));
+    // With bf16 copies of the rotated values: + 2 * 24 bytes.
+    assert_eq!(cost(&transformer::ROPE, &[3, 8, 20, 2]), (192.0 + 48.0 + 80.0, 72.0));
     // LayerNorm of 2 rows of 3: x, y 48; w, b 24; mean, rstd 16.
     assert_eq!(cost(&encoder::LAYERNORM, &[2, 3]).0, 88.0);
     // Mean pooling of batch 2, t 4, cols 3: all 4 rows read (96), 2 rows written (24).

@@ -29,9 +29,10 @@ kernel!(
     |a| ((12 + 4 * a[2] + a[3]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (8 + a[2]) * a[0] * a[1])
 );
 kernel!(
-    /// [tokens, (heads + heads2) * head_dim, seq_len * head_dim]: x (and x2) read and written in place; the cos and
+    /// [tokens, (heads + heads2) * head_dim, seq_len * head_dim, bytes of the bf16 copies per
+    /// element (0 or 2)]: x (and x2) read and written in place, the copies written; the cos and
     /// sin tables (seq_len x head_dim / 2 each, shared by the heads) read; 6 flops per pair.
-    ROPE = "transformer" / "rope_f32", Elementwise, |a| (8 * a[0] * a[1] + 4 * a[2], 3 * a[0] * a[1])
+    ROPE = "transformer" / "rope_f32", Elementwise, |a| ((8 + a[3]) * a[0] * a[1] + 4 * a[2], 3 * a[0] * a[1])
 );
 kernel!(
     /// [rows, t] (rows = matrices x t): every score read and written in place.
@@ -225,7 +226,7 @@ impl TransformerOps for Cuda {
     ) -> Result<()> {
         let width = check_rope(self, x, tokens, heads, head_dim, seq_len, cos, sin)?;
         let tables = RopeTables { tokens, head_dim, seq_len, cos, sin, inverse };
-        self.rope_launch((x, heads, width), None, &tables)
+        self.rope_launch((x, heads, width), None, None, &tables)
     }
 
     fn rope_qk<F: Real>(
@@ -240,11 +241,15 @@ impl TransformerOps for Cuda {
         cos: &CudaBuf<F>,
         sin: &CudaBuf<F>,
         inverse: bool,
+        halves: Option<(&mut CudaBuf<bf16>, &mut CudaBuf<bf16>)>,
     ) -> Result<()> {
         let q_width = check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
         let k_width = check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
+        if let Some((qh, kh)) = &halves {
+            check_rope_halves(self, (qh, tokens * q_width), (kh, tokens * k_width))?;
+        }
         let tables = RopeTables { tokens, head_dim, seq_len, cos, sin, inverse };
-        self.rope_launch((q, q_heads, q_width), Some((k, k_heads, k_width)), &tables)
+        self.rope_launch((q, q_heads, q_width), Some((k, k_heads, k_width)), halves, &tables)
     }
 
     fn softmax_causal<F: Real>(&self, s: &mut CudaBuf<F>, mats: usize, t: usize, scale: f32) -> Result<()> {
@@ -390,6 +395,7 @@ impl Cuda {
         &self,
         (x, heads, width): (&mut CudaBuf<F>, usize, usize),
         x2: Option<(&mut CudaBuf<F>, usize, usize)>,
+        halves: Option<(&mut CudaBuf<bf16>, &mut CudaBuf<bf16>)>,
         r: &RopeTables<'_, F>,
     ) -> Result<()> {
         const OP: &str = "rope";
@@ -410,18 +416,22 @@ impl Cuda {
         let cfg = self.grid_2d(r.tokens, pairs, 256, ROPE_MAX_X);
         let (xp, cp, sp) = (x.ptr_mut(), r.cos.ptr(), r.sin.ptr());
         let (h, h2) = (heads as u32, heads2 as u32);
+        let (xh, x2h) = halves.map_or((0, 0), |(a, b)| (a.ptr_mut(), b.ptr_mut()));
         let (t, d, s, inv) = (r.tokens as u64, r.head_dim as u32, r.seq_len as u64, u32::from(r.inverse));
         // SAFETY: rope_f32(float* x, u32 heads, float* x2, u32 heads2, u64 tokens, u32 head_dim,
-        // u64 seq_len, const float* cos, const float* sin, u32 inverse): x holds tokens * heads *
-        // head_dim and x2 (null when heads2 = 0) tokens * heads2 * head_dim elements, cos and
-        // sin seq_len * head_dim / 2 (checked by check_rope); x and x2 are distinct (&mut);
-        // (heads + heads2) * head_dim / 2 < 2^31, so the u32 arguments are exact; grid.y <= 65535.
+        // u64 seq_len, const float* cos, const float* sin, u32 inverse, bf16* x_half,
+        // bf16* x2_half): x (and x_half) hold tokens * heads * head_dim and x2 (and x2_half;
+        // null when heads2 = 0 or no copies) tokens * heads2 * head_dim elements, cos and sin
+        // seq_len * head_dim / 2 (checked by check_rope and check_rope_halves); the buffers are
+        // distinct (&mut); (heads + heads2) * head_dim / 2 < 2^31, so the u32 arguments are
+        // exact; grid.y <= 65535.
+        let half_bytes = if xh == 0 { 0 } else { 2 };
         unsafe {
             self.launch(
                 &ROPE,
                 cfg,
-                &mut kargs![xp, h, x2_ptr, h2, t, d, s, cp, sp, inv],
-                &[t, 2 * pairs as u64, s * d as u64],
+                &mut kargs![xp, h, x2_ptr, h2, t, d, s, cp, sp, inv, xh, x2h],
+                &[t, 2 * pairs as u64, s * d as u64, half_bytes],
             )
         }
     }

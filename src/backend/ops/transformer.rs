@@ -85,6 +85,8 @@ pub trait TransformerOps: Buffers {
     ) -> Result<()>;
     /// [`TransformerOps::rope`] of the queries `q` (`q_heads` heads) and the keys `k`
     /// (`k_heads` heads) of the same tokens, in one pass: bit-identical to the two calls.
+    /// Given `halves`, the rotated `q` and `k` are also rounded to bf16 into them
+    /// (bit-identical to a following `cast_to_bf16` of each).
     #[allow(clippy::too_many_arguments)]
     fn rope_qk<F: Real>(
         &self,
@@ -98,6 +100,7 @@ pub trait TransformerOps: Buffers {
         cos: &Self::Buf<F>,
         sin: &Self::Buf<F>,
         inverse: bool,
+        halves: Option<(&mut Self::Buf<half::bf16>, &mut Self::Buf<half::bf16>)>,
     ) -> Result<()>;
     /// Causal softmax in place over `mats` row-major `(t, t)` matrices: in row `i`,
     /// `p_j = exp(scale s_ij - max) / sum` over `j <= i`, and `p_j = 0` for `j > i`.
@@ -242,6 +245,15 @@ pub(crate) fn check_rope<B: Backend, F: Elem>(
         &[("x", be.len(x), checked_mul(OP, tokens, width)?), ("cos", be.len(cos), table), ("sin", be.len(sin), table)],
     )?;
     Ok(width)
+}
+
+/// The bf16 copies of [`TransformerOps::rope_qk`]: each `(buffer, length it must hold)`.
+pub(crate) fn check_rope_halves<B: Backend>(
+    be: &B,
+    (q_half, q_len): (&B::Buf<half::bf16>, usize),
+    (k_half, k_len): (&B::Buf<half::bf16>, usize),
+) -> Result<()> {
+    check_lens("rope", &[("q_half", be.len(q_half), q_len), ("k_half", be.len(k_half), k_len)])
 }
 
 /// `mats * t` rows of `t` scores, `mats * t * t` entries in all, or an overflow error.
