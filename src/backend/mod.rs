@@ -31,7 +31,7 @@ pub use ops::encoder::EncoderOps;
 pub use ops::optim::{OptimOps, CLOCK_LEN};
 pub use ops::sparse::SparseOps;
 pub use ops::topk::TopkOps;
-pub use ops::transformer::{LossScale, TransformerOps};
+pub use ops::transformer::{LossScale, RopeHalves, TransformerOps};
 
 use crate::error::Result;
 use crate::scalar::{Elem, Real};

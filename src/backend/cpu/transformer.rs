@@ -117,7 +117,7 @@ impl TransformerOps for Cpu {
         cos: &CpuBuf<F>,
         sin: &CpuBuf<F>,
         inverse: bool,
-        halves: Option<(&mut CpuBuf<bf16>, &mut CpuBuf<bf16>)>,
+        halves: Option<RopeHalves<'_, Self>>,
     ) -> Result<()> {
         // Everything checked before anything changes.
         let q_len = tokens * check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;

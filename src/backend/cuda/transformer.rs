@@ -241,7 +241,7 @@ impl TransformerOps for Cuda {
         cos: &CudaBuf<F>,
         sin: &CudaBuf<F>,
         inverse: bool,
-        halves: Option<(&mut CudaBuf<bf16>, &mut CudaBuf<bf16>)>,
+        halves: Option<RopeHalves<'_, Self>>,
     ) -> Result<()> {
         let q_width = check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
         let k_width = check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
@@ -395,7 +395,7 @@ impl Cuda {
         &self,
         (x, heads, width): (&mut CudaBuf<F>, usize, usize),
         x2: Option<(&mut CudaBuf<F>, usize, usize)>,
-        halves: Option<(&mut CudaBuf<bf16>, &mut CudaBuf<bf16>)>,
+        halves: Option<RopeHalves<'_, Self>>,
         r: &RopeTables<'_, F>,
     ) -> Result<()> {
         const OP: &str = "rope";

@@ -100,7 +100,7 @@ pub trait TransformerOps: Buffers {
         cos: &Self::Buf<F>,
         sin: &Self::Buf<F>,
         inverse: bool,
-        halves: Option<(&mut Self::Buf<half::bf16>, &mut Self::Buf<half::bf16>)>,
+        halves: Option<RopeHalves<'_, Self>>,
     ) -> Result<()>;
     /// Causal softmax in place over `mats` row-major `(t, t)` matrices: in row `i`,
     /// `p_j = exp(scale s_ij - max) / sum` over `j <= i`, and `p_j = 0` for `j > i`.
@@ -246,6 +246,9 @@ pub(crate) fn check_rope<B: Backend, F: Elem>(
     )?;
     Ok(width)
 }
+
+/// The bf16 copies [`TransformerOps::rope_qk`] can write: (queries, keys).
+pub type RopeHalves<'a, B> = (&'a mut <B as Buffers>::Buf<half::bf16>, &'a mut <B as Buffers>::Buf<half::bf16>);
 
 /// The bf16 copies of [`TransformerOps::rope_qk`]: each `(buffer, length it must hold)`.
 pub(crate) fn check_rope_halves<B: Backend>(
