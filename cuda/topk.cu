@@ -9,9 +9,10 @@
 //      kernel (the next pass, or the tile count after the last) picks the bin holding the
 //      k-th key from the top with a block scan over the previous pass's bins: every block
 //      makes the same choice (2048 bins from L2, a few microseconds in all), block 0
-//      records it, so the passes need neither a host round trip nor a launch of their own. Pass 0 also counts nonzero entries, non-finite
-//      entries (keys >= the +inf key: with an 11-bit top digit they are exactly the bins
-//      >= 0x3fc) and the first non-finite index (atomicMin).
+//      records it, so the passes need neither a host round trip nor a launch of their own.
+//      Pass 0 also counts nonzero entries and reports non-finite entries (keys >= the +inf
+//      key: with an 11-bit top digit they are exactly the bins >= 0x3fc) with the first
+//      such index to the health block.
 //   2. stable compaction (linear order): every entry with key > thr, then the first
 //      `take_eq` entries with key == thr (ties to the lower index), written with block and
 //      full indices restored through the row/col maps. Per-tile (gt, eq) counts packed into
@@ -28,18 +29,19 @@
 //      above L*: a second scatter writes kept entry i (full index L) at L if L <= L*, else
 //      at need + i.
 //
-// The call never reads anything back: the launch sequence is fixed (init, map checks, three
-// histogram passes, count and scan, scatter, fill range, second scatter: 8 launches without
-// maps),
-// non-finite entries and bad maps are reported through the device health block (common.cuh)
-// at the next synchronisation, and with k <= nonzeros the last three kernels return at once.
+// The call never reads anything back: the launch sequence is fixed (map checks, three
+// histogram passes, count and scan, scatter, fill range, second scatter: 7 launches without
+// maps; the workspace starts and ends each call zeroed, so no initialising launch, except
+// after a call that stopped part way: then topk_init first). Non-finite entries and bad maps
+// are reported through the device health block (common.cuh) at the next synchronisation,
+// and with k <= nonzeros the fill range and second scatter only count themselves done.
 //
 // Device state (TOPK_STATE_WORDS u64 words):
-//   [0] non-finite count  [1] first non-finite index  [2] nonzero count
+//   [0], [1] unused       [2] nonzero count
 //   [3] thr (key prefix after the last pass)  [4] key mask  [5] take_eq (remaining)
 //   [6] map error bits    [7] scan total              [8] L* (fill path; TOPK_NO_FILL if none)
 //   [9] k                 [10..13) (prefix, mask, remaining) after pass 0
-//   [13..16) the same after pass 1                    [16] blocks of the first scatter done
+//   [13..16) the same after pass 1                    [16] blocks of both scatters done
 //   [17] blocks of the tile count done
 // followed by 3 x 2048 u32 histogram bins, then one u64 per tile. A pass's choice goes to
 // its own words because the blocks of the kernel that records it are still reading the
@@ -67,14 +69,11 @@
 __device__ __forceinline__ u32 topk_shift(u32 pass) { return pass == 0 ? 21u : (pass == 1 ? 10u : 0u); }
 __device__ __forceinline__ u32 topk_digit_mask(u32 pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
 
-extern "C" __global__ void topk_init(u64* state, u32* hist, u64 k) {
+// The workspace as allocated: zero state and bins. Each call leaves it so (the last block of
+// its second scatter clears it); the launcher runs this only after a call that did not run
+// to its end.
+extern "C" __global__ void topk_init(u64* state, u32* hist) {
     if (threadIdx.x < TOPK_STATE_WORDS) state[threadIdx.x] = 0;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        state[1] = ~0ull;
-        state[5] = k;
-        state[9] = k;
-    }
     for (u32 b = threadIdx.x; b < 3 * TOPK_BINS; b += blockDim.x) hist[b] = 0;
 }
 
@@ -146,9 +145,9 @@ __device__ __forceinline__ void topk_sel_store(u64* state, u32 word, TopkSel sel
 // The choice made by the passes before `pass` (0..=3, 3 meaning after the last; none before
 // pass 0: every key, k of them). Block 0 records it: in words TOPK_SEL0 / TOPK_SEL1 after
 // passes 0 and 1, in words 3..6 (thr, mask, take_eq) after the last.
-__device__ __forceinline__ TopkSel topk_choice_before(u64* state, const u32* hist_all, u32 pass, u64* scan,
+__device__ __forceinline__ TopkSel topk_choice_before(u64* state, const u32* hist_all, u32 pass, u64 k, u64* scan,
                                                       u64* pick) {
-    TopkSel sel{0, 0, state[9]};
+    TopkSel sel{0, 0, k};
     if (pass == 0) return sel;  // uniform across the grid
     if (pass >= 2) sel = topk_sel_load(state, pass == 2 ? TOPK_SEL0 : TOPK_SEL1);
     sel = topk_block_select<SG_THREADS>(hist_all, pass - 1, sel, scan, pick);
@@ -176,13 +175,14 @@ extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* 
 #define TOPK_NO_BIN 0xffffffffu
 // Pass 0 also counts nonzeros and non-finite entries; those go to the health block as
 // finiteness check `check_id`. Passes 1 and 2 first make the previous pass's choice.
-extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32 pass, u64* state, u32* hist_all,
-                                         u64 check_id, u64* health) {
+extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32 pass, u64 k, u64* state,
+                                         u32* hist_all, u64 check_id, u64* health) {
     __shared__ u32 bins[TOPK_BINS];
     __shared__ u64 red[SG_THREADS / 32 + 1];
     __shared__ u64 pick[3];
     for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) bins[b] = 0;
-    const TopkSel sel = topk_choice_before(state, hist_all, pass, red, pick);  // barriers
+    const TopkSel sel = topk_choice_before(state, hist_all, pass, k, red, pick);  // barriers
+    if (pass == 0 && blockIdx.x == 0 && threadIdx.x == 0) state[9] = k;  // for the kernels after
     const u32 shift = topk_shift(pass);
     const u32 dmask = topk_digit_mask(pass);
     const u32 prefix = (u32)sel.prefix;
@@ -239,21 +239,18 @@ extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32
             for (int w = 0; w < SG_THREADS / 32; ++w)
                 if (firsts[w] < first) first = firsts[w];
             if (nnz != 0) atomicAdd((unsigned long long*)&state[2], (unsigned long long)nnz);
-            if (bad != 0) {
-                atomicAdd((unsigned long long*)&state[0], (unsigned long long)bad);
-                atomicMin((unsigned long long*)&state[1], (unsigned long long)first);
-                sg_health_nonfinite(health, check_id, bad, first);
-            }
+            if (bad != 0) sg_health_nonfinite(health, check_id, bad, first);
         }
     }
 }
 
 // The last pass's choice (thr, take_eq), then the (gt, eq) counts of each tile, the tiles
 // strided over a capped grid; the last block to finish turns them into exclusive offsets.
-extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, u64* state, const u32* hist_all, u64* tiles) {
+extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, u64 k, u64* state, const u32* hist_all,
+                                               u64* tiles) {
     __shared__ u64 red[SG_THREADS / 32 + 1];
     __shared__ u64 pick[3];
-    const u32 thr = (u32)topk_choice_before(state, hist_all, 3, red, pick).prefix;  // barriers
+    const u32 thr = (u32)topk_choice_before(state, hist_all, 3, k, red, pick).prefix;  // barriers
     const bool eligible = thr > 0;
     const u64 n_tiles = (n + SG_TILE - 1) / SG_TILE;
     for (u64 tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {  // uniform across the block
@@ -320,71 +317,79 @@ __device__ __forceinline__ void topk_fill_bound(const u32* out_rows, const u32* 
 // with full index L goes to L if L <= L*, else to need + i, need = k - nonzeros.
 extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
                                             const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
-                                            u32* out_rows, u32* out_cols, float* out_values) {
+                                            u32* out_rows, u32* out_cols, float* out_values, u32* hist_all) {
     __shared__ u32 smem[SG_THREADS / 32 + 1];
-    if (fill_pass && state[8] == TOPK_NO_FILL) return;  // uniform across the grid
-    const u64 need = fill_pass ? state[9] - state[2] : 0;
-    const u32 thr = (u32)state[3];
-    const bool eligible = thr > 0;
-    const u64 take_eq = state[5];
-    const u64 lstar = state[8];
-    const u64 off = tiles[blockIdx.x];
-    u64 gt_before = off >> 32;
-    u64 eq_before = off & 0xffffffffull;
-    const u64 base = (u64)blockIdx.x * SG_TILE;
-    float vals[SG_TILE_ITEMS];  // all loads first, so they are in flight together
-#pragma unroll
-    for (int r = 0; r < SG_TILE_ITEMS; ++r) {
-        const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
-        vals[r] = i < n ? m[i] : 0.0f;
-    }
-#pragma unroll
-    for (int r = 0; r < SG_TILE_ITEMS; ++r) {
-        const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
-        const float v = vals[r];
-        bool gt = false;
-        bool eq = false;
-        if (i < n) {
-            const u32 key = sg_abs_key(v);
-            gt = key > thr;
-            eq = eligible && key == thr;
-        }
-        // At most SG_THREADS of each per round: 16 bits each suffice.
-        const u32 flag = (gt ? 0x10000u : 0u) | (eq ? 1u : 0u);
-        u32 total;
-        const u32 ex = sg_block_exclusive_scan<u32, SG_THREADS>(flag, &total, smem);
-        const u64 my_gt = gt_before + (ex >> 16);
-        const u64 my_eq = eq_before + (ex & 0xffffu);
-        if (gt || (eq && my_eq < take_eq)) {
-            const u64 bi = i / cols;
-            const u64 bj = i - bi * cols;
-            const u32 fr = row_map ? row_map[bi] : (u32)bi;
-            const u32 fc = col_map ? col_map[bj] : (u32)bj;
-            u64 pos = my_gt + (my_eq < take_eq ? my_eq : take_eq);
-            if (need != 0) {
-                const u64 lin = (u64)fr * full_cols + fc;
-                pos = lin <= lstar ? lin : need + my_gt;
-            }
-            out_rows[pos] = fr;
-            out_cols[pos] = fc;
-            out_values[pos] = v;
-        }
-        gt_before += total >> 16;
-        eq_before += total & 0xffffu;
-    }
-    if (fill_pass) return;  // uniform across the grid
     __shared__ u32 last;
+    if (!fill_pass || state[8] != TOPK_NO_FILL) {  // uniform across the grid
+        const u64 need = fill_pass ? state[9] - state[2] : 0;
+        const u32 thr = (u32)state[3];
+        const bool eligible = thr > 0;
+        const u64 take_eq = state[5];
+        const u64 lstar = state[8];
+        const u64 off = tiles[blockIdx.x];
+        u64 gt_before = off >> 32;
+        u64 eq_before = off & 0xffffffffull;
+        const u64 base = (u64)blockIdx.x * SG_TILE;
+        float vals[SG_TILE_ITEMS];  // all loads first, so they are in flight together
+    #pragma unroll
+        for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+            const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+            vals[r] = i < n ? m[i] : 0.0f;
+        }
+    #pragma unroll
+        for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+            const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+            const float v = vals[r];
+            bool gt = false;
+            bool eq = false;
+            if (i < n) {
+                const u32 key = sg_abs_key(v);
+                gt = key > thr;
+                eq = eligible && key == thr;
+            }
+            // At most SG_THREADS of each per round: 16 bits each suffice.
+            const u32 flag = (gt ? 0x10000u : 0u) | (eq ? 1u : 0u);
+            u32 total;
+            const u32 ex = sg_block_exclusive_scan<u32, SG_THREADS>(flag, &total, smem);
+            const u64 my_gt = gt_before + (ex >> 16);
+            const u64 my_eq = eq_before + (ex & 0xffffu);
+            if (gt || (eq && my_eq < take_eq)) {
+                const u64 bi = i / cols;
+                const u64 bj = i - bi * cols;
+                const u32 fr = row_map ? row_map[bi] : (u32)bi;
+                const u32 fc = col_map ? col_map[bj] : (u32)bj;
+                u64 pos = my_gt + (my_eq < take_eq ? my_eq : take_eq);
+                if (need != 0) {
+                    const u64 lin = (u64)fr * full_cols + fc;
+                    pos = lin <= lstar ? lin : need + my_gt;
+                }
+                out_rows[pos] = fr;
+                out_cols[pos] = fc;
+                out_values[pos] = v;
+            }
+            gt_before += total >> 16;
+            eq_before += total & 0xffffu;
+        }
+    }
+    // Every block of both scatters counts itself done (after its reads of the state and its
+    // writes): the last of the first finds the fill bound, the last of the second leaves the
+    // workspace as allocated (zero bins and state) for the next call, which then needs no
+    // initialising launch.
     __threadfence();  // this thread's entries are visible before the block counts itself done
     __syncthreads();
     if (threadIdx.x == 0) {
         const u64 done = atomicAdd((unsigned long long*)&state[TOPK_DONE], 1ull);
-        last = done + 1 == gridDim.x ? 1u : 0u;
+        last = done + 1 == (u64)gridDim.x * (fill_pass + 1) ? 1u : 0u;
     }
     __syncthreads();
-    if (last && threadIdx.x == 0) {
-        __threadfence();
-        topk_fill_bound(out_rows, out_cols, full_cols, state);
+    if (!last) return;  // uniform across the block
+    __threadfence();
+    if (!fill_pass) {
+        if (threadIdx.x == 0) topk_fill_bound(out_rows, out_cols, full_cols, state);
+        return;
     }
+    for (u32 b = threadIdx.x; b < 3 * TOPK_BINS; b += blockDim.x) hist_all[b] = 0;
+    if (threadIdx.x < TOPK_STATE_WORDS) state[threadIdx.x] = 0;
 }
 
 extern "C" __global__ void topk_fill_range(const u64* state, u64 full_cols, u32* out_rows, u32* out_cols,

@@ -31,8 +31,8 @@ const HIST_PER_SM: u32 = 4;
 
 // Costs (see `kernel!`): inputs read once, outputs written once.
 kernel!(
-    /// [k]: the state words and the 3 x 2048 bins written.
-    TOPK_INIT = "topk" / "topk_init", TopkSparse, |_a| (16 * 8 + 3 * 2048 * 4, 0)
+    /// []: the state words and the 3 x 2048 bins written.
+    TOPK_INIT = "topk" / "topk_init", TopkSparse, |_a| (STATE_WORDS as u64 * 8 + 3 * 2048 * 4, 0)
 );
 kernel!(
     /// [len]: one map read.
@@ -66,6 +66,9 @@ kernel!(
 pub struct CudaTopkWorkspace {
     max_len: usize,
     buf: CudaBuf<u64>,
+    /// The state and bins may not be zero: a call stopped part way (or selected nothing, so
+    /// its last kernel, which clears them, did not run). The next call clears them first.
+    dirty: bool,
 }
 
 impl CudaTopkWorkspace {
@@ -93,8 +96,9 @@ impl TopkOps for Cuda {
 
     fn topk_workspace(&self, max_len: usize) -> Result<CudaTopkWorkspace> {
         check_topk_workspace(max_len)?;
+        // Zeroed: the state every call starts from and leaves.
         let buf = self.alloc_buf::<u64>(topk_workspace_words(max_len), true)?;
-        Ok(CudaTopkWorkspace { max_len, buf })
+        Ok(CudaTopkWorkspace { max_len, buf, dirty: false })
     }
 
     fn topk_coo<F: Real>(
@@ -117,11 +121,15 @@ impl TopkOps for Cuda {
         let tiles = hist + 8 * HIST_WORDS as u64;
         let one_block =
             |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        let (mp, k64) = (m.ptr(), k as u64);
+        let mp = m.ptr();
 
-        // SAFETY: topk_init(u64* state, u32* hist, u64 k): writes the 16 state words and the
-        // 3 x 2048 bins that follow them in the workspace buffer.
-        unsafe { self.launch(&TOPK_INIT, one_block(1024), &mut kargs![state, hist, k64], &[k64]) }?;
+        if ws.dirty {
+            // SAFETY: topk_init(u64* state, u32* hist): writes the state words and the
+            // 3 x 2048 bins that follow them in the workspace buffer.
+            unsafe { self.launch(&TOPK_INIT, one_block(1024), &mut kargs![state, hist], &[]) }?;
+        }
+        // Clean again only once the last kernel of a complete sequence is queued.
+        ws.dirty = true;
         let err = self.errors.ptr();
         for (map, len, full, bit) in [(row_map, rows, full_rows, 1u64), (col_map, cols, full_cols, 2u64)] {
             if map != 0 && len > 0 {
@@ -148,8 +156,10 @@ impl TopkOps for Cuda {
             cuda: self,
             m: mp,
             n,
+            k: k as u64,
             cols,
             state,
+            hist,
             tiles,
             row_map,
             col_map,
@@ -160,9 +170,9 @@ impl TopkOps for Cuda {
         // Each pass (and the tile count after the last) first makes the previous pass's
         // choice of bin on the device.
         for pass in 0..3u32 {
-            hist_pass(self, mp, n, pass, state, hist, check)?;
+            compaction.hist_pass(pass, check)?;
         }
-        compaction.count_and_scan(hist)?;
+        compaction.count_and_scan()?;
         // The first scatter's last block also finds the fill bound.
         compaction.scatter(0)?;
         // The zero fill when k exceeds the nonzeros (the kernels return at once otherwise).
@@ -178,25 +188,11 @@ impl TopkOps for Cuda {
                 &[k as u64],
             )
         }?;
+        // Its last block also leaves the workspace zeroed for the next call.
         compaction.scatter(1)?;
+        ws.dirty = false;
         out.len = k;
         Ok(())
-    }
-}
-
-fn hist_pass(cuda: &Cuda, m: u64, n: usize, pass: u32, state: u64, hist: u64, check: u64) -> Result<()> {
-    let (n64, health) = (n as u64, cuda.errors.ptr());
-    // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64* state, u32* hist_all,
-    // u64 check_id, u64* health): reads m[..n] and the previous pass's bins, adds into the
-    // pass's 2048 bins, block 0 records the previous pass's choice in the state words;
-    // pass 0 also adds into state[0..3] and, for non-finite entries, the health block.
-    unsafe {
-        cuda.launch(
-            &TOPK_HIST,
-            cuda.grid_1d(n, HIST_PER_SM),
-            &mut kargs![m, n64, pass, state, hist, check, health],
-            &[n64],
-        )
     }
 }
 
@@ -205,8 +201,10 @@ struct Compaction<'a> {
     cuda: &'a Cuda,
     m: u64,
     n: usize,
+    k: u64,
     cols: usize,
     state: u64,
+    hist: u64,
     tiles: u64,
     row_map: u64,
     col_map: u64,
@@ -217,8 +215,26 @@ struct Compaction<'a> {
 }
 
 impl Compaction<'_> {
-    fn count_and_scan(&self, hist: u64) -> Result<()> {
-        let (m, n64, state, tiles) = (self.m, self.n as u64, self.state, self.tiles);
+    fn hist_pass(&self, pass: u32, check: u64) -> Result<()> {
+        let (m, n64, k, state, hist, health) =
+            (self.m, self.n as u64, self.k, self.state, self.hist, self.cuda.errors.ptr());
+        // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64 k, u64* state,
+        // u32* hist_all, u64 check_id, u64* health): reads m[..n] and the previous pass's
+        // bins, adds into the pass's 2048 bins, block 0 records the previous pass's choice in
+        // the state words; pass 0 also adds into state[2], writes state[9] and reports
+        // non-finite entries to the health block.
+        unsafe {
+            self.cuda.launch(
+                &TOPK_HIST,
+                self.cuda.grid_1d(self.n, HIST_PER_SM),
+                &mut kargs![m, n64, pass, k, state, hist, check, health],
+                &[n64],
+            )
+        }
+    }
+
+    fn count_and_scan(&self) -> Result<()> {
+        let (m, n64, k, state, hist, tiles) = (self.m, self.n as u64, self.k, self.state, self.hist, self.tiles);
         let n_tiles = self.n.div_ceil(TILE);
         let cap = (self.cuda.sm_count * HIST_PER_SM) as usize;
         let grid = LaunchConfig {
@@ -226,12 +242,13 @@ impl Compaction<'_> {
             block_dim: (super::THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: topk_tile_count_f32(const float* m, u64 n, u64* state, const u32* hist_all,
-        // u64* tiles): reads the last pass's bins and m[..n], block 0 writes state[3..6];
+        // SAFETY: topk_tile_count_f32(const float* m, u64 n, u64 k, u64* state,
+        // const u32* hist_all, u64* tiles): reads the last pass's bins and m[..n], block 0
+        // writes state[3..6];
         // tiles strided over the blocks, one word each, then the last block scans them in
         // place and writes the total to state[7]; the workspace holds ceil(max_len / 4096) >=
         // ceil(n / 4096) tile words.
-        unsafe { self.cuda.launch(&TOPK_TILE_COUNT, grid, &mut kargs![m, n64, state, hist, tiles], &[n64]) }
+        unsafe { self.cuda.launch(&TOPK_TILE_COUNT, grid, &mut kargs![m, n64, k, state, hist, tiles], &[n64]) }
     }
 
     /// `fill_pass` 0: the regular compaction; 1: the fill path's placement (a no-op on the
@@ -240,16 +257,19 @@ impl Compaction<'_> {
         let (m, n64, c, state, tiles) = (self.m, self.n as u64, self.cols as u64, self.state, self.tiles);
         let (rm, cm, fc) = (self.row_map, self.col_map, self.full_cols as u64);
         let (o_rows, o_cols, o_vals) = self.out;
+        let hist = self.hist;
         // SAFETY: topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state,
         // const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
-        // u32* out_rows, u32* out_cols, float* out_values): writes at most k distinct
-        // positions below k (capacity checked); the maps (or null) hold rows / cols entries;
-        // with fill_pass 0 the last block reads out[..nonzeros] and writes state[8, 16].
+        // u32* out_rows, u32* out_cols, float* out_values, u32* hist_all): writes at most k
+        // distinct positions below k (capacity checked); the maps (or null) hold rows / cols
+        // entries; every block adds to state[16]; with fill_pass 0 the last block reads
+        // out[..nonzeros] and writes state[8]; with fill_pass 1 it zeroes the state words and
+        // the 3 x 2048 bins.
         unsafe {
             self.cuda.launch(
                 &TOPK_SCATTER,
                 Cuda::grid_tiles(self.n),
-                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, fill_pass, o_rows, o_cols, o_vals],
+                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, fill_pass, o_rows, o_cols, o_vals, hist],
                 &[n64, self.written],
             )
         }
