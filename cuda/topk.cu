@@ -181,7 +181,8 @@ extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32
     __shared__ u64 red[SG_THREADS / 32 + 1];
     __shared__ u64 pick[3];
     for (u32 b = threadIdx.x; b < TOPK_BINS; b += blockDim.x) bins[b] = 0;
-    const TopkSel sel = topk_choice_before(state, hist_all, pass, k, red, pick);  // barriers
+    __syncthreads();  // every bin zeroed before any is added to (pass 0 makes no choice first)
+    const TopkSel sel = topk_choice_before(state, hist_all, pass, k, red, pick);
     if (pass == 0 && blockIdx.x == 0 && threadIdx.x == 0) state[9] = k;  // for the kernels after
     const u32 shift = topk_shift(pass);
     const u32 dmask = topk_digit_mask(pass);
