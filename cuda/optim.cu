@@ -6,7 +6,9 @@
 //   sparse_adam_f32   torch.optim.SparseAdam on COO entries: for entry e at (r, c),
 //                     m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
 //                     change = -(step_size * (m / (sqrt(v) + eps)));
-//                     param[r, c] += change (optional), delta[e] = change (optional).
+//                     param[r, c] += change (optional), delta[e] = change (optional),
+//                     dense[r, c] = change (optional; f32, or bf16 rounded to nearest even;
+//                     the launcher zeroes dense first, so with it the list must be sorted).
 //                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t) in f64, rounded to f32.
 //   adamw_f32         torch.optim.AdamW (single-tensor path): p *= 1 - lr * wd;
 //                     m += (g - m)(1 - b1); v = v b2 + (1 - b2) g g;
@@ -78,7 +80,7 @@ __device__ __forceinline__ void sg_clock_advance(u64* clock) {
 extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len, u64 n_rows,
                                            u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
                                            float beta1, float beta2, float eps, float* param, float* delta,
-                                           u64* health) {
+                                           float* dense, __nv_bfloat16* dense_half, u64* health) {
     // This launch's own index errors go to word 5, which the gate below does not read: the
     // gate's words do not change while the launch runs, so every thread of every block takes
     // the same branch (and reaches sg_clock_advance's barriers together).
@@ -96,11 +98,15 @@ extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, con
     SG_GRID_STRIDE(e, len) {
         const u64 r = rows[e];
         const u64 c = cols[e];
-        if (r >= n_rows || c >= n_cols) {
+        const u64 i = r * n_cols + c;
+        // A dense change is a COO densify: its entries must be strictly ascending (distinct),
+        // as coo_densify_* checks; one out of order is skipped and reported.
+        const bool sorted = (dense == nullptr && dense_half == nullptr) || e == 0 ||
+                            (u64)rows[e - 1] * n_cols + cols[e - 1] < i;
+        if (r >= n_rows || c >= n_cols || !sorted) {
             atomicOr(err, SG_ERR_SPARSE_ADAM);
             continue;
         }
-        const u64 i = r * n_cols + c;
         const float g = values[e];
         const float m0 = exp_avg[i];
         const float v0 = exp_avg_sq[i];
@@ -111,6 +117,8 @@ extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, con
         const float change = -__fmul_rn(step_size, __fdiv_rn(m, __fadd_rn(__fsqrt_rn(v), eps)));
         if (param != nullptr) param[i] = __fadd_rn(param[i], change);
         if (delta != nullptr) delta[e] = change;
+        if (dense != nullptr) dense[i] = change;
+        if (dense_half != nullptr) dense_half[i] = __float2bfloat16_rn(change);
     }
     sg_clock_advance(clock);
 }

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use rand::Rng;
-use sparsegrad::backend::{Coo, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps, TopkOps};
+use sparsegrad::backend::{Coo, DenseChange, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps, TopkOps};
 use sparsegrad::{AdamParams, Backend, Cpu, GeluKind, HostCoo};
 
 fn topk(cpu: &Cpu, m: &[f32], rows: usize, cols: usize, k: usize) -> sparsegrad::Result<HostCoo<f32>> {
@@ -154,6 +154,42 @@ fn sparse_adam_matches_the_pytorch_formula_and_touches_only_listed_entries() {
         assert_eq!(p[l], p0[l], "untouched param {l} changed");
         assert_eq!((m[l], v[l]), (0.0, 0.0), "untouched state {l} changed");
     }
+}
+
+/// The fused dense form refuses what `coo_densify` refuses (entries out of order or
+/// repeated, outside the matrix) and a short buffer, before changing anything.
+#[test]
+fn sparse_adam_densify_refuses_unsorted_entries_and_short_buffers_with_state_unchanged() {
+    let cpu = Cpu::new();
+    let hp = AdamParams::default();
+    let (mut m, mut v) = (cpu.upload(&[0.25f32; 4]).unwrap(), cpu.upload(&[0.5f32; 4]).unwrap());
+    let mut clock = cpu.alloc::<u64>(2).unwrap();
+    let mut dense = cpu.upload(&[7.0f32; 4]).unwrap();
+    for (rows, cols, what) in [
+        (vec![0u32, 1, 0], vec![1u32, 0, 0], "out of order"),
+        (vec![1, 1], vec![0, 0], "repeated"),
+        (vec![0, 2], vec![0, 0], "outside"),
+    ] {
+        // Written around `set_from_host`, which refuses such lists itself.
+        let mut coo = Coo::with_capacity(&cpu, rows.len(), (2, 2)).unwrap();
+        cpu.upload_into(&rows, &mut coo.rows).unwrap();
+        cpu.upload_into(&cols, &mut coo.cols).unwrap();
+        cpu.upload_into(&vec![0.5f32; rows.len()], &mut coo.values).unwrap();
+        coo.len = rows.len();
+        let err = cpu.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Full(&mut dense));
+        assert!(
+            matches!(err, Err(sparsegrad::Error::InvalidArgument { op: "sparse_adam_densify", .. })),
+            "{what}: {err:?}"
+        );
+    }
+    let host = HostCoo { rows: vec![0u32], cols: vec![1u32], values: vec![0.5f32], shape: (2, 2) };
+    let mut coo = Coo::with_capacity(&cpu, 1, (2, 2)).unwrap();
+    coo.set_from_host(&cpu, &host).unwrap();
+    let mut short = cpu.alloc::<half::bf16>(3).unwrap();
+    let err = cpu.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Half(&mut short));
+    assert!(matches!(err, Err(sparsegrad::Error::Shape { op: "sparse_adam_densify", .. })), "{err:?}");
+    assert_eq!((&m[..], &v[..], &clock[..]), (&[0.25f32; 4][..], &[0.5f32; 4][..], &[0u64, 0][..]));
+    assert_eq!(&dense[..], &[7.0f32; 4][..], "a refused call leaves the dense buffer");
 }
 
 #[test]

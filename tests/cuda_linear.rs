@@ -1,6 +1,6 @@
 //! The whole SparseGradLinear step (forward, backward, selection, SparseAdam, merge) on
-//! CUDA against the CPU: both formulations, Exact and SparseByDense, f32 and bf16, ragged
-//! shapes, several steps. In f32 the COO indices must equal the CPU's exactly; in bf16
+//! CUDA against the CPU: both formulations, Exact and SparseByDense, f32 and bf16, each
+//! GPU merged update by name, ragged shapes, several steps. In f32 the COO indices must equal the CPU's exactly; in bf16
 //! (same bf16-rounded operands on both sides) an index may differ only where the two
 //! magnitudes tie within the documented tolerance. Skips without a GPU; the same checks
 //! run CPU-vs-CPU to keep the harness honest.
@@ -12,8 +12,8 @@ mod cuda_common;
 use common::*;
 use cuda_common::cuda_test;
 use sparsegrad::{
-    AdamParams, Backend, Cpu, Formulation, HostCoo, Keep, Optimizer, Precision, Selection, SparseGradConfig,
-    SparseGradLinear,
+    AdamParams, Backend, Cpu, Formulation, HostCoo, Keep, MergedUpdate, Optimizer, Precision, Selection,
+    SparseGradConfig, SparseGradLinear,
 };
 
 struct Run {
@@ -77,22 +77,38 @@ fn check<B: Backend + Clone>(be: &B, shapes: &[(usize, usize, usize)]) {
                     {
                         continue;
                     }
-                    for keep in [Keep::Count(1), Keep::Fraction(0.05), Keep::Fraction(1.0)] {
+                    // The merged form also runs each GPU update by name (Dense: SparseAdam
+                    // writes its change densely), against the CPU's own choice.
+                    let updates: &[Option<MergedUpdate>] =
+                        if formulation == Formulation::Merged && selection == Selection::Exact {
+                            // Runs is f32 only (bf16 layers refuse it).
+                            match precision {
+                                Precision::Full => &[None, Some(MergedUpdate::Dense), Some(MergedUpdate::Runs)],
+                                Precision::Bf16 => &[None, Some(MergedUpdate::Dense)],
+                            }
+                        } else {
+                            &[None]
+                        };
+                    for (keep, &merged_update) in [Keep::Count(1), Keep::Fraction(0.05), Keep::Fraction(1.0)]
+                        .into_iter()
+                        .flat_map(|k| updates.iter().map(move |u| (k, u)))
+                    {
                         let cfg = SparseGradConfig {
                             keep,
                             selection,
                             formulation: Some(formulation),
-                            merged_update: None,
+                            merged_update,
                             expected_tokens: tokens,
                             optimizer: adam,
                             precision,
                         };
                         let what = format!(
-                            "{} {out}x{inp} T={tokens} {precision:?} {formulation:?} {selection:?} {keep:?}",
+                            "{} {out}x{inp} T={tokens} {precision:?} {formulation:?} {selection:?} {keep:?} {merged_update:?}",
                             be.name()
                         );
                         let got = run(be, out, inp, tokens, cfg, 5, 3, true);
-                        let expect = run(&Cpu::new(), out, inp, tokens, cfg, 5, 3, true);
+                        let cpu_cfg = SparseGradConfig { merged_update: None, ..cfg };
+                        let expect = run(&Cpu::new(), out, inp, tokens, cpu_cfg, 5, 3, true);
                         let (atol, rtol) = if precision == Precision::Full { (1e-5, 1e-4) } else { (2e-2, 2e-2) };
                         assert_close(&format!("{what}: y"), &got.y, &expect.y, atol, rtol);
                         assert_close(&format!("{what}: dx"), &got.dx, &expect.dx, atol, rtol);

@@ -1,14 +1,15 @@
-//! SparseAdam on COO entries and dense AdamW on CUDA against the CPU, over several steps.
-//! Both kernels use explicitly rounded f32 operations in the CPU's order, so the states and
-//! parameters must agree bit for bit.
+//! SparseAdam on COO entries (its change per entry or stored densely) and dense AdamW on
+//! CUDA against the CPU, over several steps. Both kernels use explicitly rounded f32
+//! operations in the CPU's order, so the states and parameters must agree bit for bit.
 #![cfg(feature = "cuda")]
 
 mod cuda_common;
 
 use cuda_common::*;
+use half::bf16;
 use rand::rngs::SmallRng;
-use sparsegrad::backend::{Coo, OptimOps};
-use sparsegrad::{AdamParams, Backend, Cpu, HostCoo};
+use sparsegrad::backend::{Coo, DenseChange, OptimOps, SparseOps};
+use sparsegrad::{AdamParams, Backend, Cpu, Error, HostCoo};
 
 fn random_coo(r: &mut SmallRng, rows: usize, cols: usize, k: usize) -> HostCoo<f32> {
     let lin = sorted_subset(r, rows * cols, k);
@@ -70,6 +71,55 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
     }
 }
 
+/// `dev.sparse_adam_densify` against the CPU's `sparse_adam` with a per-entry change
+/// followed by `coo_densify` (or its bf16 form): moments, clock and the dense change bit
+/// for bit, the dense matrix poisoned before each step (every element not listed must come
+/// back zero). Run with the CPU as `dev` it checks the CPU's fused op against its unfused
+/// passes; with CUDA, the kernel against that CPU reference.
+fn check_sparse_adam_densify<B: Backend>(dev: &B) {
+    let cpu = Cpu::new();
+    let mut r = rng(53);
+    let hp = AdamParams { lr: 2e-3, beta1: 0.85, beta2: 0.995, eps: 1e-7, weight_decay: 0.0 };
+    for &(rows, cols) in &[(1, 1), (17, 1000), (1000, 17), (129, 257), (3, 70001)] {
+        let n = rows * cols;
+        for half in [false, true] {
+            let (mut cm, mut cv) = (up(&cpu, &vec![0.0f32; n]), up(&cpu, &vec![0.0f32; n]));
+            let (mut dm, mut dv) = (up(dev, &vec![0.0f32; n]), up(dev, &vec![0.0f32; n]));
+            let (mut ck, mut dk) = (cpu.alloc::<u64>(2).unwrap(), dev.alloc::<u64>(2).unwrap());
+            for step in 1..=3u64 {
+                // Steps 1 and 3 list entries; step 2 lists none (the clock still advances).
+                let k = if step == 2 { 0 } else { (n / 9).max(1) };
+                let host = random_coo(&mut r, rows, cols, k);
+                let mut cc = Coo::with_capacity(&cpu, k.max(1), (rows, cols)).unwrap();
+                cc.set_from_host(&cpu, &host).unwrap();
+                let mut dc = Coo::with_capacity(dev, k.max(1), (rows, cols)).unwrap();
+                dc.set_from_host(dev, &host).unwrap();
+                let mut delta = cpu.alloc::<f32>(k.max(1)).unwrap();
+                cpu.sparse_adam(&cc, &mut cm, &mut cv, &mut ck, &hp, None, Some(&mut delta)).unwrap();
+                std::mem::swap(&mut cc.values, &mut delta);
+                let what = format!("sparse_adam_densify {rows}x{cols} half={half} step {step}");
+                if half {
+                    let mut want = cpu.alloc::<bf16>(n).unwrap();
+                    cpu.coo_densify_bf16(&cc, &mut want).unwrap();
+                    let mut got = poisoned(dev, n, bf16::NAN);
+                    dev.sparse_adam_densify(&dc, &mut dm, &mut dv, &mut dk, &hp, DenseChange::Half(&mut got)).unwrap();
+                    let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_same(&format!("{what}: dense"), &bits(down(dev, &got, n)), &bits(down(&cpu, &want, n)));
+                } else {
+                    let mut want = cpu.alloc::<f32>(n).unwrap();
+                    cpu.coo_densify(&cc, &mut want).unwrap();
+                    let mut got = poisoned(dev, n, f32::NAN);
+                    dev.sparse_adam_densify(&dc, &mut dm, &mut dv, &mut dk, &hp, DenseChange::Full(&mut got)).unwrap();
+                    assert_bits(&format!("{what}: dense"), &down(dev, &got, n), &down(&cpu, &want, n));
+                }
+                assert_bits(&format!("{what}: exp_avg"), &down(dev, &dm, n), &down(&cpu, &cm, n));
+                assert_bits(&format!("{what}: exp_avg_sq"), &down(dev, &dv, n), &down(&cpu, &cv, n));
+                assert_eq!(down(dev, &dk, 2), vec![step, 0], "{what}: the clock");
+            }
+        }
+    }
+}
+
 fn check_adamw<B: Backend>(dev: &B, big: bool) {
     let cpu = Cpu::new();
     let mut r = rng(52);
@@ -100,6 +150,33 @@ cuda_test!(fn sparse_adam_matches_cpu_bit_for_bit(cuda) {
     check_sparse_adam(&cuda);
 });
 
+cuda_test!(fn sparse_adam_densify_matches_cpu_bit_for_bit(cuda) {
+    check_sparse_adam_densify(&cuda);
+});
+
+// A dense change needs distinct entries: one out of order is skipped and reported with the
+// next read (as `coo_densify` reports it); a short dense buffer is refused before the launch.
+cuda_test!(fn sparse_adam_densify_reports_unsorted_entries_and_refuses_short_buffers(cuda) {
+    let mut coo: Coo<sparsegrad::Cuda, f32> = Coo::with_capacity(&cuda, 3, (2, 2)).unwrap();
+    cuda.upload_into(&[0u32, 1, 0], &mut coo.rows).unwrap();
+    cuda.upload_into(&[1u32, 0, 0], &mut coo.cols).unwrap();
+    cuda.upload_into(&[0.5f32, 0.5, 0.5], &mut coo.values).unwrap();
+    coo.len = 3;
+    let (mut m, mut v) = (up(&cuda, &[0.0f32; 4]), up(&cuda, &[0.0f32; 4]));
+    let mut clock = cuda.alloc::<u64>(2).unwrap();
+    let hp = AdamParams::default();
+    let mut short = cuda.alloc::<f32>(3).unwrap();
+    let err = cuda.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Full(&mut short));
+    assert!(matches!(err, Err(Error::Shape { op: "sparse_adam_densify", .. })), "{err:?}");
+    assert_eq!(down(&cuda, &clock, 2), vec![0, 0], "a refused call leaves the clock");
+    let mut dense = poisoned(&cuda, 4, bf16::NAN);
+    cuda.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Half(&mut dense)).unwrap();
+    assert!(matches!(cuda.download(&m, 4), Err(Error::InvalidArgument { op: "sparse_adam", .. })));
+    // Entries 0 and 1 are in order and applied; entry 2 (before entry 1) is skipped.
+    let got = down(&cuda, &dense, 4);
+    assert!(got[1] != bf16::ZERO && got[2] != bf16::ZERO && got[0] == bf16::ZERO && got[3] == bf16::ZERO, "{got:?}");
+});
+
 cuda_test!(fn adamw_matches_cpu_bit_for_bit(cuda) {
     check_adamw(&cuda, big_shapes());
 });
@@ -107,5 +184,6 @@ cuda_test!(fn adamw_matches_cpu_bit_for_bit(cuda) {
 #[test]
 fn harness_on_cpu() {
     check_sparse_adam(&Cpu::new());
+    check_sparse_adam_densify(&Cpu::new());
     check_adamw(&Cpu::new(), false);
 }

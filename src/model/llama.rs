@@ -4,11 +4,12 @@
 //! cross-entropy. Everything but the chosen MLP projections is frozen; gradients still
 //! flow through all of it down to the lowest layer that trains (nothing below needs them).
 
-use super::attention::{AttentionGrads, AttentionShape, Mask, SavedAttention};
+use super::attention::{AttentionGrads, AttentionShape, Mask};
 use super::config::LlamaConfig;
 use super::step_graph::StepGraphs;
 use super::weights::{checked_tensor, Field, LlamaSource, Tensor};
 
+mod buffers;
 mod checkpoint;
 use super::TrainingSetup;
 use crate::backend::operand::{grow, mm, stage, to_f, Operand, OperandRef};
@@ -21,6 +22,7 @@ use crate::linear::trainable::{Method, TrainOptions};
 use crate::mlp::{LlamaMlp, LlamaMlpScratch, MlpShape, ProjectionSpec};
 use crate::perf::{scope, Phase};
 use crate::scalar::Real;
+use buffers::{Layer, Saved, Scratch};
 pub use checkpoint::MergedLlama;
 use half::bf16;
 
@@ -55,119 +57,6 @@ impl MlpPlan {
 
 /// Basis group of each MLP projection kind: one basis per kind, shared by all layers.
 pub const GROUPS: [&str; 3] = ["gate", "up", "down"];
-
-/// Frozen weights and saved activations of one decoder layer.
-struct Layer<B: Backend, F: Real> {
-    attn_norm: B::Buf<F>,
-    ffn_norm: B::Buf<F>,
-    q: Operand<B, F>,
-    k: Operand<B, F>,
-    v: Operand<B, F>,
-    o: Operand<B, F>,
-    mlp: LlamaMlp<B, F>,
-    /// Saved by the forward for the backward: only above the lowest trained block (the
-    /// others write into the model's shared set, see [`LlamaModel::keeps`]).
-    saved: Saved<B, F>,
-}
-
-/// What a decoder layer's forward leaves for its backward (besides its MLP's own).
-struct Saved<B: Backend, F: Real> {
-    x_in: B::Buf<F>,
-    inv_rms_attn: B::Buf<F>,
-    q_act: B::Buf<F>,
-    k_act: B::Buf<F>,
-    v_act: B::Buf<F>,
-    /// The attention output (the o projection's input) and its row statistics.
-    attn: SavedAttention<B, F>,
-    x_mid: B::Buf<F>,
-    inv_rms_ffn: B::Buf<F>,
-    /// In bf16 models a layer that keeps its set holds `q`, `k`, `v` (after RoPE) and the
-    /// attention output rounded to bf16 instead (the attention kernels round q, k and v
-    /// to bf16 anyway); they are computed in, and widened back into, the shared set.
-    q_half: B::Buf<bf16>,
-    k_half: B::Buf<bf16>,
-    v_half: B::Buf<bf16>,
-    out_half: B::Buf<bf16>,
-}
-
-impl<B: Backend, F: Real> Saved<B, F> {
-    fn new(backend: &B) -> Result<Self> {
-        Ok(Saved {
-            x_in: backend.alloc(0)?,
-            inv_rms_attn: backend.alloc(0)?,
-            q_act: backend.alloc(0)?,
-            k_act: backend.alloc(0)?,
-            v_act: backend.alloc(0)?,
-            attn: SavedAttention::new(backend)?,
-            x_mid: backend.alloc(0)?,
-            inv_rms_ffn: backend.alloc(0)?,
-            q_half: backend.alloc(0)?,
-            k_half: backend.alloc(0)?,
-            v_half: backend.alloc(0)?,
-            out_half: backend.alloc(0)?,
-        })
-    }
-
-    /// Grows the buffers for `t` tokens; `residual`: also the residual stream copies
-    /// (`x_in`, `x_mid`), which only a backward reads; `half`: `q`, `k`, `v` and the
-    /// attention output in bf16 (a kept set of a bf16 model) instead of `F`.
-    fn ensure(
-        &mut self,
-        be: &B,
-        c: &LlamaConfig,
-        shape: &AttentionShape,
-        t: usize,
-        residual: bool,
-        half: bool,
-    ) -> Result<()> {
-        if residual {
-            grow(be, &mut self.x_in, t * c.hidden)?;
-            grow(be, &mut self.x_mid, t * c.hidden)?;
-        }
-        grow(be, &mut self.inv_rms_attn, t)?;
-        if half {
-            grow(be, &mut self.q_half, t * c.q_dim())?;
-            grow(be, &mut self.k_half, t * c.kv_dim())?;
-            grow(be, &mut self.v_half, t * c.kv_dim())?;
-            grow(be, &mut self.out_half, t * c.q_dim())?;
-            grow(be, &mut self.attn.stats, shape.stats_len())?;
-        } else {
-            grow(be, &mut self.q_act, t * c.q_dim())?;
-            grow(be, &mut self.k_act, t * c.kv_dim())?;
-            grow(be, &mut self.v_act, t * c.kv_dim())?;
-            self.attn.ensure(be, shape)?;
-        }
-        grow(be, &mut self.inv_rms_ffn, t)
-    }
-}
-
-/// Buffers shared by all layers, sized for the largest batch seen.
-struct Scratch<B: Backend, F: Real> {
-    tokens: usize,
-    ids: B::Buf<u32>,
-    targets: B::Buf<u32>,
-    mask: B::Buf<F>,
-    x: B::Buf<F>,
-    normed: B::Buf<F>,
-    normed_half: Option<B::Buf<bf16>>,
-    attn_half: Option<B::Buf<bf16>>,
-    branch: B::Buf<F>,
-    logits: B::Buf<F>,
-    losses: B::Buf<F>,
-    inv_rms_final: B::Buf<F>,
-    // Backward.
-    dx: B::Buf<F>,
-    dnormed: B::Buf<F>,
-    dq: B::Buf<F>,
-    dk: B::Buf<F>,
-    dv: B::Buf<F>,
-    dattn: B::Buf<F>,
-    grad_half: Option<B::Buf<bf16>>,
-    /// The saved set of the layers that keep none (see [`LlamaModel::keeps`]).
-    saved: Saved<B, F>,
-    /// The MLP scratch every layer shares.
-    mlp: LlamaMlpScratch<B, F>,
-}
 
 /// Masked cross-entropy summed over a batch, and the number of tokens it covers.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

@@ -1,11 +1,14 @@
-//! CPU optimizers: PyTorch's SparseAdam on COO entries and dense AdamW, with PyTorch's
-//! exact order of operations so both backends and PyTorch agree to rounding.
+//! CPU optimizers: PyTorch's SparseAdam on COO entries (its change per entry or stored
+//! densely) and dense AdamW, with PyTorch's exact order of operations so both backends and
+//! PyTorch agree to rounding.
 
+use super::sparse::check_coo_sorted;
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::optim::*;
 use crate::backend::{AdamParams, AdamwScalars, Coo};
 use crate::error::{Error, Result};
 use crate::scalar::Real;
+use half::bf16;
 use rayon::prelude::*;
 
 impl OptimOps for Cpu {
@@ -27,26 +30,38 @@ impl OptimOps for Cpu {
                 return Err(Error::invalid("sparse_adam", format!("entry {e} outside {rows}x{cols}")));
             }
         }
-        let step = clock[0].saturating_add(1);
-        let step_size = F::from_f64(hp.step_size(step));
-        let (b1, b2, eps) = (F::from_f64(hp.beta1 as f64), F::from_f64(hp.beta2 as f64), F::from_f64(hp.eps as f64));
-        for e in 0..coo.len {
-            let i = coo.rows[e] as usize * cols + coo.cols[e] as usize;
-            let g = coo.values[e];
-            // torch.optim.SparseAdam: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2)
-            let m = exp_avg[i] + (g - exp_avg[i]) * (F::ONE - b1);
-            let v = exp_avg_sq[i] + (g * g - exp_avg_sq[i]) * (F::ONE - b2);
-            exp_avg[i] = m;
-            exp_avg_sq[i] = v;
-            let change = -(step_size * (m / (v.sqrt() + eps)));
+        adam_entries(coo, exp_avg, exp_avg_sq, clock, hp, |e, i, change| {
             if let Some(p) = param.as_deref_mut() {
                 p[i] += change;
             }
             if let Some(d) = delta.as_deref_mut() {
                 d[e] = change;
             }
+        });
+        Ok(())
+    }
+
+    fn sparse_adam_densify<F: Real>(
+        &self,
+        coo: &Coo<Cpu, F>,
+        exp_avg: &mut CpuBuf<F>,
+        exp_avg_sq: &mut CpuBuf<F>,
+        clock: &mut CpuBuf<u64>,
+        hp: &AdamParams,
+        dense: DenseChange<'_, Cpu, F>,
+    ) -> Result<()> {
+        let n = check_sparse_adam_densify(self, coo, [exp_avg, exp_avg_sq], clock, hp, &dense)?;
+        check_coo_sorted("sparse_adam_densify", coo)?;
+        match dense {
+            DenseChange::Full(d) => {
+                d[..n].fill(F::ZERO);
+                adam_entries(coo, exp_avg, exp_avg_sq, clock, hp, |_, i, change| d[i] = change);
+            }
+            DenseChange::Half(d) => {
+                d[..n].fill(bf16::ZERO);
+                adam_entries(coo, exp_avg, exp_avg_sq, clock, hp, |_, i, change| d[i] = change.to_bf16());
+            }
         }
-        clock[0] = step;
         Ok(())
     }
 
@@ -79,4 +94,32 @@ impl OptimOps for Cpu {
         clock[0] = step;
         Ok(())
     }
+}
+
+/// SparseAdam's moments at step `clock[0] + 1` for every entry of `coo` (in bounds, checked
+/// by the caller), handing each entry's index `e`, linear place `i` and change to `apply`;
+/// then advances the clock.
+fn adam_entries<F: Real>(
+    coo: &Coo<Cpu, F>,
+    exp_avg: &mut [F],
+    exp_avg_sq: &mut [F],
+    clock: &mut [u64],
+    hp: &AdamParams,
+    mut apply: impl FnMut(usize, usize, F),
+) {
+    let cols = coo.shape.1;
+    let step = clock[0].saturating_add(1);
+    let step_size = F::from_f64(hp.step_size(step));
+    let (b1, b2, eps) = (F::from_f64(hp.beta1 as f64), F::from_f64(hp.beta2 as f64), F::from_f64(hp.eps as f64));
+    for e in 0..coo.len {
+        let i = coo.rows[e] as usize * cols + coo.cols[e] as usize;
+        let g = coo.values[e];
+        // torch.optim.SparseAdam: m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2)
+        let m = exp_avg[i] + (g - exp_avg[i]) * (F::ONE - b1);
+        let v = exp_avg_sq[i] + (g * g - exp_avg_sq[i]) * (F::ONE - b2);
+        exp_avg[i] = m;
+        exp_avg_sq[i] = v;
+        apply(e, i, -(step_size * (m / (v.sqrt() + eps))));
+    }
+    clock[0] = step;
 }

@@ -263,7 +263,7 @@ fn densify<F: Real, T: Elem>(
 }
 
 /// The entries lie inside the matrix and are strictly ascending by linear index.
-fn check_coo_sorted<F: Real>(op: &'static str, coo: &Coo<Cpu, F>) -> Result<()> {
+pub(super) fn check_coo_sorted<F: Real>(op: &'static str, coo: &Coo<Cpu, F>) -> Result<()> {
     check_coo_indices(op, coo)?;
     let cols = coo.shape.1 as u64;
     let lin = |e: usize| coo.rows[e] as u64 * cols + coo.cols[e] as u64;

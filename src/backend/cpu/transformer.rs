@@ -51,7 +51,9 @@ impl TransformerOps for Cpu {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        rmsnorm_backward_into(self, [x, w, inv_rms, dy], dx, rows, cols, false)
+        check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
+        rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, false);
+        Ok(())
     }
 
     fn rmsnorm_backward_add<F: Real>(
@@ -67,7 +69,7 @@ impl TransformerOps for Cpu {
     ) -> Result<()> {
         let n = check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
         check_dx_half(self, dx_half.as_deref(), n)?;
-        rmsnorm_backward_into(self, [x, w, inv_rms, dy], dx, rows, cols, true)?;
+        rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, true);
         match dx_half {
             Some(h) => self.cast_to_bf16(dx, h, n),
             None => Ok(()),
@@ -86,22 +88,7 @@ impl TransformerOps for Cpu {
         inverse: bool,
     ) -> Result<()> {
         let width = check_rope(self, x, tokens, heads, head_dim, seq_len, cos, sin)?;
-        let half = head_dim / 2;
-        if width == 0 {
-            return Ok(());
-        }
-        x[..tokens * width].par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-            let p = t % seq_len;
-            let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
-            for head in row.chunks_mut(head_dim) {
-                for i in 0..half {
-                    let (a, b) = (head[i], head[i + half]);
-                    let s = if inverse { -s[i] } else { s[i] };
-                    head[i] = a * c[i] - b * s;
-                    head[i + half] = a * s + b * c[i];
-                }
-            }
-        });
+        rope_rows(&mut x[..tokens * width], width, head_dim, seq_len, (cos, sin), inverse);
         Ok(())
     }
 
@@ -120,13 +107,14 @@ impl TransformerOps for Cpu {
         halves: Option<RopeHalves<'_, Self>>,
     ) -> Result<()> {
         // Everything checked before anything changes.
-        let q_len = tokens * check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
-        let k_len = tokens * check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
+        let q_width = check_rope(self, q, tokens, q_heads, head_dim, seq_len, cos, sin)?;
+        let k_width = check_rope(self, k, tokens, k_heads, head_dim, seq_len, cos, sin)?;
+        let (q_len, k_len) = (tokens * q_width, tokens * k_width);
         if let Some((qh, kh)) = &halves {
             check_rope_halves(self, (qh, q_len), (kh, k_len))?;
         }
-        self.rope(q, tokens, q_heads, head_dim, seq_len, cos, sin, inverse)?;
-        self.rope(k, tokens, k_heads, head_dim, seq_len, cos, sin, inverse)?;
+        rope_rows(&mut q[..q_len], q_width, head_dim, seq_len, (cos, sin), inverse);
+        rope_rows(&mut k[..k_len], k_width, head_dim, seq_len, (cos, sin), inverse);
         if let Some((qh, kh)) = halves {
             self.cast_to_bf16(q, qh, q_len)?;
             self.cast_to_bf16(k, kh, k_len)?;
@@ -209,14 +197,12 @@ impl TransformerOps for Cpu {
 
 /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it.
 fn rmsnorm_backward_into<F: Real>(
-    cpu: &Cpu,
     [x, w, inv_rms, dy]: [&CpuBuf<F>; 4],
     dx: &mut CpuBuf<F>,
     rows: usize,
     cols: usize,
     accumulate: bool,
-) -> Result<()> {
-    check_rmsnorm_backward(cpu, [x, w, inv_rms, dy, dx], rows, cols)?;
+) {
     dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
         let (xr, dyr, inv) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], inv_rms[r]);
         let dot = F::from_f64(
@@ -228,7 +214,34 @@ fn rmsnorm_backward_into<F: Real>(
             *dx = if accumulate { *dx + v } else { v };
         });
     });
-    Ok(())
+}
+
+/// Rotary embedding in place on whole `width`-wide token rows of `x` (position = token
+/// index mod `seq_len`), after the caller's checks; `inverse` rotates by minus the angle.
+fn rope_rows<F: Real>(
+    x: &mut [F],
+    width: usize,
+    head_dim: usize,
+    seq_len: usize,
+    (cos, sin): (&[F], &[F]),
+    inverse: bool,
+) {
+    if width == 0 {
+        return;
+    }
+    let half = head_dim / 2;
+    x.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+        let p = t % seq_len;
+        let (c, s) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+        for head in row.chunks_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = (head[i], head[i + half]);
+                let s = if inverse { -s[i] } else { s[i] };
+                head[i] = a * c[i] - b * s;
+                head[i + half] = a * s + b * c[i];
+            }
+        }
+    });
 }
 
 /// The RMSNorm of each `cols`-wide row of `x` into `y` (each element through `out`: itself,

@@ -62,8 +62,9 @@ fn attention_costs_grow_with_the_square_of_the_sequence() {
 fn sparse_topk_and_optimizer_costs_by_hand() {
     // SparseAdam on 100 entries: the entry (12), both moments (16) read and written, the
     // parameter read and written (8) and the change written (4); the clock's two words.
-    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 1, 1]).0, 4_016.0);
-    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0]).0, 2_816.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 1, 1, 0]).0, 4_016.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0, 2]).0, 3_016.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0, 0]).0, 2_816.0);
     assert_eq!(cost(&optim::ADAMW, &[10]), (296.0, 140.0));
     // One top-k histogram pass over 8192 entries: 32 KiB read, 2048 bins written and the
     // previous pass's 2048 bins read.

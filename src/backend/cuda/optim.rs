@@ -1,5 +1,5 @@
-//! [`OptimOps`] for CUDA: the launchers of cuda/optim.cu (SparseAdam on COO entries and
-//! dense AdamW), each after the op's shared validator. The step and its bias-corrected
+//! [`OptimOps`] for CUDA: the launchers of cuda/optim.cu (SparseAdam on COO entries, its
+//! change per entry or stored densely, and dense AdamW), each after the op's shared validator. The step and its bias-corrected
 //! scalars are computed on the device from the parameter's clock, with the same f64
 //! operations as the CPU's [`AdamParams`] (bit-identical), so the launch arguments never
 //! change between steps.
@@ -11,10 +11,12 @@ use crate::error::Result;
 use crate::scalar::Real;
 
 kernel!(
-    /// [len, param given, delta given]: per entry the COO entry read (12 bytes), both moments
-    /// read and written, the parameter read and written and the change written when given;
-    /// the clock read and advanced.
-    SPARSE_ADAM = "optim" / "sparse_adam_f32", Optimizer, |a| ((28 + 8 * a[1] + 4 * a[2]) * a[0] + 16, 12 * a[0])
+    /// [len, param given, delta given, bytes of a dense change element (0 without one)]: per
+    /// entry the COO entry read (12 bytes), both moments read and written, the parameter read
+    /// and written, the change written per entry and densely when given; the clock read and
+    /// advanced.
+    SPARSE_ADAM = "optim" / "sparse_adam_f32", Optimizer,
+        |a| ((28 + 8 * a[1] + 4 * a[2] + a[3]) * a[0] + 16, 12 * a[0])
 );
 kernel!(
     /// [n]: parameter, both moments read and written, gradient read; the clock advanced.
@@ -35,30 +37,29 @@ impl OptimOps for Cuda {
         const OP: &str = "sparse_adam";
         require_f32::<F>(OP)?;
         check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, param.as_deref(), delta.as_deref())?;
-        let (rows, cols) = coo.shape;
-        // Launched even for an empty list: the clock advances every step.
-        let (ck, lr) = (clock.ptr_mut(), hp.lr);
-        let (rp, cp, vp, len, r, c) =
-            (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64, rows as u64, cols as u64);
-        let (m, v) = (exp_avg.ptr_mut(), exp_avg_sq.ptr_mut());
-        let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
         let p = param.map_or(0u64, |p| p.ptr_mut());
         let d = delta.map_or(0u64, |d| d.ptr_mut());
-        let err = self.errors.ptr();
-        // SAFETY: sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len,
-        // u64 n_rows, u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
-        // float beta1, float beta2, float eps, float* param, float* delta, u64* health): the COO
-        // holds len entries, the state (and param, or null) rows * cols, delta (or null) len,
-        // the clock CLOCK_LEN words, `health` the health block; entries outside the matrix are
-        // skipped.
-        unsafe {
-            self.launch(
-                &SPARSE_ADAM,
-                self.grid_1d(coo.len, 16),
-                &mut kargs![rp, cp, vp, len, r, c, m, v, ck, lr, b1, b2, eps, p, d, err],
-                &[len, u64::from(p != 0), u64::from(d != 0)],
-            )
-        }
+        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [p, d], (0, 0))
+    }
+
+    fn sparse_adam_densify<F: Real>(
+        &self,
+        coo: &Coo<Cuda, F>,
+        exp_avg: &mut CudaBuf<F>,
+        exp_avg_sq: &mut CudaBuf<F>,
+        clock: &mut CudaBuf<u64>,
+        hp: &AdamParams,
+        dense: DenseChange<'_, Cuda, F>,
+    ) -> Result<()> {
+        require_f32::<F>("sparse_adam_densify")?;
+        let n = check_sparse_adam_densify(self, coo, [exp_avg, exp_avg_sq], clock, hp, &dense)?;
+        let (ptr, elem) = match dense {
+            DenseChange::Full(d) => (d.ptr_mut(), 4),
+            DenseChange::Half(d) => (d.ptr_mut(), 2),
+        };
+        self.memset_zero(ptr, n * elem)?;
+        let (dense_f32, dense_bf16) = if elem == 4 { (ptr, 0) } else { (0, ptr) };
+        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [0, 0], (dense_f32, dense_bf16))
     }
 
     fn adamw<F: Real>(
@@ -89,5 +90,48 @@ impl OptimOps for Cuda {
                 &[n],
             )
         }
+    }
+}
+
+/// Launches `sparse_adam_f32` after the caller's validation: `param_delta` and `dense` are
+/// device addresses or 0 for none (`dense` as (f32, bf16), at most one given).
+fn launch_sparse_adam<F: Real>(
+    cuda: &Cuda,
+    coo: &Coo<Cuda, F>,
+    [exp_avg, exp_avg_sq]: [&mut CudaBuf<F>; 2],
+    clock: &mut CudaBuf<u64>,
+    hp: &AdamParams,
+    [p, d]: [u64; 2],
+    (dense, dense_half): (u64, u64),
+) -> Result<()> {
+    let (rows, cols) = coo.shape;
+    // Launched even for an empty list: the clock advances every step.
+    let (ck, lr) = (clock.ptr_mut(), hp.lr);
+    let (rp, cp, vp, len, r, c) =
+        (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64, rows as u64, cols as u64);
+    let (m, v) = (exp_avg.ptr_mut(), exp_avg_sq.ptr_mut());
+    let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
+    let err = cuda.errors.ptr();
+    let dense_bytes = if dense != 0 {
+        4
+    } else if dense_half != 0 {
+        2
+    } else {
+        0
+    };
+    // SAFETY: sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len,
+    // u64 n_rows, u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
+    // float beta1, float beta2, float eps, float* param, float* delta, float* dense,
+    // __nv_bfloat16* dense_half, u64* health): the COO holds len entries, the state (and
+    // param, dense or dense_half, or null) rows * cols, delta (or null) len, the clock
+    // CLOCK_LEN words, `health` the health block (all checked by the callers' validators);
+    // entries outside the matrix are skipped.
+    unsafe {
+        cuda.launch(
+            &SPARSE_ADAM,
+            cuda.grid_1d(coo.len, 16),
+            &mut kargs![rp, cp, vp, len, r, c, m, v, ck, lr, b1, b2, eps, p, d, dense, dense_half, err],
+            &[len, u64::from(p != 0), u64::from(d != 0), dense_bytes],
+        )
     }
 }

@@ -142,20 +142,7 @@ impl TransformerOps for Cuda {
         const OP: &str = "rmsnorm";
         require_f32::<F>(OP)?;
         check_rmsnorm(self, [x, w, y, inv_rms], rows, cols)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let g = Group::for_width(cols);
-        let kernel = g.kernel(&RMSNORM);
-        let (xp, wp, yp, ip) = (x.ptr(), w.ptr(), y.ptr_mut(), inv_rms.ptr_mut());
-        let (r, c, nc, no_half) = (rows as u64, cols as u64, cols_f32(cols), 0u64);
-        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, bf16* y_half,
-        // float* inv_rms, u64 rows, u64 cols, float n_cols, float eps): x and y hold rows *
-        // cols, w cols and inv_rms rows elements (checked above); y_half null (y written);
-        // block and group sizes come from `g`, as the kernel expects.
-        unsafe {
-            self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, yp, no_half, ip, r, c, nc, eps], &[r, c, 4])
-        }
+        self.rmsnorm_launch([x, w], (y.ptr_mut(), 0), inv_rms, rows, cols, eps)
     }
 
     fn rmsnorm_to_bf16<F: Real>(
@@ -170,20 +157,7 @@ impl TransformerOps for Cuda {
     ) -> Result<()> {
         require_f32::<F>("rmsnorm_to_bf16")?;
         check_rmsnorm_to_bf16(self, [x, w, inv_rms], y_half, rows, cols)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        let g = Group::for_width(cols);
-        let kernel = g.kernel(&RMSNORM);
-        let (xp, wp, hp, ip) = (x.ptr(), w.ptr(), y_half.ptr_mut(), inv_rms.ptr_mut());
-        let (r, c, nc, no_y) = (rows as u64, cols as u64, cols_f32(cols), 0u64);
-        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, bf16* y_half,
-        // float* inv_rms, u64 rows, u64 cols, float n_cols, float eps): x and y_half hold rows *
-        // cols, w cols and inv_rms rows elements (checked above); y is null and not touched
-        // when y_half is given; block and group sizes come from `g`.
-        unsafe {
-            self.launch(kernel, g.config(self, rows), &mut kargs![xp, wp, no_y, hp, ip, r, c, nc, eps], &[r, c, 2])
-        }
+        self.rmsnorm_launch([x, w], (0, y_half.ptr_mut()), inv_rms, rows, cols, eps)
     }
 
     fn rmsnorm_backward<F: Real>(
@@ -341,6 +315,40 @@ impl Cuda {
     /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it, and, given
     /// `dx_half`, the result's bf16 rounding there.
     #[allow(clippy::too_many_arguments)]
+    /// Launches `rmsnorm_gG_f32` after the caller's checks: `y` is `(f32 output, bf16
+    /// output)` as device addresses, exactly one of them nonzero (the kernel writes the bf16
+    /// output in place of the f32 one when given).
+    fn rmsnorm_launch<F: Real>(
+        &self,
+        [x, w]: [&CudaBuf<F>; 2],
+        (y, y_half): (u64, u64),
+        inv_rms: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let g = Group::for_width(cols);
+        let kernel = g.kernel(&RMSNORM);
+        let (xp, wp, ip) = (x.ptr(), w.ptr(), inv_rms.ptr_mut());
+        let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
+        let bytes_out = if y_half != 0 { 2 } else { 4 };
+        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, bf16* y_half,
+        // float* inv_rms, u64 rows, u64 cols, float n_cols, float eps): x and the given output
+        // hold rows * cols, w cols and inv_rms rows elements (checked by the callers); the
+        // other output is null and not touched; block and group sizes come from `g`.
+        unsafe {
+            self.launch(
+                kernel,
+                g.config(self, rows),
+                &mut kargs![xp, wp, y, y_half, ip, r, c, nc, eps],
+                &[r, c, bytes_out],
+            )
+        }
+    }
+
     fn rmsnorm_backward_into<F: Real>(
         &self,
         [x, w, inv_rms, dy]: [&CudaBuf<F>; 4],

@@ -9,6 +9,15 @@ use super::{check_bufs, check_coo, check_lens};
 use crate::backend::{AdamParams, Backend, Buffers, Coo};
 use crate::error::Result;
 use crate::scalar::{Elem, Real};
+use half::bf16;
+
+/// Where [`OptimOps::sparse_adam_densify`] writes a step's change: a dense `coo.shape`
+/// matrix in the parameter's precision, or in bf16 (each change rounded to nearest even)
+/// for a bf16 product.
+pub enum DenseChange<'a, B: Buffers, F: Elem> {
+    Full(&'a mut B::Buf<F>),
+    Half(&'a mut B::Buf<bf16>),
+}
 
 /// Adam-family optimizer steps (PyTorch semantics and order of operations).
 pub trait OptimOps: Buffers {
@@ -26,6 +35,22 @@ pub trait OptimOps: Buffers {
         hp: &AdamParams,
         param: Option<&mut Self::Buf<F>>,
         delta: Option<&mut Self::Buf<F>>,
+    ) -> Result<()>;
+    /// [`Self::sparse_adam`] with the step's change stored densely: `dense` (`coo.shape`) is
+    /// zeroed and each listed entry's change written at its place, what `sparse_adam` with a
+    /// `delta` followed by [`SparseOps::coo_densify`](crate::backend::SparseOps::coo_densify)
+    /// (or its bf16 form) of the changes gives, in one pass over the entries. The parameter
+    /// itself is not touched (the caller applies the dense change). The entries must be
+    /// sorted and distinct, as `coo_densify` requires.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_adam_densify<F: Real>(
+        &self,
+        coo: &Coo<Self, F>,
+        exp_avg: &mut Self::Buf<F>,
+        exp_avg_sq: &mut Self::Buf<F>,
+        clock: &mut Self::Buf<u64>,
+        hp: &AdamParams,
+        dense: DenseChange<'_, Self, F>,
     ) -> Result<()>;
     /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries at step
     /// `t = clock[0] + 1`, then `clock[0] = t`.
@@ -74,6 +99,30 @@ pub(crate) fn check_sparse_adam<B: Backend, F: Elem>(
         check_lens(OP, &[("delta", be.len(d), coo.len)])?;
     }
     Ok(())
+}
+
+/// [`OptimOps::sparse_adam_densify`] (entry bounds and order are data, checked by the
+/// backend); returns the dense matrix's element count.
+pub(crate) fn check_sparse_adam_densify<B: Backend, F: Elem>(
+    be: &B,
+    coo: &Coo<B, F>,
+    moments: [&B::Buf<F>; 2],
+    clock: &B::Buf<u64>,
+    hp: &AdamParams,
+    dense: &DenseChange<'_, B, F>,
+) -> Result<usize> {
+    const OP: &str = "sparse_adam_densify";
+    check_step(be, OP, clock, hp)?;
+    let n = check_coo(be, OP, coo)?;
+    let dense_len = match dense {
+        DenseChange::Full(d) => be.len(d),
+        DenseChange::Half(d) => be.len(d),
+    };
+    check_lens(
+        OP,
+        &[("exp_avg", be.len(moments[0]), n), ("exp_avg_sq", be.len(moments[1]), n), ("dense", dense_len, n)],
+    )?;
+    Ok(n)
 }
 
 /// [`OptimOps::adamw`] (`[param, grad, exp_avg, exp_avg_sq]`).

@@ -3,10 +3,10 @@
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
 use crate::backend::operand::{mm, mm_operand, stage, stage_checked, OperandRef};
-use crate::backend::{Backend, Coo, Gemm, IndexMaps};
+use crate::backend::{Backend, Coo, DenseChange, Gemm, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::GRAD_Y;
-use crate::optim::{dense_step, sparse_step};
+use crate::optim::{dense_step, sparse_step, Optimizer};
 use crate::scalar::Real;
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
@@ -229,6 +229,21 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                         spec.ldb = touched.max(1);
                         be.gemm(&spec, pt_rows, et, w)?;
                     }
+                    MergedUpdate::Dense if matches!(opt, Optimizer::Adam(_)) => {
+                        // SparseAdam stores its change straight into D: no per-entry change
+                        // list and no densify pass.
+                        let moments = self.moments.as_mut().ok_or_else(missing)?;
+                        let Optimizer::Adam(hp) = &opt else { return Err(missing()) };
+                        let (m, v, clock) = (&mut moments.exp_avg, &mut moments.exp_avg_sq, &mut moments.clock);
+                        match &mut ws.big_half {
+                            Some(d) => be.sparse_adam_densify(&self.grad, m, v, clock, hp, DenseChange::Half(d))?,
+                            None => {
+                                let d = ws.big_b.as_mut().ok_or_else(missing)?;
+                                be.sparse_adam_densify(&self.grad, m, v, clock, hp, DenseChange::Full(d))?
+                            }
+                        }
+                        apply_dense_change(be, p, q, ws, w, (out, inp))?;
+                    }
                     update @ (MergedUpdate::Dense | MergedUpdate::Runs) => {
                         let delta = ws.delta.as_mut().ok_or_else(missing)?;
                         sparse_step(be, &opt, &self.grad, None, Some(delta), self.moments.as_mut())?;
@@ -281,36 +296,52 @@ fn apply_change<B: Backend, F: Real>(
     (out, inp): (usize, usize),
 ) -> Result<()> {
     let missing = || Error::invalid("step", "merged workspace missing");
-    let e = &mut ws.big_a;
     match update {
         MergedUpdate::Dense => {
-            // E = D Q^T (q holds Q here: `BasisLayout::Plain`).
             match &mut ws.big_half {
-                Some(d) => {
-                    be.coo_densify_bf16(coo, d)?;
-                    // E's only use is as the next product's operand: with bf16 operands it
-                    // leaves the GEMM in bf16 (rounded once, as the cast would), no f32 pass.
-                    let spec = Gemm::nt(out, inp, inp);
-                    let e_op = mm_operand(be, &spec, OperandRef::Half(d), q, e, ws.big_half_b.as_mut())?;
-                    return mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, e_op, w);
-                }
-                None => {
-                    let d = ws.big_b.as_mut().ok_or_else(missing)?;
-                    be.coo_densify(coo, d)?;
-                    mm(be, &Gemm::nt(out, inp, inp), OperandRef::Full(d), q, e)?;
-                }
+                Some(d) => be.coo_densify_bf16(coo, d)?,
+                None => be.coo_densify(coo, ws.big_b.as_mut().ok_or_else(missing)?)?,
             }
+            apply_dense_change(be, p, q, ws, w, (out, inp))
         }
         MergedUpdate::Runs => {
             let starts = ws.row_starts.as_mut().ok_or_else(missing)?;
-            be.coo_mm(coo, starts, full(q)?, inp, e)?;
+            be.coo_mm(coo, starts, full(q)?, inp, &mut ws.big_a)?;
+            let e_op = stage(be, &ws.big_a, ws.big_half.as_mut(), out * inp)?;
+            mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, e_op, w)
         }
         MergedUpdate::SparseRows | MergedUpdate::SparseColumns => {
-            return Err(Error::invalid("step", "a sparse update has no dense change to apply"))
+            Err(Error::invalid("step", "a sparse update has no dense change to apply"))
         }
     }
-    let e_op = stage(be, e, ws.big_half.as_mut(), out * inp)?;
-    mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, e_op, w)
+}
+
+/// `W += P D Q^T` for a change `D` already stored densely: in `big_half` (bf16 operands) or
+/// else `big_b`. `E = D Q^T` then `W += P E`; in bf16 `E` leaves its GEMM in bf16.
+fn apply_dense_change<B: Backend, F: Real>(
+    be: &B,
+    p: OperandRef<'_, B, F>,
+    q: OperandRef<'_, B, F>,
+    ws: &mut Workspace<B, F>,
+    w: &mut B::Buf<F>,
+    (out, inp): (usize, usize),
+) -> Result<()> {
+    // E = D Q^T (q holds Q here: `BasisLayout::Plain`).
+    let spec = Gemm::nt(out, inp, inp);
+    let e = &mut ws.big_a;
+    match &ws.big_half {
+        Some(d) => {
+            // E's only use is as the next product's operand: with bf16 operands it leaves the
+            // GEMM in bf16 (rounded once, as the cast would), no f32 pass.
+            let e_op = mm_operand(be, &spec, OperandRef::Half(d), q, e, ws.big_half_b.as_mut())?;
+            mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, e_op, w)
+        }
+        None => {
+            let d = ws.big_b.as_ref().ok_or_else(|| Error::invalid("step", "merged workspace missing"))?;
+            mm(be, &spec, OperandRef::Full(d), q, e)?;
+            mm(be, &Gemm::nn(out, inp, out).beta(1.0), p, OperandRef::Full(e), w)
+        }
+    }
 }
 
 /// The merged basis as a plain buffer: its update products need `F`.
