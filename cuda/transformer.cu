@@ -5,7 +5,10 @@
 // src/backend/cuda/transformer.rs), f32 in and out, accumulating in f32:
 //   rmsnorm_gG_f32                  inv_rms[r] = 1 / sqrt(sum_c x[r,c]^2 / cols + eps),
 //                                   y[r,c] = x[r,c] * inv_rms[r] * w[c] (or, given y_half, only
-//                                   its bf16 rounding, for a norm whose output only feeds GEMMs)
+//                                   its bf16 rounding, for a norm whose output only feeds GEMMs);
+//                                   given `residual`, first x[r,c] += residual[r,c] in place (one
+//                                   rounded add, as axpy_f32 with alpha 1: the residual stream
+//                                   into the next norm), and given x_save, x's new row there too
 //   rmsnorm_backward_gG_f32         dx[r,c] = inv (w[c] dy[r,c] - x[r,c] (inv^2 dot)),
 //                                   dot = sum_c w[c] dy[r,c] x[r,c] / cols, inv = inv_rms[r];
 //                                   with `accumulate`, dx[r,c] += that (one rounded add, as
@@ -160,30 +163,47 @@ __device__ __forceinline__ void row_for(u64 n, bool vec, u32 lane, V vec_body, S
 // n_cols is `cols` as the CPU converts it (usize -> f64 -> f32), passed by the launcher.
 
 template <int GROUP>
-__device__ __forceinline__ void rmsnorm_impl(const float* __restrict__ x, const float* __restrict__ w,
+__device__ __forceinline__ void rmsnorm_impl(float* __restrict__ x, const float* __restrict__ residual,
+                                             float* __restrict__ x_save, const float* __restrict__ w,
                                              float* __restrict__ y, __nv_bfloat16* __restrict__ y_half,
                                              float* __restrict__ inv_rms, u64 rows, u64 cols, float n_cols, float eps) {
     __shared__ float smem[32];
     const RowGroup<GROUP> g;
-    const bool vec = (cols & 3) == 0 && sg_aligned(x, 16) && sg_aligned(w, 16) && sg_aligned(y, 16);
+    const bool vec = (cols & 3) == 0 && sg_aligned(x, 16) && sg_aligned(w, 16) && sg_aligned(y, 16) &&
+                     sg_aligned(residual, 16) && sg_aligned(x_save, 16);
     for (u64 r = g.first; r < rows; r += g.stride) {
-        const float* xr = x + r * cols;
+        float* xr = x + r * cols;
+        const float* br = residual ? residual + r * cols : nullptr;
+        float* sr = x_save ? x_save + r * cols : nullptr;
         float* yr = y_half ? nullptr : y + r * cols;
         __nv_bfloat16* hr = y_half ? y_half + r * cols : nullptr;
         float ss = 0.0f;
+        // Pass 1: the residual add (written back to x, and to x_save), the sum of squares.
         row_for<GROUP>(
             cols, vec, g.lane,
             [&](u64 k) {
-                const float4 v = SG_F4(xr)[k];
+                float4 v = SG_F4(xr)[k];
+                if (br) {
+                    const float4 b = SG_F4(br)[k];
+                    v = make_float4(__fadd_rn(v.x, b.x), __fadd_rn(v.y, b.y), __fadd_rn(v.z, b.z), __fadd_rn(v.w, b.w));
+                    SG_F4_MUT(xr)[k] = v;
+                }
+                if (sr) SG_F4_MUT(sr)[k] = v;
                 ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
             },
             [&](u64 j) {
-                const float v = xr[j];
+                float v = xr[j];
+                if (br) {
+                    v = __fadd_rn(v, br[j]);
+                    xr[j] = v;
+                }
+                if (sr) sr[j] = v;
                 ss += v * v;
             });
         ss = group_sum<GROUP>(ss, smem);
         const float inv = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(__fdiv_rn(ss, n_cols), eps)));
         if (g.lane == 0) inv_rms[r] = inv;
+        // Pass 2 re-reads x: each thread only the elements it wrote itself in pass 1.
         row_for<GROUP>(
             cols, vec, g.lane,
             [&](u64 k) {
@@ -396,9 +416,9 @@ __device__ __forceinline__ void cross_entropy_impl(float* __restrict__ logits, c
 
 #define SG_ROW_KERNELS(G)                                                                                            \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
-        rmsnorm_g##G##_f32(const float* x, const float* w, float* y, __nv_bfloat16* y_half, float* inv_rms,       \
-                           u64 rows, u64 cols, float n_cols, float eps) {                                            \
-        rmsnorm_impl<G>(x, w, y, y_half, inv_rms, rows, cols, n_cols, eps);                                          \
+        rmsnorm_g##G##_f32(float* x, const float* residual, float* x_save, const float* w, float* y,               \
+                           __nv_bfloat16* y_half, float* inv_rms, u64 rows, u64 cols, float n_cols, float eps) {     \
+        rmsnorm_impl<G>(x, residual, x_save, w, y, y_half, inv_rms, rows, cols, n_cols, eps);                        \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         rmsnorm_backward_g##G##_f32(const float* x, const float* w, const float* inv_rms, const float* dy,          \

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use rand::Rng;
-use sparsegrad::backend::{Coo, DenseChange, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps, TopkOps};
+use sparsegrad::backend::{Coo, DenseOps, Gemm, IndexMaps, OptimOps, OutBuf, SparseOps, TopkOps};
 use sparsegrad::{AdamParams, Backend, Cpu, GeluKind, HostCoo};
 
 fn topk(cpu: &Cpu, m: &[f32], rows: usize, cols: usize, k: usize) -> sparsegrad::Result<HostCoo<f32>> {
@@ -176,7 +176,7 @@ fn sparse_adam_densify_refuses_unsorted_entries_and_short_buffers_with_state_unc
         cpu.upload_into(&cols, &mut coo.cols).unwrap();
         cpu.upload_into(&vec![0.5f32; rows.len()], &mut coo.values).unwrap();
         coo.len = rows.len();
-        let err = cpu.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Full(&mut dense));
+        let err = cpu.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, OutBuf::Full(&mut dense));
         assert!(
             matches!(err, Err(sparsegrad::Error::InvalidArgument { op: "sparse_adam_densify", .. })),
             "{what}: {err:?}"
@@ -186,7 +186,7 @@ fn sparse_adam_densify_refuses_unsorted_entries_and_short_buffers_with_state_unc
     let mut coo = Coo::with_capacity(&cpu, 1, (2, 2)).unwrap();
     coo.set_from_host(&cpu, &host).unwrap();
     let mut short = cpu.alloc::<half::bf16>(3).unwrap();
-    let err = cpu.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Half(&mut short));
+    let err = cpu.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, OutBuf::Half(&mut short));
     assert!(matches!(err, Err(sparsegrad::Error::Shape { op: "sparse_adam_densify", .. })), "{err:?}");
     assert_eq!((&m[..], &v[..], &clock[..]), (&[0.25f32; 4][..], &[0.5f32; 4][..], &[0u64, 0][..]));
     assert_eq!(&dense[..], &[7.0f32; 4][..], "a refused call leaves the dense buffer");

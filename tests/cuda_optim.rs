@@ -8,7 +8,7 @@ mod cuda_common;
 use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
-use sparsegrad::backend::{Coo, DenseChange, OptimOps, SparseOps};
+use sparsegrad::backend::{Coo, OptimOps, OutBuf, SparseOps};
 use sparsegrad::{AdamParams, Backend, Cpu, Error, HostCoo};
 
 fn random_coo(r: &mut SmallRng, rows: usize, cols: usize, k: usize) -> HostCoo<f32> {
@@ -102,14 +102,14 @@ fn check_sparse_adam_densify<B: Backend>(dev: &B) {
                     let mut want = cpu.alloc::<bf16>(n).unwrap();
                     cpu.coo_densify_bf16(&cc, &mut want).unwrap();
                     let mut got = poisoned(dev, n, bf16::NAN);
-                    dev.sparse_adam_densify(&dc, &mut dm, &mut dv, &mut dk, &hp, DenseChange::Half(&mut got)).unwrap();
+                    dev.sparse_adam_densify(&dc, &mut dm, &mut dv, &mut dk, &hp, OutBuf::Half(&mut got)).unwrap();
                     let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_same(&format!("{what}: dense"), &bits(down(dev, &got, n)), &bits(down(&cpu, &want, n)));
                 } else {
                     let mut want = cpu.alloc::<f32>(n).unwrap();
                     cpu.coo_densify(&cc, &mut want).unwrap();
                     let mut got = poisoned(dev, n, f32::NAN);
-                    dev.sparse_adam_densify(&dc, &mut dm, &mut dv, &mut dk, &hp, DenseChange::Full(&mut got)).unwrap();
+                    dev.sparse_adam_densify(&dc, &mut dm, &mut dv, &mut dk, &hp, OutBuf::Full(&mut got)).unwrap();
                     assert_bits(&format!("{what}: dense"), &down(dev, &got, n), &down(&cpu, &want, n));
                 }
                 assert_bits(&format!("{what}: exp_avg"), &down(dev, &dm, n), &down(&cpu, &cm, n));
@@ -166,11 +166,11 @@ cuda_test!(fn sparse_adam_densify_reports_unsorted_entries_and_refuses_short_buf
     let mut clock = cuda.alloc::<u64>(2).unwrap();
     let hp = AdamParams::default();
     let mut short = cuda.alloc::<f32>(3).unwrap();
-    let err = cuda.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Full(&mut short));
+    let err = cuda.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, OutBuf::Full(&mut short));
     assert!(matches!(err, Err(Error::Shape { op: "sparse_adam_densify", .. })), "{err:?}");
     assert_eq!(down(&cuda, &clock, 2), vec![0, 0], "a refused call leaves the clock");
     let mut dense = poisoned(&cuda, 4, bf16::NAN);
-    cuda.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, DenseChange::Half(&mut dense)).unwrap();
+    cuda.sparse_adam_densify(&coo, &mut m, &mut v, &mut clock, &hp, OutBuf::Half(&mut dense)).unwrap();
     assert!(matches!(cuda.download(&m, 4), Err(Error::InvalidArgument { op: "sparse_adam", .. })));
     // Entries 0 and 1 are in order and applied; entry 2 (before entry 1) is skipped.
     let got = down(&cuda, &dense, 4);

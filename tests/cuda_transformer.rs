@@ -1,5 +1,5 @@
-//! The transformer ops (RMSNorm and its backward, RoPE both ways, causal softmax and its
-//! backward, masked cross-entropy) on CUDA against the CPU, on seeded random ragged shapes
+//! The transformer ops (RMSNorm, with the residual add folded in, and its backward, RoPE
+//! both ways, causal softmax and its backward, masked cross-entropy) on CUDA against the CPU, on seeded random ragged shapes
 //! covering every row-group size of cuda/transformer.cu (a warp per row up to 1024 columns,
 //! a 256-thread block up to 16384, a 1024-thread block beyond). Outputs are poisoned (NaN)
 //! and longer than needed; the tails must stay untouched.
@@ -23,7 +23,7 @@ mod cuda_common;
 use cuda_common::*;
 use half::bf16;
 use rand::Rng;
-use sparsegrad::backend::{DenseOps, TransformerOps};
+use sparsegrad::backend::{DenseOps, OutBuf, TransformerOps};
 use sparsegrad::{Backend, Cpu, Error, Real};
 
 #[derive(Clone, Copy, Debug)]
@@ -179,6 +179,15 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         assert_eq!(bits(down(&cpu, &yc, n)), want, "{what}: CPU rmsnorm_to_bf16 vs norm + cast");
         assert_bits(&format!("{what}: CPU rmsnorm_to_bf16 inv_rms"), &down(&cpu, &ic, rows), &inv32);
 
+        // The residual added first (and x saved): each backend against its own passes, then
+        // the device's norm against the CPU's.
+        let branch = rand_range(&mut r, n, -2.0, 2.0);
+        let what = format!("add_rmsnorm {rows}x{cols}");
+        let (x_dev, y_dev) = check_add_rmsnorm(dev, &what, &x, &branch, &w, (rows, cols), eps);
+        let (x_cpu, y_cpu) = check_add_rmsnorm(&cpu, &format!("CPU {what}"), &x, &branch, &w, (rows, cols), eps);
+        assert_bits(&format!("{what}: the residual sum, device vs CPU"), &x_dev, &x_cpu);
+        compare(&format!("{what}: y"), &y_dev, &y_cpu, None, RMS_Y.0, RMS_Y.1);
+
         // The backward takes the f32 CPU's inv_rms on every side, so the inputs are identical.
         let what = format!("rmsnorm_backward {rows}x{cols}");
         let dx32 = cpu_rmsnorm_backward(&cpu, &x, &w, &inv32, &dy, rows, cols);
@@ -223,6 +232,78 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         let want: Vec<f64> = acc[..n].iter().zip(&dx64).map(|(&a, &d)| a as f64 + d).collect();
         compare(&what, &fused, &down(&cpu, &cpu_fused, n), Some(&want), RMS_DX.0, RMS_DX.1);
     }
+}
+
+/// `add_rmsnorm` on `be` against the passes it replaces on `be` (`axpy` with alpha 1, a
+/// copy, `rmsnorm` and for a bf16 output `cast_to_bf16`), bit for bit, with and without the
+/// residual and the saved copy, every output poisoned and longer than needed (tails must stay
+/// untouched). Returns the new `x` and the f32 output of the call with both.
+fn check_add_rmsnorm<B: Backend>(
+    be: &B,
+    what: &str,
+    x: &[f32],
+    branch: &[f32],
+    w: &[f32],
+    (rows, cols): (usize, usize),
+    eps: f32,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = rows * cols;
+    let bits = |v: Vec<bf16>| v.iter().map(|h| h.to_bits()).collect::<Vec<u16>>();
+    let (bd, wd) = (up(be, branch), up(be, w));
+    let mut result = None;
+    for (with_branch, with_save, half) in
+        [(true, true, false), (true, true, true), (true, false, false), (false, true, true), (false, false, false)]
+    {
+        let what = format!("{what} branch={with_branch} save={with_save} half={half}");
+        // The passes it replaces.
+        let mut x_ref = up(be, x);
+        if with_branch {
+            be.axpy(1.0, &bd, &mut x_ref, n).unwrap();
+        }
+        let (mut y_ref, mut inv_ref) = (poisoned(be, n, 0.0f32), poisoned(be, rows, 0.0f32));
+        be.rmsnorm(&x_ref, &wd, &mut y_ref, &mut inv_ref, rows, cols, eps).unwrap();
+        let mut half_ref = poisoned(be, n, bf16::ZERO);
+        be.cast_to_bf16(&y_ref, &mut half_ref, n).unwrap();
+        // The fused op.
+        let mut xt = x.to_vec();
+        xt.extend([f32::NAN; TAIL]);
+        let mut xf = up(be, &xt);
+        let mut save = poisoned(be, n + TAIL, f32::NAN);
+        let mut y = poisoned(be, n + TAIL, f32::NAN);
+        let mut yh = poisoned(be, n + TAIL, bf16::from_f32(7.0));
+        let mut inv = poisoned(be, rows + TAIL, f32::NAN);
+        let out = if half { OutBuf::Half(&mut yh) } else { OutBuf::Full(&mut y) };
+        let (b, s) = (with_branch.then_some(&bd), with_save.then_some(&mut save));
+        be.add_rmsnorm(&mut xf, b, s, &wd, out, &mut inv, rows, cols, eps).unwrap();
+        let (x_new, x_tail) = down_split(be, &xf, n, n + TAIL);
+        assert_bits(&format!("{what}: x"), &x_new, &down(be, &x_ref, n));
+        assert_untouched_f32(&format!("{what}: x tail"), &x_tail, f32::NAN);
+        let (saved, saved_tail) = down_split(be, &save, n, n + TAIL);
+        if with_save {
+            assert_bits(&format!("{what}: x_save"), &saved, &x_new);
+            assert_untouched_f32(&format!("{what}: x_save tail"), &saved_tail, f32::NAN);
+        } else {
+            assert_untouched_f32(&format!("{what}: x_save not given"), &down(be, &save, n + TAIL), f32::NAN);
+        }
+        let (inv_got, inv_tail) = down_split(be, &inv, rows, rows + TAIL);
+        assert_bits(&format!("{what}: inv_rms"), &inv_got, &down(be, &inv_ref, rows));
+        assert_untouched_f32(&format!("{what}: inv_rms tail"), &inv_tail, f32::NAN);
+        let got_half = bits(down(be, &yh, n + TAIL));
+        if half {
+            assert_eq!(&got_half[..n], &bits(down(be, &half_ref, n))[..], "{what}: bf16 y vs norm + cast");
+            assert_untouched_f32(&format!("{what}: no f32 y"), &down(be, &y, n + TAIL), f32::NAN);
+        } else {
+            let (y_got, y_tail) = down_split(be, &y, n, n + TAIL);
+            assert_bits(&format!("{what}: y"), &y_got, &down(be, &y_ref, n));
+            assert_untouched_f32(&format!("{what}: y tail"), &y_tail, f32::NAN);
+            if with_branch && with_save {
+                result = Some((x_new, y_got));
+            }
+        }
+        let seven = bf16::from_f32(7.0).to_bits();
+        assert!(got_half[if half { n } else { 0 }..].iter().all(|&h| h == seven), "{what}: bf16 output tail");
+    }
+    result.unwrap()
 }
 
 // ---- RoPE -------------------------------------------------------------------------------------
@@ -477,6 +558,16 @@ fn check_shape_errors<B: Backend>(dev: &B) {
     assert!(matches!(dev.rmsnorm(&b(11), &b(4), &mut y, &mut inv, 3, 4, 1e-5), Err(Error::Shape { .. })));
     assert!(matches!(dev.rmsnorm(&b(12), &b(4), &mut y, &mut b(2), 3, 4, 1e-5), Err(Error::Shape { .. })));
     assert!(matches!(dev.rmsnorm(&b(12), &b(4), &mut y, &mut inv, 3, 0, 1e-5), Err(Error::InvalidArgument { .. })));
+    // add_rmsnorm checks every buffer before it changes x: short branch, x_save and output.
+    let mut x = up(dev, &[1.5f32; 12]);
+    let (mut save, mut yh) = (b(11), poisoned(dev, 11, bf16::ZERO));
+    let r = dev.add_rmsnorm(&mut x, Some(&b(11)), None, &b(4), OutBuf::Full(&mut y), &mut inv, 3, 4, 1e-5);
+    assert!(matches!(r, Err(Error::Shape { op: "add_rmsnorm", .. })), "short branch: {r:?}");
+    let r = dev.add_rmsnorm(&mut x, Some(&b(12)), Some(&mut save), &b(4), OutBuf::Full(&mut y), &mut inv, 3, 4, 1e-5);
+    assert!(matches!(r, Err(Error::Shape { op: "add_rmsnorm", .. })), "short x_save: {r:?}");
+    let r = dev.add_rmsnorm(&mut x, Some(&b(12)), None, &b(4), OutBuf::Half(&mut yh), &mut inv, 3, 4, 1e-5);
+    assert!(matches!(r, Err(Error::Shape { op: "add_rmsnorm", .. })), "short output: {r:?}");
+    assert_eq!(down(dev, &x, 12), vec![1.5f32; 12], "x unchanged by refused calls");
     let mut dx = b(12);
     assert!(matches!(dev.rmsnorm_backward(&b(12), &b(3), &b(3), &b(12), &mut dx, 3, 4), Err(Error::Shape { .. })));
     assert!(matches!(

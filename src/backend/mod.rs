@@ -28,10 +28,11 @@ pub use operand::Precision;
 pub use ops::attention::{AttentionGrads, AttentionMask, AttentionOps, AttentionShape};
 pub use ops::dense::DenseOps;
 pub use ops::encoder::EncoderOps;
-pub use ops::optim::{DenseChange, OptimOps, CLOCK_LEN};
+pub use ops::optim::{OptimOps, CLOCK_LEN};
 pub use ops::sparse::SparseOps;
 pub use ops::topk::TopkOps;
 pub use ops::transformer::{LossScale, RopeHalves, TransformerOps};
+pub use ops::OutBuf;
 
 use crate::error::Result;
 use crate::scalar::{Elem, Real};

@@ -13,9 +13,9 @@ mod buffers;
 mod checkpoint;
 use super::TrainingSetup;
 use crate::backend::operand::{grow, mm, stage, to_f, Operand, OperandRef};
-use crate::backend::LossScale;
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
+use crate::backend::{LossScale, OutBuf};
 use crate::error::{Error, Result};
 use crate::linear::sparsegrad::SparseGradScratch;
 use crate::linear::trainable::{Method, TrainOptions};
@@ -379,6 +379,9 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         let s = &mut self.s;
         be.gather_rows(&self.embed, vocab, c.hidden, &s.ids, t, &mut s.x)?;
         let lowest = self.plan.layers.first().copied();
+        // Each residual add is folded into the norm that reads its sum: `branch` holds the
+        // last MLP's output, still to be added into `x`, when this is set.
+        let mut mlp_pending = false;
         for (i, l) in self.layers.iter_mut().enumerate() {
             let _layer = scope::layer(i);
             let keeps = Self::keeps(lowest, i);
@@ -387,18 +390,18 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             // A bf16 layer that keeps its set computes q, k, v and the attention output in
             // the shared set and keeps them rounded (its statistics land in its own set).
             let rounds = keeps && half;
-            if keeps {
-                be.copy(&s.x, &mut l.saved.x_in, t * c.hidden)?;
-            }
             let inv_rms = if keeps { &mut l.saved.inv_rms_attn } else { &mut s.saved.inv_rms_attn };
+            let x_in = if keeps { Some(&mut l.saved.x_in) } else { None };
+            let mlp_out = mlp_pending.then_some(&s.branch);
             // The norm's output only feeds the q, k, v GEMMs: in bf16 it is written in bf16.
+            let (x, w, eps) = (&mut s.x, &l.attn_norm, c.rms_eps);
             let a = match s.normed_half.as_mut() {
                 Some(h) => {
-                    be.rmsnorm_to_bf16(&s.x, &l.attn_norm, h, inv_rms, t, c.hidden, c.rms_eps)?;
+                    be.add_rmsnorm(x, mlp_out, x_in, w, OutBuf::Half(h), inv_rms, t, c.hidden, eps)?;
                     OperandRef::Half(&*h)
                 }
                 None => {
-                    be.rmsnorm(&s.x, &l.attn_norm, &mut s.normed, inv_rms, t, c.hidden, c.rms_eps)?;
+                    be.add_rmsnorm(x, mlp_out, x_in, w, OutBuf::Full(&mut s.normed), inv_rms, t, c.hidden, eps)?;
                     OperandRef::Full(&s.normed)
                 }
             };
@@ -434,18 +437,17 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 stage(&be, &sv.attn.out, s.attn_half.as_mut(), t * c.q_dim())?
             };
             mm(&be, &Gemm::nt(t, c.hidden, c.q_dim()), o_in, l.o.as_ref(), &mut s.branch)?;
-            be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
-            if keeps {
-                be.copy(&s.x, &mut l.saved.x_mid, t * c.hidden)?;
-            }
             let inv_rms = if keeps { &mut l.saved.inv_rms_ffn } else { &mut s.saved.inv_rms_ffn };
-            be.rmsnorm(&s.x, &l.ffn_norm, &mut s.normed, inv_rms, t, c.hidden, c.rms_eps)?;
+            let x_mid = if keeps { Some(&mut l.saved.x_mid) } else { None };
+            let (x, y) = (&mut s.x, OutBuf::Full(&mut s.normed));
+            be.add_rmsnorm(x, Some(&s.branch), x_mid, &l.ffn_norm, y, inv_rms, t, c.hidden, c.rms_eps)?;
             let mlp_saves = lowest.is_some_and(|lo| i >= lo);
             l.mlp.forward_shared(&s.normed, t, &mut s.branch, &mut s.mlp, mlp_saves)?;
-            be.axpy(F::ONE, &s.branch, &mut s.x, t * c.hidden)?;
+            mlp_pending = true;
         }
         // The final norm's input stays in `x` for the backward.
-        be.rmsnorm(&s.x, &self.final_norm, &mut s.normed, &mut s.inv_rms_final, t, c.hidden, c.rms_eps)
+        let (x, y, mlp_out) = (&mut s.x, OutBuf::Full(&mut s.normed), mlp_pending.then_some(&s.branch));
+        be.add_rmsnorm(x, mlp_out, None, &self.final_norm, y, &mut s.inv_rms_final, t, c.hidden, c.rms_eps)
     }
 
     /// `logits = normed head^T` for `t` tokens.

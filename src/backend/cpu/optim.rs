@@ -5,7 +5,7 @@
 use super::sparse::check_coo_sorted;
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::optim::*;
-use crate::backend::{AdamParams, AdamwScalars, Coo};
+use crate::backend::{AdamParams, AdamwScalars, Coo, OutBuf};
 use crate::error::{Error, Result};
 use crate::scalar::Real;
 use half::bf16;
@@ -48,16 +48,16 @@ impl OptimOps for Cpu {
         exp_avg_sq: &mut CpuBuf<F>,
         clock: &mut CpuBuf<u64>,
         hp: &AdamParams,
-        dense: DenseChange<'_, Cpu, F>,
+        dense: OutBuf<'_, Cpu, F>,
     ) -> Result<()> {
         let n = check_sparse_adam_densify(self, coo, [exp_avg, exp_avg_sq], clock, hp, &dense)?;
         check_coo_sorted("sparse_adam_densify", coo)?;
         match dense {
-            DenseChange::Full(d) => {
+            OutBuf::Full(d) => {
                 d[..n].fill(F::ZERO);
                 adam_entries(coo, exp_avg, exp_avg_sq, clock, hp, |_, i, change| d[i] = change);
             }
-            DenseChange::Half(d) => {
+            OutBuf::Half(d) => {
                 d[..n].fill(bf16::ZERO);
                 adam_entries(coo, exp_avg, exp_avg_sq, clock, hp, |_, i, change| d[i] = change.to_bf16());
             }

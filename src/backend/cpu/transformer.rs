@@ -5,6 +5,7 @@ use super::softmax::{softmax_backward_row, softmax_row};
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::transformer::*;
 use crate::backend::DenseOps;
+use crate::backend::OutBuf;
 use crate::error::{Error, Result};
 use crate::scalar::Real;
 use half::bf16;
@@ -38,6 +39,33 @@ impl TransformerOps for Cpu {
     ) -> Result<()> {
         check_rmsnorm_to_bf16(self, [x, w, inv_rms], y_half, rows, cols)?;
         rmsnorm_rows(x, w, &mut y_half[..rows * cols], inv_rms, cols, eps, |v| v.to_bf16());
+        Ok(())
+    }
+
+    fn add_rmsnorm<F: Real>(
+        &self,
+        x: &mut CpuBuf<F>,
+        branch: Option<&CpuBuf<F>>,
+        x_save: Option<&mut CpuBuf<F>>,
+        w: &CpuBuf<F>,
+        out: OutBuf<'_, Self, F>,
+        inv_rms: &mut CpuBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let n = check_add_rmsnorm(self, x, [branch, x_save.as_deref()], w, &out, inv_rms, rows, cols)?;
+        if let Some(b) = branch {
+            // The sum `axpy` with alpha 1 computes (1 * b is exact).
+            x[..n].par_iter_mut().zip(&b[..n]).for_each(|(x, &b)| *x += b);
+        }
+        if let Some(s) = x_save {
+            s[..n].copy_from_slice(&x[..n]);
+        }
+        match out {
+            OutBuf::Full(y) => rmsnorm_rows(x, w, &mut y[..n], inv_rms, cols, eps, |v| v),
+            OutBuf::Half(h) => rmsnorm_rows(x, w, &mut h[..n], inv_rms, cols, eps, |v| v.to_bf16()),
+        }
         Ok(())
     }
 

@@ -29,8 +29,10 @@ fn elementwise_costs_by_hand() {
     assert!(dense::fill_kernel(3).is_none());
     // RMSNorm of 4 rows of 8: x and y 2 * 128, w 32, inv_rms 16 bytes; with only a bf16 y,
     // y is 64 bytes.
-    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 4]).0, 256.0 + 32.0 + 16.0);
-    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 2]).0, 128.0 + 64.0 + 32.0 + 16.0);
+    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 4, 0, 0]).0, 256.0 + 32.0 + 16.0);
+    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 2, 0, 0]).0, 128.0 + 64.0 + 32.0 + 16.0);
+    // With the residual added (read 128, x written back 128) and x saved (128): 32 adds.
+    assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 2, 1, 1]), (128.0 + 64.0 + 384.0 + 32.0 + 16.0, 160.0));
     // Its backward: x, dy read and dx written (3 * 128), w 32, inv_rms 16; added into dx,
     // dx is read too (+128); with a bf16 copy, +64.
     assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 0, 0]).0, 384.0 + 32.0 + 16.0);

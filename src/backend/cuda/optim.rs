@@ -6,7 +6,7 @@
 
 use super::{kargs, kernel, require_f32, Cuda, CudaBuf};
 use crate::backend::ops::optim::*;
-use crate::backend::{AdamParams, Coo};
+use crate::backend::{AdamParams, Coo, OutBuf};
 use crate::error::Result;
 use crate::scalar::Real;
 
@@ -49,13 +49,13 @@ impl OptimOps for Cuda {
         exp_avg_sq: &mut CudaBuf<F>,
         clock: &mut CudaBuf<u64>,
         hp: &AdamParams,
-        dense: DenseChange<'_, Cuda, F>,
+        dense: OutBuf<'_, Cuda, F>,
     ) -> Result<()> {
         require_f32::<F>("sparse_adam_densify")?;
         let n = check_sparse_adam_densify(self, coo, [exp_avg, exp_avg_sq], clock, hp, &dense)?;
         let (ptr, elem) = match dense {
-            DenseChange::Full(d) => (d.ptr_mut(), 4),
-            DenseChange::Half(d) => (d.ptr_mut(), 2),
+            OutBuf::Full(d) => (d.ptr_mut(), 4),
+            OutBuf::Half(d) => (d.ptr_mut(), 2),
         };
         self.memset_zero(ptr, n * elem)?;
         let (dense_f32, dense_bf16) = if elem == 4 { (ptr, 0) } else { (0, ptr) };

@@ -6,6 +6,7 @@
 
 use super::{kargs, kernel, require_f32, Cuda, CudaBuf};
 use crate::backend::ops::transformer::*;
+use crate::backend::OutBuf;
 use crate::error::{Error, Result};
 use crate::perf::KernelCost;
 use crate::scalar::Real;
@@ -15,10 +16,11 @@ use half::bf16;
 // Costs (see `kernel!`): inputs read once, outputs written once; the three block-size
 // variants of a kernel cost the same.
 kernel!(
-    /// [rows, cols, bytes per output element (4 for y, 2 for y_half)]: x read, y written, w
-    /// read, inv_rms written.
+    /// [rows, cols, bytes per output element (4 for y, 2 for y_half), residual added (0 or
+    /// 1), x saved (0 or 1)]: x read, y written, w read, inv_rms written; with a residual it
+    /// is read and x written back (one add per element); the saved copy written.
     RMSNORM = "transformer" / ["rmsnorm_g32_f32", "rmsnorm_g256_f32", "rmsnorm_g1024_f32"], Elementwise,
-    |a| ((4 + a[2]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], 4 * a[0] * a[1])
+    |a| ((4 + a[2] + 8 * a[3] + 4 * a[4]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (4 + a[3]) * a[0] * a[1])
 );
 kernel!(
     /// [rows, cols, accumulate, bytes of the bf16 copy per element (0 or 2)]: x and dy read,
@@ -142,7 +144,7 @@ impl TransformerOps for Cuda {
         const OP: &str = "rmsnorm";
         require_f32::<F>(OP)?;
         check_rmsnorm(self, [x, w, y, inv_rms], rows, cols)?;
-        self.rmsnorm_launch([x, w], (y.ptr_mut(), 0), inv_rms, rows, cols, eps)
+        self.rmsnorm_launch((x.ptr(), 0, 0), w, (y.ptr_mut(), 0), inv_rms, rows, cols, eps)
     }
 
     fn rmsnorm_to_bf16<F: Real>(
@@ -157,7 +159,29 @@ impl TransformerOps for Cuda {
     ) -> Result<()> {
         require_f32::<F>("rmsnorm_to_bf16")?;
         check_rmsnorm_to_bf16(self, [x, w, inv_rms], y_half, rows, cols)?;
-        self.rmsnorm_launch([x, w], (0, y_half.ptr_mut()), inv_rms, rows, cols, eps)
+        self.rmsnorm_launch((x.ptr(), 0, 0), w, (0, y_half.ptr_mut()), inv_rms, rows, cols, eps)
+    }
+
+    fn add_rmsnorm<F: Real>(
+        &self,
+        x: &mut CudaBuf<F>,
+        branch: Option<&CudaBuf<F>>,
+        x_save: Option<&mut CudaBuf<F>>,
+        w: &CudaBuf<F>,
+        out: OutBuf<'_, Self, F>,
+        inv_rms: &mut CudaBuf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        require_f32::<F>("add_rmsnorm")?;
+        check_add_rmsnorm(self, x, [branch, x_save.as_deref()], w, &out, inv_rms, rows, cols)?;
+        let ys = match out {
+            OutBuf::Full(y) => (y.ptr_mut(), 0),
+            OutBuf::Half(h) => (0, h.ptr_mut()),
+        };
+        let xs = (x.ptr_mut(), branch.map_or(0, |b| b.ptr()), x_save.map_or(0, |s| s.ptr_mut()));
+        self.rmsnorm_launch(xs, w, ys, inv_rms, rows, cols, eps)
     }
 
     fn rmsnorm_backward<F: Real>(
@@ -315,12 +339,15 @@ impl Cuda {
     /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it, and, given
     /// `dx_half`, the result's bf16 rounding there.
     #[allow(clippy::too_many_arguments)]
-    /// Launches `rmsnorm_gG_f32` after the caller's checks: `y` is `(f32 output, bf16
-    /// output)` as device addresses, exactly one of them nonzero (the kernel writes the bf16
-    /// output in place of the f32 one when given).
+    /// Launches `rmsnorm_gG_f32` after the caller's checks: `(x, residual, x_save)` and `y`
+    /// `(f32 output, bf16 output)` as device addresses, 0 for none; exactly one output given
+    /// (the kernel writes the bf16 one in place of the f32 one when given), and `x` is
+    /// written only with a residual.
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_launch<F: Real>(
         &self,
-        [x, w]: [&CudaBuf<F>; 2],
+        (x, residual, x_save): (u64, u64, u64),
+        w: &CudaBuf<F>,
         (y, y_half): (u64, u64),
         inv_rms: &mut CudaBuf<F>,
         rows: usize,
@@ -332,19 +359,20 @@ impl Cuda {
         }
         let g = Group::for_width(cols);
         let kernel = g.kernel(&RMSNORM);
-        let (xp, wp, ip) = (x.ptr(), w.ptr(), inv_rms.ptr_mut());
+        let (wp, ip) = (w.ptr(), inv_rms.ptr_mut());
         let (r, c, nc) = (rows as u64, cols as u64, cols_f32(cols));
         let bytes_out = if y_half != 0 { 2 } else { 4 };
-        // SAFETY: rmsnorm_gG_f32(const float* x, const float* w, float* y, bf16* y_half,
-        // float* inv_rms, u64 rows, u64 cols, float n_cols, float eps): x and the given output
-        // hold rows * cols, w cols and inv_rms rows elements (checked by the callers); the
-        // other output is null and not touched; block and group sizes come from `g`.
+        // SAFETY: rmsnorm_gG_f32(float* x, const float* residual, float* x_save, const float*
+        // w, float* y, bf16* y_half, float* inv_rms, u64 rows, u64 cols, float n_cols, float
+        // eps): x, the given output and residual and x_save (or null) hold rows * cols, w cols
+        // and inv_rms rows elements (checked by the callers); the outputs are distinct from
+        // the inputs (&mut); a null output is not touched; block and group sizes from `g`.
         unsafe {
             self.launch(
                 kernel,
                 g.config(self, rows),
-                &mut kargs![xp, wp, y, y_half, ip, r, c, nc, eps],
-                &[r, c, bytes_out],
+                &mut kargs![x, residual, x_save, wp, y, y_half, ip, r, c, nc, eps],
+                &[r, c, bytes_out, u64::from(residual != 0), u64::from(x_save != 0)],
             )
         }
     }

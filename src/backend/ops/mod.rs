@@ -17,9 +17,16 @@ pub(super) mod sparse;
 pub(super) mod topk;
 pub(super) mod transformer;
 
-use super::{Backend, Coo};
+use super::{Backend, Buffers, Coo};
 use crate::error::{check_len, checked_mul, Result};
 use crate::scalar::Elem;
+
+/// An op's output in the master precision `F`, or only its bf16 rounding (to nearest even)
+/// where the output's one use is as a bf16 GEMM operand.
+pub enum OutBuf<'a, B: Buffers, F: Elem> {
+    Full(&'a mut B::Buf<F>),
+    Half(&'a mut B::Buf<half::bf16>),
+}
 
 /// Checks that each buffer `(what, len, needed)` holds at least `needed` entries, in order.
 pub(crate) fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {

@@ -5,19 +5,10 @@
 //! replays the step. The bias-corrected scalars are [`AdamParams::step_size`] and
 //! [`AdamParams::adamw_scalars`] at that `t`, bit-identical on both backends.
 
-use super::{check_bufs, check_coo, check_lens};
+use super::{check_bufs, check_coo, check_lens, OutBuf};
 use crate::backend::{AdamParams, Backend, Buffers, Coo};
 use crate::error::Result;
 use crate::scalar::{Elem, Real};
-use half::bf16;
-
-/// Where [`OptimOps::sparse_adam_densify`] writes a step's change: a dense `coo.shape`
-/// matrix in the parameter's precision, or in bf16 (each change rounded to nearest even)
-/// for a bf16 product.
-pub enum DenseChange<'a, B: Buffers, F: Elem> {
-    Full(&'a mut B::Buf<F>),
-    Half(&'a mut B::Buf<bf16>),
-}
 
 /// Adam-family optimizer steps (PyTorch semantics and order of operations).
 pub trait OptimOps: Buffers {
@@ -41,7 +32,8 @@ pub trait OptimOps: Buffers {
     /// `delta` followed by [`SparseOps::coo_densify`](crate::backend::SparseOps::coo_densify)
     /// (or its bf16 form) of the changes gives, in one pass over the entries. The parameter
     /// itself is not touched (the caller applies the dense change). The entries must be
-    /// sorted and distinct, as `coo_densify` requires.
+    /// sorted and distinct, as `coo_densify` requires. `dense` is in the parameter's
+    /// precision, or in bf16 (each change rounded to nearest even) for a bf16 product.
     #[allow(clippy::too_many_arguments)]
     fn sparse_adam_densify<F: Real>(
         &self,
@@ -50,7 +42,7 @@ pub trait OptimOps: Buffers {
         exp_avg_sq: &mut Self::Buf<F>,
         clock: &mut Self::Buf<u64>,
         hp: &AdamParams,
-        dense: DenseChange<'_, Self, F>,
+        dense: OutBuf<'_, Self, F>,
     ) -> Result<()>;
     /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries at step
     /// `t = clock[0] + 1`, then `clock[0] = t`.
@@ -109,14 +101,14 @@ pub(crate) fn check_sparse_adam_densify<B: Backend, F: Elem>(
     moments: [&B::Buf<F>; 2],
     clock: &B::Buf<u64>,
     hp: &AdamParams,
-    dense: &DenseChange<'_, B, F>,
+    dense: &OutBuf<'_, B, F>,
 ) -> Result<usize> {
     const OP: &str = "sparse_adam_densify";
     check_step(be, OP, clock, hp)?;
     let n = check_coo(be, OP, coo)?;
     let dense_len = match dense {
-        DenseChange::Full(d) => be.len(d),
-        DenseChange::Half(d) => be.len(d),
+        OutBuf::Full(d) => be.len(d),
+        OutBuf::Half(d) => be.len(d),
     };
     check_lens(
         OP,

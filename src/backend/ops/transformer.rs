@@ -2,7 +2,7 @@
 //! RMSNorm, rotary position embedding, causal softmax and masked cross-entropy, forward and
 //! backward; and the validator of each.
 
-use super::{check_bufs, check_lens};
+use super::{check_bufs, check_lens, OutBuf};
 use crate::backend::{Backend, Buffers};
 use crate::error::{checked_mul, Error, Result};
 use crate::scalar::{Elem, Real};
@@ -31,6 +31,24 @@ pub trait TransformerOps: Buffers {
         x: &Self::Buf<F>,
         w: &Self::Buf<F>,
         y_half: &mut Self::Buf<half::bf16>,
+        inv_rms: &mut Self::Buf<F>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// The residual stream into a norm in one pass: `x += branch` if given (one rounded add
+    /// per element, bit-identical to `axpy` with alpha 1), `x_save = x` if given (a copy for
+    /// the backward), then [`TransformerOps::rmsnorm`] of the new `x` into `out` (with
+    /// [`OutBuf::Half`] only its bf16 rounding, as [`TransformerOps::rmsnorm_to_bf16`]) and
+    /// `inv_rms`.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm<F: Real>(
+        &self,
+        x: &mut Self::Buf<F>,
+        branch: Option<&Self::Buf<F>>,
+        x_save: Option<&mut Self::Buf<F>>,
+        w: &Self::Buf<F>,
+        out: OutBuf<'_, Self, F>,
         inv_rms: &mut Self::Buf<F>,
         rows: usize,
         cols: usize,
@@ -187,6 +205,32 @@ pub(crate) fn check_rmsnorm_to_bf16<B: Backend, F: Elem>(
     let n = checked_mul(OP, rows, cols)?;
     check_bufs(be, OP, ["x", "w", "inv_rms"], bufs, [n, cols, rows])?;
     check_lens(OP, &[("y_half", be.len(y_half), n)])?;
+    check_row_width(OP, cols)?;
+    Ok(n)
+}
+
+/// [`TransformerOps::add_rmsnorm`]: `x`, `branch`, `x_save` and `out` hold `rows * cols`,
+/// `w` `cols` and `inv_rms` `rows` values. Returns `rows * cols`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_add_rmsnorm<B: Backend, F: Elem>(
+    be: &B,
+    x: &B::Buf<F>,
+    [branch, x_save]: [Option<&B::Buf<F>>; 2],
+    w: &B::Buf<F>,
+    out: &OutBuf<'_, B, F>,
+    inv_rms: &B::Buf<F>,
+    rows: usize,
+    cols: usize,
+) -> Result<usize> {
+    const OP: &str = "add_rmsnorm";
+    let n = checked_mul(OP, rows, cols)?;
+    check_bufs(be, OP, ["x", "w", "inv_rms"], [x, w, inv_rms], [n, cols, rows])?;
+    let out_len = match out {
+        OutBuf::Full(y) => be.len(y),
+        OutBuf::Half(h) => be.len(h),
+    };
+    let opt_len = |b: Option<&B::Buf<F>>| b.map_or(n, |b| be.len(b));
+    check_lens(OP, &[("branch", opt_len(branch), n), ("x_save", opt_len(x_save), n), ("out", out_len, n)])?;
     check_row_width(OP, cols)?;
     Ok(n)
 }

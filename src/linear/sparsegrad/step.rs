@@ -3,7 +3,7 @@
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
 use crate::backend::operand::{mm, mm_operand, stage, stage_checked, OperandRef};
-use crate::backend::{Backend, Coo, DenseChange, Gemm, IndexMaps};
+use crate::backend::{Backend, Coo, Gemm, IndexMaps, OutBuf};
 use crate::error::{Error, Result};
 use crate::linear::GRAD_Y;
 use crate::optim::{dense_step, sparse_step, Optimizer};
@@ -236,10 +236,10 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                         let Optimizer::Adam(hp) = &opt else { return Err(missing()) };
                         let (m, v, clock) = (&mut moments.exp_avg, &mut moments.exp_avg_sq, &mut moments.clock);
                         match &mut ws.big_half {
-                            Some(d) => be.sparse_adam_densify(&self.grad, m, v, clock, hp, DenseChange::Half(d))?,
+                            Some(d) => be.sparse_adam_densify(&self.grad, m, v, clock, hp, OutBuf::Half(d))?,
                             None => {
                                 let d = ws.big_b.as_mut().ok_or_else(missing)?;
-                                be.sparse_adam_densify(&self.grad, m, v, clock, hp, DenseChange::Full(d))?
+                                be.sparse_adam_densify(&self.grad, m, v, clock, hp, OutBuf::Full(d))?
                             }
                         }
                         apply_dense_change(be, p, q, ws, w, (out, inp))?;
