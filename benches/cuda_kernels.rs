@@ -22,8 +22,8 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use sparsegrad::backend::cuda::CudaBuf;
 use sparsegrad::backend::{
-    AttentionGrads, AttentionMask, AttentionOps, AttentionShape, Coo, DenseOps, Gemm, IndexMaps, OptimOps, SparseOps,
-    TopkOps, TransformerOps,
+    AttentionGrads, AttentionMask, AttentionOps, AttentionShape, Coo, DenseOps, Gemm, IndexMaps, OptimOps, OutBuf,
+    SparseOps, TopkOps, TransformerOps,
 };
 use sparsegrad::{AdamParams, Backend, Cuda, GeluKind, HostCoo, Precision, Result};
 
@@ -230,6 +230,13 @@ fn run<
     println!("\n-- dense ({OUT} x {IN} = {big} entries unless noted)");
     b.mem("cast_to_bf16", 6.0 * bigf, time(cuda, 3, 20, || cuda.cast_to_bf16(&x, &mut h, big)));
     b.mem("cast_from_bf16", 6.0 * bigf, time(cuda, 3, 20, || cuda.cast_from_bf16(&h, &mut z, big)));
+    // The staging passes of a layer's input and output gradient, each with its finiteness check.
+    b.mem(
+        "cast_to_bf16_checked",
+        6.0 * bigf,
+        time(cuda, 3, 20, || cuda.cast_to_bf16_checked(&x, &mut h, big, "bench x")),
+    );
+    b.mem("copy_checked", 8.0 * bigf, time(cuda, 3, 20, || cuda.copy_checked(&x, &mut z, big, "bench x")));
     b.mem("axpy", 12.0 * bigf, time(cuda, 3, 20, || cuda.axpy(1e-3, &x, &mut y, big)));
     let bias = buf(cuda, &rand_vec(&mut r, OUT));
     let gy = T * OUT;
@@ -274,6 +281,18 @@ fn run<
         "rmsnorm_backward (2 reads)",
         12.0 * hid as f64,
         time(cuda, 3, 20, || cuda.rmsnorm_backward(&xs, &wn, &inv, &yn, &mut dxn, T, IN)),
+    );
+    // The residual add, the saved copy of x and the norm in one pass (bf16 output): x and
+    // the branch read, x and its copy written, y written in bf16.
+    let (mut xr, mut xsave, mut yh) =
+        (buf(cuda, &rand_vec(&mut r, hid)), zeros::<f32>(cuda, hid), zeros::<bf16>(cuda, hid));
+    b.mem(
+        &format!("add_rmsnorm ({T} x {IN}, residual + copy, bf16 out)"),
+        18.0 * hid as f64,
+        time(cuda, 3, 20, || {
+            // 23 timed and warm-up adds of values in [-1, 1): x stays far from overflow.
+            cuda.add_rmsnorm(&mut xr, Some(&xs), Some(&mut xsave), &wn, OutBuf::Half(&mut yh), &mut inv, T, IN, 1e-5)
+        }),
     );
     let narrow = hid / 576;
     b.mem(
@@ -421,6 +440,14 @@ fn run<
         &format!("sparse_adam ({k} entries)"),
         40.0 * k as f64,
         time(cuda, 3, 20, || cuda.sparse_adam(&coo, &mut m1, &mut v1, &mut clock, &hp, Some(&mut z), Some(&mut delta))),
+    );
+    let mut dense_half = zeros::<bf16>(cuda, big);
+    b.mem(
+        &format!("sparse_adam_densify ({k} entries, bf16 {OUT} x {IN} change)"),
+        36.0 * k as f64 + 2.0 * bigf,
+        time(cuda, 3, 20, || {
+            cuda.sparse_adam_densify(&coo, &mut m1, &mut v1, &mut clock, &hp, OutBuf::Half(&mut dense_half))
+        }),
     );
     b.mem("adamw", 28.0 * bigf, time(cuda, 3, 20, || cuda.adamw(&mut w, &x, &mut m1, &mut v1, big, &mut clock, &hp)));
 
