@@ -13,6 +13,8 @@
 //                                   dot = sum_c w[c] dy[r,c] x[r,c] / cols, inv = inv_rms[r];
 //                                   with `accumulate`, dx[r,c] += that (one rounded add, as
 //                                   axpy_f32 with alpha 1: the residual stream's gradient);
+//                                   given dy2, dy + dy2 in place of dy (one rounded add, as
+//                                   axpy_f32: a gradient that arrives in two parts);
 //                                   given dx_half, the result's bf16 rounding there too
 //   rope_f32                        rotate-half RoPE in place on (tokens, heads * head_dim)
 //                                   (and a second such tensor, the keys, in the same launch):
@@ -238,28 +240,39 @@ __device__ __forceinline__ float rmsnorm_dx(float x, float w, float dy, float in
 template <int GROUP>
 __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ x, const float* __restrict__ w,
                                                       const float* __restrict__ inv_rms, const float* __restrict__ dy,
-                                                      float* __restrict__ dx, __nv_bfloat16* __restrict__ dx_half,
-                                                      u64 rows, u64 cols, float n_cols, u32 accumulate) {
+                                                      const float* __restrict__ dy2, float* __restrict__ dx,
+                                                      __nv_bfloat16* __restrict__ dx_half, u64 rows, u64 cols,
+                                                      float n_cols, u32 accumulate) {
     __shared__ float smem[32];
     const RowGroup<GROUP> g;
-    const bool vec = (cols & 3) == 0 && sg_aligned(x, 16) && sg_aligned(w, 16) && sg_aligned(dy, 16) && sg_aligned(dx, 16);
+    const bool vec = (cols & 3) == 0 && sg_aligned(x, 16) && sg_aligned(w, 16) && sg_aligned(dy, 16) &&
+                     sg_aligned(dy2, 16) && sg_aligned(dx, 16);
     // Uniform across the grid; the add is __fadd_rn so it is never contracted into an FMA.
     const auto put = [accumulate](float old, float v) { return accumulate ? __fadd_rn(old, v) : v; };
     for (u64 r = g.first; r < rows; r += g.stride) {
         const float* xr = x + r * cols;
         const float* dyr = dy + r * cols;
+        const float* d2r = dy2 ? dy2 + r * cols : nullptr;
         float* dxr = dx + r * cols;
         __nv_bfloat16* hr = dx_half ? dx_half + r * cols : nullptr;
+        // The output gradient: dy, or the sum of its two parts (one rounded add, as axpy_f32).
+        const auto grad4 = [&](u64 k) {
+            const float4 d = SG_F4(dyr)[k];
+            if (!d2r) return d;
+            const float4 e = SG_F4(d2r)[k];
+            return make_float4(__fadd_rn(d.x, e.x), __fadd_rn(d.y, e.y), __fadd_rn(d.z, e.z), __fadd_rn(d.w, e.w));
+        };
+        const auto grad = [&](u64 j) { return d2r ? __fadd_rn(dyr[j], d2r[j]) : dyr[j]; };
         float dot = 0.0f;
         row_for<GROUP>(
             cols, vec, g.lane,
             [&](u64 k) {
                 const float4 a = SG_F4(xr)[k];
                 const float4 s = SG_F4(w)[k];
-                const float4 d = SG_F4(dyr)[k];
+                const float4 d = grad4(k);
                 dot += s.x * d.x * a.x + s.y * d.y * a.y + s.z * d.z * a.z + s.w * d.w * a.w;
             },
-            [&](u64 j) { dot += w[j] * dyr[j] * xr[j]; });
+            [&](u64 j) { dot += w[j] * grad(j) * xr[j]; });
         dot = __fdiv_rn(group_sum<GROUP>(dot, smem), n_cols);
         const float inv = inv_rms[r];
         const float k2 = __fmul_rn(__fmul_rn(inv, inv), dot);
@@ -268,7 +281,7 @@ __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ 
             [&](u64 k) {
                 const float4 a = SG_F4(xr)[k];
                 const float4 s = SG_F4(w)[k];
-                const float4 d = SG_F4(dyr)[k];
+                const float4 d = grad4(k);
                 const float4 o = accumulate ? SG_F4(dxr)[k] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
                 const float4 n = make_float4(
                     put(o.x, rmsnorm_dx(a.x, s.x, d.x, inv, k2)), put(o.y, rmsnorm_dx(a.y, s.y, d.y, inv, k2)),
@@ -282,7 +295,7 @@ __device__ __forceinline__ void rmsnorm_backward_impl(const float* __restrict__ 
                 }
             },
             [&](u64 j) {
-                const float n = put(accumulate ? dxr[j] : 0.0f, rmsnorm_dx(xr[j], w[j], dyr[j], inv, k2));
+                const float n = put(accumulate ? dxr[j] : 0.0f, rmsnorm_dx(xr[j], w[j], grad(j), inv, k2));
                 dxr[j] = n;
                 if (hr) hr[j] = __float2bfloat16_rn(n);
             });
@@ -422,9 +435,9 @@ __device__ __forceinline__ void cross_entropy_impl(float* __restrict__ logits, c
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         rmsnorm_backward_g##G##_f32(const float* x, const float* w, const float* inv_rms, const float* dy,          \
-                                    float* dx, __nv_bfloat16* dx_half, u64 rows, u64 cols, float n_cols,             \
-                                    u32 accumulate) {                                                                \
-        rmsnorm_backward_impl<G>(x, w, inv_rms, dy, dx, dx_half, rows, cols, n_cols, accumulate);                    \
+                                    const float* dy2, float* dx, __nv_bfloat16* dx_half, u64 rows, u64 cols,         \
+                                    float n_cols, u32 accumulate) {                                                  \
+        rmsnorm_backward_impl<G>(x, w, inv_rms, dy, dy2, dx, dx_half, rows, cols, n_cols, accumulate);               \
     }                                                                                                                \
     extern "C" __global__ void __launch_bounds__(SG_ROW_BLOCK(G))                                                    \
         softmax_causal_g##G##_f32(float* s, u64 rows, u64 t, float scale) {                                          \

@@ -232,6 +232,11 @@ pub(crate) struct LlamaMlpScratch<B: Backend, F: Real> {
 }
 
 impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
+    /// The up projection's part of the input gradient after [`LlamaMlp::backward_split`].
+    pub(crate) fn dx_up(&self) -> &B::Buf<F> {
+        &self.dx_up
+    }
+
     pub(crate) fn new(backend: &B) -> Result<Self> {
         Ok(LlamaMlpScratch {
             a: backend.alloc(0)?,
@@ -411,6 +416,31 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         dx: Option<&mut B::Buf<F>>,
         s: &mut LlamaMlpScratch<B, F>,
     ) -> Result<()> {
+        self.backward_parts(g, tokens, dx, s, true)
+    }
+
+    /// [`Self::backward_shared`] that leaves the input gradient in its two parts: the gate's
+    /// in `dx`, the up projection's in `s.dx_up` ([`LlamaMlpScratch::dx_up`]), for a caller
+    /// whose next pass adds them (the model's norm backward).
+    pub(crate) fn backward_split(
+        &mut self,
+        g: &B::Buf<F>,
+        tokens: usize,
+        dx: &mut B::Buf<F>,
+        s: &mut LlamaMlpScratch<B, F>,
+    ) -> Result<()> {
+        self.backward_parts(g, tokens, Some(dx), s, false)
+    }
+
+    /// The backward; with `dx` and `sum`, the up projection's part is added into it.
+    fn backward_parts(
+        &mut self,
+        g: &B::Buf<F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+        s: &mut LlamaMlpScratch<B, F>,
+        sum: bool,
+    ) -> Result<()> {
         if self.saved_tokens != Some(tokens) {
             return Err(Error::invalid(
                 "LlamaMlp::backward",
@@ -430,7 +460,10 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
             Some(dx) => {
                 self.gate.linear.backward_staged(&s.da, tokens, Some(dx), st)?;
                 self.up.linear.backward_staged(&s.db, tokens, Some(&mut s.dx_up), st)?;
-                be.axpy(F::ONE, &s.dx_up, dx, tokens * self.hidden)
+                if sum {
+                    be.axpy(F::ONE, &s.dx_up, dx, tokens * self.hidden)?;
+                }
+                Ok(())
             }
             None => {
                 self.gate.linear.backward_staged(&s.da, tokens, None, st)?;

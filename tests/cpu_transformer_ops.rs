@@ -10,7 +10,7 @@ use common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
 use rand::Rng;
-use sparsegrad::backend::{Buffers, TransformerOps};
+use sparsegrad::backend::{Buffers, DenseOps, TransformerOps};
 use sparsegrad::{Backend, Cpu, Error};
 
 fn up(cpu: &Cpu, v: &[f64]) -> <Cpu as Buffers>::Buf<f64> {
@@ -131,15 +131,29 @@ fn rmsnorm_backward_add_adds_the_backward_into_the_residual_gradient() {
         let mut dx = up(&cpu, &vec![f64::NAN; rows * cols]);
         cpu.rmsnorm_backward(&xb, &wb, &ib, &dyb, &mut dx, rows, cols).unwrap();
         let mut sum = up(&cpu, &acc);
-        cpu.rmsnorm_backward_add(&xb, &wb, &ib, &dyb, &mut sum, None, rows, cols).unwrap();
+        cpu.rmsnorm_backward_add(&xb, &wb, &ib, &dyb, None, &mut sum, None, rows, cols).unwrap();
         let want: Vec<f64> = acc.iter().zip(down(&cpu, &dx, rows * cols)).map(|(a, d)| a + d).collect();
         assert_eq!(down(&cpu, &sum, rows * cols), want, "rmsnorm_backward_add {rows}x{cols}");
+        // The output gradient in two parts: the backward of their sum (dy2 added into dy
+        // first, as axpy does), bit for bit.
+        let dy2 = rand_range64(&mut r, rows * cols, -1.0, 1.0);
+        let mut dy_sum = up(&cpu, &dy);
+        cpu.axpy(1.0, &up(&cpu, &dy2), &mut dy_sum, rows * cols).unwrap();
+        let mut want = up(&cpu, &acc);
+        cpu.rmsnorm_backward_add(&xb, &wb, &ib, &dy_sum, None, &mut want, None, rows, cols).unwrap();
+        let mut got = up(&cpu, &acc);
+        cpu.rmsnorm_backward_add(&xb, &wb, &ib, &dyb, Some(&up(&cpu, &dy2)), &mut got, None, rows, cols).unwrap();
+        assert_eq!(down(&cpu, &got, rows * cols), down(&cpu, &want, rows * cols), "two parts {rows}x{cols}");
     }
     let b = |n: usize| up(&cpu, &vec![1.0; n]);
     let mut dx = b(12);
     assert!(matches!(
-        cpu.rmsnorm_backward_add(&b(12), &b(4), &b(3), &b(11), &mut dx, None, 3, 4),
+        cpu.rmsnorm_backward_add(&b(12), &b(4), &b(3), &b(11), None, &mut dx, None, 3, 4),
         Err(Error::Shape { .. })
+    ));
+    assert!(matches!(
+        cpu.rmsnorm_backward_add(&b(12), &b(4), &b(3), &b(12), Some(&b(11)), &mut dx, None, 3, 4),
+        Err(Error::Shape { op: "rmsnorm_backward_add", .. })
     ));
     assert_eq!(down(&cpu, &dx, 12), vec![1.0; 12], "a rejected call leaves dx as it was");
 }

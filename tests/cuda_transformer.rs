@@ -135,6 +135,9 @@ const RMS_DX: (Tol, Tol) = (tol(2e-6, 1e-5), tol(2e-6, 5e-6));
 fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
     let cpu = Cpu::new();
     let mut r = rng(100);
+    // The fused ops' extra inputs come from their own stream, so the plain ops see the same
+    // inputs whatever is added here.
+    let mut extra = rng(101);
     let widths: &[usize] = if big { &[1, 33, 576, 1024, 1025, 4096, 20000] } else { &[1, 33, 576, 1025] };
     for (rows, cols) in row_shapes(widths, big) {
         let n = rows * cols;
@@ -181,7 +184,7 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
 
         // The residual added first (and x saved): each backend against its own passes, then
         // the device's norm against the CPU's.
-        let branch = rand_range(&mut r, n, -2.0, 2.0);
+        let branch = rand_range(&mut extra, n, -2.0, 2.0);
         let what = format!("add_rmsnorm {rows}x{cols}");
         let (x_dev, y_dev) = check_add_rmsnorm(dev, &what, &x, &branch, &w, (rows, cols), eps);
         let (x_cpu, y_cpu) = check_add_rmsnorm(&cpu, &format!("CPU {what}"), &x, &branch, &w, (rows, cols), eps);
@@ -206,7 +209,7 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         let (invd, dyd) = (up(dev, &inv32), up(dev, &dy));
         let mut fused = up(dev, &acc);
         let mut fused_half = poisoned(dev, n + TAIL, bf16::from_f32(7.0));
-        dev.rmsnorm_backward_add(&xd, &wd, &invd, &dyd, &mut fused, Some(&mut fused_half), rows, cols).unwrap();
+        dev.rmsnorm_backward_add(&xd, &wd, &invd, &dyd, None, &mut fused, Some(&mut fused_half), rows, cols).unwrap();
         let mut two_pass = up(dev, &acc);
         dev.axpy(1.0, &dxd, &mut two_pass, n).unwrap();
         let mut two_half = poisoned(dev, n, bf16::ZERO);
@@ -222,7 +225,7 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         let (xc, wc, ic, dyc) = (up(&cpu, &x), up(&cpu, &w), up(&cpu, &inv32), up(&cpu, &dy));
         let mut cpu_fused = up(&cpu, &acc);
         let mut cpu_half = poisoned(&cpu, n, bf16::ZERO);
-        cpu.rmsnorm_backward_add(&xc, &wc, &ic, &dyc, &mut cpu_fused, Some(&mut cpu_half), rows, cols).unwrap();
+        cpu.rmsnorm_backward_add(&xc, &wc, &ic, &dyc, None, &mut cpu_fused, Some(&mut cpu_half), rows, cols).unwrap();
         let cpu_half: Vec<u16> = down(&cpu, &cpu_half, n).iter().map(|h| h.to_bits()).collect();
         let cpu_cast: Vec<u16> = down(&cpu, &cpu_fused, n).iter().map(|v| bf16::from_f32(*v).to_bits()).collect();
         assert_eq!(cpu_half, cpu_cast, "{what}: CPU bf16 copy vs cast");
@@ -231,6 +234,16 @@ fn check_rmsnorm<B: Backend>(dev: &B, big: bool) {
         assert_bits(&format!("{what}: CPU, fused vs two passes"), &down(&cpu, &cpu_fused, n), &down(&cpu, &cpu_two, n));
         let want: Vec<f64> = acc[..n].iter().zip(&dx64).map(|(&a, &d)| a as f64 + d).collect();
         compare(&what, &fused, &down(&cpu, &cpu_fused, n), Some(&want), RMS_DX.0, RMS_DX.1);
+
+        // The output gradient in two parts (the MLP's gate and up halves): bit-identical, on
+        // each backend, to adding them with axpy first; the device against the CPU.
+        let what = format!("rmsnorm_backward_add, two parts, {rows}x{cols}");
+        let dy2 = rand_range(&mut extra, n, -1.0, 1.0);
+        let (got_dev, want_dev) = backward_add_two_parts(dev, [&x, &w, &inv32, &dy, &dy2, &acc], rows, cols);
+        assert_bits(&format!("{what}: device, fused vs axpy first"), &got_dev, &want_dev);
+        let (got_cpu, want_cpu) = backward_add_two_parts(&cpu, [&x, &w, &inv32, &dy, &dy2, &acc], rows, cols);
+        assert_bits(&format!("{what}: CPU, fused vs axpy first"), &got_cpu, &want_cpu);
+        compare(&what, &got_dev, &got_cpu, None, RMS_DX.0, RMS_DX.1);
     }
 }
 
@@ -304,6 +317,25 @@ fn check_add_rmsnorm<B: Backend>(
         assert!(got_half[if half { n } else { 0 }..].iter().all(|&h| h == seven), "{what}: bf16 output tail");
     }
     result.unwrap()
+}
+
+/// `rmsnorm_backward_add` with the output gradient in two parts (`dy`, `dy2`) into `acc`,
+/// and the same with `dy2` added into `dy` by `axpy` first, both on `be`: (fused, axpy first).
+fn backward_add_two_parts<B: Backend>(
+    be: &B,
+    [x, w, inv, dy, dy2, acc]: [&[f32]; 6],
+    rows: usize,
+    cols: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = rows * cols;
+    let (xd, wd, id, dyd, dy2d) = (up(be, x), up(be, w), up(be, inv), up(be, dy), up(be, dy2));
+    let mut fused = up(be, &acc[..n]);
+    be.rmsnorm_backward_add(&xd, &wd, &id, &dyd, Some(&dy2d), &mut fused, None, rows, cols).unwrap();
+    let mut dy_sum = up(be, dy);
+    be.axpy(1.0, &dy2d, &mut dy_sum, n).unwrap();
+    let mut first = up(be, &acc[..n]);
+    be.rmsnorm_backward_add(&xd, &wd, &id, &dy_sum, None, &mut first, None, rows, cols).unwrap();
+    (down(be, &fused, n), down(be, &first, n))
 }
 
 // ---- RoPE -------------------------------------------------------------------------------------
@@ -570,6 +602,8 @@ fn check_shape_errors<B: Backend>(dev: &B) {
     assert_eq!(down(dev, &x, 12), vec![1.5f32; 12], "x unchanged by refused calls");
     let mut dx = b(12);
     assert!(matches!(dev.rmsnorm_backward(&b(12), &b(3), &b(3), &b(12), &mut dx, 3, 4), Err(Error::Shape { .. })));
+    let r = dev.rmsnorm_backward_add(&b(12), &b(4), &b(3), &b(12), Some(&b(11)), &mut dx, None, 3, 4);
+    assert!(matches!(r, Err(Error::Shape { op: "rmsnorm_backward_add", .. })), "short dy2: {r:?}");
     assert!(matches!(
         dev.rmsnorm_backward(&b(12), &b(4), &b(3), &b(12), &mut dx, 3, 0),
         Err(Error::InvalidArgument { .. })

@@ -524,12 +524,13 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 l.mlp.backward_shared(&s.dx, t, None, &mut s.mlp)?;
                 break;
             }
-            l.mlp.backward_shared(&s.dx, t, Some(&mut s.dnormed), &mut s.mlp)?;
+            // The MLP's input gradient stays in two parts (gate's, up's); the norm's backward adds them.
+            l.mlp.backward_split(&s.dx, t, &mut s.dnormed, &mut s.mlp)?;
             let sv = &l.saved;
             // The new dx feeds the attention branch's first GEMM: in bf16 the same pass rounds it.
-            let (x_mid, inv) = (&sv.x_mid, &sv.inv_rms_ffn);
+            let (x_mid, inv, up_part) = (&sv.x_mid, &sv.inv_rms_ffn, Some(s.mlp.dx_up()));
             let dx_half = s.grad_half.as_mut();
-            be.rmsnorm_backward_add(x_mid, &l.ffn_norm, inv, &s.dnormed, &mut s.dx, dx_half, t, c.hidden)?;
+            be.rmsnorm_backward_add(x_mid, &l.ffn_norm, inv, &s.dnormed, up_part, &mut s.dx, dx_half, t, c.hidden)?;
             // Attention branch: x_mid = x_in + o(attn(rmsnorm(x_in))).
             let dx_op = match s.grad_half.as_ref() {
                 Some(h) => OperandRef::Half(h),
@@ -573,6 +574,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 &l.attn_norm,
                 &sv.inv_rms_attn,
                 &s.dnormed,
+                None,
                 &mut s.dx,
                 None,
                 t,

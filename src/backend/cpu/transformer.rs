@@ -80,7 +80,7 @@ impl TransformerOps for Cpu {
         cols: usize,
     ) -> Result<()> {
         check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
-        rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, false);
+        rmsnorm_backward_into([x, w, inv_rms, dy], None, dx, rows, cols, false);
         Ok(())
     }
 
@@ -90,14 +90,15 @@ impl TransformerOps for Cpu {
         w: &CpuBuf<F>,
         inv_rms: &CpuBuf<F>,
         dy: &CpuBuf<F>,
+        dy2: Option<&CpuBuf<F>>,
         dx: &mut CpuBuf<F>,
         dx_half: Option<&mut CpuBuf<bf16>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
         let n = check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
-        check_dx_half(self, dx_half.as_deref(), n)?;
-        rmsnorm_backward_into([x, w, inv_rms, dy], dx, rows, cols, true);
+        check_backward_add_extras(self, dy2, dx_half.as_deref(), n)?;
+        rmsnorm_backward_into([x, w, inv_rms, dy], dy2, dx, rows, cols, true);
         match dx_half {
             Some(h) => self.cast_to_bf16(dx, h, n),
             None => Ok(()),
@@ -226,21 +227,24 @@ impl TransformerOps for Cpu {
 /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it.
 fn rmsnorm_backward_into<F: Real>(
     [x, w, inv_rms, dy]: [&CpuBuf<F>; 4],
+    dy2: Option<&CpuBuf<F>>,
     dx: &mut CpuBuf<F>,
     rows: usize,
     cols: usize,
     accumulate: bool,
 ) {
     dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
-        let (xr, dyr, inv) = (&x[r * cols..(r + 1) * cols], &dy[r * cols..(r + 1) * cols], inv_rms[r]);
-        let dot = F::from_f64(
-            xr.iter().zip(dyr).zip(&w[..cols]).map(|((&x, &dy), &w)| (w * dy * x).to_f64()).sum::<f64>() / cols as f64,
-        );
+        let row = r * cols..(r + 1) * cols;
+        let (xr, dyr, w, inv) = (&x[row.clone()], &dy[row.clone()], &w[..cols], inv_rms[r]);
+        let dy2r = dy2.map(|d| &d[row]);
+        // The output gradient: dy, or the sum of its two parts (the add `axpy` makes).
+        let g = |j: usize| dy2r.map_or(dyr[j], |d2| dyr[j] + d2[j]);
+        let dot = F::from_f64((0..cols).map(|j| (w[j] * g(j) * xr[j]).to_f64()).sum::<f64>() / cols as f64);
         let k = inv * inv * dot;
-        dx.iter_mut().zip(xr).zip(dyr).zip(&w[..cols]).for_each(|(((dx, &x), &dy), &w)| {
-            let v = inv * (w * dy - x * k);
+        for (j, dx) in dx.iter_mut().enumerate() {
+            let v = inv * (w[j] * g(j) - xr[j] * k);
             *dx = if accumulate { *dx + v } else { v };
-        });
+        }
     });
 }
 

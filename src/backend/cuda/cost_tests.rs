@@ -35,8 +35,13 @@ fn elementwise_costs_by_hand() {
     assert_eq!(cost(&transformer::RMSNORM[0], &[4, 8, 2, 1, 1]), (128.0 + 64.0 + 384.0 + 32.0 + 16.0, 160.0));
     // Its backward: x, dy read and dx written (3 * 128), w 32, inv_rms 16; added into dx,
     // dx is read too (+128); with a bf16 copy, +64.
-    assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 0, 0]).0, 384.0 + 32.0 + 16.0);
-    assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 1, 2]).0, 384.0 + 128.0 + 64.0 + 32.0 + 16.0);
+    assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 0, 0, 0]).0, 384.0 + 32.0 + 16.0);
+    assert_eq!(cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 1, 2, 0]).0, 384.0 + 128.0 + 64.0 + 32.0 + 16.0);
+    // With the gradient in two parts, the second is read too (+128) and added (+32 flops).
+    assert_eq!(
+        cost(&transformer::RMSNORM_BACKWARD[0], &[4, 8, 1, 2, 1]),
+        (384.0 + 128.0 + 64.0 + 128.0 + 32.0 + 16.0, 320.0)
+    );
     // RoPE on 3 tokens of 2 heads x 4 dims with a 5-position table (5 x 4 entries: cos and
     // sin of 5 x 2): x read and written 2 * 96, tables 80 bytes; 6 flops per pair (12 pairs).
     assert_eq!(cost(&transformer::ROPE, &[3, 8, 20, 0]), (192.0 + 80.0, 72.0));

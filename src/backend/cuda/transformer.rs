@@ -23,12 +23,13 @@ kernel!(
     |a| ((4 + a[2] + 8 * a[3] + 4 * a[4]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (4 + a[3]) * a[0] * a[1])
 );
 kernel!(
-    /// [rows, cols, accumulate, bytes of the bf16 copy per element (0 or 2)]: x and dy read,
-    /// dx written (and read when accumulating), the bf16 copy written, w and inv_rms read.
+    /// [rows, cols, accumulate, bytes of the bf16 copy per element (0 or 2), second gradient
+    /// part given (0 or 1)]: x and dy (and dy2) read, dx written (and read when
+    /// accumulating), the bf16 copy written, w and inv_rms read.
     RMSNORM_BACKWARD = "transformer"
         / ["rmsnorm_backward_g32_f32", "rmsnorm_backward_g256_f32", "rmsnorm_backward_g1024_f32"],
     Elementwise,
-    |a| ((12 + 4 * a[2] + a[3]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (8 + a[2]) * a[0] * a[1])
+    |a| ((12 + 4 * a[2] + a[3] + 4 * a[4]) * a[0] * a[1] + 4 * a[1] + 4 * a[0], (8 + a[2] + a[4]) * a[0] * a[1])
 );
 kernel!(
     /// [tokens, (heads + heads2) * head_dim, seq_len * head_dim, bytes of the bf16 copies per
@@ -194,7 +195,7 @@ impl TransformerOps for Cuda {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, None, rows, cols, false)
+        self.rmsnorm_backward_into([x, w, inv_rms, dy], None, dx, None, rows, cols, false)
     }
 
     fn rmsnorm_backward_add<F: Real>(
@@ -203,12 +204,13 @@ impl TransformerOps for Cuda {
         w: &CudaBuf<F>,
         inv_rms: &CudaBuf<F>,
         dy: &CudaBuf<F>,
+        dy2: Option<&CudaBuf<F>>,
         dx: &mut CudaBuf<F>,
         dx_half: Option<&mut CudaBuf<bf16>>,
         rows: usize,
         cols: usize,
     ) -> Result<()> {
-        self.rmsnorm_backward_into([x, w, inv_rms, dy], dx, dx_half, rows, cols, true)
+        self.rmsnorm_backward_into([x, w, inv_rms, dy], dy2, dx, dx_half, rows, cols, true)
     }
 
     fn rope<F: Real>(
@@ -377,9 +379,11 @@ impl Cuda {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward_into<F: Real>(
         &self,
         [x, w, inv_rms, dy]: [&CudaBuf<F>; 4],
+        dy2: Option<&CudaBuf<F>>,
         dx: &mut CudaBuf<F>,
         dx_half: Option<&mut CudaBuf<bf16>>,
         rows: usize,
@@ -389,26 +393,27 @@ impl Cuda {
         const OP: &str = "rmsnorm_backward";
         require_f32::<F>(OP)?;
         let n = check_rmsnorm_backward(self, [x, w, inv_rms, dy, dx], rows, cols)?;
-        check_dx_half(self, dx_half.as_deref(), n)?;
+        check_backward_add_extras(self, dy2, dx_half.as_deref(), n)?;
         if rows == 0 {
             return Ok(());
         }
         let g = Group::for_width(cols);
         let kernel = g.kernel(&RMSNORM_BACKWARD);
+        let dy2p = dy2.map_or(0, |d| d.ptr());
         let (xp, wp, ip, dyp, dxp) = (x.ptr(), w.ptr(), inv_rms.ptr(), dy.ptr(), dx.ptr_mut());
         let (hp, half_bytes) = dx_half.map_or((0, 0), |h| (h.ptr_mut(), 2));
         let (r, c, nc, acc) = (rows as u64, cols as u64, cols_f32(cols), u32::from(accumulate));
         // SAFETY: rmsnorm_backward_gG_f32(const float* x, const float* w, const float* inv_rms,
-        // const float* dy, float* dx, bf16* dx_half, u64 rows, u64 cols, float n_cols,
-        // u32 accumulate): x, dy, dx and dx_half (or null) hold rows * cols, w cols and inv_rms
-        // rows elements (checked above); dx and dx_half are distinct from the inputs (&mut);
-        // block and group sizes come from `g`.
+        // const float* dy, const float* dy2, float* dx, bf16* dx_half, u64 rows, u64 cols,
+        // float n_cols, u32 accumulate): x, dy, dy2 (or null), dx and dx_half (or null) hold
+        // rows * cols, w cols and inv_rms rows elements (checked above); dx and dx_half are
+        // distinct from the inputs (&mut); block and group sizes come from `g`.
         unsafe {
             self.launch(
                 kernel,
                 g.config(self, rows),
-                &mut kargs![xp, wp, ip, dyp, dxp, hp, r, c, nc, acc],
-                &[r, c, acc.into(), half_bytes],
+                &mut kargs![xp, wp, ip, dyp, dy2p, dxp, hp, r, c, nc, acc],
+                &[r, c, acc.into(), half_bytes, u64::from(dy2p != 0)],
             )
         }
     }

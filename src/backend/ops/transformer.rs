@@ -69,9 +69,11 @@ pub trait TransformerOps: Buffers {
     ) -> Result<()>;
     /// [`TransformerOps::rmsnorm_backward`] added into `dx` (one rounded f32 add per element,
     /// bit-identical to the backward into a scratch buffer followed by `axpy` with alpha 1):
-    /// a residual block's input gradient in one pass instead of two. Given `dx_half`, the
-    /// new `dx` is also rounded into it (bit-identical to a following `cast_to_bf16`), for
-    /// the GEMM that reads it next.
+    /// a residual block's input gradient in one pass instead of two. Given `dy2`, the norm's
+    /// output gradient is `dy + dy2` (one rounded add per element, bit-identical to `axpy`
+    /// of `dy2` into `dy` first), for a branch whose gradient arrives in two parts (the
+    /// gate's and the up projection's). Given `dx_half`, the new `dx` is also rounded into it
+    /// (bit-identical to a following `cast_to_bf16`), for the GEMM that reads it next.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward_add<F: Real>(
         &self,
@@ -79,6 +81,7 @@ pub trait TransformerOps: Buffers {
         w: &Self::Buf<F>,
         inv_rms: &Self::Buf<F>,
         dy: &Self::Buf<F>,
+        dy2: Option<&Self::Buf<F>>,
         dx: &mut Self::Buf<F>,
         dx_half: Option<&mut Self::Buf<half::bf16>>,
         rows: usize,
@@ -235,12 +238,17 @@ pub(crate) fn check_add_rmsnorm<B: Backend, F: Elem>(
     Ok(n)
 }
 
-/// The optional bf16 copy of [`TransformerOps::rmsnorm_backward_add`]: `rows * cols` long.
-pub(crate) fn check_dx_half<B: Backend>(be: &B, dx_half: Option<&B::Buf<half::bf16>>, n: usize) -> Result<()> {
-    match dx_half {
-        Some(h) => check_lens("rmsnorm_backward_add", &[("dx_half", be.len(h), n)]),
-        None => Ok(()),
-    }
+/// The optional second gradient part and bf16 copy of
+/// [`TransformerOps::rmsnorm_backward_add`]: `rows * cols` long each.
+pub(crate) fn check_backward_add_extras<B: Backend, F: Elem>(
+    be: &B,
+    dy2: Option<&B::Buf<F>>,
+    dx_half: Option<&B::Buf<half::bf16>>,
+    n: usize,
+) -> Result<()> {
+    let dy2_len = dy2.map_or(n, |d| be.len(d));
+    let half_len = dx_half.map_or(n, |h| be.len(h));
+    check_lens("rmsnorm_backward_add", &[("dy2", dy2_len, n), ("dx_half", half_len, n)])
 }
 
 /// [`TransformerOps::rmsnorm_backward`] (`[x, w, inv_rms, dy, dx]`). Returns `rows * cols`.
