@@ -79,7 +79,7 @@ impl<B: Backend, F: Real> Moments<B, F> {
     }
 }
 
-fn missing_moments() -> Error {
+pub(crate) fn missing_moments() -> Error {
     Error::invalid("optimizer", "Adam needs moment buffers that were not allocated")
 }
 

@@ -6,7 +6,7 @@ use crate::backend::operand::{mm, mm_operand, stage, stage_checked, OperandRef};
 use crate::backend::{Backend, Coo, Gemm, IndexMaps, OutBuf};
 use crate::error::{Error, Result};
 use crate::linear::GRAD_Y;
-use crate::optim::{dense_step, sparse_step, Optimizer};
+use crate::optim::{dense_step, missing_moments, sparse_step, Optimizer};
 use crate::scalar::Real;
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
@@ -232,8 +232,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                     MergedUpdate::Dense if matches!(opt, Optimizer::Adam(_)) => {
                         // SparseAdam stores its change straight into D: no per-entry change
                         // list and no densify pass.
-                        let moments = self.moments.as_mut().ok_or_else(missing)?;
-                        let Optimizer::Adam(hp) = &opt else { return Err(missing()) };
+                        let moments = self.moments.as_mut().ok_or_else(missing_moments)?;
+                        let Optimizer::Adam(hp) = &opt else { return Err(missing_moments()) };
                         let (m, v, clock) = (&mut moments.exp_avg, &mut moments.exp_avg_sq, &mut moments.clock);
                         match &mut ws.big_half {
                             Some(d) => be.sparse_adam_densify(&self.grad, m, v, clock, hp, OutBuf::Half(d))?,
