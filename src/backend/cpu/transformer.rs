@@ -224,7 +224,8 @@ impl TransformerOps for Cpu {
     }
 }
 
-/// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it.
+/// The rmsnorm input gradient from `dy` (plus `dy2` when given), written into `dx` or
+/// (`accumulate`) added to it, after the caller's checks.
 fn rmsnorm_backward_into<F: Real>(
     [x, w, inv_rms, dy]: [&CpuBuf<F>; 4],
     dy2: Option<&CpuBuf<F>>,

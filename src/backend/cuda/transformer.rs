@@ -338,9 +338,6 @@ impl TransformerOps for Cuda {
 }
 
 impl Cuda {
-    /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it, and, given
-    /// `dx_half`, the result's bf16 rounding there.
-    #[allow(clippy::too_many_arguments)]
     /// Launches `rmsnorm_gG_f32` after the caller's checks: `(x, residual, x_save)` and `y`
     /// `(f32 output, bf16 output)` as device addresses, 0 for none; exactly one output given
     /// (the kernel writes the bf16 one in place of the f32 one when given), and `x` is
@@ -379,6 +376,8 @@ impl Cuda {
         }
     }
 
+    /// The rmsnorm input gradient, written into `dx` or (`accumulate`) added to it, from
+    /// `dy` (plus `dy2` when given), and, given `dx_half`, the result's bf16 rounding there.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward_into<F: Real>(
         &self,
