@@ -439,7 +439,9 @@ fn run<
     b.mem(
         &format!("sparse_adam ({k} entries)"),
         40.0 * k as f64,
-        time(cuda, 3, 20, || cuda.sparse_adam(&coo, &mut m1, &mut v1, &mut clock, &hp, Some(&mut z), Some(&mut delta))),
+        time(cuda, 3, 20, || {
+            cuda.sparse_adam(&coo, &mut m1, &mut v1, &mut clock, &hp, Some(&mut z), None, Some(&mut delta))
+        }),
     );
     let mut dense_half = zeros::<bf16>(cuda, big);
     b.mem(
@@ -449,7 +451,18 @@ fn run<
             cuda.sparse_adam_densify(&coo, &mut m1, &mut v1, &mut clock, &hp, OutBuf::Half(&mut dense_half))
         }),
     );
-    b.mem("adamw", 28.0 * bigf, time(cuda, 3, 20, || cuda.adamw(&mut w, &x, &mut m1, &mut v1, big, &mut clock, &hp)));
+    b.mem(
+        "adamw",
+        28.0 * bigf,
+        time(cuda, 3, 20, || cuda.adamw(&mut w, None, &x, &mut m1, &mut v1, big, &mut clock, &hp)),
+    );
+    // The bf16 training path: the optimizer also writes the weight's bf16 compute copy.
+    let mut w_half = zeros::<bf16>(cuda, big);
+    b.mem(
+        "adamw + bf16 copy",
+        30.0 * bigf,
+        time(cuda, 3, 20, || cuda.adamw(&mut w, Some(&mut w_half), &x, &mut m1, &mut v1, big, &mut clock, &hp)),
+    );
 
     println!("\n-- GEMMs of the layer (T = {T}, out = {OUT}, in = {IN})");
     let wgt = buf(cuda, &rand_vec(&mut r, OUT * IN));

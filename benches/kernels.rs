@@ -249,11 +249,11 @@ fn run_suite<B: Timed>(c: &mut Criterion, be: &B, label: &'static str, s: &Shape
     let (mut m1, mut v1, mut delta, mut param) = (zeros(big), zeros(big), zeros(k), up(&rand_vec(&mut r, big)));
     // per entry: index + value (12 B), m, v and the parameter read and written (24 B), delta written (4 B).
     suite.bench(&mut g, &format!("sparse_adam k={k}"), Work::Bytes(40.0 * k as f64), || {
-        be.sparse_adam(&coo, &mut m1, &mut v1, &mut clock, &hp, Some(&mut param), Some(&mut delta))
+        be.sparse_adam(&coo, &mut m1, &mut v1, &mut clock, &hp, Some(&mut param), None, Some(&mut delta))
     });
     let grad = up(&rand_vec(&mut r, big));
     suite.bench(&mut g, &format!("adamw {big}"), Work::Bytes(28.0 * bigf), || {
-        be.adamw(&mut param, &grad, &mut m1, &mut v1, big, &mut clock, &hp)
+        be.adamw(&mut param, None, &grad, &mut m1, &mut v1, big, &mut clock, &hp)
     });
     g.finish();
 

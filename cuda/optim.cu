@@ -6,7 +6,9 @@
 //   sparse_adam_f32   torch.optim.SparseAdam on COO entries: for entry e at (r, c),
 //                     m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
 //                     change = -(step_size * (m / (sqrt(v) + eps)));
-//                     param[r, c] += change (optional), delta[e] = change (optional),
+//                     param[r, c] += change (optional; with param_half, that entry of the
+//                     parameter's bf16 copy is rounded from the new value, so a copy that
+//                     matched param still matches), delta[e] = change (optional),
 //                     dense[r, c] = change (optional; f32, or bf16 rounded to nearest even;
 //                     the launcher zeroes dense first, so with it the list must be sorted).
 //                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t) in f64, rounded to f32.
@@ -14,7 +16,8 @@
 //                     m += (g - m)(1 - b1); v = v b2 + (1 - b2) g g;
 //                     p -= step_size * (m / (sqrt(v) / bc2_sqrt + eps)), with step_size =
 //                     lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) (f64 -> f32), decay =
-//                     1 - f32(lr * wd).
+//                     1 - f32(lr * wd). With param_half, also writes each new p rounded to
+//                     bf16 (nearest even): the weight's compute copy, in the same pass.
 //
 // The step t comes from the parameter's clock on the device ([0] steps taken, [1] blocks
 // done in this launch): every thread computes t = clock[0] + 1 and the scalars from it in
@@ -79,8 +82,8 @@ __device__ __forceinline__ void sg_clock_advance(u64* clock) {
 
 extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len, u64 n_rows,
                                            u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
-                                           float beta1, float beta2, float eps, float* param, float* delta,
-                                           float* dense, __nv_bfloat16* dense_half, u64* health) {
+                                           float beta1, float beta2, float eps, float* param,
+                                           __nv_bfloat16* param_half, float* delta, float* dense, __nv_bfloat16* dense_half, u64* health) {
     // This launch's own index errors go to word 5, which the gate below does not read: the
     // gate's words do not change while the launch runs, so every thread of every block takes
     // the same branch (and reaches sg_clock_advance's barriers together).
@@ -115,7 +118,11 @@ extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, con
         exp_avg[i] = m;
         exp_avg_sq[i] = v;
         const float change = -__fmul_rn(step_size, __fdiv_rn(m, __fadd_rn(__fsqrt_rn(v), eps)));
-        if (param != nullptr) param[i] = __fadd_rn(param[i], change);
+        if (param != nullptr) {
+            const float p = __fadd_rn(param[i], change);
+            param[i] = p;
+            if (param_half != nullptr) param_half[i] = __float2bfloat16_rn(p);
+        }
         if (delta != nullptr) delta[e] = change;
         if (dense != nullptr) dense[i] = change;
         if (dense_half != nullptr) dense_half[i] = __float2bfloat16_rn(change);
@@ -133,8 +140,9 @@ __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v,
 }
 
 extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ exp_avg,
-                                     float* __restrict__ exp_avg_sq, u64 n, u64* clock, float lr, float weight_decay,
-                                     float beta1, float beta2, float eps, const u64* health) {
+                                     float* __restrict__ exp_avg_sq, __nv_bfloat16* __restrict__ param_half, u64 n,
+                                     u64* clock, float lr, float weight_decay, float beta1, float beta2, float eps,
+                                     const u64* health) {
     if (sg_health_bad(health)) return;  // uniform across the grid
     const int t = sg_clock_t(clock);
     const double bc1 = __dadd_rn(1.0, -sg_powi((double)beta1, t));
@@ -159,6 +167,12 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
             reinterpret_cast<float4*>(param)[i] = p;
             reinterpret_cast<float4*>(exp_avg)[i] = m;
             reinterpret_cast<float4*>(exp_avg_sq)[i] = v;
+            if (param_half != nullptr) {
+                param_half[4 * i] = __float2bfloat16_rn(p.x);
+                param_half[4 * i + 1] = __float2bfloat16_rn(p.y);
+                param_half[4 * i + 2] = __float2bfloat16_rn(p.z);
+                param_half[4 * i + 3] = __float2bfloat16_rn(p.w);
+            }
         },
         [&](u64 i) {
             float p = param[i];
@@ -168,6 +182,7 @@ extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __r
             param[i] = p;
             exp_avg[i] = m;
             exp_avg_sq[i] = v;
+            if (param_half != nullptr) param_half[i] = __float2bfloat16_rn(p);
         });
     sg_clock_advance(clock);
 }

@@ -3,8 +3,9 @@
 //! the moment buffers each needs.
 
 use crate::backend::{AdamParams, Backend, Coo};
-use crate::error::{Error, Result};
+use crate::error::{checked_mul, Error, Result};
 use crate::scalar::Real;
+use half::bf16;
 
 /// The update rule of a trainable parameter.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -83,11 +84,13 @@ pub(crate) fn missing_moments() -> Error {
     Error::invalid("optimizer", "Adam needs moment buffers that were not allocated")
 }
 
-/// One dense step of `len` entries (Adam's step count is the moments' clock).
+/// One dense step of `len` entries (Adam's step count is the moments' clock); `half`, the
+/// parameter's bf16 compute copy, is rounded from the new parameter.
 pub(crate) fn dense_step<B: Backend, F: Real>(
     backend: &B,
     opt: &Optimizer,
     param: &mut B::Buf<F>,
+    half: Option<&mut B::Buf<bf16>>,
     grad: &B::Buf<F>,
     moments: Option<&mut Moments<B, F>>,
     len: usize,
@@ -95,28 +98,37 @@ pub(crate) fn dense_step<B: Backend, F: Real>(
     match opt {
         Optimizer::Adam(hp) => {
             let m = moments.ok_or_else(missing_moments)?;
-            backend.adamw(param, grad, &mut m.exp_avg, &mut m.exp_avg_sq, len, &mut m.clock, hp)
+            backend.adamw(param, half, grad, &mut m.exp_avg, &mut m.exp_avg_sq, len, &mut m.clock, hp)
         }
-        Optimizer::Sgd { lr } => backend.axpy(F::from_f64(-(*lr as f64)), grad, param, len),
+        Optimizer::Sgd { lr } => {
+            backend.axpy(F::from_f64(-(*lr as f64)), grad, param, len)?;
+            half.map_or(Ok(()), |h| backend.cast_to_bf16(param, h, len))
+        }
     }
 }
 
-/// One sparse step on the entries of `coo`: updates `param` in place if given, and writes
-/// each entry's change into `delta` if given (Adam's step count is the moments' clock).
+/// One sparse step on the entries of `coo`: updates `param` in place if given (and `half`,
+/// its bf16 compute copy, if given: the listed entries under Adam, the whole copy under
+/// SGD), and writes each entry's change into `delta` if given (Adam's step count is the
+/// moments' clock).
 pub(crate) fn sparse_step<B: Backend, F: Real>(
     backend: &B,
     opt: &Optimizer,
     coo: &Coo<B, F>,
     param: Option<&mut B::Buf<F>>,
+    half: Option<&mut B::Buf<bf16>>,
     delta: Option<&mut B::Buf<F>>,
     moments: Option<&mut Moments<B, F>>,
 ) -> Result<()> {
     match opt {
         Optimizer::Adam(hp) => {
             let m = moments.ok_or_else(missing_moments)?;
-            backend.sparse_adam(coo, &mut m.exp_avg, &mut m.exp_avg_sq, &mut m.clock, hp, param, delta)
+            backend.sparse_adam(coo, &mut m.exp_avg, &mut m.exp_avg_sq, &mut m.clock, hp, param, half, delta)
         }
         Optimizer::Sgd { lr } => {
+            if half.is_some() && param.is_none() {
+                return Err(Error::invalid("sparse_step", "a bf16 copy of the parameter given without the parameter"));
+            }
             let neg_lr = F::from_f64(-(*lr as f64));
             if let Some(d) = delta {
                 backend.fill(d, coo.len, F::ZERO)?;
@@ -124,6 +136,9 @@ pub(crate) fn sparse_step<B: Backend, F: Real>(
             }
             if let Some(p) = param {
                 backend.coo_scatter_add(coo, neg_lr, p)?;
+                if let Some(h) = half {
+                    backend.cast_to_bf16(p, h, checked_mul("sparse_step", coo.shape.0, coo.shape.1)?)?;
+                }
             }
             Ok(())
         }

@@ -119,6 +119,9 @@ fn sparse_adam_matches_the_pytorch_formula_and_touches_only_listed_entries() {
     let (mut pr, mut mr, mut vr) = (to64(&p0), vec![0.0f64; rows * cols], vec![0.0f64; rows * cols]);
     let mut touched = vec![false; rows * cols];
     let mut clock = cpu.alloc::<u64>(2).unwrap();
+    // The bf16 compute copy, rounded from the parameter: kept so by rounding only the
+    // listed entries.
+    let mut half = cpu.upload(&p0.iter().map(|&x| half::bf16::from_f32(x)).collect::<Vec<_>>()).unwrap();
     for step in 1..=4u64 {
         // A different sorted entry set each step.
         let mut lin: Vec<usize> = (0..rows * cols).filter(|_| r.random_bool(0.3)).collect();
@@ -133,8 +136,12 @@ fn sparse_adam_matches_the_pytorch_formula_and_touches_only_listed_entries() {
         let mut coo = Coo::with_capacity(&cpu, lin.len().max(1), (rows, cols)).unwrap();
         coo.set_from_host(&cpu, &host).unwrap();
         let mut delta = cpu.alloc::<f32>(lin.len().max(1)).unwrap();
-        cpu.sparse_adam(&coo, &mut m, &mut v, &mut clock, &hp, Some(&mut p), Some(&mut delta)).unwrap();
+        cpu.sparse_adam(&coo, &mut m, &mut v, &mut clock, &hp, Some(&mut p), Some(&mut half), Some(&mut delta))
+            .unwrap();
         assert_eq!(clock[0], step, "the clock counts the steps");
+        for (i, (&h, &x)) in half.iter().zip(p.iter()).enumerate() {
+            assert_eq!(h.to_bits(), half::bf16::from_f32(x).to_bits(), "bf16 copy at {i}, step {step}");
+        }
         let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
         let step_size = hp.lr as f64 * (1.0 - b2.powi(step as i32)).sqrt() / (1.0 - b1.powi(step as i32));
         for (e, &l) in lin.iter().enumerate() {
@@ -154,6 +161,17 @@ fn sparse_adam_matches_the_pytorch_formula_and_touches_only_listed_entries() {
         assert_eq!(p[l], p0[l], "untouched param {l} changed");
         assert_eq!((m[l], v[l]), (0.0, 0.0), "untouched state {l} changed");
     }
+    // A bf16 copy without its parameter, or a short one, is refused before anything moves.
+    let host = HostCoo { rows: vec![0u32], cols: vec![1u32], values: vec![0.5f32], shape: (rows, cols) };
+    let mut coo = Coo::with_capacity(&cpu, 1, (rows, cols)).unwrap();
+    coo.set_from_host(&cpu, &host).unwrap();
+    let before = (m.to_vec(), v.to_vec(), clock.to_vec(), p.to_vec());
+    let err = cpu.sparse_adam(&coo, &mut m, &mut v, &mut clock, &hp, None, Some(&mut half), None);
+    assert!(matches!(err, Err(sparsegrad::Error::InvalidArgument { op: "sparse_adam", .. })), "{err:?}");
+    let mut short = cpu.alloc::<half::bf16>(rows * cols - 1).unwrap();
+    let err = cpu.sparse_adam(&coo, &mut m, &mut v, &mut clock, &hp, Some(&mut p), Some(&mut short), None);
+    assert!(matches!(err, Err(sparsegrad::Error::Shape { op: "sparse_adam", .. })), "{err:?}");
+    assert_eq!((m.to_vec(), v.to_vec(), clock.to_vec(), p.to_vec()), before, "a refused step changed state");
 }
 
 /// The fused dense form refuses what `coo_densify` refuses (entries out of order or
@@ -203,9 +221,18 @@ fn adamw_matches_the_pytorch_formula() {
     let (mut m, mut v) = (cpu.alloc::<f32>(n).unwrap(), cpu.alloc::<f32>(n).unwrap());
     let (mut pr, mut mr, mut vr) = (to64(&p0), vec![0.0; n], vec![0.0; n]);
     let mut clock = cpu.alloc::<u64>(2).unwrap();
+    let mut half = cpu.alloc::<half::bf16>(n).unwrap();
     for step in 1..=5 {
         let g = rand_vec(&mut r, n);
-        cpu.adamw(&mut p, &cpu.upload(&g).unwrap(), &mut m, &mut v, n, &mut clock, &hp).unwrap();
+        // Every other step also rounds the new parameter into its bf16 copy.
+        let with_half = step % 2 == 1;
+        cpu.adamw(&mut p, with_half.then_some(&mut half), &cpu.upload(&g).unwrap(), &mut m, &mut v, n, &mut clock, &hp)
+            .unwrap();
+        if with_half {
+            for i in 0..n {
+                assert_eq!(half[i].to_bits(), half::bf16::from_f32(p[i]).to_bits(), "bf16 copy at {i}, step {step}");
+            }
+        }
         let (b1, b2, lr) = (hp.beta1 as f64, hp.beta2 as f64, hp.lr as f64);
         for i in 0..n {
             pr[i] *= 1.0 - lr * hp.weight_decay as f64;
@@ -218,6 +245,10 @@ fn adamw_matches_the_pytorch_formula() {
         }
         assert_close(&format!("adamw step {step}"), &p, &pr, 1e-6, 1e-5);
     }
+    let (before, mut short) = ((p.to_vec(), clock.to_vec()), cpu.alloc::<half::bf16>(n - 1).unwrap());
+    let err = cpu.adamw(&mut p, Some(&mut short), &cpu.alloc(n).unwrap(), &mut m, &mut v, n, &mut clock, &hp);
+    assert!(matches!(err, Err(sparsegrad::Error::Shape { op: "adamw", .. })), "{err:?}");
+    assert_eq!((p.to_vec(), clock.to_vec()), before, "a refused step changed state");
 }
 
 #[test]

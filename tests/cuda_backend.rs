@@ -162,7 +162,7 @@ cuda_test!(fn out_of_range_indices_are_reported_at_the_next_sync(cuda) {
     coo.len = 2;
     let (mut m, mut v) = (up(&cuda, &[0.0f32; 4]), up(&cuda, &[0.0f32; 4]));
     let mut clock = cuda.alloc::<u64>(2).unwrap();
-    cuda.sparse_adam(&coo, &mut m, &mut v, &mut clock, &Default::default(), None, None).unwrap();
+    cuda.sparse_adam(&coo, &mut m, &mut v, &mut clock, &Default::default(), None, None, None).unwrap();
     assert!(matches!(cuda.download(&m, 4), Err(Error::InvalidArgument { op: "sparse_adam", .. })));
     let got = down(&cuda, &m, 4);
     assert!(got[1] != 0.0 && got[0] == 0.0 && got[2] == 0.0 && got[3] == 0.0, "{got:?}");

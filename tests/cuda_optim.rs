@@ -27,10 +27,16 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
     let hp = AdamParams { lr: 3e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
     for &(rows, cols) in &[(1, 1), (17, 1000), (1000, 17), (70000, 3), (129, 257)] {
         let n = rows * cols;
-        for (with_param, with_delta) in [(true, true), (true, false), (false, true)] {
+        for (with_param, with_half, with_delta) in
+            [(true, true, true), (true, false, false), (false, false, true), (true, true, false)]
+        {
             let p0 = rand_f32(&mut r, n);
             let (mut cm, mut cv, mut cp) = (up(&cpu, &vec![0.0f32; n]), up(&cpu, &vec![0.0f32; n]), up(&cpu, &p0));
             let (mut dm, mut dv, mut dp) = (up(dev, &vec![0.0f32; n]), up(dev, &vec![0.0f32; n]), up(dev, &p0));
+            // The parameter's bf16 copy, rounded from it, with a poisoned tail past the matrix.
+            let mut h0: Vec<bf16> = p0.iter().map(|&x| bf16::from_f32(x)).collect();
+            h0.extend([bf16::NAN; 3]);
+            let (mut ch, mut dh) = (up(&cpu, &h0), up(dev, &h0));
             let (mut ck, mut dk) = (cpu.alloc::<u64>(2).unwrap(), dev.alloc::<u64>(2).unwrap());
             for step in 1..=4u64 {
                 let k = (n / 7).max(1);
@@ -47,6 +53,7 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
                     &mut ck,
                     &hp,
                     with_param.then_some(&mut cp),
+                    with_half.then_some(&mut ch),
                     with_delta.then_some(&mut cd),
                 )
                 .unwrap();
@@ -57,10 +64,22 @@ fn check_sparse_adam<B: Backend>(dev: &B) {
                     &mut dk,
                     &hp,
                     with_param.then_some(&mut dp),
+                    with_half.then_some(&mut dh),
                     with_delta.then_some(&mut dd),
                 )
                 .unwrap();
-                let what = format!("sparse_adam {rows}x{cols} step {step} param={with_param} delta={with_delta}");
+                let what = format!(
+                    "sparse_adam {rows}x{cols} step {step} param={with_param} half={with_half} delta={with_delta}"
+                );
+                // Rounding only the listed entries keeps the copy equal to the parameter rounded.
+                let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let (dev_half, cpu_half) = (bits(down(dev, &dh, n + 3)), bits(down(&cpu, &ch, n + 3)));
+                assert_same(&format!("{what}: bf16 copy"), &dev_half, &cpu_half);
+                // (Without it given, the copy is left as it was.)
+                let mut rounded: Vec<bf16> = down(&cpu, &cp, n).iter().map(|&x| bf16::from_f32(x)).collect();
+                rounded.extend([bf16::NAN; 3]);
+                let want = if with_half { bits(rounded) } else { bits(h0.clone()) };
+                assert_same(&format!("{what}: bf16 copy against the parameter"), &cpu_half, &want);
                 assert_bits(&format!("{what}: exp_avg"), &down(dev, &dm, n), &down(&cpu, &cm, n));
                 assert_bits(&format!("{what}: exp_avg_sq"), &down(dev, &dv, n), &down(&cpu, &cv, n));
                 assert_bits(&format!("{what}: param"), &down(dev, &dp, n), &down(&cpu, &cp, n));
@@ -95,7 +114,7 @@ fn check_sparse_adam_densify<B: Backend>(dev: &B) {
                 let mut dc = Coo::with_capacity(dev, k.max(1), (rows, cols)).unwrap();
                 dc.set_from_host(dev, &host).unwrap();
                 let mut delta = cpu.alloc::<f32>(k.max(1)).unwrap();
-                cpu.sparse_adam(&cc, &mut cm, &mut cv, &mut ck, &hp, None, Some(&mut delta)).unwrap();
+                cpu.sparse_adam(&cc, &mut cm, &mut cv, &mut ck, &hp, None, None, Some(&mut delta)).unwrap();
                 std::mem::swap(&mut cc.values, &mut delta);
                 let what = format!("sparse_adam_densify {rows}x{cols} half={half} step {step}");
                 if half {
@@ -135,10 +154,23 @@ fn check_adamw<B: Backend>(dev: &B, big: bool) {
         let (mut ck, mut dk) = (cpu.alloc::<u64>(2).unwrap(), dev.alloc::<u64>(2).unwrap());
         for step in 1..=3u64 {
             let g = rand_f32(&mut r, n);
-            cpu.adamw(&mut cp, &up(&cpu, &g), &mut cm, &mut cv, n, &mut ck, &hp).unwrap();
-            dev.adamw(&mut dp, &up(dev, &g), &mut dm, &mut dv, n, &mut dk, &hp).unwrap();
+            // Steps 1 and 3 also round the new parameter into a bf16 copy (tail poisoned).
+            let with_half = step != 2;
+            let (mut ch, mut dh) = (poisoned(&cpu, n + 1, bf16::NAN), poisoned(dev, n + 1, bf16::NAN));
+            let (c_half, d_half) = (with_half.then_some(&mut ch), with_half.then_some(&mut dh));
+            cpu.adamw(&mut cp, c_half, &up(&cpu, &g), &mut cm, &mut cv, n, &mut ck, &hp).unwrap();
+            dev.adamw(&mut dp, d_half, &up(dev, &g), &mut dm, &mut dv, n, &mut dk, &hp).unwrap();
             assert_eq!(down(dev, &dk, 2), vec![step, 0], "adamw n={n}: the device clock");
             let what = format!("adamw n={n} step {step}");
+            let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let (dev_half, cpu_half) = (bits(down(dev, &dh, n + 1)), bits(down(&cpu, &ch, n + 1)));
+            assert_same(&format!("{what}: bf16 copy"), &dev_half, &cpu_half);
+            let mut want: Vec<bf16> = down(&cpu, &cp, n).iter().map(|&x| bf16::from_f32(x)).collect();
+            want.push(bf16::NAN);
+            if !with_half {
+                want = vec![bf16::NAN; n + 1];
+            }
+            assert_same(&format!("{what}: bf16 copy against the parameter"), &cpu_half, &bits(want));
             assert_bits(&format!("{what}: param"), &down(dev, &dp, n + 1), &down(&cpu, &cp, n + 1));
             assert_bits(&format!("{what}: exp_avg"), &down(dev, &dm, n + 1), &down(&cpu, &cm, n + 1));
             assert_bits(&format!("{what}: exp_avg_sq"), &down(dev, &dv, n + 1), &down(&cpu, &cv, n + 1));

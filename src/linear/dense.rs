@@ -329,22 +329,21 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         let be = &self.backend;
         let step = self.step + 1;
         let w = self.w.as_mut().ok_or_else(|| Error::invalid("DenseLinear::step", "the layer holds no f32 weight"))?;
+        // The optimizer keeps the bf16 compute copy in step (no cast of the whole weight).
+        let half = self.w_half.as_mut();
         match (&self.topk, &self.grad_w) {
-            (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut *w), None, self.moments.as_mut())?,
-            (None, Some(gw)) => dense_step(be, &self.opt, &mut *w, gw, self.moments.as_mut(), self.out * self.inp)?,
+            (Some(t), _) => sparse_step(be, &self.opt, &t.coo, Some(&mut *w), half, None, self.moments.as_mut())?,
+            (None, Some(gw)) => dense_step(be, &self.opt, w, half, gw, self.moments.as_mut(), self.out * self.inp)?,
             (None, None) => return Err(Error::invalid("DenseLinear::step", "no weight gradient buffer")),
         }
         if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
-            dense_step(be, &self.opt, b, db, self.bias_moments.as_mut(), self.out)?;
+            dense_step(be, &self.opt, b, None, db, self.bias_moments.as_mut(), self.out)?;
         }
         if let (Some((mask, ones)), Some(t)) = (self.sgd_mask.as_mut(), &self.topk) {
             be.copy(&t.coo.rows, &mut ones.rows, t.coo.len)?;
             be.copy(&t.coo.cols, &mut ones.cols, t.coo.len)?;
             ones.len = t.coo.len;
             be.coo_scatter_add(ones, F::ONE, mask)?;
-        }
-        if let Some(h) = self.w_half.as_mut() {
-            be.cast_to_bf16(w, h, self.out * self.inp)?;
         }
         self.step = step;
         self.grad_ready = false;

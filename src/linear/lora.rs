@@ -42,11 +42,7 @@ impl<B: Backend, F: Real> Factor<B, F> {
         self.half.as_ref().map_or(OperandRef::Full(&self.value), OperandRef::Half)
     }
     fn step(&mut self, be: &B, opt: &Optimizer) -> Result<()> {
-        dense_step(be, opt, &mut self.value, &self.grad, self.moments.as_mut(), self.len)?;
-        if let Some(h) = self.half.as_mut() {
-            be.cast_to_bf16(&self.value, h, self.len)?;
-        }
-        Ok(())
+        dense_step(be, opt, &mut self.value, self.half.as_mut(), &self.grad, self.moments.as_mut(), self.len)
     }
 }
 

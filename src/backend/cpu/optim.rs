@@ -20,9 +20,11 @@ impl OptimOps for Cpu {
         clock: &mut CpuBuf<u64>,
         hp: &AdamParams,
         mut param: Option<&mut CpuBuf<F>>,
+        mut param_bf16: Option<&mut CpuBuf<bf16>>,
         mut delta: Option<&mut CpuBuf<F>>,
     ) -> Result<()> {
-        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, param.as_deref(), delta.as_deref())?;
+        let (p_ref, h_ref, d_ref) = (param.as_deref(), param_bf16.as_deref(), delta.as_deref());
+        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, p_ref, h_ref, d_ref)?;
         let (rows, cols) = coo.shape;
         // The entries are data: the host reads them here (the CUDA kernel skips and reports).
         for e in 0..coo.len {
@@ -33,6 +35,9 @@ impl OptimOps for Cpu {
         adam_entries(coo, exp_avg, exp_avg_sq, clock, hp, |e, i, change| {
             if let Some(p) = param.as_deref_mut() {
                 p[i] += change;
+                if let Some(h) = param_bf16.as_deref_mut() {
+                    h[i] = p[i].to_bf16();
+                }
             }
             if let Some(d) = delta.as_deref_mut() {
                 d[e] = change;
@@ -68,6 +73,7 @@ impl OptimOps for Cpu {
     fn adamw<F: Real>(
         &self,
         param: &mut CpuBuf<F>,
+        param_bf16: Option<&mut CpuBuf<bf16>>,
         grad: &CpuBuf<F>,
         exp_avg: &mut CpuBuf<F>,
         exp_avg_sq: &mut CpuBuf<F>,
@@ -75,7 +81,7 @@ impl OptimOps for Cpu {
         clock: &mut CpuBuf<u64>,
         hp: &AdamParams,
     ) -> Result<()> {
-        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, clock, hp)?;
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], param_bf16.as_deref(), len, clock, hp)?;
         let step = clock[0].saturating_add(1);
         let AdamwScalars { step_size, bc2_sqrt, decay } = hp.adamw_scalars::<F>(step);
         let (b1, b2, eps) = (F::from_f64(hp.beta1 as f64), F::from_f64(hp.beta2 as f64), F::from_f64(hp.eps as f64));
@@ -91,6 +97,9 @@ impl OptimOps for Cpu {
                 let denom = v.sqrt() / bc2_sqrt + eps;
                 *p -= step_size * (*m / denom);
             });
+        if let Some(h) = param_bf16 {
+            h[..len].par_iter_mut().zip(&param[..len]).for_each(|(h, p)| *h = p.to_bf16());
+        }
         clock[0] = step;
         Ok(())
     }

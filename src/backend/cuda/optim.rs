@@ -9,18 +9,20 @@ use crate::backend::ops::optim::*;
 use crate::backend::{AdamParams, Coo, OutBuf};
 use crate::error::Result;
 use crate::scalar::Real;
+use half::bf16;
 
 kernel!(
-    /// [len, param given, delta given, bytes of a dense change element (0 without one)]: per
-    /// entry the COO entry read (12 bytes), both moments read and written, the parameter read
-    /// and written, the change written per entry and densely when given; the clock read and
-    /// advanced.
+    /// [len, param given, delta given, bytes of a dense change element (0 without one),
+    /// bf16 copy of the parameter given]: per entry the COO entry read (12 bytes), both
+    /// moments read and written, the parameter read and written and its bf16 copy written,
+    /// the change written per entry and densely when given; the clock read and advanced.
     SPARSE_ADAM = "optim" / "sparse_adam_f32", Optimizer,
-        |a| ((28 + 8 * a[1] + 4 * a[2] + a[3]) * a[0] + 16, 12 * a[0])
+        |a| ((28 + 8 * a[1] + 2 * a[4] + 4 * a[2] + a[3]) * a[0] + 16, 12 * a[0])
 );
 kernel!(
-    /// [n]: parameter, both moments read and written, gradient read; the clock advanced.
-    ADAMW = "optim" / "adamw_f32", Optimizer, |a| (28 * a[0] + 16, 14 * a[0])
+    /// [n, bf16 copy given]: parameter, both moments read and written, gradient read, the
+    /// bf16 copy written when given; the clock advanced.
+    ADAMW = "optim" / "adamw_f32", Optimizer, |a| ((28 + 2 * a[1]) * a[0] + 16, 14 * a[0])
 );
 
 impl OptimOps for Cuda {
@@ -32,14 +34,17 @@ impl OptimOps for Cuda {
         clock: &mut CudaBuf<u64>,
         hp: &AdamParams,
         param: Option<&mut CudaBuf<F>>,
+        param_bf16: Option<&mut CudaBuf<bf16>>,
         delta: Option<&mut CudaBuf<F>>,
     ) -> Result<()> {
         const OP: &str = "sparse_adam";
         require_f32::<F>(OP)?;
-        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, param.as_deref(), delta.as_deref())?;
+        let (p_ref, h_ref, d_ref) = (param.as_deref(), param_bf16.as_deref(), delta.as_deref());
+        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, p_ref, h_ref, d_ref)?;
         let p = param.map_or(0u64, |p| p.ptr_mut());
+        let h = param_bf16.map_or(0u64, |h| h.ptr_mut());
         let d = delta.map_or(0u64, |d| d.ptr_mut());
-        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [p, d], (0, 0))
+        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [p, h, d], (0, 0))
     }
 
     fn sparse_adam_densify<F: Real>(
@@ -53,18 +58,19 @@ impl OptimOps for Cuda {
     ) -> Result<()> {
         require_f32::<F>("sparse_adam_densify")?;
         let n = check_sparse_adam_densify(self, coo, [exp_avg, exp_avg_sq], clock, hp, &dense)?;
-        let (ptr, elem) = match dense {
-            OutBuf::Full(d) => (d.ptr_mut(), 4),
-            OutBuf::Half(d) => (d.ptr_mut(), 2),
+        // (f32 output, bf16 output) with 0 for the one not given, the output, its bytes.
+        let (pair, ptr, bytes) = match dense {
+            OutBuf::Full(d) => ((d.ptr_mut(), 0), d.ptr_mut(), n * 4),
+            OutBuf::Half(d) => ((0, d.ptr_mut()), d.ptr_mut(), n * 2),
         };
-        self.memset_zero(ptr, n * elem)?;
-        let (dense_f32, dense_bf16) = if elem == 4 { (ptr, 0) } else { (0, ptr) };
-        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [0, 0], (dense_f32, dense_bf16))
+        self.memset_zero(ptr, bytes)?;
+        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [0, 0, 0], pair)
     }
 
     fn adamw<F: Real>(
         &self,
         param: &mut CudaBuf<F>,
+        param_bf16: Option<&mut CudaBuf<bf16>>,
         grad: &CudaBuf<F>,
         exp_avg: &mut CudaBuf<F>,
         exp_avg_sq: &mut CudaBuf<F>,
@@ -74,34 +80,37 @@ impl OptimOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "adamw";
         require_f32::<F>(OP)?;
-        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], len, clock, hp)?;
+        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], param_bf16.as_deref(), len, clock, hp)?;
         // Launched even for len = 0: the clock advances every step.
         let (ck, lr, wd, health) = (clock.ptr_mut(), hp.lr, hp.weight_decay, self.errors.ptr());
         let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
         let (p, g, m, v, n) = (param.ptr_mut(), grad.ptr(), exp_avg.ptr_mut(), exp_avg_sq.ptr_mut(), len as u64);
+        let h = param_bf16.map_or(0u64, |h| h.ptr_mut());
         // SAFETY: adamw_f32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-        // u64 n, u64* clock, float lr, float weight_decay, float beta1, float beta2, float eps,
-        // const u64* health): all four buffers hold >= n elements, the clock CLOCK_LEN words.
+        // __nv_bfloat16* param_half, u64 n, u64* clock, float lr, float weight_decay,
+        // float beta1, float beta2, float eps, const u64* health): all four buffers (and
+        // param_half, or null) hold >= n elements, the clock CLOCK_LEN words.
         unsafe {
             self.launch(
                 &ADAMW,
                 self.grid_1d(len, 16),
-                &mut kargs![p, g, m, v, n, ck, lr, wd, b1, b2, eps, health],
-                &[n],
+                &mut kargs![p, g, m, v, h, n, ck, lr, wd, b1, b2, eps, health],
+                &[n, u64::from(h != 0)],
             )
         }
     }
 }
 
-/// Launches `sparse_adam_f32` after the caller's validation: `param_delta` and `dense` are
-/// device addresses or 0 for none (`dense` as (f32, bf16), at most one given).
+/// Launches `sparse_adam_f32` after the caller's validation: `[param, param_bf16, delta]`
+/// and `dense` are device addresses or 0 for none (`dense` as (f32, bf16), at most one
+/// given).
 fn launch_sparse_adam<F: Real>(
     cuda: &Cuda,
     coo: &Coo<Cuda, F>,
     [exp_avg, exp_avg_sq]: [&mut CudaBuf<F>; 2],
     clock: &mut CudaBuf<u64>,
     hp: &AdamParams,
-    [p, d]: [u64; 2],
+    [p, h, d]: [u64; 3],
     (dense, dense_half): (u64, u64),
 ) -> Result<()> {
     let (rows, cols) = coo.shape;
@@ -121,17 +130,17 @@ fn launch_sparse_adam<F: Real>(
     };
     // SAFETY: sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len,
     // u64 n_rows, u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
-    // float beta1, float beta2, float eps, float* param, float* delta, float* dense,
-    // __nv_bfloat16* dense_half, u64* health): the COO holds len entries, the state (and
-    // param, dense or dense_half, or null) rows * cols, delta (or null) len, the clock
-    // CLOCK_LEN words, `health` the health block (all checked by the callers' validators);
-    // entries outside the matrix are skipped.
+    // float beta1, float beta2, float eps, float* param, __nv_bfloat16* param_half,
+    // float* delta, float* dense, __nv_bfloat16* dense_half, u64* health): the COO holds len
+    // entries, the state (and param, param_half, dense or dense_half, or null) rows * cols,
+    // delta (or null) len, the clock CLOCK_LEN words, `health` the health block (all checked
+    // by the callers' validators); entries outside the matrix are skipped.
     unsafe {
         cuda.launch(
             &SPARSE_ADAM,
             cuda.grid_1d(coo.len, 16),
-            &mut kargs![rp, cp, vp, len, r, c, m, v, ck, lr, b1, b2, eps, p, d, dense, dense_half, err],
-            &[len, u64::from(p != 0), u64::from(d != 0), dense_bytes],
+            &mut kargs![rp, cp, vp, len, r, c, m, v, ck, lr, b1, b2, eps, p, h, d, dense, dense_half, err],
+            &[len, u64::from(p != 0), u64::from(d != 0), dense_bytes, u64::from(h != 0)],
         )
     }
 }

@@ -28,6 +28,16 @@ pub enum OutBuf<'a, B: Buffers, F: Elem> {
     Half(&'a mut B::Buf<half::bf16>),
 }
 
+impl<B: Backend, F: Elem> OutBuf<'_, B, F> {
+    /// Entries the buffer holds, whichever precision it is in.
+    pub fn len(&self, be: &B) -> usize {
+        match self {
+            OutBuf::Full(b) => be.len(b),
+            OutBuf::Half(b) => be.len(b),
+        }
+    }
+}
+
 /// Checks that each buffer `(what, len, needed)` holds at least `needed` entries, in order.
 pub(crate) fn check_lens(op: &'static str, lens: &[(&str, usize, usize)]) -> Result<()> {
     lens.iter().try_for_each(|&(what, len, needed)| check_len(op, what, len, needed))

@@ -7,15 +7,19 @@
 
 use super::{check_bufs, check_coo, check_lens, OutBuf};
 use crate::backend::{AdamParams, Backend, Buffers, Coo};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::scalar::{Elem, Real};
+use half::bf16;
 
 /// Adam-family optimizer steps (PyTorch semantics and order of operations).
 pub trait OptimOps: Buffers {
     /// PyTorch SparseAdam on the listed entries of a `coo.shape` parameter at step
     /// `t = clock[0] + 1`, then `clock[0] = t`: updates `exp_avg`, `exp_avg_sq` and, if
     /// given, `param`; if `delta` is given, writes each entry's change of the parameter into
-    /// it (length `coo.len`). Entries not listed are untouched.
+    /// it (length `coo.len`). Entries not listed are untouched. `param_bf16`, the
+    /// parameter's bf16 compute copy (needs `param`), gets each listed entry's new value
+    /// rounded to nearest even, so a copy that was `param` rounded still is, without a
+    /// cast of the whole parameter.
     #[allow(clippy::too_many_arguments)]
     fn sparse_adam<F: Real>(
         &self,
@@ -25,6 +29,7 @@ pub trait OptimOps: Buffers {
         clock: &mut Self::Buf<u64>,
         hp: &AdamParams,
         param: Option<&mut Self::Buf<F>>,
+        param_bf16: Option<&mut Self::Buf<bf16>>,
         delta: Option<&mut Self::Buf<F>>,
     ) -> Result<()>;
     /// [`Self::sparse_adam`] with the step's change stored densely: `dense` (`coo.shape`) is
@@ -45,11 +50,15 @@ pub trait OptimOps: Buffers {
         dense: OutBuf<'_, Self, F>,
     ) -> Result<()>;
     /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries at step
-    /// `t = clock[0] + 1`, then `clock[0] = t`.
+    /// `t = clock[0] + 1`, then `clock[0] = t`. Given `param_bf16`, also writes the new
+    /// parameter rounded to bf16 (nearest even) into it, in the same pass: what
+    /// [`TransformerOps::cast_to_bf16`](crate::backend::TransformerOps::cast_to_bf16)
+    /// afterwards would give.
     #[allow(clippy::too_many_arguments)]
     fn adamw<F: Real>(
         &self,
         param: &mut Self::Buf<F>,
+        param_bf16: Option<&mut Self::Buf<bf16>>,
         grad: &Self::Buf<F>,
         exp_avg: &mut Self::Buf<F>,
         exp_avg_sq: &mut Self::Buf<F>,
@@ -78,6 +87,7 @@ pub(crate) fn check_sparse_adam<B: Backend, F: Elem>(
     clock: &B::Buf<u64>,
     hp: &AdamParams,
     param: Option<&B::Buf<F>>,
+    param_bf16: Option<&B::Buf<bf16>>,
     delta: Option<&B::Buf<F>>,
 ) -> Result<()> {
     const OP: &str = "sparse_adam";
@@ -86,6 +96,12 @@ pub(crate) fn check_sparse_adam<B: Backend, F: Elem>(
     check_lens(OP, &[("exp_avg", be.len(exp_avg), n), ("exp_avg_sq", be.len(exp_avg_sq), n)])?;
     if let Some(p) = param {
         check_lens(OP, &[("param", be.len(p), n)])?;
+    }
+    if let Some(h) = param_bf16 {
+        if param.is_none() {
+            return Err(Error::invalid(OP, "param_bf16 (the bf16 copy of param) given without param"));
+        }
+        check_lens(OP, &[("param_bf16", be.len(h), n)])?;
     }
     if let Some(d) = delta {
         check_lens(OP, &[("delta", be.len(d), coo.len)])?;
@@ -106,26 +122,27 @@ pub(crate) fn check_sparse_adam_densify<B: Backend, F: Elem>(
     const OP: &str = "sparse_adam_densify";
     check_step(be, OP, clock, hp)?;
     let n = check_coo(be, OP, coo)?;
-    let dense_len = match dense {
-        OutBuf::Full(d) => be.len(d),
-        OutBuf::Half(d) => be.len(d),
-    };
     check_lens(
         OP,
-        &[("exp_avg", be.len(moments[0]), n), ("exp_avg_sq", be.len(moments[1]), n), ("dense", dense_len, n)],
+        &[("exp_avg", be.len(moments[0]), n), ("exp_avg_sq", be.len(moments[1]), n), ("dense", dense.len(be), n)],
     )?;
     Ok(n)
 }
 
-/// [`OptimOps::adamw`] (`[param, grad, exp_avg, exp_avg_sq]`).
+/// [`OptimOps::adamw`] (`[param, grad, exp_avg, exp_avg_sq]`, and the bf16 copy if given).
 pub(crate) fn check_adamw<B: Backend, F: Elem>(
     be: &B,
     bufs: [&B::Buf<F>; 4],
+    param_bf16: Option<&B::Buf<bf16>>,
     len: usize,
     clock: &B::Buf<u64>,
     hp: &AdamParams,
 ) -> Result<()> {
     const OP: &str = "adamw";
     check_step(be, OP, clock, hp)?;
-    check_bufs(be, OP, ["param", "grad", "exp_avg", "exp_avg_sq"], bufs, [len; 4])
+    check_bufs(be, OP, ["param", "grad", "exp_avg", "exp_avg_sq"], bufs, [len; 4])?;
+    if let Some(h) = param_bf16 {
+        check_lens(OP, &[("param_bf16", be.len(h), len)])?;
+    }
+    Ok(())
 }

@@ -228,12 +228,8 @@ pub(crate) fn check_add_rmsnorm<B: Backend, F: Elem>(
     const OP: &str = "add_rmsnorm";
     let n = checked_mul(OP, rows, cols)?;
     check_bufs(be, OP, ["x", "w", "inv_rms"], [x, w, inv_rms], [n, cols, rows])?;
-    let out_len = match out {
-        OutBuf::Full(y) => be.len(y),
-        OutBuf::Half(h) => be.len(h),
-    };
     let opt_len = |b: Option<&B::Buf<F>>| b.map_or(n, |b| be.len(b));
-    check_lens(OP, &[("branch", opt_len(branch), n), ("x_save", opt_len(x_save), n), ("out", out_len, n)])?;
+    check_lens(OP, &[("branch", opt_len(branch), n), ("x_save", opt_len(x_save), n), ("out", out.len(be), n)])?;
     check_row_width(OP, cols)?;
     Ok(n)
 }

@@ -185,8 +185,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let (out, inp) = (self.out, self.inp);
         let be = &self.backend;
         match &mut self.weight {
-            Weight::Transformed { wt, .. } => {
-                sparse_step(be, &opt, &self.grad, Some(wt), None, self.moments.as_mut())?;
+            Weight::Transformed { wt, half } => {
+                sparse_step(be, &opt, &self.grad, Some(wt), half.as_mut(), None, self.moments.as_mut())?;
             }
             Weight::Merged { w, .. } => {
                 let ws = &mut self.ws;
@@ -199,7 +199,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                         let change_t = ws.change_t.as_mut().ok_or_else(missing)?;
                         // W += (P D) Q^T: D^T as COO (rows = columns of D), so `coo_dense_t`
                         // against P gives (P D)[:, c] in column c of `pd` for every c.
-                        sparse_step(be, &opt, &self.grad, None, Some(&mut change_t.values), self.moments.as_mut())?;
+                        let change_values = Some(&mut change_t.values);
+                        sparse_step(be, &opt, &self.grad, None, None, change_values, self.moments.as_mut())?;
                         be.copy(&self.grad.cols, &mut change_t.rows, n)?;
                         be.copy(&self.grad.rows, &mut change_t.cols, n)?;
                         change_t.len = n;
@@ -211,7 +212,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                     MergedUpdate::SparseRows => {
                         let (p, q) = (full(p)?, full(q)?);
                         let change = ws.change.as_mut().ok_or_else(missing)?;
-                        sparse_step(be, &opt, &self.grad, None, Some(&mut change.values), self.moments.as_mut())?;
+                        sparse_step(be, &opt, &self.grad, None, None, Some(&mut change.values), self.moments.as_mut())?;
                         let (unique_rows, slot) =
                             (ws.unique_rows.as_mut().ok_or_else(missing)?, ws.slot.as_mut().ok_or_else(missing)?);
                         let (et, pt_rows) =
@@ -246,7 +247,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                     }
                     update @ (MergedUpdate::Dense | MergedUpdate::Runs) => {
                         let delta = ws.delta.as_mut().ok_or_else(missing)?;
-                        sparse_step(be, &opt, &self.grad, None, Some(delta), self.moments.as_mut())?;
+                        sparse_step(be, &opt, &self.grad, None, None, Some(delta), self.moments.as_mut())?;
                         // D is the kept entries with their changes: the gradient's values are
                         // spent, so its COO lends its indices (no copies); swapped back below
                         // so every step uses the same buffers (a captured step replays them).
@@ -261,7 +262,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             }
         }
         if let (Some(b), Some(db)) = (&mut self.bias, &self.bias_grad) {
-            dense_step(be, &opt, b, db, self.bias_moments.as_mut(), out)?;
+            dense_step(be, &opt, b, None, db, self.bias_moments.as_mut(), out)?;
         }
         if let Some((mask, ones)) = self.sgd_mask.as_mut() {
             be.copy(&self.grad.rows, &mut ones.rows, self.grad.len)?;
@@ -271,7 +272,12 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         }
         self.step = step;
         self.grad_ready = false;
-        self.refresh_half_weight()
+        // The optimizer kept the transformed weight's bf16 copy in step; a merged weight
+        // changed densely and is rounded again.
+        match self.weight {
+            Weight::Merged { .. } => self.refresh_half_weight(),
+            Weight::Transformed { .. } => Ok(()),
+        }
     }
 
     /// The formulation this layer runs.
