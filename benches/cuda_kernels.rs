@@ -264,6 +264,18 @@ fn run<
     }
     b.mem("swiglu", 12.0 * bigf, time(cuda, 3, 20, || cuda.swiglu(&x, &y, &mut z, big)));
     b.mem("swiglu_backward", 20.0 * bigf, time(cuda, 3, 20, || cuda.swiglu_backward(&x, &y, &x, &mut z, &mut w, big)));
+    b.mem(
+        "swiglu_backward_checked",
+        20.0 * bigf,
+        time(cuda, 3, 20, || cuda.swiglu_backward_checked(&x, &y, &x, &mut z, &mut w, big, "bench")),
+    );
+    // Over the bf16 saves, rounded in place: 2-byte gate and up read and written, dh read.
+    let (mut gate_half, mut up_half) = (zeros::<bf16>(cuda, big), zeros::<bf16>(cuda, big));
+    b.mem(
+        "swiglu_backward_bf16_in_place",
+        12.0 * bigf,
+        time(cuda, 3, 20, || cuda.swiglu_backward_bf16_in_place(&mut gate_half, &mut up_half, &x, big, "bench")),
+    );
 
     println!("\n-- transformer ops (T = {T}, hidden {IN} = {HEADS} heads x {HEAD_DIM}, vocab {VOCAB})");
     let hid = T * IN;

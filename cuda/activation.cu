@@ -9,6 +9,16 @@
 //   swiglu_save_bf16_f32                        swiglu_f32, also storing gate and up rounded to bf16
 //                                               (what a bf16 model saves for the backward)
 //   swiglu_backward_bf16_f32                    swiglu_backward_f32 on gate and up saved in bf16
+//   swiglu_backward_checked_f32                 swiglu_backward_f32, also checking d_gate and d_up
+//                                               for NaN/inf as one check `id` (count over both,
+//                                               first = smallest element index in either), the
+//                                               check of the gate and up projections' output
+//                                               gradients folded into the pass that makes them
+//   swiglu_backward_bf16_checked                swiglu_backward_bf16_f32 writing d_gate and d_up
+//                                               rounded to bf16 over the saved gate and up (each
+//                                               element read before it is written, by the same
+//                                               thread), checked as above: the bf16 GEMM operands
+//                                               of both projections' backward in one pass
 //
 // Launch shape: 1-D, SG_THREADS threads, 64-bit grid-stride loop over `n` (float4 steps
 // when the buffers are 16-byte aligned, then a scalar tail); the launcher caps the grid (src/backend/cuda/dense.rs, `grid_1d`).
@@ -143,4 +153,48 @@ extern "C" __global__ void swiglu_backward_bf16_f32(const __nv_bfloat16* __restr
             d_gate[i] = d * u * silu_grad(g);
             d_up[i] = d * silu(g);
         });
+}
+
+// swiglu_backward_f32 with the finiteness check of both outputs (see the header).
+extern "C" __global__ void swiglu_backward_checked_f32(const float* __restrict__ gate, const float* __restrict__ up,
+                                                       const float* __restrict__ dh, float* __restrict__ d_gate,
+                                                       float* __restrict__ d_up, u64 n, u64 id, u64* health) {
+    __shared__ u64 red[SG_THREADS / 32];
+    __shared__ u64 firsts[SG_THREADS / 32];
+    u64 count = 0, first = ~0ull;
+    SG_GRID_STRIDE(i, n) {
+        const float g = gate[i];
+        const float u = up[i];
+        const float d = dh[i];
+        const float dg = d * u * silu_grad(g);
+        const float du = d * silu(g);
+        d_gate[i] = dg;
+        d_up[i] = du;
+        const u64 bad = (u64)sg_nonfinite(dg) + (u64)sg_nonfinite(du);
+        count += bad;
+        if (bad != 0 && i < first) first = i;
+    }
+    sg_flag_block(count, sg_warp_min_u64(first), id, health, red, firsts);
+}
+
+// swiglu_backward_bf16_f32 into the bf16 saves themselves, rounded, with the check (see the
+// header). Not __restrict__: gate_half and up_half are read and then written in place.
+extern "C" __global__ void swiglu_backward_bf16_checked(__nv_bfloat16* gate_half, __nv_bfloat16* up_half,
+                                                        const float* __restrict__ dh, u64 n, u64 id, u64* health) {
+    __shared__ u64 red[SG_THREADS / 32];
+    __shared__ u64 firsts[SG_THREADS / 32];
+    u64 count = 0, first = ~0ull;
+    SG_GRID_STRIDE(i, n) {
+        const float g = __bfloat162float(gate_half[i]);
+        const float u = __bfloat162float(up_half[i]);
+        const float d = dh[i];
+        const float dg = d * u * silu_grad(g);
+        const float du = d * silu(g);
+        gate_half[i] = __float2bfloat16_rn(dg);
+        up_half[i] = __float2bfloat16_rn(du);
+        const u64 bad = (u64)sg_nonfinite(dg) + (u64)sg_nonfinite(du);
+        count += bad;
+        if (bad != 0 && i < first) first = i;
+    }
+    sg_flag_block(count, sg_warp_min_u64(first), id, health, red, firsts);
 }

@@ -165,3 +165,27 @@ __device__ __forceinline__ T sg_block_sum(T v, T* smem) {
     __syncthreads();
     return total;
 }
+
+// The smallest `v` across the warp, in every lane (all 32 lanes must call it).
+__device__ __forceinline__ u64 sg_warp_min_u64(u64 v) {
+#pragma unroll
+    for (u32 o = 16; o > 0; o >>= 1) {
+        const u64 other = __shfl_xor_sync(0xffffffffu, v, o);
+        if (other < v) v = other;
+    }
+    return v;
+}
+
+// A finiteness check's block-level report: every thread passes its count of non-finite
+// values and (per warp, after a shuffle) the smallest index seen; thread 0 records the
+// block's total and first index for check `id` (sg_health_nonfinite). `red` and `firsts`
+// are SG_THREADS / 32 shared words each. Contains barriers: every thread must call it.
+__device__ __forceinline__ void sg_flag_block(u64 count, u64 first, u64 id, u64* health, u64* red, u64* firsts) {
+    if ((threadIdx.x & 31) == 0) firsts[threadIdx.x >> 5] = first;
+    count = sg_block_sum<u64, SG_THREADS>(count, red);
+    if (threadIdx.x == 0 && count != 0) {
+        for (int w = 0; w < SG_THREADS / 32; ++w)
+            if (firsts[w] < first) first = firsts[w];
+        sg_health_nonfinite(health, id, count, first);
+    }
+}

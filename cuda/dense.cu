@@ -171,27 +171,11 @@ static __device__ __forceinline__ void nonfinite_scan_store(const float* __restr
             see(v, i);
             store1(i, v);
         });
-#pragma unroll
-    for (u32 o = 16; o > 0; o >>= 1) {
-        u64 other = __shfl_xor_sync(0xffffffffu, first, o);
-        if (other < first) first = other;
-    }
+    first = sg_warp_min_u64(first);
 }
 
 static __device__ __forceinline__ void nonfinite_scan(const float* __restrict__ x, u64 n, u64& count, u64& first) {
     nonfinite_scan_store(x, n, sg_aligned(x, 16), count, first, [](u64, float4) {}, [](u64, float) {});
-}
-
-// The block's total count and first index into the health block for check `id` (see
-// flag_nonfinite_f32). `red` and `firsts` are the kernel's shared arrays.
-static __device__ __forceinline__ void flag_block(u64 count, u64 first, u64 id, u64* health, u64* red, u64* firsts) {
-    if ((threadIdx.x & 31) == 0) firsts[threadIdx.x >> 5] = first;
-    count = sg_block_sum<u64, SG_THREADS>(count, red);
-    if (threadIdx.x == 0 && count != 0) {
-        for (int w = 0; w < SG_THREADS / 32; ++w)
-            if (firsts[w] < first) first = firsts[w];
-        sg_health_nonfinite(health, id, count, first);
-    }
 }
 
 // status[0] += number of non-finite entries; status[1] = min(status[1], first index).
@@ -214,7 +198,7 @@ extern "C" __global__ void flag_nonfinite_f32(const float* __restrict__ x, u64 n
     __shared__ u64 firsts[SG_THREADS / 32];
     u64 count, first;
     nonfinite_scan(x, n, count, first);
-    flag_block(count, first, id, health, red, firsts);
+    sg_flag_block(count, first, id, health, red, firsts);
 }
 
 // cast_f32_to_bf16 and flag_nonfinite_f32 of the same x in one pass: a layer's input or
@@ -232,7 +216,7 @@ extern "C" __global__ void cast_f32_to_bf16_checked(const float* __restrict__ sr
             d[1] = __floats2bfloat162_rn(v.z, v.w);
         },
         [&](u64 i, float v) { dst[i] = __float2bfloat16_rn(v); });
-    flag_block(count, first, id, health, red, firsts);
+    sg_flag_block(count, first, id, health, red, firsts);
 }
 
 // A device copy and flag_nonfinite_f32 of the same x in one pass (an f32 layer saving its
@@ -245,7 +229,7 @@ extern "C" __global__ void copy_f32_checked(const float* __restrict__ src, float
     nonfinite_scan_store(
         src, n, sg_aligned(src, 16) && sg_aligned(dst, 16), count, first,
         [&](u64 i, float4 v) { reinterpret_cast<float4*>(dst)[i] = v; }, [&](u64 i, float v) { dst[i] = v; });
-    flag_block(count, first, id, health, red, firsts);
+    sg_flag_block(count, first, id, health, red, firsts);
 }
 
 extern "C" __global__ void sum_f32_to_f64(const float* __restrict__ x, u64 n, double* out) {

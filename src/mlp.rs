@@ -12,13 +12,14 @@
 //! host), [`BertMlp::collect_grams`] / [`LlamaMlp::collect_grams`] to a [`GramSet`] (on the
 //! device for a device backend).
 
-use crate::backend::operand::grow;
+use crate::backend::operand::{grow, OperandRef};
 use crate::backend::Precision;
 use crate::backend::{Backend, GeluKind};
 use crate::basis::{Basis, GramAccumulator, GramSet};
 use crate::error::{Error, Result};
 use crate::linear::dense::Bf16Staging;
 use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
+use crate::linear::{GradY, GRAD_Y};
 use crate::scalar::Real;
 use half::bf16;
 use std::collections::BTreeMap;
@@ -450,24 +451,35 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         let be = &self.backend;
         let n = tokens * self.ffn;
         let st = &mut s.staging;
-        self.down.linear.backward_staged(g, tokens, Some(&mut s.dh), st)?;
-        if self.precision == Precision::Bf16 {
+        self.down.linear.backward_staged(GradY::Raw(g), tokens, Some(&mut s.dh), st)?;
+        // The gate and up projections' output gradients leave the SwiGLU backward checked
+        // for NaN and infinity (one check over both, named as each layer's own would be);
+        // in bf16, rounded straight into their GEMM operands over the saved pre-activations,
+        // which this backward consumes (so a second backward of the forward is refused).
+        let in_place = self.gate.linear.takes_half_grad() && self.up.linear.takes_half_grad();
+        let (g_gate, g_up) = if self.precision == Precision::Bf16 && in_place {
+            be.swiglu_backward_bf16_in_place(&mut self.a_half, &mut self.b_half, &s.dh, n, GRAD_Y)?;
+            self.saved_tokens = None;
+            (GradY::Checked(OperandRef::Half(&self.a_half)), GradY::Checked(OperandRef::Half(&self.b_half)))
+        } else if self.precision == Precision::Bf16 {
             be.swiglu_backward_bf16(&self.a_half, &self.b_half, &s.dh, &mut s.da, &mut s.db, n)?;
+            (GradY::Raw(&s.da), GradY::Raw(&s.db))
         } else {
-            be.swiglu_backward(&self.a, &self.b, &s.dh, &mut s.da, &mut s.db, n)?;
-        }
+            be.swiglu_backward_checked(&self.a, &self.b, &s.dh, &mut s.da, &mut s.db, n, GRAD_Y)?;
+            (GradY::Checked(OperandRef::Full(&s.da)), GradY::Checked(OperandRef::Full(&s.db)))
+        };
         match dx {
             Some(dx) => {
-                self.gate.linear.backward_staged(&s.da, tokens, Some(dx), st)?;
-                self.up.linear.backward_staged(&s.db, tokens, Some(&mut s.dx_up), st)?;
+                self.gate.linear.backward_staged(g_gate, tokens, Some(dx), st)?;
+                self.up.linear.backward_staged(g_up, tokens, Some(&mut s.dx_up), st)?;
                 if sum {
                     be.axpy(F::ONE, &s.dx_up, dx, tokens * self.hidden)?;
                 }
                 Ok(())
             }
             None => {
-                self.gate.linear.backward_staged(&s.da, tokens, None, st)?;
-                self.up.linear.backward_staged(&s.db, tokens, None, st)
+                self.gate.linear.backward_staged(g_gate, tokens, None, st)?;
+                self.up.linear.backward_staged(g_up, tokens, None, st)
             }
         }
     }

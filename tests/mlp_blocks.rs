@@ -16,7 +16,7 @@ mod common;
 use common::blocks::*;
 use common::*;
 use sparsegrad::linear::lora::{LoraConfig, LoraLinear};
-use sparsegrad::linear::trainable::{Linear, Method};
+use sparsegrad::linear::trainable::{Linear, Method, TrainOptions};
 use sparsegrad::linear::LayerWeights;
 use sparsegrad::{Backend, Cpu, GramAccumulator, Keep, Optimizer, Precision};
 use std::collections::BTreeMap;
@@ -562,6 +562,54 @@ fn steps_allocate_nothing_after_the_first() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The gate and up projections' output gradients are checked in the SwiGLU backward that
+/// makes them: an overflow inside the block (`dh = g W_down` past f32's range, with `g` and
+/// every weight finite) is named as their output gradient, in f32 and in bf16. In bf16 the
+/// backward writes those gradients over the saved pre-activations, so a second backward of
+/// the same forward is refused; f32 keeps its saves and allows it.
+#[test]
+fn llama_mlp_checks_its_swiglu_gradients_and_consumes_its_bf16_saves() {
+    let (hidden, ffn, t) = (8usize, 12usize, 3usize);
+    let cpu = Cpu::new();
+    let mut r = rng(515);
+    let params: Params<f32> = random_params(&mut r, Kind::Llama, hidden, ffn);
+    let bases = random_bases(&mut r, Kind::Llama, hidden, ffn);
+    let x = cpu.upload(&rand_vec(&mut r, t * hidden)).unwrap();
+    let g = cpu.upload(&rand_vec(&mut r, t * hidden)).unwrap();
+    let full = [Method::Full; 3];
+    for precision in [Precision::Full, Precision::Bf16] {
+        let opts = TrainOptions { precision, ..adam(1e-3, t) };
+        let Block::Llama(mut block) = build(&cpu, Kind::Llama, hidden, ffn, &params, &full, &bases, &opts) else {
+            unreachable!()
+        };
+        let mut y = cpu.alloc(t * hidden).unwrap();
+        block.forward(&x, t, &mut y).unwrap();
+        block.backward(&g, t, None).unwrap();
+        let again = block.backward(&g, t, None);
+        match precision {
+            Precision::Bf16 => {
+                let e = again.expect_err("a second bf16 backward of one forward").to_string();
+                assert!(e.contains("no forward"), "{e}");
+            }
+            _ => again.expect("a second f32 backward of one forward"),
+        }
+        // Overflow inside: W_down = 1e30 and g = 1e30 give dh = inf, finite everywhere else.
+        let mut huge = params.clone();
+        huge.w[2] = vec![1e30; hidden * ffn];
+        let Block::Llama(mut block) = build(&cpu, Kind::Llama, hidden, ffn, &huge, &full, &bases, &opts) else {
+            unreachable!()
+        };
+        block.forward(&x, t, &mut y).unwrap();
+        match block.backward(&cpu.upload(&vec![1e30f32; t * hidden]).unwrap(), t, None) {
+            Err(sparsegrad::Error::NonFinite { what, count, first_index }) => {
+                assert!(what.ends_with("output gradient grad_y"), "{precision:?}: {what}");
+                assert!(count > 0 && first_index == 0, "{precision:?}: {count} at {first_index}");
+            }
+            other => panic!("{precision:?}: {other:?}"),
         }
     }
 }

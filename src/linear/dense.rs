@@ -11,7 +11,7 @@ use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
 use crate::error::{Error, Result};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep, LayerWeights, GRAD_Y, INPUT_X};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, Keep, LayerWeights, INPUT_X};
 use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -260,14 +260,20 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     /// `dx = g W` into `dx` if given; `dW = g^T x` (and its top-k under MeProp) and `db`
     /// only when the layer trains.
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
-        self.backward_staged(g, tokens, dx, None)
+        self.backward_staged(GradY::Raw(g), tokens, dx, None)
     }
 
-    /// [`Self::backward`] staging `g` in bf16 in the shared `staging` (grown by the caller
-    /// to `tokens * out`) instead of the layer's own.
+    /// Whether [`Self::backward_staged`] takes `g` as only a bf16 operand: it needs `g` in
+    /// `F` for a bias gradient.
+    pub(crate) fn takes_half_grad(&self) -> bool {
+        self.bias_grad.is_none()
+    }
+
+    /// [`Self::backward`] from `g` as [`GradY`] gives it, staging a raw `g` in bf16 in the
+    /// shared `staging` (grown by the caller to `tokens * out`) instead of the layer's own.
     pub(crate) fn backward_staged(
         &mut self,
-        g: &B::Buf<F>,
+        g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
         staging: Option<&mut Bf16Staging<B>>,
@@ -289,7 +295,9 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             Some(st) => half.then_some(&mut st.g),
             None => self.g_half.as_mut(),
         };
-        let g_op = stage_checked(be, g, g_half, tokens * out, GRAD_Y)?;
+        // A bias gradient sums g in F: refused before anything runs when only bf16 was given.
+        let g_full = if self.bias_grad.is_some() { Some(g.require_full("DenseLinear::backward")?) } else { None };
+        let g_op = g.operand(be, g_half, tokens * out)?;
         if let Some(dx) = dx {
             let w_op = match (&self.w_half, &self.w) {
                 (Some(h), _) => OperandRef::Half(h),
@@ -304,7 +312,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
             be.topk_coo(grad_w, out, inp, t.k, &full, &mut t.ws, &mut t.coo)?;
         }
-        if let Some(db) = self.bias_grad.as_mut() {
+        if let (Some(db), Some(g)) = (self.bias_grad.as_mut(), g_full) {
             be.bias_grad(g, tokens, out, db, F::ZERO)?;
         }
         self.grad_ready = true;

@@ -4,12 +4,12 @@
 //! model's output exactly). Backward: `v = g B`, `dx = g W + s v A`, `dB = s g^T u`,
 //! `dA = s v^T x` with `u = x A^T` saved from the forward.
 
-use crate::backend::operand::{mm, stage, stage_checked, Operand, OperandRef};
+use crate::backend::operand::{mm, stage, Operand, OperandRef};
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::error::{ensure_finite, Error, Result};
 use crate::linear::state::{mismatch, DenseParam, LayerState};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias, LayerWeights, GRAD_Y, INPUT_X};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, LayerWeights, INPUT_X};
 use crate::optim::{dense_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
@@ -240,12 +240,22 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
     }
 
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        self.backward_grad(GradY::Raw(g), tokens, dx)
+    }
+
+    /// [`Self::backward`] from `g` as [`GradY`] gives it (the layer uses only its operand).
+    pub(crate) fn backward_grad(
+        &mut self,
+        g: GradY<'_, B, F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+    ) -> Result<()> {
         let (out, inp, r, s) = (self.out, self.inp, self.rank, self.scaling);
         check_backward(&self.backend, "LoraLinear::backward", self.saved_tokens, g, dx.as_deref(), tokens, (out, inp))?;
         self.grad_ready = false;
         let be = &self.backend;
         let ws = &mut self.ws;
-        let g_op = stage_checked(be, g, ws.g_half.as_mut(), tokens * out, GRAD_Y)?;
+        let g_op = g.operand(be, ws.g_half.as_mut(), tokens * out)?;
         mm(be, &Gemm::nn(tokens, r, out), g_op, self.b.op(), &mut ws.v)?;
         let v_op = stage(be, &ws.v, ws.v_half.as_mut(), tokens * r)?;
         if let Some(dx) = dx {

@@ -17,10 +17,11 @@ pub mod sparsegrad;
 pub mod state;
 pub mod trainable;
 
-use crate::backend::operand::check_finite;
+use crate::backend::operand::{check_finite, stage_checked, OperandRef};
 use crate::backend::Backend;
-use crate::error::{ensure_finite, Error, Result};
+use crate::error::{checked_mul, ensure_finite, Error, Result};
 use crate::scalar::Real;
+use half::bf16;
 
 /// A layer's starting point: the dense `weight` `(out, in)` and, if the layer has one, its
 /// `bias` `(out)`; what [`dense::DenseLinear`] and [`lora::LoraLinear`] are built from.
@@ -142,6 +143,59 @@ pub(crate) fn check_forward<B: Backend, F: Real>(
 pub(crate) const INPUT_X: &str = "layer input x";
 pub(crate) const GRAD_Y: &str = "output gradient grad_y";
 
+/// The output gradient a layer's backward starts from.
+pub(crate) enum GradY<'a, B: Backend, F: Real> {
+    /// As the caller has it: the layer checks it for NaN and infinity and rounds it for its
+    /// bf16 GEMMs (`stage_checked`).
+    Raw(&'a B::Buf<F>),
+    /// Already checked by the pass that made it, in the precision of the layer's GEMMs (a
+    /// bf16 operand for a bf16 layer): the layer uses it as it is. A [`OperandRef::Half`]
+    /// has no `F` values, so a layer that needs them (a bias gradient, a selection that
+    /// reads `g`) refuses it; [`trainable::Linear::takes_half_grad`] says which do.
+    Checked(OperandRef<'a, B, F>),
+}
+
+impl<B: Backend, F: Real> Clone for GradY<'_, B, F> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend, F: Real> Copy for GradY<'_, B, F> {}
+
+impl<'a, B: Backend, F: Real> GradY<'a, B, F> {
+    /// `g` in `F`, unless only its bf16 operand was given.
+    pub(crate) fn full(&self) -> Option<&'a B::Buf<F>> {
+        match *self {
+            GradY::Raw(g) | GradY::Checked(OperandRef::Full(g)) => Some(g),
+            GradY::Checked(OperandRef::Half(_)) => None,
+        }
+    }
+
+    /// [`Self::full`], or an error naming `op` for a layer that needs the `F` values.
+    pub(crate) fn require_full(&self, op: &'static str) -> Result<&'a B::Buf<F>> {
+        self.full().ok_or_else(|| {
+            Error::invalid(op, "this layer needs its output gradient in the master precision, not only in bf16")
+        })
+    }
+
+    /// The GEMM operand: a raw `g` checked and staged into `half` (if given), a checked one
+    /// as it is.
+    pub(crate) fn operand<'b>(
+        &self,
+        be: &B,
+        half: Option<&'b mut B::Buf<bf16>>,
+        len: usize,
+    ) -> Result<OperandRef<'b, B, F>>
+    where
+        'a: 'b,
+    {
+        match *self {
+            GradY::Raw(g) => stage_checked(be, g, half, len, GRAD_Y),
+            GradY::Checked(op) => Ok(op),
+        }
+    }
+}
+
 /// What every layer checks before a backward: the last forward saved `tokens` tokens,
 /// `g` holds `(tokens, out)` finite values and `dx` (if given) room for `(tokens, in)`.
 #[allow(clippy::too_many_arguments)]
@@ -149,7 +203,7 @@ pub(crate) fn check_backward<B: Backend, F: Real>(
     be: &B,
     op: &'static str,
     saved_tokens: Option<usize>,
-    g: &B::Buf<F>,
+    g: GradY<'_, B, F>,
     dx: Option<&B::Buf<F>>,
     tokens: usize,
     (out, inp): (usize, usize),
@@ -159,13 +213,18 @@ pub(crate) fn check_backward<B: Backend, F: Real>(
         Some(t) => return Err(Error::shape(op, "tokens (must match the last forward)", t, tokens)),
         None => return Err(Error::invalid(op, "no saved activations: call forward first")),
     }
-    check_activation(be, op, "grad_y", g, tokens, out)?;
+    let n = checked_mul(op, tokens, out)?;
+    match g {
+        GradY::Raw(g) | GradY::Checked(OperandRef::Full(g)) => check_activation(be, op, "grad_y", g, tokens, out)?,
+        GradY::Checked(OperandRef::Half(h)) => check_activation(be, op, "grad_y (bf16)", h, tokens, out)?,
+    }
     if let Some(dx) = dx {
         check_activation(be, op, "dx", dx, tokens, inp)?;
     }
-    // A deferring backend checks g where the layer stages it (`stage_checked`).
-    if be.defers_finite_checks() {
-        return Ok(());
+    // A deferring backend checks g where the layer stages it (`stage_checked`); a checked
+    // g was checked where it was made.
+    match g {
+        GradY::Raw(g) if !be.defers_finite_checks() => check_finite(be, g, n, GRAD_Y),
+        _ => Ok(()),
     }
-    check_finite(be, g, tokens * out, GRAD_Y)
 }

@@ -49,7 +49,7 @@ use crate::backend::Precision;
 use crate::backend::{Backend, Coo, Gemm, HostCoo};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
-use crate::linear::{check_backward, check_forward, check_weight_and_bias, Keep, INPUT_X};
+use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, Keep, INPUT_X};
 use crate::optim::{Moments, Optimizer};
 use crate::scalar::Real;
 use device_basis::{BasisLayout, DeviceBasis};
@@ -503,23 +503,35 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// Backward from `g = dL/dy` `(tokens, out)`: writes `dx = g W` (exact) into `dx` if
     /// given, computes the bias gradient and the COO gradient of `Wt` (see [`Self::grad`]).
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+        self.backward_grad(GradY::Raw(g), tokens, dx)
+    }
+
+    /// Whether [`Self::backward_grad`] takes `g` as only a bf16 operand: not with a bias
+    /// (its gradient sums `g` in `F`) nor under SparseByDense (which reads `g`'s values).
+    pub(crate) fn takes_half_grad(&self) -> bool {
+        self.bias.is_none() && self.cfg.selection == Selection::Exact
+    }
+
+    /// [`Self::backward`] from `g` as [`GradY`] gives it.
+    pub(crate) fn backward_grad(
+        &mut self,
+        g: GradY<'_, B, F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+    ) -> Result<()> {
+        const OP: &str = "SparseGradLinear::backward";
         let (out, inp) = (self.out, self.inp);
-        check_backward(
-            &self.backend,
-            "SparseGradLinear::backward",
-            self.saved_tokens,
-            g,
-            dx.as_deref(),
-            tokens,
-            (out, inp),
-        )?;
+        check_backward(&self.backend, OP, self.saved_tokens, g, dx.as_deref(), tokens, (out, inp))?;
+        if !self.takes_half_grad() {
+            g.require_full(OP)?;
+        }
         self.grad_ready = false;
         self.with_scratch(tokens, |l| match l.formulation {
             Formulation::Transformed => l.backward_transformed(g, tokens, dx),
             Formulation::Merged => l.backward_merged(g, tokens, dx),
         })?;
         if let (Some(db), true) = (self.bias_grad.as_mut(), self.bias.is_some()) {
-            self.backend.bias_grad(g, tokens, out, db, F::ZERO)?;
+            self.backend.bias_grad(g.require_full(OP)?, tokens, out, db, F::ZERO)?;
         }
         self.grad_ready = true;
         Ok(())

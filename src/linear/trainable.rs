@@ -12,7 +12,7 @@ use crate::linear::sparsegrad::{
     Formulation, MergedUpdate, Selection, SharedScratch, SparseGradConfig, SparseGradLinear,
 };
 use crate::linear::state::LayerState;
-use crate::linear::{Keep, LayerWeights};
+use crate::linear::{GradY, Keep, LayerWeights};
 use crate::optim::Optimizer;
 use crate::scalar::Real;
 
@@ -274,17 +274,30 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
         }
     }
 
-    /// [`Self::backward`] with a model's shared bf16 staging (dense layers use it).
+    /// [`Self::backward`] from `g` as [`GradY`] gives it, with a model's shared bf16 staging
+    /// (dense layers use it).
     pub(crate) fn backward_staged(
         &mut self,
-        g: &B::Buf<F>,
+        g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
         staging: &mut Bf16Staging<B>,
     ) -> Result<()> {
         match self {
             Linear::Dense(l) => l.backward_staged(g, tokens, dx, Some(staging)),
-            other => other.backward(g, tokens, dx),
+            Linear::SparseGrad(l) => l.backward_grad(g, tokens, dx),
+            Linear::Lora(l) => l.backward_grad(g, tokens, dx),
+        }
+    }
+
+    /// Whether the layer's backward takes its output gradient as only a bf16 operand
+    /// ([`GradY::Checked`] with no `F` values), so the pass that makes it may round it
+    /// straight into the operand.
+    pub(crate) fn takes_half_grad(&self) -> bool {
+        match self {
+            Linear::Dense(l) => l.takes_half_grad(),
+            Linear::SparseGrad(l) => l.takes_half_grad(),
+            Linear::Lora(_) => true,
         }
     }
 

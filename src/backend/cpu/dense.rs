@@ -311,6 +311,45 @@ impl DenseOps for Cpu {
         Ok(())
     }
 
+    fn swiglu_backward_checked<F: Real>(
+        &self,
+        gate: &CpuBuf<F>,
+        up: &CpuBuf<F>,
+        dh: &CpuBuf<F>,
+        d_gate: &mut CpuBuf<F>,
+        d_up: &mut CpuBuf<F>,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        check_swiglu_backward_checked(self, [gate, up, dh, d_gate, d_up], len)?;
+        self.swiglu_backward(gate, up, dh, d_gate, d_up, len)?;
+        pair_finite(len, what, |i| (d_gate[i], d_up[i]))
+    }
+
+    fn swiglu_backward_bf16_in_place<F: Real>(
+        &self,
+        gate_half: &mut CpuBuf<bf16>,
+        up_half: &mut CpuBuf<bf16>,
+        dh: &CpuBuf<F>,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        check_swiglu_backward_bf16_in_place(self, [gate_half, up_half], dh, len)?;
+        let grads = |i: usize| {
+            let (g, u, d) = (F::from_bf16(gate_half[i]), F::from_bf16(up_half[i]), dh[i]);
+            (d * u * silu_grad_scalar(g), d * silu_scalar(g))
+        };
+        // Checked before anything is written: the saves stay as they were on failure.
+        pair_finite(len, what, grads)?;
+        let new: Vec<(bf16, bf16)> =
+            (0..len).into_par_iter().map(grads).map(|(a, b)| (a.to_bf16(), b.to_bf16())).collect();
+        for (i, (a, b)) in new.into_iter().enumerate() {
+            gate_half[i] = a;
+            up_half[i] = b;
+        }
+        Ok(())
+    }
+
     fn swiglu_save_bf16<F: Real>(
         &self,
         gate: &CpuBuf<F>,
@@ -349,4 +388,20 @@ impl DenseOps for Cpu {
         });
         Ok(())
     }
+}
+
+/// One finiteness check over the pairs `pair(0..len)`, as the fused SwiGLU backward checks
+/// its two outputs: the count over both, the first index the smallest with either not
+/// finite.
+fn pair_finite<F: Real>(len: usize, what: &str, pair: impl Fn(usize) -> (F, F) + Sync) -> Result<()> {
+    let bad = |i: usize| {
+        let (a, b) = pair(i);
+        usize::from(!a.is_finite()) + usize::from(!b.is_finite())
+    };
+    let count: usize = (0..len).into_par_iter().map(bad).sum();
+    if count == 0 {
+        return Ok(());
+    }
+    let first_index = (0..len).find(|&i| bad(i) > 0).unwrap_or(0);
+    Err(crate::Error::NonFinite { what: what.to_string(), count, first_index })
 }

@@ -24,6 +24,11 @@ fn elementwise_costs_by_hand() {
     // C = beta C over 6 elements: written only (beta = 0: 24), read too otherwise (48).
     assert_eq!(cost(&dense::SCALE_ROWS, &[6, 0]).0, 24.0);
     assert_eq!(cost(&dense::SCALE_ROWS, &[6, 1]).0, 48.0);
+    // The SwiGLU backward with its check, over 10 elements: gate, up, dh read and both
+    // gradients written (200 bytes) plus the health block's three words; in bf16 over the
+    // saves, 2-byte gate and up read and written and dh read (120 bytes) plus the block.
+    assert_eq!(cost(&dense::SWIGLU_BACKWARD_CHECKED, &[10]), (224.0, 120.0));
+    assert_eq!(cost(&dense::SWIGLU_BACKWARD_BF16_CHECKED, &[10]), (144.0, 120.0));
     // Filling 10 u16: 20 bytes.
     assert_eq!(cost(dense::fill_kernel(2).unwrap(), &[10, 2]), (20.0, 0.0));
     assert!(dense::fill_kernel(3).is_none());

@@ -102,6 +102,18 @@ kernel!(
     /// [n]: gate and up read in bf16, dh read, d_gate and d_up written.
     SWIGLU_BACKWARD_BF16 = "activation" / "swiglu_backward_bf16_f32", Elementwise, |a| (16 * a[0], 12 * a[0])
 );
+kernel!(
+    /// [n]: gate, up and dh read, d_gate and d_up written, the health block's three words
+    /// updated.
+    SWIGLU_BACKWARD_CHECKED = "activation" / "swiglu_backward_checked_f32", Elementwise,
+        |a| (20 * a[0] + 24, 12 * a[0])
+);
+kernel!(
+    /// [n]: gate and up read in bf16 and written over in bf16, dh read, the health block's
+    /// three words updated.
+    SWIGLU_BACKWARD_BF16_CHECKED = "activation" / "swiglu_backward_bf16_checked", Elementwise,
+        |a| (12 * a[0] + 24, 12 * a[0])
+);
 
 /// The fill kernel for elements of `size` bytes.
 pub(super) fn fill_kernel(size: usize) -> Option<&'static crate::perf::KernelCost> {
@@ -436,6 +448,65 @@ impl DenseOps for Cuda {
         // const float* dh, float* d_gate, float* d_up, u64 n); all five hold >= n elements.
         unsafe {
             self.launch(&SWIGLU_BACKWARD_BF16, self.grid_1d(len, PER_SM), &mut kargs![gp, upp, dhp, dgp, dup, n], &[n])
+        }
+    }
+
+    fn swiglu_backward_checked<F: Real>(
+        &self,
+        gate: &CudaBuf<F>,
+        up: &CudaBuf<F>,
+        dh: &CudaBuf<F>,
+        d_gate: &mut CudaBuf<F>,
+        d_up: &mut CudaBuf<F>,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        require_f32::<F>("swiglu_backward_checked")?;
+        check_swiglu_backward_checked(self, [gate, up, dh, d_gate, d_up], len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (gp, upp, dhp, dgp, dup) = (gate.ptr(), up.ptr(), dh.ptr(), d_gate.ptr_mut(), d_up.ptr_mut());
+        let (n, id, health) = (len as u64, self.check_id(what), self.errors.ptr());
+        // SAFETY: swiglu_backward_checked_f32(const float* gate, const float* up,
+        // const float* dh, float* d_gate, float* d_up, u64 n, u64 id, u64* health); all five
+        // hold >= n elements, the health block HEALTH_WORDS words.
+        unsafe {
+            self.launch(
+                &SWIGLU_BACKWARD_CHECKED,
+                self.grid_1d(len, PER_SM),
+                &mut kargs![gp, upp, dhp, dgp, dup, n, id, health],
+                &[n],
+            )
+        }
+    }
+
+    fn swiglu_backward_bf16_in_place<F: Real>(
+        &self,
+        gate_half: &mut CudaBuf<bf16>,
+        up_half: &mut CudaBuf<bf16>,
+        dh: &CudaBuf<F>,
+        len: usize,
+        what: &str,
+    ) -> Result<()> {
+        require_f32::<F>("swiglu_backward_bf16_in_place")?;
+        check_swiglu_backward_bf16_in_place(self, [gate_half, up_half], dh, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let (gp, upp, dhp) = (gate_half.ptr_mut(), up_half.ptr_mut(), dh.ptr());
+        let (n, id, health) = (len as u64, self.check_id(what), self.errors.ptr());
+        // SAFETY: swiglu_backward_bf16_checked(bf16* gate_half, bf16* up_half,
+        // const float* dh, u64 n, u64 id, u64* health); all three hold >= n elements (each
+        // element of the saves is read and then written by one thread), the health block
+        // HEALTH_WORDS words.
+        unsafe {
+            self.launch(
+                &SWIGLU_BACKWARD_BF16_CHECKED,
+                self.grid_1d(len, PER_SM),
+                &mut kargs![gp, upp, dhp, n, id, health],
+                &[n],
+            )
         }
     }
 }

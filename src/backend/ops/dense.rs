@@ -153,6 +153,35 @@ pub trait DenseOps: Buffers {
         d_up: &mut Self::Buf<F>,
         len: usize,
     ) -> Result<()>;
+    /// [`Self::swiglu_backward`] that also checks `d_gate` and `d_up` for NaN and infinity
+    /// as one check named `what` (the count over both, the first index the smallest element
+    /// index in either), as [`Self::assert_finite`] reports: the finiteness check of the
+    /// gate and up projections' output gradients, in the pass that makes them. The CPU
+    /// writes both outputs, then checks them and fails at once.
+    #[allow(clippy::too_many_arguments)]
+    fn swiglu_backward_checked<F: Real>(
+        &self,
+        gate: &Self::Buf<F>,
+        up: &Self::Buf<F>,
+        dh: &Self::Buf<F>,
+        d_gate: &mut Self::Buf<F>,
+        d_up: &mut Self::Buf<F>,
+        len: usize,
+        what: &str,
+    ) -> Result<()>;
+    /// [`Self::swiglu_backward_bf16`] with `d_gate` and `d_up` rounded to bf16 (to nearest
+    /// even, as [`Self::cast_to_bf16`]) and written over `gate_half` and `up_half`, whose
+    /// values the backward consumes, checked as [`Self::swiglu_backward_checked`]: both
+    /// projections' bf16 output-gradient operands in one pass and no buffer of their own.
+    /// The CPU leaves both saves untouched when an output is not finite.
+    fn swiglu_backward_bf16_in_place<F: Real>(
+        &self,
+        gate_half: &mut Self::Buf<bf16>,
+        up_half: &mut Self::Buf<bf16>,
+        dh: &Self::Buf<F>,
+        len: usize,
+        what: &str,
+    ) -> Result<()>;
 }
 
 /// [`DenseOps::gemm`] and [`DenseOps::gemm_bf16`]: leading dimensions and buffer lengths.
@@ -290,6 +319,27 @@ pub(crate) fn check_swiglu_save_bf16<B: Backend, F: Elem>(
 ) -> Result<()> {
     check_bufs(be, "swiglu_save_bf16", ["gate", "up", "h"], bufs, [len; 3])?;
     check_bufs(be, "swiglu_save_bf16", ["gate_half", "up_half"], halves, [len; 2])
+}
+
+/// [`DenseOps::swiglu_backward_checked`] (`[gate, up, dh, d_gate, d_up]`).
+pub(crate) fn check_swiglu_backward_checked<B: Backend, F: Elem>(
+    be: &B,
+    bufs: [&B::Buf<F>; 5],
+    len: usize,
+) -> Result<()> {
+    check_bufs(be, "swiglu_backward_checked", ["gate", "up", "dh", "d_gate", "d_up"], bufs, [len; 5])
+}
+
+/// [`DenseOps::swiglu_backward_bf16_in_place`] (`[gate_half, up_half]`, `dh`).
+pub(crate) fn check_swiglu_backward_bf16_in_place<B: Backend, F: Elem>(
+    be: &B,
+    halves: [&B::Buf<bf16>; 2],
+    dh: &B::Buf<F>,
+    len: usize,
+) -> Result<()> {
+    const OP: &str = "swiglu_backward_bf16_in_place";
+    check_bufs(be, OP, ["gate_half", "up_half"], halves, [len; 2])?;
+    check_lens(OP, &[("dh", be.len(dh), len)])
 }
 
 /// [`DenseOps::swiglu_backward_bf16`] (`[gate_half, up_half]`, `[dh, d_gate, d_up]`).

@@ -2,10 +2,10 @@
 
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
-use crate::backend::operand::{mm, mm_operand, stage, stage_checked, OperandRef};
+use crate::backend::operand::{mm, mm_operand, stage, OperandRef};
 use crate::backend::{Backend, Coo, Gemm, IndexMaps, OutBuf};
 use crate::error::{Error, Result};
-use crate::linear::GRAD_Y;
+use crate::linear::GradY;
 use crate::optim::{dense_step, missing_moments, sparse_step, Optimizer};
 use crate::scalar::Real;
 
@@ -13,7 +13,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// `gt = g P`; `dx = (gt Wt) Q^T`; `dWt = gt^T xt` (Exact) or the SparseByDense block.
     pub(super) fn backward_transformed(
         &mut self,
-        g: &B::Buf<F>,
+        g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
     ) -> Result<()> {
@@ -23,7 +23,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let Weight::Transformed { wt, half } = &self.weight else {
             return Err(Error::invalid("backward", "layer is not in the transformed formulation"));
         };
-        let g_op = stage_checked(be, g, ws.g_half.as_mut(), tokens * out, GRAD_Y)?;
+        let g_op = g.operand(be, ws.g_half.as_mut(), tokens * out)?;
         // From here `out_half` holds gt in bf16 mode; `tmp_out` holds it in `F` in f32 mode,
         // and in bf16 mode under SparseByDense (which compacts it by its f32 values).
         {
@@ -105,7 +105,12 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// `g P`, `x Q`, `dW` and `P^T dW` come out of their GEMMs in bf16 (one rounding, as a
     /// cast of the f32 product would give; `P^T dW` into a second buffer beside `dW`), so
     /// both orders make three GEMMs and no cast.
-    pub(super) fn backward_merged(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
+    pub(super) fn backward_merged(
+        &mut self,
+        g: GradY<'_, B, F>,
+        tokens: usize,
+        dx: Option<&mut B::Buf<F>>,
+    ) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
         let (p_t, q_t) = (self.basis_dev.p_transposed, self.basis_dev.q_transposed);
         let (p, q) = (self.basis_dev.p.as_ref(), self.basis_dev.q.as_ref());
@@ -114,7 +119,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         let Weight::Merged { w, half } = &self.weight else {
             return Err(Error::invalid("backward", "layer is not in the merged formulation"));
         };
-        let g_op = stage_checked(be, g, ws.g_half.as_mut(), tokens * out, GRAD_Y)?;
+        let g_op = g.operand(be, ws.g_half.as_mut(), tokens * out)?;
         if let Some(dx) = dx {
             mm(be, &Gemm::nn(tokens, inp, out), g_op, weight_ref(w, half), dx)?;
         }
@@ -147,6 +152,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             }
             Selection::SparseByDense { .. } => {
                 // Construction only allows threshold 0 here: rows of g with a nonzero.
+                let g = g.require_full("SparseGradLinear::backward")?;
                 let nz = be.nonzero_rows_cols(g, tokens, out, F::ZERO, &mut ws.row_idx, &mut ws.col_idx)?;
                 let nr = nz.n_rows;
                 g_op.gather_rows(be, tokens, out, &ws.row_idx, nr, &mut ws.block_op)?;
