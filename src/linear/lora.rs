@@ -4,7 +4,7 @@
 //! model's output exactly). Backward: `v = g B`, `dx = g W + s v A`, `dB = s g^T u`,
 //! `dA = s v^T x` with `u = x A^T` saved from the forward.
 
-use crate::backend::operand::{mm, stage, Operand, OperandRef};
+use crate::backend::operand::{mm, Operand, OperandRef};
 use crate::backend::Precision;
 use crate::backend::{Backend, Gemm};
 use crate::error::{ensure_finite, Error, Result};
@@ -50,11 +50,10 @@ impl<B: Backend, F: Real> Factor<B, F> {
 struct LoraWorkspace<B: Backend, F: Real> {
     capacity: usize,
     saved_x: Operand<B, F>,
-    /// `u = x A^T` (saved) and `v = g B`, in `F`, with operand copies for bf16.
-    u: B::Buf<F>,
+    /// `u = x A^T` (saved) and `v = g B`, only ever GEMM operands: in the layer's
+    /// precision, written by their GEMMs (rounded once there in bf16).
     u_op: Operand<B, F>,
-    v: B::Buf<F>,
-    v_half: Option<B::Buf<bf16>>,
+    v_op: Operand<B, F>,
     g_half: Option<B::Buf<bf16>>,
 }
 
@@ -171,10 +170,8 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
             ws: LoraWorkspace {
                 capacity: 0,
                 saved_x: Operand::alloc(backend, precision, 0)?,
-                u: backend.alloc(0)?,
                 u_op: Operand::alloc(backend, precision, 0)?,
-                v: backend.alloc(0)?,
-                v_half: if half { Some(backend.alloc(0)?) } else { None },
+                v_op: Operand::alloc(backend, precision, 0)?,
                 g_half: if half { Some(backend.alloc(0)?) } else { None },
             },
             saved_tokens: None,
@@ -210,10 +207,8 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         let (be, p, r) = (&self.backend, self.precision, self.rank);
         let half = p == Precision::Bf16;
         self.ws.saved_x = Operand::alloc(be, p, tokens * self.inp)?;
-        self.ws.u = be.alloc(tokens * r)?;
         self.ws.u_op = Operand::alloc(be, p, tokens * r)?;
-        self.ws.v = be.alloc(tokens * r)?;
-        self.ws.v_half = if half { Some(be.alloc(tokens * r)?) } else { None };
+        self.ws.v_op = Operand::alloc(be, p, tokens * r)?;
         self.ws.g_half = if half { Some(be.alloc(tokens * self.out)?) } else { None };
         self.ws.capacity = tokens;
         Ok(())
@@ -232,8 +227,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         if let Some(b) = &self.bias {
             be.add_bias(y, b, tokens, out)?;
         }
-        mm(be, &Gemm::nt(tokens, r, inp), ws.saved_x.as_ref(), self.a.op(), &mut ws.u)?;
-        ws.u_op.store(be, &ws.u, tokens * r)?;
+        ws.u_op.store_product(be, &Gemm::nt(tokens, r, inp), ws.saved_x.as_ref(), self.a.op())?;
         mm(be, &Gemm::nt(tokens, out, r).alpha(self.scaling).beta(1.0), ws.u_op.as_ref(), self.b.op(), y)?;
         self.saved_tokens = Some(tokens);
         Ok(())
@@ -256,8 +250,8 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         let be = &self.backend;
         let ws = &mut self.ws;
         let g_op = g.operand(be, ws.g_half.as_mut(), tokens * out)?;
-        mm(be, &Gemm::nn(tokens, r, out), g_op, self.b.op(), &mut ws.v)?;
-        let v_op = stage(be, &ws.v, ws.v_half.as_mut(), tokens * r)?;
+        ws.v_op.store_product(be, &Gemm::nn(tokens, r, out), g_op, self.b.op())?;
+        let v_op = ws.v_op.as_ref();
         if let Some(dx) = dx {
             let w_op = self.w_half.as_ref().map_or(OperandRef::Full(&self.w), OperandRef::Half);
             mm(be, &Gemm::nn(tokens, inp, out), g_op, w_op, dx)?;

@@ -137,14 +137,13 @@ pub(super) fn projection(
                 l.add(Category::LayerWorkspace, &name("LoRA factor gradients"), &[len], MASTER)?;
                 moments(l, opt, &name("LoRA moments"), len)?;
             }
-            // LoraWorkspace: saved x, u = x A^T (F and operand), v = g B, bf16 stagings.
+            // LoraWorkspace: saved x, u = x A^T and v = g B (operands only), the bf16
+            // gradient staging.
             l.tokens_phase = true;
             operand(l, Category::SavedActivations, &name("saved input"), opts.precision, &[t, inp])?;
-            l.add(Category::SavedActivations, &name("LoRA u"), &[t, r], MASTER)?;
             operand(l, Category::SavedActivations, &name("LoRA u"), opts.precision, &[t, r])?;
-            l.add(Category::LayerWorkspace, &name("LoRA v"), &[t, r], MASTER)?;
+            operand(l, Category::LayerWorkspace, &name("LoRA v"), opts.precision, &[t, r])?;
             if half {
-                l.add(Category::LayerWorkspace, &name("LoRA v bf16"), &[t, r], BF16)?;
                 l.add(Category::LayerWorkspace, &name("bf16 gradient staging"), &[t, out], BF16)?;
             }
             Ok(())
