@@ -555,7 +555,7 @@ fn attention<const T: usize, const HEADS: usize, const HEAD_DIM: usize>(b: &Benc
                 time(cuda, 2, 10, || cuda.attention_forward(&s, mask, precision, &q, &k, &v, &mut out, &mut stats));
             b.flops(&format!("attention_forward {precision:?} (1 launch)"), 2.0 * per_pair * pairs, fwd, peak);
             let bwd = time(cuda, 2, 10, || {
-                let grads = AttentionGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+                let grads = AttentionGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dv_half: None };
                 cuda.attention_backward(&s, mask, precision, &q, &k, &v, &out, &stats, &dout, grads)
             });
             b.flops(&format!("attention_backward {precision:?} (3 launches)"), 4.0 * per_pair * pairs, bwd, peak);

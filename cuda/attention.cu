@@ -24,7 +24,9 @@
 //                                          ds_ij = scale p_ij (dp_ij - delta_i);
 //                                          dv_j = sum_i p_ij dout_i, dk_j = sum_i ds_ij q_i. The
 //                                          heads of a group accumulate in the block's own
-//                                          registers: no atomics, deterministic
+//                                          registers: no atomics, deterministic. With dv_half
+//                                          (else null), dv is also written rounded to bf16
+//                                          (nearest even): the V projection's backward operand
 //   attention_backward_dq_f32 / _bf16      per query tile, looping over key tiles:
 //                                          dq_i = sum_j ds_ij k_j
 // A forward is 1 launch and a backward 3, whatever the batch and the heads.
@@ -191,8 +193,9 @@ extern "C" __global__ void __launch_bounds__(128)
     attention_backward_dkdv_f32(const float* __restrict__ q, const float* __restrict__ k,
                                 const float* __restrict__ v, const float* __restrict__ stats,
                                 const float* __restrict__ delta, const float* __restrict__ dout,
-                                float* __restrict__ dk, float* __restrict__ dv, const u32* __restrict__ lengths,
-                                u32 batch, u32 seq, u32 heads, u32 kv_heads, u32 head_dim, float scale, u32 causal) {
+                                float* __restrict__ dk, float* __restrict__ dv, __nv_bfloat16* __restrict__ dv_half,
+                                const u32* __restrict__ lengths, u32 batch, u32 seq, u32 heads, u32 kv_heads,
+                                u32 head_dim, float scale, u32 causal) {
     __shared__ float ks[16][ATT_PAD], vs[16][ATT_PAD], qs[16][ATT_PAD], dos[16][ATT_PAD];
     __shared__ float ps[16][17], dss[16][17];  // [key][query]
     __shared__ float sm[16], sl[16], sd[16];
@@ -263,6 +266,7 @@ extern "C" __global__ void __launch_bounds__(128)
             if (c >= D) continue;
             dk[s.kvi(b, j, g, c)] = ak[jj][u];
             dv[s.kvi(b, j, g, c)] = av[jj][u];
+            if (dv_half != nullptr) dv_half[s.kvi(b, j, g, c)] = __float2bfloat16_rn(av[jj][u]);
         }
     }
 }

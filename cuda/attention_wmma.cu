@@ -2,7 +2,7 @@
 // 16x16x16 bf16 fragments with f32 accumulators, sm_80 and later), one kernel per padded
 // head dim DP = 32, 64, 96, 128 (head_dim rounded up; the padding columns are zeros):
 //   attention_forward_bf16_dDP        the forward of attention_forward_f32
-//   attention_backward_dkdv_bf16_dDP  dk, dv of attention_backward_dkdv_f32
+//   attention_backward_dkdv_bf16_dDP  dk, dv (and dv's bf16 rounding) of attention_backward_dkdv_f32
 //   attention_backward_dq_bf16_dDP    dq of attention_backward_dq_f32
 // (the backward's delta comes from attention_backward_dot_f32). What they compute, the
 // layouts, masks, statistics and launch shapes: cuda/attention.cu. Here: q, k, v and dout
@@ -185,8 +185,9 @@ struct AttRowStats {
 // head `head`) to a q- or kv-shaped tensor through the warp's 16 x 32 scratch `sw`:
 // rows past the sequence and columns past D are not written.
 template <bool KV, int NC>
-static __device__ __forceinline__ void att_write_rows(float* __restrict__ dst, const AttAcc* acc, float* sw,
-                                                      const AttShape& s, u32 b, u32 r0, u32 head) {
+static __device__ __forceinline__ void att_write_rows(float* __restrict__ dst, __nv_bfloat16* __restrict__ dst_half,
+                                                      const AttAcc* acc, float* sw, const AttShape& s, u32 b, u32 r0,
+                                                      u32 head) {
     const u32 lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
 #pragma unroll
     for (int n = 0; n < NC; n += 2) {
@@ -197,7 +198,10 @@ static __device__ __forceinline__ void att_write_rows(float* __restrict__ dst, c
 #pragma unroll
             for (int t = 0; t < 16; ++t) {
                 const u32 cc = half * 16 + t, c = 16 * n + cc;
-                if (c < s.D) dst[KV ? s.kvi(b, r0 + r, head, c) : s.qi(b, r0 + r, head, c)] = sw[r * 32 + cc];
+                if (c >= s.D) continue;
+                const u64 i = KV ? s.kvi(b, r0 + r, head, c) : s.qi(b, r0 + r, head, c);
+                dst[i] = sw[r * 32 + cc];
+                if (dst_half != nullptr) dst_half[i] = __float2bfloat16_rn(sw[r * 32 + cc]);
             }
         }
         __syncwarp();
@@ -208,8 +212,9 @@ template <int NC>
 static __device__ __forceinline__ void attention_backward_dkdv_bf16(
     const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
     const float* __restrict__ stats, const float* __restrict__ delta, const float* __restrict__ dout,
-    float* __restrict__ dk, float* __restrict__ dv, const u32* __restrict__ lengths, u32 batch, u32 seq, u32 heads,
-    u32 kv_heads, u32 head_dim, float scale, u32 causal, __nv_bfloat16* ks, __nv_bfloat16* vs, __nv_bfloat16* qs,
+    float* __restrict__ dk, float* __restrict__ dv, __nv_bfloat16* __restrict__ dv_half, const u32* __restrict__ lengths,
+    u32 batch, u32 seq, u32 heads, u32 kv_heads, u32 head_dim, float scale, u32 causal, __nv_bfloat16* ks,
+    __nv_bfloat16* vs, __nv_bfloat16* qs,
     __nv_bfloat16* dos, float* sts, float* dps, __nv_bfloat16* pts, __nv_bfloat16* dsts, AttRowStats* rs) {
     constexpr int DP = NC * 16;
     const AttShape s(batch, seq, heads, kv_heads, head_dim);
@@ -285,8 +290,8 @@ static __device__ __forceinline__ void attention_backward_dkdv_bf16(
             }
         }
     }
-    att_write_rows<true, NC>(dk, adk, st, s, b, kw, g);
-    att_write_rows<true, NC>(dv, adv, st, s, b, kw, g);
+    att_write_rows<true, NC>(dk, nullptr, adk, st, s, b, kw, g);
+    att_write_rows<true, NC>(dv, dv_half, adv, st, s, b, kw, g);
 }
 
 template <int NC>
@@ -354,7 +359,7 @@ static __device__ __forceinline__ void attention_backward_dq_bf16(
             }
         }
     }
-    att_write_rows<false, NC>(dq, adq, sw, s, b, w0, h);
+    att_write_rows<false, NC>(dq, nullptr, adq, sw, s, b, w0, h);
 }
 
 // The bf16 kernels, one per padded head dim DP, with their static shared memory.
@@ -371,15 +376,16 @@ static __device__ __forceinline__ void attention_backward_dq_bf16(
     extern "C" __global__ void __launch_bounds__(64) attention_backward_dkdv_bf16_d##DP(                            \
         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                      \
         const float* __restrict__ stats, const float* __restrict__ delta, const float* __restrict__ dout,           \
-        float* __restrict__ dk, float* __restrict__ dv, const u32* __restrict__ lengths, u32 batch, u32 seq,       \
-        u32 heads, u32 kv_heads, u32 head_dim, float scale, u32 causal) {                                           \
+        float* __restrict__ dk, float* __restrict__ dv, __nv_bfloat16* __restrict__ dv_half,                        \
+        const u32* __restrict__ lengths, u32 batch, u32 seq, u32 heads, u32 kv_heads, u32 head_dim, float scale,    \
+        u32 causal) {                                                                                               \
         __shared__ __align__(32) __nv_bfloat16 ks[32 * DP], vs[32 * DP], qs[32 * DP], dos[32 * DP];                 \
         __shared__ __align__(32) __nv_bfloat16 pts[2 * 16 * 32], dsts[2 * 16 * 32];                                 \
         __shared__ __align__(32) float sts[2 * 16 * 32], dps[2 * 16 * 32];                                          \
         __shared__ AttRowStats rs[32];                                                                              \
-        attention_backward_dkdv_bf16<DP / 16>(q, k, v, stats, delta, dout, dk, dv, lengths, batch, seq, heads,      \
-                                              kv_heads, head_dim, scale, causal, ks, vs, qs, dos, sts, dps, pts,    \
-                                              dsts, rs);                                                            \
+        attention_backward_dkdv_bf16<DP / 16>(q, k, v, stats, delta, dout, dk, dv, dv_half, lengths, batch, seq,    \
+                                              heads, kv_heads, head_dim, scale, causal, ks, vs, qs, dos, sts, dps,  \
+                                              pts, dsts, rs);                                                       \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(64) attention_backward_dq_bf16_d##DP(                              \
         const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,                      \

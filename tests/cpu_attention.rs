@@ -66,7 +66,7 @@ fn run_twin<F: Real>(
     let (mut out, mut stats) = (poisoned(x.q.len()), poisoned(s.stats_len()));
     be.attention_forward(s, mask, precision, &q, &k, &v, &mut out, &mut stats).unwrap();
     let (mut dq, mut dk, mut dv) = (poisoned(x.q.len()), poisoned(x.k.len()), poisoned(x.v.len()));
-    let grads = AttentionGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+    let grads = AttentionGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dv_half: None };
     be.attention_backward(s, mask, precision, &q, &k, &v, &out, &stats, &dout, grads).unwrap();
     let w = |b: &CpuBuf<F>| b.iter().map(|v| v.to_f64()).collect::<Vec<f64>>();
     (w(&out), w(&stats), w(&dq), w(&dk), w(&dv))
@@ -272,7 +272,7 @@ fn bad_arguments_are_errors() {
     let e = fwd(&s, &q, AttentionMask::Padding(&one_length), &mut out, &mut stats).unwrap_err();
     assert!(matches!(e, Error::Shape { ref what, .. } if what == "lengths"), "{e}");
     let (mut dq, mut dk, mut dv) = (buf(n), buf(nkv - 1), buf(nkv));
-    let grads = AttentionGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv };
+    let grads = AttentionGrads { dq: &mut dq, dk: &mut dk, dv: &mut dv, dv_half: None };
     let e = be.attention_backward(&s, AttentionMask::Causal, Precision::Full, &q, &k, &v, &out, &stats, &q, grads);
     assert!(matches!(e, Err(Error::Shape { op: "attention_backward", ref what, .. }) if what == "dk"), "{e:?}");
 }

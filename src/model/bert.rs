@@ -574,7 +574,7 @@ impl<B: Backend + Clone, F: Real> BertModel<B, F> {
             // m = LN1(a): dx = da, the residual's share of the layer input's gradient.
             be.layernorm_backward(&l.ln1_in, &l.ln1_w, &l.ln1_mean, &l.ln1_rstd, &s.dnormed, &mut s.dx, t, h)?;
             be.gemm(&Gemm::nn(t, h, h), &s.dx, &l.o, &mut s.dctx)?;
-            let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
+            let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv, dv_half: None };
             let (q, k, v) = (&l.q_act, &l.k_act, &l.v_act);
             l.attn.backward(&be, &shape, mask, self.precision, q, k, v, &s.dctx, grads)?;
             be.gemm(&Gemm::nn(t, h, h).beta(1.0), &s.dq, &l.q, &mut s.dx)?;

@@ -537,7 +537,6 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                 None => OperandRef::Full(&s.dx),
             };
             mm(&be, &Gemm::nn(t, c.q_dim(), c.hidden), dx_op, l.o.as_ref(), &mut s.dattn)?;
-            let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv };
             if half {
                 // The kept bf16 set, widened into the shared one (with this layer's statistics).
                 let sh = &mut s.saved;
@@ -547,11 +546,15 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
                     [t * c.q_dim(), t * c.kv_dim(), t * c.kv_dim(), t * c.q_dim()],
                 )?;
                 std::mem::swap(&mut l.saved.attn.stats, &mut sh.attn.stats);
+                // The kept bf16 v is spent: dv's bf16 operand for the V GEMM goes there.
+                let dv_half = Some(&mut l.saved.v_half);
+                let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv, dv_half };
                 let (q, k, v) = (&sh.q_act, &sh.k_act, &sh.v_act);
                 let r = sh.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads);
                 std::mem::swap(&mut l.saved.attn.stats, &mut sh.attn.stats);
                 r?;
             } else {
+                let grads = AttentionGrads { dq: &mut s.dq, dk: &mut s.dk, dv: &mut s.dv, dv_half: None };
                 let (q, k, v) = (&sv.q_act, &sv.k_act, &sv.v_act);
                 sv.attn.backward(&be, &shape, Mask::Causal, self.precision, q, k, v, &s.dattn, grads)?;
             }
@@ -567,7 +570,7 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
             };
             mm(&be, &Gemm::nn(t, c.hidden, c.q_dim()), dq, l.q.as_ref(), &mut s.dnormed)?;
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dk, l.k.as_ref(), &mut s.dnormed)?;
-            let dv = stage(&be, &s.dv, s.grad_half.as_mut(), t * c.kv_dim())?;
+            let dv = if half { OperandRef::Half(&sv.v_half) } else { OperandRef::Full(&s.dv) };
             mm(&be, &Gemm::nn(t, c.hidden, c.kv_dim()).beta(1.0), dv, l.v.as_ref(), &mut s.dnormed)?;
             be.rmsnorm_backward_add(
                 &sv.x_in,

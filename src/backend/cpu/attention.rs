@@ -169,7 +169,8 @@ impl AttentionOps for Cpu {
     ) -> Result<()> {
         // `out` is validated but not read: D_i = dO_i . out_i is summed here as sum_j p_ij dp_ij
         // (the softmax backward's own sum), as the unfused path did.
-        let n = check_attention_backward(self, shape, mask, [q, k, v, out, stats, dout, grads.dq, grads.dk, grads.dv])?;
+        let bufs = [q, k, v, out, stats, dout, &*grads.dq, &*grads.dk, &*grads.dv];
+        let n = check_attention_backward(self, shape, mask, bufs, grads.dv_half.as_deref())?;
         if n.rows == 0 {
             return Ok(());
         }
@@ -178,7 +179,7 @@ impl AttentionOps for Cpu {
         let k = operand(self, k, n.kv, precision, &mut rk)?;
         let v = operand(self, v, n.kv, precision, &mut rv)?;
         let dout = operand(self, dout, n.q, precision, &mut rdo)?;
-        let AttentionGrads { dq, dk, dv } = grads;
+        let AttentionGrads { dq, dk, dv, dv_half } = grads;
         let lengths = match mask {
             AttentionMask::Causal => None,
             AttentionMask::Padding(l) => Some(&l[..shape.batch]),
@@ -213,6 +214,9 @@ impl AttentionOps for Cpu {
                 }
             }
         }
-        Ok(())
+        match dv_half {
+            Some(h) => self.cast_to_bf16(dv, h, n.kv),
+            None => Ok(()),
+        }
     }
 }

@@ -46,10 +46,11 @@ fn rows(a: &[u64]) -> u64 {
 fn forward_cost(a: &[u64]) -> (u64, u64) {
     (4 * (2 * q_elems(a) + 2 * kv_elems(a) + 2 * rows(a)), 4 * a[0] * a[2] * pairs(a) * a[4])
 }
-/// The dk/dv kernel: q, dout, k, v, stats, delta read; dk, dv written; S, dV += P^T dO, dP,
-/// dK += dS^T Q.
+/// The dk/dv kernel: q, dout, k, v, stats, delta read; dk, dv written (and dv in bf16 when
+/// `a[6]` is 1); S, dV += P^T dO, dP, dK += dS^T Q.
 fn dkdv_cost(a: &[u64]) -> (u64, u64) {
-    (4 * (2 * q_elems(a) + 4 * kv_elems(a) + 3 * rows(a)), 8 * a[0] * a[2] * pairs(a) * a[4])
+    let bytes = 4 * (2 * q_elems(a) + 4 * kv_elems(a) + 3 * rows(a)) + 2 * a.get(6).copied().unwrap_or(0) * kv_elems(a);
+    (bytes, 8 * a[0] * a[2] * pairs(a) * a[4])
 }
 /// The dq kernel: q, dout, k, v, stats, delta read; dq written; S, dP, dQ = dS K.
 fn dq_cost(a: &[u64]) -> (u64, u64) {
@@ -233,7 +234,8 @@ impl AttentionOps for Cuda {
     ) -> Result<()> {
         const OP: &str = "attention_backward";
         require_f32::<F>(OP)?;
-        let n = check_attention_backward(self, shape, mask, [q, k, v, out, stats, dout, grads.dq, grads.dk, grads.dv])?;
+        let bufs = [q, k, v, out, stats, dout, &*grads.dq, &*grads.dk, &*grads.dv];
+        let n = check_attention_backward(self, shape, mask, bufs, grads.dv_half.as_deref())?;
         if n.rows == 0 {
             return Ok(());
         }
@@ -241,9 +243,10 @@ impl AttentionOps for Cuda {
         let dkdv_cfg = tile_config(OP, shape, shape.kv_heads, kern.dkdv)?;
         let dq_cfg = tile_config(OP, shape, shape.heads, kern.dq)?;
         let (causal, lp) = mask_args(mask);
-        let AttentionGrads { dq, dk, dv } = grads;
+        let AttentionGrads { dq, dk, dv, dv_half } = grads;
         let (qp, kp, vp, outp, sp, dop) = (q.ptr(), k.ptr(), v.ptr(), out.ptr(), stats.ptr(), dout.ptr());
         let (dqp, dkp, dvp) = (dq.ptr_mut(), dk.ptr_mut(), dv.ptr_mut());
+        let dvh = dv_half.map_or(0u64, |h| h.ptr_mut());
         let s = shape;
         let (b, t, h, kvh, d) = (s.batch as u32, s.seq as u32, s.heads as u32, s.kv_heads as u32, s.head_dim as u32);
         let scale = s.scale();
@@ -261,16 +264,18 @@ impl AttentionOps for Cuda {
         unsafe { self.launch(&BACKWARD_DOT, dot_cfg, &mut kargs![outp, dop, delta, b, t, h, d], &sizes)? };
         // SAFETY: attention_backward_dkdv_*(const float* q, const float* k, const float* v,
         // const float* stats, const float* delta, const float* dout, float* dk, float* dv,
-        // const u32* lengths, u32 batch, u32 seq, u32 heads, u32 kv_heads, u32 head_dim,
-        // float scale, u32 causal): the lengths as in the forward (checked above), delta as
-        // written just before; one block per tile of keys per (sequence, KV head), the threads of
-        // the kernel's launch bounds; dk and dv are distinct outputs (&mut).
+        // bf16* dv_half, const u32* lengths, u32 batch, u32 seq, u32 heads, u32 kv_heads,
+        // u32 head_dim, float scale, u32 causal): the lengths as in the forward (checked
+        // above), delta as written just before, dv_half null or as long as dv (checked above);
+        // one block per tile of keys per (sequence, KV head), the threads of the kernel's
+        // launch bounds; dk, dv and dv_half are distinct outputs (&mut).
+        let [sb, st, sh, skv, sd, sc] = sizes;
         unsafe {
             self.launch(
                 kern.dkdv.0,
                 dkdv_cfg,
-                &mut kargs![qp, kp, vp, sp, delta, dop, dkp, dvp, lp, b, t, h, kvh, d, scale, causal],
-                &sizes,
+                &mut kargs![qp, kp, vp, sp, delta, dop, dkp, dvp, dvh, lp, b, t, h, kvh, d, scale, causal],
+                &[sb, st, sh, skv, sd, sc, u64::from(dvh != 0)],
             )?
         };
         // SAFETY: attention_backward_dq_*(const float* q, const float* k, const float* v,

@@ -1,7 +1,7 @@
 //! The kernels' costs (`kernel!` beside each launcher) against counts by hand on a few
 //! shapes: bytes every input read once and every output written once, flops per element.
 
-use super::{dense, encoder, optim, sparse, topk, transformer};
+use super::{attention, dense, encoder, optim, sparse, topk, transformer};
 use crate::perf::{Category, KernelCost, Work};
 
 fn cost(k: &KernelCost, args: &[u64]) -> (f64, f64) {
@@ -58,6 +58,16 @@ fn elementwise_costs_by_hand() {
     assert_eq!(cost(&encoder::POOL, &[2, 4, 3, 1]).0, 120.0);
     // [CLS] pooling reads one row per sequence.
     assert_eq!(cost(&encoder::POOL, &[2, 4, 3, 0]).0, 48.0);
+}
+
+#[test]
+fn attention_dkdv_cost_by_hand() {
+    // batch 1, seq 4, 2 heads, 1 KV head, head dim 8, causal: q and dout 64 elements each,
+    // k, v, dk, dv 32 each, 8 query rows (stats 2, delta 1 each), all f32: 4 * (128 + 128 +
+    // 24) bytes; dv's bf16 copy adds 64. Flops: 8 per (pair, head, dim), 10 causal pairs.
+    let args = [1, 4, 2, 1, 8, 1];
+    assert_eq!(cost(&attention::DKDV_F32, &args), (1_120.0, 8.0 * 2.0 * 10.0 * 8.0));
+    assert_eq!(cost(&attention::DKDV_BF16[1], &[1, 4, 2, 1, 8, 1, 1]).0, 1_184.0);
 }
 
 #[test]

@@ -89,6 +89,11 @@ pub struct AttentionGrads<'a, B: Buffers, F: Elem> {
     pub dq: &'a mut B::Buf<F>,
     pub dk: &'a mut B::Buf<F>,
     pub dv: &'a mut B::Buf<F>,
+    /// If given, `dv` rounded to bf16 (to nearest even, as
+    /// [`DenseOps::cast_to_bf16`](crate::backend::DenseOps::cast_to_bf16)) as well: the V
+    /// projection's backward operand in a bf16 model, written where `dv` is (no pass of its
+    /// own on CUDA).
+    pub dv_half: Option<&'a mut B::Buf<half::bf16>>,
 }
 
 /// Fused attention; see the module docs for the math and layouts.
@@ -180,16 +185,21 @@ pub(crate) fn check_attention_forward<B: Backend, F: Elem>(
     Ok(n)
 }
 
-/// [`AttentionOps::attention_backward`] (`[q, k, v, out, stats, dout, dq, dk, dv]`).
+/// [`AttentionOps::attention_backward`] (`[q, k, v, out, stats, dout, dq, dk, dv]`, and
+/// `dv_half` if given).
 pub(crate) fn check_attention_backward<B: Backend, F: Elem>(
     be: &B,
     s: &AttentionShape,
     mask: AttentionMask<'_, B>,
     bufs: [&B::Buf<F>; 9],
+    dv_half: Option<&B::Buf<half::bf16>>,
 ) -> Result<AttentionSizes> {
     const OP: &str = "attention_backward";
     let n = attention_sizes(be, OP, s, mask)?;
     let names = ["q", "k", "v", "out", "stats", "dout", "dq", "dk", "dv"];
     check_bufs(be, OP, names, bufs, [n.q, n.kv, n.kv, n.q, 2 * n.rows, n.q, n.q, n.kv, n.kv])?;
+    if let Some(h) = dv_half {
+        check_lens(OP, &[("dv_half", be.len(h), n.kv)])?;
+    }
     Ok(n)
 }

@@ -52,7 +52,7 @@ pub trait OptimOps: Buffers {
     /// Dense AdamW (PyTorch semantics, decoupled weight decay) on `len` entries at step
     /// `t = clock[0] + 1`, then `clock[0] = t`. Given `param_bf16`, also writes the new
     /// parameter rounded to bf16 (nearest even) into it, in the same pass: what
-    /// [`TransformerOps::cast_to_bf16`](crate::backend::TransformerOps::cast_to_bf16)
+    /// [`DenseOps::cast_to_bf16`](crate::backend::DenseOps::cast_to_bf16)
     /// afterwards would give.
     #[allow(clippy::too_many_arguments)]
     fn adamw<F: Real>(
