@@ -402,6 +402,11 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         Ok(())
     }
 
+    /// From `g = dL/dy` of the last forward: `dx` if given, and each trained projection's
+    /// gradient. A bf16 block spends its saved pre-activations here (the gate and up
+    /// projections' output gradients are written over them), so a second backward needs a
+    /// new forward; an f32 block keeps them, as does a bf16 block whose gate or up
+    /// projection needs its gradient in `F` (SparseGrad's SparseByDense selection).
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
         let mut own = self.take_own()?;
         let r = self.backward_shared(g, tokens, dx, &mut own);
