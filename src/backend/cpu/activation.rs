@@ -50,3 +50,9 @@ pub fn silu_grad_scalar<F: Real>(z: F) -> F {
     let s = F::ONE / (F::ONE + (-z).exp());
     s * (F::ONE + z * (F::ONE - s))
 }
+
+/// One element of the SwiGLU backward, `(d_gate, d_up) = (dh up silu'(gate), dh silu(gate))`:
+/// the CPU specification every SwiGLU backward (f32, bf16 saves, checked, in place) shares.
+pub fn swiglu_grads_scalar<F: Real>(gate: F, up: F, dh: F) -> (F, F) {
+    (dh * up * silu_grad_scalar(gate), dh * silu_scalar(gate))
+}

@@ -1,7 +1,7 @@
 //! CPU dense ops: GEMM through OpenBLAS, casts, bias add and bias gradient, finiteness
 //! check, axpy, and the activations (GELU, SwiGLU; their scalar math is in activation.rs).
 
-use super::activation::{gelu_grad_scalar, gelu_scalar, silu_grad_scalar, silu_scalar};
+use super::activation::{gelu_grad_scalar, gelu_scalar, silu_scalar, swiglu_grads_scalar};
 use super::{Cpu, CpuBuf};
 use crate::backend::ops::dense::*;
 use crate::backend::{GeluKind, Gemm};
@@ -302,12 +302,8 @@ impl DenseOps for Cpu {
         d_up: &mut CpuBuf<F>,
         len: usize,
     ) -> Result<()> {
-        check_swiglu_backward(self, [gate, up, dh, d_gate, d_up], len)?;
-        d_gate[..len].par_iter_mut().zip(d_up[..len].par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
-            let (g, u, d) = (gate[i], up[i], dh[i]);
-            *dg = d * u * silu_grad_scalar(g);
-            *du = d * silu_scalar(g);
-        });
+        check_swiglu_backward(self, "swiglu_backward", [gate, up, dh, d_gate, d_up], len)?;
+        write_swiglu_grads(&mut d_gate[..len], &mut d_up[..len], |i| (gate[i], up[i], dh[i]));
         Ok(())
     }
 
@@ -321,8 +317,8 @@ impl DenseOps for Cpu {
         len: usize,
         what: &str,
     ) -> Result<()> {
-        check_swiglu_backward_checked(self, [gate, up, dh, d_gate, d_up], len)?;
-        self.swiglu_backward(gate, up, dh, d_gate, d_up, len)?;
+        check_swiglu_backward(self, "swiglu_backward_checked", [gate, up, dh, d_gate, d_up], len)?;
+        write_swiglu_grads(&mut d_gate[..len], &mut d_up[..len], |i| (gate[i], up[i], dh[i]));
         pair_finite(len, what, |i| (d_gate[i], d_up[i]))
     }
 
@@ -335,18 +331,12 @@ impl DenseOps for Cpu {
         what: &str,
     ) -> Result<()> {
         check_swiglu_backward_bf16_in_place(self, [gate_half, up_half], dh, len)?;
-        let grads = |i: usize| {
-            let (g, u, d) = (F::from_bf16(gate_half[i]), F::from_bf16(up_half[i]), dh[i]);
-            (d * u * silu_grad_scalar(g), d * silu_scalar(g))
-        };
         // Checked before anything is written: the saves stay as they were on failure.
-        pair_finite(len, what, grads)?;
-        let new: Vec<(bf16, bf16)> =
-            (0..len).into_par_iter().map(grads).map(|(a, b)| (a.to_bf16(), b.to_bf16())).collect();
-        for (i, (a, b)) in new.into_iter().enumerate() {
-            gate_half[i] = a;
-            up_half[i] = b;
-        }
+        pair_finite(len, what, |i| swiglu_grads_scalar(F::from_bf16(gate_half[i]), F::from_bf16(up_half[i]), dh[i]))?;
+        gate_half[..len].par_iter_mut().zip(up_half[..len].par_iter_mut()).zip(&dh[..len]).for_each(|((g, u), &d)| {
+            let (dg, du) = swiglu_grads_scalar(F::from_bf16(*g), F::from_bf16(*u), d);
+            (*g, *u) = (dg.to_bf16(), du.to_bf16());
+        });
         Ok(())
     }
 
@@ -381,10 +371,8 @@ impl DenseOps for Cpu {
         len: usize,
     ) -> Result<()> {
         check_swiglu_backward_bf16(self, [gate_half, up_half], [dh, d_gate, d_up], len)?;
-        d_gate[..len].par_iter_mut().zip(d_up[..len].par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
-            let (g, u, d) = (F::from_bf16(gate_half[i]), F::from_bf16(up_half[i]), dh[i]);
-            *dg = d * u * silu_grad_scalar(g);
-            *du = d * silu_scalar(g);
+        write_swiglu_grads(&mut d_gate[..len], &mut d_up[..len], |i| {
+            (F::from_bf16(gate_half[i]), F::from_bf16(up_half[i]), dh[i])
         });
         Ok(())
     }
@@ -404,4 +392,12 @@ fn pair_finite<F: Real>(len: usize, what: &str, pair: impl Fn(usize) -> (F, F) +
     }
     let first_index = (0..len).find(|&i| bad(i) > 0).unwrap_or(0);
     Err(crate::Error::NonFinite { what: what.to_string(), count, first_index })
+}
+
+/// `(d_gate[i], d_up[i])` of the SwiGLU backward from `inputs(i) = (gate, up, dh)`.
+fn write_swiglu_grads<F: Real>(d_gate: &mut [F], d_up: &mut [F], inputs: impl Fn(usize) -> (F, F, F) + Sync) {
+    d_gate.par_iter_mut().zip(d_up.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
+        let (g, u, d) = inputs(i);
+        (*dg, *du) = swiglu_grads_scalar(g, u, d);
+    });
 }

@@ -392,7 +392,7 @@ impl DenseOps for Cuda {
         len: usize,
     ) -> Result<()> {
         require_f32::<F>("swiglu_backward")?;
-        check_swiglu_backward(self, [gate, up, dh, d_gate, d_up], len)?;
+        check_swiglu_backward(self, "swiglu_backward", [gate, up, dh, d_gate, d_up], len)?;
         if len == 0 {
             return Ok(());
         }
@@ -462,7 +462,7 @@ impl DenseOps for Cuda {
         what: &str,
     ) -> Result<()> {
         require_f32::<F>("swiglu_backward_checked")?;
-        check_swiglu_backward_checked(self, [gate, up, dh, d_gate, d_up], len)?;
+        check_swiglu_backward(self, "swiglu_backward_checked", [gate, up, dh, d_gate, d_up], len)?;
         if len == 0 {
             return Ok(());
         }

@@ -321,15 +321,6 @@ pub(crate) fn check_swiglu_save_bf16<B: Backend, F: Elem>(
     check_bufs(be, "swiglu_save_bf16", ["gate_half", "up_half"], halves, [len; 2])
 }
 
-/// [`DenseOps::swiglu_backward_checked`] (`[gate, up, dh, d_gate, d_up]`).
-pub(crate) fn check_swiglu_backward_checked<B: Backend, F: Elem>(
-    be: &B,
-    bufs: [&B::Buf<F>; 5],
-    len: usize,
-) -> Result<()> {
-    check_bufs(be, "swiglu_backward_checked", ["gate", "up", "dh", "d_gate", "d_up"], bufs, [len; 5])
-}
-
 /// [`DenseOps::swiglu_backward_bf16_in_place`] (`[gate_half, up_half]`, `dh`).
 pub(crate) fn check_swiglu_backward_bf16_in_place<B: Backend, F: Elem>(
     be: &B,
@@ -353,7 +344,13 @@ pub(crate) fn check_swiglu_backward_bf16<B: Backend, F: Elem>(
     check_bufs(be, "swiglu_backward_bf16", ["dh", "d_gate", "d_up"], bufs, [len; 3])
 }
 
-/// [`DenseOps::swiglu_backward`] (`[gate, up, dh, d_gate, d_up]`).
-pub(crate) fn check_swiglu_backward<B: Backend, F: Elem>(be: &B, bufs: [&B::Buf<F>; 5], len: usize) -> Result<()> {
-    check_bufs(be, "swiglu_backward", ["gate", "up", "dh", "d_gate", "d_up"], bufs, [len; 5])
+/// [`DenseOps::swiglu_backward`] and [`DenseOps::swiglu_backward_checked`] (named `op`;
+/// `[gate, up, dh, d_gate, d_up]`).
+pub(crate) fn check_swiglu_backward<B: Backend, F: Elem>(
+    be: &B,
+    op: &'static str,
+    bufs: [&B::Buf<F>; 5],
+    len: usize,
+) -> Result<()> {
+    check_bufs(be, op, ["gate", "up", "dh", "d_gate", "d_up"], bufs, [len; 5])
 }
