@@ -59,6 +59,12 @@ __device__ __forceinline__ float silu_grad(float z) {
     return s * (1.0f + z * (1.0f - s));
 }
 
+// (d_gate, d_up) of one element: dh * up * silu'(gate), dh * silu(gate). Every scalar path
+// of the SwiGLU backwards computes it here (the float4 path writes the same products).
+__device__ __forceinline__ float2 swiglu_grads(float g, float u, float d) {
+    return make_float2(d * u * silu_grad(g), d * silu(g));
+}
+
 #define SG_F4 reinterpret_cast<const float4*>
 #define SG_F4_MUT reinterpret_cast<float4*>
 
@@ -114,11 +120,9 @@ extern "C" __global__ void swiglu_backward_f32(const float* __restrict__ gate, c
             SG_F4_MUT(d_up)[i] = make_float4(d.x * silu(g.x), d.y * silu(g.y), d.z * silu(g.z), d.w * silu(g.w));
         },
         [&](u64 i) {
-            const float g = gate[i];
-            const float u = up[i];
-            const float d = dh[i];
-            d_gate[i] = d * u * silu_grad(g);
-            d_up[i] = d * silu(g);
+            const float2 gr = swiglu_grads(gate[i], up[i], dh[i]);
+            d_gate[i] = gr.x;
+            d_up[i] = gr.y;
         });
 }
 
@@ -147,12 +151,28 @@ extern "C" __global__ void swiglu_backward_bf16_f32(const __nv_bfloat16* __restr
     sg_vec4_loop(
         n, false, [&](u64) {},
         [&](u64 i) {
-            const float g = __bfloat162float(gate_half[i]);
-            const float u = __bfloat162float(up_half[i]);
-            const float d = dh[i];
-            d_gate[i] = d * u * silu_grad(g);
-            d_up[i] = d * silu(g);
+            const float2 gr = swiglu_grads(__bfloat162float(gate_half[i]), __bfloat162float(up_half[i]), dh[i]);
+            d_gate[i] = gr.x;
+            d_up[i] = gr.y;
         });
+}
+
+// The grid-stride loop of the checked SwiGLU backwards: `load(i)` gives (gate, up) of
+// element i, `store(i, grads)` writes (d_gate, d_up); both outputs are counted as one check
+// `id` (see the header). `red` and `firsts` are the kernel's SG_THREADS / 32 shared words.
+template <typename Load, typename Store>
+__device__ __forceinline__ void swiglu_backward_checked_loop(const float* __restrict__ dh, u64 n, u64 id, u64* health,
+                                                             u64* red, u64* firsts, Load load, Store store) {
+    u64 count = 0, first = ~0ull;
+    SG_GRID_STRIDE(i, n) {
+        const float2 gu = load(i);
+        const float2 gr = swiglu_grads(gu.x, gu.y, dh[i]);
+        store(i, gr);
+        const u64 bad = (u64)sg_nonfinite(gr.x) + (u64)sg_nonfinite(gr.y);
+        count += bad;
+        if (bad != 0 && i < first) first = i;
+    }
+    sg_flag_block(count, sg_warp_min_u64(first), id, health, red, firsts);
 }
 
 // swiglu_backward_f32 with the finiteness check of both outputs (see the header).
@@ -161,20 +181,12 @@ extern "C" __global__ void swiglu_backward_checked_f32(const float* __restrict__
                                                        float* __restrict__ d_up, u64 n, u64 id, u64* health) {
     __shared__ u64 red[SG_THREADS / 32];
     __shared__ u64 firsts[SG_THREADS / 32];
-    u64 count = 0, first = ~0ull;
-    SG_GRID_STRIDE(i, n) {
-        const float g = gate[i];
-        const float u = up[i];
-        const float d = dh[i];
-        const float dg = d * u * silu_grad(g);
-        const float du = d * silu(g);
-        d_gate[i] = dg;
-        d_up[i] = du;
-        const u64 bad = (u64)sg_nonfinite(dg) + (u64)sg_nonfinite(du);
-        count += bad;
-        if (bad != 0 && i < first) first = i;
-    }
-    sg_flag_block(count, sg_warp_min_u64(first), id, health, red, firsts);
+    swiglu_backward_checked_loop(
+        dh, n, id, health, red, firsts, [&](u64 i) { return make_float2(gate[i], up[i]); },
+        [&](u64 i, float2 gr) {
+            d_gate[i] = gr.x;
+            d_up[i] = gr.y;
+        });
 }
 
 // swiglu_backward_bf16_f32 into the bf16 saves themselves, rounded, with the check (see the
@@ -183,18 +195,11 @@ extern "C" __global__ void swiglu_backward_bf16_checked(__nv_bfloat16* gate_half
                                                         const float* __restrict__ dh, u64 n, u64 id, u64* health) {
     __shared__ u64 red[SG_THREADS / 32];
     __shared__ u64 firsts[SG_THREADS / 32];
-    u64 count = 0, first = ~0ull;
-    SG_GRID_STRIDE(i, n) {
-        const float g = __bfloat162float(gate_half[i]);
-        const float u = __bfloat162float(up_half[i]);
-        const float d = dh[i];
-        const float dg = d * u * silu_grad(g);
-        const float du = d * silu(g);
-        gate_half[i] = __float2bfloat16_rn(dg);
-        up_half[i] = __float2bfloat16_rn(du);
-        const u64 bad = (u64)sg_nonfinite(dg) + (u64)sg_nonfinite(du);
-        count += bad;
-        if (bad != 0 && i < first) first = i;
-    }
-    sg_flag_block(count, sg_warp_min_u64(first), id, health, red, firsts);
+    swiglu_backward_checked_loop(
+        dh, n, id, health, red, firsts,
+        [&](u64 i) { return make_float2(__bfloat162float(gate_half[i]), __bfloat162float(up_half[i])); },
+        [&](u64 i, float2 gr) {
+            gate_half[i] = __float2bfloat16_rn(gr.x);
+            up_half[i] = __float2bfloat16_rn(gr.y);
+        });
 }
