@@ -25,16 +25,17 @@
 //      kept indices, the j-th missing index is j + #{i : S[i] - i <= j}; if L* is the last
 //      one (j = need - 1, found by binary search by the last block of the first scatter to
 //      finish: a __threadfence and a counter, no launch of its own), the output is every
-//      index 0..=L* (topk_fill_range writes them as zeros) followed by the kept entries
-//      above L*: a second scatter writes kept entry i (full index L) at L if L <= L*, else
-//      at need + i.
+//      index 0..=L* followed by the kept entries above L*. One more launch,
+//      topk_scatter_fill_f32, writes both parts: positions 0..=L* grid-strided (the entry's
+//      value when kept, found through the maps by binary search, else zero), and kept entry
+//      i (full index L > L*) at need + i.
 //
 // The call never reads anything back: the launch sequence is fixed (map checks, three
-// histogram passes, count and scan, scatter, fill range, second scatter: 7 launches without
-// maps; the workspace starts and ends each call zeroed, so no initialising launch, except
-// after a call that stopped part way: then topk_init first). Non-finite entries and bad maps
+// histogram passes, count and scan, scatter, fill scatter: 6 launches without maps; the
+// workspace starts and ends each call zeroed, so no initialising launch, except after a call
+// that stopped part way: then topk_init first). Non-finite entries and bad maps
 // are reported through the device health block (common.cuh) at the next synchronisation,
-// and with k <= nonzeros the fill range and second scatter only count themselves done.
+// and with k <= nonzeros the fill scatter only counts itself done.
 //
 // Device state (TOPK_STATE_WORDS u64 words):
 //   [0], [1] unused       [2] nonzero count
@@ -50,8 +51,8 @@
 // Launch shapes: topk_init one block of 1024 threads; topk_hist_f32 (4 x 256 entries per
 // block iteration), topk_tile_count_f32 (tiles strided over the blocks) and topk_check_map
 // 1-D grid-stride with SG_THREADS threads and a capped grid (so the repeated choice costs a
-// bounded number of bin reads); topk_scatter_f32 one block of SG_THREADS per tile of
-// SG_TILE elements; topk_fill_range 1-D grid-stride.
+// bounded number of bin reads); topk_scatter_f32 and topk_scatter_fill_f32 one block of
+// SG_THREADS per tile of SG_TILE elements (the fill range grid-strided over them).
 //
 // Tested by tests/cuda_topk.rs (exact equality of COO indices and values with the CPU on
 // ragged shapes, ties, k = 1, k = all, k > nonzeros, maps, NaN/inf); benchmarked by
@@ -312,13 +313,33 @@ __device__ __forceinline__ void topk_fill_bound(const u32* out_rows, const u32* 
     state[8] = need - 1 + lo;
 }
 
-// fill_pass == 0: the regular compaction (position = gt_before + min(eq_before, take_eq));
-// the last block to finish then finds L* (topk_fill_bound) from what every block wrote.
-// fill_pass == 1 (fill path, thr = 0; nothing to do unless state[8] holds L*): kept entry i
-// with full index L goes to L if L <= L*, else to need + i, need = k - nonzeros.
-extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
-                                            const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
-                                            u32* out_rows, u32* out_cols, float* out_values, u32* hist_all) {
+// Where full index `full` (row `fr`, column `fc`) sits in the matrix, or ~0 when a map leaves
+// it out: the maps are strictly increasing (topk_check_map), so a binary search finds it.
+__device__ __forceinline__ u64 topk_map_find(const u32* map, u64 len, u32 v) {
+    u64 lo = 0;
+    u64 hi = len;
+    while (lo < hi) {
+        const u64 mid = lo + (hi - lo) / 2;
+        if (map[mid] < v) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo < len && map[lo] == v ? lo : ~0ull;
+}
+
+// The scatters of one tile. fill_pass == 0: the regular compaction (position = gt_before +
+// min(eq_before, take_eq)); the last block to finish then finds L* (topk_fill_bound) from
+// what every block wrote. fill_pass == 1 (fill path, thr = 0; nothing to do unless state[8]
+// holds L*): the output's positions 0..=L* are full indices 0..=L*, each written with its
+// value when kept (every nonzero is, on the fill path) and zero otherwise, grid-strided over
+// the blocks; a kept entry i above L* goes to need + i, need = k - nonzeros. The two parts
+// write disjoint positions, so one launch does both.
+__device__ __forceinline__ void topk_scatter_tile(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
+                                                  const u32* row_map, const u32* col_map, u64 full_cols,
+                                                  u32 fill_pass, u32* out_rows, u32* out_cols, float* out_values,
+                                                  u32* hist_all) {
     __shared__ u32 smem[SG_THREADS / 32 + 1];
     __shared__ u32 last;
     if (!fill_pass || state[8] != TOPK_NO_FILL) {  // uniform across the grid
@@ -327,6 +348,24 @@ extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64
         const bool eligible = thr > 0;
         const u64 take_eq = state[5];
         const u64 lstar = state[8];
+        if (fill_pass) {
+            const u64 rows = n / cols;
+            const u64 stride = (u64)gridDim.x * blockDim.x;
+            for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q <= lstar; q += stride) {
+                const u32 fr = (u32)(q / full_cols);
+                const u32 fc = (u32)(q % full_cols);
+                const u64 bi = row_map ? topk_map_find(row_map, rows, fr) : fr;
+                const u64 bj = col_map ? topk_map_find(col_map, cols, fc) : fc;
+                float v = 0.0f;
+                if (bi < rows && bj < cols) {
+                    const float mv = m[bi * cols + bj];
+                    if (sg_abs_key(mv) != 0) v = mv;  // -0 is not kept: it fills as +0
+                }
+                out_rows[q] = fr;
+                out_cols[q] = fc;
+                out_values[q] = v;
+            }
+        }
         const u64 off = tiles[blockIdx.x];
         u64 gt_before = off >> 32;
         u64 eq_before = off & 0xffffffffull;
@@ -359,14 +398,14 @@ extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64
                 const u64 bj = i - bi * cols;
                 const u32 fr = row_map ? row_map[bi] : (u32)bi;
                 const u32 fc = col_map ? col_map[bj] : (u32)bj;
-                u64 pos = my_gt + (my_eq < take_eq ? my_eq : take_eq);
-                if (need != 0) {
-                    const u64 lin = (u64)fr * full_cols + fc;
-                    pos = lin <= lstar ? lin : need + my_gt;
+                const u64 lin = (u64)fr * full_cols + fc;
+                // On the fill path the range part above wrote the entries at or below L*.
+                if (!fill_pass || lin > lstar) {
+                    const u64 pos = fill_pass ? need + my_gt : my_gt + (my_eq < take_eq ? my_eq : take_eq);
+                    out_rows[pos] = fr;
+                    out_cols[pos] = fc;
+                    out_values[pos] = v;
                 }
-                out_rows[pos] = fr;
-                out_cols[pos] = fc;
-                out_values[pos] = v;
             }
             gt_before += total >> 16;
             eq_before += total & 0xffffu;
@@ -393,12 +432,16 @@ extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64
     if (threadIdx.x < TOPK_STATE_WORDS) state[threadIdx.x] = 0;
 }
 
-extern "C" __global__ void topk_fill_range(const u64* state, u64 full_cols, u32* out_rows, u32* out_cols,
-                                           float* out_values) {
-    const u64 end = state[8] == TOPK_NO_FILL ? 0 : state[8] + 1;
-    SG_GRID_STRIDE(q, end) {
-        out_rows[q] = (u32)(q / full_cols);
-        out_cols[q] = (u32)(q % full_cols);
-        out_values[q] = 0.0f;
-    }
+extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
+                                            const u32* row_map, const u32* col_map, u64 full_cols, u32* out_rows,
+                                            u32* out_cols, float* out_values, u32* hist_all) {
+    topk_scatter_tile(m, n, cols, state, tiles, row_map, col_map, full_cols, 0, out_rows, out_cols, out_values,
+                      hist_all);
+}
+
+extern "C" __global__ void topk_scatter_fill_f32(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
+                                                 const u32* row_map, const u32* col_map, u64 full_cols,
+                                                 u32* out_rows, u32* out_cols, float* out_values, u32* hist_all) {
+    topk_scatter_tile(m, n, cols, state, tiles, row_map, col_map, full_cols, 1, out_rows, out_cols, out_values,
+                      hist_all);
 }

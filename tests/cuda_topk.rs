@@ -171,6 +171,17 @@ fn check_topk<B: Backend>(dev: &B, big: bool) {
     for k in [1, 13, 60] {
         Case::plain(&z, 6, 10, k).check(dev, &mut dws, &cpu, &mut cws);
     }
+    // Negative zeros are not kept: they fill as +0, as every missing index does (the fill
+    // range reads the matrix at indices it writes, directly and through the maps).
+    let mut signed: Vec<f32> = (0..60).map(|i| if i % 3 == 0 { -0.0 } else { 0.0 }).collect();
+    signed[17] = -1.5;
+    signed[44] = 2.0;
+    for k in [3, 41, 60] {
+        Case::plain(&signed, 6, 10, k).check(dev, &mut dws, &cpu, &mut cws);
+    }
+    let (rmap, cmap) = ([1u32, 2, 4, 7, 8, 9], [0u32, 1, 3, 4, 5, 6, 8, 9, 10, 12]);
+    let c = Case { m: &signed, rows: 6, cols: 10, k: 50, row_map: Some(&rmap), col_map: Some(&cmap), full: (10, 13) };
+    c.check(dev, &mut dws, &cpu, &mut cws);
     // Non-finite input: same error, same count and first index.
     let mut m = rand_f32(&mut r, 1000);
     m[700] = f32::NAN;

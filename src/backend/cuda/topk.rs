@@ -57,8 +57,12 @@ kernel!(
     |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64) + 12 * a[1], a[0])
 );
 kernel!(
-    /// [k]: up to k zero entries written (none without a fill: the cost is the bound).
-    TOPK_FILL_RANGE = "topk" / "topk_fill_range", TopkSparse, |a| (12 * a[0], 0)
+    /// [n, k]: the fill path's bound: the matrix and the tile offsets read, k entries written
+    /// (the range below L* and the kept entries above it) and up to k values read for the
+    /// range (its map searches, log2 reads each, left out). Without a fill it only counts its
+    /// blocks done.
+    TOPK_SCATTER_FILL = "topk" / "topk_scatter_fill_f32", TopkSparse,
+    |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64) + 16 * a[1], a[0])
 );
 
 /// Scratch of [`TopkOps::topk_coo`] on the GPU: the state block, three histograms
@@ -174,22 +178,10 @@ impl TopkOps for Cuda {
         }
         compaction.count_and_scan()?;
         // The first scatter's last block also finds the fill bound.
-        compaction.scatter(0)?;
-        // The zero fill when k exceeds the nonzeros (the kernels return at once otherwise).
-        let fc = full_cols as u64;
-        // SAFETY: topk_fill_range(const u64* state, u64 full_cols, u32* rows, u32* cols,
-        // float* values): writes out[..=L*] with L* = need - 1 + (kept below it) <= k - 1,
-        // inside the capacity checked above (nothing without a fill).
-        unsafe {
-            self.launch(
-                &TOPK_FILL_RANGE,
-                self.grid_1d(k, 16),
-                &mut kargs![state, fc, o_rows, o_cols, o_vals],
-                &[k as u64],
-            )
-        }?;
-        // Its last block also leaves the workspace zeroed for the next call.
-        compaction.scatter(1)?;
+        compaction.scatter(false)?;
+        // The zero fill when k exceeds the nonzeros (its blocks only count themselves done
+        // otherwise); its last block leaves the workspace zeroed for the next call.
+        compaction.scatter(true)?;
         ws.dirty = false;
         out.len = k;
         Ok(())
@@ -210,7 +202,7 @@ struct Compaction<'a> {
     col_map: u64,
     full_cols: usize,
     out: (u64, u64, u64),
-    /// Entries a scatter writes (for its cost): k, or the nonzero count on the zero-fill path.
+    /// Entries a scatter writes (for its cost): k (the bound on the zero-fill path too).
     written: u64,
 }
 
@@ -251,25 +243,26 @@ impl Compaction<'_> {
         unsafe { self.cuda.launch(&TOPK_TILE_COUNT, grid, &mut kargs![m, n64, k, state, hist, tiles], &[n64]) }
     }
 
-    /// `fill_pass` 0: the regular compaction; 1: the fill path's placement (a no-op on the
-    /// device without a fill).
-    fn scatter(&self, fill_pass: u32) -> Result<()> {
+    /// The regular compaction, or with `fill` the fill path's range and placement (a no-op
+    /// on the device without a fill).
+    fn scatter(&self, fill: bool) -> Result<()> {
         let (m, n64, c, state, tiles) = (self.m, self.n as u64, self.cols as u64, self.state, self.tiles);
         let (rm, cm, fc) = (self.row_map, self.col_map, self.full_cols as u64);
         let (o_rows, o_cols, o_vals) = self.out;
         let hist = self.hist;
-        // SAFETY: topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state,
-        // const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols, u32 fill_pass,
-        // u32* out_rows, u32* out_cols, float* out_values, u32* hist_all): writes at most k
-        // distinct positions below k (capacity checked); the maps (or null) hold rows / cols
-        // entries; every block adds to state[16]; with fill_pass 0 the last block reads
-        // out[..nonzeros] and writes state[8]; with fill_pass 1 it zeroes the state words and
-        // the 3 x 2048 bins.
+        let kernel = if fill { &TOPK_SCATTER_FILL } else { &TOPK_SCATTER };
+        // SAFETY: topk_scatter_f32 and topk_scatter_fill_f32 (const float* m, u64 n, u64 cols,
+        // u64* state, const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols,
+        // u32* out_rows, u32* out_cols, float* out_values, u32* hist_all): write at most k
+        // distinct positions below k (capacity checked; the fill range ends at L* <= k - 1);
+        // the maps (or null) hold rows / cols entries, searched only within them; every block
+        // adds to state[16]; the first scatter's last block reads out[..nonzeros] and writes
+        // state[8], the fill scatter's zeroes the state words and the 3 x 2048 bins.
         unsafe {
             self.cuda.launch(
-                &TOPK_SCATTER,
+                kernel,
                 Cuda::grid_tiles(self.n),
-                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, fill_pass, o_rows, o_cols, o_vals, hist],
+                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, o_rows, o_cols, o_vals, hist],
                 &[n64, self.written],
             )
         }
