@@ -48,6 +48,13 @@
 // its own words because the blocks of the kernel that records it are still reading the
 // choice before it.
 //
+// Batches: the histogram, tile count and scatter kernels take up to TOPK_MAX_JOBS
+// selections (TopkJobs), one per blockIdx.y, each from its own matrix into its own
+// workspace and output with its own k; a block's work and its job's state depend only on
+// its job, so a batch of jobs makes exactly the outputs of each selected alone, in 6
+// launches instead of 6 per matrix (the map checks and a dirty workspace's topk_init stay
+// per job).
+//
 // Launch shapes: topk_init one block of 1024 threads; topk_hist_f32 (4 x 256 entries per
 // block iteration), topk_tile_count_f32 (tiles strided over the blocks) and topk_check_map
 // 1-D grid-stride with SG_THREADS threads and a capped grid (so the repeated choice costs a
@@ -66,6 +73,32 @@
 #define TOPK_SEL1 13
 #define TOPK_DONE 16
 #define TOPK_COUNTED 17
+
+// One selection of a launch: the kernels below select for up to TOPK_MAX_JOBS matrices at
+// once, one per blockIdx.y, each with its own workspace (state, bins, tiles) and output;
+// every job gets the grid's gridDim.x blocks, so the per-job "last block" counters count to
+// gridDim.x as for one matrix. Mirrored by `TopkJobArgs` in src/backend/cuda/topk.rs.
+#define TOPK_MAX_JOBS 4
+struct TopkJob {
+    const float* m;
+    u64 n;
+    u64 rows;
+    u64 cols;
+    u64 k;
+    u64* state;
+    u32* hist;
+    u64* tiles;
+    const u32* row_map;
+    const u32* col_map;
+    u64 full_cols;
+    u32* out_rows;
+    u32* out_cols;
+    float* out_values;
+    u64 check_id;
+};
+struct TopkJobs {
+    TopkJob job[TOPK_MAX_JOBS];
+};
 
 __device__ __forceinline__ u32 topk_shift(u32 pass) { return pass == 0 ? 21u : (pass == 1 ? 10u : 0u); }
 __device__ __forceinline__ u32 topk_digit_mask(u32 pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
@@ -176,8 +209,14 @@ extern "C" __global__ void topk_check_map(const u32* map, u64 n, u64 full, u64* 
 #define TOPK_NO_BIN 0xffffffffu
 // Pass 0 also counts nonzeros and non-finite entries; those go to the health block as
 // finiteness check `check_id`. Passes 1 and 2 first make the previous pass's choice.
-extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32 pass, u64 k, u64* state,
-                                         u32* hist_all, u64 check_id, u64* health) {
+extern "C" __global__ void topk_hist_f32(const TopkJobs jobs, u32 pass, u64* health) {
+    const TopkJob& job = jobs.job[blockIdx.y];
+    const float* __restrict__ m = job.m;
+    const u64 n = job.n;
+    const u64 k = job.k;
+    u64* state = job.state;
+    u32* hist_all = job.hist;
+    const u64 check_id = job.check_id;
     __shared__ u32 bins[TOPK_BINS];
     __shared__ u64 red[SG_THREADS / 32 + 1];
     __shared__ u64 pick[3];
@@ -248,11 +287,16 @@ extern "C" __global__ void topk_hist_f32(const float* __restrict__ m, u64 n, u32
 
 // The last pass's choice (thr, take_eq), then the (gt, eq) counts of each tile, the tiles
 // strided over a capped grid; the last block to finish turns them into exclusive offsets.
-extern "C" __global__ void topk_tile_count_f32(const float* m, u64 n, u64 k, u64* state, const u32* hist_all,
-                                               u64* tiles) {
+extern "C" __global__ void topk_tile_count_f32(const TopkJobs jobs) {
+    const TopkJob& job = jobs.job[blockIdx.y];
+    const float* m = job.m;
+    const u64 n = job.n;
+    u64* state = job.state;
+    const u32* hist_all = job.hist;
+    u64* tiles = job.tiles;
     __shared__ u64 red[SG_THREADS / 32 + 1];
     __shared__ u64 pick[3];
-    const u32 thr = (u32)topk_choice_before(state, hist_all, 3, k, red, pick).prefix;  // barriers
+    const u32 thr = (u32)topk_choice_before(state, hist_all, 3, job.k, red, pick).prefix;  // barriers
     const bool eligible = thr > 0;
     const u64 n_tiles = (n + SG_TILE - 1) / SG_TILE;
     for (u64 tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {  // uniform across the block
@@ -336,10 +380,17 @@ __device__ __forceinline__ u64 topk_map_find(const u32* map, u64 len, u32 v) {
 // value when kept (every nonzero is, on the fill path) and zero otherwise, grid-strided over
 // the blocks; a kept entry i above L* goes to need + i, need = k - nonzeros. The two parts
 // write disjoint positions, so one launch does both.
-__device__ __forceinline__ void topk_scatter_tile(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
-                                                  const u32* row_map, const u32* col_map, u64 full_cols,
-                                                  u32 fill_pass, u32* out_rows, u32* out_cols, float* out_values,
-                                                  u32* hist_all) {
+__device__ __forceinline__ void topk_scatter_tile(const TopkJob& job, u32 fill_pass) {
+    const float* m = job.m;
+    const u64 n = job.n;
+    const u64 cols = job.cols;
+    u64* state = job.state;
+    const u32* row_map = job.row_map;
+    const u32* col_map = job.col_map;
+    const u64 full_cols = job.full_cols;
+    u32* out_rows = job.out_rows;
+    u32* out_cols = job.out_cols;
+    float* out_values = job.out_values;
     __shared__ u32 smem[SG_THREADS / 32 + 1];
     __shared__ u32 last;
     if (!fill_pass || state[8] != TOPK_NO_FILL) {  // uniform across the grid
@@ -349,7 +400,7 @@ __device__ __forceinline__ void topk_scatter_tile(const float* m, u64 n, u64 col
         const u64 take_eq = state[5];
         const u64 lstar = state[8];
         if (fill_pass) {
-            const u64 rows = n / cols;
+            const u64 rows = job.rows;
             const u64 stride = (u64)gridDim.x * blockDim.x;
             for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q <= lstar; q += stride) {
                 const u32 fr = (u32)(q / full_cols);
@@ -366,49 +417,52 @@ __device__ __forceinline__ void topk_scatter_tile(const float* m, u64 n, u64 col
                 out_values[q] = v;
             }
         }
-        const u64 off = tiles[blockIdx.x];
-        u64 gt_before = off >> 32;
-        u64 eq_before = off & 0xffffffffull;
-        const u64 base = (u64)blockIdx.x * SG_TILE;
-        float vals[SG_TILE_ITEMS];  // all loads first, so they are in flight together
-    #pragma unroll
-        for (int r = 0; r < SG_TILE_ITEMS; ++r) {
-            const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
-            vals[r] = i < n ? m[i] : 0.0f;
-        }
-    #pragma unroll
-        for (int r = 0; r < SG_TILE_ITEMS; ++r) {
-            const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
-            const float v = vals[r];
-            bool gt = false;
-            bool eq = false;
-            if (i < n) {
-                const u32 key = sg_abs_key(v);
-                gt = key > thr;
-                eq = eligible && key == thr;
+        // The grid has the largest job's tiles: a block past this job's has none.
+        if ((u64)blockIdx.x * SG_TILE < n) {  // uniform across the block
+            const u64 off = job.tiles[blockIdx.x];
+            u64 gt_before = off >> 32;
+            u64 eq_before = off & 0xffffffffull;
+            const u64 base = (u64)blockIdx.x * SG_TILE;
+            float vals[SG_TILE_ITEMS];  // all loads first, so they are in flight together
+        #pragma unroll
+            for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+                const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+                vals[r] = i < n ? m[i] : 0.0f;
             }
-            // At most SG_THREADS of each per round: 16 bits each suffice.
-            const u32 flag = (gt ? 0x10000u : 0u) | (eq ? 1u : 0u);
-            u32 total;
-            const u32 ex = sg_block_exclusive_scan<u32, SG_THREADS>(flag, &total, smem);
-            const u64 my_gt = gt_before + (ex >> 16);
-            const u64 my_eq = eq_before + (ex & 0xffffu);
-            if (gt || (eq && my_eq < take_eq)) {
-                const u64 bi = i / cols;
-                const u64 bj = i - bi * cols;
-                const u32 fr = row_map ? row_map[bi] : (u32)bi;
-                const u32 fc = col_map ? col_map[bj] : (u32)bj;
-                const u64 lin = (u64)fr * full_cols + fc;
-                // On the fill path the range part above wrote the entries at or below L*.
-                if (!fill_pass || lin > lstar) {
-                    const u64 pos = fill_pass ? need + my_gt : my_gt + (my_eq < take_eq ? my_eq : take_eq);
-                    out_rows[pos] = fr;
-                    out_cols[pos] = fc;
-                    out_values[pos] = v;
+        #pragma unroll
+            for (int r = 0; r < SG_TILE_ITEMS; ++r) {
+                const u64 i = base + (u64)r * SG_THREADS + threadIdx.x;
+                const float v = vals[r];
+                bool gt = false;
+                bool eq = false;
+                if (i < n) {
+                    const u32 key = sg_abs_key(v);
+                    gt = key > thr;
+                    eq = eligible && key == thr;
                 }
+                // At most SG_THREADS of each per round: 16 bits each suffice.
+                const u32 flag = (gt ? 0x10000u : 0u) | (eq ? 1u : 0u);
+                u32 total;
+                const u32 ex = sg_block_exclusive_scan<u32, SG_THREADS>(flag, &total, smem);
+                const u64 my_gt = gt_before + (ex >> 16);
+                const u64 my_eq = eq_before + (ex & 0xffffu);
+                if (gt || (eq && my_eq < take_eq)) {
+                    const u64 bi = i / cols;
+                    const u64 bj = i - bi * cols;
+                    const u32 fr = row_map ? row_map[bi] : (u32)bi;
+                    const u32 fc = col_map ? col_map[bj] : (u32)bj;
+                    const u64 lin = (u64)fr * full_cols + fc;
+                    // On the fill path the range part above wrote the entries at or below L*.
+                    if (!fill_pass || lin > lstar) {
+                        const u64 pos = fill_pass ? need + my_gt : my_gt + (my_eq < take_eq ? my_eq : take_eq);
+                        out_rows[pos] = fr;
+                        out_cols[pos] = fc;
+                        out_values[pos] = v;
+                    }
+                }
+                gt_before += total >> 16;
+                eq_before += total & 0xffffu;
             }
-            gt_before += total >> 16;
-            eq_before += total & 0xffffu;
         }
     }
     // Every block of both scatters counts itself done (after its reads of the state and its
@@ -428,20 +482,10 @@ __device__ __forceinline__ void topk_scatter_tile(const float* m, u64 n, u64 col
         if (threadIdx.x == 0) topk_fill_bound(out_rows, out_cols, full_cols, state);
         return;
     }
-    for (u32 b = threadIdx.x; b < 3 * TOPK_BINS; b += blockDim.x) hist_all[b] = 0;
+    for (u32 b = threadIdx.x; b < 3 * TOPK_BINS; b += blockDim.x) job.hist[b] = 0;
     if (threadIdx.x < TOPK_STATE_WORDS) state[threadIdx.x] = 0;
 }
 
-extern "C" __global__ void topk_scatter_f32(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
-                                            const u32* row_map, const u32* col_map, u64 full_cols, u32* out_rows,
-                                            u32* out_cols, float* out_values, u32* hist_all) {
-    topk_scatter_tile(m, n, cols, state, tiles, row_map, col_map, full_cols, 0, out_rows, out_cols, out_values,
-                      hist_all);
-}
+extern "C" __global__ void topk_scatter_f32(const TopkJobs jobs) { topk_scatter_tile(jobs.job[blockIdx.y], 0); }
 
-extern "C" __global__ void topk_scatter_fill_f32(const float* m, u64 n, u64 cols, u64* state, const u64* tiles,
-                                                 const u32* row_map, const u32* col_map, u64 full_cols,
-                                                 u32* out_rows, u32* out_cols, float* out_values, u32* hist_all) {
-    topk_scatter_tile(m, n, cols, state, tiles, row_map, col_map, full_cols, 1, out_rows, out_cols, out_values,
-                      hist_all);
-}
+extern "C" __global__ void topk_scatter_fill_f32(const TopkJobs jobs) { topk_scatter_tile(jobs.job[blockIdx.y], 1); }

@@ -9,7 +9,7 @@ mod cuda_common;
 use cuda_common::*;
 use rand::rngs::SmallRng;
 use rand::Rng;
-use sparsegrad::backend::{Coo, IndexMaps, TopkOps};
+use sparsegrad::backend::{Coo, IndexMaps, TopkJob, TopkOps};
 use sparsegrad::{Backend, Cpu, Error};
 
 const SHAPES: &[(usize, usize)] =
@@ -215,4 +215,173 @@ cuda_test!(fn topk_matches_cpu_exactly(cuda) {
 #[test]
 fn harness_on_cpu() {
     check_topk(&Cpu::new(), false);
+}
+
+/// One selection of a batch: a matrix with its shape, k and maps (into a larger full
+/// matrix or none).
+struct Job {
+    m: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    k: usize,
+    row_map: Option<Vec<u32>>,
+    col_map: Option<Vec<u32>>,
+    full: (usize, usize),
+}
+
+impl Job {
+    /// A ragged job: shapes from one entry to a few tiles, k from 0 to past the nonzeros
+    /// (the fill path), maps on a third of them.
+    fn random(r: &mut SmallRng) -> Job {
+        let (rows, cols) =
+            [(1, 1), (1, 17), (17, 1000), (1000, 17), (3, 1600), (129, 257), (9, 2300)][r.random_range(0..7)];
+        let n = rows * cols;
+        let m = if r.random_bool(0.5) { rand_sparse(r, n, 0.6) } else { tied(r, n) };
+        let nnz = m.iter().filter(|&&v| v != 0.0).count();
+        let (row_map, col_map, full) = if r.random_bool(0.33) {
+            let full = (rows * 2 + 1, cols + 3);
+            (Some(sorted_subset(r, full.0, rows)), Some(sorted_subset(r, full.1, cols)), full)
+        } else {
+            (None, None, (rows, cols))
+        };
+        let k = match r.random_range(0..6) {
+            0 => 0,
+            1 => 1,
+            2 => (n / 100).max(1),
+            3 => nnz.max(1),
+            4 => (nnz + 3).min(full.0 * full.1),
+            _ => r.random_range(1..=n),
+        };
+        Job { m, rows, cols, k, row_map, col_map, full }
+    }
+}
+
+/// Runs `jobs` as one `topk_coo_batch` (each output poisoned, with room for k + 3) and reads
+/// every output back after a synchronisation.
+fn run_batch<B: Backend>(b: &B, jobs: &[Job], ws: &mut [B::TopkWorkspace]) -> (sparsegrad::Result<()>, Vec<Out>) {
+    let ms: Vec<_> = jobs.iter().map(|j| up(b, &j.m)).collect();
+    let rms: Vec<_> = jobs.iter().map(|j| j.row_map.as_ref().map(|v| up(b, v))).collect();
+    let cms: Vec<_> = jobs.iter().map(|j| j.col_map.as_ref().map(|v| up(b, v))).collect();
+    let mut outs: Vec<_> = jobs.iter().map(|j| poisoned_coo(b, j.k + 3, (0, 0))).collect();
+    let mut batch: Vec<TopkJob<'_, B, f32>> = jobs
+        .iter()
+        .zip(&ms)
+        .zip(rms.iter().zip(&cms))
+        .zip(ws.iter_mut().zip(outs.iter_mut()))
+        .map(|(((j, m), (rm, cm)), (ws, out))| TopkJob {
+            m,
+            rows: j.rows,
+            cols: j.cols,
+            k: j.k,
+            maps: IndexMaps { row_map: rm.as_ref(), col_map: cm.as_ref(), full_shape: j.full },
+            ws,
+            out,
+        })
+        .collect();
+    let r = b.topk_coo_batch(&mut batch).and_then(|_| b.synchronize());
+    drop(batch);
+    (r, outs.iter().map(|o| (o.len, o.shape, read_all(b, o))).collect())
+}
+
+/// Each output of a batch, bit for bit as the CPU's single selection of that job, tails
+/// untouched.
+fn assert_batch_matches(what: &str, jobs: &[Job], got: &[Out]) {
+    let cpu = Cpu::new();
+    for (i, (j, g)) in jobs.iter().zip(got).enumerate() {
+        let mut ws = cpu.topk_workspace(j.m.len()).unwrap();
+        let c = Case {
+            m: &j.m,
+            rows: j.rows,
+            cols: j.cols,
+            k: j.k,
+            row_map: j.row_map.as_deref(),
+            col_map: j.col_map.as_deref(),
+            full: j.full,
+        };
+        let (r, w) = run(&cpu, &mut ws, &c, j.k + 3);
+        r.unwrap();
+        let w = w.unwrap();
+        let what = format!("{what}, job {i}: {}x{} k={} maps={}", j.rows, j.cols, j.k, j.row_map.is_some());
+        assert_eq!((g.0, g.1), (w.0, w.1), "{what}: len and shape");
+        let len = w.0;
+        assert_same(&format!("{what}: rows"), &g.2 .0[..len], &w.2 .0[..len]);
+        assert_same(&format!("{what}: cols"), &g.2 .1[..len], &w.2 .1[..len]);
+        assert_bits(&format!("{what}: values"), &g.2 .2[..len], &w.2 .2[..len]);
+        assert_untouched(&format!("{what}: rows tail"), &g.2 .0[len..], u32::MAX);
+        assert_untouched_f32(&format!("{what}: values tail"), &g.2 .2[len..], f32::NAN);
+    }
+}
+
+fn check_batches<B: Backend>(dev: &B) {
+    let mut r = rng(97);
+    let mut ws: Vec<_> = (0..7).map(|_| dev.topk_workspace(129 * 257).unwrap()).collect();
+    // Batches of 1 to 7 jobs: more than a launch takes (4) run in groups.
+    for trial in 0..14 {
+        let count = 1 + trial % 7;
+        let jobs: Vec<Job> = (0..count).map(|_| Job::random(&mut r)).collect();
+        let (res, got) = run_batch(dev, &jobs, &mut ws[..count]);
+        res.unwrap_or_else(|e| panic!("batch {trial} of {count}: {e}"));
+        assert_batch_matches(&format!("batch {trial} of {count}"), &jobs, &got);
+    }
+    // A small job beside a large one, its workspace only as large as it needs: the blocks
+    // past its own tiles must not read its workspace's tile words.
+    let mut small_ws = [dev.topk_workspace(17).unwrap(), dev.topk_workspace(129 * 257).unwrap()];
+    for k in [5, 17] {
+        let mut jobs: Vec<Job> = (0..2).map(|_| Job::random(&mut r)).collect();
+        let m0 = rand_sparse(&mut r, 17, 0.5);
+        jobs[0] = Job { m: m0, rows: 1, cols: 17, k, row_map: None, col_map: None, full: (1, 17) };
+        let m1 = rand_sparse(&mut r, 129 * 257, 0.3);
+        jobs[1] = Job { m: m1, rows: 129, cols: 257, k: 400, row_map: None, col_map: None, full: (129, 257) };
+        let (res, got) = run_batch(dev, &jobs, &mut small_ws);
+        res.unwrap();
+        assert_batch_matches(&format!("small beside large, k = {k}"), &jobs, &got);
+    }
+    // A non-finite matrix in one job of three: named by its place, counted as alone.
+    let mut jobs: Vec<Job> = (0..3).map(|_| Job::random(&mut r)).collect();
+    for j in &mut jobs {
+        j.k = j.k.max(1);
+    }
+    let n1 = jobs[1].m.len();
+    jobs[1].m[n1 / 2] = f32::NAN;
+    jobs[1].m[n1 - 1] = f32::INFINITY;
+    let want_one = if n1 == 1 { (1, 0) } else { (2, n1 / 2) };
+    match run_batch(dev, &jobs, &mut ws[..3]).0 {
+        Err(Error::NonFinite { what, count, first_index }) => {
+            assert_eq!((count, first_index), want_one, "{what}");
+            assert!(what.contains("matrix 1 of 3 passed to top-k selection"), "{what}");
+        }
+        other => panic!("a NaN in job 1 of 3: {other:?}"),
+    }
+    // In two jobs: one of them is reported, with its own count and first index.
+    let n0 = jobs[0].m.len();
+    jobs[0].m[0] = f32::NEG_INFINITY;
+    match run_batch(dev, &jobs, &mut ws[..3]).0 {
+        Err(Error::NonFinite { what, count, first_index }) => {
+            let reported = if what.contains("matrix 0 of 3") { (1, 0) } else { want_one };
+            assert_eq!((count, first_index), reported, "{what} (job 0 holds {n0} entries)");
+        }
+        other => panic!("non-finite entries in jobs 0 and 1 of 3: {other:?}"),
+    }
+    // A job that cannot run stops the batch before anything runs: every output untouched.
+    let mut jobs: Vec<Job> = (0..3).map(|_| Job::random(&mut r)).collect();
+    jobs[2].k = jobs[2].full.0 * jobs[2].full.1 + 1;
+    let (res, got) = run_batch(dev, &jobs, &mut ws[..3]);
+    assert!(matches!(res, Err(Error::InvalidArgument { .. })), "{res:?}");
+    for (i, g) in got.iter().enumerate() {
+        assert_untouched(&format!("refused batch, job {i}: rows"), &g.2 .0, u32::MAX);
+    }
+    // The workspaces serve a good batch after the failed ones.
+    let jobs: Vec<Job> = (0..4).map(|_| Job::random(&mut r)).collect();
+    let (res, got) = run_batch(dev, &jobs, &mut ws[..4]);
+    res.unwrap();
+    assert_batch_matches("batch after errors", &jobs, &got);
+}
+
+cuda_test!(fn topk_batches_match_single_selections(cuda) {
+    check_batches(&cuda);
+});
+
+#[test]
+fn batch_harness_on_cpu() {
+    check_batches(&Cpu::new());
 }

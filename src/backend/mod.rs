@@ -30,7 +30,7 @@ pub use ops::dense::DenseOps;
 pub use ops::encoder::EncoderOps;
 pub use ops::optim::{OptimOps, CLOCK_LEN};
 pub use ops::sparse::SparseOps;
-pub use ops::topk::TopkOps;
+pub use ops::topk::{TopkJob, TopkOps};
 pub use ops::transformer::{LossScale, RopeHalves, TransformerOps};
 pub use ops::OutBuf;
 

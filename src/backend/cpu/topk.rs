@@ -209,6 +209,22 @@ impl TopkOps for Cpu {
         out.len = k;
         Ok(())
     }
+
+    fn topk_coo_batch<F: Real>(&self, jobs: &mut [TopkJob<'_, Cpu, F>]) -> Result<()> {
+        for j in jobs.iter() {
+            check_topk_coo(self, j.m, j.rows, j.cols, j.k, &j.maps, j.ws.max_len, j.out)?;
+        }
+        let count = jobs.len();
+        for (i, j) in jobs.iter_mut().enumerate() {
+            self.topk_coo(j.m, j.rows, j.cols, j.k, &j.maps, j.ws, j.out).map_err(|e| match e {
+                Error::NonFinite { count: c, first_index, .. } => {
+                    Error::NonFinite { what: topk_matrix_name(i, count), count: c, first_index }
+                }
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Writes entries with key > thr and the first `take_eq` with key == thr (key > 0 always),

@@ -95,12 +95,16 @@ fn sparse_topk_and_optimizer_costs_by_hand() {
     assert_eq!(cost(&optim::ADAMW, &[10, 1]), (316.0, 140.0));
     // One top-k histogram pass over 8192 entries: 32 KiB read, 2048 bins written and the
     // previous pass's 2048 bins read.
-    assert_eq!(cost(&topk::TOPK_HIST, &[8192]).0, 32_768.0 + 2.0 * 8_192.0);
+    assert_eq!(cost(&topk::TOPK_HIST, &[8192, 1]).0, 32_768.0 + 2.0 * 8_192.0);
+    // A batch of 3 jobs: 3 sets of bins.
+    assert_eq!(cost(&topk::TOPK_HIST, &[8192, 3]).0, 32_768.0 + 6.0 * 8_192.0);
+    // The tile count of 8192 entries in 2 tiles: bins, matrix, 2 tile words x 3.
+    assert_eq!(cost(&topk::TOPK_TILE_COUNT, &[8192, 1, 2]).0, 8_192.0 + 32_768.0 + 48.0);
     // The scatter of k = 3 entries from 8192: the matrix (32768), 2 tile words (16), 3 x 12.
-    assert_eq!(cost(&topk::TOPK_SCATTER, &[8192, 3]).0, 32_768.0 + 16.0 + 36.0);
+    assert_eq!(cost(&topk::TOPK_SCATTER, &[8192, 3, 2]).0, 32_768.0 + 16.0 + 36.0);
     // The fill scatter's bound for k = 3: the same reads, 3 x 12 written and 3 values read
     // for the range.
-    assert_eq!(cost(&topk::TOPK_SCATTER_FILL, &[8192, 3]).0, 32_768.0 + 16.0 + 48.0);
+    assert_eq!(cost(&topk::TOPK_SCATTER_FILL, &[8192, 3, 2]).0, 32_768.0 + 16.0 + 48.0);
     // coo_dense_t with 5 entries against 4 rows of b: per entry its COO fields and slot (16),
     // per entry and row a read of b and an atomic read-modify-write of out (12).
     assert_eq!(cost(&sparse::COO_DENSE_T, &[5, 4]), (80.0 + 240.0, 40.0));

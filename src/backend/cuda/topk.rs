@@ -39,30 +39,30 @@ kernel!(
     TOPK_CHECK_MAP = "topk" / "topk_check_map", TopkSparse, |a| (4 * a[0], a[0])
 );
 kernel!(
-    /// [n]: one pass over the matrix into a 2048-bin histogram (and, after pass 0, the
-    /// previous pass's bins read once from DRAM; the blocks' repeated reads hit L2).
-    TOPK_HIST = "topk" / "topk_hist_f32", TopkSparse, |a| (4 * a[0] + 2 * 2048 * 4, 2 * a[0] + 2048)
+    /// [n, jobs]: one pass over each job's matrix (n entries in all) into its 2048-bin
+    /// histogram (and, after pass 0, its previous pass's bins read once from DRAM; the
+    /// blocks' repeated reads hit L2).
+    TOPK_HIST = "topk" / "topk_hist_f32", TopkSparse,
+    |a| (4 * a[0] + 2 * 2048 * 4 * a[1], 2 * a[0] + 2048 * a[1])
 );
 kernel!(
-    /// [n]: the last pass's bins, the matrix read, one word per tile of 4096 written, then
-    /// read and rewritten by the scan.
+    /// [n, jobs, tiles]: each job's last pass's bins and its matrix read, one word per tile
+    /// of 4096 written, then read and rewritten by the scan.
     TOPK_TILE_COUNT = "topk" / "topk_tile_count_f32", TopkSparse,
-    |a| (2048 * 4 + 4 * a[0] + 3 * 8 * a[0].div_ceil(TILE as u64), a[0] + 2048 + a[0].div_ceil(TILE as u64))
+    |a| (2048 * 4 * a[1] + 4 * a[0] + 3 * 8 * a[2], a[0] + 2048 * a[1] + a[2])
 );
 kernel!(
-    /// [n, entries written]: the matrix and the tile offsets read, the selected entries (row,
-    /// column, value) written (the first scatter's last block also searches the kept
-    /// entries for the fill bound: log2 reads, left out).
-    TOPK_SCATTER = "topk" / "topk_scatter_f32", TopkSparse,
-    |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64) + 12 * a[1], a[0])
+    /// [n, entries written, tiles]: the matrices and the tile offsets read, the selected
+    /// entries (row, column, value) written (the first scatter's last block of each job
+    /// also searches the kept entries for the fill bound: log2 reads, left out).
+    TOPK_SCATTER = "topk" / "topk_scatter_f32", TopkSparse, |a| (4 * a[0] + 8 * a[2] + 12 * a[1], a[0])
 );
 kernel!(
-    /// [n, k]: the fill path's bound: the matrix and the tile offsets read, k entries written
-    /// (the range below L* and the kept entries above it) and up to k values read for the
-    /// range (its map searches, log2 reads each, left out). Without a fill it only counts its
-    /// blocks done.
-    TOPK_SCATTER_FILL = "topk" / "topk_scatter_fill_f32", TopkSparse,
-    |a| (4 * a[0] + 8 * a[0].div_ceil(TILE as u64) + 16 * a[1], a[0])
+    /// [n, k, tiles]: the fill path's bound: the matrices and the tile offsets read, k
+    /// entries written (the range below L* and the kept entries above it) and up to k values
+    /// read for the range (its map searches, log2 reads each, left out). Without a fill it
+    /// only counts its blocks done.
+    TOPK_SCATTER_FILL = "topk" / "topk_scatter_fill_f32", TopkSparse, |a| (4 * a[0] + 8 * a[2] + 16 * a[1], a[0])
 );
 
 /// Scratch of [`TopkOps::topk_coo`] on the GPU: the state block, three histograms
@@ -95,6 +95,38 @@ fn map_ptr(map: Option<&CudaBuf<u32>>) -> u64 {
     map.map_or(0, |map| map.ptr())
 }
 
+/// Selections per launch (`TOPK_MAX_JOBS` of cuda/topk.cu): a larger batch runs in groups.
+const MAX_JOBS: usize = super::consts::TOPK_MAX_JOBS;
+
+/// One job of a launch, as cuda/topk.cu's `struct TopkJob` lays it out (device addresses
+/// and sizes, all 64-bit).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TopkJobArg {
+    m: u64,
+    n: u64,
+    rows: u64,
+    cols: u64,
+    k: u64,
+    state: u64,
+    hist: u64,
+    tiles: u64,
+    row_map: u64,
+    col_map: u64,
+    full_cols: u64,
+    out_rows: u64,
+    out_cols: u64,
+    out_values: u64,
+    check_id: u64,
+}
+
+/// `struct TopkJobs`: the kernels' one by-value argument (unused slots stay zero).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TopkJobsArg {
+    job: [TopkJobArg; MAX_JOBS],
+}
+
 impl TopkOps for Cuda {
     type TopkWorkspace = CudaTopkWorkspace;
 
@@ -115,27 +147,80 @@ impl TopkOps for Cuda {
         ws: &mut CudaTopkWorkspace,
         out: &mut Coo<Cuda, F>,
     ) -> Result<()> {
-        require_f32::<F>(OP)?;
-        let n = check_topk_coo(self, m, rows, cols, k, maps, ws.max_len, out)?;
-        let (full_rows, full_cols) = maps.full_shape;
-        let (row_map, col_map) = (map_ptr(maps.row_map), map_ptr(maps.col_map));
+        let maps = IndexMaps { row_map: maps.row_map, col_map: maps.col_map, full_shape: maps.full_shape };
+        self.topk_coo_batch(&mut [TopkJob { m, rows, cols, k, maps, ws, out }])
+    }
 
-        let state = ws.buf.ptr();
+    fn topk_coo_batch<F: Real>(&self, jobs: &mut [TopkJob<'_, Cuda, F>]) -> Result<()> {
+        require_f32::<F>(OP)?;
+        // Every job is checked before anything is queued.
+        let lens = jobs
+            .iter()
+            .map(|j| check_topk_coo(self, j.m, j.rows, j.cols, j.k, &j.maps, j.ws.max_len, j.out))
+            .collect::<Result<Vec<usize>>>()?;
+        let count = jobs.len();
+        let mut args = Vec::with_capacity(count);
+        for (i, (job, &n)) in jobs.iter_mut().zip(&lens).enumerate() {
+            if let Some(arg) = self.prepare_job(i, count, job, n)? {
+                args.push((arg, &mut *job.ws));
+            }
+        }
+        for group in args.chunks_mut(MAX_JOBS) {
+            let mut batch = TopkJobsArg::default();
+            for (slot, (arg, _)) in batch.job.iter_mut().zip(group.iter()) {
+                *slot = *arg;
+            }
+            // From here on the sequence of launches is fixed: nothing is read back (see
+            // cuda/topk.cu), so the call can be captured in a CUDA graph.
+            let launches = Launches { cuda: self, batch, jobs: group.len() };
+            // Each pass (and the tile count after the last) first makes the previous pass's
+            // choice of bin on the device.
+            for pass in 0..3u32 {
+                launches.hist_pass(pass)?;
+            }
+            launches.count_and_scan()?;
+            // The first scatter's last block also finds the fill bound.
+            launches.scatter(false)?;
+            // The zero fill when k exceeds the nonzeros (its blocks only count themselves
+            // done otherwise); its last block leaves the workspace zeroed for the next call.
+            launches.scatter(true)?;
+            for (_, ws) in group.iter_mut() {
+                ws.dirty = false;
+            }
+        }
+        for job in jobs.iter_mut() {
+            job.out.len = job.k;
+        }
+        Ok(())
+    }
+}
+
+impl Cuda {
+    /// Job `i` of `count` up to its selection: a dirty workspace cleared, the maps checked,
+    /// the output emptied. Returns its launch arguments, or `None` for `k = 0` (nothing to
+    /// select, but a non-finite matrix is still an error, as on the CPU).
+    fn prepare_job<F: Real>(
+        &self,
+        i: usize,
+        count: usize,
+        job: &mut TopkJob<'_, Cuda, F>,
+        n: usize,
+    ) -> Result<Option<TopkJobArg>> {
+        let (full_rows, full_cols) = job.maps.full_shape;
+        let (row_map, col_map) = (map_ptr(job.maps.row_map), map_ptr(job.maps.col_map));
+        let state = job.ws.buf.ptr();
         let hist = state + 8 * STATE_WORDS as u64;
         let tiles = hist + 8 * HIST_WORDS as u64;
-        let one_block =
-            |threads: u32| LaunchConfig { grid_dim: (1, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
-        let mp = m.ptr();
-
-        if ws.dirty {
+        if job.ws.dirty {
+            let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: topk_init(u64* state, u32* hist): writes the state words and the
             // 3 x 2048 bins that follow them in the workspace buffer.
-            unsafe { self.launch(&TOPK_INIT, one_block(1024), &mut kargs![state, hist], &[]) }?;
+            unsafe { self.launch(&TOPK_INIT, one_block, &mut kargs![state, hist], &[]) }?;
         }
         // Clean again only once the last kernel of a complete sequence is queued.
-        ws.dirty = true;
+        job.ws.dirty = true;
         let err = self.errors.ptr();
-        for (map, len, full, bit) in [(row_map, rows, full_rows, 1u64), (col_map, cols, full_cols, 2u64)] {
+        for (map, len, full, bit) in [(row_map, job.rows, full_rows, 1u64), (col_map, job.cols, full_cols, 2u64)] {
             if map != 0 && len > 0 {
                 let (l, f) = (len as u64, full as u64);
                 // SAFETY: topk_check_map(const u32* map, u64 n, u64 full, u64* state, u64 bit,
@@ -146,124 +231,116 @@ impl TopkOps for Cuda {
                 }?;
             }
         }
-        out.shape = maps.full_shape;
-        out.len = 0;
-        if k == 0 {
-            // Nothing to select, but a non-finite matrix is still an error, as on the CPU.
-            return crate::backend::DenseOps::assert_finite(self, m, n, "matrix passed to top-k selection");
+        job.out.shape = job.maps.full_shape;
+        job.out.len = 0;
+        let what = topk_matrix_name(i, count);
+        if job.k == 0 {
+            crate::backend::DenseOps::assert_finite(self, job.m, n, &what)?;
+            job.ws.dirty = false;
+            return Ok(None);
         }
-        // From here on the sequence of launches is fixed: nothing is read back (see
-        // cuda/topk.cu), so the call can be captured in a CUDA graph.
-        let check = self.check_id("matrix passed to top-k selection");
-        let (o_rows, o_cols, o_vals) = (out.rows.ptr_mut(), out.cols.ptr_mut(), out.values.ptr_mut());
-        let compaction = Compaction {
-            cuda: self,
-            m: mp,
-            n,
-            k: k as u64,
-            cols,
+        Ok(Some(TopkJobArg {
+            m: job.m.ptr(),
+            n: n as u64,
+            rows: job.rows as u64,
+            cols: job.cols as u64,
+            k: job.k as u64,
             state,
             hist,
             tiles,
             row_map,
             col_map,
-            full_cols,
-            out: (o_rows, o_cols, o_vals),
-            written: k as u64,
-        };
-        // Each pass (and the tile count after the last) first makes the previous pass's
-        // choice of bin on the device.
-        for pass in 0..3u32 {
-            compaction.hist_pass(pass, check)?;
-        }
-        compaction.count_and_scan()?;
-        // The first scatter's last block also finds the fill bound.
-        compaction.scatter(false)?;
-        // The zero fill when k exceeds the nonzeros (its blocks only count themselves done
-        // otherwise); its last block leaves the workspace zeroed for the next call.
-        compaction.scatter(true)?;
-        ws.dirty = false;
-        out.len = k;
-        Ok(())
+            full_cols: full_cols as u64,
+            out_rows: job.out.rows.ptr_mut(),
+            out_cols: job.out.cols.ptr_mut(),
+            out_values: job.out.values.ptr_mut(),
+            check_id: self.check_id(&what),
+        }))
     }
 }
 
-/// The stable compaction of one call (addresses already checked).
-struct Compaction<'a> {
+/// The launches of one group of jobs (addresses already checked).
+struct Launches<'a> {
     cuda: &'a Cuda,
-    m: u64,
-    n: usize,
-    k: u64,
-    cols: usize,
-    state: u64,
-    hist: u64,
-    tiles: u64,
-    row_map: u64,
-    col_map: u64,
-    full_cols: usize,
-    out: (u64, u64, u64),
-    /// Entries a scatter writes (for its cost): k (the bound on the zero-fill path too).
-    written: u64,
+    batch: TopkJobsArg,
+    jobs: usize,
 }
 
-impl Compaction<'_> {
-    fn hist_pass(&self, pass: u32, check: u64) -> Result<()> {
-        let (m, n64, k, state, hist, health) =
-            (self.m, self.n as u64, self.k, self.state, self.hist, self.cuda.errors.ptr());
-        // SAFETY: topk_hist_f32(const float* m, u64 n, u32 pass, u64 k, u64* state,
-        // u32* hist_all, u64 check_id, u64* health): reads m[..n] and the previous pass's
-        // bins, adds into the pass's 2048 bins, block 0 records the previous pass's choice in
-        // the state words; pass 0 also adds into state[2], writes state[9] and reports
-        // non-finite entries to the health block.
+impl Launches<'_> {
+    fn active(&self) -> &[TopkJobArg] {
+        &self.batch.job[..self.jobs]
+    }
+    /// Entries over the group's jobs (the cost functions' size).
+    fn total_n(&self) -> u64 {
+        self.active().iter().map(|j| j.n).sum()
+    }
+    /// Compaction tiles over the group's jobs.
+    fn total_tiles(&self) -> u64 {
+        self.active().iter().map(|j| j.n.div_ceil(TILE as u64)).sum()
+    }
+    /// The largest job's entries (the grid's x extent follows it).
+    fn max_n(&self) -> usize {
+        self.active().iter().map(|j| j.n).max().unwrap_or(0) as usize
+    }
+    fn grid(&self, mut cfg: LaunchConfig) -> LaunchConfig {
+        cfg.grid_dim.1 = self.jobs as u32;
+        cfg
+    }
+
+    fn hist_pass(&self, pass: u32) -> Result<()> {
+        let (n, jobs) = (self.total_n(), self.jobs as u64);
+        let (batch, health) = (self.batch, self.cuda.errors.ptr());
+        // SAFETY: topk_hist_f32(TopkJobs jobs, u32 pass, u64* health): block (x, j) reads
+        // job j's m[..n] and previous pass's bins, adds into its pass's 2048 bins, block
+        // (0, j) records the previous pass's choice in j's state words; pass 0 also adds into
+        // state[2], writes state[9] and reports non-finite entries to the health block.
         unsafe {
             self.cuda.launch(
                 &TOPK_HIST,
-                self.cuda.grid_1d(self.n, HIST_PER_SM),
-                &mut kargs![m, n64, pass, k, state, hist, check, health],
-                &[n64],
+                self.grid(self.cuda.grid_1d(self.max_n(), HIST_PER_SM)),
+                &mut kargs![batch, pass, health],
+                &[n, jobs],
             )
         }
     }
 
     fn count_and_scan(&self) -> Result<()> {
-        let (m, n64, k, state, hist, tiles) = (self.m, self.n as u64, self.k, self.state, self.hist, self.tiles);
-        let n_tiles = self.n.div_ceil(TILE);
+        let (n, jobs, tiles) = (self.total_n(), self.jobs as u64, self.total_tiles());
         let cap = (self.cuda.sm_count * HIST_PER_SM) as usize;
         let grid = LaunchConfig {
-            grid_dim: (n_tiles.clamp(1, cap) as u32, 1, 1),
+            grid_dim: (self.max_n().div_ceil(TILE).clamp(1, cap) as u32, 1, 1),
             block_dim: (super::THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: topk_tile_count_f32(const float* m, u64 n, u64 k, u64* state,
-        // const u32* hist_all, u64* tiles): reads the last pass's bins and m[..n], block 0
-        // writes state[3..6];
-        // tiles strided over the blocks, one word each, then the last block scans them in
-        // place and writes the total to state[7]; the workspace holds ceil(max_len / 4096) >=
-        // ceil(n / 4096) tile words.
-        unsafe { self.cuda.launch(&TOPK_TILE_COUNT, grid, &mut kargs![m, n64, k, state, hist, tiles], &[n64]) }
+        let batch = self.batch;
+        // SAFETY: topk_tile_count_f32(TopkJobs jobs): block (x, j) reads job j's last pass's
+        // bins and m[..n], block (0, j) writes its state[3..6]; its tiles strided over the
+        // blocks, one word each, then its last block scans them in place and writes the
+        // total to state[7]; each workspace holds ceil(max_len / 4096) >= ceil(n / 4096)
+        // tile words.
+        unsafe { self.cuda.launch(&TOPK_TILE_COUNT, self.grid(grid), &mut kargs![batch], &[n, jobs, tiles]) }
     }
 
     /// The regular compaction, or with `fill` the fill path's range and placement (a no-op
     /// on the device without a fill).
     fn scatter(&self, fill: bool) -> Result<()> {
-        let (m, n64, c, state, tiles) = (self.m, self.n as u64, self.cols as u64, self.state, self.tiles);
-        let (rm, cm, fc) = (self.row_map, self.col_map, self.full_cols as u64);
-        let (o_rows, o_cols, o_vals) = self.out;
-        let hist = self.hist;
+        let (n, tiles) = (self.total_n(), self.total_tiles());
+        let written: u64 = self.active().iter().map(|j| j.k).sum();
         let kernel = if fill { &TOPK_SCATTER_FILL } else { &TOPK_SCATTER };
-        // SAFETY: topk_scatter_f32 and topk_scatter_fill_f32 (const float* m, u64 n, u64 cols,
-        // u64* state, const u64* tiles, const u32* row_map, const u32* col_map, u64 full_cols,
-        // u32* out_rows, u32* out_cols, float* out_values, u32* hist_all): write at most k
-        // distinct positions below k (capacity checked; the fill range ends at L* <= k - 1);
-        // the maps (or null) hold rows / cols entries, searched only within them; every block
-        // adds to state[16]; the first scatter's last block reads out[..nonzeros] and writes
-        // state[8], the fill scatter's zeroes the state words and the 3 x 2048 bins.
+        let batch = self.batch;
+        // SAFETY: topk_scatter_f32 and topk_scatter_fill_f32 (TopkJobs jobs): block (x, j)
+        // writes at most k_j distinct positions below k_j of job j's output (capacity
+        // checked; the fill range ends at L* <= k_j - 1), reading tile x only if job j has it;
+        // the maps (or null) hold rows / cols entries, searched only within them; every
+        // block adds to its job's state[16]; the first scatter's last block of a job reads
+        // out[..nonzeros] and writes state[8], the fill scatter's zeroes the state words and
+        // the 3 x 2048 bins.
         unsafe {
             self.cuda.launch(
                 kernel,
-                Cuda::grid_tiles(self.n),
-                &mut kargs![m, n64, c, state, tiles, rm, cm, fc, o_rows, o_cols, o_vals, hist],
-                &[n64, self.written],
+                self.grid(Cuda::grid_tiles(self.max_n())),
+                &mut kargs![batch],
+                &[n, written, tiles],
             )
         }
     }

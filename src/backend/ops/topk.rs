@@ -29,6 +29,36 @@ pub trait TopkOps: Buffers {
         ws: &mut Self::TopkWorkspace,
         out: &mut Coo<Self, F>,
     ) -> Result<()>;
+    /// [`Self::topk_coo`] of each job, each output exactly what that call alone would
+    /// write. Every job's arguments are checked before any runs. A GPU selects for several
+    /// matrices in one sequence of launches (the count of one selection, independent of the
+    /// number of jobs up to 4). With several jobs, a non-finite matrix is reported as
+    /// "matrix i of n passed to top-k selection" (`i` from 0); which of several bad
+    /// matrices is reported is not specified.
+    fn topk_coo_batch<F: Real>(&self, jobs: &mut [TopkJob<'_, Self, F>]) -> Result<()>;
+}
+
+/// One selection of [`TopkOps::topk_coo_batch`]: the arguments of one
+/// [`TopkOps::topk_coo`]. Workspaces and outputs are borrowed mutably, so no two jobs share
+/// either.
+pub struct TopkJob<'a, B: TopkOps, F: Elem> {
+    pub m: &'a B::Buf<F>,
+    pub rows: usize,
+    pub cols: usize,
+    pub k: usize,
+    pub maps: IndexMaps<'a, B>,
+    pub ws: &'a mut B::TopkWorkspace,
+    pub out: &'a mut Coo<B, F>,
+}
+
+/// The name of job `i` of `count` in a finiteness error: the single selection's own name
+/// when alone.
+pub(crate) fn topk_matrix_name(i: usize, count: usize) -> String {
+    if count == 1 {
+        "matrix passed to top-k selection".to_string()
+    } else {
+        format!("matrix {i} of {count} passed to top-k selection")
+    }
 }
 
 /// [`TopkOps::topk_workspace`]: entries are indexed with `u32`.
