@@ -18,7 +18,8 @@ use crate::backend::{Backend, GeluKind};
 use crate::basis::{Basis, GramAccumulator, GramSet};
 use crate::error::{Error, Result};
 use crate::linear::dense::Bf16Staging;
-use crate::linear::trainable::{Linear, LinearBuilder, Method, TrainOptions};
+use crate::linear::sparsegrad::Selecting;
+use crate::linear::trainable::{select_pending, Linear, LinearBuilder, Method, TrainOptions};
 use crate::linear::{GradY, GRAD_Y};
 use crate::scalar::Real;
 use half::bf16;
@@ -230,6 +231,9 @@ pub(crate) struct LlamaMlpScratch<B: Backend, F: Real> {
     dx_up: B::Buf<F>,
     /// The bf16 stagings of the dense projections (frozen ones included), in bf16 models.
     staging: Bf16Staging<B>,
+    /// `dWt` of the SparseGrad projections that leave their selection to the block's last
+    /// one (on a GPU: one batch of selections instead of one per projection).
+    selections: Vec<B::Buf<F>>,
 }
 
 impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
@@ -248,7 +252,21 @@ impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
             db: backend.alloc(0)?,
             dx_up: backend.alloc(0)?,
             staging: Bf16Staging::new(backend)?,
+            selections: Vec::new(),
         })
+    }
+
+    /// Holds `count` selection buffers of `hidden * ffn` entries (see
+    /// [`LlamaMlp::selection_buffers`]); grows only.
+    pub(crate) fn ensure_selections(&mut self, be: &B, count: usize, shape: MlpShape) -> Result<()> {
+        let len = crate::error::checked_mul("LlamaMlp selection buffers", shape.hidden, shape.ffn)?;
+        while self.selections.len() < count {
+            self.selections.push(be.alloc(0)?);
+        }
+        for buf in self.selections.iter_mut().take(count) {
+            grow(be, buf, len)?;
+        }
+        Ok(())
     }
 
     /// Grows the buffers for `tokens` rows of an `(hidden, ffn)` block; `a` and `b` only
@@ -275,6 +293,16 @@ impl<B: Backend, F: Real> LlamaMlpScratch<B, F> {
         }
         grow(be, &mut self.dx_up, tokens * shape.hidden)
     }
+}
+
+/// How a projection's backward selects its SparseGrad gradient ([`Selecting`]).
+#[derive(Clone, Copy, Debug)]
+enum SelectionRole {
+    Now,
+    /// Into this selection buffer of the scratch, selected later.
+    Defer(usize),
+    /// At once, with the deferred ones.
+    Last,
 }
 
 /// LLaMA MLP: `down(silu(gate(x)) * up(x))`, no biases.
@@ -356,8 +384,10 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         let mut own = self.take_own()?;
         let shape = MlpShape { hidden: self.hidden, ffn: self.ffn };
         let half = self.precision == Precision::Bf16;
+        let selections = self.selection_buffers();
         let r = own
             .ensure(&self.backend, tokens, shape, half, half)
+            .and_then(|_| own.ensure_selections(&self.backend, selections, shape))
             .and_then(|_| self.forward_shared(x, tokens, y, &mut own, true));
         self.own = Some(own);
         r
@@ -455,8 +485,17 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         }
         let be = &self.backend;
         let n = tokens * self.ffn;
+        let roles = self.selection_roles();
+        let deferring = roles.iter().filter(|r| matches!(r, SelectionRole::Defer(_))).count();
+        if s.selections.len() < deferring {
+            return Err(Error::invalid("LlamaMlp::backward", "the scratch holds no selection buffers (not ensured)"));
+        }
         let st = &mut s.staging;
-        self.down.linear.backward_staged(GradY::Raw(g), tokens, Some(&mut s.dh), st)?;
+        let sel = match roles[0] {
+            SelectionRole::Defer(i) => Selecting::Defer(&mut s.selections[i]),
+            _ => Selecting::Now,
+        };
+        self.down.linear.backward_staged(GradY::Raw(g), tokens, Some(&mut s.dh), st, sel)?;
         // The gate and up projections' output gradients leave the SwiGLU backward checked
         // for NaN and infinity (one check over both, named as each layer's own would be);
         // in bf16, rounded straight into their GEMM operands over the saved pre-activations,
@@ -473,20 +512,84 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
             be.swiglu_backward_checked(&self.a, &self.b, &s.dh, &mut s.da, &mut s.db, n, GRAD_Y)?;
             (GradY::Checked(OperandRef::Full(&s.da)), GradY::Checked(OperandRef::Full(&s.db)))
         };
-        match dx {
+        let (selections, dx_up) = (&mut s.selections, &mut s.dx_up);
+        // The gate: it defers into the second buffer, or selects last with the down
+        // projection's pending selection.
+        let sel = match roles[1] {
+            SelectionRole::Defer(i) => Selecting::Defer(&mut selections[i]),
+            SelectionRole::Last => {
+                Selecting::With(self.down.linear.pending_selection(&selections[0]).into_iter().collect())
+            }
+            SelectionRole::Now => Selecting::Now,
+        };
+        let sum_dx = sum && dx.is_some();
+        let (dx_gate, dx_up) = match dx {
+            Some(dx) => (Some(dx), Some(dx_up)),
+            None => (None, None),
+        };
+        let dx_gate = match dx_gate {
             Some(dx) => {
-                self.gate.linear.backward_staged(g_gate, tokens, Some(dx), st)?;
-                self.up.linear.backward_staged(g_up, tokens, Some(&mut s.dx_up), st)?;
-                if sum {
-                    be.axpy(F::ONE, &s.dx_up, dx, tokens * self.hidden)?;
-                }
-                Ok(())
+                self.gate.linear.backward_staged(g_gate, tokens, Some(&mut *dx), st, sel)?;
+                Some(dx)
             }
             None => {
-                self.gate.linear.backward_staged(g_gate, tokens, None, st)?;
-                self.up.linear.backward_staged(g_up, tokens, None, st)
+                self.gate.linear.backward_staged(g_gate, tokens, None, st, sel)?;
+                None
+            }
+        };
+        // The up projection selects last, with every pending selection before it.
+        let sel = match roles[2] {
+            SelectionRole::Last => {
+                let mut pending = Vec::with_capacity(2);
+                for (layer, role) in [(&mut self.down.linear, roles[0]), (&mut self.gate.linear, roles[1])] {
+                    if let SelectionRole::Defer(i) = role {
+                        pending.extend(layer.pending_selection(&selections[i]));
+                    }
+                }
+                Selecting::With(pending)
+            }
+            _ => Selecting::Now,
+        };
+        match dx_up {
+            Some(dx_up) => self.up.linear.backward_staged(g_up, tokens, Some(&mut *dx_up), st, sel)?,
+            None => self.up.linear.backward_staged(g_up, tokens, None, st, sel)?,
+        }
+        if let (true, Some(dx)) = (sum_dx, dx_gate) {
+            be.axpy(F::ONE, &s.dx_up, dx, tokens * self.hidden)?;
+        }
+        // SparseGrad projections whose selection ran in the last one's batch.
+        if matches!(roles[0], SelectionRole::Defer(_)) {
+            self.down.linear.selection_done();
+        }
+        if matches!(roles[1], SelectionRole::Defer(_)) {
+            self.gate.linear.selection_done();
+        }
+        // MeProp projections left their top-k pending: the three run as one batch.
+        select_pending(be, [&mut self.gate.linear, &mut self.up.linear, &mut self.down.linear])
+    }
+
+    /// How each projection's backward selects (in backward order: down, gate, up): on a
+    /// GPU, the SparseGrad projections select in one batch, every one but the last leaving
+    /// its `dWt` in a selection buffer of the scratch ([`LlamaMlpScratch::ensure`]).
+    fn selection_roles(&self) -> [SelectionRole; 3] {
+        let defers = [&self.down, &self.gate, &self.up].map(|p| p.linear.defers_selection());
+        let mut roles = [SelectionRole::Now; 3];
+        if defers.iter().filter(|&&d| d).count() >= 2 {
+            let last = defers.iter().rposition(|&d| d).unwrap_or(0);
+            let mut slot = 0;
+            for (i, role) in roles.iter_mut().enumerate() {
+                if defers[i] {
+                    *role = if i == last { SelectionRole::Last } else { SelectionRole::Defer(slot) };
+                    slot += usize::from(i != last);
+                }
             }
         }
+        roles
+    }
+
+    /// The selection buffers ([`LlamaMlpScratch::ensure`]) this block's backward uses.
+    pub(crate) fn selection_buffers(&self) -> usize {
+        self.selection_roles().iter().filter(|r| matches!(r, SelectionRole::Defer(_))).count()
     }
 
     pub fn step(&mut self) -> Result<()> {

@@ -8,7 +8,7 @@
 
 use crate::backend::operand::{mm, stage_checked, Operand, OperandRef};
 use crate::backend::Precision;
-use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps};
+use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps, TopkJob};
 use crate::error::{Error, Result};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
 use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, Keep, LayerWeights, INPUT_X};
@@ -90,6 +90,9 @@ pub struct DenseLinear<B: Backend, F: Real = f32> {
     capacity: usize,
     saved_tokens: Option<usize>,
     grad_ready: bool,
+    /// MeProp: the last backward left its selection to the caller (see
+    /// [`Self::pending_selection`]).
+    selection_pending: bool,
     step: u64,
     /// MeProp under SGD: marks the entries that moved (see SparseGradLinear's twin).
     sgd_mask: Option<(B::Buf<F>, Coo<B, F>)>,
@@ -157,6 +160,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             capacity: 0,
             saved_tokens: None,
             grad_ready: false,
+            selection_pending: false,
             step: 0,
             sgd_mask,
         })
@@ -260,7 +264,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
     /// `dx = g W` into `dx` if given; `dW = g^T x` (and its top-k under MeProp) and `db`
     /// only when the layer trains.
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
-        self.backward_staged(GradY::Raw(g), tokens, dx, None)
+        self.backward_staged(GradY::Raw(g), tokens, dx, None, false)
     }
 
     /// Whether [`Self::backward_staged`] takes `g` as only a bf16 operand: it needs `g` in
@@ -271,12 +275,15 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
 
     /// [`Self::backward`] from `g` as [`GradY`] gives it, staging a raw `g` in bf16 in the
     /// shared `staging` (grown by the caller to `tokens * out`) instead of the layer's own.
+    /// With `defer_selection`, a MeProp layer leaves its top-k to the caller, who runs it
+    /// with other layers' in one batch ([`Self::pending_selection`]).
     pub(crate) fn backward_staged(
         &mut self,
         g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
         staging: Option<&mut Bf16Staging<B>>,
+        defer_selection: bool,
     ) -> Result<()> {
         let (out, inp) = (self.out, self.inp);
         let half = self.precision == Precision::Bf16;
@@ -290,6 +297,7 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
             (out, inp),
         )?;
         self.grad_ready = false;
+        self.selection_pending = false;
         let be = &self.backend;
         let g_half = match staging {
             Some(st) => half.then_some(&mut st.g),
@@ -308,15 +316,43 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         }
         let Some(grad_w) = self.grad_w.as_mut() else { return Ok(()) };
         mm(be, &Gemm::tn(out, inp, tokens), g_op, self.saved.as_ref(), grad_w)?;
-        if let Some(t) = self.topk.as_mut() {
+        let defer = defer_selection && self.topk.is_some();
+        if let (Some(t), false) = (self.topk.as_mut(), defer) {
             let full = IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) };
             be.topk_coo(grad_w, out, inp, t.k, &full, &mut t.ws, &mut t.coo)?;
         }
         if let (Some(db), Some(g)) = (self.bias_grad.as_mut(), g_full) {
             be.bias_grad(g, tokens, out, db, F::ZERO)?;
         }
-        self.grad_ready = true;
+        self.selection_pending = defer;
+        self.grad_ready = !defer;
         Ok(())
+    }
+
+    /// The top-k of a backward that deferred it: select from `dW` into the layer's COO
+    /// gradient, then call [`Self::selection_done`]. `None` when nothing is pending.
+    pub(crate) fn pending_selection(&mut self) -> Option<TopkJob<'_, B, F>> {
+        let (out, inp) = (self.out, self.inp);
+        match (self.selection_pending, self.topk.as_mut(), self.grad_w.as_ref()) {
+            (true, Some(t), Some(grad_w)) => Some(TopkJob {
+                m: grad_w,
+                rows: out,
+                cols: inp,
+                k: t.k,
+                maps: IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) },
+                ws: &mut t.ws,
+                out: &mut t.coo,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The pending selection ran: the gradient is ready for [`Self::step`].
+    pub(crate) fn selection_done(&mut self) {
+        if self.selection_pending {
+            self.selection_pending = false;
+            self.grad_ready = true;
+        }
     }
 
     /// See [`crate::Linear::count_replayed_step`].

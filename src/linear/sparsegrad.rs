@@ -46,7 +46,7 @@ mod workspace;
 
 use crate::backend::operand::{mm, mm_operand, stage_checked, to_f, OperandRef};
 use crate::backend::Precision;
-use crate::backend::{Backend, Coo, Gemm, HostCoo};
+use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps, TopkJob};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, Keep, INPUT_X};
@@ -58,6 +58,7 @@ use half::bf16;
 pub(crate) use pricing::update_kernel_work;
 pub use pricing::{FormulationPrice, GemmMode, MergedUpdate};
 use std::sync::Arc;
+pub(crate) use step::Selecting;
 use workspace::Workspace;
 pub use workspace::{ScratchLengths, SharedScratch, SparseGradScratch};
 
@@ -255,6 +256,9 @@ pub struct SparseGradLinear<B: Backend, F: Real = f32> {
     step: u64,
     grad: Coo<B, F>,
     grad_ready: bool,
+    /// The last backward left `dWt` in a caller's buffer and its selection to the caller
+    /// ([`Selecting::Defer`]).
+    selection_pending: bool,
     /// Tokens of the last forward whose activations are saved.
     saved_tokens: Option<usize>,
     stats: StepGrads,
@@ -380,6 +384,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             step: 0,
             grad: Coo::with_capacity(backend, k, (out, inp))?,
             grad_ready: false,
+            selection_pending: false,
             saved_tokens: None,
             stats: StepGrads::default(),
             ws: Workspace::new(backend, formulation, update, cfg.selection, cfg.precision, out, inp, k)?,
@@ -503,7 +508,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// Backward from `g = dL/dy` `(tokens, out)`: writes `dx = g W` (exact) into `dx` if
     /// given, computes the bias gradient and the COO gradient of `Wt` (see [`Self::grad`]).
     pub fn backward(&mut self, g: &B::Buf<F>, tokens: usize, dx: Option<&mut B::Buf<F>>) -> Result<()> {
-        self.backward_grad(GradY::Raw(g), tokens, dx)
+        self.backward_grad(GradY::Raw(g), tokens, dx, Selecting::Now)
     }
 
     /// Whether [`Self::backward_grad`] takes `g` as only a bf16 operand: not with a bias
@@ -512,12 +517,20 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         self.bias.is_none() && self.cfg.selection == Selection::Exact
     }
 
-    /// [`Self::backward`] from `g` as [`GradY`] gives it.
+    /// Whether a backward can leave its selection to the caller ([`Selecting::Defer`]):
+    /// on a backend that batches launches (the GPU), when the selection is from the full
+    /// `dWt` (Exact, or SparseByDense as a captured step runs it).
+    pub(crate) fn defers_selection(&self) -> bool {
+        self.backend.supports_capture()
+    }
+
+    /// [`Self::backward`] from `g` as [`GradY`] gives it, its selection as `sel` says.
     pub(crate) fn backward_grad(
         &mut self,
         g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
+        sel: Selecting<'_, B, F>,
     ) -> Result<()> {
         const OP: &str = "SparseGradLinear::backward";
         let (out, inp) = (self.out, self.inp);
@@ -525,16 +538,52 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         if !self.takes_half_grad() {
             g.require_full(OP)?;
         }
+        if let Selecting::Defer(buf) = &sel {
+            if !self.defers_selection() {
+                return Err(Error::invalid(OP, "this layer's selection cannot be deferred on this backend"));
+            }
+            let have = self.backend.len(buf);
+            if have < out * inp {
+                return Err(Error::shape(OP, "selection buffer", format!("{out} x {inp} values"), have));
+            }
+        }
+        let defer = matches!(sel, Selecting::Defer(_));
         self.grad_ready = false;
+        self.selection_pending = false;
         self.with_scratch(tokens, |l| match l.formulation {
-            Formulation::Transformed => l.backward_transformed(g, tokens, dx),
-            Formulation::Merged => l.backward_merged(g, tokens, dx),
+            Formulation::Transformed => l.backward_transformed(g, tokens, dx, sel),
+            Formulation::Merged => l.backward_merged(g, tokens, dx, sel),
         })?;
         if let (Some(db), true) = (self.bias_grad.as_mut(), self.bias.is_some()) {
             self.backend.bias_grad(g.require_full(OP)?, tokens, out, db, F::ZERO)?;
         }
-        self.grad_ready = true;
+        self.selection_pending = defer;
+        self.grad_ready = !defer;
         Ok(())
+    }
+
+    /// The selection a deferred backward left pending, from `dwt`, the buffer it was given
+    /// ([`Selecting::Defer`]); run it, then call [`Self::selection_done`]. `None` when
+    /// nothing is pending.
+    pub(crate) fn pending_selection<'a>(&'a mut self, dwt: &'a B::Buf<F>) -> Option<TopkJob<'a, B, F>> {
+        let (out, inp) = (self.out, self.inp);
+        self.selection_pending.then_some(TopkJob {
+            m: dwt,
+            rows: out,
+            cols: inp,
+            k: self.k,
+            maps: IndexMaps { row_map: None, col_map: None, full_shape: (out, inp) },
+            ws: &mut self.ws.topk,
+            out: &mut self.grad,
+        })
+    }
+
+    /// The pending selection ran: the gradient is ready for [`Self::step`].
+    pub(crate) fn selection_done(&mut self) {
+        if self.selection_pending {
+            self.selection_pending = false;
+            self.grad_ready = true;
+        }
     }
 
     /// The COO gradient of `Wt` from the last backward (`k` entries, sorted).

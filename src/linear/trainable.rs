@@ -2,14 +2,14 @@
 //! projection: frozen, full fine-tuning, SparseGrad, LoRA, MeProp, and the "collect" mode
 //! of the preliminary phase (dense gradients for the Gram accumulators, nothing trains).
 
-use crate::backend::Backend;
 use crate::backend::Precision;
+use crate::backend::{Backend, TopkJob};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::dense::{Bf16Staging, DenseConfig, DenseLinear, DenseMode};
 use crate::linear::lora::{LoraConfig, LoraLinear};
 use crate::linear::sparsegrad::{
-    Formulation, MergedUpdate, Selection, SharedScratch, SparseGradConfig, SparseGradLinear,
+    Formulation, MergedUpdate, Selecting, Selection, SharedScratch, SparseGradConfig, SparseGradLinear,
 };
 use crate::linear::state::LayerState;
 use crate::linear::{GradY, Keep, LayerWeights};
@@ -275,18 +275,44 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
     }
 
     /// [`Self::backward`] from `g` as [`GradY`] gives it, with a model's shared bf16 staging
-    /// (dense layers use it).
+    /// (dense layers use it). A MeProp layer leaves its top-k pending: the caller runs the
+    /// pending selections of its layers in one batch ([`select_pending`]) before a step. A
+    /// SparseGrad layer selects as `sel` says (see [`Selecting`]); other layers ignore it.
     pub(crate) fn backward_staged(
         &mut self,
         g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
         staging: &mut Bf16Staging<B>,
+        sel: Selecting<'_, B, F>,
     ) -> Result<()> {
         match self {
-            Linear::Dense(l) => l.backward_staged(g, tokens, dx, Some(staging)),
-            Linear::SparseGrad(l) => l.backward_grad(g, tokens, dx),
+            Linear::Dense(l) => l.backward_staged(g, tokens, dx, Some(staging), true),
+            Linear::SparseGrad(l) => l.backward_grad(g, tokens, dx, sel),
             Linear::Lora(l) => l.backward_grad(g, tokens, dx),
+        }
+    }
+
+    /// Whether this is a SparseGrad layer that can leave its selection to the caller
+    /// ([`Selecting::Defer`]).
+    pub(crate) fn defers_selection(&self) -> bool {
+        matches!(self, Linear::SparseGrad(l) if l.defers_selection())
+    }
+
+    /// A SparseGrad layer's deferred selection, from `dwt`, the buffer its backward was given.
+    pub(crate) fn pending_selection<'a>(&'a mut self, dwt: &'a B::Buf<F>) -> Option<TopkJob<'a, B, F>> {
+        match self {
+            Linear::SparseGrad(l) => l.pending_selection(dwt),
+            _ => None,
+        }
+    }
+
+    /// The selection this layer left pending ran (in a batch).
+    pub(crate) fn selection_done(&mut self) {
+        match self {
+            Linear::Dense(l) => l.selection_done(),
+            Linear::SparseGrad(l) => l.selection_done(),
+            Linear::Lora(_) => {}
         }
     }
 
@@ -383,4 +409,25 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
     pub fn in_features(&self) -> usize {
         each!(self, l => l.in_features())
     }
+}
+
+/// Runs the top-k selections that `layers`' last [`Linear::backward_staged`] left pending,
+/// as one batch ([`crate::backend::TopkOps::topk_coo_batch`]): one sequence of launches on a
+/// GPU instead of one per layer.
+pub(crate) fn select_pending<B: Backend + Clone, F: Real>(backend: &B, layers: [&mut Linear<B, F>; 3]) -> Result<()> {
+    let mut dense: Vec<&mut DenseLinear<B, F>> = layers
+        .into_iter()
+        .filter_map(|l| match l {
+            Linear::Dense(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    let mut jobs: Vec<_> = dense.iter_mut().filter_map(|d| d.pending_selection()).collect();
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    backend.topk_coo_batch(&mut jobs)?;
+    drop(jobs);
+    dense.iter_mut().for_each(|d| d.selection_done());
+    Ok(())
 }

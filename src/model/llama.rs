@@ -312,7 +312,11 @@ impl<B: Backend + Clone, F: Real> LlamaModel<B, F> {
         }
         let below = lowest.is_none_or(|lo| lo > 0);
         // bf16 MLPs compute `a` and `b` in the scratch and save them rounded.
-        s.mlp.ensure(be, t, MlpShape { hidden: c.hidden, ffn: c.ffn }, below || half, half)?;
+        let mlp_shape = MlpShape { hidden: c.hidden, ffn: c.ffn };
+        s.mlp.ensure(be, t, mlp_shape, below || half, half)?;
+        // The SparseGrad blocks' batched selections (the most any block needs).
+        let selections = self.layers.iter().map(|l| l.mlp.selection_buffers()).max().unwrap_or(0);
+        s.mlp.ensure_selections(be, selections, mlp_shape)?;
         if t <= s.tokens {
             return Ok(());
         }

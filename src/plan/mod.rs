@@ -291,6 +291,12 @@ impl MemoryPlan {
             // The dense projections' bf16 stagings of x and g (Bf16Staging), shared.
             l.add(Category::SharedWorkspace, "MLP scratch", &[2, t, f.max(h)], BF16)?;
         }
+        // On the GPU a block's SparseGrad projections select in one batch: all but the last
+        // leave `dWt` in a selection buffer (LlamaMlpScratch::ensure_selections).
+        let sparsegrad_projections = choices.iter().filter(|ch| ch.is_some()).count();
+        if !plan.layers.is_empty() && sparsegrad_projections >= 2 {
+            l.add(Category::SharedWorkspace, "MLP selection buffers", &[sparsegrad_projections - 1, f, h], MASTER)?;
+        }
         if let Some(n) = &scratch {
             linear::shared_scratch(&mut l, n, opts.precision)?;
         }

@@ -51,6 +51,25 @@ pub struct TopkJob<'a, B: TopkOps, F: Elem> {
     pub out: &'a mut Coo<B, F>,
 }
 
+impl<B: TopkOps, F: Elem> TopkJob<'_, B, F> {
+    /// The same job, borrowed for a shorter time (to batch it with jobs that live less).
+    pub fn reborrow(&mut self) -> TopkJob<'_, B, F> {
+        TopkJob {
+            m: self.m,
+            rows: self.rows,
+            cols: self.cols,
+            k: self.k,
+            maps: IndexMaps {
+                row_map: self.maps.row_map,
+                col_map: self.maps.col_map,
+                full_shape: self.maps.full_shape,
+            },
+            ws: &mut *self.ws,
+            out: &mut *self.out,
+        }
+    }
+}
+
 /// The name of job `i` of `count` in a finiteness error: the single selection's own name
 /// when alone.
 pub(crate) fn topk_matrix_name(i: usize, count: usize) -> String {

@@ -3,11 +3,62 @@
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
 use crate::backend::operand::{mm, mm_operand, stage, OperandRef};
-use crate::backend::{Backend, Coo, Gemm, IndexMaps, OutBuf};
+use crate::backend::{Backend, Coo, Gemm, IndexMaps, OutBuf, TopkJob};
 use crate::error::{Error, Result};
 use crate::linear::GradY;
 use crate::optim::{dense_step, missing_moments, sparse_step, Optimizer};
 use crate::scalar::Real;
+
+/// What a backward does with `dWt`, its top-k selection's matrix.
+pub(crate) enum Selecting<'a, B: Backend, F: Real> {
+    /// Select into the layer's COO gradient at once.
+    Now,
+    /// Write `dWt` (`out * in`) into this buffer and leave its selection to the caller,
+    /// who runs it in one batch with others ([`SparseGradLinear::pending_selection`]). Only
+    /// where [`SparseGradLinear::defers_selection`].
+    Defer(&'a mut B::Buf<F>),
+    /// Select at once, in one batch with these selections other layers left pending.
+    With(Vec<TopkJob<'a, B, F>>),
+}
+
+impl<B: Backend, F: Real> Selecting<'_, B, F> {
+    /// Where the product `dWt` goes: the caller's buffer, or the layer's scratch.
+    fn target<'b>(&'b mut self, scratch: &'b mut B::Buf<F>) -> &'b mut B::Buf<F> {
+        match self {
+            Selecting::Defer(buf) => buf,
+            _ => scratch,
+        }
+    }
+
+    /// Selects from `m`, the layer's scratch (the block `rows x cols`, placed by `maps`),
+    /// into `grad` as this says: at once, in a batch with the pending jobs, or not at all
+    /// (deferred: the product went to the caller's buffer instead).
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        self,
+        be: &B,
+        m: &B::Buf<F>,
+        rows: usize,
+        cols: usize,
+        k: usize,
+        maps: IndexMaps<'_, B>,
+        ws: &mut B::TopkWorkspace,
+        grad: &mut Coo<B, F>,
+    ) -> Result<()> {
+        match self {
+            Selecting::Now => be.topk_coo(m, rows, cols, k, &maps, ws, grad),
+            Selecting::Defer(_) if maps.row_map.is_none() && maps.col_map.is_none() => Ok(()),
+            Selecting::Defer(_) => {
+                Err(Error::invalid("SparseGradLinear::backward", "a compacted selection cannot be deferred"))
+            }
+            Selecting::With(mut pending) => {
+                let mut jobs: Vec<TopkJob<'_, B, F>> = pending.iter_mut().map(|j| j.reborrow()).collect();
+                jobs.push(TopkJob { m, rows, cols, k, maps, ws, out: grad });
+                be.topk_coo_batch(&mut jobs)
+            }
+        }
+    }
+}
 
 impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
     /// `gt = g P`; `dx = (gt Wt) Q^T`; `dWt = gt^T xt` (Exact) or the SparseByDense block.
@@ -16,6 +67,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
+        mut sel: Selecting<'_, B, F>,
     ) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
         let be = &self.backend;
@@ -63,8 +115,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         };
         match selection {
             Selection::Exact => {
-                mm(be, &Gemm::tn(out, inp, tokens), gt_op, ws.saved.as_ref(), &mut ws.big_a)?;
-                be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
+                mm(be, &Gemm::tn(out, inp, tokens), gt_op, ws.saved.as_ref(), sel.target(&mut ws.big_a))?;
+                sel.select(be, &ws.big_a, out, inp, k, full, &mut ws.topk, &mut self.grad)?;
                 self.stats = StepGrads { rows_multiplied: tokens, cols_multiplied: out, k };
             }
             Selection::SparseByDense { threshold } => {
@@ -93,7 +145,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
                 // C = gt[rows, cols]^T xt[rows, :]; C(i, l) is entry (cols[i], l) of dWt.
                 mm(be, &Gemm::tn(nc, inp, nr), ws.block_op.as_ref(), ws.rows_op.as_ref(), &mut ws.big_a)?;
                 let maps = IndexMaps { row_map: Some(&ws.col_idx), col_map: None, full_shape: (out, inp) };
-                be.topk_coo(&ws.big_a, nc, inp, k, &maps, &mut ws.topk, &mut self.grad)?;
+                sel.select(be, &ws.big_a, nc, inp, k, maps, &mut ws.topk, &mut self.grad)?;
                 self.stats = StepGrads { rows_multiplied: nr, cols_multiplied: nc, k };
             }
         }
@@ -110,6 +162,7 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         g: GradY<'_, B, F>,
         tokens: usize,
         dx: Option<&mut B::Buf<F>>,
+        mut sel: Selecting<'_, B, F>,
     ) -> Result<()> {
         let (out, inp, k) = (self.out, self.inp, self.k);
         let (p_t, q_t) = (self.basis_dev.p_transposed, self.basis_dev.q_transposed);
@@ -134,8 +187,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             // The borrowed scratch holds the rotated g and x (`ScratchLengths::of`).
             let gt = mm_operand(be, &times_p(tokens), g_op, p, &mut ws.tmp_out, ws.out_half.as_mut())?;
             let xt = mm_operand(be, &times_q(tokens), ws.saved.as_ref(), q, &mut ws.tmp_in, ws.in_half.as_mut())?;
-            mm(be, &Gemm::tn(out, inp, tokens), gt, xt, &mut ws.big_a)?;
-            be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
+            mm(be, &Gemm::tn(out, inp, tokens), gt, xt, sel.target(&mut ws.big_a))?;
+            sel.select(be, &ws.big_a, out, inp, k, full, &mut ws.topk, &mut self.grad)?;
             self.stats = StepGrads { rows_multiplied: tokens, cols_multiplied: out, k };
             return Ok(());
         }
@@ -163,8 +216,8 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
         };
         // dWt = (P^T dW) Q.
         let ptdw = mm_operand(be, &p_t_times(inp), p, dw, big_b, ws.big_half_b.as_mut())?;
-        mm(be, &times_q(out), ptdw, q, &mut ws.big_a)?;
-        be.topk_coo(&ws.big_a, out, inp, k, &full, &mut ws.topk, &mut self.grad)?;
+        mm(be, &times_q(out), ptdw, q, sel.target(&mut ws.big_a))?;
+        sel.select(be, &ws.big_a, out, inp, k, full, &mut ws.topk, &mut self.grad)?;
         self.stats = StepGrads { rows_multiplied: rows, cols_multiplied: out, k };
         Ok(())
     }
