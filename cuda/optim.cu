@@ -12,7 +12,8 @@
 //                     dense[r, c] = change (optional; f32, or bf16 rounded to nearest even;
 //                     the launcher zeroes dense first, so with it the list must be sorted).
 //                     step_size = lr * sqrt(1 - b2^t) / (1 - b1^t) in f64, rounded to f32.
-//   adamw_f32         torch.optim.AdamW (single-tensor path): p *= 1 - lr * wd;
+//   adamw_f32         torch.optim.AdamW (single-tensor path, up to ADAMW_MAX_JOBS
+//                     parameters per launch, one per blockIdx.y): p *= 1 - lr * wd;
 //                     m += (g - m)(1 - b1); v = v b2 + (1 - b2) g g;
 //                     p -= step_size * (m / (sqrt(v) / bc2_sqrt + eps)), with step_size =
 //                     lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) (f64 -> f32), decay =
@@ -32,9 +33,10 @@
 // `delta`, so an update applied from it changes nothing), and the error is returned with
 // the step's loss.
 //
-// Launch shape: 1-D, SG_THREADS threads, 64-bit grid-stride loop over the entries (AdamW:
-// float4 steps when the buffers are 16-byte aligned, then a scalar tail); grid capped by
-// the launcher. Entries of a sorted COO list are distinct, so no two threads touch
+// Launch shape: SG_THREADS threads, 64-bit grid-stride loop over the entries along x
+// (AdamW: float4 steps when the buffers are 16-byte aligned, then a scalar tail); grid
+// capped by the launcher; AdamW's y is the parameter of the batch (each its own gridDim.x
+// blocks, which its clock counts). Entries of a sorted COO list are distinct, so no two threads touch
 // the same state. An entry outside the matrix is skipped and sets SG_ERR_SPARSE_ADAM (in word 5
 // of the health block, reported with word 0's bits).
 //
@@ -62,14 +64,15 @@ __device__ __forceinline__ int sg_clock_t(const u64* clock) {
     return t > 0x7fffffffull ? 0x7fffffff : (int)t;
 }
 
-// Called by every thread of every block after its work: the last block to arrive stores
-// the step taken and resets the arrival count.
+// Called by every thread of every block of a job (the gridDim.x blocks of one blockIdx.y)
+// after its work: the last block to arrive stores the step taken and resets the arrival
+// count.
 __device__ __forceinline__ void sg_clock_advance(u64* clock) {
     __shared__ u32 last;
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();
-        const u64 blocks = (u64)gridDim.x * gridDim.y * gridDim.z;
+        const u64 blocks = (u64)gridDim.x;
         const u64 ticket = atomicAdd((unsigned long long*)&clock[1], 1ull);
         last = ticket + 1 == blocks;
     }
@@ -139,10 +142,43 @@ __device__ __forceinline__ void adamw_one(float& p, float g, float& m, float& v,
     p = __fsub_rn(p, __fmul_rn(step_size, __fdiv_rn(m, denom)));
 }
 
-extern "C" __global__ void adamw_f32(float* __restrict__ param, const float* __restrict__ grad, float* __restrict__ exp_avg,
-                                     float* __restrict__ exp_avg_sq, __nv_bfloat16* __restrict__ param_half, u64 n,
-                                     u64* clock, float lr, float weight_decay, float beta1, float beta2, float eps,
-                                     const u64* health) {
+// One parameter of an AdamW launch (blockIdx.y picks it; mirrored by `AdamwJobArg` in
+// src/backend/cuda/optim.rs): a batch of parameters steps in one launch, each exactly as
+// alone, with its own clock and hyperparameters.
+#define ADAMW_MAX_JOBS 8
+struct AdamwJob {
+    float* param;
+    const float* grad;
+    float* exp_avg;
+    float* exp_avg_sq;
+    __nv_bfloat16* param_half;
+    u64 n;
+    u64* clock;
+    float lr;
+    float weight_decay;
+    float beta1;
+    float beta2;
+    float eps;
+    float unused;
+};
+struct AdamwJobs {
+    AdamwJob job[ADAMW_MAX_JOBS];
+};
+
+extern "C" __global__ void adamw_f32(const AdamwJobs jobs, const u64* health) {
+    const AdamwJob& job = jobs.job[blockIdx.y];
+    float* __restrict__ param = job.param;
+    const float* __restrict__ grad = job.grad;
+    float* __restrict__ exp_avg = job.exp_avg;
+    float* __restrict__ exp_avg_sq = job.exp_avg_sq;
+    __nv_bfloat16* __restrict__ param_half = job.param_half;
+    const u64 n = job.n;
+    u64* clock = job.clock;
+    const float lr = job.lr;
+    const float weight_decay = job.weight_decay;
+    const float beta1 = job.beta1;
+    const float beta2 = job.beta2;
+    const float eps = job.eps;
     if (sg_health_bad(health)) return;  // uniform across the grid
     const int t = sg_clock_t(clock);
     const double bc1 = __dadd_rn(1.0, -sg_powi((double)beta1, t));

@@ -19,7 +19,7 @@ use crate::basis::{Basis, GramAccumulator, GramSet};
 use crate::error::{Error, Result};
 use crate::linear::dense::Bf16Staging;
 use crate::linear::sparsegrad::Selecting;
-use crate::linear::trainable::{select_pending, Linear, LinearBuilder, Method, TrainOptions};
+use crate::linear::trainable::{select_pending, step_in_batches, Linear, LinearBuilder, Method, TrainOptions};
 use crate::linear::{GradY, GRAD_Y};
 use crate::scalar::Real;
 use half::bf16;
@@ -592,10 +592,10 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
         self.selection_roles().iter().filter(|r| matches!(r, SelectionRole::Defer(_))).count()
     }
 
+    /// One optimizer step of the three projections; AdamW updates (full fine-tuning, LoRA)
+    /// run as one batch.
     pub fn step(&mut self) -> Result<()> {
-        self.gate.linear.step()?;
-        self.up.linear.step()?;
-        self.down.linear.step()
+        step_in_batches(&self.backend, [&mut self.gate.linear, &mut self.up.linear, &mut self.down.linear])
     }
 
     /// See [`crate::Linear::count_replayed_step`].

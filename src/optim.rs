@@ -2,7 +2,7 @@
 //! ones, PyTorch semantics; the ops themselves live in the backends) or plain SGD, with
 //! the moment buffers each needs.
 
-use crate::backend::{AdamParams, Backend, Coo};
+use crate::backend::{AdamParams, AdamwJob, Backend, Coo};
 use crate::error::{checked_mul, Error, Result};
 use crate::scalar::Real;
 use half::bf16;
@@ -104,6 +104,34 @@ pub(crate) fn dense_step<B: Backend, F: Real>(
             backend.axpy(F::from_f64(-(*lr as f64)), grad, param, len)?;
             half.map_or(Ok(()), |h| backend.cast_to_bf16(param, h, len))
         }
+    }
+}
+
+/// [`dense_step`] as one job of a batch ([`crate::backend::OptimOps::adamw_batch`]), when
+/// the step is Adam's (`None` under SGD, which the caller steps alone).
+pub(crate) fn adamw_job<'a, B: Backend, F: Real>(
+    opt: &Optimizer,
+    param: &'a mut B::Buf<F>,
+    half: Option<&'a mut B::Buf<bf16>>,
+    grad: &'a B::Buf<F>,
+    moments: Option<&'a mut Moments<B, F>>,
+    len: usize,
+) -> Result<Option<AdamwJob<'a, B, F>>> {
+    match opt {
+        Optimizer::Adam(hp) => {
+            let m = moments.ok_or_else(missing_moments)?;
+            Ok(Some(AdamwJob {
+                param,
+                param_bf16: half,
+                grad,
+                exp_avg: &mut m.exp_avg,
+                exp_avg_sq: &mut m.exp_avg_sq,
+                len,
+                clock: &mut m.clock,
+                hp: *hp,
+            }))
+        }
+        Optimizer::Sgd { .. } => Ok(None),
     }
 }
 

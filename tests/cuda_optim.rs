@@ -8,7 +8,7 @@ mod cuda_common;
 use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
-use sparsegrad::backend::{Coo, OptimOps, OutBuf, SparseOps};
+use sparsegrad::backend::{AdamwJob, Coo, OptimOps, OutBuf, SparseOps};
 use sparsegrad::{AdamParams, Backend, Cpu, Error, HostCoo};
 
 fn random_coo(r: &mut SmallRng, rows: usize, cols: usize, k: usize) -> HostCoo<f32> {
@@ -178,6 +178,110 @@ fn check_adamw<B: Backend>(dev: &B, big: bool) {
     }
 }
 
+/// One parameter of an AdamW batch test, on one backend: value, moments, clock, bf16 copy.
+struct Param<B: Backend> {
+    p: B::Buf<f32>,
+    m: B::Buf<f32>,
+    v: B::Buf<f32>,
+    clock: B::Buf<u64>,
+    half: B::Buf<bf16>,
+}
+
+impl<B: Backend> Param<B> {
+    fn new(b: &B, p0: &[f32]) -> Self {
+        let z = vec![0.0f32; p0.len()];
+        let (p, m, v) = (up(b, p0), up(b, &z), up(b, &z));
+        Param { p, m, v, clock: b.alloc::<u64>(2).unwrap(), half: poisoned(b, p0.len(), bf16::NAN) }
+    }
+}
+
+/// `adamw_batch` of ragged parameters (empty ones, with and without a bf16 copy, their own
+/// hyperparameters; more than the 8 one launch takes) on the device against the CPU's
+/// single `adamw` calls, bit for bit over three steps; a batch with one bad job is refused
+/// before anything moves.
+fn check_adamw_batch<B: Backend>(dev: &B) {
+    let cpu = Cpu::new();
+    let mut r = rng(53);
+    let lens = [0usize, 1, 17, 1000, 3, 1600, 4, 5, 6, 70, 257];
+    let p0: Vec<Vec<f32>> = lens.iter().map(|&n| rand_f32(&mut r, n + 1)).collect();
+    let hps: Vec<AdamParams> = (0..lens.len())
+        .map(|i| AdamParams {
+            lr: 1e-2 * (1 + i) as f32,
+            beta1: 0.8,
+            beta2: 0.99,
+            eps: 1e-6,
+            weight_decay: 0.01 * i as f32,
+        })
+        .collect();
+    let mut cp: Vec<Param<Cpu>> = p0.iter().map(|p| Param::new(&cpu, p)).collect();
+    let mut dp: Vec<Param<B>> = p0.iter().map(|p| Param::new(dev, p)).collect();
+    for step in 1..=3u64 {
+        let grads: Vec<Vec<f32>> = lens.iter().map(|&n| rand_f32(&mut r, n)).collect();
+        let with_half = |i: usize| (i + step as usize) % 3 != 0;
+        for (i, c) in cp.iter_mut().enumerate() {
+            let half = with_half(i).then_some(&mut c.half);
+            cpu.adamw(&mut c.p, half, &up(&cpu, &grads[i]), &mut c.m, &mut c.v, lens[i], &mut c.clock, &hps[i])
+                .unwrap();
+        }
+        let dev_grads: Vec<_> = grads.iter().map(|g| up(dev, g)).collect();
+        let mut jobs: Vec<AdamwJob<'_, B, f32>> = dp
+            .iter_mut()
+            .enumerate()
+            .map(|(i, d)| AdamwJob {
+                param: &mut d.p,
+                param_bf16: with_half(i).then_some(&mut d.half),
+                grad: &dev_grads[i],
+                exp_avg: &mut d.m,
+                exp_avg_sq: &mut d.v,
+                len: lens[i],
+                clock: &mut d.clock,
+                hp: hps[i],
+            })
+            .collect();
+        dev.adamw_batch(&mut jobs).unwrap();
+        drop(jobs);
+        for (i, (c, d)) in cp.iter().zip(&dp).enumerate() {
+            let (n, what) = (lens[i] + 1, format!("adamw batch, job {i} (n = {}), step {step}", lens[i]));
+            assert_eq!(down(dev, &d.clock, 2), vec![step, 0], "{what}: the clock");
+            assert_bits(&format!("{what}: param"), &down(dev, &d.p, n), &down(&cpu, &c.p, n));
+            assert_bits(&format!("{what}: exp_avg"), &down(dev, &d.m, n), &down(&cpu, &c.m, n));
+            assert_bits(&format!("{what}: exp_avg_sq"), &down(dev, &d.v, n), &down(&cpu, &c.v, n));
+            let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_same(&format!("{what}: bf16 copy"), &bits(down(dev, &d.half, n)), &bits(down(&cpu, &c.half, n)));
+        }
+    }
+    // A short gradient in the last job: refused, no parameter or clock moves.
+    let before: Vec<Vec<f32>> = dp.iter().zip(&lens).map(|(d, &n)| down(dev, &d.p, n + 1)).collect();
+    let short = up(dev, &[0.5f32]);
+    let grads: Vec<_> = lens.iter().map(|&n| up(dev, &vec![0.25f32; n])).collect();
+    let last = lens.len() - 1;
+    let mut jobs: Vec<AdamwJob<'_, B, f32>> = dp
+        .iter_mut()
+        .enumerate()
+        .map(|(i, d)| AdamwJob {
+            param: &mut d.p,
+            param_bf16: None,
+            grad: if i == last { &short } else { &grads[i] },
+            exp_avg: &mut d.m,
+            exp_avg_sq: &mut d.v,
+            len: lens[i],
+            clock: &mut d.clock,
+            hp: hps[i],
+        })
+        .collect();
+    let err = dev.adamw_batch(&mut jobs);
+    assert!(matches!(err, Err(Error::Shape { op: "adamw", .. })), "{err:?}");
+    drop(jobs);
+    for (i, d) in dp.iter().enumerate() {
+        assert_eq!(down(dev, &d.clock, 2), vec![3, 0], "refused batch, job {i}: the clock");
+        assert_bits(&format!("refused batch, job {i}: param"), &down(dev, &d.p, lens[i] + 1), &before[i]);
+    }
+}
+
+cuda_test!(fn adamw_batch_matches_single_steps_on_the_cpu(cuda) {
+    check_adamw_batch(&cuda);
+});
+
 cuda_test!(fn sparse_adam_matches_cpu_bit_for_bit(cuda) {
     check_sparse_adam(&cuda);
 });
@@ -218,4 +322,5 @@ fn harness_on_cpu() {
     check_sparse_adam(&Cpu::new());
     check_sparse_adam_densify(&Cpu::new());
     check_adamw(&Cpu::new(), false);
+    check_adamw_batch(&Cpu::new());
 }

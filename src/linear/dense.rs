@@ -8,11 +8,11 @@
 
 use crate::backend::operand::{mm, stage_checked, Operand, OperandRef};
 use crate::backend::Precision;
-use crate::backend::{Backend, Coo, Gemm, HostCoo, IndexMaps, TopkJob};
+use crate::backend::{AdamwJob, Backend, Coo, Gemm, HostCoo, IndexMaps, TopkJob};
 use crate::error::{Error, Result};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
 use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, Keep, LayerWeights, INPUT_X};
-use crate::optim::{dense_step, sparse_step, Moments, Optimizer};
+use crate::optim::{adamw_job, dense_step, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
 
@@ -360,6 +360,42 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         if !matches!(self.mode, DenseMode::Frozen | DenseMode::Collect) {
             self.step += 1;
         }
+    }
+
+    /// Pushes a full fine-tuning step's AdamW jobs (the weight, and the bias if it trains)
+    /// for a caller that runs them in one batch with other layers', then calls
+    /// [`Self::finish_batched_step`]. Returns false, pushing nothing, for any other step
+    /// (frozen, collecting, MeProp, SGD); fails, pushing nothing, before a backward.
+    pub(crate) fn adamw_jobs<'a>(&'a mut self, jobs: &mut Vec<AdamwJob<'a, B, F>>) -> Result<bool> {
+        if !self.batches_its_step() {
+            return Ok(false);
+        }
+        if !self.grad_ready {
+            return Err(Error::invalid("DenseLinear::step", "no gradient: call backward first"));
+        }
+        let n = self.out * self.inp;
+        let w = self.w.as_mut().ok_or_else(|| Error::invalid("DenseLinear::step", "the layer holds no f32 weight"))?;
+        let gw =
+            self.grad_w.as_ref().ok_or_else(|| Error::invalid("DenseLinear::step", "no weight gradient buffer"))?;
+        let weight = adamw_job(&self.opt, w, self.w_half.as_mut(), gw, self.moments.as_mut(), n)?;
+        let bias = match (self.bias.as_mut(), self.bias_grad.as_ref()) {
+            (Some(b), Some(db)) => adamw_job(&self.opt, b, None, db, self.bias_moments.as_mut(), self.out)?,
+            _ => None,
+        };
+        jobs.extend(weight);
+        jobs.extend(bias);
+        Ok(true)
+    }
+
+    /// Whether [`Self::adamw_jobs`] covers the step: full fine-tuning under Adam.
+    pub(crate) fn batches_its_step(&self) -> bool {
+        self.mode == DenseMode::Full && matches!(self.opt, Optimizer::Adam(_))
+    }
+
+    /// The batch of [`Self::adamw_jobs`] ran: counts the step.
+    pub(crate) fn finish_batched_step(&mut self) {
+        self.step += 1;
+        self.grad_ready = false;
     }
 
     /// One optimizer step. Frozen and collecting layers have nothing to step and return Ok.

@@ -6,11 +6,11 @@
 
 use crate::backend::operand::{mm, Operand, OperandRef};
 use crate::backend::Precision;
-use crate::backend::{Backend, Gemm};
+use crate::backend::{AdamwJob, Backend, Gemm};
 use crate::error::{ensure_finite, Error, Result};
 use crate::linear::state::{mismatch, DenseParam, LayerState};
 use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, LayerWeights, INPUT_X};
-use crate::optim::{dense_step, Moments, Optimizer};
+use crate::optim::{adamw_job, dense_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
 
@@ -43,6 +43,11 @@ impl<B: Backend, F: Real> Factor<B, F> {
     }
     fn step(&mut self, be: &B, opt: &Optimizer) -> Result<()> {
         dense_step(be, opt, &mut self.value, self.half.as_mut(), &self.grad, self.moments.as_mut(), self.len)
+    }
+
+    /// The step as one AdamW job (`None` under SGD).
+    fn adamw_job(&mut self, opt: &Optimizer) -> Result<Option<AdamwJob<'_, B, F>>> {
+        adamw_job(opt, &mut self.value, self.half.as_mut(), &self.grad, self.moments.as_mut(), self.len)
     }
 }
 
@@ -269,6 +274,34 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
     }
 
     /// AdamW (or SGD) on `A` and `B`.
+    /// Pushes the step's AdamW jobs (both factors) for a caller that runs them in one batch
+    /// with other layers', then calls [`Self::finish_batched_step`]. Returns false, pushing
+    /// nothing, when the step is not Adam's; fails, pushing nothing, before a backward.
+    pub(crate) fn adamw_jobs<'a>(&'a mut self, jobs: &mut Vec<AdamwJob<'a, B, F>>) -> Result<bool> {
+        if !self.grad_ready {
+            return Err(Error::invalid("LoraLinear::step", "no gradient: call backward first"));
+        }
+        let opt = self.opt;
+        match (self.a.adamw_job(&opt)?, self.b.adamw_job(&opt)?) {
+            (Some(a), Some(b)) => {
+                jobs.extend([a, b]);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether [`Self::adamw_jobs`] covers the step: under Adam.
+    pub(crate) fn batches_its_step(&self) -> bool {
+        matches!(self.opt, Optimizer::Adam(_))
+    }
+
+    /// The batch of [`Self::adamw_jobs`] ran: counts the step.
+    pub(crate) fn finish_batched_step(&mut self) {
+        self.step += 1;
+        self.grad_ready = false;
+    }
+
     pub fn step(&mut self) -> Result<()> {
         if !self.grad_ready {
             return Err(Error::invalid("LoraLinear::step", "no gradient: call backward first"));

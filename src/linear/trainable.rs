@@ -3,7 +3,7 @@
 //! of the preliminary phase (dense gradients for the Gram accumulators, nothing trains).
 
 use crate::backend::Precision;
-use crate::backend::{Backend, TopkJob};
+use crate::backend::{AdamwJob, Backend, TopkJob};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::dense::{Bf16Staging, DenseConfig, DenseLinear, DenseMode};
@@ -331,6 +331,34 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
         each!(self, l => l.step())
     }
 
+    /// Pushes this layer's step as AdamW jobs when that is all it is (full fine-tuning and
+    /// LoRA under Adam), for one batch with other layers' ([`step_in_batches`]); false,
+    /// pushing nothing, otherwise.
+    fn adamw_jobs<'a>(&'a mut self, jobs: &mut Vec<AdamwJob<'a, B, F>>) -> Result<bool> {
+        match self {
+            Linear::Dense(l) => l.adamw_jobs(jobs),
+            Linear::Lora(l) => l.adamw_jobs(jobs),
+            Linear::SparseGrad(_) => Ok(false),
+        }
+    }
+
+    /// Whether [`Self::adamw_jobs`] covers this layer's whole step.
+    fn batches_its_step(&self) -> bool {
+        match self {
+            Linear::Dense(l) => l.batches_its_step(),
+            Linear::Lora(l) => l.batches_its_step(),
+            Linear::SparseGrad(_) => false,
+        }
+    }
+
+    fn finish_batched_step(&mut self) {
+        match self {
+            Linear::Dense(l) => l.finish_batched_step(),
+            Linear::Lora(l) => l.finish_batched_step(),
+            Linear::SparseGrad(_) => {}
+        }
+    }
+
     /// A replayed CUDA graph ran this layer's step on the device: counts it on the host too
     /// (the step counter that adapters save), as [`Self::step`] would have.
     pub(crate) fn count_replayed_step(&mut self) {
@@ -430,4 +458,29 @@ pub(crate) fn select_pending<B: Backend + Clone, F: Real>(backend: &B, layers: [
     drop(jobs);
     dense.iter_mut().for_each(|d| d.selection_done());
     Ok(())
+}
+
+/// One optimizer step of `layers`: those whose step is only AdamW updates (full
+/// fine-tuning, LoRA) run theirs as one batch ([`crate::backend::OptimOps::adamw_batch`]: one
+/// launch on a GPU for up to 8 parameters), then the others step alone, in order. The
+/// batched layers are all checked for a gradient before the batch runs.
+pub(crate) fn step_in_batches<B: Backend + Clone, F: Real>(backend: &B, layers: [&mut Linear<B, F>; 3]) -> Result<()> {
+    let mut jobs = Vec::new();
+    let mut rest = Vec::new();
+    let mut batched = Vec::new();
+    for layer in layers {
+        // A layer that batches nothing is stepped after the batch.
+        if layer.batches_its_step() {
+            batched.push(layer);
+        } else {
+            rest.push(layer);
+        }
+    }
+    for layer in batched.iter_mut() {
+        layer.adamw_jobs(&mut jobs)?;
+    }
+    backend.adamw_batch(&mut jobs)?;
+    drop(jobs);
+    batched.into_iter().for_each(|l| l.finish_batched_step());
+    rest.into_iter().try_for_each(|l| l.step())
 }

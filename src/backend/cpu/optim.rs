@@ -103,6 +103,24 @@ impl OptimOps for Cpu {
         clock[0] = step;
         Ok(())
     }
+
+    fn adamw_batch<F: Real>(&self, jobs: &mut [AdamwJob<'_, Cpu, F>]) -> Result<()> {
+        for j in jobs.iter() {
+            check_adamw(
+                self,
+                [j.param, j.grad, j.exp_avg, j.exp_avg_sq],
+                j.param_bf16.as_deref(),
+                j.len,
+                j.clock,
+                &j.hp,
+            )?;
+        }
+        for j in jobs.iter_mut() {
+            let hp = j.hp;
+            self.adamw(j.param, j.param_bf16.as_deref_mut(), j.grad, j.exp_avg, j.exp_avg_sq, j.len, j.clock, &hp)?;
+        }
+        Ok(())
+    }
 }
 
 /// SparseAdam's moments at step `clock[0] + 1` for every entry of `coo` (in bounds, checked

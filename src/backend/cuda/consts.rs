@@ -6,6 +6,7 @@
 const COMMON_CUH: &str = include_str!("../../../cuda/common.cuh");
 const TOPK_CU: &str = include_str!("../../../cuda/topk.cu");
 const SPARSE_CU: &str = include_str!("../../../cuda/sparse.cu");
+const OPTIM_CU: &str = include_str!("../../../cuda/optim.cu");
 const ATTENTION_CUH: &str = include_str!("../../../cuda/attention.cuh");
 
 const fn define(name: &str) -> u64 {
@@ -69,6 +70,8 @@ pub(super) const TOPK_BINS: usize = define_in(TOPK_CU, "TOPK_BINS") as usize;
 pub(super) const TOPK_STATE_WORDS: usize = define_in(TOPK_CU, "TOPK_STATE_WORDS") as usize;
 /// Top-k selections per launch (`TOPK_MAX_JOBS` in cuda/topk.cu).
 pub(super) const TOPK_MAX_JOBS: usize = define_in(TOPK_CU, "TOPK_MAX_JOBS") as usize;
+/// Parameters per AdamW launch (`ADAMW_MAX_JOBS` in cuda/optim.cu).
+pub(super) const ADAMW_MAX_JOBS: usize = define_in(OPTIM_CU, "ADAMW_MAX_JOBS") as usize;
 /// COO entries staged per block of coo_dense_t_f32 (`SG_CDT_CHUNK` in cuda/sparse.cu).
 pub(super) const CDT_CHUNK: usize = (define("SG_THREADS") * define_in(SPARSE_CU, "SG_CDT_PER_THREAD")) as usize;
 
@@ -103,7 +106,7 @@ mod tests {
     fn constants_come_from_common_cuh() {
         assert_eq!(THREADS, 256);
         assert_eq!(TILE, 256 * 16);
-        assert_eq!((TOPK_BINS, TOPK_STATE_WORDS, TOPK_MAX_JOBS), (2048, 20, 4));
+        assert_eq!((TOPK_BINS, TOPK_STATE_WORDS, TOPK_MAX_JOBS, ADAMW_MAX_JOBS), (2048, 20, 4, 8));
         assert_eq!(CDT_CHUNK, 2048);
         assert_eq!((ATT_DMAX, ATT_F32_ROWS, ATT_BF16_FWD_ROWS, ATT_BF16_TILE), (128, 16, 64, 32));
         // Every SG_ERR_ bit of the header is named here, once, and the bits are distinct.

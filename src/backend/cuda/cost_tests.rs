@@ -91,8 +91,11 @@ fn sparse_topk_and_optimizer_costs_by_hand() {
     assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0, 0, 0]).0, 2_816.0);
     // AdamW on 10 entries: parameter and moments read and written, gradient read (28 each),
     // the clock; with the bf16 copy 2 bytes more each.
-    assert_eq!(cost(&optim::ADAMW, &[10, 0]), (296.0, 140.0));
-    assert_eq!(cost(&optim::ADAMW, &[10, 1]), (316.0, 140.0));
+    assert_eq!(cost(&optim::ADAMW, &[10, 0, 1]), (296.0, 140.0));
+    assert_eq!(cost(&optim::ADAMW, &[10, 10, 1]), (316.0, 140.0));
+    // Two parameters in one launch, 4 and 6 entries, the first with its bf16 copy: two
+    // clocks.
+    assert_eq!(cost(&optim::ADAMW, &[10, 4, 2]), (280.0 + 8.0 + 32.0, 140.0));
     // One top-k histogram pass over 8192 entries: 32 KiB read, 2048 bins written and the
     // previous pass's 2048 bins read.
     assert_eq!(cost(&topk::TOPK_HIST, &[8192, 1]).0, 32_768.0 + 2.0 * 8_192.0);

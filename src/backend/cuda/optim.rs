@@ -20,9 +20,10 @@ kernel!(
         |a| ((28 + 8 * a[1] + 2 * a[4] + 4 * a[2] + a[3]) * a[0] + 16, 12 * a[0])
 );
 kernel!(
-    /// [n, bf16 copy given]: parameter, both moments read and written, gradient read, the
-    /// bf16 copy written when given; the clock advanced.
-    ADAMW = "optim" / "adamw_f32", Optimizer, |a| ((28 + 2 * a[1]) * a[0] + 16, 14 * a[0])
+    /// [entries, entries with a bf16 copy, parameters]: per entry the parameter and both
+    /// moments read and written, the gradient read, the bf16 copy written when given; each
+    /// parameter's clock advanced.
+    ADAMW = "optim" / "adamw_f32", Optimizer, |a| (28 * a[0] + 2 * a[1] + 16 * a[2], 14 * a[0])
 );
 
 impl OptimOps for Cuda {
@@ -78,27 +79,84 @@ impl OptimOps for Cuda {
         clock: &mut CudaBuf<u64>,
         hp: &AdamParams,
     ) -> Result<()> {
+        let job = AdamwJob { param, param_bf16, grad, exp_avg, exp_avg_sq, len, clock, hp: *hp };
+        self.adamw_batch(&mut [job])
+    }
+
+    fn adamw_batch<F: Real>(&self, jobs: &mut [AdamwJob<'_, Cuda, F>]) -> Result<()> {
         const OP: &str = "adamw";
         require_f32::<F>(OP)?;
-        check_adamw(self, [param, grad, exp_avg, exp_avg_sq], param_bf16.as_deref(), len, clock, hp)?;
-        // Launched even for len = 0: the clock advances every step.
-        let (ck, lr, wd, health) = (clock.ptr_mut(), hp.lr, hp.weight_decay, self.errors.ptr());
-        let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
-        let (p, g, m, v, n) = (param.ptr_mut(), grad.ptr(), exp_avg.ptr_mut(), exp_avg_sq.ptr_mut(), len as u64);
-        let h = param_bf16.map_or(0u64, |h| h.ptr_mut());
-        // SAFETY: adamw_f32(float* param, const float* grad, float* exp_avg, float* exp_avg_sq,
-        // __nv_bfloat16* param_half, u64 n, u64* clock, float lr, float weight_decay,
-        // float beta1, float beta2, float eps, const u64* health): all four buffers (and
-        // param_half, or null) hold >= n elements, the clock CLOCK_LEN words.
-        unsafe {
-            self.launch(
-                &ADAMW,
-                self.grid_1d(len, 16),
-                &mut kargs![p, g, m, v, h, n, ck, lr, wd, b1, b2, eps, health],
-                &[n, u64::from(h != 0)],
-            )
+        for j in jobs.iter() {
+            check_adamw(
+                self,
+                [j.param, j.grad, j.exp_avg, j.exp_avg_sq],
+                j.param_bf16.as_deref(),
+                j.len,
+                j.clock,
+                &j.hp,
+            )?;
         }
+        let health = self.errors.ptr();
+        for group in jobs.chunks_mut(ADAMW_MAX_JOBS) {
+            let mut batch = AdamwJobsArg::default();
+            for (slot, j) in batch.job.iter_mut().zip(group.iter_mut()) {
+                *slot = AdamwJobArg {
+                    param: j.param.ptr_mut(),
+                    grad: j.grad.ptr(),
+                    exp_avg: j.exp_avg.ptr_mut(),
+                    exp_avg_sq: j.exp_avg_sq.ptr_mut(),
+                    param_half: j.param_bf16.as_deref_mut().map_or(0, |h| h.ptr_mut()),
+                    n: j.len as u64,
+                    clock: j.clock.ptr_mut(),
+                    lr: j.hp.lr,
+                    weight_decay: j.hp.weight_decay,
+                    beta1: j.hp.beta1,
+                    beta2: j.hp.beta2,
+                    eps: j.hp.eps,
+                    unused: 0.0,
+                };
+            }
+            let n: u64 = group.iter().map(|j| j.len as u64).sum();
+            let halves: u64 = group.iter().filter(|j| j.param_bf16.is_some()).map(|j| j.len as u64).sum();
+            let mut grid = self.grid_1d(group.iter().map(|j| j.len).max().unwrap_or(0), 16);
+            grid.grid_dim.1 = group.len() as u32;
+            // Launched even for len = 0: the clock advances every step.
+            // SAFETY: adamw_f32(AdamwJobs jobs, const u64* health): for job y, all four
+            // buffers (and param_half, or null) hold >= n elements and the clock CLOCK_LEN
+            // words (check_adamw); blocks (x, y) touch only job y's.
+            unsafe { self.launch(&ADAMW, grid, &mut kargs![batch, health], &[n, halves, group.len() as u64]) }?;
+        }
+        Ok(())
     }
+}
+
+/// Parameters per AdamW launch (`ADAMW_MAX_JOBS` of cuda/optim.cu).
+const ADAMW_MAX_JOBS: usize = super::consts::ADAMW_MAX_JOBS;
+
+/// One parameter of an AdamW launch, as cuda/optim.cu's `struct AdamwJob` lays it out.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct AdamwJobArg {
+    param: u64,
+    grad: u64,
+    exp_avg: u64,
+    exp_avg_sq: u64,
+    param_half: u64,
+    n: u64,
+    clock: u64,
+    lr: f32,
+    weight_decay: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    unused: f32,
+}
+
+/// `struct AdamwJobs`: the kernel's by-value argument (unused slots stay zero).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct AdamwJobsArg {
+    job: [AdamwJobArg; ADAMW_MAX_JOBS],
 }
 
 /// Launches `sparse_adam_f32` after the caller's validation: `[param, param_bf16, delta]`

@@ -66,6 +66,22 @@ pub trait OptimOps: Buffers {
         clock: &mut Self::Buf<u64>,
         hp: &AdamParams,
     ) -> Result<()>;
+    /// [`Self::adamw`] of each job, each exactly as that call alone (its own clock and
+    /// hyperparameters). Every job is checked before any runs. A GPU steps up to 8
+    /// parameters in one launch (PyTorch's multi-tensor AdamW).
+    fn adamw_batch<F: Real>(&self, jobs: &mut [AdamwJob<'_, Self, F>]) -> Result<()>;
+}
+
+/// One parameter of [`OptimOps::adamw_batch`]: the arguments of one [`OptimOps::adamw`].
+pub struct AdamwJob<'a, B: Buffers, F: Elem> {
+    pub param: &'a mut B::Buf<F>,
+    pub param_bf16: Option<&'a mut B::Buf<bf16>>,
+    pub grad: &'a B::Buf<F>,
+    pub exp_avg: &'a mut B::Buf<F>,
+    pub exp_avg_sq: &'a mut B::Buf<F>,
+    pub len: usize,
+    pub clock: &'a mut B::Buf<u64>,
+    pub hp: AdamParams,
 }
 
 /// Entries of an optimizer clock (see the module docs).
