@@ -3,7 +3,8 @@
 // explicitly rounded intrinsic (__fmul_rn, __fadd_rn, __fdiv_rn, __fsqrt_rn), so nvcc cannot
 // contract them into FMAs and the results are bit-identical to the CPU's f32 arithmetic.
 //
-//   sparse_adam_f32   torch.optim.SparseAdam on COO entries: for entry e at (r, c),
+//   sparse_adam_f32   torch.optim.SparseAdam on COO entries (up to SPARSE_ADAM_MAX_JOBS
+//                     parameters per launch, one per blockIdx.y): for entry e at (r, c),
 //                     m += (g - m)(1 - b1); v += (g^2 - v)(1 - b2);
 //                     change = -(step_size * (m / (sqrt(v) + eps)));
 //                     param[r, c] += change (optional; with param_half, that entry of the
@@ -35,8 +36,8 @@
 //
 // Launch shape: SG_THREADS threads, 64-bit grid-stride loop over the entries along x
 // (AdamW: float4 steps when the buffers are 16-byte aligned, then a scalar tail); grid
-// capped by the launcher; AdamW's y is the parameter of the batch (each its own gridDim.x
-// blocks, which its clock counts). Entries of a sorted COO list are distinct, so no two threads touch
+// capped by the launcher; y is the parameter of the batch (each its own gridDim.x blocks,
+// which its clock counts). Entries of a sorted COO list are distinct, so no two threads touch
 // the same state. An entry outside the matrix is skipped and sets SG_ERR_SPARSE_ADAM (in word 5
 // of the health block, reported with word 0's bits).
 //
@@ -83,10 +84,54 @@ __device__ __forceinline__ void sg_clock_advance(u64* clock) {
     }
 }
 
-extern "C" __global__ void sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len, u64 n_rows,
-                                           u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
-                                           float beta1, float beta2, float eps, float* param,
-                                           __nv_bfloat16* param_half, float* delta, float* dense, __nv_bfloat16* dense_half, u64* health) {
+// One parameter of a SparseAdam launch (blockIdx.y picks it; mirrored by
+// `SparseAdamJobArg` in src/backend/cuda/optim.rs): a batch steps in one launch, each
+// parameter exactly as alone, with its own COO list, clock and hyperparameters.
+#define SPARSE_ADAM_MAX_JOBS 8
+struct SparseAdamJob {
+    const u32* rows;
+    const u32* cols;
+    const float* values;
+    u64 len;
+    u64 n_rows;
+    u64 n_cols;
+    float* exp_avg;
+    float* exp_avg_sq;
+    u64* clock;
+    float* param;
+    __nv_bfloat16* param_half;
+    float* delta;
+    float* dense;
+    __nv_bfloat16* dense_half;
+    float lr;
+    float beta1;
+    float beta2;
+    float eps;
+};
+struct SparseAdamJobs {
+    SparseAdamJob job[SPARSE_ADAM_MAX_JOBS];
+};
+
+extern "C" __global__ void sparse_adam_f32(const SparseAdamJobs jobs, u64* health) {
+    const SparseAdamJob& job = jobs.job[blockIdx.y];
+    const u32* rows = job.rows;
+    const u32* cols = job.cols;
+    const float* values = job.values;
+    const u64 len = job.len;
+    const u64 n_rows = job.n_rows;
+    const u64 n_cols = job.n_cols;
+    float* exp_avg = job.exp_avg;
+    float* exp_avg_sq = job.exp_avg_sq;
+    u64* clock = job.clock;
+    const float lr = job.lr;
+    const float beta1 = job.beta1;
+    const float beta2 = job.beta2;
+    const float eps = job.eps;
+    float* param = job.param;
+    __nv_bfloat16* param_half = job.param_half;
+    float* delta = job.delta;
+    float* dense = job.dense;
+    __nv_bfloat16* dense_half = job.dense_half;
     // This launch's own index errors go to word 5, which the gate below does not read: the
     // gate's words do not change while the launch runs, so every thread of every block takes
     // the same branch (and reaches sg_clock_advance's barriers together).

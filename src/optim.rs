@@ -2,7 +2,7 @@
 //! ones, PyTorch semantics; the ops themselves live in the backends) or plain SGD, with
 //! the moment buffers each needs.
 
-use crate::backend::{AdamParams, AdamwJob, Backend, Coo};
+use crate::backend::{AdamParams, AdamwJob, Backend, Coo, SparseAdamJob};
 use crate::error::{checked_mul, Error, Result};
 use crate::scalar::Real;
 use half::bf16;
@@ -129,6 +129,34 @@ pub(crate) fn adamw_job<'a, B: Backend, F: Real>(
                 len,
                 clock: &mut m.clock,
                 hp: *hp,
+            }))
+        }
+        Optimizer::Sgd { .. } => Ok(None),
+    }
+}
+
+/// [`sparse_step`] updating `param` (and its bf16 copy) as one job of a batch
+/// ([`crate::backend::OptimOps::sparse_adam_batch`]), when the step is Adam's (`None` under
+/// SGD, which the caller steps alone).
+pub(crate) fn sparse_adam_job<'a, B: Backend, F: Real>(
+    opt: &Optimizer,
+    coo: &'a Coo<B, F>,
+    param: &'a mut B::Buf<F>,
+    half: Option<&'a mut B::Buf<bf16>>,
+    moments: Option<&'a mut Moments<B, F>>,
+) -> Result<Option<SparseAdamJob<'a, B, F>>> {
+    match opt {
+        Optimizer::Adam(hp) => {
+            let m = moments.ok_or_else(missing_moments)?;
+            Ok(Some(SparseAdamJob {
+                coo,
+                exp_avg: &mut m.exp_avg,
+                exp_avg_sq: &mut m.exp_avg_sq,
+                clock: &mut m.clock,
+                hp: *hp,
+                param: Some(param),
+                param_bf16: half,
+                delta: None,
             }))
         }
         Optimizer::Sgd { .. } => Ok(None),

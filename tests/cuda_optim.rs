@@ -8,7 +8,7 @@ mod cuda_common;
 use cuda_common::*;
 use half::bf16;
 use rand::rngs::SmallRng;
-use sparsegrad::backend::{AdamwJob, Coo, OptimOps, OutBuf, SparseOps};
+use sparsegrad::backend::{AdamwJob, Coo, OptimOps, OutBuf, SparseAdamJob, SparseOps};
 use sparsegrad::{AdamParams, Backend, Cpu, Error, HostCoo};
 
 fn random_coo(r: &mut SmallRng, rows: usize, cols: usize, k: usize) -> HostCoo<f32> {
@@ -278,6 +278,89 @@ fn check_adamw_batch<B: Backend>(dev: &B) {
     }
 }
 
+/// `sparse_adam_batch` of ragged parameters (with and without the parameter, its bf16 copy
+/// and the per-entry change; empty lists; more than the 8 one launch takes) on the device
+/// against the CPU's single `sparse_adam` calls, bit for bit over three steps.
+fn check_sparse_adam_batch<B: Backend>(dev: &B) {
+    let cpu = Cpu::new();
+    let mut r = rng(54);
+    let shapes =
+        [(1usize, 1usize), (17, 1000), (3, 5), (1000, 17), (9, 9), (1, 40), (129, 257), (2, 2), (30, 3), (4, 4)];
+    let hps: Vec<AdamParams> = (0..shapes.len())
+        .map(|i| AdamParams { lr: 1e-3 * (1 + i) as f32, beta1: 0.9, beta2: 0.99, eps: 1e-7, weight_decay: 0.0 })
+        .collect();
+    let p0: Vec<Vec<f32>> = shapes.iter().map(|&(a, b)| rand_f32(&mut r, a * b + 1)).collect();
+    let mut cp: Vec<Param<Cpu>> = p0.iter().map(|p| Param::new(&cpu, p)).collect();
+    let mut dp: Vec<Param<B>> = p0.iter().map(|p| Param::new(dev, p)).collect();
+    for step in 1..=3u64 {
+        // Job i: its parameter unless i % 4 == 3, its bf16 copy when i % 3 == 1 (with the
+        // parameter), the per-entry change when (i + step) % 2 == 0; no entry at all in job 2
+        // on step 2.
+        let with_param = |i: usize| i % 4 != 3;
+        let with_half = |i: usize| with_param(i) && i % 3 == 1;
+        let with_delta = |i: usize| (i + step as usize) % 2 == 0;
+        let hosts: Vec<HostCoo<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(a, b))| random_coo(&mut r, a, b, if i == 2 && step == 2 { 0 } else { (a * b / 5).max(1) }))
+            .collect();
+        let mut cd: Vec<_> = hosts.iter().map(|h| poisoned(&cpu, h.values.len() + 1, f32::NAN)).collect();
+        let mut dd: Vec<_> = hosts.iter().map(|h| poisoned(dev, h.values.len() + 1, f32::NAN)).collect();
+        for (i, c) in cp.iter_mut().enumerate() {
+            let mut coo = Coo::with_capacity(&cpu, hosts[i].values.len(), shapes[i]).unwrap();
+            coo.set_from_host(&cpu, &hosts[i]).unwrap();
+            let (p, h, d) = (
+                with_param(i).then_some(&mut c.p),
+                with_half(i).then_some(&mut c.half),
+                with_delta(i).then_some(&mut cd[i]),
+            );
+            cpu.sparse_adam(&coo, &mut c.m, &mut c.v, &mut c.clock, &hps[i], p, h, d).unwrap();
+        }
+        let dev_coos: Vec<_> = hosts
+            .iter()
+            .zip(&shapes)
+            .map(|(h, &shape)| {
+                let mut coo = Coo::with_capacity(dev, h.values.len(), shape).unwrap();
+                coo.set_from_host(dev, h).unwrap();
+                coo
+            })
+            .collect();
+        let mut jobs: Vec<SparseAdamJob<'_, B, f32>> = dp
+            .iter_mut()
+            .zip(dd.iter_mut())
+            .enumerate()
+            .map(|(i, (d, delta))| SparseAdamJob {
+                coo: &dev_coos[i],
+                exp_avg: &mut d.m,
+                exp_avg_sq: &mut d.v,
+                clock: &mut d.clock,
+                hp: hps[i],
+                param: with_param(i).then_some(&mut d.p),
+                param_bf16: with_half(i).then_some(&mut d.half),
+                delta: with_delta(i).then_some(delta),
+            })
+            .collect();
+        dev.sparse_adam_batch(&mut jobs).unwrap();
+        drop(jobs);
+        for (i, (c, d)) in cp.iter().zip(&dp).enumerate() {
+            let n = shapes[i].0 * shapes[i].1 + 1;
+            let what = format!("sparse_adam batch, job {i} {:?}, step {step}", shapes[i]);
+            assert_eq!(down(dev, &d.clock, 2), vec![step, 0], "{what}: the clock");
+            assert_bits(&format!("{what}: param"), &down(dev, &d.p, n), &down(&cpu, &c.p, n));
+            assert_bits(&format!("{what}: exp_avg"), &down(dev, &d.m, n), &down(&cpu, &c.m, n));
+            assert_bits(&format!("{what}: exp_avg_sq"), &down(dev, &d.v, n), &down(&cpu, &c.v, n));
+            let bits = |v: Vec<bf16>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_same(&format!("{what}: bf16 copy"), &bits(down(dev, &d.half, n)), &bits(down(&cpu, &c.half, n)));
+            let k = hosts[i].values.len() + 1;
+            assert_bits(&format!("{what}: delta"), &down(dev, &dd[i], k), &down(&cpu, &cd[i], k));
+        }
+    }
+}
+
+cuda_test!(fn sparse_adam_batch_matches_single_steps_on_the_cpu(cuda) {
+    check_sparse_adam_batch(&cuda);
+});
+
 cuda_test!(fn adamw_batch_matches_single_steps_on_the_cpu(cuda) {
     check_adamw_batch(&cuda);
 });
@@ -323,4 +406,5 @@ fn harness_on_cpu() {
     check_sparse_adam_densify(&Cpu::new());
     check_adamw(&Cpu::new(), false);
     check_adamw_batch(&Cpu::new());
+    check_sparse_adam_batch(&Cpu::new());
 }

@@ -28,7 +28,7 @@ pub use operand::Precision;
 pub use ops::attention::{AttentionGrads, AttentionMask, AttentionOps, AttentionShape};
 pub use ops::dense::DenseOps;
 pub use ops::encoder::EncoderOps;
-pub use ops::optim::{AdamwJob, OptimOps, CLOCK_LEN};
+pub use ops::optim::{AdamwJob, OptimOps, SparseAdamJob, CLOCK_LEN};
 pub use ops::sparse::SparseOps;
 pub use ops::topk::{TopkJob, TopkOps};
 pub use ops::transformer::{LossScale, RopeHalves, TransformerOps};

@@ -8,11 +8,11 @@
 
 use crate::backend::operand::{mm, stage_checked, Operand, OperandRef};
 use crate::backend::Precision;
-use crate::backend::{AdamwJob, Backend, Coo, Gemm, HostCoo, IndexMaps, TopkJob};
+use crate::backend::{AdamwJob, Backend, Coo, Gemm, HostCoo, IndexMaps, SparseAdamJob, TopkJob};
 use crate::error::{Error, Result};
 use crate::linear::state::{mismatch, touched_indices, DenseParam, LayerState, SparseParam};
 use crate::linear::{check_backward, check_forward, check_weight_and_bias, GradY, Keep, LayerWeights, INPUT_X};
-use crate::optim::{adamw_job, dense_step, sparse_step, Moments, Optimizer};
+use crate::optim::{adamw_job, dense_step, sparse_adam_job, sparse_step, Moments, Optimizer};
 use crate::scalar::Real;
 use half::bf16;
 
@@ -362,11 +362,15 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         }
     }
 
-    /// Pushes a full fine-tuning step's AdamW jobs (the weight, and the bias if it trains)
-    /// for a caller that runs them in one batch with other layers', then calls
-    /// [`Self::finish_batched_step`]. Returns false, pushing nothing, for any other step
-    /// (frozen, collecting, MeProp, SGD); fails, pushing nothing, before a backward.
-    pub(crate) fn adamw_jobs<'a>(&'a mut self, jobs: &mut Vec<AdamwJob<'a, B, F>>) -> Result<bool> {
+    /// Pushes the step's optimizer jobs (the weight's AdamW, or MeProp's SparseAdam, and the
+    /// bias's AdamW if it trains) for a caller that runs them in batches with other layers',
+    /// then calls [`Self::finish_batched_step`]. Returns false, pushing nothing, for any
+    /// other step (frozen, collecting, SGD); fails, pushing nothing, before a backward.
+    pub(crate) fn optimizer_jobs<'a>(
+        &'a mut self,
+        adamw: &mut Vec<AdamwJob<'a, B, F>>,
+        sparse: &mut Vec<SparseAdamJob<'a, B, F>>,
+    ) -> Result<bool> {
         if !self.batches_its_step() {
             return Ok(false);
         }
@@ -375,24 +379,25 @@ impl<B: Backend + Clone, F: Real> DenseLinear<B, F> {
         }
         let n = self.out * self.inp;
         let w = self.w.as_mut().ok_or_else(|| Error::invalid("DenseLinear::step", "the layer holds no f32 weight"))?;
-        let gw =
-            self.grad_w.as_ref().ok_or_else(|| Error::invalid("DenseLinear::step", "no weight gradient buffer"))?;
-        let weight = adamw_job(&self.opt, w, self.w_half.as_mut(), gw, self.moments.as_mut(), n)?;
-        let bias = match (self.bias.as_mut(), self.bias_grad.as_ref()) {
-            (Some(b), Some(db)) => adamw_job(&self.opt, b, None, db, self.bias_moments.as_mut(), self.out)?,
-            _ => None,
-        };
-        jobs.extend(weight);
-        jobs.extend(bias);
+        let half = self.w_half.as_mut();
+        match (&self.topk, &self.grad_w) {
+            (Some(t), _) => sparse.extend(sparse_adam_job(&self.opt, &t.coo, w, half, self.moments.as_mut())?),
+            (None, Some(gw)) => adamw.extend(adamw_job(&self.opt, w, half, gw, self.moments.as_mut(), n)?),
+            (None, None) => return Err(Error::invalid("DenseLinear::step", "no weight gradient buffer")),
+        }
+        if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
+            adamw.extend(adamw_job(&self.opt, b, None, db, self.bias_moments.as_mut(), self.out)?);
+        }
         Ok(true)
     }
 
-    /// Whether [`Self::adamw_jobs`] covers the step: full fine-tuning under Adam.
+    /// Whether [`Self::optimizer_jobs`] covers the step: full fine-tuning and MeProp under
+    /// Adam.
     pub(crate) fn batches_its_step(&self) -> bool {
-        self.mode == DenseMode::Full && matches!(self.opt, Optimizer::Adam(_))
+        matches!(self.mode, DenseMode::Full | DenseMode::MeProp { .. }) && matches!(self.opt, Optimizer::Adam(_))
     }
 
-    /// The batch of [`Self::adamw_jobs`] ran: counts the step.
+    /// The batches of [`Self::optimizer_jobs`] ran: counts the step.
     pub(crate) fn finish_batched_step(&mut self) {
         self.step += 1;
         self.grad_ready = false;

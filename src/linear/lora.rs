@@ -277,7 +277,7 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
     /// Pushes the step's AdamW jobs (both factors) for a caller that runs them in one batch
     /// with other layers', then calls [`Self::finish_batched_step`]. Returns false, pushing
     /// nothing, when the step is not Adam's; fails, pushing nothing, before a backward.
-    pub(crate) fn adamw_jobs<'a>(&'a mut self, jobs: &mut Vec<AdamwJob<'a, B, F>>) -> Result<bool> {
+    pub(crate) fn optimizer_jobs<'a>(&'a mut self, jobs: &mut Vec<AdamwJob<'a, B, F>>) -> Result<bool> {
         if !self.grad_ready {
             return Err(Error::invalid("LoraLinear::step", "no gradient: call backward first"));
         }
@@ -291,12 +291,12 @@ impl<B: Backend + Clone, F: Real> LoraLinear<B, F> {
         }
     }
 
-    /// Whether [`Self::adamw_jobs`] covers the step: under Adam.
+    /// Whether [`Self::optimizer_jobs`] covers the step: under Adam.
     pub(crate) fn batches_its_step(&self) -> bool {
         matches!(self.opt, Optimizer::Adam(_))
     }
 
-    /// The batch of [`Self::adamw_jobs`] ran: counts the step.
+    /// The batch of [`Self::optimizer_jobs`] ran: counts the step.
     pub(crate) fn finish_batched_step(&mut self) {
         self.step += 1;
         self.grad_ready = false;

@@ -3,7 +3,7 @@
 //! of the preliminary phase (dense gradients for the Gram accumulators, nothing trains).
 
 use crate::backend::Precision;
-use crate::backend::{AdamwJob, Backend, TopkJob};
+use crate::backend::{AdamwJob, Backend, SparseAdamJob, TopkJob};
 use crate::basis::Basis;
 use crate::error::{Error, Result};
 use crate::linear::dense::{Bf16Staging, DenseConfig, DenseLinear, DenseMode};
@@ -331,32 +331,32 @@ impl<B: Backend + Clone, F: Real> Linear<B, F> {
         each!(self, l => l.step())
     }
 
-    /// Pushes this layer's step as AdamW jobs when that is all it is (full fine-tuning and
-    /// LoRA under Adam), for one batch with other layers' ([`step_in_batches`]); false,
-    /// pushing nothing, otherwise.
-    fn adamw_jobs<'a>(&'a mut self, jobs: &mut Vec<AdamwJob<'a, B, F>>) -> Result<bool> {
+    /// Pushes this layer's step as optimizer jobs when that is all it is (full fine-tuning,
+    /// MeProp, LoRA and SparseGrad's transformed form under Adam), for batches with other
+    /// layers' ([`step_in_batches`]); false, pushing nothing, otherwise.
+    fn optimizer_jobs<'a>(
+        &'a mut self,
+        adamw: &mut Vec<AdamwJob<'a, B, F>>,
+        sparse: &mut Vec<SparseAdamJob<'a, B, F>>,
+    ) -> Result<bool> {
         match self {
-            Linear::Dense(l) => l.adamw_jobs(jobs),
-            Linear::Lora(l) => l.adamw_jobs(jobs),
-            Linear::SparseGrad(_) => Ok(false),
+            Linear::Dense(l) => l.optimizer_jobs(adamw, sparse),
+            Linear::Lora(l) => l.optimizer_jobs(adamw),
+            Linear::SparseGrad(l) => l.optimizer_jobs(adamw, sparse),
         }
     }
 
-    /// Whether [`Self::adamw_jobs`] covers this layer's whole step.
+    /// Whether [`Self::optimizer_jobs`] covers this layer's whole step.
     fn batches_its_step(&self) -> bool {
         match self {
             Linear::Dense(l) => l.batches_its_step(),
             Linear::Lora(l) => l.batches_its_step(),
-            Linear::SparseGrad(_) => false,
+            Linear::SparseGrad(l) => l.batches_its_step(),
         }
     }
 
     fn finish_batched_step(&mut self) {
-        match self {
-            Linear::Dense(l) => l.finish_batched_step(),
-            Linear::Lora(l) => l.finish_batched_step(),
-            Linear::SparseGrad(_) => {}
-        }
+        each!(self, l => l.finish_batched_step())
     }
 
     /// A replayed CUDA graph ran this layer's step on the device: counts it on the host too
@@ -460,27 +460,27 @@ pub(crate) fn select_pending<B: Backend + Clone, F: Real>(backend: &B, layers: [
     Ok(())
 }
 
-/// One optimizer step of `layers`: those whose step is only AdamW updates (full
-/// fine-tuning, LoRA) run theirs as one batch ([`crate::backend::OptimOps::adamw_batch`]: one
-/// launch on a GPU for up to 8 parameters), then the others step alone, in order. The
-/// batched layers are all checked for a gradient before the batch runs.
+/// One optimizer step of `layers`: those whose step is only Adam updates (full
+/// fine-tuning, MeProp, LoRA, SparseGrad's transformed form) run theirs as two batches
+/// ([`crate::backend::OptimOps::adamw_batch`] and `sparse_adam_batch`: one launch each on a
+/// GPU for up to 8 parameters), then the others step alone, in order. The batched layers
+/// are all checked for a gradient before the batches run.
 pub(crate) fn step_in_batches<B: Backend + Clone, F: Real>(backend: &B, layers: [&mut Linear<B, F>; 3]) -> Result<()> {
-    let mut jobs = Vec::new();
-    let mut rest = Vec::new();
-    let mut batched = Vec::new();
+    let (mut batched, mut rest) = (Vec::new(), Vec::new());
     for layer in layers {
-        // A layer that batches nothing is stepped after the batch.
         if layer.batches_its_step() {
             batched.push(layer);
         } else {
             rest.push(layer);
         }
     }
+    let (mut adamw, mut sparse) = (Vec::new(), Vec::new());
     for layer in batched.iter_mut() {
-        layer.adamw_jobs(&mut jobs)?;
+        layer.optimizer_jobs(&mut adamw, &mut sparse)?;
     }
-    backend.adamw_batch(&mut jobs)?;
-    drop(jobs);
+    backend.sparse_adam_batch(&mut sparse)?;
+    backend.adamw_batch(&mut adamw)?;
+    drop((adamw, sparse));
     batched.into_iter().for_each(|l| l.finish_batched_step());
     rest.into_iter().try_for_each(|l| l.step())
 }

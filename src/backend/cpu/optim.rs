@@ -104,6 +104,17 @@ impl OptimOps for Cpu {
         Ok(())
     }
 
+    fn sparse_adam_batch<F: Real>(&self, jobs: &mut [SparseAdamJob<'_, Cpu, F>]) -> Result<()> {
+        for j in jobs.iter() {
+            j.check(self)?;
+        }
+        for j in jobs.iter_mut() {
+            let (hp, p, h, d) = (j.hp, j.param.as_deref_mut(), j.param_bf16.as_deref_mut(), j.delta.as_deref_mut());
+            self.sparse_adam(j.coo, j.exp_avg, j.exp_avg_sq, j.clock, &hp, p, h, d)?;
+        }
+        Ok(())
+    }
+
     fn adamw_batch<F: Real>(&self, jobs: &mut [AdamwJob<'_, Cpu, F>]) -> Result<()> {
         for j in jobs.iter() {
             check_adamw(

@@ -72,6 +72,8 @@ pub(super) const TOPK_STATE_WORDS: usize = define_in(TOPK_CU, "TOPK_STATE_WORDS"
 pub(super) const TOPK_MAX_JOBS: usize = define_in(TOPK_CU, "TOPK_MAX_JOBS") as usize;
 /// Parameters per AdamW launch (`ADAMW_MAX_JOBS` in cuda/optim.cu).
 pub(super) const ADAMW_MAX_JOBS: usize = define_in(OPTIM_CU, "ADAMW_MAX_JOBS") as usize;
+/// Parameters per SparseAdam launch (`SPARSE_ADAM_MAX_JOBS` in cuda/optim.cu).
+pub(super) const SPARSE_ADAM_MAX_JOBS: usize = define_in(OPTIM_CU, "SPARSE_ADAM_MAX_JOBS") as usize;
 /// COO entries staged per block of coo_dense_t_f32 (`SG_CDT_CHUNK` in cuda/sparse.cu).
 pub(super) const CDT_CHUNK: usize = (define("SG_THREADS") * define_in(SPARSE_CU, "SG_CDT_PER_THREAD")) as usize;
 
@@ -106,7 +108,10 @@ mod tests {
     fn constants_come_from_common_cuh() {
         assert_eq!(THREADS, 256);
         assert_eq!(TILE, 256 * 16);
-        assert_eq!((TOPK_BINS, TOPK_STATE_WORDS, TOPK_MAX_JOBS, ADAMW_MAX_JOBS), (2048, 20, 4, 8));
+        assert_eq!(
+            (TOPK_BINS, TOPK_STATE_WORDS, TOPK_MAX_JOBS, ADAMW_MAX_JOBS, SPARSE_ADAM_MAX_JOBS),
+            (2048, 20, 4, 8, 8)
+        );
         assert_eq!(CDT_CHUNK, 2048);
         assert_eq!((ATT_DMAX, ATT_F32_ROWS, ATT_BF16_FWD_ROWS, ATT_BF16_TILE), (128, 16, 64, 32));
         // Every SG_ERR_ bit of the header is named here, once, and the bits are distinct.

@@ -85,10 +85,12 @@ fn sparse_topk_and_optimizer_costs_by_hand() {
     // SparseAdam on 100 entries: the entry (12), both moments (16) read and written, the
     // parameter read and written (8) and the change written (4); the clock's two words.
     // The parameter's bf16 copy adds 2 bytes written per entry.
-    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 1, 1, 0, 0]).0, 4_016.0);
-    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 1, 0, 0, 1]).0, 3_816.0);
-    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0, 2, 0]).0, 3_016.0);
-    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0, 0, 0]).0, 2_816.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 100, 100, 0, 0, 1]).0, 4_016.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 100, 0, 0, 100, 1]).0, 3_816.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0, 200, 0, 1]).0, 3_016.0);
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[100, 0, 0, 0, 0, 1]).0, 2_816.0);
+    // Two parameters, 100 and 50 entries, the first with its parameter: two clocks.
+    assert_eq!(cost(&optim::SPARSE_ADAM, &[150, 100, 0, 0, 0, 2]).0, 28.0 * 150.0 + 800.0 + 32.0);
     // AdamW on 10 entries: parameter and moments read and written, gradient read (28 each),
     // the clock; with the bf16 copy 2 bytes more each.
     assert_eq!(cost(&optim::ADAMW, &[10, 0, 1]), (296.0, 140.0));

@@ -12,12 +12,13 @@ use crate::scalar::Real;
 use half::bf16;
 
 kernel!(
-    /// [len, param given, delta given, bytes of a dense change element (0 without one),
-    /// bf16 copy of the parameter given]: per entry the COO entry read (12 bytes), both
-    /// moments read and written, the parameter read and written and its bf16 copy written,
-    /// the change written per entry and densely when given; the clock read and advanced.
+    /// [entries, entries with their parameter, entries with a per-entry change, bytes of
+    /// the dense change (entries x 4 or 2), entries with a bf16 copy, parameters]: per entry
+    /// the COO entry read (12 bytes), both moments read and written, the parameter read and
+    /// written and its bf16 copy written, the change written per entry and densely when
+    /// given; each parameter's clock read and advanced.
     SPARSE_ADAM = "optim" / "sparse_adam_f32", Optimizer,
-        |a| ((28 + 8 * a[1] + 2 * a[4] + 4 * a[2] + a[3]) * a[0] + 16, 12 * a[0])
+        |a| (28 * a[0] + 8 * a[1] + 4 * a[2] + a[3] + 2 * a[4] + 16 * a[5], 12 * a[0])
 );
 kernel!(
     /// [entries, entries with a bf16 copy, parameters]: per entry the parameter and both
@@ -38,14 +39,29 @@ impl OptimOps for Cuda {
         param_bf16: Option<&mut CudaBuf<bf16>>,
         delta: Option<&mut CudaBuf<F>>,
     ) -> Result<()> {
-        const OP: &str = "sparse_adam";
-        require_f32::<F>(OP)?;
-        let (p_ref, h_ref, d_ref) = (param.as_deref(), param_bf16.as_deref(), delta.as_deref());
-        check_sparse_adam(self, coo, exp_avg, exp_avg_sq, clock, hp, p_ref, h_ref, d_ref)?;
-        let p = param.map_or(0u64, |p| p.ptr_mut());
-        let h = param_bf16.map_or(0u64, |h| h.ptr_mut());
-        let d = delta.map_or(0u64, |d| d.ptr_mut());
-        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [p, h, d], (0, 0))
+        let job = SparseAdamJob { coo, exp_avg, exp_avg_sq, clock, hp: *hp, param, param_bf16, delta };
+        self.sparse_adam_batch(&mut [job])
+    }
+
+    fn sparse_adam_batch<F: Real>(&self, jobs: &mut [SparseAdamJob<'_, Cuda, F>]) -> Result<()> {
+        require_f32::<F>("sparse_adam")?;
+        for j in jobs.iter() {
+            j.check(self)?;
+        }
+        for group in jobs.chunks_mut(SPARSE_ADAM_MAX_JOBS) {
+            let args: Vec<SparseAdamJobArg> = group
+                .iter_mut()
+                .map(|j| {
+                    let mut arg = SparseAdamJobArg::new(j.coo, [&mut *j.exp_avg, &mut *j.exp_avg_sq], j.clock, &j.hp);
+                    arg.param = j.param.as_deref_mut().map_or(0, |p| p.ptr_mut());
+                    arg.param_half = j.param_bf16.as_deref_mut().map_or(0, |h| h.ptr_mut());
+                    arg.delta = j.delta.as_deref_mut().map_or(0, |d| d.ptr_mut());
+                    arg
+                })
+                .collect();
+            launch_sparse_adam(self, &args)?;
+        }
+        Ok(())
     }
 
     fn sparse_adam_densify<F: Real>(
@@ -59,13 +75,20 @@ impl OptimOps for Cuda {
     ) -> Result<()> {
         require_f32::<F>("sparse_adam_densify")?;
         let n = check_sparse_adam_densify(self, coo, [exp_avg, exp_avg_sq], clock, hp, &dense)?;
-        // (f32 output, bf16 output) with 0 for the one not given, the output, its bytes.
-        let (pair, ptr, bytes) = match dense {
-            OutBuf::Full(d) => ((d.ptr_mut(), 0), d.ptr_mut(), n * 4),
-            OutBuf::Half(d) => ((0, d.ptr_mut()), d.ptr_mut(), n * 2),
+        let mut arg = SparseAdamJobArg::new(coo, [exp_avg, exp_avg_sq], clock, hp);
+        // The output (f32 or bf16, the other left 0) and its byte count.
+        let (ptr, bytes) = match dense {
+            OutBuf::Full(d) => {
+                arg.dense = d.ptr_mut();
+                (arg.dense, n * 4)
+            }
+            OutBuf::Half(d) => {
+                arg.dense_half = d.ptr_mut();
+                (arg.dense_half, n * 2)
+            }
         };
         self.memset_zero(ptr, bytes)?;
-        launch_sparse_adam(self, coo, [exp_avg, exp_avg_sq], clock, hp, [0, 0, 0], pair)
+        launch_sparse_adam(self, &[arg])
     }
 
     fn adamw<F: Real>(
@@ -159,46 +182,97 @@ struct AdamwJobsArg {
     job: [AdamwJobArg; ADAMW_MAX_JOBS],
 }
 
-/// Launches `sparse_adam_f32` after the caller's validation: `[param, param_bf16, delta]`
-/// and `dense` are device addresses or 0 for none (`dense` as (f32, bf16), at most one
-/// given).
-fn launch_sparse_adam<F: Real>(
-    cuda: &Cuda,
-    coo: &Coo<Cuda, F>,
-    [exp_avg, exp_avg_sq]: [&mut CudaBuf<F>; 2],
-    clock: &mut CudaBuf<u64>,
-    hp: &AdamParams,
-    [p, h, d]: [u64; 3],
-    (dense, dense_half): (u64, u64),
-) -> Result<()> {
-    let (rows, cols) = coo.shape;
-    // Launched even for an empty list: the clock advances every step.
-    let (ck, lr) = (clock.ptr_mut(), hp.lr);
-    let (rp, cp, vp, len, r, c) =
-        (coo.rows.ptr(), coo.cols.ptr(), coo.values.ptr(), coo.len as u64, rows as u64, cols as u64);
-    let (m, v) = (exp_avg.ptr_mut(), exp_avg_sq.ptr_mut());
-    let (b1, b2, eps) = (hp.beta1, hp.beta2, hp.eps);
-    let err = cuda.errors.ptr();
-    let dense_bytes = if dense != 0 {
-        4
-    } else if dense_half != 0 {
-        2
-    } else {
-        0
-    };
-    // SAFETY: sparse_adam_f32(const u32* rows, const u32* cols, const float* values, u64 len,
-    // u64 n_rows, u64 n_cols, float* exp_avg, float* exp_avg_sq, u64* clock, float lr,
-    // float beta1, float beta2, float eps, float* param, __nv_bfloat16* param_half,
-    // float* delta, float* dense, __nv_bfloat16* dense_half, u64* health): the COO holds len
-    // entries, the state (and param, param_half, dense or dense_half, or null) rows * cols,
-    // delta (or null) len, the clock CLOCK_LEN words, `health` the health block (all checked
-    // by the callers' validators); entries outside the matrix are skipped.
-    unsafe {
-        cuda.launch(
-            &SPARSE_ADAM,
-            cuda.grid_1d(coo.len, 16),
-            &mut kargs![rp, cp, vp, len, r, c, m, v, ck, lr, b1, b2, eps, p, h, d, dense, dense_half, err],
-            &[len, u64::from(p != 0), u64::from(d != 0), dense_bytes, u64::from(h != 0)],
-        )
+/// Parameters per SparseAdam launch (`SPARSE_ADAM_MAX_JOBS` of cuda/optim.cu).
+const SPARSE_ADAM_MAX_JOBS: usize = super::consts::SPARSE_ADAM_MAX_JOBS;
+
+/// One parameter of a SparseAdam launch, as cuda/optim.cu's `struct SparseAdamJob` lays it
+/// out (0 for an output not given).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SparseAdamJobArg {
+    rows: u64,
+    cols: u64,
+    values: u64,
+    len: u64,
+    n_rows: u64,
+    n_cols: u64,
+    exp_avg: u64,
+    exp_avg_sq: u64,
+    clock: u64,
+    param: u64,
+    param_half: u64,
+    delta: u64,
+    dense: u64,
+    dense_half: u64,
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+}
+
+impl SparseAdamJobArg {
+    /// The entries, state and hyperparameters of one step, no output yet.
+    fn new<F: Real>(
+        coo: &Coo<Cuda, F>,
+        [m, v]: [&mut CudaBuf<F>; 2],
+        clock: &mut CudaBuf<u64>,
+        hp: &AdamParams,
+    ) -> Self {
+        SparseAdamJobArg {
+            rows: coo.rows.ptr(),
+            cols: coo.cols.ptr(),
+            values: coo.values.ptr(),
+            len: coo.len as u64,
+            n_rows: coo.shape.0 as u64,
+            n_cols: coo.shape.1 as u64,
+            exp_avg: m.ptr_mut(),
+            exp_avg_sq: v.ptr_mut(),
+            clock: clock.ptr_mut(),
+            lr: hp.lr,
+            beta1: hp.beta1,
+            beta2: hp.beta2,
+            eps: hp.eps,
+            ..Default::default()
+        }
     }
+}
+
+/// `struct SparseAdamJobs`: the kernel's by-value argument (unused slots stay zero).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct SparseAdamJobsArg {
+    job: [SparseAdamJobArg; SPARSE_ADAM_MAX_JOBS],
+}
+
+/// Launches `sparse_adam_f32` for up to SPARSE_ADAM_MAX_JOBS validated jobs.
+fn launch_sparse_adam(cuda: &Cuda, args: &[SparseAdamJobArg]) -> Result<()> {
+    let mut batch = SparseAdamJobsArg::default();
+    batch.job[..args.len()].copy_from_slice(args);
+    let per = |f: &dyn Fn(&SparseAdamJobArg) -> u64| args.iter().map(f).sum::<u64>();
+    let sizes = [
+        per(&|a| a.len),
+        per(&|a| if a.param != 0 { a.len } else { 0 }),
+        per(&|a| if a.delta != 0 { a.len } else { 0 }),
+        per(&|a| {
+            a.len
+                * if a.dense != 0 {
+                    4
+                } else if a.dense_half != 0 {
+                    2
+                } else {
+                    0
+                }
+        }),
+        per(&|a| if a.param_half != 0 { a.len } else { 0 }),
+        args.len() as u64,
+    ];
+    let mut grid = cuda.grid_1d(args.iter().map(|a| a.len as usize).max().unwrap_or(0), 16);
+    grid.grid_dim.1 = args.len() as u32;
+    let health = cuda.errors.ptr();
+    // Launched even for an empty list: the clock advances every step.
+    // SAFETY: sparse_adam_f32(SparseAdamJobs jobs, u64* health): for job y the COO holds
+    // len entries, the state (and param, param_half, dense or dense_half, or null) rows *
+    // cols, delta (or null) len, the clock CLOCK_LEN words (all checked by the callers'
+    // validators); entries outside the matrix are skipped; blocks (x, y) touch only job y's.
+    unsafe { cuda.launch(&SPARSE_ADAM, grid, &mut kargs![batch, health], &sizes) }
 }

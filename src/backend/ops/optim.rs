@@ -70,6 +70,30 @@ pub trait OptimOps: Buffers {
     /// hyperparameters). Every job is checked before any runs. A GPU steps up to 8
     /// parameters in one launch (PyTorch's multi-tensor AdamW).
     fn adamw_batch<F: Real>(&self, jobs: &mut [AdamwJob<'_, Self, F>]) -> Result<()>;
+    /// [`Self::sparse_adam`] of each job, each exactly as that call alone. Every job is
+    /// checked before any runs. A GPU steps up to 8 parameters in one launch.
+    fn sparse_adam_batch<F: Real>(&self, jobs: &mut [SparseAdamJob<'_, Self, F>]) -> Result<()>;
+}
+
+/// One parameter of [`OptimOps::sparse_adam_batch`]: the arguments of one
+/// [`OptimOps::sparse_adam`].
+pub struct SparseAdamJob<'a, B: Buffers, F: Elem> {
+    pub coo: &'a Coo<B, F>,
+    pub exp_avg: &'a mut B::Buf<F>,
+    pub exp_avg_sq: &'a mut B::Buf<F>,
+    pub clock: &'a mut B::Buf<u64>,
+    pub hp: AdamParams,
+    pub param: Option<&'a mut B::Buf<F>>,
+    pub param_bf16: Option<&'a mut B::Buf<bf16>>,
+    pub delta: Option<&'a mut B::Buf<F>>,
+}
+
+impl<B: Backend, F: Elem> SparseAdamJob<'_, B, F> {
+    /// [`check_sparse_adam`] of this job.
+    pub(crate) fn check(&self, be: &B) -> Result<()> {
+        let (p, h, d) = (self.param.as_deref(), self.param_bf16.as_deref(), self.delta.as_deref());
+        check_sparse_adam(be, self.coo, self.exp_avg, self.exp_avg_sq, self.clock, &self.hp, p, h, d)
+    }
 }
 
 /// One parameter of [`OptimOps::adamw_batch`]: the arguments of one [`OptimOps::adamw`].

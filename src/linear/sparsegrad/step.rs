@@ -3,10 +3,10 @@
 use super::workspace::Workspace;
 use super::{weight_ref, Formulation, MergedUpdate, Selection, SparseGradLinear, StepGrads, Weight};
 use crate::backend::operand::{mm, mm_operand, stage, OperandRef};
-use crate::backend::{Backend, Coo, Gemm, IndexMaps, OutBuf, TopkJob};
+use crate::backend::{AdamwJob, Backend, Coo, Gemm, IndexMaps, OutBuf, SparseAdamJob, TopkJob};
 use crate::error::{Error, Result};
 use crate::linear::GradY;
-use crate::optim::{dense_step, missing_moments, sparse_step, Optimizer};
+use crate::optim::{adamw_job, dense_step, missing_moments, sparse_adam_job, sparse_step, Optimizer};
 use crate::scalar::Real;
 
 /// What a backward does with `dWt`, its top-k selection's matrix.
@@ -235,6 +235,42 @@ impl<B: Backend + Clone, F: Real> SparseGradLinear<B, F> {
             return Err(Error::invalid("SparseGradLinear::step", "no gradient: call backward first"));
         }
         self.with_scratch(0, |l| l.step_borrowed())
+    }
+
+    /// Whether [`Self::optimizer_jobs`] covers the step: the transformed form under Adam
+    /// with no SGD mask (the merged form applies its change with GEMMs afterwards).
+    pub(crate) fn batches_its_step(&self) -> bool {
+        matches!(self.weight, Weight::Transformed { .. }) && matches!(self.cfg.optimizer, Optimizer::Adam(_))
+    }
+
+    /// Pushes the step's optimizer jobs (SparseAdam on `Wt`, AdamW on the bias) for a caller
+    /// that runs them in batches with other layers', then calls
+    /// [`Self::finish_batched_step`]. Returns false, pushing nothing, when the step is not
+    /// only those ([`Self::batches_its_step`]); fails, pushing nothing, before a backward.
+    pub(crate) fn optimizer_jobs<'a>(
+        &'a mut self,
+        adamw: &mut Vec<AdamwJob<'a, B, F>>,
+        sparse: &mut Vec<SparseAdamJob<'a, B, F>>,
+    ) -> Result<bool> {
+        if !self.batches_its_step() {
+            return Ok(false);
+        }
+        if !self.grad_ready {
+            return Err(Error::invalid("SparseGradLinear::step", "no gradient: call backward first"));
+        }
+        let opt = self.cfg.optimizer;
+        let Weight::Transformed { wt, half } = &mut self.weight else { return Ok(false) };
+        sparse.extend(sparse_adam_job(&opt, &self.grad, wt, half.as_mut(), self.moments.as_mut())?);
+        if let (Some(b), Some(db)) = (self.bias.as_mut(), self.bias_grad.as_ref()) {
+            adamw.extend(adamw_job(&opt, b, None, db, self.bias_moments.as_mut(), self.out)?);
+        }
+        Ok(true)
+    }
+
+    /// The batches of [`Self::optimizer_jobs`] ran: counts the step.
+    pub(crate) fn finish_batched_step(&mut self) {
+        self.step += 1;
+        self.grad_ready = false;
     }
 
     /// [`Self::step`] with the scratch borrowed.
