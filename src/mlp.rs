@@ -513,7 +513,7 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
             (GradY::Checked(OperandRef::Full(&s.da)), GradY::Checked(OperandRef::Full(&s.db)))
         };
         let (selections, dx_up) = (&mut s.selections, &mut s.dx_up);
-        // The gate: it defers into the second buffer, or selects last with the down
+        // The gate: it defers into its selection buffer, or selects last with the down
         // projection's pending selection.
         let sel = match roles[1] {
             SelectionRole::Defer(i) => Selecting::Defer(&mut selections[i]),
@@ -570,7 +570,7 @@ impl<B: Backend + Clone, F: Real> LlamaMlp<B, F> {
 
     /// How each projection's backward selects (in backward order: down, gate, up): on a
     /// GPU, the SparseGrad projections select in one batch, every one but the last leaving
-    /// its `dWt` in a selection buffer of the scratch ([`LlamaMlpScratch::ensure`]).
+    /// its `dWt` in a selection buffer of the scratch ([`LlamaMlpScratch::ensure_selections`]).
     fn selection_roles(&self) -> [SelectionRole; 3] {
         let defers = [&self.down, &self.gate, &self.up].map(|p| p.linear.defers_selection());
         let mut roles = [SelectionRole::Now; 3];
